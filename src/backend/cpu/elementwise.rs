@@ -1,0 +1,138 @@
+//! Element-wise and broadcast ops.
+
+use rayon::prelude::*;
+
+use super::{dense, output};
+use crate::backend::check;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+#[inline]
+pub fn silu_f32(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    let xv = dense("silu", x)?;
+    output(xv.par_iter().map(|&v| silu_f32(v)).collect(), x.shape())
+}
+
+pub fn swiglu(x: &Tensor) -> Result<Tensor> {
+    let two_m = x.last_dim();
+    if two_m % 2 != 0 {
+        return Err(Error::shape(
+            "swiglu",
+            format!("last dim of {:?} must be even", x.shape()),
+        ));
+    }
+    let m = two_m / 2;
+    let xv = dense("swiglu", x)?;
+    let mut y = vec![0f32; xv.len() / 2];
+    y.par_chunks_mut(m.max(1))
+        .zip(xv.par_chunks(two_m.max(1)))
+        .for_each(|(y, x)| {
+            let (gate, value) = x.split_at(m);
+            y.iter_mut()
+                .zip(gate.iter().zip(value))
+                .for_each(|(y, (&g, &v))| *y = silu_f32(g) * v);
+        });
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = m;
+    output(y, &shape)
+}
+
+/// Row-wise op over x `[B, L, C]` with per-sample vectors `[B, C]`: `f(row, out, x, vectors)`
+/// is called for every row, with the vectors of that row's sample.
+fn per_sample_rows(
+    op: &'static str,
+    x: &Tensor,
+    vecs: &[&Tensor],
+    f: impl Fn(usize, &mut [f32], &[f32], &[&[f32]]) + Sync,
+) -> Result<Tensor> {
+    for v in vecs {
+        check::per_sample(op, x, v)?;
+    }
+    let (l, c) = (x.dim(1), x.dim(2));
+    let xv = dense(op, x)?;
+    let vv: Vec<_> = vecs.iter().map(|v| dense(op, v)).collect::<Result<_>>()?;
+    let mut y = vec![0f32; xv.len()];
+    y.par_chunks_mut(c.max(1))
+        .zip(xv.par_chunks(c.max(1)))
+        .enumerate()
+        .for_each(|(r, (y, x))| {
+            let b = r / l.max(1);
+            let rows: Vec<&[f32]> = vv.iter().map(|v| &v[b * c..(b + 1) * c]).collect();
+            f(r, y, x, &rows);
+        });
+    output(y, x.shape())
+}
+
+pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    per_sample_rows("modulate", x, &[shift, scale], |_, y, x, v| {
+        for i in 0..x.len() {
+            y[i] = x[i] * (1.0 + v[1][i]) + v[0][i];
+        }
+    })
+}
+
+pub fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
+    check::same_shape("gated_add", x, y)?;
+    let yv = dense("gated_add", y)?;
+    let c = x.last_dim();
+    per_sample_rows("gated_add", x, &[gate], |r, out, x, v| {
+        let branch = &yv[r * c..(r + 1) * c];
+        for i in 0..c {
+            out[i] = x[i] + v[0][i] * branch[i];
+        }
+    })
+}
+
+pub fn channel_affine(x: &Tensor, mul: &Tensor, add: &Tensor) -> Result<Tensor> {
+    check::rank("channel_affine", x, 4)?;
+    let c = x.dim(1);
+    if mul.shape() != [c] || add.shape() != [c] {
+        return Err(Error::shape(
+            "channel_affine",
+            format!(
+                "mul {:?} / add {:?} for x {:?}",
+                mul.shape(),
+                add.shape(),
+                x.shape()
+            ),
+        ));
+    }
+    let hw = x.dim(2) * x.dim(3);
+    let (xv, mv, av) = (
+        dense("channel_affine", x)?,
+        dense("channel_affine", mul)?,
+        dense("channel_affine", add)?,
+    );
+    let mut y = vec![0f32; xv.len()];
+    y.par_chunks_mut(hw.max(1))
+        .zip(xv.par_chunks(hw.max(1)))
+        .enumerate()
+        .for_each(|(i, (y, x))| {
+            let ch = i % c;
+            y.iter_mut()
+                .zip(x)
+                .for_each(|(y, &x)| *y = x * mv[ch] + av[ch]);
+        });
+    output(y, x.shape())
+}
+
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    check::rank("upsample_nearest2x", x, 4)?;
+    let (b, c, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let xv = dense("upsample_nearest2x", x)?;
+    let mut y = vec![0f32; b * c * 4 * h * w];
+    y.par_chunks_mut((4 * h * w).max(1))
+        .zip(xv.par_chunks((h * w).max(1)))
+        .for_each(|(y, x)| {
+            for oy in 0..2 * h {
+                for ox in 0..2 * w {
+                    y[oy * 2 * w + ox] = x[(oy / 2) * w + ox / 2];
+                }
+            }
+        });
+    output(y, &[b, c, 2 * h, 2 * w])
+}

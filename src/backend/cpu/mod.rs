@@ -1,0 +1,193 @@
+//! The CPU reference backend: f32 compute, f32 storage, rayon for parallel loops and the `gemm`
+//! crate for matrix products. Simple and exact rather than fast; every GPU kernel is checked
+//! against it.
+
+mod attention;
+mod conv;
+mod elementwise;
+mod gemm;
+mod layout;
+mod norm;
+mod position;
+
+use std::borrow::Cow;
+
+use crate::backend::{check, AttnMask, Backend, Padding2d};
+use crate::dtype::{decode_to_f32, round_through, DType};
+use crate::error::{Error, Result};
+use crate::tensor::{CpuStorage, DeviceKind, Tensor};
+
+pub use gemm::sgemm;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> CpuBackend {
+        CpuBackend
+    }
+}
+
+/// The elements of a CPU tensor as dense f32, borrowed when already dense f32.
+pub(crate) fn dense<'a>(op: &'static str, x: &'a Tensor) -> Result<Cow<'a, [f32]>> {
+    match x.cpu_storage() {
+        Some(CpuStorage::F32(v)) if x.is_contiguous() => {
+            Ok(Cow::Borrowed(&v[x.offset()..x.offset() + x.numel()]))
+        }
+        Some(_) => Ok(Cow::Owned(x.to_vec_f32()?)),
+        None => Err(Error::shape(
+            op,
+            "the CPU backend was given a tensor that lives on another device",
+        )),
+    }
+}
+
+pub(crate) fn output(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_f32(data, shape)
+}
+
+impl Backend for CpuBackend {
+    fn kind(&self) -> DeviceKind {
+        DeviceKind::Cpu
+    }
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn activation_dtype(&self) -> DType {
+        DType::F32
+    }
+
+    fn upload(&self, host: &Tensor, dtype: DType) -> Result<Tensor> {
+        if dtype == DType::F32 && matches!(host.cpu_storage(), Some(CpuStorage::F32(_))) {
+            return Ok(host.clone());
+        }
+        let mut values = dense("upload", host)?.into_owned();
+        round_through(&mut values, dtype);
+        output(values, host.shape())
+    }
+
+    fn load_weight(&self, bytes: &[u8], dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        if bytes.len() != numel * dtype.size_in_bytes() {
+            return Err(Error::shape(
+                "load_weight",
+                format!(
+                    "{} bytes of {dtype} cannot have shape {shape:?}",
+                    bytes.len()
+                ),
+            ));
+        }
+        output(decode_to_f32(bytes, dtype), shape)
+    }
+
+    fn contiguous(&self, x: &Tensor) -> Result<Tensor> {
+        if x.is_contiguous() && matches!(x.cpu_storage(), Some(CpuStorage::F32(_))) {
+            return Ok(x.clone());
+        }
+        output(dense("contiguous", x)?.into_owned(), x.shape())
+    }
+
+    fn concat(&self, xs: &[&Tensor], dim: usize) -> Result<Tensor> {
+        layout::concat(xs, dim)
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        gemm::linear(x, w, bias)
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &AttnMask,
+        scale: f32,
+    ) -> Result<Tensor> {
+        attention::attention(q, k, v, mask, scale)
+    }
+
+    fn conv2d(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        padding: Padding2d,
+    ) -> Result<Tensor> {
+        conv::conv2d(x, w, bias, stride, padding)
+    }
+
+    fn layer_norm(&self, x: &Tensor, eps: f32) -> Result<Tensor> {
+        norm::layer_norm(x, eps)
+    }
+
+    fn modulate(&self, x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+        elementwise::modulate(x, shift, scale)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+        norm::rms_norm(x, weight, eps)
+    }
+
+    fn group_norm(
+        &self,
+        x: &Tensor,
+        groups: usize,
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f32,
+        silu: bool,
+    ) -> Result<Tensor> {
+        norm::group_norm(x, groups, weight, bias, eps, silu)
+    }
+
+    fn silu(&self, x: &Tensor) -> Result<Tensor> {
+        elementwise::silu(x)
+    }
+
+    fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
+        elementwise::swiglu(x)
+    }
+
+    fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
+        check::same_shape("axpby", x, y)?;
+        let (xv, yv) = (dense("axpby", x)?, dense("axpby", y)?);
+        output(
+            xv.iter()
+                .zip(yv.iter())
+                .map(|(x, y)| a * x + b * y)
+                .collect(),
+            x.shape(),
+        )
+    }
+
+    fn gated_add(&self, x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
+        elementwise::gated_add(x, gate, y)
+    }
+
+    fn channel_affine(&self, x: &Tensor, mul: &Tensor, add: &Tensor) -> Result<Tensor> {
+        elementwise::channel_affine(x, mul, add)
+    }
+
+    fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
+        elementwise::upsample_nearest2x(x)
+    }
+
+    fn rope_interleaved(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        position::rope(x, cos, sin, position::RopeLayout::Interleaved)
+    }
+
+    fn rope_half(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        position::rope(x, cos, sin, position::RopeLayout::Half)
+    }
+
+    fn timestep_embedding(&self, t: &[f32], dim: usize, max_period: f32) -> Result<Tensor> {
+        position::timestep_embedding(t, dim, max_period)
+    }
+
+    fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor> {
+        position::embedding(ids, table)
+    }
+}

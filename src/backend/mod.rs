@@ -1,0 +1,301 @@
+//! The op layer. Model code is written once against [`Backend`]; the CPU backend is the f32
+//! reference, and every other backend is checked op by op against it.
+//!
+//! Layout conventions shared by all backends:
+//! - activations are row-major with channels (or head dim) last, except image tensors, which are
+//!   NCHW like the PyTorch reference;
+//! - linear weights use PyTorch's `[out, in]` layout: `linear(x, w) = x · wᵀ`;
+//! - attention takes `q [B, Nq, H, D]`, `k, v [B, Nk, Hkv, D]` (H a multiple of Hkv, query head
+//!   `h` reads kv head `h / (H / Hkv)`) and returns `[B, Nq, H, D]`;
+//! - per-sample modulation vectors (`shift`, `scale`, `gate`) are `[B, C]` and broadcast over tokens.
+//!
+//! Ops accept strided views; a backend copies to dense memory where its kernels need it.
+
+pub mod cpu;
+
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::tensor::{DeviceKind, Tensor};
+
+/// Which keys a query may attend to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttnMask {
+    /// Full bidirectional attention.
+    None,
+    /// Key `j` is visible to query `i` iff `j <= i` and `j < valid_len[b]` (causal ∧ right padding,
+    /// the Qwen3 text-encoder mask). `valid_len = None` means no padding.
+    Causal { valid_len: Option<Vec<usize>> },
+}
+
+/// Zero padding of a 2-D convolution input, in pixels: (top, bottom, left, right).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Padding2d {
+    pub top: usize,
+    pub bottom: usize,
+    pub left: usize,
+    pub right: usize,
+}
+
+impl Padding2d {
+    pub const fn same(p: usize) -> Padding2d {
+        Padding2d {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        }
+    }
+}
+
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    fn kind(&self) -> DeviceKind;
+
+    /// Human-readable device name, e.g. "cpu (2 threads)" or "NVIDIA H100 80GB HBM3".
+    fn name(&self) -> String;
+
+    /// The dtype this backend stores activations in (f32 on the CPU reference, bf16 on CUDA).
+    fn activation_dtype(&self) -> DType;
+
+    // ---- memory and layout -------------------------------------------------------------------
+
+    /// Bring a host tensor onto this backend, stored as `dtype` (the CPU keeps f32 storage but
+    /// rounds the values through `dtype`, so it computes with exactly what a device would hold).
+    fn upload(&self, host: &Tensor, dtype: DType) -> Result<Tensor>;
+
+    /// A weight from raw little-endian bytes of `dtype` (e.g. a memory-mapped safetensors slice).
+    fn load_weight(&self, bytes: &[u8], dtype: DType, shape: &[usize]) -> Result<Tensor>;
+
+    /// Dense row-major copy of a (possibly strided) view.
+    fn contiguous(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// Concatenate along `dim`; all other dims must agree.
+    fn concat(&self, xs: &[&Tensor], dim: usize) -> Result<Tensor>;
+
+    /// Wait for all queued work (a no-op on the CPU).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    // ---- dense algebra -------------------------------------------------------------------------
+
+    /// `y = x · wᵀ (+ bias)`, x `[.., K]`, w `[N, K]`, bias `[N]` -> `[.., N]`.
+    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor>;
+
+    /// Scaled dot-product attention with softmax in f32 (layouts in the module docs).
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &AttnMask,
+        scale: f32,
+    ) -> Result<Tensor>;
+
+    /// 2-D convolution (cross-correlation) of NCHW `x` with `w [Cout, Cin, kh, kw]`.
+    fn conv2d(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        padding: Padding2d,
+    ) -> Result<Tensor>;
+
+    // ---- normalisation -------------------------------------------------------------------------
+
+    /// LayerNorm over the last dim, no affine.
+    fn layer_norm(&self, x: &Tensor, eps: f32) -> Result<Tensor>;
+
+    /// adaLN: `LayerNorm(x) * (1 + scale) + shift`, x `[B, L, C]`, shift/scale `[B, C]`.
+    /// Fused on GPUs; the CPU reference composes `layer_norm` and `modulate`.
+    fn layer_norm_modulate(
+        &self,
+        x: &Tensor,
+        shift: &Tensor,
+        scale: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let n = self.layer_norm(x, eps)?;
+        self.modulate(&n, shift, scale)
+    }
+
+    /// `x * (1 + scale) + shift`, x `[B, L, C]`, shift/scale `[B, C]`.
+    fn modulate(&self, x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor>;
+
+    /// RMSNorm over the last dim: `x / sqrt(mean(x²) + eps) * weight`.
+    fn rms_norm(&self, x: &Tensor, weight: Option<&Tensor>, eps: f32) -> Result<Tensor>;
+
+    /// GroupNorm of NCHW `x` with per-channel affine, optionally followed by SiLU.
+    fn group_norm(
+        &self,
+        x: &Tensor,
+        groups: usize,
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f32,
+        silu: bool,
+    ) -> Result<Tensor>;
+
+    // ---- element-wise --------------------------------------------------------------------------
+
+    fn silu(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// `silu(x[.., :M]) * x[.., M:]` for x `[.., 2M]` -> `[.., M]` (the gate is the first half).
+    fn swiglu(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// `a·x + b·y`, same shapes. Residual adds, the Euler step and CFG are all this op.
+    fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor>;
+
+    /// Gated residual `x + gate * y`, x/y `[B, L, C]`, gate `[B, C]`.
+    fn gated_add(&self, x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor>;
+
+    /// Per-channel affine of NCHW `x`: `x * mul[c] + add[c]` (the latent BatchNorm and its inverse).
+    fn channel_affine(&self, x: &Tensor, mul: &Tensor, add: &Tensor) -> Result<Tensor>;
+
+    /// Nearest-neighbour ×2 upsampling of NCHW `x`.
+    fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor>;
+
+    // ---- position and embedding ----------------------------------------------------------------
+
+    /// RoPE on interleaved pairs `(x[2m], x[2m+1])` (the FLUX DiT), x `[B, N, H, D]`,
+    /// cos/sin `[N, D/2]` (one angle per pair).
+    fn rope_interleaved(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>;
+
+    /// RoPE on halves `(x[m], x[m + D/2])` (Qwen's rotate-half), same shapes as above.
+    fn rope_half(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>;
+
+    /// Sinusoidal embedding `[cos(t·f), sin(t·f)]`, `f_j = max_period^(-j / (dim/2))`,
+    /// one row per timestep -> `[B, dim]` (diffusers `flip_sin_to_cos=True, shift=0`).
+    fn timestep_embedding(&self, t: &[f32], dim: usize, max_period: f32) -> Result<Tensor>;
+
+    /// Rows of `table [V, C]` picked by `ids` -> `[ids.len(), C]`.
+    fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor>;
+}
+
+/// Shape checks shared by every backend, so each reports bad shapes the same way.
+pub mod check {
+    use crate::error::{Error, Result};
+    use crate::tensor::Tensor;
+
+    pub fn rank(op: &'static str, x: &Tensor, rank: usize) -> Result<()> {
+        if x.rank() != rank {
+            return Err(Error::shape(
+                op,
+                format!("expected a rank-{rank} tensor, got {:?}", x.shape()),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+        if a.shape() != b.shape() {
+            return Err(Error::shape(
+                op,
+                format!("shapes differ: {:?} vs {:?}", a.shape(), b.shape()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `v` must be `[B, C]` for x `[B, L, C]`.
+    pub fn per_sample(op: &'static str, x: &Tensor, v: &Tensor) -> Result<()> {
+        rank(op, x, 3)?;
+        if v.shape() != [x.dim(0), x.dim(2)] {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "modulation vector {:?} does not match x {:?} (expected [B, C])",
+                    v.shape(),
+                    x.shape()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Returns (M, K, N) for `linear`.
+    pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<(usize, usize, usize)> {
+        rank("linear", w, 2)?;
+        let k = x.last_dim();
+        if x.rank() == 0 || w.dim(1) != k {
+            return Err(Error::shape(
+                "linear",
+                format!(
+                    "input {:?} does not match weight {:?} ([out, in])",
+                    x.shape(),
+                    w.shape()
+                ),
+            ));
+        }
+        if let Some(b) = bias {
+            if b.shape() != [w.dim(0)] {
+                return Err(Error::shape(
+                    "linear",
+                    format!("bias {:?} for weight {:?}", b.shape(), w.shape()),
+                ));
+            }
+        }
+        Ok((x.rows(), k, w.dim(0)))
+    }
+
+    /// Returns (B, Nq, H, Nk, Hkv, D) for `attention`.
+    pub fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &super::AttnMask,
+    ) -> Result<[usize; 6]> {
+        for (name, t) in [("q", q), ("k", k), ("v", v)] {
+            if t.rank() != 4 {
+                return Err(Error::shape(
+                    "attention",
+                    format!("{name} must be [B, N, H, D], got {:?}", t.shape()),
+                ));
+            }
+        }
+        let [b, nq, h, d] = [q.dim(0), q.dim(1), q.dim(2), q.dim(3)];
+        let [bk, nk, hkv, dk] = [k.dim(0), k.dim(1), k.dim(2), k.dim(3)];
+        if k.shape() != v.shape() || bk != b || dk != d || hkv == 0 || h % hkv != 0 {
+            return Err(Error::shape(
+                "attention",
+                format!(
+                    "incompatible q {:?}, k {:?}, v {:?}",
+                    q.shape(),
+                    k.shape(),
+                    v.shape()
+                ),
+            ));
+        }
+        if let super::AttnMask::Causal {
+            valid_len: Some(lens),
+        } = mask
+        {
+            if lens.len() != b || lens.iter().any(|&l| l > nk) {
+                return Err(Error::shape(
+                    "attention",
+                    format!("padding lengths {lens:?} for batch {b} and {nk} keys"),
+                ));
+            }
+        }
+        Ok([b, nq, h, nk, hkv, d])
+    }
+
+    /// x `[B, N, H, D]`, cos/sin `[N, D/2]`.
+    pub fn rope(op: &'static str, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<()> {
+        rank(op, x, 4)?;
+        let (n, d) = (x.dim(1), x.dim(3));
+        if d % 2 != 0 || cos.shape() != [n, d / 2] || sin.shape() != [n, d / 2] {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "x {:?} needs cos/sin [{n}, {}], got {:?} / {:?}",
+                    x.shape(),
+                    d / 2,
+                    cos.shape(),
+                    sin.shape()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

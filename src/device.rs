@@ -1,0 +1,43 @@
+//! Backend selection for the CLI: `cpu`, `cuda` or `auto` (CUDA when usable, else the CPU with
+//! a notice).
+
+use std::sync::Arc;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+pub fn select(choice: DeviceChoice) -> Result<Arc<dyn Backend>> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Arc::new(CpuBackend::new())),
+        DeviceChoice::Cuda => {
+            cuda().map_err(|e| Error::Gpu(format!("--device cuda is not usable: {e}")))
+        }
+        DeviceChoice::Auto => match cuda() {
+            Ok(be) => Ok(be),
+            Err(e) => {
+                tracing::info!("no usable GPU ({e}); running on the CPU reference backend");
+                Ok(Arc::new(CpuBackend::new()))
+            }
+        },
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda() -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(crate::backend::cuda::CudaBackend::new(0)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda() -> Result<Arc<dyn Backend>> {
+    Err(Error::Unsupported(
+        "this binary was built without the CUDA backend (cargo feature `cuda`)".into(),
+    ))
+}

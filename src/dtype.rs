@@ -1,0 +1,222 @@
+//! Element types the engine stores. Compute on the CPU is always f32; these are storage formats.
+
+use half::{bf16, f16};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+    /// OCP FP8 E4M3 "fn" variant (no infinities, 0x7F/0xFF are NaN, max 448), as in torch.float8_e4m3fn.
+    F8E4M3,
+}
+
+impl DType {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+            DType::F8E4M3 => 1,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            DType::F8E4M3 => "f8e4m3",
+        }
+    }
+
+    /// The safetensors spelling of this dtype.
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::BF16 => "BF16",
+            DType::F16 => "F16",
+            DType::F8E4M3 => "F8_E4M3",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DType> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Some(DType::F32),
+            "bf16" | "bfloat16" => Some(DType::BF16),
+            "f16" | "fp16" | "float16" => Some(DType::F16),
+            "f8e4m3" | "fp8" | "f8_e4m3" | "float8_e4m3fn" => Some(DType::F8E4M3),
+            _ => None,
+        }
+    }
+
+    /// Relative rounding error of one value stored in this dtype (half an ulp at 1.0).
+    pub fn unit_roundoff(self) -> f32 {
+        match self {
+            DType::F32 => f32::EPSILON / 2.0,
+            DType::BF16 => 1.0 / 256.0,
+            DType::F16 => 1.0 / 2048.0,
+            DType::F8E4M3 => 1.0 / 16.0,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Largest finite value of FP8 E4M3FN.
+pub const F8E4M3_MAX: f32 = 448.0;
+
+/// f32 -> FP8 E4M3FN, round to nearest even, saturating to ±448 (NaN stays NaN).
+/// Saturation matches CUDA's `__NV_SATFINITE` conversion, which the GPU kernels use.
+pub fn f32_to_f8e4m3(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0x7F;
+    }
+    let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = x.abs();
+    const MIN_NORMAL: f32 = 1.0 / 64.0; // 2^-6
+    let bits = if a < MIN_NORMAL {
+        // Subnormal range: quantum 2^-9, mantissa 0..=8 (8 rounds up into the first normal).
+        let q = (a * 512.0).round_ties_even() as u32;
+        q as u8 // q == 8 encodes exponent 1, mantissa 0: exactly the min normal.
+    } else {
+        let e = a.log2().floor() as i32;
+        // log2 can be off by one next to powers of two; fix up exactly.
+        let mut e = e;
+        if 2f32.powi(e) > a {
+            e -= 1;
+        } else if 2f32.powi(e + 1) <= a {
+            e += 1;
+        }
+        let quantum = 2f32.powi(e - 3);
+        let mut q = (a / quantum).round_ties_even() as u32; // 8..=16
+        if q == 16 {
+            q = 8;
+            e += 1;
+        }
+        let exp_field = e + 7;
+        if exp_field > 15 || (exp_field == 15 && q - 8 == 7) {
+            0x7E // saturate to 448
+        } else {
+            ((exp_field as u32) << 3 | (q - 8)) as u8
+        }
+    };
+    sign | bits
+}
+
+/// FP8 E4M3FN -> f32 (exact).
+pub fn f8e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let exp = ((b >> 3) & 0x0F) as i32;
+    let mant = (b & 0x07) as f32;
+    if exp == 15 && (b & 0x07) == 7 {
+        return f32::NAN;
+    }
+    if exp == 0 {
+        sign * mant / 8.0 * 2f32.powi(-6)
+    } else {
+        sign * (1.0 + mant / 8.0) * 2f32.powi(exp - 7)
+    }
+}
+
+/// Decode raw little-endian bytes of `dtype` into f32 values.
+pub fn decode_to_f32(bytes: &[u8], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        DType::F8E4M3 => bytes.iter().map(|&b| f8e4m3_to_f32(b)).collect(),
+    }
+}
+
+/// Encode f32 values as little-endian bytes of `dtype` (round to nearest even).
+pub fn encode_from_f32(values: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::BF16 => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_bits().to_le_bytes())
+            .collect(),
+        DType::F16 => values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_bits().to_le_bytes())
+            .collect(),
+        DType::F8E4M3 => values.iter().map(|v| f32_to_f8e4m3(*v)).collect(),
+    }
+}
+
+/// Round every value through `dtype` and back (what storing an activation in that dtype does).
+pub fn round_through(values: &mut [f32], dtype: DType) {
+    match dtype {
+        DType::F32 => {}
+        DType::BF16 => values
+            .iter_mut()
+            .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+        DType::F16 => values
+            .iter_mut()
+            .for_each(|v| *v = f16::from_f32(*v).to_f32()),
+        DType::F8E4M3 => values
+            .iter_mut()
+            .for_each(|v| *v = f8e4m3_to_f32(f32_to_f8e4m3(*v))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fp8_roundtrips_every_finite_code() {
+        for b in 0u16..=255 {
+            let b = b as u8;
+            let v = f8e4m3_to_f32(b);
+            if v.is_nan() {
+                assert_eq!(b & 0x7F, 0x7F);
+                continue;
+            }
+            let back = f32_to_f8e4m3(v);
+            // +0 and -0 are distinct codes that both decode to zero.
+            assert!(
+                back == b || (v == 0.0 && back & 0x7F == 0),
+                "code {b:#x} -> {v} -> {back:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn fp8_known_values_and_rounding() {
+        assert_eq!(f8e4m3_to_f32(0x7E), 448.0);
+        assert_eq!(f8e4m3_to_f32(0x01), 2f32.powi(-9));
+        assert_eq!(f8e4m3_to_f32(0x38), 1.0);
+        assert_eq!(f32_to_f8e4m3(1.0), 0x38);
+        assert_eq!(f32_to_f8e4m3(-2.0), 0xC0);
+        assert_eq!(f32_to_f8e4m3(1000.0), 0x7E); // saturates
+        assert_eq!(f32_to_f8e4m3(-1000.0), 0xFE);
+        // 1.0625 is halfway between 1.0 (mantissa 0) and 1.125 (mantissa 1): ties to even -> 1.0.
+        assert_eq!(f32_to_f8e4m3(1.0625), 0x38);
+        // 1.1875 is halfway between 1.125 (odd) and 1.25 (even) -> 1.25.
+        assert_eq!(f8e4m3_to_f32(f32_to_f8e4m3(1.1875)), 1.25);
+        assert!(f8e4m3_to_f32(f32_to_f8e4m3(f32::NAN)).is_nan());
+    }
+
+    #[test]
+    fn encode_decode_roundtrip_bf16_f16() {
+        let v = [1.0f32, -2.5, 3.140625, 0.0, 65504.0];
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let back = decode_to_f32(&encode_from_f32(&v, dt), dt);
+            assert_eq!(back, v, "{dt}");
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! flux2: an inference engine for the FLUX.2 [klein] image models.
+//!
+//! Model code (`model`) is written once against the op layer (`backend::Backend`); the CPU
+//! backend is the f32 reference every other backend is checked against.
+
+pub mod backend;
+pub mod cli;
+pub mod device;
+pub mod dtype;
+pub mod error;
+pub mod model;
+pub mod rng;
+pub mod synth;
+pub mod tensor;
+pub mod weights;
+
+pub use backend::{AttnMask, Backend, Padding2d};
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use tensor::Tensor;

@@ -1,0 +1,46 @@
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use flux2::cli;
+
+#[derive(Parser)]
+#[command(name = "flux2", version, about = "FLUX.2 [klein] inference engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one model component on tensors from a safetensors file.
+    Forward(cli::forward::ForwardArgs),
+    /// Describe a checkpoint: layout, config, parameters, bytes per dtype.
+    Inspect(cli::inspect::InspectArgs),
+    /// Write a random-weight checkpoint with the real tensor names and shapes.
+    Synth(cli::synth::SynthArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLUX2_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Forward(a) => cli::forward::run(a),
+        Command::Inspect(a) => cli::inspect::run(a),
+        Command::Synth(a) => cli::synth::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Tensor names and shapes of the FLUX.2 transformer in both checkpoint layouts (spec §8.1):
+//! diffusers (`Flux2Transformer2DModel`) and BFL's original single file. One table describes how
+//! every BFL tensor is built from rows of diffusers tensors; loading and `synth` both use it.
+
+use std::ops::Range;
+
+use super::config::TransformerConfig;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use crate::weights::WeightStore;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Diffusers,
+    Bfl,
+}
+
+impl Layout {
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Diffusers => "diffusers",
+            Layout::Bfl => "bfl",
+        }
+    }
+
+    /// Detect the layout of a transformer checkpoint; BFL files may carry ComfyUI's
+    /// `model.diffusion_model.` prefix, which is then set on the store.
+    pub fn detect(store: &mut WeightStore) -> Result<Layout> {
+        if store.contains("x_embedder.weight") {
+            return Ok(Layout::Diffusers);
+        }
+        if store.contains("img_in.weight") {
+            return Ok(Layout::Bfl);
+        }
+        for prefix in ["model.diffusion_model.", "diffusion_model.", "transformer."] {
+            store.set_prefix(prefix);
+            if store.contains("img_in.weight") {
+                return Ok(Layout::Bfl);
+            }
+            if store.contains("x_embedder.weight") {
+                return Ok(Layout::Diffusers);
+            }
+        }
+        store.set_prefix("");
+        Err(Error::config(
+            store.origin(),
+            "not a FLUX.2 transformer checkpoint: neither `x_embedder.weight` (diffusers) nor `img_in.weight` (BFL) is present",
+        ))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// `rows` of diffusers tensor `name`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowSlice {
+    pub name: String,
+    pub rows: Range<usize>,
+}
+
+fn spec(name: String, shape: &[usize]) -> TensorSpec {
+    TensorSpec {
+        name,
+        shape: shape.to_vec(),
+    }
+}
+
+/// Every tensor of the diffusers layout, in a stable order.
+pub fn diffusers_tensors(cfg: &TransformerConfig) -> Vec<TensorSpec> {
+    let (d, m, hd) = (cfg.hidden(), cfg.mlp_hidden(), cfg.attention_head_dim);
+    let mut v = vec![
+        spec(
+            "time_guidance_embed.timestep_embedder.linear_1.weight".into(),
+            &[d, cfg.timestep_guidance_channels],
+        ),
+        spec(
+            "time_guidance_embed.timestep_embedder.linear_2.weight".into(),
+            &[d, d],
+        ),
+    ];
+    if cfg.guidance_embeds {
+        v.push(spec(
+            "time_guidance_embed.guidance_embedder.linear_1.weight".into(),
+            &[d, cfg.timestep_guidance_channels],
+        ));
+        v.push(spec(
+            "time_guidance_embed.guidance_embedder.linear_2.weight".into(),
+            &[d, d],
+        ));
+    }
+    v.push(spec(
+        "double_stream_modulation_img.linear.weight".into(),
+        &[6 * d, d],
+    ));
+    v.push(spec(
+        "double_stream_modulation_txt.linear.weight".into(),
+        &[6 * d, d],
+    ));
+    v.push(spec(
+        "single_stream_modulation.linear.weight".into(),
+        &[3 * d, d],
+    ));
+    v.push(spec("x_embedder.weight".into(), &[d, cfg.in_channels]));
+    v.push(spec(
+        "context_embedder.weight".into(),
+        &[d, cfg.joint_attention_dim],
+    ));
+    for i in 0..cfg.num_layers {
+        let p = format!("transformer_blocks.{i}");
+        for name in ["to_q", "to_k", "to_v"] {
+            v.push(spec(format!("{p}.attn.{name}.weight"), &[d, d]));
+        }
+        v.push(spec(format!("{p}.attn.norm_q.weight"), &[hd]));
+        v.push(spec(format!("{p}.attn.norm_k.weight"), &[hd]));
+        v.push(spec(format!("{p}.attn.to_out.0.weight"), &[d, d]));
+        for name in ["add_q_proj", "add_k_proj", "add_v_proj"] {
+            v.push(spec(format!("{p}.attn.{name}.weight"), &[d, d]));
+        }
+        v.push(spec(format!("{p}.attn.norm_added_q.weight"), &[hd]));
+        v.push(spec(format!("{p}.attn.norm_added_k.weight"), &[hd]));
+        v.push(spec(format!("{p}.attn.to_add_out.weight"), &[d, d]));
+        for ff in ["ff", "ff_context"] {
+            v.push(spec(format!("{p}.{ff}.linear_in.weight"), &[2 * m, d]));
+            v.push(spec(format!("{p}.{ff}.linear_out.weight"), &[d, m]));
+        }
+    }
+    for i in 0..cfg.num_single_layers {
+        let p = format!("single_transformer_blocks.{i}.attn");
+        v.push(spec(
+            format!("{p}.to_qkv_mlp_proj.weight"),
+            &[3 * d + 2 * m, d],
+        ));
+        v.push(spec(format!("{p}.norm_q.weight"), &[hd]));
+        v.push(spec(format!("{p}.norm_k.weight"), &[hd]));
+        v.push(spec(format!("{p}.to_out.weight"), &[d, d + m]));
+    }
+    v.push(spec("norm_out.linear.weight".into(), &[2 * d, d]));
+    v.push(spec("proj_out.weight".into(), &[cfg.out_features(), d]));
+    v
+}
+
+/// Every tensor of the BFL layout with the diffusers rows it is made of (in order).
+pub fn bfl_tensors(cfg: &TransformerConfig) -> Vec<(TensorSpec, Vec<RowSlice>)> {
+    let d = cfg.hidden();
+    let whole = |bfl: String, diffusers: String, shape: &[usize]| {
+        (
+            spec(bfl, shape),
+            vec![RowSlice {
+                name: diffusers,
+                rows: 0..shape[0],
+            }],
+        )
+    };
+    let mut out = Vec::new();
+    for t in diffusers_tensors(cfg) {
+        let n = &t.name;
+        let s = &t.shape;
+        let renamed = |from: &str, to: &str| n.replacen(from, to, 1);
+        if let Some(rest) = n.strip_prefix("transformer_blocks.") {
+            let (i, field) = rest.split_once('.').unwrap();
+            let p = format!("double_blocks.{i}");
+            let simple = match field {
+                "attn.norm_q.weight" => Some("img_attn.norm.query_norm.scale"),
+                "attn.norm_k.weight" => Some("img_attn.norm.key_norm.scale"),
+                "attn.to_out.0.weight" => Some("img_attn.proj.weight"),
+                "attn.norm_added_q.weight" => Some("txt_attn.norm.query_norm.scale"),
+                "attn.norm_added_k.weight" => Some("txt_attn.norm.key_norm.scale"),
+                "attn.to_add_out.weight" => Some("txt_attn.proj.weight"),
+                "ff.linear_in.weight" => Some("img_mlp.0.weight"),
+                "ff.linear_out.weight" => Some("img_mlp.2.weight"),
+                "ff_context.linear_in.weight" => Some("txt_mlp.0.weight"),
+                "ff_context.linear_out.weight" => Some("txt_mlp.2.weight"),
+                _ => None,
+            };
+            if let Some(b) = simple {
+                out.push(whole(format!("{p}.{b}"), n.clone(), s));
+            } else if field == "attn.to_q.weight" || field == "attn.add_q_proj.weight" {
+                // Fused qkv: rows [0:D] = q, [D:2D] = k, [2D:3D] = v.
+                let (stream, names) = if field == "attn.to_q.weight" {
+                    ("img", ["to_q", "to_k", "to_v"])
+                } else {
+                    ("txt", ["add_q_proj", "add_k_proj", "add_v_proj"])
+                };
+                let parts = names
+                    .iter()
+                    .map(|nm| RowSlice {
+                        name: format!("transformer_blocks.{i}.attn.{nm}.weight"),
+                        rows: 0..d,
+                    })
+                    .collect();
+                out.push((
+                    spec(format!("{p}.{stream}_attn.qkv.weight"), &[3 * d, d]),
+                    parts,
+                ));
+            }
+            // to_k/to_v/add_k/add_v are covered by the fused qkv entries above.
+        } else if let Some(rest) = n.strip_prefix("single_transformer_blocks.") {
+            let (i, field) = rest.split_once('.').unwrap();
+            let b = match field {
+                "attn.to_qkv_mlp_proj.weight" => "linear1.weight",
+                "attn.to_out.weight" => "linear2.weight",
+                "attn.norm_q.weight" => "norm.query_norm.scale",
+                _ => "norm.key_norm.scale",
+            };
+            out.push(whole(format!("single_blocks.{i}.{b}"), n.clone(), s));
+        } else if n == "norm_out.linear.weight" {
+            // BFL stores (shift, scale); diffusers (scale, shift).
+            let parts = vec![
+                RowSlice {
+                    name: n.clone(),
+                    rows: d..2 * d,
+                },
+                RowSlice {
+                    name: n.clone(),
+                    rows: 0..d,
+                },
+            ];
+            out.push((
+                spec("final_layer.adaLN_modulation.1.weight".into(), s),
+                parts,
+            ));
+        } else {
+            let b = if n == "proj_out.weight" {
+                "final_layer.linear.weight".to_string()
+            } else {
+                renamed(
+                    "time_guidance_embed.timestep_embedder.linear_1",
+                    "time_in.in_layer",
+                )
+                .replacen(
+                    "time_guidance_embed.timestep_embedder.linear_2",
+                    "time_in.out_layer",
+                    1,
+                )
+                .replacen(
+                    "time_guidance_embed.guidance_embedder.linear_1",
+                    "guidance_in.in_layer",
+                    1,
+                )
+                .replacen(
+                    "time_guidance_embed.guidance_embedder.linear_2",
+                    "guidance_in.out_layer",
+                    1,
+                )
+                .replacen("modulation_img.linear", "modulation_img.lin", 1)
+                .replacen("modulation_txt.linear", "modulation_txt.lin", 1)
+                .replacen(
+                    "single_stream_modulation.linear",
+                    "single_stream_modulation.lin",
+                    1,
+                )
+                .replacen("x_embedder", "img_in", 1)
+                .replacen("context_embedder", "txt_in", 1)
+            };
+            out.push(whole(b, n.clone(), s));
+        }
+    }
+    out
+}
+
+/// A piece of a stored tensor: `rows` of checkpoint tensor `key`.
+#[derive(Debug, Clone, PartialEq)]
+struct StoredRows {
+    key: String,
+    rows: Range<usize>,
+}
+
+/// Loads diffusers-named tensors from either layout.
+pub struct TransformerWeights<'a> {
+    pub store: &'a WeightStore,
+    pub layout: Layout,
+    /// For the BFL layout: stored key -> full shape.
+    bfl_shapes: std::collections::HashMap<String, Vec<usize>>,
+    /// For the BFL layout: diffusers name -> pieces, ordered by diffusers row.
+    bfl_map: std::collections::HashMap<String, Vec<(Range<usize>, StoredRows)>>,
+}
+
+impl<'a> TransformerWeights<'a> {
+    pub fn new(store: &'a WeightStore, layout: Layout, cfg: &'a TransformerConfig) -> Self {
+        let mut bfl_map: std::collections::HashMap<String, Vec<(Range<usize>, StoredRows)>> =
+            Default::default();
+        let mut bfl_shapes = std::collections::HashMap::new();
+        if layout == Layout::Bfl {
+            for (t, parts) in bfl_tensors(cfg) {
+                bfl_shapes.insert(t.name.clone(), t.shape.clone());
+                let mut at = 0;
+                for p in parts {
+                    let len = p.rows.len();
+                    bfl_map.entry(p.name).or_default().push((
+                        p.rows,
+                        StoredRows {
+                            key: t.name.clone(),
+                            rows: at..at + len,
+                        },
+                    ));
+                    at += len;
+                }
+            }
+            for pieces in bfl_map.values_mut() {
+                pieces.sort_by_key(|(r, _)| r.start);
+            }
+        }
+        TransformerWeights {
+            store,
+            layout,
+            bfl_shapes,
+            bfl_map,
+        }
+    }
+
+    /// Stored pieces that make up diffusers tensor `name` (rows in order).
+    fn pieces(&self, name: &str, shape: &[usize]) -> Vec<StoredRows> {
+        match self.layout {
+            Layout::Diffusers => vec![StoredRows {
+                key: name.to_string(),
+                rows: 0..shape[0],
+            }],
+            Layout::Bfl => self
+                .bfl_map
+                .get(name)
+                .map(|v| v.iter().map(|(_, s)| s.clone()).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Load the row-wise concatenation of diffusers tensors `names` (each of `shape`); slices
+    /// that are consecutive rows of one stored tensor load without a copy.
+    pub fn load_concat(&self, be: &dyn Backend, names: &[&str], shape: &[usize]) -> Result<Tensor> {
+        let mut pieces: Vec<StoredRows> = Vec::new();
+        for name in names {
+            let mut p = self.pieces(name, shape);
+            if p.is_empty() {
+                return Err(Error::MissingKey {
+                    path: self.store.origin().to_path_buf(),
+                    key: name.to_string(),
+                });
+            }
+            pieces.append(&mut p);
+        }
+        let mut merged: Vec<StoredRows> = Vec::new();
+        for p in pieces {
+            match merged.last_mut() {
+                Some(last) if last.key == p.key && last.rows.end == p.rows.start => {
+                    last.rows.end = p.rows.end
+                }
+                _ => merged.push(p),
+            }
+        }
+        let tensors = merged
+            .iter()
+            .map(|p| self.load_rows(be, p, &shape[1..]))
+            .collect::<Result<Vec<_>>>()?;
+        if tensors.len() == 1 {
+            return Ok(tensors.into_iter().next().unwrap());
+        }
+        be.concat(&tensors.iter().collect::<Vec<_>>(), 0)
+    }
+
+    pub fn load(&self, be: &dyn Backend, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.load_concat(be, &[name], shape)
+    }
+
+    fn load_rows(&self, be: &dyn Backend, p: &StoredRows, row_shape: &[usize]) -> Result<Tensor> {
+        let stored_shape = match self.layout {
+            // Diffusers pieces are whole tensors.
+            Layout::Diffusers => [&[p.rows.end][..], row_shape].concat(),
+            Layout::Bfl => self.bfl_shapes[&p.key].clone(),
+        };
+        let t = self.store.get_shaped(&p.key, &stored_shape)?;
+        let row_bytes = row_shape.iter().product::<usize>() * t.dtype()?.size_in_bytes();
+        let shape = [&[p.rows.len()][..], row_shape].concat();
+        be.load_weight(
+            &t.bytes[p.rows.start * row_bytes..p.rows.end * row_bytes],
+            t.dtype()?,
+            &shape,
+        )
+    }
+}

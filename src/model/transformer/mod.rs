@@ -1,0 +1,464 @@
+//! The FLUX.2 DiT (`Flux2Transformer2DModel`, spec §3): shared adaLN modulation, double-stream
+//! blocks over separate image/text weights with joint attention (text first), single-stream
+//! parallel blocks, then the final adaLN and projection.
+
+pub mod config;
+pub mod layout;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use self::config::TransformerConfig;
+use self::layout::{Layout, TransformerWeights};
+use super::rope::{flux_tables, PositionIds};
+use crate::backend::{AttnMask, Backend};
+use crate::dtype::{round_through, DType};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use crate::weights::WeightStore;
+
+/// Where a transformer lives: a diffusers pipeline folder, its `transformer/` folder, or one
+/// BFL-layout `.safetensors` file. Returns the weight store and, for diffusers, the config path.
+pub fn locate(path: &Path) -> Result<(WeightStore, Option<std::path::PathBuf>)> {
+    if path.is_dir() {
+        let dir = if path.join("transformer").is_dir() {
+            path.join("transformer")
+        } else {
+            path.to_path_buf()
+        };
+        let config = dir.join("config.json");
+        let store = WeightStore::open(&dir)?;
+        return Ok((store, config.is_file().then_some(config)));
+    }
+    Ok((WeightStore::open(path)?, None))
+}
+
+struct DoubleBlock {
+    img_qkv: Tensor,
+    txt_qkv: Tensor,
+    norm_q: Tensor,
+    norm_k: Tensor,
+    norm_added_q: Tensor,
+    norm_added_k: Tensor,
+    to_out: Tensor,
+    to_add_out: Tensor,
+    ff_in: Tensor,
+    ff_out: Tensor,
+    ff_ctx_in: Tensor,
+    ff_ctx_out: Tensor,
+}
+
+struct SingleBlock {
+    qkv_mlp: Tensor,
+    norm_q: Tensor,
+    norm_k: Tensor,
+    to_out: Tensor,
+}
+
+pub struct Flux2Transformer {
+    be: Arc<dyn Backend>,
+    cfg: TransformerConfig,
+    layout: Layout,
+    time_1: Tensor,
+    time_2: Tensor,
+    guidance: Option<(Tensor, Tensor)>,
+    mod_img: Tensor,
+    mod_txt: Tensor,
+    mod_single: Tensor,
+    x_embedder: Tensor,
+    context_embedder: Tensor,
+    double: Vec<DoubleBlock>,
+    single: Vec<SingleBlock>,
+    norm_out: Tensor,
+    proj_out: Tensor,
+}
+
+/// The per-sample modulation vectors of one stream: shift, scale, gate per set.
+struct Modulation {
+    sets: Vec<[Tensor; 3]>,
+}
+
+impl Modulation {
+    /// Split `[B, 3·sets·D]` into sets of (shift, scale, gate) `[B, D]` views.
+    fn split(m: &Tensor, sets: usize) -> Result<Modulation> {
+        let chunks = m.chunk(3 * sets, 1)?;
+        Ok(Modulation {
+            sets: chunks
+                .chunks(3)
+                .map(|c| [c[0].clone(), c[1].clone(), c[2].clone()])
+                .collect(),
+        })
+    }
+}
+
+impl Flux2Transformer {
+    /// Load from a pipeline folder, a `transformer/` folder or a BFL single file.
+    pub fn load(be: Arc<dyn Backend>, path: &Path) -> Result<Flux2Transformer> {
+        let (mut store, config_path) = locate(path)?;
+        let layout = Layout::detect(&mut store)?;
+        let cfg = match (&config_path, layout) {
+            (Some(p), _) => TransformerConfig::from_json_file(p)?,
+            (None, Layout::Bfl) => TransformerConfig::infer_from_bfl(&store)?,
+            (None, Layout::Diffusers) => {
+                return Err(Error::config(
+                    store.origin(),
+                    "diffusers-layout weights need the config.json beside them",
+                ))
+            }
+        };
+        Flux2Transformer::from_store(be, &store, layout, cfg)
+    }
+
+    pub fn from_store(
+        be: Arc<dyn Backend>,
+        store: &WeightStore,
+        layout: Layout,
+        cfg: TransformerConfig,
+    ) -> Result<Flux2Transformer> {
+        cfg.validate()
+            .map_err(|r| Error::config(store.origin(), r))?;
+        let w = TransformerWeights::new(store, layout, &cfg);
+        let b: &dyn Backend = &*be;
+        let (d, m, hd) = (cfg.hidden(), cfg.mlp_hidden(), cfg.attention_head_dim);
+        let tc = cfg.timestep_guidance_channels;
+        let guidance = if cfg.guidance_embeds {
+            Some((
+                w.load(
+                    b,
+                    "time_guidance_embed.guidance_embedder.linear_1.weight",
+                    &[d, tc],
+                )?,
+                w.load(
+                    b,
+                    "time_guidance_embed.guidance_embedder.linear_2.weight",
+                    &[d, d],
+                )?,
+            ))
+        } else {
+            None
+        };
+        let double = (0..cfg.num_layers)
+            .map(|i| {
+                let p = |s: &str| format!("transformer_blocks.{i}.{s}");
+                let qkv = |names: [&str; 3]| {
+                    let full: Vec<String> = names
+                        .iter()
+                        .map(|n| p(&format!("attn.{n}.weight")))
+                        .collect();
+                    w.load_concat(
+                        b,
+                        &full.iter().map(String::as_str).collect::<Vec<_>>(),
+                        &[d, d],
+                    )
+                };
+                Ok(DoubleBlock {
+                    img_qkv: qkv(["to_q", "to_k", "to_v"])?,
+                    txt_qkv: qkv(["add_q_proj", "add_k_proj", "add_v_proj"])?,
+                    norm_q: w.load(b, &p("attn.norm_q.weight"), &[hd])?,
+                    norm_k: w.load(b, &p("attn.norm_k.weight"), &[hd])?,
+                    norm_added_q: w.load(b, &p("attn.norm_added_q.weight"), &[hd])?,
+                    norm_added_k: w.load(b, &p("attn.norm_added_k.weight"), &[hd])?,
+                    to_out: w.load(b, &p("attn.to_out.0.weight"), &[d, d])?,
+                    to_add_out: w.load(b, &p("attn.to_add_out.weight"), &[d, d])?,
+                    ff_in: w.load(b, &p("ff.linear_in.weight"), &[2 * m, d])?,
+                    ff_out: w.load(b, &p("ff.linear_out.weight"), &[d, m])?,
+                    ff_ctx_in: w.load(b, &p("ff_context.linear_in.weight"), &[2 * m, d])?,
+                    ff_ctx_out: w.load(b, &p("ff_context.linear_out.weight"), &[d, m])?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let single = (0..cfg.num_single_layers)
+            .map(|i| {
+                let p = |s: &str| format!("single_transformer_blocks.{i}.attn.{s}");
+                Ok(SingleBlock {
+                    qkv_mlp: w.load(b, &p("to_qkv_mlp_proj.weight"), &[3 * d + 2 * m, d])?,
+                    norm_q: w.load(b, &p("norm_q.weight"), &[hd])?,
+                    norm_k: w.load(b, &p("norm_k.weight"), &[hd])?,
+                    to_out: w.load(b, &p("to_out.weight"), &[d, d + m])?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Flux2Transformer {
+            time_1: w.load(
+                b,
+                "time_guidance_embed.timestep_embedder.linear_1.weight",
+                &[d, tc],
+            )?,
+            time_2: w.load(
+                b,
+                "time_guidance_embed.timestep_embedder.linear_2.weight",
+                &[d, d],
+            )?,
+            guidance,
+            mod_img: w.load(b, "double_stream_modulation_img.linear.weight", &[6 * d, d])?,
+            mod_txt: w.load(b, "double_stream_modulation_txt.linear.weight", &[6 * d, d])?,
+            mod_single: w.load(b, "single_stream_modulation.linear.weight", &[3 * d, d])?,
+            x_embedder: w.load(b, "x_embedder.weight", &[d, cfg.in_channels])?,
+            context_embedder: w.load(
+                b,
+                "context_embedder.weight",
+                &[d, cfg.joint_attention_dim],
+            )?,
+            double,
+            single,
+            norm_out: w.load(b, "norm_out.linear.weight", &[2 * d, d])?,
+            proj_out: w.load(b, "proj_out.weight", &[cfg.out_features(), d])?,
+            cfg,
+            layout,
+            be,
+        })
+    }
+
+    pub fn config(&self) -> &TransformerConfig {
+        &self.cfg
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.be
+    }
+
+    /// `hidden_states [B, L, Cin]`, `context [B, Lt, C]` (both on this model's backend),
+    /// `sigma [B]` in 0..1 (multiplied by 1000 inside, as diffusers does), ids for the L image
+    /// and Lt text tokens; returns `[B, L, p²·Cout]`.
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        context: &Tensor,
+        sigma: &[f32],
+        img_ids: &PositionIds,
+        txt_ids: &PositionIds,
+        guidance: Option<&[f32]>,
+    ) -> Result<Tensor> {
+        let be = &*self.be;
+        let cfg = &self.cfg;
+        let (d, hd) = (cfg.hidden(), cfg.attention_head_dim);
+        self.check_inputs(hidden_states, context, sigma, img_ids, txt_ids, guidance)?;
+        let (lt, li) = (context.dim(1), hidden_states.dim(1));
+
+        let temb = self.time_embedding(sigma, guidance)?;
+        let silu_temb = be.silu(&temb)?;
+        let mod_img = Modulation::split(&be.linear(&silu_temb, &self.mod_img, None)?, 2)?;
+        let mod_txt = Modulation::split(&be.linear(&silu_temb, &self.mod_txt, None)?, 2)?;
+        let mod_single = Modulation::split(&be.linear(&silu_temb, &self.mod_single, None)?, 1)?;
+
+        let mut img = be.linear(hidden_states, &self.x_embedder, None)?;
+        let mut txt = be.linear(context, &self.context_embedder, None)?;
+
+        // Text first, then image: the joint sequence order of every attention.
+        let (cos, sin) = flux_tables(
+            &PositionIds::concat(&[txt_ids, img_ids])?,
+            &cfg.axes_dims_rope,
+            cfg.rope_theta,
+        )?;
+        let n = lt + li;
+        // Tables stay f32 on every backend: diffusers applies RoPE in f32.
+        let cos = be.upload(&Tensor::from_f32(cos, &[n, hd / 2])?, DType::F32)?;
+        let sin = be.upload(&Tensor::from_f32(sin, &[n, hd / 2])?, DType::F32)?;
+        let rope = Rope {
+            cos: &cos,
+            sin: &sin,
+        };
+
+        for block in &self.double {
+            (img, txt) = self.double_block(block, &img, &txt, &mod_img, &mod_txt, &rope)?;
+        }
+        let mut h = be.concat(&[&txt, &img], 1)?;
+        for block in &self.single {
+            h = self.single_block(block, &h, &mod_single, &rope)?;
+        }
+        let img = h.narrow(1, lt, li)?;
+        let emb = be.linear(&silu_temb, &self.norm_out, None)?;
+        let (scale, shift) = (emb.narrow(1, 0, d)?, emb.narrow(1, d, d)?);
+        let out = be.layer_norm_modulate(&img, &shift, &scale, cfg.eps as f32)?;
+        be.linear(&out, &self.proj_out, None)
+    }
+
+    fn check_inputs(
+        &self,
+        x: &Tensor,
+        ctx: &Tensor,
+        sigma: &[f32],
+        img_ids: &PositionIds,
+        txt_ids: &PositionIds,
+        guidance: Option<&[f32]>,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let bad = |what: String| Err(Error::shape("transformer", what));
+        if x.rank() != 3 || x.dim(2) != cfg.in_channels {
+            return bad(format!(
+                "hidden_states must be [B, L, {}], got {:?}",
+                cfg.in_channels,
+                x.shape()
+            ));
+        }
+        if ctx.rank() != 3 || ctx.dim(0) != x.dim(0) || ctx.dim(2) != cfg.joint_attention_dim {
+            return bad(format!(
+                "encoder_hidden_states must be [{}, Lt, {}], got {:?}",
+                x.dim(0),
+                cfg.joint_attention_dim,
+                ctx.shape()
+            ));
+        }
+        if sigma.len() != x.dim(0) {
+            return bad(format!(
+                "timestep must have one value per sample ({}), got {}",
+                x.dim(0),
+                sigma.len()
+            ));
+        }
+        if img_ids.len() != x.dim(1) || txt_ids.len() != ctx.dim(1) {
+            return bad(format!(
+                "img_ids/txt_ids have {}/{} rows for {} image and {} text tokens",
+                img_ids.len(),
+                txt_ids.len(),
+                x.dim(1),
+                ctx.dim(1)
+            ));
+        }
+        if let Some(g) = guidance {
+            if g.len() != x.dim(0) {
+                return bad(format!(
+                    "guidance must have one value per sample ({}), got {}",
+                    x.dim(0),
+                    g.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// diffusers: `timestep.to(dtype) * 1000` (both steps rounded to the activation dtype), then
+    /// the cos-first sinusoid and `linear_2(silu(linear_1(.)))`; guidance adds its own embedding.
+    fn time_embedding(&self, sigma: &[f32], guidance: Option<&[f32]>) -> Result<Tensor> {
+        let be = &*self.be;
+        let embed = |values: &[f32], l1: &Tensor, l2: &Tensor| -> Result<Tensor> {
+            let t = scale_in_dtype(values, 1000.0, be.activation_dtype());
+            let proj = be.timestep_embedding(&t, self.cfg.timestep_guidance_channels, 10000.0)?;
+            be.linear(&be.silu(&be.linear(&proj, l1, None)?)?, l2, None)
+        };
+        let temb = embed(sigma, &self.time_1, &self.time_2)?;
+        match (guidance, &self.guidance) {
+            (Some(g), Some((g1, g2))) => be.axpby(1.0, &temb, 1.0, &embed(g, g1, g2)?),
+            _ => Ok(temb),
+        }
+    }
+
+    fn feed_forward(&self, x: &Tensor, w_in: &Tensor, w_out: &Tensor) -> Result<Tensor> {
+        let be = &*self.be;
+        be.linear(&be.swiglu(&be.linear(x, w_in, None)?)?, w_out, None)
+    }
+
+    /// Views q, k, v `[B, L, H, hd]` of a fused `[B, L, 3D(+…)]` projection.
+    fn split_qkv(&self, qkv: &Tensor) -> Result<[Tensor; 3]> {
+        let (b, l) = (qkv.dim(0), qkv.dim(1));
+        let (d, h, hd) = (
+            self.cfg.hidden(),
+            self.cfg.num_attention_heads,
+            self.cfg.attention_head_dim,
+        );
+        let part = |i: usize| qkv.narrow(2, i * d, d)?.reshape(&[b, l, h, hd]);
+        Ok([part(0)?, part(1)?, part(2)?])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn double_block(
+        &self,
+        blk: &DoubleBlock,
+        img: &Tensor,
+        txt: &Tensor,
+        mi: &Modulation,
+        mt: &Modulation,
+        rope: &Rope,
+    ) -> Result<(Tensor, Tensor)> {
+        let be = &*self.be;
+        let eps = self.cfg.eps as f32;
+        let (b, lt, li, d) = (img.dim(0), txt.dim(1), img.dim(1), self.cfg.hidden());
+        let [sh1, sc1, g1] = &mi.sets[0];
+        let [sh2, sc2, g2] = &mi.sets[1];
+        let [csh1, csc1, cg1] = &mt.sets[0];
+        let [csh2, csc2, cg2] = &mt.sets[1];
+
+        let a_img = be.layer_norm_modulate(img, sh1, sc1, eps)?;
+        let a_txt = be.layer_norm_modulate(txt, csh1, csc1, eps)?;
+        let [qi, ki, vi] = self.split_qkv(&be.linear(&a_img, &blk.img_qkv, None)?)?;
+        let [qt, kt, vt] = self.split_qkv(&be.linear(&a_txt, &blk.txt_qkv, None)?)?;
+        let qi = be.rms_norm(&qi, Some(&blk.norm_q), eps)?;
+        let ki = be.rms_norm(&ki, Some(&blk.norm_k), eps)?;
+        let qt = be.rms_norm(&qt, Some(&blk.norm_added_q), eps)?;
+        let kt = be.rms_norm(&kt, Some(&blk.norm_added_k), eps)?;
+        let q = rope.apply(be, &be.concat(&[&qt, &qi], 1)?)?;
+        let k = rope.apply(be, &be.concat(&[&kt, &ki], 1)?)?;
+        let v = be.concat(&[&vt, &vi], 1)?;
+        let o = self.attend(&q, &k, &v)?.reshape(&[b, lt + li, d])?;
+        let (o_txt, o_img) = (o.narrow(1, 0, lt)?, o.narrow(1, lt, li)?);
+
+        let img = be.gated_add(img, g1, &be.linear(&o_img, &blk.to_out, None)?)?;
+        let ff = self.feed_forward(
+            &be.layer_norm_modulate(&img, sh2, sc2, eps)?,
+            &blk.ff_in,
+            &blk.ff_out,
+        )?;
+        let img = be.gated_add(&img, g2, &ff)?;
+
+        let txt = be.gated_add(txt, cg1, &be.linear(&o_txt, &blk.to_add_out, None)?)?;
+        let ff = self.feed_forward(
+            &be.layer_norm_modulate(&txt, csh2, csc2, eps)?,
+            &blk.ff_ctx_in,
+            &blk.ff_ctx_out,
+        )?;
+        let txt = be.gated_add(&txt, cg2, &ff)?;
+        Ok((img, txt))
+    }
+
+    fn single_block(
+        &self,
+        blk: &SingleBlock,
+        h: &Tensor,
+        ms: &Modulation,
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let be = &*self.be;
+        let eps = self.cfg.eps as f32;
+        let (b, n, d, m) = (h.dim(0), h.dim(1), self.cfg.hidden(), self.cfg.mlp_hidden());
+        let [shift, scale, gate] = &ms.sets[0];
+
+        let a = be.layer_norm_modulate(h, shift, scale, eps)?;
+        let y = be.linear(&a, &blk.qkv_mlp, None)?;
+        let [q, k, v] = self.split_qkv(&y)?;
+        let q = rope.apply(be, &be.rms_norm(&q, Some(&blk.norm_q), eps)?)?;
+        let k = rope.apply(be, &be.rms_norm(&k, Some(&blk.norm_k), eps)?)?;
+        let o = self.attend(&q, &k, &v)?.reshape(&[b, n, d])?;
+        let act = be.swiglu(&y.narrow(2, 3 * d, 2 * m)?)?;
+        let out = be.linear(&be.concat(&[&o, &act], 2)?, &blk.to_out, None)?;
+        be.gated_add(h, gate, &out)
+    }
+
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let scale = 1.0 / (self.cfg.attention_head_dim as f32).sqrt();
+        self.be.attention(q, k, v, &AttnMask::None, scale)
+    }
+}
+
+struct Rope<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+}
+
+impl Rope<'_> {
+    fn apply(&self, be: &dyn Backend, x: &Tensor) -> Result<Tensor> {
+        be.rope_interleaved(x, self.cos, self.sin)
+    }
+}
+
+/// `x.to(dtype) * factor` evaluated in `dtype`, as PyTorch does for a bf16 tensor times a scalar.
+pub fn scale_in_dtype(values: &[f32], factor: f32, dtype: DType) -> Vec<f32> {
+    let mut v = values.to_vec();
+    round_through(&mut v, dtype);
+    v.iter_mut().for_each(|x| *x *= factor);
+    round_through(&mut v, dtype);
+    v
+}
