@@ -17,9 +17,7 @@ pub enum DeviceChoice {
 pub fn select(choice: DeviceChoice) -> Result<Arc<dyn Backend>> {
     match choice {
         DeviceChoice::Cpu => Ok(Arc::new(CpuBackend::new())),
-        DeviceChoice::Cuda => {
-            cuda().map_err(|e| Error::Gpu(format!("--device cuda is not usable: {e}")))
-        }
+        DeviceChoice::Cuda => cuda().map_err(|e| Error::Gpu(format!("--device cuda is not usable: {e}"))),
         DeviceChoice::Auto => match cuda() {
             Ok(be) => Ok(be),
             Err(e) => {
@@ -37,7 +35,5 @@ fn cuda() -> Result<Arc<dyn Backend>> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda() -> Result<Arc<dyn Backend>> {
-    Err(Error::Unsupported(
-        "this binary was built without the CUDA backend (cargo feature `cuda`)".into(),
-    ))
+    Err(Error::Unsupported("this binary was built without the CUDA backend (cargo feature `cuda`)".into()))
 }

@@ -21,19 +21,10 @@ pub enum Error {
     MissingKey { path: PathBuf, key: String },
 
     #[error("{path}: tensor `{key}` has shape {got:?}, expected {expected:?}")]
-    WrongShape {
-        path: PathBuf,
-        key: String,
-        expected: Vec<usize>,
-        got: Vec<usize>,
-    },
+    WrongShape { path: PathBuf, key: String, expected: Vec<usize>, got: Vec<usize> },
 
     #[error("{path}: tensor `{key}` has unsupported dtype {dtype}")]
-    UnsupportedDType {
-        path: PathBuf,
-        key: String,
-        dtype: String,
-    },
+    UnsupportedDType { path: PathBuf, key: String, dtype: String },
 
     #[error("{path}: {reason}")]
     Config { path: PathBuf, reason: String },
@@ -59,24 +50,15 @@ pub enum Error {
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     pub fn shape(op: &'static str, reason: impl Into<String>) -> Self {
-        Error::Shape {
-            op,
-            reason: reason.into(),
-        }
+        Error::Shape { op, reason: reason.into() }
     }
 
     pub fn config(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Error::Config {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        Error::Config { path: path.into(), reason: reason.into() }
     }
 }
 

@@ -22,10 +22,7 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLUX2_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FLUX2_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .without_time()
         .with_target(false)

@@ -38,10 +38,7 @@ pub fn normal(key: u64, i: u64) -> f32 {
 pub fn normal_vec(seed: u64, name: &str, n: usize) -> Vec<f32> {
     use rayon::prelude::*;
     let key = stream_key(seed, name);
-    (0..n as u64)
-        .into_par_iter()
-        .map(|i| normal(key, i))
-        .collect()
+    (0..n as u64).into_par_iter().map(|i| normal(key, i)).collect()
 }
 
 #[cfg(test)]

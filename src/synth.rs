@@ -12,9 +12,7 @@ use rayon::prelude::*;
 use crate::dtype::{encode_from_f32, DType};
 use crate::error::{Error, Result};
 use crate::model::transformer::config::TransformerConfig;
-use crate::model::transformer::layout::{
-    bfl_tensors, diffusers_tensors, Layout, RowSlice, TensorSpec,
-};
+use crate::model::transformer::layout::{bfl_tensors, diffusers_tensors, Layout, RowSlice, TensorSpec};
 use crate::rng::{stream_key, uniform};
 use crate::weights::safetensors::{write_safetensors, TensorEntry};
 
@@ -42,10 +40,7 @@ impl Initializer {
     pub fn rows(&self, name: &str, shape: &[usize], rows: std::ops::Range<usize>) -> Vec<f32> {
         let key = stream_key(self.seed, name);
         let row_len: usize = shape[1..].iter().product();
-        (rows.start * row_len..rows.end * row_len)
-            .into_par_iter()
-            .map(|i| self.value(key, shape, i))
-            .collect()
+        (rows.start * row_len..rows.end * row_len).into_par_iter().map(|i| self.value(key, shape, i)).collect()
     }
 }
 
@@ -62,10 +57,7 @@ fn write_parts(
         let mut r = part.rows.start;
         while r < part.rows.end {
             let end = (r + rows_per_chunk).min(part.rows.end);
-            w.write_all(&encode_from_f32(
-                &init.rows(&part.name, shape, r..end),
-                dtype,
-            ))?;
+            w.write_all(&encode_from_f32(&init.rows(&part.name, shape, r..end), dtype))?;
             r = end;
         }
     }
@@ -102,10 +94,7 @@ pub fn write_transformer(
 ) -> Result<Vec<PathBuf>> {
     cfg.validate().map_err(|r| Error::config(dir, r))?;
     let init = Initializer { seed };
-    let shapes: BTreeMap<String, Vec<usize>> = diffusers_tensors(cfg)
-        .into_iter()
-        .map(|t| (t.name, t.shape))
-        .collect();
+    let shapes: BTreeMap<String, Vec<usize>> = diffusers_tensors(cfg).into_iter().map(|t| (t.name, t.shape)).collect();
     match layout {
         Layout::Bfl => {
             let path = dir.join(file_name);
@@ -132,20 +121,11 @@ pub fn write_transformer(
             let mut config = serde_json::to_value(cfg).unwrap();
             config["_class_name"] = "Flux2Transformer2DModel".into();
             config["_diffusers_version"] = "0.42.1".into();
-            std::fs::write(
-                &config_path,
-                serde_json::to_string_pretty(&config).unwrap() + "\n",
-            )
-            .map_err(|e| Error::io(&config_path, e))?;
+            std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap() + "\n")
+                .map_err(|e| Error::io(&config_path, e))?;
             let specs = diffusers_tensors(cfg);
             let mut written = vec![config_path];
-            written.extend(write_sharded(
-                &tdir,
-                "diffusion_pytorch_model",
-                specs,
-                &init,
-                dtype,
-            )?);
+            written.extend(write_sharded(&tdir, "diffusion_pytorch_model", specs, &init, dtype)?);
             Ok(written)
         }
     }
@@ -176,23 +156,14 @@ pub fn write_sharded(
     let mut weight_map = serde_json::Map::new();
     let mut total = 0usize;
     for (i, shard) in shards.into_iter().enumerate() {
-        let file = if n == 1 {
-            format!("{stem}.safetensors")
-        } else {
-            format!("{stem}-{:05}-of-{n:05}.safetensors", i + 1)
-        };
+        let file =
+            if n == 1 { format!("{stem}.safetensors") } else { format!("{stem}-{:05}-of-{n:05}.safetensors", i + 1) };
         let entries = shard
             .into_iter()
             .map(|s| {
                 weight_map.insert(s.name.clone(), file.clone().into());
                 total += s.shape.iter().product::<usize>() * dtype.size_in_bytes();
-                let parts = vec![(
-                    RowSlice {
-                        name: s.name.clone(),
-                        rows: 0..s.shape[0],
-                    },
-                    s.shape.clone(),
-                )];
+                let parts = vec![(RowSlice { name: s.name.clone(), rows: 0..s.shape[0] }, s.shape.clone())];
                 entry(s, parts, init, dtype)
             })
             .collect();

@@ -106,9 +106,8 @@ fn view_strides(shape: &[usize], strides: &[usize], new_shape: &[usize]) -> Opti
     let mut view_numel = 1usize;
     for tensor_d in (0..shape.len()).rev() {
         tensor_numel *= shape[tensor_d];
-        let chunk_ends = tensor_d == 0
-            || (shape[tensor_d - 1] != 1
-                && strides[tensor_d - 1] != tensor_numel * chunk_base_stride);
+        let chunk_ends =
+            tensor_d == 0 || (shape[tensor_d - 1] != 1 && strides[tensor_d - 1] != tensor_numel * chunk_base_stride);
         if chunk_ends {
             while view_d >= 0 && (view_numel < tensor_numel || new_shape[view_d as usize] == 1) {
                 new_strides[view_d as usize] = view_numel * chunk_base_stride;
@@ -141,17 +140,9 @@ impl Tensor {
             Storage::Cuda(s) => s.len(),
         };
         if len != numel {
-            return Err(Error::shape(
-                "from_storage",
-                format!("{len} elements cannot have shape {shape:?}"),
-            ));
+            return Err(Error::shape("from_storage", format!("{len} elements cannot have shape {shape:?}")));
         }
-        Ok(Tensor {
-            storage: Arc::new(storage),
-            shape: shape.to_vec(),
-            strides: contiguous_strides(shape),
-            offset: 0,
-        })
+        Ok(Tensor { storage: Arc::new(storage), shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0 })
     }
 
     /// A CPU f32 tensor.
@@ -227,10 +218,7 @@ impl Tensor {
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
         if numel != self.numel() {
-            return Err(Error::shape(
-                "reshape",
-                format!("cannot reshape {:?} to {shape:?}", self.shape),
-            ));
+            return Err(Error::shape("reshape", format!("cannot reshape {:?} to {shape:?}", self.shape)));
         }
         let strides = if self.is_contiguous() {
             Some(contiguous_strides(shape))
@@ -240,18 +228,10 @@ impl Tensor {
         let strides = strides.ok_or_else(|| {
             Error::shape(
                 "reshape",
-                format!(
-                    "strided view {:?} cannot be viewed as {shape:?}; make it contiguous first",
-                    self.shape
-                ),
+                format!("strided view {:?} cannot be viewed as {shape:?}; make it contiguous first", self.shape),
             )
         })?;
-        Ok(Tensor {
-            storage: self.storage.clone(),
-            shape: shape.to_vec(),
-            strides,
-            offset: self.offset,
-        })
+        Ok(Tensor { storage: self.storage.clone(), shape: shape.to_vec(), strides, offset: self.offset })
     }
 
     /// View of `len` entries of dimension `dim` starting at `start`.
@@ -259,11 +239,7 @@ impl Tensor {
         if dim >= self.rank() || start + len > self.shape[dim] {
             return Err(Error::shape(
                 "narrow",
-                format!(
-                    "range {start}..{} of dim {dim} out of bounds for {:?}",
-                    start + len,
-                    self.shape
-                ),
+                format!("range {start}..{} of dim {dim} out of bounds for {:?}", start + len, self.shape),
             ));
         }
         let mut shape = self.shape.clone();
@@ -278,17 +254,12 @@ impl Tensor {
 
     /// Split dimension `dim` into `n` equal views (torch.chunk with an exact split).
     pub fn chunk(&self, n: usize, dim: usize) -> Result<Vec<Tensor>> {
-        let size = *self
-            .shape
-            .get(dim)
-            .ok_or_else(|| Error::shape("chunk", format!("no dim {dim} in {:?}", self.shape)))?;
+        let size =
+            *self.shape.get(dim).ok_or_else(|| Error::shape("chunk", format!("no dim {dim} in {:?}", self.shape)))?;
         if n == 0 || size % n != 0 {
             return Err(Error::shape(
                 "chunk",
-                format!(
-                    "dim {dim} of {:?} does not split into {n} equal parts",
-                    self.shape
-                ),
+                format!("dim {dim} of {:?} does not split into {n} equal parts", self.shape),
             ));
         }
         let part = size / n;
@@ -300,10 +271,7 @@ impl Tensor {
         if sizes.iter().sum::<usize>() != self.shape[dim] {
             return Err(Error::shape(
                 "split",
-                format!(
-                    "sizes {sizes:?} do not add up to dim {dim} of {:?}",
-                    self.shape
-                ),
+                format!("sizes {sizes:?} do not add up to dim {dim} of {:?}", self.shape),
             ));
         }
         let mut start = 0;
@@ -319,16 +287,11 @@ impl Tensor {
     pub fn permute(&self, order: &[usize]) -> Result<Tensor> {
         let mut seen = vec![false; self.rank()];
         if order.len() != self.rank()
-            || order
-                .iter()
-                .any(|&d| d >= self.rank() || std::mem::replace(&mut seen[d], true))
+            || order.iter().any(|&d| d >= self.rank() || std::mem::replace(&mut seen[d], true))
         {
             return Err(Error::shape(
                 "permute",
-                format!(
-                    "{order:?} is not a permutation of the dims of {:?}",
-                    self.shape
-                ),
+                format!("{order:?} is not a permutation of the dims of {:?}", self.shape),
             ));
         }
         Ok(Tensor {
@@ -363,12 +326,7 @@ impl Tensor {
         let outer: usize = self.shape[..rank - 1].iter().product();
         let mut index = vec![0usize; rank - 1];
         for _ in 0..outer {
-            let base = self.offset
-                + index
-                    .iter()
-                    .zip(&self.strides[..rank - 1])
-                    .map(|(i, s)| i * s)
-                    .sum::<usize>();
+            let base = self.offset + index.iter().zip(&self.strides[..rank - 1]).map(|(i, s)| i * s).sum::<usize>();
             for j in 0..inner {
                 f(base + j * inner_stride);
             }
@@ -419,10 +377,7 @@ mod tests {
         assert_eq!(p.shape(), &[4, 2, 3]);
         assert_eq!(&p.to_vec_f32().unwrap()[..6], &[0., 4., 8., 12., 16., 20.]);
         let c = t.chunk(3, 1).unwrap();
-        assert_eq!(
-            c[2].to_vec_f32().unwrap(),
-            vec![8., 9., 10., 11., 20., 21., 22., 23.]
-        );
+        assert_eq!(c[2].to_vec_f32().unwrap(), vec![8., 9., 10., 11., 20., 21., 22., 23.]);
         assert!(!t.narrow(2, 0, 2).unwrap().is_contiguous());
         assert!(t.narrow(0, 1, 1).unwrap().is_contiguous());
     }
@@ -433,15 +388,9 @@ mod tests {
         let t = iota(&[2, 12]);
         let v = t.narrow(1, 4, 6).unwrap().reshape(&[2, 3, 2]).unwrap();
         assert_eq!(v.strides(), &[12, 2, 1]);
-        assert_eq!(
-            v.to_vec_f32().unwrap(),
-            vec![4., 5., 6., 7., 8., 9., 16., 17., 18., 19., 20., 21.]
-        );
+        assert_eq!(v.to_vec_f32().unwrap(), vec![4., 5., 6., 7., 8., 9., 16., 17., 18., 19., 20., 21.]);
         let merged = v.reshape(&[2, 6]).unwrap();
-        assert_eq!(
-            merged.to_vec_f32().unwrap(),
-            t.narrow(1, 4, 6).unwrap().to_vec_f32().unwrap()
-        );
+        assert_eq!(merged.to_vec_f32().unwrap(), t.narrow(1, 4, 6).unwrap().to_vec_f32().unwrap());
     }
 
     #[test]
@@ -452,11 +401,7 @@ mod tests {
         assert!(t.chunk(2, 1).is_err());
         assert!(t.permute(&[0, 0]).is_err());
         assert!(t.permute(&[1, 0]).unwrap().reshape(&[6]).is_err());
-        assert!(iota(&[2, 4])
-            .narrow(1, 0, 2)
-            .unwrap()
-            .reshape(&[4])
-            .is_err());
+        assert!(iota(&[2, 4]).narrow(1, 0, 2).unwrap().reshape(&[4]).is_err());
         assert!(Tensor::from_f32(vec![0.0; 5], &[2, 3]).is_err());
     }
 }

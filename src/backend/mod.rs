@@ -38,12 +38,7 @@ pub struct Padding2d {
 
 impl Padding2d {
     pub const fn same(p: usize) -> Padding2d {
-        Padding2d {
-            top: p,
-            bottom: p,
-            left: p,
-            right: p,
-        }
+        Padding2d { top: p, bottom: p, left: p, right: p }
     }
 }
 
@@ -82,14 +77,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor>;
 
     /// Scaled dot-product attention with softmax in f32 (layouts in the module docs).
-    fn attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: &AttnMask,
-        scale: f32,
-    ) -> Result<Tensor>;
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor>;
 
     /// 2-D convolution (cross-correlation) of NCHW `x` with `w [Cout, Cin, kh, kw]`.
     fn conv2d(
@@ -108,13 +96,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// adaLN: `LayerNorm(x) * (1 + scale) + shift`, x `[B, L, C]`, shift/scale `[B, C]`.
     /// Fused on GPUs; the CPU reference composes `layer_norm` and `modulate`.
-    fn layer_norm_modulate(
-        &self,
-        x: &Tensor,
-        shift: &Tensor,
-        scale: &Tensor,
-        eps: f32,
-    ) -> Result<Tensor> {
+    fn layer_norm_modulate(&self, x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f32) -> Result<Tensor> {
         let n = self.layer_norm(x, eps)?;
         self.modulate(&n, shift, scale)
     }
@@ -179,20 +161,14 @@ pub mod check {
 
     pub fn rank(op: &'static str, x: &Tensor, rank: usize) -> Result<()> {
         if x.rank() != rank {
-            return Err(Error::shape(
-                op,
-                format!("expected a rank-{rank} tensor, got {:?}", x.shape()),
-            ));
+            return Err(Error::shape(op, format!("expected a rank-{rank} tensor, got {:?}", x.shape())));
         }
         Ok(())
     }
 
     pub fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
         if a.shape() != b.shape() {
-            return Err(Error::shape(
-                op,
-                format!("shapes differ: {:?} vs {:?}", a.shape(), b.shape()),
-            ));
+            return Err(Error::shape(op, format!("shapes differ: {:?} vs {:?}", a.shape(), b.shape())));
         }
         Ok(())
     }
@@ -203,11 +179,7 @@ pub mod check {
         if v.shape() != [x.dim(0), x.dim(2)] {
             return Err(Error::shape(
                 op,
-                format!(
-                    "modulation vector {:?} does not match x {:?} (expected [B, C])",
-                    v.shape(),
-                    x.shape()
-                ),
+                format!("modulation vector {:?} does not match x {:?} (expected [B, C])", v.shape(), x.shape()),
             ));
         }
         Ok(())
@@ -220,37 +192,22 @@ pub mod check {
         if x.rank() == 0 || w.dim(1) != k {
             return Err(Error::shape(
                 "linear",
-                format!(
-                    "input {:?} does not match weight {:?} ([out, in])",
-                    x.shape(),
-                    w.shape()
-                ),
+                format!("input {:?} does not match weight {:?} ([out, in])", x.shape(), w.shape()),
             ));
         }
         if let Some(b) = bias {
             if b.shape() != [w.dim(0)] {
-                return Err(Error::shape(
-                    "linear",
-                    format!("bias {:?} for weight {:?}", b.shape(), w.shape()),
-                ));
+                return Err(Error::shape("linear", format!("bias {:?} for weight {:?}", b.shape(), w.shape())));
             }
         }
         Ok((x.rows(), k, w.dim(0)))
     }
 
     /// Returns (B, Nq, H, Nk, Hkv, D) for `attention`.
-    pub fn attention(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: &super::AttnMask,
-    ) -> Result<[usize; 6]> {
+    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &super::AttnMask) -> Result<[usize; 6]> {
         for (name, t) in [("q", q), ("k", k), ("v", v)] {
             if t.rank() != 4 {
-                return Err(Error::shape(
-                    "attention",
-                    format!("{name} must be [B, N, H, D], got {:?}", t.shape()),
-                ));
+                return Err(Error::shape("attention", format!("{name} must be [B, N, H, D], got {:?}", t.shape())));
             }
         }
         let [b, nq, h, d] = [q.dim(0), q.dim(1), q.dim(2), q.dim(3)];
@@ -258,23 +215,12 @@ pub mod check {
         if k.shape() != v.shape() || bk != b || dk != d || hkv == 0 || h % hkv != 0 {
             return Err(Error::shape(
                 "attention",
-                format!(
-                    "incompatible q {:?}, k {:?}, v {:?}",
-                    q.shape(),
-                    k.shape(),
-                    v.shape()
-                ),
+                format!("incompatible q {:?}, k {:?}, v {:?}", q.shape(), k.shape(), v.shape()),
             ));
         }
-        if let super::AttnMask::Causal {
-            valid_len: Some(lens),
-        } = mask
-        {
+        if let super::AttnMask::Causal { valid_len: Some(lens) } = mask {
             if lens.len() != b || lens.iter().any(|&l| l > nk) {
-                return Err(Error::shape(
-                    "attention",
-                    format!("padding lengths {lens:?} for batch {b} and {nk} keys"),
-                ));
+                return Err(Error::shape("attention", format!("padding lengths {lens:?} for batch {b} and {nk} keys")));
             }
         }
         Ok([b, nq, h, nk, hkv, d])
@@ -287,13 +233,7 @@ pub mod check {
         if d % 2 != 0 || cos.shape() != [n, d / 2] || sin.shape() != [n, d / 2] {
             return Err(Error::shape(
                 op,
-                format!(
-                    "x {:?} needs cos/sin [{n}, {}], got {:?} / {:?}",
-                    x.shape(),
-                    d / 2,
-                    cos.shape(),
-                    sin.shape()
-                ),
+                format!("x {:?} needs cos/sin [{n}, {}], got {:?} / {:?}", x.shape(), d / 2, cos.shape(), sin.shape()),
             ));
         }
         Ok(())

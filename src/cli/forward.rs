@@ -47,11 +47,8 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
             expect_rank("hidden_states", &x, &[3])?;
             expect_rank("encoder_hidden_states", &ctx, &[3])?;
             let sigma = read_f32(&inputs, "timestep")?.to_vec_f32()?;
-            let guidance = if inputs.contains("guidance") {
-                Some(read_f32(&inputs, "guidance")?.to_vec_f32()?)
-            } else {
-                None
-            };
+            let guidance =
+                if inputs.contains("guidance") { Some(read_f32(&inputs, "guidance")?.to_vec_f32()?) } else { None };
             let img_ids = ids(&inputs, "img_ids")?;
             let txt_ids = ids(&inputs, "txt_ids")?;
             let act = be.activation_dtype();
@@ -72,11 +69,6 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
 fn ids(store: &WeightStore, name: &str) -> Result<PositionIds> {
     let t: Tensor = read_f32(store, name)?;
     expect_rank(name, &t, &[2, 3])?;
-    let t = if t.rank() == 3 {
-        t.narrow(0, 0, 1)?.reshape(&t.shape()[1..])?
-    } else {
-        t
-    };
-    PositionIds::new(t.dim(1), t.to_vec_f32()?)
-        .map_err(|e| Error::InvalidArgument(format!("`{name}`: {e}")))
+    let t = if t.rank() == 3 { t.narrow(0, 0, 1)?.reshape(&t.shape()[1..])? } else { t };
+    PositionIds::new(t.dim(1), t.to_vec_f32()?).map_err(|e| Error::InvalidArgument(format!("`{name}`: {e}")))
 }

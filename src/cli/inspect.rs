@@ -34,34 +34,20 @@ pub fn inspect(path: &Path) -> Result<Value> {
     if path.is_dir() && path.join("model_index.json").is_file() {
         let index_path = path.join("model_index.json");
         let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-        let index: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(&index_path, format!("not valid JSON: {e}")))?;
+        let index: Value =
+            serde_json::from_str(&text).map_err(|e| Error::config(&index_path, format!("not valid JSON: {e}")))?;
         let mut components = serde_json::Map::new();
-        let mut entries: Vec<_> = index
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, _)| !k.starts_with('_'))
-            .collect();
+        let mut entries: Vec<_> =
+            index.as_object().into_iter().flatten().filter(|(k, _)| !k.starts_with('_')).collect();
         entries.sort_by_key(|(k, _)| k.as_str());
         for (name, value) in entries {
             let dir = path.join(name);
             if !value.is_array() || !dir.is_dir() {
                 continue;
             }
-            let has_weights = std::fs::read_dir(&dir)
-                .map_err(|e| Error::io(&dir, e))?
-                .flatten()
-                .any(|e| e.path().to_string_lossy().ends_with(".safetensors"));
+            let has_weights = has_safetensors(&dir)?;
             let class = value.get(1).and_then(Value::as_str).unwrap_or("?");
-            components.insert(
-                name.clone(),
-                if has_weights {
-                    component(&dir, name)?
-                } else {
-                    json!({"kind": class})
-                },
-            );
+            components.insert(name.clone(), if has_weights { component(&dir, name)? } else { json!({"kind": class}) });
         }
         return Ok(json!({
             "kind": "pipeline",
@@ -71,12 +57,19 @@ pub fn inspect(path: &Path) -> Result<Value> {
             "components": components,
         }));
     }
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default()
-        .to_string();
+    // A folder that only holds `transformer/` (what `synth --layout diffusers` writes).
+    if path.is_dir() && !has_safetensors(path)? && path.join("transformer").is_dir() {
+        return component(&path.join("transformer"), "transformer");
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     component(path, &name)
+}
+
+fn has_safetensors(dir: &Path) -> Result<bool> {
+    Ok(std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+        .any(|e| e.path().to_string_lossy().ends_with(".safetensors")))
 }
 
 fn component(path: &Path, name: &str) -> Result<Value> {
@@ -84,11 +77,7 @@ fn component(path: &Path, name: &str) -> Result<Value> {
     let mut report = weights_summary(&store);
     let obj = report.as_object_mut().unwrap();
     obj.insert("path".into(), path.display().to_string().into());
-    let config_path = if path.is_dir() {
-        Some(path.join("config.json")).filter(|p| p.is_file())
-    } else {
-        None
-    };
+    let config_path = if path.is_dir() { Some(path.join("config.json")).filter(|p| p.is_file()) } else { None };
     if let Ok(layout) = Layout::detect(&mut store) {
         let cfg = match (&config_path, layout) {
             (Some(p), _) => TransformerConfig::from_json_file(p)?,
@@ -102,14 +91,7 @@ fn component(path: &Path, name: &str) -> Result<Value> {
         return Ok(report);
     }
     let obj = report.as_object_mut().unwrap();
-    obj.insert(
-        "kind".into(),
-        if name.is_empty() {
-            "weights".into()
-        } else {
-            name.into()
-        },
-    );
+    obj.insert("kind".into(), if name.is_empty() { "weights".into() } else { name.into() });
     if let Some(p) = config_path {
         let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
         if let Ok(v) = serde_json::from_str::<Value>(&text) {

@@ -14,21 +14,9 @@ use crate::weights::WeightStore;
 pub fn read_f32(store: &WeightStore, name: &str) -> Result<Tensor> {
     let t = store.get(name)?;
     let values: Vec<f32> = match t.info.dtype.as_str() {
-        "I64" => t
-            .bytes
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
-            .collect(),
-        "I32" => t
-            .bytes
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32)
-            .collect(),
-        "F64" => t
-            .bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-            .collect(),
+        "I64" => t.bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+        "I32" => t.bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+        "F64" => t.bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
         _ => t.to_f32()?,
     };
     Tensor::from_f32(values, t.shape())
@@ -37,14 +25,9 @@ pub fn read_f32(store: &WeightStore, name: &str) -> Result<Tensor> {
 /// Write f32 tensors to a safetensors file.
 pub fn write_f32(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
     use crate::weights::safetensors::{write_safetensors, TensorEntry};
-    let data: Vec<(String, Vec<f32>, Vec<usize>)> = tensors
-        .iter()
-        .map(|(n, t)| Ok((n.to_string(), t.to_vec_f32()?, t.shape().to_vec())))
-        .collect::<Result<_>>()?;
-    let entries = data
-        .iter()
-        .map(|(n, v, s)| TensorEntry::from_f32(n, v, s, crate::DType::F32))
-        .collect();
+    let data: Vec<(String, Vec<f32>, Vec<usize>)> =
+        tensors.iter().map(|(n, t)| Ok((n.to_string(), t.to_vec_f32()?, t.shape().to_vec()))).collect::<Result<_>>()?;
+    let entries = data.iter().map(|(n, v, s)| TensorEntry::from_f32(n, v, s, crate::DType::F32)).collect();
     write_safetensors(path, entries, &Default::default())
 }
 

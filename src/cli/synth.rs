@@ -49,21 +49,14 @@ pub fn resolve_config(name: &str) -> Result<(TransformerConfig, String)> {
 
 pub fn run(args: &SynthArgs) -> Result<()> {
     let (cfg, stem) = resolve_config(&args.config)?;
-    let dtype = DType::parse(&args.dtype).ok_or_else(|| {
-        Error::InvalidArgument(format!("--dtype {}: use bf16, f16, f32 or fp8", args.dtype))
-    })?;
+    let dtype = DType::parse(&args.dtype)
+        .ok_or_else(|| Error::InvalidArgument(format!("--dtype {}: use bf16, f16, f32 or fp8", args.dtype)))?;
     let layout = match args.layout {
         LayoutChoice::Diffusers => Layout::Diffusers,
         LayoutChoice::Bfl => Layout::Bfl,
     };
-    let written = crate::synth::write_transformer(
-        &cfg,
-        layout,
-        dtype,
-        args.seed,
-        &args.out,
-        &format!("{stem}.safetensors"),
-    )?;
+    let written =
+        crate::synth::write_transformer(&cfg, layout, dtype, args.seed, &args.out, &format!("{stem}.safetensors"))?;
     for p in written {
         println!("{}", p.display());
     }

@@ -62,11 +62,7 @@ impl WeightStore {
             let mut files = Vec::new();
             for entry in std::fs::read_dir(path).map_err(|e| Error::io(path, e))? {
                 let p = entry.map_err(|e| Error::io(path, e))?.path();
-                let name = p
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or_default()
-                    .to_string();
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
                 if name.ends_with(".safetensors.index.json") {
                     indices.push(p);
                 } else if name.ends_with(".safetensors") {
@@ -79,17 +75,11 @@ impl WeightStore {
                 ([index], _) => WeightStore::open_index(index),
                 ([], false) => WeightStore::from_files(path, files),
                 ([], true) => Err(Error::config(path, "no .safetensors files in this folder")),
-                _ => Err(Error::config(
-                    path,
-                    format!("several safetensors index files: {indices:?}"),
-                )),
+                _ => Err(Error::config(path, format!("several safetensors index files: {indices:?}"))),
             };
         }
         if !path.exists() {
-            return Err(Error::io(
-                path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
-            ));
+            return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")));
         }
         if path.to_string_lossy().ends_with(".json") {
             return WeightStore::open_index(path);
@@ -99,8 +89,8 @@ impl WeightStore {
 
     fn open_index(index_path: &Path) -> Result<WeightStore> {
         let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(index_path, format!("not valid JSON: {e}")))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::config(index_path, format!("not valid JSON: {e}")))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -108,17 +98,11 @@ impl WeightStore {
         let dir = index_path.parent().unwrap_or(Path::new("."));
         let mut shard_names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
         if shard_names.len() != map.len() {
-            return Err(Error::config(
-                index_path,
-                "`weight_map` values must be file names",
-            ));
+            return Err(Error::config(index_path, "`weight_map` values must be file names"));
         }
         shard_names.sort();
         shard_names.dedup();
-        let store = WeightStore::from_files(
-            index_path,
-            shard_names.iter().map(|n| dir.join(n)).collect(),
-        )?;
+        let store = WeightStore::from_files(index_path, shard_names.iter().map(|n| dir.join(n)).collect())?;
         for (key, shard) in map {
             let shard = shard.as_str().unwrap();
             match store.index.get(key) {
@@ -144,22 +128,13 @@ impl WeightStore {
                     let prev: &SafetensorsFile = &files[prev];
                     return Err(Error::config(
                         origin,
-                        format!(
-                            "tensor `{name}` appears in both {} and {}",
-                            prev.path().display(),
-                            p.display()
-                        ),
+                        format!("tensor `{name}` appears in both {} and {}", prev.path().display(), p.display()),
                     ));
                 }
             }
             files.push(f);
         }
-        Ok(WeightStore {
-            origin: origin.to_path_buf(),
-            files,
-            index,
-            prefix: String::new(),
-        })
+        Ok(WeightStore { origin: origin.to_path_buf(), files, index, prefix: String::new() })
     }
 
     pub fn origin(&self) -> &Path {
@@ -177,9 +152,7 @@ impl WeightStore {
 
     /// All keys (with the lookup prefix removed; keys outside it are skipped).
     pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.index
-            .keys()
-            .filter_map(move |k| k.strip_prefix(self.prefix.as_str()))
+        self.index.keys().filter_map(move |k| k.strip_prefix(self.prefix.as_str()))
     }
 
     pub fn len(&self) -> usize {
@@ -199,18 +172,10 @@ impl WeightStore {
         let (key, &i) = self
             .index
             .get_key_value(&full)
-            .ok_or_else(|| Error::MissingKey {
-                path: self.origin.clone(),
-                key: full.clone(),
-            })?;
+            .ok_or_else(|| Error::MissingKey { path: self.origin.clone(), key: full.clone() })?;
         let file = &self.files[i];
         let info = file.info(key).expect("index and file agree");
-        Ok(RawTensor {
-            name: key,
-            path: file.path(),
-            info,
-            bytes: file.bytes(info),
-        })
+        Ok(RawTensor { name: key, path: file.path(), info, bytes: file.bytes(info) })
     }
 
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {

@@ -47,8 +47,7 @@ impl TensorInfo {
 
 fn dtype_bits(dtype: &str) -> Option<usize> {
     Some(match dtype {
-        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" | "F8_E4M3FNUZ"
-        | "F8_E5M2FNUZ" => 8,
+        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" | "F8_E4M3FNUZ" | "F8_E5M2FNUZ" => 8,
         "I16" | "U16" | "F16" | "BF16" => 16,
         "I32" | "U32" | "F32" => 32,
         "I64" | "U64" | "F64" | "C64" => 64,
@@ -73,16 +72,9 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only; like every mmap-based loader we assume the file is not
         // truncated by another process while we run.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (tensors, metadata) = parse_header(&mmap).map_err(|reason| Error::CorruptFile {
-            path: path.to_path_buf(),
-            reason,
-        })?;
-        Ok(SafetensorsFile {
-            path: path.to_path_buf(),
-            mmap,
-            tensors,
-            metadata,
-        })
+        let (tensors, metadata) =
+            parse_header(&mmap).map_err(|reason| Error::CorruptFile { path: path.to_path_buf(), reason })?;
+        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, tensors, metadata })
     }
 
     pub fn path(&self) -> &Path {
@@ -110,26 +102,17 @@ type Header = (HashMap<String, TensorInfo>, BTreeMap<String, String>);
 
 fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
     if buf.len() < 8 {
-        return Err(format!(
-            "file is only {} bytes; too small for a header",
-            buf.len()
-        ));
+        return Err(format!("file is only {} bytes; too small for a header", buf.len()));
     }
     let n = u64::from_le_bytes(buf[..8].try_into().unwrap());
     if n > MAX_HEADER {
-        return Err(format!(
-            "header length {n} is implausible (corrupt or not safetensors)"
-        ));
+        return Err(format!("header length {n} is implausible (corrupt or not safetensors)"));
     }
     let n = n as usize;
     if 8 + n > buf.len() {
-        return Err(format!(
-            "header claims {n} bytes but the file has {} (truncated)",
-            buf.len() - 8
-        ));
+        return Err(format!("header claims {n} bytes but the file has {} (truncated)", buf.len() - 8));
     }
-    let json: Value = serde_json::from_slice(&buf[8..8 + n])
-        .map_err(|e| format!("header is not valid JSON: {e}"))?;
+    let json: Value = serde_json::from_slice(&buf[8..8 + n]).map_err(|e| format!("header is not valid JSON: {e}"))?;
     let obj = json.as_object().ok_or("header is not a JSON object")?;
     let data_len = buf.len() - 8 - n;
     let mut tensors = HashMap::new();
@@ -138,22 +121,13 @@ fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
         if name == "__metadata__" {
             if let Some(m) = v.as_object() {
                 for (k, v) in m {
-                    metadata.insert(
-                        k.clone(),
-                        v.as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| v.to_string()),
-                    );
+                    metadata.insert(k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
                 }
             }
             continue;
         }
         let bad = |what: &str| format!("tensor `{name}`: {what}");
-        let dtype = v
-            .get("dtype")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad("missing dtype"))?
-            .to_string();
+        let dtype = v.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("missing dtype"))?.to_string();
         let shape: Vec<usize> = v
             .get("shape")
             .and_then(Value::as_array)
@@ -162,10 +136,7 @@ fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
             .map(|d| d.as_u64().map(|d| d as usize))
             .collect::<Option<_>>()
             .ok_or_else(|| bad("shape is not a list of non-negative integers"))?;
-        let offs = v
-            .get("data_offsets")
-            .and_then(Value::as_array)
-            .ok_or_else(|| bad("missing data_offsets"))?;
+        let offs = v.get("data_offsets").and_then(Value::as_array).ok_or_else(|| bad("missing data_offsets"))?;
         let (begin, end) = match offs.as_slice() {
             [a, b] => (
                 a.as_u64().ok_or_else(|| bad("bad data_offsets"))? as usize,
@@ -177,15 +148,10 @@ fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
             return Err(bad("data_offsets are reversed"));
         }
         if end > data_len {
-            return Err(bad(&format!(
-                "data ends at byte {end} but the file holds {data_len} data bytes (truncated)"
-            )));
+            return Err(bad(&format!("data ends at byte {end} but the file holds {data_len} data bytes (truncated)")));
         }
         let bits = dtype_bits(&dtype).ok_or_else(|| bad(&format!("unknown dtype {dtype}")))?;
-        let numel = shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| bad("shape overflows"))?;
+        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("shape overflows"))?;
         let expected = (numel * bits).div_ceil(8);
         if end - begin != expected {
             return Err(bad(&format!(
@@ -193,15 +159,7 @@ fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
                 end - begin
             )));
         }
-        tensors.insert(
-            name.clone(),
-            TensorInfo {
-                dtype,
-                shape,
-                start: 8 + n + begin,
-                end: 8 + n + end,
-            },
-        );
+        tensors.insert(name.clone(), TensorInfo { dtype, shape, start: 8 + n + begin, end: 8 + n + end });
     }
     Ok((tensors, metadata))
 }
@@ -216,12 +174,7 @@ pub struct TensorEntry<'a> {
 
 impl<'a> TensorEntry<'a> {
     /// An entry whose bytes are already in memory.
-    pub fn from_f32(
-        name: &str,
-        values: &'a [f32],
-        shape: &[usize],
-        dtype: DType,
-    ) -> TensorEntry<'a> {
+    pub fn from_f32(name: &str, values: &'a [f32], shape: &[usize], dtype: DType) -> TensorEntry<'a> {
         TensorEntry {
             name: name.to_string(),
             dtype,
@@ -244,10 +197,7 @@ pub fn write_safetensors(
 ) -> Result<()> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::to_value(metadata).unwrap(),
-        );
+        header.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap());
     }
     let mut offset = 0usize;
     let mut sizes = Vec::with_capacity(entries.len());
@@ -271,14 +221,10 @@ pub fn write_safetensors(
         }
     }
     let mut w = BufWriter::with_capacity(1 << 20, File::create(path).map_err(io)?);
-    w.write_all(&(json.len() as u64).to_le_bytes())
-        .map_err(io)?;
+    w.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(&json).map_err(io)?;
     for (mut e, size) in entries.into_iter().zip(sizes) {
-        let mut counter = CountingWriter {
-            inner: &mut w,
-            count: 0,
-        };
+        let mut counter = CountingWriter { inner: &mut w, count: 0 };
         (e.write)(&mut counter).map_err(io)?;
         if counter.count != size {
             return Err(Error::Other(format!(

@@ -24,19 +24,9 @@ impl SendPtr {
     }
 }
 
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &AttnMask,
-    scale: f32,
-) -> Result<Tensor> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
     let [b, nq, h, nk, hkv, d] = check::attention(q, k, v, mask)?;
-    let (qv, kv, vv) = (
-        dense("attention", q)?,
-        dense("attention", k)?,
-        dense("attention", v)?,
-    );
+    let (qv, kv, vv) = (dense("attention", q)?, dense("attention", k)?, dense("attention", v)?);
     let mut out = vec![0f32; b * nq * h * d];
     let out_ptr = SendPtr(out.as_mut_ptr());
     let group = h / hkv;
@@ -65,26 +55,14 @@ pub fn attention(
                 s.as_mut_ptr(),
                 nk as isize,
                 1,
-                Mat {
-                    ptr: qv.as_ptr().add(q_base),
-                    rs: (h * d) as isize,
-                    cs: 1,
-                },
-                Mat {
-                    ptr: kv.as_ptr().add(kv_base),
-                    rs: 1,
-                    cs: (hkv * d) as isize,
-                },
+                Mat { ptr: qv.as_ptr().add(q_base), rs: (h * d) as isize, cs: 1 },
+                Mat { ptr: kv.as_ptr().add(kv_base), rs: 1, cs: (hkv * d) as isize },
                 false,
                 1,
             );
         }
         for (r, row) in s.chunks_exact_mut(nk).enumerate() {
-            let visible = if causal {
-                (i0 + r + 1).min(keys_valid)
-            } else {
-                nk
-            };
+            let visible = if causal { (i0 + r + 1).min(keys_valid) } else { nk };
             softmax_prefix(row, visible, scale);
         }
         unsafe {
@@ -96,16 +74,8 @@ pub fn attention(
                 out_ptr.get().add(q_base),
                 (h * d) as isize,
                 1,
-                Mat {
-                    ptr: s.as_ptr(),
-                    rs: nk as isize,
-                    cs: 1,
-                },
-                Mat {
-                    ptr: vv.as_ptr().add(kv_base),
-                    rs: (hkv * d) as isize,
-                    cs: 1,
-                },
+                Mat { ptr: s.as_ptr(), rs: nk as isize, cs: 1 },
+                Mat { ptr: vv.as_ptr().add(kv_base), rs: (hkv * d) as isize, cs: 1 },
                 false,
                 1,
             );
@@ -122,9 +92,7 @@ fn softmax_prefix(row: &mut [f32], visible: usize, scale: f32) {
     if live.is_empty() {
         return;
     }
-    let max = live
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+    let max = live.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
     let mut sum = 0f64;
     for x in live.iter_mut() {
         *x = (*x * scale - max).exp();

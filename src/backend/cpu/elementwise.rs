@@ -20,22 +20,15 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 pub fn swiglu(x: &Tensor) -> Result<Tensor> {
     let two_m = x.last_dim();
     if two_m % 2 != 0 {
-        return Err(Error::shape(
-            "swiglu",
-            format!("last dim of {:?} must be even", x.shape()),
-        ));
+        return Err(Error::shape("swiglu", format!("last dim of {:?} must be even", x.shape())));
     }
     let m = two_m / 2;
     let xv = dense("swiglu", x)?;
     let mut y = vec![0f32; xv.len() / 2];
-    y.par_chunks_mut(m.max(1))
-        .zip(xv.par_chunks(two_m.max(1)))
-        .for_each(|(y, x)| {
-            let (gate, value) = x.split_at(m);
-            y.iter_mut()
-                .zip(gate.iter().zip(value))
-                .for_each(|(y, (&g, &v))| *y = silu_f32(g) * v);
-        });
+    y.par_chunks_mut(m.max(1)).zip(xv.par_chunks(two_m.max(1))).for_each(|(y, x)| {
+        let (gate, value) = x.split_at(m);
+        y.iter_mut().zip(gate.iter().zip(value)).for_each(|(y, (&g, &v))| *y = silu_f32(g) * v);
+    });
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = m;
     output(y, &shape)
@@ -56,14 +49,11 @@ fn per_sample_rows(
     let xv = dense(op, x)?;
     let vv: Vec<_> = vecs.iter().map(|v| dense(op, v)).collect::<Result<_>>()?;
     let mut y = vec![0f32; xv.len()];
-    y.par_chunks_mut(c.max(1))
-        .zip(xv.par_chunks(c.max(1)))
-        .enumerate()
-        .for_each(|(r, (y, x))| {
-            let b = r / l.max(1);
-            let rows: Vec<&[f32]> = vv.iter().map(|v| &v[b * c..(b + 1) * c]).collect();
-            f(r, y, x, &rows);
-        });
+    y.par_chunks_mut(c.max(1)).zip(xv.par_chunks(c.max(1))).enumerate().for_each(|(r, (y, x))| {
+        let b = r / l.max(1);
+        let rows: Vec<&[f32]> = vv.iter().map(|v| &v[b * c..(b + 1) * c]).collect();
+        f(r, y, x, &rows);
+    });
     output(y, x.shape())
 }
 
@@ -93,30 +83,16 @@ pub fn channel_affine(x: &Tensor, mul: &Tensor, add: &Tensor) -> Result<Tensor> 
     if mul.shape() != [c] || add.shape() != [c] {
         return Err(Error::shape(
             "channel_affine",
-            format!(
-                "mul {:?} / add {:?} for x {:?}",
-                mul.shape(),
-                add.shape(),
-                x.shape()
-            ),
+            format!("mul {:?} / add {:?} for x {:?}", mul.shape(), add.shape(), x.shape()),
         ));
     }
     let hw = x.dim(2) * x.dim(3);
-    let (xv, mv, av) = (
-        dense("channel_affine", x)?,
-        dense("channel_affine", mul)?,
-        dense("channel_affine", add)?,
-    );
+    let (xv, mv, av) = (dense("channel_affine", x)?, dense("channel_affine", mul)?, dense("channel_affine", add)?);
     let mut y = vec![0f32; xv.len()];
-    y.par_chunks_mut(hw.max(1))
-        .zip(xv.par_chunks(hw.max(1)))
-        .enumerate()
-        .for_each(|(i, (y, x))| {
-            let ch = i % c;
-            y.iter_mut()
-                .zip(x)
-                .for_each(|(y, &x)| *y = x * mv[ch] + av[ch]);
-        });
+    y.par_chunks_mut(hw.max(1)).zip(xv.par_chunks(hw.max(1))).enumerate().for_each(|(i, (y, x))| {
+        let ch = i % c;
+        y.iter_mut().zip(x).for_each(|(y, &x)| *y = x * mv[ch] + av[ch]);
+    });
     output(y, x.shape())
 }
 
@@ -125,14 +101,12 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let xv = dense("upsample_nearest2x", x)?;
     let mut y = vec![0f32; b * c * 4 * h * w];
-    y.par_chunks_mut((4 * h * w).max(1))
-        .zip(xv.par_chunks((h * w).max(1)))
-        .for_each(|(y, x)| {
-            for oy in 0..2 * h {
-                for ox in 0..2 * w {
-                    y[oy * 2 * w + ox] = x[(oy / 2) * w + ox / 2];
-                }
+    y.par_chunks_mut((4 * h * w).max(1)).zip(xv.par_chunks((h * w).max(1))).for_each(|(y, x)| {
+        for oy in 0..2 * h {
+            for ox in 0..2 * w {
+                y[oy * 2 * w + ox] = x[(oy / 2) * w + ox / 2];
             }
-        });
+        }
+    });
     output(y, &[b, c, 2 * h, 2 * w])
 }

@@ -75,16 +75,8 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
             y.as_mut_ptr(),
             n as isize,
             1,
-            Mat {
-                ptr: xv.as_ptr(),
-                rs: k as isize,
-                cs: 1,
-            },
-            Mat {
-                ptr: wv.as_ptr(),
-                rs: 1,
-                cs: k as isize,
-            },
+            Mat { ptr: xv.as_ptr(), rs: k as isize, cs: 1 },
+            Mat { ptr: wv.as_ptr(), rs: 1, cs: k as isize },
             false,
             rayon::current_num_threads(),
         );

@@ -31,14 +31,9 @@ impl CpuBackend {
 /// The elements of a CPU tensor as dense f32, borrowed when already dense f32.
 pub(crate) fn dense<'a>(op: &'static str, x: &'a Tensor) -> Result<Cow<'a, [f32]>> {
     match x.cpu_storage() {
-        Some(CpuStorage::F32(v)) if x.is_contiguous() => {
-            Ok(Cow::Borrowed(&v[x.offset()..x.offset() + x.numel()]))
-        }
+        Some(CpuStorage::F32(v)) if x.is_contiguous() => Ok(Cow::Borrowed(&v[x.offset()..x.offset() + x.numel()])),
         Some(_) => Ok(Cow::Owned(x.to_vec_f32()?)),
-        None => Err(Error::shape(
-            op,
-            "the CPU backend was given a tensor that lives on another device",
-        )),
+        None => Err(Error::shape(op, "the CPU backend was given a tensor that lives on another device")),
     }
 }
 
@@ -73,10 +68,7 @@ impl Backend for CpuBackend {
         if bytes.len() != numel * dtype.size_in_bytes() {
             return Err(Error::shape(
                 "load_weight",
-                format!(
-                    "{} bytes of {dtype} cannot have shape {shape:?}",
-                    bytes.len()
-                ),
+                format!("{} bytes of {dtype} cannot have shape {shape:?}", bytes.len()),
             ));
         }
         output(decode_to_f32(bytes, dtype), shape)
@@ -97,14 +89,7 @@ impl Backend for CpuBackend {
         gemm::linear(x, w, bias)
     }
 
-    fn attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: &AttnMask,
-        scale: f32,
-    ) -> Result<Tensor> {
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
         attention::attention(q, k, v, mask, scale)
     }
 
@@ -154,13 +139,7 @@ impl Backend for CpuBackend {
     fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
         check::same_shape("axpby", x, y)?;
         let (xv, yv) = (dense("axpby", x)?, dense("axpby", y)?);
-        output(
-            xv.iter()
-                .zip(yv.iter())
-                .map(|(x, y)| a * x + b * y)
-                .collect(),
-            x.shape(),
-        )
+        output(xv.iter().zip(yv.iter()).map(|(x, y)| a * x + b * y).collect(), x.shape())
     }
 
     fn gated_add(&self, x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {

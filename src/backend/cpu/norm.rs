@@ -18,15 +18,11 @@ pub fn layer_norm(x: &Tensor, eps: f32) -> Result<Tensor> {
     let c = x.last_dim();
     let xv = dense("layer_norm", x)?;
     let mut y = vec![0f32; xv.len()];
-    y.par_chunks_mut(c.max(1))
-        .zip(xv.par_chunks(c.max(1)))
-        .for_each(|(y, x)| {
-            let (mean, var) = mean_var(x);
-            let inv = 1.0 / (var + eps as f64).sqrt();
-            y.iter_mut()
-                .zip(x)
-                .for_each(|(y, &x)| *y = ((x as f64 - mean) * inv) as f32);
-        });
+    y.par_chunks_mut(c.max(1)).zip(xv.par_chunks(c.max(1))).for_each(|(y, x)| {
+        let (mean, var) = mean_var(x);
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        y.iter_mut().zip(x).for_each(|(y, &x)| *y = ((x as f64 - mean) * inv) as f32);
+    });
     output(y, x.shape())
 }
 
@@ -34,76 +30,49 @@ pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f32) -> Result<Tensor>
     let c = x.last_dim();
     if let Some(w) = weight {
         if w.shape() != [c] {
-            return Err(Error::shape(
-                "rms_norm",
-                format!("weight {:?} for x {:?}", w.shape(), x.shape()),
-            ));
+            return Err(Error::shape("rms_norm", format!("weight {:?} for x {:?}", w.shape(), x.shape())));
         }
     }
     let xv = dense("rms_norm", x)?;
     let wv = weight.map(|w| dense("rms_norm", w)).transpose()?;
     let mut y = vec![0f32; xv.len()];
-    y.par_chunks_mut(c.max(1))
-        .zip(xv.par_chunks(c.max(1)))
-        .for_each(|(y, x)| {
-            let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / c as f64;
-            let inv = 1.0 / (ms + eps as f64).sqrt();
-            match &wv {
-                Some(w) => y
-                    .iter_mut()
-                    .zip(x)
-                    .zip(w.iter())
-                    .for_each(|((y, &x), &w)| *y = (x as f64 * inv) as f32 * w),
-                None => y
-                    .iter_mut()
-                    .zip(x)
-                    .for_each(|(y, &x)| *y = (x as f64 * inv) as f32),
-            }
-        });
+    y.par_chunks_mut(c.max(1)).zip(xv.par_chunks(c.max(1))).for_each(|(y, x)| {
+        let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / c as f64;
+        let inv = 1.0 / (ms + eps as f64).sqrt();
+        match &wv {
+            Some(w) => y.iter_mut().zip(x).zip(w.iter()).for_each(|((y, &x), &w)| *y = (x as f64 * inv) as f32 * w),
+            None => y.iter_mut().zip(x).for_each(|(y, &x)| *y = (x as f64 * inv) as f32),
+        }
+    });
     output(y, x.shape())
 }
 
-pub fn group_norm(
-    x: &Tensor,
-    groups: usize,
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f32,
-    silu: bool,
-) -> Result<Tensor> {
+pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f32, silu: bool) -> Result<Tensor> {
     check::rank("group_norm", x, 4)?;
     let (b, c) = (x.dim(0), x.dim(1));
     let hw = x.dim(2) * x.dim(3);
     if groups == 0 || c % groups != 0 || weight.shape() != [c] || bias.shape() != [c] {
         return Err(Error::shape(
             "group_norm",
-            format!(
-                "{groups} groups, weight {:?}, bias {:?} for x {:?}",
-                weight.shape(),
-                bias.shape(),
-                x.shape()
-            ),
+            format!("{groups} groups, weight {:?}, bias {:?} for x {:?}", weight.shape(), bias.shape(), x.shape()),
         ));
     }
     let xv = dense("group_norm", x)?;
     let (wv, bv) = (dense("group_norm", weight)?, dense("group_norm", bias)?);
     let per_group = c / groups * hw;
     let mut y = vec![0f32; xv.len()];
-    y.par_chunks_mut(per_group.max(1))
-        .zip(xv.par_chunks(per_group.max(1)))
-        .enumerate()
-        .for_each(|(gi, (y, x))| {
-            let (mean, var) = mean_var(x);
-            let inv = 1.0 / (var + eps as f64).sqrt();
-            let first_channel = (gi % groups) * (c / groups);
-            for (ci, (y, x)) in y.chunks_mut(hw.max(1)).zip(x.chunks(hw.max(1))).enumerate() {
-                let (w, bb) = (wv[first_channel + ci], bv[first_channel + ci]);
-                for (y, &x) in y.iter_mut().zip(x) {
-                    let v = ((x as f64 - mean) * inv) as f32 * w + bb;
-                    *y = if silu { v / (1.0 + (-v).exp()) } else { v };
-                }
+    y.par_chunks_mut(per_group.max(1)).zip(xv.par_chunks(per_group.max(1))).enumerate().for_each(|(gi, (y, x))| {
+        let (mean, var) = mean_var(x);
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        let first_channel = (gi % groups) * (c / groups);
+        for (ci, (y, x)) in y.chunks_mut(hw.max(1)).zip(x.chunks(hw.max(1))).enumerate() {
+            let (w, bb) = (wv[first_channel + ci], bv[first_channel + ci]);
+            for (y, &x) in y.iter_mut().zip(x) {
+                let v = ((x as f64 - mean) * inv) as f32 * w + bb;
+                *y = if silu { v / (1.0 + (-v).exp()) } else { v };
             }
-        });
+        }
+    });
     let _ = b;
     output(y, x.shape())
 }

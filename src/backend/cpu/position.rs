@@ -26,41 +26,30 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: RopeLayout) -> Resul
     let xv = dense(op, x)?;
     let (cv, sv) = (dense(op, cos)?, dense(op, sin)?);
     let mut y = vec![0f32; xv.len()];
-    y.par_chunks_mut(d.max(1))
-        .zip(xv.par_chunks(d.max(1)))
-        .enumerate()
-        .for_each(|(row, (y, x))| {
-            let token = (row / h) % n;
-            let (c, s) = (
-                &cv[token * half..(token + 1) * half],
-                &sv[token * half..(token + 1) * half],
-            );
-            for m in 0..half {
-                let (i0, i1) = match layout {
-                    RopeLayout::Interleaved => (2 * m, 2 * m + 1),
-                    RopeLayout::Half => (m, m + half),
-                };
-                let (a, b) = (x[i0], x[i1]);
-                y[i0] = a * c[m] - b * s[m];
-                y[i1] = b * c[m] + a * s[m];
-            }
-        });
+    y.par_chunks_mut(d.max(1)).zip(xv.par_chunks(d.max(1))).enumerate().for_each(|(row, (y, x))| {
+        let token = (row / h) % n;
+        let (c, s) = (&cv[token * half..(token + 1) * half], &sv[token * half..(token + 1) * half]);
+        for m in 0..half {
+            let (i0, i1) = match layout {
+                RopeLayout::Interleaved => (2 * m, 2 * m + 1),
+                RopeLayout::Half => (m, m + half),
+            };
+            let (a, b) = (x[i0], x[i1]);
+            y[i0] = a * c[m] - b * s[m];
+            y[i1] = b * c[m] + a * s[m];
+        }
+    });
     output(y, x.shape())
 }
 
 /// Same f32 arithmetic as diffusers' `get_timestep_embedding` (exponent, exp, product in f32).
 pub fn timestep_embedding(t: &[f32], dim: usize, max_period: f32) -> Result<Tensor> {
     if dim < 2 {
-        return Err(Error::shape(
-            "timestep_embedding",
-            format!("dim {dim} is too small"),
-        ));
+        return Err(Error::shape("timestep_embedding", format!("dim {dim} is too small")));
     }
     let half = dim / 2;
     let neg_log = -(max_period as f64).ln() as f32;
-    let freqs: Vec<f32> = (0..half)
-        .map(|j| (neg_log * j as f32 / half as f32).exp())
-        .collect();
+    let freqs: Vec<f32> = (0..half).map(|j| (neg_log * j as f32 / half as f32).exp()).collect();
     let mut out = vec![0f32; t.len() * dim];
     for (row, &ti) in out.chunks_exact_mut(dim).zip(t) {
         for j in 0..half {
@@ -76,10 +65,7 @@ pub fn embedding(ids: &[u32], table: &Tensor) -> Result<Tensor> {
     check::rank("embedding", table, 2)?;
     let (vocab, c) = (table.dim(0), table.dim(1));
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-        return Err(Error::shape(
-            "embedding",
-            format!("token id {bad} is outside the vocabulary of {vocab}"),
-        ));
+        return Err(Error::shape("embedding", format!("token id {bad} is outside the vocabulary of {vocab}")));
     }
     let tv = dense("embedding", table)?;
     let mut out = Vec::with_capacity(ids.len() * c);

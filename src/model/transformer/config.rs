@@ -96,51 +96,33 @@ impl TransformerConfig {
 
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
         if let Some(class) = value.get("_class_name").and_then(|c| c.as_str()) {
             if class != "Flux2Transformer2DModel" {
-                return Err(Error::config(
-                    path,
-                    format!("this is a {class}, not a Flux2Transformer2DModel"),
-                ));
+                return Err(Error::config(path, format!("this is a {class}, not a Flux2Transformer2DModel")));
             }
         }
-        let cfg: TransformerConfig = serde_json::from_value(value)
-            .map_err(|e| Error::config(path, format!("bad transformer config: {e}")))?;
-        cfg.validate()
-            .map_err(|reason| Error::config(path, reason))?;
+        let cfg: TransformerConfig =
+            serde_json::from_value(value).map_err(|e| Error::config(path, format!("bad transformer config: {e}")))?;
+        cfg.validate().map_err(|reason| Error::config(path, reason))?;
         Ok(cfg)
     }
 
     /// Sizes must describe a model we can build.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let hd = self.attention_head_dim;
-        if self.num_attention_heads == 0
-            || hd == 0
-            || self.in_channels == 0
-            || self.joint_attention_dim == 0
-        {
-            return Err(
-                "heads, head dim, in_channels and joint_attention_dim must be positive".into(),
-            );
+        if self.num_attention_heads == 0 || hd == 0 || self.in_channels == 0 || self.joint_attention_dim == 0 {
+            return Err("heads, head dim, in_channels and joint_attention_dim must be positive".into());
         }
         if self.axes_dims_rope.is_empty() || self.axes_dims_rope.iter().any(|d| d % 2 != 0) {
-            return Err(format!(
-                "axes_dims_rope {:?} must be non-empty and even",
-                self.axes_dims_rope
-            ));
+            return Err(format!("axes_dims_rope {:?} must be non-empty and even", self.axes_dims_rope));
         }
         if self.axes_dims_rope.iter().sum::<usize>() != hd {
-            return Err(format!(
-                "axes_dims_rope {:?} must add up to attention_head_dim {hd}",
-                self.axes_dims_rope
-            ));
+            return Err(format!("axes_dims_rope {:?} must add up to attention_head_dim {hd}", self.axes_dims_rope));
         }
         if self.timestep_guidance_channels < 2 || self.mlp_hidden() == 0 || self.patch_size == 0 {
-            return Err(
-                "timestep_guidance_channels, mlp_ratio and patch_size must be positive".into(),
-            );
+            return Err("timestep_guidance_channels, mlp_ratio and patch_size must be positive".into());
         }
         Ok(())
     }
@@ -168,20 +150,15 @@ impl TransformerConfig {
                 .take_while(|i| {
                     store.contains(&format!(
                         "{prefix}.{i}.{}",
-                        if prefix == "double_blocks" {
-                            "img_attn.qkv.weight"
-                        } else {
-                            "linear1.weight"
-                        }
+                        if prefix == "double_blocks" { "img_attn.qkv.weight" } else { "linear1.weight" }
                     ))
                 })
                 .count()
         };
-        let mlp_in =
-            shape("double_blocks.0.img_mlp.0.weight").or_else(|_| -> Result<Vec<usize>> {
-                let l1 = shape("single_blocks.0.linear1.weight")?;
-                Ok(vec![l1[0] - 3 * hidden, hidden])
-            })?;
+        let mlp_in = shape("double_blocks.0.img_mlp.0.weight").or_else(|_| -> Result<Vec<usize>> {
+            let l1 = shape("single_blocks.0.linear1.weight")?;
+            Ok(vec![l1[0] - 3 * hidden, hidden])
+        })?;
         let cfg = TransformerConfig {
             patch_size: 1,
             in_channels: img_in[1],
@@ -198,8 +175,7 @@ impl TransformerConfig {
             eps: 1e-6,
             guidance_embeds: store.contains("guidance_in.in_layer.weight"),
         };
-        cfg.validate()
-            .map_err(|reason| Error::config(origin, reason))?;
+        cfg.validate().map_err(|reason| Error::config(origin, reason))?;
         Ok(cfg)
     }
 }

@@ -64,52 +64,28 @@ pub struct RowSlice {
 }
 
 fn spec(name: String, shape: &[usize]) -> TensorSpec {
-    TensorSpec {
-        name,
-        shape: shape.to_vec(),
-    }
+    TensorSpec { name, shape: shape.to_vec() }
 }
 
 /// Every tensor of the diffusers layout, in a stable order.
 pub fn diffusers_tensors(cfg: &TransformerConfig) -> Vec<TensorSpec> {
     let (d, m, hd) = (cfg.hidden(), cfg.mlp_hidden(), cfg.attention_head_dim);
     let mut v = vec![
-        spec(
-            "time_guidance_embed.timestep_embedder.linear_1.weight".into(),
-            &[d, cfg.timestep_guidance_channels],
-        ),
-        spec(
-            "time_guidance_embed.timestep_embedder.linear_2.weight".into(),
-            &[d, d],
-        ),
+        spec("time_guidance_embed.timestep_embedder.linear_1.weight".into(), &[d, cfg.timestep_guidance_channels]),
+        spec("time_guidance_embed.timestep_embedder.linear_2.weight".into(), &[d, d]),
     ];
     if cfg.guidance_embeds {
         v.push(spec(
             "time_guidance_embed.guidance_embedder.linear_1.weight".into(),
             &[d, cfg.timestep_guidance_channels],
         ));
-        v.push(spec(
-            "time_guidance_embed.guidance_embedder.linear_2.weight".into(),
-            &[d, d],
-        ));
+        v.push(spec("time_guidance_embed.guidance_embedder.linear_2.weight".into(), &[d, d]));
     }
-    v.push(spec(
-        "double_stream_modulation_img.linear.weight".into(),
-        &[6 * d, d],
-    ));
-    v.push(spec(
-        "double_stream_modulation_txt.linear.weight".into(),
-        &[6 * d, d],
-    ));
-    v.push(spec(
-        "single_stream_modulation.linear.weight".into(),
-        &[3 * d, d],
-    ));
+    v.push(spec("double_stream_modulation_img.linear.weight".into(), &[6 * d, d]));
+    v.push(spec("double_stream_modulation_txt.linear.weight".into(), &[6 * d, d]));
+    v.push(spec("single_stream_modulation.linear.weight".into(), &[3 * d, d]));
     v.push(spec("x_embedder.weight".into(), &[d, cfg.in_channels]));
-    v.push(spec(
-        "context_embedder.weight".into(),
-        &[d, cfg.joint_attention_dim],
-    ));
+    v.push(spec("context_embedder.weight".into(), &[d, cfg.joint_attention_dim]));
     for i in 0..cfg.num_layers {
         let p = format!("transformer_blocks.{i}");
         for name in ["to_q", "to_k", "to_v"] {
@@ -131,10 +107,7 @@ pub fn diffusers_tensors(cfg: &TransformerConfig) -> Vec<TensorSpec> {
     }
     for i in 0..cfg.num_single_layers {
         let p = format!("single_transformer_blocks.{i}.attn");
-        v.push(spec(
-            format!("{p}.to_qkv_mlp_proj.weight"),
-            &[3 * d + 2 * m, d],
-        ));
+        v.push(spec(format!("{p}.to_qkv_mlp_proj.weight"), &[3 * d + 2 * m, d]));
         v.push(spec(format!("{p}.norm_q.weight"), &[hd]));
         v.push(spec(format!("{p}.norm_k.weight"), &[hd]));
         v.push(spec(format!("{p}.to_out.weight"), &[d, d + m]));
@@ -148,13 +121,7 @@ pub fn diffusers_tensors(cfg: &TransformerConfig) -> Vec<TensorSpec> {
 pub fn bfl_tensors(cfg: &TransformerConfig) -> Vec<(TensorSpec, Vec<RowSlice>)> {
     let d = cfg.hidden();
     let whole = |bfl: String, diffusers: String, shape: &[usize]| {
-        (
-            spec(bfl, shape),
-            vec![RowSlice {
-                name: diffusers,
-                rows: 0..shape[0],
-            }],
-        )
+        (spec(bfl, shape), vec![RowSlice { name: diffusers, rows: 0..shape[0] }])
     };
     let mut out = Vec::new();
     for t in diffusers_tensors(cfg) {
@@ -188,15 +155,9 @@ pub fn bfl_tensors(cfg: &TransformerConfig) -> Vec<(TensorSpec, Vec<RowSlice>)> 
                 };
                 let parts = names
                     .iter()
-                    .map(|nm| RowSlice {
-                        name: format!("transformer_blocks.{i}.attn.{nm}.weight"),
-                        rows: 0..d,
-                    })
+                    .map(|nm| RowSlice { name: format!("transformer_blocks.{i}.attn.{nm}.weight"), rows: 0..d })
                     .collect();
-                out.push((
-                    spec(format!("{p}.{stream}_attn.qkv.weight"), &[3 * d, d]),
-                    parts,
-                ));
+                out.push((spec(format!("{p}.{stream}_attn.qkv.weight"), &[3 * d, d]), parts));
             }
             // to_k/to_v/add_k/add_v are covered by the fused qkv entries above.
         } else if let Some(rest) = n.strip_prefix("single_transformer_blocks.") {
@@ -210,52 +171,21 @@ pub fn bfl_tensors(cfg: &TransformerConfig) -> Vec<(TensorSpec, Vec<RowSlice>)> 
             out.push(whole(format!("single_blocks.{i}.{b}"), n.clone(), s));
         } else if n == "norm_out.linear.weight" {
             // BFL stores (shift, scale); diffusers (scale, shift).
-            let parts = vec![
-                RowSlice {
-                    name: n.clone(),
-                    rows: d..2 * d,
-                },
-                RowSlice {
-                    name: n.clone(),
-                    rows: 0..d,
-                },
-            ];
-            out.push((
-                spec("final_layer.adaLN_modulation.1.weight".into(), s),
-                parts,
-            ));
+            let parts = vec![RowSlice { name: n.clone(), rows: d..2 * d }, RowSlice { name: n.clone(), rows: 0..d }];
+            out.push((spec("final_layer.adaLN_modulation.1.weight".into(), s), parts));
         } else {
             let b = if n == "proj_out.weight" {
                 "final_layer.linear.weight".to_string()
             } else {
-                renamed(
-                    "time_guidance_embed.timestep_embedder.linear_1",
-                    "time_in.in_layer",
-                )
-                .replacen(
-                    "time_guidance_embed.timestep_embedder.linear_2",
-                    "time_in.out_layer",
-                    1,
-                )
-                .replacen(
-                    "time_guidance_embed.guidance_embedder.linear_1",
-                    "guidance_in.in_layer",
-                    1,
-                )
-                .replacen(
-                    "time_guidance_embed.guidance_embedder.linear_2",
-                    "guidance_in.out_layer",
-                    1,
-                )
-                .replacen("modulation_img.linear", "modulation_img.lin", 1)
-                .replacen("modulation_txt.linear", "modulation_txt.lin", 1)
-                .replacen(
-                    "single_stream_modulation.linear",
-                    "single_stream_modulation.lin",
-                    1,
-                )
-                .replacen("x_embedder", "img_in", 1)
-                .replacen("context_embedder", "txt_in", 1)
+                renamed("time_guidance_embed.timestep_embedder.linear_1", "time_in.in_layer")
+                    .replacen("time_guidance_embed.timestep_embedder.linear_2", "time_in.out_layer", 1)
+                    .replacen("time_guidance_embed.guidance_embedder.linear_1", "guidance_in.in_layer", 1)
+                    .replacen("time_guidance_embed.guidance_embedder.linear_2", "guidance_in.out_layer", 1)
+                    .replacen("modulation_img.linear", "modulation_img.lin", 1)
+                    .replacen("modulation_txt.linear", "modulation_txt.lin", 1)
+                    .replacen("single_stream_modulation.linear", "single_stream_modulation.lin", 1)
+                    .replacen("x_embedder", "img_in", 1)
+                    .replacen("context_embedder", "txt_in", 1)
             };
             out.push(whole(b, n.clone(), s));
         }
@@ -282,8 +212,7 @@ pub struct TransformerWeights<'a> {
 
 impl<'a> TransformerWeights<'a> {
     pub fn new(store: &'a WeightStore, layout: Layout, cfg: &'a TransformerConfig) -> Self {
-        let mut bfl_map: std::collections::HashMap<String, Vec<(Range<usize>, StoredRows)>> =
-            Default::default();
+        let mut bfl_map: std::collections::HashMap<String, Vec<(Range<usize>, StoredRows)>> = Default::default();
         let mut bfl_shapes = std::collections::HashMap::new();
         if layout == Layout::Bfl {
             for (t, parts) in bfl_tensors(cfg) {
@@ -291,13 +220,10 @@ impl<'a> TransformerWeights<'a> {
                 let mut at = 0;
                 for p in parts {
                     let len = p.rows.len();
-                    bfl_map.entry(p.name).or_default().push((
-                        p.rows,
-                        StoredRows {
-                            key: t.name.clone(),
-                            rows: at..at + len,
-                        },
-                    ));
+                    bfl_map
+                        .entry(p.name)
+                        .or_default()
+                        .push((p.rows, StoredRows { key: t.name.clone(), rows: at..at + len }));
                     at += len;
                 }
             }
@@ -305,26 +231,16 @@ impl<'a> TransformerWeights<'a> {
                 pieces.sort_by_key(|(r, _)| r.start);
             }
         }
-        TransformerWeights {
-            store,
-            layout,
-            bfl_shapes,
-            bfl_map,
-        }
+        TransformerWeights { store, layout, bfl_shapes, bfl_map }
     }
 
     /// Stored pieces that make up diffusers tensor `name` (rows in order).
     fn pieces(&self, name: &str, shape: &[usize]) -> Vec<StoredRows> {
         match self.layout {
-            Layout::Diffusers => vec![StoredRows {
-                key: name.to_string(),
-                rows: 0..shape[0],
-            }],
-            Layout::Bfl => self
-                .bfl_map
-                .get(name)
-                .map(|v| v.iter().map(|(_, s)| s.clone()).collect())
-                .unwrap_or_default(),
+            Layout::Diffusers => vec![StoredRows { key: name.to_string(), rows: 0..shape[0] }],
+            Layout::Bfl => {
+                self.bfl_map.get(name).map(|v| v.iter().map(|(_, s)| s.clone()).collect()).unwrap_or_default()
+            }
         }
     }
 
@@ -335,26 +251,18 @@ impl<'a> TransformerWeights<'a> {
         for name in names {
             let mut p = self.pieces(name, shape);
             if p.is_empty() {
-                return Err(Error::MissingKey {
-                    path: self.store.origin().to_path_buf(),
-                    key: name.to_string(),
-                });
+                return Err(Error::MissingKey { path: self.store.origin().to_path_buf(), key: name.to_string() });
             }
             pieces.append(&mut p);
         }
         let mut merged: Vec<StoredRows> = Vec::new();
         for p in pieces {
             match merged.last_mut() {
-                Some(last) if last.key == p.key && last.rows.end == p.rows.start => {
-                    last.rows.end = p.rows.end
-                }
+                Some(last) if last.key == p.key && last.rows.end == p.rows.start => last.rows.end = p.rows.end,
                 _ => merged.push(p),
             }
         }
-        let tensors = merged
-            .iter()
-            .map(|p| self.load_rows(be, p, &shape[1..]))
-            .collect::<Result<Vec<_>>>()?;
+        let tensors = merged.iter().map(|p| self.load_rows(be, p, &shape[1..])).collect::<Result<Vec<_>>>()?;
         if tensors.len() == 1 {
             return Ok(tensors.into_iter().next().unwrap());
         }
@@ -374,10 +282,6 @@ impl<'a> TransformerWeights<'a> {
         let t = self.store.get_shaped(&p.key, &stored_shape)?;
         let row_bytes = row_shape.iter().product::<usize>() * t.dtype()?.size_in_bytes();
         let shape = [&[p.rows.len()][..], row_shape].concat();
-        be.load_weight(
-            &t.bytes[p.rows.start * row_bytes..p.rows.end * row_bytes],
-            t.dtype()?,
-            &shape,
-        )
+        be.load_weight(&t.bytes[p.rows.start * row_bytes..p.rows.end * row_bytes], t.dtype()?, &shape)
     }
 }

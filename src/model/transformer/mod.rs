@@ -21,11 +21,7 @@ use crate::weights::WeightStore;
 /// BFL-layout `.safetensors` file. Returns the weight store and, for diffusers, the config path.
 pub fn locate(path: &Path) -> Result<(WeightStore, Option<std::path::PathBuf>)> {
     if path.is_dir() {
-        let dir = if path.join("transformer").is_dir() {
-            path.join("transformer")
-        } else {
-            path.to_path_buf()
-        };
+        let dir = if path.join("transformer").is_dir() { path.join("transformer") } else { path.to_path_buf() };
         let config = dir.join("config.json");
         let store = WeightStore::open(&dir)?;
         return Ok((store, config.is_file().then_some(config)));
@@ -82,12 +78,7 @@ impl Modulation {
     /// Split `[B, 3·sets·D]` into sets of (shift, scale, gate) `[B, D]` views.
     fn split(m: &Tensor, sets: usize) -> Result<Modulation> {
         let chunks = m.chunk(3 * sets, 1)?;
-        Ok(Modulation {
-            sets: chunks
-                .chunks(3)
-                .map(|c| [c[0].clone(), c[1].clone(), c[2].clone()])
-                .collect(),
-        })
+        Ok(Modulation { sets: chunks.chunks(3).map(|c| [c[0].clone(), c[1].clone(), c[2].clone()]).collect() })
     }
 }
 
@@ -100,10 +91,7 @@ impl Flux2Transformer {
             (Some(p), _) => TransformerConfig::from_json_file(p)?,
             (None, Layout::Bfl) => TransformerConfig::infer_from_bfl(&store)?,
             (None, Layout::Diffusers) => {
-                return Err(Error::config(
-                    store.origin(),
-                    "diffusers-layout weights need the config.json beside them",
-                ))
+                return Err(Error::config(store.origin(), "diffusers-layout weights need the config.json beside them"))
             }
         };
         Flux2Transformer::from_store(be, &store, layout, cfg)
@@ -115,24 +103,15 @@ impl Flux2Transformer {
         layout: Layout,
         cfg: TransformerConfig,
     ) -> Result<Flux2Transformer> {
-        cfg.validate()
-            .map_err(|r| Error::config(store.origin(), r))?;
+        cfg.validate().map_err(|r| Error::config(store.origin(), r))?;
         let w = TransformerWeights::new(store, layout, &cfg);
         let b: &dyn Backend = &*be;
         let (d, m, hd) = (cfg.hidden(), cfg.mlp_hidden(), cfg.attention_head_dim);
         let tc = cfg.timestep_guidance_channels;
         let guidance = if cfg.guidance_embeds {
             Some((
-                w.load(
-                    b,
-                    "time_guidance_embed.guidance_embedder.linear_1.weight",
-                    &[d, tc],
-                )?,
-                w.load(
-                    b,
-                    "time_guidance_embed.guidance_embedder.linear_2.weight",
-                    &[d, d],
-                )?,
+                w.load(b, "time_guidance_embed.guidance_embedder.linear_1.weight", &[d, tc])?,
+                w.load(b, "time_guidance_embed.guidance_embedder.linear_2.weight", &[d, d])?,
             ))
         } else {
             None
@@ -141,15 +120,8 @@ impl Flux2Transformer {
             .map(|i| {
                 let p = |s: &str| format!("transformer_blocks.{i}.{s}");
                 let qkv = |names: [&str; 3]| {
-                    let full: Vec<String> = names
-                        .iter()
-                        .map(|n| p(&format!("attn.{n}.weight")))
-                        .collect();
-                    w.load_concat(
-                        b,
-                        &full.iter().map(String::as_str).collect::<Vec<_>>(),
-                        &[d, d],
-                    )
+                    let full: Vec<String> = names.iter().map(|n| p(&format!("attn.{n}.weight"))).collect();
+                    w.load_concat(b, &full.iter().map(String::as_str).collect::<Vec<_>>(), &[d, d])
                 };
                 Ok(DoubleBlock {
                     img_qkv: qkv(["to_q", "to_k", "to_v"])?,
@@ -179,26 +151,14 @@ impl Flux2Transformer {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Flux2Transformer {
-            time_1: w.load(
-                b,
-                "time_guidance_embed.timestep_embedder.linear_1.weight",
-                &[d, tc],
-            )?,
-            time_2: w.load(
-                b,
-                "time_guidance_embed.timestep_embedder.linear_2.weight",
-                &[d, d],
-            )?,
+            time_1: w.load(b, "time_guidance_embed.timestep_embedder.linear_1.weight", &[d, tc])?,
+            time_2: w.load(b, "time_guidance_embed.timestep_embedder.linear_2.weight", &[d, d])?,
             guidance,
             mod_img: w.load(b, "double_stream_modulation_img.linear.weight", &[6 * d, d])?,
             mod_txt: w.load(b, "double_stream_modulation_txt.linear.weight", &[6 * d, d])?,
             mod_single: w.load(b, "single_stream_modulation.linear.weight", &[3 * d, d])?,
             x_embedder: w.load(b, "x_embedder.weight", &[d, cfg.in_channels])?,
-            context_embedder: w.load(
-                b,
-                "context_embedder.weight",
-                &[d, cfg.joint_attention_dim],
-            )?,
+            context_embedder: w.load(b, "context_embedder.weight", &[d, cfg.joint_attention_dim])?,
             double,
             single,
             norm_out: w.load(b, "norm_out.linear.weight", &[2 * d, d])?,
@@ -249,19 +209,12 @@ impl Flux2Transformer {
         let mut txt = be.linear(context, &self.context_embedder, None)?;
 
         // Text first, then image: the joint sequence order of every attention.
-        let (cos, sin) = flux_tables(
-            &PositionIds::concat(&[txt_ids, img_ids])?,
-            &cfg.axes_dims_rope,
-            cfg.rope_theta,
-        )?;
+        let (cos, sin) = flux_tables(&PositionIds::concat(&[txt_ids, img_ids])?, &cfg.axes_dims_rope, cfg.rope_theta)?;
         let n = lt + li;
         // Tables stay f32 on every backend: diffusers applies RoPE in f32.
         let cos = be.upload(&Tensor::from_f32(cos, &[n, hd / 2])?, DType::F32)?;
         let sin = be.upload(&Tensor::from_f32(sin, &[n, hd / 2])?, DType::F32)?;
-        let rope = Rope {
-            cos: &cos,
-            sin: &sin,
-        };
+        let rope = Rope { cos: &cos, sin: &sin };
 
         for block in &self.double {
             (img, txt) = self.double_block(block, &img, &txt, &mod_img, &mod_txt, &rope)?;
@@ -289,11 +242,7 @@ impl Flux2Transformer {
         let cfg = &self.cfg;
         let bad = |what: String| Err(Error::shape("transformer", what));
         if x.rank() != 3 || x.dim(2) != cfg.in_channels {
-            return bad(format!(
-                "hidden_states must be [B, L, {}], got {:?}",
-                cfg.in_channels,
-                x.shape()
-            ));
+            return bad(format!("hidden_states must be [B, L, {}], got {:?}", cfg.in_channels, x.shape()));
         }
         if ctx.rank() != 3 || ctx.dim(0) != x.dim(0) || ctx.dim(2) != cfg.joint_attention_dim {
             return bad(format!(
@@ -304,11 +253,7 @@ impl Flux2Transformer {
             ));
         }
         if sigma.len() != x.dim(0) {
-            return bad(format!(
-                "timestep must have one value per sample ({}), got {}",
-                x.dim(0),
-                sigma.len()
-            ));
+            return bad(format!("timestep must have one value per sample ({}), got {}", x.dim(0), sigma.len()));
         }
         if img_ids.len() != x.dim(1) || txt_ids.len() != ctx.dim(1) {
             return bad(format!(
@@ -321,11 +266,7 @@ impl Flux2Transformer {
         }
         if let Some(g) = guidance {
             if g.len() != x.dim(0) {
-                return bad(format!(
-                    "guidance must have one value per sample ({}), got {}",
-                    x.dim(0),
-                    g.len()
-                ));
+                return bad(format!("guidance must have one value per sample ({}), got {}", x.dim(0), g.len()));
             }
         }
         Ok(())
@@ -355,11 +296,7 @@ impl Flux2Transformer {
     /// Views q, k, v `[B, L, H, hd]` of a fused `[B, L, 3D(+…)]` projection.
     fn split_qkv(&self, qkv: &Tensor) -> Result<[Tensor; 3]> {
         let (b, l) = (qkv.dim(0), qkv.dim(1));
-        let (d, h, hd) = (
-            self.cfg.hidden(),
-            self.cfg.num_attention_heads,
-            self.cfg.attention_head_dim,
-        );
+        let (d, h, hd) = (self.cfg.hidden(), self.cfg.num_attention_heads, self.cfg.attention_head_dim);
         let part = |i: usize| qkv.narrow(2, i * d, d)?.reshape(&[b, l, h, hd]);
         Ok([part(0)?, part(1)?, part(2)?])
     }
@@ -397,30 +334,16 @@ impl Flux2Transformer {
         let (o_txt, o_img) = (o.narrow(1, 0, lt)?, o.narrow(1, lt, li)?);
 
         let img = be.gated_add(img, g1, &be.linear(&o_img, &blk.to_out, None)?)?;
-        let ff = self.feed_forward(
-            &be.layer_norm_modulate(&img, sh2, sc2, eps)?,
-            &blk.ff_in,
-            &blk.ff_out,
-        )?;
+        let ff = self.feed_forward(&be.layer_norm_modulate(&img, sh2, sc2, eps)?, &blk.ff_in, &blk.ff_out)?;
         let img = be.gated_add(&img, g2, &ff)?;
 
         let txt = be.gated_add(txt, cg1, &be.linear(&o_txt, &blk.to_add_out, None)?)?;
-        let ff = self.feed_forward(
-            &be.layer_norm_modulate(&txt, csh2, csc2, eps)?,
-            &blk.ff_ctx_in,
-            &blk.ff_ctx_out,
-        )?;
+        let ff = self.feed_forward(&be.layer_norm_modulate(&txt, csh2, csc2, eps)?, &blk.ff_ctx_in, &blk.ff_ctx_out)?;
         let txt = be.gated_add(&txt, cg2, &ff)?;
         Ok((img, txt))
     }
 
-    fn single_block(
-        &self,
-        blk: &SingleBlock,
-        h: &Tensor,
-        ms: &Modulation,
-        rope: &Rope,
-    ) -> Result<Tensor> {
+    fn single_block(&self, blk: &SingleBlock, h: &Tensor, ms: &Modulation, rope: &Rope) -> Result<Tensor> {
         let be = &*self.be;
         let eps = self.cfg.eps as f32;
         let (b, n, d, m) = (h.dim(0), h.dim(1), self.cfg.hidden(), self.cfg.mlp_hidden());

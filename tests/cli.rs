@@ -1,0 +1,157 @@
+//! The `flux2` binary end to end: forward, inspect, synth, and clean failures on bad input.
+
+mod common;
+
+use common::{fixtures, load, rel_err, run_cli};
+
+#[test]
+fn forward_transformer_matches_diffusers() {
+    let dir = fixtures().join("transformer/batch2_hd24_ref");
+    let tmp = tempfile::tempdir().unwrap();
+    let want = load(&dir.join("expected.safetensors"), "sample").to_vec_f32().unwrap();
+    for model in [dir.clone(), dir.join("bfl.safetensors")] {
+        let out = tmp.path().join("out.safetensors");
+        let (ok, _, err) = run_cli(&[
+            "forward",
+            "transformer",
+            "--model",
+            model.to_str().unwrap(),
+            "--inputs",
+            dir.join("inputs.safetensors").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ]);
+        assert!(ok, "{err}");
+        let got = load(&out, "sample");
+        assert_eq!(got.shape(), &[2, 14, 12]);
+        assert!(rel_err(&got.to_vec_f32().unwrap(), &want) <= 1e-4);
+    }
+}
+
+#[test]
+fn inspect_reports_layout_config_and_sizes() {
+    let dir = fixtures().join("transformer/batch2_hd24_ref");
+    let (ok, out, err) = run_cli(&["inspect", "--json", dir.join("bfl.safetensors").to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["kind"], "transformer");
+    assert_eq!(v["layout"], "bfl");
+    assert_eq!(v["config"]["attention_head_dim"], 24);
+    assert_eq!(v["dtypes"][0]["dtype"], "BF16");
+    let params = v["parameters"].as_u64().unwrap();
+    assert_eq!(v["bytes"].as_u64().unwrap(), 2 * params);
+
+    let (ok, out, _) = run_cli(&["inspect", "--json", dir.join("transformer").to_str().unwrap()]);
+    assert!(ok);
+    let d: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(d["layout"], "diffusers");
+    assert_eq!(d["parameters"].as_u64().unwrap(), params);
+    assert_eq!(d["files"], 4);
+
+    let (ok, text, _) = run_cli(&["inspect", dir.join("transformer").to_str().unwrap()]);
+    assert!(ok && text.contains("layout: diffusers") && text.contains("parameters:"));
+}
+
+#[test]
+fn synth_writes_loadable_checkpoints() {
+    let cfg = fixtures().join("transformer/t2i_nonsquare/transformer/config.json");
+    let tmp = tempfile::tempdir().unwrap();
+    for layout in ["diffusers", "bfl"] {
+        let out = tmp.path().join(layout);
+        let (ok, stdout, err) = run_cli(&[
+            "synth",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--layout",
+            layout,
+            "--dtype",
+            "bf16",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        let written = stdout.lines().last().unwrap();
+        let (ok, json, err) =
+            run_cli(&["inspect", "--json", if layout == "bfl" { written } else { out.to_str().unwrap() }]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["layout"], layout);
+        assert_eq!(v["config"]["num_attention_heads"], 2);
+    }
+}
+
+fn assert_clean_failure(args: &[&str], needle: &str) {
+    let (ok, _, err) = run_cli(args);
+    assert!(!ok, "expected failure for {args:?}");
+    assert!(err.contains("error:") && err.contains(needle), "stderr for {args:?}: {err}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+}
+
+#[test]
+fn bad_input_fails_cleanly() {
+    let dir = fixtures().join("transformer/t2i_nonsquare");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.safetensors");
+    let (model, inputs, out) = (dir.to_str().unwrap(), dir.join("inputs.safetensors"), out.to_str().unwrap());
+    let inputs = inputs.to_str().unwrap();
+    assert_clean_failure(
+        &["forward", "transformer", "--model", "/no/such/model", "--inputs", inputs, "--out", out, "--device", "cpu"],
+        "/no/such/model",
+    );
+    assert_clean_failure(
+        &[
+            "forward",
+            "transformer",
+            "--model",
+            model,
+            "--inputs",
+            "/no/inputs.safetensors",
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        ],
+        "inputs.safetensors",
+    );
+    // Inputs of another case: wrong channel count.
+    let other = fixtures().join("transformer/guidance_outchannels/inputs.safetensors");
+    assert_clean_failure(
+        &[
+            "forward",
+            "transformer",
+            "--model",
+            model,
+            "--inputs",
+            other.to_str().unwrap(),
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        ],
+        "hidden_states",
+    );
+    // An inputs file without `timestep`.
+    let partial = tmp.path().join("partial.safetensors");
+    let x = load(std::path::Path::new(inputs), "hidden_states");
+    flux2::cli::write_f32(&partial, &[("hidden_states", &x)]).unwrap();
+    assert_clean_failure(
+        &[
+            "forward",
+            "transformer",
+            "--model",
+            model,
+            "--inputs",
+            partial.to_str().unwrap(),
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        ],
+        "encoder_hidden_states",
+    );
+    assert_clean_failure(&["synth", "--config", "klein-77b", "--out", out], "klein-77b");
+    assert_clean_failure(&["synth", "--config", "klein-4b", "--dtype", "int3", "--out", out], "int3");
+    assert_clean_failure(&["inspect", "/no/such/file.safetensors"], "file.safetensors");
+}

@@ -1,0 +1,49 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use flux2::weights::WeightStore;
+use flux2::Tensor;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn t(data: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_f32(data.to_vec(), shape).unwrap()
+}
+
+/// A tensor from a safetensors file (any numeric dtype) as f32.
+pub fn load(path: &Path, name: &str) -> Tensor {
+    let store = WeightStore::open(path).unwrap();
+    flux2::cli::read_f32(&store, name).unwrap()
+}
+
+/// max |a - b| / max |b|: the relative error used by every parity gate.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    if a.iter().any(|x| x.is_nan()) {
+        return f32::INFINITY;
+    }
+    diff / scale
+}
+
+pub fn assert_close(got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "element {i}: got {g}, want {w}\n got {got:?}\nwant {want:?}");
+    }
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_flux2")
+}
+
+/// Run the CLI, returning (success, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(bin()).args(args).output().expect("run flux2");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}

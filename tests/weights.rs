@@ -1,0 +1,200 @@
+//! Loader errors: every bad checkpoint gives an error that names the file and key, never a panic.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use common::fixtures;
+use flux2::backend::cpu::CpuBackend;
+use flux2::model::transformer::Flux2Transformer;
+use flux2::weights::safetensors::{write_safetensors, TensorEntry};
+use flux2::weights::WeightStore;
+use flux2::{Backend, DType, Error};
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+fn write(path: &std::path::Path, tensors: &[(&str, Vec<f32>, Vec<usize>, DType)]) {
+    let entries = tensors.iter().map(|(n, v, s, d)| TensorEntry::from_f32(n, v, s, *d)).collect();
+    write_safetensors(path, entries, &BTreeMap::new()).unwrap();
+}
+
+#[test]
+fn roundtrip_all_storage_dtypes() {
+    let dir = tmp();
+    let p = dir.path().join("a.safetensors");
+    let v = vec![1.0, -2.0, 0.5, 448.0];
+    write(
+        &p,
+        &[
+            ("f32", v.clone(), vec![4], DType::F32),
+            ("bf16", v.clone(), vec![2, 2], DType::BF16),
+            ("f16", v.clone(), vec![4], DType::F16),
+            ("fp8", v.clone(), vec![4], DType::F8E4M3),
+        ],
+    );
+    let s = WeightStore::open(&p).unwrap();
+    for name in ["f32", "bf16", "f16", "fp8"] {
+        assert_eq!(s.get(name).unwrap().to_f32().unwrap(), v, "{name}");
+    }
+    let be = CpuBackend::new();
+    let t = s.load(&be, "bf16", &[2, 2]).unwrap();
+    assert_eq!(t.to_vec_f32().unwrap(), v);
+}
+
+#[test]
+fn corrupt_header_is_a_clear_error() {
+    let dir = tmp();
+    let p = dir.path().join("bad.safetensors");
+    std::fs::write(&p, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}").unwrap();
+    let e = WeightStore::open(&p).unwrap_err();
+    assert!(matches!(e, Error::CorruptFile { .. }), "{e}");
+    assert!(e.to_string().contains("bad.safetensors") && e.to_string().contains("JSON"), "{e}");
+
+    std::fs::write(&p, b"\xff\xff\xff\xff\xff\xff\xff\x7f").unwrap();
+    assert!(WeightStore::open(&p).unwrap_err().to_string().contains("implausible"));
+    std::fs::write(&p, b"abc").unwrap();
+    assert!(WeightStore::open(&p).unwrap_err().to_string().contains("too small"));
+    // Header that claims more bytes than the file has.
+    std::fs::write(&p, b"\x00\x01\x00\x00\x00\x00\x00\x00{}").unwrap();
+    assert!(WeightStore::open(&p).unwrap_err().to_string().contains("truncated"));
+}
+
+#[test]
+fn truncated_data_is_a_clear_error() {
+    let dir = tmp();
+    let src = fixtures().join("transformer/t2i_nonsquare/bfl.safetensors");
+    let bytes = std::fs::read(&src).unwrap();
+    let p = dir.path().join("cut.safetensors");
+    std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
+    let e = WeightStore::open(&p).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("cut.safetensors") && msg.contains("truncated"), "{msg}");
+}
+
+#[test]
+fn inconsistent_entries_are_errors() {
+    let dir = tmp();
+    let p = dir.path().join("x.safetensors");
+    // Shape says 4 elements, offsets hold 2 floats.
+    let header = br#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}"#;
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header);
+    b.extend_from_slice(&[0u8; 8]);
+    std::fs::write(&p, &b).unwrap();
+    assert!(WeightStore::open(&p).unwrap_err().to_string().contains("needs 16"));
+    // Unknown dtype.
+    let header = br#"{"w":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#;
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header);
+    b.push(0);
+    std::fs::write(&p, &b).unwrap();
+    assert!(WeightStore::open(&p).unwrap_err().to_string().contains("unknown dtype"));
+}
+
+#[test]
+fn missing_key_wrong_shape_and_unsupported_dtype() {
+    let dir = tmp();
+    let p = dir.path().join("w.safetensors");
+    write(&p, &[("a", vec![1.0; 6], vec![2, 3], DType::F32)]);
+    // Integer tensors are valid safetensors but not weights we compute with.
+    let header = br#"{"ids":{"dtype":"I8","shape":[2],"data_offsets":[0,2]}}"#;
+    let q = dir.path().join("i8.safetensors");
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header);
+    b.extend_from_slice(&[1, 2]);
+    std::fs::write(&q, &b).unwrap();
+
+    let s = WeightStore::open(&p).unwrap();
+    let e = s.get("b").unwrap_err();
+    assert!(
+        matches!(e, Error::MissingKey { .. })
+            && e.to_string().contains("w.safetensors")
+            && e.to_string().contains("`b`"),
+        "{e}"
+    );
+    let e = s.get_shaped("a", &[3, 2]).unwrap_err();
+    assert!(e.to_string().contains("[2, 3]") && e.to_string().contains("[3, 2]"), "{e}");
+    let e = WeightStore::open(&q).unwrap().get("ids").unwrap().dtype().unwrap_err();
+    assert!(matches!(e, Error::UnsupportedDType { .. }) && e.to_string().contains("I8"), "{e}");
+    assert!(matches!(WeightStore::open(&dir.path().join("nope.safetensors")).unwrap_err(), Error::Io { .. }));
+}
+
+#[test]
+fn sharded_index_is_checked() {
+    let dir = tmp();
+    write(&dir.path().join("s1.safetensors"), &[("a", vec![1.0], vec![1], DType::F32)]);
+    write(&dir.path().join("s2.safetensors"), &[("b", vec![2.0], vec![1], DType::F32)]);
+    let index = dir.path().join("m.safetensors.index.json");
+    std::fs::write(&index, r#"{"weight_map":{"a":"s1.safetensors","b":"s2.safetensors"}}"#).unwrap();
+    let s = WeightStore::open(dir.path()).unwrap();
+    assert_eq!(s.get("b").unwrap().to_f32().unwrap(), vec![2.0]);
+    assert_eq!(s.len(), 2);
+    // The index lists a key its shard does not hold.
+    std::fs::write(&index, r#"{"weight_map":{"a":"s1.safetensors","c":"s2.safetensors"}}"#).unwrap();
+    assert!(WeightStore::open(dir.path()).unwrap_err().to_string().contains("`c"));
+    // The index names a shard that does not exist.
+    std::fs::write(&index, r#"{"weight_map":{"a":"s3.safetensors"}}"#).unwrap();
+    assert!(WeightStore::open(&index).unwrap_err().to_string().contains("s3.safetensors"));
+}
+
+#[test]
+fn model_with_a_missing_or_misshaped_tensor_fails_cleanly() {
+    let dir = tmp();
+    let src = WeightStore::open(&fixtures().join("transformer/t2i_nonsquare/bfl.safetensors")).unwrap();
+    let mut tensors: Vec<(String, Vec<f32>, Vec<usize>)> =
+        src.keys().map(|k| (k.to_string(), src.get(k).unwrap().to_f32().unwrap(), src.shape(k).unwrap())).collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+
+    let missing: Vec<_> = tensors.iter().filter(|t| t.0 != "single_blocks.1.linear2.weight").collect();
+    let p = dir.path().join("missing.safetensors");
+    write_safetensors(
+        &p,
+        missing.iter().map(|(n, v, s)| TensorEntry::from_f32(n, v, s, DType::F32)).collect(),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let e = Flux2Transformer::load(be.clone(), &p).err().unwrap();
+    assert!(e.to_string().contains("single_blocks.1.linear2.weight"), "{e}");
+
+    let mut bad = tensors.clone();
+    let proj = bad.iter_mut().find(|t| t.0 == "double_blocks.0.img_attn.proj.weight").unwrap();
+    proj.2 = vec![proj.2[1], proj.2[0] / 2, 2];
+    let p = dir.path().join("shape.safetensors");
+    write_safetensors(
+        &p,
+        bad.iter().map(|(n, v, s)| TensorEntry::from_f32(n, v, s, DType::F32)).collect(),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let e = Flux2Transformer::load(be.clone(), &p).err().unwrap();
+    assert!(matches!(e, Error::WrongShape { .. }) && e.to_string().contains("img_attn.proj"), "{e}");
+
+    // Something that is not a FLUX.2 transformer at all.
+    let p = dir.path().join("other.safetensors");
+    write(&p, &[("encoder.conv_in.weight", vec![0.0; 4], vec![4], DType::F32)]);
+    assert!(Flux2Transformer::load(be, &p).err().unwrap().to_string().contains("not a FLUX.2 transformer"));
+}
+
+#[test]
+fn comfy_prefixed_single_files_load() {
+    let dir = tmp();
+    let src = WeightStore::open(&fixtures().join("transformer/t2i_nonsquare/bfl.safetensors")).unwrap();
+    let tensors: Vec<(String, Vec<f32>, Vec<usize>)> = src
+        .keys()
+        .map(|k| (format!("model.diffusion_model.{k}"), src.get(k).unwrap().to_f32().unwrap(), src.shape(k).unwrap()))
+        .collect();
+    let p = dir.path().join("comfy.safetensors");
+    write_safetensors(
+        &p,
+        tensors.iter().map(|(n, v, s)| TensorEntry::from_f32(n, v, s, DType::F32)).collect(),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let m = Flux2Transformer::load(be, &p).unwrap();
+    assert_eq!(m.config().num_single_layers, 2);
+}
