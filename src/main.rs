@@ -12,6 +12,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate images from a prompt (text-to-image, or editing with --ref).
+    Generate(cli::generate::GenerateArgs),
     /// Run one model component on tensors from a safetensors file.
     Forward(cli::forward::ForwardArgs),
     /// Describe a checkpoint: layout, config, parameters, bytes per dtype.
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Generate(a) => cli::generate::run(a),
         Command::Forward(a) => cli::forward::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
         Command::Synth(a) => cli::synth::run(a),

@@ -59,7 +59,7 @@ fn synthetic_layouts_hold_the_same_model() {
     .unwrap();
     let run = |path: &std::path::Path| {
         let m = Flux2Transformer::load(be.clone(), path).unwrap();
-        m.forward(&x, &ctx, &[0.6], &PositionIds::image(0.0, h, w), &PositionIds::text(lt), None)
+        m.forward(&x, &ctx, &[600.0], &PositionIds::image(0.0, h, w), &PositionIds::text(lt), None)
             .unwrap()
             .to_vec_f32()
             .unwrap()

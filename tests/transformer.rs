@@ -9,8 +9,8 @@ use common::{fixtures, load, rel_err};
 use flux2::backend::cpu::CpuBackend;
 use flux2::model::rope::PositionIds;
 use flux2::model::transformer::layout::Layout;
-use flux2::model::transformer::Flux2Transformer;
-use flux2::Backend;
+use flux2::model::transformer::{scale_in_dtype, Flux2Transformer};
+use flux2::{Backend, DType};
 
 const CASES: [&str; 3] = ["t2i_nonsquare", "batch2_hd24_ref", "guidance_outchannels"];
 
@@ -32,10 +32,10 @@ fn run_case(model_path: &Path, case_dir: &Path, ids_file: &str) -> Vec<f32> {
         .forward(
             &load(&inputs, "hidden_states"),
             &load(&inputs, "encoder_hidden_states"),
-            &load(&inputs, "timestep").to_vec_f32().unwrap(),
+            &scale_in_dtype(&load(&inputs, "timestep").to_vec_f32().unwrap(), 1000.0, DType::F32),
             &ids(&ids_path, "img_ids"),
             &ids(&ids_path, "txt_ids"),
-            guidance.as_deref(),
+            guidance.map(|g| scale_in_dtype(&g, 1000.0, DType::F32)).as_deref(),
         )
         .unwrap()
         .to_vec_f32()
@@ -101,7 +101,7 @@ fn wrong_input_shapes_are_errors() {
     let txt = ids(&inputs, "txt_ids");
     // Wrong channel count, wrong batch of timesteps, ids that do not match the token count.
     let bad_x = flux2::Tensor::from_f32(vec![0.0; 15 * 8], &[1, 15, 8]).unwrap();
-    assert!(model.forward(&bad_x, &ctx, &[0.5], &img, &txt, None).is_err());
-    assert!(model.forward(&x, &ctx, &[0.5, 0.5], &img, &txt, None).is_err());
-    assert!(model.forward(&x, &ctx, &[0.5], &txt, &txt, None).is_err());
+    assert!(model.forward(&bad_x, &ctx, &[500.0], &img, &txt, None).is_err());
+    assert!(model.forward(&x, &ctx, &[500.0, 500.0], &img, &txt, None).is_err());
+    assert!(model.forward(&x, &ctx, &[500.0], &txt, &txt, None).is_err());
 }

@@ -6,8 +6,11 @@ use std::path::PathBuf;
 use super::{expect_rank, read_f32, write_f32};
 use crate::device::{self, DeviceChoice};
 use crate::error::{Error, Result};
+use crate::model::qwen3::{Qwen3TextEncoder, KLEIN_OUT_LAYERS};
 use crate::model::rope::PositionIds;
-use crate::model::transformer::Flux2Transformer;
+use crate::model::tokenizer::TokenizedPrompt;
+use crate::model::transformer::{scale_in_dtype, Flux2Transformer};
+use crate::model::vae::{patchify, Vae, VaeParts};
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
 
@@ -16,6 +19,15 @@ pub enum Component {
     /// Flux2Transformer2DModel.forward: hidden_states, encoder_hidden_states, timestep, img_ids,
     /// txt_ids (+ optional guidance) -> sample.
     Transformer,
+    /// Qwen3 text encoder: input_ids [B, L], attention_mask [B, L] -> prompt_embeds [B, L, 3·hidden]
+    /// (hidden states 9, 18, 27 per token, as the klein pipeline builds them).
+    TextEncoder,
+    /// VAE encoder: image [B, 3, H, W] in [-1, 1] -> latent (the distribution's mode) and
+    /// image_latents (patchified and BatchNorm-normalised, what the pipeline feeds the transformer).
+    VaeEncode,
+    /// VAE decoder: latents [B, z, h, w] -> sample [B, 3, 8h, 8w]. Latents with 4·z channels are
+    /// taken as the pipeline's normalised, patchified latents and denormalised first.
+    VaeDecode,
 }
 
 #[derive(Debug, clap::Args)]
@@ -52,16 +64,65 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
             let img_ids = ids(&inputs, "img_ids")?;
             let txt_ids = ids(&inputs, "txt_ids")?;
             let act = be.activation_dtype();
-            let out = model.forward(
-                &be.upload(&x, act)?,
-                &be.upload(&ctx, act)?,
-                &sigma,
-                &img_ids,
-                &txt_ids,
-                guidance.as_deref(),
-            )?;
+            // diffusers multiplies timestep and guidance by 1000 in the model dtype.
+            let t = scale_in_dtype(&sigma, 1000.0, act);
+            let g = guidance.map(|g| scale_in_dtype(&g, 1000.0, act));
+            let out =
+                model.forward(&be.upload(&x, act)?, &be.upload(&ctx, act)?, &t, &img_ids, &txt_ids, g.as_deref())?;
             write_f32(&args.out, &[("sample", &out)])
         }
+        Component::TextEncoder => {
+            let dir = component_dir(&args.model, "text_encoder");
+            let encoder = Qwen3TextEncoder::load(be.clone(), &dir, &KLEIN_OUT_LAYERS)?;
+            let ids = read_f32(&inputs, "input_ids")?;
+            expect_rank("input_ids", &ids, &[2])?;
+            let mask = if inputs.contains("attention_mask") {
+                read_f32(&inputs, "attention_mask")?.to_vec_f32()?
+            } else {
+                vec![1.0; ids.numel()]
+            };
+            let l = ids.dim(1);
+            let ids = ids.to_vec_f32()?;
+            let rows = (0..ids.len() / l.max(1))
+                .map(|r| {
+                    let ids: Vec<u32> = ids[r * l..(r + 1) * l].iter().map(|&v| v as u32).collect();
+                    let mask: Vec<u8> = mask[r * l..(r + 1) * l].iter().map(|&m| (m != 0.0) as u8).collect();
+                    let length = mask.iter().filter(|&&m| m != 0).count();
+                    TokenizedPrompt { ids, mask, length, untruncated_length: length }
+                })
+                .collect::<Vec<_>>();
+            let out = encoder.forward(&rows)?;
+            write_f32(&args.out, &[("prompt_embeds", &out)])
+        }
+        Component::VaeEncode => {
+            let vae =
+                Vae::load(be.clone(), &component_dir(&args.model, "vae"), VaeParts { encoder: true, decoder: false })?;
+            let image = read_f32(&inputs, "image")?;
+            expect_rank("image", &image, &[4])?;
+            let latent = vae.encode(&be.upload(&image, be.activation_dtype())?)?;
+            let normalized = vae.normalize(&patchify(&*be, &latent)?)?;
+            write_f32(&args.out, &[("latent", &latent), ("image_latents", &normalized)])
+        }
+        Component::VaeDecode => {
+            let vae =
+                Vae::load(be.clone(), &component_dir(&args.model, "vae"), VaeParts { encoder: false, decoder: true })?;
+            let z = read_f32(&inputs, "latents")?;
+            expect_rank("latents", &z, &[4])?;
+            let z = be.upload(&z, be.activation_dtype())?;
+            let sample =
+                if z.dim(1) == vae.config().packed_channels() { vae.decode_normalized(&z)? } else { vae.decode(&z)? };
+            write_f32(&args.out, &[("sample", &sample)])
+        }
+    }
+}
+
+/// `PATH/<name>` when PATH is a pipeline folder, else PATH itself.
+fn component_dir(path: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let sub = path.join(name);
+    if sub.is_dir() {
+        sub
+    } else {
+        path.to_path_buf()
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `flux2` command line: thin wrappers over the library.
 
 pub mod forward;
+pub mod generate;
 pub mod inspect;
 pub mod synth;
 

@@ -1,4 +1,7 @@
 //! Model components, each written once against the op layer.
 
+pub mod qwen3;
 pub mod rope;
+pub mod tokenizer;
 pub mod transformer;
+pub mod vae;

@@ -181,14 +181,16 @@ impl Flux2Transformer {
         &self.be
     }
 
-    /// `hidden_states [B, L, Cin]`, `context [B, Lt, C]` (both on this model's backend),
-    /// `sigma [B]` in 0..1 (multiplied by 1000 inside, as diffusers does), ids for the L image
-    /// and Lt text tokens; returns `[B, L, p²·Cout]`.
+    /// `hidden_states [B, L, Cin]`, `context [B, Lt, C]` (both on this model's backend), the
+    /// timestep the sinusoid sees per sample (`1000·σ`, rounded as the caller's reference does:
+    /// see [`scale_in_dtype`] and `sampler::Schedule::model_time`), ids for the L image and Lt
+    /// text tokens, and the guidance (also ×1000) for models with a guidance embedder;
+    /// returns `[B, L, p²·Cout]`.
     pub fn forward(
         &self,
         hidden_states: &Tensor,
         context: &Tensor,
-        sigma: &[f32],
+        timestep: &[f32],
         img_ids: &PositionIds,
         txt_ids: &PositionIds,
         guidance: Option<&[f32]>,
@@ -196,10 +198,10 @@ impl Flux2Transformer {
         let be = &*self.be;
         let cfg = &self.cfg;
         let (d, hd) = (cfg.hidden(), cfg.attention_head_dim);
-        self.check_inputs(hidden_states, context, sigma, img_ids, txt_ids, guidance)?;
+        self.check_inputs(hidden_states, context, timestep, img_ids, txt_ids, guidance)?;
         let (lt, li) = (context.dim(1), hidden_states.dim(1));
 
-        let temb = self.time_embedding(sigma, guidance)?;
+        let temb = self.time_embedding(timestep, guidance)?;
         let silu_temb = be.silu(&temb)?;
         let mod_img = Modulation::split(&be.linear(&silu_temb, &self.mod_img, None)?, 2)?;
         let mod_txt = Modulation::split(&be.linear(&silu_temb, &self.mod_txt, None)?, 2)?;
@@ -234,7 +236,7 @@ impl Flux2Transformer {
         &self,
         x: &Tensor,
         ctx: &Tensor,
-        sigma: &[f32],
+        timestep: &[f32],
         img_ids: &PositionIds,
         txt_ids: &PositionIds,
         guidance: Option<&[f32]>,
@@ -252,8 +254,8 @@ impl Flux2Transformer {
                 ctx.shape()
             ));
         }
-        if sigma.len() != x.dim(0) {
-            return bad(format!("timestep must have one value per sample ({}), got {}", x.dim(0), sigma.len()));
+        if timestep.len() != x.dim(0) {
+            return bad(format!("timestep must have one value per sample ({}), got {}", x.dim(0), timestep.len()));
         }
         if img_ids.len() != x.dim(1) || txt_ids.len() != ctx.dim(1) {
             return bad(format!(
@@ -272,16 +274,15 @@ impl Flux2Transformer {
         Ok(())
     }
 
-    /// diffusers: `timestep.to(dtype) * 1000` (both steps rounded to the activation dtype), then
-    /// the cos-first sinusoid and `linear_2(silu(linear_1(.)))`; guidance adds its own embedding.
-    fn time_embedding(&self, sigma: &[f32], guidance: Option<&[f32]>) -> Result<Tensor> {
+    /// The cos-first sinusoid of the timestep and `linear_2(silu(linear_1(.)))`; guidance adds
+    /// its own embedding.
+    fn time_embedding(&self, timestep: &[f32], guidance: Option<&[f32]>) -> Result<Tensor> {
         let be = &*self.be;
-        let embed = |values: &[f32], l1: &Tensor, l2: &Tensor| -> Result<Tensor> {
-            let t = scale_in_dtype(values, 1000.0, be.activation_dtype());
-            let proj = be.timestep_embedding(&t, self.cfg.timestep_guidance_channels, 10000.0)?;
+        let embed = |t: &[f32], l1: &Tensor, l2: &Tensor| -> Result<Tensor> {
+            let proj = be.timestep_embedding(t, self.cfg.timestep_guidance_channels, 10000.0)?;
             be.linear(&be.silu(&be.linear(&proj, l1, None)?)?, l2, None)
         };
-        let temb = embed(sigma, &self.time_1, &self.time_2)?;
+        let temb = embed(timestep, &self.time_1, &self.time_2)?;
         match (guidance, &self.guidance) {
             (Some(g), Some((g1, g2))) => be.axpby(1.0, &temb, 1.0, &embed(g, g1, g2)?),
             _ => Ok(temb),
@@ -377,7 +378,8 @@ impl Rope<'_> {
     }
 }
 
-/// `x.to(dtype) * factor` evaluated in `dtype`, as PyTorch does for a bf16 tensor times a scalar.
+/// `x.to(dtype) * factor` evaluated in `dtype`, as PyTorch does for a bf16 tensor times a scalar:
+/// what diffusers' transformer does to the `timestep` (σ) and `guidance` it is given.
 pub fn scale_in_dtype(values: &[f32], factor: f32, dtype: DType) -> Vec<f32> {
     let mut v = values.to_vec();
     round_through(&mut v, dtype);

@@ -1,0 +1,159 @@
+//! `flux2 generate`: text-to-image and multi-reference editing with a klein pipeline.
+
+use std::path::{Path, PathBuf};
+
+use crate::device::{self, DeviceChoice};
+use crate::error::{Error, Result};
+use crate::image_io::RgbImage;
+use crate::pipeline::{Output, Pipeline, Request};
+use crate::sampler::TimestepMode;
+use crate::weights::WeightStore;
+
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// A diffusers-layout pipeline folder, or a Hugging Face repo id in the local cache
+    /// (e.g. black-forest-labs/FLUX.2-klein-4B).
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub prompt: String,
+    /// Image width in pixels (multiple of 16). Default: the first reference's, else 1024.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels (multiple of 16). Default: the first reference's, else 1024.
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Denoising steps. Default: 4 for distilled models, 50 for base models.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// CFG scale for base models (default 4.0); distilled models ignore it.
+    #[arg(long)]
+    pub guidance: Option<f32>,
+    /// Seed of the initial noise (random when omitted; printed and stored in the PNG).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// A safetensors file with one f32 tensor `noise` [1, 4·latent_channels, H/16, W/16], used as
+    /// the initial latents (diffusers' `latents=`).
+    #[arg(long)]
+    pub noise: Option<PathBuf>,
+    /// Reference image for editing (repeatable; ids t = 10, 20, ...).
+    #[arg(long = "ref")]
+    pub references: Vec<PathBuf>,
+    /// Number of images, with seeds S, S+1, ...; the prompt is encoded once.
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
+    /// Output PNG. With --count above 1, `-<seed>` is added before the extension.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// Timestep rounding to reproduce: diffusers (in the compute dtype), diffusers-bf16, or bfl.
+    #[arg(long, value_enum, default_value_t = TimestepMode::Diffusers)]
+    pub timesteps: TimestepMode,
+}
+
+pub fn run(args: &GenerateArgs) -> Result<()> {
+    if args.count == 0 {
+        return Err(Error::InvalidArgument("--count must be at least 1".into()));
+    }
+    if let Some(ext) = args.out.extension().and_then(|e| e.to_str()) {
+        if !ext.eq_ignore_ascii_case("png") {
+            return Err(Error::InvalidArgument(format!("--out {}: only PNG output is supported", args.out.display())));
+        }
+    }
+    let root = crate::hub::resolve_model(&args.model)?;
+    let noise = match &args.noise {
+        Some(p) => Some(crate::cli::read_f32(&WeightStore::open(p)?, "noise")?),
+        None => None,
+    };
+    let references = args.references.iter().map(|p| RgbImage::load(p)).collect::<Result<Vec<_>>>()?;
+    let be = device::select(args.device)?;
+    tracing::info!("device: {}", be.name());
+    let pipeline = Pipeline::load(be, &root)?;
+    let seed = args.seed.unwrap_or_else(random_seed);
+
+    let refs = pipeline.prepare_references(&references)?;
+    let mut encoded = None;
+    for i in 0..args.count {
+        let seed = seed.wrapping_add(i as u64);
+        let req = Request {
+            prompt: args.prompt.clone(),
+            width: args.width,
+            height: args.height,
+            steps: args.steps,
+            guidance: args.guidance,
+            seed,
+            noise: noise.clone(),
+            references: Vec::new(),
+            timestep_mode: Some(args.timesteps),
+        };
+        let cfg = !pipeline.info.is_distilled && req.guidance.unwrap_or(pipeline.info.defaults().1) > 1.0;
+        if encoded.is_none() {
+            encoded = Some(pipeline.encode(&args.prompt, cfg)?);
+        }
+        let out = pipeline.generate(&req, encoded.as_ref(), refs.as_ref())?;
+        let path = if args.count > 1 { numbered(&args.out, seed) } else { args.out.clone() };
+        save(&out, &path, args, seed)?;
+        println!("{}", path.display());
+        let t = &out.timings;
+        tracing::info!(
+            "seed {seed}: {}x{}, {} steps; denoise {:.2}s, decode {:.2}s",
+            out.image.width,
+            out.image.height,
+            out.steps,
+            t.denoise.as_secs_f64(),
+            t.decode.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    crate::rng::mix64(nanos as u64 ^ std::process::id() as u64) % 1_000_000_000
+}
+
+fn numbered(out: &Path, seed: u64) -> PathBuf {
+    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+    out.with_file_name(format!("{stem}-{seed}.png"))
+}
+
+/// ASCII-only JSON (non-ASCII escaped as \uXXXX), so it fits a tEXt chunk.
+fn ascii_json(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for c in serde_json::to_string(v).unwrap().chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut buf = [0u16; 2];
+            for unit in c.encode_utf16(&mut buf) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    out
+}
+
+fn save(out: &Output, path: &Path, args: &GenerateArgs, seed: u64) -> Result<()> {
+    let (w, h) = (out.image.width, out.image.height);
+    let noise = args.noise.as_ref().map(|p| p.display().to_string());
+    let params = serde_json::json!({
+        "prompt": args.prompt,
+        "seed": seed,
+        "noise": noise,
+        "steps": out.steps,
+        "guidance": out.guidance,
+        "width": w,
+        "height": h,
+        "model": args.model,
+        "references": args.references.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "sampler": "flow-match euler",
+        "generator": format!("flux2 {}", env!("CARGO_PKG_VERSION")),
+    });
+    // The "parameters" text most image tools read (A1111 style), plus structured JSON.
+    let a1111 = format!(
+        "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: {}, Seed: {seed}, Size: {w}x{h}, Model: {}",
+        args.prompt, out.steps, out.guidance, args.model
+    );
+    out.image.save_png(path, &[("parameters", a1111), ("flux2", ascii_json(&params))])
+}

@@ -1,0 +1,179 @@
+//! Image files in and out: decoding references, PIL-exact Lanczos resizing and centre cropping
+//! (diffusers' Flux2 image processor), tensor conversion, and PNG writing with the generation
+//! parameters in text chunks.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// An 8-bit RGB image, row-major, 3 bytes per pixel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+impl RgbImage {
+    /// Decode PNG/JPEG/WebP; other colour types are converted to RGB (alpha dropped, as PIL's
+    /// `convert("RGB")` does).
+    pub fn load(path: &Path) -> Result<RgbImage> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let img = image::load_from_memory(&bytes)
+            .map_err(|e| Error::InvalidArgument(format!("{}: cannot decode the image: {e}", path.display())))?;
+        let rgb = img.to_rgb8();
+        Ok(RgbImage { width: rgb.width() as usize, height: rgb.height() as usize, data: rgb.into_raw() })
+    }
+
+    /// Centre crop to `w × h` (offsets rounded down, as PIL `crop` with integer division).
+    pub fn center_crop(&self, w: usize, h: usize) -> RgbImage {
+        let (left, top) = ((self.width - w) / 2, (self.height - h) / 2);
+        let mut data = Vec::with_capacity(w * h * 3);
+        for y in top..top + h {
+            data.extend_from_slice(&self.data[(y * self.width + left) * 3..(y * self.width + left + w) * 3]);
+        }
+        RgbImage { width: w, height: h, data }
+    }
+
+    /// `Image.resize((w, h), LANCZOS)` with Pillow's exact arithmetic: separable passes
+    /// (horizontal first), support scaled by the reduction factor, 22-bit fixed-point weights.
+    pub fn resize_lanczos(&self, w: usize, h: usize) -> RgbImage {
+        let mut img = self.clone();
+        if w != img.width {
+            img = resample_pass(&img, w, true);
+        }
+        if h != img.height {
+            img = resample_pass(&img, h, false);
+        }
+        img
+    }
+
+    /// `[1, 3, H, W]` f32 in [-1, 1] (`x / 255 · 2 - 1`).
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        let plane = self.width * self.height;
+        let mut v = vec![0f32; 3 * plane];
+        for (i, px) in self.data.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                v[c * plane + i] = (px[c] as f32 / 255.0) * 2.0 - 1.0;
+            }
+        }
+        Tensor::from_f32(v, &[1, 3, self.height, self.width])
+    }
+
+    /// diffusers' postprocess of one `[3, H, W]` decoder output: `clamp(x/2 + 0.5, 0, 1)`, then
+    /// `round(· 255)` with ties to even (numpy).
+    pub fn from_decoded(values: &[f32], width: usize, height: usize) -> Result<RgbImage> {
+        let plane = width * height;
+        if values.len() != 3 * plane {
+            return Err(Error::shape("image", format!("{} values for a {width}x{height} RGB image", values.len())));
+        }
+        let mut data = vec![0u8; 3 * plane];
+        for i in 0..plane {
+            for c in 0..3 {
+                let v = (values[c * plane + i] * 0.5 + 0.5).clamp(0.0, 1.0);
+                data[i * 3 + c] = (v * 255.0).round_ties_even() as u8;
+            }
+        }
+        Ok(RgbImage { width, height, data })
+    }
+
+    /// Write a PNG with text chunks (keyword, text): tEXt when the text is Latin-1, else iTXt.
+    pub fn save_png(&self, path: &Path, text: &[(&str, String)]) -> Result<()> {
+        let io = |e: std::io::Error| Error::io(path, e);
+        let png_err = |e: png::EncodingError| Error::io(path, std::io::Error::other(e.to_string()));
+        let file = std::fs::File::create(path).map_err(io)?;
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), self.width as u32, self.height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        for (key, value) in text {
+            if value.chars().all(|c| (c as u32) < 256) {
+                enc.add_text_chunk(key.to_string(), value.clone()).map_err(png_err)?;
+            } else {
+                enc.add_itxt_chunk(key.to_string(), value.clone()).map_err(png_err)?;
+            }
+        }
+        let mut writer = enc.write_header().map_err(png_err)?;
+        writer.write_image_data(&self.data).map_err(png_err)?;
+        writer.finish().map_err(png_err)
+    }
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+const LANCZOS_SUPPORT: f64 = 3.0;
+
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        1.0
+    } else {
+        let x = x * std::f64::consts::PI;
+        x.sin() / x
+    }
+}
+
+fn lanczos(x: f64) -> f64 {
+    if (-LANCZOS_SUPPORT..LANCZOS_SUPPORT).contains(&x) {
+        sinc(x) * sinc(x / LANCZOS_SUPPORT)
+    } else {
+        0.0
+    }
+}
+
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc`: per output index, the first input
+/// index and the fixed-point weights.
+fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = LANCZOS_SUPPORT * filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            // C casts truncate toward zero.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = (((center + support + 0.5) as i64).min(in_size as i64) as usize).saturating_sub(xmin);
+            let mut k: Vec<f64> = (0..xmax).map(|x| lanczos((x as f64 + xmin as f64 - center + 0.5) * ss)).collect();
+            let ww: f64 = k.iter().sum();
+            if ww != 0.0 {
+                k.iter_mut().for_each(|v| *v /= ww);
+            }
+            let fixed = k
+                .iter()
+                .map(|&v| {
+                    let s = v * (1u32 << PRECISION_BITS) as f64;
+                    if v < 0.0 {
+                        (s - 0.5) as i32
+                    } else {
+                        (s + 0.5) as i32
+                    }
+                })
+                .collect();
+            (xmin, fixed)
+        })
+        .collect()
+}
+
+fn clip8(v: i64) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+fn resample_pass(img: &RgbImage, out: usize, horizontal: bool) -> RgbImage {
+    let (w, h) = (img.width, img.height);
+    let coeffs = coefficients(if horizontal { w } else { h }, out);
+    let (ow, oh) = if horizontal { (out, h) } else { (w, out) };
+    let mut data = vec![0u8; ow * oh * 3];
+    for y in 0..oh {
+        for x in 0..ow {
+            let (start, k) = &coeffs[if horizontal { x } else { y }];
+            for c in 0..3 {
+                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                for (i, &kv) in k.iter().enumerate() {
+                    let src = if horizontal { (y * w + start + i) * 3 + c } else { ((start + i) * w + x) * 3 + c };
+                    ss += img.data[src] as i64 * kv as i64;
+                }
+                data[(y * ow + x) * 3 + c] = clip8(ss);
+            }
+        }
+    }
+    RgbImage { width: ow, height: oh, data }
+}

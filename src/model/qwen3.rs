@@ -1,0 +1,320 @@
+//! The Qwen3 text encoder as klein uses it (spec §6): token embeddings, then only the decoder
+//! layers needed for the requested hidden states (9, 18, 27 by default: no final norm, no
+//! lm_head), concatenated per token into the `[B, L, 3·hidden]` context.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::rope::qwen_tables;
+use super::tokenizer::{PromptTokenizer, TokenizedPrompt, MAX_TOKENS};
+use crate::backend::{AttnMask, Backend};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use crate::weights::WeightStore;
+
+/// `text_encoder_out_layers` of the klein pipelines (indices into `hidden_states`, where 0 is the
+/// embedding output and k the output of decoder layer k-1).
+pub const KLEIN_OUT_LAYERS: [usize; 3] = [9, 18, 27];
+
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+pub struct Qwen3Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub use_sliding_window: bool,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl Qwen3Config {
+    pub fn qwen3_4b() -> Self {
+        Qwen3Config {
+            vocab_size: 151936,
+            hidden_size: 2560,
+            intermediate_size: 9728,
+            num_hidden_layers: 36,
+            num_attention_heads: 32,
+            num_key_value_heads: Some(8),
+            head_dim: Some(128),
+            rms_norm_eps: 1e-6,
+            rope_theta: Some(1_000_000.0),
+            rope_parameters: None,
+            rope_scaling: None,
+            attention_bias: false,
+            tie_word_embeddings: true,
+            hidden_act: "silu".into(),
+            use_sliding_window: false,
+        }
+    }
+
+    pub fn qwen3_8b() -> Self {
+        Qwen3Config { hidden_size: 4096, intermediate_size: 12288, tie_word_embeddings: false, ..Self::qwen3_4b() }
+    }
+
+    pub fn from_json_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: Qwen3Config =
+            serde_json::from_str(&text).map_err(|e| Error::config(path, format!("bad Qwen3 config: {e}")))?;
+        cfg.validate().map_err(|r| Error::config(path, r))?;
+        Ok(cfg)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// RoPE base: `rope_theta`, or `rope_parameters.rope_theta` (transformers 5), default 10000.
+    pub fn theta(&self) -> f64 {
+        self.rope_theta.or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64()).unwrap_or(10_000.0)
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.hidden_act != "silu" {
+            return Err(format!("hidden_act {} is not supported (Qwen3 uses silu)", self.hidden_act));
+        }
+        let rope_type = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_type"))
+            .or_else(|| self.rope_scaling.as_ref().and_then(|p| p.get("rope_type").or_else(|| p.get("type"))))
+            .and_then(|t| t.as_str());
+        if let Some(t) = rope_type {
+            if t != "default" {
+                return Err(format!("RoPE scaling `{t}` is not supported"));
+            }
+        }
+        if self.use_sliding_window {
+            return Err("sliding-window attention is not supported".into());
+        }
+        if self.num_attention_heads == 0 || self.kv_heads() == 0 || self.num_attention_heads % self.kv_heads() != 0 {
+            return Err("num_attention_heads must be a positive multiple of num_key_value_heads".into());
+        }
+        if self.head_dim() % 2 != 0 || self.hidden_size == 0 {
+            return Err("head_dim must be even and hidden_size positive".into());
+        }
+        Ok(())
+    }
+}
+
+struct Layer {
+    input_norm: Tensor,
+    /// q, k, v projections fused row-wise: one GEMM.
+    qkv: Tensor,
+    qkv_bias: Option<Tensor>,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    o: Tensor,
+    o_bias: Option<Tensor>,
+    post_norm: Tensor,
+    /// gate and up projections fused row-wise (gate first), so SwiGLU applies directly.
+    gate_up: Tensor,
+    down: Tensor,
+}
+
+pub struct Qwen3TextEncoder {
+    be: Arc<dyn Backend>,
+    cfg: Qwen3Config,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    final_norm: Option<Tensor>,
+    out_layers: Vec<usize>,
+}
+
+impl Qwen3TextEncoder {
+    /// Load from a `text_encoder/` folder (config.json + safetensors, sharded or not), keeping
+    /// only what `out_layers` needs.
+    pub fn load(be: Arc<dyn Backend>, dir: &Path, out_layers: &[usize]) -> Result<Qwen3TextEncoder> {
+        let cfg = Qwen3Config::from_json_file(&dir.join("config.json"))?;
+        let mut store = WeightStore::open(dir)?;
+        if !store.contains("model.embed_tokens.weight") && store.contains("embed_tokens.weight") {
+            store.set_prefix("");
+        } else {
+            store.set_prefix("model.");
+        }
+        Qwen3TextEncoder::from_store(be, &store, cfg, out_layers)
+    }
+
+    pub fn from_store(
+        be: Arc<dyn Backend>,
+        store: &WeightStore,
+        cfg: Qwen3Config,
+        out_layers: &[usize],
+    ) -> Result<Self> {
+        cfg.validate().map_err(|r| Error::config(store.origin(), r))?;
+        let deepest = *out_layers.iter().max().ok_or_else(|| Error::InvalidArgument("no output layers".into()))?;
+        if deepest > cfg.num_hidden_layers {
+            return Err(Error::config(
+                store.origin(),
+                format!("hidden state {deepest} requested but the encoder has {} layers", cfg.num_hidden_layers),
+            ));
+        }
+        let b: &dyn Backend = &*be;
+        let (h, hd, nq, nkv, inter) =
+            (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads(), cfg.intermediate_size);
+        let qkv_rows = (nq + 2 * nkv) * hd;
+        // Layers past the deepest requested hidden state are never run, so never loaded.
+        let run = deepest.min(cfg.num_hidden_layers);
+        let layers = (0..run)
+            .map(|n| {
+                let p = |s: &str| format!("layers.{n}.{s}");
+                let load = |s: &str, shape: &[usize]| store.load(b, &p(s), shape);
+                let concat = |parts: Vec<Tensor>| b.concat(&parts.iter().collect::<Vec<_>>(), 0);
+                let qkv = concat(vec![
+                    load("self_attn.q_proj.weight", &[nq * hd, h])?,
+                    load("self_attn.k_proj.weight", &[nkv * hd, h])?,
+                    load("self_attn.v_proj.weight", &[nkv * hd, h])?,
+                ])?;
+                debug_assert_eq!(qkv.dim(0), qkv_rows);
+                let (qkv_bias, o_bias) = if cfg.attention_bias {
+                    let bias = concat(vec![
+                        load("self_attn.q_proj.bias", &[nq * hd])?,
+                        load("self_attn.k_proj.bias", &[nkv * hd])?,
+                        load("self_attn.v_proj.bias", &[nkv * hd])?,
+                    ])?;
+                    (Some(bias), Some(load("self_attn.o_proj.bias", &[h])?))
+                } else {
+                    (None, None)
+                };
+                Ok(Layer {
+                    input_norm: load("input_layernorm.weight", &[h])?,
+                    qkv,
+                    qkv_bias,
+                    q_norm: load("self_attn.q_norm.weight", &[hd])?,
+                    k_norm: load("self_attn.k_norm.weight", &[hd])?,
+                    o: load("self_attn.o_proj.weight", &[h, nq * hd])?,
+                    o_bias,
+                    post_norm: load("post_attention_layernorm.weight", &[h])?,
+                    gate_up: concat(vec![
+                        load("mlp.gate_proj.weight", &[inter, h])?,
+                        load("mlp.up_proj.weight", &[inter, h])?,
+                    ])?,
+                    down: load("mlp.down_proj.weight", &[h, inter])?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm =
+            if deepest == cfg.num_hidden_layers { Some(store.load(b, "norm.weight", &[h])?) } else { None };
+        let embed = store.load(b, "embed_tokens.weight", &[cfg.vocab_size, h])?;
+        Ok(Qwen3TextEncoder { be, cfg, embed, layers, final_norm, out_layers: out_layers.to_vec() })
+    }
+
+    pub fn config(&self) -> &Qwen3Config {
+        &self.cfg
+    }
+
+    /// Width of the context vector: `out_layers.len() · hidden`.
+    pub fn context_dim(&self) -> usize {
+        self.out_layers.len() * self.cfg.hidden_size
+    }
+
+    /// Tokenize and encode prompts (one row each) -> `[B, 512, context_dim]`.
+    pub fn encode_prompts(&self, tokenizer: &PromptTokenizer, prompts: &[&str]) -> Result<Tensor> {
+        let tokens: Vec<TokenizedPrompt> =
+            prompts.iter().map(|p| tokenizer.encode_prompt(p, MAX_TOKENS)).collect::<Result<_>>()?;
+        self.forward(&tokens)
+    }
+
+    /// Encode right-padded token rows of equal length.
+    pub fn forward(&self, tokens: &[TokenizedPrompt]) -> Result<Tensor> {
+        let be = &*self.be;
+        let cfg = &self.cfg;
+        let b = tokens.len();
+        let l = tokens.first().map_or(0, |t| t.ids.len());
+        if b == 0 || l == 0 || tokens.iter().any(|t| t.ids.len() != l || t.mask.len() != l) {
+            return Err(Error::shape("text encoder", "token rows must be non-empty and of equal length"));
+        }
+        let valid_len = tokens.iter().map(|t| padding_length(&t.mask)).collect::<Result<Vec<_>>>()?;
+        let (h, hd, nq, nkv) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads());
+        let eps = cfg.rms_norm_eps as f32;
+        let ids: Vec<u32> = tokens.iter().flat_map(|t| t.ids.iter().copied()).collect();
+        let mut x = be.embedding(&ids, &self.embed)?.reshape(&[b, l, h])?;
+
+        let (cos, sin) = qwen_tables(l, hd, cfg.theta());
+        let cos = be.upload(&Tensor::from_f32(cos, &[l, hd / 2])?, DType::F32)?;
+        let sin = be.upload(&Tensor::from_f32(sin, &[l, hd / 2])?, DType::F32)?;
+        let mask = AttnMask::Causal { valid_len: Some(valid_len) };
+        let scale = 1.0 / (hd as f32).sqrt();
+
+        let mut outputs: Vec<(usize, Tensor)> = Vec::new();
+        let mut keep = |index: usize, t: &Tensor| {
+            if self.out_layers.contains(&index) {
+                outputs.push((index, t.clone()));
+            }
+        };
+        keep(0, &x);
+        for (n, layer) in self.layers.iter().enumerate() {
+            let hn = be.rms_norm(&x, Some(&layer.input_norm), eps)?;
+            let qkv = be.linear(&hn, &layer.qkv, layer.qkv_bias.as_ref())?;
+            let q = qkv.narrow(2, 0, nq * hd)?.reshape(&[b, l, nq, hd])?;
+            let k = qkv.narrow(2, nq * hd, nkv * hd)?.reshape(&[b, l, nkv, hd])?;
+            let v = qkv.narrow(2, (nq + nkv) * hd, nkv * hd)?.reshape(&[b, l, nkv, hd])?;
+            let q = be.rope_half(&be.rms_norm(&q, Some(&layer.q_norm), eps)?, &cos, &sin)?;
+            let k = be.rope_half(&be.rms_norm(&k, Some(&layer.k_norm), eps)?, &cos, &sin)?;
+            let attn = be.attention(&q, &k, &v, &mask, scale)?.reshape(&[b, l, nq * hd])?;
+            x = be.axpby(1.0, &x, 1.0, &be.linear(&attn, &layer.o, layer.o_bias.as_ref())?)?;
+            let h2 = be.rms_norm(&x, Some(&layer.post_norm), eps)?;
+            let mlp = be.linear(&be.swiglu(&be.linear(&h2, &layer.gate_up, None)?)?, &layer.down, None)?;
+            x = be.axpby(1.0, &x, 1.0, &mlp)?;
+            if n + 1 == cfg.num_hidden_layers {
+                // hidden_states[num_layers] is the final-norm output.
+                if let Some(norm) = &self.final_norm {
+                    x = be.rms_norm(&x, Some(norm), eps)?;
+                }
+            }
+            keep(n + 1, &x);
+        }
+        // In the order requested (hs9 | hs18 | hs27 per token).
+        let ordered: Vec<&Tensor> = self
+            .out_layers
+            .iter()
+            .map(|i| &outputs.iter().find(|(j, _)| j == i).expect("every requested layer ran").1)
+            .collect();
+        be.concat(&ordered, 2)
+    }
+}
+
+/// Number of real tokens of a right-padded mask (ones, then zeros).
+fn padding_length(mask: &[u8]) -> Result<usize> {
+    let n = mask.iter().take_while(|&&m| m != 0).count();
+    if mask[n..].iter().any(|&m| m != 0) {
+        return Err(Error::InvalidArgument("attention_mask must be right-padded (ones, then zeros)".into()));
+    }
+    if n == 0 {
+        return Err(Error::InvalidArgument("attention_mask has no real token".into()));
+    }
+    Ok(n)
+}

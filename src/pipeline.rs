@@ -1,0 +1,341 @@
+//! The klein pipeline (diffusers' `Flux2KleinPipeline`, spec §7): prompt encoding, reference
+//! images, noise, the Euler loop with optional CFG, VAE decode, pixels.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::image_io::RgbImage;
+use crate::model::qwen3::{Qwen3TextEncoder, KLEIN_OUT_LAYERS};
+use crate::model::rope::PositionIds;
+use crate::model::tokenizer::PromptTokenizer;
+use crate::model::transformer::Flux2Transformer;
+use crate::model::vae::{pack, unpack, Vae, VaeParts};
+use crate::progress::Stage;
+use crate::sampler::{Schedule, SchedulerConfig, TimestepMode};
+use crate::tensor::Tensor;
+
+/// diffusers' `default_sample_size · vae_scale_factor`.
+pub const DEFAULT_SIZE: usize = 1024;
+/// References above this many pixels are resized down to it (Lanczos).
+pub const REFERENCE_MAX_AREA: usize = 1024 * 1024;
+pub const REFERENCE_MIN_SIDE: usize = 64;
+pub const REFERENCE_MAX_ASPECT: f64 = 8.0;
+
+/// What `model_index.json` says about the pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineInfo {
+    pub root: PathBuf,
+    /// Step- and guidance-distilled (`"is_distilled": true`); base models use real CFG.
+    pub is_distilled: bool,
+}
+
+impl PipelineInfo {
+    pub fn read(root: &Path) -> Result<PipelineInfo> {
+        let index = root.join("model_index.json");
+        if !index.is_file() {
+            return Err(Error::config(root, "not a diffusers pipeline folder: model_index.json is missing"));
+        }
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::config(&index, format!("not valid JSON: {e}")))?;
+        for component in ["tokenizer", "text_encoder", "transformer", "vae"] {
+            if !root.join(component).is_dir() {
+                return Err(Error::config(root, format!("the pipeline has no `{component}/` folder")));
+            }
+        }
+        Ok(PipelineInfo {
+            root: root.to_path_buf(),
+            is_distilled: json.get("is_distilled").and_then(|v| v.as_bool()).unwrap_or(false),
+        })
+    }
+
+    /// Default steps and guidance: 4 / 1.0 distilled, 50 / 4.0 base.
+    pub fn defaults(&self) -> (usize, f32) {
+        if self.is_distilled {
+            (4, 1.0)
+        } else {
+            (50, 4.0)
+        }
+    }
+}
+
+pub struct Pipeline {
+    be: Arc<dyn Backend>,
+    pub info: PipelineInfo,
+    pub tokenizer: PromptTokenizer,
+    pub text_encoder: Qwen3TextEncoder,
+    pub transformer: Flux2Transformer,
+    pub vae: Vae,
+    pub scheduler: SchedulerConfig,
+}
+
+/// One generation request. Sizes and steps left `None` take the pipeline defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub prompt: String,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f32>,
+    pub seed: u64,
+    /// Initial latents `[1, 4z, H/16, W/16]` (diffusers' `latents=`); from `seed` when absent.
+    pub noise: Option<Tensor>,
+    pub references: Vec<RgbImage>,
+    pub timestep_mode: Option<TimestepMode>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub encode: Duration,
+    pub references: Duration,
+    pub denoise: Duration,
+    pub decode: Duration,
+}
+
+pub struct Output {
+    pub image: RgbImage,
+    /// Final latents before decoding, `[1, 4z, H/16, W/16]` (normalised space).
+    pub latents: Tensor,
+    /// The decoder's output `[1, 3, H, W]` (about [-1, 1]) before quantisation to 8 bits.
+    pub pixels: Tensor,
+    pub steps: usize,
+    pub guidance: f32,
+    pub timings: Timings,
+}
+
+/// Encoded prompt (and the empty negative prompt for CFG), reusable across seeds.
+#[derive(Clone)]
+pub struct EncodedPrompt {
+    pub prompt: String,
+    pub context: Tensor,
+    pub negative: Option<Tensor>,
+}
+
+/// Prepared reference images: packed tokens and their ids.
+pub struct References {
+    pub tokens: Tensor,
+    pub ids: PositionIds,
+    /// Size of the first reference after cropping (the default output size).
+    pub first_size: (usize, usize),
+}
+
+impl Pipeline {
+    pub fn load(be: Arc<dyn Backend>, root: &Path) -> Result<Pipeline> {
+        let info = PipelineInfo::read(root)?;
+        let tokenizer = PromptTokenizer::load(&root.join("tokenizer"))?;
+        let text_encoder = Qwen3TextEncoder::load(be.clone(), &root.join("text_encoder"), &KLEIN_OUT_LAYERS)?;
+        let transformer = Flux2Transformer::load(be.clone(), &root.join("transformer"))?;
+        let vae = Vae::load(be.clone(), &root.join("vae"), VaeParts { encoder: true, decoder: true })?;
+        let scheduler_path = root.join("scheduler/scheduler_config.json");
+        let scheduler = if scheduler_path.is_file() {
+            SchedulerConfig::from_json_file(&scheduler_path)?
+        } else {
+            SchedulerConfig::default()
+        };
+        let tc = transformer.config();
+        if text_encoder.context_dim() != tc.joint_attention_dim {
+            return Err(Error::config(
+                root,
+                format!(
+                    "the text encoder gives {}-wide features but the transformer expects {}",
+                    text_encoder.context_dim(),
+                    tc.joint_attention_dim
+                ),
+            ));
+        }
+        if vae.config().packed_channels() != tc.in_channels {
+            return Err(Error::config(
+                root,
+                format!(
+                    "the VAE's latents have {} channels but the transformer takes {}",
+                    vae.config().packed_channels(),
+                    tc.in_channels
+                ),
+            ));
+        }
+        Ok(Pipeline { be, info, tokenizer, text_encoder, transformer, vae, scheduler })
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.be
+    }
+
+    /// Pixels per transformer token side (VAE factor × 2×2 patch): 16 for FLUX.2.
+    pub fn pixel_multiple(&self) -> usize {
+        self.vae.config().scale_factor() * 2
+    }
+
+    /// Encode the prompt, plus "" for CFG when `cfg` is set.
+    pub fn encode(&self, prompt: &str, cfg: bool) -> Result<EncodedPrompt> {
+        let context = self.text_encoder.encode_prompts(&self.tokenizer, &[prompt])?;
+        let negative = if cfg { Some(self.text_encoder.encode_prompts(&self.tokenizer, &[""])?) } else { None };
+        Ok(EncodedPrompt { prompt: prompt.to_string(), context, negative })
+    }
+
+    /// Check, resize (area cap), centre-crop and encode the references (diffusers' editing path).
+    pub fn prepare_references(&self, images: &[RgbImage]) -> Result<Option<References>> {
+        if images.is_empty() {
+            return Ok(None);
+        }
+        let be = &*self.be;
+        let multiple = self.pixel_multiple();
+        let mut tokens = Vec::new();
+        let mut ids = Vec::new();
+        let mut first_size = (0, 0);
+        for (i, img) in images.iter().enumerate() {
+            let (w, h) = (img.width, img.height);
+            if w < REFERENCE_MIN_SIDE || h < REFERENCE_MIN_SIDE {
+                return Err(Error::InvalidArgument(format!(
+                    "reference image {} is {w}x{h}; both sides must be at least {REFERENCE_MIN_SIDE} pixels",
+                    i + 1
+                )));
+            }
+            let aspect = (w as f64 / h as f64).max(h as f64 / w as f64);
+            if aspect > REFERENCE_MAX_ASPECT {
+                return Err(Error::InvalidArgument(format!(
+                    "reference image {} is {w}x{h} (aspect {aspect:.1}:1); at most {REFERENCE_MAX_ASPECT}:1 is supported",
+                    i + 1
+                )));
+            }
+            let img = if w * h > REFERENCE_MAX_AREA {
+                let scale = (REFERENCE_MAX_AREA as f64 / (w * h) as f64).sqrt();
+                img.resize_lanczos((w as f64 * scale) as usize, (h as f64 * scale) as usize)
+            } else {
+                img.clone()
+            };
+            let (cw, ch) = ((img.width / multiple) * multiple, (img.height / multiple) * multiple);
+            let img = img.center_crop(cw, ch);
+            if i == 0 {
+                first_size = (cw, ch);
+            }
+            let x = be.upload(&img.to_tensor()?, be.activation_dtype())?;
+            let latents = self.vae.encode_normalized(&x)?;
+            let (lh, lw) = (latents.dim(2), latents.dim(3));
+            tokens.push(pack(be, &latents)?);
+            ids.push(PositionIds::image(10.0 + 10.0 * i as f32, lh, lw));
+        }
+        let tokens = be.concat(&tokens.iter().collect::<Vec<_>>(), 1)?;
+        let ids = PositionIds::concat(&ids.iter().collect::<Vec<_>>())?;
+        Ok(Some(References { tokens, ids, first_size }))
+    }
+
+    /// The output size: explicit, else the first reference's, else the noise's, else 1024².
+    fn output_size(&self, req: &Request, refs: Option<&References>) -> Result<(usize, usize)> {
+        let m = self.pixel_multiple();
+        let from_noise = req.noise.as_ref().filter(|n| n.rank() == 4).map(|n| (n.dim(3) * m, n.dim(2) * m));
+        let fallback = refs.map(|r| r.first_size).or(from_noise).unwrap_or((DEFAULT_SIZE, DEFAULT_SIZE));
+        let (w, h) = (req.width.unwrap_or(fallback.0), req.height.unwrap_or(fallback.1));
+        if w == 0 || h == 0 || w % m != 0 || h % m != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "width and height must be positive multiples of {m}; got {w}x{h} (nearest: {}x{})",
+                (w / m).max(1) * m,
+                (h / m).max(1) * m
+            )));
+        }
+        Ok((w, h))
+    }
+
+    /// Generate one image. `prompt` may be pre-encoded (for several seeds of one prompt).
+    pub fn generate(
+        &self,
+        req: &Request,
+        encoded: Option<&EncodedPrompt>,
+        refs: Option<&References>,
+    ) -> Result<Output> {
+        let be = &*self.be;
+        let (default_steps, default_guidance) = self.info.defaults();
+        let steps = req.steps.unwrap_or(default_steps);
+        let guidance = req.guidance.unwrap_or(default_guidance);
+        let cfg = !self.info.is_distilled && guidance > 1.0;
+        if self.info.is_distilled && guidance > 1.0 {
+            tracing::warn!("guidance {guidance} is ignored: this is a guidance-distilled model (no CFG)");
+        }
+        let mut timings = Timings::default();
+
+        let owned;
+        let prompt = match encoded {
+            Some(e) if e.prompt == req.prompt && (!cfg || e.negative.is_some()) => e,
+            _ => {
+                let stage = Stage::new("encode", 1);
+                owned = self.encode(&req.prompt, cfg)?;
+                stage.tick();
+                timings.encode = stage.finish();
+                &owned
+            }
+        };
+
+        let (width, height) = self.output_size(req, refs)?;
+        let m = self.pixel_multiple();
+        let (h, w) = (height / m, width / m);
+        let c = self.transformer.config().in_channels;
+        let act = be.activation_dtype();
+        let noise = match &req.noise {
+            Some(n) => {
+                if n.shape() != [1, c, h, w] {
+                    return Err(Error::InvalidArgument(format!(
+                        "the noise tensor is {:?}; a {width}x{height} image needs [1, {c}, {h}, {w}]",
+                        n.shape()
+                    )));
+                }
+                n.clone()
+            }
+            None => seeded_noise(req.seed, &[1, c, h, w])?,
+        };
+        let mut latents = pack(be, &be.upload(&noise, act)?)?;
+        let img_ids = PositionIds::image(0.0, h, w);
+        let txt_ids = PositionIds::text(prompt.context.dim(1));
+        let all_ids = match refs {
+            Some(r) => PositionIds::concat(&[&img_ids, &r.ids])?,
+            None => img_ids.clone(),
+        };
+        // CFG runs conditional and unconditional rows as one batch of two.
+        let context = match &prompt.negative {
+            Some(neg) if cfg => be.concat(&[&prompt.context, neg], 0)?,
+            _ => prompt.context.clone(),
+        };
+        let batch = context.dim(0);
+
+        let schedule = Schedule::new(&self.scheduler, h * w, steps)?;
+        let mode = req.timestep_mode.unwrap_or(TimestepMode::Diffusers);
+        let stage = Stage::new("denoise", steps as u64);
+        for i in 0..steps {
+            let mut input = match refs {
+                Some(r) => be.concat(&[&latents, &r.tokens], 1)?,
+                None => latents.clone(),
+            };
+            if batch == 2 {
+                input = be.concat(&[&input, &input], 0)?;
+            }
+            let t = vec![schedule.model_time(i, mode, act); batch];
+            let v = self.transformer.forward(&input, &context, &t, &all_ids, &txt_ids, None)?;
+            let v = v.narrow(1, 0, h * w)?;
+            let v = if batch == 2 {
+                let (cond, uncond) = (v.narrow(0, 0, 1)?, v.narrow(0, 1, 1)?);
+                be.axpby(1.0 - guidance, &uncond, guidance, &cond)?
+            } else {
+                v
+            };
+            latents = be.axpby(1.0, &latents, schedule.dt(i), &v)?;
+            stage.tick();
+        }
+        be.synchronize()?;
+        timings.denoise = stage.finish();
+
+        let stage = Stage::new("decode", 1);
+        let grid = unpack(be, &latents, h, w)?;
+        let pixels = self.vae.decode_normalized(&grid)?;
+        let image = RgbImage::from_decoded(&pixels.to_vec_f32()?, width, height)?;
+        stage.tick();
+        timings.decode = stage.finish();
+        Ok(Output { image, latents: grid, pixels, steps, guidance, timings })
+    }
+}
+
+/// The initial noise `generate` draws for `seed` (flux2's own generator: a seed gives the same
+/// noise on every machine, but not the numbers torch would draw).
+pub fn seeded_noise(seed: u64, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_f32(crate::rng::normal_vec(seed, "flux2-noise", shape.iter().product()), shape)
+}

@@ -1,0 +1,216 @@
+//! The whole klein pipeline on the CPU against diffusers' Flux2KleinPipeline (float32): final
+//! images within 0.5/255 mean absolute error, intermediates within 1e-4 relative.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::{fixtures, load, rel_err, run_cli};
+use flux2::backend::cpu::CpuBackend;
+use flux2::image_io::RgbImage;
+use flux2::model::vae::unpatchify;
+use flux2::pipeline::{Pipeline, Request};
+use flux2::Backend;
+
+/// The base (undistilled) pipeline: the fixture folder with `is_distilled` removed.
+pub fn base_pipeline(dir: &Path) -> PathBuf {
+    let src = fixtures().join("pipeline");
+    for c in ["tokenizer", "text_encoder", "transformer", "vae", "scheduler"] {
+        copy_dir(&src.join(c), &dir.join(c));
+    }
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("model_index.json")).unwrap()).unwrap();
+    index.as_object_mut().unwrap().remove("is_distilled");
+    std::fs::write(dir.join("model_index.json"), index.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> f64 {
+    assert_eq!((a.width, a.height), (b.width, b.height));
+    a.data.iter().zip(&b.data).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.data.len() as f64
+}
+
+struct Case {
+    dir: PathBuf,
+    json: serde_json::Value,
+}
+
+fn cases() -> Vec<Case> {
+    let mut v: Vec<Case> = std::fs::read_dir(fixtures().join("cases"))
+        .unwrap()
+        .map(|e| {
+            let dir = e.unwrap().path();
+            let json = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+            Case { dir, json }
+        })
+        .collect();
+    v.sort_by(|a, b| a.dir.cmp(&b.dir));
+    assert!(v.len() >= 4);
+    v
+}
+
+#[test]
+fn every_case_matches_diffusers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_pipeline(tmp.path());
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    for case in cases() {
+        let j = &case.json;
+        let root = if j["pipeline"] == "base" { base.clone() } else { fixtures().join("pipeline") };
+        let pipe = Pipeline::load(be.clone(), &root).unwrap();
+        let refs: Vec<RgbImage> = j["refs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| RgbImage::load(&case.dir.join(r.as_str().unwrap())).unwrap())
+            .collect();
+        let prepared = pipe.prepare_references(&refs).unwrap();
+        let req = Request {
+            prompt: j["prompt"].as_str().unwrap().into(),
+            width: refs.is_empty().then(|| j["width"].as_u64().unwrap() as usize),
+            height: refs.is_empty().then(|| j["height"].as_u64().unwrap() as usize),
+            steps: Some(j["steps"].as_u64().unwrap() as usize),
+            guidance: Some(j["guidance"].as_f64().unwrap() as f32),
+            noise: Some(load(&case.dir.join("noise.safetensors"), "noise")),
+            ..Default::default()
+        };
+        let out = pipe.generate(&req, None, prepared.as_ref()).unwrap();
+        let name = case.dir.file_name().unwrap().to_string_lossy().to_string();
+        let expected = case.dir.join("expected.safetensors");
+
+        let want = RgbImage::load(&case.dir.join("expected.png")).unwrap();
+        let mad = mean_abs_diff(&out.image, &want);
+        assert!(mad <= 0.5, "{name}: mean absolute pixel error {mad}");
+
+        let embeds = pipe.encode(&req.prompt, false).unwrap().context;
+        let err = rel_err(&embeds.to_vec_f32().unwrap(), &load(&expected, "prompt_embeds").to_vec_f32().unwrap());
+        assert!(err <= 1e-4, "{name}: prompt_embeds error {err}");
+
+        let vae_latents = unpatchify(&*be, &pipe.vae.denormalize(&out.latents).unwrap()).unwrap();
+        let err = rel_err(&vae_latents.to_vec_f32().unwrap(), &load(&expected, "latents").to_vec_f32().unwrap());
+        assert!(err <= 1e-4, "{name}: final latents error {err}");
+
+        let pixels: Vec<f32> =
+            out.pixels.to_vec_f32().unwrap().iter().map(|v| (v * 0.5 + 0.5).clamp(0.0, 1.0)).collect();
+        let err = rel_err(&pixels, &load(&expected, "image").to_vec_f32().unwrap());
+        assert!(err <= 1e-4, "{name}: decoded image error {err}");
+    }
+}
+
+#[test]
+fn generate_cli_writes_the_reference_image_with_metadata() {
+    let case = fixtures().join("cases/t2i_nonsquare");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("img.png");
+    let (ok, stdout, err) = run_cli(&[
+        "generate",
+        "--model",
+        fixtures().join("pipeline").to_str().unwrap(),
+        "--prompt",
+        "a lighthouse on a cliff at dusk",
+        "--width",
+        "80",
+        "--height",
+        "48",
+        "--noise",
+        case.join("noise.safetensors").to_str().unwrap(),
+        "--seed",
+        "7",
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("img.png"));
+    let got = RgbImage::load(&out).unwrap();
+    assert!(mean_abs_diff(&got, &RgbImage::load(&case.join("expected.png")).unwrap()) <= 0.5);
+    let reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap())).read_info().unwrap();
+    let texts: Vec<(String, String)> =
+        reader.info().uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+    let params = &texts.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(params.starts_with("a lighthouse on a cliff at dusk\nSteps: 4"), "{params}");
+    assert!(params.contains("Seed: 7") && params.contains("Size: 80x48"));
+    let json: serde_json::Value = serde_json::from_str(&texts.iter().find(|(k, _)| k == "flux2").unwrap().1).unwrap();
+    assert_eq!(json["steps"], 4);
+    assert_eq!(json["width"], 80);
+}
+
+#[test]
+fn count_makes_one_image_per_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("many.png");
+    let (ok, stdout, err) = run_cli(&[
+        "generate",
+        "--model",
+        fixtures().join("pipeline").to_str().unwrap(),
+        "--prompt",
+        "一只猫",
+        "--width",
+        "32",
+        "--height",
+        "48",
+        "--seed",
+        "100",
+        "--count",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    let files: Vec<&str> = stdout.lines().collect();
+    assert_eq!(files.len(), 3);
+    let imgs: Vec<RgbImage> =
+        (100..103).map(|s| RgbImage::load(&tmp.path().join(format!("many-{s}.png"))).unwrap()).collect();
+    assert_ne!(imgs[0].data, imgs[1].data, "different seeds give different images");
+    // A seed reproduces its image.
+    let single = tmp.path().join("one.png");
+    let (ok, _, _) = run_cli(&[
+        "generate",
+        "--model",
+        fixtures().join("pipeline").to_str().unwrap(),
+        "--prompt",
+        "一只猫",
+        "--width",
+        "32",
+        "--height",
+        "48",
+        "--seed",
+        "101",
+        "--out",
+        single.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok);
+    assert_eq!(RgbImage::load(&single).unwrap().data, imgs[1].data);
+}
+
+#[test]
+fn base_model_defaults_to_cfg() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_pipeline(tmp.path());
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let pipe = Pipeline::load(be, &base).unwrap();
+    assert!(!pipe.info.is_distilled);
+    assert_eq!(pipe.info.defaults(), (50, 4.0));
+    let out = pipe
+        .generate(
+            &Request { prompt: "x".into(), width: Some(16), height: Some(16), steps: Some(2), ..Default::default() },
+            None,
+            None,
+        )
+        .unwrap();
+    assert_eq!((out.steps, out.guidance), (2, 4.0));
+}
