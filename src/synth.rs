@@ -12,35 +12,55 @@ use rayon::prelude::*;
 use crate::dtype::{encode_from_f32, DType};
 use crate::error::{Error, Result};
 use crate::model::transformer::config::TransformerConfig;
-use crate::model::transformer::layout::{bfl_tensors, diffusers_tensors, Layout, RowSlice, TensorSpec};
+use crate::model::transformer::layout::{bfl_tensors, diffusers_tensors, Layout, RowSlice};
 use crate::rng::{stream_key, uniform};
 use crate::weights::safetensors::{write_safetensors, TensorEntry};
+use crate::weights::TensorSpec;
 
 /// Shard size for diffusers-layout folders (the Hugging Face convention of ~5 GB shards).
 pub const SHARD_BYTES: usize = 5_000_000_000;
 
-/// Deterministic initial values: vectors (norm scales) are 1 ± 0.1, matrices uniform in
-/// ±1/sqrt(fan_in) like PyTorch's default `nn.Linear` init.
+/// Deterministic initial values: scales (norm weights, BatchNorm variance) 1 ± 0.1, offsets
+/// (biases, BatchNorm mean) ± 0.02, matrices uniform in ±1/sqrt(fan_in) like PyTorch's default
+/// `nn.Linear` / `nn.Conv2d` init.
 pub struct Initializer {
     pub seed: u64,
 }
 
-impl Initializer {
-    pub fn value(&self, key: u64, shape: &[usize], i: usize) -> f32 {
-        let u = uniform(key, i as u64) * 2.0 - 1.0;
-        if shape.len() == 1 {
-            1.0 + 0.1 * u
-        } else {
-            let fan_in: usize = shape[1..].iter().product();
-            u / (fan_in.max(1) as f32).sqrt()
-        }
-    }
+#[derive(Clone, Copy)]
+enum Kind {
+    Scale,
+    Offset,
+    Matrix(f32),
+}
 
+fn kind(name: &str, shape: &[usize]) -> Kind {
+    if name.ends_with(".bias") || name.ends_with("running_mean") {
+        Kind::Offset
+    } else if shape.len() == 1 {
+        Kind::Scale
+    } else {
+        Kind::Matrix(1.0 / (shape[1..].iter().product::<usize>().max(1) as f32).sqrt())
+    }
+}
+
+impl Initializer {
     /// Rows `rows` of tensor `name` (shape `shape`), flattened.
     pub fn rows(&self, name: &str, shape: &[usize], rows: std::ops::Range<usize>) -> Vec<f32> {
         let key = stream_key(self.seed, name);
         let row_len: usize = shape[1..].iter().product();
-        (rows.start * row_len..rows.end * row_len).into_par_iter().map(|i| self.value(key, shape, i)).collect()
+        let k = kind(name, shape);
+        (rows.start * row_len..rows.end * row_len)
+            .into_par_iter()
+            .map(|i| {
+                let u = uniform(key, i as u64) * 2.0 - 1.0;
+                match k {
+                    Kind::Scale => 1.0 + 0.1 * u,
+                    Kind::Offset => 0.02 * u,
+                    Kind::Matrix(bound) => bound * u,
+                }
+            })
+            .collect()
     }
 }
 
@@ -179,4 +199,206 @@ pub fn write_sharded(
         written.push(index);
     }
     Ok(written)
+}
+
+/// The configs of a whole klein pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineSpec {
+    pub transformer: TransformerConfig,
+    pub text_encoder: crate::model::qwen3::Qwen3Config,
+    pub vae: crate::model::vae::VaeConfig,
+    pub distilled: bool,
+}
+
+impl PipelineSpec {
+    pub fn klein_4b() -> Self {
+        PipelineSpec {
+            transformer: TransformerConfig::klein_4b(),
+            text_encoder: crate::model::qwen3::Qwen3Config::qwen3_4b(),
+            vae: Default::default(),
+            distilled: true,
+        }
+    }
+
+    pub fn klein_9b() -> Self {
+        PipelineSpec {
+            transformer: TransformerConfig::klein_9b(),
+            text_encoder: crate::model::qwen3::Qwen3Config::qwen3_8b(),
+            vae: Default::default(),
+            distilled: true,
+        }
+    }
+
+    /// The configs of an existing pipeline folder.
+    pub fn from_pipeline(root: &Path) -> Result<Self> {
+        let info = crate::pipeline::PipelineInfo::read(root)?;
+        Ok(PipelineSpec {
+            transformer: TransformerConfig::from_json_file(&root.join("transformer/config.json"))?,
+            text_encoder: crate::model::qwen3::Qwen3Config::from_json_file(&root.join("text_encoder/config.json"))?,
+            vae: crate::model::vae::VaeConfig::from_json_file(&root.join("vae/config.json"))?,
+            distilled: info.is_distilled,
+        })
+    }
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<PathBuf> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(value).unwrap() + "\n").map_err(|e| Error::io(path, e))?;
+    Ok(path.to_path_buf())
+}
+
+/// Write a complete diffusers-layout klein pipeline with random weights. The tokenizer is copied
+/// from `tokenizer` when given, else a byte-level stand-in with Qwen3's special tokens is written
+/// (it tokenizes every text, one token per UTF-8 byte, so the pipeline runs end to end).
+pub fn write_pipeline(
+    spec: &PipelineSpec,
+    dtype: DType,
+    seed: u64,
+    dir: &Path,
+    tokenizer: Option<&Path>,
+) -> Result<Vec<PathBuf>> {
+    let mut written = write_transformer(&spec.transformer, Layout::Diffusers, dtype, seed, dir, "")?;
+    let init = Initializer { seed };
+
+    let te = dir.join("text_encoder");
+    let mut te_cfg = serde_json::to_value(&spec.text_encoder).unwrap();
+    te_cfg["architectures"] = serde_json::json!(["Qwen3ForCausalLM"]);
+    te_cfg["model_type"] = "qwen3".into();
+    te_cfg["torch_dtype"] = dtype_name(dtype).into();
+    written.push(write_json(&te.join("config.json"), &te_cfg)?);
+    written.extend(write_sharded(&te, "model", crate::model::qwen3::tensors(&spec.text_encoder), &init, dtype)?);
+
+    let vae = dir.join("vae");
+    let mut vae_cfg = serde_json::to_value(&spec.vae).unwrap();
+    vae_cfg["_class_name"] = "AutoencoderKLFlux2".into();
+    written.push(write_json(&vae.join("config.json"), &vae_cfg)?);
+    // The VAE runs in float32 in the BFL reference; keep its weights at least f16-exact.
+    let vae_dtype = if dtype == DType::F8E4M3 { DType::BF16 } else { dtype };
+    written.extend(write_sharded(
+        &vae,
+        "diffusion_pytorch_model",
+        crate::model::vae::tensors(&spec.vae),
+        &init,
+        vae_dtype,
+    )?);
+
+    written.push(write_json(
+        &dir.join("scheduler/scheduler_config.json"),
+        &serde_json::json!({
+            "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+            "use_dynamic_shifting": true, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+            "max_image_seq_len": 4096, "time_shift_type": "exponential",
+        }),
+    )?);
+
+    let tok = dir.join("tokenizer");
+    std::fs::create_dir_all(&tok).map_err(|e| Error::io(&tok, e))?;
+    match tokenizer {
+        Some(src) => {
+            for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
+                let p = entry.map_err(|e| Error::io(src, e))?.path();
+                if p.is_file() {
+                    let to = tok.join(p.file_name().unwrap());
+                    std::fs::copy(&p, &to).map_err(|e| Error::io(&p, e))?;
+                    written.push(to);
+                }
+            }
+        }
+        None => written.push(write_json(&tok.join("tokenizer.json"), &byte_level_tokenizer())?),
+    }
+    written.push(write_json(&tok.join("tokenizer_config.json"), &serde_json::json!({"tokenizer_class": "Qwen2Tokenizer", "pad_token": "<|endoftext|>", "eos_token": "<|im_end|>", "padding_side": "right"}))?);
+
+    let mut index = serde_json::json!({
+        "_class_name": "Flux2KleinPipeline", "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "Qwen3ForCausalLM"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"], "transformer": ["diffusers", "Flux2Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKLFlux2"],
+    });
+    if spec.distilled {
+        index["is_distilled"] = true.into();
+    }
+    written.push(write_json(&dir.join("model_index.json"), &index)?);
+    Ok(written)
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F8E4M3 => "float8_e4m3fn",
+    }
+}
+
+/// GPT-2's byte-to-unicode map (what byte-level BPE tokens are spelled in).
+fn byte_to_unicode() -> Vec<char> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut chars: Vec<u32> = printable.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut table = vec![' '; 256];
+    for (b, c) in printable.iter().zip(chars) {
+        table[*b as usize] = char::from_u32(c).unwrap();
+    }
+    table
+}
+
+/// A tokenizer.json with one token per byte (ids 0..256) and Qwen3's added tokens at their ids.
+fn byte_level_tokenizer() -> serde_json::Value {
+    let mut vocab: serde_json::Map<String, serde_json::Value> =
+        byte_to_unicode().into_iter().enumerate().map(|(i, c)| (c.to_string(), i.into())).collect();
+    let specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|object_ref_start|>",
+        "<|object_ref_end|>",
+        "<|box_start|>",
+        "<|box_end|>",
+        "<|quad_start|>",
+        "<|quad_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|vision_pad|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+        "<tool_call>",
+        "</tool_call>",
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+        "<tool_response>",
+        "</tool_response>",
+        "<think>",
+        "</think>",
+    ];
+    // Added tokens keep their ids only if the model vocabulary holds them too.
+    for (i, c) in specials.iter().enumerate() {
+        vocab.insert(c.to_string(), (151643 + i).into());
+    }
+    let added: Vec<serde_json::Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, c)| serde_json::json!({"id": 151643 + i, "content": c, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": i < 14}))
+        .collect();
+    let byte_level =
+        serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true});
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": {"type": "NFC"}, "pre_tokenizer": byte_level, "post_processor": null, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": []},
+    })
 }

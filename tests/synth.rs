@@ -71,3 +71,78 @@ fn synthetic_layouts_hold_the_same_model() {
     assert!(rel_err(&a, &c) > 1e-2, "a different seed must give a different model");
     assert!(a.iter().all(|v| v.is_finite()));
 }
+
+#[test]
+fn vae_and_text_encoder_tensor_lists_match_real_checkpoints() {
+    use flux2::model::{qwen3, vae};
+    use flux2::weights::WeightStore;
+    // The tiny fixture checkpoints were written by diffusers / transformers.
+    for (specs, dir, skip) in [
+        (
+            vae::tensors(&vae::VaeConfig::from_json_file(&fixtures().join("pipeline/vae/config.json")).unwrap()),
+            "pipeline/vae",
+            "num_batches_tracked",
+        ),
+        (
+            qwen3::tensors(
+                &qwen3::Qwen3Config::from_json_file(&fixtures().join("pipeline/text_encoder/config.json")).unwrap(),
+            ),
+            "pipeline/text_encoder",
+            "\0",
+        ),
+    ] {
+        let store = WeightStore::open(&fixtures().join(dir)).unwrap();
+        let mut stored: Vec<(String, Vec<usize>)> =
+            store.keys().filter(|k| !k.contains(skip)).map(|k| (k.to_string(), store.shape(k).unwrap())).collect();
+        let mut ours: Vec<(String, Vec<usize>)> = specs.into_iter().map(|t| (t.name, t.shape)).collect();
+        stored.sort();
+        ours.sort();
+        assert_eq!(ours, stored, "{dir}");
+    }
+    // Real sizes (spec §8.2): VAE 84,046,115 parameters plus the 2×128 BatchNorm statistics.
+    let count = |v: Vec<flux2::weights::TensorSpec>| v.iter().map(|t| t.numel()).sum::<usize>();
+    assert_eq!(count(vae::tensors(&vae::VaeConfig::default())), 84_046_115 + 256);
+    assert_eq!(count(qwen3::tensors(&qwen3::Qwen3Config::qwen3_4b())), 4_022_468_096);
+    assert_eq!(count(qwen3::tensors(&qwen3::Qwen3Config::qwen3_8b())), 8_190_735_360);
+}
+
+#[test]
+fn synthetic_pipeline_generates_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = dir.path().join("pipe");
+    let (ok, _, err) = common::run_cli(&[
+        "synth",
+        "--config",
+        fixtures().join("pipeline").to_str().unwrap(),
+        "--seed",
+        "9",
+        "--out",
+        pipe.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let out = dir.path().join("x.png");
+    let (ok, _, err) = common::run_cli(&[
+        "generate",
+        "--model",
+        pipe.to_str().unwrap(),
+        "--prompt",
+        "a test",
+        "--width",
+        "32",
+        "--height",
+        "16",
+        "--seed",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    let img = flux2::image_io::RgbImage::load(&out).unwrap();
+    assert_eq!((img.width, img.height), (32, 16));
+    // The byte-level stand-in tokenizer encodes text one byte per token around the template.
+    let tok = flux2::model::tokenizer::PromptTokenizer::load(&pipe.join("tokenizer")).unwrap();
+    let t = tok.encode_prompt("ab", 512).unwrap();
+    assert_eq!(&t.ids[..5], &[151644, b'u' as u32, b's' as u32, b'e' as u32, b'r' as u32]);
+}

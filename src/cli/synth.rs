@@ -1,11 +1,12 @@
 //! `flux2 synth`: write a random-weight checkpoint with the real names and shapes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::transformer::config::TransformerConfig;
 use crate::model::transformer::layout::Layout;
+use crate::synth::PipelineSpec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LayoutChoice {
@@ -15,9 +16,12 @@ pub enum LayoutChoice {
 
 #[derive(Debug, clap::Args)]
 pub struct SynthArgs {
-    /// `klein-4b`, `klein-9b`, or a transformer config.json.
+    /// `klein-4b` or `klein-9b` (a whole pipeline in the diffusers layout: Qwen3 text encoder,
+    /// transformer, VAE, scheduler, tokenizer), a pipeline folder (same, with its configs), or a
+    /// transformer config.json (the transformer alone).
     #[arg(long)]
     pub config: String,
+    /// diffusers folders, or BFL's single transformer file.
     #[arg(long, value_enum, default_value_t = LayoutChoice::Diffusers)]
     pub layout: LayoutChoice,
     /// Storage dtype: bf16, f16, f32 or fp8.
@@ -25,38 +29,51 @@ pub struct SynthArgs {
     pub dtype: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// A tokenizer folder to copy into the pipeline (default: a byte-level stand-in).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
 }
 
-/// A built-in config name or a config.json path.
-pub fn resolve_config(name: &str) -> Result<(TransformerConfig, String)> {
+enum Target {
+    Pipeline(PipelineSpec, String),
+    Transformer(TransformerConfig, String),
+}
+
+fn resolve(name: &str) -> Result<Target> {
     match name {
-        "klein-4b" => Ok((TransformerConfig::klein_4b(), "flux-2-klein-4b".into())),
-        "klein-9b" => Ok((TransformerConfig::klein_9b(), "flux-2-klein-9b".into())),
+        "klein-4b" => Ok(Target::Pipeline(PipelineSpec::klein_4b(), "flux-2-klein-4b".into())),
+        "klein-9b" => Ok(Target::Pipeline(PipelineSpec::klein_9b(), "flux-2-klein-9b".into())),
         path => {
-            let p = PathBuf::from(path);
-            if !p.is_file() {
-                return Err(Error::InvalidArgument(format!(
-                    "--config {path}: not klein-4b, klein-9b or an existing config.json"
-                )));
+            let p = Path::new(path);
+            if p.is_dir() && p.join("model_index.json").is_file() {
+                Ok(Target::Pipeline(PipelineSpec::from_pipeline(p)?, "transformer".into()))
+            } else if p.is_file() {
+                Ok(Target::Transformer(TransformerConfig::from_json_file(p)?, "transformer".into()))
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "--config {path}: not klein-4b, klein-9b, a pipeline folder or an existing config.json"
+                )))
             }
-            Ok((TransformerConfig::from_json_file(&p)?, "transformer".into()))
         }
     }
 }
 
 pub fn run(args: &SynthArgs) -> Result<()> {
-    let (cfg, stem) = resolve_config(&args.config)?;
     let dtype = DType::parse(&args.dtype)
         .ok_or_else(|| Error::InvalidArgument(format!("--dtype {}: use bf16, f16, f32 or fp8", args.dtype)))?;
-    let layout = match args.layout {
-        LayoutChoice::Diffusers => Layout::Diffusers,
-        LayoutChoice::Bfl => Layout::Bfl,
+    let target = resolve(&args.config)?;
+    let written = match (target, args.layout) {
+        (Target::Pipeline(spec, _), LayoutChoice::Diffusers) => {
+            crate::synth::write_pipeline(&spec, dtype, args.seed, &args.out, args.tokenizer.as_deref())?
+        }
+        (Target::Pipeline(PipelineSpec { transformer: cfg, .. }, stem) | Target::Transformer(cfg, stem), layout) => {
+            let layout = if layout == LayoutChoice::Bfl { Layout::Bfl } else { Layout::Diffusers };
+            crate::synth::write_transformer(&cfg, layout, dtype, args.seed, &args.out, &format!("{stem}.safetensors"))?
+        }
     };
-    let written =
-        crate::synth::write_transformer(&cfg, layout, dtype, args.seed, &args.out, &format!("{stem}.safetensors"))?;
     for p in written {
         println!("{}", p.display());
     }

@@ -318,3 +318,38 @@ fn padding_length(mask: &[u8]) -> Result<usize> {
     }
     Ok(n)
 }
+
+/// Every tensor of a Hugging Face `Qwen3ForCausalLM` checkpoint.
+pub fn tensors(cfg: &Qwen3Config) -> Vec<crate::weights::TensorSpec> {
+    use crate::weights::TensorSpec;
+    let (h, hd, nq, nkv, inter) =
+        (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads(), cfg.intermediate_size);
+    let mut v = vec![TensorSpec::new("model.embed_tokens.weight", &[cfg.vocab_size, h])];
+    for n in 0..cfg.num_hidden_layers {
+        let p = |s: &str| format!("model.layers.{n}.{s}");
+        v.push(TensorSpec::new(p("input_layernorm.weight"), &[h]));
+        v.push(TensorSpec::new(p("self_attn.q_proj.weight"), &[nq * hd, h]));
+        v.push(TensorSpec::new(p("self_attn.k_proj.weight"), &[nkv * hd, h]));
+        v.push(TensorSpec::new(p("self_attn.v_proj.weight"), &[nkv * hd, h]));
+        if cfg.attention_bias {
+            v.push(TensorSpec::new(p("self_attn.q_proj.bias"), &[nq * hd]));
+            v.push(TensorSpec::new(p("self_attn.k_proj.bias"), &[nkv * hd]));
+            v.push(TensorSpec::new(p("self_attn.v_proj.bias"), &[nkv * hd]));
+        }
+        v.push(TensorSpec::new(p("self_attn.o_proj.weight"), &[h, nq * hd]));
+        if cfg.attention_bias {
+            v.push(TensorSpec::new(p("self_attn.o_proj.bias"), &[h]));
+        }
+        v.push(TensorSpec::new(p("self_attn.q_norm.weight"), &[hd]));
+        v.push(TensorSpec::new(p("self_attn.k_norm.weight"), &[hd]));
+        v.push(TensorSpec::new(p("post_attention_layernorm.weight"), &[h]));
+        v.push(TensorSpec::new(p("mlp.gate_proj.weight"), &[inter, h]));
+        v.push(TensorSpec::new(p("mlp.up_proj.weight"), &[inter, h]));
+        v.push(TensorSpec::new(p("mlp.down_proj.weight"), &[h, inter]));
+    }
+    v.push(TensorSpec::new("model.norm.weight", &[h]));
+    if !cfg.tie_word_embeddings {
+        v.push(TensorSpec::new("lm_head.weight", &[cfg.vocab_size, h]));
+    }
+    v
+}

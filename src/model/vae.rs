@@ -625,3 +625,77 @@ pub fn unpack(be: &dyn Backend, x: &Tensor, h: usize, w: usize) -> Result<Tensor
     }
     be.contiguous(&be.contiguous(x)?.permute(&[0, 2, 1])?)?.reshape(&[b, c, h, w])
 }
+
+/// Every tensor of the diffusers layout (without BatchNorm's integer `num_batches_tracked`).
+pub fn tensors(cfg: &VaeConfig) -> Vec<crate::weights::TensorSpec> {
+    use crate::weights::TensorSpec;
+    let mut v = Vec::new();
+    let conv = |v: &mut Vec<TensorSpec>, name: &str, cout: usize, cin: usize, k: usize| {
+        v.push(TensorSpec::new(format!("{name}.weight"), &[cout, cin, k, k]));
+        v.push(TensorSpec::new(format!("{name}.bias"), &[cout]));
+    };
+    let norm = |v: &mut Vec<TensorSpec>, name: &str, c: usize| {
+        v.push(TensorSpec::new(format!("{name}.weight"), &[c]));
+        v.push(TensorSpec::new(format!("{name}.bias"), &[c]));
+    };
+    let resnet = |v: &mut Vec<TensorSpec>, name: &str, cin: usize, cout: usize| {
+        norm(v, &format!("{name}.norm1"), cin);
+        conv(v, &format!("{name}.conv1"), cout, cin, 3);
+        norm(v, &format!("{name}.norm2"), cout);
+        conv(v, &format!("{name}.conv2"), cout, cout, 3);
+        if cin != cout {
+            conv(v, &format!("{name}.conv_shortcut"), cout, cin, 1);
+        }
+    };
+    let mid = |v: &mut Vec<TensorSpec>, prefix: &str, c: usize| {
+        resnet(v, &format!("{prefix}.mid_block.resnets.0"), c, c);
+        if cfg.mid_block_add_attention {
+            let p = format!("{prefix}.mid_block.attentions.0");
+            norm(v, &format!("{p}.group_norm"), c);
+            for proj in ["to_q", "to_k", "to_v", "to_out.0"] {
+                v.push(TensorSpec::new(format!("{p}.{proj}.weight"), &[c, c]));
+                v.push(TensorSpec::new(format!("{p}.{proj}.bias"), &[c]));
+            }
+        }
+        resnet(v, &format!("{prefix}.mid_block.resnets.1"), c, c);
+    };
+    let (ch, z, levels) = (&cfg.block_out_channels, cfg.latent_channels, cfg.block_out_channels.len());
+    conv(&mut v, "encoder.conv_in", ch[0], cfg.in_channels, 3);
+    let mut prev = ch[0];
+    for i in 0..levels {
+        for j in 0..cfg.layers_per_block {
+            resnet(&mut v, &format!("encoder.down_blocks.{i}.resnets.{j}"), if j == 0 { prev } else { ch[i] }, ch[i]);
+        }
+        prev = ch[i];
+        if i + 1 < levels {
+            conv(&mut v, &format!("encoder.down_blocks.{i}.downsamplers.0.conv"), ch[i], ch[i], 3);
+        }
+    }
+    mid(&mut v, "encoder", ch[levels - 1]);
+    norm(&mut v, "encoder.conv_norm_out", ch[levels - 1]);
+    conv(&mut v, "encoder.conv_out", 2 * z, ch[levels - 1], 3);
+    if cfg.use_quant_conv {
+        conv(&mut v, "quant_conv", 2 * z, 2 * z, 1);
+    }
+    if cfg.use_post_quant_conv {
+        conv(&mut v, "post_quant_conv", z, z, 1);
+    }
+    let rev: Vec<usize> = cfg.decoder_channels().iter().rev().copied().collect();
+    conv(&mut v, "decoder.conv_in", rev[0], z, 3);
+    mid(&mut v, "decoder", rev[0]);
+    let mut prev = rev[0];
+    for k in 0..levels {
+        for j in 0..cfg.layers_per_block + 1 {
+            resnet(&mut v, &format!("decoder.up_blocks.{k}.resnets.{j}"), if j == 0 { prev } else { rev[k] }, rev[k]);
+        }
+        prev = rev[k];
+        if k + 1 < levels {
+            conv(&mut v, &format!("decoder.up_blocks.{k}.upsamplers.0.conv"), rev[k], rev[k], 3);
+        }
+    }
+    norm(&mut v, "decoder.conv_norm_out", rev[levels - 1]);
+    conv(&mut v, "decoder.conv_out", cfg.out_channels, rev[levels - 1], 3);
+    v.push(TensorSpec::new("bn.running_mean", &[cfg.packed_channels()]));
+    v.push(TensorSpec::new("bn.running_var", &[cfg.packed_channels()]));
+    v
+}

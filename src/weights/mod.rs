@@ -24,6 +24,23 @@ pub struct WeightStore {
     prefix: String,
 }
 
+/// A tensor's name and shape: what a model expects, or what `synth` writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    pub fn new(name: impl Into<String>, shape: &[usize]) -> TensorSpec {
+        TensorSpec { name: name.into(), shape: shape.to_vec() }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
 /// A tensor's location and raw bytes inside a mapped file.
 #[derive(Debug, Clone, Copy)]
 pub struct RawTensor<'a> {

@@ -8,7 +8,7 @@ use super::config::TransformerConfig;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
-use crate::weights::WeightStore;
+use crate::weights::{TensorSpec, WeightStore};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -50,12 +50,6 @@ impl Layout {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct TensorSpec {
-    pub name: String,
-    pub shape: Vec<usize>,
-}
-
 /// `rows` of diffusers tensor `name`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowSlice {
@@ -64,7 +58,7 @@ pub struct RowSlice {
 }
 
 fn spec(name: String, shape: &[usize]) -> TensorSpec {
-    TensorSpec { name, shape: shape.to_vec() }
+    TensorSpec::new(name, shape)
 }
 
 /// Every tensor of the diffusers layout, in a stable order.
