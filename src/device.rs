@@ -17,7 +17,10 @@ pub enum DeviceChoice {
 pub fn select(choice: DeviceChoice) -> Result<Arc<dyn Backend>> {
     match choice {
         DeviceChoice::Cpu => Ok(Arc::new(CpuBackend::new())),
-        DeviceChoice::Cuda => cuda().map_err(|e| Error::Gpu(format!("--device cuda is not usable: {e}"))),
+        DeviceChoice::Cuda => cuda().map_err(|e| match e {
+            Error::Gpu(m) | Error::Unsupported(m) => Error::Gpu(format!("--device cuda is not usable: {m}")),
+            other => other,
+        }),
         DeviceChoice::Auto => match cuda() {
             Ok(be) => Ok(be),
             Err(e) => {
@@ -36,4 +39,10 @@ fn cuda() -> Result<Arc<dyn Backend>> {
 #[cfg(not(feature = "cuda"))]
 fn cuda() -> Result<Arc<dyn Backend>> {
     Err(Error::Unsupported("this binary was built without the CUDA backend (cargo feature `cuda`)".into()))
+}
+
+/// The CUDA backend behind a selected backend, if it is one.
+#[cfg(feature = "cuda")]
+pub fn as_cuda(be: &Arc<dyn Backend>) -> Option<&crate::backend::cuda::CudaBackend> {
+    be.as_any().downcast_ref()
 }

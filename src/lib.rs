@@ -15,7 +15,9 @@ pub mod pipeline;
 pub mod progress;
 pub mod rng;
 pub mod sampler;
+pub mod selftest;
 pub mod synth;
+pub mod telemetry;
 pub mod tensor;
 pub mod weights;
 

@@ -20,6 +20,10 @@ enum Command {
     Inspect(cli::inspect::InspectArgs),
     /// Write a random-weight checkpoint with the real tensor names and shapes.
     Synth(cli::synth::SynthArgs),
+    /// Check every op of a backend against the CPU reference on random inputs.
+    Selftest(cli::selftest::SelftestArgs),
+    /// Report the driver, GPU, VRAM, compute capability, embedded kernels and NVML.
+    Doctor(cli::doctor::DoctorArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +39,8 @@ fn main() -> ExitCode {
         Command::Forward(a) => cli::forward::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
         Command::Synth(a) => cli::synth::run(a),
+        Command::Selftest(a) => cli::selftest::run(a),
+        Command::Doctor(a) => cli::doctor::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -302,6 +302,23 @@ impl Tensor {
         })
     }
 
+    /// A view with explicit offset, shape and strides over this tensor's storage (bounds-checked).
+    pub fn as_strided(&self, offset: usize, shape: &[usize], strides: &[usize]) -> Result<Tensor> {
+        let len = match &*self.storage {
+            Storage::Cpu(s) => s.len(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.len(),
+        };
+        let last = shape.iter().zip(strides).map(|(d, s)| d.saturating_sub(1) * s).sum::<usize>();
+        if shape.len() != strides.len() || (shape.iter().product::<usize>() > 0 && offset + last >= len) {
+            return Err(Error::shape(
+                "as_strided",
+                format!("view {shape:?}/{strides:?}+{offset} exceeds {len} elements"),
+            ));
+        }
+        Ok(Tensor { storage: self.storage.clone(), shape: shape.to_vec(), strides: strides.to_vec(), offset })
+    }
+
     /// CPU storage, if the tensor lives on the host.
     pub fn cpu_storage(&self) -> Option<&CpuStorage> {
         match &*self.storage {

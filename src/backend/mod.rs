@@ -12,6 +12,8 @@
 //! Ops accept strided views; a backend copies to dense memory where its kernels need it.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::dtype::DType;
 use crate::error::Result;
@@ -44,6 +46,9 @@ impl Padding2d {
 
 pub trait Backend: Send + Sync + std::fmt::Debug {
     fn kind(&self) -> DeviceKind;
+
+    /// For backend-specific controls (e.g. the CUDA backend's memory statistics).
+    fn as_any(&self) -> &dyn std::any::Any;
 
     /// Human-readable device name, e.g. "cpu (2 threads)" or "NVIDIA H100 80GB HBM3".
     fn name(&self) -> String;

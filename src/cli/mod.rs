@@ -1,8 +1,10 @@
 //! The `flux2` command line: thin wrappers over the library.
 
+pub mod doctor;
 pub mod forward;
 pub mod generate;
 pub mod inspect;
+pub mod selftest;
 pub mod synth;
 
 use std::path::Path;

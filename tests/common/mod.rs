@@ -47,3 +47,16 @@ pub fn run_cli(args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(bin()).args(args).output().expect("run flux2");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
+
+/// Cosine similarity and ‖a − b‖ / ‖b‖.
+pub fn cosine_and_rel_l2(a: &[f32], b: &[f32]) -> (f64, f64) {
+    let (mut ab, mut aa, mut bb, mut dd) = (0f64, 0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (*x as f64, *y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+        dd += (x - y) * (x - y);
+    }
+    (ab / (aa.sqrt() * bb.sqrt()).max(1e-300), (dd / bb.max(1e-300)).sqrt())
+}

@@ -42,6 +42,10 @@ pub(crate) fn output(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
 }
 
 impl Backend for CpuBackend {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn kind(&self) -> DeviceKind {
         DeviceKind::Cpu
     }

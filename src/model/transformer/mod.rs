@@ -67,6 +67,8 @@ pub struct Flux2Transformer {
     single: Vec<SingleBlock>,
     norm_out: Tensor,
     proj_out: Tensor,
+    /// Device RoPE tables of the last ids seen.
+    rope_cache: std::sync::Mutex<Option<(PositionIds, Tensor, Tensor)>>,
 }
 
 /// The per-sample modulation vectors of one stream: shift, scale, gate per set.
@@ -163,6 +165,7 @@ impl Flux2Transformer {
             single,
             norm_out: w.load(b, "norm_out.linear.weight", &[2 * d, d])?,
             proj_out: w.load(b, "proj_out.weight", &[cfg.out_features(), d])?,
+            rope_cache: Default::default(),
             cfg,
             layout,
             be,
@@ -197,7 +200,7 @@ impl Flux2Transformer {
     ) -> Result<Tensor> {
         let be = &*self.be;
         let cfg = &self.cfg;
-        let (d, hd) = (cfg.hidden(), cfg.attention_head_dim);
+        let d = cfg.hidden();
         self.check_inputs(hidden_states, context, timestep, img_ids, txt_ids, guidance)?;
         let (lt, li) = (context.dim(1), hidden_states.dim(1));
 
@@ -210,12 +213,7 @@ impl Flux2Transformer {
         let mut img = be.linear(hidden_states, &self.x_embedder, None)?;
         let mut txt = be.linear(context, &self.context_embedder, None)?;
 
-        // Text first, then image: the joint sequence order of every attention.
-        let (cos, sin) = flux_tables(&PositionIds::concat(&[txt_ids, img_ids])?, &cfg.axes_dims_rope, cfg.rope_theta)?;
-        let n = lt + li;
-        // Tables stay f32 on every backend: diffusers applies RoPE in f32.
-        let cos = be.upload(&Tensor::from_f32(cos, &[n, hd / 2])?, DType::F32)?;
-        let sin = be.upload(&Tensor::from_f32(sin, &[n, hd / 2])?, DType::F32)?;
+        let (cos, sin) = self.rope_tables(txt_ids, img_ids)?;
         let rope = Rope { cos: &cos, sin: &sin };
 
         for block in &self.double {
@@ -230,6 +228,26 @@ impl Flux2Transformer {
         let (scale, shift) = (emb.narrow(1, 0, d)?, emb.narrow(1, d, d)?);
         let out = be.layer_norm_modulate(&img, &shift, &scale, cfg.eps as f32)?;
         be.linear(&out, &self.proj_out, None)
+    }
+
+    /// RoPE tables for the joint sequence (text first, then image), kept on the device while
+    /// the ids stay the same: every denoising step reuses them without an upload.
+    fn rope_tables(&self, txt_ids: &PositionIds, img_ids: &PositionIds) -> Result<(Tensor, Tensor)> {
+        let ids = PositionIds::concat(&[txt_ids, img_ids])?;
+        let mut cache = self.rope_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((cached, cos, sin)) = cache.as_ref() {
+            if *cached == ids {
+                return Ok((cos.clone(), sin.clone()));
+            }
+        }
+        let (cfg, be) = (&self.cfg, &*self.be);
+        let (cos, sin) = flux_tables(&ids, &cfg.axes_dims_rope, cfg.rope_theta)?;
+        let shape = [ids.len(), cfg.attention_head_dim / 2];
+        // Tables stay f32 on every backend: diffusers applies RoPE in f32.
+        let cos = be.upload(&Tensor::from_f32(cos, &shape)?, DType::F32)?;
+        let sin = be.upload(&Tensor::from_f32(sin, &shape)?, DType::F32)?;
+        *cache = Some((ids, cos.clone(), sin.clone()));
+        Ok((cos, sin))
     }
 
     fn check_inputs(

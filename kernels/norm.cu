@@ -1,0 +1,84 @@
+// Normalisations: LayerNorm (+ fused adaLN modulate), RMSNorm, GroupNorm (+ SiLU). One block per
+// row for the row norms (two-pass mean/variance in f32); GroupNorm in two kernels: per-chunk
+// partial sums into f64 statistics, then an element-wise apply.
+#include "common.cuh"
+
+// LayerNorm over the last dim (no affine). With shift/scale ([B, C], row stride vs), applies
+// x * (1 + scale[b]) + shift[b], b = row / rows_per_sample.
+extern "C" __global__ void layer_norm_bf16(const bf16* x, bf16* y, int c, float eps, const bf16* shift, const bf16* scale,
+                                           long vs, long rows_per_sample) {
+    __shared__ float scratch[32];
+    long row = blockIdx.x;
+    const bf16* xr = x + row * c;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) s += to_f(xr[i]);
+    float mean = block_sum(s, scratch) / c;
+    float v = 0.f;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+        float d = to_f(xr[i]) - mean;
+        v += d * d;
+    }
+    float inv = rsqrtf(block_sum(v, scratch) / c + eps);
+    long b = row / rows_per_sample;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+        float n = (to_f(xr[i]) - mean) * inv;
+        if (shift) n = n * (1.f + to_f(scale[b * vs + i])) + to_f(shift[b * vs + i]);
+        y[row * c + i] = to_bf(n);
+    }
+}
+
+// RMSNorm over the last dim with an optional weight.
+extern "C" __global__ void rms_norm_bf16(const bf16* x, const bf16* w, bf16* y, int c, float eps) {
+    __shared__ float scratch[32];
+    long row = blockIdx.x;
+    const bf16* xr = x + row * c;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+        float v = to_f(xr[i]);
+        s += v * v;
+    }
+    float inv = rsqrtf(block_sum(s, scratch) / c + eps);
+    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+        float n = to_f(xr[i]) * inv;
+        y[row * c + i] = to_bf(w ? n * to_f(w[i]) : n);
+    }
+}
+
+// Partial (sum, sum of squares) of `chunk` elements of group blockIdx.y into stats[2*group],
+// shifted by the group's first element so E[x^2] - E[x]^2 does not cancel catastrophically.
+extern "C" __global__ void group_norm_stats_bf16(const bf16* x, double* stats, long group_size, long chunk) {
+    __shared__ float scratch[32];
+    long g = blockIdx.y;
+    long start = (long)blockIdx.x * chunk;
+    long end = min(start + chunk, group_size);
+    const bf16* xg = x + g * group_size;
+    float shift = to_f(xg[0]);
+    float s = 0.f, q = 0.f;
+    for (long i = start + threadIdx.x; i < end; i += blockDim.x) {
+        float v = to_f(xg[i]) - shift;
+        s += v;
+        q += v * v;
+    }
+    s = block_sum(s, scratch);
+    q = block_sum(q, scratch);
+    if (threadIdx.x == 0) {
+        atomicAdd(&stats[2 * g], (double)s);
+        atomicAdd(&stats[2 * g + 1], (double)q);
+    }
+}
+
+// y = (x - mean) / sqrt(var + eps) * w[c] + b[c], optionally SiLU. x NCHW, groups per sample.
+extern "C" __global__ void group_norm_apply_bf16(const bf16* x, const double* stats, const bf16* w, const bf16* b, bf16* y,
+                                                 int c, int groups, long hw, float eps, int silu, long n) {
+    long group_size = (long)(c / groups) * hw;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        long g = i / group_size;  // = sample * groups + group
+        int ch = (int)((i / hw) % c);
+        double shift = (double)to_f(x[g * group_size]);
+        double mean_shifted = stats[2 * g] / group_size;
+        double var = fmax(stats[2 * g + 1] / group_size - mean_shifted * mean_shifted, 0.0);
+        double mean = shift + mean_shifted;
+        float v = (float)((to_f(x[i]) - mean) * rsqrt(var + eps)) * to_f(w[ch]) + to_f(b[ch]);
+        y[i] = to_bf(silu ? silu_f(v) : v);
+    }
+}

@@ -1,0 +1,138 @@
+//! Launchers for the matrix kernels (kernels/gemm.cu): `linear` and conv2d as im2col + GEMM.
+
+use cudarc::driver::LaunchConfig;
+
+use super::{grid_1d, launch, CudaBackend};
+use crate::backend::{check, Padding2d};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Bias handling of the GEMM epilogue.
+#[derive(Clone, Copy)]
+enum Bias {
+    None,
+    PerColumn(u64),
+    PerRow(u64),
+}
+
+impl Bias {
+    fn args(self) -> (u64, i32) {
+        match self {
+            Bias::None => (0, 0),
+            Bias::PerColumn(p) => (p, 1),
+            Bias::PerRow(p) => (p, 2),
+        }
+    }
+}
+
+/// C[m, n] (leading dimension ldc) = Σ_k A[m, k] · W[n, k] + bias, all bf16, f32 accumulation.
+/// The tensor-core kernel needs K % 8 == 0 and 16-byte aligned operands; otherwise the tiled one.
+#[allow(clippy::too_many_arguments)]
+fn gemm(be: &CudaBackend, a: u64, w: u64, bias: Bias, c: u64, m: usize, n: usize, k: usize, ldc: usize) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let (bp, mode) = bias.args();
+    let (m32, n32, k32) = (m as i32, n as i32, k as i32);
+    if k % 8 == 0 && a % 16 == 0 && w % 16 == 0 && m.div_ceil(128) <= 65535 {
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(be.dev, "gemm_mma_bf16", cfg, a, w, bp, mode, c, m32, n32, k32, ldc as i64)
+    } else {
+        if m.div_ceil(16) > 65535 {
+            return Err(Error::shape("gemm", format!("{m} rows exceed one grid for the fallback kernel")));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(16) as u32, m.div_ceil(16) as u32, 1),
+            block_dim: (16, 16, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(be.dev, "gemm_tiled_bf16", cfg, a, w, bp, mode, c, m32, n32, k32, ldc as i64)
+    }
+}
+
+pub(super) fn linear(be: &CudaBackend, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (m, k, n) = check::linear(x, w, bias)?;
+    let (_x, xp) = be.bf16_arg(x, "linear")?;
+    let (_w, wp) = be.bf16_arg(w, "linear")?;
+    let b = bias.map(|b| be.bf16_arg(b, "linear")).transpose()?;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    let out = be.output(DType::BF16, &shape)?;
+    let bias = b.as_ref().map_or(Bias::None, |(_, p)| Bias::PerColumn(*p));
+    gemm(be, xp, wp, bias, be.ptr(&out)?, m, n, k, n)?;
+    Ok(out)
+}
+
+/// Column buffer budget (elements) per im2col chunk: 128 Mi bf16 = 256 MiB.
+const COL_BUDGET: usize = 128 << 20;
+
+/// out[Cout, pixels] = W[Cout, K] · col[pixels, K]ᵀ, one chunk of output pixels at a time.
+pub(super) fn conv2d(
+    be: &CudaBackend,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: Padding2d,
+) -> Result<Tensor> {
+    check::rank("conv2d", x, 4)?;
+    check::rank("conv2d", w, 4)?;
+    let (b, cin, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let (cout, kh, kw) = (w.dim(0), w.dim(2), w.dim(3));
+    let (hp, wp) = (h + pad.top + pad.bottom, wd + pad.left + pad.right);
+    if w.dim(1) != cin || stride == 0 || hp < kh || wp < kw {
+        return Err(Error::shape(
+            "conv2d",
+            format!("input {:?} with weight {:?}, stride {stride}, {pad:?}", x.shape(), w.shape()),
+        ));
+    }
+    if let Some(bb) = bias {
+        if bb.shape() != [cout] {
+            return Err(Error::shape("conv2d", format!("bias {:?} for {cout} output channels", bb.shape())));
+        }
+    }
+    let (ho, wo) = ((hp - kh) / stride + 1, (wp - kw) / stride + 1);
+    let pixels = ho * wo;
+    let kdim = cin * kh * kw;
+    let (x, xp) = be.bf16_arg(x, "conv2d")?;
+    let (_w, wptr) = be.bf16_arg(w, "conv2d")?;
+    let bias = bias.map(|b| be.bf16_arg(b, "conv2d")).transpose()?;
+    let bias = bias.as_ref().map_or(Bias::None, |(_, p)| Bias::PerRow(*p));
+    let out = be.output(DType::BF16, &[b, cout, ho, wo])?;
+    let chunk = (COL_BUDGET / kdim.max(1)).clamp(1, pixels.max(1));
+    let col = be.output(DType::BF16, &[chunk, kdim])?;
+    let colp = be.ptr(&col)?;
+    for bi in 0..b {
+        let xb = xp + (bi * cin * h * wd * 2) as u64;
+        let ob = be.ptr(&out)? + (bi * cout * pixels * 2) as u64;
+        for p0 in (0..pixels).step_by(chunk) {
+            let np = chunk.min(pixels - p0);
+            launch!(
+                be.dev,
+                "im2col_bf16",
+                grid_1d(np * kdim),
+                xb,
+                colp,
+                cin as i32,
+                h as i32,
+                wd as i32,
+                kh as i32,
+                kw as i32,
+                stride as i32,
+                pad.top as i32,
+                pad.left as i32,
+                wo as i32,
+                p0 as i64,
+                np as i64
+            )?;
+            gemm(be, wptr, colp, bias, ob + (p0 * 2) as u64, cout, np, kdim, pixels)?;
+        }
+    }
+    let _ = x;
+    Ok(out)
+}

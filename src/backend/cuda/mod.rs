@@ -1,0 +1,498 @@
+//! The CUDA backend: cudarc (dynamically loaded driver) and our NVRTC-compiled kernels.
+//! Activations are bf16 with f32 math inside kernels; RoPE tables and per-channel affine
+//! parameters are f32. One stream, no host synchronisation between ops; device memory comes
+//! from the driver's stream-ordered pool and the backend tracks live and peak bytes.
+
+mod attention;
+mod gemm;
+pub mod images;
+mod layout;
+mod pointwise;
+mod reduce;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
+use half::bf16;
+
+use crate::backend::{AttnMask, Backend, Padding2d};
+use crate::dtype::{decode_to_f32, DType};
+use crate::error::{Error, Result};
+use crate::tensor::{DeviceKind, Storage, Tensor};
+
+pub(crate) fn gpu_err(e: impl std::fmt::Display) -> Error {
+    let msg = e.to_string();
+    if msg.contains("OUT_OF_MEMORY") {
+        Error::OutOfMemory(msg)
+    } else {
+        Error::Gpu(msg)
+    }
+}
+
+/// Every kernel the backend launches, by module.
+const KERNELS: &[(&str, &[&str])] = &[
+    (
+        "elementwise",
+        &[
+            "fill_u16",
+            "fill_u32",
+            "silu_bf16",
+            "swiglu_bf16",
+            "axpby_bf16",
+            "gated_add_bf16",
+            "modulate_bf16",
+            "channel_affine_bf16",
+            "upsample_nearest2x_bf16",
+            "embedding_bf16",
+            "timestep_embedding_bf16",
+            "rope_bf16",
+            "strided_copy_b16",
+            "strided_copy_b32",
+        ],
+    ),
+    ("norm", &["layer_norm_bf16", "rms_norm_bf16", "group_norm_stats_bf16", "group_norm_apply_bf16"]),
+    ("gemm", &["gemm_tiled_bf16", "gemm_mma_bf16", "im2col_bf16"]),
+    ("attention", &["attention_rowwise_bf16", "flash_attention_d64_bf16", "flash_attention_d128_bf16"]),
+];
+
+/// Device state shared by the backend and every tensor it owns.
+pub struct CudaDevice {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    functions: HashMap<&'static str, CudaFunction>,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub target: &'static str,
+    pub total_memory: usize,
+    live: AtomicUsize,
+    peak: AtomicUsize,
+    poison: AtomicBool,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaDevice({}, sm_{}{}, {})",
+            self.name, self.compute_capability.0, self.compute_capability.1, self.target
+        )
+    }
+}
+
+/// Device memory of one tensor.
+pub struct CudaStorage {
+    buf: CudaSlice<u8>,
+    dtype: DType,
+    len: usize,
+    dev: Arc<CudaDevice>,
+}
+
+impl std::fmt::Debug for CudaStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaStorage({} x {})", self.len, self.dtype)
+    }
+}
+
+impl Drop for CudaStorage {
+    fn drop(&mut self) {
+        self.dev.live.fetch_sub(self.len * self.dtype.size_in_bytes(), Ordering::Relaxed);
+    }
+}
+
+impl CudaStorage {
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn base_ptr(&self) -> u64 {
+        let (p, _sync) = self.buf.device_ptr(&self.dev.stream);
+        p
+    }
+
+    /// Copy to the host (synchronises the stream) and read the view as f32.
+    pub fn to_vec_f32(&self, view: &Tensor) -> Result<Vec<f32>> {
+        let bytes: Vec<u8> = self.dev.stream.clone_dtoh(&self.buf).map_err(gpu_err)?;
+        let values = decode_to_f32(&bytes, self.dtype);
+        let host = Tensor::from_f32(values, &[self.len])?;
+        host_view(&host, view)?.to_vec_f32()
+    }
+}
+
+/// `view`'s layout applied to a host copy of its storage.
+fn host_view(host: &Tensor, view: &Tensor) -> Result<Tensor> {
+    host.as_strided(view.offset(), view.shape(), view.strides())
+}
+
+impl CudaDevice {
+    fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions.get(name).ok_or_else(|| Error::Gpu(format!("kernel {name} is not loaded")))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CudaBackend {
+    dev: Arc<CudaDevice>,
+}
+
+/// Launch `$name` with `$cfg`; arguments are bound to locals so they outlive the launch.
+macro_rules! launch {
+    ($dev:expr, $name:expr, $cfg:expr $(, $arg:expr)* $(,)?) => {{
+        use cudarc::driver::PushKernelArg as _;
+        let func = $dev.function($name)?;
+        let mut builder = $dev.stream.launch_builder(func);
+        $(
+            let a = $arg;
+            builder.arg(&a);
+        )*
+        unsafe { builder.launch($cfg) }.map(|_| ()).map_err($crate::backend::cuda::gpu_err)
+    }};
+}
+pub(crate) use launch;
+
+/// A 1-D grid-stride launch for `n` elements.
+pub(crate) fn grid_1d(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65535 * 16);
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+impl CudaBackend {
+    /// Initialise device `ordinal`: probe the driver (no panic when libcuda is absent), pick the
+    /// kernel image for its compute capability, load every kernel.
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        if images::KERNEL_IMAGES.is_empty() {
+            return Err(Error::Gpu(format!("this binary was built without GPU kernels ({})", images::KERNEL_STATUS)));
+        }
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::Gpu(
+                "the CUDA driver library (libcuda.so.1) was not found: no NVIDIA driver on this machine".into(),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::Gpu(format!("cannot open GPU {ordinal}: {e}")))?;
+        // One stream, synchronised by hand: no per-allocation events.
+        unsafe { ctx.disable_event_tracking() };
+        let cc = ctx.compute_capability().map_err(gpu_err)?;
+        let target = images::target_for(cc.0, cc.1).ok_or_else(|| {
+            Error::Gpu(format!(
+                "compute capability {}.{} is not supported (bf16 tensor cores need 8.0 or newer)",
+                cc.0, cc.1
+            ))
+        })?;
+        let mut functions = HashMap::new();
+        for (module, names) in KERNELS {
+            let image = images::image(module, target)
+                .ok_or_else(|| Error::Gpu(format!("kernel module {module} has no {target} image")))?;
+            let ptx = if target.starts_with("compute") {
+                cudarc::nvrtc::Ptx::from_src(String::from_utf8_lossy(image).trim_end_matches('\0').to_string())
+            } else {
+                cudarc::nvrtc::Ptx::from_binary(image.to_vec())
+            };
+            let m =
+                ctx.load_module(ptx).map_err(|e| Error::Gpu(format!("loading kernels {module} ({target}): {e}")))?;
+            for name in *names {
+                let f = m.load_function(name).map_err(|e| Error::Gpu(format!("kernel {name}: {e}")))?;
+                functions.insert(*name, f);
+            }
+        }
+        // The flash kernels use more than the default 48 KB of shared memory.
+        for (name, d) in [("flash_attention_d64_bf16", 64usize), ("flash_attention_d128_bf16", 128)] {
+            let bytes = attention::flash_smem_bytes(d) as i32;
+            functions[name]
+                .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)
+                .map_err(gpu_err)?;
+        }
+        keep_pool_memory(&ctx);
+        let dev = CudaDevice {
+            name: ctx.name().map_err(gpu_err)?,
+            total_memory: ctx.total_mem().map_err(gpu_err)?,
+            stream: ctx.default_stream(),
+            ctx,
+            functions,
+            compute_capability: cc,
+            target,
+            live: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            poison: AtomicBool::new(false),
+        };
+        Ok(CudaBackend { dev: Arc::new(dev) })
+    }
+
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    /// Fill every new output buffer with NaN first (selftest: catches unwritten elements).
+    pub fn set_poison(&self, on: bool) {
+        self.dev.poison.store(on, Ordering::Relaxed);
+    }
+
+    /// Bytes held by live tensors now, and the most ever held since `reset_peak`.
+    pub fn memory(&self) -> (usize, usize) {
+        (self.dev.live.load(Ordering::Relaxed), self.dev.peak.load(Ordering::Relaxed))
+    }
+
+    pub fn reset_peak(&self) {
+        self.dev.peak.store(self.dev.live.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// Uninitialised (or poisoned) storage for `len` elements.
+    fn alloc(&self, dtype: DType, len: usize) -> Result<CudaStorage> {
+        let bytes = len * dtype.size_in_bytes();
+        let buf = unsafe { self.dev.stream.alloc::<u8>(bytes.max(1)) }.map_err(gpu_err)?;
+        let live = self.dev.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.dev.peak.fetch_max(live, Ordering::Relaxed);
+        let s = CudaStorage { buf, dtype, len, dev: self.dev.clone() };
+        if self.dev.poison.load(Ordering::Relaxed) && len > 0 {
+            let p = s.base_ptr();
+            match dtype.size_in_bytes() {
+                2 => launch!(self.dev, "fill_u16", grid_1d(len), p, 0x7FC0u16, len as i64)?,
+                4 => launch!(self.dev, "fill_u32", grid_1d(len), p, 0x7FC0_0000u32, len as i64)?,
+                _ => {}
+            }
+        }
+        Ok(s)
+    }
+
+    fn output(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let s = self.alloc(dtype, shape.iter().product())?;
+        Tensor::from_storage(Storage::Cuda(s), shape)
+    }
+
+    /// A dense copy of `x` if it is a strided view, else `x` itself.
+    fn dense(&self, x: &Tensor) -> Result<Tensor> {
+        if x.is_contiguous() {
+            self.storage(x)?;
+            Ok(x.clone())
+        } else {
+            self.contiguous(x)
+        }
+    }
+
+    fn storage<'a>(&self, x: &'a Tensor) -> Result<&'a CudaStorage> {
+        match x.storage() {
+            Storage::Cuda(s) => Ok(s),
+            _ => Err(Error::Gpu("the CUDA backend was given a tensor that lives on another device".into())),
+        }
+    }
+
+    /// Device address of the first element of `x`'s view.
+    fn ptr(&self, x: &Tensor) -> Result<u64> {
+        let s = self.storage(x)?;
+        Ok(s.base_ptr() + (x.offset() * s.dtype.size_in_bytes()) as u64)
+    }
+
+    /// Pointer to a dense bf16 tensor (copying strided views).
+    fn bf16_arg(&self, x: &Tensor, op: &'static str) -> Result<(Tensor, u64)> {
+        let d = self.dense(x)?;
+        if d.dtype() != DType::BF16 {
+            return Err(Error::shape(op, format!("expected a bf16 activation, got {}", d.dtype())));
+        }
+        let p = self.ptr(&d)?;
+        Ok((d, p))
+    }
+
+    /// Pointer and row stride of a per-sample vector view `[B, C]` (last dim contiguous).
+    fn vec_arg(&self, v: &Tensor, op: &'static str) -> Result<(Tensor, u64, i64)> {
+        let v = if v.strides()[1] == 1 || v.dim(1) == 1 { v.clone() } else { self.contiguous(v)? };
+        if v.dtype() != DType::BF16 {
+            return Err(Error::shape(op, format!("expected bf16 modulation vectors, got {}", v.dtype())));
+        }
+        let p = self.ptr(&v)?;
+        let stride = if v.dim(0) > 1 { v.strides()[0] as i64 } else { v.dim(1) as i64 };
+        Ok((v, p, stride))
+    }
+
+    fn f32_arg(&self, x: &Tensor, op: &'static str) -> Result<(Tensor, u64)> {
+        let d = self.dense(x)?;
+        if d.dtype() != DType::F32 {
+            return Err(Error::shape(op, format!("expected an f32 table, got {}", d.dtype())));
+        }
+        let p = self.ptr(&d)?;
+        Ok((d, p))
+    }
+
+    /// Upload host bytes into new device storage.
+    fn upload_bytes(&self, bytes: &[u8], dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        if bytes.len() != numel * dtype.size_in_bytes() {
+            return Err(Error::shape("upload", format!("{} bytes of {dtype} for shape {shape:?}", bytes.len())));
+        }
+        let mut s = self.alloc(dtype, numel)?;
+        if !bytes.is_empty() {
+            self.dev.stream.memcpy_htod(bytes, &mut s.buf).map_err(gpu_err)?;
+        }
+        Tensor::from_storage(Storage::Cuda(s), shape)
+    }
+}
+
+/// Keep freed memory in the driver's pool instead of returning it at every synchronisation.
+fn keep_pool_memory(ctx: &Arc<CudaContext>) {
+    if !ctx.has_async_alloc() {
+        return;
+    }
+    unsafe {
+        let mut pool = std::mem::MaybeUninit::uninit();
+        if sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS {
+            let mut threshold: u64 = u64::MAX;
+            sys::cuMemPoolSetAttribute(
+                pool.assume_init(),
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut _,
+            );
+        }
+    }
+}
+
+fn to_bf16_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| bf16::from_f32(*v).to_bits().to_le_bytes()).collect()
+}
+
+impl Backend for CudaBackend {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn kind(&self) -> DeviceKind {
+        DeviceKind::Cuda
+    }
+
+    fn name(&self) -> String {
+        let (maj, min) = self.dev.compute_capability;
+        format!("{} (sm_{maj}{min}, {} GiB, kernels {})", self.dev.name, self.dev.total_memory >> 30, self.dev.target)
+    }
+
+    fn activation_dtype(&self) -> DType {
+        DType::BF16
+    }
+
+    fn upload(&self, host: &Tensor, dtype: DType) -> Result<Tensor> {
+        let values = match host.cpu_storage() {
+            Some(_) => host.to_vec_f32()?,
+            None if host.device() == DeviceKind::Cuda => return self.contiguous(host),
+            None => return Err(Error::Gpu("upload expects a host tensor".into())),
+        };
+        match dtype {
+            DType::F32 => self.upload_bytes(bytemuck::cast_slice(&values), DType::F32, host.shape()),
+            _ => self.upload_bytes(&to_bf16_bytes(&values), DType::BF16, host.shape()),
+        }
+    }
+
+    fn load_weight(&self, bytes: &[u8], dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        match dtype {
+            // Straight from the memory-mapped file to the device, in the stored dtype.
+            DType::BF16 => self.upload_bytes(bytes, DType::BF16, shape),
+            other => {
+                let values = decode_to_f32(bytes, other);
+                self.upload_bytes(&to_bf16_bytes(&values), DType::BF16, shape)
+            }
+        }
+    }
+
+    fn contiguous(&self, x: &Tensor) -> Result<Tensor> {
+        layout::contiguous(self, x)
+    }
+
+    fn concat(&self, xs: &[&Tensor], dim: usize) -> Result<Tensor> {
+        layout::concat(self, xs, dim)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.dev.stream.synchronize().map_err(gpu_err)
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        gemm::linear(self, x, w, bias)
+    }
+
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
+        attention::attention(self, q, k, v, mask, scale)
+    }
+
+    fn conv2d(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        padding: Padding2d,
+    ) -> Result<Tensor> {
+        gemm::conv2d(self, x, w, bias, stride, padding)
+    }
+
+    fn layer_norm(&self, x: &Tensor, eps: f32) -> Result<Tensor> {
+        reduce::layer_norm(self, x, None, eps)
+    }
+
+    fn layer_norm_modulate(&self, x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f32) -> Result<Tensor> {
+        reduce::layer_norm(self, x, Some((shift, scale)), eps)
+    }
+
+    fn modulate(&self, x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+        pointwise::modulate(self, x, shift, scale)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+        reduce::rms_norm(self, x, weight, eps)
+    }
+
+    fn group_norm(
+        &self,
+        x: &Tensor,
+        groups: usize,
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f32,
+        silu: bool,
+    ) -> Result<Tensor> {
+        reduce::group_norm(self, x, groups, weight, bias, eps, silu)
+    }
+
+    fn silu(&self, x: &Tensor) -> Result<Tensor> {
+        pointwise::silu(self, x)
+    }
+
+    fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
+        pointwise::swiglu(self, x)
+    }
+
+    fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
+        pointwise::axpby(self, a, x, b, y)
+    }
+
+    fn gated_add(&self, x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
+        pointwise::gated_add(self, x, gate, y)
+    }
+
+    fn channel_affine(&self, x: &Tensor, mul: &Tensor, add: &Tensor) -> Result<Tensor> {
+        pointwise::channel_affine(self, x, mul, add)
+    }
+
+    fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
+        pointwise::upsample_nearest2x(self, x)
+    }
+
+    fn rope_interleaved(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        pointwise::rope(self, x, cos, sin, true)
+    }
+
+    fn rope_half(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        pointwise::rope(self, x, cos, sin, false)
+    }
+
+    fn timestep_embedding(&self, t: &[f32], dim: usize, max_period: f32) -> Result<Tensor> {
+        pointwise::timestep_embedding(self, t, dim, max_period)
+    }
+
+    fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor> {
+        pointwise::embedding(self, ids, table)
+    }
+}

@@ -1,0 +1,212 @@
+//! Launchers for the element-wise, broadcast and position kernels (kernels/elementwise.cu).
+
+use cudarc::driver::DeviceRepr;
+
+use super::{grid_1d, launch, CudaBackend};
+use crate::backend::{check, Backend};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+pub(super) fn silu(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
+    let (x, xp) = be.bf16_arg(x, "silu")?;
+    let out = be.output(DType::BF16, x.shape())?;
+    let n = x.numel();
+    launch!(be.dev, "silu_bf16", grid_1d(n), xp, be.ptr(&out)?, n as i64)?;
+    Ok(out)
+}
+
+pub(super) fn swiglu(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
+    let two_m = x.last_dim();
+    if two_m % 2 != 0 {
+        return Err(Error::shape("swiglu", format!("last dim of {:?} must be even", x.shape())));
+    }
+    let (x, xp) = be.bf16_arg(x, "swiglu")?;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = two_m / 2;
+    let out = be.output(DType::BF16, &shape)?;
+    let rows = x.rows();
+    launch!(be.dev, "swiglu_bf16", grid_1d(rows * two_m / 2), xp, be.ptr(&out)?, rows as i64, (two_m / 2) as i32)?;
+    Ok(out)
+}
+
+pub(super) fn axpby(be: &CudaBackend, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
+    check::same_shape("axpby", x, y)?;
+    let (x, xp) = be.bf16_arg(x, "axpby")?;
+    let (_y, yp) = be.bf16_arg(y, "axpby")?;
+    let out = be.output(DType::BF16, x.shape())?;
+    let n = x.numel();
+    launch!(be.dev, "axpby_bf16", grid_1d(n), a, xp, b, yp, be.ptr(&out)?, n as i64)?;
+    Ok(out)
+}
+
+pub(super) fn gated_add(be: &CudaBackend, x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
+    check::same_shape("gated_add", x, y)?;
+    check::per_sample("gated_add", x, gate)?;
+    let (x, xp) = be.bf16_arg(x, "gated_add")?;
+    let (_y, yp) = be.bf16_arg(y, "gated_add")?;
+    let (_g, gp, gs) = be.vec_arg(gate, "gated_add")?;
+    let out = be.output(DType::BF16, x.shape())?;
+    let n = x.numel();
+    launch!(
+        be.dev,
+        "gated_add_bf16",
+        grid_1d(n),
+        xp,
+        gp,
+        gs,
+        yp,
+        be.ptr(&out)?,
+        x.dim(1) as i64,
+        x.dim(2) as i32,
+        n as i64
+    )?;
+    Ok(out)
+}
+
+pub(super) fn modulate(be: &CudaBackend, x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    check::per_sample("modulate", x, shift)?;
+    check::per_sample("modulate", x, scale)?;
+    let (x, xp) = be.bf16_arg(x, "modulate")?;
+    let (_s, sp, ss) = be.vec_arg(shift, "modulate")?;
+    let (_c, cp, cs) = be.vec_arg(scale, "modulate")?;
+    if ss != cs {
+        let (shift, scale) = (be.contiguous(shift)?, be.contiguous(scale)?);
+        return modulate(be, &x, &shift, &scale);
+    }
+    let out = be.output(DType::BF16, x.shape())?;
+    let n = x.numel();
+    launch!(
+        be.dev,
+        "modulate_bf16",
+        grid_1d(n),
+        xp,
+        sp,
+        cp,
+        ss,
+        be.ptr(&out)?,
+        x.dim(1) as i64,
+        x.dim(2) as i32,
+        n as i64
+    )?;
+    Ok(out)
+}
+
+pub(super) fn channel_affine(be: &CudaBackend, x: &Tensor, mul: &Tensor, add: &Tensor) -> Result<Tensor> {
+    check::rank("channel_affine", x, 4)?;
+    let c = x.dim(1);
+    if mul.shape() != [c] || add.shape() != [c] {
+        return Err(Error::shape(
+            "channel_affine",
+            format!("mul {:?} / add {:?} for x {:?}", mul.shape(), add.shape(), x.shape()),
+        ));
+    }
+    let (x, xp) = be.bf16_arg(x, "channel_affine")?;
+    let (_m, mp) = be.f32_arg(mul, "channel_affine")?;
+    let (_a, ap) = be.f32_arg(add, "channel_affine")?;
+    let out = be.output(DType::BF16, x.shape())?;
+    let n = x.numel();
+    let hw = (x.dim(2) * x.dim(3)) as i64;
+    launch!(be.dev, "channel_affine_bf16", grid_1d(n), xp, mp, ap, be.ptr(&out)?, hw, c as i32, n as i64)?;
+    Ok(out)
+}
+
+pub(super) fn upsample_nearest2x(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
+    check::rank("upsample_nearest2x", x, 4)?;
+    let (x, xp) = be.bf16_arg(x, "upsample_nearest2x")?;
+    let (b, c, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let out = be.output(DType::BF16, &[b, c, 2 * h, 2 * w])?;
+    launch!(
+        be.dev,
+        "upsample_nearest2x_bf16",
+        grid_1d(out.numel()),
+        xp,
+        be.ptr(&out)?,
+        (b * c) as i64,
+        h as i32,
+        w as i32
+    )?;
+    Ok(out)
+}
+
+pub(super) fn rope(be: &CudaBackend, x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    let op = if interleaved { "rope_interleaved" } else { "rope_half" };
+    check::rope(op, x, cos, sin)?;
+    let (x, xp) = be.bf16_arg(x, op)?;
+    let (_c, cp) = be.f32_arg(cos, op)?;
+    let (_s, sp) = be.f32_arg(sin, op)?;
+    let out = be.output(DType::BF16, x.shape())?;
+    let (n, h, d) = (x.dim(1), x.dim(2), x.dim(3));
+    let rows = x.numel() / d;
+    launch!(
+        be.dev,
+        "rope_bf16",
+        grid_1d(rows * d / 2),
+        xp,
+        cp,
+        sp,
+        be.ptr(&out)?,
+        rows as i64,
+        n as i32,
+        h as i32,
+        d as i32,
+        interleaved as i32
+    )?;
+    Ok(out)
+}
+
+/// Matches `struct Times16` in kernels/elementwise.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Times16 {
+    t: [f32; 16],
+}
+
+unsafe impl DeviceRepr for Times16 {}
+
+pub(super) fn timestep_embedding(be: &CudaBackend, t: &[f32], dim: usize, max_period: f32) -> Result<Tensor> {
+    if dim < 2 {
+        return Err(Error::shape("timestep_embedding", format!("dim {dim} is too small")));
+    }
+    let out = be.output(DType::BF16, &[t.len(), dim])?;
+    let neg_log = -(max_period as f64).ln() as f32;
+    for (i, chunk) in t.chunks(16).enumerate() {
+        let mut times = Times16 { t: [0.0; 16] };
+        times.t[..chunk.len()].copy_from_slice(chunk);
+        let rows = out.narrow(0, i * 16, chunk.len())?;
+        let p = be.ptr(&rows)?;
+        launch!(
+            be.dev,
+            "timestep_embedding_bf16",
+            grid_1d(chunk.len() * dim),
+            times,
+            p,
+            chunk.len() as i32,
+            dim as i32,
+            neg_log
+        )?;
+    }
+    Ok(out)
+}
+
+pub(super) fn embedding(be: &CudaBackend, ids: &[u32], table: &Tensor) -> Result<Tensor> {
+    check::rank("embedding", table, 2)?;
+    let (vocab, c) = (table.dim(0), table.dim(1));
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        return Err(Error::shape("embedding", format!("token id {bad} is outside the vocabulary of {vocab}")));
+    }
+    let (_t, tp) = be.bf16_arg(table, "embedding")?;
+    let ids_dev = be.upload_bytes(bytemuck::cast_slice(ids), DType::F32, &[ids.len()])?; // 4-byte ids
+    let out = be.output(DType::BF16, &[ids.len(), c])?;
+    launch!(
+        be.dev,
+        "embedding_bf16",
+        grid_1d(ids.len() * c),
+        be.ptr(&ids_dev)?,
+        tp,
+        be.ptr(&out)?,
+        ids.len() as i64,
+        c as i32
+    )?;
+    Ok(out)
+}

@@ -1,0 +1,115 @@
+//! Launchers for the normalisation kernels (kernels/norm.cu).
+
+use cudarc::driver::LaunchConfig;
+
+use super::{grid_1d, launch, CudaBackend};
+use crate::backend::{check, Backend};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// One block per row, threads = the row length rounded up to a warp (at most 256).
+fn per_row(rows: usize, c: usize) -> Result<LaunchConfig> {
+    if rows > i32::MAX as usize {
+        return Err(Error::shape("norm", format!("{rows} rows exceed one grid")));
+    }
+    let threads = c.div_ceil(32).clamp(1, 8) * 32;
+    Ok(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 })
+}
+
+pub(super) fn layer_norm(
+    be: &CudaBackend,
+    x: &Tensor,
+    modulation: Option<(&Tensor, &Tensor)>,
+    eps: f32,
+) -> Result<Tensor> {
+    let (x, xp) = be.bf16_arg(x, "layer_norm")?;
+    let (c, rows) = (x.last_dim(), x.rows());
+    let out = be.output(DType::BF16, x.shape())?;
+    let cfg = per_row(rows, c)?;
+    match modulation {
+        None => launch!(be.dev, "layer_norm_bf16", cfg, xp, be.ptr(&out)?, c as i32, eps, 0u64, 0u64, 0i64, 1i64)?,
+        Some((shift, scale)) => {
+            check::per_sample("layer_norm_modulate", &x, shift)?;
+            check::per_sample("layer_norm_modulate", &x, scale)?;
+            let (shift, sp, ss) = be.vec_arg(shift, "layer_norm_modulate")?;
+            let (scale, cp, cs) = be.vec_arg(scale, "layer_norm_modulate")?;
+            // The kernel takes one row stride for both vectors; equalise them if they differ
+            // (the dense copies must stay alive until the launch is queued).
+            let dense = if ss == cs { None } else { Some((be.contiguous(&shift)?, be.contiguous(&scale)?)) };
+            let (sp, cp, stride) = match &dense {
+                None => (sp, cp, ss),
+                Some((s, k)) => (be.ptr(s)?, be.ptr(k)?, c as i64),
+            };
+            launch!(be.dev, "layer_norm_bf16", cfg, xp, be.ptr(&out)?, c as i32, eps, sp, cp, stride, x.dim(1) as i64)?;
+        }
+    }
+    Ok(out)
+}
+
+pub(super) fn rms_norm(be: &CudaBackend, x: &Tensor, weight: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+    let c = x.last_dim();
+    if let Some(w) = weight {
+        if w.shape() != [c] {
+            return Err(Error::shape("rms_norm", format!("weight {:?} for x {:?}", w.shape(), x.shape())));
+        }
+    }
+    let (x, xp) = be.bf16_arg(x, "rms_norm")?;
+    let w = weight.map(|w| be.bf16_arg(w, "rms_norm")).transpose()?;
+    let wp = w.as_ref().map_or(0, |(_, p)| *p);
+    let out = be.output(DType::BF16, x.shape())?;
+    launch!(be.dev, "rms_norm_bf16", per_row(x.rows(), c)?, xp, wp, be.ptr(&out)?, c as i32, eps)?;
+    Ok(out)
+}
+
+pub(super) fn group_norm(
+    be: &CudaBackend,
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
+    check::rank("group_norm", x, 4)?;
+    let (b, c, hw) = (x.dim(0), x.dim(1), x.dim(2) * x.dim(3));
+    if groups == 0 || c % groups != 0 || weight.shape() != [c] || bias.shape() != [c] {
+        return Err(Error::shape(
+            "group_norm",
+            format!("{groups} groups, weight {:?}, bias {:?} for x {:?}", weight.shape(), bias.shape(), x.shape()),
+        ));
+    }
+    let (x, xp) = be.bf16_arg(x, "group_norm")?;
+    let (_w, wp) = be.bf16_arg(weight, "group_norm")?;
+    let (_b, bp) = be.bf16_arg(bias, "group_norm")?;
+    let group_size = c / groups * hw;
+    // f64 (sum, sum of squares) per group, accumulated by chunk blocks.
+    let mut stats = be.alloc(DType::F32, 4 * b * groups)?; // 2 doubles per group
+    be.dev.stream.memset_zeros(&mut stats.buf).map_err(super::gpu_err)?;
+    let chunk = 16384usize;
+    let chunks = group_size.div_ceil(chunk);
+    let cfg =
+        LaunchConfig { grid_dim: (chunks as u32, (b * groups) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let sp = stats.base_ptr();
+    launch!(be.dev, "group_norm_stats_bf16", cfg, xp, sp, group_size as i64, chunk as i64)?;
+    let out = be.output(DType::BF16, x.shape())?;
+    let n = x.numel();
+    launch!(
+        be.dev,
+        "group_norm_apply_bf16",
+        grid_1d(n),
+        xp,
+        sp,
+        wp,
+        bp,
+        be.ptr(&out)?,
+        c as i32,
+        groups as i32,
+        hw as i64,
+        eps,
+        silu as i32,
+        n as i64
+    )?;
+    drop(stats);
+    Ok(out)
+}

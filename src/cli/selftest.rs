@@ -1,0 +1,44 @@
+//! `flux2 selftest`: every op on random inputs against the CPU reference, as a table.
+
+use std::path::PathBuf;
+
+use crate::device::{self, DeviceChoice};
+use crate::error::{Error, Result};
+
+#[derive(Debug, clap::Args)]
+pub struct SelftestArgs {
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// Only ops whose name contains this.
+    #[arg(long, default_value = "")]
+    pub op: String,
+    /// Timed repetitions per case (after one checked run).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Also write the outcomes as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+pub fn run(args: &SelftestArgs) -> Result<()> {
+    let be = device::select(args.device)?;
+    println!("device: {}", be.name());
+    #[cfg(feature = "cuda")]
+    if let Some(cuda) = device::as_cuda(&be) {
+        cuda.set_poison(true);
+    }
+    let outcomes = crate::selftest::run(&*be, &args.op, args.reps);
+    if outcomes.is_empty() {
+        return Err(Error::InvalidArgument(format!("no op matches `{}`", args.op)));
+    }
+    print!("{}", crate::selftest::table(&outcomes));
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({"device": be.name(), "outcomes": outcomes});
+        std::fs::write(path, serde_json::to_string_pretty(&json).unwrap()).map_err(|e| Error::io(path, e))?;
+    }
+    let failed = outcomes.iter().filter(|o| !o.passed).count();
+    if failed > 0 {
+        return Err(Error::Other(format!("{failed} of {} op checks failed", outcomes.len())));
+    }
+    Ok(())
+}

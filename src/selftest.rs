@@ -1,0 +1,410 @@
+//! The backend-ops harness (ggml's test-backend-ops pattern): every op on random inputs, on a
+//! backend under test against the CPU reference, with dtype-scaled tolerances. Inputs are
+//! rounded to bf16 first so both sides see identical values; output buffers are poisoned with
+//! NaN on the GPU so an unwritten element fails the check.
+
+use std::time::Instant;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{AttnMask, Backend, Padding2d};
+use crate::dtype::{round_through, DType};
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// How an input is drawn and stored.
+#[derive(Clone)]
+pub enum Input {
+    /// Normal(0, scale), stored as the activation dtype.
+    Act(Vec<usize>, f32),
+    /// Normal(mean, scale), kept f32 (RoPE tables, per-channel affine parameters).
+    Table(Vec<usize>, f32, f32),
+}
+
+type OpFn = Box<dyn Fn(&dyn Backend, &[Tensor]) -> Result<Tensor> + Send + Sync>;
+
+pub struct Case {
+    pub op: &'static str,
+    pub shape: String,
+    pub inputs: Vec<Input>,
+    /// Tolerance on ‖out − ref‖ / ‖ref‖, in units of the activation dtype's rounding (2⁻⁸ for bf16).
+    pub ulps: f32,
+    pub run: OpFn,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub op: String,
+    pub shape: String,
+    pub rel_l2: f64,
+    pub max_abs: f64,
+    pub tolerance: f64,
+    pub nan: usize,
+    pub passed: bool,
+    pub micros: f64,
+    pub error: Option<String>,
+}
+
+fn act(shape: &[usize]) -> Input {
+    Input::Act(shape.to_vec(), 1.0)
+}
+
+fn case(op: &'static str, shape: impl Into<String>, inputs: Vec<Input>, ulps: f32, run: OpFn) -> Case {
+    Case { op, shape: shape.into(), inputs, ulps, run }
+}
+
+/// The standard suite: odd sizes (tail paths), the real klein shapes (reduced in rows where the
+/// CPU reference would be slow), and every op the models use.
+pub fn cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    for (m, k, n, bias) in [
+        (7, 13, 5, false),
+        (37, 64, 96, true),
+        (130, 72, 200, false),
+        (256, 3072, 9216, false),
+        (256, 3072, 27648, false),
+        (128, 9216, 3072, false),
+        (64, 12288, 3072, false),
+        (300, 2560, 4096, true),
+    ] {
+        let mut inputs = vec![act(&[m, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
+        if bias {
+            inputs.push(act(&[n]));
+        }
+        v.push(case(
+            "linear",
+            format!("{m}x{k} · {n}x{k}ᵀ"),
+            inputs,
+            3.0,
+            Box::new(move |be, t| be.linear(&t[0], &t[1], t.get(2))),
+        ));
+    }
+    // (batch, queries, keys, heads, kv heads, head dim, mask)
+    let attn: [(usize, usize, usize, usize, usize, usize, u8); 9] = [
+        (1, 77, 77, 3, 3, 64, 0),
+        (2, 130, 130, 4, 2, 128, 1),
+        (1, 200, 200, 2, 2, 128, 0),
+        (2, 40, 40, 2, 1, 24, 1),
+        (1, 64, 64, 1, 1, 512, 0),
+        (1, 33, 95, 3, 3, 16, 0),
+        (1, 4608, 4608, 2, 2, 128, 0),
+        (2, 512, 512, 4, 1, 128, 2),
+        (1, 4096, 4096, 1, 1, 64, 0),
+    ];
+    for (b, nq, nk, h, hkv, d, mask) in attn {
+        let mask = match mask {
+            0 => AttnMask::None,
+            1 => AttnMask::Causal { valid_len: None },
+            _ => AttnMask::Causal { valid_len: Some((0..b).map(|i| nk / (i + 2) + 3).collect()) },
+        };
+        let label = format!(
+            "B{b} Nq{nq} Nk{nk} H{h}/{hkv} D{d} {}",
+            match &mask {
+                AttnMask::None => "full".into(),
+                AttnMask::Causal { valid_len } => format!("causal{}", if valid_len.is_some() { "+pad" } else { "" }),
+            }
+        );
+        let scale = 1.0 / (d as f32).sqrt();
+        v.push(case(
+            "attention",
+            label,
+            vec![act(&[b, nq, h, d]), act(&[b, nk, hkv, d]), act(&[b, nk, hkv, d])],
+            3.0,
+            Box::new(move |be, t| be.attention(&t[0], &t[1], &t[2], &mask, scale)),
+        ));
+    }
+    for (shape, groups) in [(vec![1, 64, 17, 9], 32), (vec![2, 32, 8, 8], 8), (vec![1, 128, 64, 64], 32)] {
+        let c = shape[1];
+        for silu in [false, true] {
+            v.push(case(
+                "group_norm",
+                format!("{shape:?} g{groups}{}", if silu { " +silu" } else { "" }),
+                vec![act(&shape), act(&[c]), act(&[c])],
+                2.0,
+                Box::new(move |be, t| be.group_norm(&t[0], groups, &t[1], &t[2], 1e-6, silu)),
+            ));
+        }
+    }
+    for shape in [vec![2, 33, 3072], vec![1, 5, 100]] {
+        let (b, c) = (shape[0], shape[2]);
+        v.push(case(
+            "layer_norm",
+            format!("{shape:?}"),
+            vec![act(&shape)],
+            2.0,
+            Box::new(|be, t| be.layer_norm(&t[0], 1e-6)),
+        ));
+        v.push(case(
+            "layer_norm_modulate",
+            format!("{shape:?}"),
+            vec![act(&shape), act(&[b, c]), act(&[b, c])],
+            2.0,
+            Box::new(|be, t| be.layer_norm_modulate(&t[0], &t[1], &t[2], 1e-6)),
+        ));
+        v.push(case(
+            "modulate",
+            format!("{shape:?}"),
+            vec![act(&shape), act(&[b, c]), act(&[b, c])],
+            2.0,
+            Box::new(|be, t| be.modulate(&t[0], &t[1], &t[2])),
+        ));
+        v.push(case(
+            "gated_add",
+            format!("{shape:?}"),
+            vec![act(&shape), act(&[b, c]), act(&shape)],
+            2.0,
+            Box::new(|be, t| be.gated_add(&t[0], &t[1], &t[2])),
+        ));
+    }
+    // Modulation vectors as strided chunks of one [B, 6C] tensor, as the DiT produces them.
+    v.push(case(
+        "layer_norm_modulate",
+        "[2, 9, 48] strided vectors",
+        vec![act(&[2, 9, 48]), act(&[2, 288])],
+        2.0,
+        Box::new(|be, t| {
+            let c = t[1].chunk(6, 1)?;
+            be.layer_norm_modulate(&t[0], &c[0], &c[1], 1e-6)
+        }),
+    ));
+    for shape in [vec![1, 40, 24, 128], vec![3, 2560], vec![2, 7, 3, 24]] {
+        let c = *shape.last().unwrap();
+        v.push(case(
+            "rms_norm",
+            format!("{shape:?}"),
+            vec![act(&shape), act(&[c])],
+            2.0,
+            Box::new(|be, t| be.rms_norm(&t[0], Some(&t[1]), 1e-6)),
+        ));
+    }
+    v.push(case(
+        "rms_norm",
+        "[5, 64] no weight",
+        vec![act(&[5, 64])],
+        2.0,
+        Box::new(|be, t| be.rms_norm(&t[0], None, 1e-6)),
+    ));
+    for shape in [vec![3, 1001], vec![2, 4608, 64]] {
+        v.push(case("silu", format!("{shape:?}"), vec![act(&shape)], 1.0, Box::new(|be, t| be.silu(&t[0]))));
+        v.push(case(
+            "axpby",
+            format!("{shape:?}"),
+            vec![act(&shape), act(&shape)],
+            1.0,
+            Box::new(|be, t| be.axpby(0.75, &t[0], -1.25, &t[1])),
+        ));
+    }
+    for shape in [vec![3, 14], vec![2, 9, 18432]] {
+        v.push(case("swiglu", format!("{shape:?}"), vec![act(&shape)], 1.0, Box::new(|be, t| be.swiglu(&t[0]))));
+    }
+    for (shape, interleaved) in [
+        (vec![2, 37, 3, 128], true),
+        (vec![1, 37, 3, 128], false),
+        (vec![1, 9, 2, 16], true),
+        (vec![2, 512, 8, 128], false),
+    ] {
+        let (n, d) = (shape[1], shape[3]);
+        let tables = vec![act(&shape), Input::Table(vec![n, d / 2], 0.0, 1.0), Input::Table(vec![n, d / 2], 0.0, 1.0)];
+        let name = if interleaved { "rope_interleaved" } else { "rope_half" };
+        v.push(case(
+            name,
+            format!("{shape:?}"),
+            tables,
+            1.0,
+            Box::new(move |be, t| {
+                if interleaved {
+                    be.rope_interleaved(&t[0], &t[1], &t[2])
+                } else {
+                    be.rope_half(&t[0], &t[1], &t[2])
+                }
+            }),
+        ));
+    }
+    v.push(case(
+        "timestep_embedding",
+        "t=[1000, 968, 3.5] dim 256",
+        vec![],
+        1.0,
+        Box::new(|be, _| be.timestep_embedding(&[1000.0, 968.0, 3.5], 256, 10000.0)),
+    ));
+    v.push(case(
+        "embedding",
+        "vocab 1000 x 64, 37 ids",
+        vec![act(&[1000, 64])],
+        0.0,
+        Box::new(|be, t| {
+            let ids: Vec<u32> = (0..37u32).map(|i| (i * 7919) % 1000).collect();
+            be.embedding(&ids, &t[0])
+        }),
+    ));
+    v.push(case(
+        "channel_affine",
+        "[2, 16, 5, 7]",
+        vec![act(&[2, 16, 5, 7]), Input::Table(vec![16], 1.0, 0.3), Input::Table(vec![16], 0.0, 0.3)],
+        1.0,
+        Box::new(|be, t| be.channel_affine(&t[0], &t[1], &t[2])),
+    ));
+    v.push(case(
+        "upsample_nearest2x",
+        "[1, 5, 7, 9]",
+        vec![act(&[1, 5, 7, 9])],
+        0.0,
+        Box::new(|be, t| be.upsample_nearest2x(&t[0])),
+    ));
+    // (input, weight, stride, padding)
+    let convs: [(Vec<usize>, Vec<usize>, usize, Padding2d); 5] = [
+        (vec![1, 3, 17, 13], vec![8, 3, 3, 3], 1, Padding2d::same(1)),
+        (vec![2, 16, 16, 16], vec![32, 16, 3, 3], 1, Padding2d::same(1)),
+        (vec![1, 16, 15, 15], vec![16, 16, 3, 3], 2, Padding2d { top: 0, bottom: 1, left: 0, right: 1 }),
+        (vec![1, 64, 9, 11], vec![32, 64, 1, 1], 1, Padding2d::same(0)),
+        (vec![1, 128, 64, 64], vec![128, 128, 3, 3], 1, Padding2d::same(1)),
+    ];
+    for (x, w, stride, pad) in convs {
+        let fan_in = (w[1] * w[2] * w[3]) as f32;
+        let label = format!("{x:?} * {w:?} s{stride}");
+        let cout = w[0];
+        v.push(case(
+            "conv2d",
+            label,
+            vec![act(&x), Input::Act(w.clone(), 1.0 / fan_in.sqrt()), act(&[cout])],
+            3.0,
+            Box::new(move |be, t| be.conv2d(&t[0], &t[1], Some(&t[2]), stride, pad)),
+        ));
+    }
+    v.push(case(
+        "contiguous",
+        "permuted [3, 5, 7]",
+        vec![act(&[3, 5, 7])],
+        0.0,
+        Box::new(|be, t| be.contiguous(&t[0].permute(&[2, 0, 1])?)),
+    ));
+    v.push(case(
+        "contiguous",
+        "patchify view [1, 4, 8, 6] (6-D)",
+        vec![act(&[1, 4, 8, 6])],
+        0.0,
+        Box::new(|be, t| be.contiguous(&t[0].reshape(&[1, 4, 4, 2, 3, 2])?.permute(&[0, 1, 3, 5, 2, 4])?)),
+    ));
+    v.push(case(
+        "concat",
+        "[2, 3, 8] + [2, 5, 8] on dim 1",
+        vec![act(&[2, 3, 8]), act(&[2, 5, 8])],
+        0.0,
+        Box::new(|be, t| be.concat(&[&t[0], &t[1]], 1)),
+    ));
+    v.push(case(
+        "concat",
+        "[4, 6] + [4, 2] on dim 1",
+        vec![act(&[4, 6]), act(&[4, 2])],
+        0.0,
+        Box::new(|be, t| be.concat(&[&t[0], &t[1]], 1)),
+    ));
+    v
+}
+
+/// Host inputs of a case: random, already rounded to what the device stores.
+fn make_inputs(case: &Case, seed: u64, act_dtype: DType) -> Result<Vec<Tensor>> {
+    case.inputs
+        .iter()
+        .enumerate()
+        .map(|(i, inp)| {
+            let (shape, scale, mean, dtype) = match inp {
+                Input::Act(s, scale) => (s, *scale, 0.0, act_dtype),
+                Input::Table(s, mean, scale) => (s, *scale, *mean, DType::F32),
+            };
+            let n: usize = shape.iter().product();
+            let mut values: Vec<f32> = crate::rng::normal_vec(seed, &format!("{}:{}:{i}", case.op, case.shape), n)
+                .iter()
+                .map(|x| mean + scale * x)
+                .collect();
+            round_through(&mut values, dtype);
+            Tensor::from_f32(values, shape)
+        })
+        .collect()
+}
+
+fn upload(be: &dyn Backend, inputs: &[Tensor], case: &Case) -> Result<Vec<Tensor>> {
+    inputs
+        .iter()
+        .zip(&case.inputs)
+        .map(|(t, spec)| {
+            be.upload(t, if matches!(spec, Input::Table(..)) { DType::F32 } else { be.activation_dtype() })
+        })
+        .collect()
+}
+
+/// Run one case on `be` and on the CPU reference; time `reps` runs on `be` after a warm-up.
+pub fn check_case(be: &dyn Backend, case: &Case, seed: u64, reps: usize) -> Outcome {
+    let mut outcome = Outcome {
+        op: case.op.into(),
+        shape: case.shape.clone(),
+        rel_l2: f64::NAN,
+        max_abs: f64::NAN,
+        tolerance: (case.ulps * be.activation_dtype().unit_roundoff()).max(1e-6) as f64,
+        nan: 0,
+        passed: false,
+        micros: f64::NAN,
+        error: None,
+    };
+    let result = (|| -> Result<(Vec<f32>, Vec<f32>, f64)> {
+        let host = make_inputs(case, seed, be.activation_dtype())?;
+        let reference = (case.run)(&CpuBackend::new(), &host)?.to_vec_f32()?;
+        let dev_inputs = upload(be, &host, case)?;
+        let out = (case.run)(be, &dev_inputs)?.to_vec_f32()?;
+        be.synchronize()?;
+        let start = Instant::now();
+        for _ in 0..reps {
+            let _ = (case.run)(be, &dev_inputs)?;
+        }
+        be.synchronize()?;
+        Ok((out, reference, start.elapsed().as_secs_f64() * 1e6 / reps.max(1) as f64))
+    })();
+    match result {
+        Ok((out, reference, micros)) => {
+            outcome.micros = micros;
+            if out.len() != reference.len() {
+                outcome.error = Some(format!("{} outputs, reference has {}", out.len(), reference.len()));
+                return outcome;
+            }
+            outcome.nan = out.iter().filter(|v| !v.is_finite()).count();
+            let (mut num, mut den, mut max_abs) = (0f64, 0f64, 0f64);
+            for (o, r) in out.iter().zip(&reference) {
+                let d = (*o as f64 - *r as f64).abs();
+                num += d * d;
+                den += (*r as f64) * (*r as f64);
+                max_abs = max_abs.max(d);
+            }
+            outcome.rel_l2 = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+            outcome.max_abs = max_abs;
+            outcome.passed = outcome.nan == 0 && outcome.rel_l2 <= outcome.tolerance;
+        }
+        Err(e) => outcome.error = Some(e.to_string()),
+    }
+    outcome
+}
+
+/// Run the cases whose op name contains `filter` (all when empty).
+pub fn run(be: &dyn Backend, filter: &str, reps: usize) -> Vec<Outcome> {
+    cases().iter().filter(|c| filter.is_empty() || c.op.contains(filter)).map(|c| check_case(be, c, 42, reps)).collect()
+}
+
+pub fn table(outcomes: &[Outcome]) -> String {
+    let mut s = format!(
+        "{:<20} {:<40} {:>10} {:>10} {:>9} {:>10}  result\n",
+        "op", "shape", "rel_l2", "max_abs", "tol", "time_us"
+    );
+    for o in outcomes {
+        let result = match (&o.error, o.passed) {
+            (Some(e), _) => format!("ERROR {e}"),
+            (None, true) => "ok".into(),
+            (None, false) if o.nan > 0 => format!("FAIL ({} non-finite)", o.nan),
+            (None, false) => "FAIL".into(),
+        };
+        s.push_str(&format!(
+            "{:<20} {:<40} {:>10.2e} {:>10.2e} {:>9.1e} {:>10.1}  {result}\n",
+            o.op, o.shape, o.rel_l2, o.max_abs, o.tolerance, o.micros
+        ));
+    }
+    let failed = outcomes.iter().filter(|o| !o.passed).count();
+    s.push_str(&format!("{} cases, {} passed, {failed} failed\n", outcomes.len(), outcomes.len() - failed));
+    s
+}

@@ -1,0 +1,195 @@
+//! CUDA backend checks: every op against the CPU reference (poisoned outputs), and the models on
+//! the committed fixtures against diffusers. Without a usable GPU every check is reported as
+//! ignored (visibly, by its own harness); .verify/gpu_check.sh runs this binary on a GPU machine.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{cosine_and_rel_l2, fixtures, load};
+use flux2::image_io::RgbImage;
+use flux2::model::rope::PositionIds;
+use flux2::model::transformer::{scale_in_dtype, Flux2Transformer};
+use flux2::pipeline::{Pipeline, Request};
+use flux2::Backend;
+
+fn every_op_matches_the_cpu_reference(be: Arc<dyn Backend>) {
+    flux2::device::as_cuda(&be).unwrap().set_poison(true);
+    let outcomes = flux2::selftest::run(&*be, "", 1);
+    println!("{}", flux2::selftest::table(&outcomes));
+    let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed).map(|o| format!("{} {}", o.op, o.shape)).collect();
+    assert!(failed.is_empty(), "failed: {failed:?}");
+}
+
+fn transformer_fixtures_in_bf16(be: Arc<dyn Backend>) {
+    for case in ["t2i_nonsquare", "batch2_hd24_ref", "guidance_outchannels"] {
+        let dir = fixtures().join("transformer").join(case);
+        let inputs = dir.join("inputs.safetensors");
+        for model_path in [dir.clone(), dir.join("bfl.safetensors")] {
+            let model = Flux2Transformer::load(be.clone(), &model_path).unwrap();
+            let ids = |n: &str| {
+                let t = load(&inputs, n);
+                PositionIds::new(t.dim(t.rank() - 1), t.to_vec_f32().unwrap()).unwrap()
+            };
+            let store = flux2::weights::WeightStore::open(&inputs).unwrap();
+            let act = be.activation_dtype();
+            let t = scale_in_dtype(&load(&inputs, "timestep").to_vec_f32().unwrap(), 1000.0, act);
+            let g = store
+                .contains("guidance")
+                .then(|| scale_in_dtype(&load(&inputs, "guidance").to_vec_f32().unwrap(), 1000.0, act));
+            let out = model
+                .forward(
+                    &be.upload(&load(&inputs, "hidden_states"), act).unwrap(),
+                    &be.upload(&load(&inputs, "encoder_hidden_states"), act).unwrap(),
+                    &t,
+                    &ids("img_ids"),
+                    &ids("txt_ids"),
+                    g.as_deref(),
+                )
+                .unwrap();
+            let want = load(&dir.join("expected.safetensors"), "sample").to_vec_f32().unwrap();
+            let (cos, rel) = cosine_and_rel_l2(&out.to_vec_f32().unwrap(), &want);
+            println!("transformer {case} ({}): cosine {cos:.6}, rel_l2 {rel:.2e}", model_path.display());
+            assert!(cos >= 0.999 && rel <= 0.05, "{case}: cosine {cos}, rel_l2 {rel}");
+        }
+    }
+}
+
+fn pipeline_images_within_2_of_255(be: Arc<dyn Backend>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let mut cases: Vec<_> = std::fs::read_dir(fixtures().join("cases")).unwrap().map(|e| e.unwrap().path()).collect();
+    cases.sort();
+    for dir in cases {
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+        let root = if j["pipeline"] == "base" {
+            if !base.exists() {
+                make_base(&base);
+            }
+            base.clone()
+        } else {
+            fixtures().join("pipeline")
+        };
+        let pipe = Pipeline::load(be.clone(), &root).unwrap();
+        let refs: Vec<RgbImage> = j["refs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| RgbImage::load(&dir.join(r.as_str().unwrap())).unwrap())
+            .collect();
+        let prepared = pipe.prepare_references(&refs).unwrap();
+        let req = Request {
+            prompt: j["prompt"].as_str().unwrap().into(),
+            width: refs.is_empty().then(|| j["width"].as_u64().unwrap() as usize),
+            height: refs.is_empty().then(|| j["height"].as_u64().unwrap() as usize),
+            steps: Some(j["steps"].as_u64().unwrap() as usize),
+            guidance: Some(j["guidance"].as_f64().unwrap() as f32),
+            noise: Some(load(&dir.join("noise.safetensors"), "noise")),
+            ..Default::default()
+        };
+        let out = pipe.generate(&req, None, prepared.as_ref()).unwrap();
+        let want = RgbImage::load(&dir.join("expected.png")).unwrap();
+        let mad = out.image.data.iter().zip(&want.data).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>()
+            / want.data.len() as f64;
+        println!("pipeline {}: mean absolute pixel error {mad:.3}/255", dir.display());
+        assert!(mad <= 2.0, "{}: {mad}", dir.display());
+    }
+}
+
+fn make_base(dir: &std::path::Path) {
+    let src = fixtures().join("pipeline");
+    std::fs::create_dir_all(dir).unwrap();
+    for c in ["tokenizer", "text_encoder", "transformer", "vae", "scheduler"] {
+        std::os::unix::fs::symlink(src.join(c), dir.join(c)).unwrap();
+    }
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("model_index.json")).unwrap()).unwrap();
+    index.as_object_mut().unwrap().remove("is_distilled");
+    std::fs::write(dir.join("model_index.json"), index.to_string()).unwrap();
+}
+
+fn components_in_bf16(be: Arc<dyn Backend>) {
+    let c = fixtures().join("components");
+    let p = fixtures().join("pipeline");
+    let act = be.activation_dtype();
+    let enc = flux2::model::qwen3::Qwen3TextEncoder::load(
+        be.clone(),
+        &p.join("text_encoder"),
+        &flux2::model::qwen3::KLEIN_OUT_LAYERS,
+    )
+    .unwrap();
+    let tok = flux2::model::tokenizer::PromptTokenizer::load(&p.join("tokenizer")).unwrap();
+    let embeds = enc.encode_prompts(&tok, &["a red fox in the snow", "一只猫"]).unwrap();
+    let (cos, rel) = cosine_and_rel_l2(
+        &embeds.to_vec_f32().unwrap(),
+        &load(&c.join("text_encoder_expected.safetensors"), "prompt_embeds").to_vec_f32().unwrap(),
+    );
+    println!("text encoder: cosine {cos:.6}, rel_l2 {rel:.2e}");
+    assert!(cos >= 0.999, "text encoder cosine {cos}");
+
+    let vae = flux2::model::vae::Vae::load(
+        be.clone(),
+        &p.join("vae"),
+        flux2::model::vae::VaeParts { encoder: true, decoder: true },
+    )
+    .unwrap();
+    let img = be.upload(&load(&c.join("vae_encode_inputs.safetensors"), "image"), act).unwrap();
+    let latent = vae.encode(&img).unwrap();
+    let (cos, rel) = cosine_and_rel_l2(
+        &latent.to_vec_f32().unwrap(),
+        &load(&c.join("vae_encode_expected.safetensors"), "latent").to_vec_f32().unwrap(),
+    );
+    println!("vae encode: cosine {cos:.6}, rel_l2 {rel:.2e}");
+    assert!(cos >= 0.999, "vae encode cosine {cos}");
+    let z = be.upload(&load(&c.join("vae_decode_inputs.safetensors"), "latents"), act).unwrap();
+    let sample = vae.decode(&z).unwrap();
+    let (cos, rel) = cosine_and_rel_l2(
+        &sample.to_vec_f32().unwrap(),
+        &load(&c.join("vae_decode_expected.safetensors"), "sample").to_vec_f32().unwrap(),
+    );
+    println!("vae decode: cosine {cos:.6}, rel_l2 {rel:.2e}");
+    assert!(cos >= 0.999, "vae decode cosine {cos}");
+}
+
+fn no_gpu_gives_a_clear_error_or_a_working_device(_: Arc<dyn Backend>) {
+    // Without a driver, --device cuda must fail with a sentence, and auto must fall back.
+    match flux2::device::select(flux2::device::DeviceChoice::Cuda) {
+        Ok(be) => assert_eq!(be.kind(), flux2::tensor::DeviceKind::Cuda),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(msg.contains("cuda") || msg.contains("CUDA") || msg.contains("GPU"), "{msg}");
+            let auto = flux2::device::select(flux2::device::DeviceChoice::Auto).unwrap();
+            assert_eq!(auto.kind(), flux2::tensor::DeviceKind::Cpu);
+        }
+    }
+}
+
+fn main() {
+    let args = libtest_mimic::Arguments::from_args();
+    let gpu = flux2::device::select(flux2::device::DeviceChoice::Cuda);
+    if let Err(e) = &gpu {
+        eprintln!("no CUDA device ({e}): the GPU checks below are ignored");
+    }
+    let gpu = gpu.ok();
+    type Check = fn(Arc<dyn Backend>);
+    let checks: [(&str, Check, bool); 5] = [
+        ("every_op_matches_the_cpu_reference", every_op_matches_the_cpu_reference, true),
+        ("transformer_fixtures_in_bf16", transformer_fixtures_in_bf16, true),
+        ("pipeline_images_within_2_of_255", pipeline_images_within_2_of_255, true),
+        ("components_in_bf16", components_in_bf16, true),
+        ("no_gpu_gives_a_clear_error_or_a_working_device", no_gpu_gives_a_clear_error_or_a_working_device, false),
+    ];
+    let trials = checks
+        .into_iter()
+        .map(|(name, check, needs_gpu)| {
+            let be = gpu.clone().unwrap_or_else(|| Arc::new(flux2::backend::cpu::CpuBackend::new()));
+            libtest_mimic::Trial::test(name, move || {
+                check(be);
+                Ok(())
+            })
+            .with_ignored_flag(needs_gpu && gpu.is_none())
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
