@@ -22,6 +22,8 @@ enum Command {
     Synth(cli::synth::SynthArgs),
     /// Check every op of a backend against the CPU reference on random inputs.
     Selftest(cli::selftest::SelftestArgs),
+    /// Compare two outputs (safetensors tensors or PNG images), optionally as a pass/fail gate.
+    Compare(cli::compare::CompareArgs),
     /// Report the driver, GPU, VRAM, compute capability, embedded kernels and NVML.
     Doctor(cli::doctor::DoctorArgs),
 }
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         Command::Synth(a) => cli::synth::run(a),
         Command::Selftest(a) => cli::selftest::run(a),
         Command::Doctor(a) => cli::doctor::run(a),
+        Command::Compare(a) => cli::compare::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -50,6 +50,9 @@ pub struct GenerateArgs {
     /// Timestep rounding to reproduce: diffusers (in the compute dtype), diffusers-bf16, or bfl.
     #[arg(long, value_enum, default_value_t = TimestepMode::Diffusers)]
     pub timesteps: TimestepMode,
+    /// Write a JSON report: per-stage timings, peak device memory, NVML readings.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
@@ -69,10 +72,17 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let references = args.references.iter().map(|p| RgbImage::load(p)).collect::<Result<Vec<_>>>()?;
     let be = device::select(args.device)?;
     tracing::info!("device: {}", be.name());
-    let pipeline = Pipeline::load(be, &root)?;
+    let telemetry = crate::telemetry::Telemetry::new();
+    let load_start = std::time::Instant::now();
+    let pipeline = Pipeline::load(be.clone(), &root)?;
+    be.synchronize()?;
+    let load_seconds = load_start.elapsed().as_secs_f64();
     let seed = args.seed.unwrap_or_else(random_seed);
+    let mut runs = Vec::new();
 
+    let ref_start = std::time::Instant::now();
     let refs = pipeline.prepare_references(&references)?;
+    let ref_seconds = ref_start.elapsed().as_secs_f64();
     let mut encoded = None;
     for i in 0..args.count {
         let seed = seed.wrapping_add(i as u64);
@@ -88,9 +98,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             timestep_mode: Some(args.timesteps),
         };
         let cfg = !pipeline.info.is_distilled && req.guidance.unwrap_or(pipeline.info.defaults().1) > 1.0;
+        let encode_start = std::time::Instant::now();
         if encoded.is_none() {
             encoded = Some(pipeline.encode(&args.prompt, cfg)?);
+            be.synchronize()?;
         }
+        let encode_seconds = encode_start.elapsed().as_secs_f64();
         let out = pipeline.generate(&req, encoded.as_ref(), refs.as_ref())?;
         let path = if args.count > 1 { numbered(&args.out, seed) } else { args.out.clone() };
         save(&out, &path, args, seed)?;
@@ -104,8 +117,44 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             t.denoise.as_secs_f64(),
             t.decode.as_secs_f64()
         );
+        runs.push(serde_json::json!({
+            "seed": seed,
+            "image": path.display().to_string(),
+            "width": out.image.width,
+            "height": out.image.height,
+            "steps": out.steps,
+            "seconds": {
+                "encode": encode_seconds,
+                "references": if i == 0 { ref_seconds } else { 0.0 },
+                "denoise": t.denoise.as_secs_f64(),
+                "per_step": t.denoise.as_secs_f64() / out.steps.max(1) as f64,
+                "decode": t.decode.as_secs_f64(),
+            },
+            "telemetry": telemetry.as_ref().map(|t| t.sample()),
+        }));
+    }
+    if let Some(json_path) = &args.json {
+        let memory = device_memory(&be);
+        let report = serde_json::json!({
+            "device": be.name(),
+            "model": args.model,
+            "load_seconds": load_seconds,
+            "peak_device_bytes": memory.map(|m| m.1),
+            "runs": runs,
+        });
+        std::fs::write(json_path, serde_json::to_string_pretty(&report).unwrap()).map_err(|e| Error::io(json_path, e))?;
     }
     Ok(())
+}
+
+/// (live, peak) bytes of the CUDA backend's tensors.
+fn device_memory(be: &std::sync::Arc<dyn crate::backend::Backend>) -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    if let Some(c) = device::as_cuda(be) {
+        return Some(c.memory());
+    }
+    let _ = be;
+    None
 }
 
 fn random_seed() -> u64 {

@@ -6,8 +6,13 @@ use std::path::{Path, PathBuf};
 use flux2::weights::WeightStore;
 use flux2::Tensor;
 
+/// The committed fixtures; FLUX2_FIXTURES overrides the build-time path (test binaries carried to
+/// a GPU machine run from another checkout).
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    match std::env::var_os("FLUX2_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
 }
 
 pub fn t(data: &[f32], shape: &[usize]) -> Tensor {

@@ -41,3 +41,34 @@ pub fn embedded_modules() -> Vec<&'static str> {
 pub fn image(module: &str, target: &str) -> Option<&'static [u8]> {
     KERNEL_IMAGES.iter().find(|(m, t, _)| *m == module && *t == target).map(|(_, _, b)| *b)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel module is embedded for every target (build.rs fails on a compile error; this
+    /// catches a registry that silently lost images).
+    #[cfg(not(no_kernels))]
+    #[test]
+    fn every_module_has_every_target() {
+        let targets = ["sm_80", "sm_86", "sm_89", "sm_90a", "sm_120", "compute_80"];
+        for module in super::super::KERNELS.iter().map(|(m, _)| *m) {
+            for t in targets {
+                assert!(image(module, t).is_some_and(|b| !b.is_empty()), "{module} has no {t} image");
+            }
+        }
+        assert_eq!(target_for(9, 0), Some("sm_90a"));
+        assert_eq!(target_for(8, 9), Some("sm_89"));
+        assert_eq!(target_for(8, 7), Some("sm_86"));
+        assert_eq!(target_for(12, 0), Some("sm_120"));
+        assert_eq!(target_for(10, 0), Some("compute_80"));
+        assert_eq!(target_for(7, 5), None);
+    }
+
+    #[cfg(no_kernels)]
+    #[test]
+    fn without_nvrtc_the_registry_says_why() {
+        assert!(KERNEL_IMAGES.is_empty());
+        assert!(KERNEL_STATUS.contains("NVRTC"));
+    }
+}

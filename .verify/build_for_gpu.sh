@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Build, on this (GPU-less) machine, everything .verify/gpu_check.sh runs on a GPU machine:
+# the release CLI and the GPU test binary, with kernels for every architecture, into .verify/bin.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-nvrtc.sh
+export FLUX2_REQUIRE_KERNELS=1
+cargo build --release --bin flux2
+mkdir -p .verify/bin
+cp target/release/flux2 .verify/bin/flux2
+exe=$(cargo test --release --test gpu --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import sys, json
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu":
+        print(m["executable"])' | tail -1)
+cp "$exe" .verify/bin/gpu-tests
+ls -la .verify/bin

@@ -1,0 +1,86 @@
+//! `flux2 compare A B`: how close two outputs are. Safetensors: per tensor, cosine similarity,
+//! ‖a − b‖ / ‖b‖ and max |a − b| (B is the reference). PNG: mean absolute pixel error in /255.
+//! `--max-rel`, `--min-cosine` or `--max-pixel-error` turn the report into a pass/fail gate.
+
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::image_io::RgbImage;
+use crate::weights::WeightStore;
+
+#[derive(Debug, clap::Args)]
+pub struct CompareArgs {
+    /// Output to check.
+    pub a: PathBuf,
+    /// Reference.
+    pub b: PathBuf,
+    /// Only these tensors (repeatable); default: every tensor both files hold.
+    #[arg(long = "key")]
+    pub keys: Vec<String>,
+    #[arg(long)]
+    pub max_rel: Option<f64>,
+    #[arg(long)]
+    pub min_cosine: Option<f64>,
+    #[arg(long)]
+    pub max_pixel_error: Option<f64>,
+}
+
+/// Cosine similarity, relative L2 error (b as reference) and max absolute difference.
+pub fn similarity(a: &[f32], b: &[f32]) -> (f64, f64, f64) {
+    let (mut ab, mut aa, mut bb, mut dd, mut mx) = (0f64, 0f64, 0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (*x as f64, *y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+        dd += (x - y) * (x - y);
+        mx = mx.max((x - y).abs());
+    }
+    let cos = if aa == 0.0 && bb == 0.0 { 1.0 } else { ab / (aa.sqrt() * bb.sqrt()).max(1e-300) };
+    (cos, (dd / bb.max(1e-300)).sqrt(), mx)
+}
+
+pub fn run(args: &CompareArgs) -> Result<()> {
+    let is_png = |p: &PathBuf| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    let mut failures = Vec::new();
+    if is_png(&args.a) || is_png(&args.b) {
+        let (a, b) = (RgbImage::load(&args.a)?, RgbImage::load(&args.b)?);
+        if (a.width, a.height) != (b.width, b.height) {
+            return Err(Error::InvalidArgument(format!("sizes differ: {}x{} vs {}x{}", a.width, a.height, b.width, b.height)));
+        }
+        let mad = a.data.iter().zip(&b.data).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.data.len() as f64;
+        let max = a.data.iter().zip(&b.data).map(|(x, y)| (*x as i32 - *y as i32).abs()).max().unwrap_or(0);
+        println!("pixels: mean abs error {mad:.4}/255, max {max}/255 ({}x{})", a.width, a.height);
+        if args.max_pixel_error.is_some_and(|t| mad > t) {
+            failures.push(format!("mean pixel error {mad:.4} > {}", args.max_pixel_error.unwrap()));
+        }
+    } else {
+        let (a, b) = (WeightStore::open(&args.a)?, WeightStore::open(&args.b)?);
+        let mut keys: Vec<String> =
+            if args.keys.is_empty() { a.keys().filter(|k| b.contains(k)).map(str::to_string).collect() } else { args.keys.clone() };
+        keys.sort();
+        if keys.is_empty() {
+            return Err(Error::InvalidArgument("the files share no tensor names".into()));
+        }
+        for k in keys {
+            let (x, y) = (super::read_f32(&a, &k)?, super::read_f32(&b, &k)?);
+            if x.shape() != y.shape() {
+                failures.push(format!("{k}: shape {:?} vs {:?}", x.shape(), y.shape()));
+                continue;
+            }
+            let (cos, rel, max) = similarity(&x.to_vec_f32()?, &y.to_vec_f32()?);
+            println!("{k}: cosine {cos:.6}  rel_l2 {rel:.3e}  max_abs {max:.3e}  {:?}", x.shape());
+            if args.max_rel.is_some_and(|t| !(rel <= t)) {
+                failures.push(format!("{k}: rel_l2 {rel:.3e} > {}", args.max_rel.unwrap()));
+            }
+            if args.min_cosine.is_some_and(|t| !(cos >= t)) {
+                failures.push(format!("{k}: cosine {cos:.6} < {}", args.min_cosine.unwrap()));
+            }
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Other(format!("comparison failed: {}", failures.join("; "))))
+    }
+}
