@@ -42,7 +42,7 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     };
     match snapshot {
         Some(s) if s.join("model_index.json").is_file() => Ok(s),
-        _ => Err(Error::InvalidArgument(format!(
+        _ => Err(Error::Other(format!(
             "model `{spec}` is not a local folder and is not in the Hugging Face cache ({}).\n\
              Download it first (it needs the diffusers layout: model_index.json, tokenizer/, text_encoder/, \
              transformer/, vae/, scheduler/):\n    hf download {spec}\n\
