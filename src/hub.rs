@@ -19,7 +19,12 @@ pub fn cache_root() -> PathBuf {
 /// `org/name` with the characters Hugging Face allows.
 pub fn looks_like_repo_id(s: &str) -> bool {
     let mut parts = s.split('/');
-    let ok = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    // Hugging Face names: letters, digits, '-', '_', '.', starting and ending with a letter or digit.
+    let ok = |p: &str| {
+        p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && p.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && p.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
     matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if ok(a) && ok(b))
 }
 
