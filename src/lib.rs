@@ -12,6 +12,7 @@ pub mod hub;
 pub mod image_io;
 pub mod model;
 pub mod pipeline;
+pub mod planner;
 pub mod progress;
 pub mod rng;
 pub mod sampler;

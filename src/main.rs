@@ -22,6 +22,8 @@ enum Command {
     Synth(cli::synth::SynthArgs),
     /// Check every op of a backend against the CPU reference on random inputs.
     Selftest(cli::selftest::SelftestArgs),
+    /// Print the GPU memory plan for a model, image size and VRAM budget (no GPU needed).
+    Plan(cli::plan::PlanArgs),
     /// Compare two outputs (safetensors tensors or PNG images), optionally as a pass/fail gate.
     Compare(cli::compare::CompareArgs),
     /// Report the driver, GPU, VRAM, compute capability, embedded kernels and NVML.
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         Command::Selftest(a) => cli::selftest::run(a),
         Command::Doctor(a) => cli::doctor::run(a),
         Command::Compare(a) => cli::compare::run(a),
+        Command::Plan(a) => cli::plan::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -46,9 +46,13 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     if is_png(&args.a) || is_png(&args.b) {
         let (a, b) = (RgbImage::load(&args.a)?, RgbImage::load(&args.b)?);
         if (a.width, a.height) != (b.width, b.height) {
-            return Err(Error::InvalidArgument(format!("sizes differ: {}x{} vs {}x{}", a.width, a.height, b.width, b.height)));
+            return Err(Error::InvalidArgument(format!(
+                "sizes differ: {}x{} vs {}x{}",
+                a.width, a.height, b.width, b.height
+            )));
         }
-        let mad = a.data.iter().zip(&b.data).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.data.len() as f64;
+        let mad =
+            a.data.iter().zip(&b.data).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.data.len() as f64;
         let max = a.data.iter().zip(&b.data).map(|(x, y)| (*x as i32 - *y as i32).abs()).max().unwrap_or(0);
         println!("pixels: mean abs error {mad:.4}/255, max {max}/255 ({}x{})", a.width, a.height);
         if args.max_pixel_error.is_some_and(|t| mad > t) {
@@ -56,8 +60,11 @@ pub fn run(args: &CompareArgs) -> Result<()> {
         }
     } else {
         let (a, b) = (WeightStore::open(&args.a)?, WeightStore::open(&args.b)?);
-        let mut keys: Vec<String> =
-            if args.keys.is_empty() { a.keys().filter(|k| b.contains(k)).map(str::to_string).collect() } else { args.keys.clone() };
+        let mut keys: Vec<String> = if args.keys.is_empty() {
+            a.keys().filter(|k| b.contains(k)).map(str::to_string).collect()
+        } else {
+            args.keys.clone()
+        };
         keys.sort();
         if keys.is_empty() {
             return Err(Error::InvalidArgument("the files share no tensor names".into()));

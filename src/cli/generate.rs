@@ -142,7 +142,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             "peak_device_bytes": memory.map(|m| m.1),
             "runs": runs,
         });
-        std::fs::write(json_path, serde_json::to_string_pretty(&report).unwrap()).map_err(|e| Error::io(json_path, e))?;
+        std::fs::write(json_path, serde_json::to_string_pretty(&report).unwrap())
+            .map_err(|e| Error::io(json_path, e))?;
     }
     Ok(())
 }

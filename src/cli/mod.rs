@@ -5,6 +5,7 @@ pub mod doctor;
 pub mod forward;
 pub mod generate;
 pub mod inspect;
+pub mod plan;
 pub mod selftest;
 pub mod synth;
 

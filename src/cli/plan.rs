@@ -1,0 +1,71 @@
+//! `flux2 plan`: the memory plan for a model, size and VRAM budget, without a GPU.
+
+use crate::error::{Error, Result};
+use crate::planner::{self, EncoderPrecision, PlanInput, TransformerPrecision};
+use crate::synth::PipelineSpec;
+
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    /// `klein-4b`, `klein-9b`, or a pipeline folder.
+    #[arg(long)]
+    pub config: String,
+    /// e.g. 16GiB, 8GiB, 12000MiB.
+    #[arg(long)]
+    pub vram_budget: String,
+    #[arg(long, default_value_t = 1024)]
+    pub width: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub height: usize,
+    #[arg(long, value_enum, default_value_t = TransformerPrecision::Bf16)]
+    pub precision: TransformerPrecision,
+    #[arg(long, value_enum, default_value_t = EncoderPrecision::Bf16)]
+    pub text_encoder_precision: EncoderPrecision,
+    /// A reference image size, WIDTHxHEIGHT (repeatable).
+    #[arg(long = "ref")]
+    pub references: Vec<String>,
+    /// Plan for real CFG (two transformer rows); the default follows the model (base models use CFG).
+    #[arg(long)]
+    pub cfg: Option<bool>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: &PlanArgs) -> Result<()> {
+    let spec = match args.config.as_str() {
+        "klein-4b" => PipelineSpec::klein_4b(),
+        "klein-9b" => PipelineSpec::klein_9b(),
+        path => PipelineSpec::from_pipeline(std::path::Path::new(path))?,
+    };
+    let references = args
+        .references
+        .iter()
+        .map(|r| {
+            let (w, h) = r
+                .split_once(['x', 'X'])
+                .ok_or_else(|| Error::InvalidArgument(format!("--ref {r}: use WIDTHxHEIGHT")))?;
+            let parse = |v: &str| {
+                v.parse::<usize>().map_err(|_| Error::InvalidArgument(format!("--ref {r}: use WIDTHxHEIGHT")))
+            };
+            Ok((parse(w)?, parse(h)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let input = PlanInput {
+        transformer: spec.transformer,
+        text_encoder: spec.text_encoder,
+        vae: spec.vae,
+        transformer_precision: args.precision,
+        encoder_precision: args.text_encoder_precision,
+        width: args.width,
+        height: args.height,
+        references,
+        cfg: args.cfg.unwrap_or(!spec.distilled),
+        budget: planner::parse_bytes(&args.vram_budget)?,
+    };
+    let plan = planner::plan(&input)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan).unwrap());
+    } else {
+        print!("{}", plan.describe());
+    }
+    Ok(())
+}

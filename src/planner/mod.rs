@@ -1,0 +1,345 @@
+//! The GPU memory planner: from the component sizes in their precisions, the image size and the
+//! VRAM budget, decide what is resident when (spec: text encoder only while encoding, the
+//! transformer evicted before VAE decode, tiled decode, block-wise transformer streaming as the
+//! last resort) and predict the peak. Pure arithmetic: `flux2 plan` runs without a GPU.
+
+pub mod estimate;
+
+use serde::Serialize;
+
+pub use estimate::{EncoderPrecision, TransformerPrecision};
+
+use crate::error::{Error, Result};
+use crate::model::qwen3::{Qwen3Config, KLEIN_OUT_LAYERS};
+use crate::model::transformer::config::TransformerConfig;
+use crate::model::vae::VaeConfig;
+
+/// CUDA context, kernel images, allocator slack.
+pub const RUNTIME_OVERHEAD: usize = 512 << 20;
+/// Smallest VAE decode tile side in pixels (with its 1/4 overlap each way).
+pub const MIN_TILE: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    pub transformer: TransformerConfig,
+    pub text_encoder: Qwen3Config,
+    pub vae: VaeConfig,
+    pub transformer_precision: TransformerPrecision,
+    pub encoder_precision: EncoderPrecision,
+    pub width: usize,
+    pub height: usize,
+    /// Reference images (width, height) after preprocessing.
+    pub references: Vec<(usize, usize)>,
+    /// Real CFG: two rows per transformer call.
+    pub cfg: bool,
+    pub budget: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransformerResidency {
+    /// Loaded with everything else and kept (fastest; nothing reloads between images).
+    Resident,
+    /// Streamed to the device while the prompt is encoded, then kept.
+    LoadDuringEncode,
+    /// Loaded after the text encoder is evicted.
+    LoadAfterEncode,
+    /// Only `resident_blocks` blocks (plus the small non-block weights) on the device; the rest
+    /// streamed from pinned host memory every step.
+    StreamBlocks { resident_blocks: usize },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    pub name: &'static str,
+    /// Component -> bytes held during the phase.
+    pub resident: Vec<(String, usize)>,
+    pub activations: usize,
+    pub peak: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub budget: usize,
+    pub peak: usize,
+    pub evict_encoder_after_encode: bool,
+    pub transformer: TransformerResidency,
+    pub evict_transformer_before_decode: bool,
+    /// None: decode in one piece; Some(side): tiles of `side` pixels.
+    pub decode_tile: Option<usize>,
+    pub phases: Vec<Phase>,
+    pub weights: Weights,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Weights {
+    pub text_encoder: usize,
+    pub transformer: usize,
+    pub transformer_block: usize,
+    pub transformer_non_block: usize,
+    pub vae: usize,
+    pub context: usize,
+}
+
+struct Sizes {
+    w: Weights,
+    enc_act: usize,
+    dit_act: usize,
+    vae_encode_act: usize,
+}
+
+fn sizes(inp: &PlanInput) -> Sizes {
+    let layers = *KLEIN_OUT_LAYERS.iter().max().unwrap();
+    let tc = &inp.transformer;
+    let m = inp.vae.scale_factor() * 2;
+    let tokens_img = (inp.width / m) * (inp.height / m);
+    let tokens_ref: usize = inp.references.iter().map(|(w, h)| (w / m) * (h / m)).sum();
+    let text = 512;
+    let rows = if inp.cfg { 2 } else { 1 };
+    let (block, rest) = estimate::transformer_block_bytes(tc, inp.transformer_precision);
+    let context = rows * text * tc.joint_attention_dim * 2 + rows * (tokens_img + tokens_ref) * tc.in_channels * 2 * 3;
+    let vae_encode_act =
+        inp.references.iter().map(|&(w, h)| estimate::vae_decode_activation_bytes(&inp.vae, w, h)).max().unwrap_or(0);
+    Sizes {
+        w: Weights {
+            text_encoder: estimate::encoder_bytes(&inp.text_encoder, layers, inp.encoder_precision),
+            transformer: estimate::transformer_bytes(tc, inp.transformer_precision),
+            transformer_block: block,
+            transformer_non_block: rest,
+            vae: estimate::vae_bytes(&inp.vae, inp.references.is_empty()),
+            context,
+        },
+        enc_act: estimate::encoder_activation_bytes(&inp.text_encoder, text, 1, KLEIN_OUT_LAYERS.len()),
+        dit_act: estimate::transformer_activation_bytes(tc, text + tokens_img + tokens_ref, rows),
+        vae_encode_act,
+    }
+}
+
+fn phase(name: &'static str, resident: Vec<(&str, usize)>, activations: usize) -> Phase {
+    let peak = RUNTIME_OVERHEAD + resident.iter().map(|(_, b)| b).sum::<usize>() + activations;
+    Phase { name, resident: resident.into_iter().map(|(n, b)| (n.to_string(), b)).collect(), activations, peak }
+}
+
+/// Tile side (pixels) whose decode fits in `room` bytes, or None if even the smallest does not.
+fn decode_tile(vae: &VaeConfig, width: usize, height: usize, room: usize) -> Option<Option<usize>> {
+    if estimate::vae_decode_activation_bytes(vae, width, height) <= room {
+        return Some(None);
+    }
+    let m = vae.scale_factor() * 2;
+    let mut side = (width.max(height) / 2 / m) * m;
+    while side >= MIN_TILE {
+        // A tile decodes side + overlap on each side.
+        let span = side + side / 2;
+        if estimate::vae_decode_activation_bytes(vae, span, span) <= room {
+            return Some(Some(side));
+        }
+        side = (side / 2 / m) * m;
+    }
+    None
+}
+
+/// The fastest arrangement that fits the budget, or an error naming the smallest budget that
+/// would work with these precisions.
+pub fn plan(inp: &PlanInput) -> Result<Plan> {
+    let s = sizes(inp);
+    let w = s.w;
+    let decode_act = estimate::vae_decode_activation_bytes(&inp.vae, inp.width, inp.height);
+    let budget = inp.budget;
+
+    let encode_refs = |extra: Vec<(&'static str, usize)>| {
+        let mut r = vec![("vae", w.vae)];
+        r.extend(extra);
+        phase("encode references", r, s.vae_encode_act)
+    };
+
+    // 1. Everything resident.
+    let all =
+        vec![("text_encoder", w.text_encoder), ("transformer", w.transformer), ("vae", w.vae), ("context", w.context)];
+    let phases = vec![
+        phase("encode prompt", all.clone(), s.enc_act),
+        encode_refs(vec![("text_encoder", w.text_encoder), ("transformer", w.transformer)]),
+        phase("denoise", all.clone(), s.dit_act),
+        phase("decode", all.clone(), decode_act),
+    ];
+    if let Some(p) = finish(inp, &s, phases, false, TransformerResidency::Resident, false, None) {
+        return Ok(p);
+    }
+
+    // 2./3. Encoder evicted after encoding; the transformer loads during or after encoding.
+    let overlap = RUNTIME_OVERHEAD + w.text_encoder + w.transformer + w.vae + w.context + s.enc_act <= budget;
+    let (residency, encode_phase) = if overlap {
+        (
+            TransformerResidency::LoadDuringEncode,
+            phase(
+                "encode prompt",
+                vec![
+                    ("text_encoder", w.text_encoder),
+                    ("transformer", w.transformer),
+                    ("vae", w.vae),
+                    ("context", w.context),
+                ],
+                s.enc_act,
+            ),
+        )
+    } else {
+        (
+            TransformerResidency::LoadAfterEncode,
+            phase(
+                "encode prompt",
+                vec![("text_encoder", w.text_encoder), ("vae", w.vae), ("context", w.context)],
+                s.enc_act,
+            ),
+        )
+    };
+    let dit_resident = RUNTIME_OVERHEAD + w.transformer + w.vae + w.context + s.dit_act <= budget;
+    let (residency, dit_weights) = if dit_resident {
+        (residency, w.transformer)
+    } else {
+        // 4. Block streaming: the non-block weights plus as many blocks as fit (at least two, to
+        // double-buffer the copies).
+        let fixed = RUNTIME_OVERHEAD + w.transformer_non_block + w.vae + w.context + s.dit_act;
+        let room = budget.saturating_sub(fixed);
+        let blocks = room / w.transformer_block.max(1);
+        let total_blocks = inp.transformer.num_layers + inp.transformer.num_single_layers;
+        (
+            TransformerResidency::StreamBlocks { resident_blocks: blocks.min(total_blocks).max(2) },
+            w.transformer_non_block + blocks.clamp(2, total_blocks) * w.transformer_block,
+        )
+    };
+    let encode_phase = if matches!(residency, TransformerResidency::StreamBlocks { .. }) {
+        phase(
+            "encode prompt",
+            vec![("text_encoder", w.text_encoder), ("vae", w.vae), ("context", w.context)],
+            s.enc_act,
+        )
+    } else {
+        encode_phase
+    };
+    let keep_dit = RUNTIME_OVERHEAD + dit_weights + w.vae + w.context + decode_act <= budget;
+    let room = budget.saturating_sub(RUNTIME_OVERHEAD + w.vae + w.context + if keep_dit { dit_weights } else { 0 });
+    let tile = decode_tile(&inp.vae, inp.width, inp.height, room).unwrap_or(Some(MIN_TILE));
+    let decode_act = match tile {
+        None => decode_act,
+        Some(side) => estimate::vae_decode_activation_bytes(&inp.vae, side + side / 2, side + side / 2),
+    };
+    let mut decode_resident = vec![("vae", w.vae), ("context", w.context)];
+    if keep_dit {
+        decode_resident.push(("transformer", dit_weights));
+    }
+    let phases = vec![
+        encode_phase,
+        encode_refs(vec![]),
+        phase("denoise", vec![("transformer", dit_weights), ("vae", w.vae), ("context", w.context)], s.dit_act),
+        phase("decode", decode_resident, decode_act),
+    ];
+    if let Some(p) = finish(inp, &s, phases.clone(), true, residency, !keep_dit, tile) {
+        return Ok(p);
+    }
+    let needed = phases.iter().map(|p| p.peak).max().unwrap_or(0);
+    Err(Error::OutOfMemory(format!(
+        "a {}x{} image with the {:?} transformer and {:?} text encoder does not fit in {}: the smallest budget that \
+         works is {} (peak phase: {}){}",
+        inp.width,
+        inp.height,
+        inp.transformer_precision,
+        inp.encoder_precision,
+        gib(budget),
+        gib(needed.div_ceil(64 << 20) * (64 << 20)),
+        phases.iter().max_by_key(|p| p.peak).map_or("", |p| p.name),
+        if inp.encoder_precision != EncoderPrecision::Int4 || inp.transformer_precision != TransformerPrecision::Fp8 {
+            "; lower precisions (--precision fp8, --text-encoder-precision int4) need less"
+        } else {
+            ""
+        }
+    )))
+}
+
+fn finish(
+    inp: &PlanInput,
+    s: &Sizes,
+    mut phases: Vec<Phase>,
+    evict_encoder: bool,
+    transformer: TransformerResidency,
+    evict_transformer: bool,
+    decode_tile: Option<usize>,
+) -> Option<Plan> {
+    if inp.references.is_empty() {
+        phases.retain(|p| p.name != "encode references");
+    }
+    let peak = phases.iter().map(|p| p.peak).max().unwrap_or(0);
+    (peak <= inp.budget).then(|| Plan {
+        budget: inp.budget,
+        peak,
+        evict_encoder_after_encode: evict_encoder,
+        transformer,
+        evict_transformer_before_decode: evict_transformer,
+        decode_tile,
+        phases,
+        weights: s.w,
+    })
+}
+
+pub fn gib(bytes: usize) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// "16GiB", "16 GB", "12000MiB", "8G", or plain bytes.
+pub fn parse_bytes(s: &str) -> Result<usize> {
+    let t = s.trim().to_ascii_lowercase().replace(' ', "");
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 =
+        num.parse().map_err(|_| Error::InvalidArgument(format!("cannot read `{s}` as a size (e.g. 16GiB)")))?;
+    let mult: f64 = match unit {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "kb" => 1e3,
+        "m" | "mib" => 1048576.0,
+        "mb" => 1e6,
+        "g" | "gib" => 1073741824.0,
+        "gb" => 1e9,
+        "t" | "tib" => 1099511627776.0,
+        "tb" => 1e12,
+        _ => return Err(Error::InvalidArgument(format!("unknown size unit in `{s}` (use GiB, GB, MiB, MB)"))),
+    };
+    Ok((v * mult) as usize)
+}
+
+impl Plan {
+    pub fn describe(&self) -> String {
+        let mut s = format!("budget {}, predicted peak {}\n", gib(self.budget), gib(self.peak));
+        s.push_str(&format!(
+            "text encoder: {}\ntransformer: {}\nVAE decode: {}\n",
+            if self.evict_encoder_after_encode { "evicted after encoding" } else { "kept resident" },
+            match self.transformer {
+                TransformerResidency::Resident => "resident with everything else".to_string(),
+                TransformerResidency::LoadDuringEncode => "streamed to the GPU while the prompt encodes".to_string(),
+                TransformerResidency::LoadAfterEncode => "loaded after the text encoder is evicted".to_string(),
+                TransformerResidency::StreamBlocks { resident_blocks } => {
+                    format!("block streaming from host memory, {resident_blocks} blocks resident")
+                }
+            } + if self.evict_transformer_before_decode { "; evicted before VAE decode" } else { "" },
+            match self.decode_tile {
+                None => "one piece".to_string(),
+                Some(t) => format!("tiled, {t}x{t} pixel tiles"),
+            }
+        ));
+        s.push_str(&format!(
+            "weights: text encoder {}, transformer {}, VAE {}\n",
+            gib(self.weights.text_encoder),
+            gib(self.weights.transformer),
+            gib(self.weights.vae)
+        ));
+        for p in &self.phases {
+            let held: Vec<String> = p.resident.iter().map(|(n, b)| format!("{n} {}", gib(*b))).collect();
+            s.push_str(&format!(
+                "  {:<18} peak {:>10}  activations {:>10}  [{}]\n",
+                p.name,
+                gib(p.peak),
+                gib(p.activations),
+                held.join(", ")
+            ));
+        }
+        s
+    }
+}
