@@ -4,6 +4,8 @@
 //   v2 gemm_mma_bf16:   tensor cores (mma.sync m16n8k16 + ldmatrix), 128x128x32 block tiles,
 //                       2-stage cp.async pipeline; needs K % 8 == 0 and 16-byte aligned rows.
 // bias_mode: 0 none, 1 per column (bias[n], Linear), 2 per row (bias[m], conv as W · colᵀ).
+#include <cuda_fp8.h>
+
 #include "common.cuh"
 
 __device__ __forceinline__ float bias_at(const bf16* bias, int mode, long m, long n) {
@@ -22,6 +24,39 @@ extern "C" __global__ void gemm_tiled_bf16(const bf16* A, const bf16* W, const b
     for (int k0 = 0; k0 < K; k0 += T1) {
         As[ty][tx] = (m < M && k0 + tx < K) ? to_f(A[m * K + k0 + tx]) : 0.f;
         Ws[ty][tx] = (wn < N && k0 + tx < K) ? to_f(W[wn * K + k0 + tx]) : 0.f;
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < T1; k++) acc += As[ty][k] * Ws[tx][k];
+        __syncthreads();
+    }
+    if (m < M && n < N) C[m * ldc + n] = to_bf(acc + bias_at(bias, bias_mode, m, n));
+}
+
+// Weight-only quantized W (fmt 0 int8 per-row scale, 1 int4 per (row, group) scale with two codes
+// per byte, low nibble first, 2 fp8 e4m3 per-row scale): dequantized while staging tiles.
+__device__ __forceinline__ float dequant(const unsigned char* q, const float* s, int fmt, int group, long n, int k, int K) {
+    if (fmt == 0) return (float)(signed char)q[n * K + k] * s[n];
+    if (fmt == 1) {
+        unsigned char b = q[(n * K + k) >> 1];
+        int nib = (k & 1) ? (b >> 4) : (b & 15);
+        return (float)(nib >= 8 ? nib - 16 : nib) * s[n * (K / group) + k / group];
+    }
+    __nv_fp8_e4m3 v;
+    v.__x = q[n * K + k];
+    return (float)v * s[n];
+}
+
+extern "C" __global__ void gemm_wq_tiled_bf16(const bf16* A, const unsigned char* Wq, const float* scales, int fmt, int group,
+                                              const bf16* bias, int bias_mode, bf16* C, int M, int N, int K, long ldc) {
+    __shared__ float As[T1][T1 + 1];
+    __shared__ float Ws[T1][T1 + 1];
+    int tx = threadIdx.x, ty = threadIdx.y;
+    long m = (long)blockIdx.y * T1 + ty, n = (long)blockIdx.x * T1 + tx;
+    long wn = (long)blockIdx.x * T1 + ty;
+    float acc = 0.f;
+    for (int k0 = 0; k0 < K; k0 += T1) {
+        As[ty][tx] = (m < M && k0 + tx < K) ? to_f(A[m * K + k0 + tx]) : 0.f;
+        Ws[ty][tx] = (wn < N && k0 + tx < K) ? dequant(Wq, scales, fmt, group, wn, k0 + tx, K) : 0.f;
         __syncthreads();
 #pragma unroll
         for (int k = 0; k < T1; k++) acc += As[ty][k] * Ws[tx][k];

@@ -9,6 +9,8 @@ pub enum DType {
     F16,
     /// OCP FP8 E4M3 "fn" variant (no infinities, 0x7F/0xFF are NaN, max 448), as in torch.float8_e4m3fn.
     F8E4M3,
+    /// Raw bytes: packed quantized codes (their format says how to read them).
+    U8,
 }
 
 impl DType {
@@ -16,7 +18,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::BF16 | DType::F16 => 2,
-            DType::F8E4M3 => 1,
+            DType::F8E4M3 | DType::U8 => 1,
         }
     }
 
@@ -26,6 +28,7 @@ impl DType {
             DType::BF16 => "bf16",
             DType::F16 => "f16",
             DType::F8E4M3 => "f8e4m3",
+            DType::U8 => "u8",
         }
     }
 
@@ -36,6 +39,7 @@ impl DType {
             DType::BF16 => "BF16",
             DType::F16 => "F16",
             DType::F8E4M3 => "F8_E4M3",
+            DType::U8 => "U8",
         }
     }
 
@@ -56,6 +60,7 @@ impl DType {
             DType::BF16 => 1.0 / 256.0,
             DType::F16 => 1.0 / 2048.0,
             DType::F8E4M3 => 1.0 / 16.0,
+            DType::U8 => 0.5,
         }
     }
 }
@@ -133,6 +138,7 @@ pub fn decode_to_f32(bytes: &[u8], dtype: DType) -> Vec<f32> {
             bytes.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()
         }
         DType::F8E4M3 => bytes.iter().map(|&b| f8e4m3_to_f32(b)).collect(),
+        DType::U8 => bytes.iter().map(|&b| b as f32).collect(),
     }
 }
 
@@ -143,6 +149,7 @@ pub fn encode_from_f32(values: &[f32], dtype: DType) -> Vec<u8> {
         DType::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_bits().to_le_bytes()).collect(),
         DType::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
         DType::F8E4M3 => values.iter().map(|v| f32_to_f8e4m3(*v)).collect(),
+        DType::U8 => values.iter().map(|v| v.round().clamp(0.0, 255.0) as u8).collect(),
     }
 }
 
@@ -153,6 +160,7 @@ pub fn round_through(values: &mut [f32], dtype: DType) {
         DType::BF16 => values.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
         DType::F16 => values.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
         DType::F8E4M3 => values.iter_mut().for_each(|v| *v = f8e4m3_to_f32(f32_to_f8e4m3(*v))),
+        DType::U8 => values.iter_mut().for_each(|v| *v = v.round().clamp(0.0, 255.0)),
     }
 }
 

@@ -13,6 +13,7 @@ use crate::model::rope::PositionIds;
 use crate::model::tokenizer::PromptTokenizer;
 use crate::model::transformer::Flux2Transformer;
 use crate::model::vae::{pack, unpack, Vae, VaeParts};
+use crate::planner::EncoderPrecision;
 use crate::progress::Stage;
 use crate::sampler::{Schedule, SchedulerConfig, TimestepMode};
 use crate::tensor::Tensor;
@@ -122,11 +123,23 @@ pub struct References {
     pub first_size: (usize, usize),
 }
 
+/// How the components are stored on the device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    pub text_encoder_precision: Option<EncoderPrecision>,
+}
+
 impl Pipeline {
     pub fn load(be: Arc<dyn Backend>, root: &Path) -> Result<Pipeline> {
+        Pipeline::load_with(be, root, LoadOptions::default())
+    }
+
+    pub fn load_with(be: Arc<dyn Backend>, root: &Path, options: LoadOptions) -> Result<Pipeline> {
         let info = PipelineInfo::read(root)?;
         let tokenizer = PromptTokenizer::load(&root.join("tokenizer"))?;
-        let text_encoder = Qwen3TextEncoder::load(be.clone(), &root.join("text_encoder"), &KLEIN_OUT_LAYERS)?;
+        let precision = options.text_encoder_precision.unwrap_or(EncoderPrecision::Bf16);
+        let text_encoder =
+            Qwen3TextEncoder::load_with(be.clone(), &root.join("text_encoder"), &KLEIN_OUT_LAYERS, precision)?;
         let transformer = Flux2Transformer::load(be.clone(), &root.join("transformer"))?;
         let vae = Vae::load(be.clone(), &root.join("vae"), VaeParts { encoder: true, decoder: true })?;
         let scheduler_path = root.join("scheduler/scheduler_config.json");

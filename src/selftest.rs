@@ -9,6 +9,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{AttnMask, Backend, Padding2d};
 use crate::dtype::{round_through, DType};
 use crate::error::Result;
+use crate::quant::{quantize, QuantFormat};
 use crate::tensor::Tensor;
 
 /// How an input is drawn and stored.
@@ -77,6 +78,23 @@ pub fn cases() -> Vec<Case> {
             3.0,
             Box::new(move |be, t| be.linear(&t[0], &t[1], t.get(2))),
         ));
+    }
+    for (fmt, name) in
+        [(QuantFormat::Int8, "int8"), (QuantFormat::Int4 { group: 64 }, "int4 g64"), (QuantFormat::Fp8, "fp8")]
+    {
+        for (m, k, n) in [(9, 128, 40), (130, 2560, 1024)] {
+            let inputs = vec![act(&[m, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
+            v.push(case(
+                "linear_quantized",
+                format!("{name} {m}x{k} · {n}x{k}ᵀ"),
+                inputs,
+                3.0,
+                Box::new(move |be, t| {
+                    let q = quantize(&t[1].to_vec_f32()?, n, k, fmt)?;
+                    be.linear_quantized(&t[0], &be.load_quantized(&q)?, None)
+                }),
+            ));
+        }
     }
     // (batch, queries, keys, heads, kv heads, head dim, mask)
     let attn: [(usize, usize, usize, usize, usize, usize, u8); 9] = [

@@ -329,6 +329,7 @@ fn dtype_name(d: DType) -> &'static str {
         DType::BF16 => "bfloat16",
         DType::F16 => "float16",
         DType::F8E4M3 => "float8_e4m3fn",
+        DType::U8 => "uint8",
     }
 }
 

@@ -29,6 +29,18 @@ pub enum AttnMask {
     Causal { valid_len: Option<Vec<usize>> },
 }
 
+/// A weight-only quantized `[rows, cols]` linear weight as a backend holds it: the CPU reference
+/// keeps the dequantized f32 values (`scales` None); the GPU keeps the codes and scales and
+/// dequantizes inside its GEMM.
+#[derive(Debug, Clone)]
+pub struct QuantTensor {
+    pub format: crate::quant::QuantFormat,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Tensor,
+    pub scales: Option<Tensor>,
+}
+
 /// Zero padding of a 2-D convolution input, in pixels: (top, bottom, left, right).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Padding2d {
@@ -80,6 +92,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// `y = x · wᵀ (+ bias)`, x `[.., K]`, w `[N, K]`, bias `[N]` -> `[.., N]`.
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor>;
+
+    /// Upload a quantized weight.
+    fn load_quantized(&self, q: &crate::quant::Quantized) -> Result<QuantTensor>;
+
+    /// `y = x · dequant(w)ᵀ (+ bias)`: dequantized on the fly, f32 accumulation.
+    fn linear_quantized(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor>;
 
     /// Scaled dot-product attention with softmax in f32 (layouts in the module docs).
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor>;

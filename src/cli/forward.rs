@@ -11,6 +11,7 @@ use crate::model::rope::PositionIds;
 use crate::model::tokenizer::TokenizedPrompt;
 use crate::model::transformer::{scale_in_dtype, Flux2Transformer};
 use crate::model::vae::{patchify, Vae, VaeParts};
+use crate::planner::EncoderPrecision;
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
 
@@ -46,6 +47,9 @@ pub struct ForwardArgs {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// Text encoder only: storage of its linears (bf16, fp8, int8, int4).
+    #[arg(long, value_enum, default_value_t = EncoderPrecision::Bf16)]
+    pub text_encoder_precision: EncoderPrecision,
 }
 
 pub fn run(args: &ForwardArgs) -> Result<()> {
@@ -73,7 +77,8 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
         }
         Component::TextEncoder => {
             let dir = component_dir(&args.model, "text_encoder");
-            let encoder = Qwen3TextEncoder::load(be.clone(), &dir, &KLEIN_OUT_LAYERS)?;
+            let encoder =
+                Qwen3TextEncoder::load_with(be.clone(), &dir, &KLEIN_OUT_LAYERS, args.text_encoder_precision)?;
             let ids = read_f32(&inputs, "input_ids")?;
             expect_rank("input_ids", &ids, &[2])?;
             let mask = if inputs.contains("attention_mask") {

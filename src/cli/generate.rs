@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use crate::device::{self, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::image_io::RgbImage;
-use crate::pipeline::{Output, Pipeline, Request};
+use crate::pipeline::{LoadOptions, Output, Pipeline, Request};
+use crate::planner::EncoderPrecision;
 use crate::sampler::TimestepMode;
 use crate::weights::WeightStore;
 
@@ -50,6 +51,9 @@ pub struct GenerateArgs {
     /// Timestep rounding to reproduce: diffusers (in the compute dtype), diffusers-bf16, or bfl.
     #[arg(long, value_enum, default_value_t = TimestepMode::Diffusers)]
     pub timesteps: TimestepMode,
+    /// Storage of the text encoder's linears: bf16, fp8, int8 (per channel) or int4 (groups of 64).
+    #[arg(long, value_enum, default_value_t = EncoderPrecision::Bf16)]
+    pub text_encoder_precision: EncoderPrecision,
     /// Write a JSON report: per-stage timings, peak device memory, NVML readings.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -74,7 +78,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     tracing::info!("device: {}", be.name());
     let telemetry = crate::telemetry::Telemetry::new();
     let load_start = std::time::Instant::now();
-    let pipeline = Pipeline::load(be.clone(), &root)?;
+    let options = LoadOptions { text_encoder_precision: Some(args.text_encoder_precision) };
+    let pipeline = Pipeline::load_with(be.clone(), &root, options)?;
     be.synchronize()?;
     let load_seconds = load_start.elapsed().as_secs_f64();
     let seed = args.seed.unwrap_or_else(random_seed);

@@ -1,5 +1,6 @@
 //! Model components, each written once against the op layer.
 
+pub mod linear;
 pub mod qwen3;
 pub mod rope;
 pub mod tokenizer;

@@ -7,11 +7,13 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use super::linear::{format_for, Linear};
 use super::rope::qwen_tables;
 use super::tokenizer::{PromptTokenizer, TokenizedPrompt, MAX_TOKENS};
 use crate::backend::{AttnMask, Backend};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::planner::EncoderPrecision;
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
 
@@ -133,16 +135,16 @@ impl Qwen3Config {
 struct Layer {
     input_norm: Tensor,
     /// q, k, v projections fused row-wise: one GEMM.
-    qkv: Tensor,
+    qkv: Linear,
     qkv_bias: Option<Tensor>,
     q_norm: Tensor,
     k_norm: Tensor,
-    o: Tensor,
+    o: Linear,
     o_bias: Option<Tensor>,
     post_norm: Tensor,
     /// gate and up projections fused row-wise (gate first), so SwiGLU applies directly.
-    gate_up: Tensor,
-    down: Tensor,
+    gate_up: Linear,
+    down: Linear,
 }
 
 pub struct Qwen3TextEncoder {
@@ -156,8 +158,19 @@ pub struct Qwen3TextEncoder {
 
 impl Qwen3TextEncoder {
     /// Load from a `text_encoder/` folder (config.json + safetensors, sharded or not), keeping
-    /// only what `out_layers` needs.
+    /// only what `out_layers` needs, with bf16 weights.
     pub fn load(be: Arc<dyn Backend>, dir: &Path, out_layers: &[usize]) -> Result<Qwen3TextEncoder> {
+        Qwen3TextEncoder::load_with(be, dir, out_layers, EncoderPrecision::Bf16)
+    }
+
+    /// As [`Qwen3TextEncoder::load`], with the decoder layers' linears stored in `precision`
+    /// (quantized at load; embeddings and norms stay bf16).
+    pub fn load_with(
+        be: Arc<dyn Backend>,
+        dir: &Path,
+        out_layers: &[usize],
+        precision: EncoderPrecision,
+    ) -> Result<Qwen3TextEncoder> {
         let cfg = Qwen3Config::from_json_file(&dir.join("config.json"))?;
         let mut store = WeightStore::open(dir)?;
         if !store.contains("model.embed_tokens.weight") && store.contains("embed_tokens.weight") {
@@ -165,7 +178,7 @@ impl Qwen3TextEncoder {
         } else {
             store.set_prefix("model.");
         }
-        Qwen3TextEncoder::from_store(be, &store, cfg, out_layers)
+        Qwen3TextEncoder::from_store(be, &store, cfg, out_layers, precision)
     }
 
     pub fn from_store(
@@ -173,6 +186,7 @@ impl Qwen3TextEncoder {
         store: &WeightStore,
         cfg: Qwen3Config,
         out_layers: &[usize],
+        precision: EncoderPrecision,
     ) -> Result<Self> {
         cfg.validate().map_err(|r| Error::config(store.origin(), r))?;
         let deepest = *out_layers.iter().max().ok_or_else(|| Error::InvalidArgument("no output layers".into()))?;
@@ -185,7 +199,6 @@ impl Qwen3TextEncoder {
         let b: &dyn Backend = &*be;
         let (h, hd, nq, nkv, inter) =
             (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads(), cfg.intermediate_size);
-        let qkv_rows = (nq + 2 * nkv) * hd;
         // Layers past the deepest requested hidden state are never run, so never loaded.
         let run = deepest.min(cfg.num_hidden_layers);
         let layers = (0..run)
@@ -193,12 +206,10 @@ impl Qwen3TextEncoder {
                 let p = |s: &str| format!("layers.{n}.{s}");
                 let load = |s: &str, shape: &[usize]| store.load(b, &p(s), shape);
                 let concat = |parts: Vec<Tensor>| b.concat(&parts.iter().collect::<Vec<_>>(), 0);
-                let qkv = concat(vec![
-                    load("self_attn.q_proj.weight", &[nq * hd, h])?,
-                    load("self_attn.k_proj.weight", &[nkv * hd, h])?,
-                    load("self_attn.v_proj.weight", &[nkv * hd, h])?,
-                ])?;
-                debug_assert_eq!(qkv.dim(0), qkv_rows);
+                let fmt = format_for(precision);
+                let (q, k, v) =
+                    (p("self_attn.q_proj.weight"), p("self_attn.k_proj.weight"), p("self_attn.v_proj.weight"));
+                let qkv = Linear::load(b, store, &[(&q, nq * hd), (&k, nkv * hd), (&v, nkv * hd)], h, fmt)?;
                 let (qkv_bias, o_bias) = if cfg.attention_bias {
                     let bias = concat(vec![
                         load("self_attn.q_proj.bias", &[nq * hd])?,
@@ -215,14 +226,17 @@ impl Qwen3TextEncoder {
                     qkv_bias,
                     q_norm: load("self_attn.q_norm.weight", &[hd])?,
                     k_norm: load("self_attn.k_norm.weight", &[hd])?,
-                    o: load("self_attn.o_proj.weight", &[h, nq * hd])?,
+                    o: Linear::load(b, store, &[(&p("self_attn.o_proj.weight"), h)], nq * hd, fmt)?,
                     o_bias,
                     post_norm: load("post_attention_layernorm.weight", &[h])?,
-                    gate_up: concat(vec![
-                        load("mlp.gate_proj.weight", &[inter, h])?,
-                        load("mlp.up_proj.weight", &[inter, h])?,
-                    ])?,
-                    down: load("mlp.down_proj.weight", &[h, inter])?,
+                    gate_up: Linear::load(
+                        b,
+                        store,
+                        &[(&p("mlp.gate_proj.weight"), inter), (&p("mlp.up_proj.weight"), inter)],
+                        h,
+                        fmt,
+                    )?,
+                    down: Linear::load(b, store, &[(&p("mlp.down_proj.weight"), h)], inter, fmt)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -278,16 +292,16 @@ impl Qwen3TextEncoder {
         keep(0, &x);
         for (n, layer) in self.layers.iter().enumerate() {
             let hn = be.rms_norm(&x, Some(&layer.input_norm), eps)?;
-            let qkv = be.linear(&hn, &layer.qkv, layer.qkv_bias.as_ref())?;
+            let qkv = layer.qkv.forward(be, &hn, layer.qkv_bias.as_ref())?;
             let q = qkv.narrow(2, 0, nq * hd)?.reshape(&[b, l, nq, hd])?;
             let k = qkv.narrow(2, nq * hd, nkv * hd)?.reshape(&[b, l, nkv, hd])?;
             let v = qkv.narrow(2, (nq + nkv) * hd, nkv * hd)?.reshape(&[b, l, nkv, hd])?;
             let q = be.rope_half(&be.rms_norm(&q, Some(&layer.q_norm), eps)?, &cos, &sin)?;
             let k = be.rope_half(&be.rms_norm(&k, Some(&layer.k_norm), eps)?, &cos, &sin)?;
             let attn = be.attention(&q, &k, &v, &mask, scale)?.reshape(&[b, l, nq * hd])?;
-            x = be.axpby(1.0, &x, 1.0, &be.linear(&attn, &layer.o, layer.o_bias.as_ref())?)?;
+            x = be.axpby(1.0, &x, 1.0, &layer.o.forward(be, &attn, layer.o_bias.as_ref())?)?;
             let h2 = be.rms_norm(&x, Some(&layer.post_norm), eps)?;
-            let mlp = be.linear(&be.swiglu(&be.linear(&h2, &layer.gate_up, None)?)?, &layer.down, None)?;
+            let mlp = layer.down.forward(be, &be.swiglu(&layer.gate_up.forward(be, &h2, None)?)?, None)?;
             x = be.axpby(1.0, &x, 1.0, &mlp)?;
             if n + 1 == cfg.num_hidden_layers {
                 // hidden_states[num_layers] is the final-norm output.

@@ -21,7 +21,7 @@ pub enum EncoderPrecision {
     Fp8,
     /// int8 per output channel, f32 scales.
     Int8,
-    /// 4-bit groups of 64 along the input dim, f16 scales.
+    /// 4-bit groups of 64 along the input dim, f32 scales.
     Int4,
 }
 
@@ -32,7 +32,7 @@ pub fn linear_bytes(rows: usize, cols: usize, p: EncoderPrecision) -> usize {
     match p {
         EncoderPrecision::Bf16 => rows * cols * 2,
         EncoderPrecision::Fp8 | EncoderPrecision::Int8 => rows * cols + rows * 4,
-        EncoderPrecision::Int4 => rows * cols.div_ceil(2) + rows * cols.div_ceil(INT4_GROUP) * 2,
+        EncoderPrecision::Int4 => rows * cols.div_ceil(2) + rows * cols.div_ceil(INT4_GROUP) * 4,
     }
 }
 

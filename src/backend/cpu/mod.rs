@@ -12,7 +12,7 @@ mod position;
 
 use std::borrow::Cow;
 
-use crate::backend::{check, AttnMask, Backend, Padding2d};
+use crate::backend::{check, AttnMask, Backend, Padding2d, QuantTensor};
 use crate::dtype::{decode_to_f32, round_through, DType};
 use crate::error::{Error, Result};
 use crate::tensor::{CpuStorage, DeviceKind, Tensor};
@@ -91,6 +91,15 @@ impl Backend for CpuBackend {
 
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         gemm::linear(x, w, bias)
+    }
+
+    fn load_quantized(&self, q: &crate::quant::Quantized) -> Result<QuantTensor> {
+        let data = output(crate::quant::dequantize(q), &[q.rows, q.cols])?;
+        Ok(QuantTensor { format: q.format, rows: q.rows, cols: q.cols, data, scales: None })
+    }
+
+    fn linear_quantized(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        gemm::linear(x, &w.data, bias)
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {

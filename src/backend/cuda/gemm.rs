@@ -3,7 +3,7 @@
 use cudarc::driver::LaunchConfig;
 
 use super::{grid_1d, launch, CudaBackend};
-use crate::backend::{check, Padding2d};
+use crate::backend::{check, Padding2d, QuantTensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -65,6 +65,54 @@ pub(super) fn linear(be: &CudaBackend, x: &Tensor, w: &Tensor, bias: Option<&Ten
     let out = be.output(DType::BF16, &shape)?;
     let bias = b.as_ref().map_or(Bias::None, |(_, p)| Bias::PerColumn(*p));
     gemm(be, xp, wp, bias, be.ptr(&out)?, m, n, k, n)?;
+    Ok(out)
+}
+
+/// `x · dequant(w)ᵀ (+ bias)` with the weight-only quantized kernel (codes dequantized into shared
+/// memory tile by tile, f32 accumulation).
+pub(super) fn linear_quantized(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (m, k) = (x.rows(), x.last_dim());
+    if k != w.cols {
+        return Err(Error::shape(
+            "linear_quantized",
+            format!("input {:?} for a [{}, {}] weight", x.shape(), w.rows, w.cols),
+        ));
+    }
+    let n = w.rows;
+    let (_x, xp) = be.bf16_arg(x, "linear_quantized")?;
+    let scales = w.scales.as_ref().ok_or_else(|| Error::Gpu("quantized weight without scales".into()))?;
+    let (codes, sp) = (be.ptr(&w.data)?, be.ptr(scales)?);
+    let b = bias.map(|b| be.bf16_arg(b, "linear_quantized")).transpose()?;
+    let (bp, mode) = b.as_ref().map_or((0, 0), |(_, p)| (*p, 1));
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    let out = be.output(DType::BF16, &shape)?;
+    if m.div_ceil(16) > 65535 {
+        return Err(Error::shape("linear_quantized", format!("{m} rows exceed one grid")));
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(16) as u32, m.div_ceil(16) as u32, 1),
+        block_dim: (16, 16, 1),
+        shared_mem_bytes: 0,
+    };
+    let (fmt, group) = (w.format.id(), w.format.group() as i32);
+    launch!(
+        be.dev,
+        "gemm_wq_tiled_bf16",
+        cfg,
+        xp,
+        codes,
+        sp,
+        fmt,
+        group,
+        bp,
+        mode,
+        be.ptr(&out)?,
+        m as i32,
+        n as i32,
+        k as i32,
+        n as i64
+    )?;
     Ok(out)
 }
 

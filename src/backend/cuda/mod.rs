@@ -17,7 +17,7 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use half::bf16;
 
-use crate::backend::{AttnMask, Backend, Padding2d};
+use crate::backend::{AttnMask, Backend, Padding2d, QuantTensor};
 use crate::dtype::{decode_to_f32, DType};
 use crate::error::{Error, Result};
 use crate::tensor::{DeviceKind, Storage, Tensor};
@@ -53,7 +53,7 @@ const KERNELS: &[(&str, &[&str])] = &[
         ],
     ),
     ("norm", &["layer_norm_bf16", "rms_norm_bf16", "group_norm_stats_bf16", "group_norm_apply_bf16"]),
-    ("gemm", &["gemm_tiled_bf16", "gemm_mma_bf16", "im2col_bf16"]),
+    ("gemm", &["gemm_tiled_bf16", "gemm_mma_bf16", "gemm_wq_tiled_bf16", "im2col_bf16"]),
     ("attention", &["attention_rowwise_bf16", "flash_attention_d64_bf16", "flash_attention_d128_bf16"]),
 ];
 
@@ -411,6 +411,16 @@ impl Backend for CudaBackend {
 
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         gemm::linear(self, x, w, bias)
+    }
+
+    fn load_quantized(&self, q: &crate::quant::Quantized) -> Result<QuantTensor> {
+        let data = self.upload_bytes(&q.codes, DType::U8, &[q.codes.len()])?;
+        let scales = self.upload_bytes(bytemuck::cast_slice(&q.scales), DType::F32, &[q.scales.len()])?;
+        Ok(QuantTensor { format: q.format, rows: q.rows, cols: q.cols, data, scales: Some(scales) })
+    }
+
+    fn linear_quantized(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        gemm::linear_quantized(self, x, w, bias)
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {

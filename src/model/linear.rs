@@ -1,0 +1,62 @@
+//! A linear layer's weight: dense in the backend's dtype, or weight-only quantized.
+
+use crate::backend::{Backend, QuantTensor};
+use crate::error::Result;
+use crate::planner::EncoderPrecision;
+use crate::quant::{quantize, QuantFormat};
+use crate::tensor::Tensor;
+use crate::weights::WeightStore;
+
+pub enum Linear {
+    Dense(Tensor),
+    Quant(QuantTensor),
+}
+
+/// The quantized format a precision selects (None: dense bf16).
+pub fn format_for(p: EncoderPrecision) -> Option<QuantFormat> {
+    match p {
+        EncoderPrecision::Bf16 => None,
+        EncoderPrecision::Fp8 => Some(QuantFormat::Fp8),
+        EncoderPrecision::Int8 => Some(QuantFormat::Int8),
+        EncoderPrecision::Int4 => Some(QuantFormat::Int4 { group: crate::planner::estimate::INT4_GROUP }),
+    }
+}
+
+impl Linear {
+    /// Row-wise concatenation of stored weights `names` (each `[rows_i, cols]`): dense weights go
+    /// straight from the file to the device; quantized ones are quantized on the host at load.
+    pub fn load(
+        be: &dyn Backend,
+        store: &WeightStore,
+        names: &[(&str, usize)],
+        cols: usize,
+        format: Option<QuantFormat>,
+    ) -> Result<Linear> {
+        match format {
+            None => {
+                let parts =
+                    names.iter().map(|(n, rows)| store.load(be, n, &[*rows, cols])).collect::<Result<Vec<_>>>()?;
+                if parts.len() == 1 {
+                    return Ok(Linear::Dense(parts.into_iter().next().unwrap()));
+                }
+                Ok(Linear::Dense(be.concat(&parts.iter().collect::<Vec<_>>(), 0)?))
+            }
+            Some(fmt) => {
+                let mut values = Vec::new();
+                let mut rows = 0;
+                for (n, r) in names {
+                    values.extend(store.get_shaped(n, &[*r, cols])?.to_f32()?);
+                    rows += r;
+                }
+                Ok(Linear::Quant(be.load_quantized(&quantize(&values, rows, cols, fmt)?)?))
+            }
+        }
+    }
+
+    pub fn forward(&self, be: &dyn Backend, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            Linear::Dense(w) => be.linear(x, w, bias),
+            Linear::Quant(q) => be.linear_quantized(x, q, bias),
+        }
+    }
+}
