@@ -14,6 +14,7 @@ pub mod model;
 pub mod pipeline;
 pub mod planner;
 pub mod progress;
+pub mod prompt_cache;
 pub mod quant;
 pub mod rng;
 pub mod sampler;

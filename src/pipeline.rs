@@ -2,19 +2,21 @@
 //! images, noise, the Euler loop with optional CFG, VAE decode, pixels.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::image_io::RgbImage;
-use crate::model::qwen3::{Qwen3TextEncoder, KLEIN_OUT_LAYERS};
+use crate::model::qwen3::{Qwen3Config, Qwen3TextEncoder, KLEIN_OUT_LAYERS};
 use crate::model::rope::PositionIds;
-use crate::model::tokenizer::PromptTokenizer;
+use crate::model::tokenizer::{PromptTokenizer, MAX_TOKENS, PROMPT_PREFIX, PROMPT_SUFFIX};
+use crate::model::transformer::config::TransformerConfig;
 use crate::model::transformer::Flux2Transformer;
 use crate::model::vae::{pack, unpack, Vae, VaeParts};
 use crate::planner::EncoderPrecision;
 use crate::progress::Stage;
+use crate::prompt_cache::PromptCache;
 use crate::sampler::{Schedule, SchedulerConfig, TimestepMode};
 use crate::tensor::Tensor;
 
@@ -65,12 +67,18 @@ impl PipelineInfo {
 
 pub struct Pipeline {
     be: Arc<dyn Backend>,
+    root: std::path::PathBuf,
+    options: LoadOptions,
     pub info: PipelineInfo,
     pub tokenizer: PromptTokenizer,
-    pub text_encoder: Qwen3TextEncoder,
-    pub transformer: Flux2Transformer,
+    /// Loaded on first use; evicted after encoding when the residency plan says so.
+    text_encoder: Mutex<Option<Arc<Qwen3TextEncoder>>>,
+    /// Loaded on first use; evicted before VAE decode when the residency plan says so.
+    transformer: Mutex<Option<Arc<Flux2Transformer>>>,
+    pub transformer_config: TransformerConfig,
     pub vae: Vae,
     pub scheduler: SchedulerConfig,
+    prompt_cache: Option<PromptCache>,
 }
 
 /// One generation request. Sizes and steps left `None` take the pipeline defaults.
@@ -123,10 +131,38 @@ pub struct References {
     pub first_size: (usize, usize),
 }
 
-/// How the components are stored on the device.
-#[derive(Debug, Clone, Copy, Default)]
+/// How the components are stored and when they are on the device.
+#[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     pub text_encoder_precision: Option<EncoderPrecision>,
+    pub residency: Residency,
+    /// Prompt-embedding disk cache: folder and size bound.
+    pub prompt_cache: Option<(std::path::PathBuf, u64)>,
+}
+
+/// What stays on the device between stages (from the memory plan; everything by default).
+#[derive(Debug, Clone, Copy)]
+pub struct Residency {
+    pub evict_text_encoder_after_encode: bool,
+    pub evict_transformer_before_decode: bool,
+    /// Load every component at start (else each on first use).
+    pub eager: bool,
+}
+
+impl Default for Residency {
+    fn default() -> Self {
+        Residency { evict_text_encoder_after_encode: false, evict_transformer_before_decode: false, eager: true }
+    }
+}
+
+impl Residency {
+    pub fn from_plan(plan: &crate::planner::Plan) -> Residency {
+        Residency {
+            evict_text_encoder_after_encode: plan.evict_encoder_after_encode,
+            evict_transformer_before_decode: plan.evict_transformer_before_decode,
+            eager: plan.transformer == crate::planner::TransformerResidency::Resident,
+        }
+    }
 }
 
 impl Pipeline {
@@ -137,10 +173,8 @@ impl Pipeline {
     pub fn load_with(be: Arc<dyn Backend>, root: &Path, options: LoadOptions) -> Result<Pipeline> {
         let info = PipelineInfo::read(root)?;
         let tokenizer = PromptTokenizer::load(&root.join("tokenizer"))?;
-        let precision = options.text_encoder_precision.unwrap_or(EncoderPrecision::Bf16);
-        let text_encoder =
-            Qwen3TextEncoder::load_with(be.clone(), &root.join("text_encoder"), &KLEIN_OUT_LAYERS, precision)?;
-        let transformer = Flux2Transformer::load(be.clone(), &root.join("transformer"))?;
+        let encoder_config = Qwen3Config::from_json_file(&root.join("text_encoder/config.json"))?;
+        let transformer_config = TransformerConfig::from_json_file(&root.join("transformer/config.json"))?;
         let vae = Vae::load(be.clone(), &root.join("vae"), VaeParts { encoder: true, decoder: true })?;
         let scheduler_path = root.join("scheduler/scheduler_config.json");
         let scheduler = if scheduler_path.is_file() {
@@ -148,28 +182,96 @@ impl Pipeline {
         } else {
             SchedulerConfig::default()
         };
-        let tc = transformer.config();
-        if text_encoder.context_dim() != tc.joint_attention_dim {
+        let context_dim = KLEIN_OUT_LAYERS.len() * encoder_config.hidden_size;
+        if context_dim != transformer_config.joint_attention_dim {
             return Err(Error::config(
                 root,
                 format!(
-                    "the text encoder gives {}-wide features but the transformer expects {}",
-                    text_encoder.context_dim(),
-                    tc.joint_attention_dim
+                    "the text encoder gives {context_dim}-wide features but the transformer expects {}",
+                    transformer_config.joint_attention_dim
                 ),
             ));
         }
-        if vae.config().packed_channels() != tc.in_channels {
+        if vae.config().packed_channels() != transformer_config.in_channels {
             return Err(Error::config(
                 root,
                 format!(
                     "the VAE's latents have {} channels but the transformer takes {}",
                     vae.config().packed_channels(),
-                    tc.in_channels
+                    transformer_config.in_channels
                 ),
             ));
         }
-        Ok(Pipeline { be, info, tokenizer, text_encoder, transformer, vae, scheduler })
+        let prompt_cache = match &options.prompt_cache {
+            Some((dir, max)) => {
+                let precision = options.text_encoder_precision.unwrap_or(EncoderPrecision::Bf16);
+                let settings = format!(
+                    "{precision:?} {:?} {KLEIN_OUT_LAYERS:?} {MAX_TOKENS} {PROMPT_PREFIX:?} {PROMPT_SUFFIX:?}",
+                    be.activation_dtype()
+                );
+                Some(PromptCache::new(
+                    dir.clone(),
+                    *max,
+                    &root.join("text_encoder"),
+                    &root.join("tokenizer"),
+                    &settings,
+                )?)
+            }
+            None => None,
+        };
+        let pipeline = Pipeline {
+            be,
+            root: root.to_path_buf(),
+            info,
+            tokenizer,
+            text_encoder: Mutex::new(None),
+            transformer: Mutex::new(None),
+            transformer_config,
+            vae,
+            scheduler,
+            prompt_cache,
+            options,
+        };
+        if pipeline.options.residency.eager {
+            pipeline.text_encoder()?;
+            pipeline.transformer()?;
+        }
+        Ok(pipeline)
+    }
+
+    /// The text encoder, loading it if it is not on the device.
+    pub fn text_encoder(&self) -> Result<Arc<Qwen3TextEncoder>> {
+        let mut slot = self.text_encoder.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = slot.as_ref() {
+            return Ok(e.clone());
+        }
+        let precision = self.options.text_encoder_precision.unwrap_or(EncoderPrecision::Bf16);
+        let encoder = Arc::new(Qwen3TextEncoder::load_with(
+            self.be.clone(),
+            &self.root.join("text_encoder"),
+            &KLEIN_OUT_LAYERS,
+            precision,
+        )?);
+        *slot = Some(encoder.clone());
+        Ok(encoder)
+    }
+
+    /// The transformer, loading it if it is not on the device.
+    pub fn transformer(&self) -> Result<Arc<Flux2Transformer>> {
+        let mut slot = self.transformer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = slot.as_ref() {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(Flux2Transformer::load(self.be.clone(), &self.root.join("transformer"))?);
+        *slot = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Whether each model is on the device now: (text encoder, transformer).
+    pub fn resident(&self) -> (bool, bool) {
+        let encoder = self.text_encoder.lock().map(|s| s.is_some()).unwrap_or(false);
+        let transformer = self.transformer.lock().map(|s| s.is_some()).unwrap_or(false);
+        (encoder, transformer)
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -181,11 +283,28 @@ impl Pipeline {
         self.vae.config().scale_factor() * 2
     }
 
-    /// Encode the prompt, plus "" for CFG when `cfg` is set.
+    /// Encode the prompt, plus "" for CFG when `cfg` is set: from the disk cache when it holds
+    /// them, else with the text encoder (evicted afterwards if the residency plan says so).
     pub fn encode(&self, prompt: &str, cfg: bool) -> Result<EncodedPrompt> {
-        let context = self.text_encoder.encode_prompts(&self.tokenizer, &[prompt])?;
-        let negative = if cfg { Some(self.text_encoder.encode_prompts(&self.tokenizer, &[""])?) } else { None };
+        let context = self.encode_one(prompt)?;
+        let negative = if cfg { Some(self.encode_one("")?) } else { None };
+        if self.options.residency.evict_text_encoder_after_encode {
+            *self.text_encoder.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
         Ok(EncodedPrompt { prompt: prompt.to_string(), context, negative })
+    }
+
+    fn encode_one(&self, prompt: &str) -> Result<Tensor> {
+        if let Some(hit) = self.prompt_cache.as_ref().and_then(|c| c.get(prompt)) {
+            return self.be.upload(&hit, self.be.activation_dtype());
+        }
+        let context = self.text_encoder()?.encode_prompts(&self.tokenizer, &[prompt])?;
+        if let Some(cache) = &self.prompt_cache {
+            if let Err(e) = cache.put(prompt, &context, self.be.activation_dtype()) {
+                tracing::warn!("could not write the prompt cache: {e}");
+            }
+        }
+        Ok(context)
     }
 
     /// Check, resize (area cap), centre-crop and encode the references (diffusers' editing path).
@@ -283,7 +402,8 @@ impl Pipeline {
         let (width, height) = self.output_size(req, refs)?;
         let m = self.pixel_multiple();
         let (h, w) = (height / m, width / m);
-        let c = self.transformer.config().in_channels;
+        let c = self.transformer_config.in_channels;
+        let transformer = self.transformer()?;
         let act = be.activation_dtype();
         let noise = match &req.noise {
             Some(n) => {
@@ -323,7 +443,7 @@ impl Pipeline {
                 input = be.concat(&[&input, &input], 0)?;
             }
             let t = vec![schedule.model_time(i, mode, act); batch];
-            let v = self.transformer.forward(&input, &context, &t, &all_ids, &txt_ids, None)?;
+            let v = transformer.forward(&input, &context, &t, &all_ids, &txt_ids, None)?;
             let v = v.narrow(1, 0, h * w)?;
             let v = if batch == 2 {
                 let (cond, uncond) = (v.narrow(0, 0, 1)?, v.narrow(0, 1, 1)?);
@@ -336,6 +456,10 @@ impl Pipeline {
         }
         be.synchronize()?;
         timings.denoise = stage.finish();
+        drop(transformer);
+        if self.options.residency.evict_transformer_before_decode {
+            *self.transformer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
 
         let stage = Stage::new("decode", 1);
         let grid = unpack(be, &latents, h, w)?;

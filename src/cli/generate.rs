@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use crate::device::{self, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::image_io::RgbImage;
-use crate::pipeline::{LoadOptions, Output, Pipeline, Request};
+use crate::pipeline::{LoadOptions, Output, Pipeline, Request, Residency};
 use crate::planner::EncoderPrecision;
 use crate::sampler::TimestepMode;
 use crate::weights::WeightStore;
@@ -54,6 +54,13 @@ pub struct GenerateArgs {
     /// Storage of the text encoder's linears: bf16, fp8, int8 (per channel) or int4 (groups of 64).
     #[arg(long, value_enum, default_value_t = EncoderPrecision::Bf16)]
     pub text_encoder_precision: EncoderPrecision,
+    /// GPU memory budget, e.g. 16GiB (default: free VRAM from NVML minus 5% headroom). The memory
+    /// plan decides what stays resident; allocations beyond the budget fail.
+    #[arg(long)]
+    pub vram_budget: Option<String>,
+    /// Do not read or write the prompt-embedding disk cache.
+    #[arg(long)]
+    pub no_prompt_cache: bool,
     /// Write a JSON report: per-stage timings, peak device memory, NVML readings.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -78,7 +85,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     tracing::info!("device: {}", be.name());
     let telemetry = crate::telemetry::Telemetry::new();
     let load_start = std::time::Instant::now();
-    let options = LoadOptions { text_encoder_precision: Some(args.text_encoder_precision) };
+    let plan = memory_plan(args, &root, &be, &references)?;
+    let residency = plan.as_ref().map(Residency::from_plan).unwrap_or_default();
+    let prompt_cache =
+        (!args.no_prompt_cache).then(|| (crate::prompt_cache::default_dir(), crate::prompt_cache::DEFAULT_MAX_BYTES));
+    let options = LoadOptions { text_encoder_precision: Some(args.text_encoder_precision), residency, prompt_cache };
     let pipeline = Pipeline::load_with(be.clone(), &root, options)?;
     be.synchronize()?;
     let load_seconds = load_start.elapsed().as_secs_f64();
@@ -145,12 +156,73 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             "model": args.model,
             "load_seconds": load_seconds,
             "peak_device_bytes": memory.map(|m| m.1),
+            "plan": plan,
             "runs": runs,
         });
         std::fs::write(json_path, serde_json::to_string_pretty(&report).unwrap())
             .map_err(|e| Error::io(json_path, e))?;
     }
     Ok(())
+}
+
+/// The memory plan for this run: with --vram-budget, or on a GPU with NVML, the budget is free
+/// VRAM minus headroom. On the GPU the budget is then enforced by the backend's allocator.
+fn memory_plan(
+    args: &GenerateArgs,
+    root: &Path,
+    be: &std::sync::Arc<dyn crate::backend::Backend>,
+    references: &[RgbImage],
+) -> Result<Option<crate::planner::Plan>> {
+    let budget = match &args.vram_budget {
+        Some(b) => Some(crate::planner::parse_bytes(b)?),
+        None if be.kind() == crate::tensor::DeviceKind::Cuda => crate::telemetry::Telemetry::new()
+            .and_then(|t| {
+                let s = t.sample();
+                Some(s.memory_total_bytes?.saturating_sub(s.memory_used_bytes?))
+            })
+            .map(|free| (free as f64 * 0.95) as usize - (256 << 20)),
+        None => None,
+    };
+    let Some(budget) = budget else { return Ok(None) };
+    let spec = crate::synth::PipelineSpec::from_pipeline(root)?;
+    let cap = |(w, h): (usize, usize)| {
+        let area = (w * h) as f64;
+        let s = if area > 1024.0 * 1024.0 { (1024.0 * 1024.0 / area).sqrt() } else { 1.0 };
+        (((w as f64 * s) as usize) / 16 * 16, ((h as f64 * s) as usize) / 16 * 16)
+    };
+    let refs: Vec<(usize, usize)> = references.iter().map(|r| cap((r.width, r.height))).collect();
+    let (w, h) = match (args.width, args.height, refs.first()) {
+        (Some(w), Some(h), _) => (w, h),
+        (w, h, Some(&(rw, rh))) => (w.unwrap_or(rw), h.unwrap_or(rh)),
+        (w, h, None) => (w.unwrap_or(crate::pipeline::DEFAULT_SIZE), h.unwrap_or(crate::pipeline::DEFAULT_SIZE)),
+    };
+    let input = crate::planner::PlanInput {
+        cfg: !spec.distilled && args.guidance.unwrap_or(4.0) > 1.0,
+        transformer: spec.transformer,
+        text_encoder: spec.text_encoder,
+        vae: spec.vae,
+        transformer_precision: crate::planner::TransformerPrecision::Bf16,
+        encoder_precision: args.text_encoder_precision,
+        width: w,
+        height: h,
+        references: refs,
+        budget,
+    };
+    let plan = crate::planner::plan(&input)?;
+    if matches!(plan.transformer, crate::planner::TransformerResidency::StreamBlocks { .. }) {
+        return Err(Error::OutOfMemory(format!(
+            "the transformer does not fit in {} next to its activations, and block streaming is not \
+             implemented yet; lower the size, use --text-encoder-precision int4, or a larger budget.\n{}",
+            crate::planner::gib(budget),
+            plan.describe()
+        )));
+    }
+    tracing::info!("memory plan:\n{}", plan.describe());
+    #[cfg(feature = "cuda")]
+    if let Some(c) = device::as_cuda(be) {
+        c.set_budget(Some(budget));
+    }
+    Ok(Some(plan))
 }
 
 /// (live, peak) bytes of the CUDA backend's tensors.

@@ -49,7 +49,9 @@ pub fn bin() -> &'static str {
 
 /// Run the CLI, returning (success, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(bin()).args(args).output().expect("run flux2");
+    // Keep the prompt cache of test runs out of the user's home.
+    let cache = std::env::temp_dir().join("flux2-test-cache");
+    let out = std::process::Command::new(bin()).args(args).env("FLUX2_CACHE_DIR", cache).output().expect("run flux2");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 

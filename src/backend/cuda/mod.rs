@@ -68,6 +68,8 @@ pub struct CudaDevice {
     pub total_memory: usize,
     live: AtomicUsize,
     peak: AtomicUsize,
+    /// Bytes the engine may hold (0: no limit); allocations beyond it fail cleanly.
+    budget: AtomicUsize,
     poison: AtomicBool,
 }
 
@@ -221,6 +223,7 @@ impl CudaBackend {
             target,
             live: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
+            budget: AtomicUsize::new(0),
             poison: AtomicBool::new(false),
         };
         Ok(CudaBackend { dev: Arc::new(dev) })
@@ -240,6 +243,11 @@ impl CudaBackend {
         (self.dev.live.load(Ordering::Relaxed), self.dev.peak.load(Ordering::Relaxed))
     }
 
+    /// Limit the bytes live tensors may hold (the memory plan's budget); None removes the limit.
+    pub fn set_budget(&self, bytes: Option<usize>) {
+        self.dev.budget.store(bytes.unwrap_or(0), Ordering::Relaxed);
+    }
+
     pub fn reset_peak(&self) {
         self.dev.peak.store(self.dev.live.load(Ordering::Relaxed), Ordering::Relaxed);
     }
@@ -247,6 +255,16 @@ impl CudaBackend {
     /// Uninitialised (or poisoned) storage for `len` elements.
     fn alloc(&self, dtype: DType, len: usize) -> Result<CudaStorage> {
         let bytes = len * dtype.size_in_bytes();
+        let budget = self.dev.budget.load(Ordering::Relaxed);
+        let live = self.dev.live.load(Ordering::Relaxed);
+        if budget > 0 && live + bytes > budget {
+            return Err(Error::OutOfMemory(format!(
+                "allocating {:.1} MiB would exceed the VRAM budget of {:.2} GiB ({:.2} GiB in use)",
+                bytes as f64 / 1048576.0,
+                budget as f64 / 1073741824.0,
+                live as f64 / 1073741824.0
+            )));
+        }
         let buf = unsafe { self.dev.stream.alloc::<u8>(bytes.max(1)) }.map_err(gpu_err)?;
         let live = self.dev.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.dev.peak.fetch_max(live, Ordering::Relaxed);

@@ -1,0 +1,155 @@
+//! Residency plans (evicting models between stages) and the prompt-embedding disk cache.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{fixtures, load, run_cli};
+use flux2::backend::cpu::CpuBackend;
+use flux2::pipeline::{LoadOptions, Pipeline, Request, Residency};
+use flux2::prompt_cache::PromptCache;
+use flux2::{Backend, DType, Tensor};
+
+fn request() -> Request {
+    Request {
+        prompt: "a lighthouse on a cliff at dusk".into(),
+        width: Some(80),
+        height: Some(48),
+        noise: Some(load(&fixtures().join("cases/t2i_nonsquare/noise.safetensors"), "noise")),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn evicting_models_between_stages_changes_nothing_but_residency() {
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let eager = Pipeline::load(be.clone(), &fixtures().join("pipeline")).unwrap();
+    assert_eq!(eager.resident(), (true, true));
+    let want = eager.generate(&request(), None, None).unwrap().image;
+
+    let residency =
+        Residency { evict_text_encoder_after_encode: true, evict_transformer_before_decode: true, eager: false };
+    let lazy =
+        Pipeline::load_with(be, &fixtures().join("pipeline"), LoadOptions { residency, ..Default::default() }).unwrap();
+    assert_eq!(lazy.resident(), (false, false), "nothing loads before it is needed");
+    let encoded = lazy.encode(&request().prompt, false).unwrap();
+    assert_eq!(lazy.resident(), (false, false), "the encoder leaves after encoding");
+    let got = lazy.generate(&request(), Some(&encoded), None).unwrap().image;
+    assert_eq!(lazy.resident(), (false, false), "the transformer leaves before decoding");
+    assert_eq!(got, want);
+    // A second image reloads what it needs.
+    assert_eq!(lazy.generate(&request(), Some(&encoded), None).unwrap().image, want);
+}
+
+#[test]
+fn prompt_cache_hits_misses_and_recovers_from_corruption() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = fixtures().join("pipeline");
+    let cache = |settings: &str| {
+        PromptCache::new(tmp.path().join("c"), 1 << 20, &p.join("text_encoder"), &p.join("tokenizer"), settings)
+            .unwrap()
+    };
+    let c = cache("bf16");
+    assert!(c.get("a cat").is_none());
+    let t = Tensor::from_f32((0..24).map(|i| i as f32 * 0.5).collect(), &[1, 2, 12]).unwrap();
+    c.put("a cat", &t, DType::F32).unwrap();
+    assert_eq!(c.get("a cat").unwrap().to_vec_f32().unwrap(), t.to_vec_f32().unwrap());
+    assert!(c.get("a dog").is_none());
+    // Other settings (precision, dtype) are another key.
+    assert!(cache("int4").get("a cat").is_none());
+    // A damaged entry is dropped and reported as a miss.
+    let entry = std::fs::read_dir(tmp.path().join("c")).unwrap().next().unwrap().unwrap().path();
+    std::fs::write(&entry, b"garbage").unwrap();
+    assert!(c.get("a cat").is_none());
+    assert!(!entry.exists());
+    // The folder stays within its bound (1 MiB here; each entry ~3 KiB + header).
+    let big = Tensor::from_f32(vec![1.0; 200_000], &[1, 200_000]).unwrap();
+    for i in 0..8 {
+        c.put(&format!("prompt {i}"), &big, DType::F32).unwrap();
+    }
+    let total: u64 =
+        std::fs::read_dir(tmp.path().join("c")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert!(total <= 1 << 20, "{total}");
+    assert!(c.get("prompt 7").is_some(), "the newest entry survives trimming");
+}
+
+#[test]
+fn concurrent_writers_leave_one_valid_entry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = fixtures().join("pipeline");
+    let t = Tensor::from_f32(vec![3.0; 4096], &[1, 4096]).unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                let c = PromptCache::new(
+                    tmp.path().to_path_buf(),
+                    1 << 30,
+                    &p.join("text_encoder"),
+                    &p.join("tokenizer"),
+                    "x",
+                )
+                .unwrap();
+                for _ in 0..5 {
+                    c.put("same prompt", &t, DType::F32).unwrap();
+                    assert_eq!(c.get("same prompt").unwrap().to_vec_f32().unwrap(), t.to_vec_f32().unwrap());
+                }
+            });
+        }
+    });
+    let files: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+}
+
+#[test]
+fn generate_uses_the_cache_and_honours_a_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.png");
+    let noise = fixtures().join("cases/t2i_nonsquare/noise.safetensors");
+    let pipeline = fixtures().join("pipeline");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            pipeline.to_str().unwrap(),
+            "--prompt",
+            "a lighthouse on a cliff at dusk",
+            "--noise",
+            noise.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        std::process::Command::new(common::bin())
+            .args(&args)
+            .env("FLUX2_CACHE_DIR", tmp.path().join("cache"))
+            .output()
+            .unwrap()
+    };
+    for _ in 0..2 {
+        let o = run(&["--vram-budget", "1GiB"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("memory plan"));
+        let got = flux2::image_io::RgbImage::load(&out).unwrap();
+        assert_eq!(got, flux2::image_io::RgbImage::load(&fixtures().join("cases/t2i_nonsquare/expected.png")).unwrap());
+    }
+    assert_eq!(std::fs::read_dir(tmp.path().join("cache/prompt-embeds")).unwrap().count(), 1);
+    let o = run(&["--vram-budget", "1MiB"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("smallest budget"));
+    let (ok, _, _) = run_cli(&[
+        "generate",
+        "--model",
+        pipeline.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--vram-budget",
+        "lots",
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok);
+}
