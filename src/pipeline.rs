@@ -295,10 +295,12 @@ impl Pipeline {
     }
 
     fn encode_one(&self, prompt: &str) -> Result<Tensor> {
+        // Tokenize first: cheap, and it warns about truncation whether or not the cache hits.
+        let tokens = self.tokenizer.encode_prompt(prompt, MAX_TOKENS)?;
         if let Some(hit) = self.prompt_cache.as_ref().and_then(|c| c.get(prompt)) {
             return self.be.upload(&hit, self.be.activation_dtype());
         }
-        let context = self.text_encoder()?.encode_prompts(&self.tokenizer, &[prompt])?;
+        let context = self.text_encoder()?.forward(&[tokens])?;
         if let Some(cache) = &self.prompt_cache {
             if let Err(e) = cache.put(prompt, &context, self.be.activation_dtype()) {
                 tracing::warn!("could not write the prompt cache: {e}");

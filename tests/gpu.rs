@@ -65,7 +65,7 @@ fn pipeline_images_within_2_of_255(be: Arc<dyn Backend>) {
             serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
         let root = if j["pipeline"] == "base" {
             if !base.exists() {
-                make_base(&base);
+                common::base_pipeline(&base);
             }
             base.clone()
         } else {
@@ -95,18 +95,6 @@ fn pipeline_images_within_2_of_255(be: Arc<dyn Backend>) {
         println!("pipeline {}: mean absolute pixel error {mad:.3}/255", dir.display());
         assert!(mad <= 2.0, "{}: {mad}", dir.display());
     }
-}
-
-fn make_base(dir: &std::path::Path) {
-    let src = fixtures().join("pipeline");
-    std::fs::create_dir_all(dir).unwrap();
-    for c in ["tokenizer", "text_encoder", "transformer", "vae", "scheduler"] {
-        std::os::unix::fs::symlink(src.join(c), dir.join(c)).unwrap();
-    }
-    let mut index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("model_index.json")).unwrap()).unwrap();
-    index.as_object_mut().unwrap().remove("is_distilled");
-    std::fs::write(dir.join("model_index.json"), index.to_string()).unwrap();
 }
 
 fn components_in_bf16(be: Arc<dyn Backend>) {

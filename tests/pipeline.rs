@@ -3,36 +3,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use common::{fixtures, load, rel_err, run_cli};
+use common::{base_pipeline, fixtures, load, rel_err, run_cli};
 use flux2::backend::cpu::CpuBackend;
 use flux2::image_io::RgbImage;
 use flux2::model::vae::unpatchify;
 use flux2::pipeline::{Pipeline, Request};
 use flux2::Backend;
-
-/// The base (undistilled) pipeline: the fixture folder with `is_distilled` removed.
-pub fn base_pipeline(dir: &Path) -> PathBuf {
-    let src = fixtures().join("pipeline");
-    for c in ["tokenizer", "text_encoder", "transformer", "vae", "scheduler"] {
-        copy_dir(&src.join(c), &dir.join(c));
-    }
-    let mut index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("model_index.json")).unwrap()).unwrap();
-    index.as_object_mut().unwrap().remove("is_distilled");
-    std::fs::write(dir.join("model_index.json"), index.to_string()).unwrap();
-    dir.to_path_buf()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
 
 fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> f64 {
     assert_eq!((a.width, a.height), (b.width, b.height));
@@ -61,7 +40,7 @@ fn cases() -> Vec<Case> {
 #[test]
 fn every_case_matches_diffusers() {
     let tmp = tempfile::tempdir().unwrap();
-    let base = base_pipeline(tmp.path());
+    let base = base_pipeline(&tmp.path().join("base"));
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
     for case in cases() {
         let j = &case.json;
@@ -200,7 +179,7 @@ fn count_makes_one_image_per_seed() {
 #[test]
 fn base_model_defaults_to_cfg() {
     let tmp = tempfile::tempdir().unwrap();
-    let base = base_pipeline(tmp.path());
+    let base = base_pipeline(&tmp.path().join("base"));
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
     let pipe = Pipeline::load(be, &base).unwrap();
     assert!(!pipe.info.is_distilled);

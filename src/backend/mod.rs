@@ -249,6 +249,103 @@ pub mod check {
         Ok([b, nq, h, nk, hkv, d])
     }
 
+    /// Returns (groups' channels, H·W) for `group_norm`.
+    pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor) -> Result<()> {
+        rank("group_norm", x, 4)?;
+        let c = x.dim(1);
+        if groups == 0 || c % groups != 0 || weight.shape() != [c] || bias.shape() != [c] {
+            return Err(Error::shape(
+                "group_norm",
+                format!("{groups} groups, weight {:?}, bias {:?} for x {:?}", weight.shape(), bias.shape(), x.shape()),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn rms_weight(x: &Tensor, weight: Option<&Tensor>) -> Result<()> {
+        match weight {
+            Some(w) if w.shape() != [x.last_dim()] => {
+                Err(Error::shape("rms_norm", format!("weight {:?} for x {:?}", w.shape(), x.shape())))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn channel_affine(x: &Tensor, mul: &Tensor, add: &Tensor) -> Result<()> {
+        rank("channel_affine", x, 4)?;
+        let c = x.dim(1);
+        if mul.shape() != [c] || add.shape() != [c] {
+            return Err(Error::shape(
+                "channel_affine",
+                format!("mul {:?} / add {:?} for x {:?}", mul.shape(), add.shape(), x.shape()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The output width of `swiglu` (half the even last dim).
+    pub fn swiglu(x: &Tensor) -> Result<usize> {
+        if x.last_dim() % 2 != 0 {
+            return Err(Error::shape("swiglu", format!("last dim of {:?} must be even", x.shape())));
+        }
+        Ok(x.last_dim() / 2)
+    }
+
+    pub fn embedding(ids: &[u32], table: &Tensor) -> Result<()> {
+        rank("embedding", table, 2)?;
+        let vocab = table.dim(0);
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(Error::shape("embedding", format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        Ok(())
+    }
+
+    /// Output shape of `concat`.
+    pub fn concat(xs: &[&Tensor], dim: usize) -> Result<Vec<usize>> {
+        let first = xs.first().ok_or_else(|| Error::shape("concat", "nothing to concatenate"))?;
+        let rank = first.rank();
+        if dim >= rank {
+            return Err(Error::shape("concat", format!("dim {dim} out of range for {:?}", first.shape())));
+        }
+        for x in xs {
+            let same = x.rank() == rank && (0..rank).all(|d| d == dim || x.dim(d) == first.dim(d));
+            if !same || x.dtype() != first.dtype() {
+                return Err(Error::shape(
+                    "concat",
+                    format!("{:?} and {:?} differ outside dim {dim}", first.shape(), x.shape()),
+                ));
+            }
+        }
+        let mut shape = first.shape().to_vec();
+        shape[dim] = xs.iter().map(|x| x.dim(dim)).sum();
+        Ok(shape)
+    }
+
+    /// Output (height, width) of `conv2d`.
+    pub fn conv2d(
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        pad: super::Padding2d,
+    ) -> Result<(usize, usize)> {
+        rank("conv2d", x, 4)?;
+        rank("conv2d", w, 4)?;
+        let (hp, wp) = (x.dim(2) + pad.top + pad.bottom, x.dim(3) + pad.left + pad.right);
+        if w.dim(1) != x.dim(1) || stride == 0 || hp < w.dim(2) || wp < w.dim(3) {
+            return Err(Error::shape(
+                "conv2d",
+                format!("input {:?} with weight {:?}, stride {stride}, {pad:?}", x.shape(), w.shape()),
+            ));
+        }
+        if let Some(b) = bias {
+            if b.shape() != [w.dim(0)] {
+                return Err(Error::shape("conv2d", format!("bias {:?} for {} output channels", b.shape(), w.dim(0))));
+            }
+        }
+        Ok(((hp - w.dim(2)) / stride + 1, (wp - w.dim(3)) / stride + 1))
+    }
+
     /// x `[B, N, H, D]`, cos/sin `[N, D/2]`.
     pub fn rope(op: &'static str, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<()> {
         rank(op, x, 4)?;

@@ -57,13 +57,21 @@ pub fn run_cli(args: &[&str]) -> (bool, String, String) {
 
 /// Cosine similarity and ‖a − b‖ / ‖b‖.
 pub fn cosine_and_rel_l2(a: &[f32], b: &[f32]) -> (f64, f64) {
-    let (mut ab, mut aa, mut bb, mut dd) = (0f64, 0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        let (x, y) = (*x as f64, *y as f64);
-        ab += x * y;
-        aa += x * x;
-        bb += y * y;
-        dd += (x - y) * (x - y);
+    let (cos, rel, _) = flux2::cli::compare::similarity(a, b);
+    (cos, rel)
+}
+
+/// The base (undistilled) pipeline: the fixture folder's components (linked) with a
+/// model_index.json without `is_distilled`.
+pub fn base_pipeline(dir: &Path) -> PathBuf {
+    let src = fixtures().join("pipeline");
+    std::fs::create_dir_all(dir).unwrap();
+    for c in ["tokenizer", "text_encoder", "transformer", "vae", "scheduler"] {
+        std::os::unix::fs::symlink(src.join(c), dir.join(c)).unwrap();
     }
-    (ab / (aa.sqrt() * bb.sqrt()).max(1e-300), (dd / bb.max(1e-300)).sqrt())
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("model_index.json")).unwrap()).unwrap();
+    index.as_object_mut().unwrap().remove("is_distilled");
+    std::fs::write(dir.join("model_index.json"), index.to_string()).unwrap();
+    dir.to_path_buf()
 }

@@ -5,30 +5,16 @@ use rayon::prelude::*;
 use super::gemm::{sgemm, Mat};
 use super::{dense, output};
 use crate::backend::{check, Padding2d};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 /// Column-buffer budget per tile, in f32 elements (64 MiB).
 const COL_BUDGET: usize = 16 << 20;
 
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: Padding2d) -> Result<Tensor> {
-    check::rank("conv2d", x, 4)?;
-    check::rank("conv2d", w, 4)?;
+    let (ho, wo) = check::conv2d(x, w, bias, stride, pad)?;
     let (b, cin, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let (cout, kh, kw) = (w.dim(0), w.dim(2), w.dim(3));
-    let (hp, wp) = (h + pad.top + pad.bottom, wd + pad.left + pad.right);
-    if w.dim(1) != cin || stride == 0 || hp < kh || wp < kw {
-        return Err(Error::shape(
-            "conv2d",
-            format!("input {:?} with weight {:?}, stride {stride}, {pad:?}", x.shape(), w.shape()),
-        ));
-    }
-    if let Some(bb) = bias {
-        if bb.shape() != [cout] {
-            return Err(Error::shape("conv2d", format!("bias {:?} for {cout} output channels", bb.shape())));
-        }
-    }
-    let (ho, wo) = ((hp - kh) / stride + 1, (wp - kw) / stride + 1);
     let kdim = cin * kh * kw;
     let xv = dense("conv2d", x)?;
     let wv = dense("conv2d", w)?;

@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use super::{dense, output};
 use crate::backend::check;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 #[inline]
@@ -18,11 +18,8 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 }
 
 pub fn swiglu(x: &Tensor) -> Result<Tensor> {
-    let two_m = x.last_dim();
-    if two_m % 2 != 0 {
-        return Err(Error::shape("swiglu", format!("last dim of {:?} must be even", x.shape())));
-    }
-    let m = two_m / 2;
+    let m = check::swiglu(x)?;
+    let two_m = 2 * m;
     let xv = dense("swiglu", x)?;
     let mut y = vec![0f32; xv.len() / 2];
     y.par_chunks_mut(m.max(1)).zip(xv.par_chunks(two_m.max(1))).for_each(|(y, x)| {
@@ -78,14 +75,8 @@ pub fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
 }
 
 pub fn channel_affine(x: &Tensor, mul: &Tensor, add: &Tensor) -> Result<Tensor> {
-    check::rank("channel_affine", x, 4)?;
+    check::channel_affine(x, mul, add)?;
     let c = x.dim(1);
-    if mul.shape() != [c] || add.shape() != [c] {
-        return Err(Error::shape(
-            "channel_affine",
-            format!("mul {:?} / add {:?} for x {:?}", mul.shape(), add.shape(), x.shape()),
-        ));
-    }
     let hw = x.dim(2) * x.dim(3);
     let (xv, mv, av) = (dense("channel_affine", x)?, dense("channel_affine", mul)?, dense("channel_affine", add)?);
     let mut y = vec![0f32; xv.len()];

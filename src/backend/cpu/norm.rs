@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use super::{dense, output};
 use crate::backend::check;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 fn mean_var(row: &[f32]) -> (f64, f64) {
@@ -27,12 +27,8 @@ pub fn layer_norm(x: &Tensor, eps: f32) -> Result<Tensor> {
 }
 
 pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+    check::rms_weight(x, weight)?;
     let c = x.last_dim();
-    if let Some(w) = weight {
-        if w.shape() != [c] {
-            return Err(Error::shape("rms_norm", format!("weight {:?} for x {:?}", w.shape(), x.shape())));
-        }
-    }
     let xv = dense("rms_norm", x)?;
     let wv = weight.map(|w| dense("rms_norm", w)).transpose()?;
     let mut y = vec![0f32; xv.len()];
@@ -48,15 +44,9 @@ pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f32) -> Result<Tensor>
 }
 
 pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f32, silu: bool) -> Result<Tensor> {
-    check::rank("group_norm", x, 4)?;
+    check::group_norm(x, groups, weight, bias)?;
     let (b, c) = (x.dim(0), x.dim(1));
     let hw = x.dim(2) * x.dim(3);
-    if groups == 0 || c % groups != 0 || weight.shape() != [c] || bias.shape() != [c] {
-        return Err(Error::shape(
-            "group_norm",
-            format!("{groups} groups, weight {:?}, bias {:?} for x {:?}", weight.shape(), bias.shape(), x.shape()),
-        ));
-    }
     let xv = dense("group_norm", x)?;
     let (wv, bv) = (dense("group_norm", weight)?, dense("group_norm", bias)?);
     let per_group = c / groups * hw;

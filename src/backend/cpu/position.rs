@@ -62,11 +62,8 @@ pub fn timestep_embedding(t: &[f32], dim: usize, max_period: f32) -> Result<Tens
 }
 
 pub fn embedding(ids: &[u32], table: &Tensor) -> Result<Tensor> {
-    check::rank("embedding", table, 2)?;
-    let (vocab, c) = (table.dim(0), table.dim(1));
-    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-        return Err(Error::shape("embedding", format!("token id {bad} is outside the vocabulary of {vocab}")));
-    }
+    check::embedding(ids, table)?;
+    let c = table.dim(1);
     let tv = dense("embedding", table)?;
     let mut out = Vec::with_capacity(ids.len() * c);
     for &i in ids {

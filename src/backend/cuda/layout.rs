@@ -3,6 +3,7 @@
 use cudarc::driver::DeviceRepr;
 
 use super::{grid_1d, launch, CudaBackend};
+use crate::backend::check;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -56,21 +57,8 @@ pub(super) fn contiguous(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
 }
 
 pub(super) fn concat(be: &CudaBackend, xs: &[&Tensor], dim: usize) -> Result<Tensor> {
-    let first = xs.first().ok_or_else(|| Error::shape("concat", "nothing to concatenate"))?;
-    let rank = first.rank();
-    if dim >= rank {
-        return Err(Error::shape("concat", format!("dim {dim} out of range for {:?}", first.shape())));
-    }
-    for x in xs {
-        if x.rank() != rank || (0..rank).any(|d| d != dim && x.dim(d) != first.dim(d)) || x.dtype() != first.dtype() {
-            return Err(Error::shape(
-                "concat",
-                format!("{:?} and {:?} differ outside dim {dim}", first.shape(), x.shape()),
-            ));
-        }
-    }
-    let mut shape = first.shape().to_vec();
-    shape[dim] = xs.iter().map(|x| x.dim(dim)).sum();
+    let shape = check::concat(xs, dim)?;
+    let first = xs[0];
     let out = be.output(first.dtype(), &shape)?;
     let mut at = 0;
     for x in xs {

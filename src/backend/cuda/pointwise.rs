@@ -17,10 +17,7 @@ pub(super) fn silu(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
 }
 
 pub(super) fn swiglu(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
-    let two_m = x.last_dim();
-    if two_m % 2 != 0 {
-        return Err(Error::shape("swiglu", format!("last dim of {:?} must be even", x.shape())));
-    }
+    let two_m = 2 * check::swiglu(x)?;
     let (x, xp) = be.bf16_arg(x, "swiglu")?;
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = two_m / 2;
@@ -93,14 +90,8 @@ pub(super) fn modulate(be: &CudaBackend, x: &Tensor, shift: &Tensor, scale: &Ten
 }
 
 pub(super) fn channel_affine(be: &CudaBackend, x: &Tensor, mul: &Tensor, add: &Tensor) -> Result<Tensor> {
-    check::rank("channel_affine", x, 4)?;
+    check::channel_affine(x, mul, add)?;
     let c = x.dim(1);
-    if mul.shape() != [c] || add.shape() != [c] {
-        return Err(Error::shape(
-            "channel_affine",
-            format!("mul {:?} / add {:?} for x {:?}", mul.shape(), add.shape(), x.shape()),
-        ));
-    }
     let (x, xp) = be.bf16_arg(x, "channel_affine")?;
     let (_m, mp) = be.f32_arg(mul, "channel_affine")?;
     let (_a, ap) = be.f32_arg(add, "channel_affine")?;
@@ -190,11 +181,8 @@ pub(super) fn timestep_embedding(be: &CudaBackend, t: &[f32], dim: usize, max_pe
 }
 
 pub(super) fn embedding(be: &CudaBackend, ids: &[u32], table: &Tensor) -> Result<Tensor> {
-    check::rank("embedding", table, 2)?;
-    let (vocab, c) = (table.dim(0), table.dim(1));
-    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-        return Err(Error::shape("embedding", format!("token id {bad} is outside the vocabulary of {vocab}")));
-    }
+    check::embedding(ids, table)?;
+    let c = table.dim(1);
     let (_t, tp) = be.bf16_arg(table, "embedding")?;
     let ids_dev = be.upload_bytes(bytemuck::cast_slice(ids), DType::F32, &[ids.len()])?; // 4-byte ids
     let out = be.output(DType::BF16, &[ids.len(), c])?;

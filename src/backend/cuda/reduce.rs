@@ -48,12 +48,8 @@ pub(super) fn layer_norm(
 }
 
 pub(super) fn rms_norm(be: &CudaBackend, x: &Tensor, weight: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+    check::rms_weight(x, weight)?;
     let c = x.last_dim();
-    if let Some(w) = weight {
-        if w.shape() != [c] {
-            return Err(Error::shape("rms_norm", format!("weight {:?} for x {:?}", w.shape(), x.shape())));
-        }
-    }
     let (x, xp) = be.bf16_arg(x, "rms_norm")?;
     let w = weight.map(|w| be.bf16_arg(w, "rms_norm")).transpose()?;
     let wp = w.as_ref().map_or(0, |(_, p)| *p);
@@ -71,14 +67,8 @@ pub(super) fn group_norm(
     eps: f32,
     silu: bool,
 ) -> Result<Tensor> {
-    check::rank("group_norm", x, 4)?;
+    check::group_norm(x, groups, weight, bias)?;
     let (b, c, hw) = (x.dim(0), x.dim(1), x.dim(2) * x.dim(3));
-    if groups == 0 || c % groups != 0 || weight.shape() != [c] || bias.shape() != [c] {
-        return Err(Error::shape(
-            "group_norm",
-            format!("{groups} groups, weight {:?}, bias {:?} for x {:?}", weight.shape(), bias.shape(), x.shape()),
-        ));
-    }
     let (x, xp) = be.bf16_arg(x, "group_norm")?;
     let (_w, wp) = be.bf16_arg(weight, "group_norm")?;
     let (_b, bp) = be.bf16_arg(bias, "group_norm")?;
