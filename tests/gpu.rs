@@ -10,7 +10,7 @@ use common::{cosine_and_rel_l2, fixtures, load};
 use flux2::image_io::RgbImage;
 use flux2::model::rope::PositionIds;
 use flux2::model::transformer::{scale_in_dtype, Flux2Transformer};
-use flux2::pipeline::{Pipeline, Request};
+use flux2::pipeline::Pipeline;
 use flux2::Backend;
 
 fn every_op_matches_the_cpu_reference(be: Arc<dyn Backend>) {
@@ -58,12 +58,8 @@ fn transformer_fixtures_in_bf16(be: Arc<dyn Backend>) {
 fn pipeline_images_within_2_of_255(be: Arc<dyn Backend>) {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
-    let mut cases: Vec<_> = std::fs::read_dir(fixtures().join("cases")).unwrap().map(|e| e.unwrap().path()).collect();
-    cases.sort();
-    for dir in cases {
-        let j: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-        let root = if j["pipeline"] == "base" {
+    for case in common::pipeline_cases() {
+        let root = if case.base {
             if !base.exists() {
                 common::base_pipeline(&base);
             }
@@ -72,26 +68,10 @@ fn pipeline_images_within_2_of_255(be: Arc<dyn Backend>) {
             fixtures().join("pipeline")
         };
         let pipe = Pipeline::load(be.clone(), &root).unwrap();
-        let refs: Vec<RgbImage> = j["refs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| RgbImage::load(&dir.join(r.as_str().unwrap())).unwrap())
-            .collect();
-        let prepared = pipe.prepare_references(&refs).unwrap();
-        let req = Request {
-            prompt: j["prompt"].as_str().unwrap().into(),
-            width: refs.is_empty().then(|| j["width"].as_u64().unwrap() as usize),
-            height: refs.is_empty().then(|| j["height"].as_u64().unwrap() as usize),
-            steps: Some(j["steps"].as_u64().unwrap() as usize),
-            guidance: Some(j["guidance"].as_f64().unwrap() as f32),
-            noise: Some(load(&dir.join("noise.safetensors"), "noise")),
-            ..Default::default()
-        };
-        let out = pipe.generate(&req, None, prepared.as_ref()).unwrap();
-        let want = RgbImage::load(&dir.join("expected.png")).unwrap();
-        let mad = out.image.data.iter().zip(&want.data).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>()
-            / want.data.len() as f64;
+        let prepared = pipe.prepare_references(&case.references).unwrap();
+        let out = pipe.generate(&case.request, None, prepared.as_ref()).unwrap();
+        let mad = common::mean_pixel_error(&out.image, &RgbImage::load(&case.dir.join("expected.png")).unwrap());
+        let dir = &case.dir;
         println!("pipeline {}: mean absolute pixel error {mad:.3}/255", dir.display());
         assert!(mad <= 2.0, "{}: {mad}", dir.display());
     }

@@ -3,71 +3,33 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use common::{base_pipeline, fixtures, load, rel_err, run_cli};
+use common::{base_pipeline, fixtures, load, mean_pixel_error, pipeline_cases, rel_err, run_cli};
 use flux2::backend::cpu::CpuBackend;
 use flux2::image_io::RgbImage;
 use flux2::model::vae::unpatchify;
 use flux2::pipeline::{Pipeline, Request};
 use flux2::Backend;
 
-fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> f64 {
-    assert_eq!((a.width, a.height), (b.width, b.height));
-    a.data.iter().zip(&b.data).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.data.len() as f64
-}
-
-struct Case {
-    dir: PathBuf,
-    json: serde_json::Value,
-}
-
-fn cases() -> Vec<Case> {
-    let mut v: Vec<Case> = std::fs::read_dir(fixtures().join("cases"))
-        .unwrap()
-        .map(|e| {
-            let dir = e.unwrap().path();
-            let json = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-            Case { dir, json }
-        })
-        .collect();
-    v.sort_by(|a, b| a.dir.cmp(&b.dir));
-    assert!(v.len() >= 4);
-    v
-}
-
 #[test]
 fn every_case_matches_diffusers() {
     let tmp = tempfile::tempdir().unwrap();
     let base = base_pipeline(&tmp.path().join("base"));
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
-    for case in cases() {
-        let j = &case.json;
-        let root = if j["pipeline"] == "base" { base.clone() } else { fixtures().join("pipeline") };
+    let cases = pipeline_cases();
+    assert!(cases.len() >= 4);
+    for case in cases {
+        let root = if case.base { base.clone() } else { fixtures().join("pipeline") };
         let pipe = Pipeline::load(be.clone(), &root).unwrap();
-        let refs: Vec<RgbImage> = j["refs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| RgbImage::load(&case.dir.join(r.as_str().unwrap())).unwrap())
-            .collect();
-        let prepared = pipe.prepare_references(&refs).unwrap();
-        let req = Request {
-            prompt: j["prompt"].as_str().unwrap().into(),
-            width: refs.is_empty().then(|| j["width"].as_u64().unwrap() as usize),
-            height: refs.is_empty().then(|| j["height"].as_u64().unwrap() as usize),
-            steps: Some(j["steps"].as_u64().unwrap() as usize),
-            guidance: Some(j["guidance"].as_f64().unwrap() as f32),
-            noise: Some(load(&case.dir.join("noise.safetensors"), "noise")),
-            ..Default::default()
-        };
-        let out = pipe.generate(&req, None, prepared.as_ref()).unwrap();
-        let name = case.dir.file_name().unwrap().to_string_lossy().to_string();
+        let prepared = pipe.prepare_references(&case.references).unwrap();
+        let req = &case.request;
+        let out = pipe.generate(req, None, prepared.as_ref()).unwrap();
+        let name = &case.name;
         let expected = case.dir.join("expected.safetensors");
 
         let want = RgbImage::load(&case.dir.join("expected.png")).unwrap();
-        let mad = mean_abs_diff(&out.image, &want);
+        let mad = mean_pixel_error(&out.image, &want);
         assert!(mad <= 0.5, "{name}: mean absolute pixel error {mad}");
 
         let embeds = pipe.encode(&req.prompt, false).unwrap().context;
@@ -112,7 +74,7 @@ fn generate_cli_writes_the_reference_image_with_metadata() {
     assert!(ok, "{err}");
     assert!(stdout.contains("img.png"));
     let got = RgbImage::load(&out).unwrap();
-    assert!(mean_abs_diff(&got, &RgbImage::load(&case.join("expected.png")).unwrap()) <= 0.5);
+    assert!(mean_pixel_error(&got, &RgbImage::load(&case.join("expected.png")).unwrap()) <= 0.5);
     let reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap())).read_info().unwrap();
     let texts: Vec<(String, String)> =
         reader.info().uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();

@@ -75,3 +75,41 @@ pub fn base_pipeline(dir: &Path) -> PathBuf {
     std::fs::write(dir.join("model_index.json"), index.to_string()).unwrap();
     dir.to_path_buf()
 }
+
+/// One committed pipeline case (tests/fixtures/cases/<name>): its folder, the pipeline it runs on,
+/// the request (with the fixed noise) and the reference images.
+pub struct PipelineCase {
+    pub name: String,
+    pub dir: PathBuf,
+    pub base: bool,
+    pub request: flux2::pipeline::Request,
+    pub references: Vec<flux2::image_io::RgbImage>,
+}
+
+pub fn pipeline_cases() -> Vec<PipelineCase> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures().join("cases")).unwrap().map(|e| e.unwrap().path()).collect();
+    dirs.sort();
+    dirs.into_iter()
+        .map(|dir| {
+            let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+            let references: Vec<flux2::image_io::RgbImage> =
+                j["refs"].as_array().unwrap().iter().map(|r| flux2::image_io::RgbImage::load(&dir.join(r.as_str().unwrap())).unwrap()).collect();
+            let request = flux2::pipeline::Request {
+                prompt: j["prompt"].as_str().unwrap().into(),
+                width: references.is_empty().then(|| j["width"].as_u64().unwrap() as usize),
+                height: references.is_empty().then(|| j["height"].as_u64().unwrap() as usize),
+                steps: Some(j["steps"].as_u64().unwrap() as usize),
+                guidance: Some(j["guidance"].as_f64().unwrap() as f32),
+                noise: Some(load(&dir.join("noise.safetensors"), "noise")),
+                ..Default::default()
+            };
+            PipelineCase { name: dir.file_name().unwrap().to_string_lossy().into(), base: j["pipeline"] == "base", dir, request, references }
+        })
+        .collect()
+}
+
+/// Mean absolute difference of two images in 1/255 units.
+pub fn mean_pixel_error(a: &flux2::image_io::RgbImage, b: &flux2::image_io::RgbImage) -> f64 {
+    assert_eq!((a.width, a.height), (b.width, b.height));
+    a.data.iter().zip(&b.data).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.data.len() as f64
+}
