@@ -147,11 +147,18 @@ pub struct Residency {
     pub evict_transformer_before_decode: bool,
     /// Load every component at start (else each on first use).
     pub eager: bool,
+    /// Decode in tiles of this many pixels.
+    pub decode_tile: Option<usize>,
 }
 
 impl Default for Residency {
     fn default() -> Self {
-        Residency { evict_text_encoder_after_encode: false, evict_transformer_before_decode: false, eager: true }
+        Residency {
+            evict_text_encoder_after_encode: false,
+            evict_transformer_before_decode: false,
+            eager: true,
+            decode_tile: None,
+        }
     }
 }
 
@@ -161,6 +168,7 @@ impl Residency {
             evict_text_encoder_after_encode: plan.evict_encoder_after_encode,
             evict_transformer_before_decode: plan.evict_transformer_before_decode,
             eager: plan.transformer == crate::planner::TransformerResidency::Resident,
+            decode_tile: plan.decode_tile,
         }
     }
 }
@@ -465,7 +473,7 @@ impl Pipeline {
 
         let stage = Stage::new("decode", 1);
         let grid = unpack(be, &latents, h, w)?;
-        let pixels = self.vae.decode_normalized(&grid)?;
+        let pixels = self.vae.decode_normalized_tiled(&grid, self.options.residency.decode_tile)?;
         let image = RgbImage::from_decoded(&pixels.to_vec_f32()?, width, height)?;
         stage.tick();
         timings.decode = stage.finish();

@@ -28,7 +28,7 @@ fn evicting_models_between_stages_changes_nothing_but_residency() {
     let want = eager.generate(&request(), None, None).unwrap().image;
 
     let residency =
-        Residency { evict_text_encoder_after_encode: true, evict_transformer_before_decode: true, eager: false };
+        Residency { evict_text_encoder_after_encode: true, evict_transformer_before_decode: true, eager: false, decode_tile: None };
     let lazy =
         Pipeline::load_with(be, &fixtures().join("pipeline"), LoadOptions { residency, ..Default::default() }).unwrap();
     assert_eq!(lazy.resident(), (false, false), "nothing loads before it is needed");
@@ -152,4 +152,22 @@ fn generate_uses_the_cache_and_honours_a_budget() {
         "cpu",
     ]);
     assert!(!ok);
+}
+
+#[test]
+fn tiled_decode_covers_the_image_and_stays_close() {
+    use flux2::model::vae::{Vae, VaeParts};
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let vae = Vae::load(be.clone(), &fixtures().join("pipeline/vae"), VaeParts { encoder: true, decoder: true }).unwrap();
+    let z = Tensor::from_f32(flux2::rng::normal_vec(4, "z", 4 * 24 * 40), &[1, 4, 24, 40]).unwrap();
+    let whole = vae.decode(&z).unwrap().to_vec_f32().unwrap();
+    // A tile as large as the image is the one-piece decode.
+    assert_eq!(vae.decode_tiled(&z, 1024).unwrap().to_vec_f32().unwrap(), whole);
+    let tiled = vae.decode_tiled(&z, 128).unwrap();
+    assert_eq!(tiled.shape(), &[1, 3, 192, 320]);
+    let t = tiled.to_vec_f32().unwrap();
+    assert!(t.iter().all(|v| v.is_finite()));
+    let (cos, _) = common::cosine_and_rel_l2(&t, &whole);
+    println!("tiled vs whole: cosine {cos:.4}");
+    assert!(cos > 0.9, "tiles should approximate the whole decode: cosine {cos}");
 }

@@ -585,9 +585,18 @@ impl Vae {
         self.normalize(&patchify(&*self.be, &self.encode(x)?)?)
     }
 
-    /// Normalised, patchified latents -> image (the end of the pipeline's `__call__`).
+    /// Normalised, patchified latents -> image (the end of the pipeline's `__call__`), in tiles
+    /// of `tile` pixels when given.
     pub fn decode_normalized(&self, x: &Tensor) -> Result<Tensor> {
-        self.decode(&unpatchify(&*self.be, &self.denormalize(x)?)?)
+        self.decode_normalized_tiled(x, None)
+    }
+
+    pub fn decode_normalized_tiled(&self, x: &Tensor, tile: Option<usize>) -> Result<Tensor> {
+        let z = unpatchify(&*self.be, &self.denormalize(x)?)?;
+        match tile {
+            Some(t) => self.decode_tiled(&z, t),
+            None => self.decode(&z),
+        }
     }
 }
 
@@ -698,4 +707,79 @@ pub fn tensors(cfg: &VaeConfig) -> Vec<crate::weights::TensorSpec> {
     v.push(TensorSpec::new("bn.running_mean", &[cfg.packed_channels()]));
     v.push(TensorSpec::new("bn.running_var", &[cfg.packed_channels()]));
     v
+}
+
+impl Vae {
+    /// Decode in overlapping tiles of `tile` pixels (overlap a quarter of a tile, linearly
+    /// feathered), so peak activations scale with the tile instead of the image. The mid-block
+    /// attention then sees one tile at a time, so results differ slightly from one-piece decoding
+    /// (as diffusers' tiled decode does); the memory plan only asks for it when one piece does
+    /// not fit.
+    pub fn decode_tiled(&self, z: &Tensor, tile: usize) -> Result<Tensor> {
+        if z.rank() == 4 && z.dim(0) > 1 {
+            let parts =
+                (0..z.dim(0)).map(|b| self.decode_tiled(&z.narrow(0, b, 1)?, tile)).collect::<Result<Vec<_>>>()?;
+            return self.be.concat(&parts.iter().collect::<Vec<_>>(), 0);
+        }
+        if z.rank() != 4 || z.dim(1) != self.cfg.latent_channels {
+            return Err(Error::shape("vae decode", format!("expected [B, {}, h, w], got {:?}", self.cfg.latent_channels, z.shape())));
+        }
+        let f = self.cfg.scale_factor();
+        let (h, w) = (z.dim(2), z.dim(3));
+        let t = (tile / f).max(2);
+        if t >= h && t >= w {
+            return self.decode(z);
+        }
+        let overlap = (t / 4).max(1);
+        let stride = t - overlap;
+        let starts = |n: usize| -> Vec<usize> {
+            let mut v: Vec<usize> = (0..).map(|i| i * stride).take_while(|&s| s + t < n).collect();
+            v.push(n.saturating_sub(t));
+            v.dedup();
+            v
+        };
+        let (oh, ow, c) = (h * f, w * f, self.cfg.out_channels);
+        let mut acc = vec![0f32; c * oh * ow];
+        let mut weight = vec![0f32; oh * ow];
+        let ramp = (overlap * f) as f32;
+        for &y0 in &starts(h) {
+            for &x0 in &starts(w) {
+                let (th, tw) = (t.min(h), t.min(w));
+                let piece = self.be.contiguous(&z.narrow(2, y0, th)?.narrow(3, x0, tw)?)?;
+                let img = self.decode(&piece)?.to_vec_f32()?;
+                let (ph, pw) = (th * f, tw * f);
+                for py in 0..ph {
+                    // Feather only edges that border another tile.
+                    let wy = feather(py, ph, ramp, y0 > 0, y0 + th < h);
+                    for px in 0..pw {
+                        let wgt = wy * feather(px, pw, ramp, x0 > 0, x0 + tw < w);
+                        let o = (y0 * f + py) * ow + x0 * f + px;
+                        weight[o] += wgt;
+                        for ch in 0..c {
+                            acc[ch * oh * ow + o] += wgt * img[(ch * ph + py) * pw + px];
+                        }
+                    }
+                }
+            }
+        }
+        for ch in 0..c {
+            for (a, wgt) in acc[ch * oh * ow..(ch + 1) * oh * ow].iter_mut().zip(&weight) {
+                *a /= wgt.max(1e-12);
+            }
+        }
+        let host = Tensor::from_f32(acc, &[1, c, oh, ow])?;
+        self.be.upload(&host, self.be.activation_dtype())
+    }
+}
+
+/// Blend weight of position `i` of `n` with linear ramps of `ramp` pixels on the shared edges.
+fn feather(i: usize, n: usize, ramp: f32, low_edge: bool, high_edge: bool) -> f32 {
+    let mut w = 1.0f32;
+    if low_edge {
+        w = w.min((i as f32 + 0.5) / ramp);
+    }
+    if high_edge {
+        w = w.min(((n - i) as f32 - 0.5) / ramp);
+    }
+    w.clamp(1e-3, 1.0)
 }
