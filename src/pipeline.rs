@@ -149,6 +149,8 @@ pub struct Residency {
     pub eager: bool,
     /// Decode in tiles of this many pixels.
     pub decode_tile: Option<usize>,
+    /// Keep only this many transformer blocks on the device; stream the others from the file.
+    pub resident_blocks: Option<usize>,
 }
 
 impl Default for Residency {
@@ -158,6 +160,7 @@ impl Default for Residency {
             evict_transformer_before_decode: false,
             eager: true,
             decode_tile: None,
+            resident_blocks: None,
         }
     }
 }
@@ -169,6 +172,10 @@ impl Residency {
             evict_transformer_before_decode: plan.evict_transformer_before_decode,
             eager: plan.transformer == crate::planner::TransformerResidency::Resident,
             decode_tile: plan.decode_tile,
+            resident_blocks: match plan.transformer {
+                crate::planner::TransformerResidency::StreamBlocks { resident_blocks } => Some(resident_blocks),
+                _ => None,
+            },
         }
     }
 }
@@ -270,7 +277,8 @@ impl Pipeline {
         if let Some(t) = slot.as_ref() {
             return Ok(t.clone());
         }
-        let t = Arc::new(Flux2Transformer::load(self.be.clone(), &self.root.join("transformer"))?);
+        let blocks = self.options.residency.resident_blocks;
+        let t = Arc::new(Flux2Transformer::load_streaming(self.be.clone(), &self.root.join("transformer"), blocks)?);
         *slot = Some(t.clone());
         Ok(t)
     }

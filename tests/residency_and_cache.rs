@@ -27,8 +27,13 @@ fn evicting_models_between_stages_changes_nothing_but_residency() {
     assert_eq!(eager.resident(), (true, true));
     let want = eager.generate(&request(), None, None).unwrap().image;
 
-    let residency =
-        Residency { evict_text_encoder_after_encode: true, evict_transformer_before_decode: true, eager: false, decode_tile: None };
+    let residency = Residency {
+        evict_text_encoder_after_encode: true,
+        evict_transformer_before_decode: true,
+        eager: false,
+        decode_tile: None,
+        resident_blocks: Some(1),
+    };
     let lazy =
         Pipeline::load_with(be, &fixtures().join("pipeline"), LoadOptions { residency, ..Default::default() }).unwrap();
     assert_eq!(lazy.resident(), (false, false), "nothing loads before it is needed");
@@ -158,7 +163,8 @@ fn generate_uses_the_cache_and_honours_a_budget() {
 fn tiled_decode_covers_the_image_and_stays_close() {
     use flux2::model::vae::{Vae, VaeParts};
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
-    let vae = Vae::load(be.clone(), &fixtures().join("pipeline/vae"), VaeParts { encoder: true, decoder: true }).unwrap();
+    let vae =
+        Vae::load(be.clone(), &fixtures().join("pipeline/vae"), VaeParts { encoder: true, decoder: true }).unwrap();
     let z = Tensor::from_f32(flux2::rng::normal_vec(4, "z", 4 * 24 * 40), &[1, 4, 24, 40]).unwrap();
     let whole = vae.decode(&z).unwrap().to_vec_f32().unwrap();
     // A tile as large as the image is the one-piece decode.
@@ -170,4 +176,35 @@ fn tiled_decode_covers_the_image_and_stays_close() {
     let (cos, _) = common::cosine_and_rel_l2(&t, &whole);
     println!("tiled vs whole: cosine {cos:.4}");
     assert!(cos > 0.9, "tiles should approximate the whole decode: cosine {cos}");
+}
+
+#[test]
+fn streamed_blocks_give_the_same_transformer() {
+    use flux2::model::rope::PositionIds;
+    use flux2::model::transformer::Flux2Transformer;
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let dir = fixtures().join("transformer/batch2_hd24_ref");
+    let inputs = dir.join("inputs.safetensors");
+    let ids = |n: &str| {
+        let t = load(&inputs, n);
+        PositionIds::new(4, t.to_vec_f32().unwrap()).unwrap()
+    };
+    let run = |blocks: Option<usize>| {
+        let m = Flux2Transformer::load_streaming(be.clone(), &dir.join("bfl.safetensors"), blocks).unwrap();
+        m.forward(
+            &load(&inputs, "hidden_states"),
+            &load(&inputs, "encoder_hidden_states"),
+            &[910.0, 350.0],
+            &ids("img_ids"),
+            &ids("txt_ids"),
+            None,
+        )
+        .unwrap()
+        .to_vec_f32()
+        .unwrap()
+    };
+    let resident = run(None);
+    for k in [0, 2, 4] {
+        assert_eq!(run(Some(k)), resident, "{k} resident blocks");
+    }
 }

@@ -209,14 +209,6 @@ fn memory_plan(
         budget,
     };
     let plan = crate::planner::plan(&input)?;
-    if matches!(plan.transformer, crate::planner::TransformerResidency::StreamBlocks { .. }) {
-        return Err(Error::OutOfMemory(format!(
-            "the transformer does not fit in {} next to its activations, and block streaming is not \
-             implemented yet; lower the size, use --text-encoder-precision int4, or a larger budget.\n{}",
-            crate::planner::gib(budget),
-            plan.describe()
-        )));
-    }
     tracing::info!("memory plan:\n{}", plan.describe());
     #[cfg(feature = "cuda")]
     if let Some(c) = device::as_cuda(be) {

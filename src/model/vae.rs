@@ -722,7 +722,10 @@ impl Vae {
             return self.be.concat(&parts.iter().collect::<Vec<_>>(), 0);
         }
         if z.rank() != 4 || z.dim(1) != self.cfg.latent_channels {
-            return Err(Error::shape("vae decode", format!("expected [B, {}, h, w], got {:?}", self.cfg.latent_channels, z.shape())));
+            return Err(Error::shape(
+                "vae decode",
+                format!("expected [B, {}, h, w], got {:?}", self.cfg.latent_channels, z.shape()),
+            ));
         }
         let f = self.cfg.scale_factor();
         let (h, w) = (z.dim(2), z.dim(3));

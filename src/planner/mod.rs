@@ -45,7 +45,7 @@ pub enum TransformerResidency {
     /// Loaded after the text encoder is evicted.
     LoadAfterEncode,
     /// Only `resident_blocks` blocks (plus the small non-block weights) on the device; the rest
-    /// streamed from pinned host memory every step.
+    /// uploaded from the memory-mapped checkpoint one at a time at every step.
     StreamBlocks { resident_blocks: usize },
 }
 
@@ -195,8 +195,8 @@ pub fn plan(inp: &PlanInput) -> Result<Plan> {
     let (residency, dit_weights) = if dit_resident {
         (residency, w.transformer)
     } else {
-        // 4. Block streaming: the non-block weights plus as many blocks as fit (at least two, to
-        // double-buffer the copies).
+        // 4. Block streaming: the non-block weights plus as many blocks as fit, keeping room for
+        // the one block being streamed (so at least two blocks' worth).
         let fixed = RUNTIME_OVERHEAD + w.transformer_non_block + w.vae + w.context + s.dit_act;
         let room = budget.saturating_sub(fixed);
         let blocks = room / w.transformer_block.max(1);

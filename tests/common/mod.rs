@@ -87,13 +87,19 @@ pub struct PipelineCase {
 }
 
 pub fn pipeline_cases() -> Vec<PipelineCase> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures().join("cases")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut dirs: Vec<PathBuf> =
+        std::fs::read_dir(fixtures().join("cases")).unwrap().map(|e| e.unwrap().path()).collect();
     dirs.sort();
     dirs.into_iter()
         .map(|dir| {
-            let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-            let references: Vec<flux2::image_io::RgbImage> =
-                j["refs"].as_array().unwrap().iter().map(|r| flux2::image_io::RgbImage::load(&dir.join(r.as_str().unwrap())).unwrap()).collect();
+            let j: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+            let references: Vec<flux2::image_io::RgbImage> = j["refs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| flux2::image_io::RgbImage::load(&dir.join(r.as_str().unwrap())).unwrap())
+                .collect();
             let request = flux2::pipeline::Request {
                 prompt: j["prompt"].as_str().unwrap().into(),
                 width: references.is_empty().then(|| j["width"].as_u64().unwrap() as usize),
@@ -103,7 +109,13 @@ pub fn pipeline_cases() -> Vec<PipelineCase> {
                 noise: Some(load(&dir.join("noise.safetensors"), "noise")),
                 ..Default::default()
             };
-            PipelineCase { name: dir.file_name().unwrap().to_string_lossy().into(), base: j["pipeline"] == "base", dir, request, references }
+            PipelineCase {
+                name: dir.file_name().unwrap().to_string_lossy().into(),
+                base: j["pipeline"] == "base",
+                dir,
+                request,
+                references,
+            }
         })
         .collect()
 }

@@ -29,6 +29,40 @@ pub fn locate(path: &Path) -> Result<(WeightStore, Option<std::path::PathBuf>)> 
     Ok((WeightStore::open(path)?, None))
 }
 
+fn load_double(w: &TransformerWeights, b: &dyn Backend, cfg: &TransformerConfig, i: usize) -> Result<DoubleBlock> {
+    let (d, m, hd) = (cfg.hidden(), cfg.mlp_hidden(), cfg.attention_head_dim);
+    let p = |s: &str| format!("transformer_blocks.{i}.{s}");
+    let qkv = |names: [&str; 3]| {
+        let full: Vec<String> = names.iter().map(|n| p(&format!("attn.{n}.weight"))).collect();
+        w.load_concat(b, &full.iter().map(String::as_str).collect::<Vec<_>>(), &[d, d])
+    };
+    Ok(DoubleBlock {
+        img_qkv: qkv(["to_q", "to_k", "to_v"])?,
+        txt_qkv: qkv(["add_q_proj", "add_k_proj", "add_v_proj"])?,
+        norm_q: w.load(b, &p("attn.norm_q.weight"), &[hd])?,
+        norm_k: w.load(b, &p("attn.norm_k.weight"), &[hd])?,
+        norm_added_q: w.load(b, &p("attn.norm_added_q.weight"), &[hd])?,
+        norm_added_k: w.load(b, &p("attn.norm_added_k.weight"), &[hd])?,
+        to_out: w.load(b, &p("attn.to_out.0.weight"), &[d, d])?,
+        to_add_out: w.load(b, &p("attn.to_add_out.weight"), &[d, d])?,
+        ff_in: w.load(b, &p("ff.linear_in.weight"), &[2 * m, d])?,
+        ff_out: w.load(b, &p("ff.linear_out.weight"), &[d, m])?,
+        ff_ctx_in: w.load(b, &p("ff_context.linear_in.weight"), &[2 * m, d])?,
+        ff_ctx_out: w.load(b, &p("ff_context.linear_out.weight"), &[d, m])?,
+    })
+}
+
+fn load_single(w: &TransformerWeights, b: &dyn Backend, cfg: &TransformerConfig, i: usize) -> Result<SingleBlock> {
+    let (d, m, hd) = (cfg.hidden(), cfg.mlp_hidden(), cfg.attention_head_dim);
+    let p = |s: &str| format!("single_transformer_blocks.{i}.attn.{s}");
+    Ok(SingleBlock {
+        qkv_mlp: w.load(b, &p("to_qkv_mlp_proj.weight"), &[3 * d + 2 * m, d])?,
+        norm_q: w.load(b, &p("norm_q.weight"), &[hd])?,
+        norm_k: w.load(b, &p("norm_k.weight"), &[hd])?,
+        to_out: w.load(b, &p("to_out.weight"), &[d, d + m])?,
+    })
+}
+
 struct DoubleBlock {
     img_qkv: Tensor,
     txt_qkv: Tensor,
@@ -63,8 +97,11 @@ pub struct Flux2Transformer {
     mod_single: Tensor,
     x_embedder: Tensor,
     context_embedder: Tensor,
-    double: Vec<DoubleBlock>,
-    single: Vec<SingleBlock>,
+    /// None: streamed from `source` at each forward.
+    double: Vec<Option<DoubleBlock>>,
+    single: Vec<Option<SingleBlock>>,
+    /// The checkpoint, kept mapped for streamed blocks.
+    source: Arc<WeightStore>,
     norm_out: Tensor,
     proj_out: Tensor,
     /// Device RoPE tables of the last ids seen.
@@ -87,6 +124,15 @@ impl Modulation {
 impl Flux2Transformer {
     /// Load from a pipeline folder, a `transformer/` folder or a BFL single file.
     pub fn load(be: Arc<dyn Backend>, path: &Path) -> Result<Flux2Transformer> {
+        Flux2Transformer::load_streaming(be, path, None)
+    }
+
+    /// As [`Flux2Transformer::load`], keeping only `resident_blocks` blocks on the device.
+    pub fn load_streaming(
+        be: Arc<dyn Backend>,
+        path: &Path,
+        resident_blocks: Option<usize>,
+    ) -> Result<Flux2Transformer> {
         let (mut store, config_path) = locate(path)?;
         let layout = Layout::detect(&mut store)?;
         let cfg = match (&config_path, layout) {
@@ -96,19 +142,33 @@ impl Flux2Transformer {
                 return Err(Error::config(store.origin(), "diffusers-layout weights need the config.json beside them"))
             }
         };
-        Flux2Transformer::from_store(be, &store, layout, cfg)
+        Flux2Transformer::from_store_streaming(be, store, layout, cfg, resident_blocks)
     }
 
     pub fn from_store(
         be: Arc<dyn Backend>,
-        store: &WeightStore,
+        store: WeightStore,
         layout: Layout,
         cfg: TransformerConfig,
     ) -> Result<Flux2Transformer> {
+        Flux2Transformer::from_store_streaming(be, store, layout, cfg, None)
+    }
+
+    /// With `resident_blocks = Some(k)`, only the first k blocks (double, then single) live on the
+    /// device; every other block is uploaded from the memory-mapped file when its turn comes and
+    /// freed after it, so the device holds at most one streamed block at a time.
+    pub fn from_store_streaming(
+        be: Arc<dyn Backend>,
+        store: WeightStore,
+        layout: Layout,
+        cfg: TransformerConfig,
+        resident_blocks: Option<usize>,
+    ) -> Result<Flux2Transformer> {
         cfg.validate().map_err(|r| Error::config(store.origin(), r))?;
-        let w = TransformerWeights::new(store, layout, &cfg);
+        let store = Arc::new(store);
+        let w = TransformerWeights::new(&store, layout, &cfg);
         let b: &dyn Backend = &*be;
-        let (d, m, hd) = (cfg.hidden(), cfg.mlp_hidden(), cfg.attention_head_dim);
+        let d = cfg.hidden();
         let tc = cfg.timestep_guidance_channels;
         let guidance = if cfg.guidance_embeds {
             Some((
@@ -118,39 +178,12 @@ impl Flux2Transformer {
         } else {
             None
         };
+        let resident = resident_blocks.unwrap_or(usize::MAX);
         let double = (0..cfg.num_layers)
-            .map(|i| {
-                let p = |s: &str| format!("transformer_blocks.{i}.{s}");
-                let qkv = |names: [&str; 3]| {
-                    let full: Vec<String> = names.iter().map(|n| p(&format!("attn.{n}.weight"))).collect();
-                    w.load_concat(b, &full.iter().map(String::as_str).collect::<Vec<_>>(), &[d, d])
-                };
-                Ok(DoubleBlock {
-                    img_qkv: qkv(["to_q", "to_k", "to_v"])?,
-                    txt_qkv: qkv(["add_q_proj", "add_k_proj", "add_v_proj"])?,
-                    norm_q: w.load(b, &p("attn.norm_q.weight"), &[hd])?,
-                    norm_k: w.load(b, &p("attn.norm_k.weight"), &[hd])?,
-                    norm_added_q: w.load(b, &p("attn.norm_added_q.weight"), &[hd])?,
-                    norm_added_k: w.load(b, &p("attn.norm_added_k.weight"), &[hd])?,
-                    to_out: w.load(b, &p("attn.to_out.0.weight"), &[d, d])?,
-                    to_add_out: w.load(b, &p("attn.to_add_out.weight"), &[d, d])?,
-                    ff_in: w.load(b, &p("ff.linear_in.weight"), &[2 * m, d])?,
-                    ff_out: w.load(b, &p("ff.linear_out.weight"), &[d, m])?,
-                    ff_ctx_in: w.load(b, &p("ff_context.linear_in.weight"), &[2 * m, d])?,
-                    ff_ctx_out: w.load(b, &p("ff_context.linear_out.weight"), &[d, m])?,
-                })
-            })
+            .map(|i| if i < resident { load_double(&w, b, &cfg, i).map(Some) } else { Ok(None) })
             .collect::<Result<Vec<_>>>()?;
         let single = (0..cfg.num_single_layers)
-            .map(|i| {
-                let p = |s: &str| format!("single_transformer_blocks.{i}.attn.{s}");
-                Ok(SingleBlock {
-                    qkv_mlp: w.load(b, &p("to_qkv_mlp_proj.weight"), &[3 * d + 2 * m, d])?,
-                    norm_q: w.load(b, &p("norm_q.weight"), &[hd])?,
-                    norm_k: w.load(b, &p("norm_k.weight"), &[hd])?,
-                    to_out: w.load(b, &p("to_out.weight"), &[d, d + m])?,
-                })
-            })
+            .map(|i| if cfg.num_layers + i < resident { load_single(&w, b, &cfg, i).map(Some) } else { Ok(None) })
             .collect::<Result<Vec<_>>>()?;
         Ok(Flux2Transformer {
             time_1: w.load(b, "time_guidance_embed.timestep_embedder.linear_1.weight", &[d, tc])?,
@@ -169,6 +202,7 @@ impl Flux2Transformer {
             cfg,
             layout,
             be,
+            source: store.clone(),
         })
     }
 
@@ -216,11 +250,28 @@ impl Flux2Transformer {
         let (cos, sin) = self.rope_tables(txt_ids, img_ids)?;
         let rope = Rope { cos: &cos, sin: &sin };
 
-        for block in &self.double {
+        let streamed = || TransformerWeights::new(&self.source, self.layout, &self.cfg);
+        for (i, block) in self.double.iter().enumerate() {
+            let owned;
+            let block = match block {
+                Some(b) => b,
+                None => {
+                    owned = load_double(&streamed(), be, cfg, i)?;
+                    &owned
+                }
+            };
             (img, txt) = self.double_block(block, &img, &txt, &mod_img, &mod_txt, &rope)?;
         }
         let mut h = be.concat(&[&txt, &img], 1)?;
-        for block in &self.single {
+        for (i, block) in self.single.iter().enumerate() {
+            let owned;
+            let block = match block {
+                Some(b) => b,
+                None => {
+                    owned = load_single(&streamed(), be, cfg, i)?;
+                    &owned
+                }
+            };
             h = self.single_block(block, &h, &mod_single, &rope)?;
         }
         let img = h.narrow(1, lt, li)?;
