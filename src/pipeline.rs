@@ -79,6 +79,8 @@ pub struct Pipeline {
     pub vae: Vae,
     pub scheduler: SchedulerConfig,
     prompt_cache: Option<PromptCache>,
+    /// NVML, when present and the backend is a GPU.
+    telemetry: Option<crate::telemetry::Telemetry>,
 }
 
 /// One generation request. Sizes and steps left `None` take the pipeline defaults.
@@ -113,6 +115,8 @@ pub struct Output {
     pub steps: usize,
     pub guidance: f32,
     pub timings: Timings,
+    /// NVML readings at the end of each stage (empty without NVML).
+    pub telemetry: Vec<(&'static str, crate::telemetry::Sample)>,
 }
 
 /// Encoded prompt (and the empty negative prompt for CFG), reusable across seeds.
@@ -234,6 +238,7 @@ impl Pipeline {
             }
             None => None,
         };
+        let telemetry = (be.kind() == crate::tensor::DeviceKind::Cuda).then(crate::telemetry::Telemetry::new).flatten();
         let pipeline = Pipeline {
             be,
             root: root.to_path_buf(),
@@ -245,6 +250,7 @@ impl Pipeline {
             vae,
             scheduler,
             prompt_cache,
+            telemetry,
             options,
         };
         if pipeline.options.residency.eager {
@@ -281,6 +287,12 @@ impl Pipeline {
         let t = Arc::new(Flux2Transformer::load_streaming(self.be.clone(), &self.root.join("transformer"), blocks)?);
         *slot = Some(t.clone());
         Ok(t)
+    }
+
+    fn sample(&self, stage: &'static str, into: &mut Vec<(&'static str, crate::telemetry::Sample)>) {
+        if let Some(t) = &self.telemetry {
+            into.push((stage, t.sample()));
+        }
     }
 
     /// Whether each model is on the device now: (text encoder, transformer).
@@ -404,6 +416,7 @@ impl Pipeline {
             tracing::warn!("guidance {guidance} is ignored: this is a guidance-distilled model (no CFG)");
         }
         let mut timings = Timings::default();
+        let mut telemetry = Vec::new();
 
         let owned;
         let prompt = match encoded {
@@ -413,6 +426,7 @@ impl Pipeline {
                 owned = self.encode(&req.prompt, cfg)?;
                 stage.tick();
                 timings.encode = stage.finish();
+                self.sample("encode", &mut telemetry);
                 &owned
             }
         };
@@ -474,6 +488,7 @@ impl Pipeline {
         }
         be.synchronize()?;
         timings.denoise = stage.finish();
+        self.sample("denoise", &mut telemetry);
         drop(transformer);
         if self.options.residency.evict_transformer_before_decode {
             *self.transformer.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -485,7 +500,8 @@ impl Pipeline {
         let image = RgbImage::from_decoded(&pixels.to_vec_f32()?, width, height)?;
         stage.tick();
         timings.decode = stage.finish();
-        Ok(Output { image, latents: grid, pixels, steps, guidance, timings })
+        self.sample("decode", &mut telemetry);
+        Ok(Output { image, latents: grid, pixels, steps, guidance, timings, telemetry })
     }
 }
 

@@ -83,7 +83,6 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let references = args.references.iter().map(|p| RgbImage::load(p)).collect::<Result<Vec<_>>>()?;
     let be = device::select(args.device)?;
     tracing::info!("device: {}", be.name());
-    let telemetry = crate::telemetry::Telemetry::new();
     let load_start = std::time::Instant::now();
     let plan = memory_plan(args, &root, &be, &references)?;
     let residency = plan.as_ref().map(Residency::from_plan).unwrap_or_default();
@@ -146,11 +145,23 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
                 "per_step": t.denoise.as_secs_f64() / out.steps.max(1) as f64,
                 "decode": t.decode.as_secs_f64(),
             },
-            "telemetry": telemetry.as_ref().map(|t| t.sample()),
+            "telemetry": out.telemetry.iter().map(|(stage, s)| serde_json::json!({"stage": stage, "reading": s})).collect::<Vec<_>>(),
         }));
     }
+    let memory = device_memory(&be);
+    if let Some((_, peak)) = memory {
+        let nvml_peak = runs
+            .iter()
+            .flat_map(|r| r["telemetry"].as_array().cloned().unwrap_or_default())
+            .filter_map(|t| t["reading"]["memory_used_bytes"].as_u64())
+            .max();
+        tracing::info!(
+            "device memory: engine peak {:.2} GiB{}",
+            peak as f64 / 1073741824.0,
+            nvml_peak.map(|p| format!(", NVML used up to {:.2} GiB", p as f64 / 1073741824.0)).unwrap_or_default()
+        );
+    }
     if let Some(json_path) = &args.json {
-        let memory = device_memory(&be);
         let report = serde_json::json!({
             "device": be.name(),
             "model": args.model,
