@@ -6,6 +6,7 @@
 typedef __nv_bfloat16 bf16;
 
 #define FULL_MASK 0xffffffffu
+#define NEG_INFINITY_F __int_as_float(0xff800000)
 
 __device__ __forceinline__ float to_f(bf16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ bf16 to_bf(float v) { return __float2bfloat16_rn(v); }

@@ -12,7 +12,7 @@ use crate::model::qwen3::{Qwen3Config, Qwen3TextEncoder, KLEIN_OUT_LAYERS};
 use crate::model::rope::PositionIds;
 use crate::model::tokenizer::{PromptTokenizer, MAX_TOKENS, PROMPT_PREFIX, PROMPT_SUFFIX};
 use crate::model::transformer::config::TransformerConfig;
-use crate::model::transformer::Flux2Transformer;
+use crate::model::transformer::{Compute, Flux2Transformer};
 use crate::model::vae::{pack, unpack, Vae, VaeParts};
 use crate::planner::EncoderPrecision;
 use crate::progress::Stage;
@@ -139,6 +139,8 @@ pub struct References {
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     pub text_encoder_precision: Option<EncoderPrecision>,
+    /// Transformer block linears (bf16 / FP8) and attention (exact / Sage).
+    pub transformer_compute: Compute,
     pub residency: Residency,
     /// Prompt-embedding disk cache: folder and size bound.
     pub prompt_cache: Option<(std::path::PathBuf, u64)>,
@@ -284,7 +286,9 @@ impl Pipeline {
             return Ok(t.clone());
         }
         let blocks = self.options.residency.resident_blocks;
-        let t = Arc::new(Flux2Transformer::load_streaming(self.be.clone(), &self.root.join("transformer"), blocks)?);
+        let path = self.root.join("transformer");
+        let t =
+            Arc::new(Flux2Transformer::load_with(self.be.clone(), &path, blocks, self.options.transformer_compute)?);
         *slot = Some(t.clone());
         Ok(t)
     }

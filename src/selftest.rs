@@ -96,6 +96,32 @@ pub fn cases() -> Vec<Case> {
             ));
         }
     }
+    for (m, k, n) in [(9, 128, 40), (256, 3072, 1024)] {
+        let inputs = vec![act(&[m, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
+        v.push(case(
+            "linear_fp8",
+            format!("{m}x{k} · {n}x{k}ᵀ"),
+            inputs,
+            4.0,
+            Box::new(move |be, t| {
+                let q = quantize(&t[1].to_vec_f32()?, n, k, QuantFormat::Fp8)?;
+                be.linear_fp8(&t[0], &be.load_quantized(&q)?, None)
+            }),
+        ));
+    }
+    for (b, n, h, hkv, d, causal) in [(1, 130, 2, 2, 128, false), (2, 200, 4, 2, 64, true), (1, 1024, 2, 2, 128, false)]
+    {
+        let mask = if causal { AttnMask::Causal { valid_len: Some(vec![n, n / 2]) } } else { AttnMask::None };
+        let scale = 1.0 / (d as f32).sqrt();
+        let label = format!("B{b} N{n} H{h}/{hkv} D{d}{}", if causal { " causal+pad" } else { "" });
+        v.push(case(
+            "attention_sage",
+            label,
+            vec![act(&[b, n, h, d]), act(&[b, n, hkv, d]), act(&[b, n, hkv, d])],
+            4.0,
+            Box::new(move |be, t| be.attention_sage(&t[0], &t[1], &t[2], &mask, scale)),
+        ));
+    }
     // (batch, queries, keys, heads, kv heads, head dim, mask)
     let attn: [(usize, usize, usize, usize, usize, usize, u8); 9] = [
         (1, 77, 77, 3, 3, 64, 0),

@@ -99,6 +99,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// `y = x · dequant(w)ᵀ (+ bias)`: dequantized on the fly, f32 accumulation.
     fn linear_quantized(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor>;
 
+    /// FP8 W8A8 linear: `w` in the fp8 format (per-channel scales); activations rounded to e4m3
+    /// per token (|x|max -> 448); f32 accumulation (see `cpu::quantized`).
+    fn linear_fp8(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor>;
+
+    /// SageAttention-style attention: smoothed K, int8 Q/K with per-64-token block scales, fp8 P
+    /// and per-channel fp8 V, f32 accumulation (see `cpu::quantized`).
+    fn attention_sage(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor>;
+
     /// Scaled dot-product attention with softmax in f32 (layouts in the module docs).
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor>;
 

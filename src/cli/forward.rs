@@ -9,9 +9,9 @@ use crate::error::{Error, Result};
 use crate::model::qwen3::{Qwen3TextEncoder, KLEIN_OUT_LAYERS};
 use crate::model::rope::PositionIds;
 use crate::model::tokenizer::TokenizedPrompt;
-use crate::model::transformer::{scale_in_dtype, Flux2Transformer};
+use crate::model::transformer::{scale_in_dtype, AttentionMode, Compute, Flux2Transformer};
 use crate::model::vae::{patchify, Vae, VaeParts};
-use crate::planner::EncoderPrecision;
+use crate::planner::{EncoderPrecision, TransformerPrecision};
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
 
@@ -47,6 +47,12 @@ pub struct ForwardArgs {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// Transformer only: block linears in bf16 or fp8 (W8A8).
+    #[arg(long, value_enum, default_value_t = TransformerPrecision::Bf16)]
+    pub precision: TransformerPrecision,
+    /// Transformer only: exact or sage attention.
+    #[arg(long, value_enum, default_value_t = AttentionMode::Exact)]
+    pub attention: AttentionMode,
     /// Text encoder only: storage of its linears (bf16, fp8, int8, int4).
     #[arg(long, value_enum, default_value_t = EncoderPrecision::Bf16)]
     pub text_encoder_precision: EncoderPrecision,
@@ -57,7 +63,8 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     let inputs = WeightStore::open(&args.inputs)?;
     match args.component {
         Component::Transformer => {
-            let model = Flux2Transformer::load(be.clone(), &args.model)?;
+            let compute = Compute { precision: Some(args.precision), attention: args.attention };
+            let model = Flux2Transformer::load_with(be.clone(), &args.model, None, compute)?;
             let x = read_f32(&inputs, "hidden_states")?;
             let ctx = read_f32(&inputs, "encoder_hidden_states")?;
             expect_rank("hidden_states", &x, &[3])?;

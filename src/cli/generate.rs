@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use crate::device::{self, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::image_io::RgbImage;
+use crate::model::transformer::{AttentionMode, Compute};
 use crate::pipeline::{LoadOptions, Output, Pipeline, Request, Residency};
-use crate::planner::EncoderPrecision;
+use crate::planner::{EncoderPrecision, TransformerPrecision};
 use crate::sampler::TimestepMode;
 use crate::weights::WeightStore;
 
@@ -51,6 +52,13 @@ pub struct GenerateArgs {
     /// Timestep rounding to reproduce: diffusers (in the compute dtype), diffusers-bf16, or bfl.
     #[arg(long, value_enum, default_value_t = TimestepMode::Diffusers)]
     pub timesteps: TimestepMode,
+    /// Transformer block linears: bf16, or fp8 (e4m3 weights per channel, per-token fp8
+    /// activations; also what the official *-fp8.safetensors files hold).
+    #[arg(long, value_enum, default_value_t = TransformerPrecision::Bf16)]
+    pub precision: TransformerPrecision,
+    /// Transformer attention: exact, or sage (INT8 Q·Kᵀ with K smoothing, FP8 P·V).
+    #[arg(long, value_enum, default_value_t = AttentionMode::Exact)]
+    pub attention: AttentionMode,
     /// Storage of the text encoder's linears: bf16, fp8, int8 (per channel) or int4 (groups of 64).
     #[arg(long, value_enum, default_value_t = EncoderPrecision::Bf16)]
     pub text_encoder_precision: EncoderPrecision,
@@ -88,7 +96,13 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let residency = plan.as_ref().map(Residency::from_plan).unwrap_or_default();
     let prompt_cache =
         (!args.no_prompt_cache).then(|| (crate::prompt_cache::default_dir(), crate::prompt_cache::DEFAULT_MAX_BYTES));
-    let options = LoadOptions { text_encoder_precision: Some(args.text_encoder_precision), residency, prompt_cache };
+    let transformer_compute = Compute { precision: Some(args.precision), attention: args.attention };
+    let options = LoadOptions {
+        text_encoder_precision: Some(args.text_encoder_precision),
+        transformer_compute,
+        residency,
+        prompt_cache,
+    };
     let pipeline = Pipeline::load_with(be.clone(), &root, options)?;
     be.synchronize()?;
     let load_seconds = load_start.elapsed().as_secs_f64();
@@ -212,7 +226,7 @@ fn memory_plan(
         transformer: spec.transformer,
         text_encoder: spec.text_encoder,
         vae: spec.vae,
-        transformer_precision: crate::planner::TransformerPrecision::Bf16,
+        transformer_precision: args.precision,
         encoder_precision: args.text_encoder_precision,
         width: w,
         height: h,

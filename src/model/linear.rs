@@ -9,7 +9,10 @@ use crate::weights::WeightStore;
 
 pub enum Linear {
     Dense(Tensor),
+    /// Weight-only quantized: dequantized inside the GEMM, bf16 activations.
     Quant(QuantTensor),
+    /// FP8 W8A8: fp8 weights (per-channel scales) and per-token fp8 activations.
+    Fp8(QuantTensor),
 }
 
 /// The quantized format a precision selects (None: dense bf16).
@@ -53,10 +56,16 @@ impl Linear {
         }
     }
 
+    /// FP8 W8A8 from host values `[rows, cols]`.
+    pub fn fp8_from_host(be: &dyn Backend, values: &[f32], rows: usize, cols: usize) -> Result<Linear> {
+        Ok(Linear::Fp8(be.load_quantized(&quantize(values, rows, cols, QuantFormat::Fp8)?)?))
+    }
+
     pub fn forward(&self, be: &dyn Backend, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         match self {
             Linear::Dense(w) => be.linear(x, w, bias),
             Linear::Quant(q) => be.linear_quantized(x, q, bias),
+            Linear::Fp8(q) => be.linear_fp8(x, q, bias),
         }
     }
 }

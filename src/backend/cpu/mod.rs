@@ -9,6 +9,7 @@ mod gemm;
 mod layout;
 mod norm;
 mod position;
+pub mod quantized;
 
 use std::borrow::Cow;
 
@@ -100,6 +101,14 @@ impl Backend for CpuBackend {
 
     fn linear_quantized(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
         gemm::linear(x, &w.data, bias)
+    }
+
+    fn linear_fp8(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        quantized::linear_fp8(x, &w.data, bias)
+    }
+
+    fn attention_sage(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
+        quantized::attention_sage(q, k, v, mask, scale)
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {

@@ -8,6 +8,7 @@ mod gemm;
 pub mod images;
 mod layout;
 mod pointwise;
+mod quantized;
 mod reduce;
 
 use std::collections::HashMap;
@@ -55,6 +56,16 @@ const KERNELS: &[(&str, &[&str])] = &[
     ("norm", &["layer_norm_bf16", "rms_norm_bf16", "group_norm_stats_bf16", "group_norm_apply_bf16"]),
     ("gemm", &["gemm_tiled_bf16", "gemm_mma_bf16", "gemm_wq_tiled_bf16", "im2col_bf16"]),
     ("attention", &["attention_rowwise_bf16", "flash_attention_d64_bf16", "flash_attention_d128_bf16"]),
+    (
+        "quantized",
+        &[
+            "row_absmax_bf16",
+            "gemm_w8a8_tiled_bf16",
+            "sage_kv_stats_bf16",
+            "sage_block_absmax_bf16",
+            "attention_sage_rowwise_bf16",
+        ],
+    ),
 ];
 
 /// Device state shared by the backend and every tensor it owns.
@@ -439,6 +450,14 @@ impl Backend for CudaBackend {
 
     fn linear_quantized(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
         gemm::linear_quantized(self, x, w, bias)
+    }
+
+    fn linear_fp8(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        quantized::linear_fp8(self, x, w, bias)
+    }
+
+    fn attention_sage(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
+        quantized::attention_sage(self, q, k, v, mask, scale)
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {

@@ -127,6 +127,45 @@ impl TransformerConfig {
         Ok(())
     }
 
+    /// Infer the config of a diffusers-named single file (e.g. the official FP8 releases) from its
+    /// shapes, with the same assumptions as [`TransformerConfig::infer_from_bfl`].
+    pub fn infer_from_diffusers(store: &WeightStore) -> Result<Self> {
+        let origin = store.origin();
+        let shape = |k: &str| store.shape(k);
+        let x = shape("x_embedder.weight")?;
+        let head_dim = shape("transformer_blocks.0.attn.norm_q.weight")
+            .or_else(|_| shape("single_transformer_blocks.0.attn.norm_q.weight"))?[0];
+        let hidden = x[0];
+        if head_dim == 0 || hidden % head_dim != 0 || head_dim % 8 != 0 {
+            return Err(Error::config(
+                origin,
+                format!("hidden size {hidden} and head dim {head_dim} do not fit 4 RoPE axes"),
+            ));
+        }
+        let count = |f: &dyn Fn(usize) -> String| (0..).take_while(|i| store.contains(&f(*i))).count();
+        let mlp = shape("transformer_blocks.0.ff.linear_in.weight").map(|s| s[0] / 2).or_else(|_| {
+            shape("single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight").map(|s| (s[0] - 3 * hidden) / 2)
+        })?;
+        let cfg = TransformerConfig {
+            patch_size: 1,
+            in_channels: x[1],
+            out_channels: Some(shape("proj_out.weight")?[0]),
+            num_layers: count(&|i| format!("transformer_blocks.{i}.attn.norm_q.weight")),
+            num_single_layers: count(&|i| format!("single_transformer_blocks.{i}.attn.norm_q.weight")),
+            attention_head_dim: head_dim,
+            num_attention_heads: hidden / head_dim,
+            joint_attention_dim: shape("context_embedder.weight")?[1],
+            timestep_guidance_channels: shape("time_guidance_embed.timestep_embedder.linear_1.weight")?[1],
+            mlp_ratio: ratio_for(mlp, hidden),
+            axes_dims_rope: vec![head_dim / 4; 4],
+            rope_theta: 2000.0,
+            eps: 1e-6,
+            guidance_embeds: store.contains("time_guidance_embed.guidance_embedder.linear_1.weight"),
+        };
+        cfg.validate().map_err(|reason| Error::config(origin, reason))?;
+        Ok(cfg)
+    }
+
     /// Infer the config of a BFL-layout single file from its tensor shapes (spec §2): head dim from
     /// the QK-norm scale, heads = hidden / head dim, 4 equal RoPE axes, theta 2000.
     pub fn infer_from_bfl(store: &WeightStore) -> Result<Self> {

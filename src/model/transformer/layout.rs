@@ -238,25 +238,35 @@ impl<'a> TransformerWeights<'a> {
         }
     }
 
-    /// Load the row-wise concatenation of diffusers tensors `names` (each of `shape`); slices
-    /// that are consecutive rows of one stored tensor load without a copy.
-    pub fn load_concat(&self, be: &dyn Backend, names: &[&str], shape: &[usize]) -> Result<Tensor> {
-        let mut pieces: Vec<StoredRows> = Vec::new();
+    /// The stored pieces making up the row-wise concatenation of diffusers tensors `names` (each
+    /// of `shape`), consecutive rows of one stored tensor merged.
+    fn pieces_of(&self, names: &[&str], shape: &[usize]) -> Result<Vec<StoredRows>> {
+        let mut merged: Vec<StoredRows> = Vec::new();
         for name in names {
-            let mut p = self.pieces(name, shape);
+            let p = self.pieces(name, shape);
             if p.is_empty() {
                 return Err(Error::MissingKey { path: self.store.origin().to_path_buf(), key: name.to_string() });
             }
-            pieces.append(&mut p);
-        }
-        let mut merged: Vec<StoredRows> = Vec::new();
-        for p in pieces {
-            match merged.last_mut() {
-                Some(last) if last.key == p.key && last.rows.end == p.rows.start => last.rows.end = p.rows.end,
-                _ => merged.push(p),
+            for piece in p {
+                match merged.last_mut() {
+                    Some(last) if last.key == piece.key && last.rows.end == piece.rows.start => {
+                        last.rows.end = piece.rows.end
+                    }
+                    _ => merged.push(piece),
+                }
             }
         }
-        let tensors = merged.iter().map(|p| self.load_rows(be, p, &shape[1..])).collect::<Result<Vec<_>>>()?;
+        Ok(merged)
+    }
+
+    /// Load the row-wise concatenation of diffusers tensors `names` (each of `shape`) onto the
+    /// device in the stored dtype; slices of one stored tensor load without a copy.
+    pub fn load_concat(&self, be: &dyn Backend, names: &[&str], shape: &[usize]) -> Result<Tensor> {
+        let tensors = self
+            .pieces_of(names, shape)?
+            .iter()
+            .map(|p| self.load_rows(be, p, &shape[1..]))
+            .collect::<Result<Vec<_>>>()?;
         if tensors.len() == 1 {
             return Ok(tensors.into_iter().next().unwrap());
         }
@@ -267,7 +277,33 @@ impl<'a> TransformerWeights<'a> {
         self.load_concat(be, &[name], shape)
     }
 
-    fn load_rows(&self, be: &dyn Backend, p: &StoredRows, row_shape: &[usize]) -> Result<Tensor> {
+    /// The same concatenation as host f32 values (for quantizing at load).
+    pub fn host_concat(&self, names: &[&str], shape: &[usize]) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        for p in self.pieces_of(names, shape)? {
+            out.extend(self.rows_f32(&p, &shape[1..])?);
+        }
+        Ok(out)
+    }
+
+    /// Per-tensor scale of an fp8 checkpoint's weight (`X.weight_scale`, or ComfyUI's
+    /// `X.scale_weight`), if it has one.
+    fn weight_scale(&self, key: &str) -> Result<Option<f32>> {
+        let Some(stem) = key.strip_suffix(".weight") else { return Ok(None) };
+        for name in [format!("{stem}.weight_scale"), format!("{stem}.scale_weight")] {
+            if self.store.contains(&name) {
+                let v = self.store.get(&name)?.to_f32()?;
+                return v
+                    .first()
+                    .copied()
+                    .map(Some)
+                    .ok_or_else(|| Error::config(self.store.origin(), format!("`{name}` is empty")));
+            }
+        }
+        Ok(None)
+    }
+
+    fn stored(&self, p: &StoredRows, row_shape: &[usize]) -> Result<(crate::weights::RawTensor<'_>, usize)> {
         let stored_shape = match self.layout {
             // Diffusers pieces are whole tensors.
             Layout::Diffusers => [&[p.rows.end][..], row_shape].concat(),
@@ -275,7 +311,26 @@ impl<'a> TransformerWeights<'a> {
         };
         let t = self.store.get_shaped(&p.key, &stored_shape)?;
         let row_bytes = row_shape.iter().product::<usize>() * t.dtype()?.size_in_bytes();
+        Ok((t, row_bytes))
+    }
+
+    fn rows_f32(&self, p: &StoredRows, row_shape: &[usize]) -> Result<Vec<f32>> {
+        let (t, row_bytes) = self.stored(p, row_shape)?;
+        let mut v = crate::dtype::decode_to_f32(&t.bytes[p.rows.start * row_bytes..p.rows.end * row_bytes], t.dtype()?);
+        if let Some(s) = self.weight_scale(&p.key)? {
+            v.iter_mut().for_each(|x| *x *= s);
+        }
+        Ok(v)
+    }
+
+    fn load_rows(&self, be: &dyn Backend, p: &StoredRows, row_shape: &[usize]) -> Result<Tensor> {
         let shape = [&[p.rows.len()][..], row_shape].concat();
+        if self.weight_scale(&p.key)?.is_some() {
+            // A scaled fp8 checkpoint tensor: dequantize on the host.
+            let host = Tensor::from_f32(self.rows_f32(p, row_shape)?, &shape)?;
+            return be.upload(&host, be.activation_dtype());
+        }
+        let (t, row_bytes) = self.stored(p, row_shape)?;
         be.load_weight(&t.bytes[p.rows.start * row_bytes..p.rows.end * row_bytes], t.dtype()?, &shape)
     }
 }

@@ -10,10 +10,12 @@ use std::sync::Arc;
 
 use self::config::TransformerConfig;
 use self::layout::{Layout, TransformerWeights};
+use super::linear::Linear;
 use super::rope::{flux_tables, PositionIds};
 use crate::backend::{AttnMask, Backend};
 use crate::dtype::{round_through, DType};
 use crate::error::{Error, Result};
+use crate::planner::TransformerPrecision;
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
 
@@ -29,13 +31,20 @@ pub fn locate(path: &Path) -> Result<(WeightStore, Option<std::path::PathBuf>)> 
     Ok((WeightStore::open(path)?, None))
 }
 
-fn load_double(w: &TransformerWeights, b: &dyn Backend, cfg: &TransformerConfig, i: usize) -> Result<DoubleBlock> {
+fn load_double(
+    w: &TransformerWeights,
+    b: &dyn Backend,
+    cfg: &TransformerConfig,
+    fp8: bool,
+    i: usize,
+) -> Result<DoubleBlock> {
     let (d, m, hd) = (cfg.hidden(), cfg.mlp_hidden(), cfg.attention_head_dim);
     let p = |s: &str| format!("transformer_blocks.{i}.{s}");
     let qkv = |names: [&str; 3]| {
         let full: Vec<String> = names.iter().map(|n| p(&format!("attn.{n}.weight"))).collect();
-        w.load_concat(b, &full.iter().map(String::as_str).collect::<Vec<_>>(), &[d, d])
+        block_linear(w, b, fp8, &full.iter().map(String::as_str).collect::<Vec<_>>(), &[d, d])
     };
+    let lin = |name: &str, shape: &[usize]| block_linear(w, b, fp8, &[&p(name)], shape);
     Ok(DoubleBlock {
         img_qkv: qkv(["to_q", "to_k", "to_v"])?,
         txt_qkv: qkv(["add_q_proj", "add_k_proj", "add_v_proj"])?,
@@ -43,46 +52,79 @@ fn load_double(w: &TransformerWeights, b: &dyn Backend, cfg: &TransformerConfig,
         norm_k: w.load(b, &p("attn.norm_k.weight"), &[hd])?,
         norm_added_q: w.load(b, &p("attn.norm_added_q.weight"), &[hd])?,
         norm_added_k: w.load(b, &p("attn.norm_added_k.weight"), &[hd])?,
-        to_out: w.load(b, &p("attn.to_out.0.weight"), &[d, d])?,
-        to_add_out: w.load(b, &p("attn.to_add_out.weight"), &[d, d])?,
-        ff_in: w.load(b, &p("ff.linear_in.weight"), &[2 * m, d])?,
-        ff_out: w.load(b, &p("ff.linear_out.weight"), &[d, m])?,
-        ff_ctx_in: w.load(b, &p("ff_context.linear_in.weight"), &[2 * m, d])?,
-        ff_ctx_out: w.load(b, &p("ff_context.linear_out.weight"), &[d, m])?,
+        to_out: lin("attn.to_out.0.weight", &[d, d])?,
+        to_add_out: lin("attn.to_add_out.weight", &[d, d])?,
+        ff_in: lin("ff.linear_in.weight", &[2 * m, d])?,
+        ff_out: lin("ff.linear_out.weight", &[d, m])?,
+        ff_ctx_in: lin("ff_context.linear_in.weight", &[2 * m, d])?,
+        ff_ctx_out: lin("ff_context.linear_out.weight", &[d, m])?,
     })
 }
 
-fn load_single(w: &TransformerWeights, b: &dyn Backend, cfg: &TransformerConfig, i: usize) -> Result<SingleBlock> {
+fn load_single(
+    w: &TransformerWeights,
+    b: &dyn Backend,
+    cfg: &TransformerConfig,
+    fp8: bool,
+    i: usize,
+) -> Result<SingleBlock> {
     let (d, m, hd) = (cfg.hidden(), cfg.mlp_hidden(), cfg.attention_head_dim);
     let p = |s: &str| format!("single_transformer_blocks.{i}.attn.{s}");
     Ok(SingleBlock {
-        qkv_mlp: w.load(b, &p("to_qkv_mlp_proj.weight"), &[3 * d + 2 * m, d])?,
+        qkv_mlp: block_linear(w, b, fp8, &[&p("to_qkv_mlp_proj.weight")], &[3 * d + 2 * m, d])?,
         norm_q: w.load(b, &p("norm_q.weight"), &[hd])?,
         norm_k: w.load(b, &p("norm_k.weight"), &[hd])?,
-        to_out: w.load(b, &p("to_out.weight"), &[d, d + m])?,
+        to_out: block_linear(w, b, fp8, &[&p("to_out.weight")], &[d, d + m])?,
     })
 }
 
 struct DoubleBlock {
-    img_qkv: Tensor,
-    txt_qkv: Tensor,
+    img_qkv: Linear,
+    txt_qkv: Linear,
     norm_q: Tensor,
     norm_k: Tensor,
     norm_added_q: Tensor,
     norm_added_k: Tensor,
-    to_out: Tensor,
-    to_add_out: Tensor,
-    ff_in: Tensor,
-    ff_out: Tensor,
-    ff_ctx_in: Tensor,
-    ff_ctx_out: Tensor,
+    to_out: Linear,
+    to_add_out: Linear,
+    ff_in: Linear,
+    ff_out: Linear,
+    ff_ctx_in: Linear,
+    ff_ctx_out: Linear,
 }
 
 struct SingleBlock {
-    qkv_mlp: Tensor,
+    qkv_mlp: Linear,
     norm_q: Tensor,
     norm_k: Tensor,
-    to_out: Tensor,
+    to_out: Linear,
+}
+
+/// How the transformer computes: block linears in bf16 or FP8 (W8A8), attention exact or
+/// Sage-style 8-bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Compute {
+    pub precision: Option<TransformerPrecision>,
+    pub attention: AttentionMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
+pub enum AttentionMode {
+    /// Softmax attention in f32 over bf16 inputs (flash kernel on the GPU).
+    #[default]
+    Exact,
+    /// INT8 Q·Kᵀ with per-block scales and K smoothing, FP8 P·V (SageAttention-style).
+    Sage,
+}
+
+/// A block linear: dense as stored, or FP8 W8A8 quantized at load.
+fn block_linear(w: &TransformerWeights, b: &dyn Backend, fp8: bool, names: &[&str], shape: &[usize]) -> Result<Linear> {
+    if fp8 {
+        let values = w.host_concat(names, shape)?;
+        Linear::fp8_from_host(b, &values, shape[0] * names.len(), shape[1])
+    } else {
+        Ok(Linear::Dense(w.load_concat(b, names, shape)?))
+    }
 }
 
 pub struct Flux2Transformer {
@@ -104,6 +146,7 @@ pub struct Flux2Transformer {
     source: Arc<WeightStore>,
     norm_out: Tensor,
     proj_out: Tensor,
+    compute: Compute,
     /// Device RoPE tables of the last ids seen.
     rope_cache: std::sync::Mutex<Option<(PositionIds, Tensor, Tensor)>>,
 }
@@ -124,7 +167,7 @@ impl Modulation {
 impl Flux2Transformer {
     /// Load from a pipeline folder, a `transformer/` folder or a BFL single file.
     pub fn load(be: Arc<dyn Backend>, path: &Path) -> Result<Flux2Transformer> {
-        Flux2Transformer::load_streaming(be, path, None)
+        Flux2Transformer::load_with(be, path, None, Compute::default())
     }
 
     /// As [`Flux2Transformer::load`], keeping only `resident_blocks` blocks on the device.
@@ -133,16 +176,26 @@ impl Flux2Transformer {
         path: &Path,
         resident_blocks: Option<usize>,
     ) -> Result<Flux2Transformer> {
+        Flux2Transformer::load_with(be, path, resident_blocks, Compute::default())
+    }
+
+    /// With block residency and the compute mode (FP8 block linears, Sage attention). A single
+    /// file without config.json (BFL layout, or diffusers names as in the official FP8 releases)
+    /// gets its config from the tensor shapes.
+    pub fn load_with(
+        be: Arc<dyn Backend>,
+        path: &Path,
+        resident_blocks: Option<usize>,
+        compute: Compute,
+    ) -> Result<Flux2Transformer> {
         let (mut store, config_path) = locate(path)?;
         let layout = Layout::detect(&mut store)?;
         let cfg = match (&config_path, layout) {
             (Some(p), _) => TransformerConfig::from_json_file(p)?,
             (None, Layout::Bfl) => TransformerConfig::infer_from_bfl(&store)?,
-            (None, Layout::Diffusers) => {
-                return Err(Error::config(store.origin(), "diffusers-layout weights need the config.json beside them"))
-            }
+            (None, Layout::Diffusers) => TransformerConfig::infer_from_diffusers(&store)?,
         };
-        Flux2Transformer::from_store_streaming(be, store, layout, cfg, resident_blocks)
+        Flux2Transformer::from_store_streaming(be, store, layout, cfg, resident_blocks, compute)
     }
 
     pub fn from_store(
@@ -151,7 +204,7 @@ impl Flux2Transformer {
         layout: Layout,
         cfg: TransformerConfig,
     ) -> Result<Flux2Transformer> {
-        Flux2Transformer::from_store_streaming(be, store, layout, cfg, None)
+        Flux2Transformer::from_store_streaming(be, store, layout, cfg, None, Compute::default())
     }
 
     /// With `resident_blocks = Some(k)`, only the first k blocks (double, then single) live on the
@@ -163,6 +216,7 @@ impl Flux2Transformer {
         layout: Layout,
         cfg: TransformerConfig,
         resident_blocks: Option<usize>,
+        compute: Compute,
     ) -> Result<Flux2Transformer> {
         cfg.validate().map_err(|r| Error::config(store.origin(), r))?;
         let store = Arc::new(store);
@@ -179,11 +233,12 @@ impl Flux2Transformer {
             None
         };
         let resident = resident_blocks.unwrap_or(usize::MAX);
+        let fp8 = compute.precision == Some(TransformerPrecision::Fp8);
         let double = (0..cfg.num_layers)
-            .map(|i| if i < resident { load_double(&w, b, &cfg, i).map(Some) } else { Ok(None) })
+            .map(|i| if i < resident { load_double(&w, b, &cfg, fp8, i).map(Some) } else { Ok(None) })
             .collect::<Result<Vec<_>>>()?;
         let single = (0..cfg.num_single_layers)
-            .map(|i| if cfg.num_layers + i < resident { load_single(&w, b, &cfg, i).map(Some) } else { Ok(None) })
+            .map(|i| if cfg.num_layers + i < resident { load_single(&w, b, &cfg, fp8, i).map(Some) } else { Ok(None) })
             .collect::<Result<Vec<_>>>()?;
         Ok(Flux2Transformer {
             time_1: w.load(b, "time_guidance_embed.timestep_embedder.linear_1.weight", &[d, tc])?,
@@ -199,6 +254,7 @@ impl Flux2Transformer {
             norm_out: w.load(b, "norm_out.linear.weight", &[2 * d, d])?,
             proj_out: w.load(b, "proj_out.weight", &[cfg.out_features(), d])?,
             rope_cache: Default::default(),
+            compute,
             cfg,
             layout,
             be,
@@ -256,7 +312,7 @@ impl Flux2Transformer {
             let block = match block {
                 Some(b) => b,
                 None => {
-                    owned = load_double(&streamed(), be, cfg, i)?;
+                    owned = load_double(&streamed(), be, cfg, self.fp8(), i)?;
                     &owned
                 }
             };
@@ -268,7 +324,7 @@ impl Flux2Transformer {
             let block = match block {
                 Some(b) => b,
                 None => {
-                    owned = load_single(&streamed(), be, cfg, i)?;
+                    owned = load_single(&streamed(), be, cfg, self.fp8(), i)?;
                     &owned
                 }
             };
@@ -358,9 +414,17 @@ impl Flux2Transformer {
         }
     }
 
-    fn feed_forward(&self, x: &Tensor, w_in: &Tensor, w_out: &Tensor) -> Result<Tensor> {
+    fn fp8(&self) -> bool {
+        self.compute.precision == Some(TransformerPrecision::Fp8)
+    }
+
+    pub fn compute(&self) -> Compute {
+        self.compute
+    }
+
+    fn feed_forward(&self, x: &Tensor, w_in: &Linear, w_out: &Linear) -> Result<Tensor> {
         let be = &*self.be;
-        be.linear(&be.swiglu(&be.linear(x, w_in, None)?)?, w_out, None)
+        w_out.forward(be, &be.swiglu(&w_in.forward(be, x, None)?)?, None)
     }
 
     /// Views q, k, v `[B, L, H, hd]` of a fused `[B, L, 3D(+…)]` projection.
@@ -391,8 +455,8 @@ impl Flux2Transformer {
 
         let a_img = be.layer_norm_modulate(img, sh1, sc1, eps)?;
         let a_txt = be.layer_norm_modulate(txt, csh1, csc1, eps)?;
-        let [qi, ki, vi] = self.split_qkv(&be.linear(&a_img, &blk.img_qkv, None)?)?;
-        let [qt, kt, vt] = self.split_qkv(&be.linear(&a_txt, &blk.txt_qkv, None)?)?;
+        let [qi, ki, vi] = self.split_qkv(&blk.img_qkv.forward(be, &a_img, None)?)?;
+        let [qt, kt, vt] = self.split_qkv(&blk.txt_qkv.forward(be, &a_txt, None)?)?;
         let qi = be.rms_norm(&qi, Some(&blk.norm_q), eps)?;
         let ki = be.rms_norm(&ki, Some(&blk.norm_k), eps)?;
         let qt = be.rms_norm(&qt, Some(&blk.norm_added_q), eps)?;
@@ -403,11 +467,11 @@ impl Flux2Transformer {
         let o = self.attend(&q, &k, &v)?.reshape(&[b, lt + li, d])?;
         let (o_txt, o_img) = (o.narrow(1, 0, lt)?, o.narrow(1, lt, li)?);
 
-        let img = be.gated_add(img, g1, &be.linear(&o_img, &blk.to_out, None)?)?;
+        let img = be.gated_add(img, g1, &blk.to_out.forward(be, &o_img, None)?)?;
         let ff = self.feed_forward(&be.layer_norm_modulate(&img, sh2, sc2, eps)?, &blk.ff_in, &blk.ff_out)?;
         let img = be.gated_add(&img, g2, &ff)?;
 
-        let txt = be.gated_add(txt, cg1, &be.linear(&o_txt, &blk.to_add_out, None)?)?;
+        let txt = be.gated_add(txt, cg1, &blk.to_add_out.forward(be, &o_txt, None)?)?;
         let ff = self.feed_forward(&be.layer_norm_modulate(&txt, csh2, csc2, eps)?, &blk.ff_ctx_in, &blk.ff_ctx_out)?;
         let txt = be.gated_add(&txt, cg2, &ff)?;
         Ok((img, txt))
@@ -420,19 +484,22 @@ impl Flux2Transformer {
         let [shift, scale, gate] = &ms.sets[0];
 
         let a = be.layer_norm_modulate(h, shift, scale, eps)?;
-        let y = be.linear(&a, &blk.qkv_mlp, None)?;
+        let y = blk.qkv_mlp.forward(be, &a, None)?;
         let [q, k, v] = self.split_qkv(&y)?;
         let q = rope.apply(be, &be.rms_norm(&q, Some(&blk.norm_q), eps)?)?;
         let k = rope.apply(be, &be.rms_norm(&k, Some(&blk.norm_k), eps)?)?;
         let o = self.attend(&q, &k, &v)?.reshape(&[b, n, d])?;
         let act = be.swiglu(&y.narrow(2, 3 * d, 2 * m)?)?;
-        let out = be.linear(&be.concat(&[&o, &act], 2)?, &blk.to_out, None)?;
+        let out = blk.to_out.forward(be, &be.concat(&[&o, &act], 2)?, None)?;
         be.gated_add(h, gate, &out)
     }
 
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let scale = 1.0 / (self.cfg.attention_head_dim as f32).sqrt();
-        self.be.attention(q, k, v, &AttnMask::None, scale)
+        match self.compute.attention {
+            AttentionMode::Exact => self.be.attention(q, k, v, &AttnMask::None, scale),
+            AttentionMode::Sage => self.be.attention_sage(q, k, v, &AttnMask::None, scale),
+        }
     }
 }
 

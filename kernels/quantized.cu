@@ -1,0 +1,176 @@
+// 8-bit compute paths, v1: the exact arithmetic of the CPU emulations (src/backend/cpu/quantized.rs)
+// on CUDA cores, as the correctness baseline the tensor-core versions will be checked against.
+//   FP8 W8A8 linear: per-token e4m3 activations (|x|max -> 448), per-channel e4m3 weights.
+//   Sage-style attention: K and V smoothed by their token means, int8 Q/K per 64-token block, fp8 P
+//   (x448) and per-channel fp8 V, online softmax over 64-key tiles, f32 accumulation.
+#include <cuda_fp8.h>
+
+#include "common.cuh"
+
+#define SAGE_BLOCK 64
+
+__device__ __forceinline__ float fp8_round(float x) {
+    __nv_fp8_e4m3 v(x);  // round to nearest even, saturating
+    return (float)v;
+}
+
+__device__ __forceinline__ float int8_round(float x) { return fminf(fmaxf(rintf(x), -127.f), 127.f); }
+
+// out[r] = max |x[r, :]| (one block per row).
+extern "C" __global__ void row_absmax_bf16(const bf16* x, float* out, int cols) {
+    __shared__ float scratch[32];
+    long r = blockIdx.x;
+    float m = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, fabsf(to_f(x[r * cols + i])));
+    m = warp_max(m);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = m;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float t = threadIdx.x < (blockDim.x + 31) / 32 ? scratch[threadIdx.x] : 0.f;
+        t = warp_max(t);
+        if (threadIdx.x == 0) out[r] = t;
+    }
+}
+
+#define T1 16
+extern "C" __global__ void gemm_w8a8_tiled_bf16(const bf16* A, const float* a_absmax, const unsigned char* Wq,
+                                                const float* w_scale, const bf16* bias, bf16* C, int M, int N, int K,
+                                                long ldc) {
+    __shared__ float As[T1][T1 + 1];
+    __shared__ float Ws[T1][T1 + 1];
+    int tx = threadIdx.x, ty = threadIdx.y;
+    long m = (long)blockIdx.y * T1 + ty, n = (long)blockIdx.x * T1 + tx;
+    long wn = (long)blockIdx.x * T1 + ty;
+    float sa = m < M ? a_absmax[m] / 448.f : 0.f;
+    float inv = sa > 0.f ? 1.f / sa : 0.f;
+    float acc = 0.f;
+    for (int k0 = 0; k0 < K; k0 += T1) {
+        As[ty][tx] = (m < M && k0 + tx < K) ? fp8_round(to_f(A[m * K + k0 + tx]) * inv) * sa : 0.f;
+        if (wn < N && k0 + tx < K) {
+            __nv_fp8_e4m3 v;
+            v.__x = Wq[wn * K + k0 + tx];
+            Ws[ty][tx] = (float)v * w_scale[wn];
+        } else {
+            Ws[ty][tx] = 0.f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < T1; k++) acc += As[ty][k] * Ws[tx][k];
+        __syncthreads();
+    }
+    if (m < M && n < N) C[m * ldc + n] = to_bf(acc + (bias ? to_f(bias[n]) : 0.f));
+}
+
+// Per (batch, kv head, channel): means of K and V over tokens, and |V - mean|max.
+extern "C" __global__ void sage_kv_stats_bf16(const bf16* k, const bf16* v, float* k_mean, float* v_mean, float* v_absmax,
+                                              int nk, int kv_heads, int d) {
+    int bh = blockIdx.x;  // batch * kv_heads + head
+    int b = bh / kv_heads, h = bh % kv_heads;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        double sk = 0.0, sv = 0.0;
+        for (int j = 0; j < nk; j++) {
+            long at = (((long)b * nk + j) * kv_heads + h) * d + c;
+            sk += to_f(k[at]);
+            sv += to_f(v[at]);
+        }
+        float vm = (float)(sv / (nk > 0 ? nk : 1));
+        float mx = 0.f;
+        for (int j = 0; j < nk; j++) mx = fmaxf(mx, fabsf(to_f(v[(((long)b * nk + j) * kv_heads + h) * d + c]) - vm));
+        k_mean[(long)bh * d + c] = (float)(sk / (nk > 0 ? nk : 1));
+        v_mean[(long)bh * d + c] = vm;
+        v_absmax[(long)bh * d + c] = mx;
+    }
+}
+
+// Per 64-token block of (batch, head): |x - mean|max (mean may be null). Grid (blocks, batch*heads).
+extern "C" __global__ void sage_block_absmax_bf16(const bf16* x, const float* mean, float* out, int n, int heads, int d) {
+    __shared__ float scratch[32];
+    int blk = blockIdx.x, bh = blockIdx.y;
+    int b = bh / heads, h = bh % heads;
+    float m = 0.f;
+    int rows = min(SAGE_BLOCK, n - blk * SAGE_BLOCK);
+    for (int i = threadIdx.x; i < rows * d; i += blockDim.x) {
+        int j = blk * SAGE_BLOCK + i / d, c = i % d;
+        float val = to_f(x[(((long)b * n + j) * heads + h) * d + c]) - (mean ? mean[(long)bh * d + c] : 0.f);
+        m = fmaxf(m, fabsf(val));
+    }
+    m = warp_max(m);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = m;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float t = threadIdx.x < (blockDim.x + 31) / 32 ? scratch[threadIdx.x] : 0.f;
+        t = warp_max(t);
+        if (threadIdx.x == 0) out[(long)bh * gridDim.x + blk] = t;
+    }
+}
+
+// One warp per query row; d <= 32 * MAXV.
+extern "C" __global__ void attention_sage_rowwise_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, int batch,
+                                                       int nq, int nk, int heads, int kv_heads, int d, float scale,
+                                                       int causal, const int* valid_len, const float* q_absmax,
+                                                       const float* k_absmax, const float* k_mean, const float* v_mean,
+                                                       const float* v_absmax) {
+    const int MAXV = 8;
+    long warp_id = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp_id >= (long)batch * nq * heads) return;
+    int h = (int)(warp_id % heads);
+    long qi = (warp_id / heads) % nq;
+    int b = (int)(warp_id / ((long)heads * nq));
+    int hk = h / (heads / kv_heads);
+    long kvh = (long)b * kv_heads + hk;
+    int q_blocks = (nq + SAGE_BLOCK - 1) / SAGE_BLOCK, k_blocks = (nk + SAGE_BLOCK - 1) / SAGE_BLOCK;
+    float sq = q_absmax[((long)b * heads + h) * q_blocks + qi / SAGE_BLOCK] / 127.f;
+    float inv_q = sq > 0.f ? 1.f / sq : 0.f;
+    int nv = (d + 31) / 32;
+    float qr[MAXV], acc[MAXV], mean[MAXV], vs[MAXV], inv_v[MAXV], vmean[MAXV];
+    for (int i = 0; i < nv; i++) {
+        int c = lane + 32 * i;
+        qr[i] = c < d ? int8_round(to_f(q[warp_id * d + c]) * inv_q) : 0.f;
+        mean[i] = c < d ? k_mean[kvh * d + c] : 0.f;
+        vs[i] = c < d ? v_absmax[kvh * d + c] / 448.f : 0.f;
+        inv_v[i] = vs[i] > 0.f ? 1.f / vs[i] : 0.f;
+        vmean[i] = c < d ? v_mean[kvh * d + c] : 0.f;
+        acc[i] = 0.f;
+    }
+    long valid = valid_len ? valid_len[b] : nk;
+    long kend = causal ? min(qi + 1, valid) : (long)nk;
+    float m = NEG_INFINITY_F, l = 0.f;
+    for (long t0 = 0; t0 < kend; t0 += SAGE_BLOCK) {
+        int tn = (int)min((long)SAGE_BLOCK, kend - t0);
+        float sk = k_absmax[kvh * k_blocks + t0 / SAGE_BLOCK] / 127.f;
+        float inv_k = sk > 0.f ? 1.f / sk : 0.f;
+        float s[SAGE_BLOCK];
+        float tmax = m;
+        for (int jj = 0; jj < tn; jj++) {
+            const bf16* kr = k + (((long)b * nk + t0 + jj) * kv_heads + hk) * d;
+            float dot = 0.f;  // exact: int8 products summed in f32 stay integers below 2^24
+            for (int i = 0; i < nv; i++) {
+                int c = lane + 32 * i;
+                if (c < d) dot += qr[i] * int8_round((to_f(kr[c]) - mean[i]) * inv_k);
+            }
+            s[jj] = warp_sum(dot) * (sq * sk) * scale;
+            tmax = fmaxf(tmax, s[jj]);
+        }
+        float alpha = m == NEG_INFINITY_F ? 0.f : expf(m - tmax);
+        l *= alpha;
+        for (int i = 0; i < nv; i++) acc[i] *= alpha;
+        for (int jj = 0; jj < tn; jj++) {
+            float p = expf(s[jj] - tmax);
+            l += p;
+            float pq = fp8_round(p * 448.f);
+            const bf16* vr = v + (((long)b * nk + t0 + jj) * kv_heads + hk) * d;
+            for (int i = 0; i < nv; i++) {
+                int c = lane + 32 * i;
+                if (c < d) acc[i] += pq * fp8_round((to_f(vr[c]) - vmean[i]) * inv_v[i]);
+            }
+        }
+        m = tmax;
+    }
+    for (int i = 0; i < nv; i++) {
+        int c = lane + 32 * i;
+        if (c < d) out[warp_id * d + c] = to_bf(l > 0.f ? acc[i] * vs[i] / 448.f / l + vmean[i] : 0.f);
+    }
+}

@@ -1,0 +1,116 @@
+//! Launchers for the 8-bit compute kernels (kernels/quantized.cu).
+
+use cudarc::driver::LaunchConfig;
+
+use super::{launch, CudaBackend};
+use crate::backend::{check, AttnMask, QuantTensor};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::quant::QuantFormat;
+use crate::tensor::Tensor;
+
+fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+pub(super) fn linear_fp8(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if w.format != QuantFormat::Fp8 {
+        return Err(Error::shape("linear_fp8", format!("weight is {:?}, not fp8", w.format)));
+    }
+    let (m, k, n) = (x.rows(), x.last_dim(), w.rows);
+    if k != w.cols {
+        return Err(Error::shape("linear_fp8", format!("input {:?} for a [{}, {}] weight", x.shape(), w.rows, w.cols)));
+    }
+    let (_x, xp) = be.bf16_arg(x, "linear_fp8")?;
+    let absmax = be.output(DType::F32, &[m])?;
+    launch!(be.dev, "row_absmax_bf16", per_row(m), xp, be.ptr(&absmax)?, k as i32)?;
+    let scales = w.scales.as_ref().ok_or_else(|| Error::Gpu("fp8 weight without scales".into()))?;
+    let b = bias.map(|b| be.bf16_arg(b, "linear_fp8")).transpose()?;
+    let bp = b.as_ref().map_or(0, |(_, p)| *p);
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    let out = be.output(DType::BF16, &shape)?;
+    if m.div_ceil(16) > 65535 {
+        return Err(Error::shape("linear_fp8", format!("{m} rows exceed one grid")));
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(16) as u32, m.div_ceil(16) as u32, 1),
+        block_dim: (16, 16, 1),
+        shared_mem_bytes: 0,
+    };
+    let (ap, wp, sp, op) = (be.ptr(&absmax)?, be.ptr(&w.data)?, be.ptr(scales)?, be.ptr(&out)?);
+    launch!(be.dev, "gemm_w8a8_tiled_bf16", cfg, xp, ap, wp, sp, bp, op, m as i32, n as i32, k as i32, n as i64)?;
+    Ok(out)
+}
+
+pub(super) fn attention_sage(
+    be: &CudaBackend,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f32,
+) -> Result<Tensor> {
+    let [b, nq, h, nk, hkv, d] = check::attention(q, k, v, mask)?;
+    if d > 256 {
+        return Err(Error::shape("attention_sage", format!("head dim {d} is above 256")));
+    }
+    let (_q, qp) = be.bf16_arg(q, "attention_sage")?;
+    let (_k, kp) = be.bf16_arg(k, "attention_sage")?;
+    let (_v, vp) = be.bf16_arg(v, "attention_sage")?;
+    let (qb, kb) = (nq.div_ceil(64), nk.div_ceil(64));
+    let k_mean = be.output(DType::F32, &[b * hkv * d])?;
+    let v_mean = be.output(DType::F32, &[b * hkv * d])?;
+    let v_absmax = be.output(DType::F32, &[b * hkv * d])?;
+    let q_absmax = be.output(DType::F32, &[b * h * qb])?;
+    let k_absmax = be.output(DType::F32, &[b * hkv * kb])?;
+    let (kmp, vmp, vap) = (be.ptr(&k_mean)?, be.ptr(&v_mean)?, be.ptr(&v_absmax)?);
+    let (qap, kap) = (be.ptr(&q_absmax)?, be.ptr(&k_absmax)?);
+    let stats = LaunchConfig { grid_dim: ((b * hkv) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    launch!(be.dev, "sage_kv_stats_bf16", stats, kp, vp, kmp, vmp, vap, nk as i32, hkv as i32, d as i32)?;
+    let blocks = |n: usize, bh: usize| LaunchConfig {
+        grid_dim: (n as u32, bh as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(be.dev, "sage_block_absmax_bf16", blocks(qb, b * h), qp, 0u64, qap, nq as i32, h as i32, d as i32)?;
+    launch!(be.dev, "sage_block_absmax_bf16", blocks(kb, b * hkv), kp, kmp, kap, nk as i32, hkv as i32, d as i32)?;
+    let (causal, lens) = match mask {
+        AttnMask::None => (0i32, None),
+        AttnMask::Causal { valid_len } => (1, valid_len.as_ref()),
+    };
+    let lens_dev = lens
+        .map(|l| {
+            let l: Vec<i32> = l.iter().map(|&x| x as i32).collect();
+            be.upload_bytes(bytemuck::cast_slice(&l), DType::F32, &[l.len()])
+        })
+        .transpose()?;
+    let lp = lens_dev.as_ref().map(|t| be.ptr(t)).transpose()?.unwrap_or(0);
+    let out = be.output(DType::BF16, &[b, nq, h, d])?;
+    let rows = b * nq * h;
+    let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    launch!(
+        be.dev,
+        "attention_sage_rowwise_bf16",
+        cfg,
+        qp,
+        kp,
+        vp,
+        be.ptr(&out)?,
+        b as i32,
+        nq as i32,
+        nk as i32,
+        h as i32,
+        hkv as i32,
+        d as i32,
+        scale,
+        causal,
+        lp,
+        qap,
+        kap,
+        kmp,
+        vmp,
+        vap
+    )?;
+    Ok(out)
+}
