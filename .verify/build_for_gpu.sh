@@ -15,4 +15,6 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu":
         print(m["executable"])' | tail -1)
 cp "$exe" .verify/bin/gpu-tests
+# diffusers for .verify/peer_compare.py (the GPU machine has torch but may lack diffusers).
+python3 -m pip download --quiet --no-deps -d .verify/wheels diffusers==0.42.1 || echo "warning: diffusers wheel not fetched" >&2
 ls -la .verify/bin

@@ -67,4 +67,9 @@ fi
 step generate-klein-4b-1024 240 "$FLUX2" generate --model "$WORK/klein-4b" --prompt "a photo of a red fox in the snow" \
   --width 1024 --height 1024 --seed 1 --count 2 --out "$WORK/klein4b.png" --device cuda --json "$OUT/klein4b-1024.json"
 
+# Benchmark tables (klein-4B shapes); the diffusers baseline runs in peer_compare.py when possible.
+step bench-gemm 180 "$FLUX2" bench gemm --shapes klein4b --reps 5 --device cuda --json "$OUT/bench_gemm.json"
+step profile-attention 120 "$FLUX2" profile attention --seq 4608 --heads 24 --dim 128 --reps 5 --device cuda --json "$OUT/profile_attention.json"
+step peer-compare 300 python3 .verify/peer_compare.py --model "$WORK/klein-4b" --flux2 "$FLUX2" --out "$OUT" --reps 5
+
 python3 .verify/summarize.py "$OUT"

@@ -76,44 +76,35 @@ pub const F8E4M3_MAX: f32 = 448.0;
 
 /// f32 -> FP8 E4M3FN, round to nearest even, saturating to ±448 (NaN stays NaN).
 /// Saturation matches CUDA's `__NV_SATFINITE` conversion, which the GPU kernels use.
+#[inline]
 pub fn f32_to_f8e4m3(x: f32) -> u8 {
-    if x.is_nan() {
-        return 0x7F;
+    let bits = x.to_bits();
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let a = bits & 0x7FFF_FFFF;
+    if a > 0x7F80_0000 {
+        return 0x7F; // NaN
     }
-    let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
-    let a = x.abs();
-    const MIN_NORMAL: f32 = 1.0 / 64.0; // 2^-6
-    let bits = if a < MIN_NORMAL {
-        // Subnormal range: quantum 2^-9, mantissa 0..=8 (8 rounds up into the first normal).
-        let q = (a * 512.0).round_ties_even() as u32;
-        q as u8 // q == 8 encodes exponent 1, mantissa 0: exactly the min normal.
-    } else {
-        let e = a.log2().floor() as i32;
-        // log2 can be off by one next to powers of two; fix up exactly.
-        let mut e = e;
-        if 2f32.powi(e) > a {
-            e -= 1;
-        } else if 2f32.powi(e + 1) <= a {
-            e += 1;
-        }
-        let quantum = 2f32.powi(e - 3);
-        let mut q = (a / quantum).round_ties_even() as u32; // 8..=16
-        if q == 16 {
-            q = 8;
-            e += 1;
-        }
-        let exp_field = e + 7;
-        if exp_field > 15 || (exp_field == 15 && q - 8 == 7) {
-            0x7E // saturate to 448
-        } else {
-            ((exp_field as u32) << 3 | (q - 8)) as u8
-        }
-    };
-    sign | bits
+    if a >= 0x43E8_0000 {
+        return sign | 0x7E; // >= 464 (incl. inf) saturates to 448
+    }
+    if a < 0x3C80_0000 {
+        // Below the smallest normal (2^-6): multiples of 2^-9; 8 is the smallest normal's code.
+        return sign | (f32::from_bits(a) * 512.0).round_ties_even() as u8;
+    }
+    // Normal: keep 3 mantissa bits, rounding to nearest even through the carry into the exponent.
+    let rounded = a + 0x7_FFFF + ((a >> 20) & 1);
+    let exp = (rounded >> 23) as i32 - 127 + 7;
+    sign | ((exp as u32) << 3 | (rounded >> 20) & 7) as u8
 }
 
-/// FP8 E4M3FN -> f32 (exact).
+/// FP8 E4M3FN -> f32 (exact), from a table.
+#[inline]
 pub fn f8e4m3_to_f32(b: u8) -> f32 {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|i| f8e4m3_decode(i as u8)))[b as usize]
+}
+
+fn f8e4m3_decode(b: u8) -> f32 {
     let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
     let exp = ((b >> 3) & 0x0F) as i32;
     let mant = (b & 0x07) as f32;
@@ -181,6 +172,40 @@ mod tests {
             // +0 and -0 are distinct codes that both decode to zero.
             assert!(back == b || (v == 0.0 && back & 0x7F == 0), "code {b:#x} -> {v} -> {back:#x}");
         }
+    }
+
+    /// The bit-level encoder against a direct definition: the nearest of the 254 finite codes,
+    /// ties to the even code, saturating.
+    #[test]
+    fn fp8_encoder_matches_nearest_even_definition() {
+        let finite: Vec<(f32, u8)> = (0u8..=0x7E).map(|c| (f8e4m3_to_f32(c), c)).collect();
+        let reference = |x: f32| -> u8 {
+            let a = x.abs().min(448.0);
+            let mut best = (f32::INFINITY, 0u8);
+            for &(v, c) in &finite {
+                let d = (v - a).abs();
+                if d < best.0 || (d == best.0 && c % 2 == 0) {
+                    best = (d, c);
+                }
+            }
+            best.1 | if x.is_sign_negative() { 0x80 } else { 0 }
+        };
+        let key = crate::rng::stream_key(1, "fp8");
+        for i in 0..200_000u64 {
+            let x = crate::rng::normal(key, i) * 2f32.powi((i % 24) as i32 - 12);
+            assert_eq!(f32_to_f8e4m3(x), reference(x), "{x}");
+        }
+        for &(v, c) in &finite {
+            assert_eq!(f32_to_f8e4m3(v), c);
+            assert_eq!(f32_to_f8e4m3(-v), if v == 0.0 { 0x80 } else { c | 0x80 });
+        }
+        // Midpoints between neighbours tie to the even code.
+        for w in finite.windows(2) {
+            let mid = (w[0].0 + w[1].0) / 2.0;
+            assert_eq!(f32_to_f8e4m3(mid), reference(mid), "midpoint {mid}");
+        }
+        assert_eq!(f32_to_f8e4m3(464.0), 0x7E);
+        assert_eq!(f32_to_f8e4m3(f32::INFINITY), 0x7E);
     }
 
     #[test]

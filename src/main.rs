@@ -22,6 +22,10 @@ enum Command {
     Synth(cli::synth::SynthArgs),
     /// Check every op of a backend against the CPU reference on random inputs.
     Selftest(cli::selftest::SelftestArgs),
+    /// Time kernels and models at the klein shapes (gemm, attention, dit, pipeline).
+    Bench(cli::bench::BenchArgs),
+    /// Compare every attention path's speed and error against f32.
+    Profile(cli::bench::ProfileArgs),
     /// Print the GPU memory plan for a model, image size and VRAM budget (no GPU needed).
     Plan(cli::plan::PlanArgs),
     /// Compare two outputs (safetensors tensors or PNG images), optionally as a pass/fail gate.
@@ -47,6 +51,8 @@ fn main() -> ExitCode {
         Command::Doctor(a) => cli::doctor::run(a),
         Command::Compare(a) => cli::compare::run(a),
         Command::Plan(a) => cli::plan::run(a),
+        Command::Bench(a) => cli::bench::run(a),
+        Command::Profile(a) => cli::bench::run_profile(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -103,19 +103,20 @@ pub fn quantize(w: &[f32], rows: usize, cols: usize, format: QuantFormat) -> Res
     let mut scales = vec![0f32; format.scale_count(rows, cols)];
     match format {
         QuantFormat::Int8 | QuantFormat::Fp8 => {
-            for r in 0..rows {
-                let row = &w[r * cols..(r + 1) * cols];
-                let top = if format == QuantFormat::Int8 { 127.0 } else { F8E4M3_MAX };
-                let s = absmax(row) / top;
-                scales[r] = s;
-                let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-                for (c, &x) in row.iter().enumerate() {
-                    codes[r * cols + c] = match format {
-                        QuantFormat::Int8 => (x * inv).round_ties_even().clamp(-127.0, 127.0) as i8 as u8,
-                        _ => f32_to_f8e4m3(x * inv),
-                    };
-                }
-            }
+            let top = if format == QuantFormat::Int8 { 127.0 } else { F8E4M3_MAX };
+            codes.par_chunks_mut(cols).zip(scales.par_iter_mut()).zip(w.par_chunks(cols)).for_each(
+                |((codes, scale), row)| {
+                    let s = absmax(row) / top;
+                    *scale = s;
+                    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+                    for (code, &x) in codes.iter_mut().zip(row) {
+                        *code = match format {
+                            QuantFormat::Int8 => (x * inv).round_ties_even().clamp(-127.0, 127.0) as i8 as u8,
+                            _ => f32_to_f8e4m3(x * inv),
+                        };
+                    }
+                },
+            );
         }
         QuantFormat::Int4 { group } => {
             let groups = cols / group;

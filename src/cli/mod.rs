@@ -1,5 +1,6 @@
 //! The `flux2` command line: thin wrappers over the library.
 
+pub mod bench;
 pub mod compare;
 pub mod doctor;
 pub mod forward;

@@ -1,0 +1,312 @@
+//! `flux2 bench`: kernel and model timings at the klein shapes (median of repeated runs after a
+//! warm-up, each run synchronised), with the alternative paths measured in the same run, and
+//! `flux2 profile attention`: every attention path's speed and error against f32.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{AttnMask, Backend};
+use crate::device::{self, DeviceChoice};
+use crate::error::{Error, Result};
+use crate::model::rope::PositionIds;
+use crate::model::transformer::{scale_in_dtype, AttentionMode, Compute, Flux2Transformer};
+use crate::planner::TransformerPrecision;
+use crate::quant::{quantize, QuantFormat};
+use crate::tensor::Tensor;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Suite {
+    Gemm,
+    Attention,
+    Dit,
+    Pipeline,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shapes {
+    Klein4b,
+    Klein9b,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[arg(value_enum)]
+    pub suite: Suite,
+    #[arg(long, value_enum, default_value_t = Shapes::Klein4b)]
+    pub shapes: Shapes,
+    /// Transformer or pipeline folder (dit, pipeline).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value_t = 1024)]
+    pub width: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub height: usize,
+    #[arg(long, default_value_t = 10)]
+    pub reps: usize,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Median seconds of `reps` synchronised runs after two warm-ups.
+pub fn time(be: &dyn Backend, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..2 {
+        f()?;
+    }
+    be.synchronize()?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        f()?;
+        be.synchronize()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Datasheet dense peaks (TFLOP/s: bf16, fp8) of cards we know, to express rates as a fraction.
+fn spec_peak(name: &str) -> Option<(f64, f64)> {
+    let n = name.to_ascii_lowercase();
+    if n.contains("h100") || n.contains("h200") || n.contains("gh200") {
+        Some((989.0, 1979.0))
+    } else if n.contains("b200") {
+        Some((2250.0, 4500.0))
+    } else if n.contains("a100") {
+        Some((312.0, 312.0))
+    } else if n.contains("l40s") {
+        Some((362.0, 733.0))
+    } else if n.contains("4090") {
+        Some((165.0, 330.0))
+    } else {
+        None
+    }
+}
+
+fn random(be: &dyn Backend, name: &str, shape: &[usize], scale: f32) -> Result<Tensor> {
+    let n = shape.iter().product();
+    let v: Vec<f32> = crate::rng::normal_vec(5, name, n).iter().map(|x| x * scale).collect();
+    be.upload(&Tensor::from_f32(v, shape)?, be.activation_dtype())
+}
+
+fn hidden(shapes: Shapes) -> (usize, usize, usize) {
+    match shapes {
+        Shapes::Klein4b => (3072, 9216, 24),
+        Shapes::Klein9b => (4096, 12288, 32),
+    }
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let be = device::select(args.device)?;
+    let name = be.name();
+    println!("device: {name}");
+    let peak = spec_peak(&name);
+    let rows = match args.suite {
+        Suite::Gemm => bench_gemm(&*be, args, peak)?,
+        Suite::Attention => bench_attention(&*be, args)?,
+        Suite::Dit => bench_dit(be.clone(), args)?,
+        Suite::Pipeline => bench_pipeline(be.clone(), args)?,
+    };
+    if let Some(path) = &args.json {
+        let report = json!({"device": name, "suite": format!("{:?}", args.suite), "results": rows});
+        std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
+fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> Result<Vec<serde_json::Value>> {
+    let (d, m, _) = hidden(args.shapes);
+    let shapes = [(d, 3 * d), (d, d), (d, 2 * m), (m, d), (d, 3 * d + 2 * m), (d + m, d)];
+    println!(
+        "{:>6} {:>6} {:>6}  {:>10} {:>9} {:>10} {:>9} {:>7}",
+        "M", "K", "N", "bf16 ms", "TF/s", "fp8 ms", "TF/s", "fp8/bf16"
+    );
+    let mut out = Vec::new();
+    for rows in [512, 4096, 4608] {
+        for (k, n) in shapes {
+            let x = random(be, "x", &[rows, k], 1.0)?;
+            let w = random(be, "w", &[n, k], 1.0 / (k as f32).sqrt())?;
+            let q = be.load_quantized(&quantize(&w.to_vec_f32()?, n, k, QuantFormat::Fp8)?)?;
+            let flops = 2.0 * rows as f64 * k as f64 * n as f64;
+            let t_bf16 = time(be, args.reps, || be.linear(&x, &w, None).map(|_| ()))?;
+            let t_fp8 = time(be, args.reps, || be.linear_fp8(&x, &q, None).map(|_| ()))?;
+            let (r16, r8) = (flops / t_bf16 / 1e12, flops / t_fp8 / 1e12);
+            println!(
+                "{rows:>6} {k:>6} {n:>6}  {:>10.3} {r16:>9.1} {:>10.3} {r8:>9.1} {:>7.2}{}",
+                t_bf16 * 1e3,
+                t_fp8 * 1e3,
+                t_bf16 / t_fp8,
+                peak.map(|(p16, p8)| format!("  ({:.0}% / {:.0}% of spec)", 100.0 * r16 / p16, 100.0 * r8 / p8))
+                    .unwrap_or_default()
+            );
+            out.push(json!({"m": rows, "k": k, "n": n, "bf16_ms": t_bf16 * 1e3, "bf16_tflops": r16, "fp8_ms": t_fp8 * 1e3, "fp8_tflops": r8}));
+        }
+    }
+    Ok(out)
+}
+
+fn bench_attention(be: &dyn Backend, args: &BenchArgs) -> Result<Vec<serde_json::Value>> {
+    let (_, _, heads) = hidden(args.shapes);
+    let n = 512 + (args.width / 16) * (args.height / 16);
+    let rows = profile_attention(be, n, heads, 128, args.reps, false)?;
+    Ok(rows)
+}
+
+/// Time every attention path at (seq, heads, dim); with `accuracy`, compare each with f32 on the
+/// CPU (cosine, relative L1).
+pub fn profile_attention(
+    be: &dyn Backend,
+    seq: usize,
+    heads: usize,
+    dim: usize,
+    reps: usize,
+    accuracy: bool,
+) -> Result<Vec<serde_json::Value>> {
+    let q = random(be, "q", &[1, seq, heads, dim], 1.0)?;
+    let k = random(be, "k", &[1, seq, heads, dim], 1.0)?;
+    let v = random(be, "v", &[1, seq, heads, dim], 1.0)?;
+    let scale = 1.0 / (dim as f32).sqrt();
+    let ops = 4.0 * (seq as f64).powi(2) * dim as f64 * heads as f64;
+    let reference = if accuracy {
+        let cpu = CpuBackend::new();
+        let host = |t: &Tensor| Tensor::from_f32(t.to_vec_f32()?, t.shape());
+        Some(cpu.attention(&host(&q)?, &host(&k)?, &host(&v)?, &AttnMask::None, scale)?.to_vec_f32()?)
+    } else {
+        None
+    };
+    println!("attention N={seq} H={heads} D={dim}");
+    println!("{:<8} {:>10} {:>10} {:>10} {:>10}", "path", "ms", "TOPS", "cosine", "rel L1");
+    let mut rows = Vec::new();
+    for mode in [AttentionMode::Exact, AttentionMode::Sage] {
+        let call = || match mode {
+            AttentionMode::Exact => be.attention(&q, &k, &v, &AttnMask::None, scale),
+            AttentionMode::Sage => be.attention_sage(&q, &k, &v, &AttnMask::None, scale),
+        };
+        let t = time(be, reps, || call().map(|_| ()))?;
+        let (cos, l1) = match &reference {
+            Some(r) => {
+                let o = call()?.to_vec_f32()?;
+                let (cos, _, _) = super::compare::similarity(&o, r);
+                let l1 = o.iter().zip(r).map(|(a, b)| (a - b).abs() as f64).sum::<f64>()
+                    / r.iter().map(|b| b.abs() as f64).sum::<f64>();
+                (Some(cos), Some(l1))
+            }
+            None => (None, None),
+        };
+        let fmt = |x: Option<f64>, p: usize| x.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<8} {:>10.3} {:>10.1} {:>10} {:>10}",
+            format!("{mode:?}").to_lowercase(),
+            t * 1e3,
+            ops / t / 1e12,
+            fmt(cos, 6),
+            fmt(l1, 4)
+        );
+        rows.push(json!({"path": format!("{mode:?}"), "ms": t * 1e3, "tops": ops / t / 1e12, "cosine": cos, "relative_l1": l1}));
+    }
+    Ok(rows)
+}
+
+fn bench_dit(be: std::sync::Arc<dyn Backend>, args: &BenchArgs) -> Result<Vec<serde_json::Value>> {
+    let model = args
+        .model
+        .as_ref()
+        .ok_or_else(|| Error::InvalidArgument("bench dit needs --model (e.g. a `flux2 synth` folder)".into()))?;
+    let (h, w) = (args.height / 16, args.width / 16);
+    println!("{:<14} {:>10} {:>10}", "mode", "ms/forward", "TFLOP/s");
+    let mut rows = Vec::new();
+    for (precision, attention) in [
+        (TransformerPrecision::Bf16, AttentionMode::Exact),
+        (TransformerPrecision::Fp8, AttentionMode::Exact),
+        (TransformerPrecision::Fp8, AttentionMode::Sage),
+    ] {
+        let m =
+            Flux2Transformer::load_with(be.clone(), model, None, Compute { precision: Some(precision), attention })?;
+        let cfg = m.config().clone();
+        let x = random(&*be, "x", &[1, h * w, cfg.in_channels], 1.0)?;
+        let ctx = random(&*be, "ctx", &[1, 512, cfg.joint_attention_dim], 1.0)?;
+        let t = scale_in_dtype(&[0.9], 1000.0, be.activation_dtype());
+        let (img, txt) = (PositionIds::image(0.0, h, w), PositionIds::text(512));
+        let secs = time(&*be, args.reps, || m.forward(&x, &ctx, &t, &img, &txt, None).map(|_| ()))?;
+        // Every block does (4·D² + 3·D·M) multiply-adds per token in its linears (both streams of a
+        // double block together cover all tokens) and 4·N²·D flops of attention.
+        let (d, mm, n) = (cfg.hidden() as f64, cfg.mlp_hidden() as f64, (512 + h * w) as f64);
+        let blocks = (cfg.num_layers + cfg.num_single_layers) as f64;
+        let linear = 2.0 * n * (4.0 * d * d + 3.0 * d * mm) * blocks;
+        let attn = blocks * 4.0 * n * n * d;
+        let label = format!("{precision:?}/{attention:?}").to_lowercase();
+        println!("{label:<14} {:>10.2} {:>10.1}", secs * 1e3, (linear + attn) / secs / 1e12);
+        rows.push(json!({"mode": label, "ms": secs * 1e3, "tflops": (linear + attn) / secs / 1e12}));
+    }
+    Ok(rows)
+}
+
+fn bench_pipeline(be: std::sync::Arc<dyn Backend>, args: &BenchArgs) -> Result<Vec<serde_json::Value>> {
+    let model = args
+        .model
+        .as_ref()
+        .ok_or_else(|| Error::InvalidArgument("bench pipeline needs --model (a pipeline folder)".into()))?;
+    let pipe = crate::pipeline::Pipeline::load(be.clone(), model)?;
+    let req = crate::pipeline::Request {
+        prompt: "a photo of a red fox in the snow".into(),
+        width: Some(args.width),
+        height: Some(args.height),
+        seed: 1,
+        ..Default::default()
+    };
+    let mut rows = Vec::new();
+    for i in 0..args.reps.clamp(2, 5) {
+        let start = Instant::now();
+        let encoded = pipe.encode(&req.prompt, false)?;
+        be.synchronize()?;
+        let encode = start.elapsed().as_secs_f64();
+        let out = pipe.generate(&req, Some(&encoded), None)?;
+        let total = start.elapsed().as_secs_f64();
+        println!(
+            "run {i}: encode {:.0} ms, denoise {:.0} ms ({:.1} ms/step), decode {:.0} ms, total {:.0} ms",
+            encode * 1e3,
+            out.timings.denoise.as_secs_f64() * 1e3,
+            out.timings.denoise.as_secs_f64() * 1e3 / out.steps as f64,
+            out.timings.decode.as_secs_f64() * 1e3,
+            total * 1e3
+        );
+        rows.push(json!({"encode_ms": encode * 1e3, "denoise_ms": out.timings.denoise.as_secs_f64() * 1e3, "decode_ms": out.timings.decode.as_secs_f64() * 1e3, "total_ms": total * 1e3}));
+    }
+    Ok(rows)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProfileArgs {
+    /// What to profile (attention).
+    pub what: String,
+    #[arg(long, default_value_t = 4608)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 24)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 128)]
+    pub dim: usize,
+    #[arg(long, default_value_t = 10)]
+    pub reps: usize,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+pub fn run_profile(args: &ProfileArgs) -> Result<()> {
+    if args.what != "attention" {
+        return Err(Error::InvalidArgument(format!("`{}`: only `flux2 profile attention` exists", args.what)));
+    }
+    let be = device::select(args.device)?;
+    println!("device: {}", be.name());
+    let rows = profile_attention(&*be, args.seq, args.heads, args.dim, args.reps, true)?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&json!({"device": be.name(), "results": rows})).unwrap())
+            .map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
