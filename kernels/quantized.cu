@@ -22,15 +22,8 @@ extern "C" __global__ void row_absmax_bf16(const bf16* x, float* out, int cols) 
     long r = blockIdx.x;
     float m = 0.f;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, fabsf(to_f(x[r * cols + i])));
-    m = warp_max(m);
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = m;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float t = threadIdx.x < (blockDim.x + 31) / 32 ? scratch[threadIdx.x] : 0.f;
-        t = warp_max(t);
-        if (threadIdx.x == 0) out[r] = t;
-    }
+    m = block_max(m, scratch);
+    if (threadIdx.x == 0) out[r] = m;
 }
 
 #define T1 16
@@ -95,15 +88,8 @@ extern "C" __global__ void sage_block_absmax_bf16(const bf16* x, const float* me
         float val = to_f(x[(((long)b * n + j) * heads + h) * d + c]) - (mean ? mean[(long)bh * d + c] : 0.f);
         m = fmaxf(m, fabsf(val));
     }
-    m = warp_max(m);
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = m;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float t = threadIdx.x < (blockDim.x + 31) / 32 ? scratch[threadIdx.x] : 0.f;
-        t = warp_max(t);
-        if (threadIdx.x == 0) out[(long)bh * gridDim.x + blk] = t;
-    }
+    m = block_max(m, scratch);
+    if (threadIdx.x == 0) out[(long)bh * gridDim.x + blk] = m;
 }
 
 // One warp per query row; d <= 32 * MAXV.

@@ -14,6 +14,23 @@ pub(super) fn flash_smem_bytes(d: usize) -> usize {
     3 * 64 * (d + 8) * 2
 }
 
+/// The kernels' mask arguments: causal flag, the padding lengths on the device (kept alive by the
+/// caller until the launch is queued) and their address (0 without padding).
+pub(super) fn mask_args(be: &CudaBackend, mask: &AttnMask) -> Result<(i32, Option<Tensor>, u64)> {
+    let (causal, lens) = match mask {
+        AttnMask::None => (0, None),
+        AttnMask::Causal { valid_len } => (1, valid_len.as_ref()),
+    };
+    let lens = lens
+        .map(|l| {
+            let l: Vec<i32> = l.iter().map(|&x| x as i32).collect();
+            be.upload_bytes(bytemuck::cast_slice(&l), DType::F32, &[l.len()]) // 4-byte ints
+        })
+        .transpose()?;
+    let ptr = lens.as_ref().map(|t| be.ptr(t)).transpose()?.unwrap_or(0);
+    Ok((causal, lens, ptr))
+}
+
 pub(super) fn attention(
     be: &CudaBackend,
     q: &Tensor,
@@ -27,19 +44,7 @@ pub(super) fn attention(
     let (_k, kp) = be.bf16_arg(k, "attention")?;
     let (_v, vp) = be.bf16_arg(v, "attention")?;
     let out = be.output(DType::BF16, &[b, nq, h, d])?;
-    let (causal, lens) = match mask {
-        AttnMask::None => (0i32, None),
-        AttnMask::Causal { valid_len } => (1, valid_len.as_ref()),
-    };
-    let lens_dev = match lens {
-        Some(l) => {
-            let l: Vec<i32> = l.iter().map(|&x| x as i32).collect();
-            Some(be.upload_bytes(bytemuck::cast_slice(&l), DType::F32, &[l.len()])?)
-            // 4-byte ints
-        }
-        None => None,
-    };
-    let lp = lens_dev.as_ref().map(|t| be.ptr(t)).transpose()?.unwrap_or(0);
+    let (causal, _lens, lp) = mask_args(be, mask)?;
     let op = be.ptr(&out)?;
     if nq == 0 {
         return Ok(out);

@@ -75,17 +75,7 @@ pub(super) fn attention_sage(
     };
     launch!(be.dev, "sage_block_absmax_bf16", blocks(qb, b * h), qp, 0u64, qap, nq as i32, h as i32, d as i32)?;
     launch!(be.dev, "sage_block_absmax_bf16", blocks(kb, b * hkv), kp, kmp, kap, nk as i32, hkv as i32, d as i32)?;
-    let (causal, lens) = match mask {
-        AttnMask::None => (0i32, None),
-        AttnMask::Causal { valid_len } => (1, valid_len.as_ref()),
-    };
-    let lens_dev = lens
-        .map(|l| {
-            let l: Vec<i32> = l.iter().map(|&x| x as i32).collect();
-            be.upload_bytes(bytemuck::cast_slice(&l), DType::F32, &[l.len()])
-        })
-        .transpose()?;
-    let lp = lens_dev.as_ref().map(|t| be.ptr(t)).transpose()?.unwrap_or(0);
+    let (causal, _lens, lp) = super::attention::mask_args(be, mask)?;
     let out = be.output(DType::BF16, &[b, nq, h, d])?;
     let rows = b * nq * h;
     let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
