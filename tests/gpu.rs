@@ -120,6 +120,29 @@ fn components_in_bf16(be: Arc<dyn Backend>) {
     assert!(cos >= 0.999, "vae decode cosine {cos}");
 }
 
+fn quantized_linears_reject_bad_shapes(be: Arc<dyn Backend>) {
+    // The 8-bit launchers index the weight by its stored [rows, cols]: a wrong input or bias must be
+    // refused before any kernel reads past it.
+    use flux2::quant::{quantize, QuantFormat};
+    let act = be.activation_dtype();
+    let up = |v: Vec<f32>, shape: &[usize]| be.upload(&common::t(&v, shape), act).unwrap();
+    let (x, bad_x) = (up(vec![0.5; 2 * 32], &[2, 32]), up(vec![0.5; 2 * 31], &[2, 31]));
+    let (bias, bad_bias) = (up(vec![0.1; 6], &[6]), up(vec![0.1; 5], &[5]));
+    let w: Vec<f32> = (0..6 * 32).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
+    for format in [QuantFormat::Int8, QuantFormat::Int4 { group: 32 }, QuantFormat::Fp8] {
+        let q = be.load_quantized(&quantize(&w, 6, 32, format).unwrap()).unwrap();
+        let linear = |x: &flux2::Tensor, b: Option<&flux2::Tensor>| match format {
+            QuantFormat::Fp8 => be.linear_fp8(x, &q, b),
+            _ => be.linear_quantized(x, &q, b),
+        };
+        assert_eq!(linear(&x, Some(&bias)).unwrap().shape(), &[2, 6], "{format:?}");
+        let e = linear(&x, Some(&bad_bias)).unwrap_err().to_string();
+        assert!(e.contains("bias [5]"), "{format:?}: {e}");
+        let e = linear(&bad_x, None).unwrap_err().to_string();
+        assert!(e.contains("[2, 31]") && e.contains("[6, 32]"), "{format:?}: {e}");
+    }
+}
+
 fn no_gpu_gives_a_clear_error_or_a_working_device(_: Arc<dyn Backend>) {
     // Without a driver, --device cuda must fail with a sentence, and auto must fall back.
     match flux2::device::select(flux2::device::DeviceChoice::Cuda) {
@@ -141,11 +164,12 @@ fn main() {
     }
     let gpu = gpu.ok();
     type Check = fn(Arc<dyn Backend>);
-    let checks: [(&str, Check, bool); 5] = [
+    let checks: [(&str, Check, bool); 6] = [
         ("every_op_matches_the_cpu_reference", every_op_matches_the_cpu_reference, true),
         ("transformer_fixtures_in_bf16", transformer_fixtures_in_bf16, true),
         ("pipeline_images_within_2_of_255", pipeline_images_within_2_of_255, true),
         ("components_in_bf16", components_in_bf16, true),
+        ("quantized_linears_reject_bad_shapes", quantized_linears_reject_bad_shapes, false),
         ("no_gpu_gives_a_clear_error_or_a_working_device", no_gpu_gives_a_clear_error_or_a_working_device, false),
     ];
     let trials = checks

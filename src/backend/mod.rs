@@ -219,19 +219,38 @@ pub mod check {
     /// Returns (M, K, N) for `linear`.
     pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<(usize, usize, usize)> {
         rank("linear", w, 2)?;
-        let k = x.last_dim();
-        if x.rank() == 0 || w.dim(1) != k {
+        linear_dims("linear", x, [w.dim(0), w.dim(1)], bias)
+    }
+
+    /// Returns (M, K, N) for `linear_quantized` and `linear_fp8`.
+    pub fn linear_quantized(
+        op: &'static str,
+        x: &Tensor,
+        w: &super::QuantTensor,
+        bias: Option<&Tensor>,
+    ) -> Result<(usize, usize, usize)> {
+        linear_dims(op, x, [w.rows, w.cols], bias)
+    }
+
+    /// x `[.., K]` against a `[N, K]` weight and an optional `[N]` bias.
+    fn linear_dims(
+        op: &'static str,
+        x: &Tensor,
+        [n, k]: [usize; 2],
+        bias: Option<&Tensor>,
+    ) -> Result<(usize, usize, usize)> {
+        if x.rank() == 0 || x.last_dim() != k {
             return Err(Error::shape(
-                "linear",
-                format!("input {:?} does not match weight {:?} ([out, in])", x.shape(), w.shape()),
+                op,
+                format!("input {:?} does not match weight [{n}, {k}] ([out, in])", x.shape()),
             ));
         }
         if let Some(b) = bias {
-            if b.shape() != [w.dim(0)] {
-                return Err(Error::shape("linear", format!("bias {:?} for weight {:?}", b.shape(), w.shape())));
+            if b.shape() != [n] {
+                return Err(Error::shape(op, format!("bias {:?} for weight [{n}, {k}]", b.shape())));
             }
         }
-        Ok((x.rows(), k, w.dim(0)))
+        Ok((x.rows(), k, n))
     }
 
     /// Returns (B, Nq, H, Nk, Hkv, D) for `attention`.

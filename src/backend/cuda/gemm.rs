@@ -43,16 +43,28 @@ fn gemm(be: &CudaBackend, a: u64, w: u64, bias: Bias, c: u64, m: usize, n: usize
         };
         launch!(be.dev, "gemm_mma_bf16", cfg, a, w, bp, mode, c, m32, n32, k32, ldc as i64)
     } else {
-        if m.div_ceil(16) > 65535 {
-            return Err(Error::shape("gemm", format!("{m} rows exceed one grid for the fallback kernel")));
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(16) as u32, m.div_ceil(16) as u32, 1),
-            block_dim: (16, 16, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(be.dev, "gemm_tiled_bf16", cfg, a, w, bp, mode, c, m32, n32, k32, ldc as i64)
+        launch!(be.dev, "gemm_tiled_bf16", tiled_16x16("gemm", m, n)?, a, w, bp, mode, c, m32, n32, k32, ldc as i64)
     }
+}
+
+/// Grid of the 16x16-tile CUDA-core GEMMs (bf16 fallback, weight-only quantized, W8A8): one block
+/// per output tile, rows on the y axis.
+pub(super) fn tiled_16x16(op: &'static str, m: usize, n: usize) -> Result<LaunchConfig> {
+    if m.div_ceil(16) > 65535 {
+        return Err(Error::shape(op, format!("{m} rows exceed one grid of the 16x16 tiled kernel")));
+    }
+    Ok(LaunchConfig {
+        grid_dim: (n.div_ceil(16) as u32, m.div_ceil(16) as u32, 1),
+        block_dim: (16, 16, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// The `[.., N]` bf16 output of a linear with input `x` `[.., K]`.
+pub(super) fn linear_output(be: &CudaBackend, x: &Tensor, n: usize) -> Result<Tensor> {
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    be.output(DType::BF16, &shape)
 }
 
 pub(super) fn linear(be: &CudaBackend, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -60,9 +72,7 @@ pub(super) fn linear(be: &CudaBackend, x: &Tensor, w: &Tensor, bias: Option<&Ten
     let (_x, xp) = be.bf16_arg(x, "linear")?;
     let (_w, wp) = be.bf16_arg(w, "linear")?;
     let b = bias.map(|b| be.bf16_arg(b, "linear")).transpose()?;
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().unwrap() = n;
-    let out = be.output(DType::BF16, &shape)?;
+    let out = linear_output(be, x, n)?;
     let bias = b.as_ref().map_or(Bias::None, |(_, p)| Bias::PerColumn(*p));
     gemm(be, xp, wp, bias, be.ptr(&out)?, m, n, k, n)?;
     Ok(out)
@@ -71,30 +81,14 @@ pub(super) fn linear(be: &CudaBackend, x: &Tensor, w: &Tensor, bias: Option<&Ten
 /// `x · dequant(w)ᵀ (+ bias)` with the weight-only quantized kernel (codes dequantized into shared
 /// memory tile by tile, f32 accumulation).
 pub(super) fn linear_quantized(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let (m, k) = (x.rows(), x.last_dim());
-    if k != w.cols {
-        return Err(Error::shape(
-            "linear_quantized",
-            format!("input {:?} for a [{}, {}] weight", x.shape(), w.rows, w.cols),
-        ));
-    }
-    let n = w.rows;
+    let (m, k, n) = check::linear_quantized("linear_quantized", x, w, bias)?;
     let (_x, xp) = be.bf16_arg(x, "linear_quantized")?;
     let scales = w.scales.as_ref().ok_or_else(|| Error::Gpu("quantized weight without scales".into()))?;
     let (codes, sp) = (be.ptr(&w.data)?, be.ptr(scales)?);
     let b = bias.map(|b| be.bf16_arg(b, "linear_quantized")).transpose()?;
     let (bp, mode) = b.as_ref().map_or((0, 0), |(_, p)| (*p, 1));
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().unwrap() = n;
-    let out = be.output(DType::BF16, &shape)?;
-    if m.div_ceil(16) > 65535 {
-        return Err(Error::shape("linear_quantized", format!("{m} rows exceed one grid")));
-    }
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(16) as u32, m.div_ceil(16) as u32, 1),
-        block_dim: (16, 16, 1),
-        shared_mem_bytes: 0,
-    };
+    let out = linear_output(be, x, n)?;
+    let cfg = tiled_16x16("linear_quantized", m, n)?;
     let (fmt, group) = (w.format.id(), w.format.group() as i32);
     launch!(
         be.dev,

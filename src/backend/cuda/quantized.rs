@@ -17,27 +17,15 @@ pub(super) fn linear_fp8(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bias: Op
     if w.format != QuantFormat::Fp8 {
         return Err(Error::shape("linear_fp8", format!("weight is {:?}, not fp8", w.format)));
     }
-    let (m, k, n) = (x.rows(), x.last_dim(), w.rows);
-    if k != w.cols {
-        return Err(Error::shape("linear_fp8", format!("input {:?} for a [{}, {}] weight", x.shape(), w.rows, w.cols)));
-    }
+    let (m, k, n) = check::linear_quantized("linear_fp8", x, w, bias)?;
     let (_x, xp) = be.bf16_arg(x, "linear_fp8")?;
     let absmax = be.output(DType::F32, &[m])?;
     launch!(be.dev, "row_absmax_bf16", per_row(m), xp, be.ptr(&absmax)?, k as i32)?;
     let scales = w.scales.as_ref().ok_or_else(|| Error::Gpu("fp8 weight without scales".into()))?;
     let b = bias.map(|b| be.bf16_arg(b, "linear_fp8")).transpose()?;
     let bp = b.as_ref().map_or(0, |(_, p)| *p);
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().unwrap() = n;
-    let out = be.output(DType::BF16, &shape)?;
-    if m.div_ceil(16) > 65535 {
-        return Err(Error::shape("linear_fp8", format!("{m} rows exceed one grid")));
-    }
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(16) as u32, m.div_ceil(16) as u32, 1),
-        block_dim: (16, 16, 1),
-        shared_mem_bytes: 0,
-    };
+    let out = super::gemm::linear_output(be, x, n)?;
+    let cfg = super::gemm::tiled_16x16("linear_fp8", m, n)?;
     let (ap, wp, sp, op) = (be.ptr(&absmax)?, be.ptr(&w.data)?, be.ptr(scales)?, be.ptr(&out)?);
     launch!(be.dev, "gemm_w8a8_tiled_bf16", cfg, xp, ap, wp, sp, bp, op, m as i32, n as i32, k as i32, n as i64)?;
     Ok(out)
