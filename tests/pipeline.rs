@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{base_pipeline, fixtures, load, mean_pixel_error, pipeline_cases, rel_err, run_cli};
+use common::{base_pipeline, fixtures, generate_args, load, mean_pixel_error, pipeline_cases, rel_err, run_cli};
 use flux2::backend::cpu::CpuBackend;
 use flux2::image_io::RgbImage;
 use flux2::model::vae::unpatchify;
@@ -52,25 +52,23 @@ fn generate_cli_writes_the_reference_image_with_metadata() {
     let case = fixtures().join("cases/t2i_nonsquare");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("img.png");
-    let (ok, stdout, err) = run_cli(&[
-        "generate",
-        "--model",
-        fixtures().join("pipeline").to_str().unwrap(),
-        "--prompt",
-        "a lighthouse on a cliff at dusk",
-        "--width",
-        "80",
-        "--height",
-        "48",
-        "--noise",
-        case.join("noise.safetensors").to_str().unwrap(),
-        "--seed",
-        "7",
-        "--out",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    let (pipe, noise) = (fixtures().join("pipeline"), case.join("noise.safetensors"));
+    let (ok, stdout, err) = run_cli(&generate_args(
+        pipe.to_str().unwrap(),
+        &out,
+        &[
+            "--prompt",
+            "a lighthouse on a cliff at dusk",
+            "--width",
+            "80",
+            "--height",
+            "48",
+            "--noise",
+            noise.to_str().unwrap(),
+            "--seed",
+            "7",
+        ],
+    ));
     assert!(ok, "{err}");
     assert!(stdout.contains("img.png"));
     let got = RgbImage::load(&out).unwrap();
@@ -90,25 +88,13 @@ fn generate_cli_writes_the_reference_image_with_metadata() {
 fn count_makes_one_image_per_seed() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("many.png");
-    let (ok, stdout, err) = run_cli(&[
-        "generate",
-        "--model",
-        fixtures().join("pipeline").to_str().unwrap(),
-        "--prompt",
-        "一只猫",
-        "--width",
-        "32",
-        "--height",
-        "48",
-        "--seed",
-        "100",
-        "--count",
-        "3",
-        "--out",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    let pipe = fixtures().join("pipeline");
+    let cat = |out: &std::path::Path, seed_flags: &[&str]| {
+        let mut flags = vec!["--prompt", "一只猫", "--width", "32", "--height", "48"];
+        flags.extend_from_slice(seed_flags);
+        run_cli(&generate_args(pipe.to_str().unwrap(), out, &flags))
+    };
+    let (ok, stdout, err) = cat(&out, &["--seed", "100", "--count", "3"]);
     assert!(ok, "{err}");
     let files: Vec<&str> = stdout.lines().collect();
     assert_eq!(files.len(), 3);
@@ -117,23 +103,7 @@ fn count_makes_one_image_per_seed() {
     assert_ne!(imgs[0].data, imgs[1].data, "different seeds give different images");
     // A seed reproduces its image.
     let single = tmp.path().join("one.png");
-    let (ok, _, _) = run_cli(&[
-        "generate",
-        "--model",
-        fixtures().join("pipeline").to_str().unwrap(),
-        "--prompt",
-        "一只猫",
-        "--width",
-        "32",
-        "--height",
-        "48",
-        "--seed",
-        "101",
-        "--out",
-        single.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    let (ok, _, _) = cat(&single, &["--seed", "101"]);
     assert!(ok);
     assert_eq!(RgbImage::load(&single).unwrap().data, imgs[1].data);
 }

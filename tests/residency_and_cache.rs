@@ -4,7 +4,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{fixtures, load, run_cli};
+use common::{fixtures, generate_args, load, run_cli, run_cli_env};
 use flux2::backend::cpu::CpuBackend;
 use flux2::pipeline::{LoadOptions, Pipeline, Request, Residency};
 use flux2::prompt_cache::PromptCache;
@@ -111,51 +111,25 @@ fn generate_uses_the_cache_and_honours_a_budget() {
     let out = tmp.path().join("o.png");
     let noise = fixtures().join("cases/t2i_nonsquare/noise.safetensors");
     let pipeline = fixtures().join("pipeline");
+    let cache = tmp.path().join("cache");
     let run = |extra: &[&str]| {
-        let mut args = vec![
-            "generate",
-            "--model",
-            pipeline.to_str().unwrap(),
-            "--prompt",
-            "a lighthouse on a cliff at dusk",
-            "--noise",
-            noise.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--device",
-            "cpu",
-        ];
-        args.extend_from_slice(extra);
-        std::process::Command::new(common::bin())
-            .args(&args)
-            .env("FLUX2_CACHE_DIR", tmp.path().join("cache"))
-            .output()
-            .unwrap()
+        let mut flags = vec!["--prompt", "a lighthouse on a cliff at dusk", "--noise", noise.to_str().unwrap()];
+        flags.extend_from_slice(extra);
+        run_cli_env(&generate_args(pipeline.to_str().unwrap(), &out, &flags), &[("FLUX2_CACHE_DIR", &cache)])
     };
     for _ in 0..2 {
-        let o = run(&["--vram-budget", "1GiB"]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert!(String::from_utf8_lossy(&o.stderr).contains("memory plan"));
+        let (ok, _, err) = run(&["--vram-budget", "1GiB"]);
+        assert!(ok, "{err}");
+        assert!(err.contains("memory plan"));
         let got = flux2::image_io::RgbImage::load(&out).unwrap();
         assert_eq!(got, flux2::image_io::RgbImage::load(&fixtures().join("cases/t2i_nonsquare/expected.png")).unwrap());
     }
-    assert_eq!(std::fs::read_dir(tmp.path().join("cache/prompt-embeds")).unwrap().count(), 1);
-    let o = run(&["--vram-budget", "1MiB"]);
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("smallest budget"));
-    let (ok, _, _) = run_cli(&[
-        "generate",
-        "--model",
-        pipeline.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--vram-budget",
-        "lots",
-        "--out",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    assert_eq!(std::fs::read_dir(cache.join("prompt-embeds")).unwrap().count(), 1);
+    let (ok, _, err) = run(&["--vram-budget", "1MiB"]);
+    assert!(!ok);
+    assert!(err.contains("smallest budget"));
+    let (ok, _, _) =
+        run_cli(&generate_args(pipeline.to_str().unwrap(), &out, &["--prompt", "x", "--vram-budget", "lots"]));
     assert!(!ok);
 }
 

@@ -121,23 +121,11 @@ fn synthetic_pipeline_generates_end_to_end() {
     ]);
     assert!(ok, "{err}");
     let out = dir.path().join("x.png");
-    let (ok, _, err) = common::run_cli(&[
-        "generate",
-        "--model",
+    let (ok, _, err) = common::run_cli(&common::generate_args(
         pipe.to_str().unwrap(),
-        "--prompt",
-        "a test",
-        "--width",
-        "32",
-        "--height",
-        "16",
-        "--seed",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+        &out,
+        &["--prompt", "a test", "--width", "32", "--height", "16", "--seed", "2"],
+    ));
     assert!(ok, "{err}");
     let img = flux2::image_io::RgbImage::load(&out).unwrap();
     assert_eq!((img.width, img.height), (32, 16));

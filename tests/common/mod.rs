@@ -49,10 +49,28 @@ pub fn bin() -> &'static str {
 
 /// Run the CLI, returning (success, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (bool, String, String) {
+    run_cli_env(args, &[])
+}
+
+/// Run the CLI with extra environment variables (they override the test prompt cache folder).
+pub fn run_cli_env(args: &[&str], env: &[(&str, &Path)]) -> (bool, String, String) {
     // Keep the prompt cache of test runs out of the user's home.
     let cache = std::env::temp_dir().join("flux2-test-cache");
-    let out = std::process::Command::new(bin()).args(args).env("FLUX2_CACHE_DIR", cache).output().expect("run flux2");
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(args).env("FLUX2_CACHE_DIR", cache);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run flux2");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// `flux2 generate --model <model> <flags..> --out <out> --device cpu`.
+pub fn generate_args<'a>(model: &'a str, out: &'a Path, flags: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["generate", "--model", model];
+    args.extend_from_slice(flags);
+    args.extend(["--out", out.to_str().unwrap(), "--device", "cpu"]);
+    args
 }
 
 /// Cosine similarity and ‖a − b‖ / ‖b‖.
