@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{fixtures, load, rel_err, run_cli};
+use common::{fails_cleanly, fixtures, load, rel_err, run_cli};
 
 #[test]
 fn forward_transformer_matches_diffusers() {
@@ -82,13 +82,6 @@ fn synth_writes_loadable_checkpoints() {
     }
 }
 
-fn assert_clean_failure(args: &[&str], needle: &str) {
-    let (ok, _, err) = run_cli(args);
-    assert!(!ok, "expected failure for {args:?}");
-    assert!(err.contains("error:") && err.contains(needle), "stderr for {args:?}: {err}");
-    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
-}
-
 #[test]
 fn bad_input_fails_cleanly() {
     let dir = fixtures().join("transformer/t2i_nonsquare");
@@ -96,62 +89,20 @@ fn bad_input_fails_cleanly() {
     let out = tmp.path().join("o.safetensors");
     let (model, inputs, out) = (dir.to_str().unwrap(), dir.join("inputs.safetensors"), out.to_str().unwrap());
     let inputs = inputs.to_str().unwrap();
-    assert_clean_failure(
-        &["forward", "transformer", "--model", "/no/such/model", "--inputs", inputs, "--out", out, "--device", "cpu"],
-        "/no/such/model",
-    );
-    assert_clean_failure(
-        &[
-            "forward",
-            "transformer",
-            "--model",
-            model,
-            "--inputs",
-            "/no/inputs.safetensors",
-            "--out",
-            out,
-            "--device",
-            "cpu",
-        ],
-        "inputs.safetensors",
-    );
+    let forward = |model, inputs| {
+        ["forward", "transformer", "--model", model, "--inputs", inputs, "--out", out, "--device", "cpu"]
+    };
+    fails_cleanly(&forward("/no/such/model", inputs), &["/no/such/model"]);
+    fails_cleanly(&forward(model, "/no/inputs.safetensors"), &["inputs.safetensors"]);
     // Inputs of another case: wrong channel count.
     let other = fixtures().join("transformer/guidance_outchannels/inputs.safetensors");
-    assert_clean_failure(
-        &[
-            "forward",
-            "transformer",
-            "--model",
-            model,
-            "--inputs",
-            other.to_str().unwrap(),
-            "--out",
-            out,
-            "--device",
-            "cpu",
-        ],
-        "hidden_states",
-    );
+    fails_cleanly(&forward(model, other.to_str().unwrap()), &["hidden_states"]);
     // An inputs file without `timestep`.
     let partial = tmp.path().join("partial.safetensors");
     let x = load(std::path::Path::new(inputs), "hidden_states");
     flux2::cli::write_f32(&partial, &[("hidden_states", &x)]).unwrap();
-    assert_clean_failure(
-        &[
-            "forward",
-            "transformer",
-            "--model",
-            model,
-            "--inputs",
-            partial.to_str().unwrap(),
-            "--out",
-            out,
-            "--device",
-            "cpu",
-        ],
-        "encoder_hidden_states",
-    );
-    assert_clean_failure(&["synth", "--config", "klein-77b", "--out", out], "klein-77b");
-    assert_clean_failure(&["synth", "--config", "klein-4b", "--dtype", "int3", "--out", out], "int3");
-    assert_clean_failure(&["inspect", "/no/such/file.safetensors"], "file.safetensors");
+    fails_cleanly(&forward(model, partial.to_str().unwrap()), &["encoder_hidden_states"]);
+    fails_cleanly(&["synth", "--config", "klein-77b", "--out", out], &["klein-77b"]);
+    fails_cleanly(&["synth", "--config", "klein-4b", "--dtype", "int3", "--out", out], &["int3"]);
+    fails_cleanly(&["inspect", "/no/such/file.safetensors"], &["file.safetensors"]);
 }

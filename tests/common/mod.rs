@@ -65,6 +65,17 @@ pub fn run_cli_env(args: &[&str], env: &[(&str, &Path)]) -> (bool, String, Strin
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
+/// The CLI must fail with an `error:` line naming every needle, and must not panic.
+pub fn fails_cleanly(args: &[&str], needles: &[&str]) {
+    let (ok, _, err) = run_cli(args);
+    assert!(!ok, "expected failure for {args:?}");
+    assert!(err.contains("error:"), "stderr for {args:?} has no error line: {err}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr for {args:?} lacks {n:?}: {err}");
+    }
+}
+
 /// `flux2 generate --model <model> <flags..> --out <out> --device cpu`.
 pub fn generate_args<'a>(model: &'a str, out: &'a Path, flags: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["generate", "--model", model];
