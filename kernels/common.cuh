@@ -23,26 +23,24 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the block; every thread gets the result. `scratch` holds 32 floats.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// Reduce over the block with `WarpOp` (`identity` fills the lanes past the last warp); every
+// thread gets the result. `scratch` holds 32 floats.
+template <float (*WarpOp)(float)>
+__device__ __forceinline__ float block_reduce(float v, float* scratch, float identity) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-    v = warp_sum(v);
+    v = WarpOp(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    float t = lane < warps ? scratch[lane] : 0.f;
-    return warp_sum(t);
+    return WarpOp(lane < warps ? scratch[lane] : identity);
 }
 
-// Max over the block; every thread gets the result. `scratch` holds 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    return block_reduce<warp_sum>(v, scratch, 0.f);
+}
+
 __device__ __forceinline__ float block_max(float v, float* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float t = lane < warps ? scratch[lane] : 0.f;
-    return warp_max(t);
+    return block_reduce<warp_max>(v, scratch, NEG_INFINITY_F);
 }
 
 __device__ __forceinline__ float silu_f(float x) { return x / (1.f + __expf(-x)); }
