@@ -8,8 +8,7 @@ use std::sync::Arc;
 
 use common::{cosine_and_rel_l2, fixtures, load};
 use flux2::image_io::RgbImage;
-use flux2::model::rope::PositionIds;
-use flux2::model::transformer::{scale_in_dtype, Flux2Transformer};
+use flux2::model::transformer::Flux2Transformer;
 use flux2::pipeline::Pipeline;
 use flux2::Backend;
 
@@ -24,31 +23,11 @@ fn every_op_matches_the_cpu_reference(be: Arc<dyn Backend>) {
 fn transformer_fixtures_in_bf16(be: Arc<dyn Backend>) {
     for case in ["t2i_nonsquare", "batch2_hd24_ref", "guidance_outchannels"] {
         let dir = fixtures().join("transformer").join(case);
-        let inputs = dir.join("inputs.safetensors");
         for model_path in [dir.clone(), dir.join("bfl.safetensors")] {
             let model = Flux2Transformer::load(be.clone(), &model_path).unwrap();
-            let ids = |n: &str| {
-                let t = load(&inputs, n);
-                PositionIds::new(t.dim(t.rank() - 1), t.to_vec_f32().unwrap()).unwrap()
-            };
-            let store = flux2::weights::WeightStore::open(&inputs).unwrap();
-            let act = be.activation_dtype();
-            let t = scale_in_dtype(&load(&inputs, "timestep").to_vec_f32().unwrap(), 1000.0, act);
-            let g = store
-                .contains("guidance")
-                .then(|| scale_in_dtype(&load(&inputs, "guidance").to_vec_f32().unwrap(), 1000.0, act));
-            let out = model
-                .forward(
-                    &be.upload(&load(&inputs, "hidden_states"), act).unwrap(),
-                    &be.upload(&load(&inputs, "encoder_hidden_states"), act).unwrap(),
-                    &t,
-                    &ids("img_ids"),
-                    &ids("txt_ids"),
-                    g.as_deref(),
-                )
-                .unwrap();
+            let out = common::forward_case(&model, &dir, "inputs.safetensors");
             let want = load(&dir.join("expected.safetensors"), "sample").to_vec_f32().unwrap();
-            let (cos, rel) = cosine_and_rel_l2(&out.to_vec_f32().unwrap(), &want);
+            let (cos, rel) = cosine_and_rel_l2(&out, &want);
             println!("transformer {case} ({}): cosine {cos:.6}, rel_l2 {rel:.2e}", model_path.display());
             assert!(cos >= 0.999 && rel <= 0.05, "{case}: cosine {cos}, rel_l2 {rel}");
         }

@@ -105,9 +105,8 @@ fn fp8_linear_meets_the_accuracy_gate() {
 mod transformer_modes {
     use std::sync::Arc;
 
-    use super::common::{cosine_and_rel_l2, fixtures, load};
+    use super::common::{cosine_and_rel_l2, fixtures, forward_case, load};
     use flux2::backend::cpu::CpuBackend;
-    use flux2::model::rope::PositionIds;
     use flux2::model::transformer::{AttentionMode, Compute, Flux2Transformer};
     use flux2::planner::TransformerPrecision;
     use flux2::weights::safetensors::{write_safetensors, TensorEntry};
@@ -116,21 +115,8 @@ mod transformer_modes {
 
     fn run(model: &std::path::Path, compute: Compute) -> Vec<f32> {
         let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
-        let dir = fixtures().join("transformer/t2i_nonsquare");
-        let inputs = dir.join("inputs.safetensors");
-        let ids = |n: &str| PositionIds::new(4, load(&inputs, n).to_vec_f32().unwrap()).unwrap();
         let m = Flux2Transformer::load_with(be, model, None, compute).unwrap();
-        m.forward(
-            &load(&inputs, "hidden_states"),
-            &load(&inputs, "encoder_hidden_states"),
-            &[730.0],
-            &ids("img_ids"),
-            &ids("txt_ids"),
-            None,
-        )
-        .unwrap()
-        .to_vec_f32()
-        .unwrap()
+        forward_case(&m, &fixtures().join("transformer/t2i_nonsquare"), "inputs.safetensors")
     }
 
     #[test]

@@ -154,28 +154,12 @@ fn tiled_decode_covers_the_image_and_stays_close() {
 
 #[test]
 fn streamed_blocks_give_the_same_transformer() {
-    use flux2::model::rope::PositionIds;
     use flux2::model::transformer::Flux2Transformer;
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
     let dir = fixtures().join("transformer/batch2_hd24_ref");
-    let inputs = dir.join("inputs.safetensors");
-    let ids = |n: &str| {
-        let t = load(&inputs, n);
-        PositionIds::new(4, t.to_vec_f32().unwrap()).unwrap()
-    };
     let run = |blocks: Option<usize>| {
         let m = Flux2Transformer::load_streaming(be.clone(), &dir.join("bfl.safetensors"), blocks).unwrap();
-        m.forward(
-            &load(&inputs, "hidden_states"),
-            &load(&inputs, "encoder_hidden_states"),
-            &[910.0, 350.0],
-            &ids("img_ids"),
-            &ids("txt_ids"),
-            None,
-        )
-        .unwrap()
-        .to_vec_f32()
-        .unwrap()
+        common::forward_case(&m, &dir, "inputs.safetensors")
     };
     let resident = run(None);
     for k in [0, 2, 4] {

@@ -7,39 +7,15 @@ use std::sync::Arc;
 
 use common::{fixtures, load, rel_err};
 use flux2::backend::cpu::CpuBackend;
-use flux2::model::rope::PositionIds;
 use flux2::model::transformer::layout::Layout;
-use flux2::model::transformer::{scale_in_dtype, Flux2Transformer};
-use flux2::{Backend, DType};
+use flux2::model::transformer::Flux2Transformer;
+use flux2::Backend;
 
 const CASES: [&str; 3] = ["t2i_nonsquare", "batch2_hd24_ref", "guidance_outchannels"];
 
-fn ids(path: &Path, name: &str) -> PositionIds {
-    let t = load(path, name);
-    PositionIds::new(t.dim(t.rank() - 1), t.to_vec_f32().unwrap()).unwrap()
-}
-
 fn run_case(model_path: &Path, case_dir: &Path, ids_file: &str) -> Vec<f32> {
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
-    let model = Flux2Transformer::load(be, model_path).unwrap();
-    let inputs = case_dir.join("inputs.safetensors");
-    let guidance = flux2::weights::WeightStore::open(&inputs)
-        .unwrap()
-        .contains("guidance")
-        .then(|| load(&inputs, "guidance").to_vec_f32().unwrap());
-    let ids_path = case_dir.join(ids_file);
-    model
-        .forward(
-            &load(&inputs, "hidden_states"),
-            &load(&inputs, "encoder_hidden_states"),
-            &scale_in_dtype(&load(&inputs, "timestep").to_vec_f32().unwrap(), 1000.0, DType::F32),
-            &ids(&ids_path, "img_ids"),
-            &ids(&ids_path, "txt_ids"),
-            guidance.map(|g| scale_in_dtype(&g, 1000.0, DType::F32)).as_deref(),
-        )
-        .unwrap()
-        .to_vec_f32()
-        .unwrap()
+    common::forward_case(&Flux2Transformer::load(be, model_path).unwrap(), case_dir, ids_file)
 }
 
 #[test]
@@ -97,8 +73,8 @@ fn wrong_input_shapes_are_errors() {
     let inputs = dir.join("inputs.safetensors");
     let x = load(&inputs, "hidden_states");
     let ctx = load(&inputs, "encoder_hidden_states");
-    let img = ids(&inputs, "img_ids");
-    let txt = ids(&inputs, "txt_ids");
+    let img = common::position_ids(&inputs, "img_ids");
+    let txt = common::position_ids(&inputs, "txt_ids");
     // Wrong channel count, wrong batch of timesteps, ids that do not match the token count.
     let bad_x = flux2::Tensor::from_f32(vec![0.0; 15 * 8], &[1, 15, 8]).unwrap();
     assert!(model.forward(&bad_x, &ctx, &[500.0], &img, &txt, None).is_err());

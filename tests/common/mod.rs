@@ -25,6 +25,38 @@ pub fn load(path: &Path, name: &str) -> Tensor {
     flux2::cli::read_f32(&store, name).unwrap()
 }
 
+/// Position ids `[.., axes]` from a safetensors file.
+pub fn position_ids(path: &Path, name: &str) -> flux2::model::rope::PositionIds {
+    let t = load(path, name);
+    flux2::model::rope::PositionIds::new(t.dim(t.rank() - 1), t.to_vec_f32().unwrap()).unwrap()
+}
+
+/// The transformer on a committed case's inputs, as the fixture script ran it: inputs in the
+/// backend's activation dtype, timestep and guidance (when present) ×1000 in that dtype, position
+/// ids from `ids_file` in the case folder.
+pub fn forward_case(model: &flux2::model::transformer::Flux2Transformer, case_dir: &Path, ids_file: &str) -> Vec<f32> {
+    let be = model.backend();
+    let act = be.activation_dtype();
+    let inputs = case_dir.join("inputs.safetensors");
+    let up = |n: &str| be.upload(&load(&inputs, n), act).unwrap();
+    let scaled =
+        |n: &str| flux2::model::transformer::scale_in_dtype(&load(&inputs, n).to_vec_f32().unwrap(), 1000.0, act);
+    let ids = |n: &str| position_ids(&case_dir.join(ids_file), n);
+    let guidance = WeightStore::open(&inputs).unwrap().contains("guidance").then(|| scaled("guidance"));
+    model
+        .forward(
+            &up("hidden_states"),
+            &up("encoder_hidden_states"),
+            &scaled("timestep"),
+            &ids("img_ids"),
+            &ids("txt_ids"),
+            guidance.as_deref(),
+        )
+        .unwrap()
+        .to_vec_f32()
+        .unwrap()
+}
+
 /// max |a - b| / max |b|: the relative error used by every parity gate.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
