@@ -166,3 +166,19 @@ fn streamed_blocks_give_the_same_transformer() {
         assert_eq!(run(Some(k)), resident, "{k} resident blocks");
     }
 }
+
+#[test]
+fn streamed_fp8_blocks_match_resident_ones_at_every_step() {
+    use flux2::model::transformer::{AttentionMode, Compute, Flux2Transformer};
+    use flux2::planner::TransformerPrecision;
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let dir = fixtures().join("transformer/batch2_hd24_ref");
+    let fp8 = Compute { precision: Some(TransformerPrecision::Fp8), attention: AttentionMode::Exact };
+    let load = |blocks| Flux2Transformer::load_with(be.clone(), &dir.join("bfl.safetensors"), blocks, fp8).unwrap();
+    let resident = common::forward_case(&load(None), &dir, "inputs.safetensors");
+    let streamed = load(Some(1));
+    // The first forward quantizes the streamed blocks, the second reuses their kept codes.
+    for step in 0..2 {
+        assert_eq!(common::forward_case(&streamed, &dir, "inputs.safetensors"), resident, "forward {step}");
+    }
+}

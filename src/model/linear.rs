@@ -56,11 +56,6 @@ impl Linear {
         }
     }
 
-    /// FP8 W8A8 from host values `[rows, cols]`.
-    pub fn fp8_from_host(be: &dyn Backend, values: &[f32], rows: usize, cols: usize) -> Result<Linear> {
-        Ok(Linear::Fp8(be.load_quantized(&quantize(values, rows, cols, QuantFormat::Fp8)?)?))
-    }
-
     pub fn forward(&self, be: &dyn Backend, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         match self {
             Linear::Dense(w) => be.linear(x, w, bias),

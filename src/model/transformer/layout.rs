@@ -195,8 +195,8 @@ struct StoredRows {
 }
 
 /// Loads diffusers-named tensors from either layout.
-pub struct TransformerWeights<'a> {
-    pub store: &'a WeightStore,
+pub struct TransformerWeights {
+    pub store: std::sync::Arc<WeightStore>,
     pub layout: Layout,
     /// For the BFL layout: stored key -> full shape.
     bfl_shapes: std::collections::HashMap<String, Vec<usize>>,
@@ -204,8 +204,8 @@ pub struct TransformerWeights<'a> {
     bfl_map: std::collections::HashMap<String, Vec<(Range<usize>, StoredRows)>>,
 }
 
-impl<'a> TransformerWeights<'a> {
-    pub fn new(store: &'a WeightStore, layout: Layout, cfg: &'a TransformerConfig) -> Self {
+impl TransformerWeights {
+    pub fn new(store: std::sync::Arc<WeightStore>, layout: Layout, cfg: &TransformerConfig) -> Self {
         let mut bfl_map: std::collections::HashMap<String, Vec<(Range<usize>, StoredRows)>> = Default::default();
         let mut bfl_shapes = std::collections::HashMap::new();
         if layout == Layout::Bfl {

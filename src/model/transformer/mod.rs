@@ -16,6 +16,7 @@ use crate::backend::{AttnMask, Backend};
 use crate::dtype::{round_through, DType};
 use crate::error::{Error, Result};
 use crate::planner::TransformerPrecision;
+use crate::quant::{quantize, QuantFormat, Quantized};
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
 
@@ -35,16 +36,16 @@ fn load_double(
     w: &TransformerWeights,
     b: &dyn Backend,
     cfg: &TransformerConfig,
-    fp8: bool,
+    mode: BlockLinears,
     i: usize,
 ) -> Result<DoubleBlock> {
     let (d, m, hd) = (cfg.hidden(), cfg.mlp_hidden(), cfg.attention_head_dim);
     let p = |s: &str| format!("transformer_blocks.{i}.{s}");
     let qkv = |names: [&str; 3]| {
         let full: Vec<String> = names.iter().map(|n| p(&format!("attn.{n}.weight"))).collect();
-        block_linear(w, b, fp8, &full.iter().map(String::as_str).collect::<Vec<_>>(), &[d, d])
+        block_linear(w, b, mode, &full.iter().map(String::as_str).collect::<Vec<_>>(), &[d, d])
     };
-    let lin = |name: &str, shape: &[usize]| block_linear(w, b, fp8, &[&p(name)], shape);
+    let lin = |name: &str, shape: &[usize]| block_linear(w, b, mode, &[&p(name)], shape);
     Ok(DoubleBlock {
         img_qkv: qkv(["to_q", "to_k", "to_v"])?,
         txt_qkv: qkv(["add_q_proj", "add_k_proj", "add_v_proj"])?,
@@ -65,16 +66,16 @@ fn load_single(
     w: &TransformerWeights,
     b: &dyn Backend,
     cfg: &TransformerConfig,
-    fp8: bool,
+    mode: BlockLinears,
     i: usize,
 ) -> Result<SingleBlock> {
     let (d, m, hd) = (cfg.hidden(), cfg.mlp_hidden(), cfg.attention_head_dim);
     let p = |s: &str| format!("single_transformer_blocks.{i}.attn.{s}");
     Ok(SingleBlock {
-        qkv_mlp: block_linear(w, b, fp8, &[&p("to_qkv_mlp_proj.weight")], &[3 * d + 2 * m, d])?,
+        qkv_mlp: block_linear(w, b, mode, &[&p("to_qkv_mlp_proj.weight")], &[3 * d + 2 * m, d])?,
         norm_q: w.load(b, &p("norm_q.weight"), &[hd])?,
         norm_k: w.load(b, &p("norm_k.weight"), &[hd])?,
-        to_out: block_linear(w, b, fp8, &[&p("to_out.weight")], &[d, d + m])?,
+        to_out: block_linear(w, b, mode, &[&p("to_out.weight")], &[d, d + m])?,
     })
 }
 
@@ -117,20 +118,49 @@ pub enum AttentionMode {
     Sage,
 }
 
-/// A block linear: dense as stored, or FP8 W8A8 quantized at load.
-fn block_linear(w: &TransformerWeights, b: &dyn Backend, fp8: bool, names: &[&str], shape: &[usize]) -> Result<Linear> {
-    if fp8 {
-        let values = w.host_concat(names, shape)?;
-        Linear::fp8_from_host(b, &values, shape[0] * names.len(), shape[1])
-    } else {
-        Ok(Linear::Dense(w.load_concat(b, names, shape)?))
+/// How block linears are made: dense as stored, or FP8 W8A8 quantized on the host at load.
+#[derive(Clone, Copy)]
+enum BlockLinears<'a> {
+    Dense,
+    Fp8,
+    /// FP8 for streamed blocks: each weight is quantized on first use and its host codes kept, so
+    /// later steps only upload them.
+    Fp8Kept(&'a HostFp8),
+}
+
+/// Host FP8 codes of streamed block linears, by their concatenated names.
+type HostFp8 = std::sync::Mutex<std::collections::HashMap<String, Arc<Quantized>>>;
+
+fn block_linear(
+    w: &TransformerWeights,
+    b: &dyn Backend,
+    mode: BlockLinears,
+    names: &[&str],
+    shape: &[usize],
+) -> Result<Linear> {
+    let quantize_fp8 = || quantize(&w.host_concat(names, shape)?, shape[0] * names.len(), shape[1], QuantFormat::Fp8);
+    match mode {
+        BlockLinears::Dense => Ok(Linear::Dense(w.load_concat(b, names, shape)?)),
+        BlockLinears::Fp8 => Ok(Linear::Fp8(b.load_quantized(&quantize_fp8()?)?)),
+        BlockLinears::Fp8Kept(kept) => {
+            let key = names.join("+");
+            let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+            let q = match kept.get(&key) {
+                Some(q) => q.clone(),
+                None => {
+                    let q = Arc::new(quantize_fp8()?);
+                    kept.insert(key, q.clone());
+                    q
+                }
+            };
+            Ok(Linear::Fp8(b.load_quantized(&q)?))
+        }
     }
 }
 
 pub struct Flux2Transformer {
     be: Arc<dyn Backend>,
     cfg: TransformerConfig,
-    layout: Layout,
     time_1: Tensor,
     time_2: Tensor,
     guidance: Option<(Tensor, Tensor)>,
@@ -139,11 +169,13 @@ pub struct Flux2Transformer {
     mod_single: Tensor,
     x_embedder: Tensor,
     context_embedder: Tensor,
-    /// None: streamed from `source` at each forward.
+    /// None: streamed from `weights` at each forward.
     double: Vec<Option<DoubleBlock>>,
     single: Vec<Option<SingleBlock>>,
     /// The checkpoint, kept mapped for streamed blocks.
-    source: Arc<WeightStore>,
+    weights: TransformerWeights,
+    /// FP8 codes of the streamed blocks, kept on the host after their first use.
+    streamed_fp8: HostFp8,
     norm_out: Tensor,
     proj_out: Tensor,
     compute: Compute,
@@ -219,8 +251,7 @@ impl Flux2Transformer {
         compute: Compute,
     ) -> Result<Flux2Transformer> {
         cfg.validate().map_err(|r| Error::config(store.origin(), r))?;
-        let store = Arc::new(store);
-        let w = TransformerWeights::new(&store, layout, &cfg);
+        let w = TransformerWeights::new(Arc::new(store), layout, &cfg);
         let b: &dyn Backend = &*be;
         let d = cfg.hidden();
         let tc = cfg.timestep_guidance_channels;
@@ -233,12 +264,13 @@ impl Flux2Transformer {
             None
         };
         let resident = resident_blocks.unwrap_or(usize::MAX);
-        let fp8 = compute.precision == Some(TransformerPrecision::Fp8);
+        let mode =
+            if compute.precision == Some(TransformerPrecision::Fp8) { BlockLinears::Fp8 } else { BlockLinears::Dense };
         let double = (0..cfg.num_layers)
-            .map(|i| if i < resident { load_double(&w, b, &cfg, fp8, i).map(Some) } else { Ok(None) })
+            .map(|i| if i < resident { load_double(&w, b, &cfg, mode, i).map(Some) } else { Ok(None) })
             .collect::<Result<Vec<_>>>()?;
         let single = (0..cfg.num_single_layers)
-            .map(|i| if cfg.num_layers + i < resident { load_single(&w, b, &cfg, fp8, i).map(Some) } else { Ok(None) })
+            .map(|i| if cfg.num_layers + i < resident { load_single(&w, b, &cfg, mode, i).map(Some) } else { Ok(None) })
             .collect::<Result<Vec<_>>>()?;
         Ok(Flux2Transformer {
             time_1: w.load(b, "time_guidance_embed.timestep_embedder.linear_1.weight", &[d, tc])?,
@@ -256,9 +288,9 @@ impl Flux2Transformer {
             rope_cache: Default::default(),
             compute,
             cfg,
-            layout,
             be,
-            source: store.clone(),
+            weights: w,
+            streamed_fp8: Default::default(),
         })
     }
 
@@ -267,7 +299,7 @@ impl Flux2Transformer {
     }
 
     pub fn layout(&self) -> Layout {
-        self.layout
+        self.weights.layout
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -306,13 +338,13 @@ impl Flux2Transformer {
         let (cos, sin) = self.rope_tables(txt_ids, img_ids)?;
         let rope = Rope { cos: &cos, sin: &sin };
 
-        let streamed = || TransformerWeights::new(&self.source, self.layout, &self.cfg);
+        let streamed = if self.fp8() { BlockLinears::Fp8Kept(&self.streamed_fp8) } else { BlockLinears::Dense };
         for (i, block) in self.double.iter().enumerate() {
             let owned;
             let block = match block {
                 Some(b) => b,
                 None => {
-                    owned = load_double(&streamed(), be, cfg, self.fp8(), i)?;
+                    owned = load_double(&self.weights, be, cfg, streamed, i)?;
                     &owned
                 }
             };
@@ -324,7 +356,7 @@ impl Flux2Transformer {
             let block = match block {
                 Some(b) => b,
                 None => {
-                    owned = load_single(&streamed(), be, cfg, self.fp8(), i)?;
+                    owned = load_single(&self.weights, be, cfg, streamed, i)?;
                     &owned
                 }
             };
