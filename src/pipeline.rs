@@ -63,6 +63,49 @@ impl PipelineInfo {
             (50, 4.0)
         }
     }
+
+    /// Whether a run with this guidance (None: the default) uses real CFG: base models only.
+    pub fn uses_cfg(&self, guidance: Option<f32>) -> bool {
+        !self.is_distilled && guidance.unwrap_or(self.defaults().1) > 1.0
+    }
+}
+
+/// A reference image's size after the area cap (the Lanczos resize target).
+fn capped_reference_size(w: usize, h: usize) -> (usize, usize) {
+    if w * h <= REFERENCE_MAX_AREA {
+        return (w, h);
+    }
+    let scale = (REFERENCE_MAX_AREA as f64 / (w * h) as f64).sqrt();
+    ((w as f64 * scale) as usize, (h as f64 * scale) as usize)
+}
+
+/// The size a `w`×`h` reference is encoded at: area-capped, then centre-cropped to `multiple`.
+pub fn reference_size(w: usize, h: usize, multiple: usize) -> (usize, usize) {
+    let (w, h) = capped_reference_size(w, h);
+    ((w / multiple) * multiple, (h / multiple) * multiple)
+}
+
+/// The output size: explicit, else the first reference's, else the noise's, else 1024²; both
+/// sides positive multiples of `multiple`.
+pub fn output_size(
+    width: Option<usize>,
+    height: Option<usize>,
+    first_reference: Option<(usize, usize)>,
+    noise: Option<&Tensor>,
+    multiple: usize,
+) -> Result<(usize, usize)> {
+    let m = multiple;
+    let from_noise = noise.filter(|n| n.rank() == 4).map(|n| (n.dim(3) * m, n.dim(2) * m));
+    let fallback = first_reference.or(from_noise).unwrap_or((DEFAULT_SIZE, DEFAULT_SIZE));
+    let (w, h) = (width.unwrap_or(fallback.0), height.unwrap_or(fallback.1));
+    if w == 0 || h == 0 || w % m != 0 || h % m != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "width and height must be positive multiples of {m}; got {w}x{h} (nearest: {}x{})",
+            (w / m).max(1) * m,
+            (h / m).max(1) * m
+        )));
+    }
+    Ok((w, h))
 }
 
 pub struct Pipeline {
@@ -240,7 +283,7 @@ impl Pipeline {
             }
             None => None,
         };
-        let telemetry = (be.kind() == crate::tensor::DeviceKind::Cuda).then(crate::telemetry::Telemetry::new).flatten();
+        let telemetry = crate::telemetry::Telemetry::for_backend(&be);
         let pipeline = Pipeline {
             be,
             root: root.to_path_buf(),
@@ -312,7 +355,7 @@ impl Pipeline {
 
     /// Pixels per transformer token side (VAE factor × 2×2 patch): 16 for FLUX.2.
     pub fn pixel_multiple(&self) -> usize {
-        self.vae.config().scale_factor() * 2
+        self.vae.config().pixel_multiple()
     }
 
     /// Encode the prompt, plus "" for CFG when `cfg` is set: from the disk cache when it holds
@@ -366,13 +409,9 @@ impl Pipeline {
                     i + 1
                 )));
             }
-            let img = if w * h > REFERENCE_MAX_AREA {
-                let scale = (REFERENCE_MAX_AREA as f64 / (w * h) as f64).sqrt();
-                img.resize_lanczos((w as f64 * scale) as usize, (h as f64 * scale) as usize)
-            } else {
-                img.clone()
-            };
-            let (cw, ch) = ((img.width / multiple) * multiple, (img.height / multiple) * multiple);
+            let (rw, rh) = capped_reference_size(w, h);
+            let img = if (rw, rh) != (w, h) { img.resize_lanczos(rw, rh) } else { img.clone() };
+            let (cw, ch) = reference_size(w, h, multiple);
             let img = img.center_crop(cw, ch);
             if i == 0 {
                 first_size = (cw, ch);
@@ -388,22 +427,6 @@ impl Pipeline {
         Ok(Some(References { tokens, ids, first_size }))
     }
 
-    /// The output size: explicit, else the first reference's, else the noise's, else 1024².
-    fn output_size(&self, req: &Request, refs: Option<&References>) -> Result<(usize, usize)> {
-        let m = self.pixel_multiple();
-        let from_noise = req.noise.as_ref().filter(|n| n.rank() == 4).map(|n| (n.dim(3) * m, n.dim(2) * m));
-        let fallback = refs.map(|r| r.first_size).or(from_noise).unwrap_or((DEFAULT_SIZE, DEFAULT_SIZE));
-        let (w, h) = (req.width.unwrap_or(fallback.0), req.height.unwrap_or(fallback.1));
-        if w == 0 || h == 0 || w % m != 0 || h % m != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "width and height must be positive multiples of {m}; got {w}x{h} (nearest: {}x{})",
-                (w / m).max(1) * m,
-                (h / m).max(1) * m
-            )));
-        }
-        Ok((w, h))
-    }
-
     /// Generate one image. `prompt` may be pre-encoded (for several seeds of one prompt).
     pub fn generate(
         &self,
@@ -415,7 +438,7 @@ impl Pipeline {
         let (default_steps, default_guidance) = self.info.defaults();
         let steps = req.steps.unwrap_or(default_steps);
         let guidance = req.guidance.unwrap_or(default_guidance);
-        let cfg = !self.info.is_distilled && guidance > 1.0;
+        let cfg = self.info.uses_cfg(Some(guidance));
         if self.info.is_distilled && guidance > 1.0 {
             tracing::warn!("guidance {guidance} is ignored: this is a guidance-distilled model (no CFG)");
         }
@@ -435,7 +458,9 @@ impl Pipeline {
             }
         };
 
-        let (width, height) = self.output_size(req, refs)?;
+        let first_reference = refs.map(|r| r.first_size);
+        let (width, height) =
+            output_size(req.width, req.height, first_reference, req.noise.as_ref(), self.pixel_multiple())?;
         let m = self.pixel_multiple();
         let (h, w) = (height / m, width / m);
         let c = self.transformer_config.in_channels;

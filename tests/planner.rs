@@ -132,3 +132,16 @@ fn plan_cli_prints_json() {
     ]);
     assert!(ok && out.contains("predicted peak"));
 }
+
+#[test]
+fn plan_cli_plans_references_at_their_encoded_size() {
+    // A 4000x3000 reference is encoded area-capped to 1182x886, then cropped to 1168x880.
+    let peak = |r: &str| {
+        let (ok, out, err) =
+            common::run_cli(&["plan", "--config", "klein-4b", "--vram-budget", "80GiB", "--ref", r, "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["peak"].as_u64().unwrap()
+    };
+    assert_eq!(peak("4000x3000"), peak("1168x880"));
+    assert!(peak("1168x880") > peak("512x512"));
+}

@@ -134,6 +134,29 @@ fn generate_uses_the_cache_and_honours_a_budget() {
 }
 
 #[test]
+fn generate_plans_for_the_size_it_renders() {
+    // Without --width/--height the noise sets the size (80x48): the plan must be the one
+    // `flux2 plan` makes for that size, not for the 1024x1024 default.
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, report) = (tmp.path().join("o.png"), tmp.path().join("report.json"));
+    let pipeline = fixtures().join("pipeline");
+    let p = pipeline.to_str().unwrap();
+    let noise = fixtures().join("cases/t2i_nonsquare/noise.safetensors");
+    let flags = ["--prompt", "x", "--noise", noise.to_str().unwrap(), "--vram-budget", "1GiB"];
+    let (ok, _, err) = run_cli(&[generate_args(p, &out, &flags), vec!["--json", report.to_str().unwrap()]].concat());
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let plan_peak = |w: &str, h: &str| {
+        let args = ["plan", "--config", p, "--vram-budget", "1GiB", "--width", w, "--height", h, "--json"];
+        let (ok, stdout, err) = run_cli(&args);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["peak"].clone()
+    };
+    assert_eq!(report["plan"]["peak"], plan_peak("80", "48"));
+    assert_ne!(report["plan"]["peak"], plan_peak("1024", "1024"));
+}
+
+#[test]
 fn tiled_decode_covers_the_image_and_stays_close() {
     use flux2::model::vae::{Vae, VaeParts};
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());

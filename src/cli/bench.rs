@@ -12,6 +12,8 @@ use crate::backend::{AttnMask, Backend};
 use crate::device::{self, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::model::rope::PositionIds;
+use crate::model::tokenizer::MAX_TOKENS;
+use crate::model::transformer::config::TransformerConfig;
 use crate::model::transformer::{scale_in_dtype, AttentionMode, Compute, Flux2Transformer};
 use crate::planner::TransformerPrecision;
 use crate::quant::{quantize, QuantFormat};
@@ -93,11 +95,16 @@ fn random(be: &dyn Backend, name: &str, shape: &[usize], scale: f32) -> Result<T
     be.upload(&Tensor::from_f32(v, shape)?, be.activation_dtype())
 }
 
-fn hidden(shapes: Shapes) -> (usize, usize, usize) {
+fn transformer_config(shapes: Shapes) -> TransformerConfig {
     match shapes {
-        Shapes::Klein4b => (3072, 9216, 24),
-        Shapes::Klein9b => (4096, 12288, 32),
+        Shapes::Klein4b => TransformerConfig::klein_4b(),
+        Shapes::Klein9b => TransformerConfig::klein_9b(),
     }
+}
+
+/// Image pixels per transformer token side (the FLUX.2 VAE's).
+fn pixels_per_token() -> usize {
+    crate::model::vae::VaeConfig::default().pixel_multiple()
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -119,7 +126,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 }
 
 fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> Result<Vec<serde_json::Value>> {
-    let (d, m, _) = hidden(args.shapes);
+    let cfg = transformer_config(args.shapes);
+    let (d, m) = (cfg.hidden(), cfg.mlp_hidden());
     let shapes = [(d, 3 * d), (d, d), (d, 2 * m), (m, d), (d, 3 * d + 2 * m), (d + m, d)];
     println!(
         "{:>6} {:>6} {:>6}  {:>10} {:>9} {:>10} {:>9} {:>7}",
@@ -150,10 +158,10 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
 }
 
 fn bench_attention(be: &dyn Backend, args: &BenchArgs) -> Result<Vec<serde_json::Value>> {
-    let (_, _, heads) = hidden(args.shapes);
-    let n = 512 + (args.width / 16) * (args.height / 16);
-    let rows = profile_attention(be, n, heads, 128, args.reps, false)?;
-    Ok(rows)
+    let cfg = transformer_config(args.shapes);
+    let m = pixels_per_token();
+    let n = MAX_TOKENS + (args.width / m) * (args.height / m);
+    profile_attention(be, n, cfg.num_attention_heads, cfg.attention_head_dim, args.reps, false)
 }
 
 /// Time every attention path at (seq, heads, dim); with `accuracy`, compare each with f32 on the
@@ -216,31 +224,34 @@ fn bench_dit(be: std::sync::Arc<dyn Backend>, args: &BenchArgs) -> Result<Vec<se
         .model
         .as_ref()
         .ok_or_else(|| Error::InvalidArgument("bench dit needs --model (e.g. a `flux2 synth` folder)".into()))?;
-    let (h, w) = (args.height / 16, args.width / 16);
+    let m = pixels_per_token();
+    let (h, w, lt) = (args.height / m, args.width / m, MAX_TOKENS);
     println!("{:<14} {:>10} {:>10}", "mode", "ms/forward", "TFLOP/s");
     let mut rows = Vec::new();
-    for (precision, attention) in [
-        (TransformerPrecision::Bf16, AttentionMode::Exact),
-        (TransformerPrecision::Fp8, AttentionMode::Exact),
-        (TransformerPrecision::Fp8, AttentionMode::Sage),
+    // One load per precision; the attention mode switches on the loaded model.
+    for (precision, attentions) in [
+        (TransformerPrecision::Bf16, &[AttentionMode::Exact][..]),
+        (TransformerPrecision::Fp8, &[AttentionMode::Exact, AttentionMode::Sage][..]),
     ] {
-        let m =
-            Flux2Transformer::load_with(be.clone(), model, None, Compute { precision: Some(precision), attention })?;
-        let cfg = m.config().clone();
+        let compute = Compute { precision: Some(precision), attention: AttentionMode::Exact };
+        let mut model = Flux2Transformer::load_with(be.clone(), model, None, compute)?;
+        let cfg = model.config().clone();
         let x = random(&*be, "x", &[1, h * w, cfg.in_channels], 1.0)?;
-        let ctx = random(&*be, "ctx", &[1, 512, cfg.joint_attention_dim], 1.0)?;
+        let ctx = random(&*be, "ctx", &[1, lt, cfg.joint_attention_dim], 1.0)?;
         let t = scale_in_dtype(&[0.9], 1000.0, be.activation_dtype());
-        let (img, txt) = (PositionIds::image(0.0, h, w), PositionIds::text(512));
-        let secs = time(&*be, args.reps, || m.forward(&x, &ctx, &t, &img, &txt, None).map(|_| ()))?;
+        let (img, txt) = (PositionIds::image(0.0, h, w), PositionIds::text(lt));
         // Every block does (4·D² + 3·D·M) multiply-adds per token in its linears (both streams of a
         // double block together cover all tokens) and 4·N²·D flops of attention.
-        let (d, mm, n) = (cfg.hidden() as f64, cfg.mlp_hidden() as f64, (512 + h * w) as f64);
+        let (d, mm, n) = (cfg.hidden() as f64, cfg.mlp_hidden() as f64, (lt + h * w) as f64);
         let blocks = (cfg.num_layers + cfg.num_single_layers) as f64;
-        let linear = 2.0 * n * (4.0 * d * d + 3.0 * d * mm) * blocks;
-        let attn = blocks * 4.0 * n * n * d;
-        let label = format!("{precision:?}/{attention:?}").to_lowercase();
-        println!("{label:<14} {:>10.2} {:>10.1}", secs * 1e3, (linear + attn) / secs / 1e12);
-        rows.push(json!({"mode": label, "ms": secs * 1e3, "tflops": (linear + attn) / secs / 1e12}));
+        let flops = 2.0 * n * (4.0 * d * d + 3.0 * d * mm) * blocks + blocks * 4.0 * n * n * d;
+        for &attention in attentions {
+            model.set_attention(attention);
+            let secs = time(&*be, args.reps, || model.forward(&x, &ctx, &t, &img, &txt, None).map(|_| ()))?;
+            let label = format!("{precision:?}/{attention:?}").to_lowercase();
+            println!("{label:<14} {:>10.2} {:>10.1}", secs * 1e3, flops / secs / 1e12);
+            rows.push(json!({"mode": label, "ms": secs * 1e3, "tflops": flops / secs / 1e12}));
+        }
     }
     Ok(rows)
 }
@@ -261,7 +272,7 @@ fn bench_pipeline(be: std::sync::Arc<dyn Backend>, args: &BenchArgs) -> Result<V
     let mut rows = Vec::new();
     for i in 0..args.reps.clamp(2, 5) {
         let start = Instant::now();
-        let encoded = pipe.encode(&req.prompt, false)?;
+        let encoded = pipe.encode(&req.prompt, pipe.info.uses_cfg(req.guidance))?;
         be.synchronize()?;
         let encode = start.elapsed().as_secs_f64();
         let out = pipe.generate(&req, Some(&encoded), None)?;

@@ -62,8 +62,8 @@ pub struct GenerateArgs {
     /// Storage of the text encoder's linears: bf16, fp8, int8 (per channel) or int4 (groups of 64).
     #[arg(long, value_enum, default_value_t = EncoderPrecision::Bf16)]
     pub text_encoder_precision: EncoderPrecision,
-    /// GPU memory budget, e.g. 16GiB (default: free VRAM from NVML minus 5% headroom). The memory
-    /// plan decides what stays resident; allocations beyond the budget fail.
+    /// GPU memory budget, e.g. 16GiB (default: the free VRAM of the device in use, minus 5% and
+    /// 256 MiB). The memory plan decides what stays resident; allocations beyond the budget fail.
     #[arg(long)]
     pub vram_budget: Option<String>,
     /// Do not read or write the prompt-embedding disk cache.
@@ -92,7 +92,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let be = device::select(args.device)?;
     tracing::info!("device: {}", be.name());
     let load_start = std::time::Instant::now();
-    let plan = memory_plan(args, &root, &be, &references)?;
+    let plan = memory_plan(args, &root, &be, &references, noise.as_ref())?;
     let residency = plan.as_ref().map(Residency::from_plan).unwrap_or_default();
     let prompt_cache =
         (!args.no_prompt_cache).then(|| (crate::prompt_cache::default_dir(), crate::prompt_cache::DEFAULT_MAX_BYTES));
@@ -126,7 +126,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             references: Vec::new(),
             timestep_mode: Some(args.timesteps),
         };
-        let cfg = !pipeline.info.is_distilled && req.guidance.unwrap_or(pipeline.info.defaults().1) > 1.0;
+        let cfg = pipeline.info.uses_cfg(req.guidance);
         let encode_start = std::time::Instant::now();
         if encoded.is_none() {
             encoded = Some(pipeline.encode(&args.prompt, cfg)?);
@@ -190,39 +190,28 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// The memory plan for this run: with --vram-budget, or on a GPU with NVML, the budget is free
-/// VRAM minus headroom. On the GPU the budget is then enforced by the backend's allocator.
+/// The memory plan for this run: with --vram-budget, or on a GPU, the budget is the free VRAM
+/// less headroom. On the GPU the budget is then enforced by the backend's allocator.
 fn memory_plan(
     args: &GenerateArgs,
     root: &Path,
     be: &std::sync::Arc<dyn crate::backend::Backend>,
     references: &[RgbImage],
+    noise: Option<&crate::tensor::Tensor>,
 ) -> Result<Option<crate::planner::Plan>> {
     let budget = match &args.vram_budget {
         Some(b) => Some(crate::planner::parse_bytes(b)?),
-        None if be.kind() == crate::tensor::DeviceKind::Cuda => crate::telemetry::Telemetry::new()
-            .and_then(|t| {
-                let s = t.sample();
-                Some(s.memory_total_bytes?.saturating_sub(s.memory_used_bytes?))
-            })
-            .map(|free| (free as f64 * 0.95) as usize - (256 << 20)),
-        None => None,
+        None => free_device_memory(be).map(|free| ((free as f64 * 0.95) as usize).saturating_sub(256 << 20)),
     };
     let Some(budget) = budget else { return Ok(None) };
     let spec = crate::synth::PipelineSpec::from_pipeline(root)?;
-    let cap = |(w, h): (usize, usize)| {
-        let area = (w * h) as f64;
-        let s = if area > 1024.0 * 1024.0 { (1024.0 * 1024.0 / area).sqrt() } else { 1.0 };
-        (((w as f64 * s) as usize) / 16 * 16, ((h as f64 * s) as usize) / 16 * 16)
-    };
-    let refs: Vec<(usize, usize)> = references.iter().map(|r| cap((r.width, r.height))).collect();
-    let (w, h) = match (args.width, args.height, refs.first()) {
-        (Some(w), Some(h), _) => (w, h),
-        (w, h, Some(&(rw, rh))) => (w.unwrap_or(rw), h.unwrap_or(rh)),
-        (w, h, None) => (w.unwrap_or(crate::pipeline::DEFAULT_SIZE), h.unwrap_or(crate::pipeline::DEFAULT_SIZE)),
-    };
+    let info = crate::pipeline::PipelineInfo { root: root.to_path_buf(), is_distilled: spec.distilled };
+    let m = spec.vae.pixel_multiple();
+    let refs: Vec<(usize, usize)> =
+        references.iter().map(|r| crate::pipeline::reference_size(r.width, r.height, m)).collect();
+    let (w, h) = crate::pipeline::output_size(args.width, args.height, refs.first().copied(), noise, m)?;
     let input = crate::planner::PlanInput {
-        cfg: !spec.distilled && args.guidance.unwrap_or(4.0) > 1.0,
+        cfg: info.uses_cfg(args.guidance),
         transformer: spec.transformer,
         text_encoder: spec.text_encoder,
         vae: spec.vae,
@@ -243,6 +232,16 @@ fn memory_plan(
 }
 
 /// (live, peak) bytes of the CUDA backend's tensors.
+/// Free device memory as the CUDA driver reports it for the device in use (None on the CPU).
+fn free_device_memory(be: &std::sync::Arc<dyn crate::backend::Backend>) -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    if let Some(c) = device::as_cuda(be) {
+        return c.free_memory();
+    }
+    let _ = be;
+    None
+}
+
 fn device_memory(be: &std::sync::Arc<dyn crate::backend::Backend>) -> Option<(usize, usize)> {
     #[cfg(feature = "cuda")]
     if let Some(c) = device::as_cuda(be) {

@@ -20,7 +20,7 @@ pub struct PlanArgs {
     pub precision: TransformerPrecision,
     #[arg(long, value_enum, default_value_t = EncoderPrecision::Bf16)]
     pub text_encoder_precision: EncoderPrecision,
-    /// A reference image size, WIDTHxHEIGHT (repeatable).
+    /// A reference image's size, WIDTHxHEIGHT (repeatable); planned at the size it is encoded at.
     #[arg(long = "ref")]
     pub references: Vec<String>,
     /// Plan for real CFG (two transformer rows); the default follows the model (base models use CFG).
@@ -46,7 +46,8 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             let parse = |v: &str| {
                 v.parse::<usize>().map_err(|_| Error::InvalidArgument(format!("--ref {r}: use WIDTHxHEIGHT")))
             };
-            Ok((parse(w)?, parse(h)?))
+            // Planned at the size the pipeline encodes it (area cap, crop).
+            Ok(crate::pipeline::reference_size(parse(w)?, parse(h)?, spec.vae.pixel_multiple()))
         })
         .collect::<Result<Vec<_>>>()?;
     let input = PlanInput {

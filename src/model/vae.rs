@@ -77,6 +77,12 @@ impl VaeConfig {
         1 << (self.block_out_channels.len() - 1)
     }
 
+    /// Pixels per transformer token side (VAE factor × 2×2 patch): 16 for FLUX.2. Image sizes
+    /// must be multiples of it.
+    pub fn pixel_multiple(&self) -> usize {
+        self.scale_factor() * 2
+    }
+
     /// Channels of the patchified latent the transformer sees.
     pub fn packed_channels(&self) -> usize {
         self.latent_channels * self.patch_size.iter().product::<usize>()

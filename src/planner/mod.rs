@@ -91,7 +91,7 @@ struct Sizes {
 fn sizes(inp: &PlanInput) -> Sizes {
     let layers = *KLEIN_OUT_LAYERS.iter().max().unwrap();
     let tc = &inp.transformer;
-    let m = inp.vae.scale_factor() * 2;
+    let m = inp.vae.pixel_multiple();
     let tokens_img = (inp.width / m) * (inp.height / m);
     let tokens_ref: usize = inp.references.iter().map(|(w, h)| (w / m) * (h / m)).sum();
     let text = 512;
@@ -125,7 +125,7 @@ fn decode_tile(vae: &VaeConfig, width: usize, height: usize, room: usize) -> Opt
     if estimate::vae_decode_activation_bytes(vae, width, height) <= room {
         return Some(None);
     }
-    let m = vae.scale_factor() * 2;
+    let m = vae.pixel_multiple();
     let mut side = (width.max(height) / 2 / m) * m;
     while side >= MIN_TILE {
         // A tile decodes side + overlap on each side.

@@ -249,7 +249,7 @@ impl CudaBackend {
         self.dev.poison.store(on, Ordering::Relaxed);
     }
 
-    /// Bytes held by live tensors now, and the most ever held since `reset_peak`.
+    /// Bytes held by live tensors now, and the most ever held.
     pub fn memory(&self) -> (usize, usize) {
         (self.dev.live.load(Ordering::Relaxed), self.dev.peak.load(Ordering::Relaxed))
     }
@@ -259,8 +259,14 @@ impl CudaBackend {
         self.dev.budget.store(bytes.unwrap_or(0), Ordering::Relaxed);
     }
 
-    pub fn reset_peak(&self) {
-        self.dev.peak.store(self.dev.live.load(Ordering::Relaxed), Ordering::Relaxed);
+    /// The device's UUID (to find it in NVML).
+    pub fn uuid(&self) -> Option<[u8; 16]> {
+        self.dev.ctx.uuid().ok().map(|u| u.bytes.map(|b| b as u8))
+    }
+
+    /// Free device memory as the driver reports it for this context.
+    pub fn free_memory(&self) -> Option<usize> {
+        self.dev.ctx.mem_get_info().ok().map(|(free, _)| free)
     }
 
     /// Uninitialised (or poisoned) storage for `len` elements.

@@ -454,6 +454,11 @@ impl Flux2Transformer {
         self.compute
     }
 
+    /// Switch the attention path (the block weights do not depend on it).
+    pub fn set_attention(&mut self, attention: AttentionMode) {
+        self.compute.attention = attention;
+    }
+
     fn feed_forward(&self, x: &Tensor, w_in: &Linear, w_out: &Linear) -> Result<Tensor> {
         let be = &*self.be;
         w_out.forward(be, &be.swiglu(&w_in.forward(be, x, None)?)?, None)
