@@ -102,6 +102,28 @@ fn bad_input_fails_cleanly() {
     let x = load(std::path::Path::new(inputs), "hidden_states");
     flux2::cli::write_f32(&partial, &[("hidden_states", &x)]).unwrap();
     fails_cleanly(&forward(model, partial.to_str().unwrap()), &["encoder_hidden_states"]);
+    // A text-encoder attention mask that does not match its input ids.
+    let te_inputs = fixtures().join("components/text_encoder_inputs.safetensors");
+    let ids = load(&te_inputs, "input_ids");
+    let short = flux2::Tensor::from_f32(vec![1.0; ids.dim(1) - 1], &[1, ids.dim(1) - 1]).unwrap();
+    let bad_mask = tmp.path().join("bad_mask.safetensors");
+    flux2::cli::write_f32(&bad_mask, &[("input_ids", &ids), ("attention_mask", &short)]).unwrap();
+    let pipeline = fixtures().join("pipeline");
+    fails_cleanly(
+        &[
+            "forward",
+            "text-encoder",
+            "--model",
+            pipeline.to_str().unwrap(),
+            "--inputs",
+            bad_mask.to_str().unwrap(),
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        ],
+        &["attention_mask"],
+    );
     fails_cleanly(&["synth", "--config", "klein-77b", "--out", out], &["klein-77b"]);
     fails_cleanly(&["synth", "--config", "klein-4b", "--dtype", "int3", "--out", out], &["int3"]);
     fails_cleanly(&["inspect", "/no/such/file.safetensors"], &["file.safetensors"]);

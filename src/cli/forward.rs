@@ -89,7 +89,15 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
             let ids = read_f32(&inputs, "input_ids")?;
             expect_rank("input_ids", &ids, &[2])?;
             let mask = if inputs.contains("attention_mask") {
-                read_f32(&inputs, "attention_mask")?.to_vec_f32()?
+                let mask = read_f32(&inputs, "attention_mask")?;
+                if mask.shape() != ids.shape() {
+                    return Err(Error::InvalidArgument(format!(
+                        "input `attention_mask` has shape {:?}; `input_ids` is {:?}",
+                        mask.shape(),
+                        ids.shape()
+                    )));
+                }
+                mask.to_vec_f32()?
             } else {
                 vec![1.0; ids.numel()]
             };
