@@ -219,7 +219,10 @@ impl Residency {
         Residency {
             evict_text_encoder_after_encode: plan.evict_encoder_after_encode,
             evict_transformer_before_decode: plan.evict_transformer_before_decode,
-            eager: plan.transformer == crate::planner::TransformerResidency::Resident,
+            eager: matches!(
+                plan.transformer,
+                crate::planner::TransformerResidency::Resident | crate::planner::TransformerResidency::LoadDuringEncode
+            ),
             decode_tile: plan.decode_tile,
             resident_blocks: match plan.transformer {
                 crate::planner::TransformerResidency::StreamBlocks { resident_blocks } => Some(resident_blocks),

@@ -145,3 +145,28 @@ fn plan_cli_plans_references_at_their_encoded_size() {
     assert_eq!(peak("4000x3000"), peak("1168x880"));
     assert!(peak("1168x880") > peak("512x512"));
 }
+
+#[test]
+fn block_streaming_counts_the_block_in_flight() {
+    let tight = planner::plan(&input(
+        PipelineSpec::klein_4b(),
+        TransformerPrecision::Bf16,
+        EncoderPrecision::Int4,
+        1024,
+        6 * GIB,
+    ))
+    .unwrap();
+    let TransformerResidency::StreamBlocks { resident_blocks } = tight.transformer else {
+        panic!("expected block streaming: {}", tight.describe())
+    };
+    let w = tight.weights;
+    let denoise = tight.phases.iter().find(|p| p.name == "denoise").unwrap();
+    let held = denoise.resident.iter().find(|(n, _)| n == "transformer").unwrap().1;
+    assert_eq!(held, w.transformer_non_block + (resident_blocks + 1) * w.transformer_block);
+    // A transformer of a single block plans (streamed or not) without a panic.
+    let mut spec = PipelineSpec::klein_4b();
+    (spec.transformer.num_layers, spec.transformer.num_single_layers) = (1, 0);
+    for budget in [GIB, 2 * GIB, 4 * GIB] {
+        let _ = planner::plan(&input(spec.clone(), TransformerPrecision::Bf16, EncoderPrecision::Int4, 1024, budget));
+    }
+}

@@ -40,7 +40,8 @@ pub struct PlanInput {
 pub enum TransformerResidency {
     /// Loaded with everything else and kept (fastest; nothing reloads between images).
     Resident,
-    /// Streamed to the device while the prompt is encoded, then kept.
+    /// Loaded at the start beside the text encoder (both fit while the prompt encodes), then kept
+    /// after the encoder is evicted.
     LoadDuringEncode,
     /// Loaded after the text encoder is evicted.
     LoadAfterEncode,
@@ -195,15 +196,16 @@ pub fn plan(inp: &PlanInput) -> Result<Plan> {
     let (residency, dit_weights) = if dit_resident {
         (residency, w.transformer)
     } else {
-        // 4. Block streaming: the non-block weights plus as many blocks as fit, keeping room for
-        // the one block being streamed (so at least two blocks' worth).
+        // 4. Block streaming: the non-block weights, as many resident blocks as fit, and room for
+        // the one block being streamed.
         let fixed = RUNTIME_OVERHEAD + w.transformer_non_block + w.vae + w.context + s.dit_act;
-        let room = budget.saturating_sub(fixed);
-        let blocks = room / w.transformer_block.max(1);
+        let slots = budget.saturating_sub(fixed) / w.transformer_block.max(1);
         let total_blocks = inp.transformer.num_layers + inp.transformer.num_single_layers;
+        let resident = slots.saturating_sub(1).min(total_blocks);
+        let on_device = if resident < total_blocks { resident + 1 } else { resident };
         (
-            TransformerResidency::StreamBlocks { resident_blocks: blocks.min(total_blocks).max(2) },
-            w.transformer_non_block + blocks.clamp(2, total_blocks) * w.transformer_block,
+            TransformerResidency::StreamBlocks { resident_blocks: resident },
+            w.transformer_non_block + on_device * w.transformer_block,
         )
     };
     let encode_phase = if matches!(residency, TransformerResidency::StreamBlocks { .. }) {
@@ -313,7 +315,7 @@ impl Plan {
             if self.evict_encoder_after_encode { "evicted after encoding" } else { "kept resident" },
             match self.transformer {
                 TransformerResidency::Resident => "resident with everything else".to_string(),
-                TransformerResidency::LoadDuringEncode => "streamed to the GPU while the prompt encodes".to_string(),
+                TransformerResidency::LoadDuringEncode => "loaded at the start beside the text encoder".to_string(),
                 TransformerResidency::LoadAfterEncode => "loaded after the text encoder is evicted".to_string(),
                 TransformerResidency::StreamBlocks { resident_blocks } => {
                     format!("block streaming from host memory, {resident_blocks} blocks resident")
