@@ -148,30 +148,36 @@ fn model_with_a_missing_or_misshaped_tensor_fails_cleanly() {
         src.keys().map(|k| (k.to_string(), src.get(k).unwrap().to_f32().unwrap(), src.shape(k).unwrap())).collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let save = |name: &str, tensors: &[(String, Vec<f32>, Vec<usize>)]| {
+        let p = dir.path().join(name);
+        let entries = tensors.iter().map(|(n, v, s)| TensorEntry::from_f32(n, v, s, DType::F32)).collect();
+        write_safetensors(&p, entries, &BTreeMap::new()).unwrap();
+        p
+    };
 
-    let missing: Vec<_> = tensors.iter().filter(|t| t.0 != "single_blocks.1.linear2.weight").collect();
-    let p = dir.path().join("missing.safetensors");
-    write_safetensors(
-        &p,
-        missing.iter().map(|(n, v, s)| TensorEntry::from_f32(n, v, s, DType::F32)).collect(),
-        &BTreeMap::new(),
-    )
-    .unwrap();
-    let e = Flux2Transformer::load(be.clone(), &p).err().unwrap();
+    let missing: Vec<_> = tensors.iter().filter(|t| t.0 != "single_blocks.1.linear2.weight").cloned().collect();
+    let e = Flux2Transformer::load(be.clone(), &save("missing.safetensors", &missing)).err().unwrap();
     assert!(e.to_string().contains("single_blocks.1.linear2.weight"), "{e}");
 
     let mut bad = tensors.clone();
     let proj = bad.iter_mut().find(|t| t.0 == "double_blocks.0.img_attn.proj.weight").unwrap();
     proj.2 = vec![proj.2[1], proj.2[0] / 2, 2];
-    let p = dir.path().join("shape.safetensors");
-    write_safetensors(
-        &p,
-        bad.iter().map(|(n, v, s)| TensorEntry::from_f32(n, v, s, DType::F32)).collect(),
-        &BTreeMap::new(),
-    )
-    .unwrap();
-    let e = Flux2Transformer::load(be.clone(), &p).err().unwrap();
+    let e = Flux2Transformer::load(be.clone(), &save("shape.safetensors", &bad)).err().unwrap();
     assert!(matches!(e, Error::WrongShape { .. }) && e.to_string().contains("img_attn.proj"), "{e}");
+
+    // Tensors the config is inferred from with the wrong rank, or too few rows for 3 x hidden.
+    let mut flat = tensors.clone();
+    let img_in = flat.iter_mut().find(|t| t.0 == "img_in.weight").unwrap();
+    img_in.2 = vec![img_in.1.len()];
+    let e = Flux2Transformer::load(be.clone(), &save("flat.safetensors", &flat)).err().unwrap().to_string();
+    assert!(e.contains("img_in.weight") && e.contains("2 dimensions"), "{e}");
+    let mut short: Vec<_> =
+        tensors.iter().filter(|t| !t.0.starts_with("double_blocks.0.img_mlp.0.")).cloned().collect();
+    let fused = short.iter_mut().find(|t| t.0 == "single_blocks.0.linear1.weight").unwrap();
+    let cols = fused.2[1];
+    (fused.1, fused.2) = (vec![0.0; 2 * cols], vec![2, cols]);
+    let e = Flux2Transformer::load(be.clone(), &save("short.safetensors", &short)).err().unwrap().to_string();
+    assert!(e.contains("single_blocks.0.linear1.weight") && e.contains("fewer than 3 x hidden"), "{e}");
 
     // Something that is not a FLUX.2 transformer at all.
     let p = dir.path().join("other.safetensors");

@@ -79,11 +79,7 @@ fn component(path: &Path, name: &str) -> Result<Value> {
     obj.insert("path".into(), path.display().to_string().into());
     let config_path = if path.is_dir() { Some(path.join("config.json")).filter(|p| p.is_file()) } else { None };
     if let Ok(layout) = Layout::detect(&mut store) {
-        let cfg = match (&config_path, layout) {
-            (Some(p), _) => TransformerConfig::from_json_file(p)?,
-            (None, Layout::Bfl) => TransformerConfig::infer_from_bfl(&store)?,
-            (None, Layout::Diffusers) => return Ok(report),
-        };
+        let cfg = TransformerConfig::resolve(&store, layout, config_path.as_deref())?;
         let obj = report.as_object_mut().unwrap();
         obj.insert("kind".into(), "transformer".into());
         obj.insert("layout".into(), layout.name().into());

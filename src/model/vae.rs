@@ -114,21 +114,21 @@ impl VaeConfig {
 
     /// Infer the config of BFL's `ae.safetensors` from its shapes (groups: BFL's fixed 32).
     pub fn infer_from_bfl(store: &WeightStore) -> Result<Self> {
-        let shape = |k: &str| store.shape(k);
-        let conv_in = shape("encoder.conv_in.weight")?;
+        let conv = |k: &str| store.dims::<4>(k);
+        let conv_in = conv("encoder.conv_in.weight")?;
         let levels = (0..).take_while(|i| store.contains(&format!("encoder.down.{i}.block.0.conv1.weight"))).count();
         let channels = (0..levels)
-            .map(|i| Ok(shape(&format!("encoder.down.{i}.block.0.conv1.weight"))?[0]))
+            .map(|i| Ok(conv(&format!("encoder.down.{i}.block.0.conv1.weight"))?[0]))
             .collect::<Result<Vec<_>>>()?;
         let layers = (0..).take_while(|j| store.contains(&format!("encoder.down.0.block.{j}.conv1.weight"))).count();
         let cfg = VaeConfig {
             in_channels: conv_in[1],
-            out_channels: shape("decoder.conv_out.weight")?[0],
+            out_channels: conv("decoder.conv_out.weight")?[0],
             down_block_types: vec!["DownEncoderBlock2D".into(); levels],
             up_block_types: vec!["UpDecoderBlock2D".into(); levels],
             block_out_channels: channels,
             layers_per_block: layers,
-            latent_channels: shape("decoder.conv_in.weight")?[1],
+            latent_channels: conv("decoder.conv_in.weight")?[1],
             use_quant_conv: store.contains("encoder.quant_conv.weight"),
             use_post_quant_conv: store.contains("decoder.post_quant_conv.weight"),
             mid_block_add_attention: store.contains("encoder.mid.attn_1.q.weight"),

@@ -199,6 +199,14 @@ impl WeightStore {
         Ok(self.get(name)?.info.shape.clone())
     }
 
+    /// The shape of `name`, which must have `N` dims (configs inferred from shapes index them).
+    pub fn dims<const N: usize>(&self, name: &str) -> Result<[usize; N]> {
+        let shape = &self.get(name)?.info.shape;
+        shape.as_slice().try_into().map_err(|_| {
+            Error::config(&self.origin, format!("tensor `{name}` has shape {shape:?}; expected {N} dimensions"))
+        })
+    }
+
     /// The tensor, after checking its shape.
     pub fn get_shaped(&self, name: &str, expected: &[usize]) -> Result<RawTensor<'_>> {
         let t = self.get(name)?;

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::layout::Layout;
 use crate::error::{Error, Result};
 use crate::weights::WeightStore;
 
@@ -130,93 +131,116 @@ impl TransformerConfig {
     /// Infer the config of a diffusers-named single file (e.g. the official FP8 releases) from its
     /// shapes, with the same assumptions as [`TransformerConfig::infer_from_bfl`].
     pub fn infer_from_diffusers(store: &WeightStore) -> Result<Self> {
-        let origin = store.origin();
-        let shape = |k: &str| store.shape(k);
-        let x = shape("x_embedder.weight")?;
-        let head_dim = shape("transformer_blocks.0.attn.norm_q.weight")
-            .or_else(|_| shape("single_transformer_blocks.0.attn.norm_q.weight"))?[0];
-        let hidden = x[0];
-        if head_dim == 0 || hidden % head_dim != 0 || head_dim % 8 != 0 {
-            return Err(Error::config(
-                origin,
-                format!("hidden size {hidden} and head dim {head_dim} do not fit 4 RoPE axes"),
-            ));
-        }
-        let count = |f: &dyn Fn(usize) -> String| (0..).take_while(|i| store.contains(&f(*i))).count();
-        let mlp = shape("transformer_blocks.0.ff.linear_in.weight").map(|s| s[0] / 2).or_else(|_| {
-            shape("single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight").map(|s| (s[0] - 3 * hidden) / 2)
-        })?;
-        let cfg = TransformerConfig {
-            patch_size: 1,
-            in_channels: x[1],
-            out_channels: Some(shape("proj_out.weight")?[0]),
-            num_layers: count(&|i| format!("transformer_blocks.{i}.attn.norm_q.weight")),
-            num_single_layers: count(&|i| format!("single_transformer_blocks.{i}.attn.norm_q.weight")),
-            attention_head_dim: head_dim,
-            num_attention_heads: hidden / head_dim,
-            joint_attention_dim: shape("context_embedder.weight")?[1],
-            timestep_guidance_channels: shape("time_guidance_embed.timestep_embedder.linear_1.weight")?[1],
-            mlp_ratio: ratio_for(mlp, hidden),
-            axes_dims_rope: vec![head_dim / 4; 4],
-            rope_theta: 2000.0,
-            eps: 1e-6,
-            guidance_embeds: store.contains("time_guidance_embed.guidance_embedder.linear_1.weight"),
-        };
-        cfg.validate().map_err(|reason| Error::config(origin, reason))?;
-        Ok(cfg)
+        infer(store, &DIFFUSERS_KEYS)
     }
 
     /// Infer the config of a BFL-layout single file from its tensor shapes (spec §2): head dim from
     /// the QK-norm scale, heads = hidden / head dim, 4 equal RoPE axes, theta 2000.
     pub fn infer_from_bfl(store: &WeightStore) -> Result<Self> {
-        let origin = store.origin();
-        let shape = |k: &str| store.shape(k);
-        let img_in = shape("img_in.weight")?;
-        let txt_in = shape("txt_in.weight")?;
-        let time_in = shape("time_in.in_layer.weight")?;
-        let final_linear = shape("final_layer.linear.weight")?;
-        let hd = shape("double_blocks.0.img_attn.norm.query_norm.scale")
-            .or_else(|_| shape("single_blocks.0.norm.query_norm.scale"))?;
-        let (hidden, head_dim) = (img_in[0], hd[0]);
-        if head_dim == 0 || hidden % head_dim != 0 || head_dim % 8 != 0 {
-            return Err(Error::config(
-                origin,
-                format!("hidden size {hidden} and head dim {head_dim} do not fit 4 RoPE axes"),
-            ));
-        }
-        let count = |prefix: &str| {
-            (0..)
-                .take_while(|i| {
-                    store.contains(&format!(
-                        "{prefix}.{i}.{}",
-                        if prefix == "double_blocks" { "img_attn.qkv.weight" } else { "linear1.weight" }
-                    ))
-                })
-                .count()
-        };
-        let mlp_in = shape("double_blocks.0.img_mlp.0.weight").or_else(|_| -> Result<Vec<usize>> {
-            let l1 = shape("single_blocks.0.linear1.weight")?;
-            Ok(vec![l1[0] - 3 * hidden, hidden])
-        })?;
-        let cfg = TransformerConfig {
-            patch_size: 1,
-            in_channels: img_in[1],
-            out_channels: Some(final_linear[0]),
-            num_layers: count("double_blocks"),
-            num_single_layers: count("single_blocks"),
-            attention_head_dim: head_dim,
-            num_attention_heads: hidden / head_dim,
-            joint_attention_dim: txt_in[1],
-            timestep_guidance_channels: time_in[1],
-            mlp_ratio: ratio_for(mlp_in[0] / 2, hidden),
-            axes_dims_rope: vec![head_dim / 4; 4],
-            rope_theta: 2000.0,
-            eps: 1e-6,
-            guidance_embeds: store.contains("guidance_in.in_layer.weight"),
-        };
-        cfg.validate().map_err(|reason| Error::config(origin, reason))?;
-        Ok(cfg)
+        infer(store, &BFL_KEYS)
     }
+
+    /// The config of a transformer checkpoint: its config.json when there is one, else inferred
+    /// from the shapes of its layout.
+    pub fn resolve(store: &WeightStore, layout: Layout, config_json: Option<&Path>) -> Result<Self> {
+        match (config_json, layout) {
+            (Some(p), _) => TransformerConfig::from_json_file(p),
+            (None, Layout::Bfl) => TransformerConfig::infer_from_bfl(store),
+            (None, Layout::Diffusers) => TransformerConfig::infer_from_diffusers(store),
+        }
+    }
+}
+
+/// The tensors a layout's config is inferred from.
+struct ShapeKeys {
+    /// `[hidden, in_channels]`.
+    img_in: &'static str,
+    /// `[hidden, joint_attention_dim]`.
+    txt_in: &'static str,
+    /// `[hidden, timestep_guidance_channels]`.
+    time_in: &'static str,
+    /// `[out_channels, hidden]`.
+    final_linear: &'static str,
+    /// QK-norm scales `[head_dim]` of the first double block, else of the first single block.
+    head_norm: [&'static str; 2],
+    /// Block i exists when `{prefix}.{i}.{suffix}` does: double, then single blocks.
+    double_block: (&'static str, &'static str),
+    single_block: (&'static str, &'static str),
+    /// `[2·mlp, hidden]` in a double block, else the single block's fused `[3·hidden + 2·mlp, hidden]`.
+    double_mlp_in: &'static str,
+    single_fused: &'static str,
+    guidance: &'static str,
+}
+
+const DIFFUSERS_KEYS: ShapeKeys = ShapeKeys {
+    img_in: "x_embedder.weight",
+    txt_in: "context_embedder.weight",
+    time_in: "time_guidance_embed.timestep_embedder.linear_1.weight",
+    final_linear: "proj_out.weight",
+    head_norm: ["transformer_blocks.0.attn.norm_q.weight", "single_transformer_blocks.0.attn.norm_q.weight"],
+    double_block: ("transformer_blocks", "attn.norm_q.weight"),
+    single_block: ("single_transformer_blocks", "attn.norm_q.weight"),
+    double_mlp_in: "transformer_blocks.0.ff.linear_in.weight",
+    single_fused: "single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight",
+    guidance: "time_guidance_embed.guidance_embedder.linear_1.weight",
+};
+
+const BFL_KEYS: ShapeKeys = ShapeKeys {
+    img_in: "img_in.weight",
+    txt_in: "txt_in.weight",
+    time_in: "time_in.in_layer.weight",
+    final_linear: "final_layer.linear.weight",
+    head_norm: ["double_blocks.0.img_attn.norm.query_norm.scale", "single_blocks.0.norm.query_norm.scale"],
+    double_block: ("double_blocks", "img_attn.qkv.weight"),
+    single_block: ("single_blocks", "linear1.weight"),
+    double_mlp_in: "double_blocks.0.img_mlp.0.weight",
+    single_fused: "single_blocks.0.linear1.weight",
+    guidance: "guidance_in.in_layer.weight",
+};
+
+fn infer(store: &WeightStore, keys: &ShapeKeys) -> Result<TransformerConfig> {
+    let origin = store.origin();
+    let [hidden, in_channels] = store.dims::<2>(keys.img_in)?;
+    let [head_dim] = store.dims::<1>(keys.head_norm[0]).or_else(|_| store.dims::<1>(keys.head_norm[1]))?;
+    if head_dim == 0 || hidden % head_dim != 0 || head_dim % 8 != 0 {
+        return Err(Error::config(
+            origin,
+            format!("hidden size {hidden} and head dim {head_dim} do not fit 4 RoPE axes"),
+        ));
+    }
+    let count = |(prefix, suffix): (&str, &str)| {
+        (0..).take_while(|i| store.contains(&format!("{prefix}.{i}.{suffix}"))).count()
+    };
+    let mlp = match store.dims::<2>(keys.double_mlp_in) {
+        Ok([rows, _]) => rows / 2,
+        Err(_) => {
+            let [rows, _] = store.dims::<2>(keys.single_fused)?;
+            rows.checked_sub(3 * hidden).ok_or_else(|| {
+                Error::config(
+                    origin,
+                    format!("`{}` has {rows} rows, fewer than 3 x hidden {hidden}", keys.single_fused),
+                )
+            })? / 2
+        }
+    };
+    let cfg = TransformerConfig {
+        patch_size: 1,
+        in_channels,
+        out_channels: Some(store.dims::<2>(keys.final_linear)?[0]),
+        num_layers: count(keys.double_block),
+        num_single_layers: count(keys.single_block),
+        attention_head_dim: head_dim,
+        num_attention_heads: hidden / head_dim,
+        joint_attention_dim: store.dims::<2>(keys.txt_in)?[1],
+        timestep_guidance_channels: store.dims::<2>(keys.time_in)?[1],
+        mlp_ratio: ratio_for(mlp, hidden),
+        axes_dims_rope: vec![head_dim / 4; 4],
+        rope_theta: 2000.0,
+        eps: 1e-6,
+        guidance_embeds: store.contains(keys.guidance),
+    };
+    cfg.validate().map_err(|reason| Error::config(origin, reason))?;
+    Ok(cfg)
 }
 
 /// A ratio r with int(hidden · r) == mlp exactly (M/D itself when that round-trips).

@@ -222,11 +222,7 @@ impl Flux2Transformer {
     ) -> Result<Flux2Transformer> {
         let (mut store, config_path) = locate(path)?;
         let layout = Layout::detect(&mut store)?;
-        let cfg = match (&config_path, layout) {
-            (Some(p), _) => TransformerConfig::from_json_file(p)?,
-            (None, Layout::Bfl) => TransformerConfig::infer_from_bfl(&store)?,
-            (None, Layout::Diffusers) => TransformerConfig::infer_from_diffusers(&store)?,
-        };
+        let cfg = TransformerConfig::resolve(&store, layout, config_path.as_deref())?;
         Flux2Transformer::from_store_streaming(be, store, layout, cfg, resident_blocks, compute)
     }
 
