@@ -90,7 +90,8 @@ extern "C" __global__ void timestep_embedding_bf16(Times16 t, bf16* out, int bat
         int k = j < half ? j : j - half;
         float f = expf(neg_log_period * (float)k / (float)half);
         float a = t.t[b] * f;
-        out[i] = to_bf(j < half ? cosf(a) : sinf(a));
+        // An odd dim ends in a zero column (diffusers pads it).
+        out[i] = to_bf(j >= 2 * half ? 0.f : j < half ? cosf(a) : sinf(a));
     }
 }
 

@@ -263,13 +263,15 @@ pub fn cases() -> Vec<Case> {
             }),
         ));
     }
-    v.push(case(
-        "timestep_embedding",
-        "t=[1000, 968, 3.5] dim 256",
-        vec![],
-        1.0,
-        Box::new(|be, _| be.timestep_embedding(&[1000.0, 968.0, 3.5], 256, 10000.0)),
-    ));
+    for dim in [256, 33] {
+        v.push(case(
+            "timestep_embedding",
+            format!("t=[1000, 968, 3.5] dim {dim}"),
+            vec![],
+            1.0,
+            Box::new(move |be, _| be.timestep_embedding(&[1000.0, 968.0, 3.5], dim, 10000.0)),
+        ));
+    }
     v.push(case(
         "embedding",
         "vocab 1000 x 64, 37 ids",

@@ -154,6 +154,10 @@ fn timestep_embedding_is_cos_first() {
         &[1., 1., 0., 0., 1f32.cos(), 0.01f32.cos(), 1f32.sin(), 0.01f32.sin()],
         1e-6,
     );
+    // An odd dim ends in a zero column, as diffusers pads it.
+    let odd = cpu().timestep_embedding(&[1.0], 5, 10000.0).unwrap().to_vec_f32().unwrap();
+    assert_close(&odd, &[1f32.cos(), 0.01f32.cos(), 1f32.sin(), 0.01f32.sin(), 0.0], 1e-6);
+    assert!(cpu().timestep_embedding(&[1.0], 1, 10000.0).is_err());
 }
 
 #[test]

@@ -216,6 +216,14 @@ pub mod check {
         Ok(())
     }
 
+    /// `timestep_embedding` needs at least one (cos, sin) pair.
+    pub fn timestep_embedding(dim: usize) -> Result<()> {
+        if dim < 2 {
+            return Err(Error::shape("timestep_embedding", format!("dim {dim} is too small")));
+        }
+        Ok(())
+    }
+
     /// Returns (M, K, N) for `linear`.
     pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<(usize, usize, usize)> {
         rank("linear", w, 2)?;

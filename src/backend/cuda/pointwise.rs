@@ -5,7 +5,7 @@ use cudarc::driver::DeviceRepr;
 use super::{grid_1d, launch, CudaBackend};
 use crate::backend::{check, Backend};
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 pub(super) fn silu(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
@@ -156,9 +156,7 @@ struct Times16 {
 unsafe impl DeviceRepr for Times16 {}
 
 pub(super) fn timestep_embedding(be: &CudaBackend, t: &[f32], dim: usize, max_period: f32) -> Result<Tensor> {
-    if dim < 2 {
-        return Err(Error::shape("timestep_embedding", format!("dim {dim} is too small")));
-    }
+    check::timestep_embedding(dim)?;
     let out = be.output(DType::BF16, &[t.len(), dim])?;
     let neg_log = -(max_period as f64).ln() as f32;
     for (i, chunk) in t.chunks(16).enumerate() {
