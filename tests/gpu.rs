@@ -119,6 +119,10 @@ fn quantized_linears_reject_bad_shapes(be: Arc<dyn Backend>) {
         assert!(e.contains("bias [5]"), "{format:?}: {e}");
         let e = linear(&bad_x, None).unwrap_err().to_string();
         assert!(e.contains("[2, 31]") && e.contains("[6, 32]"), "{format:?}: {e}");
+        if format != QuantFormat::Fp8 {
+            let e = be.linear_fp8(&x, &q, None).unwrap_err().to_string();
+            assert!(e.contains("not fp8"), "{format:?}: {e}");
+        }
     }
 }
 

@@ -240,6 +240,14 @@ pub mod check {
         linear_dims(op, x, [w.rows, w.cols], bias)
     }
 
+    /// Returns (M, K, N) for `linear_fp8`, whose weight must hold fp8 codes.
+    pub fn linear_fp8(x: &Tensor, w: &super::QuantTensor, bias: Option<&Tensor>) -> Result<(usize, usize, usize)> {
+        if w.format != crate::quant::QuantFormat::Fp8 {
+            return Err(Error::shape("linear_fp8", format!("weight is {:?}, not fp8", w.format)));
+        }
+        linear_quantized("linear_fp8", x, w, bias)
+    }
+
     /// x `[.., K]` against a `[N, K]` weight and an optional `[N]` bias.
     fn linear_dims(
         op: &'static str,

@@ -104,6 +104,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear_fp8(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        check::linear_fp8(x, w, bias)?;
         quantized::linear_fp8(x, &w.data, bias)
     }
 

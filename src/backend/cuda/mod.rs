@@ -161,13 +161,20 @@ pub struct CudaBackend {
 macro_rules! launch {
     ($dev:expr, $name:expr, $cfg:expr $(, $arg:expr)* $(,)?) => {{
         use cudarc::driver::PushKernelArg as _;
-        let func = $dev.function($name)?;
-        let mut builder = $dev.stream.launch_builder(func);
-        $(
-            let a = $arg;
-            builder.arg(&a);
-        )*
-        unsafe { builder.launch($cfg) }.map(|_| ()).map_err($crate::backend::cuda::gpu_err)
+        let cfg: cudarc::driver::LaunchConfig = $cfg;
+        let (x, y, z) = cfg.grid_dim;
+        if x == 0 || y == 0 || z == 0 {
+            // No output elements: nothing to launch (CUDA rejects an empty grid).
+            Ok(())
+        } else {
+            let func = $dev.function($name)?;
+            let mut builder = $dev.stream.launch_builder(func);
+            $(
+                let a = $arg;
+                builder.arg(&a);
+            )*
+            unsafe { builder.launch(cfg) }.map(|_| ()).map_err($crate::backend::cuda::gpu_err)
+        }
     }};
 }
 pub(crate) use launch;

@@ -6,21 +6,14 @@ use super::{launch, CudaBackend};
 use crate::backend::{check, AttnMask, QuantTensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::quant::QuantFormat;
 use crate::tensor::Tensor;
 
-fn per_row(rows: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
-}
-
 pub(super) fn linear_fp8(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    if w.format != QuantFormat::Fp8 {
-        return Err(Error::shape("linear_fp8", format!("weight is {:?}, not fp8", w.format)));
-    }
-    let (m, k, n) = check::linear_quantized("linear_fp8", x, w, bias)?;
+    let (m, k, n) = check::linear_fp8(x, w, bias)?;
     let (_x, xp) = be.bf16_arg(x, "linear_fp8")?;
     let absmax = be.output(DType::F32, &[m])?;
-    launch!(be.dev, "row_absmax_bf16", per_row(m), xp, be.ptr(&absmax)?, k as i32)?;
+    let rows = super::reduce::per_row("linear_fp8", m, k)?;
+    launch!(be.dev, "row_absmax_bf16", rows, xp, be.ptr(&absmax)?, k as i32)?;
     let scales = w.scales.as_ref().ok_or_else(|| Error::Gpu("fp8 weight without scales".into()))?;
     let b = bias.map(|b| be.bf16_arg(b, "linear_fp8")).transpose()?;
     let bp = b.as_ref().map_or(0, |(_, p)| *p);

@@ -9,9 +9,10 @@ use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// One block per row, threads = the row length rounded up to a warp (at most 256).
-fn per_row(rows: usize, c: usize) -> Result<LaunchConfig> {
+/// One block per row of `c` elements (up to 8 warps striding over the row).
+pub(super) fn per_row(op: &'static str, rows: usize, c: usize) -> Result<LaunchConfig> {
     if rows > i32::MAX as usize {
-        return Err(Error::shape("norm", format!("{rows} rows exceed one grid")));
+        return Err(Error::shape(op, format!("{rows} rows exceed one grid")));
     }
     let threads = c.div_ceil(32).clamp(1, 8) * 32;
     Ok(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 })
@@ -26,7 +27,7 @@ pub(super) fn layer_norm(
     let (x, xp) = be.bf16_arg(x, "layer_norm")?;
     let (c, rows) = (x.last_dim(), x.rows());
     let out = be.output(DType::BF16, x.shape())?;
-    let cfg = per_row(rows, c)?;
+    let cfg = per_row("layer_norm", rows, c)?;
     match modulation {
         None => launch!(be.dev, "layer_norm_bf16", cfg, xp, be.ptr(&out)?, c as i32, eps, 0u64, 0u64, 0i64, 1i64)?,
         Some((shift, scale)) => {
@@ -54,7 +55,7 @@ pub(super) fn rms_norm(be: &CudaBackend, x: &Tensor, weight: Option<&Tensor>, ep
     let w = weight.map(|w| be.bf16_arg(w, "rms_norm")).transpose()?;
     let wp = w.as_ref().map_or(0, |(_, p)| *p);
     let out = be.output(DType::BF16, x.shape())?;
-    launch!(be.dev, "rms_norm_bf16", per_row(x.rows(), c)?, xp, wp, be.ptr(&out)?, c as i32, eps)?;
+    launch!(be.dev, "rms_norm_bf16", per_row("rms_norm", x.rows(), c)?, xp, wp, be.ptr(&out)?, c as i32, eps)?;
     Ok(out)
 }
 
