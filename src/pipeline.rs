@@ -110,7 +110,6 @@ pub fn output_size(
 
 pub struct Pipeline {
     be: Arc<dyn Backend>,
-    root: std::path::PathBuf,
     options: LoadOptions,
     pub info: PipelineInfo,
     pub tokenizer: PromptTokenizer,
@@ -119,7 +118,10 @@ pub struct Pipeline {
     /// Loaded on first use; evicted before VAE decode when the residency plan says so.
     transformer: Mutex<Option<Arc<Flux2Transformer>>>,
     pub transformer_config: TransformerConfig,
+    /// The VAE decoder (and the latent statistics).
     pub vae: Vae,
+    /// The VAE encoder, loaded when references first need it (text-to-image never loads it).
+    vae_encoder: Mutex<Option<Arc<Vae>>>,
     pub scheduler: SchedulerConfig,
     prompt_cache: Option<PromptCache>,
     /// NVML, when present and the backend is a GPU.
@@ -137,14 +139,12 @@ pub struct Request {
     pub seed: u64,
     /// Initial latents `[1, 4z, H/16, W/16]` (diffusers' `latents=`); from `seed` when absent.
     pub noise: Option<Tensor>,
-    pub references: Vec<RgbImage>,
     pub timestep_mode: Option<TimestepMode>,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
     pub encode: Duration,
-    pub references: Duration,
     pub denoise: Duration,
     pub decode: Duration,
 }
@@ -242,7 +242,7 @@ impl Pipeline {
         let tokenizer = PromptTokenizer::load(&root.join("tokenizer"))?;
         let encoder_config = Qwen3Config::from_json_file(&root.join("text_encoder/config.json"))?;
         let transformer_config = TransformerConfig::from_json_file(&root.join("transformer/config.json"))?;
-        let vae = Vae::load(be.clone(), &root.join("vae"), VaeParts { encoder: true, decoder: true })?;
+        let vae = Vae::load(be.clone(), &root.join("vae"), VaeParts { encoder: false, decoder: true })?;
         let scheduler_path = root.join("scheduler/scheduler_config.json");
         let scheduler = if scheduler_path.is_file() {
             SchedulerConfig::from_json_file(&scheduler_path)?
@@ -289,13 +289,13 @@ impl Pipeline {
         let telemetry = crate::telemetry::Telemetry::for_backend(&be);
         let pipeline = Pipeline {
             be,
-            root: root.to_path_buf(),
             info,
             tokenizer,
             text_encoder: Mutex::new(None),
             transformer: Mutex::new(None),
             transformer_config,
             vae,
+            vae_encoder: Mutex::new(None),
             scheduler,
             prompt_cache,
             telemetry,
@@ -317,10 +317,22 @@ impl Pipeline {
         let precision = self.options.text_encoder_precision.unwrap_or(EncoderPrecision::Bf16);
         let encoder = Arc::new(Qwen3TextEncoder::load_with(
             self.be.clone(),
-            &self.root.join("text_encoder"),
+            &self.info.root.join("text_encoder"),
             &KLEIN_OUT_LAYERS,
             precision,
         )?);
+        *slot = Some(encoder.clone());
+        Ok(encoder)
+    }
+
+    /// The VAE encoder, loading it if it is not on the device.
+    fn vae_encoder(&self) -> Result<Arc<Vae>> {
+        let mut slot = self.vae_encoder.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = slot.as_ref() {
+            return Ok(v.clone());
+        }
+        let parts = VaeParts { encoder: true, decoder: false };
+        let encoder = Arc::new(Vae::load(self.be.clone(), &self.info.root.join("vae"), parts)?);
         *slot = Some(encoder.clone());
         Ok(encoder)
     }
@@ -332,7 +344,7 @@ impl Pipeline {
             return Ok(t.clone());
         }
         let blocks = self.options.residency.resident_blocks;
-        let path = self.root.join("transformer");
+        let path = self.info.root.join("transformer");
         let t =
             Arc::new(Flux2Transformer::load_with(self.be.clone(), &path, blocks, self.options.transformer_compute)?);
         *slot = Some(t.clone());
@@ -354,6 +366,11 @@ impl Pipeline {
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.be
+    }
+
+    /// Whether the VAE encoder has been loaded (references need it; text-to-image does not).
+    pub fn vae_encoder_loaded(&self) -> bool {
+        self.vae_encoder.lock().map(|s| s.is_some()).unwrap_or(false)
     }
 
     /// Pixels per transformer token side (VAE factor × 2×2 patch): 16 for FLUX.2.
@@ -420,7 +437,7 @@ impl Pipeline {
                 first_size = (cw, ch);
             }
             let x = be.upload(&img.to_tensor()?, be.activation_dtype())?;
-            let latents = self.vae.encode_normalized(&x)?;
+            let latents = self.vae_encoder()?.encode_normalized(&x)?;
             let (lh, lw) = (latents.dim(2), latents.dim(3));
             tokens.push(pack(be, &latents)?);
             ids.push(PositionIds::image(10.0 + 10.0 * i as f32, lh, lw));

@@ -157,6 +157,18 @@ fn generate_plans_for_the_size_it_renders() {
 }
 
 #[test]
+fn the_vae_encoder_loads_only_for_references() {
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let pipe = Pipeline::load(be, &fixtures().join("pipeline")).unwrap();
+    let req = Request { prompt: "x".into(), width: Some(16), height: Some(16), steps: Some(1), ..Default::default() };
+    pipe.generate(&req, None, None).unwrap();
+    assert!(!pipe.vae_encoder_loaded(), "text-to-image must not load the VAE encoder");
+    let reference = flux2::image_io::RgbImage { width: 64, height: 64, data: vec![100; 64 * 64 * 3] };
+    assert!(pipe.prepare_references(&[reference]).unwrap().is_some());
+    assert!(pipe.vae_encoder_loaded());
+}
+
+#[test]
 fn tiled_decode_covers_the_image_and_stays_close() {
     use flux2::model::vae::{Vae, VaeParts};
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());

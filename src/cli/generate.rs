@@ -123,7 +123,6 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             guidance: args.guidance,
             seed,
             noise: noise.clone(),
-            references: Vec::new(),
             timestep_mode: Some(args.timesteps),
         };
         let cfg = pipeline.info.uses_cfg(req.guidance);
