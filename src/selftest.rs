@@ -30,6 +30,9 @@ pub struct Case {
     /// Tolerance on ‖out − ref‖ / ‖ref‖, in units of the activation dtype's rounding (2⁻⁸ for bf16).
     pub ulps: f32,
     pub run: OpFn,
+    /// False when a run includes host work besides the op (quantizing the weight): its time would
+    /// not be the kernel's, so none is reported (`flux2 bench gemm` times those kernels).
+    pub timed: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -50,7 +53,13 @@ fn act(shape: &[usize]) -> Input {
 }
 
 fn case(op: &'static str, shape: impl Into<String>, inputs: Vec<Input>, ulps: f32, run: OpFn) -> Case {
-    Case { op, shape: shape.into(), inputs, ulps, run }
+    Case { op, shape: shape.into(), inputs, ulps, run, timed: true }
+}
+
+impl Case {
+    fn untimed(self) -> Case {
+        Case { timed: false, ..self }
+    }
 }
 
 /// The standard suite: odd sizes (tail paths), the real klein shapes (reduced in rows where the
@@ -84,30 +93,36 @@ pub fn cases() -> Vec<Case> {
     {
         for (m, k, n) in [(9, 128, 40), (130, 2560, 1024)] {
             let inputs = vec![act(&[m, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
-            v.push(case(
-                "linear_quantized",
-                format!("{name} {m}x{k} · {n}x{k}ᵀ"),
-                inputs,
-                3.0,
-                Box::new(move |be, t| {
-                    let q = quantize(&t[1].to_vec_f32()?, n, k, fmt)?;
-                    be.linear_quantized(&t[0], &be.load_quantized(&q)?, None)
-                }),
-            ));
+            v.push(
+                case(
+                    "linear_quantized",
+                    format!("{name} {m}x{k} · {n}x{k}ᵀ"),
+                    inputs,
+                    3.0,
+                    Box::new(move |be, t| {
+                        let q = quantize(&t[1].to_vec_f32()?, n, k, fmt)?;
+                        be.linear_quantized(&t[0], &be.load_quantized(&q)?, None)
+                    }),
+                )
+                .untimed(),
+            );
         }
     }
     for (m, k, n) in [(9, 128, 40), (256, 3072, 1024)] {
         let inputs = vec![act(&[m, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
-        v.push(case(
-            "linear_fp8",
-            format!("{m}x{k} · {n}x{k}ᵀ"),
-            inputs,
-            4.0,
-            Box::new(move |be, t| {
-                let q = quantize(&t[1].to_vec_f32()?, n, k, QuantFormat::Fp8)?;
-                be.linear_fp8(&t[0], &be.load_quantized(&q)?, None)
-            }),
-        ));
+        v.push(
+            case(
+                "linear_fp8",
+                format!("{m}x{k} · {n}x{k}ᵀ"),
+                inputs,
+                4.0,
+                Box::new(move |be, t| {
+                    let q = quantize(&t[1].to_vec_f32()?, n, k, QuantFormat::Fp8)?;
+                    be.linear_fp8(&t[0], &be.load_quantized(&q)?, None)
+                }),
+            )
+            .untimed(),
+        );
     }
     for (b, n, h, hkv, d, causal) in [(1, 130, 2, 2, 128, false), (2, 200, 4, 2, 64, true), (1, 1024, 2, 2, 128, false)]
     {
@@ -396,6 +411,9 @@ pub fn check_case(be: &dyn Backend, case: &Case, seed: u64, reps: usize) -> Outc
         let reference = (case.run)(&CpuBackend::new(), &host)?.to_vec_f32()?;
         let dev_inputs = upload(be, &host, case)?;
         let out = (case.run)(be, &dev_inputs)?.to_vec_f32()?;
+        if !case.timed {
+            return Ok((out, reference, f64::NAN));
+        }
         be.synchronize()?;
         let start = Instant::now();
         for _ in 0..reps {
@@ -445,9 +463,10 @@ pub fn table(outcomes: &[Outcome]) -> String {
             (None, false) if o.nan > 0 => format!("FAIL ({} non-finite)", o.nan),
             (None, false) => "FAIL".into(),
         };
+        let time = if o.micros.is_nan() { "-".to_string() } else { format!("{:.1}", o.micros) };
         s.push_str(&format!(
-            "{:<20} {:<40} {:>10.2e} {:>10.2e} {:>9.1e} {:>10.1}  {result}\n",
-            o.op, o.shape, o.rel_l2, o.max_abs, o.tolerance, o.micros
+            "{:<20} {:<40} {:>10.2e} {:>10.2e} {:>9.1e} {time:>10}  {result}\n",
+            o.op, o.shape, o.rel_l2, o.max_abs, o.tolerance
         ));
     }
     let failed = outcomes.iter().filter(|o| !o.passed).count();
