@@ -67,18 +67,26 @@ extern "C" __global__ void group_norm_stats_bf16(const bf16* x, double* stats, l
     }
 }
 
-// y = (x - mean) / sqrt(var + eps) * w[c] + b[c], optionally SiLU. x NCHW, groups per sample.
-extern "C" __global__ void group_norm_apply_bf16(const bf16* x, const double* stats, const bf16* w, const bf16* b, bf16* y,
-                                                 int c, int groups, long hw, float eps, int silu, long n) {
+// Per group, once: f32 mean and 1/sqrt(var + eps) from the f64 partial sums (undoing the shift).
+extern "C" __global__ void group_norm_finalize_bf16(const bf16* x, const double* stats, float* mean_rstd,
+                                                    long group_size, float eps, int n_groups) {
+    int g = blockIdx.x * blockDim.x + threadIdx.x;
+    if (g >= n_groups) return;
+    double shift = (double)to_f(x[(long)g * group_size]);
+    double mean_shifted = stats[2 * g] / group_size;
+    double var = fmax(stats[2 * g + 1] / group_size - mean_shifted * mean_shifted, 0.0);
+    mean_rstd[2 * g] = (float)(shift + mean_shifted);
+    mean_rstd[2 * g + 1] = (float)rsqrt(var + eps);
+}
+
+// y = (x - mean) * rstd * w[c] + b[c], optionally SiLU. x NCHW, groups per sample.
+extern "C" __global__ void group_norm_apply_bf16(const bf16* x, const float* mean_rstd, const bf16* w, const bf16* b,
+                                                 bf16* y, int c, int groups, long hw, int silu, long n) {
     long group_size = (long)(c / groups) * hw;
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         long g = i / group_size;  // = sample * groups + group
         int ch = (int)((i / hw) % c);
-        double shift = (double)to_f(x[g * group_size]);
-        double mean_shifted = stats[2 * g] / group_size;
-        double var = fmax(stats[2 * g + 1] / group_size - mean_shifted * mean_shifted, 0.0);
-        double mean = shift + mean_shifted;
-        float v = (float)((to_f(x[i]) - mean) * rsqrt(var + eps)) * to_f(w[ch]) + to_f(b[ch]);
+        float v = (to_f(x[i]) - mean_rstd[2 * g]) * mean_rstd[2 * g + 1] * to_f(w[ch]) + to_f(b[ch]);
         y[i] = to_bf(silu ? silu_f(v) : v);
     }
 }

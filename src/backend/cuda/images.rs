@@ -65,6 +65,29 @@ mod tests {
         assert_eq!(target_for(7, 5), None);
     }
 
+    /// The kernels loaded by name are exactly the `extern "C" __global__` functions of each
+    /// module's source (a kernel missing from the list fails only at its first launch on a GPU).
+    #[test]
+    fn every_kernel_in_the_sources_is_registered() {
+        for (module, names) in super::super::KERNELS {
+            let path = format!("{}/kernels/{module}.cu", env!("CARGO_MANIFEST_DIR"));
+            let src = std::fs::read_to_string(&path).unwrap();
+            let marker = "extern \"C\" __global__ void ";
+            let name = |rest: &'static str| -> &'static str {
+                // Skip an optional `__launch_bounds__(...)` before the name.
+                let rest = rest.strip_prefix("__launch_bounds__").map_or(rest, |r| &r[r.find(')').unwrap() + 1..]);
+                rest.trim_start().split('(').next().unwrap()
+            };
+            let src: &'static str = Box::leak(src.into_boxed_str());
+            let mut defined: Vec<&str> =
+                src.match_indices(marker).map(|(i, _)| name(&src[i + marker.len()..])).collect();
+            let mut registered = names.to_vec();
+            defined.sort();
+            registered.sort();
+            assert_eq!(defined, registered, "{path}");
+        }
+    }
+
     #[cfg(no_kernels)]
     #[test]
     fn without_nvrtc_the_registry_says_why() {

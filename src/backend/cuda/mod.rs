@@ -53,7 +53,16 @@ const KERNELS: &[(&str, &[&str])] = &[
             "strided_copy_b32",
         ],
     ),
-    ("norm", &["layer_norm_bf16", "rms_norm_bf16", "group_norm_stats_bf16", "group_norm_apply_bf16"]),
+    (
+        "norm",
+        &[
+            "layer_norm_bf16",
+            "rms_norm_bf16",
+            "group_norm_stats_bf16",
+            "group_norm_finalize_bf16",
+            "group_norm_apply_bf16",
+        ],
+    ),
     ("gemm", &["gemm_tiled_bf16", "gemm_mma_bf16", "gemm_wq_tiled_bf16", "im2col_bf16"]),
     ("attention", &["attention_rowwise_bf16", "flash_attention_d64_bf16", "flash_attention_d128_bf16"]),
     (

@@ -83,24 +83,17 @@ pub(super) fn group_norm(
         LaunchConfig { grid_dim: (chunks as u32, (b * groups) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let sp = stats.base_ptr();
     launch!(be.dev, "group_norm_stats_bf16", cfg, xp, sp, group_size as i64, chunk as i64)?;
+    // Mean and 1/std per group in f32, so the per-element pass does no f64 math.
+    let n_groups = b * groups;
+    let mean_rstd = be.output(DType::F32, &[n_groups, 2])?;
+    let mp = be.ptr(&mean_rstd)?;
+    let finalize =
+        LaunchConfig { grid_dim: (n_groups.div_ceil(128) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    launch!(be.dev, "group_norm_finalize_bf16", finalize, xp, sp, mp, group_size as i64, eps, n_groups as i32)?;
+    drop(stats);
     let out = be.output(DType::BF16, x.shape())?;
     let n = x.numel();
-    launch!(
-        be.dev,
-        "group_norm_apply_bf16",
-        grid_1d(n),
-        xp,
-        sp,
-        wp,
-        bp,
-        be.ptr(&out)?,
-        c as i32,
-        groups as i32,
-        hw as i64,
-        eps,
-        silu as i32,
-        n as i64
-    )?;
-    drop(stats);
+    let (c, g, hw, silu) = (c as i32, groups as i32, hw as i64, silu as i32);
+    launch!(be.dev, "group_norm_apply_bf16", grid_1d(n), xp, mp, wp, bp, be.ptr(&out)?, c, g, hw, silu, n as i64)?;
     Ok(out)
 }
