@@ -40,13 +40,13 @@ extern "C" __global__ void gated_add_bf16(const bf16* x, const bf16* gate, long 
     }
 }
 
-// x [B, L, C]; shift/scale [B, C] with row stride `vs`: out = x * (1 + scale) + shift
-extern "C" __global__ void modulate_bf16(const bf16* x, const bf16* shift, const bf16* scale, long vs, bf16* out, long L,
-                                         int c, long n) {
+// x [B, L, C]; shift/scale [B, C] with row strides shift_s/scale_s: out = x * (1 + scale) + shift
+extern "C" __global__ void modulate_bf16(const bf16* x, const bf16* shift, long shift_s, const bf16* scale, long scale_s,
+                                         bf16* out, long L, int c, long n) {
     GRID_STRIDE(i, n) {
         long b = i / (L * c);
         int ch = (int)(i % c);
-        out[i] = to_bf(to_f(x[i]) * (1.f + to_f(scale[b * vs + ch])) + to_f(shift[b * vs + ch]));
+        out[i] = to_bf(to_f(x[i]) * (1.f + to_f(scale[b * scale_s + ch])) + to_f(shift[b * shift_s + ch]));
     }
 }
 

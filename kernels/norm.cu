@@ -3,10 +3,10 @@
 // partial sums into f64 statistics, then an element-wise apply.
 #include "common.cuh"
 
-// LayerNorm over the last dim (no affine). With shift/scale ([B, C], row stride vs), applies
-// x * (1 + scale[b]) + shift[b], b = row / rows_per_sample.
+// LayerNorm over the last dim (no affine). With shift/scale ([B, C], row strides shift_s and
+// scale_s), applies x * (1 + scale[b]) + shift[b], b = row / rows_per_sample.
 extern "C" __global__ void layer_norm_bf16(const bf16* x, bf16* y, int c, float eps, const bf16* shift, const bf16* scale,
-                                           long vs, long rows_per_sample) {
+                                           long shift_s, long scale_s, long rows_per_sample) {
     __shared__ float scratch[32];
     long row = blockIdx.x;
     const bf16* xr = x + row * c;
@@ -22,7 +22,7 @@ extern "C" __global__ void layer_norm_bf16(const bf16* x, bf16* y, int c, float 
     long b = row / rows_per_sample;
     for (int i = threadIdx.x; i < c; i += blockDim.x) {
         float n = (to_f(xr[i]) - mean) * inv;
-        if (shift) n = n * (1.f + to_f(scale[b * vs + i])) + to_f(shift[b * vs + i]);
+        if (shift) n = n * (1.f + to_f(scale[b * scale_s + i])) + to_f(shift[b * shift_s + i]);
         y[row * c + i] = to_bf(n);
     }
 }

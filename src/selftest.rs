@@ -225,6 +225,22 @@ pub fn cases() -> Vec<Case> {
             be.layer_norm_modulate(&t[0], &c[0], &c[1], 1e-6)
         }),
     ));
+    // Shift and scale with different row strides (a dense vector and a chunk).
+    for op in ["layer_norm_modulate", "modulate"] {
+        v.push(case(
+            op,
+            "[2, 9, 48] mixed strides",
+            vec![act(&[2, 9, 48]), act(&[2, 48]), act(&[2, 144])],
+            2.0,
+            Box::new(move |be, t| {
+                let scale = t[2].narrow(1, 48, 48)?;
+                match op {
+                    "modulate" => be.modulate(&t[0], &t[1], &scale),
+                    _ => be.layer_norm_modulate(&t[0], &t[1], &scale, 1e-6),
+                }
+            }),
+        ));
+    }
     for shape in [vec![1, 40, 24, 128], vec![3, 2560], vec![2, 7, 3, 24]] {
         let c = *shape.last().unwrap();
         v.push(case(

@@ -3,7 +3,7 @@
 use cudarc::driver::DeviceRepr;
 
 use super::{grid_1d, launch, CudaBackend};
-use crate::backend::{check, Backend};
+use crate::backend::check;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -67,25 +67,9 @@ pub(super) fn modulate(be: &CudaBackend, x: &Tensor, shift: &Tensor, scale: &Ten
     let (x, xp) = be.bf16_arg(x, "modulate")?;
     let (_s, sp, ss) = be.vec_arg(shift, "modulate")?;
     let (_c, cp, cs) = be.vec_arg(scale, "modulate")?;
-    if ss != cs {
-        let (shift, scale) = (be.contiguous(shift)?, be.contiguous(scale)?);
-        return modulate(be, &x, &shift, &scale);
-    }
     let out = be.output(DType::BF16, x.shape())?;
-    let n = x.numel();
-    launch!(
-        be.dev,
-        "modulate_bf16",
-        grid_1d(n),
-        xp,
-        sp,
-        cp,
-        ss,
-        be.ptr(&out)?,
-        x.dim(1) as i64,
-        x.dim(2) as i32,
-        n as i64
-    )?;
+    let (n, l, c) = (x.numel(), x.dim(1) as i64, x.dim(2) as i32);
+    launch!(be.dev, "modulate_bf16", grid_1d(n), xp, sp, ss, cp, cs, be.ptr(&out)?, l, c, n as i64)?;
     Ok(out)
 }
 

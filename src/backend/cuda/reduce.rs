@@ -3,7 +3,7 @@
 use cudarc::driver::LaunchConfig;
 
 use super::{grid_1d, launch, CudaBackend};
-use crate::backend::{check, Backend};
+use crate::backend::check;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -29,20 +29,16 @@ pub(super) fn layer_norm(
     let out = be.output(DType::BF16, x.shape())?;
     let cfg = per_row("layer_norm", rows, c)?;
     match modulation {
-        None => launch!(be.dev, "layer_norm_bf16", cfg, xp, be.ptr(&out)?, c as i32, eps, 0u64, 0u64, 0i64, 1i64)?,
+        None => {
+            launch!(be.dev, "layer_norm_bf16", cfg, xp, be.ptr(&out)?, c as i32, eps, 0u64, 0u64, 0i64, 0i64, 1i64)?
+        }
         Some((shift, scale)) => {
             check::per_sample("layer_norm_modulate", &x, shift)?;
             check::per_sample("layer_norm_modulate", &x, scale)?;
-            let (shift, sp, ss) = be.vec_arg(shift, "layer_norm_modulate")?;
-            let (scale, cp, cs) = be.vec_arg(scale, "layer_norm_modulate")?;
-            // The kernel takes one row stride for both vectors; equalise them if they differ
-            // (the dense copies must stay alive until the launch is queued).
-            let dense = if ss == cs { None } else { Some((be.contiguous(&shift)?, be.contiguous(&scale)?)) };
-            let (sp, cp, stride) = match &dense {
-                None => (sp, cp, ss),
-                Some((s, k)) => (be.ptr(s)?, be.ptr(k)?, c as i64),
-            };
-            launch!(be.dev, "layer_norm_bf16", cfg, xp, be.ptr(&out)?, c as i32, eps, sp, cp, stride, x.dim(1) as i64)?;
+            let (_s, sp, ss) = be.vec_arg(shift, "layer_norm_modulate")?;
+            let (_c, cp, cs) = be.vec_arg(scale, "layer_norm_modulate")?;
+            let (op, rows_per_sample) = (be.ptr(&out)?, x.dim(1) as i64);
+            launch!(be.dev, "layer_norm_bf16", cfg, xp, op, c as i32, eps, sp, cp, ss, cs, rows_per_sample)?;
         }
     }
     Ok(out)
