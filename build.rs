@@ -8,15 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
-/// (NVRTC --gpu-architecture, name in the binary). sm_90a holds the Hopper-only instructions.
-const TARGETS: [(&str, &str); 6] = [
-    ("sm_80", "sm_80"),
-    ("sm_86", "sm_86"),
-    ("sm_89", "sm_89"),
-    ("sm_90a", "sm_90a"),
-    ("sm_120", "sm_120"),
-    ("compute_80", "compute_80"),
-];
+/// NVRTC --gpu-architecture values, also the images' names in the binary. sm_90a holds the
+/// Hopper-only instructions; compute_80 is PTX for cards newer than the cubins.
+const TARGETS: [&str; 6] = ["sm_80", "sm_86", "sm_89", "sm_90a", "sm_120", "compute_80"];
 
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
@@ -63,20 +57,20 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|e| e == "cu"))
         .collect();
     sources.sort();
-    let jobs: Vec<(PathBuf, &str, &str)> =
-        sources.iter().flat_map(|s| TARGETS.iter().map(move |(arch, name)| (s.clone(), *arch, *name))).collect();
+    let jobs: Vec<(PathBuf, &str)> =
+        sources.iter().flat_map(|s| TARGETS.iter().map(move |arch| (s.clone(), *arch))).collect();
     let results: Vec<(String, String, PathBuf)> = std::thread::scope(|scope| {
         let handles: Vec<_> = jobs
             .iter()
-            .map(|(src, arch, name)| {
+            .map(|(src, arch)| {
                 let (include, kernel_dir, out_dir) = (&include, &kernel_dir, &out_dir);
                 scope.spawn(move || {
                     let module = src.file_stem().unwrap().to_string_lossy().to_string();
                     let image = compile(src, arch, include, kernel_dir);
                     let ext = if arch.starts_with("compute") { "ptx" } else { "cubin" };
-                    let path = out_dir.join(format!("{module}.{name}.{ext}"));
+                    let path = out_dir.join(format!("{module}.{arch}.{ext}"));
                     std::fs::write(&path, image).unwrap();
-                    (module, name.to_string(), path)
+                    (module, arch.to_string(), path)
                 })
             })
             .collect();
@@ -153,5 +147,7 @@ fn write_registry(out_dir: &Path, images: &[(String, String, PathBuf)], status: 
     }
     s.push_str("];\n");
     s.push_str(&format!("pub static KERNEL_STATUS: &str = {status:?};\n"));
+    s.push_str("/// Every target build.rs compiles for (whether or not this build had NVRTC).\n");
+    s.push_str(&format!("pub static KERNEL_TARGETS: &[&str] = &{TARGETS:?};\n"));
     std::fs::write(out_dir.join("kernels.rs"), s).unwrap();
 }

@@ -2,8 +2,6 @@
 // per output. Each has a CPU reference op (src/backend/cpu) that the selftest compares against.
 #include "common.cuh"
 
-#define GRID_STRIDE(i, n) for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long)gridDim.x * blockDim.x)
-
 extern "C" __global__ void fill_u16(unsigned short* y, unsigned short v, long n) {
     GRID_STRIDE(i, n) y[i] = v;
 }

@@ -158,7 +158,7 @@ extern "C" __global__ void __launch_bounds__(256)
 extern "C" __global__ void im2col_bf16(const bf16* x, bf16* col, int cin, int h, int w, int kh, int kw, int stride,
                                        int pad_t, int pad_l, int wo, long p0, long np) {
     long kdim = (long)cin * kh * kw;
-    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < np * kdim; i += (long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(i, np * kdim) {
         long p = p0 + i / kdim;
         int k = (int)(i % kdim);
         int ci = k / (kh * kw), ky = (k / kw) % kh, kx = k % kw;

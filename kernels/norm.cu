@@ -83,7 +83,7 @@ extern "C" __global__ void group_norm_finalize_bf16(const bf16* x, const double*
 extern "C" __global__ void group_norm_apply_bf16(const bf16* x, const float* mean_rstd, const bf16* w, const bf16* b,
                                                  bf16* y, int c, int groups, long hw, int silu, long n) {
     long group_size = (long)(c / groups) * hw;
-    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(i, n) {
         long g = i / group_size;  // = sample * groups + group
         int ch = (int)((i / hw) % c);
         float v = (to_f(x[i]) - mean_rstd[2 * g]) * mean_rstd[2 * g + 1] * to_f(w[ch]) + to_f(b[ch]);

@@ -292,7 +292,7 @@ pub mod check {
         Ok([b, nq, h, nk, hkv, d])
     }
 
-    /// Returns (groups' channels, H·W) for `group_norm`.
+    /// `group_norm`: x NCHW, channels divisible by `groups`, per-channel weight and bias.
     pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor) -> Result<()> {
         rank("group_norm", x, 4)?;
         let c = x.dim(1);

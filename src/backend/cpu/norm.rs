@@ -45,7 +45,7 @@ pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f32) -> Result<Tensor>
 
 pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f32, silu: bool) -> Result<Tensor> {
     check::group_norm(x, groups, weight, bias)?;
-    let (b, c) = (x.dim(0), x.dim(1));
+    let c = x.dim(1);
     let hw = x.dim(2) * x.dim(3);
     let xv = dense("group_norm", x)?;
     let (wv, bv) = (dense("group_norm", weight)?, dense("group_norm", bias)?);
@@ -63,6 +63,5 @@ pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps
             }
         }
     });
-    let _ = b;
     output(y, x.shape())
 }

@@ -127,7 +127,7 @@ pub(super) fn conv2d(
     let (cout, kh, kw) = (w.dim(0), w.dim(2), w.dim(3));
     let pixels = ho * wo;
     let kdim = cin * kh * kw;
-    let (x, xp) = be.bf16_arg(x, "conv2d")?;
+    let (_x, xp) = be.bf16_arg(x, "conv2d")?;
     let (_w, wptr) = be.bf16_arg(w, "conv2d")?;
     let bias = bias.map(|b| be.bf16_arg(b, "conv2d")).transpose()?;
     let bias = bias.as_ref().map_or(Bias::None, |(_, p)| Bias::PerRow(*p));
@@ -161,6 +161,5 @@ pub(super) fn conv2d(
             gemm(be, wptr, colp, bias, ob + (p0 * 2) as u64, cout, np, kdim, pixels)?;
         }
     }
-    let _ = x;
     Ok(out)
 }

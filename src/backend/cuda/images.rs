@@ -51,9 +51,8 @@ mod tests {
     #[cfg(not(no_kernels))]
     #[test]
     fn every_module_has_every_target() {
-        let targets = ["sm_80", "sm_86", "sm_89", "sm_90a", "sm_120", "compute_80"];
         for module in super::super::KERNELS.iter().map(|(m, _)| *m) {
-            for t in targets {
+            for &t in KERNEL_TARGETS {
                 assert!(image(module, t).is_some_and(|b| !b.is_empty()), "{module} has no {t} image");
             }
         }
