@@ -27,44 +27,50 @@ pub enum EncoderPrecision {
 
 pub const INT4_GROUP: usize = 64;
 
-/// Bytes of a `[rows, cols]` linear weight in a quantized format (values + scales).
+/// Bytes of a `[rows, cols]` linear weight in a quantized format (codes + f32 scales), as
+/// `quant::quantize` stores it.
 pub fn linear_bytes(rows: usize, cols: usize, p: EncoderPrecision) -> usize {
-    match p {
-        EncoderPrecision::Bf16 => rows * cols * 2,
-        EncoderPrecision::Fp8 | EncoderPrecision::Int8 => rows * cols + rows * 4,
-        EncoderPrecision::Int4 => rows * cols.div_ceil(2) + rows * cols.div_ceil(INT4_GROUP) * 4,
+    match crate::model::linear::format_for(p) {
+        None => rows * cols * 2,
+        Some(f) => {
+            let f = f.for_cols(cols).unwrap_or(f);
+            f.code_bytes(rows, cols) + f.scale_count(rows, cols) * 4
+        }
     }
 }
 
-fn is_block_linear(name: &str, shape: &[usize]) -> bool {
-    shape.len() == 2 && (name.starts_with("transformer_blocks.") || name.starts_with("single_transformer_blocks."))
+/// The block a transformer tensor belongs to (`transformer_blocks.3`), if any.
+fn block_of(name: &str) -> Option<&str> {
+    if !(name.starts_with("transformer_blocks.") || name.starts_with("single_transformer_blocks.")) {
+        return None;
+    }
+    let second_dot = name.match_indices('.').nth(1).map_or(name.len(), |(i, _)| i);
+    Some(&name[..second_dot])
+}
+
+/// Device bytes of one transformer tensor: block linears in the chosen precision, the rest bf16.
+fn transformer_tensor_bytes(name: &str, shape: &[usize], p: TransformerPrecision) -> usize {
+    match (p, shape.len() == 2 && block_of(name).is_some()) {
+        (TransformerPrecision::Fp8, true) => linear_bytes(shape[0], shape[1], EncoderPrecision::Fp8),
+        _ => shape.iter().product::<usize>() * 2,
+    }
 }
 
 /// Device bytes of the transformer weights.
 pub fn transformer_bytes(cfg: &TransformerConfig, p: TransformerPrecision) -> usize {
-    diffusers_tensors(cfg)
-        .iter()
-        .map(|t| match (p, is_block_linear(&t.name, &t.shape)) {
-            (TransformerPrecision::Fp8, true) => linear_bytes(t.shape[0], t.shape[1], EncoderPrecision::Fp8),
-            _ => t.numel() * 2,
-        })
-        .sum()
+    diffusers_tensors(cfg).iter().map(|t| transformer_tensor_bytes(&t.name, &t.shape, p)).sum()
 }
 
-/// Device bytes of the largest transformer block (what block streaming double-buffers).
+/// Device bytes of the largest transformer block (the unit block streaming uploads), and of
+/// everything outside the blocks.
 pub fn transformer_block_bytes(cfg: &TransformerConfig, p: TransformerPrecision) -> (usize, usize) {
     let mut blocks = std::collections::BTreeMap::<String, usize>::new();
     let mut rest = 0;
     for t in diffusers_tensors(cfg) {
-        let bytes = match (p, is_block_linear(&t.name, &t.shape)) {
-            (TransformerPrecision::Fp8, true) => linear_bytes(t.shape[0], t.shape[1], EncoderPrecision::Fp8),
-            _ => t.numel() * 2,
-        };
-        let parts: Vec<&str> = t.name.splitn(3, '.').collect();
-        if t.name.starts_with("transformer_blocks.") || t.name.starts_with("single_transformer_blocks.") {
-            *blocks.entry(format!("{}.{}", parts[0], parts[1])).or_default() += bytes;
-        } else {
-            rest += bytes;
+        let bytes = transformer_tensor_bytes(&t.name, &t.shape, p);
+        match block_of(&t.name) {
+            Some(block) => *blocks.entry(block.to_string()).or_default() += bytes,
+            None => rest += bytes,
         }
     }
     (blocks.values().copied().max().unwrap_or(0), rest)
