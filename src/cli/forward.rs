@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use super::{expect_rank, read_f32, write_f32};
 use crate::device::{self, DeviceChoice};
 use crate::error::{Error, Result};
+use crate::model::component_dir;
 use crate::model::qwen3::{Qwen3TextEncoder, KLEIN_OUT_LAYERS};
 use crate::model::rope::PositionIds;
 use crate::model::tokenizer::TokenizedPrompt;
@@ -133,16 +134,6 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
                 if z.dim(1) == vae.config().packed_channels() { vae.decode_normalized(&z)? } else { vae.decode(&z)? };
             write_f32(&args.out, &[("sample", &sample)])
         }
-    }
-}
-
-/// `PATH/<name>` when PATH is a pipeline folder, else PATH itself.
-fn component_dir(path: &std::path::Path, name: &str) -> std::path::PathBuf {
-    let sub = path.join(name);
-    if sub.is_dir() {
-        sub
-    } else {
-        path.to_path_buf()
     }
 }
 

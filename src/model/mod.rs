@@ -6,3 +6,13 @@ pub mod rope;
 pub mod tokenizer;
 pub mod transformer;
 pub mod vae;
+
+/// A component's folder: `path/<name>` when `path` is a pipeline folder that has one, else `path`.
+pub fn component_dir(path: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let sub = path.join(name);
+    if sub.is_dir() {
+        sub
+    } else {
+        path.to_path_buf()
+    }
+}

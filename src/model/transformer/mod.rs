@@ -24,7 +24,7 @@ use crate::weights::WeightStore;
 /// BFL-layout `.safetensors` file. Returns the weight store and, for diffusers, the config path.
 pub fn locate(path: &Path) -> Result<(WeightStore, Option<std::path::PathBuf>)> {
     if path.is_dir() {
-        let dir = if path.join("transformer").is_dir() { path.join("transformer") } else { path.to_path_buf() };
+        let dir = super::component_dir(path, "transformer");
         let config = dir.join("config.json");
         let store = WeightStore::open(&dir)?;
         return Ok((store, config.is_file().then_some(config)));
