@@ -65,8 +65,7 @@ __device__ __forceinline__ void flash_attention(const bf16* __restrict__ q, cons
                                                 const bf16* __restrict__ v, bf16* __restrict__ out, int nq, int nk, int heads,
                                                 int kv_heads, float scale_log2, int causal, const int* valid_len) {
     constexpr int BQ = 64, BKV = 64, LD = D + 8;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
+    bf16* Qs = dynamic_smem<bf16>();
     bf16* Ks = Qs + BQ * LD;
     bf16* Vs = Ks + BKV * LD;
 

@@ -46,8 +46,23 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return block_reduce<warp_max>(v, scratch, NEG_INFINITY_F);
 }
 
+// Dynamic shared memory (the launch's sharedMemBytes), 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+#ifdef FLUX2_CUDA_SIM
+    return reinterpret_cast<T*>(sim_dynamic_smem());
+#else
+    extern __shared__ __align__(16) unsigned char dynamic_smem_bytes[];
+    return reinterpret_cast<T*>(dynamic_smem_bytes);
+#endif
+}
+
 __device__ __forceinline__ float silu_f(float x) { return x / (1.f + __expf(-x)); }
 
+#ifdef FLUX2_CUDA_SIM
+// The CPU emulator (cuda-sim/) has its own version of every wrapper below.
+#include "sim_ptx.h"
+#else
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     return (unsigned)__cvta_generic_to_shared(p);
 }
@@ -79,6 +94,7 @@ __device__ __forceinline__ void mma_bf16_16816(float d[4], const unsigned a[4], 
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif  // FLUX2_CUDA_SIM
 
 __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);

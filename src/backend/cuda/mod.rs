@@ -77,6 +77,9 @@ const KERNELS: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// Device names reported by the emulated driver (cuda-sim/) start with this.
+pub const EMULATOR_NAME_PREFIX: &str = "flux2 cuda-sim";
+
 /// Device state shared by the backend and every tensor it owns.
 pub struct CudaDevice {
     pub ctx: Arc<CudaContext>,
@@ -86,6 +89,8 @@ pub struct CudaDevice {
     pub compute_capability: (i32, i32),
     pub target: &'static str,
     pub total_memory: usize,
+    /// The driver is flux2's CUDA emulator (cuda-sim/), not a GPU: kernels run on the CPU.
+    pub emulated: bool,
     live: AtomicUsize,
     peak: AtomicUsize,
     /// Bytes the engine may hold (0: no limit); allocations beyond it fail cleanly.
@@ -240,8 +245,10 @@ impl CudaBackend {
                 .map_err(gpu_err)?;
         }
         keep_pool_memory(&ctx);
+        let name = ctx.name().map_err(gpu_err)?;
         let dev = CudaDevice {
-            name: ctx.name().map_err(gpu_err)?,
+            emulated: name.starts_with(EMULATOR_NAME_PREFIX),
+            name,
             total_memory: ctx.total_mem().map_err(gpu_err)?,
             stream: ctx.default_stream(),
             ctx,
@@ -258,6 +265,12 @@ impl CudaBackend {
 
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.dev
+    }
+
+    /// True under the CUDA emulator (scripts/with-cuda-sim.sh): correct but slow, so checks pick
+    /// small shapes and timings mean nothing.
+    pub fn is_emulated(&self) -> bool {
+        self.dev.emulated
     }
 
     /// Fill every new output buffer with NaN first (selftest: catches unwritten elements).

@@ -1,0 +1,66 @@
+// The interface between host-compiled kernel modules and the emulator runtime (libcuda.so.1).
+// Kernel code never touches runtime state directly: every built-in (indices, barriers, warp
+// collectives, atomics, PTX wrappers) is a call into the runtime, which is not instrumented, so
+// the access checks see only the kernel's own loads and stores.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+struct sim_dim3 {
+    unsigned x, y, z;
+};
+
+// Warp-collective shuffle modes (PTX shfl.sync .idx/.up/.down/.bfly).
+enum sim_shfl_mode { SIM_SHFL_IDX = 0, SIM_SHFL_UP = 1, SIM_SHFL_DOWN = 2, SIM_SHFL_XOR = 3 };
+// Warp votes.
+enum sim_vote_mode { SIM_VOTE_BALLOT = 0, SIM_VOTE_ANY = 1, SIM_VOTE_ALL = 2 };
+// Atomic read-modify-write operations and operand types.
+enum sim_atomic_op { SIM_ATOMIC_ADD = 0, SIM_ATOMIC_MAX, SIM_ATOMIC_MIN, SIM_ATOMIC_EXCH, SIM_ATOMIC_CAS, SIM_ATOMIC_AND, SIM_ATOMIC_OR, SIM_ATOMIC_XOR };
+enum sim_atomic_type { SIM_I32 = 0, SIM_U32, SIM_I64, SIM_U64, SIM_F32, SIM_F64 };
+
+extern "C" {
+sim_dim3 sim_thread_idx();
+sim_dim3 sim_block_idx();
+sim_dim3 sim_block_dim();
+sim_dim3 sim_grid_dim();
+
+// __syncthreads(): a real barrier among the block's threads; `line` names the call site so
+// that threads waiting at different barriers are reported (divergent barrier).
+void sim_syncthreads(int line);
+// Warp collectives: every lane named in `mask` must reach the same operation.
+uint64_t sim_shfl(int mode, unsigned mask, uint64_t value, int lane_or_delta, int width, int line);
+unsigned sim_vote(int mode, unsigned mask, int predicate, int line);
+void sim_syncwarp(unsigned mask, int line);
+unsigned sim_activemask();
+
+// Atomic RMW on global or shared memory; `compare` is used by CAS only. Returns the old value.
+uint64_t sim_atomic(int op, int type, void* address, uint64_t value, uint64_t compare);
+
+// Dynamic shared memory of the running block (extern __shared__ arrays).
+void* sim_dynamic_smem();
+
+// PTX wrappers (kernels/common.cuh): emulated from the PTX ISA's definitions.
+void sim_cp_async(void* dst_shared, const void* src_global, int cp_size, int src_bytes);
+void sim_cp_async_commit();
+void sim_cp_async_wait(int pending_groups);
+void sim_ldmatrix(unsigned* regs, const void* shared_row, int matrices, int trans);
+void sim_mma_bf16_m16n8k16(float* d, const unsigned* a, unsigned b0, unsigned b1);
+
+// Kernel-side failure with a message (e.g. a trap or an unsupported built-in).
+[[noreturn]] void sim_trap(const char* what);
+}
+
+// A kernel module (one kernels/*.cu compiled for one target) exports its table of kernels.
+typedef void (*sim_kernel_thunk)(void** params);
+struct sim_kernel_entry {
+    const char* name;
+    sim_kernel_thunk thunk;  // unpacks cuLaunchKernel's parameter pointers and calls the kernel
+};
+struct sim_module_table {
+    const char* module;  // e.g. "gemm"
+    const char* target;  // e.g. "sm_89"
+    int count;
+    const sim_kernel_entry* kernels;
+};
+#define SIM_MODULE_TABLE_SYMBOL "sim_module_kernels"
+typedef const sim_module_table* (*sim_module_table_fn)();

@@ -1,0 +1,584 @@
+// The CUDA driver API entry points the backend reaches through cudarc's dynamic loading (symbols
+// are looked up lazily, so this subset is enough). One device with the chosen profile, one
+// primary context; every operation completes before its call returns, so streams, events and
+// asynchronous copies are trivially ordered. Kernel faults are sticky, as on a GPU: the context
+// reports the error until it is released and created again.
+#include <algorithm>
+#include <chrono>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fcntl.h>
+#include <set>
+#include <unistd.h>
+
+#include "runtime.h"
+
+using namespace sim;
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef void* CUcontext;
+typedef void* CUmodule;
+typedef void* CUfunction;
+typedef void* CUstream;
+typedef void* CUevent;
+typedef void* CUmemoryPool;
+
+namespace {
+
+struct Context {
+    int refs = 0;
+    Result sticky = OK;
+} g_ctx;
+bool g_initialised = false;
+thread_local CUcontext tl_current = nullptr;
+std::mutex g_api_mu;  // one launch or module operation at a time
+int g_dummy_handles[64];
+
+CUresult fail_with(Result code, const char* fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    set_error_detail(code, std::string("cuda-sim: ") + buf);
+    return code;
+}
+
+#define REQUIRE_INIT() \
+    if (!g_initialised) return ERR_NOT_INITIALIZED
+#define CHECK_STICKY() \
+    if (g_ctx.sticky != OK) return g_ctx.sticky
+
+std::string target_for(const ImageInfo& img) {
+    // The host build compiled with the same __CUDA_ARCH__ as the image: PTX for compute_80 and
+    // the sm_80 cubin share one.
+    std::string t = "sm_" + std::to_string(img.arch);
+    if (img.arch_specific) t += "a";
+    return t;
+}
+
+void note_coverage(const Function& f) {
+    static std::mutex mu;
+    static std::set<std::string> seen;
+    const char* path = getenv("FLUX2_SIM_COVERAGE");
+    if (!path || !*path) return;
+    std::lock_guard lock(mu);
+    std::string line = f.target + " " + f.name + "\n";
+    if (!seen.insert(line).second) return;
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd >= 0) {
+        ssize_t n = write(fd, line.data(), line.size());
+        (void)n;
+        close(fd);
+    }
+}
+
+int regs_limited_threads(const Function& f) {
+    if (f.image.regs <= 0) return 1024;
+    int per_warp = ((f.image.regs * 32 + 255) / 256) * 256;
+    return std::min(1024, (profile().regs_per_block / per_warp) * 32);
+}
+
+int default_max_dynamic(const Function& f) { return std::max(0, profile().smem_per_block - (int)f.image.static_smem); }
+
+const char* error_name(CUresult e) {
+    switch (e) {
+        case OK: return "CUDA_SUCCESS";
+        case ERR_INVALID_VALUE: return "CUDA_ERROR_INVALID_VALUE";
+        case ERR_OUT_OF_MEMORY: return "CUDA_ERROR_OUT_OF_MEMORY";
+        case ERR_NOT_INITIALIZED: return "CUDA_ERROR_NOT_INITIALIZED";
+        case ERR_NO_DEVICE: return "CUDA_ERROR_NO_DEVICE";
+        case ERR_INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
+        case ERR_INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
+        case ERR_INVALID_CONTEXT: return "CUDA_ERROR_INVALID_CONTEXT";
+        case ERR_NO_BINARY_FOR_GPU: return "CUDA_ERROR_NO_BINARY_FOR_GPU";
+        case ERR_INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
+        case ERR_NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
+        case ERR_NOT_READY: return "CUDA_ERROR_NOT_READY";
+        case ERR_ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
+        case ERR_LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
+        case ERR_ILLEGAL_INSTRUCTION: return "CUDA_ERROR_ILLEGAL_INSTRUCTION";
+        case ERR_MISALIGNED_ADDRESS: return "CUDA_ERROR_MISALIGNED_ADDRESS";
+        case ERR_LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
+        case ERR_NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
+        default: return "CUDA_ERROR_UNKNOWN";
+    }
+}
+
+const char* error_text(CUresult e) {
+    switch (e) {
+        case OK: return "no error";
+        case ERR_INVALID_VALUE: return "invalid argument";
+        case ERR_OUT_OF_MEMORY: return "out of memory";
+        case ERR_NOT_INITIALIZED: return "initialization error";
+        case ERR_NO_DEVICE: return "no CUDA-capable device is detected";
+        case ERR_INVALID_DEVICE: return "invalid device ordinal";
+        case ERR_INVALID_IMAGE: return "device kernel image is invalid";
+        case ERR_INVALID_CONTEXT: return "invalid device context";
+        case ERR_NO_BINARY_FOR_GPU: return "no kernel image is available for execution on the device";
+        case ERR_INVALID_HANDLE: return "invalid resource handle";
+        case ERR_NOT_FOUND: return "named symbol not found";
+        case ERR_NOT_READY: return "device not ready";
+        case ERR_ILLEGAL_ADDRESS: return "an illegal memory access was encountered";
+        case ERR_LAUNCH_OUT_OF_RESOURCES: return "too many resources requested for launch";
+        case ERR_ILLEGAL_INSTRUCTION: return "an illegal instruction was encountered";
+        case ERR_MISALIGNED_ADDRESS: return "misaligned address";
+        case ERR_LAUNCH_FAILED: return "unspecified launch failure";
+        case ERR_NOT_SUPPORTED: return "operation not supported";
+        default: return "unknown error";
+    }
+}
+
+double now_ms() {
+    using namespace std::chrono;
+    return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+extern "C" {
+
+CUresult cuInit(unsigned) {
+    profile();  // validates FLUX2_SIM_ARCH
+    g_initialised = true;
+    return OK;
+}
+CUresult cuDriverGetVersion(int* v) {
+    *v = 13000;  // driver 580 (CUDA 13.0)
+    return OK;
+}
+CUresult cuGetErrorString(CUresult e, const char** s) {
+    const char* d = error_detail((Result)e);
+    *s = d ? d : error_text(e);
+    return OK;
+}
+CUresult cuGetErrorName(CUresult e, const char** s) {
+    *s = error_name(e);
+    return OK;
+}
+
+// ---- device ----
+CUresult cuDeviceGetCount(int* n) {
+    REQUIRE_INIT();
+    *n = 1;
+    return OK;
+}
+CUresult cuDeviceGet(CUdevice* d, int ordinal) {
+    REQUIRE_INIT();
+    if (ordinal != 0) return fail_with(ERR_INVALID_DEVICE, "device %d does not exist (the emulator has one)", ordinal);
+    *d = 0;
+    return OK;
+}
+CUresult cuDeviceGetName(char* name, int len, CUdevice) {
+    if (len <= 0) return ERR_INVALID_VALUE;
+    snprintf(name, (size_t)len, "%s", device_name().c_str());
+    return OK;
+}
+CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) {
+    *bytes = device_memory();
+    return OK;
+}
+CUresult cuDeviceGetUuid(unsigned char* uuid, CUdevice) {
+    memcpy(uuid, "flux2-cuda-sim\0\0", 16);
+    uuid[15] = (unsigned char)(profile().major * 10 + profile().minor);
+    return OK;
+}
+CUresult cuDeviceGetUuid_v2(unsigned char* uuid, CUdevice d) { return cuDeviceGetUuid(uuid, d); }
+CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
+    const Profile& p = profile();
+    switch (attr) {
+        case 1: *v = 1024; break;                          // MAX_THREADS_PER_BLOCK
+        case 2: case 3: *v = 1024; break;                  // MAX_BLOCK_DIM_X/Y
+        case 4: *v = 64; break;                            // MAX_BLOCK_DIM_Z
+        case 5: *v = 2147483647; break;                    // MAX_GRID_DIM_X
+        case 6: case 7: *v = 65535; break;                 // MAX_GRID_DIM_Y/Z
+        case 8: *v = p.smem_per_block; break;              // MAX_SHARED_MEMORY_PER_BLOCK
+        case 9: *v = 65536; break;                         // TOTAL_CONSTANT_MEMORY
+        case 10: *v = 32; break;                           // WARP_SIZE
+        case 12: *v = p.regs_per_block; break;             // MAX_REGISTERS_PER_BLOCK
+        case 13: *v = p.clock_khz; break;                  // CLOCK_RATE
+        case 16: *v = p.sms; break;                        // MULTIPROCESSOR_COUNT
+        case 18: *v = 0; break;                            // INTEGRATED
+        case 31: *v = 1; break;                            // CONCURRENT_KERNELS
+        case 36: *v = p.mem_clock_khz; break;              // MEMORY_CLOCK_RATE
+        case 37: *v = p.bus_width_bits; break;             // GLOBAL_MEMORY_BUS_WIDTH
+        case 38: *v = p.l2_bytes; break;                   // L2_CACHE_SIZE
+        case 39: *v = p.max_threads_per_sm; break;         // MAX_THREADS_PER_MULTIPROCESSOR
+        case 40: *v = 2; break;                            // ASYNC_ENGINE_COUNT
+        case 41: *v = 1; break;                            // UNIFIED_ADDRESSING
+        case 75: *v = p.major; break;                      // COMPUTE_CAPABILITY_MAJOR
+        case 76: *v = p.minor; break;                      // COMPUTE_CAPABILITY_MINOR
+        case 81: *v = p.smem_per_sm; break;                // MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
+        case 82: *v = p.regs_per_sm; break;                // MAX_REGISTERS_PER_MULTIPROCESSOR
+        case 83: *v = 1; break;                            // MANAGED_MEMORY
+        case 97: *v = p.smem_per_block_optin; break;       // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+        case 106: *v = p.max_threads_per_sm >= 2048 ? 32 : 24; break;  // MAX_BLOCKS_PER_MULTIPROCESSOR
+        case 111: *v = 1024; break;                        // RESERVED_SHARED_MEMORY_PER_BLOCK
+        case 115: *v = 1; break;                           // MEMORY_POOLS_SUPPORTED
+        default: *v = 0; break;
+    }
+    return OK;
+}
+
+// ---- context ----
+CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice d) {
+    REQUIRE_INIT();
+    if (d != 0) return ERR_INVALID_DEVICE;
+    std::lock_guard lock(g_api_mu);
+    g_ctx.refs++;
+    *c = &g_ctx;
+    return OK;
+}
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) {
+    std::lock_guard lock(g_api_mu);
+    if (g_ctx.refs > 0 && --g_ctx.refs == 0) g_ctx.sticky = OK;  // a new context starts clean
+    return OK;
+}
+CUresult cuDevicePrimaryCtxReset_v2(CUdevice) {
+    std::lock_guard lock(g_api_mu);
+    g_ctx.sticky = OK;
+    return OK;
+}
+CUresult cuDevicePrimaryCtxGetState(CUdevice, unsigned* flags, int* active) {
+    *flags = 0;
+    *active = g_ctx.refs > 0;
+    return OK;
+}
+CUresult cuDevicePrimaryCtxSetFlags_v2(CUdevice, unsigned) { return OK; }
+CUresult cuCtxSetCurrent(CUcontext c) {
+    tl_current = c;
+    return OK;
+}
+CUresult cuCtxGetCurrent(CUcontext* c) {
+    *c = tl_current;
+    return OK;
+}
+CUresult cuCtxPushCurrent_v2(CUcontext c) { return cuCtxSetCurrent(c); }
+CUresult cuCtxPopCurrent_v2(CUcontext* c) {
+    if (c) *c = tl_current;
+    return OK;
+}
+CUresult cuCtxGetDevice(CUdevice* d) {
+    *d = 0;
+    return OK;
+}
+CUresult cuCtxSynchronize() {
+    CHECK_STICKY();
+    return OK;
+}
+CUresult cuCtxGetLimit(size_t* v, int) {
+    *v = 0;
+    return OK;
+}
+CUresult cuCtxSetLimit(int, size_t) { return OK; }
+CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
+    if (least) *least = 0;
+    if (greatest) *greatest = -5;
+    return OK;
+}
+CUresult cuCtxSetCacheConfig(int) { return OK; }
+CUresult cuCtxGetCacheConfig(int* c) {
+    *c = 0;
+    return OK;
+}
+CUresult cuCtxSetFlags(unsigned) { return OK; }
+CUresult cuCtxGetApiVersion(CUcontext, unsigned* v) {
+    *v = 12080;
+    return OK;
+}
+
+// ---- memory ----
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    REQUIRE_INIT();
+    CHECK_STICKY();
+    uintptr_t a = 0;
+    Result r = mem_alloc(bytes, &a);
+    if (r != OK)
+        return fail_with(r, "out of memory: %zu bytes requested, %zu of %zu in use (FLUX2_SIM_MEMORY sets the size)", bytes,
+                         mem_used(), device_memory());
+    *p = a;
+    return OK;
+}
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) { return cuMemAlloc_v2(p, bytes); }
+CUresult cuMemAllocFromPoolAsync(CUdeviceptr* p, size_t bytes, CUmemoryPool, CUstream) { return cuMemAlloc_v2(p, bytes); }
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    if (!p) return OK;
+    if (mem_free((uintptr_t)p) != OK) return fail_with(ERR_INVALID_VALUE, "cuMemFree of 0x%llx, which is not a live allocation", p);
+    return OK;
+}
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return cuMemFree_v2(p); }
+CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+    size_t used = mem_used(), all = device_memory();
+    *free_bytes = all > used ? all - used : 0;
+    *total = all;
+    return OK;
+}
+CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
+    *p = malloc(bytes ? bytes : 1);
+    return *p ? OK : ERR_OUT_OF_MEMORY;
+}
+CUresult cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
+CUresult cuMemFreeHost(void* p) {
+    free(p);
+    return OK;
+}
+CUresult cuMemHostRegister_v2(void*, size_t, unsigned) { return OK; }
+CUresult cuMemHostUnregister(void*) { return OK; }
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    CHECK_STICKY();
+    if (Result r = mem_check_range((uintptr_t)dst, n, "host-to-device copy destination"); r != OK) return r;
+    if (n) memcpy((void*)(uintptr_t)dst, src, n);
+    return OK;
+}
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    CHECK_STICKY();
+    if (Result r = mem_check_range((uintptr_t)src, n, "device-to-host copy source"); r != OK) return r;
+    if (n) memcpy(dst, (void*)(uintptr_t)src, n);
+    return OK;
+}
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    CHECK_STICKY();
+    if (Result r = mem_check_range((uintptr_t)dst, n, "device-to-device copy destination"); r != OK) return r;
+    if (Result r = mem_check_range((uintptr_t)src, n, "device-to-device copy source"); r != OK) return r;
+    if (n) memmove((void*)(uintptr_t)dst, (void*)(uintptr_t)src, n);
+    return OK;
+}
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, CUstream) { return cuMemcpyHtoD_v2(d, s, n); }
+CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) { return cuMemcpyDtoH_v2(d, s, n); }
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream) { return cuMemcpyDtoD_v2(d, s, n); }
+CUresult cuMemcpyAsync(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream) { return cuMemcpyDtoD_v2(d, s, n); }
+CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
+    CHECK_STICKY();
+    if (Result r = mem_check_range((uintptr_t)d, n, "memset"); r != OK) return r;
+    memset((void*)(uintptr_t)d, v, n);
+    return OK;
+}
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream) { return cuMemsetD8_v2(d, v, n); }
+CUresult cuMemsetD16_v2(CUdeviceptr d, unsigned short v, size_t n) {
+    CHECK_STICKY();
+    if (Result r = mem_check_range((uintptr_t)d, n * 2, "memset"); r != OK) return r;
+    for (size_t i = 0; i < n; i++) memcpy((char*)(uintptr_t)d + 2 * i, &v, 2);
+    return OK;
+}
+CUresult cuMemsetD16Async(CUdeviceptr d, unsigned short v, size_t n, CUstream) { return cuMemsetD16_v2(d, v, n); }
+CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned v, size_t n) {
+    CHECK_STICKY();
+    if (Result r = mem_check_range((uintptr_t)d, n * 4, "memset"); r != OK) return r;
+    for (size_t i = 0; i < n; i++) memcpy((char*)(uintptr_t)d + 4 * i, &v, 4);
+    return OK;
+}
+CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, CUstream) { return cuMemsetD32_v2(d, v, n); }
+CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice) {
+    *pool = &g_dummy_handles[0];
+    return OK;
+}
+CUresult cuDeviceGetMemPool(CUmemoryPool* pool, CUdevice d) { return cuDeviceGetDefaultMemPool(pool, d); }
+CUresult cuDeviceSetMemPool(CUdevice, CUmemoryPool) { return OK; }
+CUresult cuMemPoolSetAttribute(CUmemoryPool, int, void*) { return OK; }
+CUresult cuMemPoolGetAttribute(CUmemoryPool, int, void* v) {
+    memset(v, 0, 8);
+    return OK;
+}
+CUresult cuMemPoolTrimTo(CUmemoryPool, size_t) { return OK; }
+
+// ---- streams and events (every operation has completed when its call returns) ----
+CUresult cuStreamCreate(CUstream* s, unsigned) {
+    *s = &g_dummy_handles[1];
+    return OK;
+}
+CUresult cuStreamCreateWithPriority(CUstream* s, unsigned f, int) { return cuStreamCreate(s, f); }
+CUresult cuStreamDestroy_v2(CUstream) { return OK; }
+CUresult cuStreamSynchronize(CUstream) {
+    CHECK_STICKY();
+    return OK;
+}
+CUresult cuStreamQuery(CUstream) {
+    CHECK_STICKY();
+    return OK;
+}
+CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return OK; }
+CUresult cuStreamIsCapturing(CUstream, int* status) {
+    *status = 0;
+    return OK;
+}
+CUresult cuStreamBeginCapture_v2(CUstream, int) {
+    return fail_with(ERR_NOT_SUPPORTED, "stream capture (CUDA graphs) is not emulated yet");
+}
+CUresult cuLaunchHostFunc(CUstream, void (*fn)(void*), void* data) {
+    fn(data);
+    return OK;
+}
+CUresult cuEventCreate(CUevent* e, unsigned) {
+    *e = new double(0);
+    return OK;
+}
+CUresult cuEventRecord(CUevent e, CUstream) {
+    *(double*)e = now_ms();
+    return OK;
+}
+CUresult cuEventRecordWithFlags(CUevent e, CUstream s, unsigned) { return cuEventRecord(e, s); }
+CUresult cuEventSynchronize(CUevent) {
+    CHECK_STICKY();
+    return OK;
+}
+CUresult cuEventQuery(CUevent) { return OK; }
+CUresult cuEventDestroy_v2(CUevent e) {
+    delete (double*)e;
+    return OK;
+}
+CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
+    *ms = (float)(*(double*)b - *(double*)a);
+    return OK;
+}
+CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) { return cuEventElapsedTime(ms, a, b); }
+
+// ---- modules and functions ----
+CUresult cuModuleLoadData(CUmodule* out, const void* image) {
+    REQUIRE_INIT();
+    CHECK_STICKY();
+    std::lock_guard lock(g_api_mu);
+    auto* m = new Module;
+    std::string err;
+    if (!parse_image(image, m->info, err)) {
+        delete m;
+        return fail_with(ERR_INVALID_IMAGE, "cuModuleLoadData: %s", err.c_str());
+    }
+    const Profile& p = profile();
+    if (!image_runs_on(m->info, p.major, p.minor)) {
+        std::string t = target_for(m->info) + (m->info.is_ptx ? " PTX" : " cubin");
+        delete m;
+        return fail_with(ERR_NO_BINARY_FOR_GPU, "a %s image does not run on the %s profile (compute capability %d.%d)",
+                         t.c_str(), p.arch, p.major, p.minor);
+    }
+    m->target = target_for(m->info);
+    for (const KernelImageInfo& k : m->info.kernels) {
+        std::string why;
+        const HostKernel* host = host_kernel(m->target, k.name, &why);
+        if (!host) {
+            delete m;
+            return fail_with(ERR_INVALID_IMAGE, "%s", why.c_str());
+        }
+        auto* f = new Function;
+        f->name = k.name;
+        f->target = m->target;
+        f->image = k;
+        f->image_arch = m->info.arch;
+        f->image_arch_specific = m->info.arch_specific;
+        f->host = host;
+        f->max_dynamic_smem = default_max_dynamic(*f);
+        m->functions.push_back(f);
+    }
+    *out = m;
+    return OK;
+}
+CUresult cuModuleLoadDataEx(CUmodule* out, const void* image, unsigned, void*, void**) { return cuModuleLoadData(out, image); }
+CUresult cuModuleUnload(CUmodule) { return OK; }  // functions stay valid: handles may outlive it in cudarc
+CUresult cuModuleGetFunction(CUfunction* out, CUmodule mod, const char* name) {
+    Module* m = (Module*)mod;
+    if (!m) return ERR_INVALID_HANDLE;
+    for (Function* f : m->functions)
+        if (f->name == name) {
+            *out = f;
+            return OK;
+        }
+    std::string entries;
+    for (Function* f : m->functions) entries += (entries.empty() ? "" : ", ") + f->name;
+    return fail_with(ERR_NOT_FOUND, "kernel %s is not in the loaded %s image (its entries: %s)", name, m->target.c_str(),
+                     entries.c_str());
+}
+CUresult cuModuleGetGlobal_v2(CUdeviceptr*, size_t*, CUmodule, const char* name) {
+    return fail_with(ERR_NOT_FOUND, "module globals (%s) are not emulated", name);
+}
+CUresult cuFuncSetAttribute(CUfunction fn, int attr, int value) {
+    Function* f = (Function*)fn;
+    if (!f) return ERR_INVALID_HANDLE;
+    if (attr == 8) {  // MAX_DYNAMIC_SHARED_SIZE_BYTES
+        int limit = profile().smem_per_block_optin - (int)f->image.static_smem;
+        if (value < 0 || value > limit)
+            return fail_with(ERR_INVALID_VALUE, "%s: %d bytes of dynamic shared memory exceed the %s limit (%d opt-in - %u static)",
+                             f->name.c_str(), value, profile().arch, profile().smem_per_block_optin, f->image.static_smem);
+        f->max_dynamic_smem = value;
+    }
+    return OK;
+}
+CUresult cuFuncGetAttribute(int* v, int attr, CUfunction fn) {
+    Function* f = (Function*)fn;
+    if (!f) return ERR_INVALID_HANDLE;
+    switch (attr) {
+        case 0: *v = f->image.max_threads ? std::min<int>((int)f->image.max_threads, regs_limited_threads(*f)) : regs_limited_threads(*f); break;
+        case 1: *v = (int)f->image.static_smem; break;
+        case 2: *v = 0; break;
+        case 3: *v = (int)f->image.local_bytes; break;
+        case 4: *v = f->image.regs > 0 ? f->image.regs : 0; break;
+        case 5: *v = 80; break;
+        case 6: *v = f->image_arch; break;
+        case 8: *v = f->max_dynamic_smem; break;
+        default: *v = 0; break;
+    }
+    return OK;
+}
+CUresult cuFuncSetCacheConfig(CUfunction, int) { return OK; }
+CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, CUfunction fn, int block_size, size_t dyn) {
+    Function* f = (Function*)fn;
+    const Profile& p = profile();
+    int by_threads = p.max_threads_per_sm / std::max(1, block_size);
+    size_t smem = f->image.static_smem + dyn + 1024;
+    int by_smem = (int)(p.smem_per_sm / smem);
+    int by_regs = 64;
+    if (f->image.regs > 0) {
+        int warps = (block_size + 31) / 32, per_warp = ((f->image.regs * 32 + 255) / 256) * 256;
+        by_regs = p.regs_per_sm / (per_warp * warps);
+    }
+    *blocks = std::max(0, std::min({by_threads, by_smem, by_regs, 32}));
+    return OK;
+}
+CUresult cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* b, CUfunction f, int bs, size_t dyn, unsigned) {
+    return cuOccupancyMaxActiveBlocksPerMultiprocessor(b, f, bs, dyn);
+}
+
+CUresult cuLaunchKernel(CUfunction fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                        unsigned smem, CUstream, void** params, void** extra) {
+    REQUIRE_INIT();
+    CHECK_STICKY();
+    Function* f = (Function*)fn;
+    if (!f) return ERR_INVALID_HANDLE;
+    const char* k = f->name.c_str();
+    if (extra) return fail_with(ERR_NOT_SUPPORTED, "%s: kernel arguments through `extra` are not emulated", k);
+    if (!gx || !gy || !gz || !bx || !by || !bz)
+        return fail_with(ERR_INVALID_VALUE, "%s: empty launch grid (%u,%u,%u) x block (%u,%u,%u)", k, gx, gy, gz, bx, by, bz);
+    if (bx > 1024 || by > 1024 || bz > 64 || (uint64_t)bx * by * bz > 1024)
+        return fail_with(ERR_INVALID_VALUE, "%s: block (%u,%u,%u) exceeds the limits (1024 threads; x, y <= 1024, z <= 64)", k, bx, by, bz);
+    if (gx > 2147483647u || gy > 65535 || gz > 65535)
+        return fail_with(ERR_INVALID_VALUE, "%s: grid (%u,%u,%u) exceeds the limits (x < 2^31, y, z <= 65535)", k, gx, gy, gz);
+    unsigned threads = bx * by * bz;
+    if (f->image.max_threads && threads > f->image.max_threads)
+        return fail_with(ERR_LAUNCH_OUT_OF_RESOURCES, "%s: %u threads per block exceed its __launch_bounds__ of %u", k, threads,
+                         f->image.max_threads);
+    if ((int)threads > regs_limited_threads(*f))
+        return fail_with(ERR_LAUNCH_OUT_OF_RESOURCES, "%s: %u threads x %d registers exceed the %d registers of a block", k, threads,
+                         f->image.regs, profile().regs_per_block);
+    if ((int)smem > f->max_dynamic_smem) {
+        if (f->image.static_smem + smem > (unsigned)profile().smem_per_block && f->max_dynamic_smem == default_max_dynamic(*f))
+            return fail_with(ERR_INVALID_VALUE,
+                             "%s: %u bytes of dynamic shared memory (+%u static) need the opt-in attribute "
+                             "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES above %d bytes",
+                             k, smem, f->image.static_smem, profile().smem_per_block);
+        return fail_with(ERR_INVALID_VALUE, "%s: %u bytes of dynamic shared memory exceed the kernel's attribute (%d bytes)", k,
+                         smem, f->max_dynamic_smem);
+    }
+    if (f->image.static_smem + smem > (unsigned)profile().smem_per_block_optin)
+        return fail_with(ERR_INVALID_VALUE, "%s: %u bytes of shared memory exceed the %s limit of %d per block", k,
+                         f->image.static_smem + smem, profile().arch, profile().smem_per_block_optin);
+    note_coverage(*f);
+    f->launches++;
+    std::lock_guard lock(g_api_mu);
+    Result r = launch(LaunchConfig{f, {gx, gy, gz}, {bx, by, bz}, smem, params});
+    if (r != OK) g_ctx.sticky = r;
+    return r;
+}
+
+}  // extern "C"

@@ -1,0 +1,210 @@
+// Internal state of the emulated driver: device profile, allocations, modules and functions,
+// launches, and the per-worker execution state the access checks consult.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../include/sim_abi.h"
+#include "fiber.h"
+#include "image.h"
+
+namespace sim {
+
+// CUresult values used here (cuda.h).
+enum Result : int {
+    OK = 0,
+    ERR_INVALID_VALUE = 1,
+    ERR_OUT_OF_MEMORY = 2,
+    ERR_NOT_INITIALIZED = 3,
+    ERR_NO_DEVICE = 100,
+    ERR_INVALID_DEVICE = 101,
+    ERR_INVALID_IMAGE = 200,
+    ERR_INVALID_CONTEXT = 201,
+    ERR_NO_BINARY_FOR_GPU = 209,
+    ERR_INVALID_HANDLE = 400,
+    ERR_NOT_FOUND = 500,
+    ERR_NOT_READY = 600,
+    ERR_ILLEGAL_ADDRESS = 700,
+    ERR_LAUNCH_OUT_OF_RESOURCES = 701,
+    ERR_ILLEGAL_INSTRUCTION = 715,
+    ERR_MISALIGNED_ADDRESS = 716,
+    ERR_LAUNCH_FAILED = 719,
+    ERR_NOT_SUPPORTED = 801,
+    ERR_UNKNOWN = 999,
+};
+
+// ---- device profile (profiles.cpp) ----
+struct Profile {
+    const char* arch;  // FLUX2_SIM_ARCH value: "sm_90a"
+    const char* card;  // the card it models
+    int major, minor;
+    bool arch_specific;  // has the "a" feature set (sm_90a)
+    int sms;
+    int max_threads_per_sm;
+    int smem_per_block;        // default limit (48 KB)
+    int smem_per_block_optin;  // with CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    int smem_per_sm;
+    int regs_per_block;
+    int regs_per_sm;
+    size_t memory;
+    int clock_khz, mem_clock_khz, bus_width_bits, l2_bytes;
+};
+const Profile& profile();
+size_t device_memory();  // FLUX2_SIM_MEMORY or the profile's
+std::string device_name();
+
+// ---- device memory (memory.cpp) ----
+struct Allocation {
+    uintptr_t base;
+    size_t size;
+    uint64_t id;
+};
+Result mem_alloc(size_t bytes, uintptr_t* out);
+Result mem_free(uintptr_t ptr);
+size_t mem_used();
+// The live allocation containing [addr, addr + size), or false with a description of what is
+// there instead (a gap, a freed block, past the end of one) in `why`.
+bool mem_find(uintptr_t addr, size_t size, Allocation* out, std::string* why);
+// Checked host-side range (memcpy/memset): the whole range must be in one live allocation.
+Result mem_check_range(uintptr_t addr, size_t size, const char* what);
+
+// ---- modules and functions (driver.cpp, host_modules.cpp) ----
+struct HostKernel {
+    const char* name;
+    sim_kernel_thunk thunk;
+    void* handle;        // the module .so (dlopen handle)
+    size_t tls_modid;    // its TLS module id: static __shared__ lives in its TLS block
+    size_t tls_size;
+};
+// The host build of `name` for `target` (sm_80, ..., sm_90a, sm_120), or nullptr with `why`.
+const HostKernel* host_kernel(const std::string& target, const std::string& name, std::string* why);
+
+struct Function {
+    std::string name;
+    std::string target;  // host build used
+    KernelImageInfo image;
+    int image_arch;
+    bool image_arch_specific;
+    const HostKernel* host;
+    int max_dynamic_smem = 0;  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    std::atomic<uint64_t> launches{0};
+};
+struct Module {
+    ImageInfo info;
+    std::string target;
+    std::vector<Function*> functions;
+};
+
+// ---- execution (exec.cpp) ----
+struct LaunchConfig {
+    Function* fn;
+    sim_dim3 grid, block;
+    unsigned smem_bytes;
+    void** params;
+};
+// Runs the kernel to completion; on a detected defect returns its error code and sets the
+// message (kernel, block, thread, address) returned by cuGetErrorString.
+Result launch(const LaunchConfig& cfg);
+
+// The last detailed error, for cuGetErrorString; sticky errors poison the context as on a GPU.
+void set_error_detail(Result code, const std::string& msg);
+const char* error_detail(Result code);
+
+// ---- per-worker execution state, shared by exec.cpp, access.cpp and ptx.cpp ----
+enum class ThreadState : uint8_t { Runnable, Barrier, Warp, Exited };
+
+struct CpAsyncOp {
+    uint8_t* dst;
+    const uint8_t* src;
+    int size, src_bytes;
+};
+
+enum class Collective : uint8_t { None, Shfl, Vote, SyncWarp, LdMatrix, Mma };
+
+struct BlockState;
+
+struct Thread {
+    BlockState* block;
+    sim_dim3 tid;
+    unsigned linear, warp, lane;
+    ThreadState state;
+    int barrier_line;
+    Fiber fiber;
+    uint8_t* stack_lo;
+    uint8_t* stack_hi;
+    std::vector<CpAsyncOp> open_group;
+    std::deque<std::vector<CpAsyncOp>> groups;
+    // Warp-collective operands and results.
+    uint64_t in_value, out_value;
+    int in_arg, in_arg2;
+    const void* in_ptr;
+    unsigned in_regs[4], out_regs[4];
+    float in_f[4], out_f[4];
+};
+
+struct Warp {
+    Collective kind;
+    int line;
+    unsigned mask, arrived;
+    unsigned sync_epoch;  // collectives completed: orders intra-warp shared accesses
+    int mode;
+};
+
+struct LaunchState;
+
+struct BlockState {
+    LaunchState* launch;
+    sim_dim3 bid;
+    uint64_t linear;
+    std::vector<Thread>* threads;
+    std::vector<Warp> warps;
+    unsigned nthreads;
+    uint8_t* static_base;  // this worker's TLS block of the kernel's module (static __shared__)
+    size_t static_size;
+    uint8_t* dyn_base;  // dynamic shared memory of this block
+    size_t dyn_size;
+    uint32_t epoch;     // barrier interval (race detection)
+    bool atomic_turn;   // all earlier blocks have finished: this block's global atomics may run
+};
+
+// Per OS worker thread (thread_local in exec.cpp).
+struct Worker {
+    BlockState* block = nullptr;
+    Thread* current = nullptr;
+    Fiber scheduler;
+    uint32_t epoch_counter = 0;
+};
+Worker* worker();
+
+// Stops the running kernel with a defect report (never returns when called on a fiber).
+[[noreturn]] void fail(Result code, const std::string& what);
+// "kernel K block (x,y,z) thread (x,y,z)" for reports.
+std::string where();
+
+// Blocks until this block may run global atomics (all earlier blocks finished).
+void wait_atomic_turn();
+// Lands every cp.async the thread has issued (at its end).
+void cp_async_complete_all(Thread& t);
+// A generation number that changes whenever device memory is freed (lookup caches).
+uint64_t mem_generation();
+// Whether `addr` lies in a loaded kernel module's image (its read-only constants).
+bool in_module_image(uintptr_t addr);
+
+// Shared-memory access bookkeeping (access.cpp).
+void shared_access(uint8_t* p, size_t size, bool write, Thread* t, const char* what);
+bool in_shared(const uint8_t* p, size_t size);
+void check_global(const void* p, size_t size, bool write, const char* what);
+void check_alignment(const void* p, size_t align, const char* what);
+void shadow_begin_block(BlockState& b);
+void cp_async_mark_inflight(uint8_t* p, size_t size, int delta);
+
+// Warp collectives (exec.cpp): the calling lane deposits its operands in its Thread, arrives;
+// the last lane to arrive runs `complete` for the warp; returns once results are in place.
+void warp_collective(Collective kind, unsigned mask, int line, void (*complete)(BlockState&, Warp&, unsigned mask, unsigned first_lane));
+
+}  // namespace sim
