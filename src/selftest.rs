@@ -62,70 +62,164 @@ impl Case {
     }
 }
 
-/// The standard suite: odd sizes (tail paths), the real klein shapes (reduced in rows where the
-/// CPU reference would be slow), and every op the models use.
-pub fn cases() -> Vec<Case> {
+/// Which shapes a suite uses. Both run every op through every kernel and launch path with the same
+/// tolerances; they differ in sizes only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Suite {
+    /// Odd sizes (tail paths) and the real klein shapes: for a GPU.
+    Full,
+    /// The same paths at small sizes (rows and columns mostly under 256, K under 512, attention
+    /// over at most 130 keys): for the CUDA emulator (cuda-sim/), which runs the kernels on the
+    /// CPU about 1000x slower than a GPU.
+    Small,
+}
+
+impl Suite {
+    /// Small when `be` is the CUDA backend on the emulated driver, else Full.
+    pub fn for_backend(be: &dyn Backend) -> Suite {
+        if is_emulated(be) {
+            Suite::Small
+        } else {
+            Suite::Full
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Suite::Full => "full",
+            Suite::Small => "small",
+        }
+    }
+}
+
+/// True when `be` is the CUDA backend running on flux2's CUDA emulator (kernels on the CPU).
+pub fn is_emulated(be: &dyn Backend) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        be.as_any().downcast_ref::<crate::backend::cuda::CudaBackend>().is_some_and(|c| c.is_emulated())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = be;
+        false
+    }
+}
+
+/// The cases of `suite`. Full: odd sizes (tail paths), the real klein shapes (reduced in rows
+/// where the CPU reference would be slow), and every op the models use. Small: the same ops and
+/// tolerances at sizes the emulator runs in minutes, still reaching every kernel and launch path
+/// (the comments name the path each small case is there for), plus a few paths the full suite
+/// reaches only through its large shapes or not at all.
+pub fn cases(suite: Suite) -> Vec<Case> {
+    let small = suite == Suite::Small;
     let mut v = Vec::new();
-    for (m, k, n, bias) in [
-        (7, 13, 5, false),
-        (37, 64, 96, true),
-        (130, 72, 200, false),
-        (256, 3072, 9216, false),
-        (256, 3072, 27648, false),
-        (128, 9216, 3072, false),
-        (64, 12288, 3072, false),
-        (300, 2560, 4096, true),
-    ] {
-        let mut inputs = vec![act(&[m, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
+    // (rows, inner, outputs, bias, element offset of the input: 1 puts its rows 2 bytes off the
+    // 16-byte alignment gemm_mma_bf16 needs)
+    let linears: &[(usize, usize, usize, bool, usize)] = match suite {
+        Suite::Full => &[
+            (7, 13, 5, false, 0),
+            (37, 64, 96, true, 0),
+            (130, 72, 200, false, 0),
+            (256, 3072, 9216, false, 0),
+            (256, 3072, 27648, false, 0),
+            (128, 9216, 3072, false, 0),
+            (64, 12288, 3072, false, 0),
+            (300, 2560, 4096, true, 0),
+        ],
+        Suite::Small => &[
+            (7, 13, 5, false, 0),     // gemm_tiled: K % 8 != 0, one ragged tile
+            (40, 50, 33, true, 0),    // gemm_tiled: 3x3 ragged tiles, K tail, column bias
+            (24, 64, 40, false, 1),   // gemm_tiled: K % 8 == 0 but the input is misaligned
+            (37, 64, 96, true, 0),    // gemm_mma: one ragged block, column bias
+            (130, 72, 200, false, 0), // gemm_mma: 2x2 ragged blocks, K tail of 8 (3 K tiles)
+            (140, 264, 72, true, 0),  // gemm_mma: 9 K tiles through the 2-stage pipeline, bias
+        ],
+    };
+    for &(m, k, n, bias, off) in linears {
+        let x = if off == 0 { act(&[m, k]) } else { act(&[off + m * k]) };
+        let mut inputs = vec![x, Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
         if bias {
             inputs.push(act(&[n]));
         }
+        let at = if off == 0 { String::new() } else { format!(" at +{off} elements") };
         v.push(case(
             "linear",
-            format!("{m}x{k} · {n}x{k}ᵀ"),
+            format!("{m}x{k} · {n}x{k}ᵀ{at}"),
             inputs,
             3.0,
-            Box::new(move |be, t| be.linear(&t[0], &t[1], t.get(2))),
+            Box::new(move |be, t| {
+                if off == 0 {
+                    be.linear(&t[0], &t[1], t.get(2))
+                } else {
+                    be.linear(&t[0].narrow(0, off, m * k)?.reshape(&[m, k])?, &t[1], t.get(2))
+                }
+            }),
         ));
     }
+    // gemm_wq_tiled (int8, int4 in groups, fp8 codes); (rows, inner, outputs, bias)
+    let quantized: &[(usize, usize, usize, bool)] = match suite {
+        Suite::Full => &[(9, 128, 40, false), (130, 2560, 1024, false)],
+        Suite::Small => &[(9, 128, 40, false), (130, 320, 72, true)],
+    };
     for (fmt, name) in
         [(QuantFormat::Int8, "int8"), (QuantFormat::Int4 { group: 64 }, "int4 g64"), (QuantFormat::Fp8, "fp8")]
     {
-        for (m, k, n) in [(9, 128, 40), (130, 2560, 1024)] {
-            let inputs = vec![act(&[m, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
+        for &(m, k, n, bias) in quantized {
+            let mut inputs = vec![act(&[m, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
+            if bias {
+                inputs.push(act(&[n]));
+            }
             v.push(
                 case(
                     "linear_quantized",
-                    format!("{name} {m}x{k} · {n}x{k}ᵀ"),
+                    format!("{name} {m}x{k} · {n}x{k}ᵀ{}", if bias { " +bias" } else { "" }),
                     inputs,
                     3.0,
                     Box::new(move |be, t| {
                         let q = quantize(&t[1].to_vec_f32()?, n, k, fmt)?;
-                        be.linear_quantized(&t[0], &be.load_quantized(&q)?, None)
+                        be.linear_quantized(&t[0], &be.load_quantized(&q)?, t.get(2))
                     }),
                 )
                 .untimed(),
             );
         }
     }
-    for (m, k, n) in [(9, 128, 40), (256, 3072, 1024)] {
-        let inputs = vec![act(&[m, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
+    // row_absmax (one block per row) + gemm_w8a8_tiled
+    let fp8: &[(usize, usize, usize, bool)] = match suite {
+        Suite::Full => &[(9, 128, 40, false), (256, 3072, 1024, false)],
+        Suite::Small => &[(9, 128, 40, false), (70, 320, 136, true)],
+    };
+    for &(m, k, n, bias) in fp8 {
+        let mut inputs = vec![act(&[m, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
+        if bias {
+            inputs.push(act(&[n]));
+        }
         v.push(
             case(
                 "linear_fp8",
-                format!("{m}x{k} · {n}x{k}ᵀ"),
+                format!("{m}x{k} · {n}x{k}ᵀ{}", if bias { " +bias" } else { "" }),
                 inputs,
                 4.0,
                 Box::new(move |be, t| {
                     let q = quantize(&t[1].to_vec_f32()?, n, k, QuantFormat::Fp8)?;
-                    be.linear_fp8(&t[0], &be.load_quantized(&q)?, None)
+                    be.linear_fp8(&t[0], &be.load_quantized(&q)?, t.get(2))
                 }),
             )
             .untimed(),
         );
     }
-    for (b, n, h, hkv, d, causal) in [(1, 130, 2, 2, 128, false), (2, 200, 4, 2, 64, true), (1, 1024, 2, 2, 128, false)]
-    {
+    // sage_kv_stats, sage_block_absmax (Q and K), attention_sage_rowwise; (batch, tokens, heads,
+    // kv heads, head dim, causal with padding [N, N/2])
+    let sage: &[(usize, usize, usize, usize, usize, bool)] = match suite {
+        Suite::Full => &[(1, 130, 2, 2, 128, false), (2, 200, 4, 2, 64, true), (1, 1024, 2, 2, 128, false)],
+        Suite::Small => &[
+            (1, 130, 2, 2, 128, false), // 3 blocks of 64 tokens, the last ragged
+            (2, 130, 4, 2, 64, true),   // causal, padding to 65 crossing a block edge, GQA
+            (1, 72, 2, 1, 128, false),  // GQA without a mask, 2 blocks
+        ],
+    };
+    for &(b, n, h, hkv, d, causal) in sage {
         let mask = if causal { AttnMask::Causal { valid_len: Some(vec![n, n / 2]) } } else { AttnMask::None };
         let scale = 1.0 / (d as f32).sqrt();
         let label = format!("B{b} N{n} H{h}/{hkv} D{d}{}", if causal { " causal+pad" } else { "" });
@@ -137,19 +231,35 @@ pub fn cases() -> Vec<Case> {
             Box::new(move |be, t| be.attention_sage(&t[0], &t[1], &t[2], &mask, scale)),
         ));
     }
-    // (batch, queries, keys, heads, kv heads, head dim, mask)
-    let attn: [(usize, usize, usize, usize, usize, usize, u8); 9] = [
-        (1, 77, 77, 3, 3, 64, 0),
-        (2, 130, 130, 4, 2, 128, 1),
-        (1, 200, 200, 2, 2, 128, 0),
-        (2, 40, 40, 2, 1, 24, 1),
-        (1, 64, 64, 1, 1, 512, 0),
-        (1, 33, 95, 3, 3, 16, 0),
-        (1, 4608, 4608, 2, 2, 128, 0),
-        (2, 512, 512, 4, 1, 128, 2),
-        (1, 4096, 4096, 1, 1, 64, 0),
-    ];
-    for (b, nq, nk, h, hkv, d, mask) in attn {
+    // (batch, queries, keys, heads, kv heads, head dim, mask: 0 none, 1 causal, 2 causal + padding)
+    // Head dims 64 and 128 run flash_attention_d{64,128} (64-query blocks, 64-key tiles), every
+    // other one attention_rowwise.
+    let attn: &[(usize, usize, usize, usize, usize, usize, u8)] = match suite {
+        Suite::Full => &[
+            (1, 77, 77, 3, 3, 64, 0),
+            (2, 130, 130, 4, 2, 128, 1),
+            (1, 200, 200, 2, 2, 128, 0),
+            (2, 40, 40, 2, 1, 24, 1),
+            (1, 64, 64, 1, 1, 512, 0),
+            (1, 33, 95, 3, 3, 16, 0),
+            (1, 4608, 4608, 2, 2, 128, 0),
+            (2, 512, 512, 4, 1, 128, 2),
+            (1, 4096, 4096, 1, 1, 64, 0),
+        ],
+        Suite::Small => &[
+            (1, 77, 77, 3, 3, 64, 0),    // flash d64: ragged query block, 2 key tiles
+            (2, 130, 130, 2, 1, 128, 1), // flash d128: causal, GQA, 3 key tiles
+            (1, 70, 130, 2, 2, 128, 0),  // flash d128: Nq != Nk, ragged last key tile
+            (2, 40, 40, 2, 1, 24, 1),    // rowwise: causal, GQA
+            (1, 64, 64, 1, 1, 512, 0),   // rowwise: D 512 (16 values per lane)
+            (1, 33, 95, 3, 3, 16, 0),    // rowwise: Nq != Nk
+            (1, 128, 128, 2, 2, 128, 0), // flash d128: whole query blocks and key tiles
+            (2, 130, 130, 4, 1, 64, 2),  // flash d64: causal + padding (68, 46), GQA 4:1
+            (1, 130, 130, 1, 1, 64, 0),  // flash d64: 3 key tiles
+            (2, 40, 40, 2, 1, 24, 2),    // rowwise: causal + padding (23, 16)
+        ],
+    };
+    for &(b, nq, nk, h, hkv, d, mask) in attn {
         let mask = match mask {
             0 => AttnMask::None,
             1 => AttnMask::Causal { valid_len: None },
@@ -171,7 +281,13 @@ pub fn cases() -> Vec<Case> {
             Box::new(move |be, t| be.attention(&t[0], &t[1], &t[2], &mask, scale)),
         ));
     }
-    for (shape, groups) in [(vec![1, 64, 17, 9], 32), (vec![2, 32, 8, 8], 8), (vec![1, 128, 64, 64], 32)] {
+    // group_norm_stats (chunks of 16384 per group), group_norm_finalize, group_norm_apply
+    let group_norms: Vec<(Vec<usize>, usize)> = match suite {
+        Suite::Full => vec![(vec![1, 64, 17, 9], 32), (vec![2, 32, 8, 8], 8), (vec![1, 128, 64, 64], 32)],
+        // The last: groups of 18432 elements, two stats blocks each (partial sums added atomically).
+        Suite::Small => vec![(vec![1, 64, 17, 9], 32), (vec![2, 32, 8, 8], 8), (vec![1, 8, 64, 72], 2)],
+    };
+    for (shape, groups) in group_norms {
         let c = shape[1];
         for silu in [false, true] {
             v.push(case(
@@ -183,7 +299,12 @@ pub fn cases() -> Vec<Case> {
             ));
         }
     }
-    for shape in [vec![2, 33, 3072], vec![1, 5, 100]] {
+    // layer_norm (one block per row: 256 threads striding, and 128), modulate, gated_add
+    let rows = match suite {
+        Suite::Full => [vec![2, 33, 3072], vec![1, 5, 100]],
+        Suite::Small => [vec![2, 33, 300], vec![1, 5, 100]],
+    };
+    for shape in rows {
         let (b, c) = (shape[0], shape[2]);
         v.push(case(
             "layer_norm",
@@ -241,7 +362,11 @@ pub fn cases() -> Vec<Case> {
             }),
         ));
     }
-    for shape in [vec![1, 40, 24, 128], vec![3, 2560], vec![2, 7, 3, 24]] {
+    let rms = match suite {
+        Suite::Full => [vec![1, 40, 24, 128], vec![3, 2560], vec![2, 7, 3, 24]],
+        Suite::Small => [vec![1, 40, 6, 128], vec![3, 480], vec![2, 7, 3, 24]],
+    };
+    for shape in rms {
         let c = *shape.last().unwrap();
         v.push(case(
             "rms_norm",
@@ -258,7 +383,11 @@ pub fn cases() -> Vec<Case> {
         2.0,
         Box::new(|be, t| be.rms_norm(&t[0], None, 1e-6)),
     ));
-    for shape in [vec![3, 1001], vec![2, 4608, 64]] {
+    let pointwise = match suite {
+        Suite::Full => [vec![3, 1001], vec![2, 4608, 64]],
+        Suite::Small => [vec![3, 1001], vec![2, 130, 64]],
+    };
+    for shape in pointwise {
         v.push(case("silu", format!("{shape:?}"), vec![act(&shape)], 1.0, Box::new(|be, t| be.silu(&t[0]))));
         v.push(case(
             "axpby",
@@ -268,15 +397,38 @@ pub fn cases() -> Vec<Case> {
             Box::new(|be, t| be.axpby(0.75, &t[0], -1.25, &t[1])),
         ));
     }
-    for shape in [vec![3, 14], vec![2, 9, 18432]] {
+    let swiglu = match suite {
+        Suite::Full => [vec![3, 14], vec![2, 9, 18432]],
+        Suite::Small => [vec![3, 14], vec![2, 9, 576]],
+    };
+    for shape in swiglu {
         v.push(case("swiglu", format!("{shape:?}"), vec![act(&shape)], 1.0, Box::new(|be, t| be.swiglu(&t[0]))));
     }
-    for (shape, interleaved) in [
-        (vec![2, 37, 3, 128], true),
-        (vec![1, 37, 3, 128], false),
-        (vec![1, 9, 2, 16], true),
-        (vec![2, 512, 8, 128], false),
-    ] {
+    if small {
+        // A strided view: made dense (strided_copy_b16) before the kernel.
+        v.push(case(
+            "swiglu",
+            "[3, 20] narrowed to [3, 14]",
+            vec![act(&[3, 20])],
+            1.0,
+            Box::new(|be, t| be.swiglu(&t[0].narrow(1, 3, 14)?)),
+        ));
+    }
+    let ropes = match suite {
+        Suite::Full => [
+            (vec![2, 37, 3, 128], true),
+            (vec![1, 37, 3, 128], false),
+            (vec![1, 9, 2, 16], true),
+            (vec![2, 512, 8, 128], false),
+        ],
+        Suite::Small => [
+            (vec![2, 37, 3, 128], true),
+            (vec![1, 37, 3, 128], false),
+            (vec![1, 9, 2, 16], true),
+            (vec![2, 130, 2, 128], false),
+        ],
+    };
+    for (shape, interleaved) in ropes {
         let (n, d) = (shape[1], shape[3]);
         let tables = vec![act(&shape), Input::Table(vec![n, d / 2], 0.0, 1.0), Input::Table(vec![n, d / 2], 0.0, 1.0)];
         let name = if interleaved { "rope_interleaved" } else { "rope_half" };
@@ -327,13 +479,19 @@ pub fn cases() -> Vec<Case> {
         0.0,
         Box::new(|be, t| be.upsample_nearest2x(&t[0])),
     ));
-    // (input, weight, stride, padding)
+    // im2col + GEMM with a per-row bias (input, weight, stride, padding): K = 27 runs
+    // gemm_tiled, the others gemm_mma.
+    let last_conv = match suite {
+        Suite::Full => (vec![1, 128, 64, 64], vec![128, 128, 3, 3]),
+        // K = 432: 14 K tiles, the last half full.
+        Suite::Small => (vec![1, 48, 10, 10], vec![64, 48, 3, 3]),
+    };
     let convs: [(Vec<usize>, Vec<usize>, usize, Padding2d); 5] = [
         (vec![1, 3, 17, 13], vec![8, 3, 3, 3], 1, Padding2d::same(1)),
         (vec![2, 16, 16, 16], vec![32, 16, 3, 3], 1, Padding2d::same(1)),
         (vec![1, 16, 15, 15], vec![16, 16, 3, 3], 2, Padding2d { top: 0, bottom: 1, left: 0, right: 1 }),
         (vec![1, 64, 9, 11], vec![32, 64, 1, 1], 1, Padding2d::same(0)),
-        (vec![1, 128, 64, 64], vec![128, 128, 3, 3], 1, Padding2d::same(1)),
+        (last_conv.0, last_conv.1, 1, Padding2d::same(1)),
     ];
     for (x, w, stride, pad) in convs {
         let fan_in = (w[1] * w[2] * w[3]) as f32;
@@ -361,6 +519,16 @@ pub fn cases() -> Vec<Case> {
         0.0,
         Box::new(|be, t| be.contiguous(&t[0].reshape(&[1, 4, 4, 2, 3, 2])?.permute(&[0, 1, 3, 5, 2, 4])?)),
     ));
+    if small {
+        // 4-byte elements (strided_copy_b32), which no other case copies.
+        v.push(case(
+            "contiguous",
+            "permuted f32 [3, 5, 7]",
+            vec![Input::Table(vec![3, 5, 7], 0.0, 1.0)],
+            0.0,
+            Box::new(|be, t| be.contiguous(&t[0].permute(&[2, 0, 1])?)),
+        ));
+    }
     v.push(case(
         "concat",
         "[2, 3, 8] + [2, 5, 8] on dim 1",
@@ -409,7 +577,8 @@ fn upload(be: &dyn Backend, inputs: &[Tensor], case: &Case) -> Result<Vec<Tensor
         .collect()
 }
 
-/// Run one case on `be` and on the CPU reference; time `reps` runs on `be` after a warm-up.
+/// Run one case on `be` and on the CPU reference; time `reps` runs on `be` after a warm-up (none
+/// when `reps` is 0).
 pub fn check_case(be: &dyn Backend, case: &Case, seed: u64, reps: usize) -> Outcome {
     let mut outcome = Outcome {
         op: case.op.into(),
@@ -427,7 +596,7 @@ pub fn check_case(be: &dyn Backend, case: &Case, seed: u64, reps: usize) -> Outc
         let reference = (case.run)(&CpuBackend::new(), &host)?.to_vec_f32()?;
         let dev_inputs = upload(be, &host, case)?;
         let out = (case.run)(be, &dev_inputs)?.to_vec_f32()?;
-        if !case.timed {
+        if !case.timed || reps == 0 {
             return Ok((out, reference, f64::NAN));
         }
         be.synchronize()?;
@@ -462,9 +631,21 @@ pub fn check_case(be: &dyn Backend, case: &Case, seed: u64, reps: usize) -> Outc
     outcome
 }
 
-/// Run the cases whose op name contains `filter` (all when empty).
+/// Run the cases whose op name contains `filter` (all when empty), of the suite `be` calls for
+/// ([`Suite::for_backend`]). Under the emulator nothing is timed: its times mean nothing, and
+/// the timed runs would double its time.
 pub fn run(be: &dyn Backend, filter: &str, reps: usize) -> Vec<Outcome> {
-    cases().iter().filter(|c| filter.is_empty() || c.op.contains(filter)).map(|c| check_case(be, c, 42, reps)).collect()
+    let reps = if is_emulated(be) { 0 } else { reps };
+    run_suite(be, Suite::for_backend(be), filter, reps)
+}
+
+/// Run the cases of `suite` whose op name contains `filter` (all when empty); `reps` 0 times none.
+pub fn run_suite(be: &dyn Backend, suite: Suite, filter: &str, reps: usize) -> Vec<Outcome> {
+    cases(suite)
+        .iter()
+        .filter(|c| filter.is_empty() || c.op.contains(filter))
+        .map(|c| check_case(be, c, 42, reps))
+        .collect()
 }
 
 pub fn table(outcomes: &[Outcome]) -> String {
@@ -488,4 +669,46 @@ pub fn table(outcomes: &[Outcome]) -> String {
     let failed = outcomes.iter().filter(|o| !o.passed).count();
     s.push_str(&format!("{} cases, {} passed, {failed} failed\n", outcomes.len(), outcomes.len() - failed));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    fn ops(suite: Suite) -> BTreeSet<&'static str> {
+        cases(suite).iter().map(|c| c.op).collect()
+    }
+
+    #[test]
+    fn the_small_suite_checks_the_same_ops_as_the_full_suite() {
+        let (full, small) = (ops(Suite::Full), ops(Suite::Small));
+        assert_eq!(
+            small,
+            full,
+            "only in full: {:?}; only in small: {:?}",
+            full.difference(&small).collect::<Vec<_>>(),
+            small.difference(&full).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn the_small_suite_stays_small() {
+        for c in cases(Suite::Small) {
+            for input in &c.inputs {
+                let (Input::Act(shape, _) | Input::Table(shape, ..)) = input;
+                let n: usize = shape.iter().product();
+                assert!(n <= 128 << 10, "{} {}: an input of {shape:?} is too large for the emulator", c.op, c.shape);
+            }
+        }
+    }
+
+    #[test]
+    fn every_small_case_runs_on_the_cpu() {
+        let outcomes = run_suite(&CpuBackend::new(), Suite::Small, "", 0);
+        assert_eq!(outcomes.len(), cases(Suite::Small).len());
+        let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed).map(|o| format!("{o:?}")).collect();
+        assert!(failed.is_empty(), "{failed:#?}");
+    }
 }

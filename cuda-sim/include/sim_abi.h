@@ -45,6 +45,9 @@ void sim_cp_async_commit();
 void sim_cp_async_wait(int pending_groups);
 void sim_ldmatrix(unsigned* regs, const void* shared_row, int matrices, int trans);
 void sim_mma_bf16_m16n8k16(float* d, const unsigned* a, unsigned b0, unsigned b1);
+// mma.sync m16n8k32 with 8-bit inputs: `d` is float[4] (e4m3, needs sm_89+) or int[4] (s8).
+enum sim_mma_8bit { SIM_MMA_E4M3 = 0, SIM_MMA_S8 = 1 };
+void sim_mma_8bit_m16n8k32(void* d, const unsigned* a, unsigned b0, unsigned b1, int type);
 
 // Kernel-side failure with a message (e.g. a trap or an unsupported built-in).
 [[noreturn]] void sim_trap(const char* what);

@@ -14,3 +14,9 @@ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const void* p) { sim_ldmat
 __forceinline__ void mma_bf16_16816(float d[4], const unsigned a[4], unsigned b0, unsigned b1) {
     sim_mma_bf16_m16n8k16(d, a, b0, b1);
 }
+__forceinline__ void mma_e4m3_16832(float d[4], const unsigned a[4], unsigned b0, unsigned b1) {
+    sim_mma_8bit_m16n8k32(d, a, b0, b1, SIM_MMA_E4M3);
+}
+__forceinline__ void mma_s8_16832(int d[4], const unsigned a[4], unsigned b0, unsigned b1) {
+    sim_mma_8bit_m16n8k32(d, a, b0, b1, SIM_MMA_S8);
+}

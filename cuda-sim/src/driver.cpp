@@ -156,6 +156,12 @@ CUresult cuGetErrorString(CUresult e, const char** s) {
     *s = d ? d : error_text(e);
     return OK;
 }
+// The driver's private tables (NVRTC asks for one when it finds libcuda): none here, which
+// callers take as an old or absent driver.
+CUresult cuGetExportTable(const void** table, const void*) {
+    *table = nullptr;
+    return ERR_INVALID_VALUE;
+}
 CUresult cuGetErrorName(CUresult e, const char** s) {
     *s = error_name(e);
     return OK;

@@ -214,6 +214,7 @@ void run_block(LaunchState& L, uint64_t linear) {
     const LaunchConfig& c = L.cfg;
     BlockState b{};
     b.launch = &L;
+    b.fn = c.fn;
     b.linear = linear;
     b.bid = {(unsigned)(linear % c.grid.x), (unsigned)((linear / c.grid.x) % c.grid.y),
              (unsigned)(linear / ((uint64_t)c.grid.x * c.grid.y))};

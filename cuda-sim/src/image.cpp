@@ -205,7 +205,8 @@ bool parse_elf(const Bytes& b, ImageInfo& out, std::string& error) {
     for (uint64_t j = 0; j < symtab->size / 24; ++j) {
         const uint64_t e = symtab->offset + j * 24;
         string_view name;
-        if (!str_at(b, strtab, b.u32(e), name)) return fail(error, "symbol " + std::to_string(j) + " name out of range");
+        if (!str_at(b, strtab, b.u32(e), name))
+            return fail(error, "symbol " + std::to_string(j) + " name out of range");
         const uint8_t st_info = b.p[e + 4], st_other = b.p[e + 5];
         if (name == kReservedSmemSymbol && b.u64(e + 8) <= UINT32_MAX) shared_prefix = uint32_t(b.u64(e + 8));
         if ((st_info & 0xf) == kSttFunc && (st_other & kStoCudaEntry))
@@ -318,7 +319,10 @@ bool ptx_number(string_view t, uint64_t& out) {
     if (t.empty()) return false;
     uint64_t v = 0;
     for (char c : t) {
-        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : 99;
+        const int d = c >= '0' && c <= '9'   ? c - '0'
+                      : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                      : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                             : 99;
         if (d >= base) return false;
         v = v * base + d;
         if (v > kMaxImageBytes) return false;
@@ -419,7 +423,8 @@ public:
             for (size_t i : used) vars.push_back(module_vars[i]);
             uint64_t smem = 0;
             for (const PtxVar& v : vars) smem = layout(smem, v);
-            if (smem > UINT32_MAX || f.local_bytes > UINT32_MAX) return fail(error_, "implausible memory size in " + name);
+            if (smem > UINT32_MAX || f.local_bytes > UINT32_MAX)
+                return fail(error_, "implausible memory size in " + name);
             k.static_smem = static_cast<uint32_t>(smem);
             k.local_bytes = static_cast<uint32_t>(f.local_bytes);
             out_.kernels.push_back(std::move(k));
@@ -609,10 +614,7 @@ private:
     std::string& error_;
 };
 
-}  // namespace
-
-namespace {
-
+// Picks the format from the first bytes: ELF magic, a fatbinary magic (unsupported), else PTX text.
 bool parse_any(const Bytes& b, ImageInfo& out, std::string& error) {
     if (!b.has(0, 1)) return fail(error, "empty image");
     if (b.p[0] == 0x7f) return parse_elf(b, out, error);

@@ -12,7 +12,8 @@ struct KernelImageInfo {
     std::string name;          // entry (kernel) name
     uint32_t static_smem = 0;  // bytes of static __shared__ the kernel declares (cubin: .nv.shared.<name> size less the
                                // sm_90+ system prefix, see shared_section; PTX: .shared declarations the entry uses)
-    int regs = -1;             // registers per thread (cubin: EIATTR_REGCOUNT, else .text.<name> sh_info >> 24), -1 for PTX
+    int regs = -1;             // registers per thread (cubin: EIATTR_REGCOUNT; sh_info >> 24 of .text.<name> holds it
+                               // only up to sm_89), -1 for PTX
     uint32_t max_threads = 0;  // __launch_bounds__ max threads per block (cubin: EIATTR_MAX_THREADS / REQNTID in
                                // .nv.info.<name>; PTX: .maxntid / .reqntid x*y*z), 0 = none
     uint32_t local_bytes = 0;  // per-thread local memory (cubin: EIATTR_FRAME_SIZE; PTX: .local declarations), else 0
@@ -25,7 +26,8 @@ struct ImageInfo {
     int arch = 0;                // SM version as major*10+minor: 80, 86, 89, 90, 120 ...
     bool arch_specific = false;  // "a" target (sm_90a): runs only on exactly that arch
     bool family_specific = false;  // PTX "f" target (sm_120f): runs only within the same major (cubins can't tell)
-    int elf_abi_version = 0;     // cubin: EI_ABIVERSION (7 up to CUDA 12.x sm_90, 8 for sm_100+), 0 for PTX
+    int elf_abi_version = 0;     // cubin: EI_ABIVERSION (NVRTC 12.9: 7 up to sm_90, 8 for sm_100+; it, not the
+                                 // SM, picks the e_flags layout), 0 for PTX
     size_t size = 0;             // bytes of the image (ELF: from the headers; PTX: strlen)
     std::vector<KernelImageInfo> kernels;
 };

@@ -150,6 +150,60 @@ void complete_mma_bf16(BlockState& b, Warp& w, unsigned, unsigned) {
     }
 }
 
+// mma.sync.aligned.m16n8k32.row.col with 8-bit A and B (4 per register). With g = lane/4,
+// c = lane%4: a0 = A[g][4c..4c+3], a1 = A[g+8][4c..], a2 = A[g][4c+16..], a3 = A[g+8][4c+16..];
+// b0 = B[4c..4c+3][g], b1 = B[4c+16..4c+19][g]; C and D as in m16n8k16. e4m3 products are exact
+// in double and summed exactly; s8 sums are exact integers (s32, wrapping as the hardware).
+thread_local int g_mma8_type;
+void complete_mma_8bit(BlockState& b, Warp& w, unsigned, unsigned) {
+    double A[16][32], B[32][8];
+    auto value = [](unsigned reg, int byte) {
+        uint8_t v = (uint8_t)(reg >> (8 * byte));
+        if (g_mma8_type == SIM_MMA_S8) return (double)(int8_t)v;
+        int exp = (v >> 3) & 15, m = v & 7;
+        double s = (v & 0x80) ? -1 : 1;
+        if (exp == 15 && m == 7) return (double)NAN;
+        return exp == 0 ? s * std::ldexp((double)m, -9) : s * std::ldexp(1 + m / 8.0, exp - 7);
+    };
+    for (unsigned lane = 0; lane < 32; lane++) {
+        Thread& t = lane_thread(b, w, lane);
+        unsigned g = lane / 4, c = lane % 4;
+        for (int i = 0; i < 4; i++) {
+            A[g][4 * c + i] = value(t.in_regs[0], i);
+            A[g + 8][4 * c + i] = value(t.in_regs[1], i);
+            A[g][4 * c + 16 + i] = value(t.in_regs[2], i);
+            A[g + 8][4 * c + 16 + i] = value(t.in_regs[3], i);
+            B[4 * c + i][g] = value((unsigned)t.in_value, i);
+            B[4 * c + 16 + i][g] = value((unsigned)(t.in_value >> 32), i);
+        }
+    }
+    for (unsigned lane = 0; lane < 32; lane++) {
+        Thread& t = lane_thread(b, w, lane);
+        unsigned g = lane / 4, c = lane % 4;
+        const unsigned rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * c, 2 * c + 1, 2 * c, 2 * c + 1};
+        for (int e = 0; e < 4; e++) {
+            double acc = 0;
+            for (int k = 0; k < 32; k++) acc += A[rows[e]][k] * B[k][cols[e]];
+            if (g_mma8_type == SIM_MMA_S8) {
+                int32_t c0;
+                memcpy(&c0, &t.in_f[e], 4);
+                uint32_t sum = (uint32_t)c0 + (uint32_t)(int64_t)acc;
+                memcpy(&t.out_f[e], &sum, 4);
+            } else {
+                t.out_f[e] = (float)(acc + (double)t.in_f[e]);
+            }
+        }
+    }
+}
+
+// An instruction the kernel's image architecture lacks faults, as the JIT or ptxas would refuse it.
+void require_arch(int min_arch, const char* instruction) {
+    const Function& f = *worker()->block->fn;
+    if (f.image_arch < min_arch)
+        fail(ERR_ILLEGAL_INSTRUCTION, std::string(instruction) + " needs sm_" + std::to_string(min_arch) +
+                                          " or newer; this kernel's image is for sm_" + std::to_string(f.image_arch));
+}
+
 void require_full_warp(Thread* t, const char* what) {
     BlockState& b = *t->block;
     if (b.nthreads - t->warp * 32 < 32)
@@ -250,6 +304,18 @@ void sim_mma_bf16_m16n8k16(float* d, const unsigned* a, unsigned b0, unsigned b1
     t->in_value = (uint64_t)b0 | ((uint64_t)b1 << 32);
     warp_collective(Collective::Mma, 0xffffffffu, 0, complete_mma_bf16);
     for (int i = 0; i < 4; i++) d[i] = t->out_f[i];
+}
+
+void sim_mma_8bit_m16n8k32(void* d, const unsigned* a, unsigned b0, unsigned b1, int type) {
+    Thread* t = current("mma.sync m16n8k32");
+    require_arch(type == SIM_MMA_E4M3 ? 89 : 80, type == SIM_MMA_E4M3 ? "mma.sync .e4m3" : "mma.sync .s8");
+    require_full_warp(t, "mma.sync");
+    for (int i = 0; i < 4; i++) t->in_regs[i] = a[i];
+    memcpy(t->in_f, d, 16);
+    t->in_value = (uint64_t)b0 | ((uint64_t)b1 << 32);
+    g_mma8_type = type;  // fibers of a block share one OS thread: no other warp runs in between
+    warp_collective(Collective::Mma, 0xffffffffu, 0, complete_mma_8bit);
+    memcpy(d, t->out_f, 16);
 }
 
 uint64_t sim_shfl(int mode, unsigned mask, uint64_t value, int lane_or_delta, int width, int line) {

@@ -159,6 +159,7 @@ struct LaunchState;
 
 struct BlockState {
     LaunchState* launch;
+    const Function* fn;
     sim_dim3 bid;
     uint64_t linear;
     std::vector<Thread>* threads;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use crate::device::{self, DeviceChoice};
 use crate::error::{Error, Result};
+use crate::selftest::Suite;
 
 #[derive(Debug, clap::Args)]
 pub struct SelftestArgs {
@@ -12,9 +13,13 @@ pub struct SelftestArgs {
     /// Only ops whose name contains this.
     #[arg(long, default_value = "")]
     pub op: String,
-    /// Timed repetitions per case (after one checked run).
-    #[arg(long, default_value_t = 3)]
-    pub reps: usize,
+    /// The small suite: every op, kernel and launch path at small sizes (chosen by itself under
+    /// the CUDA emulator).
+    #[arg(long)]
+    pub small: bool,
+    /// Timed repetitions per case (after one checked run); default 3, 0 under the CUDA emulator.
+    #[arg(long)]
+    pub reps: Option<usize>,
     /// Also write the outcomes as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -22,18 +27,22 @@ pub struct SelftestArgs {
 
 pub fn run(args: &SelftestArgs) -> Result<()> {
     let be = device::select(args.device)?;
+    let emulated = crate::selftest::is_emulated(&*be);
+    let suite = if args.small { Suite::Small } else { Suite::for_backend(&*be) };
+    let reps = args.reps.unwrap_or(if emulated { 0 } else { 3 });
     println!("device: {}", be.name());
+    println!("suite: {}{}", suite.name(), if emulated { " (emulated device)" } else { "" });
     #[cfg(feature = "cuda")]
     if let Some(cuda) = device::as_cuda(&be) {
         cuda.set_poison(true);
     }
-    let outcomes = crate::selftest::run(&*be, &args.op, args.reps);
+    let outcomes = crate::selftest::run_suite(&*be, suite, &args.op, reps);
     if outcomes.is_empty() {
         return Err(Error::InvalidArgument(format!("no op matches `{}`", args.op)));
     }
     print!("{}", crate::selftest::table(&outcomes));
     if let Some(path) = &args.json {
-        let json = serde_json::json!({"device": be.name(), "outcomes": outcomes});
+        let json = serde_json::json!({"device": be.name(), "suite": suite, "outcomes": outcomes});
         std::fs::write(path, serde_json::to_string_pretty(&json).unwrap()).map_err(|e| Error::io(path, e))?;
     }
     let failed = outcomes.iter().filter(|o| !o.passed).count();

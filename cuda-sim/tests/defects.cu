@@ -1,0 +1,120 @@
+// Small kernels for the emulator's own tests (tests/cuda_sim.rs): each seeded defect next to a
+// correct twin, so a test can show the checker reports the one and passes the other. Compiled by
+// NVRTC at test time and into the emulator's host build (module "defects").
+#include "common.cuh"
+
+// Thread i writes s[i], then reads s[(i + 32) % 64], written by another warp.
+extern "C" __global__ void race_missing_barrier(float* out) {
+    __shared__ float s[64];
+    int i = threadIdx.x;
+    s[i] = (float)i;
+    out[i] = s[(i + 32) % 64];
+}
+extern "C" __global__ void race_with_barrier(float* out) {
+    __shared__ float s[64];
+    int i = threadIdx.x;
+    s[i] = (float)i;
+    __syncthreads();
+    out[i] = s[(i + 32) % 64];
+}
+
+// Writes out[0..n] inclusive: one element past an n-element buffer when `past_end`.
+extern "C" __global__ void write_elements(float* out, int n, int past_end) {
+    int last = past_end ? n : n - 1;
+    for (int i = threadIdx.x; i <= last; i += blockDim.x) out[i] = 1.f;
+}
+
+// cp.async of 16 bytes into shared offset `offset` bytes (16-aligned or not), then back out.
+extern "C" __global__ void cp_async_to_offset(const bf16* src, bf16* out, int offset) {
+    __shared__ __align__(16) bf16 s[32];
+    if (threadIdx.x == 0) {
+        cp_async16(reinterpret_cast<unsigned char*>(s) + offset, src, 16);
+        cp_async_commit();
+        cp_async_wait<0>();
+        for (int i = 0; i < 8; i++) out[i] = s[offset / 2 + i];
+    }
+}
+
+// Reads shared memory a cp.async is still writing when `wait` is 0.
+extern "C" __global__ void cp_async_read_early(const bf16* src, bf16* out, int wait) {
+    __shared__ __align__(16) bf16 s[8];
+    cp_async16(s, src, 16);
+    cp_async_commit();
+    if (wait) cp_async_wait<0>();
+    out[0] = s[0];
+    cp_async_wait<0>();
+}
+
+// Uses `n` floats of dynamic shared memory (the launch's sharedMemBytes).
+extern "C" __global__ void dynamic_smem_sum(float* out, int n) {
+    float* s = dynamic_smem<float>();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s[i] = 1.f;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float sum = 0.f;
+        for (int i = 0; i < n; i++) sum += s[i];
+        out[0] = sum;
+    }
+}
+
+// Half the block stops before a barrier the other half waits at.
+extern "C" __global__ void barrier_divergent(float* out, int diverge) {
+    if (diverge && threadIdx.x >= 16) return;
+    __syncthreads();
+    out[threadIdx.x] = 1.f;
+}
+
+// One warp: D[16x8] = A[16x16] · B, A row-major, B given as Bt [8][16] (n-major, "col"); the
+// fragments are loaded from global memory by the PTX layout. `permute` swaps a1 and a2, the kind
+// of fragment bug a plain matrix product exposes.
+extern "C" __global__ void mma_bf16_tile(const bf16* A, const bf16* Bt, float* D, int permute) {
+    int lane = threadIdx.x, g = lane / 4, c = lane % 4;
+    auto pair = [](const bf16* p) {
+        return (unsigned)__bfloat16_as_ushort(p[0]) | ((unsigned)__bfloat16_as_ushort(p[1]) << 16);
+    };
+    unsigned a[4] = {pair(&A[g * 16 + 2 * c]), pair(&A[(g + 8) * 16 + 2 * c]), pair(&A[g * 16 + 2 * c + 8]),
+                     pair(&A[(g + 8) * 16 + 2 * c + 8])};
+    if (permute) {
+        unsigned t = a[1];
+        a[1] = a[2];
+        a[2] = t;
+    }
+    unsigned b0 = pair(&Bt[g * 16 + 2 * c]), b1 = pair(&Bt[g * 16 + 2 * c + 8]);
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_bf16_16816(d, a, b0, b1);
+    D[g * 8 + 2 * c] = d[0];
+    D[g * 8 + 2 * c + 1] = d[1];
+    D[(g + 8) * 8 + 2 * c] = d[2];
+    D[(g + 8) * 8 + 2 * c + 1] = d[3];
+}
+
+// One warp: D[16x8] = A[16x32] · B with e4m3 codes, A row-major bytes, Bt [8][32] bytes.
+extern "C" __global__ void mma_e4m3_tile(const unsigned char* A, const unsigned char* Bt, float* D) {
+    int lane = threadIdx.x, g = lane / 4, c = lane % 4;
+    auto quad = [](const unsigned char* p) {
+        return (unsigned)p[0] | ((unsigned)p[1] << 8) | ((unsigned)p[2] << 16) | ((unsigned)p[3] << 24);
+    };
+    unsigned a[4] = {quad(&A[g * 32 + 4 * c]), quad(&A[(g + 8) * 32 + 4 * c]), quad(&A[g * 32 + 4 * c + 16]),
+                     quad(&A[(g + 8) * 32 + 4 * c + 16])};
+    unsigned b0 = quad(&Bt[g * 32 + 4 * c]), b1 = quad(&Bt[g * 32 + 4 * c + 16]);
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_e4m3_16832(d, a, b0, b1);
+    D[g * 8 + 2 * c] = d[0];
+    D[g * 8 + 2 * c + 1] = d[1];
+    D[(g + 8) * 8 + 2 * c] = d[2];
+    D[(g + 8) * 8 + 2 * c + 1] = d[3];
+}
+
+// Warp shuffles: out[i] = sum over the warp (xor butterfly) + the value of lane (i + 1) % 32.
+extern "C" __global__ void warp_shuffles(const float* in, float* out) {
+    int lane = threadIdx.x & 31;
+    float v = in[threadIdx.x];
+    float sum = warp_sum(v);
+    float next = __shfl_sync(FULL_MASK, v, (lane + 1) & 31);
+    out[threadIdx.x] = sum + next;
+}
+
+// Global float atomics from many blocks: deterministic under the emulator's block order.
+extern "C" __global__ void atomic_sum(const float* in, float* out, int n) {
+    GRID_STRIDE(i, n) atomicAdd(out, in[i]);
+}
