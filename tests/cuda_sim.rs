@@ -1,0 +1,354 @@
+//! The CUDA emulator's own checks (cuda-sim/, docs/cuda-emulator.md): each seeded defect in the
+//! small kernels of cuda-sim/tests/defects.cu is reported as a launch error naming the kernel and
+//! the fault, its correct twin runs clean, and emulated tensor-core math equals a plain product.
+//! Run under scripts/with-cuda-sim.sh; without the emulator the checks are reported as ignored,
+//! and FLUX2_EXPECT_SIM=1 (the test script) turns that into a failure.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use half::bf16;
+
+/// One fresh context per check: a kernel fault is sticky, as on a GPU, until the context goes.
+struct Sim {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    module: Arc<CudaModule>,
+}
+
+/// NVRTC needs its builtins library loaded before itself (as build.rs does), else its first
+/// compile crashes; both come from the pinned wheels in .cuda/.
+fn preload_nvrtc(root: &str) {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let dir = std::path::Path::new(root).join(".cuda/nvidia/cuda_nvrtc/lib");
+        let mut libs: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/install-nvrtc.sh)", dir.display()))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("libnvrtc-builtins.so"))
+            .collect();
+        libs.sort();
+        libs.push(dir.join("libnvrtc.so.12"));
+        for lib in libs {
+            std::mem::forget(
+                unsafe { libloading::Library::new(&lib) }.unwrap_or_else(|e| panic!("{}: {e}", lib.display())),
+            );
+        }
+    });
+}
+
+/// PTX of the defect kernels for `arch`. NVRTC crashes when it compiles in a process that has
+/// loaded the emulated driver (a clash of their C++ runtimes), so a child process of this
+/// binary that never loads it does the compiling (`nvrtc_child`).
+fn ptx(arch: &'static str) -> Ptx {
+    static CACHE: OnceLock<Mutex<Vec<(&'static str, String)>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(|| Mutex::new(Vec::new())).lock().unwrap();
+    if let Some((_, src)) = cache.iter().find(|(a, _)| *a == arch) {
+        return Ptx::from_src(src.clone());
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap()).env(NVRTC_CHILD, arch).output().unwrap();
+    assert!(out.status.success(), "compiling defects.cu for {arch}: {}", String::from_utf8_lossy(&out.stderr));
+    let src = String::from_utf8(out.stdout).unwrap();
+    cache.push((arch, src.clone()));
+    Ptx::from_src(src)
+}
+
+const NVRTC_CHILD: &str = "FLUX2_SIM_TEST_NVRTC_ARCH";
+
+fn nvrtc_child(arch: String) -> ! {
+    let root = env!("CARGO_MANIFEST_DIR");
+    preload_nvrtc(root);
+    let source = std::fs::read_to_string(format!("{root}/cuda-sim/tests/defects.cu")).unwrap();
+    let opts = CompileOptions {
+        arch: Some(Box::leak(arch.into_boxed_str())),
+        include_paths: vec![format!("{root}/kernels"), format!("{root}/.cuda/nvidia/cuda_runtime/include")],
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    match compile_ptx_with_opts(source, opts) {
+        Ok(ptx) => {
+            print!("{}", ptx.to_src());
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("NVRTC: {e:?}");
+            std::process::exit(1)
+        }
+    }
+}
+
+fn open(arch: &'static str) -> Result<Sim, String> {
+    let ctx = CudaContext::new(0).map_err(|e| e.to_string())?;
+    let stream = ctx.default_stream();
+    let module = ctx.load_module(ptx(arch)).map_err(|e| e.to_string())?;
+    Ok(Sim { ctx, stream, module })
+}
+
+impl Sim {
+    fn f(&self, name: &str) -> CudaFunction {
+        self.module.load_function(name).unwrap()
+    }
+}
+
+fn cfg(blocks: u32, threads: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem }
+}
+
+/// Launch `$name` with arguments; the launch's Result with the driver's error text.
+macro_rules! launch {
+    ($sim:expr, $name:expr, $cfg:expr $(, $arg:expr)* $(,)?) => {{
+        let f = $sim.f($name);
+        let mut b = $sim.stream.launch_builder(&f);
+        $( let a = $arg; b.arg(a); )*
+        unsafe { b.launch($cfg) }.map(|_| ()).and_then(|_| $sim.stream.synchronize()).map_err(|e| e.to_string())
+    }};
+}
+
+fn expect_err(r: Result<(), String>, needles: &[&str]) {
+    let e = r.expect_err("the seeded defect was not reported");
+    for n in needles {
+        assert!(e.contains(n), "error does not mention `{n}`: {e}");
+    }
+}
+
+fn shared_memory_race_without_a_barrier() {
+    {
+        let s = open("compute_80").unwrap();
+        let mut out = s.stream.alloc_zeros::<f32>(64).unwrap();
+        expect_err(
+            launch!(s, "race_missing_barrier", cfg(1, 64, 0), &mut out),
+            &["race_missing_barrier", "shared-memory race", "thread (32,0,0) writes", "thread (0,0,0) read"],
+        );
+    }
+    let s = open("compute_80").unwrap();
+    let mut out = s.stream.alloc_zeros::<f32>(64).unwrap();
+    launch!(s, "race_with_barrier", cfg(1, 64, 0), &mut out).unwrap();
+    let got = s.stream.clone_dtoh(&out).unwrap();
+    assert!(got.iter().enumerate().all(|(i, v)| *v == ((i + 32) % 64) as f32), "{got:?}");
+}
+
+fn out_of_bounds_write() {
+    let s = open("compute_80").unwrap();
+    let mut out = s.stream.alloc_zeros::<f32>(100).unwrap();
+    launch!(s, "write_elements", cfg(1, 32, 0), &mut out, &100i32, &0i32).unwrap();
+    expect_err(
+        launch!(s, "write_elements", cfg(1, 32, 0), &mut out, &100i32, &1i32),
+        &["write_elements", "ILLEGAL_ADDRESS", "past the end of the 400-byte allocation"],
+    );
+    // Sticky, as on a GPU: the context reports the fault until it is created again.
+    assert!(s.stream.synchronize().is_err());
+}
+
+fn misaligned_cp_async() {
+    let s = open("compute_80").unwrap();
+    let src: Vec<bf16> = (0..8).map(|i| bf16::from_f32(i as f32)).collect();
+    let src = s.stream.clone_htod(&src).unwrap();
+    let mut out = s.stream.alloc_zeros::<bf16>(8).unwrap();
+    launch!(s, "cp_async_to_offset", cfg(1, 32, 0), &src, &mut out, &16i32).unwrap();
+    assert_eq!(s.stream.clone_dtoh(&out).unwrap(), s.stream.clone_dtoh(&src).unwrap());
+    expect_err(
+        launch!(s, "cp_async_to_offset", cfg(1, 32, 0), &src, &mut out, &8i32),
+        &["MISALIGNED", "cp.async", "not aligned to 16"],
+    );
+}
+
+fn reading_before_cp_async_wait() {
+    let s = open("compute_80").unwrap();
+    let src = s.stream.clone_htod(&[bf16::ONE; 8]).unwrap();
+    let mut out = s.stream.alloc_zeros::<bf16>(1).unwrap();
+    launch!(s, "cp_async_read_early", cfg(1, 1, 0), &src, &mut out, &1i32).unwrap();
+    expect_err(launch!(s, "cp_async_read_early", cfg(1, 1, 0), &src, &mut out, &0i32), &["cp.async is still writing"]);
+}
+
+fn shared_memory_limits_and_the_opt_in_attribute() {
+    let s = open("compute_80").unwrap();
+    let optin =
+        s.ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).unwrap() as u32;
+    let mut out = s.stream.alloc_zeros::<f32>(1).unwrap();
+    let n = 64 * 1024 / 4;
+    // Above 48 KB without the attribute: refused, as the driver does.
+    expect_err(
+        launch!(s, "dynamic_smem_sum", cfg(1, 128, 64 * 1024), &mut out, &(n as i32)),
+        &["opt-in", "MAX_DYNAMIC_SHARED_SIZE_BYTES"],
+    );
+    let f = s.f("dynamic_smem_sum");
+    let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    f.set_attribute(attr, 64 * 1024).unwrap();
+    launch!(s, "dynamic_smem_sum", cfg(1, 128, 64 * 1024), &mut out, &(n as i32)).unwrap();
+    assert_eq!(s.stream.clone_dtoh(&out).unwrap()[0], n as f32);
+    // More than the profile's opt-in maximum: the attribute itself is refused.
+    let e = f.set_attribute(attr, optin as i32 + 16).unwrap_err().to_string();
+    assert!(e.contains("exceed"), "{e}");
+    // Using more than the launch asked for runs past the end of dynamic shared memory.
+    expect_err(
+        launch!(s, "dynamic_smem_sum", cfg(1, 128, 1024), &mut out, &257i32),
+        &["past the end of the block", "1024 bytes of dynamic shared memory"],
+    );
+}
+
+fn barrier_not_reached_by_every_thread() {
+    let s = open("compute_80").unwrap();
+    let mut out = s.stream.alloc_zeros::<f32>(64).unwrap();
+    launch!(s, "barrier_divergent", cfg(1, 64, 0), &mut out, &0i32).unwrap();
+    expect_err(
+        launch!(s, "barrier_divergent", cfg(1, 64, 0), &mut out, &1i32),
+        &["__syncthreads", "not reached by every thread"],
+    );
+}
+
+fn launch_limits() {
+    let s = open("compute_80").unwrap();
+    let mut out = s.stream.alloc_zeros::<f32>(2048).unwrap();
+    expect_err(launch!(s, "barrier_divergent", cfg(1, 1025, 0), &mut out, &0i32), &["1024 threads"]);
+    let missing = s.module.load_function("not_a_kernel").unwrap_err().to_string();
+    assert!(missing.contains("not in the loaded") && missing.contains("race_with_barrier"), "{missing}");
+}
+
+fn bf16_dot(a: &[bf16], b: &[bf16]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x.to_f64() * y.to_f64()).sum()
+}
+
+fn mma_fragments_follow_the_ptx_layout() {
+    let s = open("compute_80").unwrap();
+    let mut seed = 7u32;
+    let mut rnd = move || {
+        seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+        bf16::from_f32((seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0)
+    };
+    let a: Vec<bf16> = (0..256).map(|_| rnd()).collect();
+    let bt: Vec<bf16> = (0..128).map(|_| rnd()).collect();
+    let want: Vec<f64> =
+        (0..128).map(|i| bf16_dot(&a[(i / 8) * 16..(i / 8) * 16 + 16], &bt[(i % 8) * 16..(i % 8) * 16 + 16])).collect();
+    let (da, db) = (s.stream.clone_htod(&a).unwrap(), s.stream.clone_htod(&bt).unwrap());
+    let mut d = s.stream.alloc_zeros::<f32>(128).unwrap();
+    for permute in [0i32, 1] {
+        launch!(s, "mma_bf16_tile", cfg(1, 32, 0), &da, &db, &mut d, &permute).unwrap();
+        let got = s.stream.clone_dtoh(&d).unwrap();
+        let err = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
+        if permute == 0 {
+            assert!(err < 1e-5, "mma.m16n8k16 differs from the plain product by {err}");
+        } else {
+            assert!(err > 0.1, "a permuted A fragment went unnoticed (max difference {err})");
+        }
+    }
+}
+
+fn e4m3(v: u8) -> f64 {
+    let (e, m) = ((v >> 3) & 15, v & 7) as (u8, u8);
+    let s = if v & 0x80 != 0 { -1.0 } else { 1.0 };
+    if e == 0 {
+        s * m as f64 * 2f64.powi(-9)
+    } else {
+        s * (1.0 + m as f64 / 8.0) * 2f64.powi(e as i32 - 7)
+    }
+}
+
+fn e4m3_mma_needs_sm89() {
+    let codes = |n: usize, k: u32| -> Vec<u8> {
+        (0..n as u32).map(|i| ((i * k + 3) % 0x77) as u8 | if i % 3 == 0 { 0x80 } else { 0 }).collect()
+    };
+    let (a, bt) = (codes(512, 37), codes(256, 53));
+    {
+        let s = open("compute_80").unwrap();
+        let (da, db) = (s.stream.clone_htod(&a).unwrap(), s.stream.clone_htod(&bt).unwrap());
+        let mut d = s.stream.alloc_zeros::<f32>(128).unwrap();
+        expect_err(
+            launch!(s, "mma_e4m3_tile", cfg(1, 32, 0), &da, &db, &mut d),
+            &["ILLEGAL_INSTRUCTION", "needs sm_89", "sm_80"],
+        );
+    }
+    let (major, minor) = {
+        let ctx = CudaContext::new(0).unwrap();
+        ctx.compute_capability().unwrap()
+    };
+    if (major, minor) < (8, 9) {
+        return; // this profile cannot load sm_89 code at all
+    }
+    let s = open("compute_89").unwrap();
+    let (da, db) = (s.stream.clone_htod(&a).unwrap(), s.stream.clone_htod(&bt).unwrap());
+    let mut d = s.stream.alloc_zeros::<f32>(128).unwrap();
+    launch!(s, "mma_e4m3_tile", cfg(1, 32, 0), &da, &db, &mut d).unwrap();
+    let got = s.stream.clone_dtoh(&d).unwrap();
+    for i in 0..128 {
+        let (r, c) = (i / 8, i % 8);
+        let want: f64 = (0..32).map(|k| e4m3(a[r * 32 + k]) * e4m3(bt[c * 32 + k])).sum();
+        assert!((got[i] as f64 - want).abs() <= 1e-6 * want.abs().max(1.0), "D[{r}][{c}] = {} want {want}", got[i]);
+    }
+}
+
+fn warp_shuffles() {
+    let s = open("compute_80").unwrap();
+    let input: Vec<f32> = (0..64).map(|i| i as f32 * 0.5).collect();
+    let din = s.stream.clone_htod(&input).unwrap();
+    let mut out = s.stream.alloc_zeros::<f32>(64).unwrap();
+    launch!(s, "warp_shuffles", cfg(1, 64, 0), &din, &mut out).unwrap();
+    let got = s.stream.clone_dtoh(&out).unwrap();
+    for i in 0..64 {
+        let w = i / 32 * 32;
+        let sum: f32 = input[w..w + 32].iter().sum();
+        assert_eq!(got[i], sum + input[w + (i + 1) % 32], "lane {i}");
+    }
+}
+
+fn global_atomics_are_deterministic() {
+    let s = open("compute_80").unwrap();
+    let n = 64 * 256;
+    let input: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.37).collect();
+    let din = s.stream.clone_htod(&input).unwrap();
+    let mut sums = Vec::new();
+    for _ in 0..3 {
+        let mut out = s.stream.alloc_zeros::<f32>(1).unwrap();
+        launch!(s, "atomic_sum", cfg(64, 256, 0), &din, &mut out, &(n as i32)).unwrap();
+        sums.push(s.stream.clone_dtoh(&out).unwrap()[0]);
+    }
+    let exact: f64 = input.iter().map(|v| *v as f64).sum();
+    assert!(sums.iter().all(|v| v.to_bits() == sums[0].to_bits()), "{sums:?}");
+    assert!((sums[0] as f64 - exact).abs() < 1e-2, "{} vs {exact}", sums[0]);
+}
+
+fn main() {
+    if let Ok(arch) = std::env::var(NVRTC_CHILD) {
+        nvrtc_child(arch);
+    }
+    let args = libtest_mimic::Arguments::from_args();
+    let present = unsafe { sys::is_culib_present() };
+    let emulated = present
+        && match CudaContext::new(0) {
+            Ok(ctx) => ctx.name().map(|n| n.starts_with(flux2::backend::cuda::EMULATOR_NAME_PREFIX)).unwrap_or(false),
+            Err(_) => false,
+        };
+    if !emulated && std::env::var("FLUX2_EXPECT_SIM").is_ok_and(|v| v == "1") {
+        eprintln!("FLUX2_EXPECT_SIM=1 but the CUDA driver is not the emulator: run under scripts/with-cuda-sim.sh");
+        std::process::exit(1);
+    }
+    type Check = fn();
+    let checks: &[(&str, Check)] = &[
+        ("shared_memory_race_without_a_barrier", shared_memory_race_without_a_barrier),
+        ("out_of_bounds_write", out_of_bounds_write),
+        ("misaligned_cp_async", misaligned_cp_async),
+        ("reading_before_cp_async_wait", reading_before_cp_async_wait),
+        ("shared_memory_limits_and_the_opt_in_attribute", shared_memory_limits_and_the_opt_in_attribute),
+        ("barrier_not_reached_by_every_thread", barrier_not_reached_by_every_thread),
+        ("launch_limits", launch_limits),
+        ("mma_fragments_follow_the_ptx_layout", mma_fragments_follow_the_ptx_layout),
+        ("e4m3_mma_needs_sm89", e4m3_mma_needs_sm89),
+        ("warp_shuffles", warp_shuffles),
+        ("global_atomics_are_deterministic", global_atomics_are_deterministic),
+    ];
+    // One context at a time: the checks share the device and each resets it by recreating.
+    let lock = Arc::new(Mutex::new(()));
+    let trials = checks
+        .iter()
+        .map(|&(name, check)| {
+            let lock = lock.clone();
+            libtest_mimic::Trial::test(name, move || {
+                let _g = lock.lock().unwrap_or_else(|e| e.into_inner());
+                check();
+                Ok(())
+            })
+            .with_ignored_flag(!emulated)
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
