@@ -25,8 +25,12 @@ constexpr uint16_t READERS_MANY = 0xffff;
 
 thread_local std::vector<Cell> tl_shadow;
 thread_local std::vector<uint8_t> tl_inflight;
-thread_local Allocation tl_last{0, 0, 0};
-thread_local uint64_t tl_last_gen = 0;
+// The allocations this worker touched last: kernels alternate between a few buffers, and a
+// hit here saves the locked map lookup.
+constexpr int RECENT = 8;
+thread_local Allocation tl_recent[RECENT];
+thread_local uint64_t tl_recent_gen = 0;
+thread_local unsigned tl_recent_next = 0;
 
 std::string hex(uintptr_t a) {
     char b[32];
@@ -140,12 +144,16 @@ void check_alignment(const void* p, size_t align, const char* what) {
 void check_global(const void* p, size_t size, bool write, const char* what) {
     uintptr_t a = (uintptr_t)p;
     uint64_t gen = mem_generation();
-    if (gen == tl_last_gen && a - tl_last.base < tl_last.size && a - tl_last.base + size <= tl_last.size) return;
+    if (gen != tl_recent_gen) {
+        for (Allocation& r : tl_recent) r = Allocation{0, 0, 0};
+        tl_recent_gen = gen;
+    }
+    for (const Allocation& r : tl_recent)
+        if (a - r.base < r.size && a - r.base + size <= r.size) return;
     Allocation found;
     std::string why;
     if (mem_find(a, size, &found, &why)) {
-        tl_last = found;
-        tl_last_gen = gen;
+        tl_recent[tl_recent_next++ % RECENT] = found;
         return;
     }
     if (!write && in_module_image(a)) return;  // the module's own constants

@@ -61,6 +61,34 @@ std::string target_for(const ImageInfo& img) {
     return t;
 }
 
+// FLUX2_SIM_PROFILE=1: at exit, the emulation time per kernel (where the emulator's time goes,
+// not how fast a GPU would be).
+std::mutex g_functions_mu;
+std::vector<Function*> g_functions;
+void print_profile() {
+    std::lock_guard lock(g_functions_mu);
+    std::vector<Function*> fs = g_functions;
+    std::sort(fs.begin(), fs.end(), [](Function* a, Function* b) { return a->emulated_ns > b->emulated_ns; });
+    fprintf(stderr, "cuda-sim profile: emulation seconds per kernel\n");
+    for (Function* f : fs)
+        if (f->launches)
+            fprintf(stderr, "  %-32s %-7s %8llu launches %9.2f s\n", f->name.c_str(), f->target.c_str(),
+                    (unsigned long long)f->launches.load(), f->emulated_ns.load() * 1e-9);
+}
+void track(Function* f) {
+    static bool enabled = [] {
+        const char* p = getenv("FLUX2_SIM_PROFILE");
+        if (p && *p && strcmp(p, "0") != 0) {
+            atexit(print_profile);
+            return true;
+        }
+        return false;
+    }();
+    if (!enabled) return;
+    std::lock_guard lock(g_functions_mu);
+    g_functions.push_back(f);
+}
+
 void note_coverage(const Function& f) {
     static std::mutex mu;
     static std::set<std::string> seen;
@@ -477,6 +505,7 @@ CUresult cuModuleLoadData(CUmodule* out, const void* image) {
         f->host = host;
         f->max_dynamic_smem = default_max_dynamic(*f);
         m->functions.push_back(f);
+        track(f);
     }
     *out = m;
     return OK;
@@ -582,7 +611,9 @@ CUresult cuLaunchKernel(CUfunction fn, unsigned gx, unsigned gy, unsigned gz, un
     note_coverage(*f);
     f->launches++;
     std::lock_guard lock(g_api_mu);
+    double start = now_ms();
     Result r = launch(LaunchConfig{f, {gx, gy, gz}, {bx, by, bz}, smem, params});
+    f->emulated_ns += (uint64_t)((now_ms() - start) * 1e6);
     if (r != OK) g_ctx.sticky = r;
     return r;
 }

@@ -118,9 +118,20 @@ namespace {
     abort();  // an abandoned fiber is never resumed
 }
 
+// Hand the worker to the next runnable thread of the block in thread order (directly, fiber to
+// fiber), or back to the scheduler at the end of the sweep.
 void yield() {
     Worker* w = worker();
-    fiber_switch(w->current->fiber, w->scheduler);
+    Thread* cur = w->current;
+    std::vector<Thread>& th = *cur->block->threads;
+    for (size_t i = cur->linear + 1; i < th.size(); i++) {
+        if (th[i].state == ThreadState::Runnable) {
+            w->current = &th[i];
+            fiber_switch(cur->fiber, th[i].fiber);
+            return;  // whoever resumes this fiber has set w->current back to it
+        }
+    }
+    fiber_switch(cur->fiber, w->scheduler);
 }
 }  // namespace
 
@@ -142,6 +153,7 @@ void fiber_main(void* arg) {
     L->cfg.fn->host->thunk(L->cfg.params);
     cp_async_complete_all(*t);  // copies still in flight land when the thread ends
     t->state = ThreadState::Exited;
+    t->block->warps[t->warp].exited |= 1u << t->lane;
     yield();
     abort();
 }
@@ -252,28 +264,24 @@ void run_block(LaunchState& L, uint64_t linear) {
     }
     w->block = &b;
     for (;;) {
-        bool any_runnable = false;
-        unsigned exited = 0;
-        for (Thread& t : th) {
+        // One sweep: the first runnable thread runs, and each thread that blocks hands over to
+        // the next runnable one; the sweep ends back here.
+        Thread* first = nullptr;
+        for (Thread& t : th)
             if (t.state == ThreadState::Runnable) {
-                w->current = &t;
-                fiber_switch(w->scheduler, t.fiber);
-                w->current = nullptr;
-                if (L.failed.load(std::memory_order_relaxed)) {
-                    w->block = nullptr;
-                    return;
-                }
+                first = &t;
+                break;
             }
-            if (t.state == ThreadState::Runnable) any_runnable = true;
-            if (t.state == ThreadState::Exited) exited++;
+        if (first) {
+            w->current = first;
+            fiber_switch(w->scheduler, first->fiber);
+            w->current = nullptr;
+            if (L.failed.load(std::memory_order_relaxed)) break;
+            continue;
         }
-        if (exited == b.nthreads) break;
-        if (any_runnable) continue;
-        // A sweep where threads ran may have released others (a warp op completed by its last
-        // lane): look again before deciding everyone is blocked.
-        bool runnable = false;
-        for (Thread& t : th) runnable |= t.state == ThreadState::Runnable;
-        if (runnable) continue;
+        bool all_exited = true;
+        for (Thread& t : th) all_exited &= t.state == ThreadState::Exited;
+        if (all_exited) break;
         if (!release_or_report(b, th)) break;
     }
     w->block = nullptr;
@@ -409,10 +417,9 @@ void warp_collective(Collective kind, unsigned mask, int line,
     }
     wp.arrived |= 1u << t->lane;
     if (wp.arrived != mask) {
-        for (unsigned lane = 0; lane < 32; lane++)
-            if (((mask >> lane) & 1) && th[t->warp * 32 + lane].state == ThreadState::Exited)
-                fail(ERR_LAUNCH_FAILED, std::string(collective_name(kind)) + " at line " + std::to_string(line) +
-                                            ": lane " + std::to_string(lane) + " of the mask has exited");
+        if (unsigned gone = mask & wp.exited)
+            fail(ERR_LAUNCH_FAILED, std::string(collective_name(kind)) + " at line " + std::to_string(line) + ": lane " +
+                                        std::to_string(__builtin_ctz(gone)) + " of the mask has exited");
         t->state = ThreadState::Warp;
         yield();
         return;
@@ -421,8 +428,8 @@ void warp_collective(Collective kind, unsigned mask, int line,
     complete(b, wp, mask, first);
     wp.arrived = 0;
     wp.sync_epoch++;
-    for (unsigned lane = 0; lane < 32; lane++)
-        if ((mask >> lane) & 1) th[t->warp * 32 + lane].state = ThreadState::Runnable;
+    Thread* lanes0 = &th[t->warp * 32];
+    for (unsigned m = mask; m; m &= m - 1) lanes0[__builtin_ctz(m)].state = ThreadState::Runnable;
 }
 
 }  // namespace sim

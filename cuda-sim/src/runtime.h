@@ -93,6 +93,7 @@ struct Function {
     const HostKernel* host;
     int max_dynamic_smem = 0;  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
     std::atomic<uint64_t> launches{0};
+    std::atomic<uint64_t> emulated_ns{0};  // time spent emulating its launches (FLUX2_SIM_PROFILE)
 };
 struct Module {
     ImageInfo info;
@@ -153,6 +154,7 @@ struct Warp {
     unsigned mask, arrived;
     unsigned sync_epoch;  // collectives completed: orders intra-warp shared accesses
     int mode;
+    unsigned exited;      // lanes that have finished the kernel
 };
 
 struct LaunchState;
