@@ -87,6 +87,9 @@ pub enum TimestepMode {
     Diffusers,
     /// diffusers' bf16 values on any backend (to compare the CPU reference with a bf16 run).
     DiffusersBf16,
+    /// diffusers' float32 values on any backend (to compare a bf16 run with float32 references,
+    /// such as the committed fixtures).
+    DiffusersF32,
     /// BFL: `σ` cast to bf16, `· 1000` in bf16.
     Bfl,
 }
@@ -146,8 +149,12 @@ impl Schedule {
             v[0]
         };
         match mode {
-            TimestepMode::Diffusers | TimestepMode::DiffusersBf16 => {
-                let d = if mode == TimestepMode::DiffusersBf16 { DType::BF16 } else { compute };
+            TimestepMode::Diffusers | TimestepMode::DiffusersBf16 | TimestepMode::DiffusersF32 => {
+                let d = match mode {
+                    TimestepMode::DiffusersBf16 => DType::BF16,
+                    TimestepMode::DiffusersF32 => DType::F32,
+                    _ => compute,
+                };
                 let t = round(self.timesteps[step], d); // .to(latents.dtype)
                 let sigma_in = round(t / 1000.0, d); // timestep / 1000
                 round(round(sigma_in, d) * 1000.0, d) // .to(dtype) * 1000
@@ -192,6 +199,7 @@ mod tests {
         let t = |mode, d| (0..4).map(|i| s.model_time(i, mode, d)).collect::<Vec<_>>();
         assert_eq!(t(TimestepMode::Diffusers, DType::BF16), vec![1000.0, 968.0, 908.0, 768.0]);
         assert_eq!(t(TimestepMode::DiffusersBf16, DType::F32), vec![1000.0, 968.0, 908.0, 768.0]);
+        assert_eq!(t(TimestepMode::DiffusersF32, DType::BF16), t(TimestepMode::Diffusers, DType::F32));
         assert_eq!(t(TimestepMode::Bfl, DType::F32), vec![1000.0, 968.0, 908.0, 764.0]);
         let f32_times = t(TimestepMode::Diffusers, DType::F32);
         assert!((f32_times[1] - 967.384).abs() < 1e-2);

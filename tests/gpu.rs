@@ -48,7 +48,12 @@ fn pipeline_images_within_2_of_255(be: Arc<dyn Backend>) {
         };
         let pipe = Pipeline::load(be.clone(), &root).unwrap();
         let prepared = pipe.prepare_references(&case.references).unwrap();
-        let out = pipe.generate(&case.request, None, prepared.as_ref()).unwrap();
+        // The expected images come from float32 diffusers: its float32 timesteps too.
+        let request = flux2::pipeline::Request {
+            timestep_mode: Some(flux2::sampler::TimestepMode::DiffusersF32),
+            ..case.request.clone()
+        };
+        let out = pipe.generate(&request, None, prepared.as_ref()).unwrap();
         let mad = common::mean_pixel_error(&out.image, &RgbImage::load(&case.dir.join("expected.png")).unwrap());
         let dir = &case.dir;
         println!("pipeline {}: mean absolute pixel error {mad:.3}/255", dir.display());
@@ -139,12 +144,36 @@ fn no_gpu_gives_a_clear_error_or_a_working_device(_: Arc<dyn Backend>) {
     }
 }
 
+/// FLUX2_EXPECT_GPU=1 (set by .verify/gpu_check.sh): a CUDA device must be there, so a device
+/// that does not initialise fails the GPU checks instead of leaving them ignored.
+fn gpu_expected() -> bool {
+    std::env::var("FLUX2_EXPECT_GPU").is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
+}
+
 fn main() {
     let args = libtest_mimic::Arguments::from_args();
+    let expect_gpu = gpu_expected();
     let gpu = flux2::device::select(flux2::device::DeviceChoice::Cuda);
-    if let Err(e) = &gpu {
-        eprintln!("no CUDA device ({e}): the GPU checks below are ignored");
-    }
+    let device_error = match &gpu {
+        Ok(be) => {
+            let emulated = flux2::device::as_cuda(be).is_some_and(|c| c.is_emulated());
+            eprintln!(
+                "CUDA device: {}{}",
+                be.name(),
+                if emulated { " (emulated: kernels run on the CPU)" } else { "" }
+            );
+            None
+        }
+        Err(e) if expect_gpu => {
+            eprintln!("error: FLUX2_EXPECT_GPU=1 but the CUDA device did not initialise: {e}");
+            eprintln!("the GPU checks below fail");
+            Some(e.to_string())
+        }
+        Err(e) => {
+            eprintln!("no CUDA device ({e}): the GPU checks below are ignored");
+            Some(e.to_string())
+        }
+    };
     let gpu = gpu.ok();
     type Check = fn(Arc<dyn Backend>);
     let checks: [(&str, Check, bool); 6] = [
@@ -158,6 +187,11 @@ fn main() {
     let trials = checks
         .into_iter()
         .map(|(name, check, needs_gpu)| {
+            if needs_gpu && gpu.is_none() && expect_gpu {
+                let msg =
+                    format!("FLUX2_EXPECT_GPU=1 but no CUDA device: {}", device_error.clone().unwrap_or_default());
+                return libtest_mimic::Trial::test(name, move || Err(msg.into()));
+            }
             let be = gpu.clone().unwrap_or_else(|| Arc::new(flux2::backend::cpu::CpuBackend::new()));
             libtest_mimic::Trial::test(name, move || {
                 check(be);

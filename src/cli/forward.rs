@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use super::{expect_rank, read_f32, write_f32};
 use crate::device::{self, DeviceChoice};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::component_dir;
 use crate::model::qwen3::{Qwen3TextEncoder, KLEIN_OUT_LAYERS};
@@ -13,6 +14,7 @@ use crate::model::tokenizer::TokenizedPrompt;
 use crate::model::transformer::{scale_in_dtype, AttentionMode, Compute, Flux2Transformer};
 use crate::model::vae::{patchify, Vae, VaeParts};
 use crate::planner::{EncoderPrecision, TransformerPrecision};
+use crate::sampler::TimestepMode;
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
 
@@ -54,6 +56,11 @@ pub struct ForwardArgs {
     /// Transformer only: exact or sage attention.
     #[arg(long, value_enum, default_value_t = AttentionMode::Exact)]
     pub attention: AttentionMode,
+    /// Transformer only: the dtype `timestep · 1000` (and guidance) is computed in, as in
+    /// `generate`: diffusers (the compute dtype), diffusers-f32 (to compare with float32
+    /// references), diffusers-bf16 or bfl (bf16).
+    #[arg(long, value_enum, default_value_t = TimestepMode::Diffusers)]
+    pub timesteps: TimestepMode,
     /// Text encoder only: storage of its linears (bf16, fp8, int8, int4).
     #[arg(long, value_enum, default_value_t = EncoderPrecision::Bf16)]
     pub text_encoder_precision: EncoderPrecision,
@@ -77,8 +84,13 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
             let txt_ids = ids(&inputs, "txt_ids")?;
             let act = be.activation_dtype();
             // diffusers multiplies timestep and guidance by 1000 in the model dtype.
-            let t = scale_in_dtype(&sigma, 1000.0, act);
-            let g = guidance.map(|g| scale_in_dtype(&g, 1000.0, act));
+            let time_dtype = match args.timesteps {
+                TimestepMode::Diffusers => act,
+                TimestepMode::DiffusersF32 => DType::F32,
+                TimestepMode::DiffusersBf16 | TimestepMode::Bfl => DType::BF16,
+            };
+            let t = scale_in_dtype(&sigma, 1000.0, time_dtype);
+            let g = guidance.map(|g| scale_in_dtype(&g, 1000.0, time_dtype));
             let out =
                 model.forward(&be.upload(&x, act)?, &be.upload(&ctx, act)?, &t, &img_ids, &txt_ids, g.as_deref())?;
             write_f32(&args.out, &[("sample", &out)])

@@ -39,8 +39,11 @@ pub fn forward_case(model: &flux2::model::transformer::Flux2Transformer, case_di
     let act = be.activation_dtype();
     let inputs = case_dir.join("inputs.safetensors");
     let up = |n: &str| be.upload(&load(&inputs, n), act).unwrap();
-    let scaled =
-        |n: &str| flux2::model::transformer::scale_in_dtype(&load(&inputs, n).to_vec_f32().unwrap(), 1000.0, act);
+    // The fixtures' reference computed `timestep · 1000` in float32; so does every backend here
+    // (a bf16 time would move the sinusoid's phase, not measure the kernels).
+    let scaled = |n: &str| {
+        flux2::model::transformer::scale_in_dtype(&load(&inputs, n).to_vec_f32().unwrap(), 1000.0, flux2::DType::F32)
+    };
     let ids = |n: &str| position_ids(&case_dir.join(ids_file), n);
     let guidance = WeightStore::open(&inputs).unwrap().contains("guidance").then(|| scaled("guidance"));
     model
