@@ -307,6 +307,21 @@ fn global_atomics_are_deterministic() {
     assert!((sums[0] as f64 - exact).abs() < 1e-2, "{} vs {exact}", sums[0]);
 }
 
+/// Every kernel the backend loads was launched on this profile by the run that wrote
+/// FLUX2_SIM_COVERAGE_REPORT (the test script's `flux2 selftest --device cuda` under the same
+/// profile, with FLUX2_SIM_COVERAGE pointing there).
+fn every_kernel_was_launched() {
+    let Ok(path) = std::env::var("FLUX2_SIM_COVERAGE_REPORT") else {
+        panic!("FLUX2_SIM_COVERAGE_REPORT is not set (scripts/test.sh sets it)");
+    };
+    let report = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let arch = std::env::var("FLUX2_SIM_ARCH").unwrap_or_else(|_| "sm_90a".into());
+    let launched: std::collections::HashSet<&str> =
+        report.lines().filter_map(|l| l.split_once(' ')).filter(|(t, _)| *t == arch).map(|(_, n)| n).collect();
+    let missing: Vec<&str> = flux2::backend::cuda::kernel_names().filter(|k| !launched.contains(k)).collect();
+    assert!(missing.is_empty(), "never launched on {arch}: {missing:?} (add a selftest case that reaches them)");
+}
+
 fn main() {
     if let Ok(arch) = std::env::var(NVRTC_CHILD) {
         nvrtc_child(arch);
@@ -335,6 +350,7 @@ fn main() {
         ("e4m3_mma_needs_sm89", e4m3_mma_needs_sm89),
         ("warp_shuffles", warp_shuffles),
         ("global_atomics_are_deterministic", global_atomics_are_deterministic),
+        ("every_kernel_was_launched", every_kernel_was_launched),
     ];
     // One context at a time: the checks share the device and each resets it by recreating.
     let lock = Arc::new(Mutex::new(()));
@@ -347,7 +363,9 @@ fn main() {
                 check();
                 Ok(())
             })
-            .with_ignored_flag(!emulated)
+            .with_ignored_flag(
+                !emulated || (name == "every_kernel_was_launched" && std::env::var("FLUX2_SIM_COVERAGE_REPORT").is_err()),
+            )
         })
         .collect();
     libtest_mimic::run(&args, trials).exit();

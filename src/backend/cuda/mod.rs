@@ -77,6 +77,11 @@ const KERNELS: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// Every kernel the backend loads, by name (the emulator's coverage check uses this list).
+pub fn kernel_names() -> impl Iterator<Item = &'static str> {
+    KERNELS.iter().flat_map(|(_, names)| names.iter().copied())
+}
+
 /// Device names reported by the emulated driver (cuda-sim/) start with this.
 pub const EMULATOR_NAME_PREFIX: &str = "flux2 cuda-sim";
 
