@@ -307,6 +307,36 @@ fn global_atomics_are_deterministic() {
     assert!((sums[0] as f64 - exact).abs() < 1e-2, "{} vs {exact}", sums[0]);
 }
 
+/// FLUX2_SIM_MEMORY sets the emulated card's memory: the backend sees it, and a run that cannot
+/// fit fails with a sentence about memory, not a panic.
+fn device_memory_follows_flux2_sim_memory() {
+    let flux2 = env!("CARGO_BIN_EXE_flux2");
+    let run = |memory: &str, args: &[&str]| {
+        let out = std::process::Command::new(flux2).args(args).env("FLUX2_SIM_MEMORY", memory).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (code, text) = run("3GiB", &["doctor"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("of 3.0 GiB"), "{text}");
+    let pipeline = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pipeline");
+    let out = std::env::temp_dir().join(format!("flux2-sim-oom-{}.png", std::process::id()));
+    let generate = |memory: &str, extra: &[&str]| {
+        let mut args = vec!["generate", "--model", pipeline, "--prompt", "a fox", "--width", "64", "--height", "64"];
+        args.extend(["--steps", "1", "--device", "cuda", "--out", out.to_str().unwrap()]);
+        args.extend(extra);
+        run(memory, &args)
+    };
+    // The memory plan (budget: the emulated card's free memory) refuses before loading anything.
+    let (code, text) = generate("4MiB", &[]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("out of device memory") && text.contains("smallest budget"), "{text}");
+    // A budget larger than the card: the driver's allocation fails, and the run says so.
+    let (code, text) = generate("1MiB", &["--vram-budget", "4GiB"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("CUDA_ERROR_OUT_OF_MEMORY") && text.contains("FLUX2_SIM_MEMORY"), "{text}");
+    assert!(!text.contains("panicked") && !out.exists(), "{text}");
+}
+
 /// Every kernel the backend loads was launched on this profile by the run that wrote
 /// FLUX2_SIM_COVERAGE_REPORT (the test script's `flux2 selftest --device cuda` under the same
 /// profile, with FLUX2_SIM_COVERAGE pointing there).
@@ -350,6 +380,7 @@ fn main() {
         ("e4m3_mma_needs_sm89", e4m3_mma_needs_sm89),
         ("warp_shuffles", warp_shuffles),
         ("global_atomics_are_deterministic", global_atomics_are_deterministic),
+        ("device_memory_follows_flux2_sim_memory", device_memory_follows_flux2_sim_memory),
         ("every_kernel_was_launched", every_kernel_was_launched),
     ];
     // One context at a time: the checks share the device and each resets it by recreating.
@@ -364,7 +395,8 @@ fn main() {
                 Ok(())
             })
             .with_ignored_flag(
-                !emulated || (name == "every_kernel_was_launched" && std::env::var("FLUX2_SIM_COVERAGE_REPORT").is_err()),
+                !emulated
+                    || (name == "every_kernel_was_launched" && std::env::var("FLUX2_SIM_COVERAGE_REPORT").is_err()),
             )
         })
         .collect();

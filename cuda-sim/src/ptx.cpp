@@ -118,14 +118,37 @@ float bf16_hi(unsigned r) {
     return f;
 }
 
+// D = A·B + C into every lane's accumulator fragment (m16n8): with g = lane/4, c = lane%4,
+// d0 = D[g][2c], d1 = D[g][2c+1], d2 = D[g+8][2c], d3 = D[g+8][2c+1]; C arrives in in_f. Each dot
+// product is summed exactly (double: the products of bf16/e4m3 values are exact) and rounded once
+// when added to C (f32), or added as integers wrapping at 32 bits (s32).
+void mma_accumulate(BlockState& b, Warp& w, const double (*A)[32], const double (*B)[8], int K, bool s32) {
+    for (unsigned lane = 0; lane < 32; lane++) {
+        Thread& t = lane_thread(b, w, lane);
+        unsigned g = lane / 4, c = lane % 4;
+        const unsigned rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * c, 2 * c + 1, 2 * c, 2 * c + 1};
+        for (int e = 0; e < 4; e++) {
+            double acc = 0;
+            for (int k = 0; k < K; k++) acc += A[rows[e]][k] * B[k][cols[e]];
+            if (s32) {
+                int32_t c0;
+                memcpy(&c0, &t.in_f[e], 4);
+                uint32_t sum = (uint32_t)c0 + (uint32_t)(int64_t)acc;
+                memcpy(&t.out_f[e], &sum, 4);
+            } else {
+                t.out_f[e] = (float)(acc + (double)t.in_f[e]);
+            }
+        }
+    }
+}
+
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32. With g = lane/4, c = lane%4:
 //   A (16x16): a0 = A[g][2c..2c+1], a1 = A[g+8][2c..], a2 = A[g][2c+8..], a3 = A[g+8][2c+8..]
 //   B (16x8):  b0 = B[2c..2c+1][g], b1 = B[2c+8..2c+9][g]
 //   C, D (16x8): d0 = D[g][2c], d1 = D[g][2c+1], d2 = D[g+8][2c], d3 = D[g+8][2c+1]
-// Products of bf16 are exact; the 16 of a dot product are summed exactly (double) and rounded
-// once when added to C (the tensor core's internal order and precision are not specified).
+// (The tensor core's internal summation order and precision are not specified.)
 void complete_mma_bf16(BlockState& b, Warp& w, unsigned, unsigned) {
-    float A[16][16], B[16][8], C[16][8];
+    double A[16][32], B[32][8];
     for (unsigned lane = 0; lane < 32; lane++) {
         Thread& t = lane_thread(b, w, lane);
         unsigned g = lane / 4, c = lane % 4;
@@ -136,24 +159,13 @@ void complete_mma_bf16(BlockState& b, Warp& w, unsigned, unsigned) {
         A[g + 8][2 * c + 8] = bf16_lo(a[3]), A[g + 8][2 * c + 9] = bf16_hi(a[3]);
         B[2 * c][g] = bf16_lo((unsigned)t.in_value), B[2 * c + 1][g] = bf16_hi((unsigned)t.in_value);
         B[2 * c + 8][g] = bf16_lo((unsigned)(t.in_value >> 32)), B[2 * c + 9][g] = bf16_hi((unsigned)(t.in_value >> 32));
-        C[g][2 * c] = t.in_f[0], C[g][2 * c + 1] = t.in_f[1], C[g + 8][2 * c] = t.in_f[2], C[g + 8][2 * c + 1] = t.in_f[3];
     }
-    for (unsigned lane = 0; lane < 32; lane++) {
-        Thread& t = lane_thread(b, w, lane);
-        unsigned g = lane / 4, c = lane % 4;
-        const unsigned rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * c, 2 * c + 1, 2 * c, 2 * c + 1};
-        for (int e = 0; e < 4; e++) {
-            double acc = 0;
-            for (int k = 0; k < 16; k++) acc += (double)A[rows[e]][k] * (double)B[k][cols[e]];
-            t.out_f[e] = (float)(acc + (double)C[rows[e]][cols[e]]);
-        }
-    }
+    mma_accumulate(b, w, A, B, 16, false);
 }
 
 // mma.sync.aligned.m16n8k32.row.col with 8-bit A and B (4 per register). With g = lane/4,
 // c = lane%4: a0 = A[g][4c..4c+3], a1 = A[g+8][4c..], a2 = A[g][4c+16..], a3 = A[g+8][4c+16..];
-// b0 = B[4c..4c+3][g], b1 = B[4c+16..4c+19][g]; C and D as in m16n8k16. e4m3 products are exact
-// in double and summed exactly; s8 sums are exact integers (s32, wrapping as the hardware).
+// b0 = B[4c..4c+3][g], b1 = B[4c+16..4c+19][g]; C and D as in m16n8k16.
 thread_local int g_mma8_type;
 void complete_mma_8bit(BlockState& b, Warp& w, unsigned, unsigned) {
     double A[16][32], B[32][8];
@@ -177,23 +189,7 @@ void complete_mma_8bit(BlockState& b, Warp& w, unsigned, unsigned) {
             B[4 * c + 16 + i][g] = value((unsigned)(t.in_value >> 32), i);
         }
     }
-    for (unsigned lane = 0; lane < 32; lane++) {
-        Thread& t = lane_thread(b, w, lane);
-        unsigned g = lane / 4, c = lane % 4;
-        const unsigned rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * c, 2 * c + 1, 2 * c, 2 * c + 1};
-        for (int e = 0; e < 4; e++) {
-            double acc = 0;
-            for (int k = 0; k < 32; k++) acc += A[rows[e]][k] * B[k][cols[e]];
-            if (g_mma8_type == SIM_MMA_S8) {
-                int32_t c0;
-                memcpy(&c0, &t.in_f[e], 4);
-                uint32_t sum = (uint32_t)c0 + (uint32_t)(int64_t)acc;
-                memcpy(&t.out_f[e], &sum, 4);
-            } else {
-                t.out_f[e] = (float)(acc + (double)t.in_f[e]);
-            }
-        }
-    }
+    mma_accumulate(b, w, A, B, 32, g_mma8_type == SIM_MMA_S8);
 }
 
 // An instruction the kernel's image architecture lacks faults, as the JIT or ptxas would refuse it.

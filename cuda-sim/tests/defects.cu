@@ -64,6 +64,14 @@ extern "C" __global__ void barrier_divergent(float* out, int diverge) {
     out[threadIdx.x] = 1.f;
 }
 
+// A 16x8 f32 accumulator fragment to row-major D (lane = 4g + c).
+__device__ __forceinline__ void store_accumulators(float* D, const float d[4], int g, int c) {
+    D[g * 8 + 2 * c] = d[0];
+    D[g * 8 + 2 * c + 1] = d[1];
+    D[(g + 8) * 8 + 2 * c] = d[2];
+    D[(g + 8) * 8 + 2 * c + 1] = d[3];
+}
+
 // One warp: D[16x8] = A[16x16] · B, A row-major, B given as Bt [8][16] (n-major, "col"); the
 // fragments are loaded from global memory by the PTX layout. `permute` swaps a1 and a2, the kind
 // of fragment bug a plain matrix product exposes.
@@ -82,10 +90,7 @@ extern "C" __global__ void mma_bf16_tile(const bf16* A, const bf16* Bt, float* D
     unsigned b0 = pair(&Bt[g * 16 + 2 * c]), b1 = pair(&Bt[g * 16 + 2 * c + 8]);
     float d[4] = {0.f, 0.f, 0.f, 0.f};
     mma_bf16_16816(d, a, b0, b1);
-    D[g * 8 + 2 * c] = d[0];
-    D[g * 8 + 2 * c + 1] = d[1];
-    D[(g + 8) * 8 + 2 * c] = d[2];
-    D[(g + 8) * 8 + 2 * c + 1] = d[3];
+    store_accumulators(D, d, g, c);
 }
 
 // One warp: D[16x8] = A[16x32] · B with e4m3 codes, A row-major bytes, Bt [8][32] bytes.
@@ -99,10 +104,7 @@ extern "C" __global__ void mma_e4m3_tile(const unsigned char* A, const unsigned 
     unsigned b0 = quad(&Bt[g * 32 + 4 * c]), b1 = quad(&Bt[g * 32 + 4 * c + 16]);
     float d[4] = {0.f, 0.f, 0.f, 0.f};
     mma_e4m3_16832(d, a, b0, b1);
-    D[g * 8 + 2 * c] = d[0];
-    D[g * 8 + 2 * c + 1] = d[1];
-    D[(g + 8) * 8 + 2 * c] = d[2];
-    D[(g + 8) * 8 + 2 * c + 1] = d[3];
+    store_accumulators(D, d, g, c);
 }
 
 // Warp shuffles: out[i] = sum over the warp (xor butterfly) + the value of lane (i + 1) % 32.
