@@ -185,10 +185,11 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             );
         }
     }
-    // row_absmax (one block per row) + gemm_w8a8_tiled
+    // K % 16 == 0 on sm_89+ images: quantize_rows_e4m3 + gemm_w8a8_mma_e4m3 (v2, ragged 128-tiles,
+    // several 64-byte k tiles); otherwise (K = 72, or older images) row_absmax + gemm_w8a8_tiled (v1).
     let fp8: &[(usize, usize, usize, bool)] = match suite {
-        Suite::Full => &[(9, 128, 40, false), (256, 3072, 1024, false)],
-        Suite::Small => &[(9, 128, 40, false), (70, 320, 136, true)],
+        Suite::Full => &[(9, 128, 40, false), (5, 72, 24, true), (256, 3072, 1024, false)],
+        Suite::Small => &[(9, 128, 40, false), (5, 72, 24, true), (70, 320, 136, true), (130, 208, 150, false)],
     };
     for &(m, k, n, bias) in fp8 {
         let mut inputs = vec![act(&[m, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];

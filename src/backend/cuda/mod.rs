@@ -70,6 +70,8 @@ const KERNELS: &[(&str, &[&str])] = &[
         &[
             "row_absmax_bf16",
             "gemm_w8a8_tiled_bf16",
+            "quantize_rows_e4m3_bf16",
+            "gemm_w8a8_mma_e4m3",
             "sage_kv_stats_bf16",
             "sage_block_absmax_bf16",
             "attention_sage_rowwise_bf16",

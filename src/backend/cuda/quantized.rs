@@ -8,16 +8,39 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
+/// Kernel images whose architecture has e4m3 tensor cores (mma.sync m16n8k32 e4m3: sm_89+). The
+/// compute_80 PTX does not, whatever card JIT-compiles it.
+fn has_fp8_mma(target: &str) -> bool {
+    matches!(target, "sm_89" | "sm_90a" | "sm_120")
+}
+
+/// FP8 W8A8 linear: v2 (per-token e4m3 codes, tensor cores) where the image has e4m3 mma and rows
+/// split into 16-byte chunks; else v1 (CUDA cores, any shape). Same numerics up to f32 rounding.
 pub(super) fn linear_fp8(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (m, k, n) = check::linear_fp8(x, w, bias)?;
     let (_x, xp) = be.bf16_arg(x, "linear_fp8")?;
-    let absmax = be.output(DType::F32, &[m])?;
-    let rows = super::reduce::per_row("linear_fp8", m, k)?;
-    launch!(be.dev, "row_absmax_bf16", rows, xp, be.ptr(&absmax)?, k as i32)?;
     let scales = w.scales.as_ref().ok_or_else(|| Error::Gpu("fp8 weight without scales".into()))?;
     let b = bias.map(|b| be.bf16_arg(b, "linear_fp8")).transpose()?;
     let bp = b.as_ref().map_or(0, |(_, p)| *p);
     let out = super::gemm::linear_output(be, x, n)?;
+    let rows = super::reduce::per_row("linear_fp8", m, k)?;
+    if has_fp8_mma(be.dev.target) && k % 16 == 0 && m.div_ceil(128) <= 65535 {
+        let codes = be.output(DType::U8, &[m * k])?;
+        let a_scale = be.output(DType::F32, &[m])?;
+        let (qp, asp) = (be.ptr(&codes)?, be.ptr(&a_scale)?);
+        launch!(be.dev, "quantize_rows_e4m3_bf16", rows, xp, qp, asp, k as i32)?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (wp, sp, op) = (be.ptr(&w.data)?, be.ptr(scales)?, be.ptr(&out)?);
+        let (m32, n32, k32) = (m as i32, n as i32, k as i32);
+        launch!(be.dev, "gemm_w8a8_mma_e4m3", cfg, qp, asp, wp, sp, bp, op, m32, n32, k32, n as i64)?;
+        return Ok(out);
+    }
+    let absmax = be.output(DType::F32, &[m])?;
+    launch!(be.dev, "row_absmax_bf16", rows, xp, be.ptr(&absmax)?, k as i32)?;
     let cfg = super::gemm::tiled_16x16("linear_fp8", m, n)?;
     let (ap, wp, sp, op) = (be.ptr(&absmax)?, be.ptr(&w.data)?, be.ptr(scales)?, be.ptr(&out)?);
     launch!(be.dev, "gemm_w8a8_tiled_bf16", cfg, xp, ap, wp, sp, bp, op, m as i32, n as i32, k as i32, n as i64)?;
