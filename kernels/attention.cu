@@ -7,7 +7,7 @@
 
 #define NEG_INF (-1e30f)
 
-__device__ __forceinline__ bool key_visible(long q, long k, long nk, int causal, long valid) {
+__device__ __forceinline__ bool key_visible(i64 q, i64 k, i64 nk, int causal, i64 valid) {
     return k < nk && k < valid && (!causal || k <= q);
 }
 
@@ -15,15 +15,15 @@ extern "C" __global__ void attention_rowwise_bf16(const bf16* q, const bf16* k, 
                                                   int nk, int heads, int kv_heads, int d, float scale, int causal,
                                                   const int* valid_len) {
     const int MAXV = 32;  // d <= 32 * MAXV
-    long warp_id = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    i64 warp_id = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
-    long rows = (long)batch * nq * heads;
+    i64 rows = (i64)batch * nq * heads;
     if (warp_id >= rows) return;
     int h = (int)(warp_id % heads);
-    long qi = (warp_id / heads) % nq;
-    int b = (int)(warp_id / ((long)heads * nq));
+    i64 qi = (warp_id / heads) % nq;
+    int b = (int)(warp_id / ((i64)heads * nq));
     int hk = h / (heads / kv_heads);
-    long valid = valid_len ? valid_len[b] : nk;
+    i64 valid = valid_len ? valid_len[b] : nk;
     int nv = (d + 31) / 32;
     float qr[MAXV], acc[MAXV];
     const bf16* qrow = q + warp_id * d;
@@ -33,10 +33,10 @@ extern "C" __global__ void attention_rowwise_bf16(const bf16* q, const bf16* k, 
         acc[i] = 0.f;
     }
     float m = NEG_INF, l = 0.f;
-    long kend = causal ? min((long)nk, qi + 1) : (long)nk;
+    i64 kend = causal ? min((i64)nk, qi + 1) : (i64)nk;
     kend = min(kend, valid);
-    for (long j = 0; j < kend; j++) {
-        const bf16* krow = k + (((long)b * nk + j) * kv_heads + hk) * d;
+    for (i64 j = 0; j < kend; j++) {
+        const bf16* krow = k + (((i64)b * nk + j) * kv_heads + hk) * d;
         float s = 0.f;
         for (int i = 0; i < nv; i++) {
             int dd = lane + 32 * i;
@@ -46,7 +46,7 @@ extern "C" __global__ void attention_rowwise_bf16(const bf16* q, const bf16* k, 
         float mn = fmaxf(m, s);
         float alpha = __expf(m - mn), p = __expf(s - mn);
         l = l * alpha + p;
-        const bf16* vrow = v + (((long)b * nk + j) * kv_heads + hk) * d;
+        const bf16* vrow = v + (((i64)b * nk + j) * kv_heads + hk) * d;
         for (int i = 0; i < nv; i++) {
             int dd = lane + 32 * i;
             if (dd < d) acc[i] = acc[i] * alpha + p * to_f(vrow[dd]);
@@ -71,12 +71,12 @@ __device__ __forceinline__ void flash_attention(const bf16* __restrict__ q, cons
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int h = blockIdx.y, b = blockIdx.z, hk = h / (heads / kv_heads);
-    const long q0 = (long)blockIdx.x * BQ;
-    const long q_stride = (long)heads * D, kv_stride = (long)kv_heads * D;
-    const bf16* qb = q + ((long)b * nq) * q_stride + (long)h * D;
-    const bf16* kb = k + ((long)b * nk) * kv_stride + (long)hk * D;
-    const bf16* vb = v + ((long)b * nk) * kv_stride + (long)hk * D;
-    const long valid = valid_len ? (long)valid_len[b] : (long)nk;
+    const i64 q0 = (i64)blockIdx.x * BQ;
+    const i64 q_stride = (i64)heads * D, kv_stride = (i64)kv_heads * D;
+    const bf16* qb = q + ((i64)b * nq) * q_stride + (i64)h * D;
+    const bf16* kb = k + ((i64)b * nk) * kv_stride + (i64)hk * D;
+    const bf16* vb = v + ((i64)b * nk) * kv_stride + (i64)hk * D;
+    const i64 valid = valid_len ? (i64)valid_len[b] : (i64)nk;
 
     // Q tile -> smem -> registers (A fragments for each 16-wide slice of D).
     for (int c = tid; c < BQ * D / 8; c += 128) {
@@ -96,11 +96,11 @@ __device__ __forceinline__ void flash_attention(const bf16* __restrict__ q, cons
 #pragma unroll
     for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m_r[2] = {NEG_INF, NEG_INF}, l_r[2] = {0.f, 0.f};
-    const long row_q[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
+    const i64 row_q[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
 
-    long kend = min((long)nk, valid);
+    i64 kend = min((i64)nk, valid);
     if (causal) kend = min(kend, q0 + BQ);
-    for (long k0 = 0; k0 < kend; k0 += BKV) {
+    for (i64 k0 = 0; k0 < kend; k0 += BKV) {
         __syncthreads();
         for (int c = tid; c < BKV * D / 8; c += 128) {
             int row = c / (D / 8), col = (c % (D / 8)) * 8;
@@ -132,7 +132,7 @@ __device__ __forceinline__ void flash_attention(const bf16* __restrict__ q, cons
         for (int j = 0; j < 8; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                long key = k0 + j * 8 + (lane & 3) * 2 + (e & 1);
+                i64 key = k0 + j * 8 + (lane & 3) * 2 + (e & 1);
                 bool ok = key_visible(row_q[e >> 1], key, nk, causal, valid);
                 s[j][e] = ok ? s[j][e] * scale_log2 : NEG_INF;
                 mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
@@ -190,12 +190,12 @@ __device__ __forceinline__ void flash_attention(const bf16* __restrict__ q, cons
         l_r[r] += __shfl_xor_sync(FULL_MASK, l_r[r], 2);
         l_r[r] = l_r[r] > 0.f ? 1.f / l_r[r] : 0.f;
     }
-    bf16* ob = out + ((long)b * nq) * q_stride + (long)h * D;
+    bf16* ob = out + ((i64)b * nq) * q_stride + (i64)h * D;
 #pragma unroll
     for (int i = 0; i < D / 8; i++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            long row = row_q[e >> 1];
+            i64 row = row_q[e >> 1];
             int col = i * 8 + (lane & 3) * 2 + (e & 1);
             if (row < nq) ob[row * q_stride + col] = to_bf(o[i][e] * l_r[e >> 1]);
         }

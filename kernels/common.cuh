@@ -4,12 +4,15 @@
 #include <cuda_bf16.h>
 
 typedef __nv_bfloat16 bf16;
+// 64-bit integers in kernel signatures and index math: `long` is 32 bits on Windows (LLP64), and
+// the Rust launchers pass i64.
+typedef long long i64;
 
 #define FULL_MASK 0xffffffffu
 #define NEG_INFINITY_F __int_as_float(0xff800000)
 // Grid-stride loop over [0, n): any grid size covers every element.
 #define GRID_STRIDE(i, n) \
-    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long)gridDim.x * blockDim.x)
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
 
 __device__ __forceinline__ float to_f(bf16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ bf16 to_bf(float v) { return __float2bfloat16_rn(v); }

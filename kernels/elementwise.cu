@@ -2,55 +2,55 @@
 // per output. Each has a CPU reference op (src/backend/cpu) that the selftest compares against.
 #include "common.cuh"
 
-extern "C" __global__ void fill_u16(unsigned short* y, unsigned short v, long n) {
+extern "C" __global__ void fill_u16(unsigned short* y, unsigned short v, i64 n) {
     GRID_STRIDE(i, n) y[i] = v;
 }
 
-extern "C" __global__ void fill_u32(unsigned* y, unsigned v, long n) {
+extern "C" __global__ void fill_u32(unsigned* y, unsigned v, i64 n) {
     GRID_STRIDE(i, n) y[i] = v;
 }
 
-extern "C" __global__ void silu_bf16(const bf16* x, bf16* y, long n) {
+extern "C" __global__ void silu_bf16(const bf16* x, bf16* y, i64 n) {
     GRID_STRIDE(i, n) y[i] = to_bf(silu_f(to_f(x[i])));
 }
 
 // x [rows, 2m] -> y [rows, m] = silu(x[:, :m]) * x[:, m:]
-extern "C" __global__ void swiglu_bf16(const bf16* x, bf16* y, long rows, int m) {
+extern "C" __global__ void swiglu_bf16(const bf16* x, bf16* y, i64 rows, int m) {
     GRID_STRIDE(i, rows * m) {
-        long r = i / m;
+        i64 r = i / m;
         int c = (int)(i % m);
-        const bf16* row = x + r * 2 * (long)m;
+        const bf16* row = x + r * 2 * (i64)m;
         y[i] = to_bf(silu_f(to_f(row[c])) * to_f(row[m + c]));
     }
 }
 
-extern "C" __global__ void axpby_bf16(float a, const bf16* x, float b, const bf16* y, bf16* out, long n) {
+extern "C" __global__ void axpby_bf16(float a, const bf16* x, float b, const bf16* y, bf16* out, i64 n) {
     GRID_STRIDE(i, n) out[i] = to_bf(a * to_f(x[i]) + b * to_f(y[i]));
 }
 
 // x, y [B, L, C]; gate [B, C] with row stride `vs`: out = x + gate * y
-extern "C" __global__ void gated_add_bf16(const bf16* x, const bf16* gate, long vs, const bf16* y, bf16* out, long L, int c,
-                                          long n) {
+extern "C" __global__ void gated_add_bf16(const bf16* x, const bf16* gate, i64 vs, const bf16* y, bf16* out, i64 L, int c,
+                                          i64 n) {
     GRID_STRIDE(i, n) {
-        long b = i / (L * c);
+        i64 b = i / (L * c);
         int ch = (int)(i % c);
         out[i] = to_bf(to_f(x[i]) + to_f(gate[b * vs + ch]) * to_f(y[i]));
     }
 }
 
 // x [B, L, C]; shift/scale [B, C] with row strides shift_s/scale_s: out = x * (1 + scale) + shift
-extern "C" __global__ void modulate_bf16(const bf16* x, const bf16* shift, long shift_s, const bf16* scale, long scale_s,
-                                         bf16* out, long L, int c, long n) {
+extern "C" __global__ void modulate_bf16(const bf16* x, const bf16* shift, i64 shift_s, const bf16* scale, i64 scale_s,
+                                         bf16* out, i64 L, int c, i64 n) {
     GRID_STRIDE(i, n) {
-        long b = i / (L * c);
+        i64 b = i / (L * c);
         int ch = (int)(i % c);
         out[i] = to_bf(to_f(x[i]) * (1.f + to_f(scale[b * scale_s + ch])) + to_f(shift[b * shift_s + ch]));
     }
 }
 
 // NCHW x; mul/add [C] f32: out = x * mul[c] + add[c]
-extern "C" __global__ void channel_affine_bf16(const bf16* x, const float* mul, const float* add, bf16* out, long hw, int c,
-                                               long n) {
+extern "C" __global__ void channel_affine_bf16(const bf16* x, const float* mul, const float* add, bf16* out, i64 hw, int c,
+                                               i64 n) {
     GRID_STRIDE(i, n) {
         int ch = (int)((i / hw) % c);
         out[i] = to_bf(to_f(x[i]) * mul[ch] + add[ch]);
@@ -58,20 +58,20 @@ extern "C" __global__ void channel_affine_bf16(const bf16* x, const float* mul, 
 }
 
 // NCHW nearest x2: planes = B*C
-extern "C" __global__ void upsample_nearest2x_bf16(const bf16* x, bf16* y, long planes, int h, int w) {
-    long n = planes * 4L * h * w;
+extern "C" __global__ void upsample_nearest2x_bf16(const bf16* x, bf16* y, i64 planes, int h, int w) {
+    i64 n = planes * 4L * h * w;
     GRID_STRIDE(i, n) {
-        long p = i / (4L * h * w);
+        i64 p = i / (4L * h * w);
         int r = (int)(i % (4L * h * w));
         int oy = r / (2 * w), ox = r % (2 * w);
-        y[i] = x[p * h * w + (long)(oy / 2) * w + ox / 2];
+        y[i] = x[p * h * w + (i64)(oy / 2) * w + ox / 2];
     }
 }
 
-extern "C" __global__ void embedding_bf16(const unsigned* ids, const bf16* table, bf16* out, long n_ids, int c) {
+extern "C" __global__ void embedding_bf16(const unsigned* ids, const bf16* table, bf16* out, i64 n_ids, int c) {
     GRID_STRIDE(i, n_ids * c) {
-        long t = i / c;
-        out[i] = table[(long)ids[t] * c + i % c];
+        i64 t = i / c;
+        out[i] = table[(i64)ids[t] * c + i % c];
     }
 }
 
@@ -83,7 +83,7 @@ struct Times16 {
 // out [B, dim] = [cos(t f_j), sin(t f_j)], f_j = exp(neg_log_period * j / half), f32 like diffusers.
 extern "C" __global__ void timestep_embedding_bf16(Times16 t, bf16* out, int batch, int dim, float neg_log_period) {
     int half = dim / 2;
-    GRID_STRIDE(i, (long)batch * dim) {
+    GRID_STRIDE(i, (i64)batch * dim) {
         int b = (int)(i / dim), j = (int)(i % dim);
         int k = j < half ? j : j - half;
         float f = expf(neg_log_period * (float)k / (float)half);
@@ -94,17 +94,17 @@ extern "C" __global__ void timestep_embedding_bf16(Times16 t, bf16* out, int bat
 }
 
 // x [B, N, H, D]; cos/sin [N, D/2] f32. interleaved: pairs (2m, 2m+1); else (m, m + D/2).
-extern "C" __global__ void rope_bf16(const bf16* x, const float* cos_t, const float* sin_t, bf16* out, long rows, int n,
+extern "C" __global__ void rope_bf16(const bf16* x, const float* cos_t, const float* sin_t, bf16* out, i64 rows, int n,
                                      int h, int d, int interleaved) {
     int half = d / 2;
     GRID_STRIDE(i, rows * half) {
-        long row = i / half;
+        i64 row = i / half;
         int m = (int)(i % half);
         int token = (int)((row / h) % n);
         int i0 = interleaved ? 2 * m : m, i1 = interleaved ? 2 * m + 1 : m + half;
         const bf16* xr = x + row * d;
         float a = to_f(xr[i0]), b = to_f(xr[i1]);
-        float c = cos_t[(long)token * half + m], s = sin_t[(long)token * half + m];
+        float c = cos_t[(i64)token * half + m], s = sin_t[(i64)token * half + m];
         out[row * d + i0] = to_bf(a * c - b * s);
         out[row * d + i1] = to_bf(b * c + a * s);
     }
@@ -112,18 +112,18 @@ extern "C" __global__ void rope_bf16(const bf16* x, const float* cos_t, const fl
 
 // Strided copy of up to 6 dims (row-major over `size`): dst[dst_stride . idx] = src[src_stride . idx]
 struct Strided6 {
-    long size[6];
-    long src[6];
-    long dst[6];
+    i64 size[6];
+    i64 src[6];
+    i64 dst[6];
 };
 
 template <typename T>
-__device__ __forceinline__ void strided_copy(T* dst, const T* src, const Strided6& s, long n) {
+__device__ __forceinline__ void strided_copy(T* dst, const T* src, const Strided6& s, i64 n) {
     GRID_STRIDE(i, n) {
-        long rem = i, so = 0, dof = 0;
+        i64 rem = i, so = 0, dof = 0;
 #pragma unroll
         for (int d = 5; d >= 0; d--) {
-            long k = rem % s.size[d];
+            i64 k = rem % s.size[d];
             rem /= s.size[d];
             so += k * s.src[d];
             dof += k * s.dst[d];
@@ -132,10 +132,10 @@ __device__ __forceinline__ void strided_copy(T* dst, const T* src, const Strided
     }
 }
 
-extern "C" __global__ void strided_copy_b16(unsigned short* dst, const unsigned short* src, Strided6 s, long n) {
+extern "C" __global__ void strided_copy_b16(unsigned short* dst, const unsigned short* src, Strided6 s, i64 n) {
     strided_copy(dst, src, s, n);
 }
 
-extern "C" __global__ void strided_copy_b32(unsigned* dst, const unsigned* src, Strided6 s, long n) {
+extern "C" __global__ void strided_copy_b32(unsigned* dst, const unsigned* src, Strided6 s, i64 n) {
     strided_copy(dst, src, s, n);
 }

@@ -8,18 +8,18 @@
 
 #include "common.cuh"
 
-__device__ __forceinline__ float bias_at(const bf16* bias, int mode, long m, long n) {
+__device__ __forceinline__ float bias_at(const bf16* bias, int mode, i64 m, i64 n) {
     return mode == 1 ? to_f(bias[n]) : mode == 2 ? to_f(bias[m]) : 0.f;
 }
 
 #define T1 16
 extern "C" __global__ void gemm_tiled_bf16(const bf16* A, const bf16* W, const bf16* bias, int bias_mode, bf16* C, int M,
-                                           int N, int K, long ldc) {
+                                           int N, int K, i64 ldc) {
     __shared__ float As[T1][T1 + 1];
     __shared__ float Ws[T1][T1 + 1];
     int tx = threadIdx.x, ty = threadIdx.y;
-    long m = (long)blockIdx.y * T1 + ty, n = (long)blockIdx.x * T1 + tx;
-    long wn = (long)blockIdx.x * T1 + ty;  // W row this thread loads
+    i64 m = (i64)blockIdx.y * T1 + ty, n = (i64)blockIdx.x * T1 + tx;
+    i64 wn = (i64)blockIdx.x * T1 + ty;  // W row this thread loads
     float acc = 0.f;
     for (int k0 = 0; k0 < K; k0 += T1) {
         As[ty][tx] = (m < M && k0 + tx < K) ? to_f(A[m * K + k0 + tx]) : 0.f;
@@ -34,7 +34,7 @@ extern "C" __global__ void gemm_tiled_bf16(const bf16* A, const bf16* W, const b
 
 // Weight-only quantized W (fmt 0 int8 per-row scale, 1 int4 per (row, group) scale with two codes
 // per byte, low nibble first, 2 fp8 e4m3 per-row scale): dequantized while staging tiles.
-__device__ __forceinline__ float dequant(const unsigned char* q, const float* s, int fmt, int group, long n, int k, int K) {
+__device__ __forceinline__ float dequant(const unsigned char* q, const float* s, int fmt, int group, i64 n, int k, int K) {
     if (fmt == 0) return (float)(signed char)q[n * K + k] * s[n];
     if (fmt == 1) {
         unsigned char b = q[(n * K + k) >> 1];
@@ -47,12 +47,12 @@ __device__ __forceinline__ float dequant(const unsigned char* q, const float* s,
 }
 
 extern "C" __global__ void gemm_wq_tiled_bf16(const bf16* A, const unsigned char* Wq, const float* scales, int fmt, int group,
-                                              const bf16* bias, int bias_mode, bf16* C, int M, int N, int K, long ldc) {
+                                              const bf16* bias, int bias_mode, bf16* C, int M, int N, int K, i64 ldc) {
     __shared__ float As[T1][T1 + 1];
     __shared__ float Ws[T1][T1 + 1];
     int tx = threadIdx.x, ty = threadIdx.y;
-    long m = (long)blockIdx.y * T1 + ty, n = (long)blockIdx.x * T1 + tx;
-    long wn = (long)blockIdx.x * T1 + ty;
+    i64 m = (i64)blockIdx.y * T1 + ty, n = (i64)blockIdx.x * T1 + tx;
+    i64 wn = (i64)blockIdx.x * T1 + ty;
     float acc = 0.f;
     for (int k0 = 0; k0 < K; k0 += T1) {
         As[ty][tx] = (m < M && k0 + tx < K) ? to_f(A[m * K + k0 + tx]) : 0.f;
@@ -72,13 +72,13 @@ extern "C" __global__ void gemm_wq_tiled_bf16(const bf16* A, const unsigned char
 
 extern "C" __global__ void __launch_bounds__(256)
     gemm_mma_bf16(const bf16* __restrict__ A, const bf16* __restrict__ W, const bf16* __restrict__ bias, int bias_mode,
-                  bf16* __restrict__ C, int M, int N, int K, long ldc) {
+                  bf16* __restrict__ C, int M, int N, int K, i64 ldc) {
     __shared__ __align__(16) bf16 As[2][BM * LDS];
     __shared__ __align__(16) bf16 Ws[2][BN * LDS];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int warp_m = warp >> 2;  // 2 warps along M: 64 rows each
     const int warp_n = warp & 3;   // 4 warps along N: 32 cols each
-    const long m0 = (long)blockIdx.y * BM, n0 = (long)blockIdx.x * BN;
+    const i64 m0 = (i64)blockIdx.y * BM, n0 = (i64)blockIdx.x * BN;
 
     float acc[4][4][4];
 #pragma unroll
@@ -95,7 +95,7 @@ extern "C" __global__ void __launch_bounds__(256)
             int c = tid + i * 256;
             int row = c >> 2, col = (c & 3) * 8;
             int gk = k0 + col;
-            long gm = m0 + row, gn = n0 + row;
+            i64 gm = m0 + row, gn = n0 + row;
             bool okA = gm < M && gk < K, okW = gn < N && gk < K;
             cp_async16(&As[stage][row * LDS + col], okA ? (const void*)(A + gm * K + gk) : (const void*)A, okA ? 16 : 0);
             cp_async16(&Ws[stage][row * LDS + col], okW ? (const void*)(W + gn * K + gk) : (const void*)W, okW ? 16 : 0);
@@ -147,8 +147,8 @@ extern "C" __global__ void __launch_bounds__(256)
         for (int ni = 0; ni < 4; ni++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                long m = m0 + warp_m * 64 + mi * 16 + (lane >> 2) + (e >= 2 ? 8 : 0);
-                long n = n0 + warp_n * 32 + ni * 8 + (lane & 3) * 2 + (e & 1);
+                i64 m = m0 + warp_m * 64 + mi * 16 + (lane >> 2) + (e >= 2 ? 8 : 0);
+                i64 n = n0 + warp_n * 32 + ni * 8 + (lane & 3) * 2 + (e & 1);
                 if (m < M && n < N) C[m * ldc + n] = to_bf(acc[mi][ni][e] + bias_at(bias, bias_mode, m, n));
             }
 }
@@ -156,14 +156,14 @@ extern "C" __global__ void __launch_bounds__(256)
 // Columns for conv-as-GEMM: col[p][k] for output pixels p0..p0+np of one image, k = (ci, ky, kx).
 // x [Cin, H, W]; zero padding (top pad_t, left pad_l; bottom/right implied by the output size).
 extern "C" __global__ void im2col_bf16(const bf16* x, bf16* col, int cin, int h, int w, int kh, int kw, int stride,
-                                       int pad_t, int pad_l, int wo, long p0, long np) {
-    long kdim = (long)cin * kh * kw;
+                                       int pad_t, int pad_l, int wo, i64 p0, i64 np) {
+    i64 kdim = (i64)cin * kh * kw;
     GRID_STRIDE(i, np * kdim) {
-        long p = p0 + i / kdim;
+        i64 p = p0 + i / kdim;
         int k = (int)(i % kdim);
         int ci = k / (kh * kw), ky = (k / kw) % kh, kx = k % kw;
         int oy = (int)(p / wo), ox = (int)(p % wo);
         int iy = oy * stride + ky - pad_t, ix = ox * stride + kx - pad_l;
-        col[i] = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? x[((long)ci * h + iy) * w + ix] : to_bf(0.f);
+        col[i] = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? x[((i64)ci * h + iy) * w + ix] : to_bf(0.f);
     }
 }

@@ -6,9 +6,9 @@
 // LayerNorm over the last dim (no affine). With shift/scale ([B, C], row strides shift_s and
 // scale_s), applies x * (1 + scale[b]) + shift[b], b = row / rows_per_sample.
 extern "C" __global__ void layer_norm_bf16(const bf16* x, bf16* y, int c, float eps, const bf16* shift, const bf16* scale,
-                                           long shift_s, long scale_s, long rows_per_sample) {
+                                           i64 shift_s, i64 scale_s, i64 rows_per_sample) {
     __shared__ float scratch[32];
-    long row = blockIdx.x;
+    i64 row = blockIdx.x;
     const bf16* xr = x + row * c;
     float s = 0.f;
     for (int i = threadIdx.x; i < c; i += blockDim.x) s += to_f(xr[i]);
@@ -19,7 +19,7 @@ extern "C" __global__ void layer_norm_bf16(const bf16* x, bf16* y, int c, float 
         v += d * d;
     }
     float inv = rsqrtf(block_sum(v, scratch) / c + eps);
-    long b = row / rows_per_sample;
+    i64 b = row / rows_per_sample;
     for (int i = threadIdx.x; i < c; i += blockDim.x) {
         float n = (to_f(xr[i]) - mean) * inv;
         if (shift) n = n * (1.f + to_f(scale[b * scale_s + i])) + to_f(shift[b * shift_s + i]);
@@ -30,7 +30,7 @@ extern "C" __global__ void layer_norm_bf16(const bf16* x, bf16* y, int c, float 
 // RMSNorm over the last dim with an optional weight.
 extern "C" __global__ void rms_norm_bf16(const bf16* x, const bf16* w, bf16* y, int c, float eps) {
     __shared__ float scratch[32];
-    long row = blockIdx.x;
+    i64 row = blockIdx.x;
     const bf16* xr = x + row * c;
     float s = 0.f;
     for (int i = threadIdx.x; i < c; i += blockDim.x) {
@@ -46,15 +46,15 @@ extern "C" __global__ void rms_norm_bf16(const bf16* x, const bf16* w, bf16* y, 
 
 // Partial (sum, sum of squares) of `chunk` elements of group blockIdx.y into stats[2*group],
 // shifted by the group's first element so E[x^2] - E[x]^2 does not cancel catastrophically.
-extern "C" __global__ void group_norm_stats_bf16(const bf16* x, double* stats, long group_size, long chunk) {
+extern "C" __global__ void group_norm_stats_bf16(const bf16* x, double* stats, i64 group_size, i64 chunk) {
     __shared__ float scratch[32];
-    long g = blockIdx.y;
-    long start = (long)blockIdx.x * chunk;
-    long end = min(start + chunk, group_size);
+    i64 g = blockIdx.y;
+    i64 start = (i64)blockIdx.x * chunk;
+    i64 end = min(start + chunk, group_size);
     const bf16* xg = x + g * group_size;
     float shift = to_f(xg[0]);
     float s = 0.f, q = 0.f;
-    for (long i = start + threadIdx.x; i < end; i += blockDim.x) {
+    for (i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
         float v = to_f(xg[i]) - shift;
         s += v;
         q += v * v;
@@ -69,10 +69,10 @@ extern "C" __global__ void group_norm_stats_bf16(const bf16* x, double* stats, l
 
 // Per group, once: f32 mean and 1/sqrt(var + eps) from the f64 partial sums (undoing the shift).
 extern "C" __global__ void group_norm_finalize_bf16(const bf16* x, const double* stats, float* mean_rstd,
-                                                    long group_size, float eps, int n_groups) {
+                                                    i64 group_size, float eps, int n_groups) {
     int g = blockIdx.x * blockDim.x + threadIdx.x;
     if (g >= n_groups) return;
-    double shift = (double)to_f(x[(long)g * group_size]);
+    double shift = (double)to_f(x[(i64)g * group_size]);
     double mean_shifted = stats[2 * g] / group_size;
     double var = fmax(stats[2 * g + 1] / group_size - mean_shifted * mean_shifted, 0.0);
     mean_rstd[2 * g] = (float)(shift + mean_shifted);
@@ -81,10 +81,10 @@ extern "C" __global__ void group_norm_finalize_bf16(const bf16* x, const double*
 
 // y = (x - mean) * rstd * w[c] + b[c], optionally SiLU. x NCHW, groups per sample.
 extern "C" __global__ void group_norm_apply_bf16(const bf16* x, const float* mean_rstd, const bf16* w, const bf16* b,
-                                                 bf16* y, int c, int groups, long hw, int silu, long n) {
-    long group_size = (long)(c / groups) * hw;
+                                                 bf16* y, int c, int groups, i64 hw, int silu, i64 n) {
+    i64 group_size = (i64)(c / groups) * hw;
     GRID_STRIDE(i, n) {
-        long g = i / group_size;  // = sample * groups + group
+        i64 g = i / group_size;  // = sample * groups + group
         int ch = (int)((i / hw) % c);
         float v = (to_f(x[i]) - mean_rstd[2 * g]) * mean_rstd[2 * g + 1] * to_f(w[ch]) + to_f(b[ch]);
         y[i] = to_bf(silu ? silu_f(v) : v);

@@ -23,7 +23,7 @@ __device__ __forceinline__ float int8_round(float x) { return fminf(fmaxf(rintf(
 // out[r] = max |x[r, :]| (one block per row).
 extern "C" __global__ void row_absmax_bf16(const bf16* x, float* out, int cols) {
     __shared__ float scratch[32];
-    long r = blockIdx.x;
+    i64 r = blockIdx.x;
     float m = 0.f;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, fabsf(to_f(x[r * cols + i])));
     m = block_max(m, scratch);
@@ -33,12 +33,12 @@ extern "C" __global__ void row_absmax_bf16(const bf16* x, float* out, int cols) 
 #define T1 16
 extern "C" __global__ void gemm_w8a8_tiled_bf16(const bf16* A, const float* a_absmax, const unsigned char* Wq,
                                                 const float* w_scale, const bf16* bias, bf16* C, int M, int N, int K,
-                                                long ldc) {
+                                                i64 ldc) {
     __shared__ float As[T1][T1 + 1];
     __shared__ float Ws[T1][T1 + 1];
     int tx = threadIdx.x, ty = threadIdx.y;
-    long m = (long)blockIdx.y * T1 + ty, n = (long)blockIdx.x * T1 + tx;
-    long wn = (long)blockIdx.x * T1 + ty;
+    i64 m = (i64)blockIdx.y * T1 + ty, n = (i64)blockIdx.x * T1 + tx;
+    i64 wn = (i64)blockIdx.x * T1 + ty;
     float sa = m < M ? a_absmax[m] / 448.f : 0.f;
     float inv = sa > 0.f ? 1.f / sa : 0.f;
     float acc = 0.f;
@@ -67,16 +67,16 @@ extern "C" __global__ void sage_kv_stats_bf16(const bf16* k, const bf16* v, floa
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         double sk = 0.0, sv = 0.0;
         for (int j = 0; j < nk; j++) {
-            long at = (((long)b * nk + j) * kv_heads + h) * d + c;
+            i64 at = (((i64)b * nk + j) * kv_heads + h) * d + c;
             sk += to_f(k[at]);
             sv += to_f(v[at]);
         }
         float vm = (float)(sv / (nk > 0 ? nk : 1));
         float mx = 0.f;
-        for (int j = 0; j < nk; j++) mx = fmaxf(mx, fabsf(to_f(v[(((long)b * nk + j) * kv_heads + h) * d + c]) - vm));
-        k_mean[(long)bh * d + c] = (float)(sk / (nk > 0 ? nk : 1));
-        v_mean[(long)bh * d + c] = vm;
-        v_absmax[(long)bh * d + c] = mx;
+        for (int j = 0; j < nk; j++) mx = fmaxf(mx, fabsf(to_f(v[(((i64)b * nk + j) * kv_heads + h) * d + c]) - vm));
+        k_mean[(i64)bh * d + c] = (float)(sk / (nk > 0 ? nk : 1));
+        v_mean[(i64)bh * d + c] = vm;
+        v_absmax[(i64)bh * d + c] = mx;
     }
 }
 
@@ -89,11 +89,11 @@ extern "C" __global__ void sage_block_absmax_bf16(const bf16* x, const float* me
     int rows = min(SAGE_BLOCK, n - blk * SAGE_BLOCK);
     for (int i = threadIdx.x; i < rows * d; i += blockDim.x) {
         int j = blk * SAGE_BLOCK + i / d, c = i % d;
-        float val = to_f(x[(((long)b * n + j) * heads + h) * d + c]) - (mean ? mean[(long)bh * d + c] : 0.f);
+        float val = to_f(x[(((i64)b * n + j) * heads + h) * d + c]) - (mean ? mean[(i64)bh * d + c] : 0.f);
         m = fmaxf(m, fabsf(val));
     }
     m = block_max(m, scratch);
-    if (threadIdx.x == 0) out[(long)bh * gridDim.x + blk] = m;
+    if (threadIdx.x == 0) out[(i64)bh * gridDim.x + blk] = m;
 }
 
 // One warp per query row; d <= 32 * MAXV.
@@ -103,16 +103,16 @@ extern "C" __global__ void attention_sage_rowwise_bf16(const bf16* q, const bf16
                                                        const float* k_absmax, const float* k_mean, const float* v_mean,
                                                        const float* v_absmax) {
     const int MAXV = 8;
-    long warp_id = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    i64 warp_id = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
-    if (warp_id >= (long)batch * nq * heads) return;
+    if (warp_id >= (i64)batch * nq * heads) return;
     int h = (int)(warp_id % heads);
-    long qi = (warp_id / heads) % nq;
-    int b = (int)(warp_id / ((long)heads * nq));
+    i64 qi = (warp_id / heads) % nq;
+    int b = (int)(warp_id / ((i64)heads * nq));
     int hk = h / (heads / kv_heads);
-    long kvh = (long)b * kv_heads + hk;
+    i64 kvh = (i64)b * kv_heads + hk;
     int q_blocks = (nq + SAGE_BLOCK - 1) / SAGE_BLOCK, k_blocks = (nk + SAGE_BLOCK - 1) / SAGE_BLOCK;
-    float sq = q_absmax[((long)b * heads + h) * q_blocks + qi / SAGE_BLOCK] / 127.f;
+    float sq = q_absmax[((i64)b * heads + h) * q_blocks + qi / SAGE_BLOCK] / 127.f;
     float inv_q = sq > 0.f ? 1.f / sq : 0.f;
     int nv = (d + 31) / 32;
     float qr[MAXV], acc[MAXV], mean[MAXV], vs[MAXV], inv_v[MAXV], vmean[MAXV];
@@ -125,17 +125,17 @@ extern "C" __global__ void attention_sage_rowwise_bf16(const bf16* q, const bf16
         vmean[i] = c < d ? v_mean[kvh * d + c] : 0.f;
         acc[i] = 0.f;
     }
-    long valid = valid_len ? valid_len[b] : nk;
-    long kend = causal ? min(qi + 1, valid) : (long)nk;
+    i64 valid = valid_len ? valid_len[b] : nk;
+    i64 kend = causal ? min(qi + 1, valid) : (i64)nk;
     float m = NEG_INFINITY_F, l = 0.f;
-    for (long t0 = 0; t0 < kend; t0 += SAGE_BLOCK) {
-        int tn = (int)min((long)SAGE_BLOCK, kend - t0);
+    for (i64 t0 = 0; t0 < kend; t0 += SAGE_BLOCK) {
+        int tn = (int)min((i64)SAGE_BLOCK, kend - t0);
         float sk = k_absmax[kvh * k_blocks + t0 / SAGE_BLOCK] / 127.f;
         float inv_k = sk > 0.f ? 1.f / sk : 0.f;
         float s[SAGE_BLOCK];
         float tmax = m;
         for (int jj = 0; jj < tn; jj++) {
-            const bf16* kr = k + (((long)b * nk + t0 + jj) * kv_heads + hk) * d;
+            const bf16* kr = k + (((i64)b * nk + t0 + jj) * kv_heads + hk) * d;
             float dot = 0.f;  // exact: int8 products summed in f32 stay integers below 2^24
             for (int i = 0; i < nv; i++) {
                 int c = lane + 32 * i;
@@ -151,7 +151,7 @@ extern "C" __global__ void attention_sage_rowwise_bf16(const bf16* q, const bf16
             float p = expf(s[jj] - tmax);
             l += p;
             float pq = fp8_round(p * 448.f);
-            const bf16* vr = v + (((long)b * nk + t0 + jj) * kv_heads + hk) * d;
+            const bf16* vr = v + (((i64)b * nk + t0 + jj) * kv_heads + hk) * d;
             for (int i = 0; i < nv; i++) {
                 int c = lane + 32 * i;
                 if (c < d) acc[i] += pq * fp8_round((to_f(vr[c]) - vmean[i]) * inv_v[i]);
@@ -168,7 +168,7 @@ extern "C" __global__ void attention_sage_rowwise_bf16(const bf16* q, const bf16
 // Per row of x [rows, K]: scale = |x|max / 448 and the e4m3 codes of x / scale (v2's activations).
 extern "C" __global__ void quantize_rows_e4m3_bf16(const bf16* x, unsigned char* q, float* scale, int cols) {
     __shared__ float scratch[32];
-    long r = blockIdx.x;
+    i64 r = blockIdx.x;
     const bf16* xr = x + r * cols;
     float m = 0.f;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, fabsf(to_f(xr[i])));
@@ -191,14 +191,14 @@ extern "C" __global__ void quantize_rows_e4m3_bf16(const bf16* x, unsigned char*
 extern "C" __global__ void __launch_bounds__(256)
     gemm_w8a8_mma_e4m3(const unsigned char* __restrict__ A, const float* __restrict__ a_scale,
                        const unsigned char* __restrict__ W, const float* __restrict__ w_scale,
-                       const bf16* __restrict__ bias, bf16* __restrict__ C, int M, int N, int K, long ldc) {
+                       const bf16* __restrict__ bias, bf16* __restrict__ C, int M, int N, int K, i64 ldc) {
 #if __CUDA_ARCH__ >= 890
     __shared__ __align__(16) unsigned char As[2][Q_BM * Q_LDS];
     __shared__ __align__(16) unsigned char Ws[2][Q_BN * Q_LDS];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int warp_m = warp >> 2;  // 2 warps along M: 64 rows each
     const int warp_n = warp & 3;   // 4 warps along N: 32 columns each
-    const long m0 = (long)blockIdx.y * Q_BM, n0 = (long)blockIdx.x * Q_BN;
+    const i64 m0 = (i64)blockIdx.y * Q_BM, n0 = (i64)blockIdx.x * Q_BN;
 
     float acc[4][4][4];
 #pragma unroll
@@ -215,7 +215,7 @@ extern "C" __global__ void __launch_bounds__(256)
             int c = tid + i * 256;
             int row = c >> 2, col = (c & 3) * 16;
             int gk = k0 + col;
-            long gm = m0 + row, gn = n0 + row;
+            i64 gm = m0 + row, gn = n0 + row;
             bool okA = gm < M && gk < K, okW = gn < N && gk < K;
             cp_async16(&As[stage][row * Q_LDS + col], okA ? (const void*)(A + gm * K + gk) : (const void*)A, okA ? 16 : 0);
             cp_async16(&Ws[stage][row * Q_LDS + col], okW ? (const void*)(W + gn * K + gk) : (const void*)W, okW ? 16 : 0);
@@ -267,8 +267,8 @@ extern "C" __global__ void __launch_bounds__(256)
         for (int ni = 0; ni < 4; ni++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                long m = m0 + warp_m * 64 + mi * 16 + (lane >> 2) + (e >= 2 ? 8 : 0);
-                long n = n0 + warp_n * 32 + ni * 8 + (lane & 3) * 2 + (e & 1);
+                i64 m = m0 + warp_m * 64 + mi * 16 + (lane >> 2) + (e >= 2 ? 8 : 0);
+                i64 n = n0 + warp_n * 32 + ni * 8 + (lane & 3) * 2 + (e & 1);
                 if (m < M && n < N)
                     C[m * ldc + n] = to_bf(acc[mi][ni][e] * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f));
             }

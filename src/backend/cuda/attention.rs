@@ -49,9 +49,12 @@ pub(super) fn attention(
     if nq == 0 {
         return Ok(out);
     }
+    // The flash kernels copy 16-byte chunks of each row (rows are 128 or 256 bytes apart), so the
+    // views must start 16-byte aligned; a view that does not (an odd offset) takes the row-wise kernel.
+    let aligned = qp % 16 == 0 && kp % 16 == 0 && vp % 16 == 0;
     let flash = match d {
-        64 => Some("flash_attention_d64_bf16"),
-        128 => Some("flash_attention_d128_bf16"),
+        64 if aligned => Some("flash_attention_d64_bf16"),
+        128 if aligned => Some("flash_attention_d128_bf16"),
         _ => None,
     };
     if let Some(name) = flash {
