@@ -3,7 +3,7 @@
 # Rust: the release CLI and the GPU test binary, with kernels for every architecture, into
 # .verify/bin, and the diffusers wheel for .verify/peer_compare.py into .verify/wheels.
 # Both folders are git-ignored: name them in the device tool's `carry`:
-#   run(command=".verify/gpu_check.sh", carry=[".verify/bin", ".verify/wheels"], timeout_s=600)
+#   run(command=".verify/gpu_check.sh", carry=[".verify/bin", ".verify/wheels", ".verify/sim"], timeout_s=600)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-nvrtc.sh
@@ -38,6 +38,16 @@ if .verify/bin/flux2 doctor | grep -q '^kernel images: none'; then
 fi
 .verify/bin/gpu-tests --list >/dev/null
 
+# The CUDA emulator, for the emulator-versus-hardware step (its runtime and kernel modules for every
+# profile, stripped: a few MB).
+make -s -C cuda-sim -j"$(nproc)" BUILD="$PWD/target/cuda-sim"
+rm -rf .verify/sim
+mkdir -p .verify/sim
+cp -r target/cuda-sim/kernels .verify/sim/
+cp target/cuda-sim/libcuda.so.1 .verify/sim/libcuda.so.1
+cp target/cuda-sim/libcuda.so.1 .verify/sim/libcuda.so
+find .verify/sim -name '*.so*' -exec strip --strip-debug {} +
+
 # diffusers for .verify/peer_compare.py (the GPU machine has torch, huggingface_hub and safetensors,
 # but no diffusers; its other needs are there too, importlib_metadata being stdlib on Python 3.12).
 if ! ls .verify/wheels/diffusers-0.42.1-*.whl >/dev/null 2>&1; then
@@ -48,9 +58,9 @@ fi
 ls -la .verify/bin .verify/wheels 2>/dev/null || true
 # What travels to the device machine: tracked files + the two carried folders (limit 64 MiB).
 tracked=$(git ls-files -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
-carried=$(du -cb .verify/bin .verify/wheels 2>/dev/null | tail -1 | cut -f1)
+carried=$(du -cb .verify/bin .verify/wheels .verify/sim 2>/dev/null | tail -1 | cut -f1)
 total=$((tracked + carried))
-echo "to carry: $((total / 1048576)) MiB (tracked $((tracked / 1048576)) MiB + .verify/bin and wheels $((carried / 1048576)) MiB; limit 64 MiB)"
+echo "to carry: $((total / 1048576)) MiB (tracked $((tracked / 1048576)) MiB + .verify/bin, wheels and sim $((carried / 1048576)) MiB; limit 64 MiB)"
 if [ "$total" -gt $((60 * 1048576)) ]; then
   echo "warning: close to or over the 64 MiB the device tool carries (untracked, unignored files count too)" >&2
 fi

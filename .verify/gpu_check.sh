@@ -11,8 +11,8 @@
 #      small mode: `selftest --small`, a tiny synthetic pipeline generating SMALL_SIZE (256) pixels
 #      square in 2 steps, and `profile attention` at a tiny size
 #
-# Remote use (the device tool: .verify/bin and .verify/wheels are git-ignored, so carry them):
-#   run(command=".verify/gpu_check.sh", carry=[".verify/bin", ".verify/wheels"], timeout_s=600)
+# Remote use (the device tool: .verify/bin, .verify/wheels and .verify/sim are git-ignored, so carry them):
+#   run(command=".verify/gpu_check.sh", carry=[".verify/bin", ".verify/wheels", ".verify/sim"], timeout_s=600)
 # Under the CUDA emulator:  scripts/with-cuda-sim.sh .verify/gpu_check.sh
 #
 # What comes back: at most 8 files may leave $OUT, so $OUT gets exactly three:
@@ -268,6 +268,32 @@ if [ "$SMALL" = 1 ]; then
 else
   step selftest 180 "$FLUX2" selftest --device "$CHECK_DEVICE" --reps 5 --json "$REPORT/selftest.json"
 fi
+# Emulator versus hardware: the small selftest's outputs on this GPU and under the carried CUDA
+# emulator (.verify/sim, built by build_for_gpu.sh) with the profile of this card, case by case
+# (bitwise-equal counts, bf16 ulps); the comparison's log is the record (docs/gpu-validation.md).
+SIMDIR=$ROOT/.verify/sim
+sim_profile() { # compute capability (doctor) -> emulator profile
+  case $(sed -n 's/^ *compute capability: \([0-9.]*\).*/\1/p' "$REPORT/doctor.log" | head -1) in
+    8.0) echo sm_80 ;; 8.6 | 8.7) echo sm_86 ;; 8.9) echo sm_89 ;; 9.0) echo sm_90a ;; 12.*) echo sm_120 ;; *) echo "" ;;
+  esac
+}
+if [ "$GPU_OK" = 1 ] && [ "$EMULATED" = 0 ] && [ "$CHECK_DEVICE" = cuda ]; then
+  profile=$(sim_profile)
+  if [ ! -f "$SIMDIR/libcuda.so.1" ]; then
+    skip emulator-vs-hardware "no emulator build in .verify/sim (carry it)"
+  elif [ -z "$profile" ]; then
+    skip emulator-vs-hardware "no emulator profile for this compute capability"
+  elif step selftest-dump-hardware 120 "$FLUX2" selftest --device cuda --small --dump "$WORK/selftest-hw.safetensors" &&
+    step selftest-dump-emulator 240 env LD_LIBRARY_PATH="$SIMDIR" FLUX2_SIM_ARCH="$profile" \
+      "$FLUX2" selftest --device cuda --small --dump "$WORK/selftest-sim.safetensors"; then
+    step emulator-vs-hardware 60 "$FLUX2" compare "$WORK/selftest-hw.safetensors" "$WORK/selftest-sim.safetensors" --ulps
+  else
+    skip emulator-vs-hardware "a selftest dump failed"
+  fi
+else
+  skip emulator-vs-hardware "needs a real GPU"
+fi
+
 # The test binary's every_op_matches_the_cpu_reference is the selftest just run (same sweep, same
 # poisoning), so it is left out here; the fixtures (tiny models) are what this step adds.
 step gpu-tests 180 "$GPU_TESTS" --test-threads 1 --skip every_op_matches_the_cpu_reference

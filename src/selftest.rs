@@ -46,6 +46,10 @@ pub struct Outcome {
     pub passed: bool,
     pub micros: f64,
     pub error: Option<String>,
+    /// The backend's output and its shape, when the run was asked to keep it (`--dump`: the
+    /// emulator-versus-hardware comparison).
+    #[serde(skip)]
+    pub output: Option<(Vec<f32>, Vec<usize>)>,
 }
 
 fn act(shape: &[usize]) -> Input {
@@ -581,6 +585,10 @@ fn upload(be: &dyn Backend, inputs: &[Tensor], case: &Case) -> Result<Vec<Tensor
 /// Run one case on `be` and on the CPU reference; time `reps` runs on `be` after a warm-up (none
 /// when `reps` is 0).
 pub fn check_case(be: &dyn Backend, case: &Case, seed: u64, reps: usize) -> Outcome {
+    check(be, case, seed, reps, false)
+}
+
+fn check(be: &dyn Backend, case: &Case, seed: u64, reps: usize, keep_output: bool) -> Outcome {
     let mut outcome = Outcome {
         op: case.op.into(),
         shape: case.shape.clone(),
@@ -591,12 +599,17 @@ pub fn check_case(be: &dyn Backend, case: &Case, seed: u64, reps: usize) -> Outc
         passed: false,
         micros: f64::NAN,
         error: None,
+        output: None,
     };
     let result = (|| -> Result<(Vec<f32>, Vec<f32>, f64)> {
         let host = make_inputs(case, seed, be.activation_dtype())?;
         let reference = (case.run)(&CpuBackend::new(), &host)?.to_vec_f32()?;
         let dev_inputs = upload(be, &host, case)?;
-        let out = (case.run)(be, &dev_inputs)?.to_vec_f32()?;
+        let out_tensor = (case.run)(be, &dev_inputs)?;
+        let out = out_tensor.to_vec_f32()?;
+        if keep_output {
+            outcome.output = Some((out.clone(), out_tensor.shape().to_vec()));
+        }
         if !case.timed || reps == 0 {
             return Ok((out, reference, f64::NAN));
         }
@@ -642,11 +655,26 @@ pub fn run(be: &dyn Backend, filter: &str, reps: usize) -> Vec<Outcome> {
 
 /// Run the cases of `suite` whose op name contains `filter` (all when empty); `reps` 0 times none.
 pub fn run_suite(be: &dyn Backend, suite: Suite, filter: &str, reps: usize) -> Vec<Outcome> {
+    run_cases(be, suite, filter, reps, false)
+}
+
+/// [`run_suite`], keeping each case's output in [`Outcome::output`]. The inputs depend only on
+/// the case and the seed, so two backends' outputs can be compared case by case.
+pub fn run_suite_keeping_outputs(be: &dyn Backend, suite: Suite, filter: &str) -> Vec<Outcome> {
+    run_cases(be, suite, filter, 0, true)
+}
+
+fn run_cases(be: &dyn Backend, suite: Suite, filter: &str, reps: usize, keep: bool) -> Vec<Outcome> {
     cases(suite)
         .iter()
         .filter(|c| filter.is_empty() || c.op.contains(filter))
-        .map(|c| check_case(be, c, 42, reps))
+        .map(|c| check(be, c, 42, reps, keep))
         .collect()
+}
+
+/// The tensor name of case `index` in a selftest dump.
+pub fn dump_name(index: usize, o: &Outcome) -> String {
+    format!("{index:03} {} {}", o.op, o.shape)
 }
 
 pub fn table(outcomes: &[Outcome]) -> String {

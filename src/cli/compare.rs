@@ -23,6 +23,34 @@ pub struct CompareArgs {
     pub min_cosine: Option<f64>,
     #[arg(long)]
     pub max_pixel_error: Option<f64>,
+    /// Also count bitwise-equal values and the largest difference in bf16 ulps of the reference
+    /// (kernel outputs of two backends, e.g. `selftest --dump` on a GPU and under the emulator).
+    #[arg(long)]
+    pub ulps: bool,
+    /// Fail when a tensor differs by more than this many bf16 ulps somewhere (implies --ulps).
+    #[arg(long)]
+    pub max_ulps: Option<f64>,
+}
+
+/// Values equal to the bit, values within one bf16 ulp, and the largest |a − b| in units of the
+/// bf16 spacing at b (large where b is a near-cancellation, however small |a − b| is).
+pub fn ulp_distance(a: &[f32], b: &[f32]) -> (usize, usize, f64) {
+    let (mut equal, mut within_one) = (0, 0);
+    let mut worst = 0f64;
+    for (x, y) in a.iter().zip(b) {
+        if x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()) {
+            equal += 1;
+            within_one += 1;
+            continue;
+        }
+        // bf16 keeps 8 significant bits: its spacing at |y| is 2^(exponent(y) - 7).
+        let mag = (y.abs() as f64).max(f32::MIN_POSITIVE as f64);
+        let ulp = 2f64.powi(mag.log2().floor() as i32 - 7);
+        let d = if x.is_finite() && y.is_finite() { (*x as f64 - *y as f64).abs() / ulp } else { f64::INFINITY };
+        within_one += (d <= 1.0) as usize;
+        worst = worst.max(d);
+    }
+    (equal, within_one, worst)
 }
 
 /// Cosine similarity, relative L2 error (b as reference) and max absolute difference.
@@ -75,8 +103,21 @@ pub fn run(args: &CompareArgs) -> Result<()> {
                 failures.push(format!("{k}: shape {:?} vs {:?}", x.shape(), y.shape()));
                 continue;
             }
-            let (cos, rel, max) = similarity(&x.to_vec_f32()?, &y.to_vec_f32()?);
-            println!("{k}: cosine {cos:.6}  rel_l2 {rel:.3e}  max_abs {max:.3e}  {:?}", x.shape());
+            let (xv, yv) = (x.to_vec_f32()?, y.to_vec_f32()?);
+            let (cos, rel, max) = similarity(&xv, &yv);
+            if args.ulps || args.max_ulps.is_some() {
+                let (equal, within_one, ulps) = ulp_distance(&xv, &yv);
+                println!(
+                    "{k}: {equal} of {} bitwise equal, {within_one} within 1 bf16 ulp, max {ulps:.1} ulps, cosine {cos:.6}  {:?}",
+                    xv.len(),
+                    x.shape()
+                );
+                if args.max_ulps.is_some_and(|t| !(ulps <= t)) {
+                    failures.push(format!("{k}: {ulps:.1} ulps > {}", args.max_ulps.unwrap()));
+                }
+            } else {
+                println!("{k}: cosine {cos:.6}  rel_l2 {rel:.3e}  max_abs {max:.3e}  {:?}", x.shape());
+            }
             if args.max_rel.is_some_and(|t| !(rel <= t)) {
                 failures.push(format!("{k}: rel_l2 {rel:.3e} > {}", args.max_rel.unwrap()));
             }

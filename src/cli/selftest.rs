@@ -23,6 +23,10 @@ pub struct SelftestArgs {
     /// Also write the outcomes as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write every case's output (f32 safetensors, one tensor per case, untimed) to compare two
+    /// backends case by case, e.g. a GPU with the emulator: `flux2 compare A B --ulps`.
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
 }
 
 pub fn run(args: &SelftestArgs) -> Result<()> {
@@ -36,7 +40,10 @@ pub fn run(args: &SelftestArgs) -> Result<()> {
     if let Some(cuda) = device::as_cuda(&be) {
         cuda.set_poison(true);
     }
-    let outcomes = crate::selftest::run_suite(&*be, suite, &args.op, reps);
+    let outcomes = match &args.dump {
+        Some(_) => crate::selftest::run_suite_keeping_outputs(&*be, suite, &args.op),
+        None => crate::selftest::run_suite(&*be, suite, &args.op, reps),
+    };
     if outcomes.is_empty() {
         return Err(Error::InvalidArgument(format!("no op matches `{}`", args.op)));
     }
@@ -45,9 +52,23 @@ pub fn run(args: &SelftestArgs) -> Result<()> {
         let json = serde_json::json!({"device": be.name(), "suite": suite, "outcomes": outcomes});
         std::fs::write(path, serde_json::to_string_pretty(&json).unwrap()).map_err(|e| Error::io(path, e))?;
     }
+    if let Some(path) = &args.dump {
+        write_dump(path, &outcomes)?;
+    }
     let failed = outcomes.iter().filter(|o| !o.passed).count();
     if failed > 0 {
         return Err(Error::Other(format!("{failed} of {} op checks failed", outcomes.len())));
     }
     Ok(())
+}
+
+fn write_dump(path: &std::path::Path, outcomes: &[crate::selftest::Outcome]) -> Result<()> {
+    use crate::weights::safetensors::{write_safetensors, TensorEntry};
+    let named: Vec<(String, &(Vec<f32>, Vec<usize>))> = outcomes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, o)| o.output.as_ref().map(|out| (crate::selftest::dump_name(i, o), out)))
+        .collect();
+    let entries = named.iter().map(|(n, (v, shape))| TensorEntry::from_f32(n, v, shape, crate::DType::F32)).collect();
+    write_safetensors(path, entries, &Default::default())
 }
