@@ -1,12 +1,13 @@
 // Matrix products C = A · Wᵀ (+ bias): A [M, K] row-major, W [N, K] row-major (PyTorch Linear
 // weights), C [M, N] with leading dimension ldc. bf16 in, f32 accumulate, bf16 out.
 //   v1 gemm_tiled_bf16: smem-tiled FMA, any shape and alignment (the correctness baseline).
-//   v2 gemm_mma_bf16:   tensor cores (mma.sync m16n8k16 + ldmatrix), 128x128x32 block tiles,
-//                       2-stage cp.async pipeline; needs K % 8 == 0 and 16-byte aligned rows.
+//   v2 gemm_mma_bf16:   tensor cores (mma.sync m16n8k16 + ldmatrix), the 128x128 tile of
+//                       mma_tile.cuh (32 bf16 of K per stage); needs K % 8 == 0 and 16-byte aligned rows.
 // bias_mode: 0 none, 1 per column (bias[n], Linear), 2 per row (bias[m], conv as W · colᵀ).
 #include <cuda_fp8.h>
 
 #include "common.cuh"
+#include "mma_tile.cuh"
 
 __device__ __forceinline__ float bias_at(const bf16* bias, int mode, i64 m, i64 n) {
     return mode == 1 ? to_f(bias[n]) : mode == 2 ? to_f(bias[m]) : 0.f;
@@ -65,90 +66,21 @@ extern "C" __global__ void gemm_wq_tiled_bf16(const bf16* A, const unsigned char
     if (m < M && n < N) C[m * ldc + n] = to_bf(acc + bias_at(bias, bias_mode, m, n));
 }
 
-#define BM 128
-#define BN 128
-#define BK 32
-#define LDS (BK + 8)  // padded smem row (80 bytes): conflict-free ldmatrix
-
 extern "C" __global__ void __launch_bounds__(256)
     gemm_mma_bf16(const bf16* __restrict__ A, const bf16* __restrict__ W, const bf16* __restrict__ bias, int bias_mode,
                   bf16* __restrict__ C, int M, int N, int K, i64 ldc) {
-    __shared__ __align__(16) bf16 As[2][BM * LDS];
-    __shared__ __align__(16) bf16 Ws[2][BN * LDS];
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int warp_m = warp >> 2;  // 2 warps along M: 64 rows each
-    const int warp_n = warp & 3;   // 4 warps along N: 32 cols each
-    const i64 m0 = (i64)blockIdx.y * BM, n0 = (i64)blockIdx.x * BN;
-
+    const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
     float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
-
-    // Each stage: 128 rows x 32 cols of A and of W, in 16-byte chunks (512 each, 2 per thread).
-    auto load = [&](int stage, int k0) {
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            int c = tid + i * 256;
-            int row = c >> 2, col = (c & 3) * 8;
-            int gk = k0 + col;
-            i64 gm = m0 + row, gn = n0 + row;
-            bool okA = gm < M && gk < K, okW = gn < N && gk < K;
-            cp_async16(&As[stage][row * LDS + col], okA ? (const void*)(A + gm * K + gk) : (const void*)A, okA ? 16 : 0);
-            cp_async16(&Ws[stage][row * LDS + col], okW ? (const void*)(W + gn * K + gk) : (const void*)W, okW ? 16 : 0);
-        }
-        cp_async_commit();
-    };
-
-    const int ktiles = (K + BK - 1) / BK;
-    load(0, 0);
-    for (int kt = 0; kt < ktiles; kt++) {
-        const int cur = kt & 1;
-        if (kt + 1 < ktiles) {
-            load(cur ^ 1, (kt + 1) * BK);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
-#pragma unroll
-        for (int ks = 0; ks < BK; ks += 16) {
-            unsigned a[4][4], b[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 4; mi++) {
-                int row = warp_m * 64 + mi * 16 + (lane & 15);
-                ldmatrix_x4(a[mi], &As[cur][row * LDS + ks + (lane >> 4) * 8]);
-            }
-#pragma unroll
-            for (int nj = 0; nj < 2; nj++) {
-                int row = warp_n * 32 + nj * 16 + (lane & 7) + (lane >> 4) * 8;
-                unsigned r[4];
-                ldmatrix_x4(r, &Ws[cur][row * LDS + ks + ((lane >> 3) & 1) * 8]);
-                b[2 * nj][0] = r[0];
-                b[2 * nj][1] = r[1];
-                b[2 * nj + 1][0] = r[2];
-                b[2 * nj + 1][1] = r[3];
-            }
-#pragma unroll
-            for (int mi = 0; mi < 4; mi++)
-#pragma unroll
-                for (int ni = 0; ni < 4; ni++) mma_bf16_16816(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
-        }
-        __syncthreads();
-    }
-
-    // Accumulator fragment: rows lane/4 (+8), cols 2*(lane%4) (+1) of each 16x8 tile.
+    mma_tile_128x128<mma_bf16_16816>(reinterpret_cast<const unsigned char*>(A), reinterpret_cast<const unsigned char*>(W),
+                                     M, N, (i64)K * 2, m0, n0, acc);
 #pragma unroll
     for (int mi = 0; mi < 4; mi++)
 #pragma unroll
         for (int ni = 0; ni < 4; ni++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                i64 m = m0 + warp_m * 64 + mi * 16 + (lane >> 2) + (e >= 2 ? 8 : 0);
-                i64 n = n0 + warp_n * 32 + ni * 8 + (lane & 3) * 2 + (e & 1);
+                i64 m, n;
+                mma_tile_coords(mi, ni, e, m0, n0, &m, &n);
                 if (m < M && n < N) C[m * ldc + n] = to_bf(acc[mi][ni][e] + bias_at(bias, bias_mode, m, n));
             }
 }

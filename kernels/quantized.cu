@@ -3,13 +3,14 @@
 //   FP8 W8A8 linear: per-token e4m3 activations (|x|max -> 448), per-channel e4m3 weights.
 //     v1 row_absmax_bf16 + gemm_w8a8_tiled_bf16: 16x16 tiles on CUDA cores, any shape.
 //     v2 quantize_rows_e4m3_bf16 + gemm_w8a8_mma_e4m3: e4m3 codes per token, then mma.sync
-//        m16n8k32 e4m3 with f32 accumulators (sm_89, sm_90, sm_120), 128x128x64 block tiles,
-//        2-stage cp.async pipeline; scales and bias in the epilogue. Needs K % 16 == 0.
+//        m16n8k32 e4m3 with f32 accumulators (sm_89, sm_90, sm_120) on the 128x128 tile of
+//        mma_tile.cuh; scales and bias in the epilogue. Needs K % 16 == 0.
 //   Sage-style attention: K and V smoothed by their token means, int8 Q/K per 64-token block, fp8 P
 //   (x448) and per-channel fp8 V, online softmax over 64-key tiles, f32 accumulation.
 #include <cuda_fp8.h>
 
 #include "common.cuh"
+#include "mma_tile.cuh"
 
 #define SAGE_BLOCK 64
 
@@ -181,94 +182,24 @@ extern "C" __global__ void quantize_rows_e4m3_bf16(const bf16* x, unsigned char*
     if (threadIdx.x == 0) scale[r] = s;
 }
 
-// C = (Aq · Wqᵀ) · a_scale[m] · w_scale[n] + bias[n]: Aq [M, K] and Wq [N, K] e4m3 codes. The tile
-// geometry in bytes is gemm_mma_bf16's (128 rows x 64 bytes per stage, 80-byte padded rows), so the
-// same ldmatrix addressing yields the m16n8k32 fragments of 8-bit operands.
-#define Q_BM 128
-#define Q_BN 128
-#define Q_BK 64
-#define Q_LDS (Q_BK + 16)
+// C = (Aq · Wqᵀ) · a_scale[m] · w_scale[n] + bias[n]: Aq [M, K] and Wq [N, K] e4m3 codes, on the
+// tile of mma_tile.cuh (64 e4m3 of K per stage).
 extern "C" __global__ void __launch_bounds__(256)
     gemm_w8a8_mma_e4m3(const unsigned char* __restrict__ A, const float* __restrict__ a_scale,
                        const unsigned char* __restrict__ W, const float* __restrict__ w_scale,
                        const bf16* __restrict__ bias, bf16* __restrict__ C, int M, int N, int K, i64 ldc) {
 #if __CUDA_ARCH__ >= 890
-    __shared__ __align__(16) unsigned char As[2][Q_BM * Q_LDS];
-    __shared__ __align__(16) unsigned char Ws[2][Q_BN * Q_LDS];
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int warp_m = warp >> 2;  // 2 warps along M: 64 rows each
-    const int warp_n = warp & 3;   // 4 warps along N: 32 columns each
-    const i64 m0 = (i64)blockIdx.y * Q_BM, n0 = (i64)blockIdx.x * Q_BN;
-
+    const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
     float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
-
-    // Each stage: 128 rows x 64 bytes of A and of W in 16-byte chunks (512 each, 2 per thread).
-    auto load = [&](int stage, int k0) {
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            int c = tid + i * 256;
-            int row = c >> 2, col = (c & 3) * 16;
-            int gk = k0 + col;
-            i64 gm = m0 + row, gn = n0 + row;
-            bool okA = gm < M && gk < K, okW = gn < N && gk < K;
-            cp_async16(&As[stage][row * Q_LDS + col], okA ? (const void*)(A + gm * K + gk) : (const void*)A, okA ? 16 : 0);
-            cp_async16(&Ws[stage][row * Q_LDS + col], okW ? (const void*)(W + gn * K + gk) : (const void*)W, okW ? 16 : 0);
-        }
-        cp_async_commit();
-    };
-
-    const int ktiles = (K + Q_BK - 1) / Q_BK;
-    load(0, 0);
-    for (int kt = 0; kt < ktiles; kt++) {
-        const int cur = kt & 1;
-        if (kt + 1 < ktiles) {
-            load(cur ^ 1, (kt + 1) * Q_BK);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
-#pragma unroll
-        for (int ks = 0; ks < Q_BK; ks += 32) {
-            unsigned a[4][4], b[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 4; mi++) {
-                int row = warp_m * 64 + mi * 16 + (lane & 15);
-                ldmatrix_x4(a[mi], &As[cur][row * Q_LDS + ks + (lane >> 4) * 16]);
-            }
-#pragma unroll
-            for (int nj = 0; nj < 2; nj++) {
-                int row = warp_n * 32 + nj * 16 + (lane & 7) + (lane >> 4) * 8;
-                unsigned r[4];
-                ldmatrix_x4(r, &Ws[cur][row * Q_LDS + ks + ((lane >> 3) & 1) * 16]);
-                b[2 * nj][0] = r[0];
-                b[2 * nj][1] = r[1];
-                b[2 * nj + 1][0] = r[2];
-                b[2 * nj + 1][1] = r[3];
-            }
-#pragma unroll
-            for (int mi = 0; mi < 4; mi++)
-#pragma unroll
-                for (int ni = 0; ni < 4; ni++) mma_e4m3_16832(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
-        }
-        __syncthreads();
-    }
-
-    // Accumulator fragment: rows lane/4 (+8), columns 2*(lane%4) (+1) of each 16x8 tile.
+    mma_tile_128x128<mma_e4m3_16832>(A, W, M, N, K, m0, n0, acc);
 #pragma unroll
     for (int mi = 0; mi < 4; mi++)
 #pragma unroll
         for (int ni = 0; ni < 4; ni++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                i64 m = m0 + warp_m * 64 + mi * 16 + (lane >> 2) + (e >= 2 ? 8 : 0);
-                i64 n = n0 + warp_n * 32 + ni * 8 + (lane & 3) * 2 + (e & 1);
+                i64 m, n;
+                mma_tile_coords(mi, ni, e, m0, n0, &m, &n);
                 if (m < M && n < N)
                     C[m * ldc + n] = to_bf(acc[mi][ni][e] * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f));
             }

@@ -1,0 +1,93 @@
+// The 128x128 block tile of the tensor-core GEMMs (gemm_mma_bf16, gemm_w8a8_mma_e4m3), counted in
+// bytes so that 16-bit and 8-bit operands share it: 8 warps (2 along M x 4 along N, 64x32
+// outputs each), 64 bytes of K per stage in a 2-stage cp.async pipeline, rows padded to 80 bytes
+// (conflict-free ldmatrix), and per 32-byte k step one mma per 16x8 output tile. `Mma` is the
+// m16n8 instruction for the element type (m16n8k16 bf16 or m16n8k32 e4m3: 32 bytes of K each);
+// both take the same ldmatrix fragments.
+#pragma once
+#include "common.cuh"
+
+#define TILE_M 128
+#define TILE_N 128
+#define TILE_KB 64                   // bytes of K per stage
+#define TILE_LDS (TILE_KB + 16)      // padded shared row, bytes
+
+typedef void (*MmaOp)(float d[4], const unsigned a[4], unsigned b0, unsigned b1);
+
+// acc[mi][ni][e]: the warp's 4x4 tiles of 16x8 f32 accumulators; element e of tile (mi, ni) is at
+// row warp_m*64 + mi*16 + lane/4 (+8 for e >= 2), column warp_n*32 + ni*8 + 2*(lane%4) + (e & 1).
+// A [M, K] and W [N, K] rows are `row_bytes` long (a multiple of 16) and 16-byte aligned.
+template <MmaOp Mma>
+__device__ __forceinline__ void mma_tile_128x128(const unsigned char* __restrict__ A, const unsigned char* __restrict__ W,
+                                                 int M, int N, i64 row_bytes, i64 m0, i64 n0, float acc[4][4][4]) {
+    __shared__ __align__(16) unsigned char As[2][TILE_M * TILE_LDS];
+    __shared__ __align__(16) unsigned char Ws[2][TILE_N * TILE_LDS];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int warp_m = warp >> 2, warp_n = warp & 3;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
+
+    // Each stage: 128 rows x 64 bytes of A and of W in 16-byte chunks (512 each, 2 per thread).
+    auto load = [&](int stage, i64 k0) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            int c = tid + i * 256;
+            int row = c >> 2, col = (c & 3) * 16;
+            i64 gk = k0 + col, gm = m0 + row, gn = n0 + row;
+            bool okA = gm < M && gk < row_bytes, okW = gn < N && gk < row_bytes;
+            cp_async16(&As[stage][row * TILE_LDS + col], okA ? (const void*)(A + gm * row_bytes + gk) : (const void*)A,
+                       okA ? 16 : 0);
+            cp_async16(&Ws[stage][row * TILE_LDS + col], okW ? (const void*)(W + gn * row_bytes + gk) : (const void*)W,
+                       okW ? 16 : 0);
+        }
+        cp_async_commit();
+    };
+
+    const i64 ktiles = (row_bytes + TILE_KB - 1) / TILE_KB;
+    load(0, 0);
+    for (i64 kt = 0; kt < ktiles; kt++) {
+        const int cur = kt & 1;
+        if (kt + 1 < ktiles) {
+            load(cur ^ 1, (kt + 1) * TILE_KB);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+#pragma unroll
+        for (int ks = 0; ks < TILE_KB; ks += 32) {
+            unsigned a[4][4], b[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++) {
+                int row = warp_m * 64 + mi * 16 + (lane & 15);
+                ldmatrix_x4(a[mi], &As[cur][row * TILE_LDS + ks + (lane >> 4) * 16]);
+            }
+#pragma unroll
+            for (int nj = 0; nj < 2; nj++) {
+                int row = warp_n * 32 + nj * 16 + (lane & 7) + (lane >> 4) * 8;
+                unsigned r[4];
+                ldmatrix_x4(r, &Ws[cur][row * TILE_LDS + ks + ((lane >> 3) & 1) * 16]);
+                b[2 * nj][0] = r[0];
+                b[2 * nj][1] = r[1];
+                b[2 * nj + 1][0] = r[2];
+                b[2 * nj + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++)
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++) Mma(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+        }
+        __syncthreads();
+    }
+}
+
+// The output coordinates of accumulator element e of tile (mi, ni) for this thread.
+__device__ __forceinline__ void mma_tile_coords(int mi, int ni, int e, i64 m0, i64 n0, i64* m, i64* n) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    *m = m0 + (warp >> 2) * 64 + mi * 16 + (lane >> 2) + (e >= 2 ? 8 : 0);
+    *n = n0 + (warp & 3) * 32 + ni * 8 + (lane & 3) * 2 + (e & 1);
+}
