@@ -79,11 +79,14 @@ impl RgbImage {
     }
 
     /// Write a PNG with text chunks (keyword, text): tEXt when the text is Latin-1, else iTXt.
+    /// Atomic: a failed write leaves any file already at `path` as it was.
     pub fn save_png(&self, path: &Path, text: &[(&str, String)]) -> Result<()> {
-        let io = |e: std::io::Error| Error::io(path, e);
+        crate::output_file::write_with(path, |file| self.encode_png(file, path, text))
+    }
+
+    fn encode_png(&self, out: impl std::io::Write, path: &Path, text: &[(&str, String)]) -> Result<()> {
         let png_err = |e: png::EncodingError| Error::io(path, std::io::Error::other(e.to_string()));
-        let file = std::fs::File::create(path).map_err(io)?;
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), self.width as u32, self.height as u32);
+        let mut enc = png::Encoder::new(out, self.width as u32, self.height as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         for (key, value) in text {

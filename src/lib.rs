@@ -11,6 +11,7 @@ pub mod error;
 pub mod hub;
 pub mod image_io;
 pub mod model;
+pub mod output_file;
 pub mod pipeline;
 pub mod planner;
 pub mod progress;

@@ -34,7 +34,33 @@ enum Command {
     Doctor(cli::doctor::DoctorArgs),
 }
 
+/// Standard output closed or full (`flux2 inspect X --json | head -1`, `> /dev/full`): end as a
+/// command-line tool should, never with a panic. A closed pipe ends the program silently, through
+/// SIGPIPE where there is one (exit status 141 in a shell, as `cat` does); a failed write is an
+/// error line and exit status 1.
+fn quiet_on_closed_stdout() {
+    #[cfg(unix)]
+    // SAFETY: resetting a signal's disposition to the default, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied());
+        if let Some(reason) = msg.and_then(|m| m.strip_prefix("failed printing to stdout: ")) {
+            if reason.contains("Broken pipe") || reason.contains("os error 32") || reason.contains("os error 232") {
+                std::process::exit(141);
+            }
+            eprintln!("error: cannot write to standard output: {reason}");
+            std::process::exit(1);
+        }
+        default_hook(info)
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FLUX2_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

@@ -141,8 +141,7 @@ pub fn write_transformer(
             let mut config = serde_json::to_value(cfg).unwrap();
             config["_class_name"] = "Flux2Transformer2DModel".into();
             config["_diffusers_version"] = "0.42.1".into();
-            std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap() + "\n")
-                .map_err(|e| Error::io(&config_path, e))?;
+            write_json(&config_path, &config)?;
             let specs = diffusers_tensors(cfg);
             let mut written = vec![config_path];
             written.extend(write_sharded(&tdir, "diffusion_pytorch_model", specs, &init, dtype)?);
@@ -194,8 +193,7 @@ pub fn write_sharded(
     if n > 1 {
         let index = dir.join(format!("{stem}.safetensors.index.json"));
         let json = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        std::fs::write(&index, serde_json::to_string_pretty(&json).unwrap() + "\n")
-            .map_err(|e| Error::io(&index, e))?;
+        write_json(&index, &json)?;
         written.push(index);
     }
     Ok(written)
@@ -245,7 +243,7 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<PathBuf> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    std::fs::write(path, serde_json::to_string_pretty(value).unwrap() + "\n").map_err(|e| Error::io(path, e))?;
+    crate::output_file::write_bytes(path, (serde_json::to_string_pretty(value).unwrap() + "\n").as_bytes())?;
     Ok(path.to_path_buf())
 }
 

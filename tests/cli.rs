@@ -128,3 +128,46 @@ fn bad_input_fails_cleanly() {
     fails_cleanly(&["synth", "--config", "klein-4b", "--dtype", "int3", "--out", out], &["int3"]);
     fails_cleanly(&["inspect", "/no/such/file.safetensors"], &["file.safetensors"]);
 }
+
+/// A closed standard output (`flux2 plan ... --json | head -1` after head has exited) ends the
+/// program as a pipe's writer should: silently, by SIGPIPE on Unix, never with a panic.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader); // the reader is gone before anything is written
+    let out = std::process::Command::new(common::bin())
+        .args(["plan", "--config", "klein-4b", "--vram-budget", "16GiB", "--json"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(libc_sigpipe()), "{:?} {err}", out.status);
+    }
+    #[cfg(not(unix))]
+    assert_eq!(out.status.code(), Some(141), "{err}");
+}
+
+#[cfg(unix)]
+fn libc_sigpipe() -> i32 {
+    13 // SIGPIPE on every Unix flux2 builds for
+}
+
+/// A full standard output (`> /dev/full`) is an error line and exit status 1, not a panic.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_stdout_is_an_error_not_a_panic() {
+    let out = std::process::Command::new(common::bin())
+        .arg("doctor")
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot write to standard output") && !err.contains("panicked"), "{err}");
+}

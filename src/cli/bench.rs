@@ -120,7 +120,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     if let Some(path) = &args.json {
         let report = json!({"device": name, "suite": format!("{:?}", args.suite), "results": rows});
-        std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).map_err(|e| Error::io(path, e))?;
+        crate::output_file::write_bytes(path, serde_json::to_string_pretty(&report).unwrap().as_bytes())?;
     }
     Ok(())
 }
@@ -316,8 +316,8 @@ pub fn run_profile(args: &ProfileArgs) -> Result<()> {
     println!("device: {}", be.name());
     let rows = profile_attention(&*be, args.seq, args.heads, args.dim, args.reps, true)?;
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&json!({"device": be.name(), "results": rows})).unwrap())
-            .map_err(|e| Error::io(path, e))?;
+        let report = json!({"device": be.name(), "results": rows});
+        crate::output_file::write_bytes(path, serde_json::to_string_pretty(&report).unwrap().as_bytes())?;
     }
     Ok(())
 }

@@ -183,8 +183,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             "plan": plan,
             "runs": runs,
         });
-        std::fs::write(json_path, serde_json::to_string_pretty(&report).unwrap())
-            .map_err(|e| Error::io(json_path, e))?;
+        crate::output_file::write_bytes(json_path, serde_json::to_string_pretty(&report).unwrap().as_bytes())?;
     }
     Ok(())
 }

@@ -50,7 +50,7 @@ pub fn run(args: &SelftestArgs) -> Result<()> {
     print!("{}", crate::selftest::table(&outcomes));
     if let Some(path) = &args.json {
         let json = serde_json::json!({"device": be.name(), "suite": suite, "outcomes": outcomes});
-        std::fs::write(path, serde_json::to_string_pretty(&json).unwrap()).map_err(|e| Error::io(path, e))?;
+        crate::output_file::write_bytes(path, serde_json::to_string_pretty(&json).unwrap().as_bytes())?;
     }
     if let Some(path) = &args.dump {
         write_dump(path, &outcomes)?;

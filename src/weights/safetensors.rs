@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -215,28 +215,24 @@ pub fn write_safetensors(
         json.push(b' ');
     }
     let io = |e| Error::io(path, e);
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir).map_err(io)?;
+    // Atomic: a failed write (a full disk) leaves any file already at `path` as it was.
+    crate::output_file::write_with(path, |w| {
+        w.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&json).map_err(io)?;
+        for (mut e, size) in entries.into_iter().zip(sizes) {
+            let mut counter = CountingWriter { inner: &mut *w, count: 0 };
+            (e.write)(&mut counter).map_err(io)?;
+            if counter.count != size {
+                return Err(Error::Other(format!(
+                    "{}: tensor `{}` produced {} bytes, expected {size}",
+                    path.display(),
+                    e.name,
+                    counter.count
+                )));
+            }
         }
-    }
-    let mut w = BufWriter::with_capacity(1 << 20, File::create(path).map_err(io)?);
-    w.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(&json).map_err(io)?;
-    for (mut e, size) in entries.into_iter().zip(sizes) {
-        let mut counter = CountingWriter { inner: &mut w, count: 0 };
-        (e.write)(&mut counter).map_err(io)?;
-        if counter.count != size {
-            return Err(Error::Other(format!(
-                "{}: tensor `{}` produced {} bytes, expected {size}",
-                path.display(),
-                e.name,
-                counter.count
-            )));
-        }
-    }
-    w.flush().map_err(io)?;
-    Ok(())
+        Ok(())
+    })
 }
 
 struct CountingWriter<'a, W: Write> {
