@@ -47,7 +47,8 @@ fn quiet_on_closed_stdout() {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let payload = info.payload();
-        let msg = payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied());
+        let msg =
+            payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied());
         if let Some(reason) = msg.and_then(|m| m.strip_prefix("failed printing to stdout: ")) {
             if reason.contains("Broken pipe") || reason.contains("os error 32") || reason.contains("os error 232") {
                 std::process::exit(141);

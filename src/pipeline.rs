@@ -85,6 +85,13 @@ pub fn reference_size(w: usize, h: usize, multiple: usize) -> (usize, usize) {
     ((w / multiple) * multiple, (h / multiple) * multiple)
 }
 
+/// The largest output side and area (16 MP: four times klein's 2048² maximum), checked before any
+/// work so that an absurd size is an error, not an allocation failure minutes later.
+pub const MAX_SIDE: usize = 8192;
+pub const MAX_PIXELS: usize = 4096 * 4096;
+/// The most denoising steps a request may ask for.
+pub const MAX_STEPS: usize = 1000;
+
 /// The output size: explicit, else the first reference's, else the noise's, else 1024²; both
 /// sides positive multiples of `multiple`.
 pub fn output_size(
@@ -98,6 +105,12 @@ pub fn output_size(
     let from_noise = noise.filter(|n| n.rank() == 4).map(|n| (n.dim(3) * m, n.dim(2) * m));
     let fallback = first_reference.or(from_noise).unwrap_or((DEFAULT_SIZE, DEFAULT_SIZE));
     let (w, h) = (width.unwrap_or(fallback.0), height.unwrap_or(fallback.1));
+    if w > MAX_SIDE || h > MAX_SIDE || w * h > MAX_PIXELS {
+        return Err(Error::InvalidArgument(format!(
+            "{w}x{h} is larger than flux2 generates: at most {MAX_SIDE} pixels a side and {} megapixels",
+            MAX_PIXELS >> 20
+        )));
+    }
     if w == 0 || h == 0 || w % m != 0 || h % m != 0 {
         return Err(Error::InvalidArgument(format!(
             "width and height must be positive multiples of {m}; got {w}x{h} (nearest: {}x{})",
@@ -457,6 +470,9 @@ impl Pipeline {
         let be = &*self.be;
         let (default_steps, default_guidance) = self.info.defaults();
         let steps = req.steps.unwrap_or(default_steps);
+        if steps == 0 || steps > MAX_STEPS {
+            return Err(Error::InvalidArgument(format!("steps must be between 1 and {MAX_STEPS}; got {steps}")));
+        }
         let guidance = req.guidance.unwrap_or(default_guidance);
         let cfg = self.info.uses_cfg(Some(guidance));
         if self.info.is_distilled && guidance > 1.0 {

@@ -171,3 +171,15 @@ fn a_full_stdout_is_an_error_not_a_panic() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("cannot write to standard output") && !err.contains("panicked"), "{err}");
 }
+
+/// `plan` applies generate's size rule (it planned 0, 17 and 4 Gpx images).
+#[test]
+fn plan_refuses_the_sizes_generate_refuses() {
+    let plan =
+        |w: &'static str| ["plan", "--config", "klein-4b", "--vram-budget", "8GiB", "--width", w, "--height", "1024"];
+    fails_cleanly(&plan("0"), &["multiples of 16"]);
+    fails_cleanly(&plan("17"), &["multiples of 16"]);
+    fails_cleanly(&plan("4294967296"), &["larger than flux2 generates"]);
+    let (ok, _, err) = run_cli(&plan("1024"));
+    assert!(ok, "{err}");
+}

@@ -16,6 +16,9 @@ fn sizes_must_be_multiples_of_16() {
     let sized = |w| generate_args(&p, &out, &["--prompt", "x", "--width", w, "--height", "64"]);
     fails_cleanly(&sized("100"), &["multiples of 16", "96x64"]);
     fails_cleanly(&sized("0"), &["multiples of 16"]);
+    // Absurd sizes are refused before any work (they aborted on an allocation or ran for minutes).
+    fails_cleanly(&sized("4294967312"), &["larger than flux2 generates"]);
+    fails_cleanly(&sized("1000000000"), &["larger than flux2 generates"]);
 }
 
 #[test]
@@ -124,6 +127,16 @@ fn other_bad_arguments() {
         &generate_args(&p, &png, &["--prompt", "x", "--steps", "0", "--width", "16", "--height", "16"]),
         &["steps"],
     );
+    // It panicked with a capacity overflow in the sampler.
+    fails_cleanly(
+        &generate_args(
+            &p,
+            &png,
+            &["--prompt", "x", "--steps", "18446744073709551615", "--width", "16", "--height", "16"],
+        ),
+        &["--steps must be between 1 and 1000"],
+    );
+    fails_cleanly(&generate_args(&p, &png, &["--prompt", "x", "--count", "1000000"]), &["--count"]);
     fails_cleanly(
         &["generate", "--model", &p, "--prompt", "x", "--out", png.to_str().unwrap(), "--device", "cuda"],
         &["cuda"],

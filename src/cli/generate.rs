@@ -74,9 +74,18 @@ pub struct GenerateArgs {
     pub json: Option<PathBuf>,
 }
 
+/// The most images one `generate --count` makes.
+pub const MAX_COUNT: usize = 10_000;
+
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    if args.count == 0 {
-        return Err(Error::InvalidArgument("--count must be at least 1".into()));
+    if args.count == 0 || args.count > MAX_COUNT {
+        return Err(Error::InvalidArgument(format!("--count must be between 1 and {MAX_COUNT}")));
+    }
+    if let Some(steps) = args.steps.filter(|s| *s == 0 || *s > crate::pipeline::MAX_STEPS) {
+        return Err(Error::InvalidArgument(format!(
+            "--steps must be between 1 and {}; got {steps}",
+            crate::pipeline::MAX_STEPS
+        )));
     }
     if let Some(ext) = args.out.extension().and_then(|e| e.to_str()) {
         if !ext.eq_ignore_ascii_case("png") {

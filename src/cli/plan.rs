@@ -50,14 +50,17 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             Ok(crate::pipeline::reference_size(parse(w)?, parse(h)?, spec.vae.pixel_multiple()))
         })
         .collect::<Result<Vec<_>>>()?;
+    // The size rule generate applies (multiples of the VAE's pixel multiple, within the maximum).
+    let (width, height) =
+        crate::pipeline::output_size(Some(args.width), Some(args.height), None, None, spec.vae.pixel_multiple())?;
     let input = PlanInput {
         transformer: spec.transformer,
         text_encoder: spec.text_encoder,
         vae: spec.vae,
         transformer_precision: args.precision,
         encoder_precision: args.text_encoder_precision,
-        width: args.width,
-        height: args.height,
+        width,
+        height,
         references,
         cfg: args.cfg.unwrap_or(!spec.distilled),
         budget: planner::parse_bytes(&args.vram_budget)?,
