@@ -291,6 +291,35 @@ fn warp_shuffles() {
     }
 }
 
+/// bf16 and e4m3 conversions round as the hardware does (the emulator's cuda_bf16.h / cuda_fp8.h
+/// against the CPU reference's encoders): ties, subnormals, saturation, every exponent.
+fn conversions_round_as_the_hardware() {
+    let s = open("compute_80").unwrap();
+    let mut values: Vec<f32> = vec![0.0, -0.0, 1.0, -1.0, 448.0, 449.0, 463.99, 464.0, 465.0, 1e9, -1e9, f32::INFINITY];
+    values.extend([f32::NEG_INFINITY, f32::MIN_POSITIVE, 1e-40, 2f32.powi(-9), 2f32.powi(-10), 3.0 * 2f32.powi(-10)]);
+    // Every e4m3 code and the midpoints between neighbours (the ties), and bf16 ties.
+    for c in 0u8..0x7e {
+        let (a, b) = (flux2::dtype::f8e4m3_to_f32(c), flux2::dtype::f8e4m3_to_f32(c + 1));
+        values.extend([a, -a, (a + b) / 2.0, -(a + b) / 2.0]);
+    }
+    values.extend((0..2000u32).map(|i| f32::from_bits(0x3f80_8000 + (i << 16)))); // bf16 halfway cases
+    let mut seed = 1u32;
+    values.extend((0..20000).map(|_| {
+        seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+        f32::from_bits(seed & !0x7f80_0000 | ((seed >> 7) % 254 + 1) << 23) // finite, any exponent
+    }));
+    let n = values.len();
+    let din = s.stream.clone_htod(&values).unwrap();
+    let mut bf = s.stream.alloc_zeros::<u16>(n).unwrap();
+    let mut e4 = s.stream.alloc_zeros::<u8>(n).unwrap();
+    launch!(s, "convert_f32", cfg(64, 256, 0), &din, &mut bf, &mut e4, &(n as i32)).unwrap();
+    let (bf, e4) = (s.stream.clone_dtoh(&bf).unwrap(), s.stream.clone_dtoh(&e4).unwrap());
+    for (i, x) in values.iter().enumerate() {
+        assert_eq!(bf[i], bf16::from_f32(*x).to_bits(), "bf16 of {x:e} ({:#010x})", x.to_bits());
+        assert_eq!(e4[i], flux2::dtype::f32_to_f8e4m3(*x), "e4m3 of {x:e} ({:#010x})", x.to_bits());
+    }
+}
+
 fn global_atomics_are_deterministic() {
     let s = open("compute_80").unwrap();
     let n = 64 * 256;
@@ -380,6 +409,7 @@ fn main() {
         ("e4m3_mma_needs_sm89", e4m3_mma_needs_sm89),
         ("warp_shuffles", warp_shuffles),
         ("global_atomics_are_deterministic", global_atomics_are_deterministic),
+        ("conversions_round_as_the_hardware", conversions_round_as_the_hardware),
         ("device_memory_follows_flux2_sim_memory", device_memory_follows_flux2_sim_memory),
         ("every_kernel_was_launched", every_kernel_was_launched),
     ];

@@ -1,6 +1,8 @@
 // Small kernels for the emulator's own tests (tests/cuda_sim.rs): each seeded defect next to a
 // correct twin, so a test can show the checker reports the one and passes the other. Compiled by
 // NVRTC at test time and into the emulator's host build (module "defects").
+#include <cuda_fp8.h>
+
 #include "common.cuh"
 
 // Thread i writes s[i], then reads s[(i + 32) % 64], written by another warp.
@@ -119,4 +121,13 @@ extern "C" __global__ void warp_shuffles(const float* in, float* out) {
 // Global float atomics from many blocks: deterministic under the emulator's block order.
 extern "C" __global__ void atomic_sum(const float* in, float* out, int n) {
     GRID_STRIDE(i, n) atomicAdd(out, in[i]);
+}
+
+// The conversions kernels use, value by value: bf16 (round to nearest even) and e4m3 (satfinite).
+extern "C" __global__ void convert_f32(const float* in, unsigned short* bf, unsigned char* e4m3, int n) {
+    GRID_STRIDE(i, n) {
+        bf[i] = __bfloat16_as_ushort(__float2bfloat16_rn(in[i]));
+        __nv_fp8_e4m3 v(in[i]);
+        e4m3[i] = v.__x;
+    }
 }
