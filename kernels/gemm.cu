@@ -73,16 +73,8 @@ extern "C" __global__ void __launch_bounds__(256)
     float acc[4][4][4];
     mma_tile_128x128<mma_bf16_16816>(reinterpret_cast<const unsigned char*>(A), reinterpret_cast<const unsigned char*>(W),
                                      M, N, (i64)K * 2, m0, n0, acc);
-#pragma unroll
-    for (int mi = 0; mi < 4; mi++)
-#pragma unroll
-        for (int ni = 0; ni < 4; ni++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                i64 m, n;
-                mma_tile_coords(mi, ni, e, m0, n0, &m, &n);
-                if (m < M && n < N) C[m * ldc + n] = to_bf(acc[mi][ni][e] + bias_at(bias, bias_mode, m, n));
-            }
+    mma_tile_store(acc, m0, n0, M, N,
+                   [&](i64 m, i64 n, float v) { C[m * ldc + n] = to_bf(v + bias_at(bias, bias_mode, m, n)); });
 }
 
 // Columns for conv-as-GEMM: col[p][k] for output pixels p0..p0+np of one image, k = (ci, ky, kx).

@@ -85,9 +85,18 @@ __device__ __forceinline__ void mma_tile_128x128(const unsigned char* __restrict
     }
 }
 
-// The output coordinates of accumulator element e of tile (mi, ni) for this thread.
-__device__ __forceinline__ void mma_tile_coords(int mi, int ni, int e, i64 m0, i64 n0, i64* m, i64* n) {
+// The epilogue walk: store(m, n, value) for each of this thread's accumulators inside [M, N).
+template <typename Store>
+__device__ __forceinline__ void mma_tile_store(const float acc[4][4][4], i64 m0, i64 n0, int M, int N, Store store) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    *m = m0 + (warp >> 2) * 64 + mi * 16 + (lane >> 2) + (e >= 2 ? 8 : 0);
-    *n = n0 + (warp & 3) * 32 + ni * 8 + (lane & 3) * 2 + (e & 1);
+#pragma unroll
+    for (int mi = 0; mi < 4; mi++)
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                i64 m = m0 + (warp >> 2) * 64 + mi * 16 + (lane >> 2) + (e >= 2 ? 8 : 0);
+                i64 n = n0 + (warp & 3) * 32 + ni * 8 + (lane & 3) * 2 + (e & 1);
+                if (m < M && n < N) store(m, n, acc[mi][ni][e]);
+            }
 }

@@ -192,17 +192,9 @@ extern "C" __global__ void __launch_bounds__(256)
     const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
     float acc[4][4][4];
     mma_tile_128x128<mma_e4m3_16832>(A, W, M, N, K, m0, n0, acc);
-#pragma unroll
-    for (int mi = 0; mi < 4; mi++)
-#pragma unroll
-        for (int ni = 0; ni < 4; ni++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                i64 m, n;
-                mma_tile_coords(mi, ni, e, m0, n0, &m, &n);
-                if (m < M && n < N)
-                    C[m * ldc + n] = to_bf(acc[mi][ni][e] * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f));
-            }
+    mma_tile_store(acc, m0, n0, M, N, [&](i64 m, i64 n, float v) {
+        C[m * ldc + n] = to_bf(v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f));
+    });
 #else
     __trap();  // e4m3 tensor cores need sm_89 or newer: the launcher picks v1 for these images
 #endif
