@@ -69,10 +69,11 @@ extern "C" __global__ void gemm_wq_tiled_bf16(const bf16* A, const unsigned char
 extern "C" __global__ void __launch_bounds__(256)
     gemm_mma_bf16(const bf16* __restrict__ A, const bf16* __restrict__ W, const bf16* __restrict__ bias, int bias_mode,
                   bf16* __restrict__ C, int M, int N, int K, i64 ldc) {
+    __shared__ __align__(16) MmaTileSmem smem;
     const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
     float acc[4][4][4];
-    mma_tile_128x128<mma_bf16_16816>(reinterpret_cast<const unsigned char*>(A), reinterpret_cast<const unsigned char*>(W),
-                                     M, N, (i64)K * 2, m0, n0, acc);
+    mma_tile_128x128<mma_bf16_16816>(smem, reinterpret_cast<const unsigned char*>(A),
+                                     reinterpret_cast<const unsigned char*>(W), M, N, (i64)K * 2, m0, n0, acc);
     mma_tile_store(acc, m0, n0, M, N,
                    [&](i64 m, i64 n, float v) { C[m * ldc + n] = to_bf(v + bias_at(bias, bias_mode, m, n)); });
 }

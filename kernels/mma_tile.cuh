@@ -14,14 +14,22 @@
 
 typedef void (*MmaOp)(float d[4], const unsigned a[4], unsigned b0, unsigned b1);
 
+// The two stages of A and W tiles; each kernel declares its own (__shared__ in the kernel, so its
+// static shared memory is the kernel's in every image format).
+struct MmaTileSmem {
+    unsigned char a[2][TILE_M * TILE_LDS];
+    unsigned char w[2][TILE_N * TILE_LDS];
+};
+
 // acc[mi][ni][e]: the warp's 4x4 tiles of 16x8 f32 accumulators; element e of tile (mi, ni) is at
 // row warp_m*64 + mi*16 + lane/4 (+8 for e >= 2), column warp_n*32 + ni*8 + 2*(lane%4) + (e & 1).
 // A [M, K] and W [N, K] rows are `row_bytes` long (a multiple of 16) and 16-byte aligned.
 template <MmaOp Mma>
-__device__ __forceinline__ void mma_tile_128x128(const unsigned char* __restrict__ A, const unsigned char* __restrict__ W,
-                                                 int M, int N, i64 row_bytes, i64 m0, i64 n0, float acc[4][4][4]) {
-    __shared__ __align__(16) unsigned char As[2][TILE_M * TILE_LDS];
-    __shared__ __align__(16) unsigned char Ws[2][TILE_N * TILE_LDS];
+__device__ __forceinline__ void mma_tile_128x128(MmaTileSmem& smem, const unsigned char* __restrict__ A,
+                                                 const unsigned char* __restrict__ W, int M, int N, i64 row_bytes,
+                                                 i64 m0, i64 n0, float acc[4][4][4]) {
+    auto& As = smem.a;
+    auto& Ws = smem.w;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int warp_m = warp >> 2, warp_n = warp & 3;
 #pragma unroll

@@ -189,9 +189,10 @@ extern "C" __global__ void __launch_bounds__(256)
                        const unsigned char* __restrict__ W, const float* __restrict__ w_scale,
                        const bf16* __restrict__ bias, bf16* __restrict__ C, int M, int N, int K, i64 ldc) {
 #if __CUDA_ARCH__ >= 890
+    __shared__ __align__(16) MmaTileSmem smem;
     const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
     float acc[4][4][4];
-    mma_tile_128x128<mma_e4m3_16832>(A, W, M, N, K, m0, n0, acc);
+    mma_tile_128x128<mma_e4m3_16832>(smem, A, W, M, N, K, m0, n0, acc);
     mma_tile_store(acc, m0, n0, M, N, [&](i64 m, i64 n, float v) {
         C[m * ldc + n] = to_bf(v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f));
     });

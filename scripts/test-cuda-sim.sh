@@ -12,6 +12,11 @@ SIM=target/cuda-sim
 export FLUX2_REQUIRE_KERNELS=1 FLUX2_EXPECT_SIM=1
 cargo build --release --bin flux2 --quiet
 mkdir -p "$SIM"
+echo "== the emulator's image parser on every shipped image (AddressSanitizer build)"
+images=$(dirname "$(ls -t target/release/build/flux2-*/out/gemm.sm_89.cubin | head -1)")
+g++ -std=c++17 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -Wall -Wextra \
+  cuda-sim/tests/image_parse_test.cpp cuda-sim/src/image.cpp -o "$SIM/image_parse_test"
+"$SIM/image_parse_test" "$images" kernels | tail -n 1
 for arch in sm_89 sm_90a; do
   cov="$SIM/coverage-$arch.txt"
   rm -f "$cov"
