@@ -64,11 +64,11 @@ std::string describe_shared(const BlockState& b, long off) {
     return "dynamic shared offset " + std::to_string(off - (long)b.static_size);
 }
 
-[[noreturn]] void race(const BlockState& b, Thread* t, bool write, size_t size, long off, unsigned other, bool other_wrote,
+// `others` names who touched the bytes before: "thread (x,y,z) wrote", "threads of warp 3 read".
+[[noreturn]] void race(const BlockState& b, Thread* t, bool write, size_t size, long off, const std::string& others,
                        const char* what) {
     std::string msg = std::string("shared-memory race: thread ") + thread_name(b, t->linear) + (write ? " writes " : " reads ") +
-                      std::to_string(size) + " bytes (" + what + ") at " + describe_shared(b, off) + ", which thread " +
-                      thread_name(b, other) + (other_wrote ? " wrote" : " read") +
+                      std::to_string(size) + " bytes (" + what + ") at " + describe_shared(b, off) + ", which " + others +
                       " since the last __syncthreads (a barrier must separate them)";
     fail(ERR_LAUNCH_FAILED, msg);
 }
@@ -112,14 +112,16 @@ void shared_access(uint8_t* p, size_t size, bool write, Thread* t, const char* w
         Cell& c = tl_shadow[off + i];
         if (c.epoch != b.epoch) c = Cell{b.epoch, 0, 0, 0, 0};
         if (c.writer && c.writer != me && !ordered(b, t, c.writer - 1u, c.wsync))
-            race(b, t, write, size, off, c.writer - 1u, true, what);
+            race(b, t, write, size, off, "thread " + thread_name(b, c.writer - 1u) + " wrote", what);
         if (write) {
-            if (c.reader == READERS_MANY) race(b, t, true, size, off, t->linear == 0 ? 1 : 0, false, what);
+            // (Several readers are recorded by warp, not by thread: the report names the warp.)
+            if (c.reader == READERS_MANY) race(b, t, true, size, off, "threads of several warps read", what);
             if (c.reader & READERS_WARP) {
                 unsigned warp = c.reader & 0x7fff;
-                if (warp != t->warp || c.rsync >= sync) race(b, t, true, size, off, warp * 32, false, what);
+                if (warp != t->warp || c.rsync >= sync)
+                    race(b, t, true, size, off, "threads of warp " + std::to_string(warp) + " read", what);
             } else if (c.reader && c.reader != me && !ordered(b, t, c.reader - 1u, c.rsync)) {
-                race(b, t, true, size, off, c.reader - 1u, false, what);
+                race(b, t, true, size, off, "thread " + thread_name(b, c.reader - 1u) + " read", what);
             }
             c.writer = me;
             c.wsync = sync;

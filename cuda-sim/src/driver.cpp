@@ -113,52 +113,37 @@ int regs_limited_threads(const Function& f) {
 
 int default_max_dynamic(const Function& f) { return std::max(0, profile().smem_per_block - (int)f.image.static_smem); }
 
-const char* error_name(CUresult e) {
-    switch (e) {
-        case OK: return "CUDA_SUCCESS";
-        case ERR_INVALID_VALUE: return "CUDA_ERROR_INVALID_VALUE";
-        case ERR_OUT_OF_MEMORY: return "CUDA_ERROR_OUT_OF_MEMORY";
-        case ERR_NOT_INITIALIZED: return "CUDA_ERROR_NOT_INITIALIZED";
-        case ERR_NO_DEVICE: return "CUDA_ERROR_NO_DEVICE";
-        case ERR_INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
-        case ERR_INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
-        case ERR_INVALID_CONTEXT: return "CUDA_ERROR_INVALID_CONTEXT";
-        case ERR_NO_BINARY_FOR_GPU: return "CUDA_ERROR_NO_BINARY_FOR_GPU";
-        case ERR_INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
-        case ERR_NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
-        case ERR_NOT_READY: return "CUDA_ERROR_NOT_READY";
-        case ERR_ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
-        case ERR_LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
-        case ERR_ILLEGAL_INSTRUCTION: return "CUDA_ERROR_ILLEGAL_INSTRUCTION";
-        case ERR_MISALIGNED_ADDRESS: return "CUDA_ERROR_MISALIGNED_ADDRESS";
-        case ERR_LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
-        case ERR_NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
-        default: return "CUDA_ERROR_UNKNOWN";
-    }
-}
-
-const char* error_text(CUresult e) {
-    switch (e) {
-        case OK: return "no error";
-        case ERR_INVALID_VALUE: return "invalid argument";
-        case ERR_OUT_OF_MEMORY: return "out of memory";
-        case ERR_NOT_INITIALIZED: return "initialization error";
-        case ERR_NO_DEVICE: return "no CUDA-capable device is detected";
-        case ERR_INVALID_DEVICE: return "invalid device ordinal";
-        case ERR_INVALID_IMAGE: return "device kernel image is invalid";
-        case ERR_INVALID_CONTEXT: return "invalid device context";
-        case ERR_NO_BINARY_FOR_GPU: return "no kernel image is available for execution on the device";
-        case ERR_INVALID_HANDLE: return "invalid resource handle";
-        case ERR_NOT_FOUND: return "named symbol not found";
-        case ERR_NOT_READY: return "device not ready";
-        case ERR_ILLEGAL_ADDRESS: return "an illegal memory access was encountered";
-        case ERR_LAUNCH_OUT_OF_RESOURCES: return "too many resources requested for launch";
-        case ERR_ILLEGAL_INSTRUCTION: return "an illegal instruction was encountered";
-        case ERR_MISALIGNED_ADDRESS: return "misaligned address";
-        case ERR_LAUNCH_FAILED: return "unspecified launch failure";
-        case ERR_NOT_SUPPORTED: return "operation not supported";
-        default: return "unknown error";
-    }
+// Each result's name and the driver's text for it (cuGetErrorName, cuGetErrorString).
+struct ErrorInfo {
+    CUresult code;
+    const char* name;
+    const char* text;
+};
+const ErrorInfo ERRORS[] = {
+    {OK, "CUDA_SUCCESS", "no error"},
+    {ERR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE", "invalid argument"},
+    {ERR_OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
+    {ERR_NOT_INITIALIZED, "CUDA_ERROR_NOT_INITIALIZED", "initialization error"},
+    {ERR_NO_DEVICE, "CUDA_ERROR_NO_DEVICE", "no CUDA-capable device is detected"},
+    {ERR_INVALID_DEVICE, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
+    {ERR_INVALID_IMAGE, "CUDA_ERROR_INVALID_IMAGE", "device kernel image is invalid"},
+    {ERR_INVALID_CONTEXT, "CUDA_ERROR_INVALID_CONTEXT", "invalid device context"},
+    {ERR_NO_BINARY_FOR_GPU, "CUDA_ERROR_NO_BINARY_FOR_GPU", "no kernel image is available for execution on the device"},
+    {ERR_INVALID_HANDLE, "CUDA_ERROR_INVALID_HANDLE", "invalid resource handle"},
+    {ERR_NOT_FOUND, "CUDA_ERROR_NOT_FOUND", "named symbol not found"},
+    {ERR_NOT_READY, "CUDA_ERROR_NOT_READY", "device not ready"},
+    {ERR_ILLEGAL_ADDRESS, "CUDA_ERROR_ILLEGAL_ADDRESS", "an illegal memory access was encountered"},
+    {ERR_LAUNCH_OUT_OF_RESOURCES, "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES", "too many resources requested for launch"},
+    {ERR_ILLEGAL_INSTRUCTION, "CUDA_ERROR_ILLEGAL_INSTRUCTION", "an illegal instruction was encountered"},
+    {ERR_MISALIGNED_ADDRESS, "CUDA_ERROR_MISALIGNED_ADDRESS", "misaligned address"},
+    {ERR_LAUNCH_FAILED, "CUDA_ERROR_LAUNCH_FAILED", "unspecified launch failure"},
+    {ERR_NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported"},
+};
+const ErrorInfo& error_info(CUresult e) {
+    static const ErrorInfo unknown{ERR_UNKNOWN, "CUDA_ERROR_UNKNOWN", "unknown error"};
+    for (const ErrorInfo& i : ERRORS)
+        if (i.code == e) return i;
+    return unknown;
 }
 
 double now_ms() {
@@ -181,7 +166,7 @@ CUresult cuDriverGetVersion(int* v) {
 }
 CUresult cuGetErrorString(CUresult e, const char** s) {
     const char* d = error_detail((Result)e);
-    *s = d ? d : error_text(e);
+    *s = d ? d : error_info(e).text;
     return OK;
 }
 // The driver's private tables (NVRTC asks for one when it finds libcuda): none here, which
@@ -191,7 +176,7 @@ CUresult cuGetExportTable(const void** table, const void*) {
     return ERR_INVALID_VALUE;
 }
 CUresult cuGetErrorName(CUresult e, const char** s) {
-    *s = error_name(e);
+    *s = error_info(e).name;
     return OK;
 }
 
