@@ -29,16 +29,23 @@ inline uint32_t sim_fp8_round_magnitude(float a, int mbits, int bias) {
     return code;
 }
 
-inline __nv_fp8_storage_t sim_f32_to_e4m3(float x, bool satfinite = true) {
+// One encoder for both formats: `max_code` is the largest finite magnitude code, `overflow` what an
+// out-of-range magnitude becomes without saturation (NaN for e4m3, infinity for e5m2).
+inline __nv_fp8_storage_t sim_f32_to_fp8(float x, int mbits, int bias, uint8_t max_code, uint8_t overflow, bool satfinite) {
     uint32_t u;
     std::memcpy(&u, &x, 4);
     uint8_t sign = (uint8_t)((u >> 24) & 0x80);
     float a = std::fabs(x);
     if (a != a) return 0x7f;
-    if (std::isinf(a)) return satfinite ? (uint8_t)(sign | 0x7e) : (uint8_t)0x7f;
-    uint32_t code = sim_fp8_round_magnitude(a, 3, 7);
-    if (code > 0x7e) return satfinite ? (uint8_t)(sign | 0x7e) : (uint8_t)0x7f;
+    uint32_t code = std::isinf(a) ? 0xffffffffu : sim_fp8_round_magnitude(a, mbits, bias);
+    if (code > max_code) {
+        if (satfinite) return (uint8_t)(sign | max_code);
+        return overflow == 0x7f ? (uint8_t)0x7f : (uint8_t)(sign | overflow);  // NaN is unsigned 0x7f
+    }
     return (uint8_t)(sign | code);
+}
+inline __nv_fp8_storage_t sim_f32_to_e4m3(float x, bool satfinite = true) {
+    return sim_f32_to_fp8(x, 3, 7, 0x7e, 0x7f, satfinite);
 }
 inline float sim_e4m3_to_f32(__nv_fp8_storage_t c) {
     int exp = (c >> 3) & 15, m = c & 7;
@@ -48,15 +55,7 @@ inline float sim_e4m3_to_f32(__nv_fp8_storage_t c) {
     return s * std::ldexp(1.f + m / 8.f, exp - 7);
 }
 inline __nv_fp8_storage_t sim_f32_to_e5m2(float x, bool satfinite = true) {
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    uint8_t sign = (uint8_t)((u >> 24) & 0x80);
-    float a = std::fabs(x);
-    if (a != a) return 0x7f;
-    if (std::isinf(a)) return (uint8_t)(sign | (satfinite ? 0x7b : 0x7c));
-    uint32_t code = sim_fp8_round_magnitude(a, 2, 15);
-    if (code > 0x7b) return (uint8_t)(sign | (satfinite ? 0x7b : 0x7c));
-    return (uint8_t)(sign | code);
+    return sim_f32_to_fp8(x, 2, 15, 0x7b, 0x7c, satfinite);
 }
 inline float sim_e5m2_to_f32(__nv_fp8_storage_t c) {
     int exp = (c >> 2) & 31, m = c & 3;
