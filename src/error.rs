@@ -44,6 +44,10 @@ pub enum Error {
     #[error("out of device memory: {0}")]
     OutOfMemory(String),
 
+    /// NaN or ±inf where a finite value must be (a stage's output, an op's under `--debug-nans`).
+    #[error("{0}")]
+    NonFinite(String),
+
     #[error("{0}")]
     Other(String),
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::health::{self, Check};
 use crate::image_io::RgbImage;
 use crate::model::qwen3::{Qwen3Config, Qwen3TextEncoder, KLEIN_OUT_LAYERS};
 use crate::model::rope::PositionIds;
@@ -24,8 +25,7 @@ use crate::tensor::Tensor;
 pub const DEFAULT_SIZE: usize = 1024;
 /// References above this many pixels are resized down to it (Lanczos).
 pub const REFERENCE_MAX_AREA: usize = 1024 * 1024;
-pub const REFERENCE_MIN_SIDE: usize = 64;
-pub const REFERENCE_MAX_ASPECT: f64 = 8.0;
+pub use crate::limits::{MAX_PIXELS, MAX_SIDE, MAX_STEPS, REFERENCE_MAX_ASPECT, REFERENCE_MIN_SIDE};
 
 /// What `model_index.json` says about the pipeline.
 #[derive(Debug, Clone)]
@@ -85,13 +85,6 @@ pub fn reference_size(w: usize, h: usize, multiple: usize) -> (usize, usize) {
     ((w / multiple) * multiple, (h / multiple) * multiple)
 }
 
-/// The largest output side and area (16 MP: four times klein's 2048² maximum), checked before any
-/// work so that an absurd size is an error, not an allocation failure minutes later.
-pub const MAX_SIDE: usize = 8192;
-pub const MAX_PIXELS: usize = 4096 * 4096;
-/// The most denoising steps a request may ask for.
-pub const MAX_STEPS: usize = 1000;
-
 /// The output size: explicit, else the first reference's, else the noise's, else 1024²; both
 /// sides positive multiples of `multiple`.
 pub fn output_size(
@@ -105,19 +98,7 @@ pub fn output_size(
     let from_noise = noise.filter(|n| n.rank() == 4).map(|n| (n.dim(3) * m, n.dim(2) * m));
     let fallback = first_reference.or(from_noise).unwrap_or((DEFAULT_SIZE, DEFAULT_SIZE));
     let (w, h) = (width.unwrap_or(fallback.0), height.unwrap_or(fallback.1));
-    if w > MAX_SIDE || h > MAX_SIDE || w * h > MAX_PIXELS {
-        return Err(Error::InvalidArgument(format!(
-            "{w}x{h} is larger than flux2 generates: at most {MAX_SIDE} pixels a side and {} megapixels",
-            MAX_PIXELS >> 20
-        )));
-    }
-    if w == 0 || h == 0 || w % m != 0 || h % m != 0 {
-        return Err(Error::InvalidArgument(format!(
-            "width and height must be positive multiples of {m}; got {w}x{h} (nearest: {}x{})",
-            (w / m).max(1) * m,
-            (h / m).max(1) * m
-        )));
-    }
+    crate::limits::check_output_size(w, h, m)?;
     Ok((w, h))
 }
 
@@ -153,6 +134,30 @@ pub struct Request {
     /// Initial latents `[1, 4z, H/16, W/16]` (diffusers' `latents=`); from `seed` when absent.
     pub noise: Option<Tensor>,
     pub timestep_mode: Option<TimestepMode>,
+}
+
+impl Request {
+    /// The checks that need no model: finite guidance and noise, steps in range. Run before
+    /// loading anything, and again by `generate`.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(steps) = self.steps {
+            crate::limits::check_steps(steps)?;
+        }
+        crate::limits::check_prompt(&self.prompt)?;
+        if let Some(g) = self.guidance.filter(|g| !g.is_finite()) {
+            return Err(Error::InvalidArgument(format!("--guidance must be a finite number; got {g}")));
+        }
+        if let Some(noise) = &self.noise {
+            let values = noise.to_vec_f32()?;
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(Error::InvalidArgument(format!(
+                    "the --noise tensor holds {} at element {i}; it must be finite",
+                    values[i]
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -289,13 +294,17 @@ impl Pipeline {
                     "{precision:?} {:?} {KLEIN_OUT_LAYERS:?} {MAX_TOKENS} {PROMPT_PREFIX:?} {PROMPT_SUFFIX:?}",
                     be.activation_dtype()
                 );
-                Some(PromptCache::new(
-                    dir.clone(),
-                    *max,
-                    &root.join("text_encoder"),
-                    &root.join("tokenizer"),
-                    &settings,
-                )?)
+                let shape = [1, MAX_TOKENS, context_dim];
+                Some(
+                    PromptCache::new(
+                        dir.clone(),
+                        *max,
+                        &root.join("text_encoder"),
+                        &root.join("tokenizer"),
+                        &settings,
+                    )?
+                    .expecting(&shape, be.activation_dtype()),
+                )
             }
             None => None,
         };
@@ -394,21 +403,24 @@ impl Pipeline {
     /// Encode the prompt, plus "" for CFG when `cfg` is set: from the disk cache when it holds
     /// them, else with the text encoder (evicted afterwards if the residency plan says so).
     pub fn encode(&self, prompt: &str, cfg: bool) -> Result<EncodedPrompt> {
-        let context = self.encode_one(prompt)?;
-        let negative = if cfg { Some(self.encode_one("")?) } else { None };
+        let context = self.encode_one(prompt, Check::PromptEmbeddings)?;
+        let negative = if cfg { Some(self.encode_one("", Check::NegativeEmbeddings)?) } else { None };
         if self.options.residency.evict_text_encoder_after_encode {
             *self.text_encoder.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
         Ok(EncodedPrompt { prompt: prompt.to_string(), context, negative })
     }
 
-    fn encode_one(&self, prompt: &str) -> Result<Tensor> {
+    fn encode_one(&self, prompt: &str, check: Check) -> Result<Tensor> {
         // Tokenize first: cheap, and it warns about truncation whether or not the cache hits.
         let tokens = self.tokenizer.encode_prompt(prompt, MAX_TOKENS)?;
         if let Some(hit) = self.prompt_cache.as_ref().and_then(|c| c.get(prompt)) {
             return self.be.upload(&hit, self.be.activation_dtype());
         }
         let context = self.text_encoder()?.forward(&[tokens])?;
+        // Checked before it is cached: a broken encoder must not leave broken cache entries.
+        health::record(&*self.be, &context, check)?;
+        health::verify(&*self.be, 0)?;
         if let Some(cache) = &self.prompt_cache {
             if let Err(e) = cache.put(prompt, &context, self.be.activation_dtype()) {
                 tracing::warn!("could not write the prompt cache: {e}");
@@ -427,21 +439,10 @@ impl Pipeline {
         let mut tokens = Vec::new();
         let mut ids = Vec::new();
         let mut first_size = (0, 0);
+        crate::limits::check_reference_count(images.len())?;
         for (i, img) in images.iter().enumerate() {
             let (w, h) = (img.width, img.height);
-            if w < REFERENCE_MIN_SIDE || h < REFERENCE_MIN_SIDE {
-                return Err(Error::InvalidArgument(format!(
-                    "reference image {} is {w}x{h}; both sides must be at least {REFERENCE_MIN_SIDE} pixels",
-                    i + 1
-                )));
-            }
-            let aspect = (w as f64 / h as f64).max(h as f64 / w as f64);
-            if aspect > REFERENCE_MAX_ASPECT {
-                return Err(Error::InvalidArgument(format!(
-                    "reference image {} is {w}x{h} (aspect {aspect:.1}:1); at most {REFERENCE_MAX_ASPECT}:1 is supported",
-                    i + 1
-                )));
-            }
+            crate::limits::check_reference(i, w, h)?;
             let (rw, rh) = capped_reference_size(w, h);
             let img = if (rw, rh) != (w, h) { img.resize_lanczos(rw, rh) } else { img.clone() };
             let (cw, ch) = reference_size(w, h, multiple);
@@ -456,6 +457,8 @@ impl Pipeline {
             ids.push(PositionIds::image(10.0 + 10.0 * i as f32, lh, lw));
         }
         let tokens = be.concat(&tokens.iter().collect::<Vec<_>>(), 1)?;
+        health::record(be, &tokens, Check::ReferenceLatents)?;
+        health::verify(be, 0)?;
         let ids = PositionIds::concat(&ids.iter().collect::<Vec<_>>())?;
         Ok(Some(References { tokens, ids, first_size }))
     }
@@ -469,10 +472,8 @@ impl Pipeline {
     ) -> Result<Output> {
         let be = &*self.be;
         let (default_steps, default_guidance) = self.info.defaults();
+        req.validate()?;
         let steps = req.steps.unwrap_or(default_steps);
-        if steps == 0 || steps > MAX_STEPS {
-            return Err(Error::InvalidArgument(format!("steps must be between 1 and {MAX_STEPS}; got {steps}")));
-        }
         let guidance = req.guidance.unwrap_or(default_guidance);
         let cfg = self.info.uses_cfg(Some(guidance));
         if self.info.is_distilled && guidance > 1.0 {
@@ -549,9 +550,11 @@ impl Pipeline {
                 v
             };
             latents = be.axpby(1.0, &latents, schedule.dt(i), &v)?;
+            health::record(be, &latents, Check::Step(i))?;
             stage.tick();
         }
-        be.synchronize()?;
+        // One read for the whole loop: the earliest step that went non-finite.
+        health::verify(be, steps)?;
         timings.denoise = stage.finish();
         self.sample("denoise", &mut telemetry);
         drop(transformer);
@@ -562,6 +565,8 @@ impl Pipeline {
         let stage = Stage::new("decode", 1);
         let grid = unpack(be, &latents, h, w)?;
         let pixels = self.vae.decode_normalized_tiled(&grid, self.options.residency.decode_tile)?;
+        health::record(be, &pixels, Check::DecodedImage)?;
+        health::verify(be, steps)?;
         let image = RgbImage::from_decoded(&pixels.to_vec_f32()?, width, height)?;
         stage.tick();
         timings.decode = stage.finish();

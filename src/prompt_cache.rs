@@ -23,6 +23,8 @@ pub struct PromptCache {
     max_bytes: u64,
     /// Hash of everything but the prompt.
     identity: [u8; 32],
+    /// The shape and stored dtype every entry must have (see [`PromptCache::expecting`]).
+    expected: Option<(Vec<usize>, DType)>,
 }
 
 /// FLUX2_CACHE_DIR, else XDG_CACHE_HOME/flux2, else ~/.cache/flux2.
@@ -75,7 +77,17 @@ impl PromptCache {
         hash_folder(&mut h, text_encoder_dir)?;
         hash_folder(&mut h, tokenizer_dir)?;
         h.update(settings.as_bytes());
-        Ok(PromptCache { dir, max_bytes, identity: h.finalize().into() })
+        Ok(PromptCache { dir, max_bytes, identity: h.finalize().into(), expected: None })
+    }
+
+    /// Accept only entries of this shape and stored dtype: an entry from another build or a
+    /// damaged file is deleted on read (with a warning) instead of failing the run later.
+    pub fn expecting(self, shape: &[usize], dtype: DType) -> PromptCache {
+        PromptCache { expected: Some((shape.to_vec(), dtype)), ..self }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn path(&self, prompt: &str) -> PathBuf {
@@ -97,8 +109,20 @@ impl PromptCache {
             let t = store.get("prompt_embeds")?;
             let values = t.to_f32()?;
             let stored_prompt = store.files()[0].metadata().get("prompt").cloned().unwrap_or_default();
-            if stored_prompt != prompt || values.iter().any(|v| !v.is_finite()) {
-                return Err(Error::Other("entry does not match".into()));
+            if stored_prompt != prompt {
+                return Err(Error::Other("it holds another prompt".into()));
+            }
+            if let Some((shape, dtype)) = &self.expected {
+                if t.shape() != shape.as_slice() || t.dtype()? != *dtype {
+                    return Err(Error::Other(format!(
+                        "it holds {:?} {}, this model needs {shape:?} {dtype}",
+                        t.shape(),
+                        t.dtype()?
+                    )));
+                }
+            }
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(Error::Other("it holds NaN or inf".into()));
             }
             Tensor::from_f32(values, t.shape())
         };
@@ -112,7 +136,11 @@ impl PromptCache {
                 Some(t)
             }
             Err(e) => {
-                tracing::warn!("prompt cache entry {} is unusable ({e}); recomputing", path.display());
+                tracing::warn!(
+                    "prompt cache {}: entry {} is unusable ({e}); deleted, recomputing",
+                    self.dir.display(),
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                );
                 let _ = std::fs::remove_file(&path);
                 None
             }
@@ -121,19 +149,11 @@ impl PromptCache {
 
     /// Store an embedding (values as `dtype`) atomically, then trim the folder.
     pub fn put(&self, prompt: &str, embeds: &Tensor, dtype: DType) -> Result<()> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         let path = self.path(prompt);
-        let tmp = self.dir.join(format!(
-            ".tmp-{}-{}",
-            std::process::id(),
-            crate::rng::mix64(
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-            )
-        ));
         let values = embeds.to_vec_f32()?;
         let meta = std::collections::BTreeMap::from([("prompt".to_string(), prompt.to_string())]);
-        write_safetensors(&tmp, vec![TensorEntry::from_f32("prompt_embeds", &values, embeds.shape(), dtype)], &meta)?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        // Atomic (a temporary file renamed into place), so concurrent runs never see half an entry.
+        write_safetensors(&path, vec![TensorEntry::from_f32("prompt_embeds", &values, embeds.shape(), dtype)], &meta)?;
         self.trim();
         Ok(())
     }

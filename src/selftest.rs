@@ -548,6 +548,21 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         0.0,
         Box::new(|be, t| be.concat(&[&t[0], &t[1]], 1)),
     ));
+    // nonfinite_check_b16 / _b32: NaN, +inf and -inf at the ends and the middle of a ragged length,
+    // a clean tensor, a NaN outside a strided view (not reported), and the smallest id kept.
+    let lengths: &[usize] = if small { &[1, 777] } else { &[1, 777, 3 << 20] };
+    for &n in lengths {
+        v.push(
+            case(
+                "record_nonfinite",
+                format!("{n} elements, bf16 and f32"),
+                vec![act(&[n])],
+                0.0,
+                Box::new(move |be, t| nonfinite_probe(be, &t[0].to_vec_f32()?)),
+            )
+            .untimed(),
+        );
+    }
     v
 }
 
@@ -570,6 +585,50 @@ fn make_inputs(case: &Case, seed: u64, act_dtype: DType) -> Result<Vec<Tensor>> 
             Tensor::from_f32(values, shape)
         })
         .collect()
+}
+
+/// The ids `take_nonfinite` returns (−1 for none) after recording `values` with one element made
+/// NaN or ±inf in turn, in each activation dtype; the same on every backend.
+fn nonfinite_probe(be: &dyn Backend, values: &[f32]) -> Result<Tensor> {
+    let n = values.len();
+    let with = |bad: Option<(usize, f32)>| {
+        let mut v = values.to_vec();
+        if let Some((i, x)) = bad {
+            v[i] = x;
+        }
+        Tensor::from_f32(v, &[n])
+    };
+    let mut taken = Vec::new();
+    let mut take = |be: &dyn Backend| -> Result<()> {
+        taken.push(be.take_nonfinite()?.map_or(-1.0, |id| id as f32));
+        Ok(())
+    };
+    let probes = [Some((n - 1, f32::NAN)), Some((n / 2, f32::INFINITY)), Some((0, f32::NEG_INFINITY)), None];
+    for (i, bad) in probes.into_iter().enumerate() {
+        for dtype in [DType::BF16, DType::F32] {
+            be.record_nonfinite(&be.upload(&with(bad)?, dtype)?, 100 + i as u32)?;
+            take(be)?;
+        }
+    }
+    // The smallest id of several records survives; a clean tensor records nothing.
+    for id in [7, 3, 5] {
+        be.record_nonfinite(&be.upload(&with(Some((n - 1, f32::NAN)))?, DType::BF16)?, id)?;
+    }
+    be.record_nonfinite(&be.upload(&with(None)?, DType::BF16)?, 1)?;
+    take(be)?;
+    // A strided view: the NaN sits in a column the view leaves out.
+    if n > 1 {
+        let grid = be.upload(
+            &with(Some((0, f32::NAN)))?.narrow(0, 0, n - n % 2)?.reshape(&[(n - n % 2) / 2, 2])?,
+            DType::BF16,
+        )?;
+        be.record_nonfinite(&grid.narrow(1, 1, 1)?, 9)?;
+        take(be)?;
+        be.record_nonfinite(&grid.narrow(1, 0, 1)?, 9)?;
+        take(be)?;
+    }
+    let count = taken.len();
+    be.upload(&Tensor::from_f32(taken, &[count])?, DType::F32)
 }
 
 fn upload(be: &dyn Backend, inputs: &[Tensor], case: &Case) -> Result<Vec<Tensor>> {

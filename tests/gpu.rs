@@ -131,6 +131,20 @@ fn quantized_linears_reject_bad_shapes(be: Arc<dyn Backend>) {
     }
 }
 
+fn an_overflow_stops_the_pipeline_with_the_step(be: Arc<dyn Backend>) {
+    // Finite noise so large that the first step overflows bf16: the device-side health check must
+    // stop the run at step 1, not decode a black image.
+    let pipe = Pipeline::load(be, &fixtures().join("pipeline")).unwrap();
+    let noise = flux2::Tensor::from_f32(vec![3.0e38; 16 * 2 * 2], &[1, 16, 2, 2]).unwrap();
+    let request =
+        flux2::pipeline::Request { prompt: "a cat".into(), steps: Some(2), noise: Some(noise), ..Default::default() };
+    match pipe.generate(&request, None, None) {
+        Err(flux2::Error::NonFinite(m)) => assert!(m.contains("after denoising step 1 of 2"), "{m}"),
+        Err(e) => panic!("expected a non-finite error, got {e}"),
+        Ok(_) => panic!("an overflowing run produced an image"),
+    }
+}
+
 fn no_gpu_gives_a_clear_error_or_a_working_device(_: Arc<dyn Backend>) {
     // Without a driver, --device cuda must fail with a sentence, and auto must fall back.
     match flux2::device::select(flux2::device::DeviceChoice::Cuda) {
@@ -176,12 +190,13 @@ fn main() {
     };
     let gpu = gpu.ok();
     type Check = fn(Arc<dyn Backend>);
-    let checks: [(&str, Check, bool); 6] = [
+    let checks: [(&str, Check, bool); 7] = [
         ("every_op_matches_the_cpu_reference", every_op_matches_the_cpu_reference, true),
         ("transformer_fixtures_in_bf16", transformer_fixtures_in_bf16, true),
         ("pipeline_images_within_2_of_255", pipeline_images_within_2_of_255, true),
         ("components_in_bf16", components_in_bf16, true),
         ("quantized_linears_reject_bad_shapes", quantized_linears_reject_bad_shapes, false),
+        ("an_overflow_stops_the_pipeline_with_the_step", an_overflow_stops_the_pipeline_with_the_step, true),
         ("no_gpu_gives_a_clear_error_or_a_working_device", no_gpu_gives_a_clear_error_or_a_working_device, false),
     ];
     let trials = checks

@@ -217,3 +217,55 @@ fn streamed_fp8_blocks_match_resident_ones_at_every_step() {
         assert_eq!(common::forward_case(&streamed, &dir, "inputs.safetensors"), resident, "forward {step}");
     }
 }
+
+#[test]
+fn a_cache_entry_of_the_wrong_shape_is_deleted_and_recomputed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = fixtures().join("pipeline");
+    let cache = || PromptCache::new(tmp.path().join("c"), 1 << 20, &p.join("text_encoder"), &p.join("tokenizer"), "x");
+    let wrong = Tensor::from_f32(vec![0.25; 36], &[1, 3, 12]).unwrap();
+    cache().unwrap().put("a cat", &wrong, DType::F32).unwrap();
+    // The right prompt, the wrong shape (another build, a damaged write): a miss, and deleted.
+    let strict = cache().unwrap().expecting(&[1, 2, 12], DType::F32);
+    assert!(strict.get("a cat").is_none());
+    assert_eq!(std::fs::read_dir(tmp.path().join("c")).unwrap().count(), 0, "the bad entry must be deleted");
+    // The right shape but stored as bf16 where f32 is expected is refused too.
+    let right = Tensor::from_f32(vec![0.25; 24], &[1, 2, 12]).unwrap();
+    cache().unwrap().put("a cat", &right, DType::BF16).unwrap();
+    assert!(strict.get("a cat").is_none());
+    strict.put("a cat", &right, DType::F32).unwrap();
+    assert_eq!(strict.get("a cat").unwrap().to_vec_f32().unwrap(), right.to_vec_f32().unwrap());
+}
+
+#[test]
+fn generate_replaces_a_bad_cache_entry_and_says_which_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.png");
+    let pipeline = fixtures().join("pipeline");
+    let cache = tmp.path().join("cache");
+    let run = || {
+        let flags = ["--prompt", "a bad entry", "--width", "32", "--height", "32", "--seed", "1"];
+        run_cli_env(&generate_args(pipeline.to_str().unwrap(), &out, &flags), &[("FLUX2_CACHE_DIR", &cache)])
+    };
+    let (ok, _, err) = run();
+    assert!(ok, "{err}");
+    let first = std::fs::read(&out).unwrap();
+    let entry = std::fs::read_dir(cache.join("prompt-embeds")).unwrap().next().unwrap().unwrap().path();
+    // Same prompt (metadata), wrong shape.
+    let meta = std::collections::BTreeMap::from([("prompt".to_string(), "a bad entry".to_string())]);
+    let values = vec![0.5f32; 10];
+    flux2::weights::safetensors::write_safetensors(
+        &entry,
+        vec![flux2::weights::safetensors::TensorEntry::from_f32("prompt_embeds", &values, &[1, 10], DType::F32)],
+        &meta,
+    )
+    .unwrap();
+    let (ok, _, err) = run();
+    assert!(ok, "{err}");
+    assert!(err.contains("prompt cache") && err.contains("prompt-embeds") && err.contains("deleted"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), first, "the recomputed embedding gives the same image");
+    // The entry was rewritten with the right shape: the next run is silent.
+    let (ok, _, err) = run();
+    assert!(ok, "{err}");
+    assert!(!err.contains("unusable"), "{err}");
+}

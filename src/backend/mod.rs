@@ -14,6 +14,8 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod nan_check;
+pub mod scope;
 
 use crate::dtype::DType;
 use crate::error::Result;
@@ -183,6 +185,16 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// Rows of `table [V, C]` picked by `ids` -> `[ids.len(), C]`.
     fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor>;
+
+    // ---- numerical health ----------------------------------------------------------------------
+
+    /// If any element of `x` is NaN or ±inf, record `check` in the backend's health word, which
+    /// keeps the smallest id recorded. Queued like any op: no host synchronisation.
+    fn record_nonfinite(&self, x: &Tensor, check: u32) -> Result<()>;
+
+    /// The smallest check id recorded since the last call (None: every checked tensor was
+    /// finite), and clear the word. Waits for queued work.
+    fn take_nonfinite(&self) -> Result<Option<u32>>;
 }
 
 /// Shape checks shared by every backend, so each reports bad shapes the same way.

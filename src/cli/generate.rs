@@ -69,24 +69,19 @@ pub struct GenerateArgs {
     /// Do not read or write the prompt-embedding disk cache.
     #[arg(long)]
     pub no_prompt_cache: bool,
-    /// Write a JSON report: per-stage timings, peak device memory, NVML readings.
+    /// Write a JSON report: per-stage timings, peak device memory, NVML readings, the
+    /// numerical health check.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Check every op's output for NaN/inf (slow: one device synchronisation per op) and stop at
+    /// the first op that produced one, naming it and the model component it ran in.
+    #[arg(long)]
+    pub debug_nans: bool,
 }
 
-/// The most images one `generate --count` makes.
-pub const MAX_COUNT: usize = 10_000;
-
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    if args.count == 0 || args.count > MAX_COUNT {
-        return Err(Error::InvalidArgument(format!("--count must be between 1 and {MAX_COUNT}")));
-    }
-    if let Some(steps) = args.steps.filter(|s| *s == 0 || *s > crate::pipeline::MAX_STEPS) {
-        return Err(Error::InvalidArgument(format!(
-            "--steps must be between 1 and {}; got {steps}",
-            crate::pipeline::MAX_STEPS
-        )));
-    }
+    crate::limits::check_count(args.count)?;
+    crate::limits::check_reference_count(args.references.len())?;
     if let Some(ext) = args.out.extension().and_then(|e| e.to_str()) {
         if !ext.eq_ignore_ascii_case("png") {
             return Err(Error::InvalidArgument(format!("--out {}: only PNG output is supported", args.out.display())));
@@ -97,8 +92,27 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         Some(p) => Some(crate::cli::read_f32(&WeightStore::open(p)?, "noise")?),
         None => None,
     };
+    let seed = args.seed.unwrap_or_else(random_seed);
+    let request = |i: usize| Request {
+        prompt: args.prompt.clone(),
+        width: args.width,
+        height: args.height,
+        steps: args.steps,
+        guidance: args.guidance,
+        seed: seed.wrapping_add(i as u64),
+        noise: noise.clone(),
+        timestep_mode: Some(args.timesteps),
+    };
+    // Everything that needs no model is checked before the long work starts.
+    request(0).validate()?;
+    crate::output_file::check_writable(&args.out)?;
+    if let Some(json) = &args.json {
+        crate::output_file::check_writable(json)?;
+    }
     let references = args.references.iter().map(|p| RgbImage::load(p)).collect::<Result<Vec<_>>>()?;
     let be = device::select(args.device)?;
+    let be: std::sync::Arc<dyn crate::backend::Backend> =
+        if args.debug_nans { std::sync::Arc::new(crate::backend::nan_check::NanCheckBackend::new(be)) } else { be };
     tracing::info!("device: {}", be.name());
     let load_start = std::time::Instant::now();
     let plan = memory_plan(args, &root, &be, &references, noise.as_ref())?;
@@ -115,25 +129,61 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let pipeline = Pipeline::load_with(be.clone(), &root, options)?;
     be.synchronize()?;
     let load_seconds = load_start.elapsed().as_secs_f64();
-    let seed = args.seed.unwrap_or_else(random_seed);
     let mut runs = Vec::new();
+    let result = generate_all(args, &pipeline, &references, &request, &mut runs);
+    // A non-finite value ends the run with an error, but the report still says where.
+    let health = match &result {
+        Ok(()) => serde_json::json!({"finite": true, "checked": HEALTH_CHECKED}),
+        Err(Error::NonFinite(m)) => serde_json::json!({"finite": false, "checked": HEALTH_CHECKED, "error": m}),
+        Err(_) => return result,
+    };
+    let memory = device_memory(&be);
+    if let Some((_, peak)) = memory {
+        let nvml_peak = runs
+            .iter()
+            .flat_map(|r| r["telemetry"].as_array().cloned().unwrap_or_default())
+            .filter_map(|t| t["reading"]["memory_used_bytes"].as_u64())
+            .max();
+        tracing::info!(
+            "device memory: engine peak {:.2} GiB{}",
+            peak as f64 / 1073741824.0,
+            nvml_peak.map(|p| format!(", NVML used up to {:.2} GiB", p as f64 / 1073741824.0)).unwrap_or_default()
+        );
+    }
+    if let Some(json_path) = &args.json {
+        let report = serde_json::json!({
+            "device": be.name(),
+            "model": args.model,
+            "load_seconds": load_seconds,
+            "peak_device_bytes": memory.map(|m| m.1),
+            "plan": plan,
+            "health": health,
+            "runs": runs,
+        });
+        crate::output_file::write_bytes(json_path, serde_json::to_string_pretty(&report).unwrap().as_bytes())?;
+    }
+    result
+}
 
+/// What the numerical health check covers (reported in the JSON).
+const HEALTH_CHECKED: &str = "text embeddings, reference latents, the latents after every step, the decoded image";
+
+/// The `--count` loop: encode once, then one image per seed.
+fn generate_all(
+    args: &GenerateArgs,
+    pipeline: &Pipeline,
+    references: &[RgbImage],
+    request: &dyn Fn(usize) -> Request,
+    runs: &mut Vec<serde_json::Value>,
+) -> Result<()> {
+    let be = pipeline.backend();
     let ref_start = std::time::Instant::now();
-    let refs = pipeline.prepare_references(&references)?;
+    let refs = pipeline.prepare_references(references)?;
     let ref_seconds = ref_start.elapsed().as_secs_f64();
     let mut encoded = None;
     for i in 0..args.count {
-        let seed = seed.wrapping_add(i as u64);
-        let req = Request {
-            prompt: args.prompt.clone(),
-            width: args.width,
-            height: args.height,
-            steps: args.steps,
-            guidance: args.guidance,
-            seed,
-            noise: noise.clone(),
-            timestep_mode: Some(args.timesteps),
-        };
+        let req = request(i);
+        let seed = req.seed;
         let cfg = pipeline.info.uses_cfg(req.guidance);
         let encode_start = std::time::Instant::now();
         if encoded.is_none() {
@@ -169,30 +219,6 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             },
             "telemetry": out.telemetry.iter().map(|(stage, s)| serde_json::json!({"stage": stage, "reading": s})).collect::<Vec<_>>(),
         }));
-    }
-    let memory = device_memory(&be);
-    if let Some((_, peak)) = memory {
-        let nvml_peak = runs
-            .iter()
-            .flat_map(|r| r["telemetry"].as_array().cloned().unwrap_or_default())
-            .filter_map(|t| t["reading"]["memory_used_bytes"].as_u64())
-            .max();
-        tracing::info!(
-            "device memory: engine peak {:.2} GiB{}",
-            peak as f64 / 1073741824.0,
-            nvml_peak.map(|p| format!(", NVML used up to {:.2} GiB", p as f64 / 1073741824.0)).unwrap_or_default()
-        );
-    }
-    if let Some(json_path) = &args.json {
-        let report = serde_json::json!({
-            "device": be.name(),
-            "model": args.model,
-            "load_seconds": load_seconds,
-            "peak_device_bytes": memory.map(|m| m.1),
-            "plan": plan,
-            "runs": runs,
-        });
-        crate::output_file::write_bytes(json_path, serde_json::to_string_pretty(&report).unwrap().as_bytes())?;
     }
     Ok(())
 }

@@ -36,18 +36,22 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         "klein-9b" => PipelineSpec::klein_9b(),
         path => PipelineSpec::from_pipeline(std::path::Path::new(path))?,
     };
+    crate::limits::check_reference_count(args.references.len())?;
     let references = args
         .references
         .iter()
-        .map(|r| {
+        .enumerate()
+        .map(|(i, r)| {
             let (w, h) = r
                 .split_once(['x', 'X'])
                 .ok_or_else(|| Error::InvalidArgument(format!("--ref {r}: use WIDTHxHEIGHT")))?;
             let parse = |v: &str| {
                 v.parse::<usize>().map_err(|_| Error::InvalidArgument(format!("--ref {r}: use WIDTHxHEIGHT")))
             };
+            let (w, h) = (parse(w)?, parse(h)?);
+            crate::limits::check_reference(i, w, h)?;
             // Planned at the size the pipeline encodes it (area cap, crop).
-            Ok(crate::pipeline::reference_size(parse(w)?, parse(h)?, spec.vae.pixel_multiple()))
+            Ok(crate::pipeline::reference_size(w, h, spec.vae.pixel_multiple()))
         })
         .collect::<Result<Vec<_>>>()?;
     // The size rule generate applies (multiples of the VAE's pixel multiple, within the maximum).

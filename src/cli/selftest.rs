@@ -36,6 +36,14 @@ pub fn run(args: &SelftestArgs) -> Result<()> {
     let reps = args.reps.unwrap_or(if emulated { 0 } else { 3 });
     println!("device: {}", be.name());
     println!("suite: {}{}", suite.name(), if emulated { " (emulated device)" } else { "" });
+    if be.kind() == crate::tensor::DeviceKind::Cpu {
+        // The reference compared with itself: only the harness is exercised.
+        println!(
+            "note: the device under test is the CPU reference itself, so this run checks the harness \
+             (inputs, ops run, tolerances), not a backend; the CPU ops are checked against hand-computed \
+             values and diffusers fixtures by the test suite. Use --device cuda to check the GPU kernels."
+        );
+    }
     #[cfg(feature = "cuda")]
     if let Some(cuda) = device::as_cuda(&be) {
         cuda.set_poison(true);

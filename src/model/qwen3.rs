@@ -274,6 +274,7 @@ impl Qwen3TextEncoder {
         let valid_len = tokens.iter().map(|t| padding_length(&t.mask)).collect::<Result<Vec<_>>>()?;
         let (h, hd, nq, nkv) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads());
         let eps = cfg.rms_norm_eps as f32;
+        let _scope = crate::backend::scope::enter(|| "text_encoder".into());
         let ids: Vec<u32> = tokens.iter().flat_map(|t| t.ids.iter().copied()).collect();
         let mut x = be.embedding(&ids, &self.embed)?.reshape(&[b, l, h])?;
 
@@ -291,6 +292,7 @@ impl Qwen3TextEncoder {
         };
         keep(0, &x);
         for (n, layer) in self.layers.iter().enumerate() {
+            let _layer = crate::backend::scope::enter(|| format!("layers.{n}"));
             let hn = be.rms_norm(&x, Some(&layer.input_norm), eps)?;
             let qkv = layer.qkv.forward(be, &hn, layer.qkv_bias.as_ref())?;
             let q = qkv.narrow(2, 0, nq * hd)?.reshape(&[b, l, nq, hd])?;

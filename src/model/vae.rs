@@ -511,8 +511,10 @@ impl Vae {
             ));
         }
         let be = &*self.be;
+        let _scope = crate::backend::scope::enter(|| "vae.encoder".into());
         let mut h = self.conv(x, &enc.conv_in, 1, Padding2d::same(1))?;
-        for level in &enc.levels {
+        for (i, level) in enc.levels.iter().enumerate() {
+            let _level = crate::backend::scope::enter(|| format!("down_blocks.{i}"));
             for r in &level.resnets {
                 h = self.resnet(&h, r)?;
             }
@@ -540,13 +542,15 @@ impl Vae {
             ));
         }
         let be = &*self.be;
+        let _scope = crate::backend::scope::enter(|| "vae.decoder".into());
         let mut h = match &dec.post_quant_conv {
             Some(c) => self.conv(z, c, 1, Padding2d::same(0))?,
             None => z.clone(),
         };
         h = self.conv(&h, &dec.conv_in, 1, Padding2d::same(1))?;
         h = self.mid(&h, &dec.mid)?;
-        for level in &dec.levels {
+        for (i, level) in dec.levels.iter().enumerate() {
+            let _level = crate::backend::scope::enter(|| format!("up_blocks.{i}"));
             for r in &level.resnets {
                 h = self.resnet(&h, r)?;
             }

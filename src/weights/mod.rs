@@ -224,6 +224,7 @@ impl WeightStore {
     /// Load a tensor of the expected shape onto a backend, in its stored dtype's precision.
     pub fn load(&self, be: &dyn Backend, name: &str, expected: &[usize]) -> Result<Tensor> {
         let t = self.get_shaped(name, expected)?;
+        let _scope = crate::backend::scope::enter(|| format!("weight `{name}` of {}", self.origin.display()));
         be.load_weight(t.bytes, t.dtype()?, expected)
     }
 

@@ -12,6 +12,8 @@ mod position;
 pub mod quantized;
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use crate::backend::{check, AttnMask, Backend, Padding2d, QuantTensor};
 use crate::dtype::{decode_to_f32, round_through, DType};
@@ -20,14 +22,26 @@ use crate::tensor::{CpuStorage, DeviceKind, Tensor};
 
 pub use gemm::sgemm;
 
-#[derive(Debug, Default, Clone, Copy)]
-pub struct CpuBackend;
+/// Clones share one health word (see `Backend::record_nonfinite`).
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    nonfinite: Arc<AtomicU32>,
+}
 
 impl CpuBackend {
     pub fn new() -> CpuBackend {
-        CpuBackend
+        CpuBackend { nonfinite: Arc::new(AtomicU32::new(NO_CHECK)) }
     }
 }
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend::new()
+    }
+}
+
+/// The health word's value when nothing was recorded.
+const NO_CHECK: u32 = u32::MAX;
 
 /// The elements of a CPU tensor as dense f32, borrowed when already dense f32.
 pub(crate) fn dense<'a>(op: &'static str, x: &'a Tensor) -> Result<Cow<'a, [f32]>> {
@@ -191,5 +205,17 @@ impl Backend for CpuBackend {
 
     fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor> {
         position::embedding(ids, table)
+    }
+
+    fn record_nonfinite(&self, x: &Tensor, check: u32) -> Result<()> {
+        if dense("record_nonfinite", x)?.iter().any(|v| !v.is_finite()) {
+            self.nonfinite.fetch_min(check, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn take_nonfinite(&self) -> Result<Option<u32>> {
+        let word = self.nonfinite.swap(NO_CHECK, Ordering::Relaxed);
+        Ok((word != NO_CHECK).then_some(word))
     }
 }

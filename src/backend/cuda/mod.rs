@@ -5,6 +5,7 @@
 
 mod attention;
 mod gemm;
+mod health;
 pub mod images;
 mod layout;
 mod pointwise;
@@ -63,6 +64,7 @@ const KERNELS: &[(&str, &[&str])] = &[
             "group_norm_apply_bf16",
         ],
     ),
+    ("health", &["nonfinite_check_b16", "nonfinite_check_b32"]),
     ("gemm", &["gemm_tiled_bf16", "gemm_mma_bf16", "gemm_wq_tiled_bf16", "im2col_bf16"]),
     ("attention", &["attention_rowwise_bf16", "flash_attention_d64_bf16", "flash_attention_d128_bf16"]),
     (
@@ -103,6 +105,7 @@ pub struct CudaDevice {
     /// Bytes the engine may hold (0: no limit); allocations beyond it fail cleanly.
     budget: AtomicUsize,
     poison: AtomicBool,
+    health: health::HealthWord,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -266,6 +269,7 @@ impl CudaBackend {
             peak: AtomicUsize::new(0),
             budget: AtomicUsize::new(0),
             poison: AtomicBool::new(false),
+            health: health::HealthWord::default(),
         };
         Ok(CudaBackend { dev: Arc::new(dev) })
     }
@@ -583,5 +587,13 @@ impl Backend for CudaBackend {
 
     fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor> {
         pointwise::embedding(self, ids, table)
+    }
+
+    fn record_nonfinite(&self, x: &Tensor, check: u32) -> Result<()> {
+        health::record_nonfinite(self, x, check)
+    }
+
+    fn take_nonfinite(&self) -> Result<Option<u32>> {
+        health::take_nonfinite(self)
     }
 }

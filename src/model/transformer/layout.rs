@@ -262,6 +262,7 @@ impl TransformerWeights {
     /// Load the row-wise concatenation of diffusers tensors `names` (each of `shape`) onto the
     /// device in the stored dtype; slices of one stored tensor load without a copy.
     pub fn load_concat(&self, be: &dyn Backend, names: &[&str], shape: &[usize]) -> Result<Tensor> {
+        let _scope = crate::backend::scope::enter(|| format!("transformer weight `{}`", names.join("` + `")));
         let tensors = self
             .pieces_of(names, shape)?
             .iter()

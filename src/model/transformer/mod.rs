@@ -12,7 +12,7 @@ use self::config::TransformerConfig;
 use self::layout::{Layout, TransformerWeights};
 use super::linear::Linear;
 use super::rope::{flux_tables, PositionIds};
-use crate::backend::{AttnMask, Backend};
+use crate::backend::{scope, AttnMask, Backend};
 use crate::dtype::{round_through, DType};
 use crate::error::{Error, Result};
 use crate::planner::TransformerPrecision;
@@ -319,6 +319,7 @@ impl Flux2Transformer {
         let be = &*self.be;
         let cfg = &self.cfg;
         let d = cfg.hidden();
+        let _scope = scope::enter(|| "transformer".into());
         self.check_inputs(hidden_states, context, timestep, img_ids, txt_ids, guidance)?;
         let (lt, li) = (context.dim(1), hidden_states.dim(1));
 
@@ -344,6 +345,7 @@ impl Flux2Transformer {
                     &owned
                 }
             };
+            let _block = scope::enter(|| format!("double_blocks.{i}"));
             (img, txt) = self.double_block(block, &img, &txt, &mod_img, &mod_txt, &rope)?;
         }
         let mut h = be.concat(&[&txt, &img], 1)?;
@@ -356,9 +358,11 @@ impl Flux2Transformer {
                     &owned
                 }
             };
+            let _block = scope::enter(|| format!("single_blocks.{i}"));
             h = self.single_block(block, &h, &mod_single, &rope)?;
         }
         let img = h.narrow(1, lt, li)?;
+        let _out = scope::enter(|| "norm_out/proj_out".into());
         let emb = be.linear(&silu_temb, &self.norm_out, None)?;
         let (scale, shift) = (emb.narrow(1, 0, d)?, emb.narrow(1, d, d)?);
         let out = be.layer_norm_modulate(&img, &shift, &scale, cfg.eps as f32)?;
