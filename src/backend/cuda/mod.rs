@@ -311,7 +311,9 @@ impl CudaBackend {
 
     /// Uninitialised (or poisoned) storage for `len` elements.
     fn alloc(&self, dtype: DType, len: usize) -> Result<CudaStorage> {
-        let bytes = len * dtype.size_in_bytes();
+        let bytes = len.checked_mul(dtype.size_in_bytes()).ok_or_else(|| {
+            Error::OutOfMemory(format!("{len} elements of {dtype} exceed the address space"))
+        })?;
         let budget = self.dev.budget.load(Ordering::Relaxed);
         let live = self.dev.live.load(Ordering::Relaxed);
         if budget > 0 && live + bytes > budget {
@@ -338,7 +340,9 @@ impl CudaBackend {
     }
 
     fn output(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
-        let s = self.alloc(dtype, shape.iter().product())?;
+        let len = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let len = len.ok_or_else(|| Error::OutOfMemory(format!("a tensor of shape {shape:?} overflows")))?;
+        let s = self.alloc(dtype, len)?;
         Tensor::from_storage(Storage::Cuda(s), shape)
     }
 
