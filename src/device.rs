@@ -31,6 +31,22 @@ pub fn select(choice: DeviceChoice) -> Result<Arc<dyn Backend>> {
     }
 }
 
+/// Every device a server should run a worker on: all visible GPUs for `cuda` (and for `auto`
+/// when there is one; CUDA_VISIBLE_DEVICES chooses), else one CPU backend.
+pub fn select_all(choice: DeviceChoice) -> Result<Vec<Arc<dyn Backend>>> {
+    let first = select(choice)?;
+    #[cfg(feature = "cuda")]
+    if as_cuda(&first).is_some() {
+        let count = cudarc::driver::CudaContext::device_count().map_err(|e| Error::Gpu(e.to_string()))?.max(1);
+        let mut all = vec![first];
+        for ordinal in 1..count as usize {
+            all.push(Arc::new(crate::backend::cuda::CudaBackend::new(ordinal)?));
+        }
+        return Ok(all);
+    }
+    Ok(vec![first])
+}
+
 #[cfg(feature = "cuda")]
 fn cuda() -> Result<Arc<dyn Backend>> {
     Ok(Arc::new(crate::backend::cuda::CudaBackend::new(0)?))

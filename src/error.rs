@@ -48,6 +48,10 @@ pub enum Error {
     #[error("{0}")]
     NonFinite(String),
 
+    /// The caller stopped the run (a server's client went away).
+    #[error("cancelled")]
+    Cancelled,
+
     #[error("{0}")]
     Other(String),
 }

@@ -20,10 +20,22 @@ impl RgbImage {
     /// `convert("RGB")` does).
     pub fn load(path: &Path) -> Result<RgbImage> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let img = image::load_from_memory(&bytes)
-            .map_err(|e| Error::InvalidArgument(format!("{}: cannot decode the image: {e}", path.display())))?;
+        RgbImage::decode(&bytes, &path.display().to_string())
+    }
+
+    /// Decode image bytes (PNG/JPEG/WebP); `what` names them in errors (a path, a form field).
+    pub fn decode(bytes: &[u8], what: &str) -> Result<RgbImage> {
+        let img = image::load_from_memory(bytes)
+            .map_err(|e| Error::InvalidArgument(format!("{what}: cannot decode the image: {e}")))?;
         let rgb = img.to_rgb8();
         Ok(RgbImage { width: rgb.width() as usize, height: rgb.height() as usize, data: rgb.into_raw() })
+    }
+
+    /// The PNG file's bytes, with text chunks as [`RgbImage::save_png`] writes them.
+    pub fn png_bytes(&self, text: &[(&str, String)]) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.encode_png(&mut out, Path::new("<memory>"), text)?;
+        Ok(out)
     }
 
     /// Centre crop to `w × h` (offsets rounded down, as PIL `crop` with integer division).

@@ -22,6 +22,7 @@ pub mod quant;
 pub mod rng;
 pub mod sampler;
 pub mod selftest;
+pub mod serve;
 pub mod synth;
 pub mod telemetry;
 pub mod tensor;

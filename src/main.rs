@@ -32,6 +32,8 @@ enum Command {
     Compare(cli::compare::CompareArgs),
     /// Report the driver, GPU, VRAM, compute capability, embedded kernels and NVML.
     Doctor(cli::doctor::DoctorArgs),
+    /// Serve the OpenAI Images API with the models resident (one worker per device).
+    Serve(cli::serve::ServeArgs),
 }
 
 /// Standard output closed or full (`flux2 inspect X --json | head -1`, `> /dev/full`): end as a
@@ -80,6 +82,7 @@ fn main() -> ExitCode {
         Command::Plan(a) => cli::plan::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::Profile(a) => cli::bench::run_profile(a),
+        Command::Serve(a) => cli::serve::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

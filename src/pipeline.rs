@@ -134,6 +134,18 @@ pub struct Request {
     /// Initial latents `[1, 4z, H/16, W/16]` (diffusers' `latents=`); from `seed` when absent.
     pub noise: Option<Tensor>,
     pub timestep_mode: Option<TimestepMode>,
+    /// Called after every denoising step; returning false cancels the run (`Error::Cancelled`).
+    pub on_step: Option<StepHook>,
+}
+
+/// A per-step callback: `(step just finished, 1-based; total steps) -> keep going`.
+#[derive(Clone)]
+pub struct StepHook(pub Arc<dyn Fn(usize, usize) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for StepHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StepHook")
+    }
 }
 
 impl Request {
@@ -379,6 +391,11 @@ impl Pipeline {
         }
     }
 
+    /// Change what stays on the device between stages (a server plans each request's size).
+    pub fn set_residency(&mut self, residency: Residency) {
+        self.options.residency = residency;
+    }
+
     /// Whether each model is on the device now: (text encoder, transformer).
     pub fn resident(&self) -> (bool, bool) {
         let encoder = self.text_encoder.lock().map(|s| s.is_some()).unwrap_or(false);
@@ -403,8 +420,16 @@ impl Pipeline {
     /// Encode the prompt, plus "" for CFG when `cfg` is set: from the disk cache when it holds
     /// them, else with the text encoder (evicted afterwards if the residency plan says so).
     pub fn encode(&self, prompt: &str, cfg: bool) -> Result<EncodedPrompt> {
+        self.encode_with_negative(prompt, cfg.then_some(""))
+    }
+
+    /// Encode the prompt and, for CFG, a negative prompt (diffusers' `negative_prompt`).
+    pub fn encode_with_negative(&self, prompt: &str, negative: Option<&str>) -> Result<EncodedPrompt> {
         let context = self.encode_one(prompt, Check::PromptEmbeddings)?;
-        let negative = if cfg { Some(self.encode_one("", Check::NegativeEmbeddings)?) } else { None };
+        let negative = match negative {
+            Some(n) => Some(self.encode_one(n, Check::NegativeEmbeddings)?),
+            None => None,
+        };
         if self.options.residency.evict_text_encoder_after_encode {
             *self.text_encoder.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
@@ -552,6 +577,11 @@ impl Pipeline {
             latents = be.axpby(1.0, &latents, schedule.dt(i), &v)?;
             health::record(be, &latents, Check::Step(i))?;
             stage.tick();
+            if let Some(hook) = &req.on_step {
+                if !(hook.0)(i + 1, steps) {
+                    return Err(Error::Cancelled);
+                }
+            }
         }
         // One read for the whole loop: the earliest step that went non-finite.
         health::verify(be, steps)?;

@@ -102,6 +102,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         seed: seed.wrapping_add(i as u64),
         noise: noise.clone(),
         timestep_mode: Some(args.timesteps),
+        on_step: None,
     };
     // Everything that needs no model is checked before the long work starts.
     request(0).validate()?;

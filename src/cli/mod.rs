@@ -8,6 +8,7 @@ pub mod generate;
 pub mod inspect;
 pub mod plan;
 pub mod selftest;
+pub mod serve;
 pub mod synth;
 
 use std::path::Path;

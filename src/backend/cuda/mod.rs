@@ -311,9 +311,9 @@ impl CudaBackend {
 
     /// Uninitialised (or poisoned) storage for `len` elements.
     fn alloc(&self, dtype: DType, len: usize) -> Result<CudaStorage> {
-        let bytes = len.checked_mul(dtype.size_in_bytes()).ok_or_else(|| {
-            Error::OutOfMemory(format!("{len} elements of {dtype} exceed the address space"))
-        })?;
+        let bytes = len
+            .checked_mul(dtype.size_in_bytes())
+            .ok_or_else(|| Error::OutOfMemory(format!("{len} elements of {dtype} exceed the address space")))?;
         let budget = self.dev.budget.load(Ordering::Relaxed);
         let live = self.dev.live.load(Ordering::Relaxed);
         if budget > 0 && live + bytes > budget {
