@@ -296,8 +296,9 @@ fn sigterm_finishes_the_running_request_and_exits_0() {
     assert!(reqwest::blocking::get(format!("{url}/health")).is_err(), "new connections are refused");
 }
 
-/// 200 requests from 16 concurrent clients: every one answered 200 or 429, no image lost or
-/// duplicated, memory flat between two rounds. Prints the latency figures (docs/serve.md).
+/// 200 requests (two rounds of 100) from 16 concurrent clients that retry after 429: every answer is
+/// 200 or 429, every request ends with its own image (none lost or duplicated), memory is flat
+/// between the rounds. Prints the latency figures (docs/serve.md).
 #[test]
 fn bounded_load_test() {
     let server = Server::start(&["--queue", "8"]);
@@ -319,11 +320,22 @@ fn bounded_load_test() {
                             }
                             let seed = first_seed + k;
                             let body = serde_json::json!({"prompt": "load", "size": "32x32", "num_inference_steps": 2, "seed": seed});
+                            // A client that honours 429 by waiting a little (Retry-After, shortened
+                            // for the test) and asking again; every answer is counted.
                             let t = Instant::now();
-                            let r = c.post(format!("{url}/v1/images/generations")).json(&body).send().unwrap();
-                            let status = r.status().as_u16();
-                            let got = (status == 200).then(|| r.json::<serde_json::Value>().unwrap()["seeds"][0].as_u64().unwrap());
-                            out.push((seed, status, got, t.elapsed()));
+                            loop {
+                                let r = c.post(format!("{url}/v1/images/generations")).json(&body).send().unwrap();
+                                let status = r.status().as_u16();
+                                if status == 429 {
+                                    out.push((seed, status, None, t.elapsed()));
+                                    std::thread::sleep(Duration::from_millis(50));
+                                    continue;
+                                }
+                                let got = (status == 200)
+                                    .then(|| r.json::<serde_json::Value>().unwrap()["seeds"][0].as_u64().unwrap());
+                                out.push((seed, status, got, t.elapsed()));
+                                break;
+                            }
                         }
                     })
                 })
@@ -336,7 +348,6 @@ fn bounded_load_test() {
     let before = rss();
     let (results, wall) = round(0);
     let after = rss();
-    assert_eq!(results.len(), 100);
     let mut seeds = std::collections::BTreeSet::new();
     for (seed, status, got, _) in &results {
         assert!(*status == 200 || *status == 429, "status {status}");
@@ -345,15 +356,15 @@ fn bounded_load_test() {
             assert!(seeds.insert(*seed), "seed {seed} answered twice");
         }
     }
+    assert_eq!(seeds.len(), 100, "every request ends with its image");
+    let refusals = results.iter().filter(|r| r.1 == 429).count();
     let mut ok: Vec<Duration> = results.iter().filter(|r| r.1 == 200).map(|r| r.3).collect();
     ok.sort();
-    assert!(!ok.is_empty());
     let pct = |p: f64| ok[((ok.len() - 1) as f64 * p) as usize].as_secs_f64() * 1000.0;
     println!(
-        "load: 100 requests, 16 clients, queue 8: {} answered 200, {} answered 429; p50 {:.0} ms, p99 {:.0} ms; \
-         {:.1} images/s; RSS {} -> {} KiB",
+        "load: 100 requests, 16 clients, queue 8: {} answered 200 (latency including waits after 429), {refusals} \
+         answers 429 along the way; p50 {:.0} ms, p99 {:.0} ms; {:.1} images/s; RSS {} -> {} KiB",
         ok.len(),
-        100 - ok.len(),
         pct(0.5),
         pct(0.99),
         ok.len() as f64 / wall.as_secs_f64(),
