@@ -13,6 +13,7 @@ use super::tokenizer::{PromptTokenizer, TokenizedPrompt, MAX_TOKENS};
 use crate::backend::{AttnMask, Backend};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::model::positive_finite;
 use crate::planner::EncoderPrecision;
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
@@ -123,11 +124,37 @@ impl Qwen3Config {
             return Err("sliding-window attention is not supported".into());
         }
         if self.num_attention_heads == 0 || self.kv_heads() == 0 || self.num_attention_heads % self.kv_heads() != 0 {
-            return Err("num_attention_heads must be a positive multiple of num_key_value_heads".into());
+            return Err(format!(
+                "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
+                self.num_attention_heads,
+                self.kv_heads()
+            ));
         }
-        if self.head_dim() % 2 != 0 || self.hidden_size == 0 {
-            return Err("head_dim must be even and hidden_size positive".into());
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be positive"));
         }
+        // Without an explicit head_dim the heads split hidden_size, so they must divide it.
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {} (and no head_dim is given)",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        let hd = self.head_dim();
+        if hd == 0 || hd % 2 != 0 {
+            return Err(format!("head_dim {hd} must be positive and even (RoPE rotates pairs)"));
+        }
+        if self.num_attention_heads.checked_add(2 * self.kv_heads()).and_then(|n| n.checked_mul(hd)).is_none() {
+            return Err(format!("{} heads of dim {hd} overflow the projection size", self.num_attention_heads));
+        }
+        positive_finite("rms_norm_eps", self.rms_norm_eps)?;
+        positive_finite("rope_theta", self.theta())?;
         Ok(())
     }
 }
