@@ -48,7 +48,8 @@ impl TensorInfo {
     }
 }
 
-fn dtype_bits(dtype: &str) -> Option<usize> {
+/// Bits per element of a safetensors dtype string.
+pub fn dtype_bits(dtype: &str) -> Option<usize> {
     Some(match dtype {
         "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" | "F8_E4M3FNUZ" | "F8_E5M2FNUZ" => 8,
         "I16" | "U16" | "F16" | "BF16" => 16,
