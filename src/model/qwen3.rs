@@ -92,6 +92,10 @@ impl Qwen3Config {
         Ok(cfg)
     }
 
+    /// The keys that decide tensor shapes (what `synth` requires a config.json to spell out;
+    /// the others have no default at all).
+    pub const SHAPE_KEYS: &'static [&'static str] = &["num_key_value_heads", "head_dim"];
+
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
@@ -138,6 +142,9 @@ impl Qwen3Config {
         ];
         if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be positive"));
+        }
+        if self.num_hidden_layers > crate::model::transformer::config::MAX_BLOCKS {
+            return Err(format!("num_hidden_layers {} is implausibly large", self.num_hidden_layers));
         }
         // Without an explicit head_dim the heads split hidden_size, so they must divide it.
         if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {

@@ -69,6 +69,16 @@ impl VaeConfig {
         Ok(cfg)
     }
 
+    /// The keys that decide tensor shapes (what `synth` requires a config.json to spell out).
+    pub const SHAPE_KEYS: &'static [&'static str] = &[
+        "in_channels",
+        "out_channels",
+        "block_out_channels",
+        "layers_per_block",
+        "latent_channels",
+        "norm_num_groups",
+    ];
+
     pub fn decoder_channels(&self) -> &[usize] {
         self.decoder_block_out_channels.as_deref().unwrap_or(&self.block_out_channels)
     }

@@ -10,6 +10,10 @@ use crate::error::{Error, Result};
 use crate::model::positive_finite;
 use crate::weights::WeightStore;
 
+/// Far beyond any real model; a larger count is a corrupt config (and would make every tensor
+/// listing huge before any size check).
+pub const MAX_BLOCKS: usize = 1024;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TransformerConfig {
@@ -77,6 +81,21 @@ impl TransformerConfig {
         }
     }
 
+    /// The keys that decide tensor shapes (what `synth` requires a config.json to spell out).
+    pub const SHAPE_KEYS: &'static [&'static str] = &[
+        "patch_size",
+        "in_channels",
+        "num_layers",
+        "num_single_layers",
+        "attention_head_dim",
+        "num_attention_heads",
+        "joint_attention_dim",
+        "timestep_guidance_channels",
+        "mlp_ratio",
+        "axes_dims_rope",
+        "guidance_embeds",
+    ];
+
     /// Hidden size D.
     pub fn hidden(&self) -> usize {
         self.num_attention_heads * self.attention_head_dim
@@ -126,6 +145,12 @@ impl TransformerConfig {
         }
         if self.num_layers.checked_add(self.num_single_layers).is_none_or(|n| n == 0) {
             return Err("the model needs at least one block (num_layers + num_single_layers)".into());
+        }
+        if self.num_layers > MAX_BLOCKS || self.num_single_layers > MAX_BLOCKS {
+            return Err(format!(
+                "{} double and {} single blocks; at most {MAX_BLOCKS} of each are supported",
+                self.num_layers, self.num_single_layers
+            ));
         }
         if self.axes_dims_rope.is_empty() || self.axes_dims_rope.iter().any(|d| d % 2 != 0) {
             return Err(format!("axes_dims_rope {:?} must be non-empty and even", self.axes_dims_rope));
