@@ -157,7 +157,8 @@ impl Qwen3Config {
         if hd == 0 || hd % 2 != 0 {
             return Err(format!("head_dim {hd} must be positive and even (RoPE rotates pairs)"));
         }
-        if self.num_attention_heads.checked_add(2 * self.kv_heads()).and_then(|n| n.checked_mul(hd)).is_none() {
+        let projections = self.kv_heads().checked_mul(2).and_then(|kv| kv.checked_add(self.num_attention_heads));
+        if projections.and_then(|n| n.checked_mul(hd)).is_none() {
             return Err(format!("{} heads of dim {hd} overflow the projection size", self.num_attention_heads));
         }
         positive_finite("rms_norm_eps", self.rms_norm_eps)?;

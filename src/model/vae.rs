@@ -132,6 +132,9 @@ impl VaeConfig {
         if self.block_out_channels.iter().chain(self.decoder_channels()).any(|&c| c == 0) {
             return Err("every entry of block_out_channels must be positive".into());
         }
+        if self.latent_channels.checked_mul(4).is_none() {
+            return Err(format!("latent_channels {} is too large", self.latent_channels));
+        }
         positive_finite("batch_norm_eps", self.batch_norm_eps)?;
         let g = self.norm_num_groups;
         if g == 0 || self.block_out_channels.iter().chain(self.decoder_channels()).any(|c| c % g != 0) {
