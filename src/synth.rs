@@ -203,13 +203,17 @@ pub fn pipeline_bytes(spec: &PipelineSpec, dtype: DType, tokenizer: Option<&Path
 pub fn available_space(dir: &Path) -> Option<u64> {
     let absolute = std::path::absolute(dir).ok()?;
     let existing = absolute.ancestors().find(|p| p.exists())?;
-    #[cfg(any(unix, windows))]
-    return fs4::available_space(existing).ok();
-    #[cfg(not(any(unix, windows)))]
-    {
-        let _ = existing;
-        None
-    }
+    free_bytes(existing)
+}
+
+#[cfg(any(unix, windows))]
+fn free_bytes(existing: &Path) -> Option<u64> {
+    fs4::available_space(existing).ok()
+}
+
+#[cfg(not(any(unix, windows)))]
+fn free_bytes(_: &Path) -> Option<u64> {
+    None
 }
 
 /// Refuse to start a write of `needed` bytes into `dir` that cannot fit in `available` bytes

@@ -147,14 +147,14 @@ impl Qwen3Config {
             return Err(format!("num_hidden_layers {} is implausibly large", self.num_hidden_layers));
         }
         // Without an explicit head_dim the heads split hidden_size, so they must divide it.
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {} (and no head_dim is given)",
                 self.hidden_size, self.num_attention_heads
             ));
         }
         let hd = self.head_dim();
-        if hd == 0 || hd % 2 != 0 {
+        if hd == 0 || !hd.is_multiple_of(2) {
             return Err(format!("head_dim {hd} must be positive and even (RoPE rotates pairs)"));
         }
         let projections = self.kv_heads().checked_mul(2).and_then(|kv| kv.checked_add(self.num_attention_heads));
