@@ -76,8 +76,8 @@ pub fn run(args: &SynthArgs) -> Result<()> {
     let layout = if args.layout == LayoutChoice::Bfl { Layout::Bfl } else { Layout::Diffusers };
     let needed = match (&target, layout) {
         (Target::Pipeline(spec, _), Layout::Diffusers) => pipeline_bytes(spec, dtype, args.tokenizer.as_deref()),
+        // Configs reach here validated (from_json_file, or built in).
         (Target::Pipeline(PipelineSpec { transformer: cfg, .. }, _) | Target::Transformer(cfg, _), layout) => {
-            cfg.validate().map_err(|r| Error::config(&args.out, r))?;
             transformer_bytes(cfg, layout, dtype)
         }
     };
