@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::dtype::{round_through, DType};
 use crate::error::{Error, Result};
+use crate::model::positive_finite;
 
 /// `FlowMatchEulerDiscreteScheduler` settings that shape the schedule.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -17,6 +18,10 @@ pub struct SchedulerConfig {
     pub use_dynamic_shifting: bool,
     pub time_shift_type: String,
     pub shift_terminal: Option<f64>,
+    /// FLUX.1's resolution-dependent shift bounds; the klein schedule uses the empirical mu
+    /// instead, so they are only checked, not used.
+    pub base_shift: Option<f64>,
+    pub max_shift: Option<f64>,
     pub invert_sigmas: bool,
     pub use_karras_sigmas: bool,
     pub use_exponential_sigmas: bool,
@@ -33,6 +38,8 @@ impl Default for SchedulerConfig {
             use_dynamic_shifting: true,
             time_shift_type: "exponential".into(),
             shift_terminal: None,
+            base_shift: None,
+            max_shift: None,
             invert_sigmas: false,
             use_karras_sigmas: false,
             use_exponential_sigmas: false,
@@ -47,20 +54,40 @@ impl SchedulerConfig {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let cfg: SchedulerConfig =
             serde_json::from_str(&text).map_err(|e| Error::config(path, format!("bad scheduler config: {e}")))?;
+        cfg.validate().map_err(|r| Error::config(path, r))?;
+        Ok(cfg)
+    }
+
+    /// Settings the sampler supports, with usable values (a NaN or zero shift would give NaN
+    /// sigmas and a black image many minutes later).
+    pub fn validate(&self) -> std::result::Result<(), String> {
         let unsupported = [
-            (cfg.invert_sigmas, "invert_sigmas"),
-            (cfg.use_karras_sigmas, "use_karras_sigmas"),
-            (cfg.use_exponential_sigmas, "use_exponential_sigmas"),
-            (cfg.use_beta_sigmas, "use_beta_sigmas"),
-            (cfg.stochastic_sampling, "stochastic_sampling"),
+            (self.invert_sigmas, "invert_sigmas"),
+            (self.use_karras_sigmas, "use_karras_sigmas"),
+            (self.use_exponential_sigmas, "use_exponential_sigmas"),
+            (self.use_beta_sigmas, "use_beta_sigmas"),
+            (self.stochastic_sampling, "stochastic_sampling"),
         ];
         if let Some((_, name)) = unsupported.iter().find(|(on, _)| *on) {
-            return Err(Error::config(path, format!("`{name}` is not supported by the flux2 sampler")));
+            return Err(format!("`{name}` is not supported by the flux2 sampler"));
         }
-        if cfg.time_shift_type != "exponential" && cfg.time_shift_type != "linear" {
-            return Err(Error::config(path, format!("time_shift_type `{}` is unknown", cfg.time_shift_type)));
+        if self.time_shift_type != "exponential" && self.time_shift_type != "linear" {
+            return Err(format!("time_shift_type `{}` is unknown", self.time_shift_type));
         }
-        Ok(cfg)
+        positive_finite("num_train_timesteps", self.num_train_timesteps)?;
+        positive_finite("shift", self.shift)?;
+        for (name, v) in [("base_shift", self.base_shift), ("max_shift", self.max_shift)] {
+            if let Some(v) = v {
+                positive_finite(name, v)?;
+            }
+        }
+        // diffusers stretches the sigmas so the last is `shift_terminal`: it must lie in [0, 1).
+        if let Some(t) = self.shift_terminal {
+            if !(0.0..1.0).contains(&t) {
+                return Err(format!("shift_terminal must be at least 0 and below 1, not {t}"));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -150,6 +150,109 @@ pub fn write_transformer(
     }
 }
 
+/// Bytes of one tensor's data (saturating: an absurd config must fail the space check, not wrap).
+fn tensor_bytes(spec: &TensorSpec, dtype: DType) -> u64 {
+    spec.shape.iter().fold(dtype.size_in_bytes() as u64, |a, &d| a.saturating_mul(d as u64))
+}
+
+/// Upper bound on what `specs` take on disk in `dtype`: the data, each tensor's header entry and
+/// index line, and a little per shard and per file.
+fn tensors_on_disk<'a>(specs: impl IntoIterator<Item = &'a TensorSpec>, dtype: DType) -> u64 {
+    let (mut data, mut meta) = (0u64, 4096u64);
+    for s in specs {
+        data = data.saturating_add(tensor_bytes(s, dtype));
+        meta = meta.saturating_add(2 * s.name.len() as u64 + 160 + 21 * s.shape.len() as u64);
+    }
+    data.saturating_add(meta).saturating_add((data / SHARD_BYTES as u64 + 1).saturating_mul(4096))
+}
+
+/// What `write_transformer` will write, in bytes (an upper bound, for the free-space check).
+pub fn transformer_bytes(cfg: &TransformerConfig, layout: Layout, dtype: DType) -> u64 {
+    match layout {
+        Layout::Diffusers => tensors_on_disk(&diffusers_tensors(cfg), dtype).saturating_add(4096),
+        Layout::Bfl => tensors_on_disk(bfl_tensors(cfg).iter().map(|(spec, _)| spec), dtype),
+    }
+}
+
+/// What `write_pipeline` will write, in bytes (an upper bound, for the free-space check).
+pub fn pipeline_bytes(spec: &PipelineSpec, dtype: DType, tokenizer: Option<&Path>) -> u64 {
+    let vae_dtype = if dtype == DType::F8E4M3 { DType::BF16 } else { dtype };
+    let tokenizer_bytes = match tokenizer {
+        Some(src) => std::fs::read_dir(src)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok().filter(|m| m.is_file()))
+            .fold(0u64, |a, m| a.saturating_add(m.len())),
+        None => serde_json::to_string_pretty(&byte_level_tokenizer()).map_or(0, |t| t.len() as u64),
+    };
+    [
+        transformer_bytes(&spec.transformer, Layout::Diffusers, dtype),
+        tensors_on_disk(&crate::model::qwen3::tensors(&spec.text_encoder), dtype),
+        tensors_on_disk(&crate::model::vae::tensors(&spec.vae), vae_dtype),
+        tokenizer_bytes,
+        // The small JSON files: configs, model index, tokenizer config.
+        64 << 10,
+    ]
+    .iter()
+    .fold(0u64, |a, &b| a.saturating_add(b))
+}
+
+/// Free bytes for an unprivileged user on the filesystem that will hold `dir` (which may not
+/// exist yet: its nearest existing ancestor is asked). None where the platform cannot say.
+pub fn available_space(dir: &Path) -> Option<u64> {
+    let absolute = std::path::absolute(dir).ok()?;
+    let existing = absolute.ancestors().find(|p| p.exists())?;
+    free_bytes(existing)
+}
+
+#[cfg(any(unix, windows))]
+fn free_bytes(existing: &Path) -> Option<u64> {
+    fs4::available_space(existing).ok()
+}
+
+#[cfg(not(any(unix, windows)))]
+fn free_bytes(_: &Path) -> Option<u64> {
+    None
+}
+
+/// Refuse to start a write of `needed` bytes into `dir` that cannot fit in `available` bytes
+/// (an unknown amount of free space is not a reason to refuse).
+pub fn ensure_space(dir: &Path, needed: u64, available: Option<u64>) -> Result<()> {
+    match available {
+        Some(free) if needed > free => Err(Error::InvalidArgument(format!(
+            "{}: the checkpoint needs about {} but its filesystem has only {} free",
+            dir.display(),
+            human_bytes(needed),
+            human_bytes(free)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `1234567890` -> `1.23 GB (1234567890 bytes)`.
+pub fn human_bytes(n: u64) -> String {
+    let units = [(1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")];
+    match units.iter().find(|(scale, _)| n as f64 >= *scale) {
+        Some((scale, unit)) => format!("{:.2} {unit} ({n} bytes)", n as f64 / scale),
+        None => format!("{n} bytes"),
+    }
+}
+
+/// Sizes are never filled in from defaults in `synth`: a config that omits one would silently
+/// get FLUX.2 [dev]-sized (or other large) tensors, gigabytes the user did not ask for.
+pub fn require_keys(path: &Path, keys: &[&str]) -> Result<()> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
+    let obj = value.as_object().ok_or_else(|| Error::config(path, "not a JSON object"))?;
+    let missing: Vec<&str> = keys.iter().copied().filter(|k| !obj.contains_key(*k)).collect();
+    if !missing.is_empty() {
+        return Err(Error::config(path, format!("missing {} (synth takes no default for a size)", missing.join(", "))));
+    }
+    Ok(())
+}
+
 /// Write whole generated tensors into `<stem>.safetensors`, or into numbered shards of about
 /// [`SHARD_BYTES`] plus `<stem>.safetensors.index.json` when they do not fit in one.
 pub fn write_sharded(
@@ -162,7 +265,7 @@ pub fn write_sharded(
     let mut shards: Vec<Vec<TensorSpec>> = vec![Vec::new()];
     let mut size = 0usize;
     for s in specs {
-        let bytes = s.shape.iter().product::<usize>() * dtype.size_in_bytes();
+        let bytes = tensor_bytes(&s, dtype) as usize;
         if size > 0 && size + bytes > SHARD_BYTES {
             shards.push(Vec::new());
             size = 0;
@@ -181,7 +284,7 @@ pub fn write_sharded(
             .into_iter()
             .map(|s| {
                 weight_map.insert(s.name.clone(), file.clone().into());
-                total += s.shape.iter().product::<usize>() * dtype.size_in_bytes();
+                total += tensor_bytes(&s, dtype) as usize;
                 let parts = vec![(RowSlice { name: s.name.clone(), rows: 0..s.shape[0] }, s.shape.clone())];
                 entry(s, parts, init, dtype)
             })

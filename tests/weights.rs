@@ -204,3 +204,107 @@ fn comfy_prefixed_single_files_load() {
     let m = Flux2Transformer::load(be, &p).unwrap();
     assert_eq!(m.config().num_single_layers, 2);
 }
+
+/// A file image from a raw header and `data_len` zero bytes of data.
+fn raw_file(dir: &std::path::Path, header: &str, data_len: usize) -> std::path::PathBuf {
+    let p = dir.join("raw.safetensors");
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header.as_bytes());
+    b.resize(b.len() + data_len, 0);
+    std::fs::write(&p, &b).unwrap();
+    p
+}
+
+fn open_err(dir: &std::path::Path, header: &str, data_len: usize) -> String {
+    let e = WeightStore::open(&raw_file(dir, header, data_len)).unwrap_err();
+    assert!(matches!(e, Error::CorruptFile { .. }), "{e}");
+    e.to_string()
+}
+
+#[test]
+fn duplicate_tensor_names_are_errors() {
+    let dir = tmp();
+    let h = r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+    let e = open_err(dir.path(), h, 8);
+    assert!(e.contains("`w`") && e.contains("twice"), "{e}");
+    // A repeated field inside one entry is as ambiguous.
+    let h = r#"{"w":{"dtype":"F32","dtype":"F16","shape":[1],"data_offsets":[0,4]}}"#;
+    let e = open_err(dir.path(), h, 4);
+    assert!(e.contains("`w`") && e.contains("duplicate field"), "{e}");
+}
+
+#[test]
+fn overflowing_shapes_are_errors_not_wraps() {
+    let dir = tmp();
+    // 2^59 F32 elements is 2^64 bytes: wraps to 0 in unchecked arithmetic.
+    let e = open_err(dir.path(), r#"{"w":{"dtype":"F32","shape":[576460752303423488],"data_offsets":[0,0]}}"#, 0);
+    assert!(e.contains("`w`") && e.contains("overflows"), "{e}");
+    let e = open_err(dir.path(), r#"{"w":{"dtype":"BF16","shape":[4294967296,4294967296],"data_offsets":[0,0]}}"#, 0);
+    assert!(e.contains("overflows"), "{e}");
+    let e = open_err(dir.path(), r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,18446744073709551615]}}"#, 4);
+    assert!(e.contains("truncated"), "{e}");
+    let e = open_err(dir.path(), r#"{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#, 4);
+    assert!(e.contains("`w`"), "{e}");
+    // Half a byte of F4 is not a whole number of bytes.
+    let e = open_err(dir.path(), r#"{"w":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}"#, 2);
+    assert!(e.contains("whole number of bytes"), "{e}");
+}
+
+#[test]
+fn offsets_must_tile_the_data_region() {
+    let dir = tmp();
+    let t = |name: &str, a: usize, b: usize| {
+        format!(r#""{name}":{{"dtype":"U8","shape":[{}],"data_offsets":[{a},{b}]}}"#, b - a)
+    };
+    let e = open_err(dir.path(), &format!("{{{},{}}}", t("a", 0, 8), t("b", 4, 12)), 12);
+    assert!(e.contains("tensor `b` overlaps `a`"), "{e}");
+    let e = open_err(dir.path(), &format!("{{{},{}}}", t("a", 0, 4), t("b", 6, 10)), 10);
+    assert!(e.contains("gap of 2 bytes before tensor `b`"), "{e}");
+    let e = open_err(dir.path(), &format!("{{{}}}", t("a", 2, 4)), 4);
+    assert!(e.contains("gap of 2 bytes before tensor `a`"), "{e}");
+    let e = open_err(dir.path(), &format!("{{{},{}}}", t("a", 0, 4), t("b", 4, 8)), 9);
+    assert!(e.contains("data region has 1 bytes after the last tensor"), "{e}");
+    let e = open_err(dir.path(), "{}", 3);
+    assert!(e.contains("3 bytes after"), "{e}");
+    // Out of order in the header, empty tensors sharing an offset: still a valid tiling.
+    let p =
+        raw_file(dir.path(), &format!("{{{},{},{},{}}}", t("b", 4, 8), t("e", 4, 4), t("a", 0, 4), t("f", 4, 4)), 8);
+    let s = WeightStore::open(&p).unwrap();
+    assert_eq!(s.len(), 4);
+    assert_eq!(s.get("b").unwrap().bytes.len(), 4);
+}
+
+#[test]
+fn metadata_and_trailing_text_follow_the_format() {
+    let dir = tmp();
+    let e = open_err(dir.path(), r#"{"__metadata__":{"format":1}}"#, 0);
+    assert!(e.contains("__metadata__"), "{e}");
+    let e = open_err(dir.path(), r#"{} {}"#, 0);
+    assert!(e.contains("JSON"), "{e}");
+    let p = raw_file(dir.path(), r#"{"__metadata__":{"format":"pt"}}     "#, 0);
+    assert_eq!(WeightStore::open(&p).unwrap().files()[0].metadata()["format"], "pt");
+}
+
+/// Every committed fixture (written by torch's safetensors and by `write_safetensors`) passes
+/// the strict header checks.
+#[test]
+fn every_fixture_parses() {
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "safetensors") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&fixtures(), &mut files);
+    assert!(files.len() > 10);
+    for f in files {
+        if let Err(e) = flux2::weights::safetensors::SafetensorsFile::open(&f) {
+            panic!("{e}");
+        }
+    }
+}

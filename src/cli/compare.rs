@@ -68,7 +68,31 @@ pub fn similarity(a: &[f32], b: &[f32]) -> (f64, f64, f64) {
     (cos, (dd / bb.max(1e-300)).sqrt(), mx)
 }
 
+/// Thresholds must be numbers a value can be compared with: a NaN threshold would make every
+/// comparison against it false, and a negative one cannot mean anything for these measures.
+fn check_thresholds(args: &CompareArgs) -> Result<()> {
+    let thresholds = [
+        ("--min-cosine", args.min_cosine),
+        ("--max-rel", args.max_rel),
+        ("--max-pixel-error", args.max_pixel_error),
+        ("--max-ulps", args.max_ulps),
+    ];
+    for (flag, t) in thresholds {
+        if let Some(t) = t.filter(|t| t.is_nan() || *t < 0.0) {
+            return Err(Error::InvalidArgument(format!("{flag} {t}: must be a number at least 0")));
+        }
+    }
+    Ok(())
+}
+
+/// How many values are NaN or infinite: such an output never passes a comparison, whatever the
+/// thresholds (NaN slips through any `>` test, and the other side may hold the same NaNs).
+fn non_finite(v: &[f32]) -> usize {
+    v.iter().filter(|x| !x.is_finite()).count()
+}
+
 pub fn run(args: &CompareArgs) -> Result<()> {
+    check_thresholds(args)?;
     let is_png = |p: &PathBuf| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
     let mut failures = Vec::new();
     if is_png(&args.a) || is_png(&args.b) {
@@ -104,6 +128,12 @@ pub fn run(args: &CompareArgs) -> Result<()> {
                 continue;
             }
             let (xv, yv) = (x.to_vec_f32()?, y.to_vec_f32()?);
+            for (side, v) in [("A", &xv), ("B", &yv)] {
+                let n = non_finite(v);
+                if n > 0 {
+                    failures.push(format!("{k}: {side} holds {n} NaN or infinite values"));
+                }
+            }
             let (cos, rel, max) = similarity(&xv, &yv);
             if args.ulps || args.max_ulps.is_some() {
                 let (equal, within_one, ulps) = ulp_distance(&xv, &yv);

@@ -8,7 +8,7 @@ use crate::device::{self, DeviceChoice};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::component_dir;
-use crate::model::qwen3::{Qwen3TextEncoder, KLEIN_OUT_LAYERS};
+use crate::model::qwen3::{Qwen3Config, Qwen3TextEncoder, KLEIN_OUT_LAYERS};
 use crate::model::rope::PositionIds;
 use crate::model::tokenizer::TokenizedPrompt;
 use crate::model::transformer::{scale_in_dtype, AttentionMode, Compute, Flux2Transformer};
@@ -97,28 +97,32 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
         }
         Component::TextEncoder => {
             let dir = component_dir(&args.model, "text_encoder");
-            let encoder =
-                Qwen3TextEncoder::load_with(be.clone(), &dir, &KLEIN_OUT_LAYERS, args.text_encoder_precision)?;
-            let ids = read_f32(&inputs, "input_ids")?;
-            expect_rank("input_ids", &ids, &[2])?;
+            // The inputs are checked against the config before the (long) weight loading.
+            let vocab = Qwen3Config::from_json_file(&dir.join("config.json"))?.vocab_size;
+            let (ids, shape) = token_ids(&inputs, "input_ids", vocab)?;
+            if shape.len() != 2 {
+                return Err(Error::InvalidArgument(format!(
+                    "input `input_ids` has shape {shape:?}; expected rank [2]"
+                )));
+            }
             let mask = if inputs.contains("attention_mask") {
                 let mask = read_f32(&inputs, "attention_mask")?;
-                if mask.shape() != ids.shape() {
+                if mask.shape() != shape {
                     return Err(Error::InvalidArgument(format!(
-                        "input `attention_mask` has shape {:?}; `input_ids` is {:?}",
+                        "input `attention_mask` has shape {:?}; `input_ids` is {shape:?}",
                         mask.shape(),
-                        ids.shape()
                     )));
                 }
                 mask.to_vec_f32()?
             } else {
-                vec![1.0; ids.numel()]
+                vec![1.0; ids.len()]
             };
-            let l = ids.dim(1);
-            let ids = ids.to_vec_f32()?;
+            let encoder =
+                Qwen3TextEncoder::load_with(be.clone(), &dir, &KLEIN_OUT_LAYERS, args.text_encoder_precision)?;
+            let l = shape[1];
             let rows = (0..ids.len() / l.max(1))
                 .map(|r| {
-                    let ids: Vec<u32> = ids[r * l..(r + 1) * l].iter().map(|&v| v as u32).collect();
+                    let ids = ids[r * l..(r + 1) * l].to_vec();
                     let mask: Vec<u8> = mask[r * l..(r + 1) * l].iter().map(|&m| (m != 0.0) as u8).collect();
                     let length = mask.iter().filter(|&&m| m != 0).count();
                     TokenizedPrompt { ids, mask, length, untruncated_length: length }
@@ -155,4 +159,50 @@ fn ids(store: &WeightStore, name: &str) -> Result<PositionIds> {
     expect_rank(name, &t, &[2, 3])?;
     let t = if t.rank() == 3 { t.narrow(0, 0, 1)?.reshape(&t.shape()[1..])? } else { t };
     PositionIds::new(t.dim(1), t.to_vec_f32()?).map_err(|e| Error::InvalidArgument(format!("`{name}`: {e}")))
+}
+
+/// Token ids, read exactly from any integer dtype (or from floats holding whole numbers) and
+/// checked against the vocabulary: a cast would turn -1 into 4294967295 or 2^40 into a
+/// saturated id, and an id past the embedding table must not reach the lookup.
+pub fn token_ids(store: &WeightStore, name: &str, vocab: usize) -> Result<(Vec<u32>, Vec<usize>)> {
+    let t = store.get(name)?;
+    let le = |c: &[u8]| -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[..c.len()].copy_from_slice(c);
+        b
+    };
+    let signed = |c: &[u8], bits: u32| {
+        let shift = 64 - bits;
+        ((i64::from_le_bytes(le(c)) << shift) >> shift) as f64
+    };
+    let values: Vec<f64> = match t.info.dtype.as_str() {
+        "I64" => t.bytes.chunks_exact(8).map(|c| signed(c, 64)).collect(),
+        "I32" => t.bytes.chunks_exact(4).map(|c| signed(c, 32)).collect(),
+        "I16" => t.bytes.chunks_exact(2).map(|c| signed(c, 16)).collect(),
+        "I8" => t.bytes.iter().map(|&b| b as i8 as f64).collect(),
+        "U64" => t.bytes.chunks_exact(8).map(|c| u64::from_le_bytes(le(c)) as f64).collect(),
+        "U32" | "U16" | "U8" => {
+            let n = crate::weights::safetensors::dtype_bits(&t.info.dtype).unwrap_or(8) / 8;
+            t.bytes.chunks_exact(n).map(|c| u64::from_le_bytes(le(c)) as f64).collect()
+        }
+        "F64" => t.bytes.chunks_exact(8).map(|c| f64::from_le_bytes(le(c))).collect(),
+        _ => t.to_f32()?.into_iter().map(f64::from).collect(),
+    };
+    let ids = values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            // Exact for every id below 2^53, far beyond any vocabulary.
+            if v.fract() == 0.0 && v >= 0.0 && v < vocab.min(1 << 32) as f64 {
+                Ok(v as u32)
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "input `{name}` holds {v} at position {i}; token ids must be whole numbers from 0 to {} \
+                     (the vocabulary size is {vocab})",
+                    vocab.saturating_sub(1)
+                )))
+            }
+        })
+        .collect::<Result<Vec<u32>>>()?;
+    Ok((ids, t.shape().to_vec()))
 }

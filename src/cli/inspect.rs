@@ -99,8 +99,8 @@ fn component(path: &Path, name: &str) -> Result<Value> {
 
 fn weights_summary(store: &WeightStore) -> Value {
     let per_dtype = store.bytes_per_dtype();
-    let params: usize = per_dtype.iter().map(|(_, n, _)| n).sum();
-    let bytes: usize = per_dtype.iter().map(|(_, _, b)| b).sum();
+    let params = per_dtype.iter().fold(0usize, |a, (_, n, _)| a.saturating_add(*n));
+    let bytes = per_dtype.iter().fold(0usize, |a, (_, _, b)| a.saturating_add(*b));
     json!({
         "files": store.files().len(),
         "tensors": store.len(),

@@ -4,9 +4,13 @@ use std::path::{Path, PathBuf};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::model::qwen3::Qwen3Config;
 use crate::model::transformer::config::TransformerConfig;
 use crate::model::transformer::layout::Layout;
-use crate::synth::PipelineSpec;
+use crate::model::vae::VaeConfig;
+use crate::synth::{
+    available_space, ensure_space, human_bytes, pipeline_bytes, require_keys, transformer_bytes, PipelineSpec,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LayoutChoice {
@@ -49,8 +53,12 @@ fn resolve(name: &str) -> Result<Target> {
         path => {
             let p = Path::new(path);
             if p.is_dir() && p.join("model_index.json").is_file() {
+                require_keys(&p.join("transformer/config.json"), TransformerConfig::SHAPE_KEYS)?;
+                require_keys(&p.join("text_encoder/config.json"), Qwen3Config::SHAPE_KEYS)?;
+                require_keys(&p.join("vae/config.json"), VaeConfig::SHAPE_KEYS)?;
                 Ok(Target::Pipeline(PipelineSpec::from_pipeline(p)?, "transformer".into()))
             } else if p.is_file() {
+                require_keys(p, TransformerConfig::SHAPE_KEYS)?;
                 Ok(Target::Transformer(TransformerConfig::from_json_file(p)?, "transformer".into()))
             } else {
                 Err(Error::InvalidArgument(format!(
@@ -65,6 +73,23 @@ pub fn run(args: &SynthArgs) -> Result<()> {
     let dtype = DType::parse(&args.dtype)
         .ok_or_else(|| Error::InvalidArgument(format!("--dtype {}: use bf16, f16, f32 or fp8", args.dtype)))?;
     let target = resolve(&args.config)?;
+    let layout = if args.layout == LayoutChoice::Bfl { Layout::Bfl } else { Layout::Diffusers };
+    let needed = match (&target, layout) {
+        (Target::Pipeline(spec, _), Layout::Diffusers) => pipeline_bytes(spec, dtype, args.tokenizer.as_deref()),
+        // Configs reach here validated (from_json_file, or built in).
+        (Target::Pipeline(PipelineSpec { transformer: cfg, .. }, _) | Target::Transformer(cfg, _), layout) => {
+            transformer_bytes(cfg, layout, dtype)
+        }
+    };
+    let free = available_space(&args.out);
+    // Stderr: stdout lists the written files, one a line, for scripts.
+    eprintln!(
+        "synth: writing about {} into {}{}",
+        human_bytes(needed),
+        args.out.display(),
+        free.map(|f| format!(" ({} free)", human_bytes(f))).unwrap_or_default()
+    );
+    ensure_space(&args.out, needed, free)?;
     let written = match (target, args.layout) {
         (Target::Pipeline(spec, _), LayoutChoice::Diffusers) => {
             crate::synth::write_pipeline(&spec, dtype, args.seed, &args.out, args.tokenizer.as_deref())?

@@ -16,3 +16,13 @@ pub fn component_dir(path: &std::path::Path, name: &str) -> std::path::PathBuf {
         path.to_path_buf()
     }
 }
+
+/// A float setting of a config that must be a positive, finite number (NaN, infinity, zero and
+/// negative values would only show up later, as a black or noisy image).
+pub fn positive_finite(name: &str, v: f64) -> Result<(), String> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(format!("{name} must be a positive finite number, not {v}"))
+    }
+}

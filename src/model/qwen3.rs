@@ -13,6 +13,7 @@ use super::tokenizer::{PromptTokenizer, TokenizedPrompt, MAX_TOKENS};
 use crate::backend::{AttnMask, Backend};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::model::positive_finite;
 use crate::planner::EncoderPrecision;
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
@@ -91,6 +92,10 @@ impl Qwen3Config {
         Ok(cfg)
     }
 
+    /// The keys that decide tensor shapes (what `synth` requires a config.json to spell out;
+    /// the others have no default at all).
+    pub const SHAPE_KEYS: &'static [&'static str] = &["num_key_value_heads", "head_dim"];
+
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
@@ -123,11 +128,41 @@ impl Qwen3Config {
             return Err("sliding-window attention is not supported".into());
         }
         if self.num_attention_heads == 0 || self.kv_heads() == 0 || self.num_attention_heads % self.kv_heads() != 0 {
-            return Err("num_attention_heads must be a positive multiple of num_key_value_heads".into());
+            return Err(format!(
+                "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
+                self.num_attention_heads,
+                self.kv_heads()
+            ));
         }
-        if self.head_dim() % 2 != 0 || self.hidden_size == 0 {
-            return Err("head_dim must be even and hidden_size positive".into());
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be positive"));
         }
+        if self.num_hidden_layers > crate::model::transformer::config::MAX_BLOCKS {
+            return Err(format!("num_hidden_layers {} is implausibly large", self.num_hidden_layers));
+        }
+        // Without an explicit head_dim the heads split hidden_size, so they must divide it.
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {} (and no head_dim is given)",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        let hd = self.head_dim();
+        if hd == 0 || !hd.is_multiple_of(2) {
+            return Err(format!("head_dim {hd} must be positive and even (RoPE rotates pairs)"));
+        }
+        let projections = self.kv_heads().checked_mul(2).and_then(|kv| kv.checked_add(self.num_attention_heads));
+        if projections.and_then(|n| n.checked_mul(hd)).is_none() {
+            return Err(format!("{} heads of dim {hd} overflow the projection size", self.num_attention_heads));
+        }
+        positive_finite("rms_norm_eps", self.rms_norm_eps)?;
+        positive_finite("rope_theta", self.theta())?;
         Ok(())
     }
 }

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::backend::{AttnMask, Backend, Padding2d};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::model::positive_finite;
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
 
@@ -68,6 +69,16 @@ impl VaeConfig {
         Ok(cfg)
     }
 
+    /// The keys that decide tensor shapes (what `synth` requires a config.json to spell out).
+    pub const SHAPE_KEYS: &'static [&'static str] = &[
+        "in_channels",
+        "out_channels",
+        "block_out_channels",
+        "layers_per_block",
+        "latent_channels",
+        "norm_num_groups",
+    ];
+
     pub fn decoder_channels(&self) -> &[usize] {
         self.decoder_block_out_channels.as_deref().unwrap_or(&self.block_out_channels)
     }
@@ -105,6 +116,26 @@ impl VaeConfig {
         if self.patch_size != [2, 2] {
             return Err(format!("patch_size {:?} is not supported (FLUX.2 uses 2x2)", self.patch_size));
         }
+        // More levels than this cannot be a VAE (and 2^(levels - 1) must not overflow).
+        if levels > 16 {
+            return Err(format!("{levels} levels in block_out_channels; at most 16 are supported"));
+        }
+        let sizes = [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("latent_channels", self.latent_channels),
+            ("layers_per_block", self.layers_per_block),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be positive"));
+        }
+        if self.block_out_channels.iter().chain(self.decoder_channels()).any(|&c| c == 0) {
+            return Err("every entry of block_out_channels must be positive".into());
+        }
+        if self.latent_channels.checked_mul(4).is_none() {
+            return Err(format!("latent_channels {} is too large", self.latent_channels));
+        }
+        positive_finite("batch_norm_eps", self.batch_norm_eps)?;
         let g = self.norm_num_groups;
         if g == 0 || self.block_out_channels.iter().chain(self.decoder_channels()).any(|c| c % g != 0) {
             return Err(format!("every channel count must be a multiple of norm_num_groups {g}"));

@@ -37,7 +37,7 @@ impl TensorSpec {
     }
 
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        self.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX)
     }
 }
 
@@ -234,8 +234,9 @@ impl WeightStore {
         for name in self.keys() {
             let info = self.get(name).expect("listed key").info;
             let e = by.entry(info.dtype.clone()).or_default();
-            e.0 += info.numel();
-            e.1 += info.end - info.start;
+            // Saturating: a sum over many files must not wrap into a small, plausible number.
+            e.0 = e.0.saturating_add(info.numel());
+            e.1 = e.1.saturating_add(info.end - info.start);
         }
         let mut v: Vec<_> = by.into_iter().map(|(d, (n, b))| (d, n, b)).collect();
         v.sort();

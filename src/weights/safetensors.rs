@@ -4,12 +4,14 @@
 //! Format: 8-byte little-endian header length N, N bytes of JSON
 //! `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {..}}`, then the data.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+use serde::de::{Deserializer, Error as _, MapAccess, Visitor};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::dtype::DType;
@@ -29,8 +31,9 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// Element count (the header check guarantees it fits; saturating for hand-built infos).
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        self.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX)
     }
 
     /// The engine dtype, if it is one we compute with.
@@ -45,7 +48,8 @@ impl TensorInfo {
     }
 }
 
-fn dtype_bits(dtype: &str) -> Option<usize> {
+/// Bits per element of a safetensors dtype string.
+pub fn dtype_bits(dtype: &str) -> Option<usize> {
     Some(match dtype {
         "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" | "F8_E4M3FNUZ" | "F8_E5M2FNUZ" => 8,
         "I16" | "U16" | "F16" | "BF16" => 16,
@@ -100,68 +104,161 @@ impl SafetensorsFile {
 
 type Header = (HashMap<String, TensorInfo>, BTreeMap<String, String>);
 
-fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
-    if buf.len() < 8 {
-        return Err(format!("file is only {} bytes; too small for a header", buf.len()));
+/// One header entry as the format defines it (the derive also rejects a repeated field).
+#[derive(Deserialize)]
+struct RawInfo {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: (u64, u64),
+}
+
+enum Entry {
+    Tensor(RawInfo),
+    Metadata(BTreeMap<String, String>),
+}
+
+/// Reads the top-level object key by key: serde_json's own map would silently keep only the last
+/// of two entries with the same name, and a checkpoint must not mean two things.
+struct HeaderVisitor<'a> {
+    /// The reason for a failure inside one entry, with the entry's name (serde's error alone would
+    /// lose it; see `parse_header`).
+    named_error: &'a mut Option<String>,
+}
+
+impl<'de> Visitor<'de> for HeaderVisitor<'_> {
+    type Value = Vec<(String, Entry)>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object of tensor entries")
     }
-    let n = u64::from_le_bytes(buf[..8].try_into().unwrap());
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+        let mut entries = Vec::new();
+        let mut seen = HashSet::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if !seen.insert(name.clone()) {
+                *self.named_error = Some(format!("tensor `{name}` is listed twice in the header"));
+                return Err(A::Error::custom("duplicate key"));
+            }
+            let entry = if name == "__metadata__" {
+                map.next_value::<BTreeMap<String, String>>().map(Entry::Metadata).map_err(|e| {
+                    *self.named_error = Some(format!("`__metadata__` must map strings to strings: {e}"));
+                    e
+                })?
+            } else {
+                map.next_value::<RawInfo>().map(Entry::Tensor).map_err(|e| {
+                    *self.named_error = Some(format!("tensor `{name}`: {e}"));
+                    e
+                })?
+            };
+            entries.push((name, entry));
+        }
+        Ok(entries)
+    }
+}
+
+/// Parse and check a whole file image by the format's own rules: a known dtype per tensor, a byte
+/// size equal to numel · bits / 8 (checked, never wrapping), and offsets that tile the data
+/// region exactly (no overlap, no gap, nothing after the last tensor, as safetensors' own
+/// validator requires; its writers never pad the data, only the header).
+fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
+    let Some(len_bytes) = buf.get(..8) else {
+        return Err(format!("file is only {} bytes; too small for a header", buf.len()));
+    };
+    let n = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes"));
     if n > MAX_HEADER {
         return Err(format!("header length {n} is implausible (corrupt or not safetensors)"));
     }
-    let n = n as usize;
-    if 8 + n > buf.len() {
+    let data_start = usize::try_from(n).ok().and_then(|n| n.checked_add(8)).ok_or("header length overflows")?;
+    let Some(json) = buf.get(8..data_start) else {
         return Err(format!("header claims {n} bytes but the file has {} (truncated)", buf.len() - 8));
-    }
-    let json: Value = serde_json::from_slice(&buf[8..8 + n]).map_err(|e| format!("header is not valid JSON: {e}"))?;
-    let obj = json.as_object().ok_or("header is not a JSON object")?;
-    let data_len = buf.len() - 8 - n;
+    };
+    let data_len = buf.len() - data_start;
+
+    let mut named_error = None;
+    let mut de = serde_json::Deserializer::from_slice(json);
+    // Only whitespace (the writers' padding) may follow the object.
+    let parsed = (&mut de)
+        .deserialize_map(HeaderVisitor { named_error: &mut named_error })
+        .and_then(|entries| de.end().map(|()| entries));
+    let entries = match (parsed, named_error) {
+        (Ok(entries), _) => entries,
+        (Err(_), Some(reason)) => return Err(reason),
+        (Err(e), None) => return Err(format!("header is not valid JSON: {e}")),
+    };
+
     let mut tensors = HashMap::new();
     let mut metadata = BTreeMap::new();
-    for (name, v) in obj {
-        if name == "__metadata__" {
-            if let Some(m) = v.as_object() {
-                for (k, v) in m {
-                    metadata.insert(k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
-                }
+    let mut spans = Vec::new();
+    for (name, entry) in entries {
+        let info = match entry {
+            Entry::Metadata(m) => {
+                metadata = m;
+                continue;
             }
-            continue;
-        }
-        let bad = |what: &str| format!("tensor `{name}`: {what}");
-        let dtype = v.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("missing dtype"))?.to_string();
-        let shape: Vec<usize> = v
-            .get("shape")
-            .and_then(Value::as_array)
-            .ok_or_else(|| bad("missing shape"))?
-            .iter()
-            .map(|d| d.as_u64().map(|d| d as usize))
-            .collect::<Option<_>>()
-            .ok_or_else(|| bad("shape is not a list of non-negative integers"))?;
-        let offs = v.get("data_offsets").and_then(Value::as_array).ok_or_else(|| bad("missing data_offsets"))?;
-        let (begin, end) = match offs.as_slice() {
-            [a, b] => (
-                a.as_u64().ok_or_else(|| bad("bad data_offsets"))? as usize,
-                b.as_u64().ok_or_else(|| bad("bad data_offsets"))? as usize,
-            ),
-            _ => return Err(bad("data_offsets must be [begin, end]")),
+            Entry::Tensor(info) => info,
         };
+        let bad = |what: &str| format!("tensor `{name}`: {what}");
+        let (begin, end) = info.data_offsets;
         if begin > end {
-            return Err(bad("data_offsets are reversed"));
+            return Err(bad(&format!("data_offsets [{begin}, {end}] are reversed")));
         }
-        if end > data_len {
+        if end > data_len as u64 {
             return Err(bad(&format!("data ends at byte {end} but the file holds {data_len} data bytes (truncated)")));
         }
-        let bits = dtype_bits(&dtype).ok_or_else(|| bad(&format!("unknown dtype {dtype}")))?;
-        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("shape overflows"))?;
-        let expected = (numel * bits).div_ceil(8);
+        // Both fit in usize now: they are at most `data_len`.
+        let (begin, end) = (begin as usize, end as usize);
+        let bits = dtype_bits(&info.dtype).ok_or_else(|| bad(&format!("unknown dtype {}", info.dtype)))?;
+        let shape: Vec<usize> = info
+            .shape
+            .iter()
+            .map(|&d| usize::try_from(d).ok())
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad(&format!("shape {:?} does not fit in memory", info.shape)))?;
+        let total_bits = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|numel| numel.checked_mul(bits))
+            .ok_or_else(|| bad(&format!("shape {shape:?} of {} overflows the address space", info.dtype)))?;
+        if total_bits % 8 != 0 {
+            return Err(bad(&format!("shape {shape:?} of {} is not a whole number of bytes", info.dtype)));
+        }
+        let expected = total_bits / 8;
         if end - begin != expected {
             return Err(bad(&format!(
-                "{} bytes stored for shape {shape:?} of {dtype}, which needs {expected}",
-                end - begin
+                "{} bytes stored for shape {shape:?} of {}, which needs {expected}",
+                end - begin,
+                info.dtype
             )));
         }
-        tensors.insert(name.clone(), TensorInfo { dtype, shape, start: 8 + n + begin, end: 8 + n + end });
+        spans.push((begin, end, name.clone()));
+        let (start, end) = (data_start + begin, data_start + end);
+        tensors.insert(name, TensorInfo { dtype: info.dtype, shape, start, end });
     }
+    check_tiling(spans, data_len)?;
     Ok((tensors, metadata))
+}
+
+/// The tensors' byte ranges must cover `0..data_len` exactly once, in some order.
+fn check_tiling(mut spans: Vec<(usize, usize, String)>, data_len: usize) -> std::result::Result<(), String> {
+    spans.sort();
+    let mut covered = 0usize;
+    let mut last: Option<&str> = None;
+    for (begin, end, name) in &spans {
+        if *begin < covered {
+            let prev = last.unwrap_or_default();
+            return Err(format!("tensor `{name}` overlaps `{prev}` (bytes {begin}..{end} start before {covered})"));
+        }
+        if *begin > covered {
+            return Err(format!("gap of {} bytes before tensor `{name}`", begin - covered));
+        }
+        covered = *end;
+        last = Some(name);
+    }
+    if covered < data_len {
+        return Err(format!("data region has {} bytes after the last tensor", data_len - covered));
+    }
+    Ok(())
 }
 
 /// A tensor to be written: name, dtype, shape, and a producer of its bytes.
@@ -202,7 +299,19 @@ pub fn write_safetensors(
     let mut offset = 0usize;
     let mut sizes = Vec::with_capacity(entries.len());
     for e in &entries {
-        let size = e.shape.iter().product::<usize>() * e.dtype.size_in_bytes();
+        let size = e
+            .shape
+            .iter()
+            .try_fold(e.dtype.size_in_bytes(), |a, &d| a.checked_mul(d))
+            .filter(|size| offset.checked_add(*size).is_some())
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{}: tensor `{}` of shape {:?} is too large",
+                    path.display(),
+                    e.name,
+                    e.shape
+                ))
+            })?;
         header.insert(
             e.name.clone(),
             serde_json::json!({"dtype": e.dtype.safetensors_name(), "shape": e.shape, "data_offsets": [offset, offset + size]}),

@@ -7,7 +7,12 @@ use serde::{Deserialize, Serialize};
 
 use super::layout::Layout;
 use crate::error::{Error, Result};
+use crate::model::positive_finite;
 use crate::weights::WeightStore;
+
+/// Far beyond any real model; a larger count is a corrupt config (and would make every tensor
+/// listing huge before any size check).
+pub const MAX_BLOCKS: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -76,6 +81,21 @@ impl TransformerConfig {
         }
     }
 
+    /// The keys that decide tensor shapes (what `synth` requires a config.json to spell out).
+    pub const SHAPE_KEYS: &'static [&'static str] = &[
+        "patch_size",
+        "in_channels",
+        "num_layers",
+        "num_single_layers",
+        "attention_head_dim",
+        "num_attention_heads",
+        "joint_attention_dim",
+        "timestep_guidance_channels",
+        "mlp_ratio",
+        "axes_dims_rope",
+        "guidance_embeds",
+    ];
+
     /// Hidden size D.
     pub fn hidden(&self) -> usize {
         self.num_attention_heads * self.attention_head_dim
@@ -110,20 +130,43 @@ impl TransformerConfig {
         Ok(cfg)
     }
 
-    /// Sizes must describe a model we can build.
+    /// Sizes must describe a model we can build, and the float settings must be usable (NaN,
+    /// infinite, zero or negative values would only show up later as a black image).
     pub fn validate(&self) -> std::result::Result<(), String> {
         let hd = self.attention_head_dim;
         if self.num_attention_heads == 0 || hd == 0 || self.in_channels == 0 || self.joint_attention_dim == 0 {
             return Err("heads, head dim, in_channels and joint_attention_dim must be positive".into());
         }
+        if self.num_attention_heads.checked_mul(hd).is_none() {
+            return Err(format!("{} heads of dim {hd} overflow the hidden size", self.num_attention_heads));
+        }
+        if self.out_channels == Some(0) {
+            return Err("out_channels must be positive".into());
+        }
+        if self.num_layers.checked_add(self.num_single_layers).is_none_or(|n| n == 0) {
+            return Err("the model needs at least one block (num_layers + num_single_layers)".into());
+        }
+        if self.num_layers > MAX_BLOCKS || self.num_single_layers > MAX_BLOCKS {
+            return Err(format!(
+                "{} double and {} single blocks; at most {MAX_BLOCKS} of each are supported",
+                self.num_layers, self.num_single_layers
+            ));
+        }
         if self.axes_dims_rope.is_empty() || self.axes_dims_rope.iter().any(|d| d % 2 != 0) {
             return Err(format!("axes_dims_rope {:?} must be non-empty and even", self.axes_dims_rope));
         }
-        if self.axes_dims_rope.iter().sum::<usize>() != hd {
+        let axes = self.axes_dims_rope.iter().try_fold(0usize, |a, &d| a.checked_add(d));
+        if axes != Some(hd) {
             return Err(format!("axes_dims_rope {:?} must add up to attention_head_dim {hd}", self.axes_dims_rope));
         }
+        positive_finite("eps", self.eps)?;
+        positive_finite("rope_theta", self.rope_theta)?;
+        positive_finite("mlp_ratio", self.mlp_ratio)?;
         if self.timestep_guidance_channels < 2 || self.mlp_hidden() == 0 || self.patch_size == 0 {
             return Err("timestep_guidance_channels, mlp_ratio and patch_size must be positive".into());
+        }
+        if self.patch_size.checked_mul(self.patch_size).and_then(|p| p.checked_mul(self.out_channels())).is_none() {
+            return Err(format!("patch_size {} is too large", self.patch_size));
         }
         Ok(())
     }
