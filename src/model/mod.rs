@@ -17,6 +17,20 @@ pub fn component_dir(path: &std::path::Path, name: &str) -> std::path::PathBuf {
     }
 }
 
+/// The largest width any config dimension may have (hidden sizes, channels, vocabularies): far
+/// above any real model, low enough that every size the planner multiplies fits in 64 bits.
+pub const MAX_DIM: usize = 1 << 24;
+
+/// Dimensions that must be positive and at most [`MAX_DIM`].
+pub fn bounded_dims(dims: &[(&str, usize)]) -> Result<(), String> {
+    for (name, v) in dims {
+        if *v == 0 || *v > MAX_DIM {
+            return Err(format!("{name} is {v}; it must be between 1 and {MAX_DIM}"));
+        }
+    }
+    Ok(())
+}
+
 /// A float setting of a config that must be a positive, finite number (NaN, infinity, zero and
 /// negative values would only show up later, as a black or noisy image).
 pub fn positive_finite(name: &str, v: f64) -> Result<(), String> {

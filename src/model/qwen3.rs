@@ -143,6 +143,12 @@ impl Qwen3Config {
         if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be positive"));
         }
+        crate::model::bounded_dims(&[
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+        ])?;
         if self.num_hidden_layers > crate::model::transformer::config::MAX_BLOCKS {
             return Err(format!("num_hidden_layers {} is implausibly large", self.num_hidden_layers));
         }

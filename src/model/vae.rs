@@ -132,6 +132,9 @@ impl VaeConfig {
         if self.block_out_channels.iter().chain(self.decoder_channels()).any(|&c| c == 0) {
             return Err("every entry of block_out_channels must be positive".into());
         }
+        let channels = self.block_out_channels.iter().chain(self.decoder_channels());
+        crate::model::bounded_dims(&channels.map(|&c| ("block_out_channels", c)).collect::<Vec<_>>())?;
+        crate::model::bounded_dims(&[("latent_channels", self.latent_channels), ("in_channels", self.in_channels)])?;
         if self.latent_channels.checked_mul(4).is_none() {
             return Err(format!("latent_channels {} is too large", self.latent_channels));
         }

@@ -161,6 +161,14 @@ impl TransformerConfig {
         }
         positive_finite("eps", self.eps)?;
         positive_finite("rope_theta", self.rope_theta)?;
+        crate::model::bounded_dims(&[
+            ("the hidden size (heads x head dim)", self.num_attention_heads * hd),
+            ("in_channels", self.in_channels),
+            ("joint_attention_dim", self.joint_attention_dim),
+        ])?;
+        if self.mlp_ratio > 64.0 {
+            return Err(format!("mlp_ratio {} is implausibly large", self.mlp_ratio));
+        }
         positive_finite("mlp_ratio", self.mlp_ratio)?;
         if self.timestep_guidance_channels < 2 || self.mlp_hidden() == 0 || self.patch_size == 0 {
             return Err("timestep_guidance_channels, mlp_ratio and patch_size must be positive".into());
