@@ -65,6 +65,9 @@ fn transformer_config_values_are_checked() {
     config_error(load(&[("num_layers", 0.into()), ("num_single_layers", 0.into())]), "at least one block");
     config_error(load(&[("out_channels", 0.into())]), "out_channels");
     config_error(load(&[("num_attention_heads", serde_json::json!(1u64 << 62))]), "overflow");
+    // Every size the planner multiplies stays within 64 bits.
+    config_error(load(&[("joint_attention_dim", serde_json::json!(1u64 << 40))]), "joint_attention_dim");
+    config_error(load(&[("num_attention_heads", serde_json::json!(1u64 << 30))]), "hidden size");
     // JSON cannot spell NaN or infinity, but a config built in code can.
     let cfg = TransformerConfig { eps: f64::NAN, ..TransformerConfig::klein_4b() };
     assert!(cfg.validate().unwrap_err().contains("eps"));
@@ -85,6 +88,7 @@ fn qwen3_config_values_are_checked() {
     config_error(load(&[("head_dim", 0.into())]), "head_dim");
     config_error(load(&[("head_dim", 7.into())]), "head_dim");
     config_error(load(&[("vocab_size", 0.into())]), "vocab_size");
+    config_error(load(&[("intermediate_size", serde_json::json!(1u64 << 40))]), "intermediate_size");
     config_error(load(&[("num_hidden_layers", 0.into())]), "num_hidden_layers");
     let cfg = Qwen3Config { rms_norm_eps: f64::NAN, ..Qwen3Config::qwen3_4b() };
     assert!(cfg.validate().unwrap_err().contains("rms_norm_eps"));
@@ -105,6 +109,7 @@ fn vae_config_values_are_checked() {
     config_error(load(&[("norm_num_groups", 0.into())]), "norm_num_groups");
     config_error(load(&[("latent_channels", 0.into())]), "latent_channels");
     config_error(load(&[("block_out_channels", serde_json::json!([0, 16, 16, 16]))]), "positive");
+    config_error(load(&[("block_out_channels", serde_json::json!([16, 16, 16, 1u64 << 40]))]), "block_out_channels");
     let cfg = VaeConfig { batch_norm_eps: f64::NAN, ..VaeConfig::default() };
     assert!(cfg.validate().unwrap_err().contains("batch_norm_eps"));
 }
