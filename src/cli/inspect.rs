@@ -61,8 +61,47 @@ pub fn inspect(path: &Path) -> Result<Value> {
     if path.is_dir() && !has_safetensors(path)? && path.join("transformer").is_dir() {
         return component(&path.join("transformer"), "transformer");
     }
+    if path.is_file() && crate::weights::gguf::GgufFile::is_gguf(path) {
+        return gguf_report(path);
+    }
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     component(path, &name)
+}
+
+/// A GGUF file: version, architecture, tensors and bytes per GGML type, what it holds.
+fn gguf_report(path: &Path) -> Result<Value> {
+    let f = crate::weights::gguf::GgufFile::open(path)?;
+    let mut by_type: std::collections::BTreeMap<String, (usize, usize, usize)> = Default::default();
+    let mut parameters = 0usize;
+    for t in f.tensors() {
+        let e = by_type.entry(crate::weights::ggml::GgmlType::name_of_id(t.type_id)).or_default();
+        e.0 += 1;
+        e.1 = e.1.saturating_add(t.numel());
+        e.2 = e.2.saturating_add(t.end - t.start);
+        parameters = parameters.saturating_add(t.numel());
+    }
+    let unsupported: Vec<&str> =
+        f.tensors().iter().filter(|t| t.ggml_type().is_none()).map(|t| t.name.as_str()).collect();
+    let names = f.tensors().iter().map(|t| t.name.as_str());
+    let holds = if names.clone().any(|n| n.starts_with("double_blocks.") || n.starts_with("single_blocks.")) {
+        "FLUX transformer (BFL names)"
+    } else if names.clone().any(|n| n.starts_with("blk.")) {
+        "text encoder (llama.cpp names)"
+    } else {
+        "unknown"
+    };
+    Ok(json!({
+        "kind": "gguf",
+        "path": path.display().to_string(),
+        "version": f.version,
+        "architecture": f.metadata.get("general.architecture"),
+        "holds": holds,
+        "tensors": f.tensors().len(),
+        "parameters": parameters,
+        "types": by_type.iter().map(|(ty, (n, p, b))| json!({"type": ty, "tensors": n, "parameters": p, "bytes": b})).collect::<Vec<_>>(),
+        "unsupported_tensors": unsupported,
+        "metadata_keys": f.metadata.len(),
+    }))
 }
 
 fn has_safetensors(dir: &Path) -> Result<bool> {

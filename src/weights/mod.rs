@@ -2,6 +2,8 @@
 //! a folder holding either. Tensors are memory-mapped and read lazily, one at a time; every error
 //! names the file and the key.
 
+pub mod ggml;
+pub mod gguf;
 pub mod safetensors;
 
 use std::collections::HashMap;
