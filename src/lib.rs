@@ -11,6 +11,7 @@ pub mod error;
 pub mod health;
 pub mod hub;
 pub mod image_io;
+pub mod inpaint;
 pub mod limits;
 pub mod model;
 pub mod output_file;

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backend::Backend;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::health::{self, Check};
 use crate::image_io::RgbImage;
@@ -134,6 +135,16 @@ pub struct Request {
     /// Initial latents `[1, 4z, H/16, W/16]` (diffusers' `latents=`); from `seed` when absent.
     pub noise: Option<Tensor>,
     pub timestep_mode: Option<TimestepMode>,
+    /// Inpainting / img2img (diffusers' `Flux2KleinInpaintPipeline`): the image to start from.
+    /// With it, `noise` is the tensor blended into its latents at the starting sigma.
+    pub init_image: Option<RgbImage>,
+    /// How far from the init image to start, in (0, 1] (default 0.8, diffusers' default).
+    pub strength: Option<f64>,
+    /// White pixels are repainted, black kept (same size as the init image); none: img2img.
+    pub mask: Option<RgbImage>,
+    /// diffusers' `padding_mask_crop`: work on the region around the mask, padded by this many
+    /// pixels, and paste the result back into the init image.
+    pub mask_crop: Option<usize>,
 }
 
 impl Request {
@@ -144,6 +155,31 @@ impl Request {
             crate::limits::check_steps(steps)?;
         }
         crate::limits::check_prompt(&self.prompt)?;
+        if let Some(strength) = self.strength {
+            crate::inpaint::check_strength(strength)?;
+        }
+        if self.init_image.is_none() {
+            for (set, flag) in [
+                (self.strength.is_some(), "--strength"),
+                (self.mask.is_some(), "--mask"),
+                (self.mask_crop.is_some(), "--mask-crop"),
+            ] {
+                if set {
+                    return Err(Error::InvalidArgument(format!("{flag} needs --init-image")));
+                }
+            }
+        }
+        if self.mask_crop.is_some() && self.mask.is_none() {
+            return Err(Error::InvalidArgument("--mask-crop needs --mask (it crops around the masked region)".into()));
+        }
+        if let (Some(init), Some(mask)) = (&self.init_image, &self.mask) {
+            if (mask.width, mask.height) != (init.width, init.height) {
+                return Err(Error::InvalidArgument(format!(
+                    "--mask is {}x{} but --init-image is {}x{}; they must be the same size",
+                    mask.width, mask.height, init.width, init.height
+                )));
+            }
+        }
         if let Some(g) = self.guidance.filter(|g| !g.is_finite()) {
             return Err(Error::InvalidArgument(format!("--guidance must be a finite number; got {g}")));
         }
@@ -194,6 +230,87 @@ pub struct References {
     pub ids: PositionIds,
     /// Size of the first reference after cropping (the default output size).
     pub first_size: (usize, usize),
+    /// Each reference's latent grid (rows, columns).
+    pub grids: Vec<(usize, usize)>,
+}
+
+impl References {
+    /// The ids with the first reference at time `t0` (then `t0 + 10`, ...): 10 in the editing
+    /// pipeline, 20 in the inpainting one (where the init image is the first condition).
+    pub fn ids_from(&self, t0: f32) -> Result<PositionIds> {
+        let parts: Vec<PositionIds> =
+            self.grids.iter().enumerate().map(|(i, &(h, w))| PositionIds::image(t0 + 10.0 * i as f32, h, w)).collect();
+        PositionIds::concat(&parts.iter().collect::<Vec<_>>())
+    }
+}
+
+/// The init image, mask and crop of an inpainting / img2img request, as the reference
+/// preprocesses them.
+pub struct PreparedInit {
+    /// The model's input image at the output size.
+    pub image: RgbImage,
+    /// The binarised mask at the output size, one value per pixel (None: img2img).
+    pub mask: Option<Vec<f32>>,
+    /// `padding_mask_crop`'s region (x1, y1, x2, y2) in the init image.
+    pub crop: Option<(i64, i64, i64, i64)>,
+}
+
+/// The output size of an inpainting / img2img request: explicit, else the init image's (area
+/// capped, floored to `multiple`).
+pub fn init_output_size(req: &Request, init: &RgbImage, multiple: usize) -> Result<(usize, usize)> {
+    let (fw, fh) = crate::inpaint::init_size(init.width, init.height, multiple);
+    if (fw == 0 || fh == 0) && (req.width.is_none() || req.height.is_none()) {
+        return Err(Error::InvalidArgument(format!(
+            "--init-image is {}x{}; it must be at least {multiple} pixels a side",
+            init.width, init.height
+        )));
+    }
+    let (w, h) = (req.width.unwrap_or(fw), req.height.unwrap_or(fh));
+    crate::limits::check_output_size(w, h, multiple)?;
+    Ok((w, h))
+}
+
+/// Resize the init image and mask to the output size and find the crop region, as
+/// `Flux2KleinInpaintPipeline.__call__` does (area cap to 1024², Lanczos resize, binarised mask;
+/// with `padding_mask_crop`, the crop around the mask and the fill resize).
+pub fn prepare_init(req: &Request, init: &RgbImage, width: usize, height: usize) -> Result<PreparedInit> {
+    let (rw, rh) = capped_reference_size(init.width, init.height);
+    let capped = if (rw, rh) != (init.width, init.height) { init.resize_lanczos(rw, rh) } else { init.clone() };
+    let sized = |img: &RgbImage| {
+        if (img.width, img.height) == (width, height) {
+            img.clone()
+        } else {
+            img.resize_lanczos(width, height)
+        }
+    };
+    let crop = match (req.mask_crop, &req.mask) {
+        (Some(pad), Some(mask)) => {
+            if (rw, rh) != (init.width, init.height) {
+                return Err(Error::InvalidArgument(format!(
+                    "--mask-crop works on init images of at most {REFERENCE_MAX_AREA} pixels (this one is {}x{} and \
+                     would be resized, which the reference's overlay does not support)",
+                    init.width, init.height
+                )));
+            }
+            Some(crate::inpaint::crop_region(mask, width, height, pad))
+        }
+        _ => None,
+    };
+    let fill = |img: &RgbImage, c: (i64, i64, i64, i64)| {
+        crate::inpaint::resize_and_fill(&img.crop(c.0, c.1, c.2, c.3), width, height)
+    };
+    let image = match crop {
+        Some(c) => fill(&capped, c),
+        None => sized(&capped),
+    };
+    let mask = req.mask.as_ref().map(|m| {
+        let m = match crop {
+            Some(c) => fill(m, c),
+            None => sized(m),
+        };
+        crate::inpaint::binarize(&m)
+    });
+    Ok(PreparedInit { image, mask, crop })
 }
 
 /// How the components are stored and when they are on the device.
@@ -439,6 +556,7 @@ impl Pipeline {
         let mut tokens = Vec::new();
         let mut ids = Vec::new();
         let mut first_size = (0, 0);
+        let mut grids = Vec::new();
         crate::limits::check_reference_count(images.len())?;
         for (i, img) in images.iter().enumerate() {
             let (w, h) = (img.width, img.height);
@@ -453,6 +571,7 @@ impl Pipeline {
             let x = be.upload(&img.to_tensor()?, be.activation_dtype())?;
             let latents = self.vae_encoder()?.encode_normalized(&x)?;
             let (lh, lw) = (latents.dim(2), latents.dim(3));
+            grids.push((lh, lw));
             tokens.push(pack(be, &latents)?);
             ids.push(PositionIds::image(10.0 + 10.0 * i as f32, lh, lw));
         }
@@ -460,7 +579,7 @@ impl Pipeline {
         health::record(be, &tokens, Check::ReferenceLatents)?;
         health::verify(be, 0)?;
         let ids = PositionIds::concat(&ids.iter().collect::<Vec<_>>())?;
-        Ok(Some(References { tokens, ids, first_size }))
+        Ok(Some(References { tokens, ids, first_size, grids }))
     }
 
     /// Generate one image. `prompt` may be pre-encoded (for several seeds of one prompt).
@@ -496,9 +615,11 @@ impl Pipeline {
         };
 
         let first_reference = refs.map(|r| r.first_size);
-        let (width, height) =
-            output_size(req.width, req.height, first_reference, req.noise.as_ref(), self.pixel_multiple())?;
         let m = self.pixel_multiple();
+        let (width, height) = match &req.init_image {
+            Some(init) => init_output_size(req, init, m)?,
+            None => output_size(req.width, req.height, first_reference, req.noise.as_ref(), m)?,
+        };
         let (h, w) = (height / m, width / m);
         let c = self.transformer_config.in_channels;
         let transformer = self.transformer()?;
@@ -515,11 +636,51 @@ impl Pipeline {
             }
             None => seeded_noise(req.seed, &[1, c, h, w])?,
         };
-        let mut latents = pack(be, &be.upload(&noise, act)?)?;
+        let schedule = Schedule::new(&self.scheduler, h * w, steps)?;
+        let noise = pack(be, &be.upload(&noise, act)?)?;
+
+        // Inpainting / img2img: the init image's latents, noised to the starting sigma, are the
+        // starting point and also the first condition image (t = 10; references follow at 20, ...).
+        let init = match &req.init_image {
+            Some(img) => {
+                let prepared = prepare_init(req, img, width, height)?;
+                let x = be.upload(&prepared.image.to_tensor()?, act)?;
+                let tokens = pack(be, &self.vae_encoder()?.encode_normalized(&x)?)?;
+                health::record(be, &tokens, Check::ReferenceLatents)?;
+                let mask = match &prepared.mask {
+                    Some(pixels) => {
+                        Some(MaskBlend::new(be, &crate::inpaint::mask_tokens(pixels, width, height, w, h))?)
+                    }
+                    None => None,
+                };
+                Some((prepared, tokens, mask))
+            }
+            None => None,
+        };
+        let t_start = match &req.init_image {
+            Some(_) => crate::inpaint::start_step(steps, req.strength.unwrap_or(crate::inpaint::DEFAULT_STRENGTH))?,
+            None => 0,
+        };
+        let mut latents = match &init {
+            Some((_, tokens, _)) => {
+                let sigma = schedule.sigmas[t_start];
+                be.axpby(sigma, &noise, 1.0 - sigma, tokens)?
+            }
+            None => noise.clone(),
+        };
         let img_ids = PositionIds::image(0.0, h, w);
         let txt_ids = PositionIds::text(prompt.context.dim(1));
-        let all_ids = match refs {
-            Some(r) => PositionIds::concat(&[&img_ids, &r.ids])?,
+        let (condition, condition_ids) = match (&init, refs) {
+            (Some((_, tokens, _)), Some(r)) => (
+                Some(be.concat(&[tokens, &r.tokens], 1)?),
+                Some(PositionIds::concat(&[&PositionIds::image(10.0, h, w), &r.ids_from(20.0)?])?),
+            ),
+            (Some((_, tokens, _)), None) => (Some(tokens.clone()), Some(PositionIds::image(10.0, h, w))),
+            (None, Some(r)) => (Some(r.tokens.clone()), Some(r.ids.clone())),
+            (None, None) => (None, None),
+        };
+        let all_ids = match &condition_ids {
+            Some(ids) => PositionIds::concat(&[&img_ids, ids])?,
             None => img_ids.clone(),
         };
         // CFG runs conditional and unconditional rows as one batch of two.
@@ -529,18 +690,19 @@ impl Pipeline {
         };
         let batch = context.dim(0);
 
-        let schedule = Schedule::new(&self.scheduler, h * w, steps)?;
         let mode = req.timestep_mode.unwrap_or(TimestepMode::Diffusers);
-        let stage = Stage::new("denoise", steps as u64);
-        for i in 0..steps {
-            let mut input = match refs {
-                Some(r) => be.concat(&[&latents, &r.tokens], 1)?,
+        let run_steps = steps - t_start;
+        let stage = Stage::new("denoise", run_steps as u64);
+        for i in 0..run_steps {
+            let s = t_start + i;
+            let mut input = match &condition {
+                Some(cond) => be.concat(&[&latents, cond], 1)?,
                 None => latents.clone(),
             };
             if batch == 2 {
                 input = be.concat(&[&input, &input], 0)?;
             }
-            let t = vec![schedule.model_time(i, mode, act); batch];
+            let t = vec![schedule.model_time(s, mode, act); batch];
             let v = transformer.forward(&input, &context, &t, &all_ids, &txt_ids, None)?;
             let v = v.narrow(1, 0, h * w)?;
             let v = if batch == 2 {
@@ -549,12 +711,23 @@ impl Pipeline {
             } else {
                 v
             };
-            latents = be.axpby(1.0, &latents, schedule.dt(i), &v)?;
+            latents = be.axpby(1.0, &latents, schedule.dt(s), &v)?;
+            // The known region is re-imposed: the init latents noised to the next sigma (clean
+            // after the last step), blended through the token mask.
+            if let Some((_, tokens, Some(mask))) = &init {
+                let known = if i + 1 < run_steps {
+                    let sigma = schedule.sigmas[s + 1];
+                    be.axpby(sigma, &noise, 1.0 - sigma, tokens)?
+                } else {
+                    tokens.clone()
+                };
+                latents = mask.blend(be, &known, &latents)?;
+            }
             health::record(be, &latents, Check::Step(i))?;
             stage.tick();
         }
         // One read for the whole loop: the earliest step that went non-finite.
-        health::verify(be, steps)?;
+        health::verify(be, run_steps)?;
         timings.denoise = stage.finish();
         self.sample("denoise", &mut telemetry);
         drop(transformer);
@@ -566,12 +739,45 @@ impl Pipeline {
         let grid = unpack(be, &latents, h, w)?;
         let pixels = self.vae.decode_normalized_tiled(&grid, self.options.residency.decode_tile)?;
         health::record(be, &pixels, Check::DecodedImage)?;
-        health::verify(be, steps)?;
-        let image = RgbImage::from_decoded(&pixels.to_vec_f32()?, width, height)?;
+        health::verify(be, run_steps)?;
+        let mut image = RgbImage::from_decoded(&pixels.to_vec_f32()?, width, height)?;
+        if let (Some((prepared, _, _)), Some(init), Some(mask)) = (&init, &req.init_image, &req.mask) {
+            if let Some(crop) = prepared.crop {
+                image = crate::inpaint::apply_overlay(mask, init, &image, crop);
+            }
+        }
         stage.tick();
         timings.decode = stage.finish();
         self.sample("decode", &mut telemetry);
-        Ok(Output { image, latents: grid, pixels, steps, guidance, timings, telemetry })
+        Ok(Output { image, latents: grid, pixels, steps: run_steps, guidance, timings, telemetry })
+    }
+}
+
+/// `(1 - m)·known + m·latents` per token (diffusers' mask re-imposition), as two per-token
+/// scalings and a sum, so it runs on every backend with the existing ops.
+struct MaskBlend {
+    mask: Tensor,
+    inverse: Tensor,
+    zeros: Tensor,
+}
+
+impl MaskBlend {
+    fn new(be: &dyn Backend, mask: &[f32]) -> Result<MaskBlend> {
+        let n = mask.len();
+        let up = |v: Vec<f32>| be.upload(&Tensor::from_f32(v, &[n])?, DType::F32);
+        Ok(MaskBlend {
+            mask: up(mask.to_vec())?,
+            inverse: up(mask.iter().map(|m| 1.0 - m).collect())?,
+            zeros: up(vec![0.0; n])?,
+        })
+    }
+
+    /// `known`, `latents` `[1, L, C]`.
+    fn blend(&self, be: &dyn Backend, known: &Tensor, latents: &Tensor) -> Result<Tensor> {
+        let as_grid = |x: &Tensor| be.contiguous(x)?.reshape(&[x.dim(0), x.dim(1), x.dim(2), 1]);
+        let keep = be.channel_affine(&as_grid(known)?, &self.inverse, &self.zeros)?;
+        let new = be.channel_affine(&as_grid(latents)?, &self.mask, &self.zeros)?;
+        be.axpby(1.0, &keep, 1.0, &new)?.reshape(latents.shape())
     }
 }
 

@@ -41,6 +41,22 @@ pub struct GenerateArgs {
     /// Reference image for editing (repeatable; ids t = 10, 20, ...).
     #[arg(long = "ref")]
     pub references: Vec<PathBuf>,
+    /// Inpainting / img2img: start from this image (diffusers' Flux2KleinInpaintPipeline). The
+    /// output size defaults to its size (area-capped to 1024², floored to multiples of 16).
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// How much of the init image is re-generated, in (0, 1]: selects the starting sigma of the
+    /// schedule (default 0.8).
+    #[arg(long)]
+    pub strength: Option<f64>,
+    /// Inpainting mask, the init image's size: white is repainted, black kept. Without it the
+    /// run is img2img.
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// Work on the region around the mask, padded by this many pixels, at the full output size,
+    /// and paste it back (diffusers' `padding_mask_crop`).
+    #[arg(long)]
+    pub mask_crop: Option<usize>,
     /// Number of images, with seeds S, S+1, ...; the prompt is encoded once.
     #[arg(long, default_value_t = 1)]
     pub count: usize,
@@ -93,6 +109,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         None => None,
     };
     let seed = args.seed.unwrap_or_else(random_seed);
+    let load_flag = |flag: &str, p: &Option<PathBuf>| -> Result<Option<RgbImage>> {
+        match p {
+            Some(p) => RgbImage::load(p).map(Some).map_err(|e| Error::InvalidArgument(format!("{flag}: {e}"))),
+            None => Ok(None),
+        }
+    };
+    let init_image = load_flag("--init-image", &args.init_image)?;
+    let mask = load_flag("--mask", &args.mask)?;
     let request = |i: usize| Request {
         prompt: args.prompt.clone(),
         width: args.width,
@@ -102,6 +126,10 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         seed: seed.wrapping_add(i as u64),
         noise: noise.clone(),
         timestep_mode: Some(args.timesteps),
+        init_image: init_image.clone(),
+        strength: args.strength,
+        mask: mask.clone(),
+        mask_crop: args.mask_crop,
     };
     // Everything that needs no model is checked before the long work starts.
     request(0).validate()?;
@@ -115,7 +143,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         if args.debug_nans { std::sync::Arc::new(crate::backend::nan_check::NanCheckBackend::new(be)) } else { be };
     tracing::info!("device: {}", be.name());
     let load_start = std::time::Instant::now();
-    let plan = memory_plan(args, &root, &be, &references, noise.as_ref())?;
+    let plan = memory_plan(args, &root, &be, &references, noise.as_ref(), init_image.as_ref())?;
     let residency = plan.as_ref().map(Residency::from_plan).unwrap_or_default();
     let prompt_cache =
         (!args.no_prompt_cache).then(|| (crate::prompt_cache::default_dir(), crate::prompt_cache::DEFAULT_MAX_BYTES));
@@ -231,6 +259,7 @@ fn memory_plan(
     be: &std::sync::Arc<dyn crate::backend::Backend>,
     references: &[RgbImage],
     noise: Option<&crate::tensor::Tensor>,
+    init_image: Option<&RgbImage>,
 ) -> Result<Option<crate::planner::Plan>> {
     let budget = match &args.vram_budget {
         Some(b) => Some(crate::planner::parse_bytes(b)?),
@@ -240,9 +269,18 @@ fn memory_plan(
     let spec = crate::synth::PipelineSpec::from_pipeline(root)?;
     let info = crate::pipeline::PipelineInfo { root: root.to_path_buf(), is_distilled: spec.distilled };
     let m = spec.vae.pixel_multiple();
-    let refs: Vec<(usize, usize)> =
+    let mut refs: Vec<(usize, usize)> =
         references.iter().map(|r| crate::pipeline::reference_size(r.width, r.height, m)).collect();
-    let (w, h) = crate::pipeline::output_size(args.width, args.height, refs.first().copied(), noise, m)?;
+    let (w, h) = match init_image {
+        Some(init) => {
+            let req = Request { width: args.width, height: args.height, ..Default::default() };
+            let size = crate::pipeline::init_output_size(&req, init, m)?;
+            // The init image's latents are also a condition image in the sequence.
+            refs.insert(0, size);
+            size
+        }
+        None => crate::pipeline::output_size(args.width, args.height, refs.first().copied(), noise, m)?,
+    };
     let input = crate::planner::PlanInput {
         cfg: info.uses_cfg(args.guidance),
         transformer: spec.transformer,
@@ -323,12 +361,20 @@ fn save(out: &Output, path: &Path, args: &GenerateArgs, seed: u64) -> Result<()>
         "height": h,
         "model": args.model,
         "references": args.references.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "init_image": args.init_image.as_ref().map(|p| p.display().to_string()),
+        "strength": args.init_image.as_ref().map(|_| args.strength.unwrap_or(crate::inpaint::DEFAULT_STRENGTH)),
+        "mask": args.mask.as_ref().map(|p| p.display().to_string()),
+        "mask_crop": args.mask_crop,
         "sampler": "flow-match euler",
         "generator": format!("flux2 {}", env!("CARGO_PKG_VERSION")),
     });
     // The "parameters" text most image tools read (A1111 style), plus structured JSON.
+    let strength = match &args.init_image {
+        Some(_) => format!(", Denoising strength: {}", args.strength.unwrap_or(crate::inpaint::DEFAULT_STRENGTH)),
+        None => String::new(),
+    };
     let a1111 = format!(
-        "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: {}, Seed: {seed}, Size: {w}x{h}, Model: {}",
+        "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: {}, Seed: {seed}, Size: {w}x{h}, Model: {}{strength}",
         args.prompt, out.steps, out.guidance, args.model
     );
     out.image.save_png(path, &[("parameters", a1111), ("flux2", ascii_json(&params))])
