@@ -589,7 +589,24 @@ impl Pipeline {
         encoded: Option<&EncodedPrompt>,
         refs: Option<&References>,
     ) -> Result<Output> {
+        let mut outputs = self.generate_batch(req, 1, encoded, refs)?;
+        Ok(outputs.remove(0))
+    }
+
+    /// Generate `n` images in one batch through the DiT: seeds `req.seed .. req.seed + n - 1`, or
+    /// the `n` rows of `req.noise` (`[n, 4z, H/16, W/16]`). Each image equals its single run
+    /// within the backend's tolerance (the same ops on more rows).
+    pub fn generate_batch(
+        &self,
+        req: &Request,
+        n: usize,
+        encoded: Option<&EncodedPrompt>,
+        refs: Option<&References>,
+    ) -> Result<Vec<Output>> {
         let be = &*self.be;
+        if n == 0 {
+            return Err(Error::InvalidArgument("a batch needs at least one image".into()));
+        }
         let (default_steps, default_guidance) = self.info.defaults();
         req.validate()?;
         let steps = req.steps.unwrap_or(default_steps);
@@ -625,16 +642,33 @@ impl Pipeline {
         let transformer = self.transformer()?;
         let act = be.activation_dtype();
         let noise = match &req.noise {
-            Some(n) => {
-                if n.shape() != [1, c, h, w] {
+            Some(x) => {
+                if x.shape() != [n, c, h, w] {
                     return Err(Error::InvalidArgument(format!(
-                        "the noise tensor is {:?}; a {width}x{height} image needs [1, {c}, {h}, {w}]",
-                        n.shape()
+                        "the noise tensor is {:?}; {} {width}x{height} image{} need{} [{n}, {c}, {h}, {w}]",
+                        x.shape(),
+                        if n == 1 { "a".to_string() } else { n.to_string() },
+                        if n == 1 { "" } else { "s" },
+                        if n == 1 { "s" } else { "" },
                     )));
                 }
-                n.clone()
+                x.clone()
             }
-            None => seeded_noise(req.seed, &[1, c, h, w])?,
+            None => {
+                let mut all = Vec::with_capacity(n * c * h * w);
+                for i in 0..n {
+                    all.extend(seeded_noise(req.seed.wrapping_add(i as u64), &[1, c, h, w])?.to_vec_f32()?);
+                }
+                Tensor::from_f32(all, &[n, c, h, w])?
+            }
+        };
+        // `n` copies along the batch of a `[1, ..]` tensor.
+        let repeat = |x: &Tensor, k: usize| -> Result<Tensor> {
+            if k == 1 {
+                Ok(x.clone())
+            } else {
+                be.concat(&vec![x; k], 0)
+            }
         };
         let schedule = Schedule::new(&self.scheduler, h * w, steps)?;
         let noise = pack(be, &be.upload(&noise, act)?)?;
@@ -647,6 +681,7 @@ impl Pipeline {
                 let x = be.upload(&prepared.image.to_tensor()?, act)?;
                 let tokens = pack(be, &self.vae_encoder()?.encode_normalized(&x)?)?;
                 health::record(be, &tokens, Check::ReferenceLatents)?;
+                let tokens = repeat(&tokens, n)?;
                 let mask = match &prepared.mask {
                     Some(pixels) => {
                         Some(MaskBlend::new(be, &crate::inpaint::mask_tokens(pixels, width, height, w, h))?)
@@ -672,23 +707,23 @@ impl Pipeline {
         let txt_ids = PositionIds::text(prompt.context.dim(1));
         let (condition, condition_ids) = match (&init, refs) {
             (Some((_, tokens, _)), Some(r)) => (
-                Some(be.concat(&[tokens, &r.tokens], 1)?),
+                Some(be.concat(&[tokens, &repeat(&r.tokens, n)?], 1)?),
                 Some(PositionIds::concat(&[&PositionIds::image(10.0, h, w), &r.ids_from(20.0)?])?),
             ),
             (Some((_, tokens, _)), None) => (Some(tokens.clone()), Some(PositionIds::image(10.0, h, w))),
-            (None, Some(r)) => (Some(r.tokens.clone()), Some(r.ids.clone())),
+            (None, Some(r)) => (Some(repeat(&r.tokens, n)?), Some(r.ids.clone())),
             (None, None) => (None, None),
         };
         let all_ids = match &condition_ids {
             Some(ids) => PositionIds::concat(&[&img_ids, ids])?,
             None => img_ids.clone(),
         };
-        // CFG runs conditional and unconditional rows as one batch of two.
+        // The batch's rows, then (CFG) as many unconditional rows, in one DiT batch.
         let context = match &prompt.negative {
-            Some(neg) if cfg => be.concat(&[&prompt.context, neg], 0)?,
-            _ => prompt.context.clone(),
+            Some(neg) if cfg => be.concat(&[&repeat(&prompt.context, n)?, &repeat(neg, n)?], 0)?,
+            _ => repeat(&prompt.context, n)?,
         };
-        let batch = context.dim(0);
+        let rows = context.dim(0);
 
         let mode = req.timestep_mode.unwrap_or(TimestepMode::Diffusers);
         let run_steps = steps - t_start;
@@ -699,14 +734,14 @@ impl Pipeline {
                 Some(cond) => be.concat(&[&latents, cond], 1)?,
                 None => latents.clone(),
             };
-            if batch == 2 {
+            if rows == 2 * n {
                 input = be.concat(&[&input, &input], 0)?;
             }
-            let t = vec![schedule.model_time(s, mode, act); batch];
+            let t = vec![schedule.model_time(s, mode, act); rows];
             let v = transformer.forward(&input, &context, &t, &all_ids, &txt_ids, None)?;
             let v = v.narrow(1, 0, h * w)?;
-            let v = if batch == 2 {
-                let (cond, uncond) = (v.narrow(0, 0, 1)?, v.narrow(0, 1, 1)?);
+            let v = if rows == 2 * n {
+                let (cond, uncond) = (v.narrow(0, 0, n)?, v.narrow(0, n, n)?);
                 be.axpby(1.0 - guidance, &uncond, guidance, &cond)?
             } else {
                 v
@@ -735,21 +770,36 @@ impl Pipeline {
             *self.transformer.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
 
-        let stage = Stage::new("decode", 1);
-        let grid = unpack(be, &latents, h, w)?;
-        let pixels = self.vae.decode_normalized_tiled(&grid, self.options.residency.decode_tile)?;
-        health::record(be, &pixels, Check::DecodedImage)?;
-        health::verify(be, run_steps)?;
-        let mut image = RgbImage::from_decoded(&pixels.to_vec_f32()?, width, height)?;
-        if let (Some((prepared, _, _)), Some(init), Some(mask)) = (&init, &req.init_image, &req.mask) {
-            if let Some(crop) = prepared.crop {
-                image = crate::inpaint::apply_overlay(mask, init, &image, crop);
+        let stage = Stage::new("decode", n as u64);
+        let mut decoded = Vec::with_capacity(n);
+        for b in 0..n {
+            let grid = unpack(be, &latents.narrow(0, b, 1)?, h, w)?;
+            let pixels = self.vae.decode_normalized_tiled(&grid, self.options.residency.decode_tile)?;
+            health::record(be, &pixels, Check::DecodedImage)?;
+            health::verify(be, run_steps)?;
+            let mut image = RgbImage::from_decoded(&pixels.to_vec_f32()?, width, height)?;
+            if let (Some((prepared, _, _)), Some(init), Some(mask)) = (&init, &req.init_image, &req.mask) {
+                if let Some(crop) = prepared.crop {
+                    image = crate::inpaint::apply_overlay(mask, init, &image, crop);
+                }
             }
+            decoded.push((image, grid, pixels));
+            stage.tick();
         }
-        stage.tick();
         timings.decode = stage.finish();
         self.sample("decode", &mut telemetry);
-        Ok(Output { image, latents: grid, pixels, steps: run_steps, guidance, timings, telemetry })
+        Ok(decoded
+            .into_iter()
+            .map(|(image, latents, pixels)| Output {
+                image,
+                latents,
+                pixels,
+                steps: run_steps,
+                guidance,
+                timings: timings.clone(),
+                telemetry: telemetry.clone(),
+            })
+            .collect())
     }
 }
 

@@ -18,6 +18,7 @@ fn input(spec: PipelineSpec, tp: TransformerPrecision, ep: EncoderPrecision, sid
         height: side,
         references: vec![],
         cfg: false,
+        batch: 1,
         budget,
     }
 }
@@ -169,4 +170,20 @@ fn block_streaming_counts_the_block_in_flight() {
     for budget in [GIB, 2 * GIB, 4 * GIB] {
         let _ = planner::plan(&input(spec.clone(), TransformerPrecision::Bf16, EncoderPrecision::Int4, 1024, budget));
     }
+}
+
+#[test]
+fn a_batch_needs_more_denoise_memory() {
+    let one = input(PipelineSpec::klein_4b(), TransformerPrecision::Bf16, EncoderPrecision::Bf16, 1024, 80 * GIB);
+    let four = PlanInput { batch: 4, ..one.clone() };
+    let denoise = |i: &PlanInput| {
+        let p = planner::plan(i).unwrap();
+        p.phases.iter().find(|p| p.name == "denoise").unwrap().peak
+    };
+    let (d1, d4) = (denoise(&one), denoise(&four));
+    assert!(d4 > d1, "batch 4 denoise peak {d4} <= batch 1 {d1}");
+    // Activations scale with the rows; the weights do not.
+    let act =
+        |i: &PlanInput| planner::plan(i).unwrap().phases.iter().find(|p| p.name == "denoise").unwrap().activations;
+    assert_eq!(act(&four), 4 * act(&one));
 }

@@ -60,7 +60,12 @@ pub struct GenerateArgs {
     /// Number of images, with seeds S, S+1, ...; the prompt is encoded once.
     #[arg(long, default_value_t = 1)]
     pub count: usize,
-    /// Output PNG. With --count above 1, `-<seed>` is added before the extension.
+    /// Images generated together as one batch through the DiT (the GPU's throughput case), with
+    /// seeds S, S+1, ...; each equals its single run. With --count K, K batches (K·N images).
+    /// With --noise, the file holds [N, ...] noise.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Output PNG. With more than one image, `-<seed>` is added before the extension.
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
@@ -97,6 +102,7 @@ pub struct GenerateArgs {
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
     crate::limits::check_count(args.count)?;
+    crate::limits::check_batch(args.batch)?;
     crate::limits::check_reference_count(args.references.len())?;
     if let Some(ext) = args.out.extension().and_then(|e| e.to_str()) {
         if !ext.eq_ignore_ascii_case("png") {
@@ -209,9 +215,9 @@ fn generate_all(
     let refs = pipeline.prepare_references(references)?;
     let ref_seconds = ref_start.elapsed().as_secs_f64();
     let mut encoded = None;
+    let images = args.count * args.batch;
     for i in 0..args.count {
-        let req = request(i);
-        let seed = req.seed;
+        let req = request(i * args.batch);
         let cfg = pipeline.info.uses_cfg(req.guidance);
         let encode_start = std::time::Instant::now();
         if encoded.is_none() {
@@ -219,34 +225,38 @@ fn generate_all(
             be.synchronize()?;
         }
         let encode_seconds = encode_start.elapsed().as_secs_f64();
-        let out = pipeline.generate(&req, encoded.as_ref(), refs.as_ref())?;
-        let path = if args.count > 1 { numbered(&args.out, seed) } else { args.out.clone() };
-        save(&out, &path, args, seed)?;
-        println!("{}", path.display());
-        let t = &out.timings;
-        tracing::info!(
-            "seed {seed}: {}x{}, {} steps; denoise {:.2}s, decode {:.2}s",
-            out.image.width,
-            out.image.height,
-            out.steps,
-            t.denoise.as_secs_f64(),
-            t.decode.as_secs_f64()
-        );
-        runs.push(serde_json::json!({
+        let outs = pipeline.generate_batch(&req, args.batch, encoded.as_ref(), refs.as_ref())?;
+        for (b, out) in outs.iter().enumerate() {
+            let seed = req.seed.wrapping_add(b as u64);
+            let path = if images > 1 { numbered(&args.out, seed) } else { args.out.clone() };
+            save(out, &path, args, seed)?;
+            println!("{}", path.display());
+            let t = &out.timings;
+            tracing::info!(
+                "seed {seed}: {}x{}, {} steps; denoise {:.2}s, decode {:.2}s",
+                out.image.width,
+                out.image.height,
+                out.steps,
+                t.denoise.as_secs_f64(),
+                t.decode.as_secs_f64()
+            );
+            runs.push(serde_json::json!({
             "seed": seed,
             "image": path.display().to_string(),
             "width": out.image.width,
             "height": out.image.height,
             "steps": out.steps,
+            "batch": args.batch,
             "seconds": {
                 "encode": encode_seconds,
-                "references": if i == 0 { ref_seconds } else { 0.0 },
+                "references": if i == 0 && b == 0 { ref_seconds } else { 0.0 },
                 "denoise": t.denoise.as_secs_f64(),
                 "per_step": t.denoise.as_secs_f64() / out.steps.max(1) as f64,
                 "decode": t.decode.as_secs_f64(),
             },
             "telemetry": out.telemetry.iter().map(|(stage, s)| serde_json::json!({"stage": stage, "reading": s})).collect::<Vec<_>>(),
         }));
+        }
     }
     Ok(())
 }
@@ -283,6 +293,7 @@ fn memory_plan(
     };
     let input = crate::planner::PlanInput {
         cfg: info.uses_cfg(args.guidance),
+        batch: args.batch,
         transformer: spec.transformer,
         text_encoder: spec.text_encoder,
         vae: spec.vae,

@@ -26,6 +26,9 @@ pub struct PlanArgs {
     /// Plan for real CFG (two transformer rows); the default follows the model (base models use CFG).
     #[arg(long)]
     pub cfg: Option<bool>,
+    /// Images per DiT batch (generate --batch).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -37,6 +40,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         path => PipelineSpec::from_pipeline(std::path::Path::new(path))?,
     };
     crate::limits::check_reference_count(args.references.len())?;
+    crate::limits::check_batch(args.batch)?;
     let references = args
         .references
         .iter()
@@ -67,6 +71,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         height,
         references,
         cfg: args.cfg.unwrap_or(!spec.distilled),
+        batch: args.batch,
         budget: planner::parse_bytes(&args.vram_budget)?,
     };
     let plan = planner::plan(&input)?;

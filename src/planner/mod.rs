@@ -32,6 +32,9 @@ pub struct PlanInput {
     pub references: Vec<(usize, usize)>,
     /// Real CFG: two rows per transformer call.
     pub cfg: bool,
+    /// Images per DiT batch (`--batch`; 1 normally): every transformer call has this many rows
+    /// (twice as many with CFG). Decoding stays one image at a time.
+    pub batch: usize,
     pub budget: usize,
 }
 
@@ -96,7 +99,7 @@ fn sizes(inp: &PlanInput) -> Sizes {
     let tokens_img = (inp.width / m) * (inp.height / m);
     let tokens_ref: usize = inp.references.iter().map(|(w, h)| (w / m) * (h / m)).sum();
     let text = 512;
-    let rows = if inp.cfg { 2 } else { 1 };
+    let rows = inp.batch.max(1) * if inp.cfg { 2 } else { 1 };
     let (block, rest) = estimate::transformer_block_bytes(tc, inp.transformer_precision);
     let context = rows * text * tc.joint_attention_dim * 2 + rows * (tokens_img + tokens_ref) * tc.in_channels * 2 * 3;
     let vae_encode_act =
