@@ -34,6 +34,9 @@ pub struct PipelineInfo {
     pub root: PathBuf,
     /// Step- and guidance-distilled (`"is_distilled": true`); base models use real CFG.
     pub is_distilled: bool,
+    /// The KV variant (`"_class_name": "Flux2KleinKVPipeline"`, e.g. FLUX.2-klein-9b-kv): reference
+    /// tokens' K/V are computed at the first step and reused (distilled, no CFG).
+    pub kv: bool,
 }
 
 impl PipelineInfo {
@@ -50,9 +53,13 @@ impl PipelineInfo {
                 return Err(Error::config(root, format!("the pipeline has no `{component}/` folder")));
             }
         }
+        // diffusers marks the KV variant only by its pipeline class (its transformer config is the
+        // plain one), and that class does not store `is_distilled` (it is always distilled).
+        let kv = json.get("_class_name").and_then(|v| v.as_str()) == Some("Flux2KleinKVPipeline");
         Ok(PipelineInfo {
             root: root.to_path_buf(),
-            is_distilled: json.get("is_distilled").and_then(|v| v.as_bool()).unwrap_or(false),
+            is_distilled: json.get("is_distilled").and_then(|v| v.as_bool()).unwrap_or(kv),
+            kv,
         })
     }
 
@@ -121,6 +128,8 @@ pub struct Pipeline {
     prompt_cache: Option<PromptCache>,
     /// NVML, when present and the backend is a GPU.
     telemetry: Option<crate::telemetry::Telemetry>,
+    /// Synchronise after every denoising step (benchmarks' per-step times).
+    step_sync: bool,
 }
 
 /// One generation request. Sizes and steps left `None` take the pipeline defaults.
@@ -145,6 +154,9 @@ pub struct Request {
     /// diffusers' `padding_mask_crop`: work on the region around the mask, padded by this many
     /// pixels, and paste the result back into the init image.
     pub mask_crop: Option<usize>,
+    /// Reference K/V computed once and reused (`Flux2KleinKVPipeline`'s scheme) on any klein model;
+    /// KV-variant models always do this. Needs references.
+    pub kv_cache: bool,
 }
 
 impl Request {
@@ -201,6 +213,11 @@ pub struct Timings {
     pub encode: Duration,
     pub denoise: Duration,
     pub decode: Duration,
+    /// Each denoising step (host time; device-accurate only when `steps_synchronized`).
+    pub steps: Vec<Duration>,
+    /// Synchronise the device after every step (set through `Pipeline::set_step_sync` by
+    /// benchmarks), so `steps` are device times.
+    pub steps_synchronized: bool,
 }
 
 pub struct Output {
@@ -439,6 +456,7 @@ impl Pipeline {
             prompt_cache,
             telemetry,
             options,
+            step_sync: false,
         };
         if pipeline.options.residency.eager {
             pipeline.text_encoder()?;
@@ -505,6 +523,12 @@ impl Pipeline {
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.be
+    }
+
+    /// Synchronise the device after every denoising step, so `Timings::steps` are device times
+    /// (benchmarks; costs a host round trip per step).
+    pub fn set_step_sync(&mut self, on: bool) {
+        self.step_sync = on;
     }
 
     /// Whether the VAE encoder has been loaded (references need it; text-to-image does not).
@@ -615,7 +639,7 @@ impl Pipeline {
         if self.info.is_distilled && guidance > 1.0 {
             tracing::warn!("guidance {guidance} is ignored: this is a guidance-distilled model (no CFG)");
         }
-        let mut timings = Timings::default();
+        let mut timings = Timings { steps_synchronized: self.step_sync, ..Default::default() };
         let mut telemetry = Vec::new();
 
         let owned;
@@ -725,21 +749,58 @@ impl Pipeline {
         };
         let rows = context.dim(0);
 
+        if req.kv_cache && refs.is_none() {
+            return Err(Error::InvalidArgument(
+                "--kv-cache needs reference images (--ref): it caches their keys and values".into(),
+            ));
+        }
+        // The KV scheme (diffusers' Flux2KleinKVPipeline): the first step runs the condition tokens
+        // (prepended, modulated at t = 0, attending only to themselves) and keeps their K/V; the
+        // later steps run the image tokens alone against the kept K/V.
+        let use_kv = (self.info.kv || req.kv_cache) && condition.is_some();
+        let mut kv_cache = None;
+        let mut step_times = Vec::with_capacity(steps - t_start);
+
         let mode = req.timestep_mode.unwrap_or(TimestepMode::Diffusers);
         let run_steps = steps - t_start;
         let stage = Stage::new("denoise", run_steps as u64);
         for i in 0..run_steps {
+            let step_start = std::time::Instant::now();
             let s = t_start + i;
-            let mut input = match &condition {
-                Some(cond) => be.concat(&[&latents, cond], 1)?,
-                None => latents.clone(),
-            };
-            if rows == 2 * n {
-                input = be.concat(&[&input, &input], 0)?;
-            }
             let t = vec![schedule.model_time(s, mode, act); rows];
-            let v = transformer.forward(&input, &context, &t, &all_ids, &txt_ids, None)?;
-            let v = v.narrow(1, 0, h * w)?;
+            let v = if use_kv {
+                let cfg_rows = |x: &Tensor| if rows == 2 * n { be.concat(&[x, x], 0) } else { Ok(x.clone()) };
+                let input = cfg_rows(&latents)?;
+                match &kv_cache {
+                    None => {
+                        let (cond, cond_ids) = (condition.as_ref().unwrap(), condition_ids.as_ref().unwrap());
+                        let (v, cache) = transformer.forward_kv_extract(
+                            &input,
+                            &cfg_rows(cond)?,
+                            &context,
+                            &t,
+                            &img_ids,
+                            cond_ids,
+                            &txt_ids,
+                            0.0,
+                        )?;
+                        tracing::debug!("reference K/V cache: {} tokens, {} bytes", cache.tokens, cache.bytes());
+                        kv_cache = Some(cache);
+                        v
+                    }
+                    Some(cache) => transformer.forward_kv_cached(&input, &context, &t, &img_ids, &txt_ids, cache)?,
+                }
+            } else {
+                let mut input = match &condition {
+                    Some(cond) => be.concat(&[&latents, cond], 1)?,
+                    None => latents.clone(),
+                };
+                if rows == 2 * n {
+                    input = be.concat(&[&input, &input], 0)?;
+                }
+                let v = transformer.forward(&input, &context, &t, &all_ids, &txt_ids, None)?;
+                v.narrow(1, 0, h * w)?
+            };
             let v = if rows == 2 * n {
                 let (cond, uncond) = (v.narrow(0, 0, n)?, v.narrow(0, n, n)?);
                 be.axpby(1.0 - guidance, &uncond, guidance, &cond)?
@@ -759,8 +820,14 @@ impl Pipeline {
                 latents = mask.blend(be, &known, &latents)?;
             }
             health::record(be, &latents, Check::Step(i))?;
+            if timings.steps_synchronized {
+                be.synchronize()?;
+            }
+            step_times.push(step_start.elapsed());
             stage.tick();
         }
+        drop(kv_cache);
+        timings.steps = step_times;
         // One read for the whole loop: the earliest step that went non-finite.
         health::verify(be, run_steps)?;
         timings.denoise = stage.finish();

@@ -206,6 +206,8 @@ pub struct PipelineSpec {
     pub text_encoder: crate::model::qwen3::Qwen3Config,
     pub vae: crate::model::vae::VaeConfig,
     pub distilled: bool,
+    /// The KV variant (`Flux2KleinKVPipeline`).
+    pub kv: bool,
 }
 
 impl PipelineSpec {
@@ -215,6 +217,7 @@ impl PipelineSpec {
             text_encoder: crate::model::qwen3::Qwen3Config::qwen3_4b(),
             vae: Default::default(),
             distilled: true,
+            kv: false,
         }
     }
 
@@ -224,6 +227,7 @@ impl PipelineSpec {
             text_encoder: crate::model::qwen3::Qwen3Config::qwen3_8b(),
             vae: Default::default(),
             distilled: true,
+            kv: false,
         }
     }
 
@@ -235,6 +239,7 @@ impl PipelineSpec {
             text_encoder: crate::model::qwen3::Qwen3Config::from_json_file(&root.join("text_encoder/config.json"))?,
             vae: crate::model::vae::VaeConfig::from_json_file(&root.join("vae/config.json"))?,
             distilled: info.is_distilled,
+            kv: info.kv,
         })
     }
 }

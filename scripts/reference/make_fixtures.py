@@ -156,10 +156,11 @@ def main():
         import make_pipeline_fixtures  # noqa: F401  (extended by the pipeline issue)
         make_pipeline_fixtures.main(FIXTURES)
     if args.only in (None, "workflows"):
-        # Inpainting and img2img cases on the committed pipeline (which they only read).
+        # Inpainting, img2img and KV cases on the committed pipeline (which they only read).
         import make_pipeline_fixtures
 
         make_pipeline_fixtures.make_workflow_fixtures(FIXTURES)
+        make_pipeline_fixtures.make_kv_fixtures(FIXTURES)
 
 
 if __name__ == "__main__":

@@ -366,3 +366,41 @@ def make_workflow_fixtures(fixtures):
     run_inpaint_case(inpaint, "inpaint_crop", fixtures, "a window", (64, 48), 4, 0.8, seed=24,
                      mask_box=(20, 16, 40, 28), crop=5)
 
+
+def run_kv_case(pipe, name, fixtures, prompt, ref_sizes, steps, seed):
+    out = fixtures / "workflows" / name
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    images = []
+    for i, (w, h) in enumerate(ref_sizes):
+        pil_rgb(seed + i, w, h).save(out / f"ref{i}.png")
+        images.append(Image.open(out / f"ref{i}.png"))
+    width, height = (ref_sizes[0][0] // 16) * 16, (ref_sizes[0][1] // 16) * 16
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(1, 16, height // 16, width // 16, generator=g)
+    save_file({"noise": noise.contiguous()}, out / "noise.safetensors")
+    common = dict(image=images, prompt=prompt, num_inference_steps=steps, latents=noise)
+    with torch.no_grad():
+        latents = pipe(**common, output_type="latent").images
+        image = pipe(**common, output_type="np").images
+        pil = pipe(**common, output_type="pil").images[0]
+    pil.save(out / "expected.png")
+    tensors = {"latents": latents, "image": torch.from_numpy(image).permute(0, 3, 1, 2)}
+    save_file({k: v.float().contiguous() for k, v in tensors.items()}, out / "expected.safetensors")
+    meta = dict(pipeline="kv", prompt=prompt, steps=steps, guidance=1.0, refs=[f"ref{i}.png" for i in range(len(images))],
+                width=pil.size[0], height=pil.size[1])
+    (out / "case.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    print(f"workflows/{name}: {pil.size}, {len(images)} reference(s)")
+
+
+def make_kv_fixtures(fixtures):
+    """Flux2KleinKVPipeline on the same tiny weights (the 9B-KV model differs only in its weights):
+    reference K/V extracted at the first step (reference time 0), reused by the others."""
+    from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
+
+    distilled = Flux2KleinPipeline.from_pretrained(fixtures / "pipeline", torch_dtype=torch.float32)
+    kv = Flux2KleinKVPipeline(scheduler=distilled.scheduler, vae=distilled.vae, text_encoder=distilled.text_encoder,
+                              tokenizer=distilled.tokenizer, transformer=distilled.transformer)
+    run_kv_case(kv, "kv_one_ref", fixtures, "the same scene at night", [(72, 69)], 4, seed=31)
+    run_kv_case(kv, "kv_two_refs", fixtures, "combine both", [(80, 64), (64, 72)], 4, seed=32)

@@ -57,6 +57,11 @@ pub struct GenerateArgs {
     /// and paste it back (diffusers' `padding_mask_crop`).
     #[arg(long)]
     pub mask_crop: Option<usize>,
+    /// Compute the reference images' keys and values once, at the first step, and reuse them for
+    /// the others (diffusers' Flux2KleinKVPipeline scheme; always on for KV-variant models such as
+    /// FLUX.2-klein-9b-kv). Needs --ref.
+    #[arg(long)]
+    pub kv_cache: bool,
     /// Number of images, with seeds S, S+1, ...; the prompt is encoded once.
     #[arg(long, default_value_t = 1)]
     pub count: usize,
@@ -103,6 +108,11 @@ pub struct GenerateArgs {
 pub fn run(args: &GenerateArgs) -> Result<()> {
     crate::limits::check_count(args.count)?;
     crate::limits::check_batch(args.batch)?;
+    if args.kv_cache && args.references.is_empty() {
+        return Err(Error::InvalidArgument(
+            "--kv-cache needs reference images (--ref): it caches their keys and values".into(),
+        ));
+    }
     crate::limits::check_reference_count(args.references.len())?;
     if let Some(ext) = args.out.extension().and_then(|e| e.to_str()) {
         if !ext.eq_ignore_ascii_case("png") {
@@ -136,6 +146,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         strength: args.strength,
         mask: mask.clone(),
         mask_crop: args.mask_crop,
+        kv_cache: args.kv_cache,
     };
     // Everything that needs no model is checked before the long work starts.
     request(0).validate()?;
@@ -252,6 +263,7 @@ fn generate_all(
                 "references": if i == 0 && b == 0 { ref_seconds } else { 0.0 },
                 "denoise": t.denoise.as_secs_f64(),
                 "per_step": t.denoise.as_secs_f64() / out.steps.max(1) as f64,
+                "steps": t.steps.iter().map(|d| d.as_secs_f64()).collect::<Vec<_>>(),
                 "decode": t.decode.as_secs_f64(),
             },
             "telemetry": out.telemetry.iter().map(|(stage, s)| serde_json::json!({"stage": stage, "reading": s})).collect::<Vec<_>>(),
@@ -277,7 +289,7 @@ fn memory_plan(
     };
     let Some(budget) = budget else { return Ok(None) };
     let spec = crate::synth::PipelineSpec::from_pipeline(root)?;
-    let info = crate::pipeline::PipelineInfo { root: root.to_path_buf(), is_distilled: spec.distilled };
+    let info = crate::pipeline::PipelineInfo::read(root)?;
     let m = spec.vae.pixel_multiple();
     let mut refs: Vec<(usize, usize)> =
         references.iter().map(|r| crate::pipeline::reference_size(r.width, r.height, m)).collect();
@@ -294,6 +306,7 @@ fn memory_plan(
     let input = crate::planner::PlanInput {
         cfg: info.uses_cfg(args.guidance),
         batch: args.batch,
+        kv_cache: (args.kv_cache || info.kv) && !references.is_empty(),
         transformer: spec.transformer,
         text_encoder: spec.text_encoder,
         vae: spec.vae,

@@ -26,6 +26,9 @@ pub struct PlanArgs {
     /// Plan for real CFG (two transformer rows); the default follows the model (base models use CFG).
     #[arg(long)]
     pub cfg: Option<bool>,
+    /// Plan for the KV scheme's reference cache (generate --kv-cache, or a KV-variant model).
+    #[arg(long)]
+    pub kv_cache: bool,
     /// Images per DiT batch (generate --batch).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -72,6 +75,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         references,
         cfg: args.cfg.unwrap_or(!spec.distilled),
         batch: args.batch,
+        kv_cache: (args.kv_cache || spec.kv) && !args.references.is_empty(),
         budget: planner::parse_bytes(&args.vram_budget)?,
     };
     let plan = planner::plan(&input)?;
