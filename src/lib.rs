@@ -17,6 +17,7 @@ pub mod model;
 pub mod output_file;
 pub mod pipeline;
 pub mod planner;
+pub mod preview;
 pub mod progress;
 pub mod prompt_cache;
 pub mod quant;

@@ -130,6 +130,8 @@ pub struct Pipeline {
     telemetry: Option<crate::telemetry::Telemetry>,
     /// Synchronise after every denoising step (benchmarks' per-step times).
     step_sync: bool,
+    /// The latent-to-RGB preview projection, fitted to the VAE on first use.
+    latent_rgb: Mutex<Option<Arc<crate::preview::LatentToRgb>>>,
 }
 
 /// One generation request. Sizes and steps left `None` take the pipeline defaults.
@@ -157,6 +159,8 @@ pub struct Request {
     /// Reference K/V computed once and reused (`Flux2KleinKVPipeline`'s scheme) on any klein model;
     /// KV-variant models always do this. Needs references.
     pub kv_cache: bool,
+    /// Every this many steps, a cheap preview of the current x₀ estimate (`Output::previews`).
+    pub preview_every: Option<usize>,
 }
 
 impl Request {
@@ -169,6 +173,9 @@ impl Request {
         crate::limits::check_prompt(&self.prompt)?;
         if let Some(strength) = self.strength {
             crate::inpaint::check_strength(strength)?;
+        }
+        if self.preview_every == Some(0) {
+            return Err(Error::InvalidArgument("--preview-every must be at least 1 (a preview every K steps)".into()));
         }
         if self.init_image.is_none() {
             for (set, flag) in [
@@ -231,6 +238,9 @@ pub struct Output {
     pub timings: Timings,
     /// NVML readings at the end of each stage (empty without NVML).
     pub telemetry: Vec<(&'static str, crate::telemetry::Sample)>,
+    /// (step, preview of the x₀ estimate after it) for `Request::preview_every`; 1/8 of the
+    /// image's size (one pixel per VAE latent).
+    pub previews: Vec<(usize, RgbImage)>,
 }
 
 /// Encoded prompt (and the empty negative prompt for CFG), reusable across seeds.
@@ -457,6 +467,7 @@ impl Pipeline {
             telemetry,
             options,
             step_sync: false,
+            latent_rgb: Mutex::new(None),
         };
         if pipeline.options.residency.eager {
             pipeline.text_encoder()?;
@@ -523,6 +534,19 @@ impl Pipeline {
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.be
+    }
+
+    /// The preview projection (fitted to this pipeline's VAE on the first call).
+    pub fn latent_to_rgb(&self) -> Result<Arc<crate::preview::LatentToRgb>> {
+        let mut slot = self.latent_rgb.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = slot.as_ref() {
+            return Ok(p.clone());
+        }
+        let fit =
+            Arc::new(crate::preview::LatentToRgb::fit(&*self.be, &self.vae, self.transformer_config.in_channels)?);
+        tracing::info!("preview projection fitted to the VAE (R² {:.3})", fit.r2);
+        *slot = Some(fit.clone());
+        Ok(fit)
     }
 
     /// Synchronise the device after every denoising step, so `Timings::steps` are device times
@@ -764,9 +788,15 @@ impl Pipeline {
         let mode = req.timestep_mode.unwrap_or(TimestepMode::Diffusers);
         let run_steps = steps - t_start;
         let stage = Stage::new("denoise", run_steps as u64);
+        let preview = match req.preview_every {
+            Some(k) => Some((k, self.latent_to_rgb()?)),
+            None => None,
+        };
+        let mut previews: Vec<Vec<(usize, RgbImage)>> = vec![Vec::new(); n];
         for i in 0..run_steps {
             let step_start = std::time::Instant::now();
             let s = t_start + i;
+            let step_input = latents.clone();
             let t = vec![schedule.model_time(s, mode, act); rows];
             let v = if use_kv {
                 let cfg_rows = |x: &Tensor| if rows == 2 * n { be.concat(&[x, x], 0) } else { Ok(x.clone()) };
@@ -808,6 +838,16 @@ impl Pipeline {
                 v
             };
             latents = be.axpby(1.0, &latents, schedule.dt(s), &v)?;
+            if let Some((k, projection)) = &preview {
+                if (i + 1) % k == 0 {
+                    // Flow matching: x_t = (1 − σ)·x₀ + σ·ε and v = ε − x₀, so x₀ = x_t − σ·v.
+                    let x0 = be.axpby(1.0, &step_input, -schedule.sigmas[s], &v)?;
+                    for (b, list) in previews.iter_mut().enumerate() {
+                        let grid = unpack(be, &x0.narrow(0, b, 1)?, h, w)?;
+                        list.push((i + 1, projection.apply(be, &self.vae, &grid)?));
+                    }
+                }
+            }
             // The known region is re-imposed: the init latents noised to the next sigma (clean
             // after the last step), blended through the token mask.
             if let Some((_, tokens, Some(mask))) = &init {
@@ -857,7 +897,8 @@ impl Pipeline {
         self.sample("decode", &mut telemetry);
         Ok(decoded
             .into_iter()
-            .map(|(image, latents, pixels)| Output {
+            .zip(previews)
+            .map(|((image, latents, pixels), previews)| Output {
                 image,
                 latents,
                 pixels,
@@ -865,6 +906,7 @@ impl Pipeline {
                 guidance,
                 timings: timings.clone(),
                 telemetry: telemetry.clone(),
+                previews,
             })
             .collect())
     }

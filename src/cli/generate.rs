@@ -62,6 +62,10 @@ pub struct GenerateArgs {
     /// FLUX.2-klein-9b-kv). Needs --ref.
     #[arg(long)]
     pub kv_cache: bool,
+    /// Every K steps, write a cheap preview of the current x₀ estimate (a linear latent-to-RGB
+    /// projection fitted to the VAE, 1/8 of the size) to `<out stem>-preview-<step>.png`.
+    #[arg(long)]
+    pub preview_every: Option<usize>,
     /// Number of images, with seeds S, S+1, ...; the prompt is encoded once.
     #[arg(long, default_value_t = 1)]
     pub count: usize,
@@ -147,6 +151,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         mask: mask.clone(),
         mask_crop: args.mask_crop,
         kv_cache: args.kv_cache,
+        preview_every: args.preview_every,
     };
     // Everything that needs no model is checked before the long work starts.
     request(0).validate()?;
@@ -242,6 +247,14 @@ fn generate_all(
             let path = if images > 1 { numbered(&args.out, seed) } else { args.out.clone() };
             save(out, &path, args, seed)?;
             println!("{}", path.display());
+            let mut previews = Vec::new();
+            for (step, image) in &out.previews {
+                let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+                let preview = path.with_file_name(format!("{stem}-preview-{step}.png"));
+                let meta = serde_json::json!({"preview_of": path.display().to_string(), "step": step});
+                image.save_png(&preview, &[("flux2", ascii_json(&meta))])?;
+                previews.push(serde_json::json!({"step": step, "image": preview.display().to_string()}));
+            }
             let t = &out.timings;
             tracing::info!(
                 "seed {seed}: {}x{}, {} steps; denoise {:.2}s, decode {:.2}s",
@@ -258,6 +271,7 @@ fn generate_all(
             "height": out.image.height,
             "steps": out.steps,
             "batch": args.batch,
+            "previews": previews,
             "seconds": {
                 "encode": encode_seconds,
                 "references": if i == 0 && b == 0 { ref_seconds } else { 0.0 },
