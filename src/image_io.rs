@@ -31,6 +31,20 @@ impl RgbImage {
         Ok(RgbImage { width: rgb.width() as usize, height: rgb.height() as usize, data: rgb.into_raw() })
     }
 
+    /// An inpainting mask as a white-means-repaint image. OpenAI's convention first: a mask with an
+    /// alpha channel marks the area to edit by transparency (alpha 0 → white); without alpha, the
+    /// grey level is the mask (diffusers' convention).
+    pub fn decode_mask(bytes: &[u8], what: &str) -> Result<RgbImage> {
+        let img = image::load_from_memory(bytes)
+            .map_err(|e| Error::InvalidArgument(format!("{what}: cannot decode the image: {e}")))?;
+        if !img.color().has_alpha() {
+            return RgbImage::decode(bytes, what);
+        }
+        let rgba = img.to_rgba8();
+        let data = rgba.pixels().flat_map(|p| if p.0[3] == 0 { [255u8; 3] } else { [0u8; 3] }).collect();
+        Ok(RgbImage { width: rgba.width() as usize, height: rgba.height() as usize, data })
+    }
+
     /// The PNG file's bytes, with text chunks as [`RgbImage::save_png`] writes them.
     pub fn png_bytes(&self, text: &[(&str, String)]) -> Result<Vec<u8>> {
         let mut out = Vec::new();
@@ -51,14 +65,68 @@ impl RgbImage {
     /// `Image.resize((w, h), LANCZOS)` with Pillow's exact arithmetic: separable passes
     /// (horizontal first), support scaled by the reduction factor, 22-bit fixed-point weights.
     pub fn resize_lanczos(&self, w: usize, h: usize) -> RgbImage {
+        self.resize_lanczos_box(w, h, (0, 0, self.width, self.height))
+    }
+
+    /// `Image.resize((w, h), LANCZOS, box=(x0, y0, x1, y1))`: the box (possibly empty along an
+    /// axis, as diffusers' fill resize uses it) is the source region; a pass is skipped when
+    /// Pillow skips it (same size, box covering the axis).
+    pub fn resize_lanczos_box(&self, w: usize, h: usize, bx: (usize, usize, usize, usize)) -> RgbImage {
         let mut img = self.clone();
-        if w != img.width {
-            img = resample_pass(&img, w, true);
+        if w != img.width || bx.0 != 0 || bx.2 != img.width {
+            img = resample_pass(&img, w, true, (bx.0 as f64, bx.2 as f64));
         }
-        if h != img.height {
-            img = resample_pass(&img, h, false);
+        if h != img.height || bx.1 != 0 || bx.3 != img.height {
+            img = resample_pass(&img, h, false, (bx.1 as f64, bx.3 as f64));
         }
         img
+    }
+
+    /// `Image.crop((x0, y0, x1, y1))`: pixels outside the image are black, as in Pillow.
+    pub fn crop(&self, x0: i64, y0: i64, x1: i64, y1: i64) -> RgbImage {
+        let (w, h) = ((x1 - x0).max(0) as usize, (y1 - y0).max(0) as usize);
+        let mut data = vec![0u8; w * h * 3];
+        for y in 0..h {
+            let sy = y0 + y as i64;
+            if sy < 0 || sy >= self.height as i64 {
+                continue;
+            }
+            for x in 0..w {
+                let sx = x0 + x as i64;
+                if sx >= 0 && sx < self.width as i64 {
+                    let s = (sy as usize * self.width + sx as usize) * 3;
+                    data[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&self.data[s..s + 3]);
+                }
+            }
+        }
+        RgbImage { width: w, height: h, data }
+    }
+
+    /// Paste `src` with its top-left corner at (x, y) (clipped to this image), as Pillow's
+    /// `paste(src, (x, y))` without a mask.
+    pub fn paste(&mut self, src: &RgbImage, x: i64, y: i64) {
+        for sy in 0..src.height {
+            let dy = y + sy as i64;
+            if dy < 0 || dy >= self.height as i64 {
+                continue;
+            }
+            for sx in 0..src.width {
+                let dx = x + sx as i64;
+                if dx >= 0 && dx < self.width as i64 {
+                    let d = (dy as usize * self.width + dx as usize) * 3;
+                    let s = (sy * src.width + sx) * 3;
+                    self.data[d..d + 3].copy_from_slice(&src.data[s..s + 3]);
+                }
+            }
+        }
+    }
+
+    /// Pillow's `convert("L")`: `(299·R + 587·G + 114·B) / 1000` in its 16-bit fixed point.
+    pub fn to_luma(&self) -> Vec<u8> {
+        self.data
+            .chunks_exact(3)
+            .map(|p| ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8)
+            .collect()
     }
 
     /// `[1, 3, H, W]` f32 in [-1, 1] (`x / 255 · 2 - 1`).
@@ -136,13 +204,13 @@ fn lanczos(x: f64) -> f64 {
 
 /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc`: per output index, the first input
 /// index and the fixed-point weights.
-fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
-    let scale = in_size as f64 / out_size as f64;
+fn coefficients(in_size: usize, (in0, in1): (f64, f64), out_size: usize) -> Vec<(usize, Vec<i32>)> {
+    let scale = (in1 - in0) / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = LANCZOS_SUPPORT * filterscale;
     (0..out_size)
         .map(|xx| {
-            let center = (xx as f64 + 0.5) * scale;
+            let center = in0 + (xx as f64 + 0.5) * scale;
             let ss = 1.0 / filterscale;
             // C casts truncate toward zero.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
@@ -172,9 +240,9 @@ fn clip8(v: i64) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-fn resample_pass(img: &RgbImage, out: usize, horizontal: bool) -> RgbImage {
+fn resample_pass(img: &RgbImage, out: usize, horizontal: bool, span: (f64, f64)) -> RgbImage {
     let (w, h) = (img.width, img.height);
-    let coeffs = coefficients(if horizontal { w } else { h }, out);
+    let coeffs = coefficients(if horizontal { w } else { h }, span, out);
     let (ow, oh) = if horizontal { (out, h) } else { (w, out) };
     let mut data = vec![0u8; ow * oh * 3];
     for y in 0..oh {

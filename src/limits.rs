@@ -11,6 +11,8 @@ pub const MAX_PIXELS: usize = 4096 * 4096;
 pub const MAX_STEPS: usize = 1000;
 /// The most images one request makes.
 pub const MAX_COUNT: usize = 10_000;
+/// Images in one DiT batch (`--batch`).
+pub const MAX_BATCH: usize = 64;
 /// Prompts beyond 512 tokens are truncated anyway; this bounds the tokenizer's work.
 pub const MAX_PROMPT_BYTES: usize = 64 << 10;
 /// Reference images per request (FLUX.2 is trained with up to 10).
@@ -49,6 +51,13 @@ pub fn check_steps(steps: usize) -> Result<()> {
 pub fn check_count(count: usize) -> Result<()> {
     if count == 0 || count > MAX_COUNT {
         return Err(Error::InvalidArgument(format!("--count must be between 1 and {MAX_COUNT}; got {count}")));
+    }
+    Ok(())
+}
+
+pub fn check_batch(batch: usize) -> Result<()> {
+    if batch == 0 || batch > MAX_BATCH {
+        return Err(Error::InvalidArgument(format!("--batch must be between 1 and {MAX_BATCH}; got {batch}")));
     }
     Ok(())
 }

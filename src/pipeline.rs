@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backend::Backend;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::health::{self, Check};
 use crate::image_io::RgbImage;
@@ -33,6 +34,9 @@ pub struct PipelineInfo {
     pub root: PathBuf,
     /// Step- and guidance-distilled (`"is_distilled": true`); base models use real CFG.
     pub is_distilled: bool,
+    /// The KV variant (`"_class_name": "Flux2KleinKVPipeline"`, e.g. FLUX.2-klein-9b-kv): reference
+    /// tokens' K/V are computed at the first step and reused (distilled, no CFG).
+    pub kv: bool,
 }
 
 impl PipelineInfo {
@@ -49,9 +53,13 @@ impl PipelineInfo {
                 return Err(Error::config(root, format!("the pipeline has no `{component}/` folder")));
             }
         }
+        // diffusers marks the KV variant only by its pipeline class (its transformer config is the
+        // plain one), and that class does not store `is_distilled` (it is always distilled).
+        let kv = json.get("_class_name").and_then(|v| v.as_str()) == Some("Flux2KleinKVPipeline");
         Ok(PipelineInfo {
             root: root.to_path_buf(),
-            is_distilled: json.get("is_distilled").and_then(|v| v.as_bool()).unwrap_or(false),
+            is_distilled: json.get("is_distilled").and_then(|v| v.as_bool()).unwrap_or(kv),
+            kv,
         })
     }
 
@@ -120,6 +128,10 @@ pub struct Pipeline {
     prompt_cache: Option<PromptCache>,
     /// NVML, when present and the backend is a GPU.
     telemetry: Option<crate::telemetry::Telemetry>,
+    /// Synchronise after every denoising step (benchmarks' per-step times).
+    step_sync: bool,
+    /// The latent-to-RGB preview projection, fitted to the VAE on first use.
+    latent_rgb: Mutex<Option<Arc<crate::preview::LatentToRgb>>>,
 }
 
 /// One generation request. Sizes and steps left `None` take the pipeline defaults.
@@ -136,11 +148,35 @@ pub struct Request {
     pub timestep_mode: Option<TimestepMode>,
     /// Called after every denoising step; returning false cancels the run (`Error::Cancelled`).
     pub on_step: Option<StepHook>,
+    /// Inpainting / img2img (diffusers' `Flux2KleinInpaintPipeline`): the image to start from.
+    /// With it, `noise` is the tensor blended into its latents at the starting sigma.
+    pub init_image: Option<RgbImage>,
+    /// How far from the init image to start, in (0, 1] (default 0.8, diffusers' default).
+    pub strength: Option<f64>,
+    /// White pixels are repainted, black kept (same size as the init image); none: img2img.
+    pub mask: Option<RgbImage>,
+    /// diffusers' `padding_mask_crop`: work on the region around the mask, padded by this many
+    /// pixels, and paste the result back into the init image.
+    pub mask_crop: Option<usize>,
+    /// Reference K/V computed once and reused (`Flux2KleinKVPipeline`'s scheme) on any klein model;
+    /// KV-variant models always do this. Needs references.
+    pub kv_cache: bool,
+    /// Every this many steps, a cheap preview of the current x₀ estimate (`Output::previews`).
+    pub preview_every: Option<usize>,
 }
 
-/// A per-step callback: `(step just finished, 1-based; total steps) -> keep going`.
+/// What a step hook sees after each denoising step.
+pub struct StepProgress<'a> {
+    /// The step just finished, 1-based, of `steps`.
+    pub step: usize,
+    pub steps: usize,
+    /// The preview made at this step, if `preview_every` asked for one (the first image's).
+    pub preview: Option<&'a RgbImage>,
+}
+
+/// A per-step callback; returning false cancels the run.
 #[derive(Clone)]
-pub struct StepHook(pub Arc<dyn Fn(usize, usize) -> bool + Send + Sync>);
+pub struct StepHook(pub Arc<dyn Fn(&StepProgress) -> bool + Send + Sync>);
 
 impl std::fmt::Debug for StepHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -156,6 +192,34 @@ impl Request {
             crate::limits::check_steps(steps)?;
         }
         crate::limits::check_prompt(&self.prompt)?;
+        if let Some(strength) = self.strength {
+            crate::inpaint::check_strength(strength)?;
+        }
+        if self.preview_every == Some(0) {
+            return Err(Error::InvalidArgument("--preview-every must be at least 1 (a preview every K steps)".into()));
+        }
+        if self.init_image.is_none() {
+            for (set, flag) in [
+                (self.strength.is_some(), "--strength"),
+                (self.mask.is_some(), "--mask"),
+                (self.mask_crop.is_some(), "--mask-crop"),
+            ] {
+                if set {
+                    return Err(Error::InvalidArgument(format!("{flag} needs --init-image")));
+                }
+            }
+        }
+        if self.mask_crop.is_some() && self.mask.is_none() {
+            return Err(Error::InvalidArgument("--mask-crop needs --mask (it crops around the masked region)".into()));
+        }
+        if let (Some(init), Some(mask)) = (&self.init_image, &self.mask) {
+            if (mask.width, mask.height) != (init.width, init.height) {
+                return Err(Error::InvalidArgument(format!(
+                    "--mask is {}x{} but --init-image is {}x{}; they must be the same size",
+                    mask.width, mask.height, init.width, init.height
+                )));
+            }
+        }
         if let Some(g) = self.guidance.filter(|g| !g.is_finite()) {
             return Err(Error::InvalidArgument(format!("--guidance must be a finite number; got {g}")));
         }
@@ -177,6 +241,11 @@ pub struct Timings {
     pub encode: Duration,
     pub denoise: Duration,
     pub decode: Duration,
+    /// Each denoising step (host time; device-accurate only when `steps_synchronized`).
+    pub steps: Vec<Duration>,
+    /// Synchronise the device after every step (set through `Pipeline::set_step_sync` by
+    /// benchmarks), so `steps` are device times.
+    pub steps_synchronized: bool,
 }
 
 pub struct Output {
@@ -190,6 +259,9 @@ pub struct Output {
     pub timings: Timings,
     /// NVML readings at the end of each stage (empty without NVML).
     pub telemetry: Vec<(&'static str, crate::telemetry::Sample)>,
+    /// (step, preview of the x₀ estimate after it) for `Request::preview_every`; 1/8 of the
+    /// image's size (one pixel per VAE latent).
+    pub previews: Vec<(usize, RgbImage)>,
 }
 
 /// Encoded prompt (and the empty negative prompt for CFG), reusable across seeds.
@@ -206,6 +278,87 @@ pub struct References {
     pub ids: PositionIds,
     /// Size of the first reference after cropping (the default output size).
     pub first_size: (usize, usize),
+    /// Each reference's latent grid (rows, columns).
+    pub grids: Vec<(usize, usize)>,
+}
+
+impl References {
+    /// The ids with the first reference at time `t0` (then `t0 + 10`, ...): 10 in the editing
+    /// pipeline, 20 in the inpainting one (where the init image is the first condition).
+    pub fn ids_from(&self, t0: f32) -> Result<PositionIds> {
+        let parts: Vec<PositionIds> =
+            self.grids.iter().enumerate().map(|(i, &(h, w))| PositionIds::image(t0 + 10.0 * i as f32, h, w)).collect();
+        PositionIds::concat(&parts.iter().collect::<Vec<_>>())
+    }
+}
+
+/// The init image, mask and crop of an inpainting / img2img request, as the reference
+/// preprocesses them.
+pub struct PreparedInit {
+    /// The model's input image at the output size.
+    pub image: RgbImage,
+    /// The binarised mask at the output size, one value per pixel (None: img2img).
+    pub mask: Option<Vec<f32>>,
+    /// `padding_mask_crop`'s region (x1, y1, x2, y2) in the init image.
+    pub crop: Option<(i64, i64, i64, i64)>,
+}
+
+/// The output size of an inpainting / img2img request: explicit, else the init image's (area
+/// capped, floored to `multiple`).
+pub fn init_output_size(req: &Request, init: &RgbImage, multiple: usize) -> Result<(usize, usize)> {
+    let (fw, fh) = crate::inpaint::init_size(init.width, init.height, multiple);
+    if (fw == 0 || fh == 0) && (req.width.is_none() || req.height.is_none()) {
+        return Err(Error::InvalidArgument(format!(
+            "--init-image is {}x{}; it must be at least {multiple} pixels a side",
+            init.width, init.height
+        )));
+    }
+    let (w, h) = (req.width.unwrap_or(fw), req.height.unwrap_or(fh));
+    crate::limits::check_output_size(w, h, multiple)?;
+    Ok((w, h))
+}
+
+/// Resize the init image and mask to the output size and find the crop region, as
+/// `Flux2KleinInpaintPipeline.__call__` does (area cap to 1024², Lanczos resize, binarised mask;
+/// with `padding_mask_crop`, the crop around the mask and the fill resize).
+pub fn prepare_init(req: &Request, init: &RgbImage, width: usize, height: usize) -> Result<PreparedInit> {
+    let (rw, rh) = capped_reference_size(init.width, init.height);
+    let capped = if (rw, rh) != (init.width, init.height) { init.resize_lanczos(rw, rh) } else { init.clone() };
+    let sized = |img: &RgbImage| {
+        if (img.width, img.height) == (width, height) {
+            img.clone()
+        } else {
+            img.resize_lanczos(width, height)
+        }
+    };
+    let crop = match (req.mask_crop, &req.mask) {
+        (Some(pad), Some(mask)) => {
+            if (rw, rh) != (init.width, init.height) {
+                return Err(Error::InvalidArgument(format!(
+                    "--mask-crop works on init images of at most {REFERENCE_MAX_AREA} pixels (this one is {}x{} and \
+                     would be resized, which the reference's overlay does not support)",
+                    init.width, init.height
+                )));
+            }
+            Some(crate::inpaint::crop_region(mask, width, height, pad))
+        }
+        _ => None,
+    };
+    let fill = |img: &RgbImage, c: (i64, i64, i64, i64)| {
+        crate::inpaint::resize_and_fill(&img.crop(c.0, c.1, c.2, c.3), width, height)
+    };
+    let image = match crop {
+        Some(c) => fill(&capped, c),
+        None => sized(&capped),
+    };
+    let mask = req.mask.as_ref().map(|m| {
+        let m = match crop {
+            Some(c) => fill(m, c),
+            None => sized(m),
+        };
+        crate::inpaint::binarize(&m)
+    });
+    Ok(PreparedInit { image, mask, crop })
 }
 
 /// How the components are stored and when they are on the device.
@@ -334,6 +487,8 @@ impl Pipeline {
             prompt_cache,
             telemetry,
             options,
+            step_sync: false,
+            latent_rgb: Mutex::new(None),
         };
         if pipeline.options.residency.eager {
             pipeline.text_encoder()?;
@@ -407,6 +562,25 @@ impl Pipeline {
         &self.be
     }
 
+    /// The preview projection (fitted to this pipeline's VAE on the first call).
+    pub fn latent_to_rgb(&self) -> Result<Arc<crate::preview::LatentToRgb>> {
+        let mut slot = self.latent_rgb.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = slot.as_ref() {
+            return Ok(p.clone());
+        }
+        let fit =
+            Arc::new(crate::preview::LatentToRgb::fit(&*self.be, &self.vae, self.transformer_config.in_channels)?);
+        tracing::info!("preview projection fitted to the VAE (R² {:.3})", fit.r2);
+        *slot = Some(fit.clone());
+        Ok(fit)
+    }
+
+    /// Synchronise the device after every denoising step, so `Timings::steps` are device times
+    /// (benchmarks; costs a host round trip per step).
+    pub fn set_step_sync(&mut self, on: bool) {
+        self.step_sync = on;
+    }
+
     /// Whether the VAE encoder has been loaded (references need it; text-to-image does not).
     pub fn vae_encoder_loaded(&self) -> bool {
         self.vae_encoder.lock().map(|s| s.is_some()).unwrap_or(false)
@@ -464,6 +638,7 @@ impl Pipeline {
         let mut tokens = Vec::new();
         let mut ids = Vec::new();
         let mut first_size = (0, 0);
+        let mut grids = Vec::new();
         crate::limits::check_reference_count(images.len())?;
         for (i, img) in images.iter().enumerate() {
             let (w, h) = (img.width, img.height);
@@ -478,6 +653,7 @@ impl Pipeline {
             let x = be.upload(&img.to_tensor()?, be.activation_dtype())?;
             let latents = self.vae_encoder()?.encode_normalized(&x)?;
             let (lh, lw) = (latents.dim(2), latents.dim(3));
+            grids.push((lh, lw));
             tokens.push(pack(be, &latents)?);
             ids.push(PositionIds::image(10.0 + 10.0 * i as f32, lh, lw));
         }
@@ -485,7 +661,7 @@ impl Pipeline {
         health::record(be, &tokens, Check::ReferenceLatents)?;
         health::verify(be, 0)?;
         let ids = PositionIds::concat(&ids.iter().collect::<Vec<_>>())?;
-        Ok(Some(References { tokens, ids, first_size }))
+        Ok(Some(References { tokens, ids, first_size, grids }))
     }
 
     /// Generate one image. `prompt` may be pre-encoded (for several seeds of one prompt).
@@ -495,7 +671,24 @@ impl Pipeline {
         encoded: Option<&EncodedPrompt>,
         refs: Option<&References>,
     ) -> Result<Output> {
+        let mut outputs = self.generate_batch(req, 1, encoded, refs)?;
+        Ok(outputs.remove(0))
+    }
+
+    /// Generate `n` images in one batch through the DiT: seeds `req.seed .. req.seed + n - 1`, or
+    /// the `n` rows of `req.noise` (`[n, 4z, H/16, W/16]`). Each image equals its single run
+    /// within the backend's tolerance (the same ops on more rows).
+    pub fn generate_batch(
+        &self,
+        req: &Request,
+        n: usize,
+        encoded: Option<&EncodedPrompt>,
+        refs: Option<&References>,
+    ) -> Result<Vec<Output>> {
         let be = &*self.be;
+        if n == 0 {
+            return Err(Error::InvalidArgument("a batch needs at least one image".into()));
+        }
         let (default_steps, default_guidance) = self.info.defaults();
         req.validate()?;
         let steps = req.steps.unwrap_or(default_steps);
@@ -504,7 +697,7 @@ impl Pipeline {
         if self.info.is_distilled && guidance > 1.0 {
             tracing::warn!("guidance {guidance} is ignored: this is a guidance-distilled model (no CFG)");
         }
-        let mut timings = Timings::default();
+        let mut timings = Timings { steps_synchronized: self.step_sync, ..Default::default() };
         let mut telemetry = Vec::new();
 
         let owned;
@@ -521,70 +714,202 @@ impl Pipeline {
         };
 
         let first_reference = refs.map(|r| r.first_size);
-        let (width, height) =
-            output_size(req.width, req.height, first_reference, req.noise.as_ref(), self.pixel_multiple())?;
         let m = self.pixel_multiple();
+        let (width, height) = match &req.init_image {
+            Some(init) => init_output_size(req, init, m)?,
+            None => output_size(req.width, req.height, first_reference, req.noise.as_ref(), m)?,
+        };
         let (h, w) = (height / m, width / m);
         let c = self.transformer_config.in_channels;
         let transformer = self.transformer()?;
         let act = be.activation_dtype();
         let noise = match &req.noise {
-            Some(n) => {
-                if n.shape() != [1, c, h, w] {
+            Some(x) => {
+                if x.shape() != [n, c, h, w] {
                     return Err(Error::InvalidArgument(format!(
-                        "the noise tensor is {:?}; a {width}x{height} image needs [1, {c}, {h}, {w}]",
-                        n.shape()
+                        "the noise tensor is {:?}; {} {width}x{height} image{} need{} [{n}, {c}, {h}, {w}]",
+                        x.shape(),
+                        if n == 1 { "a".to_string() } else { n.to_string() },
+                        if n == 1 { "" } else { "s" },
+                        if n == 1 { "s" } else { "" },
                     )));
                 }
-                n.clone()
+                x.clone()
             }
-            None => seeded_noise(req.seed, &[1, c, h, w])?,
+            None => {
+                let mut all = Vec::with_capacity(n * c * h * w);
+                for i in 0..n {
+                    all.extend(seeded_noise(req.seed.wrapping_add(i as u64), &[1, c, h, w])?.to_vec_f32()?);
+                }
+                Tensor::from_f32(all, &[n, c, h, w])?
+            }
         };
-        let mut latents = pack(be, &be.upload(&noise, act)?)?;
+        // `n` copies along the batch of a `[1, ..]` tensor.
+        let repeat = |x: &Tensor, k: usize| -> Result<Tensor> {
+            if k == 1 {
+                Ok(x.clone())
+            } else {
+                be.concat(&vec![x; k], 0)
+            }
+        };
+        let schedule = Schedule::new(&self.scheduler, h * w, steps)?;
+        let noise = pack(be, &be.upload(&noise, act)?)?;
+
+        // Inpainting / img2img: the init image's latents, noised to the starting sigma, are the
+        // starting point and also the first condition image (t = 10; references follow at 20, ...).
+        let init = match &req.init_image {
+            Some(img) => {
+                let prepared = prepare_init(req, img, width, height)?;
+                let x = be.upload(&prepared.image.to_tensor()?, act)?;
+                let tokens = pack(be, &self.vae_encoder()?.encode_normalized(&x)?)?;
+                health::record(be, &tokens, Check::ReferenceLatents)?;
+                let tokens = repeat(&tokens, n)?;
+                let mask = match &prepared.mask {
+                    Some(pixels) => {
+                        Some(MaskBlend::new(be, &crate::inpaint::mask_tokens(pixels, width, height, w, h))?)
+                    }
+                    None => None,
+                };
+                Some((prepared, tokens, mask))
+            }
+            None => None,
+        };
+        let t_start = match &req.init_image {
+            Some(_) => crate::inpaint::start_step(steps, req.strength.unwrap_or(crate::inpaint::DEFAULT_STRENGTH))?,
+            None => 0,
+        };
+        let mut latents = match &init {
+            Some((_, tokens, _)) => {
+                let sigma = schedule.sigmas[t_start];
+                be.axpby(sigma, &noise, 1.0 - sigma, tokens)?
+            }
+            None => noise.clone(),
+        };
         let img_ids = PositionIds::image(0.0, h, w);
         let txt_ids = PositionIds::text(prompt.context.dim(1));
-        let all_ids = match refs {
-            Some(r) => PositionIds::concat(&[&img_ids, &r.ids])?,
+        let (condition, condition_ids) = match (&init, refs) {
+            (Some((_, tokens, _)), Some(r)) => (
+                Some(be.concat(&[tokens, &repeat(&r.tokens, n)?], 1)?),
+                Some(PositionIds::concat(&[&PositionIds::image(10.0, h, w), &r.ids_from(20.0)?])?),
+            ),
+            (Some((_, tokens, _)), None) => (Some(tokens.clone()), Some(PositionIds::image(10.0, h, w))),
+            (None, Some(r)) => (Some(repeat(&r.tokens, n)?), Some(r.ids.clone())),
+            (None, None) => (None, None),
+        };
+        let all_ids = match &condition_ids {
+            Some(ids) => PositionIds::concat(&[&img_ids, ids])?,
             None => img_ids.clone(),
         };
-        // CFG runs conditional and unconditional rows as one batch of two.
+        // The batch's rows, then (CFG) as many unconditional rows, in one DiT batch.
         let context = match &prompt.negative {
-            Some(neg) if cfg => be.concat(&[&prompt.context, neg], 0)?,
-            _ => prompt.context.clone(),
+            Some(neg) if cfg => be.concat(&[&repeat(&prompt.context, n)?, &repeat(neg, n)?], 0)?,
+            _ => repeat(&prompt.context, n)?,
         };
-        let batch = context.dim(0);
+        let rows = context.dim(0);
 
-        let schedule = Schedule::new(&self.scheduler, h * w, steps)?;
+        if req.kv_cache && refs.is_none() {
+            return Err(Error::InvalidArgument(
+                "--kv-cache needs reference images (--ref): it caches their keys and values".into(),
+            ));
+        }
+        // The KV scheme (diffusers' Flux2KleinKVPipeline): the first step runs the condition tokens
+        // (prepended, modulated at t = 0, attending only to themselves) and keeps their K/V; the
+        // later steps run the image tokens alone against the kept K/V.
+        let use_kv = (self.info.kv || req.kv_cache) && condition.is_some();
+        let mut kv_cache = None;
+        let mut step_times = Vec::with_capacity(steps - t_start);
+
         let mode = req.timestep_mode.unwrap_or(TimestepMode::Diffusers);
-        let stage = Stage::new("denoise", steps as u64);
-        for i in 0..steps {
-            let mut input = match refs {
-                Some(r) => be.concat(&[&latents, &r.tokens], 1)?,
-                None => latents.clone(),
+        let run_steps = steps - t_start;
+        let stage = Stage::new("denoise", run_steps as u64);
+        let preview = match req.preview_every {
+            Some(k) => Some((k, self.latent_to_rgb()?)),
+            None => None,
+        };
+        let mut previews: Vec<Vec<(usize, RgbImage)>> = vec![Vec::new(); n];
+        for i in 0..run_steps {
+            let step_start = std::time::Instant::now();
+            let s = t_start + i;
+            let step_input = latents.clone();
+            let t = vec![schedule.model_time(s, mode, act); rows];
+            let v = if use_kv {
+                let cfg_rows = |x: &Tensor| if rows == 2 * n { be.concat(&[x, x], 0) } else { Ok(x.clone()) };
+                let input = cfg_rows(&latents)?;
+                match &kv_cache {
+                    None => {
+                        let (cond, cond_ids) = (condition.as_ref().unwrap(), condition_ids.as_ref().unwrap());
+                        let (v, cache) = transformer.forward_kv_extract(
+                            &input,
+                            &cfg_rows(cond)?,
+                            &context,
+                            &t,
+                            &img_ids,
+                            cond_ids,
+                            &txt_ids,
+                            0.0,
+                        )?;
+                        tracing::debug!("reference K/V cache: {} tokens, {} bytes", cache.tokens, cache.bytes());
+                        kv_cache = Some(cache);
+                        v
+                    }
+                    Some(cache) => transformer.forward_kv_cached(&input, &context, &t, &img_ids, &txt_ids, cache)?,
+                }
+            } else {
+                let mut input = match &condition {
+                    Some(cond) => be.concat(&[&latents, cond], 1)?,
+                    None => latents.clone(),
+                };
+                if rows == 2 * n {
+                    input = be.concat(&[&input, &input], 0)?;
+                }
+                let v = transformer.forward(&input, &context, &t, &all_ids, &txt_ids, None)?;
+                v.narrow(1, 0, h * w)?
             };
-            if batch == 2 {
-                input = be.concat(&[&input, &input], 0)?;
-            }
-            let t = vec![schedule.model_time(i, mode, act); batch];
-            let v = transformer.forward(&input, &context, &t, &all_ids, &txt_ids, None)?;
-            let v = v.narrow(1, 0, h * w)?;
-            let v = if batch == 2 {
-                let (cond, uncond) = (v.narrow(0, 0, 1)?, v.narrow(0, 1, 1)?);
+            let v = if rows == 2 * n {
+                let (cond, uncond) = (v.narrow(0, 0, n)?, v.narrow(0, n, n)?);
                 be.axpby(1.0 - guidance, &uncond, guidance, &cond)?
             } else {
                 v
             };
-            latents = be.axpby(1.0, &latents, schedule.dt(i), &v)?;
+            latents = be.axpby(1.0, &latents, schedule.dt(s), &v)?;
+            if let Some((k, projection)) = &preview {
+                if (i + 1) % k == 0 {
+                    // Flow matching: x_t = (1 − σ)·x₀ + σ·ε and v = ε − x₀, so x₀ = x_t − σ·v.
+                    let x0 = be.axpby(1.0, &step_input, -schedule.sigmas[s], &v)?;
+                    for (b, list) in previews.iter_mut().enumerate() {
+                        let grid = unpack(be, &x0.narrow(0, b, 1)?, h, w)?;
+                        list.push((i + 1, projection.apply(be, &self.vae, &grid)?));
+                    }
+                }
+            }
+            // The known region is re-imposed: the init latents noised to the next sigma (clean
+            // after the last step), blended through the token mask.
+            if let Some((_, tokens, Some(mask))) = &init {
+                let known = if i + 1 < run_steps {
+                    let sigma = schedule.sigmas[s + 1];
+                    be.axpby(sigma, &noise, 1.0 - sigma, tokens)?
+                } else {
+                    tokens.clone()
+                };
+                latents = mask.blend(be, &known, &latents)?;
+            }
             health::record(be, &latents, Check::Step(i))?;
+            if timings.steps_synchronized {
+                be.synchronize()?;
+            }
+            step_times.push(step_start.elapsed());
             stage.tick();
             if let Some(hook) = &req.on_step {
-                if !(hook.0)(i + 1, steps) {
+                let preview = previews.first().and_then(|l| l.last()).filter(|(s, _)| *s == i + 1).map(|(_, p)| p);
+                if !(hook.0)(&StepProgress { step: i + 1, steps: run_steps, preview }) {
                     return Err(Error::Cancelled);
                 }
             }
         }
+        drop(kv_cache);
+        timings.steps = step_times;
         // One read for the whole loop: the earliest step that went non-finite.
-        health::verify(be, steps)?;
+        health::verify(be, run_steps)?;
         timings.denoise = stage.finish();
         self.sample("denoise", &mut telemetry);
         drop(transformer);
@@ -592,16 +917,66 @@ impl Pipeline {
             *self.transformer.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
 
-        let stage = Stage::new("decode", 1);
-        let grid = unpack(be, &latents, h, w)?;
-        let pixels = self.vae.decode_normalized_tiled(&grid, self.options.residency.decode_tile)?;
-        health::record(be, &pixels, Check::DecodedImage)?;
-        health::verify(be, steps)?;
-        let image = RgbImage::from_decoded(&pixels.to_vec_f32()?, width, height)?;
-        stage.tick();
+        let stage = Stage::new("decode", n as u64);
+        let mut decoded = Vec::with_capacity(n);
+        for b in 0..n {
+            let grid = unpack(be, &latents.narrow(0, b, 1)?, h, w)?;
+            let pixels = self.vae.decode_normalized_tiled(&grid, self.options.residency.decode_tile)?;
+            health::record(be, &pixels, Check::DecodedImage)?;
+            health::verify(be, run_steps)?;
+            let mut image = RgbImage::from_decoded(&pixels.to_vec_f32()?, width, height)?;
+            if let (Some((prepared, _, _)), Some(init), Some(mask)) = (&init, &req.init_image, &req.mask) {
+                if let Some(crop) = prepared.crop {
+                    image = crate::inpaint::apply_overlay(mask, init, &image, crop);
+                }
+            }
+            decoded.push((image, grid, pixels));
+            stage.tick();
+        }
         timings.decode = stage.finish();
         self.sample("decode", &mut telemetry);
-        Ok(Output { image, latents: grid, pixels, steps, guidance, timings, telemetry })
+        Ok(decoded
+            .into_iter()
+            .zip(previews)
+            .map(|((image, latents, pixels), previews)| Output {
+                image,
+                latents,
+                pixels,
+                steps: run_steps,
+                guidance,
+                timings: timings.clone(),
+                telemetry: telemetry.clone(),
+                previews,
+            })
+            .collect())
+    }
+}
+
+/// `(1 - m)·known + m·latents` per token (diffusers' mask re-imposition), as two per-token
+/// scalings and a sum, so it runs on every backend with the existing ops.
+struct MaskBlend {
+    mask: Tensor,
+    inverse: Tensor,
+    zeros: Tensor,
+}
+
+impl MaskBlend {
+    fn new(be: &dyn Backend, mask: &[f32]) -> Result<MaskBlend> {
+        let n = mask.len();
+        let up = |v: Vec<f32>| be.upload(&Tensor::from_f32(v, &[n])?, DType::F32);
+        Ok(MaskBlend {
+            mask: up(mask.to_vec())?,
+            inverse: up(mask.iter().map(|m| 1.0 - m).collect())?,
+            zeros: up(vec![0.0; n])?,
+        })
+    }
+
+    /// `known`, `latents` `[1, L, C]`.
+    fn blend(&self, be: &dyn Backend, known: &Tensor, latents: &Tensor) -> Result<Tensor> {
+        let as_grid = |x: &Tensor| be.contiguous(x)?.reshape(&[x.dim(0), x.dim(1), x.dim(2), 1]);
+        let keep = be.channel_affine(&as_grid(known)?, &self.inverse, &self.zeros)?;
+        let new = be.channel_affine(&as_grid(latents)?, &self.mask, &self.zeros)?;
+        be.axpby(1.0, &keep, 1.0, &new)?.reshape(latents.shape())
     }
 }
 

@@ -309,6 +309,8 @@ pub struct PipelineSpec {
     pub text_encoder: crate::model::qwen3::Qwen3Config,
     pub vae: crate::model::vae::VaeConfig,
     pub distilled: bool,
+    /// The KV variant (`Flux2KleinKVPipeline`).
+    pub kv: bool,
 }
 
 impl PipelineSpec {
@@ -318,6 +320,7 @@ impl PipelineSpec {
             text_encoder: crate::model::qwen3::Qwen3Config::qwen3_4b(),
             vae: Default::default(),
             distilled: true,
+            kv: false,
         }
     }
 
@@ -327,6 +330,7 @@ impl PipelineSpec {
             text_encoder: crate::model::qwen3::Qwen3Config::qwen3_8b(),
             vae: Default::default(),
             distilled: true,
+            kv: false,
         }
     }
 
@@ -338,6 +342,7 @@ impl PipelineSpec {
             text_encoder: crate::model::qwen3::Qwen3Config::from_json_file(&root.join("text_encoder/config.json"))?,
             vae: crate::model::vae::VaeConfig::from_json_file(&root.join("vae/config.json"))?,
             distilled: info.is_distilled,
+            kv: info.kv,
         })
     }
 }

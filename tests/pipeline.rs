@@ -125,3 +125,71 @@ fn base_model_defaults_to_cfg() {
         .unwrap();
     assert_eq!((out.steps, out.guidance), (2, 4.0));
 }
+
+/// `--batch N` runs N seeds as one DiT batch; each image equals its single run (the CPU backend
+/// computes every row with the same arithmetic), for text-to-image, editing and CFG.
+#[test]
+fn a_batch_equals_its_single_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let distilled = Pipeline::load(be.clone(), &fixtures().join("pipeline")).unwrap();
+    let base = Pipeline::load(be, &base_pipeline(&tmp.path().join("base"))).unwrap();
+    let edit = pipeline_cases().into_iter().find(|c| c.name == "edit_one_ref").unwrap();
+    let refs = distilled.prepare_references(&edit.references).unwrap();
+    let plain = Request {
+        prompt: "一只猫".into(),
+        width: Some(48),
+        height: Some(32),
+        steps: Some(3),
+        seed: 40,
+        ..Default::default()
+    };
+    let runs: Vec<(&Pipeline, Request, Option<&flux2::pipeline::References>)> = vec![
+        (&distilled, plain.clone(), None),
+        (
+            &distilled,
+            Request { prompt: "make it winter".into(), width: None, height: None, ..plain.clone() },
+            refs.as_ref(),
+        ),
+        (&base, Request { guidance: Some(3.0), ..plain.clone() }, None),
+    ];
+    for (pipe, req, refs) in runs {
+        let batch = pipe.generate_batch(&req, 3, None, refs).unwrap();
+        assert_eq!(batch.len(), 3);
+        for (i, out) in batch.iter().enumerate() {
+            let single = pipe.generate(&Request { seed: req.seed + i as u64, ..req.clone() }, None, refs).unwrap();
+            let (a, b) = (out.latents.to_vec_f32().unwrap(), single.latents.to_vec_f32().unwrap());
+            let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            println!("batch row {i}: max latent difference to the single run {diff:e}");
+            assert!(diff <= 1e-5, "image {i}: batched latents differ from the single run by {diff}");
+            // Pixels may round the other way where a value sits on a half step.
+            let px = out.image.data.iter().zip(&single.image.data).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+            assert!(px <= 1, "image {i}: a pixel differs by {px}");
+        }
+        assert_ne!(batch[0].image.data, batch[1].image.data, "seeds differ");
+    }
+}
+
+#[test]
+fn batch_cli_writes_one_file_per_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("b.png");
+    let pipe = fixtures().join("pipeline");
+    let flags = ["--prompt", "x", "--width", "32", "--height", "32", "--seed", "5", "--batch", "2", "--count", "2"];
+    let (ok, stdout, err) = run_cli(&generate_args(pipe.to_str().unwrap(), &out, &flags));
+    assert!(ok, "{err}");
+    assert_eq!(stdout.lines().count(), 4);
+    for s in 5..9 {
+        assert!(tmp.path().join(format!("b-{s}.png")).is_file(), "b-{s}.png");
+    }
+    // The 4th image (second batch, second row) is the single run of seed 8.
+    let single = tmp.path().join("s.png");
+    let (ok, _, _) = run_cli(&generate_args(
+        pipe.to_str().unwrap(),
+        &single,
+        &["--prompt", "x", "--width", "32", "--height", "32", "--seed", "8"],
+    ));
+    assert!(ok);
+    let (a, b) = (RgbImage::load(&single).unwrap(), RgbImage::load(&tmp.path().join("b-8.png")).unwrap());
+    assert!(mean_pixel_error(&a, &b) <= 0.01);
+}

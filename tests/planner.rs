@@ -18,6 +18,8 @@ fn input(spec: PipelineSpec, tp: TransformerPrecision, ep: EncoderPrecision, sid
         height: side,
         references: vec![],
         cfg: false,
+        batch: 1,
+        kv_cache: false,
         budget,
     }
 }
@@ -169,4 +171,48 @@ fn block_streaming_counts_the_block_in_flight() {
     for budget in [GIB, 2 * GIB, 4 * GIB] {
         let _ = planner::plan(&input(spec.clone(), TransformerPrecision::Bf16, EncoderPrecision::Int4, 1024, budget));
     }
+}
+
+#[test]
+fn a_batch_needs_more_denoise_memory() {
+    let one = input(PipelineSpec::klein_4b(), TransformerPrecision::Bf16, EncoderPrecision::Bf16, 1024, 80 * GIB);
+    let four = PlanInput { batch: 4, ..one.clone() };
+    let denoise = |i: &PlanInput| {
+        let p = planner::plan(i).unwrap();
+        p.phases.iter().find(|p| p.name == "denoise").unwrap().peak
+    };
+    let (d1, d4) = (denoise(&one), denoise(&four));
+    assert!(d4 > d1, "batch 4 denoise peak {d4} <= batch 1 {d1}");
+    // Activations scale with the rows; the weights do not.
+    let act =
+        |i: &PlanInput| planner::plan(i).unwrap().phases.iter().find(|p| p.name == "denoise").unwrap().activations;
+    assert_eq!(act(&four), 4 * act(&one));
+}
+
+#[test]
+fn the_kv_cache_is_planned() {
+    let mut inp = input(PipelineSpec::klein_9b(), TransformerPrecision::Bf16, EncoderPrecision::Bf16, 1024, 80 * GIB);
+    inp.references = vec![(1024, 1024)];
+    let without = planner::plan(&inp).unwrap();
+    let with = planner::plan(&PlanInput { kv_cache: true, ..inp.clone() }).unwrap();
+    // 9B: 8 double + 24 single blocks, hidden 4096; K and V of 4096 reference tokens in bf16.
+    let expected = 32 * 2 * 4096 * 4096 * 2;
+    assert_eq!(with.weights.kv_cache, expected);
+    assert_eq!(without.weights.kv_cache, 0);
+    let denoise = |p: &planner::Plan| p.phases.iter().find(|p| p.name == "denoise").unwrap().peak;
+    assert_eq!(denoise(&with), denoise(&without) + expected);
+    let (ok, stdout, err) = common::run_cli(&[
+        "plan",
+        "--config",
+        "klein-9b",
+        "--vram-budget",
+        "80GiB",
+        "--ref",
+        "1024x1024",
+        "--kv-cache",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["weights"]["kv_cache"], expected);
 }

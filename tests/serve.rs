@@ -147,10 +147,74 @@ fn edits_take_reference_images() {
 }
 
 #[test]
+fn edits_with_a_mask_inpaint_as_the_cli_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&[]);
+    let image = tmp.path().join("image.png");
+    let pixels: Vec<u8> = (0..64 * 48 * 3).map(|i| (i * 13 % 241) as u8).collect();
+    RgbImage { width: 64, height: 48, data: pixels }.save_png(&image, &[]).unwrap();
+    // OpenAI's mask: transparent where the image is to be edited (the left half here).
+    let mask_rgba = image::RgbaImage::from_fn(64, 48, |x, _| image::Rgba([0, 0, 0, if x < 32 { 0 } else { 255 }]));
+    let mask_path = tmp.path().join("mask.png");
+    mask_rgba.save(&mask_path).unwrap();
+    let form = reqwest::blocking::multipart::Form::new()
+        .text("prompt", "a red fox")
+        .text("seed", "3")
+        .text("strength", "0.75")
+        .file("image", &image)
+        .unwrap()
+        .file("mask", &mask_path)
+        .unwrap();
+    let (status, body) = json(client().post(format!("{}/v1/images/edits", server.url)).multipart(form).send().unwrap());
+    assert_eq!(status, 200, "{body}");
+    let got = decode_png(body["data"][0]["b64_json"].as_str().unwrap());
+    // The same edit from the CLI, with the mask in its white-means-repaint form.
+    let white_left = tmp.path().join("white-left.png");
+    let data = (0..48).flat_map(|_| (0..64).flat_map(|x| [if x < 32 { 255u8 } else { 0 }; 3])).collect();
+    RgbImage { width: 64, height: 48, data }.save_png(&white_left, &[]).unwrap();
+    let out = tmp.path().join("cli.png");
+    let model = fixtures().join("pipeline");
+    let args = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red fox",
+        "--seed",
+        "3",
+        "--init-image",
+        image.to_str().unwrap(),
+        "--mask",
+        white_left.to_str().unwrap(),
+        "--strength",
+        "0.75",
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    let (ok, _, err) = run_cli(&args);
+    assert!(ok, "{err}");
+    assert_eq!(got, RgbImage::load(&out).unwrap(), "the server's inpainting differs from the CLI's");
+    // A mask of another size.
+    let small = tmp.path().join("small-mask.png");
+    image::RgbaImage::new(16, 16).save(&small).unwrap();
+    let form = reqwest::blocking::multipart::Form::new()
+        .text("prompt", "x")
+        .file("image", &image)
+        .unwrap()
+        .file("mask", &small)
+        .unwrap();
+    let (status, body) = json(client().post(format!("{}/v1/images/edits", server.url)).multipart(form).send().unwrap());
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("mask")), "{body}");
+}
+
+#[test]
 fn streaming_sends_progress_then_images() {
     let server = Server::start(&[]);
     let r = server.post_json(&serde_json::json!({
-        "prompt": "a red fox", "n": 2, "size": "32x32", "seed": 1, "num_inference_steps": 3, "stream": true
+        "prompt": "a red fox", "n": 2, "size": "32x32", "seed": 1, "num_inference_steps": 3, "stream": true,
+        "partial_images": 1
     }));
     assert_eq!(r.status().as_u16(), 200);
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
@@ -171,6 +235,14 @@ fn streaming_sends_progress_then_images() {
     assert_eq!(images[0].1["type"], "image_generation.completed");
     assert_eq!(decode_png(images[1].1["b64_json"].as_str().unwrap()).width, 32);
     assert_eq!(kinds.last(), Some(&"flux2.done"), "{kinds:?}");
+    // partial_images 1: one preview per image (after step 2 of 3), before that image completes.
+    let partial: Vec<_> = events.iter().filter(|(e, _)| e == "image_generation.partial_image").collect();
+    assert_eq!(partial.len(), 2, "{kinds:?}");
+    assert_eq!(partial[0].1["step"], 2);
+    assert_eq!(decode_png(partial[0].1["b64_json"].as_str().unwrap()).width, 4, "previews are 1/8 of the image");
+    let first_partial = kinds.iter().position(|k| *k == "image_generation.partial_image").unwrap();
+    let first_image = kinds.iter().position(|k| *k == "image_generation.completed").unwrap();
+    assert!(first_partial < first_image, "{kinds:?}");
     assert_eq!(events.last().unwrap().1["seeds"], serde_json::json!([1, 2]));
 }
 

@@ -5,7 +5,7 @@ Every fixture is a tiny random model of the real architecture, run in float32 on
 Usage (from the repo root):
 
     python3 -m venv .venv-ref && .venv-ref/bin/pip install -r scripts/reference/requirements.txt
-    .venv-ref/bin/python scripts/reference/make_fixtures.py [--only transformer|pipeline]
+    .venv-ref/bin/python scripts/reference/make_fixtures.py [--only transformer|pipeline|workflows]
 
 Output goes to tests/fixtures/. The script is deterministic (fixed seeds).
 """
@@ -147,7 +147,7 @@ def make_transformer_fixtures():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["transformer", "pipeline"])
+    ap.add_argument("--only", choices=["transformer", "pipeline", "workflows"])
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.only in (None, "transformer"):
@@ -155,6 +155,12 @@ def main():
     if args.only in (None, "pipeline"):
         import make_pipeline_fixtures  # noqa: F401  (extended by the pipeline issue)
         make_pipeline_fixtures.main(FIXTURES)
+    if args.only in (None, "workflows"):
+        # Inpainting, img2img and KV cases on the committed pipeline (which they only read).
+        import make_pipeline_fixtures
+
+        make_pipeline_fixtures.make_workflow_fixtures(FIXTURES)
+        make_pipeline_fixtures.make_kv_fixtures(FIXTURES)
 
 
 if __name__ == "__main__":

@@ -273,3 +273,134 @@ def main(fixtures):
     make_components(distilled, fixtures)
     make_tokenizer_ids(distilled.tokenizer, fixtures)
     make_resize_fixtures(fixtures)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workflows (inpainting, img2img, the KV pipeline) on the committed distilled pipeline. Written to
+# tests/fixtures/workflows/<name>/; the pipeline folder and the cases above are only read.
+
+def mask_image(w, h, box, soft=0):
+    """A white rectangle on black with a `soft`-pixel grey ramp around it (tests binarisation)."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    x0, y0, x1, y1 = box
+    dx = np.maximum(np.maximum(x0 - x, x - (x1 - 1)), 0)
+    dy = np.maximum(np.maximum(y0 - y, y - (y1 - 1)), 0)
+    d = np.maximum(dx, dy)
+    v = np.where(d == 0, 255.0, np.clip(255.0 * (1 - d / (soft + 1)), 0, 255) if soft else 0.0)
+    return Image.fromarray(v.round().astype(np.uint8), "L")
+
+
+def captured_randn(module):
+    """Record every `randn_tensor` draw of a pipeline module (the noise of `prepare_latents`)."""
+    draws = []
+    original = module.randn_tensor
+
+    def wrapper(*args, **kwargs):
+        t = original(*args, **kwargs)
+        draws.append(t.clone())
+        return t
+
+    module.randn_tensor = wrapper
+    return draws, lambda: setattr(module, "randn_tensor", original)
+
+
+def run_inpaint_case(pipe, name, fixtures, prompt, init_size, steps, strength, seed, mask_box=None, soft=0,
+                     ref_size=None, crop=None, guidance=1.0):
+    import diffusers.pipelines.flux2.pipeline_flux2_klein_inpaint as module
+
+    out = fixtures / "workflows" / name
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    init = pil_rgb(seed, *init_size)
+    init.save(out / "init.png")
+    if mask_box is not None:
+        mask = mask_image(*init_size, mask_box, soft)
+        mask.save(out / "mask.png")
+    else:  # img2img: the reference needs a mask; all white is the same as none
+        mask = Image.new("L", init_size, 255)
+    ref = None
+    if ref_size is not None:
+        ref = pil_rgb(seed + 100, *ref_size)
+        ref.save(out / "ref0.png")
+    kwargs = dict(prompt=prompt, image=init, mask_image=mask, image_reference=ref, strength=strength,
+                  num_inference_steps=steps, guidance_scale=guidance, padding_mask_crop=crop)
+    results = {}
+    draws, restore = captured_randn(module)
+    try:
+        with torch.no_grad():
+            for kind in (["pil"] if crop is not None else ["pil", "np", "latent"]):
+                g = torch.Generator().manual_seed(seed)
+                results[kind] = pipe(**kwargs, generator=g, output_type=kind).images
+    finally:
+        restore()
+    noise = draws[0]
+    assert all(torch.equal(d, noise) for d in draws)
+    save_file({"noise": noise.float().contiguous()}, out / "noise.safetensors")
+    pil = results["pil"][0]
+    pil.save(out / "expected.png")
+    if crop is None:
+        tensors = {"latents": results["latent"], "image": torch.from_numpy(results["np"]).permute(0, 3, 1, 2)}
+        save_file({k: v.float().contiguous() for k, v in tensors.items()}, out / "expected.safetensors")
+    meta = dict(pipeline="inpaint", prompt=prompt, steps=steps, guidance=guidance, strength=strength,
+                mask="mask.png" if mask_box is not None else None, mask_crop=crop,
+                refs=["ref0.png"] if ref is not None else [], width=pil.size[0], height=pil.size[1])
+    (out / "case.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    print(f"workflows/{name}: {pil.size}, noise {tuple(noise.shape)}")
+
+
+def make_workflow_fixtures(fixtures):
+    from diffusers import Flux2KleinInpaintPipeline, Flux2KleinPipeline
+
+    distilled = Flux2KleinPipeline.from_pretrained(fixtures / "pipeline", torch_dtype=torch.float32)
+    parts = dict(scheduler=distilled.scheduler, vae=distilled.vae, text_encoder=distilled.text_encoder,
+                 tokenizer=distilled.tokenizer, transformer=distilled.transformer)
+    inpaint = Flux2KleinInpaintPipeline(**parts, is_distilled=True)
+    # 70x52 is squashed to 64x48 (Lanczos), the grey ramp is binarised, strength 0.6 of 4 steps runs 3.
+    run_inpaint_case(inpaint, "inpaint_mask", fixtures, "a red door", (70, 52), 4, 0.6, seed=21,
+                     mask_box=(18, 10, 50, 40), soft=6)
+    run_inpaint_case(inpaint, "img2img", fixtures, "an oil painting", (64, 64), 4, 0.5, seed=22)
+    run_inpaint_case(inpaint, "inpaint_ref", fixtures, "put the object here", (48, 48), 3, 1.0, seed=23,
+                     mask_box=(8, 16, 40, 40), ref_size=(72, 66))
+    # padding_mask_crop: the region 30x22 around the mask is fill-resized to 64x48 and pasted back.
+    run_inpaint_case(inpaint, "inpaint_crop", fixtures, "a window", (64, 48), 4, 0.8, seed=24,
+                     mask_box=(20, 16, 40, 28), crop=5)
+
+
+def run_kv_case(pipe, name, fixtures, prompt, ref_sizes, steps, seed):
+    out = fixtures / "workflows" / name
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    images = []
+    for i, (w, h) in enumerate(ref_sizes):
+        pil_rgb(seed + i, w, h).save(out / f"ref{i}.png")
+        images.append(Image.open(out / f"ref{i}.png"))
+    width, height = (ref_sizes[0][0] // 16) * 16, (ref_sizes[0][1] // 16) * 16
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(1, 16, height // 16, width // 16, generator=g)
+    save_file({"noise": noise.contiguous()}, out / "noise.safetensors")
+    common = dict(image=images, prompt=prompt, num_inference_steps=steps, latents=noise)
+    with torch.no_grad():
+        latents = pipe(**common, output_type="latent").images
+        image = pipe(**common, output_type="np").images
+        pil = pipe(**common, output_type="pil").images[0]
+    pil.save(out / "expected.png")
+    tensors = {"latents": latents, "image": torch.from_numpy(image).permute(0, 3, 1, 2)}
+    save_file({k: v.float().contiguous() for k, v in tensors.items()}, out / "expected.safetensors")
+    meta = dict(pipeline="kv", prompt=prompt, steps=steps, guidance=1.0, refs=[f"ref{i}.png" for i in range(len(images))],
+                width=pil.size[0], height=pil.size[1])
+    (out / "case.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    print(f"workflows/{name}: {pil.size}, {len(images)} reference(s)")
+
+
+def make_kv_fixtures(fixtures):
+    """Flux2KleinKVPipeline on the same tiny weights (the 9B-KV model differs only in its weights):
+    reference K/V extracted at the first step (reference time 0), reused by the others."""
+    from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
+
+    distilled = Flux2KleinPipeline.from_pretrained(fixtures / "pipeline", torch_dtype=torch.float32)
+    kv = Flux2KleinKVPipeline(scheduler=distilled.scheduler, vae=distilled.vae, text_encoder=distilled.text_encoder,
+                              tokenizer=distilled.tokenizer, transformer=distilled.transformer)
+    run_kv_case(kv, "kv_one_ref", fixtures, "the same scene at night", [(72, 69)], 4, seed=31)
+    run_kv_case(kv, "kv_two_refs", fixtures, "combine both", [(80, 64), (64, 72)], 4, seed=32)

@@ -48,6 +48,9 @@ pub struct BenchArgs {
     pub height: usize,
     #[arg(long, default_value_t = 10)]
     pub reps: usize,
+    /// Reference images (of the output size) for the pipeline suite's KV-cache measurement.
+    #[arg(long, default_value_t = 1)]
+    pub kv_refs: usize,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     #[arg(long)]
@@ -287,7 +290,73 @@ fn bench_pipeline(be: std::sync::Arc<dyn Backend>, args: &BenchArgs) -> Result<V
         );
         rows.push(json!({"encode_ms": encode * 1e3, "denoise_ms": out.timings.denoise.as_secs_f64() * 1e3, "decode_ms": out.timings.decode.as_secs_f64() * 1e3, "total_ms": total * 1e3}));
     }
+    rows.push(bench_kv(&pipe, &*be, args)?);
     Ok(rows)
+}
+
+/// The KV scheme's speedup: one denoising step with reference tokens run through the DiT (the
+/// standard editing step) against a step that reuses their cached K/V, and the first (extract)
+/// step that fills the cache; `--kv-refs` references of the output size.
+fn bench_kv(pipe: &crate::pipeline::Pipeline, be: &dyn Backend, args: &BenchArgs) -> Result<serde_json::Value> {
+    let refs = args.kv_refs.clamp(1, crate::limits::MAX_REFERENCES);
+    let m = pipe.pixel_multiple();
+    let (h, w) = (args.height / m, args.width / m);
+    let image = crate::image_io::RgbImage {
+        width: args.width,
+        height: args.height,
+        data: (0..args.width * args.height * 3).map(|i| ((i * 37) % 251) as u8).collect(),
+    };
+    let references = pipe.prepare_references(&vec![image; refs])?.expect("references");
+    let encoded = pipe.encode("a photo of a red fox in the snow", false)?;
+    let transformer = pipe.transformer()?;
+    let c = transformer.config().in_channels;
+    let act = be.activation_dtype();
+    let latents = be.upload(&crate::pipeline::seeded_noise(1, &[1, h * w, c])?, act)?;
+    let img_ids = PositionIds::image(0.0, h, w);
+    let txt_ids = PositionIds::text(encoded.context.dim(1));
+    let all_ids = PositionIds::concat(&[&img_ids, &references.ids])?;
+    let t = [500.0f32];
+    let reps = args.reps.clamp(1, 5);
+    let input = be.concat(&[&latents, &references.tokens], 1)?;
+    let standard =
+        time(be, reps, || transformer.forward(&input, &encoded.context, &t, &all_ids, &txt_ids, None).map(|_| ()))?;
+    let extract_start = Instant::now();
+    let (_, cache) = transformer.forward_kv_extract(
+        &latents,
+        &references.tokens,
+        &encoded.context,
+        &t,
+        &img_ids,
+        &references.ids,
+        &txt_ids,
+        0.0,
+    )?;
+    be.synchronize()?;
+    let extract = extract_start.elapsed().as_secs_f64();
+    let cached = time(be, reps, || {
+        transformer.forward_kv_cached(&latents, &encoded.context, &t, &img_ids, &txt_ids, &cache).map(|_| ())
+    })?;
+    let speedup = standard / cached;
+    println!(
+        "KV cache, {refs} reference(s) of {}x{}: a step with the reference tokens {:.1} ms, with their cached K/V \
+         {:.1} ms ({speedup:.2}x); the first step (extract) {:.1} ms; cache {:.1} MiB",
+        args.width,
+        args.height,
+        standard * 1e3,
+        cached * 1e3,
+        extract * 1e3,
+        cache.bytes() as f64 / 1048576.0
+    );
+    Ok(json!({
+        "kv_cache": {
+            "references": refs,
+            "reference_step_ms": standard * 1e3,
+            "cached_step_ms": cached * 1e3,
+            "extract_step_ms": extract * 1e3,
+            "speedup": speedup,
+            "cache_bytes": cache.bytes(),
+        }
+    }))
 }
 
 #[derive(Debug, clap::Args)]

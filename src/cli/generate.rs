@@ -41,10 +41,40 @@ pub struct GenerateArgs {
     /// Reference image for editing (repeatable; ids t = 10, 20, ...).
     #[arg(long = "ref")]
     pub references: Vec<PathBuf>,
+    /// Inpainting / img2img: start from this image (diffusers' Flux2KleinInpaintPipeline). The
+    /// output size defaults to its size (area-capped to 1024², floored to multiples of 16).
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// How much of the init image is re-generated, in (0, 1]: selects the starting sigma of the
+    /// schedule (default 0.8).
+    #[arg(long)]
+    pub strength: Option<f64>,
+    /// Inpainting mask, the init image's size: white is repainted, black kept. Without it the
+    /// run is img2img.
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// Work on the region around the mask, padded by this many pixels, at the full output size,
+    /// and paste it back (diffusers' `padding_mask_crop`).
+    #[arg(long)]
+    pub mask_crop: Option<usize>,
+    /// Compute the reference images' keys and values once, at the first step, and reuse them for
+    /// the others (diffusers' Flux2KleinKVPipeline scheme; always on for KV-variant models such as
+    /// FLUX.2-klein-9b-kv). Needs --ref.
+    #[arg(long)]
+    pub kv_cache: bool,
+    /// Every K steps, write a cheap preview of the current x₀ estimate (a linear latent-to-RGB
+    /// projection fitted to the VAE, 1/8 of the size) to `<out stem>-preview-<step>.png`.
+    #[arg(long)]
+    pub preview_every: Option<usize>,
     /// Number of images, with seeds S, S+1, ...; the prompt is encoded once.
     #[arg(long, default_value_t = 1)]
     pub count: usize,
-    /// Output PNG. With --count above 1, `-<seed>` is added before the extension.
+    /// Images generated together as one batch through the DiT (the GPU's throughput case), with
+    /// seeds S, S+1, ...; each equals its single run. With --count K, K batches (K·N images).
+    /// With --noise, the file holds [N, ...] noise.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Output PNG. With more than one image, `-<seed>` is added before the extension.
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
@@ -81,6 +111,12 @@ pub struct GenerateArgs {
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
     crate::limits::check_count(args.count)?;
+    crate::limits::check_batch(args.batch)?;
+    if args.kv_cache && args.references.is_empty() {
+        return Err(Error::InvalidArgument(
+            "--kv-cache needs reference images (--ref): it caches their keys and values".into(),
+        ));
+    }
     crate::limits::check_reference_count(args.references.len())?;
     if let Some(ext) = args.out.extension().and_then(|e| e.to_str()) {
         if !ext.eq_ignore_ascii_case("png") {
@@ -93,6 +129,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         None => None,
     };
     let seed = args.seed.unwrap_or_else(random_seed);
+    let load_flag = |flag: &str, p: &Option<PathBuf>| -> Result<Option<RgbImage>> {
+        match p {
+            Some(p) => RgbImage::load(p).map(Some).map_err(|e| Error::InvalidArgument(format!("{flag}: {e}"))),
+            None => Ok(None),
+        }
+    };
+    let init_image = load_flag("--init-image", &args.init_image)?;
+    let mask = load_flag("--mask", &args.mask)?;
     let request = |i: usize| Request {
         prompt: args.prompt.clone(),
         width: args.width,
@@ -103,6 +147,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         noise: noise.clone(),
         timestep_mode: Some(args.timesteps),
         on_step: None,
+        init_image: init_image.clone(),
+        strength: args.strength,
+        mask: mask.clone(),
+        mask_crop: args.mask_crop,
+        kv_cache: args.kv_cache,
+        preview_every: args.preview_every,
     };
     // Everything that needs no model is checked before the long work starts.
     request(0).validate()?;
@@ -116,7 +166,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         if args.debug_nans { std::sync::Arc::new(crate::backend::nan_check::NanCheckBackend::new(be)) } else { be };
     tracing::info!("device: {}", be.name());
     let load_start = std::time::Instant::now();
-    let plan = memory_plan(args, &root, &be, &references, noise.as_ref())?;
+    let plan = memory_plan(args, &root, &be, &references, noise.as_ref(), init_image.as_ref())?;
     let residency = plan.as_ref().map(Residency::from_plan).unwrap_or_default();
     let prompt_cache =
         (!args.no_prompt_cache).then(|| (crate::prompt_cache::default_dir(), crate::prompt_cache::DEFAULT_MAX_BYTES));
@@ -182,9 +232,9 @@ fn generate_all(
     let refs = pipeline.prepare_references(references)?;
     let ref_seconds = ref_start.elapsed().as_secs_f64();
     let mut encoded = None;
+    let images = args.count * args.batch;
     for i in 0..args.count {
-        let req = request(i);
-        let seed = req.seed;
+        let req = request(i * args.batch);
         let cfg = pipeline.info.uses_cfg(req.guidance);
         let encode_start = std::time::Instant::now();
         if encoded.is_none() {
@@ -192,34 +242,48 @@ fn generate_all(
             be.synchronize()?;
         }
         let encode_seconds = encode_start.elapsed().as_secs_f64();
-        let out = pipeline.generate(&req, encoded.as_ref(), refs.as_ref())?;
-        let path = if args.count > 1 { numbered(&args.out, seed) } else { args.out.clone() };
-        save(&out, &path, args, seed)?;
-        println!("{}", path.display());
-        let t = &out.timings;
-        tracing::info!(
-            "seed {seed}: {}x{}, {} steps; denoise {:.2}s, decode {:.2}s",
-            out.image.width,
-            out.image.height,
-            out.steps,
-            t.denoise.as_secs_f64(),
-            t.decode.as_secs_f64()
-        );
-        runs.push(serde_json::json!({
+        let outs = pipeline.generate_batch(&req, args.batch, encoded.as_ref(), refs.as_ref())?;
+        for (b, out) in outs.iter().enumerate() {
+            let seed = req.seed.wrapping_add(b as u64);
+            let path = if images > 1 { numbered(&args.out, seed) } else { args.out.clone() };
+            save(out, &path, args, seed)?;
+            println!("{}", path.display());
+            let mut previews = Vec::new();
+            for (step, image) in &out.previews {
+                let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+                let preview = path.with_file_name(format!("{stem}-preview-{step}.png"));
+                let meta = serde_json::json!({"preview_of": path.display().to_string(), "step": step});
+                image.save_png(&preview, &[("flux2", ascii_json(&meta))])?;
+                previews.push(serde_json::json!({"step": step, "image": preview.display().to_string()}));
+            }
+            let t = &out.timings;
+            tracing::info!(
+                "seed {seed}: {}x{}, {} steps; denoise {:.2}s, decode {:.2}s",
+                out.image.width,
+                out.image.height,
+                out.steps,
+                t.denoise.as_secs_f64(),
+                t.decode.as_secs_f64()
+            );
+            runs.push(serde_json::json!({
             "seed": seed,
             "image": path.display().to_string(),
             "width": out.image.width,
             "height": out.image.height,
             "steps": out.steps,
+            "batch": args.batch,
+            "previews": previews,
             "seconds": {
                 "encode": encode_seconds,
-                "references": if i == 0 { ref_seconds } else { 0.0 },
+                "references": if i == 0 && b == 0 { ref_seconds } else { 0.0 },
                 "denoise": t.denoise.as_secs_f64(),
                 "per_step": t.denoise.as_secs_f64() / out.steps.max(1) as f64,
+                "steps": t.steps.iter().map(|d| d.as_secs_f64()).collect::<Vec<_>>(),
                 "decode": t.decode.as_secs_f64(),
             },
             "telemetry": out.telemetry.iter().map(|(stage, s)| serde_json::json!({"stage": stage, "reading": s})).collect::<Vec<_>>(),
         }));
+        }
     }
     Ok(())
 }
@@ -232,6 +296,7 @@ fn memory_plan(
     be: &std::sync::Arc<dyn crate::backend::Backend>,
     references: &[RgbImage],
     noise: Option<&crate::tensor::Tensor>,
+    init_image: Option<&RgbImage>,
 ) -> Result<Option<crate::planner::Plan>> {
     let budget = match &args.vram_budget {
         Some(b) => Some(crate::planner::parse_bytes(b)?),
@@ -239,13 +304,24 @@ fn memory_plan(
     };
     let Some(budget) = budget else { return Ok(None) };
     let spec = crate::synth::PipelineSpec::from_pipeline(root)?;
-    let info = crate::pipeline::PipelineInfo { root: root.to_path_buf(), is_distilled: spec.distilled };
+    let info = crate::pipeline::PipelineInfo::read(root)?;
     let m = spec.vae.pixel_multiple();
-    let refs: Vec<(usize, usize)> =
+    let mut refs: Vec<(usize, usize)> =
         references.iter().map(|r| crate::pipeline::reference_size(r.width, r.height, m)).collect();
-    let (w, h) = crate::pipeline::output_size(args.width, args.height, refs.first().copied(), noise, m)?;
+    let (w, h) = match init_image {
+        Some(init) => {
+            let req = Request { width: args.width, height: args.height, ..Default::default() };
+            let size = crate::pipeline::init_output_size(&req, init, m)?;
+            // The init image's latents are also a condition image in the sequence.
+            refs.insert(0, size);
+            size
+        }
+        None => crate::pipeline::output_size(args.width, args.height, refs.first().copied(), noise, m)?,
+    };
     let input = crate::planner::PlanInput {
         cfg: info.uses_cfg(args.guidance),
+        batch: args.batch,
+        kv_cache: (args.kv_cache || info.kv) && !references.is_empty(),
         transformer: spec.transformer,
         text_encoder: spec.text_encoder,
         vae: spec.vae,
@@ -324,12 +400,20 @@ fn save(out: &Output, path: &Path, args: &GenerateArgs, seed: u64) -> Result<()>
         "height": h,
         "model": args.model,
         "references": args.references.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "init_image": args.init_image.as_ref().map(|p| p.display().to_string()),
+        "strength": args.init_image.as_ref().map(|_| args.strength.unwrap_or(crate::inpaint::DEFAULT_STRENGTH)),
+        "mask": args.mask.as_ref().map(|p| p.display().to_string()),
+        "mask_crop": args.mask_crop,
         "sampler": "flow-match euler",
         "generator": format!("flux2 {}", env!("CARGO_PKG_VERSION")),
     });
     // The "parameters" text most image tools read (A1111 style), plus structured JSON.
+    let strength = match &args.init_image {
+        Some(_) => format!(", Denoising strength: {}", args.strength.unwrap_or(crate::inpaint::DEFAULT_STRENGTH)),
+        None => String::new(),
+    };
     let a1111 = format!(
-        "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: {}, Seed: {seed}, Size: {w}x{h}, Model: {}",
+        "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: {}, Seed: {seed}, Size: {w}x{h}, Model: {}{strength}",
         args.prompt, out.steps, out.guidance, args.model
     );
     out.image.save_png(path, &[("parameters", a1111), ("flux2", ascii_json(&params))])

@@ -26,6 +26,12 @@ pub struct PlanArgs {
     /// Plan for real CFG (two transformer rows); the default follows the model (base models use CFG).
     #[arg(long)]
     pub cfg: Option<bool>,
+    /// Plan for the KV scheme's reference cache (generate --kv-cache, or a KV-variant model).
+    #[arg(long)]
+    pub kv_cache: bool,
+    /// Images per DiT batch (generate --batch).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -37,6 +43,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         path => PipelineSpec::from_pipeline(std::path::Path::new(path))?,
     };
     crate::limits::check_reference_count(args.references.len())?;
+    crate::limits::check_batch(args.batch)?;
     let references = args
         .references
         .iter()
@@ -67,6 +74,8 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         height,
         references,
         cfg: args.cfg.unwrap_or(!spec.distilled),
+        batch: args.batch,
+        kv_cache: (args.kv_cache || spec.kv) && !args.references.is_empty(),
         budget: planner::parse_bytes(&args.vram_budget)?,
     };
     let plan = planner::plan(&input)?;

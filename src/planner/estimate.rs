@@ -109,6 +109,12 @@ pub fn transformer_activation_bytes(cfg: &TransformerConfig, tokens: usize, batc
     batch * tokens * ((3 * d + 2 * m) + 2 * (d + m) + 8 * d) * 2
 }
 
+/// Bytes of the KV scheme's reference cache: post-RoPE K and V of `ref_tokens` tokens for
+/// `rows` rows at every block (double and single), bf16.
+pub fn kv_cache_bytes(cfg: &TransformerConfig, ref_tokens: usize, rows: usize) -> usize {
+    (cfg.num_layers + cfg.num_single_layers) * 2 * rows * ref_tokens * cfg.hidden() * 2
+}
+
 /// Peak activation bytes of encoding `batch` prompts of `tokens` tokens.
 pub fn encoder_activation_bytes(cfg: &Qwen3Config, tokens: usize, batch: usize, out_layers: usize) -> usize {
     let h = cfg.hidden_size;

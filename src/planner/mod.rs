@@ -32,6 +32,11 @@ pub struct PlanInput {
     pub references: Vec<(usize, usize)>,
     /// Real CFG: two rows per transformer call.
     pub cfg: bool,
+    /// Images per DiT batch (`--batch`; 1 normally): every transformer call has this many rows
+    /// (twice as many with CFG). Decoding stays one image at a time.
+    pub batch: usize,
+    /// The reference tokens' K/V are kept for every block (KV variant, `--kv-cache`).
+    pub kv_cache: bool,
     pub budget: usize,
 }
 
@@ -80,6 +85,8 @@ pub struct Weights {
     pub transformer_non_block: usize,
     pub vae: usize,
     pub context: usize,
+    /// The reference K/V cache (KV scheme), held through the denoising loop.
+    pub kv_cache: usize,
 }
 
 struct Sizes {
@@ -96,7 +103,7 @@ fn sizes(inp: &PlanInput) -> Sizes {
     let tokens_img = (inp.width / m) * (inp.height / m);
     let tokens_ref: usize = inp.references.iter().map(|(w, h)| (w / m) * (h / m)).sum();
     let text = 512;
-    let rows = if inp.cfg { 2 } else { 1 };
+    let rows = inp.batch.max(1) * if inp.cfg { 2 } else { 1 };
     let (block, rest) = estimate::transformer_block_bytes(tc, inp.transformer_precision);
     let context = rows * text * tc.joint_attention_dim * 2 + rows * (tokens_img + tokens_ref) * tc.in_channels * 2 * 3;
     let vae_encode_act =
@@ -109,6 +116,7 @@ fn sizes(inp: &PlanInput) -> Sizes {
             transformer_non_block: rest,
             vae: estimate::vae_bytes(&inp.vae, inp.references.is_empty()),
             context,
+            kv_cache: if inp.kv_cache { estimate::kv_cache_bytes(tc, tokens_ref, rows) } else { 0 },
         },
         enc_act: estimate::encoder_activation_bytes(&inp.text_encoder, text, 1, KLEIN_OUT_LAYERS.len()),
         dit_act: estimate::transformer_activation_bytes(tc, text + tokens_img + tokens_ref, rows),
@@ -147,6 +155,13 @@ pub fn plan(inp: &PlanInput) -> Result<Plan> {
     let decode_act = estimate::vae_decode_activation_bytes(&inp.vae, inp.width, inp.height);
     let budget = inp.budget;
 
+    // The KV cache lives through the denoising loop only.
+    let with_kv = |mut r: Vec<(&'static str, usize)>| {
+        if w.kv_cache > 0 {
+            r.push(("kv_cache", w.kv_cache));
+        }
+        r
+    };
     let encode_refs = |extra: Vec<(&'static str, usize)>| {
         let mut r = vec![("vae", w.vae)];
         r.extend(extra);
@@ -159,7 +174,7 @@ pub fn plan(inp: &PlanInput) -> Result<Plan> {
     let phases = vec![
         phase("encode prompt", all.clone(), s.enc_act),
         encode_refs(vec![("text_encoder", w.text_encoder), ("transformer", w.transformer)]),
-        phase("denoise", all.clone(), s.dit_act),
+        phase("denoise", with_kv(all.clone()), s.dit_act),
         phase("decode", all.clone(), decode_act),
     ];
     if let Some(p) = finish(inp, &s, phases, false, TransformerResidency::Resident, false, None) {
@@ -192,13 +207,13 @@ pub fn plan(inp: &PlanInput) -> Result<Plan> {
             ),
         )
     };
-    let dit_resident = RUNTIME_OVERHEAD + w.transformer + w.vae + w.context + s.dit_act <= budget;
+    let dit_resident = RUNTIME_OVERHEAD + w.transformer + w.vae + w.context + w.kv_cache + s.dit_act <= budget;
     let (residency, dit_weights) = if dit_resident {
         (residency, w.transformer)
     } else {
         // 4. Block streaming: the non-block weights, as many resident blocks as fit, and room for
         // the one block being streamed.
-        let fixed = RUNTIME_OVERHEAD + w.transformer_non_block + w.vae + w.context + s.dit_act;
+        let fixed = RUNTIME_OVERHEAD + w.transformer_non_block + w.vae + w.context + w.kv_cache + s.dit_act;
         let slots = budget.saturating_sub(fixed) / w.transformer_block.max(1);
         let total_blocks = inp.transformer.num_layers + inp.transformer.num_single_layers;
         let resident = slots.saturating_sub(1).min(total_blocks);
@@ -231,7 +246,11 @@ pub fn plan(inp: &PlanInput) -> Result<Plan> {
     let phases = vec![
         encode_phase,
         encode_refs(vec![]),
-        phase("denoise", vec![("transformer", dit_weights), ("vae", w.vae), ("context", w.context)], s.dit_act),
+        phase(
+            "denoise",
+            with_kv(vec![("transformer", dit_weights), ("vae", w.vae), ("context", w.context)]),
+            s.dit_act,
+        ),
         phase("decode", decode_resident, decode_act),
     ];
     if let Some(p) = finish(inp, &s, phases.clone(), true, residency, !keep_dit, tile) {

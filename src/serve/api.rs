@@ -144,6 +144,8 @@ pub struct GenerationBody {
     pub moderation: Option<String>,
     pub output_compression: Option<i64>,
     pub partial_images: Option<i64>,
+    /// Edits with a mask: how much of the masked area is redrawn, (0, 1].
+    pub strength: Option<f64>,
 }
 
 /// A validated request, ready for a worker.
@@ -158,7 +160,19 @@ pub struct GenParams {
     /// One per image (so `n` is its length).
     pub seeds: Vec<u64>,
     pub references: Vec<RgbImage>,
+    /// Inpainting (an edit with a mask): the image to edit and the white-means-repaint mask.
+    pub inpaint: Option<Inpaint>,
+    /// Streamed previews every this many steps (from OpenAI's `partial_images`).
+    pub preview_every: Option<usize>,
     pub stream: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Inpaint {
+    pub image: RgbImage,
+    pub mask: RgbImage,
+    /// How much of the masked area is redrawn, in (0, 1]; 1 by default (OpenAI's edit semantics).
+    pub strength: f64,
 }
 
 /// What the server allows per request (the CLI's limits plus `n`).
@@ -216,14 +230,52 @@ fn seeds(spec: Option<&SeedSpec>, n: usize, random: &mut dyn FnMut() -> u64) -> 
     }
 }
 
+/// OpenAI's `partial_images` (0–3 previews while streaming) as a preview interval in steps. The
+/// step count is the request's, else the distilled default of 4 (a base model's 50 steps then get
+/// previews early, which is harmless).
+fn partial_images_every(partial: Option<i64>, steps: Option<usize>, stream: bool) -> Result<Option<usize>, ApiError> {
+    match partial {
+        None | Some(0) => Ok(None),
+        // At most k previews: every steps/(k + 1) + 1 steps.
+        Some(k @ 1..=3) if stream => Ok(Some(steps.unwrap_or(4) / (k as usize + 1) + 1)),
+        Some(1..=3) => Err(ApiError::invalid("`partial_images` needs `stream`: true", Some("partial_images"))),
+        Some(k) => Err(ApiError::invalid(format!("`partial_images` must be 0 to 3; got {k}"), Some("partial_images"))),
+    }
+}
+
 impl GenerationBody {
     /// Check every field against the limits; `references` come from an edit's form.
     pub fn validate(
         self,
-        references: Vec<RgbImage>,
+        mut references: Vec<RgbImage>,
+        mask: Option<RgbImage>,
         limits: RequestLimits,
         random: &mut dyn FnMut() -> u64,
     ) -> Result<GenParams, ApiError> {
+        // With a mask, the first image is the one to edit (as OpenAI's edits) and the others are
+        // references.
+        let inpaint = match mask {
+            None if self.strength.is_some() => {
+                return Err(ApiError::invalid("`strength` applies to edits with a `mask`", Some("strength")))
+            }
+            None => None,
+            Some(mask) => {
+                let image = references.remove(0);
+                if (mask.width, mask.height) != (image.width, image.height) {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "the mask is {}x{} but the image is {}x{}",
+                            mask.width, mask.height, image.width, image.height
+                        ),
+                        Some("mask"),
+                    ));
+                }
+                let strength = self.strength.unwrap_or(1.0);
+                crate::inpaint::check_strength(strength)
+                    .map_err(|e| ApiError::invalid(message(&e), Some("strength")))?;
+                Some(Inpaint { image, mask, strength })
+            }
+        };
         let prompt = self.prompt.ok_or_else(|| ApiError::invalid("`prompt` is required", Some("prompt")))?;
         limits::check_prompt(&prompt).map_err(|e| ApiError::invalid(message(&e), Some("prompt")))?;
         if let Some(neg) = &self.negative_prompt {
@@ -280,6 +332,8 @@ impl GenerationBody {
             guidance: self.guidance_scale,
             seeds: seeds(self.seed.as_ref(), n, random)?,
             references,
+            inpaint,
+            preview_every: partial_images_every(self.partial_images, steps, self.stream)?,
             stream: self.stream,
         })
     }
@@ -296,7 +350,7 @@ mod tests {
     fn parse(json: &str) -> Result<GenParams, ApiError> {
         let body: GenerationBody = serde_json::from_str(json).map_err(|e| ApiError::invalid(e.to_string(), None))?;
         let mut next = 100;
-        body.validate(vec![], limits(), &mut || {
+        body.validate(vec![], None, limits(), &mut || {
             next += 1;
             next
         })

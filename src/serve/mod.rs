@@ -99,7 +99,7 @@ async fn generations(
         Ok(b) => b,
         Err(e) => return ApiError::invalid(format!("the body is not a valid request: {e}"), None).into_response(),
     };
-    match body.validate(vec![], state.limits, &mut random_seed) {
+    match body.validate(vec![], None, state.limits, &mut random_seed) {
         Ok(params) => respond(state, params).await,
         Err(e) => e.into_response(),
     }
@@ -110,6 +110,7 @@ async fn generations(
 async fn edits(State(state): State<AppState>, mut form: Multipart) -> Response {
     let mut fields = serde_json::Map::new();
     let mut images = Vec::new();
+    let mut mask = None;
     loop {
         let field = match form.next_field().await {
             Ok(Some(f)) => f,
@@ -134,13 +135,10 @@ async fn edits(State(state): State<AppState>, mut form: Multipart) -> Response {
                 Ok(img) => images.push(img),
                 Err(e) => return ApiError::invalid(e.to_string(), Some("image")).into_response(),
             },
-            "mask" => {
-                return ApiError::invalid(
-                    "`mask` (inpainting) is not supported by this server yet; send references only",
-                    Some("mask"),
-                )
-                .into_response()
-            }
+            "mask" => match RgbImage::decode_mask(&bytes, "mask") {
+                Ok(m) => mask = Some(m),
+                Err(e) => return ApiError::invalid(e.to_string(), Some("mask")).into_response(),
+            },
             _ => {
                 let text = String::from_utf8_lossy(&bytes).to_string();
                 fields.insert(name.clone(), form_value(&name, text));
@@ -154,7 +152,7 @@ async fn edits(State(state): State<AppState>, mut form: Multipart) -> Response {
         Ok(b) => b,
         Err(e) => return ApiError::invalid(format!("bad form field: {e}"), None).into_response(),
     };
-    match body.validate(images, state.limits, &mut random_seed) {
+    match body.validate(images, mask, state.limits, &mut random_seed) {
         Ok(params) => respond(state, params).await,
         Err(e) => e.into_response(),
     }
@@ -164,7 +162,13 @@ async fn edits(State(state): State<AppState>, mut form: Multipart) -> Response {
 fn form_value(name: &str, text: String) -> serde_json::Value {
     let numeric = matches!(
         name,
-        "n" | "width" | "height" | "num_inference_steps" | "guidance_scale" | "output_compression" | "partial_images"
+        "n" | "width"
+            | "height"
+            | "num_inference_steps"
+            | "guidance_scale"
+            | "output_compression"
+            | "partial_images"
+            | "strength"
     );
     if numeric || name == "seed" || name == "stream" {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
@@ -250,7 +254,7 @@ async fn collect(mut rx: UnboundedReceiver<Event>, mut guard: CancelOnDrop) -> R
     let mut images = Vec::new();
     while let Some(event) = rx.recv().await {
         match event {
-            Event::Progress { .. } => {}
+            Event::Progress { .. } | Event::Partial { .. } => {}
             Event::Image(img) => images.push(img),
             Event::Done(timings) => {
                 guard.armed = false;
@@ -284,6 +288,18 @@ fn stream_events(
                 Some(Event::Progress { image, step, steps }) => {
                     let data = serde_json::json!({"type": "flux2.progress", "image_index": image, "step": step, "steps": steps});
                     (SseEvent::default().event("flux2.progress").data(data.to_string()), false)
+                }
+                Some(Event::Partial { image, step, png }) => {
+                    let data = serde_json::json!({
+                        "type": "image_generation.partial_image",
+                        "b64_json": base64::engine::general_purpose::STANDARD.encode(&png),
+                        "image_index": image,
+                        "step": step,
+                        "partial_image_index": step,
+                        "created_at": unix_now(),
+                        "output_format": "png",
+                    });
+                    (SseEvent::default().event("image_generation.partial_image").data(data.to_string()), false)
                 }
                 Some(Event::Image(img)) => {
                     seeds.push(img.seed);

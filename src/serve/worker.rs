@@ -11,13 +11,23 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::api::{ApiError, GenParams};
 use super::metrics::Metrics;
-use crate::pipeline::{EncodedPrompt, Pipeline, Request, Residency, StepHook};
+use crate::pipeline::{EncodedPrompt, Pipeline, Request, Residency, StepHook, StepProgress};
 use crate::planner::{EncoderPrecision, TransformerPrecision};
 
 /// What a job reports, in order: progress and images, then `Done` or `Failed`.
 #[derive(Debug)]
 pub enum Event {
-    Progress { image: usize, step: usize, steps: usize },
+    Progress {
+        image: usize,
+        step: usize,
+        steps: usize,
+    },
+    /// A cheap preview of the image in progress (OpenAI's partial image).
+    Partial {
+        image: usize,
+        step: usize,
+        png: Vec<u8>,
+    },
     Image(GeneratedImage),
     Done(JobTimings),
     Failed(ApiError),
@@ -150,8 +160,11 @@ impl Worker {
 
         for (index, &seed) in p.seeds.iter().enumerate() {
             let (events, cancel) = (job.events.clone(), job.cancel.clone());
-            let hook = StepHook(Arc::new(move |step, steps| {
-                let _ = events.send(Event::Progress { image: index, step, steps });
+            let hook = StepHook(Arc::new(move |p: &StepProgress| {
+                let _ = events.send(Event::Progress { image: index, step: p.step, steps: p.steps });
+                if let Some(png) = p.preview.and_then(|img| img.png_bytes(&[]).ok()) {
+                    let _ = events.send(Event::Partial { image: index, step: p.step, png });
+                }
                 !cancel.load(Ordering::Relaxed)
             }));
             let request = Request {
@@ -162,6 +175,10 @@ impl Worker {
                 guidance: p.guidance,
                 seed,
                 on_step: Some(hook),
+                init_image: p.inpaint.as_ref().map(|i| i.image.clone()),
+                mask: p.inpaint.as_ref().map(|i| i.mask.clone()),
+                strength: p.inpaint.as_ref().map(|i| i.strength),
+                preview_every: p.preview_every,
                 ..Default::default()
             };
             let out = self.pipeline.generate(&request, Some(&encoded), refs.as_ref())?;
@@ -194,7 +211,12 @@ impl Worker {
         let m = spec.vae.pixel_multiple();
         let refs: Vec<(usize, usize)> =
             p.references.iter().map(|r| crate::pipeline::reference_size(r.width, r.height, m)).collect();
-        let (width, height) = crate::pipeline::output_size(p.width, p.height, refs.first().copied(), None, m)?;
+        // The output defaults to the image being edited, else to the first reference.
+        let first = match &p.inpaint {
+            Some(i) => Some(crate::inpaint::init_size(i.image.width, i.image.height, m)),
+            None => refs.first().copied(),
+        };
+        let (width, height) = crate::pipeline::output_size(p.width, p.height, first, None, m)?;
         let input = crate::planner::PlanInput {
             cfg: self.pipeline.info.uses_cfg(p.guidance),
             transformer: spec.transformer,
@@ -206,6 +228,8 @@ impl Worker {
             height,
             references: refs,
             budget,
+            batch: 1,
+            kv_cache: false,
         };
         let plan = crate::planner::plan(&input)?;
         self.pipeline.set_residency(Residency::from_plan(&plan));

@@ -183,6 +183,35 @@ pub struct Flux2Transformer {
     rope_cache: std::sync::Mutex<Option<(PositionIds, Tensor, Tensor)>>,
 }
 
+/// The reference tokens' keys and values at every block (after the QK norm and RoPE), as the KV
+/// variant computes them once at the first step (diffusers' `Flux2KVCache`): `[B, Lr, H, hd]`.
+pub struct RefKvCache {
+    /// Reference tokens per sample.
+    pub tokens: usize,
+    double: Vec<(Tensor, Tensor)>,
+    single: Vec<(Tensor, Tensor)>,
+}
+
+impl RefKvCache {
+    /// Bytes held on the device.
+    pub fn bytes(&self) -> usize {
+        self.double
+            .iter()
+            .chain(&self.single)
+            .map(|(k, v)| k.numel() * k.dtype().size_in_bytes() + v.numel() * v.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+/// How a forward treats reference tokens under the KV scheme.
+enum KvStep<'a> {
+    /// The first step: the reference tokens run through every block (modulated with the time
+    /// `ref_time`, attending only to themselves) and their K/V are kept.
+    Extract { refs: &'a Tensor, ref_ids: &'a PositionIds, ref_time: f32 },
+    /// Later steps: only text and image tokens run; the kept K/V join every attention.
+    Cached(&'a RefKvCache),
+}
+
 /// The per-sample modulation vectors of one stream: shift, scale, gate per set.
 struct Modulation {
     sets: Vec<[Tensor; 3]>,
@@ -369,6 +398,289 @@ impl Flux2Transformer {
         be.linear(&out, &self.proj_out, None)
     }
 
+    /// The KV variant's first step (diffusers' `kv_cache_mode="extract"`): `refs [B, Lr, Cin]`
+    /// (ids `ref_ids`) run with the image tokens; their modulation uses the time `ref_time` (×1000
+    /// like `timestep`; the pipeline passes 0), text and image tokens attend to everything and the
+    /// reference tokens only to themselves. Returns the image tokens' output and the cache.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_kv_extract(
+        &self,
+        hidden_states: &Tensor,
+        refs: &Tensor,
+        context: &Tensor,
+        timestep: &[f32],
+        img_ids: &PositionIds,
+        ref_ids: &PositionIds,
+        txt_ids: &PositionIds,
+        ref_time: f32,
+    ) -> Result<(Tensor, RefKvCache)> {
+        if refs.rank() != 3 || refs.dim(0) != hidden_states.dim(0) || ref_ids.len() != refs.dim(1) {
+            return Err(Error::shape(
+                "transformer",
+                format!(
+                    "reference tokens {:?} with {} ids for a batch of {}",
+                    refs.shape(),
+                    ref_ids.len(),
+                    hidden_states.dim(0)
+                ),
+            ));
+        }
+        let (out, cache) = self.forward_kv(
+            hidden_states,
+            context,
+            timestep,
+            img_ids,
+            txt_ids,
+            KvStep::Extract { refs, ref_ids, ref_time },
+        )?;
+        Ok((out, cache.expect("extract returns a cache")))
+    }
+
+    /// The KV variant's later steps (`kv_cache_mode="cached"`): image tokens only, the cached
+    /// reference K/V inserted between the text and image keys of every attention.
+    pub fn forward_kv_cached(
+        &self,
+        hidden_states: &Tensor,
+        context: &Tensor,
+        timestep: &[f32],
+        img_ids: &PositionIds,
+        txt_ids: &PositionIds,
+        cache: &RefKvCache,
+    ) -> Result<Tensor> {
+        if cache.double.len() != self.double.len() || cache.single.len() != self.single.len() {
+            return Err(Error::shape("transformer", "the KV cache was made by another model"));
+        }
+        Ok(self.forward_kv(hidden_states, context, timestep, img_ids, txt_ids, KvStep::Cached(cache))?.0)
+    }
+
+    fn forward_kv(
+        &self,
+        hidden_states: &Tensor,
+        context: &Tensor,
+        timestep: &[f32],
+        img_ids: &PositionIds,
+        txt_ids: &PositionIds,
+        step: KvStep,
+    ) -> Result<(Tensor, Option<RefKvCache>)> {
+        let be = &*self.be;
+        let cfg = &self.cfg;
+        let d = cfg.hidden();
+        let _scope = scope::enter(|| "transformer".into());
+        self.check_inputs(hidden_states, context, timestep, img_ids, txt_ids, None)?;
+        let (lt, li) = (context.dim(1), hidden_states.dim(1));
+
+        let temb = self.time_embedding(timestep, None)?;
+        let silu_temb = be.silu(&temb)?;
+        let mod_img = Modulation::split(&be.linear(&silu_temb, &self.mod_img, None)?, 2)?;
+        let mod_txt = Modulation::split(&be.linear(&silu_temb, &self.mod_txt, None)?, 2)?;
+        let mod_single = Modulation::split(&be.linear(&silu_temb, &self.mod_single, None)?, 1)?;
+
+        let mut img = be.linear(hidden_states, &self.x_embedder, None)?;
+        let mut txt = be.linear(context, &self.context_embedder, None)?;
+        let (cos, sin) = self.rope_tables(txt_ids, img_ids)?;
+        let rope = Rope { cos: &cos, sin: &sin };
+
+        // The reference stream (extract only): its own modulation and RoPE tables.
+        let mut refs = None;
+        if let KvStep::Extract { refs: r, ref_ids, ref_time } = &step {
+            let ref_temb = be.silu(&self.time_embedding(&vec![*ref_time; r.dim(0)], None)?)?;
+            let ref_mod_img = Modulation::split(&be.linear(&ref_temb, &self.mod_img, None)?, 2)?;
+            let ref_mod_single = Modulation::split(&be.linear(&ref_temb, &self.mod_single, None)?, 1)?;
+            let (cos, sin) = flux_tables(ref_ids, &cfg.axes_dims_rope, cfg.rope_theta)?;
+            let shape = [ref_ids.len(), cfg.attention_head_dim / 2];
+            let cos = be.upload(&Tensor::from_f32(cos, &shape)?, DType::F32)?;
+            let sin = be.upload(&Tensor::from_f32(sin, &shape)?, DType::F32)?;
+            refs = Some((be.linear(r, &self.x_embedder, None)?, ref_mod_img, ref_mod_single, cos, sin));
+        }
+        let mut kept_double = Vec::new();
+        let mut kept_single = Vec::new();
+
+        let streamed = if self.fp8() { BlockLinears::Fp8Kept(&self.streamed_fp8) } else { BlockLinears::Dense };
+        for (i, block) in self.double.iter().enumerate() {
+            let owned;
+            let block = match block {
+                Some(b) => b,
+                None => {
+                    owned = load_double(&self.weights, be, cfg, streamed, i)?;
+                    &owned
+                }
+            };
+            let _block = scope::enter(|| format!("double_blocks.{i}"));
+            let reference = match (&step, &refs) {
+                (KvStep::Extract { .. }, Some((r, rm, _, cos, sin))) => {
+                    RefStream::Tokens { x: r, mods: rm, rope: Rope { cos, sin } }
+                }
+                (KvStep::Cached(cache), _) => RefStream::Cached(&cache.double[i]),
+                _ => unreachable!("extract always has reference tokens"),
+            };
+            let (new_img, new_txt, new_ref, kv) =
+                self.double_block_kv(block, &img, &txt, &mod_img, &mod_txt, &rope, reference)?;
+            (img, txt) = (new_img, new_txt);
+            if let (Some(r), Some(slot)) = (new_ref, refs.as_mut()) {
+                slot.0 = r;
+            }
+            kept_double.extend(kv);
+        }
+        let mut h = be.concat(&[&txt, &img], 1)?;
+        for (i, block) in self.single.iter().enumerate() {
+            let owned;
+            let block = match block {
+                Some(b) => b,
+                None => {
+                    owned = load_single(&self.weights, be, cfg, streamed, i)?;
+                    &owned
+                }
+            };
+            let _block = scope::enter(|| format!("single_blocks.{i}"));
+            let reference = match (&step, &refs) {
+                (KvStep::Extract { .. }, Some((r, _, rm, cos, sin))) => {
+                    RefStream::Tokens { x: r, mods: rm, rope: Rope { cos, sin } }
+                }
+                (KvStep::Cached(cache), _) => RefStream::Cached(&cache.single[i]),
+                _ => unreachable!("extract always has reference tokens"),
+            };
+            let (new_h, new_ref, kv) = self.single_block_kv(block, &h, lt, &mod_single, &rope, reference)?;
+            h = new_h;
+            if let (Some(r), Some(slot)) = (new_ref, refs.as_mut()) {
+                slot.0 = r;
+            }
+            kept_single.extend(kv);
+        }
+        let img = h.narrow(1, lt, li)?;
+        let _out = scope::enter(|| "norm_out/proj_out".into());
+        let emb = be.linear(&silu_temb, &self.norm_out, None)?;
+        let (scale, shift) = (emb.narrow(1, 0, d)?, emb.narrow(1, d, d)?);
+        let out = be.layer_norm_modulate(&img, &shift, &scale, cfg.eps as f32)?;
+        let out = be.linear(&out, &self.proj_out, None)?;
+        let cache = match step {
+            KvStep::Extract { refs: r, .. } => {
+                Some(RefKvCache { tokens: r.dim(1), double: kept_double, single: kept_single })
+            }
+            KvStep::Cached(_) => None,
+        };
+        Ok((out, cache))
+    }
+
+    /// Keys `[txt | ref | img]` of the KV scheme from the main `[txt | img]` keys.
+    fn with_ref(&self, main: &Tensor, reference: &Tensor, lt: usize) -> Result<Tensor> {
+        let n = main.dim(1);
+        self.be.concat(&[&main.narrow(1, 0, lt)?, reference, &main.narrow(1, lt, n - lt)?], 1)
+    }
+
+    /// A double block under the KV scheme: text and image streams as in `double_block`, the
+    /// reference tokens (extract) through the image weights with their own modulation, or the
+    /// cached reference K/V (cached). Returns (img, txt, ref, the reference K/V when extracted).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn double_block_kv(
+        &self,
+        blk: &DoubleBlock,
+        img: &Tensor,
+        txt: &Tensor,
+        mi: &Modulation,
+        mt: &Modulation,
+        rope: &Rope,
+        reference: RefStream,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>, Option<(Tensor, Tensor)>)> {
+        let be = &*self.be;
+        let eps = self.cfg.eps as f32;
+        let (b, lt, li, d) = (img.dim(0), txt.dim(1), img.dim(1), self.cfg.hidden());
+        let [sh1, sc1, g1] = &mi.sets[0];
+        let [sh2, sc2, g2] = &mi.sets[1];
+        let [csh1, csc1, cg1] = &mt.sets[0];
+        let [csh2, csc2, cg2] = &mt.sets[1];
+
+        let a_img = be.layer_norm_modulate(img, sh1, sc1, eps)?;
+        let a_txt = be.layer_norm_modulate(txt, csh1, csc1, eps)?;
+        let [qi, ki, vi] = self.split_qkv(&blk.img_qkv.forward(be, &a_img, None)?)?;
+        let [qt, kt, vt] = self.split_qkv(&blk.txt_qkv.forward(be, &a_txt, None)?)?;
+        let qi = be.rms_norm(&qi, Some(&blk.norm_q), eps)?;
+        let ki = be.rms_norm(&ki, Some(&blk.norm_k), eps)?;
+        let qt = be.rms_norm(&qt, Some(&blk.norm_added_q), eps)?;
+        let kt = be.rms_norm(&kt, Some(&blk.norm_added_k), eps)?;
+        let q = rope.apply(be, &be.concat(&[&qt, &qi], 1)?)?;
+        let k = rope.apply(be, &be.concat(&[&kt, &ki], 1)?)?;
+        let v = be.concat(&[&vt, &vi], 1)?;
+
+        let (o, ref_out, kept) = match reference {
+            RefStream::Tokens { x: r, mods, rope: ref_rope } => {
+                let lr = r.dim(1);
+                let [rsh1, rsc1, rg1] = &mods.sets[0];
+                let [rsh2, rsc2, rg2] = &mods.sets[1];
+                let a_ref = be.layer_norm_modulate(r, rsh1, rsc1, eps)?;
+                let [qr, kr, vr] = self.split_qkv(&blk.img_qkv.forward(be, &a_ref, None)?)?;
+                let qr = ref_rope.apply(be, &be.rms_norm(&qr, Some(&blk.norm_q), eps)?)?;
+                let kr = ref_rope.apply(be, &be.rms_norm(&kr, Some(&blk.norm_k), eps)?)?;
+                let vr = be.contiguous(&vr)?;
+                let o = self.attend(&q, &self.with_ref(&k, &kr, lt)?, &self.with_ref(&v, &vr, lt)?)?;
+                let o_ref = self.attend(&qr, &kr, &vr)?.reshape(&[b, lr, d])?;
+                let r = be.gated_add(r, rg1, &blk.to_out.forward(be, &o_ref, None)?)?;
+                let ff = self.feed_forward(&be.layer_norm_modulate(&r, rsh2, rsc2, eps)?, &blk.ff_in, &blk.ff_out)?;
+                let r = be.gated_add(&r, rg2, &ff)?;
+                (o, Some(r), Some((kr, vr)))
+            }
+            RefStream::Cached((kr, vr)) => {
+                (self.attend(&q, &self.with_ref(&k, kr, lt)?, &self.with_ref(&v, vr, lt)?)?, None, None)
+            }
+        };
+        let o = o.reshape(&[b, lt + li, d])?;
+        let (o_txt, o_img) = (o.narrow(1, 0, lt)?, o.narrow(1, lt, li)?);
+
+        let img = be.gated_add(img, g1, &blk.to_out.forward(be, &o_img, None)?)?;
+        let ff = self.feed_forward(&be.layer_norm_modulate(&img, sh2, sc2, eps)?, &blk.ff_in, &blk.ff_out)?;
+        let img = be.gated_add(&img, g2, &ff)?;
+
+        let txt = be.gated_add(txt, cg1, &blk.to_add_out.forward(be, &o_txt, None)?)?;
+        let ff = self.feed_forward(&be.layer_norm_modulate(&txt, csh2, csc2, eps)?, &blk.ff_ctx_in, &blk.ff_ctx_out)?;
+        let txt = be.gated_add(&txt, cg2, &ff)?;
+        Ok((img, txt, ref_out, kept))
+    }
+
+    /// A single block under the KV scheme (see `double_block_kv`); `h` is `[txt | img]`.
+    #[allow(clippy::type_complexity)]
+    fn single_block_kv(
+        &self,
+        blk: &SingleBlock,
+        h: &Tensor,
+        lt: usize,
+        ms: &Modulation,
+        rope: &Rope,
+        reference: RefStream,
+    ) -> Result<(Tensor, Option<Tensor>, Option<(Tensor, Tensor)>)> {
+        let be = &*self.be;
+        let eps = self.cfg.eps as f32;
+        let (b, n, d, m) = (h.dim(0), h.dim(1), self.cfg.hidden(), self.cfg.mlp_hidden());
+        let [shift, scale, gate] = &ms.sets[0];
+        let a = be.layer_norm_modulate(h, shift, scale, eps)?;
+        let y = blk.qkv_mlp.forward(be, &a, None)?;
+        let [q, k, v] = self.split_qkv(&y)?;
+        let q = rope.apply(be, &be.rms_norm(&q, Some(&blk.norm_q), eps)?)?;
+        let k = rope.apply(be, &be.rms_norm(&k, Some(&blk.norm_k), eps)?)?;
+        let (o, ref_out, kept) = match reference {
+            RefStream::Tokens { x: r, mods, rope: ref_rope } => {
+                let lr = r.dim(1);
+                let [rshift, rscale, rgate] = &mods.sets[0];
+                let a_ref = be.layer_norm_modulate(r, rshift, rscale, eps)?;
+                let y_ref = blk.qkv_mlp.forward(be, &a_ref, None)?;
+                let [qr, kr, vr] = self.split_qkv(&y_ref)?;
+                let qr = ref_rope.apply(be, &be.rms_norm(&qr, Some(&blk.norm_q), eps)?)?;
+                let kr = ref_rope.apply(be, &be.rms_norm(&kr, Some(&blk.norm_k), eps)?)?;
+                let vr = be.contiguous(&vr)?;
+                let o = self.attend(&q, &self.with_ref(&k, &kr, lt)?, &self.with_ref(&v, &vr, lt)?)?;
+                let o_ref = self.attend(&qr, &kr, &vr)?.reshape(&[b, lr, d])?;
+                let act = be.swiglu(&y_ref.narrow(2, 3 * d, 2 * m)?)?;
+                let out = blk.to_out.forward(be, &be.concat(&[&o_ref, &act], 2)?, None)?;
+                (o, Some(be.gated_add(r, rgate, &out)?), Some((kr, vr)))
+            }
+            RefStream::Cached((kr, vr)) => {
+                (self.attend(&q, &self.with_ref(&k, kr, lt)?, &self.with_ref(&v, vr, lt)?)?, None, None)
+            }
+        };
+        let o = o.reshape(&[b, n, d])?;
+        let act = be.swiglu(&y.narrow(2, 3 * d, 2 * m)?)?;
+        let out = blk.to_out.forward(be, &be.concat(&[&o, &act], 2)?, None)?;
+        Ok((be.gated_add(h, gate, &out)?, ref_out, kept))
+    }
+
     /// RoPE tables for the joint sequence (text first, then image), kept on the device while
     /// the ids stay the same: every denoising step reuses them without an upload.
     fn rope_tables(&self, txt_ids: &PositionIds, img_ids: &PositionIds) -> Result<(Tensor, Tensor)> {
@@ -538,6 +850,12 @@ impl Flux2Transformer {
             AttentionMode::Sage => self.be.attention_sage(q, k, v, &AttnMask::None, scale),
         }
     }
+}
+
+/// The reference tokens of a KV-scheme block: running (extract) or cached K/V.
+enum RefStream<'a> {
+    Tokens { x: &'a Tensor, mods: &'a Modulation, rope: Rope<'a> },
+    Cached(&'a (Tensor, Tensor)),
 }
 
 struct Rope<'a> {
