@@ -61,6 +61,24 @@ fn pipeline_images_within_2_of_255(be: Arc<dyn Backend>) {
     }
 }
 
+/// Inpainting, img2img and the KV reference cache (tests/fixtures/workflows, from diffusers in
+/// float32) within the same 2/255 as the text-to-image pipeline cases.
+fn workflows_within_2_of_255(be: Arc<dyn Backend>) {
+    let pipe = Pipeline::load(be, &fixtures().join("pipeline")).unwrap();
+    for case in common::workflows::cases("inpaint").into_iter().chain(common::workflows::cases("kv")) {
+        let prepared = pipe.prepare_references(&case.references()).unwrap();
+        let request = flux2::pipeline::Request {
+            timestep_mode: Some(flux2::sampler::TimestepMode::DiffusersF32),
+            kv_cache: case.json["pipeline"] == "kv",
+            ..case.request()
+        };
+        let out = pipe.generate(&request, None, prepared.as_ref()).unwrap();
+        let mad = common::mean_pixel_error(&out.image, &case.expected_image());
+        println!("workflow {}: mean absolute pixel error {mad:.3}/255", case.name);
+        assert!(mad <= 2.0, "{}: {mad}", case.name);
+    }
+}
+
 fn components_in_bf16(be: Arc<dyn Backend>) {
     let c = fixtures().join("components");
     let p = fixtures().join("pipeline");
@@ -190,11 +208,12 @@ fn main() {
     };
     let gpu = gpu.ok();
     type Check = fn(Arc<dyn Backend>);
-    let checks: [(&str, Check, bool); 7] = [
+    let checks: [(&str, Check, bool); 8] = [
         ("every_op_matches_the_cpu_reference", every_op_matches_the_cpu_reference, true),
         ("transformer_fixtures_in_bf16", transformer_fixtures_in_bf16, true),
         ("pipeline_images_within_2_of_255", pipeline_images_within_2_of_255, true),
         ("components_in_bf16", components_in_bf16, true),
+        ("workflows_within_2_of_255", workflows_within_2_of_255, true),
         ("quantized_linears_reject_bad_shapes", quantized_linears_reject_bad_shapes, false),
         ("an_overflow_stops_the_pipeline_with_the_step", an_overflow_stops_the_pipeline_with_the_step, true),
         ("no_gpu_gives_a_clear_error_or_a_working_device", no_gpu_gives_a_clear_error_or_a_working_device, false),

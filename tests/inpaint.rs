@@ -4,54 +4,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use common::workflows::cases;
 use common::{fails_cleanly, fixtures, generate_args, load, mean_pixel_error, rel_err, run_cli};
 use flux2::backend::cpu::CpuBackend;
 use flux2::image_io::RgbImage;
 use flux2::model::vae::unpatchify;
 use flux2::pipeline::{Pipeline, Request};
 use flux2::Backend;
-
-struct Case {
-    name: String,
-    dir: PathBuf,
-    json: serde_json::Value,
-}
-
-fn cases(kind: &str) -> Vec<Case> {
-    let mut dirs: Vec<PathBuf> =
-        std::fs::read_dir(fixtures().join("workflows")).unwrap().map(|e| e.unwrap().path()).collect();
-    dirs.sort();
-    dirs.into_iter()
-        .map(|dir| {
-            let json: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-            Case { name: dir.file_name().unwrap().to_string_lossy().into(), dir, json }
-        })
-        .filter(|c| c.json["pipeline"] == kind)
-        .collect()
-}
-
-fn image(dir: &Path, name: &serde_json::Value) -> Option<RgbImage> {
-    name.as_str().map(|n| RgbImage::load(&dir.join(n)).unwrap())
-}
-
-fn request(case: &Case) -> Request {
-    let j = &case.json;
-    Request {
-        prompt: j["prompt"].as_str().unwrap().into(),
-        steps: Some(j["steps"].as_u64().unwrap() as usize),
-        guidance: Some(j["guidance"].as_f64().unwrap() as f32),
-        noise: Some(load(&case.dir.join("noise.safetensors"), "noise")),
-        init_image: image(&case.dir, &serde_json::json!("init.png")),
-        strength: Some(j["strength"].as_f64().unwrap()),
-        mask: image(&case.dir, &j["mask"]),
-        mask_crop: j["mask_crop"].as_u64().map(|p| p as usize),
-        ..Default::default()
-    }
-}
 
 #[test]
 fn inpaint_and_img2img_match_diffusers() {
@@ -60,10 +21,8 @@ fn inpaint_and_img2img_match_diffusers() {
     let cases = cases("inpaint");
     assert!(cases.len() >= 4, "{} inpaint cases", cases.len());
     for case in cases {
-        let refs: Vec<RgbImage> =
-            case.json["refs"].as_array().unwrap().iter().map(|r| image(&case.dir, r).unwrap()).collect();
-        let prepared = pipe.prepare_references(&refs).unwrap();
-        let out = pipe.generate(&request(&case), None, prepared.as_ref()).unwrap();
+        let prepared = pipe.prepare_references(&case.references()).unwrap();
+        let out = pipe.generate(&case.request(), None, prepared.as_ref()).unwrap();
         let name = &case.name;
         let want = RgbImage::load(&case.dir.join("expected.png")).unwrap();
         let mad = mean_pixel_error(&out.image, &want);
@@ -85,7 +44,7 @@ fn img2img_without_a_mask_equals_an_all_white_mask() {
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
     let pipe = Pipeline::load(be, &fixtures().join("pipeline")).unwrap();
     let case = cases("inpaint").into_iter().find(|c| c.name == "img2img").unwrap();
-    let req = request(&case);
+    let req = case.request();
     assert!(req.mask.is_none());
     let plain = pipe.generate(&req, None, None).unwrap();
     let init = req.init_image.clone().unwrap();

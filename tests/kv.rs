@@ -30,17 +30,6 @@ fn kv_pipeline(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
-fn kv_cases() -> Vec<(String, PathBuf, serde_json::Value)> {
-    let mut out = Vec::new();
-    for name in ["kv_one_ref", "kv_two_refs"] {
-        let dir = fixtures().join("workflows").join(name);
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-        out.push((name.to_string(), dir, json));
-    }
-    out
-}
-
 #[test]
 fn kv_pipeline_matches_diffusers() {
     let tmp = tempfile::tempdir().unwrap();
@@ -49,21 +38,12 @@ fn kv_pipeline_matches_diffusers() {
     assert!(kv.info.kv && kv.info.is_distilled);
     assert_eq!(kv.info.defaults(), (4, 1.0));
     let plain = Pipeline::load(be.clone(), &fixtures().join("pipeline")).unwrap();
-    for (name, dir, j) in kv_cases() {
-        let refs: Vec<RgbImage> = j["refs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| RgbImage::load(&dir.join(r.as_str().unwrap())).unwrap())
-            .collect();
-        let req = Request {
-            prompt: j["prompt"].as_str().unwrap().into(),
-            steps: Some(j["steps"].as_u64().unwrap() as usize),
-            noise: Some(load(&dir.join("noise.safetensors"), "noise")),
-            ..Default::default()
-        };
-        let want = RgbImage::load(&dir.join("expected.png")).unwrap();
-        let expected = dir.join("expected.safetensors");
+    let cases = common::workflows::cases("kv");
+    assert_eq!(cases.len(), 2);
+    for case in cases {
+        let (name, refs, req) = (&case.name, case.references(), case.request());
+        let want = case.expected_image();
+        let expected = case.dir.join("expected.safetensors");
         // The KV-variant folder, and --kv-cache on the plain klein folder: the same scheme.
         for (label, pipe, req) in
             [("KV model", &kv, req.clone()), ("--kv-cache", &plain, Request { kv_cache: true, ..req.clone() })]
@@ -93,9 +73,7 @@ fn kv_pipeline_matches_diffusers() {
 fn kv_cache_batches_like_single_runs() {
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
     let pipe = Pipeline::load(be, &fixtures().join("pipeline")).unwrap();
-    let (_, dir, j) = kv_cases().remove(1);
-    let refs: Vec<RgbImage> =
-        j["refs"].as_array().unwrap().iter().map(|r| RgbImage::load(&dir.join(r.as_str().unwrap())).unwrap()).collect();
+    let refs = common::workflows::cases("kv").remove(1).references();
     let prepared = pipe.prepare_references(&refs).unwrap();
     let req = Request { prompt: "x".into(), steps: Some(3), seed: 3, kv_cache: true, ..Default::default() };
     let batch = pipe.generate_batch(&req, 2, None, prepared.as_ref()).unwrap();
@@ -128,7 +106,7 @@ fn kv_cache_without_references_is_an_error() {
 
 #[test]
 fn kv_cli_matches_diffusers() {
-    let (_, dir, _) = kv_cases().remove(0);
+    let dir = common::workflows::cases("kv").remove(0).dir;
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("kv.png");
     let p = fixtures().join("pipeline");

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod workflows;
+
 use std::path::{Path, PathBuf};
 
 use flux2::weights::WeightStore;
