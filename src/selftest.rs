@@ -227,26 +227,51 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             .untimed(),
         );
     }
-    // sage_kv_stats, sage_block_absmax (Q and K), attention_sage_rowwise; (batch, tokens, heads,
-    // kv heads, head dim, causal with padding [N, N/2])
-    let sage: &[(usize, usize, usize, usize, usize, bool)] = match suite {
-        Suite::Full => &[(1, 130, 2, 2, 128, false), (2, 200, 4, 2, 64, true), (1, 1024, 2, 2, 128, false)],
+    // sage_kv_stats, sage_block_absmax (Q and K), then on sm_89+ images for head dims 64/128
+    // sage_quantize_int8 (Q, K), sage_quantize_vt_e4m3 and attention_sage_mma_d{64,128}, else (and
+    // as the reference, "ref") attention_sage_rowwise; (batch, tokens, heads, kv heads, head dim,
+    // causal with padding [N, N/2], reference kernels)
+    let sage: &[(usize, usize, usize, usize, usize, bool, bool)] = match suite {
+        Suite::Full => &[
+            (1, 130, 2, 2, 128, false, false),
+            (2, 200, 4, 2, 64, true, false),
+            (1, 1024, 2, 2, 128, false, false),
+            (1, 4608, 4, 4, 128, false, false),
+            (2, 300, 4, 1, 128, true, false),
+            (2, 200, 4, 2, 64, true, true),
+            (1, 1024, 2, 2, 128, false, true),
+        ],
         Suite::Small => &[
-            (1, 130, 2, 2, 128, false), // 3 blocks of 64 tokens, the last ragged
-            (2, 130, 4, 2, 64, true),   // causal, padding to 65 crossing a block edge, GQA
-            (1, 72, 2, 1, 128, false),  // GQA without a mask, 2 blocks
+            (1, 130, 2, 2, 128, false, false), // 3 blocks of 64 tokens, the last ragged
+            (2, 130, 4, 2, 64, true, false),   // causal, padding to 65 crossing a block edge, GQA
+            (1, 72, 2, 1, 128, false, false),  // GQA without a mask, 2 blocks
+            (2, 100, 2, 1, 128, true, false),  // d 128 causal + padding (100, 50), GQA
+            (1, 200, 1, 1, 64, false, false),  // d 64: 4 key tiles through both stages, ragged
+            (2, 130, 4, 2, 64, true, true),    // row-wise reference: causal + padding, GQA
+            (1, 72, 2, 1, 128, false, true),   // row-wise reference: GQA
         ],
     };
-    for &(b, n, h, hkv, d, causal) in sage {
+    for &(b, n, h, hkv, d, causal, reference) in sage {
         let mask = if causal { AttnMask::Causal { valid_len: Some(vec![n, n / 2]) } } else { AttnMask::None };
         let scale = 1.0 / (d as f32).sqrt();
-        let label = format!("B{b} N{n} H{h}/{hkv} D{d}{}", if causal { " causal+pad" } else { "" });
+        let label = format!(
+            "B{b} N{n} H{h}/{hkv} D{d}{}{}",
+            if causal { " causal+pad" } else { "" },
+            if reference { " ref" } else { "" }
+        );
         v.push(case(
             "attention_sage",
             label,
             vec![act(&[b, n, h, d]), act(&[b, n, hkv, d]), act(&[b, n, hkv, d])],
             4.0,
-            Box::new(move |be, t| be.attention_sage(&t[0], &t[1], &t[2], &mask, scale)),
+            Box::new(move |be, t| {
+                let run = || be.attention_sage(&t[0], &t[1], &t[2], &mask, scale);
+                if reference {
+                    with_reference_attention(be, run)
+                } else {
+                    run()
+                }
+            }),
         ));
     }
     // (batch, queries, keys, heads, kv heads, head dim, mask: 0 none, 1 causal, 2 causal + padding,

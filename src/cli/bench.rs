@@ -189,13 +189,14 @@ pub fn profile_attention(
     println!("attention N={seq} H={heads} D={dim}");
     println!("{:<10} {:>10} {:>10} {:>10} {:>10}", "path", "ms", "TOPS", "cosine", "rel L1");
     let mut rows = Vec::new();
-    // "exact-ref": the exact path on the CUDA backend's previous kernels (flash v2, row-wise for wide
-    // heads), the baseline of the current ones.
+    // "exact-ref" / "sage-ref": the CUDA backend's previous kernels (flash v2, row-wise for wide heads,
+    // row-wise Sage), the baselines of the current ones.
     let cuda = crate::selftest::is_cuda(be);
     let paths: &[(&str, AttentionMode, bool)] = &[
         ("exact", AttentionMode::Exact, false),
         ("exact-ref", AttentionMode::Exact, true),
         ("sage", AttentionMode::Sage, false),
+        ("sage-ref", AttentionMode::Sage, true),
     ];
     for &(label, mode, on_reference) in paths.iter().filter(|p| cuda || !p.2) {
         let call = || {

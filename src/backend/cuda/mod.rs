@@ -92,6 +92,10 @@ const KERNELS: &[(&str, &[&str])] = &[
             "attention_sage_rowwise_bf16",
         ],
     ),
+    (
+        "attention_sage_mma",
+        &["sage_quantize_int8_bf16", "sage_quantize_vt_e4m3_bf16", "attention_sage_mma_d64", "attention_sage_mma_d128"],
+    ),
 ];
 
 /// Every kernel the backend loads, by name (the emulator's coverage check uses this list).
@@ -314,7 +318,8 @@ impl CudaBackend {
     }
 
     /// Run attention on the previous kernel versions (flash v2 for head dims 64/128, the row-wise
-    /// kernel for 256/384/512), the references of the current ones; false restores the default.
+    /// kernel for 256/384/512, the row-wise Sage kernel), the references of the current ones;
+    /// false restores the default.
     pub fn set_reference_attention(&self, on: bool) {
         self.dev.reference_attention.store(on, Ordering::Relaxed);
     }
