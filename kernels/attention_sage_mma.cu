@@ -5,7 +5,7 @@
 // natural exp, P scaled by 448 and rounded to e4m3, V smoothed by its token mean and e4m3 per channel,
 // P·V with mma.sync m16n8k32 e4m3 -> f32 (sm_89+).
 //
-// Pre-passes (besides sage_kv_stats_bf16 / sage_block_absmax_bf16 of quantized.cu):
+// Pre-passes (besides the K/V statistics and sage_block_absmax_bf16 of quantized.cu):
 //   sage_quantize_int8_bf16: Q or K to int8 codes in their own layout [B, N, H, D].
 //   sage_quantize_vt_e4m3_bf16: V to e4m3 codes transposed per (batch, kv head) to [D, Nk rounded up to 64],
 //     keys permuted inside each group of 32 so that the P accumulators of the Q·Kᵀ mma are already the

@@ -227,7 +227,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             .untimed(),
         );
     }
-    // sage_kv_stats, sage_block_absmax (Q and K), then on sm_89+ images for head dims 64/128
+    // sage_kv_sums, sage_kv_means_absmax, sage_block_absmax (Q and K), then on sm_89+ images for head dims 64/128
     // sage_quantize_int8 (Q, K), sage_quantize_vt_e4m3 and attention_sage_mma_d{64,128}, else (and
     // as the reference, "ref") attention_sage_rowwise; (batch, tokens, heads, kv heads, head dim,
     // causal with padding [N, N/2], reference kernels)
@@ -247,6 +247,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (1, 72, 2, 1, 128, false, false),  // GQA without a mask, 2 blocks
             (2, 100, 2, 1, 128, true, false),  // d 128 causal + padding (100, 50), GQA
             (1, 200, 1, 1, 64, false, false),  // d 64: 4 key tiles through both stages, ragged
+            (2, 300, 2, 1, 64, true, false),   // K/V statistics over 2 chunks of 256 tokens, 5 key tiles
             (2, 130, 4, 2, 64, true, true),    // row-wise reference: causal + padding, GQA
             (1, 72, 2, 1, 128, false, true),   // row-wise reference: GQA
         ],

@@ -49,6 +49,9 @@ pub(super) fn linear_fp8(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bias: Op
     Ok(out)
 }
 
+/// Tokens per block of the Sage K/V statistics (`SAGE_STATS_TOKENS` in kernels/quantized.cu).
+const SAGE_STATS_TOKENS: usize = 256;
+
 /// Dynamic shared memory of attention_sage_mma: the int8 Q tile and two stages of int8 K and e4m3
 /// Vᵀ tiles of 64 tokens, rows padded by 16 bytes.
 pub(super) fn sage_mma_smem_bytes(d: usize) -> usize {
@@ -73,13 +76,28 @@ pub(super) fn attention_sage(
     let (qb, kb) = (nq.div_ceil(64), nk.div_ceil(64));
     let k_mean = be.output(DType::F32, &[b * hkv * d])?;
     let v_mean = be.output(DType::F32, &[b * hkv * d])?;
-    let v_absmax = be.output(DType::F32, &[b * hkv * d])?;
     let q_absmax = be.output(DType::F32, &[b * h * qb])?;
     let k_absmax = be.output(DType::F32, &[b * hkv * kb])?;
-    let (kmp, vmp, vap) = (be.ptr(&k_mean)?, be.ptr(&v_mean)?, be.ptr(&v_absmax)?);
+    // Both reductions accumulate atomically into zeroed buffers: f64 K and V sums per channel, then
+    // |v - mean|max per channel (kept alive until the launches below are queued).
+    if b * hkv > 65535 {
+        return Err(Error::shape("attention_sage", format!("{b} batch x {hkv} kv heads exceed one grid")));
+    }
+    let mut sums = be.alloc(DType::F32, 4 * b * hkv * d)?; // 2 doubles per (batch, kv head, channel)
+    let mut v_absmax = be.alloc(DType::F32, b * hkv * d)?;
+    be.dev.stream.memset_zeros(&mut sums.buf).map_err(super::gpu_err)?;
+    be.dev.stream.memset_zeros(&mut v_absmax.buf).map_err(super::gpu_err)?;
+    let (kmp, vmp, vap) = (be.ptr(&k_mean)?, be.ptr(&v_mean)?, v_absmax.base_ptr());
     let (qap, kap) = (be.ptr(&q_absmax)?, be.ptr(&k_absmax)?);
-    let stats = LaunchConfig { grid_dim: ((b * hkv) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-    launch!(be.dev, "sage_kv_stats_bf16", stats, kp, vp, kmp, vmp, vap, nk as i32, hkv as i32, d as i32)?;
+    let stats = LaunchConfig {
+        grid_dim: (nk.div_ceil(SAGE_STATS_TOKENS).max(1) as u32, (b * hkv) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (nk32, hkv32, d32) = (nk as i32, hkv as i32, d as i32);
+    let sp = sums.base_ptr();
+    launch!(be.dev, "sage_kv_sums_bf16", stats, kp, vp, sp, nk32, hkv32, d32)?;
+    launch!(be.dev, "sage_kv_means_absmax_bf16", stats, vp, sp, kmp, vmp, vap, nk32, hkv32, d32)?;
     let blocks = |n: usize, bh: usize| LaunchConfig {
         grid_dim: (n as u32, bh as u32, 1),
         block_dim: (256, 1, 1),
