@@ -61,23 +61,44 @@ extern "C" __global__ void gemm_w8a8_tiled_bf16(const bf16* A, const float* a_ab
 }
 
 // Per (batch, kv head, channel): means of K and V over tokens, and |V - mean|max.
-extern "C" __global__ void sage_kv_stats_bf16(const bf16* k, const bf16* v, float* k_mean, float* v_mean, float* v_absmax,
-                                              int nk, int kv_heads, int d) {
-    int bh = blockIdx.x;  // batch * kv_heads + head
-    int b = bh / kv_heads, h = bh % kv_heads;
+// K/V statistics for Sage smoothing as a parallel reduction over token chunks (was one block per
+// (batch, kv head) scanning the sequence serially). Grid (token chunks of SAGE_STATS_TOKENS, batch * kv_heads),
+// one thread per channel (strided). Pass 1: f64 sums of K and V per channel into sums [bh][2][d] (zeroed
+// by the launcher; bf16 values summed in f64 are exact, so the order of the atomics does not matter in
+// practice). Pass 2: the means (as the serial kernel: f64 sum / n, rounded to f32), written by chunk 0, and
+// |v - v_mean|max per channel as atomicMax on the bits of a non-negative float (ordered as unsigned) into
+// v_absmax (zeroed).
+#define SAGE_STATS_TOKENS 256
+
+extern "C" __global__ void sage_kv_sums_bf16(const bf16* k, const bf16* v, double* sums, int nk, int kv_heads, int d) {
+    const int bh = blockIdx.y, b = bh / kv_heads, h = bh % kv_heads;
+    const int j0 = blockIdx.x * SAGE_STATS_TOKENS, j1 = min(nk, j0 + SAGE_STATS_TOKENS);
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         double sk = 0.0, sv = 0.0;
-        for (int j = 0; j < nk; j++) {
+        for (int j = j0; j < j1; j++) {
             i64 at = (((i64)b * nk + j) * kv_heads + h) * d + c;
             sk += to_f(k[at]);
             sv += to_f(v[at]);
         }
-        float vm = (float)(sv / (nk > 0 ? nk : 1));
+        atomicAdd(&sums[(i64)bh * 2 * d + c], sk);
+        atomicAdd(&sums[((i64)bh * 2 + 1) * d + c], sv);
+    }
+}
+
+extern "C" __global__ void sage_kv_means_absmax_bf16(const bf16* v, const double* sums, float* k_mean, float* v_mean,
+                                                     float* v_absmax, int nk, int kv_heads, int d) {
+    const int bh = blockIdx.y, b = bh / kv_heads, h = bh % kv_heads;
+    const int j0 = blockIdx.x * SAGE_STATS_TOKENS, j1 = min(nk, j0 + SAGE_STATS_TOKENS);
+    const double n = nk > 0 ? (double)nk : 1.0;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        const float vm = (float)(sums[((i64)bh * 2 + 1) * d + c] / n);
+        if (blockIdx.x == 0) {
+            k_mean[(i64)bh * d + c] = (float)(sums[(i64)bh * 2 * d + c] / n);
+            v_mean[(i64)bh * d + c] = vm;
+        }
         float mx = 0.f;
-        for (int j = 0; j < nk; j++) mx = fmaxf(mx, fabsf(to_f(v[(((i64)b * nk + j) * kv_heads + h) * d + c]) - vm));
-        k_mean[(i64)bh * d + c] = (float)(sk / (nk > 0 ? nk : 1));
-        v_mean[(i64)bh * d + c] = vm;
-        v_absmax[(i64)bh * d + c] = mx;
+        for (int j = j0; j < j1; j++) mx = fmaxf(mx, fabsf(to_f(v[(((i64)b * nk + j) * kv_heads + h) * d + c]) - vm));
+        atomicMax(reinterpret_cast<unsigned*>(&v_absmax[(i64)bh * d + c]), __float_as_uint(mx));
     }
 }
 

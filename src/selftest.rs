@@ -97,6 +97,19 @@ impl Suite {
     }
 }
 
+/// True when `be` is the CUDA backend (on a GPU or the emulator).
+pub fn is_cuda(be: &dyn Backend) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        be.as_any().downcast_ref::<crate::backend::cuda::CudaBackend>().is_some()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = be;
+        false
+    }
+}
+
 /// True when `be` is the CUDA backend running on flux2's CUDA emulator (kernels on the CPU).
 pub fn is_emulated(be: &dyn Backend) -> bool {
     #[cfg(feature = "cuda")]
@@ -214,68 +227,116 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             .untimed(),
         );
     }
-    // sage_kv_stats, sage_block_absmax (Q and K), attention_sage_rowwise; (batch, tokens, heads,
-    // kv heads, head dim, causal with padding [N, N/2])
-    let sage: &[(usize, usize, usize, usize, usize, bool)] = match suite {
-        Suite::Full => &[(1, 130, 2, 2, 128, false), (2, 200, 4, 2, 64, true), (1, 1024, 2, 2, 128, false)],
+    // sage_kv_sums, sage_kv_means_absmax, sage_block_absmax (Q and K), then on sm_89+ images for head dims 64/128
+    // sage_quantize_int8 (Q, K), sage_quantize_vt_e4m3 and attention_sage_mma_d{64,128}, else (and
+    // as the reference, "ref") attention_sage_rowwise; (batch, tokens, heads, kv heads, head dim,
+    // causal with padding [N, N/2], reference kernels)
+    let sage: &[(usize, usize, usize, usize, usize, bool, bool)] = match suite {
+        Suite::Full => &[
+            (1, 130, 2, 2, 128, false, false),
+            (2, 200, 4, 2, 64, true, false),
+            (1, 1024, 2, 2, 128, false, false),
+            (1, 4608, 4, 4, 128, false, false),
+            (2, 300, 4, 1, 128, true, false),
+            (2, 200, 4, 2, 64, true, true),
+            (1, 1024, 2, 2, 128, false, true),
+        ],
         Suite::Small => &[
-            (1, 130, 2, 2, 128, false), // 3 blocks of 64 tokens, the last ragged
-            (2, 130, 4, 2, 64, true),   // causal, padding to 65 crossing a block edge, GQA
-            (1, 72, 2, 1, 128, false),  // GQA without a mask, 2 blocks
+            (1, 130, 2, 2, 128, false, false), // 3 blocks of 64 tokens, the last ragged
+            (2, 130, 4, 2, 64, true, false),   // causal, padding to 65 crossing a block edge, GQA
+            (1, 72, 2, 1, 128, false, false),  // GQA without a mask, 2 blocks
+            (2, 100, 2, 1, 128, true, false),  // d 128 causal + padding (100, 50), GQA
+            (1, 200, 1, 1, 64, false, false),  // d 64: 4 key tiles through both stages, ragged
+            (2, 300, 2, 1, 64, true, false),   // K/V statistics over 2 chunks of 256 tokens, 5 key tiles
+            (2, 130, 4, 2, 64, true, true),    // row-wise reference: causal + padding, GQA
+            (1, 72, 2, 1, 128, false, true),   // row-wise reference: GQA
         ],
     };
-    for &(b, n, h, hkv, d, causal) in sage {
+    for &(b, n, h, hkv, d, causal, reference) in sage {
         let mask = if causal { AttnMask::Causal { valid_len: Some(vec![n, n / 2]) } } else { AttnMask::None };
         let scale = 1.0 / (d as f32).sqrt();
-        let label = format!("B{b} N{n} H{h}/{hkv} D{d}{}", if causal { " causal+pad" } else { "" });
+        let label = format!(
+            "B{b} N{n} H{h}/{hkv} D{d}{}{}",
+            if causal { " causal+pad" } else { "" },
+            if reference { " ref" } else { "" }
+        );
         v.push(case(
             "attention_sage",
             label,
             vec![act(&[b, n, h, d]), act(&[b, n, hkv, d]), act(&[b, n, hkv, d])],
             4.0,
-            Box::new(move |be, t| be.attention_sage(&t[0], &t[1], &t[2], &mask, scale)),
+            Box::new(move |be, t| {
+                let run = || be.attention_sage(&t[0], &t[1], &t[2], &mask, scale);
+                if reference {
+                    with_reference_attention(be, run)
+                } else {
+                    run()
+                }
+            }),
         ));
     }
-    // (batch, queries, keys, heads, kv heads, head dim, mask: 0 none, 1 causal, 2 causal + padding)
-    // Head dims 64 and 128 run flash_attention_d{64,128} (64-query blocks, 64-key tiles), every
-    // other one attention_rowwise.
-    let attn: &[(usize, usize, usize, usize, usize, usize, u8)] = match suite {
+    // (batch, queries, keys, heads, kv heads, head dim, mask: 0 none, 1 causal, 2 causal + padding,
+    // reference kernels). Head dims 64 and 128 run flash_attention_v3_d{64,128}[_masked] (128-query
+    // blocks; 64-key tiles at d 64, 32-key tiles at d 128), unmasked 256/384/512
+    // flash_attention_wide_d* (32 or 64-query blocks, 32-key tiles), every other one
+    // attention_rowwise. "reference" runs the previous versions on the CUDA backend (flash v2 for
+    // 64/128, attention_rowwise for the wide heads), which stay as fallbacks.
+    let attn: &[(usize, usize, usize, usize, usize, usize, u8, bool)] = match suite {
         Suite::Full => &[
-            (1, 77, 77, 3, 3, 64, 0),
-            (2, 130, 130, 4, 2, 128, 1),
-            (1, 200, 200, 2, 2, 128, 0),
-            (2, 40, 40, 2, 1, 24, 1),
-            (1, 64, 64, 1, 1, 512, 0),
-            (1, 33, 95, 3, 3, 16, 0),
-            (1, 4608, 4608, 2, 2, 128, 0),
-            (2, 512, 512, 4, 1, 128, 2),
-            (1, 4096, 4096, 1, 1, 64, 0),
+            (1, 77, 77, 3, 3, 64, 0, false),
+            (2, 130, 130, 4, 2, 128, 1, false),
+            (1, 200, 200, 2, 2, 128, 0, false),
+            (2, 40, 40, 2, 1, 24, 1, false),
+            (1, 64, 64, 1, 1, 512, 0, false),
+            (1, 33, 95, 3, 3, 16, 0, false),
+            (1, 4608, 4608, 2, 2, 128, 0, false),
+            (2, 512, 512, 4, 1, 128, 2, false),
+            (1, 4096, 4096, 1, 1, 64, 0, false),
+            (2, 300, 300, 4, 2, 64, 2, false),
+            (1, 4096, 4096, 1, 1, 512, 0, false), // the VAE mid-block at 512²
+            (1, 1000, 1500, 1, 1, 512, 0, false),
+            (2, 300, 300, 2, 1, 256, 0, false),
+            (1, 200, 333, 2, 2, 384, 0, false),
+            (1, 40, 40, 1, 1, 512, 1, false),
+            (2, 512, 512, 4, 1, 128, 2, true),
+            (1, 1000, 1000, 2, 2, 64, 0, true),
+            (1, 1024, 1024, 1, 1, 512, 0, true),
         ],
         Suite::Small => &[
-            (1, 77, 77, 3, 3, 64, 0),    // flash d64: ragged query block, 2 key tiles
-            (2, 130, 130, 2, 1, 128, 1), // flash d128: causal, GQA, 3 key tiles
-            (1, 70, 130, 2, 2, 128, 0),  // flash d128: Nq != Nk, ragged last key tile
-            (2, 40, 40, 2, 1, 24, 1),    // rowwise: causal, GQA
-            (1, 64, 64, 1, 1, 512, 0),   // rowwise: D 512 (16 values per lane)
-            (1, 33, 95, 3, 3, 16, 0),    // rowwise: Nq != Nk
-            (1, 128, 128, 2, 2, 128, 0), // flash d128: whole query blocks and key tiles
-            (2, 130, 130, 4, 1, 64, 2),  // flash d64: causal + padding (68, 46), GQA 4:1
-            (1, 130, 130, 1, 1, 64, 0),  // flash d64: 3 key tiles
-            (2, 40, 40, 2, 1, 24, 2),    // rowwise: causal + padding (23, 16)
+            (1, 77, 77, 3, 3, 64, 0, false),    // v3 d64: ragged query block, ragged second key tile
+            (2, 130, 130, 2, 1, 128, 1, false), // v3 d128 masked: causal, GQA, 5 key tiles
+            (1, 70, 130, 2, 2, 128, 0, false),  // v3 d128: Nq != Nk, ragged last key tile
+            (2, 40, 40, 2, 1, 24, 1, false),    // rowwise: causal, GQA
+            (1, 64, 64, 1, 1, 512, 0, false),   // wide d512: whole query blocks and key tiles
+            (1, 33, 95, 3, 3, 16, 0, false),    // rowwise: Nq != Nk
+            (1, 128, 128, 2, 2, 128, 0, false), // v3 d128: one whole query block, whole key tiles
+            (2, 130, 130, 4, 1, 64, 2, false),  // v3 d64 masked: causal + padding (68, 46), GQA 4:1
+            (1, 130, 130, 1, 1, 64, 0, false),  // v3 d64: 2 query blocks, 3 key tiles
+            (2, 40, 40, 2, 1, 24, 2, false),    // rowwise: causal + padding (23, 16)
+            (2, 150, 150, 2, 1, 128, 2, false), // v3 d128 masked: causal + padding (78, 53)
+            (1, 70, 100, 1, 1, 512, 0, false),  // wide d512: ragged query block, 4 key tiles, ragged last
+            (1, 20, 9, 1, 1, 512, 0, false),    // wide d512: one key tile, mostly zero-filled
+            (1, 45, 77, 2, 1, 256, 0, false),   // wide d256: 64-query block, GQA, 3 key tiles
+            (1, 33, 70, 2, 2, 384, 0, false),   // wide d384: 6 warps, 2 query blocks, 3 key tiles
+            (1, 40, 40, 1, 1, 512, 1, false),   // rowwise: D 512 with a mask (the wide kernel has none)
+            (2, 130, 130, 4, 1, 64, 2, true),   // flash v2 d64: causal + padding, GQA
+            (1, 70, 130, 2, 2, 128, 0, true),   // flash v2 d128: Nq != Nk, ragged last key tile
+            (1, 64, 64, 1, 1, 512, 0, true),    // rowwise: D 512 (16 values per lane)
         ],
     };
-    for &(b, nq, nk, h, hkv, d, mask) in attn {
+    for &(b, nq, nk, h, hkv, d, mask, reference) in attn {
         let mask = match mask {
             0 => AttnMask::None,
             1 => AttnMask::Causal { valid_len: None },
             _ => AttnMask::Causal { valid_len: Some((0..b).map(|i| nk / (i + 2) + 3).collect()) },
         };
         let label = format!(
-            "B{b} Nq{nq} Nk{nk} H{h}/{hkv} D{d} {}",
+            "B{b} Nq{nq} Nk{nk} H{h}/{hkv} D{d} {}{}",
             match &mask {
                 AttnMask::None => "full".into(),
                 AttnMask::Causal { valid_len } => format!("causal{}", if valid_len.is_some() { "+pad" } else { "" }),
-            }
+            },
+            if reference { " ref" } else { "" }
         );
         let scale = 1.0 / (d as f32).sqrt();
         v.push(case(
@@ -283,7 +344,14 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             label,
             vec![act(&[b, nq, h, d]), act(&[b, nk, hkv, d]), act(&[b, nk, hkv, d])],
             3.0,
-            Box::new(move |be, t| be.attention(&t[0], &t[1], &t[2], &mask, scale)),
+            Box::new(move |be, t| {
+                let run = || be.attention(&t[0], &t[1], &t[2], &mask, scale);
+                if reference {
+                    with_reference_attention(be, run)
+                } else {
+                    run()
+                }
+            }),
         ));
     }
     // group_norm_stats (chunks of 16384 per group), group_norm_finalize, group_norm_apply
@@ -564,6 +632,19 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         );
     }
     v
+}
+
+/// Runs `f` with the CUDA backend's attention on its reference kernels (flash v2, row-wise for
+/// the wide heads); on other backends just `f`.
+pub fn with_reference_attention(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(c) = be.as_any().downcast_ref::<crate::backend::cuda::CudaBackend>() {
+        c.set_reference_attention(true);
+        let r = f();
+        c.set_reference_attention(false);
+        return r;
+    }
+    f()
 }
 
 /// Host inputs of a case: random, already rounded to what the device stores.

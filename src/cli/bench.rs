@@ -190,12 +190,28 @@ pub fn profile_attention(
         None
     };
     println!("attention N={seq} H={heads} D={dim}");
-    println!("{:<8} {:>10} {:>10} {:>10} {:>10}", "path", "ms", "TOPS", "cosine", "rel L1");
+    println!("{:<10} {:>10} {:>10} {:>10} {:>10}", "path", "ms", "TOPS", "cosine", "rel L1");
     let mut rows = Vec::new();
-    for mode in [AttentionMode::Exact, AttentionMode::Sage] {
-        let call = || match mode {
-            AttentionMode::Exact => be.attention(&q, &k, &v, &AttnMask::None, scale),
-            AttentionMode::Sage => be.attention_sage(&q, &k, &v, &AttnMask::None, scale),
+    // "exact-ref" / "sage-ref": the CUDA backend's previous kernels (flash v2, row-wise for wide heads,
+    // row-wise Sage), the baselines of the current ones.
+    let cuda = crate::selftest::is_cuda(be);
+    let paths: &[(&str, AttentionMode, bool)] = &[
+        ("exact", AttentionMode::Exact, false),
+        ("exact-ref", AttentionMode::Exact, true),
+        ("sage", AttentionMode::Sage, false),
+        ("sage-ref", AttentionMode::Sage, true),
+    ];
+    for &(label, mode, on_reference) in paths.iter().filter(|p| cuda || !p.2) {
+        let call = || {
+            let run = || match mode {
+                AttentionMode::Exact => be.attention(&q, &k, &v, &AttnMask::None, scale),
+                AttentionMode::Sage => be.attention_sage(&q, &k, &v, &AttnMask::None, scale),
+            };
+            if on_reference {
+                crate::selftest::with_reference_attention(be, run)
+            } else {
+                run()
+            }
         };
         let t = time(be, reps, || call().map(|_| ()))?;
         let (cos, l1) = match &reference {
@@ -209,15 +225,8 @@ pub fn profile_attention(
             None => (None, None),
         };
         let fmt = |x: Option<f64>, p: usize| x.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());
-        println!(
-            "{:<8} {:>10.3} {:>10.1} {:>10} {:>10}",
-            format!("{mode:?}").to_lowercase(),
-            t * 1e3,
-            ops / t / 1e12,
-            fmt(cos, 6),
-            fmt(l1, 4)
-        );
-        rows.push(json!({"path": format!("{mode:?}"), "ms": t * 1e3, "tops": ops / t / 1e12, "cosine": cos, "relative_l1": l1}));
+        println!("{:<10} {:>10.3} {:>10.1} {:>10} {:>10}", label, t * 1e3, ops / t / 1e12, fmt(cos, 6), fmt(l1, 4));
+        rows.push(json!({"path": label, "ms": t * 1e3, "tops": ops / t / 1e12, "cosine": cos, "relative_l1": l1}));
     }
     Ok(rows)
 }

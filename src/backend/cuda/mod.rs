@@ -68,16 +68,34 @@ const KERNELS: &[(&str, &[&str])] = &[
     ("gemm", &["gemm_tiled_bf16", "gemm_mma_bf16", "gemm_wq_tiled_bf16", "im2col_bf16"]),
     ("attention", &["attention_rowwise_bf16", "flash_attention_d64_bf16", "flash_attention_d128_bf16"]),
     (
+        "attention_v3",
+        &[
+            "flash_attention_v3_d64_bf16",
+            "flash_attention_v3_d64_masked_bf16",
+            "flash_attention_v3_d128_bf16",
+            "flash_attention_v3_d128_masked_bf16",
+        ],
+    ),
+    (
+        "attention_wide",
+        &["flash_attention_wide_d256_bf16", "flash_attention_wide_d384_bf16", "flash_attention_wide_d512_bf16"],
+    ),
+    (
         "quantized",
         &[
             "row_absmax_bf16",
             "gemm_w8a8_tiled_bf16",
             "quantize_rows_e4m3_bf16",
             "gemm_w8a8_mma_e4m3",
-            "sage_kv_stats_bf16",
+            "sage_kv_sums_bf16",
+            "sage_kv_means_absmax_bf16",
             "sage_block_absmax_bf16",
             "attention_sage_rowwise_bf16",
         ],
+    ),
+    (
+        "attention_sage_mma",
+        &["sage_quantize_int8_bf16", "sage_quantize_vt_e4m3_bf16", "attention_sage_mma_d64", "attention_sage_mma_d128"],
     ),
 ];
 
@@ -105,6 +123,9 @@ pub struct CudaDevice {
     /// Bytes the engine may hold (0: no limit); allocations beyond it fail cleanly.
     budget: AtomicUsize,
     poison: AtomicBool,
+    /// Attention runs the previous kernel versions (flash v2, row-wise for wide heads): the
+    /// references the selftest and `flux2 profile attention` compare against.
+    reference_attention: AtomicBool,
     health: health::HealthWord,
 }
 
@@ -247,11 +268,23 @@ impl CudaBackend {
                 functions.insert(*name, f);
             }
         }
-        // The flash kernels use more than the default 48 KB of shared memory.
-        for (name, d) in [("flash_attention_d64_bf16", 64usize), ("flash_attention_d128_bf16", 128)] {
-            let bytes = attention::flash_smem_bytes(d) as i32;
+        // The flash v2 and wide kernels use more than the default 48 KB of shared memory.
+        let big = [
+            ("flash_attention_d64_bf16", attention::flash_smem_bytes(64)),
+            ("flash_attention_d128_bf16", attention::flash_smem_bytes(128)),
+        ]
+        .into_iter()
+        .chain(attention::WIDE_KERNELS.iter().map(|&(d, name)| (name, attention::wide_config(d).2)));
+        for (name, bytes) in big {
             functions[name]
-                .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)
+                .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+                .map_err(gpu_err)?;
+        }
+        // Flash v3 is sized for two blocks per SM (2 x 37 KB of shared memory): ask for the largest
+        // shared-memory carveout so the driver does not pick an L1-heavy split that fits one.
+        for name in kernel_names().filter(|n| n.starts_with("flash_attention_v3_")) {
+            functions[name]
+                .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)
                 .map_err(gpu_err)?;
         }
         keep_pool_memory(&ctx);
@@ -269,6 +302,7 @@ impl CudaBackend {
             peak: AtomicUsize::new(0),
             budget: AtomicUsize::new(0),
             poison: AtomicBool::new(false),
+            reference_attention: AtomicBool::new(false),
             health: health::HealthWord::default(),
         };
         Ok(CudaBackend { dev: Arc::new(dev) })
@@ -282,6 +316,13 @@ impl CudaBackend {
     /// small shapes and timings mean nothing.
     pub fn is_emulated(&self) -> bool {
         self.dev.emulated
+    }
+
+    /// Run attention on the previous kernel versions (flash v2 for head dims 64/128, the row-wise
+    /// kernel for 256/384/512, the row-wise Sage kernel), the references of the current ones;
+    /// false restores the default.
+    pub fn set_reference_attention(&self, on: bool) {
+        self.dev.reference_attention.store(on, Ordering::Relaxed);
     }
 
     /// Fill every new output buffer with NaN first (selftest: catches unwritten elements).

@@ -1,4 +1,6 @@
-//! Launchers for the 8-bit compute kernels (kernels/quantized.cu).
+//! Launchers for the 8-bit compute kernels (kernels/quantized.cu; Sage attention v2 on tensor
+//! cores in kernels/attention_sage_mma.cu, on images with e4m3 mma for head dims 64 and 128, the
+//! row-wise kernel elsewhere and as the reference).
 
 use cudarc::driver::LaunchConfig;
 
@@ -47,6 +49,15 @@ pub(super) fn linear_fp8(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bias: Op
     Ok(out)
 }
 
+/// Tokens per block of the Sage K/V statistics (`SAGE_STATS_TOKENS` in kernels/quantized.cu).
+const SAGE_STATS_TOKENS: usize = 256;
+
+/// Dynamic shared memory of attention_sage_mma: the int8 Q tile and two stages of int8 K and e4m3
+/// Vᵀ tiles of 64 tokens, rows padded by 16 bytes.
+pub(super) fn sage_mma_smem_bytes(d: usize) -> usize {
+    64 * (d + 16) + 2 * (64 * (d + 16) + d * 80)
+}
+
 pub(super) fn attention_sage(
     be: &CudaBackend,
     q: &Tensor,
@@ -65,13 +76,28 @@ pub(super) fn attention_sage(
     let (qb, kb) = (nq.div_ceil(64), nk.div_ceil(64));
     let k_mean = be.output(DType::F32, &[b * hkv * d])?;
     let v_mean = be.output(DType::F32, &[b * hkv * d])?;
-    let v_absmax = be.output(DType::F32, &[b * hkv * d])?;
     let q_absmax = be.output(DType::F32, &[b * h * qb])?;
     let k_absmax = be.output(DType::F32, &[b * hkv * kb])?;
-    let (kmp, vmp, vap) = (be.ptr(&k_mean)?, be.ptr(&v_mean)?, be.ptr(&v_absmax)?);
+    // Both reductions accumulate atomically into zeroed buffers: f64 K and V sums per channel, then
+    // |v - mean|max per channel (kept alive until the launches below are queued).
+    if b * hkv > 65535 {
+        return Err(Error::shape("attention_sage", format!("{b} batch x {hkv} kv heads exceed one grid")));
+    }
+    let mut sums = be.alloc(DType::F32, 4 * b * hkv * d)?; // 2 doubles per (batch, kv head, channel)
+    let mut v_absmax = be.alloc(DType::F32, b * hkv * d)?;
+    be.dev.stream.memset_zeros(&mut sums.buf).map_err(super::gpu_err)?;
+    be.dev.stream.memset_zeros(&mut v_absmax.buf).map_err(super::gpu_err)?;
+    let (kmp, vmp, vap) = (be.ptr(&k_mean)?, be.ptr(&v_mean)?, v_absmax.base_ptr());
     let (qap, kap) = (be.ptr(&q_absmax)?, be.ptr(&k_absmax)?);
-    let stats = LaunchConfig { grid_dim: ((b * hkv) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-    launch!(be.dev, "sage_kv_stats_bf16", stats, kp, vp, kmp, vmp, vap, nk as i32, hkv as i32, d as i32)?;
+    let stats = LaunchConfig {
+        grid_dim: (nk.div_ceil(SAGE_STATS_TOKENS).max(1) as u32, (b * hkv) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (nk32, hkv32, d32) = (nk as i32, hkv as i32, d as i32);
+    let sp = sums.base_ptr();
+    launch!(be.dev, "sage_kv_sums_bf16", stats, kp, vp, sp, nk32, hkv32, d32)?;
+    launch!(be.dev, "sage_kv_means_absmax_bf16", stats, vp, sp, kmp, vmp, vap, nk32, hkv32, d32)?;
     let blocks = |n: usize, bh: usize| LaunchConfig {
         grid_dim: (n as u32, bh as u32, 1),
         block_dim: (256, 1, 1),
@@ -81,6 +107,62 @@ pub(super) fn attention_sage(
     launch!(be.dev, "sage_block_absmax_bf16", blocks(kb, b * hkv), kp, kmp, kap, nk as i32, hkv as i32, d as i32)?;
     let (causal, _lens, lp) = super::attention::mask_args(be, mask)?;
     let out = be.output(DType::BF16, &[b, nq, h, d])?;
+    let reference = be.dev.reference_attention.load(std::sync::atomic::Ordering::Relaxed);
+    if has_fp8_mma(be.dev.target) && (d == 64 || d == 128) && !reference && h <= 65535 && b <= 65535 && nq > 0 {
+        // v2 (kernels/attention_sage_mma.cu): int8 codes of Q and K, e4m3 codes of Vᵀ, tensor cores.
+        let nk_pad = nk.div_ceil(64) * 64;
+        let qc = be.output(DType::U8, &[b * nq * h * d])?;
+        let kc = be.output(DType::U8, &[b * nk * hkv * d])?;
+        let vt = be.output(DType::U8, &[b * hkv * d * nk_pad])?;
+        let (qcp, kcp, vtp) = (be.ptr(&qc)?, be.ptr(&kc)?, be.ptr(&vt)?);
+        let quantize = |total: usize| super::grid_1d(total);
+        let (tq, tk, tv) = (b * nq * h * d, b * nk * hkv * d, b * hkv * d * nk_pad);
+        let (d32, nq32, nk32) = (d as i32, nq as i32, nk as i32);
+        launch!(be.dev, "sage_quantize_int8_bf16", quantize(tq), qp, 0u64, qap, qcp, nq32, h as i32, d32, tq as i64)?;
+        launch!(be.dev, "sage_quantize_int8_bf16", quantize(tk), kp, kmp, kap, kcp, nk32, hkv as i32, d32, tk as i64)?;
+        launch!(
+            be.dev,
+            "sage_quantize_vt_e4m3_bf16",
+            quantize(tv),
+            vp,
+            vmp,
+            vap,
+            vtp,
+            nk32,
+            nk_pad as i32,
+            hkv as i32,
+            d32,
+            tv as i64
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: (nq.div_ceil(64) as u32, h as u32, b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: sage_mma_smem_bytes(d) as u32,
+        };
+        let name = if d == 64 { "attention_sage_mma_d64" } else { "attention_sage_mma_d128" };
+        launch!(
+            be.dev,
+            name,
+            cfg,
+            qcp,
+            kcp,
+            vtp,
+            be.ptr(&out)?,
+            nq32,
+            nk32,
+            nk_pad as i32,
+            h as i32,
+            hkv as i32,
+            scale,
+            causal,
+            lp,
+            qap,
+            kap,
+            vmp,
+            vap
+        )?;
+        return Ok(out);
+    }
     let rows = b * nq * h;
     let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     launch!(

@@ -1,0 +1,266 @@
+// Sage attention on tensor cores (v2 of attention_sage_rowwise_bf16 in quantized.cu, which stays as the
+// reference and the path of sm_80/86 images). Same numerics as the CPU emulation
+// (src/backend/cpu/quantized.rs): K smoothed by its token mean, Q and K int8 with one scale per 64-token
+// block, exact integer scores (mma.sync m16n8k32 s8 -> s32), online softmax in f32 over 64-key tiles with
+// natural exp, P scaled by 448 and rounded to e4m3, V smoothed by its token mean and e4m3 per channel,
+// P·V with mma.sync m16n8k32 e4m3 -> f32 (sm_89+).
+//
+// Pre-passes (besides the K/V statistics and sage_block_absmax_bf16 of quantized.cu):
+//   sage_quantize_int8_bf16: Q or K to int8 codes in their own layout [B, N, H, D].
+//   sage_quantize_vt_e4m3_bf16: V to e4m3 codes transposed per (batch, kv head) to [D, Nk rounded up to 64],
+//     keys permuted inside each group of 32 so that the P accumulators of the Q·Kᵀ mma are already the
+//     A fragment of the e4m3 mma (slot 16h + 4c + 2t + u holds key 16h + 8t + 2c + u: thread c of a quad
+//     holds keys 2c, 2c+1 of each 8-key tile; the A fragment wants 4 consecutive k slots per thread).
+//
+// Main kernel: 64 queries (one Q scale block) x 4 warps of 16 rows, 64-key tiles (one K scale block each),
+// K and Vᵀ tiles double-buffered with cp.async (the next tile's copy issued before the math on this one).
+// Shared memory: Q 64 x (D+16) B + 2 stages x (K 64 x (D+16) B + Vᵀ D x 80 B): 48,128 B at d = 128,
+// 25,600 B at d = 64 (rows padded by 16 bytes: conflict-free ldmatrix, as the GEMM tile).
+// ptxas (NVRTC 12.9, scripts/ptxas_report.py), registers at d = 128 / d = 64, no stack or spills anywhere:
+// sm_89 167/128, sm_90a 180/154, sm_120 168/128; the quantize passes 28–38. (sm_80/86 images hold a trap.)
+#include <cuda_fp8.h>
+#include "softmax_tile.cuh"
+
+#define SAGE_TILE 64
+
+__device__ __forceinline__ float sage_int8_round(float x) { return fminf(fmaxf(rintf(x), -127.f), 127.f); }
+
+// Q (mean = null) or K (mean per (batch, head, channel)) to int8 codes: x [B, N, H, D], block_absmax per
+// (batch, head, 64-token block).
+extern "C" __global__ void sage_quantize_int8_bf16(const bf16* x, const float* mean, const float* block_absmax,
+                                                   signed char* out, int n, int heads, int d, i64 total) {
+    const int blocks = (n + SAGE_TILE - 1) / SAGE_TILE;
+    GRID_STRIDE(i, total) {
+        int c = (int)(i % d);
+        i64 row = i / d;  // (b * n + j) * heads + h
+        int h = (int)(row % heads);
+        i64 bj = row / heads;
+        int j = (int)(bj % n), b = (int)(bj / n);
+        i64 bh = (i64)b * heads + h;
+        float s = block_absmax[bh * blocks + j / SAGE_TILE] / 127.f;
+        float inv = s > 0.f ? 1.f / s : 0.f;
+        float val = to_f(x[i]) - (mean ? mean[bh * d + c] : 0.f);
+        out[i] = (signed char)(int)sage_int8_round(val * inv);
+    }
+}
+
+// V [B, Nk, Hkv, D] to e4m3 codes vt [B * Hkv, D, nk_pad] (key order permuted per 32, zero codes past nk).
+extern "C" __global__ void sage_quantize_vt_e4m3_bf16(const bf16* v, const float* v_mean, const float* v_absmax,
+                                                      unsigned char* vt, int nk, int nk_pad, int kv_heads, int d,
+                                                      i64 total) {
+    GRID_STRIDE(i, total) {
+        int slot = (int)(i % nk_pad);
+        i64 rest = i / nk_pad;
+        int c = (int)(rest % d);
+        i64 bh = rest / d;
+        int b = (int)(bh / kv_heads), h = (int)(bh % kv_heads);
+        int s = slot & 31;  // slot 16h + 4c + 2t + u <- key 16h + 8t + 2c + u
+        int key = (slot & ~31) + (s & 16) + ((s >> 1) & 1) * 8 + ((s >> 2) & 3) * 2 + (s & 1);
+        unsigned char code = 0;
+        if (key < nk) {
+            float sc = v_absmax[bh * d + c] / 448.f;
+            float inv = sc > 0.f ? 1.f / sc : 0.f;
+            float val = (to_f(v[(((i64)b * nk + key) * kv_heads + h) * d + c]) - v_mean[bh * d + c]) * inv;
+            __nv_fp8_e4m3 q(val);
+            code = q.__x;
+        }
+        vt[i] = code;
+    }
+}
+
+__device__ __forceinline__ unsigned pack_e4m3x4(float a, float b, float c, float d) {
+    __nv_fp8_e4m3 qa(a), qb(b), qc(c), qd(d);
+    return (unsigned)qa.__x | ((unsigned)qb.__x << 8) | ((unsigned)qc.__x << 16) | ((unsigned)qd.__x << 24);
+}
+
+template <int D>
+__device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, const signed char* __restrict__ kc,
+                                         const unsigned char* __restrict__ vt, bf16* __restrict__ out, int nq, int nk,
+                                         int nk_pad, int heads, int kv_heads, float scale, int causal,
+                                         const int* __restrict__ valid_len, const float* __restrict__ q_absmax,
+                                         const float* __restrict__ k_absmax, const float* __restrict__ v_mean,
+                                         const float* __restrict__ v_absmax) {
+#if __CUDA_ARCH__ >= 890
+    constexpr int BQ = SAGE_TILE, BKV = SAGE_TILE, LDQ = D + 16, LDV = BKV + 16;
+    constexpr int KBYTES = BKV * LDQ, STAGE = KBYTES + D * LDV;
+    unsigned char* smem = dynamic_smem<unsigned char>();
+    unsigned char* Qs = smem;
+    unsigned char* stages = smem + BQ * LDQ;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int h = blockIdx.y, b = blockIdx.z, hk = h / (heads / kv_heads);
+    const int q0 = blockIdx.x * BQ;
+    const i64 q_stride = (i64)heads * D, kv_stride = (i64)kv_heads * D;
+    const i64 bhk = (i64)b * kv_heads + hk;
+    const signed char* qb = qc + (i64)b * nq * q_stride + (i64)h * D;
+    const signed char* kb = kc + (i64)b * nk * kv_stride + (i64)hk * D;
+    const unsigned char* vb = vt + bhk * D * nk_pad;
+    const int q_blocks = (nq + SAGE_TILE - 1) / SAGE_TILE, k_blocks = (nk + SAGE_TILE - 1) / SAGE_TILE;
+    const float sq = q_absmax[((i64)b * heads + h) * q_blocks + blockIdx.x] / 127.f;
+
+    int kend = nk;
+    if (causal) {
+        if (valid_len) kend = min(kend, valid_len[b]);
+        kend = min(kend, q0 + BQ);
+    }
+
+    for (int c = tid; c < BQ * D / 16; c += 128) {
+        int row = c / (D / 16), col = (c % (D / 16)) * 16;
+        bool ok = q0 + row < nq;
+        cp_async16(&Qs[row * LDQ + col], ok ? (const void*)(qb + (i64)(q0 + row) * q_stride + col) : (const void*)qc,
+                   ok ? 16 : 0);
+    }
+    cp_async_commit();
+    auto load_tile = [&](int t) {
+        unsigned char* Ks = stages + (t & 1) * STAGE;
+        unsigned char* Vs = Ks + KBYTES;
+        const int k0 = t * BKV;
+        for (int c = tid; c < BKV * D / 16; c += 128) {
+            int row = c / (D / 16), col = (c % (D / 16)) * 16;
+            bool ok = k0 + row < nk;
+            cp_async16(&Ks[row * LDQ + col], ok ? (const void*)(kb + (i64)(k0 + row) * kv_stride + col) : (const void*)kc,
+                       ok ? 16 : 0);
+        }
+        for (int c = tid; c < D * BKV / 16; c += 128) {  // Vᵀ rows: always inside nk_pad
+            int row = c / (BKV / 16), col = (c % (BKV / 16)) * 16;
+            cp_async16(&Vs[row * LDV + col], vb + (i64)row * nk_pad + k0 + col, 16);
+        }
+        cp_async_commit();
+    };
+    const int ntiles = (kend + BKV - 1) / BKV;
+    if (ntiles > 0) load_tile(0);
+    cp_async_wait<0>();
+    __syncthreads();
+    unsigned qf[D / 32][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 32; kk++)
+        ldmatrix_x4(qf[kk], &Qs[(warp * 16 + (lane & 15)) * LDQ + kk * 32 + (lane >> 4) * 16]);
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_r[2] = {NEG_INFINITY_F, NEG_INFINITY_F}, l_r[2] = {0.f, 0.f};
+    const int row0 = q0 + warp * 16 + (lane >> 2);
+    const i64 valid = valid_len ? valid_len[b] : nk;
+
+    for (int t = 0; t < ntiles; t++) {
+        if (t > 0) {
+            cp_async_wait<0>();
+            __syncthreads();  // tile t visible; every warp done with tile t-1
+        }
+        if (t + 1 < ntiles) load_tile(t + 1);
+        const unsigned char* Ks = stages + (t & 1) * STAGE;
+        const unsigned char* Vs = Ks + KBYTES;
+        const int k0 = t * BKV;
+        const float sk = k_absmax[bhk * k_blocks + t] / 127.f;
+
+        int si[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++) si[j][0] = si[j][1] = si[j][2] = si[j][3] = 0;
+#pragma unroll
+        for (int kk = 0; kk < D / 32; kk++)
+#pragma unroll
+            for (int nb = 0; nb < 4; nb++) {
+                unsigned r[4];
+                ldmatrix_x4(r, &Ks[(nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDQ + kk * 32 + ((lane >> 3) & 1) * 16]);
+                mma_s8_16832(si[2 * nb], qf[kk], r[0], r[1]);
+                mma_s8_16832(si[2 * nb + 1], qf[kk], r[2], r[3]);
+            }
+
+        // Scores as the emulation computes them; hidden keys -inf. Online softmax in natural exp.
+        float s[8][4], mx[2] = {m_r[0], m_r[1]};
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = k0 + j * 8 + (lane & 3) * 2 + (e & 1);
+                int row = row0 + (e >> 1) * 8;
+                bool ok = key < nk && (!causal || (key <= row && key < valid));
+                s[j][e] = ok ? (float)si[j][e] * (sq * sk) * scale : NEG_INFINITY_F;
+                mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
+            alpha[r] = m_r[r] == NEG_INFINITY_F ? 0.f : expf(m_r[r] - mx[r]);
+            m_r[r] = mx[r];
+            l_r[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) {
+            o[i][0] *= alpha[0];
+            o[i][1] *= alpha[0];
+            o[i][2] *= alpha[1];
+            o[i][3] *= alpha[1];
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float p = s[j][e] == NEG_INFINITY_F ? 0.f : expf(s[j][e] - mx[e >> 1]);
+                l_r[e >> 1] += p;
+                s[j][e] = p * 448.f;
+            }
+
+        // O += P Vᵀ: P's accumulators are the e4m3 A fragment in the permuted key order of Vᵀ.
+#pragma unroll
+        for (int kk = 0; kk < 2; kk++) {
+            unsigned a[4] = {pack_e4m3x4(s[4 * kk][0], s[4 * kk][1], s[4 * kk + 1][0], s[4 * kk + 1][1]),
+                             pack_e4m3x4(s[4 * kk][2], s[4 * kk][3], s[4 * kk + 1][2], s[4 * kk + 1][3]),
+                             pack_e4m3x4(s[4 * kk + 2][0], s[4 * kk + 2][1], s[4 * kk + 3][0], s[4 * kk + 3][1]),
+                             pack_e4m3x4(s[4 * kk + 2][2], s[4 * kk + 2][3], s[4 * kk + 3][2], s[4 * kk + 3][3])};
+#pragma unroll
+            for (int nb = 0; nb < D / 16; nb++) {
+                unsigned r[4];
+                ldmatrix_x4(r, &Vs[(nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDV + kk * 32 + ((lane >> 3) & 1) * 16]);
+                mma_e4m3_16832(o[2 * nb], a, r[0], r[1]);
+                mma_e4m3_16832(o[2 * nb + 1], a, r[2], r[3]);
+            }
+        }
+    }
+
+    float l[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] = l_r[r] + __shfl_xor_sync(FULL_MASK, l_r[r], 1);
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
+    }
+    bf16* ob = out + (i64)b * nq * q_stride + (i64)h * D;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int row = row0 + half * 8;
+        if (row >= nq) continue;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) {
+            const int c = i * 8 + (lane & 3) * 2;
+            float r2[2];
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                float vs = v_absmax[bhk * D + c + u] / 448.f;
+                r2[u] = l[half] > 0.f ? o[i][2 * half + u] * vs / 448.f / l[half] + v_mean[bhk * D + c + u] : 0.f;
+            }
+            *reinterpret_cast<unsigned*>(ob + (i64)row * q_stride + c) = pack_bf16x2(r2[0], r2[1]);
+        }
+    }
+#else
+    __trap();  // e4m3 tensor cores need sm_89 or newer: the launcher keeps the row-wise kernel on older images
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    attention_sage_mma_d64(const signed char* qc, const signed char* kc, const unsigned char* vt, bf16* out, int nq,
+                           int nk, int nk_pad, int heads, int kv_heads, float scale, int causal, const int* valid_len,
+                           const float* q_absmax, const float* k_absmax, const float* v_mean, const float* v_absmax) {
+    sage_mma<64>(qc, kc, vt, out, nq, nk, nk_pad, heads, kv_heads, scale, causal, valid_len, q_absmax, k_absmax, v_mean,
+                 v_absmax);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    attention_sage_mma_d128(const signed char* qc, const signed char* kc, const unsigned char* vt, bf16* out, int nq,
+                            int nk, int nk_pad, int heads, int kv_heads, float scale, int causal, const int* valid_len,
+                            const float* q_absmax, const float* k_absmax, const float* v_mean, const float* v_absmax) {
+    sage_mma<128>(qc, kc, vt, out, nq, nk, nk_pad, heads, kv_heads, scale, causal, valid_len, q_absmax, k_absmax,
+                  v_mean, v_absmax);
+}
