@@ -621,6 +621,7 @@ impl Flux2Transformer {
             RefStream::Cached((kr, vr)) => {
                 (self.attend(&q, &self.with_ref(&k, kr, lt)?, &self.with_ref(&v, vr, lt)?)?, None, None)
             }
+            RefStream::None => (self.attend(&q, &k, &v)?, None, None),
         };
         let o = o.reshape(&[b, lt + li, d])?;
         let (o_txt, o_img) = (o.narrow(1, 0, lt)?, o.narrow(1, lt, li)?);
@@ -674,6 +675,7 @@ impl Flux2Transformer {
             RefStream::Cached((kr, vr)) => {
                 (self.attend(&q, &self.with_ref(&k, kr, lt)?, &self.with_ref(&v, vr, lt)?)?, None, None)
             }
+            RefStream::None => (self.attend(&q, &k, &v)?, None, None),
         };
         let o = o.reshape(&[b, n, d])?;
         let act = be.swiglu(&y.narrow(2, 3 * d, 2 * m)?)?;
@@ -785,6 +787,7 @@ impl Flux2Transformer {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// A double block: the KV scheme's block without a reference stream.
     fn double_block(
         &self,
         blk: &DoubleBlock,
@@ -794,53 +797,14 @@ impl Flux2Transformer {
         mt: &Modulation,
         rope: &Rope,
     ) -> Result<(Tensor, Tensor)> {
-        let be = &*self.be;
-        let eps = self.cfg.eps as f32;
-        let (b, lt, li, d) = (img.dim(0), txt.dim(1), img.dim(1), self.cfg.hidden());
-        let [sh1, sc1, g1] = &mi.sets[0];
-        let [sh2, sc2, g2] = &mi.sets[1];
-        let [csh1, csc1, cg1] = &mt.sets[0];
-        let [csh2, csc2, cg2] = &mt.sets[1];
-
-        let a_img = be.layer_norm_modulate(img, sh1, sc1, eps)?;
-        let a_txt = be.layer_norm_modulate(txt, csh1, csc1, eps)?;
-        let [qi, ki, vi] = self.split_qkv(&blk.img_qkv.forward(be, &a_img, None)?)?;
-        let [qt, kt, vt] = self.split_qkv(&blk.txt_qkv.forward(be, &a_txt, None)?)?;
-        let qi = be.rms_norm(&qi, Some(&blk.norm_q), eps)?;
-        let ki = be.rms_norm(&ki, Some(&blk.norm_k), eps)?;
-        let qt = be.rms_norm(&qt, Some(&blk.norm_added_q), eps)?;
-        let kt = be.rms_norm(&kt, Some(&blk.norm_added_k), eps)?;
-        let q = rope.apply(be, &be.concat(&[&qt, &qi], 1)?)?;
-        let k = rope.apply(be, &be.concat(&[&kt, &ki], 1)?)?;
-        let v = be.concat(&[&vt, &vi], 1)?;
-        let o = self.attend(&q, &k, &v)?.reshape(&[b, lt + li, d])?;
-        let (o_txt, o_img) = (o.narrow(1, 0, lt)?, o.narrow(1, lt, li)?);
-
-        let img = be.gated_add(img, g1, &blk.to_out.forward(be, &o_img, None)?)?;
-        let ff = self.feed_forward(&be.layer_norm_modulate(&img, sh2, sc2, eps)?, &blk.ff_in, &blk.ff_out)?;
-        let img = be.gated_add(&img, g2, &ff)?;
-
-        let txt = be.gated_add(txt, cg1, &blk.to_add_out.forward(be, &o_txt, None)?)?;
-        let ff = self.feed_forward(&be.layer_norm_modulate(&txt, csh2, csc2, eps)?, &blk.ff_ctx_in, &blk.ff_ctx_out)?;
-        let txt = be.gated_add(&txt, cg2, &ff)?;
+        let (img, txt, _, _) = self.double_block_kv(blk, img, txt, mi, mt, rope, RefStream::None)?;
         Ok((img, txt))
     }
 
+    /// A single block: the KV scheme's block without a reference stream.
     fn single_block(&self, blk: &SingleBlock, h: &Tensor, ms: &Modulation, rope: &Rope) -> Result<Tensor> {
-        let be = &*self.be;
-        let eps = self.cfg.eps as f32;
-        let (b, n, d, m) = (h.dim(0), h.dim(1), self.cfg.hidden(), self.cfg.mlp_hidden());
-        let [shift, scale, gate] = &ms.sets[0];
-
-        let a = be.layer_norm_modulate(h, shift, scale, eps)?;
-        let y = blk.qkv_mlp.forward(be, &a, None)?;
-        let [q, k, v] = self.split_qkv(&y)?;
-        let q = rope.apply(be, &be.rms_norm(&q, Some(&blk.norm_q), eps)?)?;
-        let k = rope.apply(be, &be.rms_norm(&k, Some(&blk.norm_k), eps)?)?;
-        let o = self.attend(&q, &k, &v)?.reshape(&[b, n, d])?;
-        let act = be.swiglu(&y.narrow(2, 3 * d, 2 * m)?)?;
-        let out = blk.to_out.forward(be, &be.concat(&[&o, &act], 2)?, None)?;
-        be.gated_add(h, gate, &out)
+        let lt = 0; // only the reference stream needs the text length
+        Ok(self.single_block_kv(blk, h, lt, ms, rope, RefStream::None)?.0)
     }
 
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
@@ -854,7 +818,13 @@ impl Flux2Transformer {
 
 /// The reference tokens of a KV-scheme block: running (extract) or cached K/V.
 enum RefStream<'a> {
-    Tokens { x: &'a Tensor, mods: &'a Modulation, rope: Rope<'a> },
+    /// No reference tokens in this scheme (plain blocks).
+    None,
+    Tokens {
+        x: &'a Tensor,
+        mods: &'a Modulation,
+        rope: Rope<'a>,
+    },
     Cached(&'a (Tensor, Tensor)),
 }
 
