@@ -210,6 +210,8 @@ enum KvStep<'a> {
     Extract { refs: &'a Tensor, ref_ids: &'a PositionIds, ref_time: f32 },
     /// Later steps: only text and image tokens run; the kept K/V join every attention.
     Cached(&'a RefKvCache),
+    /// No reference stream: the plain forward.
+    Plain,
 }
 
 /// The per-sample modulation vectors of one stream: shift, scale, gate per set.
@@ -345,57 +347,7 @@ impl Flux2Transformer {
         txt_ids: &PositionIds,
         guidance: Option<&[f32]>,
     ) -> Result<Tensor> {
-        let be = &*self.be;
-        let cfg = &self.cfg;
-        let d = cfg.hidden();
-        let _scope = scope::enter(|| "transformer".into());
-        self.check_inputs(hidden_states, context, timestep, img_ids, txt_ids, guidance)?;
-        let (lt, li) = (context.dim(1), hidden_states.dim(1));
-
-        let temb = self.time_embedding(timestep, guidance)?;
-        let silu_temb = be.silu(&temb)?;
-        let mod_img = Modulation::split(&be.linear(&silu_temb, &self.mod_img, None)?, 2)?;
-        let mod_txt = Modulation::split(&be.linear(&silu_temb, &self.mod_txt, None)?, 2)?;
-        let mod_single = Modulation::split(&be.linear(&silu_temb, &self.mod_single, None)?, 1)?;
-
-        let mut img = be.linear(hidden_states, &self.x_embedder, None)?;
-        let mut txt = be.linear(context, &self.context_embedder, None)?;
-
-        let (cos, sin) = self.rope_tables(txt_ids, img_ids)?;
-        let rope = Rope { cos: &cos, sin: &sin };
-
-        let streamed = if self.fp8() { BlockLinears::Fp8Kept(&self.streamed_fp8) } else { BlockLinears::Dense };
-        for (i, block) in self.double.iter().enumerate() {
-            let owned;
-            let block = match block {
-                Some(b) => b,
-                None => {
-                    owned = load_double(&self.weights, be, cfg, streamed, i)?;
-                    &owned
-                }
-            };
-            let _block = scope::enter(|| format!("double_blocks.{i}"));
-            (img, txt) = self.double_block(block, &img, &txt, &mod_img, &mod_txt, &rope)?;
-        }
-        let mut h = be.concat(&[&txt, &img], 1)?;
-        for (i, block) in self.single.iter().enumerate() {
-            let owned;
-            let block = match block {
-                Some(b) => b,
-                None => {
-                    owned = load_single(&self.weights, be, cfg, streamed, i)?;
-                    &owned
-                }
-            };
-            let _block = scope::enter(|| format!("single_blocks.{i}"));
-            h = self.single_block(block, &h, &mod_single, &rope)?;
-        }
-        let img = h.narrow(1, lt, li)?;
-        let _out = scope::enter(|| "norm_out/proj_out".into());
-        let emb = be.linear(&silu_temb, &self.norm_out, None)?;
-        let (scale, shift) = (emb.narrow(1, 0, d)?, emb.narrow(1, d, d)?);
-        let out = be.layer_norm_modulate(&img, &shift, &scale, cfg.eps as f32)?;
-        be.linear(&out, &self.proj_out, None)
+        Ok(self.forward_kv(hidden_states, context, timestep, img_ids, txt_ids, guidance, KvStep::Plain)?.0)
     }
 
     /// The KV variant's first step (diffusers' `kv_cache_mode="extract"`): `refs [B, Lr, Cin]`
@@ -431,6 +383,7 @@ impl Flux2Transformer {
             timestep,
             img_ids,
             txt_ids,
+            None,
             KvStep::Extract { refs, ref_ids, ref_time },
         )?;
         Ok((out, cache.expect("extract returns a cache")))
@@ -450,9 +403,11 @@ impl Flux2Transformer {
         if cache.double.len() != self.double.len() || cache.single.len() != self.single.len() {
             return Err(Error::shape("transformer", "the KV cache was made by another model"));
         }
-        Ok(self.forward_kv(hidden_states, context, timestep, img_ids, txt_ids, KvStep::Cached(cache))?.0)
+        Ok(self.forward_kv(hidden_states, context, timestep, img_ids, txt_ids, None, KvStep::Cached(cache))?.0)
     }
 
+    /// The forward of every scheme: plain, or the KV variant's extract and cached steps.
+    #[allow(clippy::too_many_arguments)]
     fn forward_kv(
         &self,
         hidden_states: &Tensor,
@@ -460,16 +415,17 @@ impl Flux2Transformer {
         timestep: &[f32],
         img_ids: &PositionIds,
         txt_ids: &PositionIds,
+        guidance: Option<&[f32]>,
         step: KvStep,
     ) -> Result<(Tensor, Option<RefKvCache>)> {
         let be = &*self.be;
         let cfg = &self.cfg;
         let d = cfg.hidden();
         let _scope = scope::enter(|| "transformer".into());
-        self.check_inputs(hidden_states, context, timestep, img_ids, txt_ids, None)?;
+        self.check_inputs(hidden_states, context, timestep, img_ids, txt_ids, guidance)?;
         let (lt, li) = (context.dim(1), hidden_states.dim(1));
 
-        let temb = self.time_embedding(timestep, None)?;
+        let temb = self.time_embedding(timestep, guidance)?;
         let silu_temb = be.silu(&temb)?;
         let mod_img = Modulation::split(&be.linear(&silu_temb, &self.mod_img, None)?, 2)?;
         let mod_txt = Modulation::split(&be.linear(&silu_temb, &self.mod_txt, None)?, 2)?;
@@ -511,6 +467,7 @@ impl Flux2Transformer {
                     RefStream::Tokens { x: r, mods: rm, rope: Rope { cos, sin } }
                 }
                 (KvStep::Cached(cache), _) => RefStream::Cached(&cache.double[i]),
+                (KvStep::Plain, _) => RefStream::None,
                 _ => unreachable!("extract always has reference tokens"),
             };
             let (new_img, new_txt, new_ref, kv) =
@@ -537,6 +494,7 @@ impl Flux2Transformer {
                     RefStream::Tokens { x: r, mods: rm, rope: Rope { cos, sin } }
                 }
                 (KvStep::Cached(cache), _) => RefStream::Cached(&cache.single[i]),
+                (KvStep::Plain, _) => RefStream::None,
                 _ => unreachable!("extract always has reference tokens"),
             };
             let (new_h, new_ref, kv) = self.single_block_kv(block, &h, lt, &mod_single, &rope, reference)?;
@@ -556,7 +514,7 @@ impl Flux2Transformer {
             KvStep::Extract { refs: r, .. } => {
                 Some(RefKvCache { tokens: r.dim(1), double: kept_double, single: kept_single })
             }
-            KvStep::Cached(_) => None,
+            KvStep::Cached(_) | KvStep::Plain => None,
         };
         Ok((out, cache))
     }
@@ -567,7 +525,7 @@ impl Flux2Transformer {
         self.be.concat(&[&main.narrow(1, 0, lt)?, reference, &main.narrow(1, lt, n - lt)?], 1)
     }
 
-    /// A double block under the KV scheme: text and image streams as in `double_block`, the
+    /// A double block under the KV scheme: text and image streams (the plain block when there is no reference stream), the
     /// reference tokens (extract) through the image weights with their own modulation, or the
     /// cached reference K/V (cached). Returns (img, txt, ref, the reference K/V when extracted).
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
@@ -787,26 +745,6 @@ impl Flux2Transformer {
     }
 
     #[allow(clippy::too_many_arguments)]
-    /// A double block: the KV scheme's block without a reference stream.
-    fn double_block(
-        &self,
-        blk: &DoubleBlock,
-        img: &Tensor,
-        txt: &Tensor,
-        mi: &Modulation,
-        mt: &Modulation,
-        rope: &Rope,
-    ) -> Result<(Tensor, Tensor)> {
-        let (img, txt, _, _) = self.double_block_kv(blk, img, txt, mi, mt, rope, RefStream::None)?;
-        Ok((img, txt))
-    }
-
-    /// A single block: the KV scheme's block without a reference stream.
-    fn single_block(&self, blk: &SingleBlock, h: &Tensor, ms: &Modulation, rope: &Rope) -> Result<Tensor> {
-        let lt = 0; // only the reference stream needs the text length
-        Ok(self.single_block_kv(blk, h, lt, ms, rope, RefStream::None)?.0)
-    }
-
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let scale = 1.0 / (self.cfg.attention_head_dim as f32).sqrt();
         match self.compute.attention {
