@@ -62,3 +62,23 @@ fn cuda() -> Result<Arc<dyn Backend>> {
 pub fn as_cuda(be: &Arc<dyn Backend>) -> Option<&crate::backend::cuda::CudaBackend> {
     be.as_any().downcast_ref()
 }
+
+/// Free memory of the device `be` runs on, as its driver reports it (None on the CPU).
+pub fn free_memory(be: &Arc<dyn Backend>) -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    if let Some(c) = as_cuda(be) {
+        return c.free_memory();
+    }
+    let _ = be;
+    None
+}
+
+/// (live, peak) bytes of the engine's device tensors, where the backend tracks them.
+pub fn memory(be: &Arc<dyn Backend>) -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    if let Some(c) = as_cuda(be) {
+        return Some(c.memory());
+    }
+    let _ = be;
+    None
+}

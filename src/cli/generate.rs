@@ -188,7 +188,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         Err(Error::NonFinite(m)) => serde_json::json!({"finite": false, "checked": HEALTH_CHECKED, "error": m}),
         Err(_) => return result,
     };
-    let memory = device_memory(&be);
+    let memory = crate::device::memory(&be);
     if let Some((_, peak)) = memory {
         let nvml_peak = runs
             .iter()
@@ -300,7 +300,7 @@ fn memory_plan(
 ) -> Result<Option<crate::planner::Plan>> {
     let budget = match &args.vram_budget {
         Some(b) => Some(crate::planner::parse_bytes(b)?),
-        None => free_device_memory(be).map(|free| ((free as f64 * 0.95) as usize).saturating_sub(256 << 20)),
+        None => crate::device::free_memory(be).map(|free| ((free as f64 * 0.95) as usize).saturating_sub(256 << 20)),
     };
     let Some(budget) = budget else { return Ok(None) };
     let spec = crate::synth::PipelineSpec::from_pipeline(root)?;
@@ -339,26 +339,6 @@ fn memory_plan(
         c.set_budget(Some(budget));
     }
     Ok(Some(plan))
-}
-
-/// (live, peak) bytes of the CUDA backend's tensors.
-/// Free device memory as the CUDA driver reports it for the device in use (None on the CPU).
-fn free_device_memory(be: &std::sync::Arc<dyn crate::backend::Backend>) -> Option<usize> {
-    #[cfg(feature = "cuda")]
-    if let Some(c) = device::as_cuda(be) {
-        return c.free_memory();
-    }
-    let _ = be;
-    None
-}
-
-fn device_memory(be: &std::sync::Arc<dyn crate::backend::Backend>) -> Option<(usize, usize)> {
-    #[cfg(feature = "cuda")]
-    if let Some(c) = device::as_cuda(be) {
-        return Some(c.memory());
-    }
-    let _ = be;
-    None
 }
 
 fn random_seed() -> u64 {

@@ -61,7 +61,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         tracing::info!("device {i}: {}", be.name());
         let budget = match &args.vram_budget {
             Some(b) => Some(crate::planner::parse_bytes(b)?),
-            None => free_device_memory(&be).map(|free| ((free as f64 * 0.95) as usize).saturating_sub(256 << 20)),
+            None => device::free_memory(&be).map(|free| ((free as f64 * 0.95) as usize).saturating_sub(256 << 20)),
         };
         #[cfg(feature = "cuda")]
         if let (Some(c), Some(b)) = (device::as_cuda(&be), budget) {
@@ -87,13 +87,4 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let limits = RequestLimits { max_n: args.max_n, multiple };
     let addr = format!("{}:{}", args.host, args.port);
     crate::serve::serve(&addr, args.model.clone(), workers, args.queue, max_body, limits)
-}
-
-fn free_device_memory(be: &std::sync::Arc<dyn crate::backend::Backend>) -> Option<usize> {
-    #[cfg(feature = "cuda")]
-    if let Some(c) = device::as_cuda(be) {
-        return c.free_memory();
-    }
-    let _ = be;
-    None
 }

@@ -348,7 +348,7 @@ fn gauges(state: &ServerState) -> metrics::Gauges {
     metrics::Gauges {
         queue_depth: state.queue.len(),
         running: state.shared.running.load(Ordering::Relaxed),
-        device_memory: state.backends.iter().map(worker::device_memory).collect(),
+        device_memory: state.backends.iter().map(crate::device::memory).collect(),
     }
 }
 

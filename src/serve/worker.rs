@@ -198,7 +198,7 @@ impl Worker {
             }
         }
         t.total_s = start.elapsed().as_secs_f64();
-        t.peak_memory_mb = device_memory(self.pipeline.backend()).map(|(_, peak)| peak as f64 / 1048576.0);
+        t.peak_memory_mb = crate::device::memory(self.pipeline.backend()).map(|(_, peak)| peak as f64 / 1048576.0);
         metrics.observe("total", start.elapsed() + Duration::from_secs_f64(t.queue_s));
         Ok(t)
     }
@@ -235,14 +235,4 @@ impl Worker {
         self.pipeline.set_residency(Residency::from_plan(&plan));
         Ok(())
     }
-}
-
-/// (live, peak) bytes of the engine's device tensors, where the backend tracks them.
-pub fn device_memory(be: &Arc<dyn crate::backend::Backend>) -> Option<(usize, usize)> {
-    #[cfg(feature = "cuda")]
-    if let Some(c) = crate::device::as_cuda(be) {
-        return Some(c.memory());
-    }
-    let _ = be;
-    None
 }
