@@ -175,14 +175,14 @@ pub fn token_ids(store: &WeightStore, name: &str, vocab: usize) -> Result<(Vec<u
         let shift = 64 - bits;
         ((i64::from_le_bytes(le(c)) << shift) >> shift) as f64
     };
-    let values: Vec<f64> = match t.info.dtype.as_str() {
+    let values: Vec<f64> = match t.stored_dtype.as_str() {
         "I64" => t.bytes.chunks_exact(8).map(|c| signed(c, 64)).collect(),
         "I32" => t.bytes.chunks_exact(4).map(|c| signed(c, 32)).collect(),
         "I16" => t.bytes.chunks_exact(2).map(|c| signed(c, 16)).collect(),
         "I8" => t.bytes.iter().map(|&b| b as i8 as f64).collect(),
         "U64" => t.bytes.chunks_exact(8).map(|c| u64::from_le_bytes(le(c)) as f64).collect(),
         "U32" | "U16" | "U8" => {
-            let n = crate::weights::safetensors::dtype_bits(&t.info.dtype).unwrap_or(8) / 8;
+            let n = crate::weights::safetensors::dtype_bits(&t.stored_dtype).unwrap_or(8) / 8;
             t.bytes.chunks_exact(n).map(|c| u64::from_le_bytes(le(c)) as f64).collect()
         }
         "F64" => t.bytes.chunks_exact(8).map(|c| f64::from_le_bytes(le(c))).collect(),

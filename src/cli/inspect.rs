@@ -141,7 +141,7 @@ fn weights_summary(store: &WeightStore) -> Value {
     let params = per_dtype.iter().fold(0usize, |a, (_, n, _)| a.saturating_add(*n));
     let bytes = per_dtype.iter().fold(0usize, |a, (_, _, b)| a.saturating_add(*b));
     json!({
-        "files": store.files().len(),
+        "files": store.file_count(),
         "tensors": store.len(),
         "parameters": params,
         "bytes": bytes,

@@ -20,7 +20,7 @@ use crate::weights::WeightStore;
 /// Read a tensor of any numeric dtype (floats, and ints for position ids) as f32.
 pub fn read_f32(store: &WeightStore, name: &str) -> Result<Tensor> {
     let t = store.get(name)?;
-    let values: Vec<f32> = match t.info.dtype.as_str() {
+    let values: Vec<f32> = match t.stored_dtype.as_str() {
         "I64" => t.bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
         "I32" => t.bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
         "F64" => t.bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),

@@ -38,13 +38,18 @@ impl TensorInfo {
 
     /// The engine dtype, if it is one we compute with.
     pub fn dtype(&self) -> Option<DType> {
-        match self.dtype.as_str() {
-            "F32" => Some(DType::F32),
-            "BF16" => Some(DType::BF16),
-            "F16" => Some(DType::F16),
-            "F8_E4M3" => Some(DType::F8E4M3),
-            _ => None,
-        }
+        engine_dtype(&self.dtype)
+    }
+}
+
+/// The engine dtype of a safetensors dtype string, if it is one we compute with.
+pub fn engine_dtype(dtype: &str) -> Option<DType> {
+    match dtype {
+        "F32" => Some(DType::F32),
+        "BF16" => Some(DType::BF16),
+        "F16" => Some(DType::F16),
+        "F8_E4M3" => Some(DType::F8E4M3),
+        _ => None,
     }
 }
 

@@ -287,51 +287,30 @@ impl TransformerWeights {
         Ok(out)
     }
 
-    /// Per-tensor scale of an fp8 checkpoint's weight (`X.weight_scale`, or ComfyUI's
-    /// `X.scale_weight`), if it has one.
-    fn weight_scale(&self, key: &str) -> Result<Option<f32>> {
-        let Some(stem) = key.strip_suffix(".weight") else { return Ok(None) };
-        for name in [format!("{stem}.weight_scale"), format!("{stem}.scale_weight")] {
-            if self.store.contains(&name) {
-                let v = self.store.get(&name)?.to_f32()?;
-                return v
-                    .first()
-                    .copied()
-                    .map(Some)
-                    .ok_or_else(|| Error::config(self.store.origin(), format!("`{name}` is empty")));
-            }
-        }
-        Ok(None)
-    }
-
-    fn stored(&self, p: &StoredRows, row_shape: &[usize]) -> Result<(crate::weights::RawTensor<'_>, usize)> {
+    /// The stored tensor a piece comes from, shape-checked.
+    fn stored(&self, p: &StoredRows, row_shape: &[usize]) -> Result<crate::weights::RawTensor<'_>> {
         let stored_shape = match self.layout {
             // Diffusers pieces are whole tensors.
             Layout::Diffusers => [&[p.rows.end][..], row_shape].concat(),
             Layout::Bfl => self.bfl_shapes[&p.key].clone(),
         };
-        let t = self.store.get_shaped(&p.key, &stored_shape)?;
-        let row_bytes = row_shape.iter().product::<usize>() * t.dtype()?.size_in_bytes();
-        Ok((t, row_bytes))
+        self.store.get_shaped(&p.key, &stored_shape)
     }
 
+    /// A piece's values in f32, decoded from whatever the checkpoint stores (plain, fp8 with a
+    /// scale, GGUF blocks, ComfyUI's quantized layers).
     fn rows_f32(&self, p: &StoredRows, row_shape: &[usize]) -> Result<Vec<f32>> {
-        let (t, row_bytes) = self.stored(p, row_shape)?;
-        let mut v = crate::dtype::decode_to_f32(&t.bytes[p.rows.start * row_bytes..p.rows.end * row_bytes], t.dtype()?);
-        if let Some(s) = self.weight_scale(&p.key)? {
-            v.iter_mut().for_each(|x| *x *= s);
-        }
-        Ok(v)
+        self.stored(p, row_shape)?.rows_f32(p.rows.clone())
     }
 
     fn load_rows(&self, be: &dyn Backend, p: &StoredRows, row_shape: &[usize]) -> Result<Tensor> {
         let shape = [&[p.rows.len()][..], row_shape].concat();
-        if self.weight_scale(&p.key)?.is_some() {
-            // A scaled fp8 checkpoint tensor: dequantize on the host.
-            let host = Tensor::from_f32(self.rows_f32(p, row_shape)?, &shape)?;
-            return be.upload(&host, be.activation_dtype());
+        let t = self.stored(p, row_shape)?;
+        if t.is_dense() {
+            return be.load_weight(t.row_bytes(p.rows.clone())?, t.dtype()?, &shape);
         }
-        let (t, row_bytes) = self.stored(p, row_shape)?;
-        be.load_weight(&t.bytes[p.rows.start * row_bytes..p.rows.end * row_bytes], t.dtype()?, &shape)
+        // A quantized checkpoint tensor: decoded on the host into the compute dtype.
+        let host = Tensor::from_f32(t.rows_f32(p.rows.clone())?, &shape)?;
+        be.upload(&host, be.activation_dtype())
     }
 }
