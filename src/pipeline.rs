@@ -10,7 +10,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::health::{self, Check};
 use crate::image_io::RgbImage;
-use crate::model::qwen3::{Qwen3Config, Qwen3TextEncoder, KLEIN_OUT_LAYERS};
+use crate::model::qwen3::{Qwen3TextEncoder, KLEIN_OUT_LAYERS};
 use crate::model::rope::PositionIds;
 use crate::model::tokenizer::{PromptTokenizer, MAX_TOKENS, PROMPT_PREFIX, PROMPT_SUFFIX};
 use crate::model::transformer::config::TransformerConfig;
@@ -31,12 +31,28 @@ pub use crate::limits::{MAX_PIXELS, MAX_SIDE, MAX_STEPS, REFERENCE_MAX_ASPECT, R
 /// What `model_index.json` says about the pipeline.
 #[derive(Debug, Clone)]
 pub struct PipelineInfo {
-    pub root: PathBuf,
+    /// The diffusers pipeline folder, when the model is one (None when given as separate files).
+    pub root: Option<PathBuf>,
+    /// Each component's folder or file.
+    pub transformer: PathBuf,
+    pub text_encoder: PathBuf,
+    pub vae: PathBuf,
+    /// The tokenizer folder; None: the Qwen3 tokenizer built into the binary.
+    pub tokenizer: Option<PathBuf>,
     /// Step- and guidance-distilled (`"is_distilled": true`); base models use real CFG.
     pub is_distilled: bool,
     /// The KV variant (`"_class_name": "Flux2KleinKVPipeline"`, e.g. FLUX.2-klein-9b-kv): reference
     /// tokens' K/V are computed at the first step and reused (distilled, no CFG).
     pub kv: bool,
+}
+
+/// Component files that replace a pipeline folder's own (`--transformer`, `--text-encoder`,
+/// `--vae`), or make up the whole model when no folder is given.
+#[derive(Debug, Clone, Default)]
+pub struct ComponentFiles {
+    pub transformer: Option<PathBuf>,
+    pub text_encoder: Option<PathBuf>,
+    pub vae: Option<PathBuf>,
 }
 
 impl PipelineInfo {
@@ -57,10 +73,79 @@ impl PipelineInfo {
         // plain one), and that class does not store `is_distilled` (it is always distilled).
         let kv = json.get("_class_name").and_then(|v| v.as_str()) == Some("Flux2KleinKVPipeline");
         Ok(PipelineInfo {
-            root: root.to_path_buf(),
+            root: Some(root.to_path_buf()),
+            transformer: root.join("transformer"),
+            text_encoder: root.join("text_encoder"),
+            vae: root.join("vae"),
+            tokenizer: Some(root.join("tokenizer")),
             is_distilled: json.get("is_distilled").and_then(|v| v.as_bool()).unwrap_or(kv),
             kv,
         })
+    }
+
+    /// A pipeline folder with some components replaced by files, or (with no folder) the three
+    /// files alone. Without a folder's model_index.json the variant is read off the transformer's
+    /// file name: "base" means a base model (CFG, 50 steps), "kv" the KV variant; otherwise it is
+    /// taken as distilled, and the log says so.
+    pub fn assemble(model: Option<&Path>, files: &ComponentFiles) -> Result<PipelineInfo> {
+        for (flag, path) in
+            [("--transformer", &files.transformer), ("--text-encoder", &files.text_encoder), ("--vae", &files.vae)]
+        {
+            if let Some(p) = path {
+                if !p.exists() {
+                    return Err(Error::InvalidArgument(format!("{flag} {}: no such file or folder", p.display())));
+                }
+            }
+        }
+        let mut info = match model {
+            Some(root) => PipelineInfo::read(root)?,
+            None => {
+                let (Some(t), Some(te), Some(v)) = (&files.transformer, &files.text_encoder, &files.vae) else {
+                    return Err(Error::InvalidArgument(
+                        "give --model (a diffusers folder), or all three of --transformer, --text-encoder and --vae"
+                            .into(),
+                    ));
+                };
+                let name = t.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+                let words: Vec<&str> = name.split(|c: char| !c.is_ascii_alphanumeric()).collect();
+                let (base, kv) = (words.contains(&"base"), words.contains(&"kv"));
+                tracing::info!(
+                    "{}: taken as a {} model from its file name (no model_index.json)",
+                    t.display(),
+                    if kv {
+                        "KV"
+                    } else if base {
+                        "base (CFG)"
+                    } else {
+                        "distilled"
+                    }
+                );
+                PipelineInfo {
+                    root: None,
+                    transformer: t.clone(),
+                    text_encoder: te.clone(),
+                    vae: v.clone(),
+                    tokenizer: None,
+                    is_distilled: !base,
+                    kv,
+                }
+            }
+        };
+        if let Some(p) = &files.transformer {
+            info.transformer = p.clone();
+        }
+        if let Some(p) = &files.text_encoder {
+            info.text_encoder = p.clone();
+        }
+        if let Some(p) = &files.vae {
+            info.vae = p.clone();
+        }
+        Ok(info)
+    }
+
+    /// What to name in messages about the model as a whole.
+    pub fn origin(&self) -> &Path {
+        self.root.as_deref().unwrap_or(&self.transformer)
     }
 
     /// Default steps and guidance: 4 / 1.0 distilled, 50 / 4.0 base.
@@ -421,13 +506,22 @@ impl Pipeline {
     }
 
     pub fn load_with(be: Arc<dyn Backend>, root: &Path, options: LoadOptions) -> Result<Pipeline> {
-        let info = PipelineInfo::read(root)?;
-        let tokenizer = PromptTokenizer::load(&root.join("tokenizer"))?;
-        let encoder_config = Qwen3Config::from_json_file(&root.join("text_encoder/config.json"))?;
-        let transformer_config = TransformerConfig::from_json_file(&root.join("transformer/config.json"))?;
-        let vae = Vae::load(be.clone(), &root.join("vae"), VaeParts { encoder: false, decoder: true })?;
-        let scheduler_path = root.join("scheduler/scheduler_config.json");
-        let scheduler = if scheduler_path.is_file() {
+        Pipeline::load_from(be, PipelineInfo::read(root)?, options)
+    }
+
+    /// Load from a folder, separate component files, or a mix (see [`PipelineInfo::assemble`]).
+    pub fn load_from(be: Arc<dyn Backend>, info: PipelineInfo, options: LoadOptions) -> Result<Pipeline> {
+        let tokenizer = match &info.tokenizer {
+            Some(dir) => PromptTokenizer::load(dir)?,
+            None => PromptTokenizer::builtin()?,
+        };
+        let encoder_config = crate::model::qwen3::open(&info.text_encoder)?.1;
+        let transformer_config = crate::model::transformer::open(&info.transformer)?.2;
+        let vae = Vae::load(be.clone(), &info.vae, VaeParts { encoder: false, decoder: true })?;
+        let root = info.origin().to_path_buf();
+        let root = root.as_path();
+        let scheduler_path = info.root.as_ref().map(|r| r.join("scheduler/scheduler_config.json"));
+        let scheduler = if let Some(scheduler_path) = scheduler_path.filter(|p| p.is_file()) {
             SchedulerConfig::from_json_file(&scheduler_path)?
         } else {
             SchedulerConfig::default()
@@ -461,14 +555,8 @@ impl Pipeline {
                 );
                 let shape = [1, MAX_TOKENS, context_dim];
                 Some(
-                    PromptCache::new(
-                        dir.clone(),
-                        *max,
-                        &root.join("text_encoder"),
-                        &root.join("tokenizer"),
-                        &settings,
-                    )?
-                    .expecting(&shape, be.activation_dtype()),
+                    PromptCache::new(dir.clone(), *max, &info.text_encoder, info.tokenizer.as_deref(), &settings)?
+                        .expecting(&shape, be.activation_dtype()),
                 )
             }
             None => None,
@@ -506,7 +594,7 @@ impl Pipeline {
         let precision = self.options.text_encoder_precision.unwrap_or(EncoderPrecision::Bf16);
         let encoder = Arc::new(Qwen3TextEncoder::load_with(
             self.be.clone(),
-            &self.info.root.join("text_encoder"),
+            &self.info.text_encoder,
             &KLEIN_OUT_LAYERS,
             precision,
         )?);
@@ -521,7 +609,7 @@ impl Pipeline {
             return Ok(v.clone());
         }
         let parts = VaeParts { encoder: true, decoder: false };
-        let encoder = Arc::new(Vae::load(self.be.clone(), &self.info.root.join("vae"), parts)?);
+        let encoder = Arc::new(Vae::load(self.be.clone(), &self.info.vae, parts)?);
         *slot = Some(encoder.clone());
         Ok(encoder)
     }
@@ -533,7 +621,7 @@ impl Pipeline {
             return Ok(t.clone());
         }
         let blocks = self.options.residency.resident_blocks;
-        let path = self.info.root.join("transformer");
+        let path = self.info.transformer.clone();
         let t =
             Arc::new(Flux2Transformer::load_with(self.be.clone(), &path, blocks, self.options.transformer_compute)?);
         *slot = Some(t.clone());

@@ -40,12 +40,17 @@ pub fn default_dir() -> PathBuf {
 /// Hash the identity of every file of a model folder: name, size, the safetensors header and
 /// 64 KiB sampled from the start, middle and end.
 fn hash_folder(h: &mut Sha256, dir: &Path) -> Result<()> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .collect();
+    // A single weights file (split-file setups) stands for itself.
+    let mut files: Vec<PathBuf> = if dir.is_file() {
+        vec![dir.to_path_buf()]
+    } else {
+        std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect()
+    };
     files.sort();
     for p in files {
         let mut f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
@@ -69,13 +74,16 @@ impl PromptCache {
         dir: PathBuf,
         max_bytes: u64,
         text_encoder_dir: &Path,
-        tokenizer_dir: &Path,
+        tokenizer_dir: Option<&Path>,
         settings: &str,
     ) -> Result<PromptCache> {
         let mut h = Sha256::new();
         h.update(b"flux2 prompt cache v1\0");
         hash_folder(&mut h, text_encoder_dir)?;
-        hash_folder(&mut h, tokenizer_dir)?;
+        match tokenizer_dir {
+            Some(dir) => hash_folder(&mut h, dir)?,
+            None => h.update(include_bytes!("../assets/qwen3-tokenizer/tokenizer.json.gz")),
+        }
         h.update(settings.as_bytes());
         Ok(PromptCache { dir, max_bytes, identity: h.finalize().into(), expected: None })
     }

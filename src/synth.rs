@@ -336,14 +336,26 @@ impl PipelineSpec {
 
     /// The configs of an existing pipeline folder.
     pub fn from_pipeline(root: &Path) -> Result<Self> {
-        let info = crate::pipeline::PipelineInfo::read(root)?;
-        Ok(PipelineSpec {
-            transformer: TransformerConfig::from_json_file(&root.join("transformer/config.json"))?,
-            text_encoder: crate::model::qwen3::Qwen3Config::from_json_file(&root.join("text_encoder/config.json"))?,
-            vae: crate::model::vae::VaeConfig::from_json_file(&root.join("vae/config.json"))?,
-            distilled: info.is_distilled,
-            kv: info.kv,
-        })
+        PipelineSpec::from_info(&crate::pipeline::PipelineInfo::read(root)?)
+    }
+
+    /// The configs of a pipeline's components: each folder's config.json, or for single files the
+    /// config read off their shapes (as loading them does).
+    pub fn from_info(info: &crate::pipeline::PipelineInfo) -> Result<Self> {
+        let json = |dir: &Path| Some(dir.join("config.json")).filter(|p| dir.is_dir() && p.is_file());
+        let transformer = match json(&info.transformer) {
+            Some(p) => TransformerConfig::from_json_file(&p)?,
+            None => crate::model::transformer::open(&info.transformer)?.2,
+        };
+        let text_encoder = match json(&info.text_encoder) {
+            Some(p) => crate::model::qwen3::Qwen3Config::from_json_file(&p)?,
+            None => crate::model::qwen3::open(&info.text_encoder)?.1,
+        };
+        let vae = match json(&info.vae) {
+            Some(p) => crate::model::vae::VaeConfig::from_json_file(&p)?,
+            None => crate::model::vae::open(&info.vae)?.2,
+        };
+        Ok(PipelineSpec { transformer, text_encoder, vae, distilled: info.is_distilled, kv: info.kv })
     }
 }
 

@@ -51,7 +51,7 @@ fn prompt_cache_hits_misses_and_recovers_from_corruption() {
     let tmp = tempfile::tempdir().unwrap();
     let p = fixtures().join("pipeline");
     let cache = |settings: &str| {
-        PromptCache::new(tmp.path().join("c"), 1 << 20, &p.join("text_encoder"), &p.join("tokenizer"), settings)
+        PromptCache::new(tmp.path().join("c"), 1 << 20, &p.join("text_encoder"), Some(&p.join("tokenizer")), settings)
             .unwrap()
     };
     let c = cache("bf16");
@@ -90,7 +90,7 @@ fn concurrent_writers_leave_one_valid_entry() {
                     tmp.path().to_path_buf(),
                     1 << 30,
                     &p.join("text_encoder"),
-                    &p.join("tokenizer"),
+                    Some(&p.join("tokenizer")),
                     "x",
                 )
                 .unwrap();
@@ -222,7 +222,8 @@ fn streamed_fp8_blocks_match_resident_ones_at_every_step() {
 fn a_cache_entry_of_the_wrong_shape_is_deleted_and_recomputed() {
     let tmp = tempfile::tempdir().unwrap();
     let p = fixtures().join("pipeline");
-    let cache = || PromptCache::new(tmp.path().join("c"), 1 << 20, &p.join("text_encoder"), &p.join("tokenizer"), "x");
+    let cache =
+        || PromptCache::new(tmp.path().join("c"), 1 << 20, &p.join("text_encoder"), Some(&p.join("tokenizer")), "x");
     let wrong = Tensor::from_f32(vec![0.25; 36], &[1, 3, 12]).unwrap();
     cache().unwrap().put("a cat", &wrong, DType::F32).unwrap();
     // The right prompt, the wrong shape (another build, a damaged write): a miss, and deleted.

@@ -13,10 +13,8 @@ use crate::weights::WeightStore;
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
-    /// A diffusers-layout pipeline folder, or a Hugging Face repo id in the local cache
-    /// (e.g. black-forest-labs/FLUX.2-klein-4B).
-    #[arg(long)]
-    pub model: String,
+    #[command(flatten)]
+    pub model: crate::cli::model_args::ModelArgs,
     #[arg(long)]
     pub prompt: String,
     /// Image width in pixels (multiple of 16). Default: the first reference's, else 1024.
@@ -123,7 +121,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             return Err(Error::InvalidArgument(format!("--out {}: only PNG output is supported", args.out.display())));
         }
     }
-    let root = crate::hub::resolve_model(&args.model)?;
+    let info = args.model.resolve()?;
     let noise = match &args.noise {
         Some(p) => Some(crate::cli::read_f32(&WeightStore::open(p)?, "noise")?),
         None => None,
@@ -166,7 +164,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         if args.debug_nans { std::sync::Arc::new(crate::backend::nan_check::NanCheckBackend::new(be)) } else { be };
     tracing::info!("device: {}", be.name());
     let load_start = std::time::Instant::now();
-    let plan = memory_plan(args, &root, &be, &references, noise.as_ref(), init_image.as_ref())?;
+    let plan = memory_plan(args, &info, &be, &references, noise.as_ref(), init_image.as_ref())?;
     let residency = plan.as_ref().map(Residency::from_plan).unwrap_or_default();
     let prompt_cache =
         (!args.no_prompt_cache).then(|| (crate::prompt_cache::default_dir(), crate::prompt_cache::DEFAULT_MAX_BYTES));
@@ -177,7 +175,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         residency,
         prompt_cache,
     };
-    let pipeline = Pipeline::load_with(be.clone(), &root, options)?;
+    let pipeline = Pipeline::load_from(be.clone(), info, options)?;
     be.synchronize()?;
     let load_seconds = load_start.elapsed().as_secs_f64();
     let mut runs = Vec::new();
@@ -204,7 +202,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if let Some(json_path) = &args.json {
         let report = serde_json::json!({
             "device": be.name(),
-            "model": args.model,
+            "model": args.model.describe(),
             "load_seconds": load_seconds,
             "peak_device_bytes": memory.map(|m| m.1),
             "plan": plan,
@@ -292,7 +290,7 @@ fn generate_all(
 /// less headroom. On the GPU the budget is then enforced by the backend's allocator.
 fn memory_plan(
     args: &GenerateArgs,
-    root: &Path,
+    info: &crate::pipeline::PipelineInfo,
     be: &std::sync::Arc<dyn crate::backend::Backend>,
     references: &[RgbImage],
     noise: Option<&crate::tensor::Tensor>,
@@ -303,8 +301,7 @@ fn memory_plan(
         None => crate::device::free_memory(be).map(|free| ((free as f64 * 0.95) as usize).saturating_sub(256 << 20)),
     };
     let Some(budget) = budget else { return Ok(None) };
-    let spec = crate::synth::PipelineSpec::from_pipeline(root)?;
-    let info = crate::pipeline::PipelineInfo::read(root)?;
+    let spec = crate::synth::PipelineSpec::from_info(info)?;
     let m = spec.vae.pixel_multiple();
     let mut refs: Vec<(usize, usize)> =
         references.iter().map(|r| crate::pipeline::reference_size(r.width, r.height, m)).collect();
@@ -378,7 +375,7 @@ fn save(out: &Output, path: &Path, args: &GenerateArgs, seed: u64) -> Result<()>
         "guidance": out.guidance,
         "width": w,
         "height": h,
-        "model": args.model,
+        "model": args.model.describe(),
         "references": args.references.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "init_image": args.init_image.as_ref().map(|p| p.display().to_string()),
         "strength": args.init_image.as_ref().map(|_| args.strength.unwrap_or(crate::inpaint::DEFAULT_STRENGTH)),
@@ -394,7 +391,7 @@ fn save(out: &Output, path: &Path, args: &GenerateArgs, seed: u64) -> Result<()>
     };
     let a1111 = format!(
         "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: {}, Seed: {seed}, Size: {w}x{h}, Model: {}{strength}",
-        args.prompt, out.steps, out.guidance, args.model
+        args.prompt, out.steps, out.guidance, args.model.describe()
     );
     out.image.save_png(path, &[("parameters", a1111), ("flux2", ascii_json(&params))])
 }

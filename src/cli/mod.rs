@@ -6,6 +6,7 @@ pub mod doctor;
 pub mod forward;
 pub mod generate;
 pub mod inspect;
+pub mod model_args;
 pub mod plan;
 pub mod selftest;
 pub mod serve;

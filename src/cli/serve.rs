@@ -11,9 +11,8 @@ use crate::serve::worker::{PlanSettings, Worker};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// A diffusers-layout pipeline folder, or a Hugging Face repo id in the local cache.
-    #[arg(long)]
-    pub model: String,
+    #[command(flatten)]
+    pub model: crate::cli::model_args::ModelArgs,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     /// TCP port (0: any free port; the chosen address is printed).
@@ -53,7 +52,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         return Err(Error::InvalidArgument("--max-n must be at least 1".into()));
     }
     let max_body = crate::planner::parse_bytes(&args.max_body)?;
-    let root = crate::hub::resolve_model(&args.model)?;
+    let info = args.model.resolve()?;
     let backends = device::select_all(args.device)?;
     let mut workers = Vec::new();
     let mut multiple = 16;
@@ -75,7 +74,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             prompt_cache: (!args.no_prompt_cache)
                 .then(|| (crate::prompt_cache::default_dir(), crate::prompt_cache::DEFAULT_MAX_BYTES)),
         };
-        let pipeline = Pipeline::load_with(be, &root, options)?;
+        let pipeline = Pipeline::load_from(be, info.clone(), options)?;
         multiple = pipeline.pixel_multiple();
         let plan = PlanSettings {
             budget,
@@ -86,5 +85,5 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     }
     let limits = RequestLimits { max_n: args.max_n, multiple };
     let addr = format!("{}:{}", args.host, args.port);
-    crate::serve::serve(&addr, args.model.clone(), workers, args.queue, max_body, limits)
+    crate::serve::serve(&addr, args.model.describe(), workers, args.queue, max_body, limits)
 }

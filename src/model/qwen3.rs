@@ -92,6 +92,46 @@ impl Qwen3Config {
         Ok(cfg)
     }
 
+    /// The config of a weights file without config.json, read off its shapes (sizes, heads,
+    /// layers), with Qwen3's RoPE base and norm epsilon, or those a GGUF file's metadata states.
+    /// The store's prefix must already point at the decoder (`embed_tokens.weight`, `layers.N.`).
+    pub fn infer(store: &WeightStore) -> Result<Self> {
+        let [vocab_size, hidden_size] = store.dims::<2>("embed_tokens.weight")?;
+        let num_hidden_layers =
+            (0..).take_while(|n| store.contains(&format!("layers.{n}.input_layernorm.weight"))).count();
+        if num_hidden_layers == 0 {
+            return Err(Error::config(store.origin(), "no decoder layers (`layers.0.input_layernorm.weight`) found"));
+        }
+        let [head_dim] = store.dims::<1>("layers.0.self_attn.q_norm.weight")?;
+        let rows = |name: &str| store.dims::<2>(name).map(|[r, _]| r);
+        let (q, k) = (rows("layers.0.self_attn.q_proj.weight")?, rows("layers.0.self_attn.k_proj.weight")?);
+        if head_dim == 0 || q % head_dim != 0 || k % head_dim != 0 {
+            return Err(Error::config(
+                store.origin(),
+                format!("q/k projections of {q}/{k} rows do not split into heads of {head_dim}"),
+            ));
+        }
+        let meta = |key: &str| -> Option<f64> {
+            store.gguf_files().iter().find_map(|f| f.metadata.get(key).and_then(|v| v.as_f64()))
+        };
+        let cfg = Qwen3Config {
+            vocab_size,
+            hidden_size,
+            intermediate_size: rows("layers.0.mlp.gate_proj.weight")?,
+            num_hidden_layers,
+            num_attention_heads: q / head_dim,
+            num_key_value_heads: Some(k / head_dim),
+            head_dim: Some(head_dim),
+            rms_norm_eps: meta("qwen3.attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
+            rope_theta: Some(meta("qwen3.rope.freq_base").unwrap_or(1_000_000.0)),
+            attention_bias: store.contains("layers.0.self_attn.q_proj.bias"),
+            tie_word_embeddings: false,
+            ..Qwen3Config::qwen3_4b()
+        };
+        cfg.validate().map_err(|r| Error::config(store.origin(), r))?;
+        Ok(cfg)
+    }
+
     /// The keys that decide tensor shapes (what `synth` requires a config.json to spell out;
     /// the others have no default at all).
     pub const SHAPE_KEYS: &'static [&'static str] = &["num_key_value_heads", "head_dim"];
@@ -173,6 +213,36 @@ impl Qwen3Config {
     }
 }
 
+/// A text encoder's weights (looked up under the decoder's prefix) and config: config.json in a
+/// `text_encoder/` folder, else read off the shapes of the weights file.
+pub fn open(path: &Path) -> Result<(WeightStore, Qwen3Config)> {
+    let mut store = WeightStore::open(path)?;
+    set_qwen3_prefix(&mut store)?;
+    let config = path.join("config.json");
+    let cfg = if path.is_dir() && config.is_file() {
+        Qwen3Config::from_json_file(&config)?
+    } else {
+        Qwen3Config::infer(&store)?
+    };
+    Ok((store, cfg))
+}
+
+/// Point the store at the decoder's tensors: whatever precedes `embed_tokens.weight` (`model.` in
+/// Hugging Face files, other prefixes in repackaged ones) becomes the lookup prefix.
+fn set_qwen3_prefix(store: &mut WeightStore) -> Result<()> {
+    let mut prefixes: Vec<String> =
+        store.keys().filter_map(|k| k.strip_suffix("embed_tokens.weight")).map(str::to_string).collect();
+    prefixes.sort_by_key(|p| p.len());
+    match prefixes.first() {
+        Some(p) => {
+            let p = p.clone();
+            store.set_prefix(&p);
+            Ok(())
+        }
+        None => Err(Error::config(store.origin(), "not a Qwen3 text encoder: no `embed_tokens.weight` tensor")),
+    }
+}
+
 struct Layer {
     input_norm: Tensor,
     /// q, k, v projections fused row-wise: one GEMM.
@@ -205,20 +275,16 @@ impl Qwen3TextEncoder {
     }
 
     /// As [`Qwen3TextEncoder::load`], with the decoder layers' linears stored in `precision`
-    /// (quantized at load; embeddings and norms stay bf16).
+    /// (quantized at load; embeddings and norms stay bf16). `path` is a `text_encoder/` folder
+    /// (config.json + weights), or one weights file (a ComfyUI `qwen_3_4b.safetensors`, a GGUF
+    /// with llama.cpp names) whose config is read off its shapes.
     pub fn load_with(
         be: Arc<dyn Backend>,
-        dir: &Path,
+        path: &Path,
         out_layers: &[usize],
         precision: EncoderPrecision,
     ) -> Result<Qwen3TextEncoder> {
-        let cfg = Qwen3Config::from_json_file(&dir.join("config.json"))?;
-        let mut store = WeightStore::open(dir)?;
-        if !store.contains("model.embed_tokens.weight") && store.contains("embed_tokens.weight") {
-            store.set_prefix("");
-        } else {
-            store.set_prefix("model.");
-        }
+        let (store, cfg) = open(path)?;
         Qwen3TextEncoder::from_store(be, &store, cfg, out_layers, precision)
     }
 

@@ -103,6 +103,21 @@ impl PromptTokenizer {
         Ok(PromptTokenizer { tokenizer, pad_id, dir: dir.to_path_buf() })
     }
 
+    /// The Qwen3 tokenizer compiled into the binary (assets/qwen3-tokenizer), for setups with no
+    /// `tokenizer/` folder (separate transformer, text-encoder and VAE files).
+    pub fn builtin() -> Result<PromptTokenizer> {
+        use std::io::Read;
+        const GZ: &[u8] = include_bytes!("../../assets/qwen3-tokenizer/tokenizer.json.gz");
+        let origin = Path::new("<built-in Qwen3 tokenizer>");
+        let mut json = Vec::new();
+        flate2::read::GzDecoder::new(GZ).read_to_end(&mut json).map_err(|e| tok_err(origin, e))?;
+        let tokenizer = Tokenizer::from_bytes(&json).map_err(|e| tok_err(origin, e))?;
+        let pad_id = tokenizer
+            .token_to_id("<|endoftext|>")
+            .ok_or_else(|| Error::config(origin, "the pad token <|endoftext|> is not in the vocabulary"))?;
+        Ok(PromptTokenizer { tokenizer, pad_id, dir: origin.to_path_buf() })
+    }
+
     pub fn pad_id(&self) -> u32 {
         self.pad_id
     }

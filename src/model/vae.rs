@@ -173,6 +173,74 @@ impl VaeConfig {
     }
 }
 
+impl VaeConfig {
+    /// Infer the config of a diffusers-named VAE file without config.json (a repackaged
+    /// `flux2-vae.safetensors`) from its shapes; the norms' group count, which no weight shows,
+    /// is given; the rest are the FLUX.2 VAE's defaults.
+    pub fn infer_from_diffusers(store: &WeightStore, norm_num_groups: usize) -> Result<Self> {
+        let conv = |k: &str| store.dims::<4>(k);
+        let levels =
+            (0..).take_while(|i| store.contains(&format!("encoder.down_blocks.{i}.resnets.0.conv1.weight"))).count();
+        let channels = (0..levels)
+            .map(|i| Ok(conv(&format!("encoder.down_blocks.{i}.resnets.0.conv1.weight"))?[0]))
+            .collect::<Result<Vec<_>>>()?;
+        let layers =
+            (0..).take_while(|j| store.contains(&format!("encoder.down_blocks.0.resnets.{j}.conv1.weight"))).count();
+        let cfg = VaeConfig {
+            in_channels: conv("encoder.conv_in.weight")?[1],
+            out_channels: conv("decoder.conv_out.weight")?[0],
+            down_block_types: vec!["DownEncoderBlock2D".into(); levels],
+            up_block_types: vec!["UpDecoderBlock2D".into(); levels],
+            block_out_channels: channels,
+            layers_per_block: layers,
+            latent_channels: conv("decoder.conv_in.weight")?[1],
+            use_quant_conv: store.contains("quant_conv.weight"),
+            use_post_quant_conv: store.contains("post_quant_conv.weight"),
+            mid_block_add_attention: store.contains("encoder.mid_block.attentions.0.to_q.weight"),
+            norm_num_groups,
+            ..VaeConfig::default()
+        };
+        cfg.validate().map_err(|r| {
+            Error::config(
+                store.origin(),
+                format!("{r} (a VAE file without config.json is taken as FLUX.2's, with {norm_num_groups} norm groups; give its folder with config.json instead)"),
+            )
+        })?;
+        Ok(cfg)
+    }
+}
+
+/// A VAE's weights, layout and config: a diffusers `vae/` folder (config.json), a diffusers-named
+/// file (config inferred from shapes), or BFL's `ae.safetensors`.
+pub fn open(path: &Path) -> Result<(WeightStore, VaeLayout, VaeConfig)> {
+    let mut store = WeightStore::open(path)?;
+    // Repackaged files may nest the VAE (`vae.`, `first_stage_model.`): look under whatever
+    // precedes the decoder's first convolution.
+    let mut prefixes: Vec<String> =
+        store.keys().filter_map(|k| k.strip_suffix("decoder.conv_in.weight")).map(str::to_string).collect();
+    prefixes.sort_by_key(|p| p.len());
+    if let Some(p) = prefixes.first().cloned() {
+        store.set_prefix(&p);
+    }
+    let (cfg, layout) = if store.contains("encoder.down_blocks.0.resnets.0.conv1.weight")
+        || store.contains("decoder.up_blocks.0.resnets.0.conv1.weight")
+    {
+        let config = if path.is_dir() { path.join("config.json") } else { path.with_file_name("config.json") };
+        let cfg = if config.is_file() {
+            VaeConfig::from_json_file(&config)?
+        } else {
+            // The group count of the norms is not in the weights: FLUX.2's 32.
+            VaeConfig::infer_from_diffusers(&store, VaeConfig::default().norm_num_groups)?
+        };
+        (cfg, VaeLayout::Diffusers)
+    } else if store.contains("encoder.conv_in.weight") && store.contains("decoder.conv_in.weight") {
+        (VaeConfig::infer_from_bfl(&store)?, VaeLayout::Bfl)
+    } else {
+        return Err(Error::config(path, "not a FLUX.2 VAE checkpoint (no encoder/decoder weights found)"));
+    };
+    Ok((store, layout, cfg))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VaeLayout {
     Diffusers,
@@ -387,17 +455,7 @@ pub struct Vae {
 impl Vae {
     /// Load from a diffusers `vae/` folder or a BFL `ae.safetensors` file.
     pub fn load(be: Arc<dyn Backend>, path: &Path, parts: VaeParts) -> Result<Vae> {
-        let store = WeightStore::open(path)?;
-        let (cfg, layout) = if store.contains("encoder.down_blocks.0.resnets.0.conv1.weight")
-            || store.contains("decoder.up_blocks.0.resnets.0.conv1.weight")
-        {
-            let config = if path.is_dir() { path.join("config.json") } else { path.with_file_name("config.json") };
-            (VaeConfig::from_json_file(&config)?, VaeLayout::Diffusers)
-        } else if store.contains("encoder.conv_in.weight") && store.contains("decoder.conv_in.weight") {
-            (VaeConfig::infer_from_bfl(&store)?, VaeLayout::Bfl)
-        } else {
-            return Err(Error::config(path, "not a FLUX.2 VAE checkpoint (no encoder/decoder weights found)"));
-        };
+        let (store, layout, cfg) = open(path)?;
         Vae::from_store(be, &store, layout, cfg, parts)
     }
 

@@ -206,8 +206,7 @@ impl Worker {
     /// With a memory budget, plan this request's size and follow the plan (evictions, tiling).
     fn follow_plan(&mut self, p: &GenParams) -> crate::Result<()> {
         let Some(budget) = self.plan.budget else { return Ok(()) };
-        let root = self.pipeline.info.root.clone();
-        let spec = crate::synth::PipelineSpec::from_pipeline(&root)?;
+        let spec = crate::synth::PipelineSpec::from_info(&self.pipeline.info)?;
         let m = spec.vae.pixel_multiple();
         let refs: Vec<(usize, usize)> =
             p.references.iter().map(|r| crate::pipeline::reference_size(r.width, r.height, m)).collect();

@@ -32,6 +32,15 @@ pub fn locate(path: &Path) -> Result<(WeightStore, Option<std::path::PathBuf>)> 
     Ok((WeightStore::open(path)?, None))
 }
 
+/// A transformer's weights, layout and config (config.json of a diffusers folder, else read off
+/// the shapes of a single file: BFL names, diffusers names, GGUF, ComfyUI quantized files).
+pub fn open(path: &Path) -> Result<(WeightStore, Layout, TransformerConfig)> {
+    let (mut store, config_path) = locate(path)?;
+    let layout = Layout::detect(&mut store)?;
+    let cfg = TransformerConfig::resolve(&store, layout, config_path.as_deref())?;
+    Ok((store, layout, cfg))
+}
+
 fn load_double(
     w: &TransformerWeights,
     b: &dyn Backend,
@@ -251,9 +260,7 @@ impl Flux2Transformer {
         resident_blocks: Option<usize>,
         compute: Compute,
     ) -> Result<Flux2Transformer> {
-        let (mut store, config_path) = locate(path)?;
-        let layout = Layout::detect(&mut store)?;
-        let cfg = TransformerConfig::resolve(&store, layout, config_path.as_deref())?;
+        let (store, layout, cfg) = open(path)?;
         Flux2Transformer::from_store_streaming(be, store, layout, cfg, resident_blocks, compute)
     }
 
