@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::model::transformer::config::TransformerConfig;
-use crate::model::transformer::layout::Layout;
 use crate::weights::WeightStore;
 
 #[derive(Debug, clap::Args)]
@@ -62,7 +60,11 @@ pub fn inspect(path: &Path) -> Result<Value> {
         return component(&path.join("transformer"), "transformer");
     }
     if path.is_file() && crate::weights::gguf::GgufFile::is_gguf(path) {
-        return gguf_report(path);
+        let mut report = gguf_report(path)?;
+        if let Some(found) = identify(path) {
+            report.as_object_mut().unwrap().extend(found);
+        }
+        return Ok(report);
     }
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     component(path, &name)
@@ -112,21 +114,16 @@ fn has_safetensors(dir: &Path) -> Result<bool> {
 }
 
 fn component(path: &Path, name: &str) -> Result<Value> {
-    let mut store = WeightStore::open(path)?;
+    let store = WeightStore::open(path)?;
     let mut report = weights_summary(&store);
     let obj = report.as_object_mut().unwrap();
     obj.insert("path".into(), path.display().to_string().into());
-    let config_path = if path.is_dir() { Some(path.join("config.json")).filter(|p| p.is_file()) } else { None };
-    if let Ok(layout) = Layout::detect(&mut store) {
-        let cfg = TransformerConfig::resolve(&store, layout, config_path.as_deref())?;
-        let obj = report.as_object_mut().unwrap();
-        obj.insert("kind".into(), "transformer".into());
-        obj.insert("layout".into(), layout.name().into());
-        obj.insert("config".into(), serde_json::to_value(&cfg).unwrap());
+    if let Some(found) = identify(path) {
+        obj.extend(found);
         return Ok(report);
     }
-    let obj = report.as_object_mut().unwrap();
     obj.insert("kind".into(), if name.is_empty() { "weights".into() } else { name.into() });
+    let config_path = if path.is_dir() { Some(path.join("config.json")).filter(|p| p.is_file()) } else { None };
     if let Some(p) = config_path {
         let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
         if let Ok(v) = serde_json::from_str::<Value>(&text) {
@@ -134,6 +131,27 @@ fn component(path: &Path, name: &str) -> Result<Value> {
         }
     }
     Ok(report)
+}
+
+/// Which klein component a folder or file holds, with its layout and config (read the way
+/// loading reads them), or None if it is none of them.
+fn identify(path: &Path) -> Option<serde_json::Map<String, Value>> {
+    let mut out = serde_json::Map::new();
+    if let Ok((_, layout, cfg)) = crate::model::transformer::open(path) {
+        out.insert("kind".into(), "transformer".into());
+        out.insert("layout".into(), layout.name().into());
+        out.insert("config".into(), serde_json::to_value(&cfg).unwrap());
+    } else if let Ok((_, cfg)) = crate::model::qwen3::open(path) {
+        out.insert("kind".into(), "text_encoder".into());
+        out.insert("config".into(), serde_json::to_value(&cfg).unwrap());
+    } else if let Ok((_, layout, cfg)) = crate::model::vae::open(path) {
+        out.insert("kind".into(), "vae".into());
+        out.insert("layout".into(), format!("{layout:?}").to_lowercase().into());
+        out.insert("config".into(), serde_json::to_value(&cfg).unwrap());
+    } else {
+        return None;
+    }
+    Some(out)
 }
 
 fn weights_summary(store: &WeightStore) -> Value {
