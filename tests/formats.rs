@@ -199,3 +199,44 @@ fn damaged_quantized_files_are_clear_errors() {
         &["truncated.gguf"],
     );
 }
+
+#[test]
+fn a_qwen3_gguf_text_encoder_matches_transformers() {
+    use flux2::model::qwen3::Qwen3TextEncoder;
+    use flux2::model::tokenizer::TokenizedPrompt;
+    use flux2::planner::EncoderPrecision;
+
+    let dir = case("qwen3_gguf");
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    // llama.cpp names, config from the GGUF metadata and shapes, Q8_0 blocks decoded at load.
+    let encoder =
+        Qwen3TextEncoder::load_with(be, &dir.join("qwen3-tiny-Q8_0.gguf"), &[1, 2, 3], EncoderPrecision::Bf16).unwrap();
+    assert_eq!(encoder.config().num_hidden_layers, 3);
+    let inputs = dir.join("inputs.safetensors");
+    let ids = load(&inputs, "input_ids").to_vec_f32().unwrap();
+    let mask = load(&inputs, "attention_mask").to_vec_f32().unwrap();
+    let prompts: Vec<TokenizedPrompt> = ids
+        .chunks(12)
+        .zip(mask.chunks(12))
+        .map(|(i, m)| {
+            let length = m.iter().filter(|&&v| v > 0.0).count();
+            TokenizedPrompt {
+                ids: i.iter().map(|&v| v as u32).collect(),
+                mask: m.iter().map(|&v| v as u8).collect(),
+                length,
+                untruncated_length: length,
+            }
+        })
+        .collect();
+    let got = encoder.forward(&prompts).unwrap().to_vec_f32().unwrap();
+    let want = load(&dir.join("expected.safetensors"), "prompt_embeds").to_vec_f32().unwrap();
+    // Padded positions are whatever the model computes there; compare the real tokens.
+    let width = 3 * 64;
+    let real = |v: &[f32]| -> Vec<f32> {
+        v.chunks(12 * width).zip(&prompts).flat_map(|(b, p)| b[..p.length * width].to_vec()).collect()
+    };
+    let err = rel_err(&real(&got), &real(&want));
+    assert!(err <= 1e-4, "max relative error {err}");
+    let (ok, out, e) = common::run_cli(&["inspect", dir.join("qwen3-tiny-Q8_0.gguf").to_str().unwrap(), "--json"]);
+    assert!(ok && out.contains("\"kind\": \"text_encoder\"") && out.contains("\"Q8_0\""), "{e}{out}");
+}

@@ -171,6 +171,80 @@ def make_gguf_case(name, hidden, qtype, seed):
           f"diffusers' f16 decoding {f16:.2e}")
 
 
+# A Qwen3 text encoder in llama.cpp's GGUF names, as the GGUF text encoders users run
+# (tiny: 320 tokens, 3 layers; Q8_0 where rows are whole blocks, F32 norms).
+LLAMA_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def llama_name(hf):
+    if hf in LLAMA_NAMES:
+        return LLAMA_NAMES[hf]
+    layer, rest = hf[len("model.layers."):].split(".", 1)
+    module, suffix = rest.rsplit(".", 1)
+    return f"blk.{layer}.{LLAMA_NAMES[module]}.{suffix}"
+
+
+def make_qwen3_gguf_case(seed):
+    import gguf
+    from gguf import GGMLQuantizationType as T
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    out = OUT / "qwen3_gguf"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, rms_norm_eps=1e-6,
+                      rope_theta=1_000_000.0, tie_word_embeddings=True, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg).eval()
+    randomize_(model, seed)
+    path = out / "qwen3-tiny-Q8_0.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    for key, value in [("block_count", 3), ("embedding_length", 64), ("feed_forward_length", 128),
+                       ("attention.head_count", 2), ("attention.head_count_kv", 1), ("attention.key_length", 32)]:
+        w.add_uint32(f"qwen3.{key}", value)
+    w.add_float32("qwen3.rope.freq_base", 1_000_000.0)
+    w.add_float32("qwen3.attention.layer_norm_rms_epsilon", 1e-6)
+    for name, v in model.model.state_dict().items():
+        a = v.to(torch.float32).numpy()
+        ln = llama_name("model." + name)
+        if a.ndim == 2 and a.shape[1] % 32 == 0:
+            w.add_tensor(ln, gguf.quants.quantize(a, T.Q8_0), raw_dtype=T.Q8_0)
+        else:
+            w.add_tensor(ln, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    # Reference: transformers on ggml's exact f32 decoding of the file.
+    reader = gguf.GGUFReader(str(path))
+    by_llama = {llama_name("model." + n): "model." + n for n in model.model.state_dict()}
+    decoded = {by_llama[t.name]: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+                                                  .copy()).reshape([int(d) for d in reversed(t.shape)])
+               for t in reader.tensors}
+    decoded["lm_head.weight"] = decoded["model.embed_tokens.weight"]
+    model.load_state_dict(decoded, strict=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, 320, (2, 12), generator=g)
+    mask = torch.ones(2, 12, dtype=torch.int64)
+    mask[1, 7:] = 0
+    ids[1, 7:] = 0
+    layers = (1, 2, 3)
+    with torch.no_grad():
+        hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+    embeds = torch.stack([hs[k] for k in layers], dim=1).permute(0, 2, 1, 3).reshape(2, 12, 3 * 64)
+    save_file({"input_ids": ids.contiguous(), "attention_mask": mask.contiguous()}, out / "inputs.safetensors")
+    save_file({"prompt_embeds": embeds.contiguous()}, out / "expected.safetensors")
+    (out / "case.json").write_text(json.dumps({"out_layers": layers}, indent=2) + "\n")
+    print(f"qwen3_gguf: {path.stat().st_size} bytes")
+
+
 # ---------------------------------------------------------------------------------------------
 # ComfyUI quantized files (comfy-kitchen's eager reference quantizers)
 
@@ -260,6 +334,7 @@ def main():
     make_gguf_case("gguf_q4_k", 256, T.Q4_K, seed=3200)
     for i, fmt in enumerate(["fp8", "nvfp4", "int8"]):
         make_comfy_case(fmt, seed=3300 + i)
+    make_qwen3_gguf_case(seed=3400)
 
 
 if __name__ == "__main__":
