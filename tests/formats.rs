@@ -240,3 +240,23 @@ fn a_qwen3_gguf_text_encoder_matches_transformers() {
     let (ok, out, e) = common::run_cli(&["inspect", dir.join("qwen3-tiny-Q8_0.gguf").to_str().unwrap(), "--json"]);
     assert!(ok && out.contains("\"kind\": \"text_encoder\"") && out.contains("\"Q8_0\""), "{e}{out}");
 }
+
+#[test]
+fn fp8_checkpoints_keep_their_codes_for_fp8_compute() {
+    use flux2::model::transformer::layout::{Layout, TransformerWeights};
+    // The official fp8 layout: q/k/v apart, one scale each. Concatenated for the fused GEMM, the
+    // codes are the stored ones and each row keeps its tensor's scale: no requantization error.
+    let dir = case("fp8");
+    let (store, layout, cfg) = flux2::model::transformer::open(&weights_file(&dir)).unwrap();
+    assert_eq!(layout, Layout::Diffusers);
+    let w = TransformerWeights::new(Arc::new(store), layout, &cfg);
+    let d = cfg.hidden();
+    let names = ["transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.to_k.weight"];
+    let q = w.stored_fp8(&names, &[d, d]).unwrap().expect("stored as fp8");
+    assert_eq!((q.rows, q.cols), (2 * d, d));
+    assert_eq!(flux2::quant::dequantize(&q), w.host_concat(&names, &[d, d]).unwrap());
+    // A bf16/f32 checkpoint has no codes to keep.
+    let (store, layout, cfg) = flux2::model::transformer::open(&weights_file(&case("gguf_q8_0"))).unwrap();
+    let w = TransformerWeights::new(Arc::new(store), layout, &cfg);
+    assert!(w.stored_fp8(&["transformer_blocks.0.attn.to_q.weight"], &[cfg.hidden(), cfg.hidden()]).unwrap().is_none());
+}

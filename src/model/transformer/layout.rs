@@ -8,7 +8,9 @@ use super::config::TransformerConfig;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
-use crate::weights::{TensorSpec, WeightStore};
+use crate::dtype::DType;
+use crate::quant::{QuantFormat, Quantized};
+use crate::weights::{Encoding, TensorSpec, WeightStore};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -285,6 +287,26 @@ impl TransformerWeights {
             out.extend(self.rows_f32(&p, &shape[1..])?);
         }
         Ok(out)
+    }
+
+    /// The FP8 codes and per-row scales of a concatenation whose pieces are all stored as e4m3
+    /// with a scale (the official -fp8 releases, ComfyUI float8 layers) or as plain e4m3: the
+    /// engine's FP8 format is exactly that, so they are used as stored instead of requantized.
+    /// None when any piece is stored otherwise.
+    pub fn stored_fp8(&self, names: &[&str], shape: &[usize]) -> Result<Option<Quantized>> {
+        let cols: usize = shape[1..].iter().product();
+        let (mut codes, mut scales) = (Vec::new(), Vec::new());
+        for p in self.pieces_of(names, shape)? {
+            let t = self.stored(&p, &shape[1..])?;
+            let per_row = match &t.encoding {
+                Encoding::ScaledFp8 { scales, e5m2: false } => scales.clone(),
+                Encoding::Dense(DType::F8E4M3) => vec![1.0],
+                _ => return Ok(None),
+            };
+            codes.extend_from_slice(&t.bytes[p.rows.start * cols..p.rows.end * cols]);
+            scales.extend(p.rows.clone().map(|r| if per_row.len() == 1 { per_row[0] } else { per_row[r] }));
+        }
+        Ok(Some(Quantized { format: QuantFormat::Fp8, rows: scales.len(), cols, codes, scales }))
     }
 
     /// The stored tensor a piece comes from, shape-checked.

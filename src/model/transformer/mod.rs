@@ -147,7 +147,11 @@ fn block_linear(
     names: &[&str],
     shape: &[usize],
 ) -> Result<Linear> {
-    let quantize_fp8 = || quantize(&w.host_concat(names, shape)?, shape[0] * names.len(), shape[1], QuantFormat::Fp8);
+    // FP8 checkpoints keep their codes; anything else is quantized from its f32 values.
+    let quantize_fp8 = || match w.stored_fp8(names, shape)? {
+        Some(q) => Ok(q),
+        None => quantize(&w.host_concat(names, shape)?, shape[0] * names.len(), shape[1], QuantFormat::Fp8),
+    };
     match mode {
         BlockLinears::Dense => Ok(Linear::Dense(w.load_concat(b, names, shape)?)),
         BlockLinears::Fp8 => Ok(Linear::Fp8(b.load_quantized(&quantize_fp8()?)?)),
