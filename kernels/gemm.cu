@@ -7,6 +7,7 @@
 #include <cuda_fp8.h>
 
 #include "common.cuh"
+#include "ggml_blocks.cuh"
 #include "mma_tile.cuh"
 
 __device__ __forceinline__ float bias_at(const bf16* bias, int mode, i64 m, i64 n) {
@@ -34,8 +35,10 @@ extern "C" __global__ void gemm_tiled_bf16(const bf16* A, const bf16* W, const b
 }
 
 // Weight-only quantized W (fmt 0 int8 per-row scale, 1 int4 per (row, group) scale with two codes
-// per byte, low nibble first, 2 fp8 e4m3 per-row scale): dequantized while staging tiles.
+// per byte, low nibble first, 2 fp8 e4m3 per-row scale, 16 + t GGUF's block type t with its scales
+// inside the blocks): dequantized while staging tiles.
 __device__ __forceinline__ float dequant(const unsigned char* q, const float* s, int fmt, int group, i64 n, int k, int K) {
+    if (fmt >= 16) return ggml_at(q, fmt - 16, n, k, K);
     if (fmt == 0) return (float)(signed char)q[n * K + k] * s[n];
     if (fmt == 1) {
         unsigned char b = q[(n * K + k) >> 1];

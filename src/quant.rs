@@ -4,17 +4,24 @@
 //!   int4: one f32 scale per row and group of input columns (the clipping of the group's |w|max
 //!         with the least squared error), codes in [-8, 7], two per byte (low nibble first);
 //!   fp8:  one f32 scale per output row, e4m3 codes (|w|max maps to 448).
+//!   ggml: GGUF's blocks as the file stores them (scales inside the blocks), decoded exactly as
+//!         ggml does; never made here, only carried from a checkpoint to the weight-only GEMM.
 
 use rayon::prelude::*;
 
 use crate::dtype::{f32_to_f8e4m3, f8e4m3_to_f32, F8E4M3_MAX};
 use crate::error::{Error, Result};
+use crate::weights::ggml::{self, GgmlType};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantFormat {
     Int8,
-    Int4 { group: usize },
+    Int4 {
+        group: usize,
+    },
     Fp8,
+    /// GGML block quantization (a block type, not F32/F16/BF16).
+    Ggml(GgmlType),
 }
 
 impl QuantFormat {
@@ -24,6 +31,8 @@ impl QuantFormat {
             QuantFormat::Int8 => 0,
             QuantFormat::Int4 { .. } => 1,
             QuantFormat::Fp8 => 2,
+            // 16 + GGUF's type id: the kernel decodes the block type itself.
+            QuantFormat::Ggml(t) => 16 + t.id() as i32,
         }
     }
 
@@ -45,6 +54,10 @@ impl QuantFormat {
                 let g = (2..=group.min(cols)).rev().find(|g| g % 2 == 0 && cols % g == 0).unwrap_or(2);
                 Ok(QuantFormat::Int4 { group: g })
             }
+            QuantFormat::Ggml(t) if !t.is_quantized() || cols % t.block().0 != 0 => Err(Error::shape(
+                "ggml",
+                format!("{cols} input columns are not whole {} blocks of {}", t.name(), t.block().0),
+            )),
             f => Ok(f),
         }
     }
@@ -52,6 +65,7 @@ impl QuantFormat {
     pub fn code_bytes(self, rows: usize, cols: usize) -> usize {
         match self {
             QuantFormat::Int4 { .. } => rows * cols / 2,
+            QuantFormat::Ggml(t) => rows * t.bytes_for(cols).unwrap_or(0),
             _ => rows * cols,
         }
     }
@@ -59,6 +73,7 @@ impl QuantFormat {
     pub fn scale_count(self, rows: usize, cols: usize) -> usize {
         match self {
             QuantFormat::Int4 { group } => rows * cols / group,
+            QuantFormat::Ggml(_) => 0,
             _ => rows,
         }
     }
@@ -94,7 +109,34 @@ fn int4_scale(chunk: &[f32]) -> f32 {
         .1
 }
 
+impl Quantized {
+    /// Codes and scales of the sizes the format requires (a weight from a file must be checked
+    /// before a kernel indexes it).
+    pub fn validate(&self) -> Result<()> {
+        self.format.for_cols(self.cols)?;
+        let (codes, scales) =
+            (self.format.code_bytes(self.rows, self.cols), self.format.scale_count(self.rows, self.cols));
+        if self.codes.len() != codes || self.scales.len() != scales {
+            return Err(Error::shape(
+                "quantized weight",
+                format!(
+                    "{:?} [{}, {}] needs {codes} code bytes and {scales} scales, not {} and {}",
+                    self.format,
+                    self.rows,
+                    self.cols,
+                    self.codes.len(),
+                    self.scales.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 pub fn quantize(w: &[f32], rows: usize, cols: usize, format: QuantFormat) -> Result<Quantized> {
+    if let QuantFormat::Ggml(t) = format {
+        return Err(Error::InvalidArgument(format!("{} blocks are read from GGUF files, not made here", t.name())));
+    }
     if w.len() != rows * cols {
         return Err(Error::shape("quantize", format!("{} values for [{rows}, {cols}]", w.len())));
     }
@@ -138,6 +180,7 @@ pub fn quantize(w: &[f32], rows: usize, cols: usize, format: QuantFormat) -> Res
                 },
             );
         }
+        QuantFormat::Ggml(_) => unreachable!("refused above"),
     }
     Ok(Quantized { format, rows, cols, codes, scales })
 }
@@ -154,10 +197,20 @@ pub fn dequant_at(q: &Quantized, r: usize, c: usize) -> f32 {
             let v = if nib >= 8 { nib as i32 - 16 } else { nib as i32 };
             v as f32 * q.scales[r * (q.cols / group) + c / group]
         }
+        QuantFormat::Ggml(t) => {
+            let (block, size) = t.block();
+            let i = r * q.cols + c;
+            let at = i / block * size;
+            ggml::dequantize(t, &q.codes[at..at + size]).map(|v| v[i % block]).unwrap_or(f32::NAN)
+        }
     }
 }
 
 pub fn dequantize(q: &Quantized) -> Vec<f32> {
+    if let QuantFormat::Ggml(t) = q.format {
+        // Whole blocks at once; a size error was caught by `validate` (NaN, never a panic, if not).
+        return ggml::dequantize(t, &q.codes).unwrap_or_else(|_| vec![f32::NAN; q.rows * q.cols]);
+    }
     (0..q.rows).flat_map(|r| (0..q.cols).map(move |c| (r, c))).map(|(r, c)| dequant_at(q, r, c)).collect()
 }
 
@@ -187,11 +240,29 @@ mod tests {
                             (s * 0.5).max(x.abs() - 7.0 * s)
                         }
                         QuantFormat::Fp8 => x.abs() / 16.0 + q.scales[r] * 2f32.powi(-10),
+                        QuantFormat::Ggml(_) => unreachable!("not made by quantize"),
                     };
                     assert!((x - y).abs() <= bound * 1.0001 + 1e-7, "{fmt:?} ({r},{c}): {x} vs {y}");
                 }
             }
         }
+    }
+
+    #[test]
+    fn ggml_blocks_are_carried_not_made_and_checked_for_size() {
+        use crate::weights::ggml::{synthetic_blocks, GgmlType};
+        assert!(quantize(&[0.0; 32], 1, 32, QuantFormat::Ggml(GgmlType::Q8_0)).is_err());
+        let codes = synthetic_blocks(GgmlType::Q4K, 2 * 256, 1);
+        let q = Quantized { format: QuantFormat::Ggml(GgmlType::Q4K), rows: 2, cols: 256, codes, scales: vec![] };
+        q.validate().unwrap();
+        // Element access and whole dequantization agree with ggml's decoder.
+        let d = dequantize(&q);
+        assert_eq!(d, crate::weights::ggml::dequantize(GgmlType::Q4K, &q.codes).unwrap());
+        assert_eq!(dequant_at(&q, 1, 7), d[256 + 7]);
+        let short = Quantized { codes: q.codes[..100].to_vec(), ..q.clone() };
+        assert!(short.validate().is_err());
+        let ragged = Quantized { cols: 200, ..q };
+        assert!(ragged.validate().is_err());
     }
 
     #[test]

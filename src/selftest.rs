@@ -202,6 +202,36 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             );
         }
     }
+    // gemm_wq_tiled with GGUF's block types as files store them (ggml_blocks.cuh): random valid
+    // blocks, K of two 256-element super-blocks, ragged M and N.
+    let ggml_shapes: &[(usize, usize, usize)] = match suite {
+        Suite::Full => &[(9, 512, 40), (130, 2560, 96)],
+        Suite::Small => &[(9, 512, 40)],
+    };
+    for ty in crate::weights::ggml::GgmlType::QUANTIZED {
+        for &(m, k, n) in ggml_shapes {
+            v.push(
+                case(
+                    "linear_quantized",
+                    format!("{} {m}x{k} · {n}x{k}ᵀ", ty.name()),
+                    vec![act(&[m, k])],
+                    3.0,
+                    Box::new(move |be, t| {
+                        let codes = crate::weights::ggml::synthetic_blocks(ty, n * k, (m * 131 + k) as u64);
+                        let q = crate::quant::Quantized {
+                            format: QuantFormat::Ggml(ty),
+                            rows: n,
+                            cols: k,
+                            codes,
+                            scales: vec![],
+                        };
+                        be.linear_quantized(&t[0], &be.load_quantized(&q)?, None)
+                    }),
+                )
+                .untimed(),
+            );
+        }
+    }
     // K % 16 == 0 on sm_89+ images: quantize_rows_e4m3 + gemm_w8a8_mma_e4m3 (v2, ragged 128-tiles,
     // several 64-byte k tiles); otherwise (K = 72, or older images) row_absmax + gemm_w8a8_tiled (v1).
     let fp8: &[(usize, usize, usize, bool)] = match suite {

@@ -3,9 +3,9 @@
 use crate::backend::{Backend, QuantTensor};
 use crate::error::Result;
 use crate::planner::EncoderPrecision;
-use crate::quant::{quantize, QuantFormat};
+use crate::quant::{quantize, QuantFormat, Quantized};
 use crate::tensor::Tensor;
-use crate::weights::WeightStore;
+use crate::weights::{Encoding, RawTensor, WeightStore};
 
 pub enum Linear {
     Dense(Tensor),
@@ -25,6 +25,26 @@ pub fn format_for(p: EncoderPrecision) -> Option<QuantFormat> {
     }
 }
 
+/// The GGML blocks of a row-wise concatenation of `(tensor, rows)` pieces, when every piece is
+/// stored in one GGML block type (rows are whole blocks, so rows are byte ranges); else None.
+pub fn ggml_blocks<'a>(
+    pieces: impl IntoIterator<Item = Result<(RawTensor<'a>, std::ops::Range<usize>)>>,
+) -> Result<Option<Quantized>> {
+    let (mut ty, mut codes, mut rows, mut cols) = (None, Vec::new(), 0, 0);
+    for piece in pieces {
+        let (t, range) = piece?;
+        let Encoding::Ggml(this) = t.encoding else { return Ok(None) };
+        let c: usize = t.shape[1..].iter().product();
+        if !this.is_quantized() || ty.is_some_and(|ty| ty != this) || (rows > 0 && c != cols) {
+            return Ok(None);
+        }
+        let Some(rb) = t.encoding.row_bytes(c) else { return Ok(None) };
+        codes.extend_from_slice(&t.bytes[range.start * rb..range.end * rb]);
+        (ty, rows, cols) = (Some(this), rows + range.len(), c);
+    }
+    Ok(ty.map(|t| Quantized { format: QuantFormat::Ggml(t), rows, cols, codes, scales: Vec::new() }))
+}
+
 impl Linear {
     /// Row-wise concatenation of stored weights `names` (each `[rows_i, cols]`): dense weights go
     /// straight from the file to the device; quantized ones are quantized on the host at load.
@@ -35,6 +55,13 @@ impl Linear {
         cols: usize,
         format: Option<QuantFormat>,
     ) -> Result<Linear> {
+        if format.is_none() {
+            // GGUF blocks stay quantized on the device: the weight-only GEMM decodes them.
+            let pieces = names.iter().map(|(n, r)| store.get_shaped(n, &[*r, cols]).map(|t| (t, 0..*r)));
+            if let Some(q) = ggml_blocks(pieces)? {
+                return Ok(Linear::Quant(be.load_quantized(&q)?));
+            }
+        }
         match format {
             None => {
                 let parts =

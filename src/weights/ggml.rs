@@ -48,6 +48,51 @@ impl GgmlType {
         })
     }
 
+    /// GGUF's type id.
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q2K => 10,
+            GgmlType::Q3K => 11,
+            GgmlType::Q4K => 12,
+            GgmlType::Q5K => 13,
+            GgmlType::Q6K => 14,
+            GgmlType::BF16 => 30,
+        }
+    }
+
+    /// The block types (every type but the plain F32, F16, BF16).
+    pub const QUANTIZED: [GgmlType; 10] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q2K,
+        GgmlType::Q3K,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+
+    /// Byte ranges of one block that hold f16 scales (the rest are codes and packed sub-scales).
+    fn f16_fields(self) -> &'static [usize] {
+        match self {
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+            GgmlType::Q2K => &[80, 82],
+            GgmlType::Q3K => &[108],
+            GgmlType::Q6K => &[208],
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => &[],
+        }
+    }
+
     /// GGML's name for a type id, known or not (for messages).
     pub fn name_of_id(id: u32) -> String {
         match GgmlType::from_id(id) {
@@ -106,6 +151,30 @@ impl GgmlType {
     pub fn is_quantized(self) -> bool {
         self.block().0 > 1
     }
+}
+
+/// Random, valid blocks of `ty` for `n` elements (every code byte random, the f16 scales finite
+/// and moderate): test and selftest inputs that exercise every bit of a block's layout.
+pub fn synthetic_blocks(ty: GgmlType, n: usize, seed: u64) -> Vec<u8> {
+    let (block, size) = ty.block();
+    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        // splitmix64
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut out: Vec<u8> = (0..n.div_ceil(block) * size).map(|_| next() as u8).collect();
+    for b in out.chunks_mut(size) {
+        for &at in ty.f16_fields() {
+            // Scales in ±[0.001, 0.05): products stay far from f16/f32 limits.
+            let v = (0.001 + (next() % 1000) as f32 * 4.9e-5) * if next() % 2 == 0 { 1.0 } else { -1.0 };
+            b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+        }
+    }
+    out
 }
 
 fn f16_at(b: &[u8], i: usize) -> f32 {

@@ -109,6 +109,7 @@ impl Backend for CpuBackend {
     }
 
     fn load_quantized(&self, q: &crate::quant::Quantized) -> Result<QuantTensor> {
+        q.validate()?;
         let data = output(crate::quant::dequantize(q), &[q.rows, q.cols])?;
         Ok(QuantTensor { format: q.format, rows: q.rows, cols: q.cols, data, scales: None })
     }

@@ -83,8 +83,13 @@ pub(super) fn linear(be: &CudaBackend, x: &Tensor, w: &Tensor, bias: Option<&Ten
 pub(super) fn linear_quantized(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (m, k, n) = check::linear_quantized("linear_quantized", x, w, bias)?;
     let (_x, xp) = be.bf16_arg(x, "linear_quantized")?;
-    let scales = w.scales.as_ref().ok_or_else(|| Error::Gpu("quantized weight without scales".into()))?;
-    let (codes, sp) = (be.ptr(&w.data)?, be.ptr(scales)?);
+    let sp = match (&w.scales, w.format) {
+        (Some(s), _) => be.ptr(s)?,
+        // GGML blocks hold their own scales.
+        (None, crate::quant::QuantFormat::Ggml(_)) => 0,
+        (None, _) => return Err(Error::Gpu("quantized weight without scales".into())),
+    };
+    let codes = be.ptr(&w.data)?;
     let b = bias.map(|b| be.bf16_arg(b, "linear_quantized")).transpose()?;
     let (bp, mode) = b.as_ref().map_or((0, 0), |(_, p)| (*p, 1));
     let out = linear_output(be, x, n)?;

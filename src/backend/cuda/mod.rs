@@ -534,9 +534,15 @@ impl Backend for CudaBackend {
     }
 
     fn load_quantized(&self, q: &crate::quant::Quantized) -> Result<QuantTensor> {
+        q.validate()?;
         let data = self.upload_bytes(&q.codes, DType::U8, &[q.codes.len()])?;
-        let scales = self.upload_bytes(bytemuck::cast_slice(&q.scales), DType::F32, &[q.scales.len()])?;
-        Ok(QuantTensor { format: q.format, rows: q.rows, cols: q.cols, data, scales: Some(scales) })
+        // GGML blocks carry their scales inside.
+        let scales = if q.scales.is_empty() {
+            None
+        } else {
+            Some(self.upload_bytes(bytemuck::cast_slice(&q.scales), DType::F32, &[q.scales.len()])?)
+        };
+        Ok(QuantTensor { format: q.format, rows: q.rows, cols: q.cols, data, scales })
     }
 
     fn linear_quantized(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {

@@ -6,10 +6,10 @@ use std::ops::Range;
 
 use super::config::TransformerConfig;
 use crate::backend::Backend;
-use crate::error::{Error, Result};
-use crate::tensor::Tensor;
 use crate::dtype::DType;
+use crate::error::{Error, Result};
 use crate::quant::{QuantFormat, Quantized};
+use crate::tensor::Tensor;
 use crate::weights::{Encoding, TensorSpec, WeightStore};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,6 +287,13 @@ impl TransformerWeights {
             out.extend(self.rows_f32(&p, &shape[1..])?);
         }
         Ok(out)
+    }
+
+    /// The GGML blocks of a concatenation whose pieces are all stored in one GGML block type (a
+    /// GGUF transformer), for the weight-only GEMM; None when any piece is stored otherwise.
+    pub fn stored_blocks(&self, names: &[&str], shape: &[usize]) -> Result<Option<Quantized>> {
+        let pieces = self.pieces_of(names, shape)?;
+        crate::model::linear::ggml_blocks(pieces.iter().map(|p| Ok((self.stored(p, &shape[1..])?, p.rows.clone()))))
     }
 
     /// The FP8 codes and per-row scales of a concatenation whose pieces are all stored as e4m3

@@ -153,7 +153,11 @@ fn block_linear(
         None => quantize(&w.host_concat(names, shape)?, shape[0] * names.len(), shape[1], QuantFormat::Fp8),
     };
     match mode {
-        BlockLinears::Dense => Ok(Linear::Dense(w.load_concat(b, names, shape)?)),
+        // GGUF blocks stay quantized on the device: the weight-only GEMM decodes them.
+        BlockLinears::Dense => match w.stored_blocks(names, shape)? {
+            Some(q) => Ok(Linear::Quant(b.load_quantized(&q)?)),
+            None => Ok(Linear::Dense(w.load_concat(b, names, shape)?)),
+        },
         BlockLinears::Fp8 => Ok(Linear::Fp8(b.load_quantized(&quantize_fp8()?)?)),
         BlockLinears::Fp8Kept(kept) => {
             let key = names.join("+");
