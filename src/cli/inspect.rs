@@ -64,6 +64,11 @@ pub fn inspect(path: &Path) -> Result<Value> {
     if path.is_file() && crate::weights::gguf::GgufFile::is_gguf(path) {
         return gguf_report(path);
     }
+    if path.is_file() {
+        if let Some(report) = crate::lora::inspect::report(path)? {
+            return Ok(report);
+        }
+    }
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     component(path, &name)
 }

@@ -202,6 +202,8 @@ pub struct TransformerWeights {
     bfl_shapes: std::collections::HashMap<String, Vec<usize>>,
     /// For the BFL layout: diffusers name -> pieces, ordered by diffusers row.
     bfl_map: std::collections::HashMap<String, Vec<(Range<usize>, StoredRows)>>,
+    /// LoRAs merged into every weight this loads (`crate::lora`).
+    adapters: Option<std::sync::Arc<crate::lora::AdapterSet>>,
 }
 
 impl TransformerWeights {
@@ -225,7 +227,18 @@ impl TransformerWeights {
                 pieces.sort_by_key(|(r, _)| r.start);
             }
         }
-        TransformerWeights { store, layout, bfl_shapes, bfl_map }
+        TransformerWeights { store, layout, bfl_shapes, bfl_map, adapters: None }
+    }
+
+    /// Merge these adapters into every weight loaded from now on.
+    pub fn with_adapters(mut self, adapters: Option<std::sync::Arc<crate::lora::AdapterSet>>) -> Self {
+        self.adapters = adapters;
+        self
+    }
+
+    /// The merged adapters, if any touch one of `names`.
+    pub fn adapters_for(&self, names: &[&str]) -> Option<&crate::lora::AdapterSet> {
+        self.adapters.as_deref().filter(|a| a.touches(names))
     }
 
     /// Stored pieces that make up diffusers tensor `name` (rows in order).
@@ -263,6 +276,9 @@ impl TransformerWeights {
     /// device in the stored dtype; slices of one stored tensor load without a copy.
     pub fn load_concat(&self, be: &dyn Backend, names: &[&str], shape: &[usize]) -> Result<Tensor> {
         let _scope = crate::backend::scope::enter(|| format!("transformer weight `{}`", names.join("` + `")));
+        if let Some(adapters) = self.adapters_for(names) {
+            return self.load_merged(be, adapters, names, shape);
+        }
         let tensors = self
             .pieces_of(names, shape)?
             .iter()
@@ -284,7 +300,31 @@ impl TransformerWeights {
         for p in self.pieces_of(names, shape)? {
             out.extend(self.rows_f32(&p, &shape[1..])?);
         }
+        if let Some(adapters) = self.adapters_for(names) {
+            crate::lora::merge::merge_into(adapters, names, shape[0], shape[1..].iter().product(), &mut out);
+        }
         Ok(out)
+    }
+
+    /// A weight with LoRAs merged: in f32 on the host, then stored as the checkpoint stores it
+    /// (a scaled fp8 tensor as the backend's activation dtype, as `load_rows` does).
+    fn load_merged(
+        &self,
+        be: &dyn Backend,
+        adapters: &crate::lora::AdapterSet,
+        names: &[&str],
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let first = self.pieces_of(names, shape)?.remove(0);
+        let dtype = if self.weight_scale(&first.key)?.is_some() {
+            be.activation_dtype()
+        } else {
+            self.stored(&first, &shape[1..])?.0.dtype()?
+        };
+        let mut values = self.host_concat(names, shape)?;
+        adapters.round_merged(&mut values, dtype, names);
+        let full = [&[shape[0] * names.len()][..], &shape[1..]].concat();
+        be.load_weight(&crate::dtype::encode_from_f32(&values, dtype), dtype, &full)
     }
 
     /// Per-tensor scale of an fp8 checkpoint's weight (`X.weight_scale`, or ComfyUI's

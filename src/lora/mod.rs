@@ -1,0 +1,283 @@
+//! LoRA, LoKr and LoHa adapters for the transformer (`--lora FILE[:SCALE]`).
+//!
+//! - `keys`: a file's keys sorted into modules, the trainer's format detected from them.
+//! - `names`: module names (diffusers, BFL, kohya) resolved onto the transformer's weights.
+//! - `delta`: each module's ΔW from its factors, scaled as its trainer defines.
+//! - `merge`: `W + Σ scaleᵢ·ΔWᵢ` on the host at load, with the storage rounding error.
+//! - `runtime`: the unmerged path, `y + (x·Aᵀ)·Bᵀ` per linear, over the backend's ops.
+//! - `inspect`: what `flux2 inspect` says about a LoRA file.
+
+pub mod delta;
+pub mod inspect;
+pub mod keys;
+pub mod merge;
+pub mod names;
+pub mod runtime;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use self::delta::Delta;
+use self::keys::{list_some, Naming, ParsedKeys};
+use self::names::{ModuleTable, Part};
+use crate::error::{Error, Result};
+use crate::model::transformer::config::TransformerConfig;
+use crate::weights::WeightStore;
+
+/// One `--lora FILE[:SCALE]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub path: PathBuf,
+    pub scale: f32,
+}
+
+impl LoraSpec {
+    /// `FILE` or `FILE:SCALE`. Only the last colon splits, and only when a number follows, so
+    /// Windows paths (`C:\x.safetensors`) stay whole.
+    pub fn parse(s: &str) -> Result<LoraSpec> {
+        let (path, scale) = match s.rsplit_once(':') {
+            Some((p, n)) if !p.is_empty() && n.trim().parse::<f32>().is_ok() => (p, n.trim().parse::<f32>().unwrap()),
+            _ => (s, 1.0),
+        };
+        if !scale.is_finite() {
+            return Err(Error::InvalidArgument(format!("--lora {s}: the scale must be a finite number")));
+        }
+        if path.is_empty() {
+            return Err(Error::InvalidArgument("--lora needs a file".into()));
+        }
+        Ok(LoraSpec { path: PathBuf::from(path), scale })
+    }
+}
+
+/// Whether adapters are merged into the weights at load or applied at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+pub enum LoraMode {
+    /// W' = W + Σ scale·ΔW at load: no run-time cost.
+    #[default]
+    Merge,
+    /// The base weights stay as stored; each adapted linear adds `(x·Aᵀ)·Bᵀ` (switchable).
+    Runtime,
+}
+
+/// The adapters a transformer loads with.
+#[derive(Debug, Clone, Default)]
+pub struct LoraOptions {
+    pub loras: Vec<LoraSpec>,
+    pub mode: LoraMode,
+}
+
+/// An opened LoRA file with its keys parsed.
+pub struct LoraFile {
+    pub path: PathBuf,
+    pub store: WeightStore,
+    pub keys: ParsedKeys,
+}
+
+impl LoraFile {
+    pub fn open(path: &Path) -> Result<LoraFile> {
+        let store = WeightStore::open(path)?;
+        let keys = keys::parse(&store)?;
+        Ok(LoraFile { path: path.to_path_buf(), store, keys })
+    }
+
+    /// PEFT's `lora_alpha` from the adapter config diffusers stores in the file's metadata
+    /// (`lora_adapter_metadata`), as `alpha` such that the scale is `alpha / r`.
+    fn peft_alpha(&self) -> Result<Option<f32>> {
+        let Some(meta) = self.store.files().iter().find_map(|f| f.metadata().get("lora_adapter_metadata")) else {
+            return Ok(None);
+        };
+        let v: serde_json::Value = serde_json::from_str(meta)
+            .map_err(|e| Error::config(&self.path, format!("lora_adapter_metadata is not JSON: {e}")))?;
+        // A rank or alpha pattern means per-module values this loader does not read: refuse
+        // rather than scale some modules wrongly.
+        // diffusers' pipelines store the transformer's config under `transformer.`-prefixed keys.
+        let get = |k: &str| v.get(format!("transformer.{k}")).or_else(|| v.get(k));
+        for key in ["rank_pattern", "alpha_pattern"] {
+            if get(key).and_then(|p| p.as_object()).is_some_and(|p| !p.is_empty()) {
+                return Err(Error::Unsupported(format!(
+                    "{}: the adapter config has a `{key}` (per-module ranks/alphas), which is not supported",
+                    self.path.display()
+                )));
+            }
+        }
+        if get("use_rslora").and_then(|b| b.as_bool()) == Some(true) {
+            return Err(Error::Unsupported(format!("{}: rsLoRA adapters are not supported", self.path.display())));
+        }
+        Ok(get("lora_alpha").and_then(|a| a.as_f64()).map(|a| a as f32))
+    }
+}
+
+/// One module of one file, resolved onto the transformer.
+struct Entry {
+    delta: Delta,
+    /// The user's strength for its file.
+    strength: f32,
+    parts: Vec<Part>,
+}
+
+/// Every adapter of a run, resolved against one transformer config.
+pub struct AdapterSet {
+    entries: Vec<Entry>,
+    /// Diffusers weight name -> (entry, part index).
+    by_tensor: HashMap<String, Vec<(usize, usize)>>,
+    /// The largest storage rounding error a merge added (relative to the weight's max).
+    pub(crate) merge_stats: std::sync::Mutex<merge::MergeStats>,
+}
+
+impl AdapterSet {
+    /// Open every file and resolve it. Errors: text-encoder keys, unsupported or unknown keys,
+    /// modules that match no linear, factors whose shapes do not fit.
+    pub fn load(specs: &[LoraSpec], cfg: &TransformerConfig) -> Result<AdapterSet> {
+        let files = specs.iter().map(|s| LoraFile::open(&s.path)).collect::<Result<Vec<_>>>()?;
+        AdapterSet::resolve(&files, specs, cfg)
+    }
+
+    pub fn resolve(files: &[LoraFile], specs: &[LoraSpec], cfg: &TransformerConfig) -> Result<AdapterSet> {
+        let table = ModuleTable::new(cfg);
+        let mut entries = Vec::new();
+        for (file, spec) in files.iter().zip(specs) {
+            check_keys(file)?;
+            let peft_alpha = file.peft_alpha()?;
+            let mut unmatched = Vec::new();
+            let mut count = 0;
+            for m in &file.keys.modules {
+                let Some(target) = table.resolve(&m.path, m.naming == Naming::Kohya) else {
+                    unmatched.push(m.tensors.values().next().cloned().unwrap_or_default());
+                    continue;
+                };
+                let delta = Delta::read(&file.store, m, &m.path, target.out_features, target.in_features, peft_alpha)?;
+                entries.push(Entry { delta, strength: spec.scale, parts: target.parts.clone() });
+                count += 1;
+            }
+            if !unmatched.is_empty() {
+                return Err(Error::config(
+                    &file.path,
+                    format!(
+                        "{} LoRA module(s) match no linear of this transformer (a LoRA for another model?){}",
+                        unmatched.len(),
+                        list_some(&unmatched)
+                    ),
+                ));
+            }
+            tracing::info!(
+                "LoRA {} ({}): {count} modules at strength {}",
+                file.path.display(),
+                file.keys.describe(),
+                spec.scale
+            );
+        }
+        let mut by_tensor: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
+        for (e, entry) in entries.iter().enumerate() {
+            for (p, part) in entry.parts.iter().enumerate() {
+                by_tensor.entry(part.tensor.clone()).or_default().push((e, p));
+            }
+        }
+        Ok(AdapterSet { entries, by_tensor, merge_stats: Default::default() })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether any adapter changes one of these diffusers weights.
+    pub fn touches(&self, names: &[&str]) -> bool {
+        names.iter().any(|n| self.by_tensor.contains_key(*n))
+    }
+
+    /// Add `Σ strength·scale·ΔW` to `values`, the rows of diffusers weight `name` (`[rows, cols]`).
+    pub fn add_to(&self, name: &str, values: &mut [f32], cols: usize) {
+        for &(e, p) in self.by_tensor.get(name).into_iter().flatten() {
+            let entry = &self.entries[e];
+            let part = &entry.parts[p];
+            let src = part.at..part.at + part.rows.len();
+            let delta = entry.delta.rows(src, entry.strength);
+            for (w, d) in values[part.rows.start * cols..part.rows.end * cols].iter_mut().zip(delta) {
+                *w += d;
+            }
+        }
+    }
+
+    /// The adapters of the row-wise concatenation of `names` (each `[rows, cols]`) as one low-rank
+    /// pair `A [R, cols]`, `B [rows·n, R]`, strengths and scales folded into B. LoRA modules give
+    /// their factors; LoKr and LoHa (no low-rank form) give their dense rows with B a row selection.
+    pub fn low_rank(&self, names: &[&str], rows: usize) -> Option<(Vec<f32>, Vec<f32>, usize)> {
+        // (entry, rows of its delta, where they go in the concatenation) per piece.
+        let mut pieces = Vec::new();
+        for (n, name) in names.iter().enumerate() {
+            for &(e, p) in self.by_tensor.get(*name).into_iter().flatten() {
+                let part = &self.entries[e].parts[p];
+                pieces.push((e, part.at..part.at + part.rows.len(), n * rows + part.rows.start));
+            }
+        }
+        if pieces.is_empty() {
+            return None;
+        }
+        let out = rows * names.len();
+        // A LoRA module split over several pieces (fused qkv) shares its A: add it once.
+        let mut a: Vec<f32> = Vec::new();
+        let mut ranks: Vec<(usize, usize)> = Vec::new(); // (entry, first row of A) for low-rank ones
+        let mut b_cols: Vec<(usize, usize, std::ops::Range<usize>, Vec<f32>)> = Vec::new();
+        let mut r_total = 0;
+        for (e, src, dst) in pieces {
+            let entry = &self.entries[e];
+            let s = entry.strength * entry.delta.scale;
+            match entry.delta.low_rank() {
+                Some((down, up)) => {
+                    let start = match ranks.iter().find(|(x, _)| *x == e) {
+                        Some(&(_, start)) => start,
+                        None => {
+                            a.extend_from_slice(&down.v);
+                            ranks.push((e, r_total));
+                            r_total += down.rows;
+                            r_total - down.rows
+                        }
+                    };
+                    let cols_b: Vec<f32> =
+                        src.clone().flat_map(|i| up.v[i * up.cols..(i + 1) * up.cols].to_vec()).collect();
+                    b_cols.push((start, up.cols, dst..dst + src.len(), cols_b.iter().map(|x| x * s).collect()));
+                }
+                None => {
+                    // Dense rows as A, an identity block in B.
+                    let n = src.len();
+                    a.extend(entry.delta.rows(src, entry.strength));
+                    let mut eye = vec![0f32; n * n];
+                    (0..n).for_each(|i| eye[i * n + i] = 1.0);
+                    b_cols.push((r_total, n, dst..dst + n, eye));
+                    r_total += n;
+                }
+            }
+        }
+        let mut b = vec![0f32; out * r_total];
+        for (start, width, dst, vals) in b_cols {
+            for (k, row) in dst.enumerate() {
+                b[row * r_total + start..row * r_total + start + width]
+                    .copy_from_slice(&vals[k * width..(k + 1) * width]);
+            }
+        }
+        Some((a, b, r_total))
+    }
+}
+
+/// Refuse what cannot be applied exactly, naming the keys.
+fn check_keys(file: &LoraFile) -> Result<()> {
+    let k = &file.keys;
+    if !k.text_encoder.is_empty() {
+        return Err(Error::Unsupported(format!(
+            "{}: {} text-encoder LoRA key(s); only transformer LoRAs are applied (remove them from the file){}",
+            file.path.display(),
+            k.text_encoder.len(),
+            list_some(&k.text_encoder)
+        )));
+    }
+    if let Some((_, why)) = k.unsupported.first() {
+        let keys: Vec<String> = k.unsupported.iter().map(|(key, _)| key.clone()).collect();
+        return Err(Error::Unsupported(format!("{}: {why}{}", file.path.display(), list_some(&keys))));
+    }
+    if !k.unknown.is_empty() {
+        return Err(Error::config(
+            &file.path,
+            format!("{} key(s) are no LoRA tensor this loader knows{}", k.unknown.len(), list_some(&k.unknown)),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,268 @@
+//! LoRA / LoKr / LoHa files of every format against diffusers + peft (and, for LyCORIS, the
+//! script's merge from the LyCORIS definition): merged and runtime modes, two LoRAs at once, the
+//! CLI end to end, `inspect`, and clean errors on bad files.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::{fails_cleanly, fixtures, forward_case, generate_args, load, mean_pixel_error, rel_err, run_cli};
+use flux2::backend::cpu::CpuBackend;
+use flux2::image_io::RgbImage;
+use flux2::lora::{LoraFile, LoraMode, LoraOptions, LoraSpec};
+use flux2::model::transformer::{Compute, Flux2Transformer};
+use flux2::weights::safetensors::{write_safetensors, TensorEntry};
+use flux2::{Backend, DType};
+
+const FORMATS: [&str; 7] = ["bfl", "peft_wrapped", "kohya", "diffusers", "diffusers_old", "lokr", "loha"];
+
+fn lora(name: &str) -> PathBuf {
+    fixtures().join("lora").join(format!("{name}.safetensors"))
+}
+
+fn case() -> PathBuf {
+    fixtures().join("transformer/t2i_nonsquare")
+}
+
+fn expected(key: &str) -> Vec<f32> {
+    load(&fixtures().join("lora/expected.safetensors"), key).to_vec_f32().unwrap()
+}
+
+/// The t2i_nonsquare transformer (`model`: its folder or its BFL single file) with these LoRAs.
+fn run(model: &Path, loras: &[(&str, f32)], mode: LoraMode) -> flux2::Result<Vec<f32>> {
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let options =
+        LoraOptions { loras: loras.iter().map(|(n, s)| LoraSpec { path: lora(n), scale: *s }).collect(), mode };
+    let t = Flux2Transformer::load_with_loras(be, model, None, Compute::default(), &options)?;
+    let ids = if model.is_dir() { "inputs.safetensors" } else { "ids_int64.safetensors" };
+    Ok(forward_case(&t, &case(), ids))
+}
+
+#[test]
+fn every_format_matches_its_reference_in_both_layouts_and_modes() {
+    let base = expected("base");
+    for name in FORMATS {
+        let want = expected(name);
+        // The adapter must move the output well beyond the tolerance, or this test proves nothing.
+        assert!(rel_err(&base, &want) > 0.05, "{name}: the reference barely differs from the base model");
+        for model in [case(), case().join("bfl.safetensors")] {
+            for mode in [LoraMode::Merge, LoraMode::Runtime] {
+                let got = run(&model, &[(name, 1.0)], mode).unwrap();
+                let err = rel_err(&got, &want);
+                assert!(err <= 1e-4, "{name} on {} ({mode:?}): max relative error {err}", model.display());
+            }
+        }
+    }
+}
+
+#[test]
+fn two_loras_with_scales_add_up() {
+    let want = expected("two");
+    for mode in [LoraMode::Merge, LoraMode::Runtime] {
+        let got = run(&case(), &[("bfl", 0.7), ("diffusers", -0.4)], mode).unwrap();
+        let err = rel_err(&got, &want);
+        assert!(err <= 1e-4, "{mode:?}: max relative error {err}");
+    }
+    // One LoRA at 0.7 alone is not the pair: the second one counts.
+    let one = run(&case(), &[("bfl", 0.7)], LoraMode::Merge).unwrap();
+    assert!(rel_err(&one, &want) > 1e-2);
+}
+
+#[test]
+fn scale_zero_is_the_base_model() {
+    let got = run(&case(), &[("kohya", 0.0)], LoraMode::Merge).unwrap();
+    assert!(rel_err(&got, &expected("base")) <= 1e-6);
+}
+
+#[test]
+fn lora_spec_splits_on_the_last_colon_only_before_a_number() {
+    let p = |s: &str| LoraSpec::parse(s).unwrap();
+    assert_eq!(p("a.safetensors"), LoraSpec { path: "a.safetensors".into(), scale: 1.0 });
+    assert_eq!(p("a.safetensors:0.7"), LoraSpec { path: "a.safetensors".into(), scale: 0.7 });
+    assert_eq!(p(r"C:\loras\a.safetensors"), LoraSpec { path: r"C:\loras\a.safetensors".into(), scale: 1.0 });
+    assert_eq!(p(r"C:\loras\a.safetensors:-1.5"), LoraSpec { path: r"C:\loras\a.safetensors".into(), scale: -1.5 });
+    assert_eq!(
+        p("dir:with:colons/a.safetensors"),
+        LoraSpec { path: "dir:with:colons/a.safetensors".into(), scale: 1.0 }
+    );
+    assert!(LoraSpec::parse("a.safetensors:inf").is_err() || p("a.safetensors:inf").path.ends_with(":inf"));
+    assert!(LoraSpec::parse("a.safetensors:NaN").is_err());
+}
+
+/// A LoRA file with `tensors` (name, shape) of small values, in a temp folder.
+fn write_lora(dir: &Path, name: &str, tensors: &[(&str, &[usize])]) -> PathBuf {
+    let path = dir.join(name);
+    let values: Vec<Vec<f32>> = tensors.iter().map(|(_, s)| vec![0.01; s.iter().product()]).collect();
+    let entries = tensors.iter().zip(&values).map(|((n, s), v)| TensorEntry::from_f32(n, v, s, DType::F32)).collect();
+    write_safetensors(&path, entries, &BTreeMap::new()).unwrap();
+    path
+}
+
+fn load_error(path: &Path) -> String {
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let options = LoraOptions { loras: vec![LoraSpec { path: path.into(), scale: 1.0 }], mode: LoraMode::Merge };
+    match Flux2Transformer::load_with_loras(be, &case(), None, Compute::default(), &options) {
+        Ok(_) => panic!("{} loaded", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+const QKV_A: &str = "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight";
+const QKV_B: &str = "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight";
+
+#[test]
+fn bad_files_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    // A LoRA for another model: the shapes do not fit (hidden 48, not 32).
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let options = LoraOptions { loras: vec![LoraSpec { path: lora("bfl"), scale: 1.0 }], mode: LoraMode::Merge };
+    let other = fixtures().join("transformer/batch2_hd24_ref");
+    let e =
+        Flux2Transformer::load_with_loras(be, &other, None, Compute::default(), &options).err().unwrap().to_string();
+    assert!(e.contains("has shape [4, 32], expected [rank, 48]") && e.contains("another model"), "{e}");
+
+    // Keys of no known role, next to valid ones.
+    let p = write_lora(t, "unknown.safetensors", &[(QKV_A, &[2, 32]), (QKV_B, &[96, 2]), ("foo.bar", &[1])]);
+    let e = load_error(&p);
+    assert!(e.contains("`foo.bar`") && e.contains("no LoRA tensor"), "{e}");
+
+    // A module that names no linear of the model (block 9 of 2).
+    let p = write_lora(
+        t,
+        "nomatch.safetensors",
+        &[
+            ("diffusion_model.double_blocks.9.img_attn.qkv.lora_A.weight", &[2, 32]),
+            ("diffusion_model.double_blocks.9.img_attn.qkv.lora_B.weight", &[96, 2]),
+        ],
+    );
+    let e = load_error(&p);
+    assert!(e.contains("match no linear") && e.contains("double_blocks.9.img_attn.qkv"), "{e}");
+
+    // Text-encoder keys are named and refused.
+    let p = write_lora(
+        t,
+        "te.safetensors",
+        &[
+            (QKV_A, &[2, 32]),
+            (QKV_B, &[96, 2]),
+            ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", &[2, 8]),
+        ],
+    );
+    let e = load_error(&p);
+    assert!(e.contains("text-encoder") && e.contains("lora_te1_text_model_encoder_layers_0_mlp_fc1"), "{e}");
+
+    // DoRA and LoKr Tucker cores: refused, not silently dropped.
+    let p = write_lora(
+        t,
+        "dora.safetensors",
+        &[(QKV_A, &[2, 32]), (QKV_B, &[96, 2]), ("diffusion_model.double_blocks.0.img_attn.qkv.dora_scale", &[96, 1])],
+    );
+    assert!(load_error(&p).contains("DoRA"));
+    let p = write_lora(
+        t,
+        "tucker.safetensors",
+        &[
+            ("lora_unet_double_blocks_0_img_attn_qkv.lokr_w1", &[4, 2]),
+            ("lora_unet_double_blocks_0_img_attn_qkv.lokr_w2_a", &[2, 24]),
+            ("lora_unet_double_blocks_0_img_attn_qkv.lokr_w2_b", &[2, 16]),
+            ("lora_unet_double_blocks_0_img_attn_qkv.lokr_t2", &[2, 2, 1, 1]),
+        ],
+    );
+    assert!(load_error(&p).contains("Tucker"));
+
+    // A LoKr whose Kronecker product has the wrong size.
+    let p = write_lora(
+        t,
+        "lokr_bad.safetensors",
+        &[
+            ("lora_unet_double_blocks_0_img_attn_qkv.lokr_w1", &[4, 2]),
+            ("lora_unet_double_blocks_0_img_attn_qkv.lokr_w2", &[20, 16]),
+        ],
+    );
+    let e = load_error(&p);
+    assert!(e.contains("kron(w1 [4, 2], w2 [20, 16]) is [80, 32], expected [96, 32]"), "{e}");
+
+    // A safetensors file with no adapter tensor at all.
+    let e = LoraFile::open(&case().join("bfl.safetensors")).err().unwrap().to_string();
+    assert!(e.contains("not a LoRA file"), "{e}");
+
+    // A truncated file.
+    let bytes = std::fs::read(lora("bfl")).unwrap();
+    let cut = t.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(LoraFile::open(&cut).is_err());
+}
+
+#[test]
+fn cli_applies_a_lora_at_a_scale_like_diffusers() {
+    let case = fixtures().join("cases/t2i_nonsquare");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("img.png");
+    let pipe = fixtures().join("pipeline");
+    let spec = format!("{}:0.7", lora("bfl").display());
+    let noise = case.join("noise.safetensors");
+    let flags = [
+        "--prompt",
+        "a lighthouse on a cliff at dusk",
+        "--width",
+        "80",
+        "--height",
+        "48",
+        "--noise",
+        noise.to_str().unwrap(),
+        "--lora",
+        &spec,
+    ];
+    let (ok, _, err) = run_cli(&generate_args(pipe.to_str().unwrap(), &out, &flags));
+    assert!(ok, "{err}");
+    let got = RgbImage::load(&out).unwrap();
+    let want = RgbImage::load(&fixtures().join("lora/pipeline_t2i_nonsquare_bfl_0.7.png")).unwrap();
+    let mad = mean_pixel_error(&got, &want);
+    assert!(mad <= 0.5, "mean absolute pixel error {mad}");
+    // And the LoRA visibly changed the image.
+    let plain = RgbImage::load(&case.join("expected.png")).unwrap();
+    assert!(mean_pixel_error(&got, &plain) > 2.0);
+
+    // Bad LoRA arguments fail before any model loads, naming the file.
+    let missing = tmp.path().join("missing.safetensors");
+    let spec = format!("{}:0.5", missing.display());
+    fails_cleanly(
+        &generate_args(pipe.to_str().unwrap(), &out, &["--prompt", "x", "--lora", &spec]),
+        &["missing.safetensors"],
+    );
+    let other = fixtures().join("transformer/batch2_hd24_ref/bfl.safetensors");
+    let o = other.to_str().unwrap();
+    fails_cleanly(&generate_args(pipe.to_str().unwrap(), &out, &["--prompt", "x", "--lora", o]), &["not a LoRA file"]);
+}
+
+#[test]
+fn inspect_identifies_lora_files() {
+    let (ok, out, err) = run_cli(&["inspect", "--json", lora("kohya").to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["kind"], "lora");
+    assert!(v["format"].as_str().unwrap().contains("kohya"), "{v}");
+    assert_eq!(v["ranks"], serde_json::json!([4]));
+    assert_eq!(v["alphas"], serde_json::json!(["8"]));
+    assert_eq!(v["double_blocks"], serde_json::json!([0, 1]));
+    assert_eq!(v["single_blocks"], serde_json::json!([0, 1]));
+    assert_eq!(v["text_encoder_keys"], 0);
+
+    let (ok, out, _) = run_cli(&["inspect", "--json", lora("lokr").to_str().unwrap()]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["format"].as_str().unwrap().starts_with("LoKr"), "{v}");
+    assert_eq!(v["targets"], 3);
+
+    let (ok, out, _) = run_cli(&["inspect", "--json", lora("diffusers").to_str().unwrap()]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["peft_lora_alpha"], 8.0);
+    assert!(v["other_targets"].as_array().unwrap().iter().any(|t| t == "norm_out.linear"), "{v}");
+
+    let (ok, text, _) = run_cli(&["inspect", lora("loha").to_str().unwrap()]);
+    assert!(ok && text.contains("kind: lora") && text.contains("LoHa"), "{text}");
+}
