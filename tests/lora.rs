@@ -266,3 +266,88 @@ fn inspect_identifies_lora_files() {
     let (ok, text, _) = run_cli(&["inspect", lora("loha").to_str().unwrap()]);
     assert!(ok && text.contains("kind: lora") && text.contains("LoHa"), "{text}");
 }
+
+#[test]
+fn runtime_loras_switch_without_reloading() {
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let spec = |n: &str, s: f32| LoraSpec { path: lora(n), scale: s };
+    let options = LoraOptions { loras: vec![spec("bfl", 1.0)], mode: LoraMode::Runtime };
+    let mut t = Flux2Transformer::load_with_loras(be.clone(), &case(), None, Compute::default(), &options).unwrap();
+    assert!(rel_err(&forward_case(&t, &case(), "inputs.safetensors"), &expected("bfl")) <= 1e-4);
+    t.set_runtime_loras(&[spec("kohya", 1.0)]).unwrap();
+    assert!(rel_err(&forward_case(&t, &case(), "inputs.safetensors"), &expected("kohya")) <= 1e-4);
+    t.set_runtime_loras(&[spec("bfl", 0.7), spec("diffusers", -0.4)]).unwrap();
+    assert!(rel_err(&forward_case(&t, &case(), "inputs.safetensors"), &expected("two")) <= 1e-4);
+    // A bad file leaves the adapters as they were.
+    assert!(t.set_runtime_loras(&[LoraSpec { path: case().join("bfl.safetensors"), scale: 1.0 }]).is_err());
+    assert!(rel_err(&forward_case(&t, &case(), "inputs.safetensors"), &expected("two")) <= 1e-4);
+    t.set_runtime_loras(&[]).unwrap();
+    assert!(rel_err(&forward_case(&t, &case(), "inputs.safetensors"), &expected("base")) <= 1e-6);
+
+    // Merged adapters cannot be switched.
+    let merged = LoraOptions { loras: vec![spec("bfl", 1.0)], mode: LoraMode::Merge };
+    let mut m = Flux2Transformer::load_with_loras(be, &case(), None, Compute::default(), &merged).unwrap();
+    assert!(m.set_runtime_loras(&[]).unwrap_err().to_string().contains("--lora-mode runtime"));
+}
+
+#[test]
+fn streamed_blocks_see_the_adapters() {
+    for mode in [LoraMode::Merge, LoraMode::Runtime] {
+        let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+        let options = LoraOptions { loras: vec![LoraSpec { path: lora("lokr"), scale: 1.0 }], mode };
+        let t = Flux2Transformer::load_with_loras(be, &case(), Some(1), Compute::default(), &options).unwrap();
+        let err = rel_err(&forward_case(&t, &case(), "inputs.safetensors"), &expected("lokr"));
+        assert!(err <= 1e-4, "{mode:?}: {err}");
+    }
+}
+
+#[test]
+fn bfl_final_adaln_lora_is_the_diffusers_one_with_shift_and_scale_swapped() {
+    // BFL stores final_layer.adaLN_modulation.1 as (shift, scale), diffusers norm_out.linear as
+    // (scale, shift): the same adapter written both ways must give the same model.
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, r) = (32, 2);
+    let down: Vec<f32> = (0..r * d).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.05).collect();
+    let up: Vec<f32> = (0..2 * d * r).map(|i| ((i * 53 % 13) as f32 - 6.0) * 0.1).collect();
+    let swapped: Vec<f32> = [&up[d * r..], &up[..d * r]].concat();
+    let write = |name: &str, key: &str, b: &[f32]| {
+        let path = tmp.path().join(name);
+        let entries = vec![
+            TensorEntry::from_f32(&format!("{key}.lora_A.weight"), &down, &[r, d], DType::F32),
+            TensorEntry::from_f32(&format!("{key}.lora_B.weight"), b, &[2 * d, r], DType::F32),
+        ];
+        write_safetensors(&path, entries, &BTreeMap::new()).unwrap();
+        path
+    };
+    let bfl = write("bfl.safetensors", "diffusion_model.final_layer.adaLN_modulation.1", &up);
+    let dif = write("dif.safetensors", "transformer.norm_out.linear", &swapped);
+    let run_file = |path: PathBuf| {
+        let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+        let options = LoraOptions { loras: vec![LoraSpec { path, scale: 1.0 }], mode: LoraMode::Merge };
+        let t = Flux2Transformer::load_with_loras(be, &case(), None, Compute::default(), &options).unwrap();
+        forward_case(&t, &case(), "inputs.safetensors")
+    };
+    let (a, b) = (run_file(bfl), run_file(dif));
+    assert!(rel_err(&a, &b) <= 1e-6);
+    assert!(rel_err(&a, &expected("base")) > 1e-2, "the adapter must change the output");
+}
+
+#[test]
+fn fp8_merges_are_requantised_and_their_error_reported() {
+    use flux2::model::transformer::AttentionMode;
+    use flux2::planner::TransformerPrecision;
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let options = LoraOptions { loras: vec![LoraSpec { path: lora("kohya"), scale: 1.0 }], mode: LoraMode::Merge };
+    let compute = Compute { precision: Some(TransformerPrecision::Fp8), attention: AttentionMode::Exact };
+    let t = Flux2Transformer::load_with_loras(be, &case(), None, compute, &options).unwrap();
+    let got = forward_case(&t, &case(), "inputs.safetensors");
+    // W8A8 also rounds activations: the fp8 gate of tests/quantized_compute.rs is 0.999 without
+    // a LoRA; this adapter doubles some weights' spread. Far closer to the LoRA than to the base.
+    let (cos, _) = common::cosine_and_rel_l2(&got, &expected("kohya"));
+    let (cos_base, _) = common::cosine_and_rel_l2(&got, &expected("base"));
+    assert!(cos >= 0.995 && cos_base < 0.95, "cosine {cos} to the LoRA reference, {cos_base} to the base");
+    let stats = t.lora_merge_stats().unwrap();
+    // e4m3 keeps 3 mantissa bits: a requantised weight is off by up to 2^-4 of its row's max.
+    assert!(stats.max_rel_err > 1e-3 && stats.max_rel_err < 0.07, "{stats:?}");
+    assert!(stats.worst.ends_with("as fp8"), "{stats:?}");
+}

@@ -236,6 +236,16 @@ impl TransformerWeights {
         self
     }
 
+    /// The adapters merged into what this loads.
+    pub fn adapters(&self) -> Option<&std::sync::Arc<crate::lora::AdapterSet>> {
+        self.adapters.as_ref()
+    }
+
+    /// Whether adapters are merged into what this loads.
+    pub fn has_adapters(&self) -> bool {
+        self.adapters.is_some()
+    }
+
     /// The merged adapters, if any touch one of `names`.
     pub fn adapters_for(&self, names: &[&str]) -> Option<&crate::lora::AdapterSet> {
         self.adapters.as_deref().filter(|a| a.touches(names))

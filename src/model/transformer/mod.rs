@@ -109,9 +109,24 @@ struct SingleBlock {
 struct Proj {
     w: Linear,
     lora: Option<LowRank>,
+    /// The diffusers weights it concatenates and each one's [rows, cols], to rebuild `lora`.
+    names: Vec<String>,
+    shape: [usize; 2],
 }
 
 impl Proj {
+    fn new(w: Linear, b: &dyn Backend, rt: Option<&AdapterSet>, names: &[&str], shape: &[usize]) -> Result<Proj> {
+        let lora = runtime_pair(b, rt, names, shape)?;
+        Ok(Proj { w, lora, names: names.iter().map(|n| n.to_string()).collect(), shape: [shape[0], shape[1]] })
+    }
+
+    /// Swap the run-time adapters; the weight stays.
+    fn relink(&mut self, b: &dyn Backend, rt: Option<&AdapterSet>) -> Result<()> {
+        let names: Vec<&str> = self.names.iter().map(String::as_str).collect();
+        self.lora = runtime_pair(b, rt, &names, &self.shape)?;
+        Ok(())
+    }
+
     fn forward(&self, be: &dyn Backend, x: &Tensor) -> Result<Tensor> {
         let y = self.w.forward(be, x, None)?;
         match &self.lora {
@@ -137,7 +152,7 @@ fn dense(
     name: &str,
     shape: &[usize],
 ) -> Result<Proj> {
-    Ok(Proj { w: Linear::Dense(w.load(b, name, shape)?), lora: runtime_pair(b, rt, &[name], shape)? })
+    Proj::new(Linear::Dense(w.load(b, name, shape)?), b, rt, &[name], shape)
 }
 
 /// How the transformer computes: block linears in bf16 or FP8 (W8A8), attention exact or
@@ -178,7 +193,7 @@ fn block_linear(
     names: &[&str],
     shape: &[usize],
 ) -> Result<Proj> {
-    Ok(Proj { w: block_weight(w, b, mode, names, shape)?, lora: runtime_pair(b, rt, names, shape)? })
+    Proj::new(block_weight(w, b, mode, names, shape)?, b, rt, names, shape)
 }
 
 fn block_weight(
@@ -428,6 +443,63 @@ impl Flux2Transformer {
 
     pub fn config(&self) -> &TransformerConfig {
         &self.cfg
+    }
+
+    /// What merging LoRAs at load cost in precision (None: nothing merged).
+    pub fn lora_merge_stats(&self) -> Option<crate::lora::merge::MergeStats> {
+        self.weights.adapters().map(|a| a.merge_stats())
+    }
+
+    /// Replace the unmerged adapters (a transformer loaded with `LoraMode::Runtime`, or without
+    /// LoRAs): every linear's low-rank pair is rebuilt, the base weights are not touched, so
+    /// switching costs no reload. An empty list removes them. A file that fails to load changes
+    /// nothing.
+    pub fn set_runtime_loras(&mut self, loras: &[crate::lora::LoraSpec]) -> Result<()> {
+        if self.weights.has_adapters() {
+            return Err(Error::Unsupported(
+                "these LoRAs were merged into the weights at load; load with --lora-mode runtime to switch them".into(),
+            ));
+        }
+        let set = if loras.is_empty() { None } else { Some(Arc::new(AdapterSet::load(loras, &self.cfg)?)) };
+        let be = self.be.clone();
+        let rt = set.as_deref();
+        let mut top = vec![
+            &mut self.time_1,
+            &mut self.time_2,
+            &mut self.mod_img,
+            &mut self.mod_txt,
+            &mut self.mod_single,
+            &mut self.x_embedder,
+            &mut self.context_embedder,
+            &mut self.norm_out,
+            &mut self.proj_out,
+        ];
+        if let Some((g1, g2)) = self.guidance.as_mut() {
+            top.extend([g1, g2]);
+        }
+        for p in top {
+            p.relink(&*be, rt)?;
+        }
+        for blk in self.double.iter_mut().flatten() {
+            for p in [
+                &mut blk.img_qkv,
+                &mut blk.txt_qkv,
+                &mut blk.to_out,
+                &mut blk.to_add_out,
+                &mut blk.ff_in,
+                &mut blk.ff_out,
+                &mut blk.ff_ctx_in,
+                &mut blk.ff_ctx_out,
+            ] {
+                p.relink(&*be, rt)?;
+            }
+        }
+        for blk in self.single.iter_mut().flatten() {
+            blk.qkv_mlp.relink(&*be, rt)?;
+            blk.to_out.relink(&*be, rt)?;
+        }
+        self.runtime = set;
+        Ok(())
     }
 
     pub fn layout(&self) -> Layout {
