@@ -351,3 +351,45 @@ fn fp8_merges_are_requantised_and_their_error_reported() {
     assert!(stats.max_rel_err > 1e-3 && stats.max_rel_err < 0.07, "{stats:?}");
     assert!(stats.worst.ends_with("as fp8"), "{stats:?}");
 }
+
+#[test]
+fn scaled_fp8_checkpoints_are_dequantised_before_the_merge() {
+    // The official FP8 layout: block linears as F8_E4M3 with a per-tensor `weight_scale`.
+    let src = flux2::weights::WeightStore::open(&case().join("transformer")).unwrap();
+    let mut tensors: Vec<(String, Vec<f32>, Vec<usize>, DType)> = Vec::new();
+    let mut keys: Vec<String> = src.keys().map(str::to_string).collect();
+    keys.sort();
+    for k in keys {
+        let (v, shape) = (src.get(&k).unwrap().to_f32().unwrap(), src.shape(&k).unwrap());
+        if shape.len() == 2 && k.contains("blocks.") {
+            let scale = v.iter().fold(0f32, |m, x| m.max(x.abs())) / 448.0;
+            tensors.push((k.replace(".weight", ".weight_scale"), vec![scale], vec![], DType::F32));
+            tensors.push((k, v.iter().map(|x| x / scale).collect(), shape, DType::F8E4M3));
+        } else {
+            tensors.push((k, v, shape, DType::F32));
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("tiny-fp8.safetensors");
+    let entries = tensors.iter().map(|(n, v, s, d)| TensorEntry::from_f32(n, v, s, *d)).collect();
+    write_safetensors(&file, entries, &BTreeMap::new()).unwrap();
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let options = LoraOptions { loras: vec![LoraSpec { path: lora("kohya"), scale: 1.0 }], mode: LoraMode::Merge };
+    let t = Flux2Transformer::load_with_loras(be, &file, None, Compute::default(), &options).unwrap();
+    let got = forward_case(&t, &case(), "inputs.safetensors");
+    let (cos, _) = common::cosine_and_rel_l2(&got, &expected("kohya"));
+    let (cos_base, _) = common::cosine_and_rel_l2(&got, &expected("base"));
+    assert!(cos >= 0.999 && cos_base < 0.95, "cosine {cos} to the LoRA reference, {cos_base} to the base");
+    assert!(t.lora_merge_stats().unwrap().tensors > 0);
+}
+
+#[test]
+fn serve_refuses_a_bad_lora_before_listening() {
+    let pipe = fixtures().join("pipeline");
+    let p = pipe.to_str().unwrap();
+    let kv = fixtures().join("transformer/t2i_nonsquare/bfl.safetensors");
+    fails_cleanly(
+        &["serve", "--model", p, "--port", "0", "--device", "cpu", "--lora", kv.to_str().unwrap()],
+        &["not a LoRA file"],
+    );
+}

@@ -13,7 +13,8 @@ pub enum Naming {
     Diffusers,
     /// `diffusion_model.<BFL names>` (BFL, ai-toolkit) or ComfyUI's `model.diffusion_model.`.
     Bfl,
-    /// `lora_unet_<path with dots as underscores>` (kohya sd-scripts, musubi-tuner, LyCORIS).
+    /// `lora_unet_<path with dots as underscores>` (kohya sd-scripts, musubi-tuner, LyCORIS;
+    /// also `lora_transformer_`, `lycoris_`).
     Kohya,
     /// No recognised prefix: the module path as it is.
     Bare,
@@ -109,6 +110,8 @@ fn split_prefix(path: &str) -> (&str, Naming) {
         ("diffusion_model.", Naming::Bfl),
         ("lora_unet_", Naming::Kohya),
         ("lora_transformer_", Naming::Kohya),
+        // The LyCORIS library's own wrapper names.
+        ("lycoris_", Naming::Kohya),
     ] {
         if let Some(rest) = path.strip_prefix(prefix) {
             return (rest, naming);

@@ -34,6 +34,19 @@ pub fn relative_error(exact: &[f32], stored: &[f32]) -> f32 {
 }
 
 impl AdapterSet {
+    /// Add `Σ strength·scale·ΔW` to `values`, the rows of diffusers weight `name` (`[rows, cols]`).
+    pub fn add_to(&self, name: &str, values: &mut [f32], cols: usize) {
+        for &(e, p) in self.by_tensor.get(name).into_iter().flatten() {
+            let entry = &self.entries[e];
+            let part = &entry.parts[p];
+            let src = part.at..part.at + part.rows.len();
+            let delta = entry.delta.rows(src, entry.strength);
+            for (w, d) in values[part.rows.start * cols..part.rows.end * cols].iter_mut().zip(delta) {
+                *w += d;
+            }
+        }
+    }
+
     /// Record the storage error of one merged weight (`what`: its names and storage format).
     pub fn record_merge(&self, exact: &[f32], stored: &[f32], what: impl FnOnce() -> String) {
         let e = relative_error(exact, stored);
