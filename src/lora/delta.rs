@@ -128,7 +128,7 @@ impl Delta {
         target: &str,
         out: usize,
         inp: usize,
-        peft_alpha: Option<f32>,
+        peft: Option<super::PeftConfig>,
     ) -> Result<Delta> {
         let r = Reader { store, module, target };
         let alpha = r.alpha()?;
@@ -137,8 +137,12 @@ impl Delta {
                 let down = r.mat("down", [None, Some(inp)])?;
                 let rank = down.rows;
                 let up = r.mat("up", [Some(out), Some(rank)])?;
-                let alpha = alpha.or(peft_alpha);
-                Delta { factors: Factors::LowRank { down, up }, scale: ratio(alpha, rank), rank, alpha }
+                let scale = match (alpha, peft) {
+                    (None, Some(p)) if p.rslora && rank > 0 => p.alpha / (rank as f32).sqrt(),
+                    (None, Some(p)) => ratio(Some(p.alpha), rank),
+                    (a, _) => ratio(a, rank),
+                };
+                Delta { factors: Factors::LowRank { down, up }, scale, rank, alpha: alpha.or(peft.map(|p| p.alpha)) }
             }
             Algo::LoKr => {
                 let w1 = if r.has("w1") { r.mat("w1", [None, None])? } else { product(&r, "w1_a", "w1_b")? };

@@ -62,7 +62,7 @@ pub fn report(path: &Path) -> Result<Option<Value>> {
             }
         }
     }
-    let peft_alpha = file.peft_alpha().ok().flatten();
+    let peft = file.peft_config().ok().flatten();
     Ok(Some(json!({
         "kind": "lora",
         "path": path.display().to_string(),
@@ -70,7 +70,8 @@ pub fn report(path: &Path) -> Result<Option<Value>> {
         "targets": k.modules.len(),
         "ranks": ranks.into_iter().collect::<Vec<_>>(),
         "alphas": alphas.into_iter().collect::<Vec<_>>(),
-        "peft_lora_alpha": peft_alpha,
+        "peft_lora_alpha": peft.map(|p| p.alpha),
+        "peft_rslora": peft.map(|p| p.rslora),
         "double_blocks": double.into_iter().collect::<Vec<_>>(),
         "single_blocks": single.into_iter().collect::<Vec<_>>(),
         "other_targets": other.into_iter().collect::<Vec<_>>(),

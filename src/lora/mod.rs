@@ -66,6 +66,14 @@ pub struct LoraOptions {
     pub mode: LoraMode,
 }
 
+/// What a PEFT adapter config says about scaling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PeftConfig {
+    pub alpha: f32,
+    /// rsLoRA: scale `alpha / √r` instead of `alpha / r`.
+    pub rslora: bool,
+}
+
 /// An opened LoRA file with its keys parsed.
 pub struct LoraFile {
     pub path: PathBuf,
@@ -80,30 +88,27 @@ impl LoraFile {
         Ok(LoraFile { path: path.to_path_buf(), store, keys })
     }
 
-    /// PEFT's `lora_alpha` from the adapter config diffusers stores in the file's metadata
-    /// (`lora_adapter_metadata`), as `alpha` such that the scale is `alpha / r`.
-    fn peft_alpha(&self) -> Result<Option<f32>> {
+    /// PEFT's adapter config, which diffusers stores in the file's metadata
+    /// (`lora_adapter_metadata`): PEFT scales by `lora_alpha / r` (`/ √r` with rsLoRA), r being
+    /// each module's rank, which the factors' shapes give (so a `rank_pattern` needs no reading).
+    pub fn peft_config(&self) -> Result<Option<PeftConfig>> {
         let Some(meta) = self.store.files().iter().find_map(|f| f.metadata().get("lora_adapter_metadata")) else {
             return Ok(None);
         };
         let v: serde_json::Value = serde_json::from_str(meta)
             .map_err(|e| Error::config(&self.path, format!("lora_adapter_metadata is not JSON: {e}")))?;
-        // A rank or alpha pattern means per-module values this loader does not read: refuse
-        // rather than scale some modules wrongly.
         // diffusers' pipelines store the transformer's config under `transformer.`-prefixed keys.
         let get = |k: &str| v.get(format!("transformer.{k}")).or_else(|| v.get(k));
-        for key in ["rank_pattern", "alpha_pattern"] {
-            if get(key).and_then(|p| p.as_object()).is_some_and(|p| !p.is_empty()) {
-                return Err(Error::Unsupported(format!(
-                    "{}: the adapter config has a `{key}` (per-module ranks/alphas), which is not supported",
-                    self.path.display()
-                )));
-            }
+        // Per-module alphas match module names by PEFT's pattern rules: refuse rather than scale
+        // some modules wrongly.
+        if get("alpha_pattern").and_then(|p| p.as_object()).is_some_and(|p| !p.is_empty()) {
+            return Err(Error::Unsupported(format!(
+                "{}: the adapter config has an `alpha_pattern` (per-module alphas), which is not supported",
+                self.path.display()
+            )));
         }
-        if get("use_rslora").and_then(|b| b.as_bool()) == Some(true) {
-            return Err(Error::Unsupported(format!("{}: rsLoRA adapters are not supported", self.path.display())));
-        }
-        Ok(get("lora_alpha").and_then(|a| a.as_f64()).map(|a| a as f32))
+        let Some(alpha) = get("lora_alpha").and_then(|a| a.as_f64()) else { return Ok(None) };
+        Ok(Some(PeftConfig { alpha: alpha as f32, rslora: get("use_rslora").and_then(|b| b.as_bool()) == Some(true) }))
     }
 }
 
@@ -137,7 +142,7 @@ impl AdapterSet {
         let mut entries = Vec::new();
         for (file, spec) in files.iter().zip(specs) {
             check_keys(file)?;
-            let peft_alpha = file.peft_alpha()?;
+            let peft = file.peft_config()?;
             let mut unmatched = Vec::new();
             let mut count = 0;
             for m in &file.keys.modules {
@@ -145,7 +150,7 @@ impl AdapterSet {
                     unmatched.push(m.tensors.values().next().cloned().unwrap_or_default());
                     continue;
                 };
-                let delta = Delta::read(&file.store, m, &m.path, target.out_features, target.in_features, peft_alpha)?;
+                let delta = Delta::read(&file.store, m, &m.path, target.out_features, target.in_features, peft)?;
                 entries.push(Entry { delta, strength: spec.scale, parts: target.parts.clone() });
                 count += 1;
             }
