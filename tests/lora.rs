@@ -441,3 +441,77 @@ fn peft_metadata_scales_like_peft() {
         write("pattern.safetensors", false, Some(r#"{"lora_alpha": 8, "alpha_pattern": {"img_attn.qkv": 2}}"#));
     assert!(load_error(&pattern).contains("alpha_pattern"));
 }
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const PREFIXES: [&str; 7] =
+        ["transformer.", "diffusion_model.", "lora_unet_", "base_model.model.", "", "lora_te1_", "lycoris_"];
+    const MODULES: [&str; 8] = [
+        "double_blocks.0.img_attn.qkv",
+        "double_blocks_0_img_attn_qkv",
+        "single_blocks.1.linear1",
+        "final_layer.adaLN_modulation.1",
+        "transformer_blocks.0.attn.to_q",
+        "x_embedder",
+        "bogus.module",
+        "single_blocks.9.linear2",
+    ];
+    const SUFFIXES: [&str; 17] = [
+        ".lora_A.weight",
+        ".lora_B.weight",
+        ".lora_down.weight",
+        ".lora_up.weight",
+        ".alpha",
+        ".lokr_w1",
+        ".lokr_w2",
+        ".lokr_w1_a",
+        ".lokr_w1_b",
+        ".lokr_w2_a",
+        ".lokr_w2_b",
+        ".hada_w1_a",
+        ".hada_w1_b",
+        ".hada_w2_a",
+        ".hada_w2_b",
+        ".dora_scale",
+        ".weird",
+    ];
+    const DIMS: [usize; 11] = [0, 1, 2, 3, 4, 8, 16, 24, 32, 96, 288];
+
+    fn name() -> impl Strategy<Value = String> {
+        (0..PREFIXES.len(), 0..MODULES.len(), 0..SUFFIXES.len())
+            .prop_map(|(p, m, s)| format!("{}{}{}", PREFIXES[p], MODULES[m], SUFFIXES[s]))
+    }
+
+    fn shape() -> impl Strategy<Value = Vec<usize>> {
+        prop::collection::vec((0..DIMS.len()).prop_map(|d| DIMS[d]), 0..3)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+        /// Any mix of adapter-like keys and shapes loads or fails with an error, in both modes
+        /// and in `inspect`; it never panics.
+        #[test]
+        fn random_adapter_files_never_panic(tensors in prop::collection::btree_map(name(), shape(), 1..8)) {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("fuzz.safetensors");
+            let values: Vec<Vec<f32>> = tensors.values().map(|s| vec![0.01; s.iter().product()]).collect();
+            let entries = tensors
+                .iter()
+                .zip(&values)
+                .map(|((n, s), v)| TensorEntry::from_f32(n, v, s, DType::F32))
+                .collect();
+            write_safetensors(&path, entries, &BTreeMap::new()).unwrap();
+            let _ = flux2::lora::inspect::report(&path);
+            for mode in [LoraMode::Merge, LoraMode::Runtime] {
+                let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+                let options = LoraOptions { loras: vec![LoraSpec { path: path.clone(), scale: 0.5 }], mode };
+                if let Ok(t) = Flux2Transformer::load_with_loras(be, &case(), None, Compute::default(), &options) {
+                    forward_case(&t, &case(), "inputs.safetensors");
+                }
+            }
+        }
+    }
+}
