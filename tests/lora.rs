@@ -515,3 +515,36 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn forward_cli_takes_loras() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let spec = format!("{}:1", lora("kohya").display());
+    let inputs = case().join("inputs.safetensors");
+    let (ok, _, err) = run_cli(&[
+        "forward",
+        "transformer",
+        "--model",
+        case().to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--timesteps",
+        "diffusers-f32",
+        "--lora",
+        &spec,
+        "--lora-mode",
+        "runtime",
+    ]);
+    assert!(ok, "{err}");
+    let got = load(&out, "sample").to_vec_f32().unwrap();
+    assert!(rel_err(&got, &expected("kohya")) <= 1e-4);
+    fails_cleanly(
+        &["forward", "vae-decode", "--model", "x", "--inputs", "y", "--out", "z", "--lora", &spec],
+        &["--lora applies to the transformer only"],
+    );
+}
