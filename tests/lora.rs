@@ -51,6 +51,7 @@ fn every_format_matches_its_reference_in_both_layouts_and_modes() {
             for mode in [LoraMode::Merge, LoraMode::Runtime] {
                 let got = run(&model, &[(name, 1.0)], mode).unwrap();
                 let err = rel_err(&got, &want);
+                println!("{name} on {} ({mode:?}): max relative error {err:.2e}", model.display());
                 assert!(err <= 1e-4, "{name} on {} ({mode:?}): max relative error {err}", model.display());
             }
         }
