@@ -549,3 +549,26 @@ fn forward_cli_takes_loras() {
         &["--lora applies to the transformer only"],
     );
 }
+
+#[test]
+fn runtime_adapters_cost_their_factors_on_the_device() {
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let spec = |n: &str| LoraSpec { path: lora(n), scale: 1.0 };
+    let options = LoraOptions { loras: vec![spec("diffusers")], mode: LoraMode::Runtime };
+    let mut t = Flux2Transformer::load_with_loras(be, &case(), None, Compute::default(), &options).unwrap();
+    // diffusers.safetensors: 10 rank-4 modules, f32 on the CPU, A [4, in] and B [out, 4] each,
+    // except to_q and to_k, which share block 0's fused qkv: A [8, 32] stacked, B [96, 8].
+    let pair = |out: usize, inp: usize| 4 * inp + out * 4;
+    let floats = (8 * 32 + 96 * 8)
+        + pair(96, 32) // add_v_proj in the fused txt qkv
+        + pair(32, 32) // to_out.0
+        + pair(32, 96) // ff_context.linear_out
+        + pair(288, 32) // to_qkv_mlp_proj
+        + pair(32, 128) // single to_out
+        + pair(64, 32) // norm_out.linear
+        + pair(16, 32) // proj_out
+        + pair(32, 16); // x_embedder
+    assert_eq!(t.runtime_lora_bytes(), 4 * floats);
+    t.set_runtime_loras(&[]).unwrap();
+    assert_eq!(t.runtime_lora_bytes(), 0);
+}

@@ -414,7 +414,7 @@ impl Flux2Transformer {
                     }
                 })
                 .collect::<Result<Vec<_>>>()?;
-        let t = Flux2Transformer {
+        let mut t = Flux2Transformer {
             time_1: dense(&w, b, rt, "time_guidance_embed.timestep_embedder.linear_1.weight", &[d, tc])?,
             time_2: dense(&w, b, rt, "time_guidance_embed.timestep_embedder.linear_2.weight", &[d, d])?,
             guidance,
@@ -438,11 +438,56 @@ impl Flux2Transformer {
         if let Some(m) = &merged {
             m.log_merge();
         }
+        if t.runtime.is_some() {
+            tracing::info!(
+                "LoRA run-time adapters: {:.1} MiB on the device",
+                t.runtime_lora_bytes() as f64 / 1048576.0
+            );
+        }
         Ok(t)
     }
 
     pub fn config(&self) -> &TransformerConfig {
         &self.cfg
+    }
+
+    /// Every resident linear (the streamed blocks are built per forward).
+    fn projs_mut(&mut self) -> Vec<&mut Proj> {
+        let mut all = vec![
+            &mut self.time_1,
+            &mut self.time_2,
+            &mut self.mod_img,
+            &mut self.mod_txt,
+            &mut self.mod_single,
+            &mut self.x_embedder,
+            &mut self.context_embedder,
+            &mut self.norm_out,
+            &mut self.proj_out,
+        ];
+        if let Some((g1, g2)) = self.guidance.as_mut() {
+            all.extend([g1, g2]);
+        }
+        for blk in self.double.iter_mut().flatten() {
+            all.extend([
+                &mut blk.img_qkv,
+                &mut blk.txt_qkv,
+                &mut blk.to_out,
+                &mut blk.to_add_out,
+                &mut blk.ff_in,
+                &mut blk.ff_out,
+                &mut blk.ff_ctx_in,
+                &mut blk.ff_ctx_out,
+            ]);
+        }
+        for blk in self.single.iter_mut().flatten() {
+            all.extend([&mut blk.qkv_mlp, &mut blk.to_out]);
+        }
+        all
+    }
+
+    /// Device bytes of the run-time adapters of the resident linears (0 when merged or none).
+    pub fn runtime_lora_bytes(&mut self) -> usize {
+        self.projs_mut().iter().filter_map(|p| p.lora.as_ref()).map(|l| l.bytes()).sum()
     }
 
     /// What merging LoRAs at load cost in precision (None: nothing merged).
@@ -462,41 +507,8 @@ impl Flux2Transformer {
         }
         let set = if loras.is_empty() { None } else { Some(Arc::new(AdapterSet::load(loras, &self.cfg)?)) };
         let be = self.be.clone();
-        let rt = set.as_deref();
-        let mut top = vec![
-            &mut self.time_1,
-            &mut self.time_2,
-            &mut self.mod_img,
-            &mut self.mod_txt,
-            &mut self.mod_single,
-            &mut self.x_embedder,
-            &mut self.context_embedder,
-            &mut self.norm_out,
-            &mut self.proj_out,
-        ];
-        if let Some((g1, g2)) = self.guidance.as_mut() {
-            top.extend([g1, g2]);
-        }
-        for p in top {
-            p.relink(&*be, rt)?;
-        }
-        for blk in self.double.iter_mut().flatten() {
-            for p in [
-                &mut blk.img_qkv,
-                &mut blk.txt_qkv,
-                &mut blk.to_out,
-                &mut blk.to_add_out,
-                &mut blk.ff_in,
-                &mut blk.ff_out,
-                &mut blk.ff_ctx_in,
-                &mut blk.ff_ctx_out,
-            ] {
-                p.relink(&*be, rt)?;
-            }
-        }
-        for blk in self.single.iter_mut().flatten() {
-            blk.qkv_mlp.relink(&*be, rt)?;
-            blk.to_out.relink(&*be, rt)?;
+        for p in self.projs_mut() {
+            p.relink(&*be, set.as_deref())?;
         }
         self.runtime = set;
         Ok(())
