@@ -13,6 +13,7 @@ pub mod hub;
 pub mod image_io;
 pub mod inpaint;
 pub mod limits;
+pub mod lora;
 pub mod model;
 pub mod output_file;
 pub mod pipeline;

@@ -455,6 +455,8 @@ pub struct LoadOptions {
     pub residency: Residency,
     /// Prompt-embedding disk cache: folder and size bound.
     pub prompt_cache: Option<(std::path::PathBuf, u64)>,
+    /// LoRAs for the transformer (merged at load, or applied at run time).
+    pub loras: crate::lora::LoraOptions,
 }
 
 /// What stays on the device between stages (from the memory plan; everything by default).
@@ -622,8 +624,13 @@ impl Pipeline {
         }
         let blocks = self.options.residency.resident_blocks;
         let path = self.info.transformer.clone();
-        let t =
-            Arc::new(Flux2Transformer::load_with(self.be.clone(), &path, blocks, self.options.transformer_compute)?);
+        let t = Arc::new(Flux2Transformer::load_with_loras(
+            self.be.clone(),
+            &path,
+            blocks,
+            self.options.transformer_compute,
+            &self.options.loras,
+        )?);
         *slot = Some(t.clone());
         Ok(t)
     }

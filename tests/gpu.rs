@@ -208,6 +208,35 @@ fn no_gpu_gives_a_clear_error_or_a_working_device(_: Arc<dyn Backend>) {
 
 /// FLUX2_EXPECT_GPU=1 (set by .verify/gpu_check.sh): a CUDA device must be there, so a device
 /// that does not initialise fails the GPU checks instead of leaving them ignored.
+/// LoRAs merged into bf16 device weights and applied unmerged (two `linear`s and an `axpby` per
+/// adapted linear): both close to diffusers + peft in f32.
+fn loras_in_bf16(be: Arc<dyn Backend>) {
+    use flux2::lora::{LoraMode, LoraOptions, LoraSpec};
+    let dir = fixtures().join("transformer/t2i_nonsquare");
+    let want = load(&fixtures().join("lora/expected.safetensors"), "two").to_vec_f32().unwrap();
+    let loras = [("bfl", 0.7), ("diffusers", -0.4)]
+        .map(|(n, s)| LoraSpec { path: fixtures().join(format!("lora/{n}.safetensors")), scale: s })
+        .to_vec();
+    for mode in [LoraMode::Merge, LoraMode::Runtime] {
+        let options = LoraOptions { loras: loras.clone(), mode };
+        let compute = flux2::model::transformer::Compute::default();
+        let model = Flux2Transformer::load_with_loras(be.clone(), &dir, None, compute, &options).unwrap();
+        let out = common::forward_case(&model, &dir, "inputs.safetensors");
+        let (cos, rel) = cosine_and_rel_l2(&out, &want);
+        println!("two LoRAs ({mode:?}): cosine {cos:.6}, rel_l2 {rel:.2e}");
+        assert!(cos >= 0.999 && rel <= 0.05, "{mode:?}: cosine {cos}, rel_l2 {rel}");
+    }
+    // LoKr at run time: its dense delta path.
+    let want = load(&fixtures().join("lora/expected.safetensors"), "lokr").to_vec_f32().unwrap();
+    let lokr = LoraSpec { path: fixtures().join("lora/lokr.safetensors"), scale: 1.0 };
+    let options = LoraOptions { loras: vec![lokr], mode: LoraMode::Runtime };
+    let compute = flux2::model::transformer::Compute::default();
+    let model = Flux2Transformer::load_with_loras(be, &dir, None, compute, &options).unwrap();
+    let (cos, rel) = cosine_and_rel_l2(&common::forward_case(&model, &dir, "inputs.safetensors"), &want);
+    println!("LoKr (Runtime): cosine {cos:.6}, rel_l2 {rel:.2e}");
+    assert!(cos >= 0.999 && rel <= 0.05, "LoKr: cosine {cos}, rel_l2 {rel}");
+}
+
 fn gpu_expected() -> bool {
     std::env::var("FLUX2_EXPECT_GPU").is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
 }
@@ -238,10 +267,11 @@ fn main() {
     };
     let gpu = gpu.ok();
     type Check = fn(Arc<dyn Backend>);
-    let checks: [(&str, Check, bool); 9] = [
+    let checks: [(&str, Check, bool); 10] = [
         ("every_op_matches_the_cpu_reference", every_op_matches_the_cpu_reference, true),
         ("transformer_fixtures_in_bf16", transformer_fixtures_in_bf16, true),
         ("checkpoint_formats_in_bf16", checkpoint_formats_in_bf16, true),
+        ("loras_in_bf16", loras_in_bf16, true),
         ("pipeline_images_within_2_of_255", pipeline_images_within_2_of_255, true),
         ("components_in_bf16", components_in_bf16, true),
         ("workflows_within_2_of_255", workflows_within_2_of_255, true),

@@ -64,15 +64,24 @@ pub struct ForwardArgs {
     /// Text encoder only: storage of its linears (bf16, fp8, int8, int4).
     #[arg(long, value_enum, default_value_t = EncoderPrecision::Bf16)]
     pub text_encoder_precision: EncoderPrecision,
+    /// Transformer only: LoRA files, `FILE[:SCALE]` (repeatable), as in `generate`.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = crate::cli::generate::parse_lora)]
+    pub loras: Vec<crate::lora::LoraSpec>,
+    #[arg(long, value_enum, default_value_t = crate::lora::LoraMode::Merge)]
+    pub lora_mode: crate::lora::LoraMode,
 }
 
 pub fn run(args: &ForwardArgs) -> Result<()> {
+    if !args.loras.is_empty() && !matches!(args.component, Component::Transformer) {
+        return Err(Error::InvalidArgument("--lora applies to the transformer only".into()));
+    }
     let be = device::select(args.device)?;
     let inputs = WeightStore::open(&args.inputs)?;
     match args.component {
         Component::Transformer => {
             let compute = Compute { precision: Some(args.precision), attention: args.attention };
-            let model = Flux2Transformer::load_with(be.clone(), &args.model, None, compute)?;
+            let loras = crate::lora::LoraOptions { loras: args.loras.clone(), mode: args.lora_mode };
+            let model = Flux2Transformer::load_with_loras(be.clone(), &args.model, None, compute, &loras)?;
             let x = read_f32(&inputs, "hidden_states")?;
             let ctx = read_f32(&inputs, "encoder_hidden_states")?;
             expect_rank("hidden_states", &x, &[3])?;

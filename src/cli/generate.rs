@@ -94,6 +94,15 @@ pub struct GenerateArgs {
     /// 256 MiB). The memory plan decides what stays resident; allocations beyond the budget fail.
     #[arg(long)]
     pub vram_budget: Option<String>,
+    /// A LoRA, LoKr or LoHa file for the transformer, optionally with a strength (default 1):
+    /// `--lora style.safetensors:0.7`. Repeatable; the deltas add up. Formats (diffusers/PEFT,
+    /// BFL/ai-toolkit, kohya/musubi-tuner, LyCORIS) are detected from the keys.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = parse_lora)]
+    pub loras: Vec<crate::lora::LoraSpec>,
+    /// merge: add the LoRAs into the weights at load (no run-time cost); runtime: keep them
+    /// beside the weights as low-rank products (switchable without reloading the model).
+    #[arg(long, value_enum, default_value_t = crate::lora::LoraMode::Merge)]
+    pub lora_mode: crate::lora::LoraMode,
     /// Do not read or write the prompt-embedding disk cache.
     #[arg(long)]
     pub no_prompt_cache: bool,
@@ -105,6 +114,20 @@ pub struct GenerateArgs {
     /// the first op that produced one, naming it and the model component it ran in.
     #[arg(long)]
     pub debug_nans: bool,
+}
+
+/// clap's parser for `--lora FILE[:SCALE]`.
+pub fn parse_lora(s: &str) -> std::result::Result<crate::lora::LoraSpec, String> {
+    crate::lora::LoraSpec::parse(s).map_err(|e| e.to_string())
+}
+
+/// Read every LoRA file's keys before the model loads, so a bad file fails at once.
+pub fn check_loras(loras: &[crate::lora::LoraSpec]) -> Result<()> {
+    for spec in loras {
+        let file = crate::lora::LoraFile::open(&spec.path)?;
+        tracing::info!("LoRA {}: {}", spec.path.display(), file.keys.describe());
+    }
+    Ok(())
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
@@ -159,6 +182,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         crate::output_file::check_writable(json)?;
     }
     let references = args.references.iter().map(|p| RgbImage::load(p)).collect::<Result<Vec<_>>>()?;
+    check_loras(&args.loras)?;
     let be = device::select(args.device)?;
     let be: std::sync::Arc<dyn crate::backend::Backend> =
         if args.debug_nans { std::sync::Arc::new(crate::backend::nan_check::NanCheckBackend::new(be)) } else { be };
@@ -174,6 +198,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         transformer_compute,
         residency,
         prompt_cache,
+        loras: crate::lora::LoraOptions { loras: args.loras.clone(), mode: args.lora_mode },
     };
     let pipeline = Pipeline::load_from(be.clone(), info, options)?;
     be.synchronize()?;

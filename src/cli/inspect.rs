@@ -66,6 +66,11 @@ pub fn inspect(path: &Path) -> Result<Value> {
         }
         return Ok(report);
     }
+    if path.is_file() {
+        if let Some(report) = crate::lora::inspect::report(path)? {
+            return Ok(report);
+        }
+    }
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     component(path, &name)
 }

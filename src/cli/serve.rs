@@ -42,6 +42,11 @@ pub struct ServeArgs {
     /// Most images per request (`n`).
     #[arg(long, default_value_t = 8)]
     pub max_n: usize,
+    /// Server-wide LoRA for every request, `FILE[:SCALE]` (repeatable), as in `generate`.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = crate::cli::generate::parse_lora)]
+    pub loras: Vec<crate::lora::LoraSpec>,
+    #[arg(long, value_enum, default_value_t = crate::lora::LoraMode::Merge)]
+    pub lora_mode: crate::lora::LoraMode,
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
@@ -53,6 +58,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     }
     let max_body = crate::planner::parse_bytes(&args.max_body)?;
     let info = args.model.resolve()?;
+    crate::cli::generate::check_loras(&args.loras)?;
     let backends = device::select_all(args.device)?;
     let mut workers = Vec::new();
     let mut multiple = 16;
@@ -73,6 +79,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             residency: Residency { eager: budget.is_none(), ..Residency::default() },
             prompt_cache: (!args.no_prompt_cache)
                 .then(|| (crate::prompt_cache::default_dir(), crate::prompt_cache::DEFAULT_MAX_BYTES)),
+            loras: crate::lora::LoraOptions { loras: args.loras.clone(), mode: args.lora_mode },
         };
         let pipeline = Pipeline::load_from(be, info.clone(), options)?;
         multiple = pipeline.pixel_multiple();

@@ -204,6 +204,8 @@ pub struct TransformerWeights {
     bfl_shapes: std::collections::HashMap<String, Vec<usize>>,
     /// For the BFL layout: diffusers name -> pieces, ordered by diffusers row.
     bfl_map: std::collections::HashMap<String, Vec<(Range<usize>, StoredRows)>>,
+    /// LoRAs merged into every weight this loads (`crate::lora`).
+    adapters: Option<std::sync::Arc<crate::lora::AdapterSet>>,
 }
 
 impl TransformerWeights {
@@ -227,7 +229,28 @@ impl TransformerWeights {
                 pieces.sort_by_key(|(r, _)| r.start);
             }
         }
-        TransformerWeights { store, layout, bfl_shapes, bfl_map }
+        TransformerWeights { store, layout, bfl_shapes, bfl_map, adapters: None }
+    }
+
+    /// Merge these adapters into every weight loaded from now on.
+    pub fn with_adapters(mut self, adapters: Option<std::sync::Arc<crate::lora::AdapterSet>>) -> Self {
+        self.adapters = adapters;
+        self
+    }
+
+    /// The adapters merged into what this loads.
+    pub fn adapters(&self) -> Option<&std::sync::Arc<crate::lora::AdapterSet>> {
+        self.adapters.as_ref()
+    }
+
+    /// Whether adapters are merged into what this loads.
+    pub fn has_adapters(&self) -> bool {
+        self.adapters.is_some()
+    }
+
+    /// The merged adapters, if any touch one of `names`.
+    pub fn adapters_for(&self, names: &[&str]) -> Option<&crate::lora::AdapterSet> {
+        self.adapters.as_deref().filter(|a| a.touches(names))
     }
 
     /// Stored pieces that make up diffusers tensor `name` (rows in order).
@@ -265,6 +288,9 @@ impl TransformerWeights {
     /// device in the stored dtype; slices of one stored tensor load without a copy.
     pub fn load_concat(&self, be: &dyn Backend, names: &[&str], shape: &[usize]) -> Result<Tensor> {
         let _scope = crate::backend::scope::enter(|| format!("transformer weight `{}`", names.join("` + `")));
+        if let Some(adapters) = self.adapters_for(names) {
+            return self.load_merged(be, adapters, names, shape);
+        }
         let tensors = self
             .pieces_of(names, shape)?
             .iter()
@@ -286,14 +312,39 @@ impl TransformerWeights {
         for p in self.pieces_of(names, shape)? {
             out.extend(self.rows_f32(&p, &shape[1..])?);
         }
+        if let Some(adapters) = self.adapters_for(names) {
+            crate::lora::merge::merge_into(adapters, names, shape[0], shape[1..].iter().product(), &mut out);
+        }
         Ok(out)
     }
 
     /// The GGML blocks of a concatenation whose pieces are all stored in one GGML block type (a
-    /// GGUF transformer), for the weight-only GEMM; None when any piece is stored otherwise.
+    /// GGUF transformer), for the weight-only GEMM; None when any piece is stored otherwise or a
+    /// LoRA is merged into it.
     pub fn stored_blocks(&self, names: &[&str], shape: &[usize]) -> Result<Option<Quantized>> {
+        if self.adapters_for(names).is_some() {
+            return Ok(None);
+        }
         let pieces = self.pieces_of(names, shape)?;
         crate::model::linear::ggml_blocks(pieces.iter().map(|p| Ok((self.stored(p, &shape[1..])?, p.rows.clone()))))
+    }
+
+    /// A weight with LoRAs merged: in f32 on the host, then stored as the checkpoint stores it
+    /// (a quantized checkpoint tensor in the backend's activation dtype, as `load_rows` does).
+    fn load_merged(
+        &self,
+        be: &dyn Backend,
+        adapters: &crate::lora::AdapterSet,
+        names: &[&str],
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let first = self.pieces_of(names, shape)?.remove(0);
+        let stored = self.stored(&first, &shape[1..])?;
+        let dtype = if stored.is_dense() { stored.dtype()? } else { be.activation_dtype() };
+        let mut values = self.host_concat(names, shape)?;
+        adapters.round_merged(&mut values, dtype, names);
+        let full = [&[shape[0] * names.len()][..], &shape[1..]].concat();
+        be.load_weight(&crate::dtype::encode_from_f32(&values, dtype), dtype, &full)
     }
 
     /// The FP8 codes and per-row scales of a concatenation whose pieces are all stored as e4m3
@@ -301,6 +352,9 @@ impl TransformerWeights {
     /// engine's FP8 format is exactly that, so they are used as stored instead of requantized.
     /// None when any piece is stored otherwise.
     pub fn stored_fp8(&self, names: &[&str], shape: &[usize]) -> Result<Option<Quantized>> {
+        if self.adapters_for(names).is_some() {
+            return Ok(None);
+        }
         let cols: usize = shape[1..].iter().product();
         let (mut codes, mut scales) = (Vec::new(), Vec::new());
         for p in self.pieces_of(names, shape)? {

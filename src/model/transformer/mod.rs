@@ -15,6 +15,8 @@ use super::rope::{flux_tables, PositionIds};
 use crate::backend::{scope, AttnMask, Backend};
 use crate::dtype::{round_through, DType};
 use crate::error::{Error, Result};
+use crate::lora::runtime::LowRank;
+use crate::lora::{AdapterSet, LoraMode, LoraOptions};
 use crate::planner::TransformerPrecision;
 use crate::quant::{quantize, QuantFormat, Quantized};
 use crate::tensor::Tensor;
@@ -46,15 +48,16 @@ fn load_double(
     b: &dyn Backend,
     cfg: &TransformerConfig,
     mode: BlockLinears,
+    rt: Option<&AdapterSet>,
     i: usize,
 ) -> Result<DoubleBlock> {
     let (d, m, hd) = (cfg.hidden(), cfg.mlp_hidden(), cfg.attention_head_dim);
     let p = |s: &str| format!("transformer_blocks.{i}.{s}");
     let qkv = |names: [&str; 3]| {
         let full: Vec<String> = names.iter().map(|n| p(&format!("attn.{n}.weight"))).collect();
-        block_linear(w, b, mode, &full.iter().map(String::as_str).collect::<Vec<_>>(), &[d, d])
+        block_linear(w, b, mode, rt, &full.iter().map(String::as_str).collect::<Vec<_>>(), &[d, d])
     };
-    let lin = |name: &str, shape: &[usize]| block_linear(w, b, mode, &[&p(name)], shape);
+    let lin = |name: &str, shape: &[usize]| block_linear(w, b, mode, rt, &[&p(name)], shape);
     Ok(DoubleBlock {
         img_qkv: qkv(["to_q", "to_k", "to_v"])?,
         txt_qkv: qkv(["add_q_proj", "add_k_proj", "add_v_proj"])?,
@@ -76,38 +79,89 @@ fn load_single(
     b: &dyn Backend,
     cfg: &TransformerConfig,
     mode: BlockLinears,
+    rt: Option<&AdapterSet>,
     i: usize,
 ) -> Result<SingleBlock> {
     let (d, m, hd) = (cfg.hidden(), cfg.mlp_hidden(), cfg.attention_head_dim);
     let p = |s: &str| format!("single_transformer_blocks.{i}.attn.{s}");
     Ok(SingleBlock {
-        qkv_mlp: block_linear(w, b, mode, &[&p("to_qkv_mlp_proj.weight")], &[3 * d + 2 * m, d])?,
+        qkv_mlp: block_linear(w, b, mode, rt, &[&p("to_qkv_mlp_proj.weight")], &[3 * d + 2 * m, d])?,
         norm_q: w.load(b, &p("norm_q.weight"), &[hd])?,
         norm_k: w.load(b, &p("norm_k.weight"), &[hd])?,
-        to_out: block_linear(w, b, mode, &[&p("to_out.weight")], &[d, d + m])?,
+        to_out: block_linear(w, b, mode, rt, &[&p("to_out.weight")], &[d, d + m])?,
     })
 }
 
 struct DoubleBlock {
-    img_qkv: Linear,
-    txt_qkv: Linear,
+    img_qkv: Proj,
+    txt_qkv: Proj,
     norm_q: Tensor,
     norm_k: Tensor,
     norm_added_q: Tensor,
     norm_added_k: Tensor,
-    to_out: Linear,
-    to_add_out: Linear,
-    ff_in: Linear,
-    ff_out: Linear,
-    ff_ctx_in: Linear,
-    ff_ctx_out: Linear,
+    to_out: Proj,
+    to_add_out: Proj,
+    ff_in: Proj,
+    ff_out: Proj,
+    ff_ctx_in: Proj,
+    ff_ctx_out: Proj,
 }
 
 struct SingleBlock {
-    qkv_mlp: Linear,
+    qkv_mlp: Proj,
     norm_q: Tensor,
     norm_k: Tensor,
-    to_out: Linear,
+    to_out: Proj,
+}
+
+/// A linear and, on the unmerged LoRA path, its adapters' low-rank pair.
+struct Proj {
+    w: Linear,
+    lora: Option<LowRank>,
+    /// The diffusers weights it concatenates and each one's [rows, cols], to rebuild `lora`.
+    names: Vec<String>,
+    shape: [usize; 2],
+}
+
+impl Proj {
+    fn new(w: Linear, b: &dyn Backend, rt: Option<&AdapterSet>, names: &[&str], shape: &[usize]) -> Result<Proj> {
+        let lora = runtime_pair(b, rt, names, shape)?;
+        Ok(Proj { w, lora, names: names.iter().map(|n| n.to_string()).collect(), shape: [shape[0], shape[1]] })
+    }
+
+    /// Swap the run-time adapters; the weight stays.
+    fn relink(&mut self, b: &dyn Backend, rt: Option<&AdapterSet>) -> Result<()> {
+        let names: Vec<&str> = self.names.iter().map(String::as_str).collect();
+        self.lora = runtime_pair(b, rt, &names, &self.shape)?;
+        Ok(())
+    }
+
+    fn forward(&self, be: &dyn Backend, x: &Tensor) -> Result<Tensor> {
+        let y = self.w.forward(be, x, None)?;
+        match &self.lora {
+            Some(l) => l.apply(be, x, &y),
+            None => Ok(y),
+        }
+    }
+}
+
+/// The run-time adapters of the row-wise concatenation `names` (each `shape`).
+fn runtime_pair(b: &dyn Backend, rt: Option<&AdapterSet>, names: &[&str], shape: &[usize]) -> Result<Option<LowRank>> {
+    match rt {
+        Some(set) => LowRank::build(b, set, names, shape[0], shape[1]),
+        None => Ok(None),
+    }
+}
+
+/// A dense non-block weight (embedders, modulation, output head) with its run-time adapters.
+fn dense(
+    w: &TransformerWeights,
+    b: &dyn Backend,
+    rt: Option<&AdapterSet>,
+    name: &str,
+    shape: &[usize],
+) -> Result<Proj> {
+    Proj::new(Linear::Dense(w.load(b, name, shape)?), b, rt, &[name], shape)
 }
 
 /// How the transformer computes: block linears in bf16 or FP8 (W8A8), attention exact or
@@ -144,13 +198,33 @@ fn block_linear(
     w: &TransformerWeights,
     b: &dyn Backend,
     mode: BlockLinears,
+    rt: Option<&AdapterSet>,
+    names: &[&str],
+    shape: &[usize],
+) -> Result<Proj> {
+    Proj::new(block_weight(w, b, mode, names, shape)?, b, rt, names, shape)
+}
+
+fn block_weight(
+    w: &TransformerWeights,
+    b: &dyn Backend,
+    mode: BlockLinears,
     names: &[&str],
     shape: &[usize],
 ) -> Result<Linear> {
-    // FP8 checkpoints keep their codes; anything else is quantized from its f32 values.
-    let quantize_fp8 = || match w.stored_fp8(names, shape)? {
-        Some(q) => Ok(q),
-        None => quantize(&w.host_concat(names, shape)?, shape[0] * names.len(), shape[1], QuantFormat::Fp8),
+    // FP8 checkpoints keep their codes (unless a LoRA is merged into them); anything else is
+    // quantized from its f32 values.
+    let quantize_fp8 = || {
+        if let Some(q) = w.stored_fp8(names, shape)? {
+            return Ok(q);
+        }
+        let values = w.host_concat(names, shape)?;
+        let q = quantize(&values, shape[0] * names.len(), shape[1], QuantFormat::Fp8)?;
+        // A merged LoRA is requantised with the weight: say what that cost.
+        if let Some(adapters) = w.adapters_for(names) {
+            adapters.record_merge(&values, &crate::quant::dequantize(&q), || format!("{} as fp8", names.join(" + ")));
+        }
+        Ok::<_, Error>(q)
     };
     match mode {
         // GGUF blocks stay quantized on the device: the weight-only GEMM decodes them.
@@ -178,14 +252,14 @@ fn block_linear(
 pub struct Flux2Transformer {
     be: Arc<dyn Backend>,
     cfg: TransformerConfig,
-    time_1: Tensor,
-    time_2: Tensor,
-    guidance: Option<(Tensor, Tensor)>,
-    mod_img: Tensor,
-    mod_txt: Tensor,
-    mod_single: Tensor,
-    x_embedder: Tensor,
-    context_embedder: Tensor,
+    time_1: Proj,
+    time_2: Proj,
+    guidance: Option<(Proj, Proj)>,
+    mod_img: Proj,
+    mod_txt: Proj,
+    mod_single: Proj,
+    x_embedder: Proj,
+    context_embedder: Proj,
     /// None: streamed from `weights` at each forward.
     double: Vec<Option<DoubleBlock>>,
     single: Vec<Option<SingleBlock>>,
@@ -193,9 +267,11 @@ pub struct Flux2Transformer {
     weights: TransformerWeights,
     /// FP8 codes of the streamed blocks, kept on the host after their first use.
     streamed_fp8: HostFp8,
-    norm_out: Tensor,
-    proj_out: Tensor,
+    norm_out: Proj,
+    proj_out: Proj,
     compute: Compute,
+    /// Adapters applied unmerged (`LoraMode::Runtime`), also to streamed blocks.
+    runtime: Option<Arc<AdapterSet>>,
     /// Device RoPE tables of the last ids seen.
     rope_cache: std::sync::Mutex<Option<(PositionIds, Tensor, Tensor)>>,
 }
@@ -268,8 +344,20 @@ impl Flux2Transformer {
         resident_blocks: Option<usize>,
         compute: Compute,
     ) -> Result<Flux2Transformer> {
+        Flux2Transformer::load_with_loras(be, path, resident_blocks, compute, &LoraOptions::default())
+    }
+
+    /// As [`Flux2Transformer::load_with`], with LoRAs merged at load or applied at run time.
+    pub fn load_with_loras(
+        be: Arc<dyn Backend>,
+        path: &Path,
+        resident_blocks: Option<usize>,
+        compute: Compute,
+        loras: &LoraOptions,
+    ) -> Result<Flux2Transformer> {
         let (store, layout, cfg) = open(path)?;
-        Flux2Transformer::from_store_streaming(be, store, layout, cfg, resident_blocks, compute)
+        let set = if loras.loras.is_empty() { None } else { Some(Arc::new(AdapterSet::load(&loras.loras, &cfg)?)) };
+        Flux2Transformer::from_store_adapted(be, store, layout, cfg, resident_blocks, compute, set, loras.mode)
     }
 
     pub fn from_store(
@@ -292,15 +380,36 @@ impl Flux2Transformer {
         resident_blocks: Option<usize>,
         compute: Compute,
     ) -> Result<Flux2Transformer> {
+        Flux2Transformer::from_store_adapted(be, store, layout, cfg, resident_blocks, compute, None, LoraMode::Merge)
+    }
+
+    /// With adapters (resolved against `cfg`): merged into the weights, or kept as low-rank
+    /// pairs beside them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_store_adapted(
+        be: Arc<dyn Backend>,
+        store: WeightStore,
+        layout: Layout,
+        cfg: TransformerConfig,
+        resident_blocks: Option<usize>,
+        compute: Compute,
+        adapters: Option<Arc<AdapterSet>>,
+        mode: LoraMode,
+    ) -> Result<Flux2Transformer> {
         cfg.validate().map_err(|r| Error::config(store.origin(), r))?;
-        let w = TransformerWeights::new(Arc::new(store), layout, &cfg);
+        let (merged, runtime) = match mode {
+            LoraMode::Merge => (adapters.clone(), None),
+            LoraMode::Runtime => (None, adapters.clone()),
+        };
+        let w = TransformerWeights::new(Arc::new(store), layout, &cfg).with_adapters(merged.clone());
+        let rt = runtime.as_deref();
         let b: &dyn Backend = &*be;
         let d = cfg.hidden();
         let tc = cfg.timestep_guidance_channels;
         let guidance = if cfg.guidance_embeds {
             Some((
-                w.load(b, "time_guidance_embed.guidance_embedder.linear_1.weight", &[d, tc])?,
-                w.load(b, "time_guidance_embed.guidance_embedder.linear_2.weight", &[d, d])?,
+                dense(&w, b, rt, "time_guidance_embed.guidance_embedder.linear_1.weight", &[d, tc])?,
+                dense(&w, b, rt, "time_guidance_embed.guidance_embedder.linear_2.weight", &[d, d])?,
             ))
         } else {
             None
@@ -309,35 +418,116 @@ impl Flux2Transformer {
         let mode =
             if compute.precision == Some(TransformerPrecision::Fp8) { BlockLinears::Fp8 } else { BlockLinears::Dense };
         let double = (0..cfg.num_layers)
-            .map(|i| if i < resident { load_double(&w, b, &cfg, mode, i).map(Some) } else { Ok(None) })
+            .map(|i| if i < resident { load_double(&w, b, &cfg, mode, rt, i).map(Some) } else { Ok(None) })
             .collect::<Result<Vec<_>>>()?;
-        let single = (0..cfg.num_single_layers)
-            .map(|i| if cfg.num_layers + i < resident { load_single(&w, b, &cfg, mode, i).map(Some) } else { Ok(None) })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Flux2Transformer {
-            time_1: w.load(b, "time_guidance_embed.timestep_embedder.linear_1.weight", &[d, tc])?,
-            time_2: w.load(b, "time_guidance_embed.timestep_embedder.linear_2.weight", &[d, d])?,
+        let single =
+            (0..cfg.num_single_layers)
+                .map(|i| {
+                    if cfg.num_layers + i < resident {
+                        load_single(&w, b, &cfg, mode, rt, i).map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+        let mut t = Flux2Transformer {
+            time_1: dense(&w, b, rt, "time_guidance_embed.timestep_embedder.linear_1.weight", &[d, tc])?,
+            time_2: dense(&w, b, rt, "time_guidance_embed.timestep_embedder.linear_2.weight", &[d, d])?,
             guidance,
-            mod_img: w.load(b, "double_stream_modulation_img.linear.weight", &[6 * d, d])?,
-            mod_txt: w.load(b, "double_stream_modulation_txt.linear.weight", &[6 * d, d])?,
-            mod_single: w.load(b, "single_stream_modulation.linear.weight", &[3 * d, d])?,
-            x_embedder: w.load(b, "x_embedder.weight", &[d, cfg.in_channels])?,
-            context_embedder: w.load(b, "context_embedder.weight", &[d, cfg.joint_attention_dim])?,
+            mod_img: dense(&w, b, rt, "double_stream_modulation_img.linear.weight", &[6 * d, d])?,
+            mod_txt: dense(&w, b, rt, "double_stream_modulation_txt.linear.weight", &[6 * d, d])?,
+            mod_single: dense(&w, b, rt, "single_stream_modulation.linear.weight", &[3 * d, d])?,
+            x_embedder: dense(&w, b, rt, "x_embedder.weight", &[d, cfg.in_channels])?,
+            context_embedder: dense(&w, b, rt, "context_embedder.weight", &[d, cfg.joint_attention_dim])?,
             double,
             single,
-            norm_out: w.load(b, "norm_out.linear.weight", &[2 * d, d])?,
-            proj_out: w.load(b, "proj_out.weight", &[cfg.out_features(), d])?,
+            norm_out: dense(&w, b, rt, "norm_out.linear.weight", &[2 * d, d])?,
+            proj_out: dense(&w, b, rt, "proj_out.weight", &[cfg.out_features(), d])?,
             rope_cache: Default::default(),
+            runtime,
             compute,
             cfg,
             be,
             weights: w,
             streamed_fp8: Default::default(),
-        })
+        };
+        if let Some(m) = &merged {
+            m.log_merge();
+        }
+        if t.runtime.is_some() {
+            tracing::info!(
+                "LoRA run-time adapters: {:.1} MiB on the device",
+                t.runtime_lora_bytes() as f64 / 1048576.0
+            );
+        }
+        Ok(t)
     }
 
     pub fn config(&self) -> &TransformerConfig {
         &self.cfg
+    }
+
+    /// Every resident linear (the streamed blocks are built per forward).
+    fn projs_mut(&mut self) -> Vec<&mut Proj> {
+        let mut all = vec![
+            &mut self.time_1,
+            &mut self.time_2,
+            &mut self.mod_img,
+            &mut self.mod_txt,
+            &mut self.mod_single,
+            &mut self.x_embedder,
+            &mut self.context_embedder,
+            &mut self.norm_out,
+            &mut self.proj_out,
+        ];
+        if let Some((g1, g2)) = self.guidance.as_mut() {
+            all.extend([g1, g2]);
+        }
+        for blk in self.double.iter_mut().flatten() {
+            all.extend([
+                &mut blk.img_qkv,
+                &mut blk.txt_qkv,
+                &mut blk.to_out,
+                &mut blk.to_add_out,
+                &mut blk.ff_in,
+                &mut blk.ff_out,
+                &mut blk.ff_ctx_in,
+                &mut blk.ff_ctx_out,
+            ]);
+        }
+        for blk in self.single.iter_mut().flatten() {
+            all.extend([&mut blk.qkv_mlp, &mut blk.to_out]);
+        }
+        all
+    }
+
+    /// Device bytes of the run-time adapters of the resident linears (0 when merged or none).
+    pub fn runtime_lora_bytes(&mut self) -> usize {
+        self.projs_mut().iter().filter_map(|p| p.lora.as_ref()).map(|l| l.bytes()).sum()
+    }
+
+    /// What merging LoRAs at load cost in precision (None: nothing merged).
+    pub fn lora_merge_stats(&self) -> Option<crate::lora::merge::MergeStats> {
+        self.weights.adapters().map(|a| a.merge_stats())
+    }
+
+    /// Replace the unmerged adapters (a transformer loaded with `LoraMode::Runtime`, or without
+    /// LoRAs): every linear's low-rank pair is rebuilt, the base weights are not touched, so
+    /// switching costs no reload. An empty list removes them. A file that fails to load changes
+    /// nothing.
+    pub fn set_runtime_loras(&mut self, loras: &[crate::lora::LoraSpec]) -> Result<()> {
+        if self.weights.has_adapters() {
+            return Err(Error::Unsupported(
+                "these LoRAs were merged into the weights at load; load with --lora-mode runtime to switch them".into(),
+            ));
+        }
+        let set = if loras.is_empty() { None } else { Some(Arc::new(AdapterSet::load(loras, &self.cfg)?)) };
+        let be = self.be.clone();
+        for p in self.projs_mut() {
+            p.relink(&*be, set.as_deref())?;
+        }
+        self.runtime = set;
+        Ok(())
     }
 
     pub fn layout(&self) -> Layout {
@@ -442,12 +632,12 @@ impl Flux2Transformer {
 
         let temb = self.time_embedding(timestep, guidance)?;
         let silu_temb = be.silu(&temb)?;
-        let mod_img = Modulation::split(&be.linear(&silu_temb, &self.mod_img, None)?, 2)?;
-        let mod_txt = Modulation::split(&be.linear(&silu_temb, &self.mod_txt, None)?, 2)?;
-        let mod_single = Modulation::split(&be.linear(&silu_temb, &self.mod_single, None)?, 1)?;
+        let mod_img = Modulation::split(&self.mod_img.forward(be, &silu_temb)?, 2)?;
+        let mod_txt = Modulation::split(&self.mod_txt.forward(be, &silu_temb)?, 2)?;
+        let mod_single = Modulation::split(&self.mod_single.forward(be, &silu_temb)?, 1)?;
 
-        let mut img = be.linear(hidden_states, &self.x_embedder, None)?;
-        let mut txt = be.linear(context, &self.context_embedder, None)?;
+        let mut img = self.x_embedder.forward(be, hidden_states)?;
+        let mut txt = self.context_embedder.forward(be, context)?;
         let (cos, sin) = self.rope_tables(txt_ids, img_ids)?;
         let rope = Rope { cos: &cos, sin: &sin };
 
@@ -455,13 +645,13 @@ impl Flux2Transformer {
         let mut refs = None;
         if let KvStep::Extract { refs: r, ref_ids, ref_time } = &step {
             let ref_temb = be.silu(&self.time_embedding(&vec![*ref_time; r.dim(0)], None)?)?;
-            let ref_mod_img = Modulation::split(&be.linear(&ref_temb, &self.mod_img, None)?, 2)?;
-            let ref_mod_single = Modulation::split(&be.linear(&ref_temb, &self.mod_single, None)?, 1)?;
+            let ref_mod_img = Modulation::split(&self.mod_img.forward(be, &ref_temb)?, 2)?;
+            let ref_mod_single = Modulation::split(&self.mod_single.forward(be, &ref_temb)?, 1)?;
             let (cos, sin) = flux_tables(ref_ids, &cfg.axes_dims_rope, cfg.rope_theta)?;
             let shape = [ref_ids.len(), cfg.attention_head_dim / 2];
             let cos = be.upload(&Tensor::from_f32(cos, &shape)?, DType::F32)?;
             let sin = be.upload(&Tensor::from_f32(sin, &shape)?, DType::F32)?;
-            refs = Some((be.linear(r, &self.x_embedder, None)?, ref_mod_img, ref_mod_single, cos, sin));
+            refs = Some((self.x_embedder.forward(be, r)?, ref_mod_img, ref_mod_single, cos, sin));
         }
         let mut kept_double = Vec::new();
         let mut kept_single = Vec::new();
@@ -472,7 +662,7 @@ impl Flux2Transformer {
             let block = match block {
                 Some(b) => b,
                 None => {
-                    owned = load_double(&self.weights, be, cfg, streamed, i)?;
+                    owned = load_double(&self.weights, be, cfg, streamed, self.runtime.as_deref(), i)?;
                     &owned
                 }
             };
@@ -499,7 +689,7 @@ impl Flux2Transformer {
             let block = match block {
                 Some(b) => b,
                 None => {
-                    owned = load_single(&self.weights, be, cfg, streamed, i)?;
+                    owned = load_single(&self.weights, be, cfg, streamed, self.runtime.as_deref(), i)?;
                     &owned
                 }
             };
@@ -521,10 +711,10 @@ impl Flux2Transformer {
         }
         let img = h.narrow(1, lt, li)?;
         let _out = scope::enter(|| "norm_out/proj_out".into());
-        let emb = be.linear(&silu_temb, &self.norm_out, None)?;
+        let emb = self.norm_out.forward(be, &silu_temb)?;
         let (scale, shift) = (emb.narrow(1, 0, d)?, emb.narrow(1, d, d)?);
         let out = be.layer_norm_modulate(&img, &shift, &scale, cfg.eps as f32)?;
-        let out = be.linear(&out, &self.proj_out, None)?;
+        let out = self.proj_out.forward(be, &out)?;
         let cache = match step {
             KvStep::Extract { refs: r, .. } => {
                 Some(RefKvCache { tokens: r.dim(1), double: kept_double, single: kept_single })
@@ -564,8 +754,8 @@ impl Flux2Transformer {
 
         let a_img = be.layer_norm_modulate(img, sh1, sc1, eps)?;
         let a_txt = be.layer_norm_modulate(txt, csh1, csc1, eps)?;
-        let [qi, ki, vi] = self.split_qkv(&blk.img_qkv.forward(be, &a_img, None)?)?;
-        let [qt, kt, vt] = self.split_qkv(&blk.txt_qkv.forward(be, &a_txt, None)?)?;
+        let [qi, ki, vi] = self.split_qkv(&blk.img_qkv.forward(be, &a_img)?)?;
+        let [qt, kt, vt] = self.split_qkv(&blk.txt_qkv.forward(be, &a_txt)?)?;
         let qi = be.rms_norm(&qi, Some(&blk.norm_q), eps)?;
         let ki = be.rms_norm(&ki, Some(&blk.norm_k), eps)?;
         let qt = be.rms_norm(&qt, Some(&blk.norm_added_q), eps)?;
@@ -580,13 +770,13 @@ impl Flux2Transformer {
                 let [rsh1, rsc1, rg1] = &mods.sets[0];
                 let [rsh2, rsc2, rg2] = &mods.sets[1];
                 let a_ref = be.layer_norm_modulate(r, rsh1, rsc1, eps)?;
-                let [qr, kr, vr] = self.split_qkv(&blk.img_qkv.forward(be, &a_ref, None)?)?;
+                let [qr, kr, vr] = self.split_qkv(&blk.img_qkv.forward(be, &a_ref)?)?;
                 let qr = ref_rope.apply(be, &be.rms_norm(&qr, Some(&blk.norm_q), eps)?)?;
                 let kr = ref_rope.apply(be, &be.rms_norm(&kr, Some(&blk.norm_k), eps)?)?;
                 let vr = be.contiguous(&vr)?;
                 let o = self.attend(&q, &self.with_ref(&k, &kr, lt)?, &self.with_ref(&v, &vr, lt)?)?;
                 let o_ref = self.attend(&qr, &kr, &vr)?.reshape(&[b, lr, d])?;
-                let r = be.gated_add(r, rg1, &blk.to_out.forward(be, &o_ref, None)?)?;
+                let r = be.gated_add(r, rg1, &blk.to_out.forward(be, &o_ref)?)?;
                 let ff = self.feed_forward(&be.layer_norm_modulate(&r, rsh2, rsc2, eps)?, &blk.ff_in, &blk.ff_out)?;
                 let r = be.gated_add(&r, rg2, &ff)?;
                 (o, Some(r), Some((kr, vr)))
@@ -599,11 +789,11 @@ impl Flux2Transformer {
         let o = o.reshape(&[b, lt + li, d])?;
         let (o_txt, o_img) = (o.narrow(1, 0, lt)?, o.narrow(1, lt, li)?);
 
-        let img = be.gated_add(img, g1, &blk.to_out.forward(be, &o_img, None)?)?;
+        let img = be.gated_add(img, g1, &blk.to_out.forward(be, &o_img)?)?;
         let ff = self.feed_forward(&be.layer_norm_modulate(&img, sh2, sc2, eps)?, &blk.ff_in, &blk.ff_out)?;
         let img = be.gated_add(&img, g2, &ff)?;
 
-        let txt = be.gated_add(txt, cg1, &blk.to_add_out.forward(be, &o_txt, None)?)?;
+        let txt = be.gated_add(txt, cg1, &blk.to_add_out.forward(be, &o_txt)?)?;
         let ff = self.feed_forward(&be.layer_norm_modulate(&txt, csh2, csc2, eps)?, &blk.ff_ctx_in, &blk.ff_ctx_out)?;
         let txt = be.gated_add(&txt, cg2, &ff)?;
         Ok((img, txt, ref_out, kept))
@@ -625,7 +815,7 @@ impl Flux2Transformer {
         let (b, n, d, m) = (h.dim(0), h.dim(1), self.cfg.hidden(), self.cfg.mlp_hidden());
         let [shift, scale, gate] = &ms.sets[0];
         let a = be.layer_norm_modulate(h, shift, scale, eps)?;
-        let y = blk.qkv_mlp.forward(be, &a, None)?;
+        let y = blk.qkv_mlp.forward(be, &a)?;
         let [q, k, v] = self.split_qkv(&y)?;
         let q = rope.apply(be, &be.rms_norm(&q, Some(&blk.norm_q), eps)?)?;
         let k = rope.apply(be, &be.rms_norm(&k, Some(&blk.norm_k), eps)?)?;
@@ -634,7 +824,7 @@ impl Flux2Transformer {
                 let lr = r.dim(1);
                 let [rshift, rscale, rgate] = &mods.sets[0];
                 let a_ref = be.layer_norm_modulate(r, rshift, rscale, eps)?;
-                let y_ref = blk.qkv_mlp.forward(be, &a_ref, None)?;
+                let y_ref = blk.qkv_mlp.forward(be, &a_ref)?;
                 let [qr, kr, vr] = self.split_qkv(&y_ref)?;
                 let qr = ref_rope.apply(be, &be.rms_norm(&qr, Some(&blk.norm_q), eps)?)?;
                 let kr = ref_rope.apply(be, &be.rms_norm(&kr, Some(&blk.norm_k), eps)?)?;
@@ -642,7 +832,7 @@ impl Flux2Transformer {
                 let o = self.attend(&q, &self.with_ref(&k, &kr, lt)?, &self.with_ref(&v, &vr, lt)?)?;
                 let o_ref = self.attend(&qr, &kr, &vr)?.reshape(&[b, lr, d])?;
                 let act = be.swiglu(&y_ref.narrow(2, 3 * d, 2 * m)?)?;
-                let out = blk.to_out.forward(be, &be.concat(&[&o_ref, &act], 2)?, None)?;
+                let out = blk.to_out.forward(be, &be.concat(&[&o_ref, &act], 2)?)?;
                 (o, Some(be.gated_add(r, rgate, &out)?), Some((kr, vr)))
             }
             RefStream::Cached((kr, vr)) => {
@@ -652,7 +842,7 @@ impl Flux2Transformer {
         };
         let o = o.reshape(&[b, n, d])?;
         let act = be.swiglu(&y.narrow(2, 3 * d, 2 * m)?)?;
-        let out = blk.to_out.forward(be, &be.concat(&[&o, &act], 2)?, None)?;
+        let out = blk.to_out.forward(be, &be.concat(&[&o, &act], 2)?)?;
         Ok((be.gated_add(h, gate, &out)?, ref_out, kept))
     }
 
@@ -722,9 +912,9 @@ impl Flux2Transformer {
     /// its own embedding.
     fn time_embedding(&self, timestep: &[f32], guidance: Option<&[f32]>) -> Result<Tensor> {
         let be = &*self.be;
-        let embed = |t: &[f32], l1: &Tensor, l2: &Tensor| -> Result<Tensor> {
+        let embed = |t: &[f32], l1: &Proj, l2: &Proj| -> Result<Tensor> {
             let proj = be.timestep_embedding(t, self.cfg.timestep_guidance_channels, 10000.0)?;
-            be.linear(&be.silu(&be.linear(&proj, l1, None)?)?, l2, None)
+            l2.forward(be, &be.silu(&l1.forward(be, &proj)?)?)
         };
         let temb = embed(timestep, &self.time_1, &self.time_2)?;
         match (guidance, &self.guidance) {
@@ -746,9 +936,9 @@ impl Flux2Transformer {
         self.compute.attention = attention;
     }
 
-    fn feed_forward(&self, x: &Tensor, w_in: &Linear, w_out: &Linear) -> Result<Tensor> {
+    fn feed_forward(&self, x: &Tensor, w_in: &Proj, w_out: &Proj) -> Result<Tensor> {
         let be = &*self.be;
-        w_out.forward(be, &be.swiglu(&w_in.forward(be, x, None)?)?, None)
+        w_out.forward(be, &be.swiglu(&w_in.forward(be, x)?)?)
     }
 
     /// Views q, k, v `[B, L, H, hd]` of a fused `[B, L, 3D(+…)]` projection.
