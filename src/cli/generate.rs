@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::backend::cpu::CpuPrecision;
 use crate::device::{self, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::image_io::RgbImage;
@@ -79,6 +80,10 @@ pub struct GenerateArgs {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// CPU backend only: bf16 keeps the weights as stored (bf16/f16/fp8, in the memory map) and
+    /// runs bf16 GEMMs; f32 widens every weight (the exact reference).
+    #[arg(long, value_enum, default_value_t = CpuPrecision::Bf16)]
+    pub cpu_precision: CpuPrecision,
     /// Timestep rounding to reproduce: diffusers (in the compute dtype), diffusers-bf16, or bfl.
     #[arg(long, value_enum, default_value_t = TimestepMode::Diffusers)]
     pub timesteps: TimestepMode,
@@ -161,7 +166,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         crate::output_file::check_writable(json)?;
     }
     let references = args.references.iter().map(|p| RgbImage::load(p)).collect::<Result<Vec<_>>>()?;
-    let be = device::select(args.device)?;
+    let be = device::select_with(args.device, args.cpu_precision)?;
     let be: std::sync::Arc<dyn crate::backend::Backend> =
         if args.debug_nans { std::sync::Arc::new(crate::backend::nan_check::NanCheckBackend::new(be)) } else { be };
     tracing::info!("device: {}", be.name());
@@ -298,11 +303,9 @@ fn memory_plan(
     noise: Option<&crate::tensor::Tensor>,
     init_image: Option<&RgbImage>,
 ) -> Result<Option<crate::planner::Plan>> {
-    let budget = match &args.vram_budget {
-        Some(b) => Some(crate::planner::parse_bytes(b)?),
-        None => crate::device::free_memory(be).map(|free| ((free as f64 * 0.95) as usize).saturating_sub(256 << 20)),
+    let Some((budget, target)) = device::plan_budget(be, args.vram_budget.as_deref(), args.cpu_precision)? else {
+        return Ok(None);
     };
-    let Some(budget) = budget else { return Ok(None) };
     let spec = crate::synth::PipelineSpec::from_pipeline(root)?;
     let info = crate::pipeline::PipelineInfo::read(root)?;
     let m = spec.vae.pixel_multiple();
@@ -332,7 +335,7 @@ fn memory_plan(
         references: refs,
         budget,
     };
-    let plan = crate::planner::plan(&input)?;
+    let plan = crate::planner::plan_for(&input, target)?;
     tracing::info!("memory plan:\n{}", plan.describe());
     #[cfg(feature = "cuda")]
     if let Some(c) = device::as_cuda(be) {

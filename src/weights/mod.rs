@@ -4,6 +4,7 @@
 
 pub mod ggml;
 pub mod gguf;
+pub mod mapping;
 pub mod safetensors;
 
 use std::collections::HashMap;
