@@ -170,6 +170,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let be: std::sync::Arc<dyn crate::backend::Backend> =
         if args.debug_nans { std::sync::Arc::new(crate::backend::nan_check::NanCheckBackend::new(be)) } else { be };
     tracing::info!("device: {}", be.name());
+    // The kernel keeps no peak of anonymous memory: sample it for the report.
+    let anon_peak = crate::host_memory::AnonPeak::start();
     let load_start = std::time::Instant::now();
     let plan = memory_plan(args, &root, &be, &references, noise.as_ref(), init_image.as_ref())?;
     let residency = plan.as_ref().map(Residency::from_plan).unwrap_or_default();
@@ -206,11 +208,33 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             nvml_peak.map(|p| format!(", NVML used up to {:.2} GiB", p as f64 / 1073741824.0)).unwrap_or_default()
         );
     }
+    let host = crate::host_memory::process().map(|m| {
+        let peak_anonymous = anon_peak.as_ref().map(|a| a.peak_anonymous());
+        tracing::info!(
+            "host memory: peak resident {:.2} GiB, peak anonymous {}",
+            m.peak_resident as f64 / 1073741824.0,
+            peak_anonymous.map_or("unknown".into(), |p| format!("{:.2} GiB", p as f64 / 1073741824.0))
+        );
+        serde_json::json!({
+            "peak_resident_bytes": m.peak_resident,
+            "peak_anonymous_bytes": peak_anonymous,
+            "resident_bytes": m.resident,
+            "anonymous_bytes": m.anonymous,
+            "file_backed_bytes": m.file,
+        })
+    });
     if let Some(json_path) = &args.json {
+        let loads: Vec<_> = pipeline
+            .load_times()
+            .iter()
+            .map(|(component, seconds)| serde_json::json!({"component": component, "seconds": seconds}))
+            .collect();
         let report = serde_json::json!({
             "device": be.name(),
             "model": args.model,
             "load_seconds": load_seconds,
+            "component_loads": loads,
+            "host_memory": host,
             "peak_device_bytes": memory.map(|m| m.1),
             "plan": plan,
             "health": health,
@@ -242,11 +266,14 @@ fn generate_all(
         let req = request(i * args.batch);
         let cfg = pipeline.info.uses_cfg(req.guidance);
         let encode_start = std::time::Instant::now();
+        let loads_before = pipeline.load_times().len();
         if encoded.is_none() {
             encoded = Some(pipeline.encode(&args.prompt, cfg)?);
             be.synchronize()?;
         }
-        let encode_seconds = encode_start.elapsed().as_secs_f64();
+        // A text encoder loaded on first use is reported as its load, not as encoding.
+        let encoder_load: f64 = pipeline.load_times()[loads_before..].iter().map(|l| l.1).sum();
+        let encode_seconds = encode_start.elapsed().as_secs_f64() - encoder_load;
         let outs = pipeline.generate_batch(&req, args.batch, encoded.as_ref(), refs.as_ref())?;
         for (b, out) in outs.iter().enumerate() {
             let seed = req.seed.wrapping_add(b as u64);
@@ -262,8 +289,12 @@ fn generate_all(
                 previews.push(serde_json::json!({"step": step, "image": preview.display().to_string()}));
             }
             let t = &out.timings;
+            let origin = match &args.noise {
+                Some(file) => format!("noise {}", file.display()),
+                None => format!("seed {seed}"),
+            };
             tracing::info!(
-                "seed {seed}: {}x{}, {} steps; denoise {:.2}s, decode {:.2}s",
+                "{origin}: {}x{}, {} steps; denoise {:.2}s, decode {:.2}s",
                 out.image.width,
                 out.image.height,
                 out.steps,
@@ -271,7 +302,8 @@ fn generate_all(
                 t.decode.as_secs_f64()
             );
             runs.push(serde_json::json!({
-            "seed": seed,
+            "seed": args.noise.is_none().then_some(seed),
+            "noise": args.noise.as_ref().map(|p| p.display().to_string()),
             "image": path.display().to_string(),
             "width": out.image.width,
             "height": out.image.height,
@@ -373,9 +405,10 @@ fn ascii_json(v: &serde_json::Value) -> String {
 fn save(out: &Output, path: &Path, args: &GenerateArgs, seed: u64) -> Result<()> {
     let (w, h) = (out.image.width, out.image.height);
     let noise = args.noise.as_ref().map(|p| p.display().to_string());
+    // With --noise the seed draws nothing: say where the noise came from instead.
     let params = serde_json::json!({
         "prompt": args.prompt,
-        "seed": seed,
+        "seed": noise.is_none().then_some(seed),
         "noise": noise,
         "steps": out.steps,
         "guidance": out.guidance,
@@ -395,8 +428,12 @@ fn save(out: &Output, path: &Path, args: &GenerateArgs, seed: u64) -> Result<()>
         Some(_) => format!(", Denoising strength: {}", args.strength.unwrap_or(crate::inpaint::DEFAULT_STRENGTH)),
         None => String::new(),
     };
+    let origin = match &noise {
+        Some(file) => format!("Noise: {file}"),
+        None => format!("Seed: {seed}"),
+    };
     let a1111 = format!(
-        "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: {}, Seed: {seed}, Size: {w}x{h}, Model: {}{strength}",
+        "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: {}, {origin}, Size: {w}x{h}, Model: {}{strength}",
         args.prompt, out.steps, out.guidance, args.model
     );
     out.image.save_png(path, &[("parameters", a1111), ("flux2", ascii_json(&params))])
