@@ -119,3 +119,28 @@ fn f32_precision_widens_and_bf16_precision_keeps_the_map() {
     let wrong = Tensor::from_f32(vec![0.0; 3 * 41], &[3, 41]).unwrap();
     assert!(bf16.linear(&wrong, &kept, None).is_err());
 }
+
+/// Fused projections (q, k, v loaded separately, concatenated by rows) keep the stored dtype in
+/// bf16 precision, and the fused linear equals the parts' linears side by side.
+#[test]
+fn row_concatenation_keeps_the_stored_dtype() {
+    let be = CpuBackend::with_precision(CpuPrecision::Bf16, Isa::best());
+    let parts: Vec<Tensor> = [(5usize, 1u64), (3, 2)]
+        .iter()
+        .map(|&(rows, seed)| {
+            be.load_weight(&encode_from_f32(&random(seed, rows * 24, 0.2), DType::BF16), DType::BF16, &[rows, 24])
+                .unwrap()
+        })
+        .collect();
+    let fused = be.concat(&[&parts[0], &parts[1]], 0).unwrap();
+    assert_eq!(fused.dtype(), DType::BF16);
+    assert_eq!(fused.shape(), &[8, 24]);
+    let x = Tensor::from_f32(random(9, 2 * 24, 1.0), &[2, 24]).unwrap();
+    let y = be.linear(&x, &fused, None).unwrap().to_vec_f32().unwrap();
+    let (a, b) = (be.linear(&x, &parts[0], None).unwrap(), be.linear(&x, &parts[1], None).unwrap());
+    let (a, b) = (a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+    for r in 0..2 {
+        assert_eq!(&y[r * 8..r * 8 + 5], &a[r * 5..r * 5 + 5]);
+        assert_eq!(&y[r * 8 + 5..r * 8 + 8], &b[r * 3..r * 3 + 3]);
+    }
+}
