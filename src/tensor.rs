@@ -21,6 +21,9 @@ pub enum CpuStorage {
     /// Elements of `dtype` left in a checkpoint's memory map (the CPU backend's bf16 precision
     /// keeps weights there; kernels convert them while packing).
     Mapped(crate::weights::mapping::MappedBytes, DType),
+    /// A row concatenation of mapped pieces (a fused q/k/v or gate/up projection whose parts are
+    /// separate tensors in the file), still without a copy.
+    MappedRows(Vec<crate::weights::mapping::MappedBytes>, DType),
 }
 
 impl CpuStorage {
@@ -30,7 +33,7 @@ impl CpuStorage {
             CpuStorage::BF16(_) => DType::BF16,
             CpuStorage::F16(_) => DType::F16,
             CpuStorage::F8E4M3(_) => DType::F8E4M3,
-            CpuStorage::Mapped(_, dtype) => *dtype,
+            CpuStorage::Mapped(_, dtype) | CpuStorage::MappedRows(_, dtype) => *dtype,
         }
     }
 
@@ -41,6 +44,9 @@ impl CpuStorage {
             CpuStorage::F16(v) => v.len(),
             CpuStorage::F8E4M3(v) => v.len(),
             CpuStorage::Mapped(m, dtype) => m.len() / dtype.size_in_bytes(),
+            CpuStorage::MappedRows(pieces, dtype) => {
+                pieces.iter().map(|p| p.len()).sum::<usize>() / dtype.size_in_bytes()
+            }
         }
     }
 
@@ -60,6 +66,17 @@ impl CpuStorage {
                 let size = dtype.size_in_bytes();
                 crate::dtype::decode_to_f32(&m.bytes()[i * size..(i + 1) * size], *dtype)[0]
             }
+            CpuStorage::MappedRows(pieces, dtype) => {
+                let size = dtype.size_in_bytes();
+                let mut at = i * size;
+                for p in pieces {
+                    if at < p.len() {
+                        return crate::dtype::decode_to_f32(&p.bytes()[at..at + size], *dtype)[0];
+                    }
+                    at -= p.len();
+                }
+                panic!("element {i} is past the end of the storage")
+            }
         }
     }
 
@@ -71,13 +88,15 @@ impl CpuStorage {
             CpuStorage::F16(v) => Some(bytemuck::cast_slice(v)),
             CpuStorage::F8E4M3(v) => Some(v),
             CpuStorage::Mapped(m, _) => Some(m.bytes()),
+            // Not one slice: readers go element by element (`get_f32`) or piece by piece.
+            CpuStorage::MappedRows(..) => None,
         }
     }
 
     /// Bytes this storage holds in anonymous (heap) memory; mapped weights hold none.
     pub fn heap_bytes(&self) -> usize {
         match self {
-            CpuStorage::Mapped(..) => 0,
+            CpuStorage::Mapped(..) | CpuStorage::MappedRows(..) => 0,
             s => s.len() * s.dtype().size_in_bytes(),
         }
     }

@@ -115,6 +115,19 @@ fn f32_precision_widens_and_bf16_precision_keeps_the_map() {
     let x = Tensor::from_f32(xv.clone(), &[3, 40]).unwrap();
     let y = bf16.linear(&x, &kept, None).unwrap().to_vec_f32().unwrap();
     check("mapped", &y, &xv, &widened.to_vec_f32().unwrap(), 3, 40, 48, 2f64.powi(-8));
+    // A fused projection of mapped pieces lists them instead of copying, and computes the same.
+    let fused = bf16.concat(&[&kept, &kept.narrow(0, 8, 16).unwrap()], 0).unwrap();
+    assert!(matches!(fused.cpu_storage(), Some(CpuStorage::MappedRows(..))));
+    assert_eq!(fused.cpu_storage().unwrap().heap_bytes(), 0);
+    let yf = bf16.linear(&x, &fused, None).unwrap().to_vec_f32().unwrap();
+    for r in 0..3 {
+        assert_eq!(&yf[r * 64..r * 64 + 48], &y[r * 48..r * 48 + 48]);
+        assert_eq!(&yf[r * 64 + 48..r * 64 + 64], &y[r * 48 + 8..r * 48 + 24]);
+    }
+    assert_eq!(
+        fused.narrow(0, 48, 16).unwrap().to_vec_f32().unwrap(),
+        kept.narrow(0, 8, 16).unwrap().to_vec_f32().unwrap()
+    );
     // Bad input is an error, not a panic.
     let wrong = Tensor::from_f32(vec![0.0; 3 * 41], &[3, 41]).unwrap();
     assert!(bf16.linear(&wrong, &kept, None).is_err());

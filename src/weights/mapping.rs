@@ -27,6 +27,15 @@ impl MappedBytes {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// `len` bytes from `start` of this range (None past its end).
+    pub fn slice(&self, start: usize, len: usize) -> Option<MappedBytes> {
+        (start.checked_add(len)? <= self.len).then(|| MappedBytes {
+            owner: self.owner.clone(),
+            start: self.start + start,
+            len,
+        })
+    }
 }
 
 impl std::fmt::Debug for MappedBytes {

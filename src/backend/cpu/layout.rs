@@ -26,14 +26,27 @@ pub fn concat(xs: &[&Tensor], dim: usize) -> Result<Tensor> {
     output(out, &shape)
 }
 
-/// Row concatenation of weights kept in their stored dtype (bf16 precision's fused q/k/v
-/// projections): the copy stays in that dtype instead of widening to f32 (half the bytes for bf16).
+/// Row concatenation of weights kept in their stored dtype (bf16 precision's fused q/k/v and
+/// gate/up projections): mapped pieces are listed, not copied; others are copied in their dtype
+/// instead of widened to f32.
 fn concat_rows_as_stored(xs: &[&Tensor], dim: usize, shape: &[usize]) -> Option<Result<Tensor>> {
     let dtype = xs[0].cpu_storage()?.dtype();
     if dim != 0 || dtype == DType::F32 {
         return None;
     }
     let size = dtype.size_in_bytes();
+    // Mapped pieces stay where they are: the result lists them.
+    let mut pieces = Vec::new();
+    for x in xs {
+        let range = (x.offset() * size, x.numel() * size);
+        match x.cpu_storage()? {
+            CpuStorage::Mapped(m, d) if *d == dtype && x.is_contiguous() => pieces.push(m.slice(range.0, range.1)?),
+            _ => break,
+        }
+    }
+    if pieces.len() == xs.len() {
+        return Some(Tensor::from_storage(Storage::Cpu(CpuStorage::MappedRows(pieces, dtype)), shape));
+    }
     let mut bytes = Vec::new();
     for x in xs {
         let storage = x.cpu_storage()?;

@@ -16,7 +16,7 @@ use super::{dense, output};
 use crate::backend::check;
 use crate::dtype::{f8e4m3_to_f32, DType};
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{CpuStorage, Tensor};
 
 /// A row-major `[n × k]` weight matrix in its stored encoding.
 #[derive(Clone, Copy)]
@@ -48,22 +48,36 @@ impl Weights<'_> {
         }
     }
 
-    /// The weight of a linear layer, if it is a dense non-f32 CPU tensor.
-    pub fn of(w: &Tensor) -> Option<Weights<'_>> {
+    /// The weight of a linear layer as row blocks (one, or one per mapped piece of a fused
+    /// projection), if it is a dense non-f32 CPU tensor.
+    pub fn of(w: &Tensor) -> Option<Vec<Weights<'_>>> {
         let storage = w.cpu_storage()?;
-        let bytes = storage.raw_bytes()?;
-        let size = storage.dtype().size_in_bytes();
-        if !w.is_contiguous() || w.rank() != 2 || storage.dtype() == DType::U8 {
+        let (dtype, size) = (storage.dtype(), storage.dtype().size_in_bytes());
+        if !w.is_contiguous() || w.rank() != 2 || dtype == DType::U8 || dtype == DType::F32 {
             return None;
         }
+        let k = w.dim(1);
+        if let CpuStorage::MappedRows(pieces, _) = storage {
+            // A whole fused weight: every piece is a block of complete rows.
+            if w.offset() != 0 || w.numel() != storage.len() || k == 0 {
+                return None;
+            }
+            let rows = |len: usize| (len % (k * size) == 0).then_some(len / (k * size));
+            return pieces.iter().map(|p| Some(Weights { bytes: p.bytes(), dtype, n: rows(p.len())?, k })).collect();
+        }
+        let bytes = storage.raw_bytes()?;
         let bytes = &bytes[w.offset() * size..(w.offset() + w.numel()) * size];
-        Some(Weights { bytes, dtype: storage.dtype(), n: w.dim(0), k: w.dim(1) })
+        Some(vec![Weights { bytes, dtype, n: w.dim(0), k }])
     }
 }
 
-/// The output pointer shared by the column-block tasks (each writes its own columns).
+/// The output shared by the column-block tasks (each writes its own columns): the first
+/// column's pointer and the row stride.
 #[derive(Clone, Copy)]
-pub(crate) struct OutPtr(pub *mut f32);
+pub(crate) struct OutPtr {
+    pub ptr: *mut f32,
+    pub ld: usize,
+}
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
@@ -74,15 +88,18 @@ fn column_blocks(n: usize, nr: usize, max: usize) -> Vec<(usize, usize)> {
     (0..n).step_by(nc).map(|j| (j, (j + nc).min(n))).collect()
 }
 
-/// `y[m×n] = x[m×k] · wᵀ` on the chosen path. `isa` must be available (`Isa::available`).
-pub(crate) fn matmul(isa: Isa, m: usize, x: &[f32], w: &Weights, y: &mut [f32]) {
+/// `y[:, col0..col0 + n] = x[m×k] · wᵀ` on the chosen path, `y` row-major with `ldy` columns.
+/// `isa` must be available (`Isa::available`).
+pub(crate) fn matmul(isa: Isa, m: usize, x: &[f32], w: &Weights, y: &mut [f32], col0: usize, ldy: usize) {
     let (n, k) = (w.n, w.k);
-    assert!(x.len() == m * k && y.len() == m * n && w.bytes.len() == n * k * w.dtype.size_in_bytes());
+    assert!(x.len() == m * k && y.len() == m * ldy && col0 + n <= ldy);
+    assert!(w.bytes.len() == n * k * w.dtype.size_in_bytes());
     assert!(isa.available(), "{} is not available on this CPU", isa.name());
     if m == 0 || n == 0 {
         return;
     }
-    let out = OutPtr(y.as_mut_ptr());
+    // SAFETY: col0 + n <= ldy, so every write stays inside y.
+    let out = OutPtr { ptr: unsafe { y.as_mut_ptr().add(col0) }, ld: ldy };
     match isa {
         Isa::Portable => {
             column_blocks(n, 16, 256).into_par_iter().for_each(|(j0, j1)| v1_portable::block(m, x, w, j0, j1, out))
@@ -102,7 +119,7 @@ pub(crate) fn matmul(isa: Isa, m: usize, x: &[f32], w: &Weights, y: &mut [f32]) 
         }
         // f16 and fp8 weights are not bf16: widen them to f32 (exact) on the AVX2 path.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Bf16 => matmul(Isa::Avx2Fma, m, x, w, y),
+        Isa::Avx512Bf16 => matmul(Isa::Avx2Fma, m, x, w, y, col0, ldy),
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("only the portable path is available off x86-64"),
     }
@@ -111,14 +128,18 @@ pub(crate) fn matmul(isa: Isa, m: usize, x: &[f32], w: &Weights, y: &mut [f32]) 
 /// `linear` for a weight kept in its stored dtype, on `isa`.
 pub fn linear(isa: Isa, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (m, _k, n) = check::linear(x, w, bias)?;
-    let weights = Weights::of(w)
+    let pieces = Weights::of(w)
         .ok_or_else(|| Error::shape("linear", "the mixed-precision GEMM needs a dense bf16, f16 or fp8 CPU weight"))?;
     if !isa.available() {
         return Err(Error::Unsupported(format!("the {} GEMM path needs a CPU feature this one lacks", isa.name())));
     }
     let xv = dense("linear", x)?;
     let mut y = vec![0f32; m * n];
-    matmul(isa, m, &xv, &weights, &mut y);
+    let mut col0 = 0;
+    for piece in &pieces {
+        matmul(isa, m, &xv, piece, &mut y, col0, n);
+        col0 += piece.n;
+    }
     if let Some(b) = bias {
         let bv = dense("linear", b)?;
         y.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(bv.iter()).for_each(|(y, b)| *y += b));

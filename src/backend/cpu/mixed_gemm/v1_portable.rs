@@ -5,19 +5,19 @@ use super::{OutPtr, Weights};
 use crate::backend::cpu::gemm::{sgemm, Mat};
 
 pub(super) fn block(m: usize, x: &[f32], w: &Weights, j0: usize, j1: usize, out: OutPtr) {
-    let (n, k) = (w.n, w.k);
+    let k = w.k;
     let mut panel = vec![0f32; (j1 - j0) * k];
     for (r, row) in panel.chunks_exact_mut(k).enumerate() {
         w.row_f32(j0 + r, 0, row);
     }
-    // SAFETY: y is m×n; this task writes columns j0..j1 only.
+    // SAFETY: the output has m rows of `out.ld`; this task writes columns j0..j1 only.
     unsafe {
         sgemm(
             m,
             j1 - j0,
             k,
-            out.0.add(j0),
-            n as isize,
+            out.ptr.add(j0),
+            out.ld as isize,
             1,
             Mat { ptr: x.as_ptr(), rs: k as isize, cs: 1 },
             Mat { ptr: panel.as_ptr(), rs: 1, cs: k as isize },

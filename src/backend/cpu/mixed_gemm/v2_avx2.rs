@@ -12,10 +12,10 @@ const MR: usize = 6;
 /// Columns `j0..j1` of `y = x · wᵀ`.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; `out` must be `m × w.n`, with no other writer of these columns.
+/// The CPU must have AVX2 and FMA; `out` must have m rows of `out.ld` ≥ `w.n` values, with no other writer of these columns.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn block(m: usize, x: &[f32], w: &Weights, j0: usize, j1: usize, out: OutPtr) {
-    let (n, k) = (w.n, w.k);
+    let k = w.k;
     let panels = (j1 - j0).div_ceil(NR);
     let mut packed = vec![0f32; panels * k * NR];
     let mut row = vec![0f32; k];
@@ -36,7 +36,7 @@ pub(super) unsafe fn block(m: usize, x: &[f32], w: &Weights, j0: usize, j1: usiz
             kernel(k, &rows, packed.as_ptr().add(p * k * NR), &mut tile);
             let (c0, cols) = (j0 + p * NR, NR.min(j1 - j0 - p * NR));
             for r in 0..MR.min(m - i0) {
-                let dst = out.0.add((i0 + r) * n + c0);
+                let dst = out.ptr.add((i0 + r) * out.ld + c0);
                 std::ptr::copy_nonoverlapping(tile.as_ptr().add(r * NR), dst, cols);
             }
         }

@@ -43,11 +43,11 @@ unsafe fn pack_row(src: &[f32], dst: &mut [u32]) {
 /// Columns `j0..j1` of `y = x · wᵀ` (w bf16).
 ///
 /// # Safety
-/// The CPU must have AVX-512 F/BW/BF16; `xb` from `pack_activations(m, w.k, ..)`; `out` must be
-/// `m × w.n`, with no other writer of these columns.
+/// The CPU must have AVX-512 F/BW/BF16; `xb` from `pack_activations(m, w.k, ..)`; `out` must have
+/// m rows of `out.ld` ≥ `w.n` values, with no other writer of these columns.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub(super) unsafe fn block(m: usize, xb: &[u32], w: &Weights, j0: usize, j1: usize, out: OutPtr) {
-    let (n, k) = (w.n, w.k);
+    let k = w.k;
     let kp = k.div_ceil(2);
     let panels = (j1 - j0).div_ceil(NR);
     let mut packed = vec![0u32; panels * kp * NR];
@@ -69,7 +69,7 @@ pub(super) unsafe fn block(m: usize, xb: &[u32], w: &Weights, j0: usize, j1: usi
             kernel(kp, &rows, packed.as_ptr().add(p * kp * NR), &mut tile);
             let (c0, cols) = (j0 + p * NR, NR.min(j1 - j0 - p * NR));
             for r in 0..MR.min(m - i0) {
-                let dst = out.0.add((i0 + r) * n + c0);
+                let dst = out.ptr.add((i0 + r) * out.ld + c0);
                 std::ptr::copy_nonoverlapping(tile.as_ptr().add(r * NR), dst, cols);
             }
         }
