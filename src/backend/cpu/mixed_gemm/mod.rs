@@ -62,7 +62,7 @@ impl Weights<'_> {
             if w.offset() != 0 || w.numel() != storage.len() || k == 0 {
                 return None;
             }
-            let rows = |len: usize| (len % (k * size) == 0).then_some(len / (k * size));
+            let rows = |len: usize| len.is_multiple_of(k * size).then_some(len / (k * size));
             return pieces.iter().map(|p| Some(Weights { bytes: p.bytes(), dtype, n: rows(p.len())?, k })).collect();
         }
         let bytes = storage.raw_bytes()?;
