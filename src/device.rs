@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::backend::cpu::CpuBackend;
+use crate::backend::cpu::{CpuBackend, CpuPrecision, Isa};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 
@@ -15,8 +15,18 @@ pub enum DeviceChoice {
 }
 
 pub fn select(choice: DeviceChoice) -> Result<Arc<dyn Backend>> {
+    select_with(choice, CpuPrecision::F32)
+}
+
+/// The CPU backend in `precision`, its GEMM path from `FLUX2_CPU_ISA` or the CPU's features.
+fn cpu(precision: CpuPrecision) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(CpuBackend::with_precision(precision, Isa::from_env()?)))
+}
+
+/// `select`, with the CPU backend (when chosen or fallen back to) computing in `cpu_precision`.
+pub fn select_with(choice: DeviceChoice, cpu_precision: CpuPrecision) -> Result<Arc<dyn Backend>> {
     match choice {
-        DeviceChoice::Cpu => Ok(Arc::new(CpuBackend::new())),
+        DeviceChoice::Cpu => cpu(cpu_precision),
         DeviceChoice::Cuda => cuda().map_err(|e| match e {
             Error::Gpu(m) | Error::Unsupported(m) => Error::Gpu(format!("--device cuda is not usable: {m}")),
             other => other,
@@ -24,8 +34,8 @@ pub fn select(choice: DeviceChoice) -> Result<Arc<dyn Backend>> {
         DeviceChoice::Auto => match cuda() {
             Ok(be) => Ok(be),
             Err(e) => {
-                tracing::info!("no usable GPU ({e}); running on the CPU reference backend");
-                Ok(Arc::new(CpuBackend::new()))
+                tracing::info!("no usable GPU ({e}); running on the CPU backend");
+                cpu(cpu_precision)
             }
         },
     }
@@ -33,8 +43,8 @@ pub fn select(choice: DeviceChoice) -> Result<Arc<dyn Backend>> {
 
 /// Every device a server should run a worker on: all visible GPUs for `cuda` (and for `auto`
 /// when there is one; CUDA_VISIBLE_DEVICES chooses), else one CPU backend.
-pub fn select_all(choice: DeviceChoice) -> Result<Vec<Arc<dyn Backend>>> {
-    let first = select(choice)?;
+pub fn select_all(choice: DeviceChoice, cpu_precision: CpuPrecision) -> Result<Vec<Arc<dyn Backend>>> {
+    let first = select_with(choice, cpu_precision)?;
     #[cfg(feature = "cuda")]
     if as_cuda(&first).is_some() {
         let count = cudarc::driver::CudaContext::device_count().map_err(|e| Error::Gpu(e.to_string()))?.max(1);
@@ -81,4 +91,22 @@ pub fn memory(be: &Arc<dyn Backend>) -> Option<(usize, usize)> {
     }
     let _ = be;
     None
+}
+
+/// The memory budget for a run: `explicit` (--vram-budget), else on a GPU its free VRAM and on
+/// the CPU the host's available memory, less 5% and 256 MiB of headroom; with the plan target
+/// that gives the sizes the backend really stores.
+pub fn plan_budget(
+    be: &Arc<dyn Backend>,
+    explicit: Option<&str>,
+    cpu_precision: CpuPrecision,
+) -> Result<Option<(usize, crate::planner::Target)>> {
+    let cpu = be.kind() == crate::tensor::DeviceKind::Cpu;
+    let target = if cpu { crate::planner::Target::Cpu(cpu_precision) } else { crate::planner::Target::Gpu };
+    let headroom = |free: usize| ((free as f64 * 0.95) as usize).saturating_sub(256 << 20);
+    Ok(match explicit {
+        Some(b) => Some((crate::planner::parse_bytes(b)?, target)),
+        None if cpu => crate::host_memory::available().map(|a| (headroom(a), target)),
+        None => free_memory(be).map(|free| (headroom(free), target)),
+    })
 }

@@ -9,6 +9,7 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod health;
+pub mod host_memory;
 pub mod hub;
 pub mod image_io;
 pub mod inpaint;

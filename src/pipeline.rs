@@ -217,6 +217,19 @@ pub struct Pipeline {
     step_sync: bool,
     /// The latent-to-RGB preview projection, fitted to the VAE on first use.
     latent_rgb: Mutex<Option<Arc<crate::preview::LatentToRgb>>>,
+    /// Every component load so far: (component, seconds), in order.
+    load_log: Mutex<Vec<(&'static str, f64)>>,
+}
+
+/// Run one component load with a progress spinner and a log line, and time it.
+fn timed_load<T>(name: &'static str, load: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let stage = crate::progress::Stage::spinner("load");
+    stage.message(name.to_string());
+    let loaded = load();
+    let seconds = stage.finish().as_secs_f64();
+    let loaded = loaded?;
+    tracing::info!("{name} loaded in {seconds:.2}s");
+    Ok((loaded, seconds))
 }
 
 /// One generation request. Sizes and steps left `None` take the pipeline defaults.
@@ -519,7 +532,8 @@ impl Pipeline {
         };
         let encoder_config = crate::model::qwen3::open(&info.text_encoder)?.1;
         let transformer_config = crate::model::transformer::open(&info.transformer)?.2;
-        let vae = Vae::load(be.clone(), &info.vae, VaeParts { encoder: false, decoder: true })?;
+        let (vae, vae_seconds) =
+            timed_load("vae decoder", || Vae::load(be.clone(), &info.vae, VaeParts { encoder: false, decoder: true }))?;
         let root = info.origin().to_path_buf();
         let root = root.as_path();
         let scheduler_path = info.root.as_ref().map(|r| r.join("scheduler/scheduler_config.json"));
@@ -579,6 +593,7 @@ impl Pipeline {
             options,
             step_sync: false,
             latent_rgb: Mutex::new(None),
+            load_log: Mutex::new(vec![("vae decoder", vae_seconds)]),
         };
         if pipeline.options.residency.eager {
             pipeline.text_encoder()?;
@@ -594,12 +609,9 @@ impl Pipeline {
             return Ok(e.clone());
         }
         let precision = self.options.text_encoder_precision.unwrap_or(EncoderPrecision::Bf16);
-        let encoder = Arc::new(Qwen3TextEncoder::load_with(
-            self.be.clone(),
-            &self.info.text_encoder,
-            &KLEIN_OUT_LAYERS,
-            precision,
-        )?);
+        let encoder = Arc::new(self.log_load("text encoder", || {
+            Qwen3TextEncoder::load_with(self.be.clone(), &self.info.text_encoder, &KLEIN_OUT_LAYERS, precision)
+        })?);
         *slot = Some(encoder.clone());
         Ok(encoder)
     }
@@ -611,7 +623,7 @@ impl Pipeline {
             return Ok(v.clone());
         }
         let parts = VaeParts { encoder: true, decoder: false };
-        let encoder = Arc::new(Vae::load(self.be.clone(), &self.info.vae, parts)?);
+        let encoder = Arc::new(self.log_load("vae encoder", || Vae::load(self.be.clone(), &self.info.vae, parts))?);
         *slot = Some(encoder.clone());
         Ok(encoder)
     }
@@ -624,15 +636,30 @@ impl Pipeline {
         }
         let blocks = self.options.residency.resident_blocks;
         let path = self.info.transformer.clone();
-        let t = Arc::new(Flux2Transformer::load_with_loras(
-            self.be.clone(),
-            &path,
-            blocks,
-            self.options.transformer_compute,
-            &self.options.loras,
-        )?);
+        let t = Arc::new(self.log_load("transformer", || {
+            Flux2Transformer::load_with_loras(
+                self.be.clone(),
+                &path,
+                blocks,
+                self.options.transformer_compute,
+                &self.options.loras,
+            )
+        })?);
         *slot = Some(t.clone());
         Ok(t)
+    }
+
+    /// `timed_load`, recorded in the load log.
+    fn log_load<T>(&self, name: &'static str, load: impl FnOnce() -> Result<T>) -> Result<T> {
+        let (loaded, seconds) = timed_load(name, load)?;
+        self.load_log.lock().unwrap_or_else(|e| e.into_inner()).push((name, seconds));
+        Ok(loaded)
+    }
+
+    /// Every component load so far, in order: (component, seconds). A component evicted and
+    /// loaded again appears again.
+    pub fn load_times(&self) -> Vec<(&'static str, f64)> {
+        self.load_log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn sample(&self, stage: &'static str, into: &mut Vec<(&'static str, crate::telemetry::Sample)>) {
@@ -711,7 +738,11 @@ impl Pipeline {
         if let Some(hit) = self.prompt_cache.as_ref().and_then(|c| c.get(prompt)) {
             return self.be.upload(&hit, self.be.activation_dtype());
         }
-        let context = self.text_encoder()?.forward(&[tokens])?;
+        let encoder = self.text_encoder()?;
+        let stage = crate::progress::Stage::spinner("encode");
+        stage.message(format!("{} tokens", tokens.length));
+        let context = encoder.forward(&[tokens])?;
+        tracing::info!("prompt encoded in {:.2}s", stage.finish().as_secs_f64());
         // Checked before it is cached: a broken encoder must not leave broken cache entries.
         health::record(&*self.be, &context, check)?;
         health::verify(&*self.be, 0)?;

@@ -22,6 +22,18 @@ impl Stage {
         Stage { bar, start: Instant::now() }
     }
 
+    /// A stage of unknown length (loading a component, encoding a prompt): a spinner with the
+    /// elapsed time, redrawn on its own so a long stage is never silent on a terminal.
+    pub fn spinner(label: &str) -> Stage {
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>10} {spinner} {elapsed_precise} {msg}").expect("valid template"),
+        );
+        bar.set_prefix(label.to_string());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Stage { bar, start: Instant::now() }
+    }
+
     pub fn tick(&self) {
         self.bar.inc(1);
     }

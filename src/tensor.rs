@@ -18,6 +18,12 @@ pub enum CpuStorage {
     BF16(Vec<bf16>),
     F16(Vec<f16>),
     F8E4M3(Vec<u8>),
+    /// Elements of `dtype` left in a checkpoint's memory map (the CPU backend's bf16 precision
+    /// keeps weights there; kernels convert them while packing).
+    Mapped(crate::weights::mapping::MappedBytes, DType),
+    /// A row concatenation of mapped pieces (a fused q/k/v or gate/up projection whose parts are
+    /// separate tensors in the file), still without a copy.
+    MappedRows(Vec<crate::weights::mapping::MappedBytes>, DType),
 }
 
 impl CpuStorage {
@@ -27,6 +33,7 @@ impl CpuStorage {
             CpuStorage::BF16(_) => DType::BF16,
             CpuStorage::F16(_) => DType::F16,
             CpuStorage::F8E4M3(_) => DType::F8E4M3,
+            CpuStorage::Mapped(_, dtype) | CpuStorage::MappedRows(_, dtype) => *dtype,
         }
     }
 
@@ -36,6 +43,10 @@ impl CpuStorage {
             CpuStorage::BF16(v) => v.len(),
             CpuStorage::F16(v) => v.len(),
             CpuStorage::F8E4M3(v) => v.len(),
+            CpuStorage::Mapped(m, dtype) => m.len() / dtype.size_in_bytes(),
+            CpuStorage::MappedRows(pieces, dtype) => {
+                pieces.iter().map(|p| p.len()).sum::<usize>() / dtype.size_in_bytes()
+            }
         }
     }
 
@@ -51,6 +62,42 @@ impl CpuStorage {
             CpuStorage::BF16(v) => v[i].to_f32(),
             CpuStorage::F16(v) => v[i].to_f32(),
             CpuStorage::F8E4M3(v) => f8e4m3_to_f32(v[i]),
+            CpuStorage::Mapped(m, dtype) => {
+                let size = dtype.size_in_bytes();
+                crate::dtype::decode_to_f32(&m.bytes()[i * size..(i + 1) * size], *dtype)[0]
+            }
+            CpuStorage::MappedRows(pieces, dtype) => {
+                let size = dtype.size_in_bytes();
+                let mut at = i * size;
+                for p in pieces {
+                    if at < p.len() {
+                        return crate::dtype::decode_to_f32(&p.bytes()[at..at + size], *dtype)[0];
+                    }
+                    at -= p.len();
+                }
+                panic!("element {i} is past the end of the storage")
+            }
+        }
+    }
+
+    /// The raw little-endian bytes of a non-f32 storage (what the mixed-precision kernels read).
+    pub fn raw_bytes(&self) -> Option<&[u8]> {
+        match self {
+            CpuStorage::F32(_) => None,
+            CpuStorage::BF16(v) => Some(bytemuck::cast_slice(v)),
+            CpuStorage::F16(v) => Some(bytemuck::cast_slice(v)),
+            CpuStorage::F8E4M3(v) => Some(v),
+            CpuStorage::Mapped(m, _) => Some(m.bytes()),
+            // Not one slice: readers go element by element (`get_f32`) or piece by piece.
+            CpuStorage::MappedRows(..) => None,
+        }
+    }
+
+    /// Bytes this storage holds in anonymous (heap) memory; mapped weights hold none.
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            CpuStorage::Mapped(..) | CpuStorage::MappedRows(..) => 0,
+            s => s.len() * s.dtype().size_in_bytes(),
         }
     }
 }
@@ -363,6 +410,11 @@ impl Tensor {
             Storage::Cpu(s) => {
                 if let (CpuStorage::F32(v), true) = (s, self.is_contiguous()) {
                     return Ok(v[self.offset..self.offset + self.numel()].to_vec());
+                }
+                if let (Some(bytes), true) = (s.raw_bytes(), self.is_contiguous()) {
+                    let size = s.dtype().size_in_bytes();
+                    let range = self.offset * size..(self.offset + self.numel()) * size;
+                    return Ok(crate::dtype::decode_to_f32(&bytes[range], s.dtype()));
                 }
                 let mut out = Vec::with_capacity(self.numel());
                 self.for_each_offset(|o| out.push(s.get_f32(o)));

@@ -78,8 +78,12 @@ fn generate_cli_writes_the_reference_image_with_metadata() {
         reader.info().uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
     let params = &texts.iter().find(|(k, _)| k == "parameters").unwrap().1;
     assert!(params.starts_with("a lighthouse on a cliff at dusk\nSteps: 4"), "{params}");
-    assert!(params.contains("Seed: 7") && params.contains("Size: 80x48"));
+    // The noise came from the file, so the parameters name it, not the unused --seed.
+    assert!(params.contains(&format!("Noise: {}", noise.display())) && params.contains("Size: 80x48"), "{params}");
+    assert!(!params.contains("Seed:"), "{params}");
     let json: serde_json::Value = serde_json::from_str(&texts.iter().find(|(k, _)| k == "flux2").unwrap().1).unwrap();
+    assert!(json["seed"].is_null());
+    assert_eq!(json["noise"], noise.display().to_string());
     assert_eq!(json["steps"], 4);
     assert_eq!(json["width"], 80);
 }

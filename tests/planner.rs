@@ -216,3 +216,39 @@ fn the_kv_cache_is_planned() {
     let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(json["weights"]["kv_cache"], expected);
 }
+
+/// The CPU plan counts what the CPU backend stores: f32 activations always, weights as stored
+/// (bf16) in bf16 precision and widened to f32 in f32 precision.
+#[test]
+fn cpu_plans_use_the_cpu_backends_sizes() {
+    use flux2::backend::cpu::CpuPrecision;
+    use flux2::planner::Target;
+    let (bf16, f32) = (Target::Cpu(CpuPrecision::Bf16), Target::Cpu(CpuPrecision::F32));
+    let inp = input(PipelineSpec::klein_4b(), TransformerPrecision::Bf16, EncoderPrecision::Bf16, 512, 64 * GIB);
+    let gpu = planner::plan(&inp).unwrap();
+    let cpu16 = planner::plan_for(&inp, bf16).unwrap();
+    let cpu32 = planner::plan_for(&inp, f32).unwrap();
+    assert_eq!(cpu16.weights.transformer, gpu.weights.transformer);
+    assert_eq!(cpu32.weights.transformer, 2 * gpu.weights.transformer);
+    assert_eq!(cpu32.weights.text_encoder, 2 * gpu.weights.text_encoder);
+    let act = |p: &planner::Plan| p.phases.iter().find(|p| p.name == "denoise").unwrap().activations;
+    assert_eq!(act(&cpu16), 2 * act(&gpu));
+
+    // A 16 GB machine (about 14.5 GiB available): klein-4B at 512² in bf16 fits; in f32 only by
+    // streaming blocks, and with 8 GiB not at all (the error says what would). With 10 GiB the
+    // bf16 encoder is evicted before the transformer loads.
+    let small = PlanInput { budget: 14 * GIB + GIB / 2, ..inp.clone() };
+    assert!(planner::plan_for(&small, bf16).unwrap().peak <= small.budget);
+    let tight = PlanInput { budget: 10 * GIB, ..inp.clone() };
+    let p = planner::plan_for(&tight, bf16).unwrap();
+    assert!(p.evict_encoder_after_encode, "{}", p.describe());
+    assert_eq!(p.transformer, TransformerResidency::LoadAfterEncode, "{}", p.describe());
+    assert!(p.peak <= tight.budget);
+    let widened = planner::plan_for(&small, f32).unwrap();
+    assert!(matches!(widened.transformer, TransformerResidency::StreamBlocks { .. }), "{}", widened.describe());
+    let err = planner::plan_for(&PlanInput { budget: 8 * GIB, ..inp.clone() }, f32).unwrap_err().to_string();
+    assert!(err.contains("smallest budget") && err.contains("--cpu-precision bf16"), "{err}");
+    // The quantized encoder formats are widened on the CPU: they cost more there, not less.
+    let int8 = PlanInput { encoder_precision: EncoderPrecision::Int8, ..inp };
+    assert!(planner::plan_for(&int8, bf16).unwrap().weights.text_encoder > cpu16.weights.text_encoder);
+}

@@ -147,7 +147,22 @@ fn generate_plans_for_the_size_it_renders() {
     assert!(ok, "{err}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let plan_peak = |w: &str, h: &str| {
-        let args = ["plan", "--config", p, "--vram-budget", "1GiB", "--width", w, "--height", h, "--json"];
+        let args = [
+            "plan",
+            "--config",
+            p,
+            "--vram-budget",
+            "1GiB",
+            "--width",
+            w,
+            "--height",
+            h,
+            "--json",
+            "--device",
+            "cpu",
+            "--cpu-precision",
+            "f32",
+        ];
         let (ok, stdout, err) = run_cli(&args);
         assert!(ok, "{err}");
         serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["peak"].clone()

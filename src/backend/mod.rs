@@ -70,6 +70,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// The dtype this backend stores activations in (f32 on the CPU reference, bf16 on CUDA).
     fn activation_dtype(&self) -> DType;
 
+    /// The dtype weights decoded on the host (quantized checkpoints) are stored in: the
+    /// activation dtype, unless the backend keeps weights narrower than its activations.
+    fn decoded_weight_dtype(&self) -> DType {
+        self.activation_dtype()
+    }
+
     // ---- memory and layout -------------------------------------------------------------------
 
     /// Bring a host tensor onto this backend, stored as `dtype` (the CPU keeps f32 storage but

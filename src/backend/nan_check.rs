@@ -84,6 +84,10 @@ impl Backend for NanCheckBackend {
         self.inner.activation_dtype()
     }
 
+    fn decoded_weight_dtype(&self) -> DType {
+        self.inner.decoded_weight_dtype()
+    }
+
     fn upload(&self, host: &Tensor, dtype: DType) -> Result<Tensor> {
         self.checked("upload", self.inner.upload(host, dtype), &[])
     }

@@ -8,6 +8,7 @@ use std::time::Instant;
 use serde_json::json;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cpu::CpuPrecision;
 use crate::backend::{AttnMask, Backend};
 use crate::device::{self, DeviceChoice};
 use crate::error::{Error, Result};
@@ -53,6 +54,10 @@ pub struct BenchArgs {
     pub kv_refs: usize,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// CPU backend only: bf16 keeps the weights as stored (bf16/f16/fp8, in the memory map) and
+    /// runs bf16 GEMMs; f32 widens every weight (the exact reference).
+    #[arg(long, value_enum, default_value_t = CpuPrecision::Bf16)]
+    pub cpu_precision: CpuPrecision,
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -111,7 +116,7 @@ fn pixels_per_token() -> usize {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    let be = device::select(args.device)?;
+    let be = device::select_with(args.device, args.cpu_precision)?;
     let name = be.name();
     println!("device: {name}");
     let peak = spec_peak(&name);

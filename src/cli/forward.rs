@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use super::{expect_rank, read_f32, write_f32};
+use crate::backend::cpu::CpuPrecision;
 use crate::device::{self, DeviceChoice};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -50,6 +51,10 @@ pub struct ForwardArgs {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// CPU backend only: bf16 keeps the weights as stored (bf16/f16/fp8, in the memory map) and
+    /// runs bf16 GEMMs; f32 widens every weight (the exact reference).
+    #[arg(long, value_enum, default_value_t = CpuPrecision::F32)]
+    pub cpu_precision: CpuPrecision,
     /// Transformer only: block linears in bf16 or fp8 (W8A8).
     #[arg(long, value_enum, default_value_t = TransformerPrecision::Bf16)]
     pub precision: TransformerPrecision,
@@ -75,7 +80,7 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     if !args.loras.is_empty() && !matches!(args.component, Component::Transformer) {
         return Err(Error::InvalidArgument("--lora applies to the transformer only".into()));
     }
-    let be = device::select(args.device)?;
+    let be = device::select_with(args.device, args.cpu_precision)?;
     let inputs = WeightStore::open(&args.inputs)?;
     match args.component {
         Component::Transformer => {

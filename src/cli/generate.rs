@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::backend::cpu::CpuPrecision;
 use crate::device::{self, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::image_io::RgbImage;
@@ -77,6 +78,10 @@ pub struct GenerateArgs {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// CPU backend only: bf16 keeps the weights as stored (bf16/f16/fp8, in the memory map) and
+    /// runs bf16 GEMMs; f32 widens every weight (the exact reference).
+    #[arg(long, value_enum, default_value_t = CpuPrecision::Bf16)]
+    pub cpu_precision: CpuPrecision,
     /// Timestep rounding to reproduce: diffusers (in the compute dtype), diffusers-bf16, or bfl.
     #[arg(long, value_enum, default_value_t = TimestepMode::Diffusers)]
     pub timesteps: TimestepMode,
@@ -183,10 +188,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     }
     let references = args.references.iter().map(|p| RgbImage::load(p)).collect::<Result<Vec<_>>>()?;
     check_loras(&args.loras)?;
-    let be = device::select(args.device)?;
+    let be = device::select_with(args.device, args.cpu_precision)?;
     let be: std::sync::Arc<dyn crate::backend::Backend> =
         if args.debug_nans { std::sync::Arc::new(crate::backend::nan_check::NanCheckBackend::new(be)) } else { be };
     tracing::info!("device: {}", be.name());
+    // The kernel keeps no peak of anonymous memory: sample it for the report.
+    let anon_peak = crate::host_memory::AnonPeak::start();
     let load_start = std::time::Instant::now();
     let plan = memory_plan(args, &info, &be, &references, noise.as_ref(), init_image.as_ref())?;
     let residency = plan.as_ref().map(Residency::from_plan).unwrap_or_default();
@@ -224,11 +231,33 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             nvml_peak.map(|p| format!(", NVML used up to {:.2} GiB", p as f64 / 1073741824.0)).unwrap_or_default()
         );
     }
+    let host = crate::host_memory::process().map(|m| {
+        let peak_anonymous = anon_peak.as_ref().map(|a| a.peak_anonymous());
+        tracing::info!(
+            "host memory: peak resident {:.2} GiB, peak anonymous {}",
+            m.peak_resident as f64 / 1073741824.0,
+            peak_anonymous.map_or("unknown".into(), |p| format!("{:.2} GiB", p as f64 / 1073741824.0))
+        );
+        serde_json::json!({
+            "peak_resident_bytes": m.peak_resident,
+            "peak_anonymous_bytes": peak_anonymous,
+            "resident_bytes": m.resident,
+            "anonymous_bytes": m.anonymous,
+            "file_backed_bytes": m.file,
+        })
+    });
     if let Some(json_path) = &args.json {
+        let loads: Vec<_> = pipeline
+            .load_times()
+            .iter()
+            .map(|(component, seconds)| serde_json::json!({"component": component, "seconds": seconds}))
+            .collect();
         let report = serde_json::json!({
             "device": be.name(),
             "model": args.model.describe(),
             "load_seconds": load_seconds,
+            "component_loads": loads,
+            "host_memory": host,
             "peak_device_bytes": memory.map(|m| m.1),
             "plan": plan,
             "health": health,
@@ -260,11 +289,14 @@ fn generate_all(
         let req = request(i * args.batch);
         let cfg = pipeline.info.uses_cfg(req.guidance);
         let encode_start = std::time::Instant::now();
+        let loads_before = pipeline.load_times().len();
         if encoded.is_none() {
             encoded = Some(pipeline.encode(&args.prompt, cfg)?);
             be.synchronize()?;
         }
-        let encode_seconds = encode_start.elapsed().as_secs_f64();
+        // A text encoder loaded on first use is reported as its load, not as encoding.
+        let encoder_load: f64 = pipeline.load_times()[loads_before..].iter().map(|l| l.1).sum();
+        let encode_seconds = encode_start.elapsed().as_secs_f64() - encoder_load;
         let outs = pipeline.generate_batch(&req, args.batch, encoded.as_ref(), refs.as_ref())?;
         for (b, out) in outs.iter().enumerate() {
             let seed = req.seed.wrapping_add(b as u64);
@@ -280,8 +312,12 @@ fn generate_all(
                 previews.push(serde_json::json!({"step": step, "image": preview.display().to_string()}));
             }
             let t = &out.timings;
+            let origin = match &args.noise {
+                Some(file) => format!("noise {}", file.display()),
+                None => format!("seed {seed}"),
+            };
             tracing::info!(
-                "seed {seed}: {}x{}, {} steps; denoise {:.2}s, decode {:.2}s",
+                "{origin}: {}x{}, {} steps; denoise {:.2}s, decode {:.2}s",
                 out.image.width,
                 out.image.height,
                 out.steps,
@@ -289,7 +325,8 @@ fn generate_all(
                 t.decode.as_secs_f64()
             );
             runs.push(serde_json::json!({
-            "seed": seed,
+            "seed": args.noise.is_none().then_some(seed),
+            "noise": args.noise.as_ref().map(|p| p.display().to_string()),
             "image": path.display().to_string(),
             "width": out.image.width,
             "height": out.image.height,
@@ -321,11 +358,9 @@ fn memory_plan(
     noise: Option<&crate::tensor::Tensor>,
     init_image: Option<&RgbImage>,
 ) -> Result<Option<crate::planner::Plan>> {
-    let budget = match &args.vram_budget {
-        Some(b) => Some(crate::planner::parse_bytes(b)?),
-        None => crate::device::free_memory(be).map(|free| ((free as f64 * 0.95) as usize).saturating_sub(256 << 20)),
+    let Some((budget, target)) = device::plan_budget(be, args.vram_budget.as_deref(), args.cpu_precision)? else {
+        return Ok(None);
     };
-    let Some(budget) = budget else { return Ok(None) };
     let spec = crate::synth::PipelineSpec::from_info(info)?;
     let m = spec.vae.pixel_multiple();
     let mut refs: Vec<(usize, usize)> =
@@ -354,7 +389,7 @@ fn memory_plan(
         references: refs,
         budget,
     };
-    let plan = crate::planner::plan(&input)?;
+    let plan = crate::planner::plan_for(&input, target)?;
     tracing::info!("memory plan:\n{}", plan.describe());
     #[cfg(feature = "cuda")]
     if let Some(c) = device::as_cuda(be) {
@@ -392,9 +427,10 @@ fn ascii_json(v: &serde_json::Value) -> String {
 fn save(out: &Output, path: &Path, args: &GenerateArgs, seed: u64) -> Result<()> {
     let (w, h) = (out.image.width, out.image.height);
     let noise = args.noise.as_ref().map(|p| p.display().to_string());
+    // With --noise the seed draws nothing: say where the noise came from instead.
     let params = serde_json::json!({
         "prompt": args.prompt,
-        "seed": seed,
+        "seed": noise.is_none().then_some(seed),
         "noise": noise,
         "steps": out.steps,
         "guidance": out.guidance,
@@ -414,8 +450,13 @@ fn save(out: &Output, path: &Path, args: &GenerateArgs, seed: u64) -> Result<()>
         Some(_) => format!(", Denoising strength: {}", args.strength.unwrap_or(crate::inpaint::DEFAULT_STRENGTH)),
         None => String::new(),
     };
-    let a1111 = format!(
-        "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: {}, Seed: {seed}, Size: {w}x{h}, Model: {}{strength}",
+    let origin = match &noise {
+        Some(file) => format!("Noise: {file}"),
+        None => format!("Seed: {seed}"),
+    };
+    let a1111 =
+        format!(
+        "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: {}, {origin}, Size: {w}x{h}, Model: {}{strength}",
         args.prompt, out.steps, out.guidance, args.model.describe()
     );
     out.image.save_png(path, &[("parameters", a1111), ("flux2", ascii_json(&params))])

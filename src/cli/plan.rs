@@ -1,7 +1,9 @@
-//! `flux2 plan`: the memory plan for a model, size and VRAM budget, without a GPU.
+//! `flux2 plan`: the memory plan for a model, size and budget, without a GPU: VRAM for `--device
+//! cuda` (the default), the host's available memory and the CPU backend's sizes for `--device cpu`.
 
+use crate::backend::cpu::CpuPrecision;
 use crate::error::{Error, Result};
-use crate::planner::{self, EncoderPrecision, PlanInput, TransformerPrecision};
+use crate::planner::{self, EncoderPrecision, PlanInput, Target, TransformerPrecision};
 use crate::synth::PipelineSpec;
 
 #[derive(Debug, clap::Args)]
@@ -9,9 +11,16 @@ pub struct PlanArgs {
     /// `klein-4b`, `klein-9b`, or a pipeline folder.
     #[arg(long)]
     pub config: String,
-    /// e.g. 16GiB, 8GiB, 12000MiB.
-    #[arg(long)]
-    pub vram_budget: String,
+    /// e.g. 16GiB, 8GiB, 12000MiB. Needed for cuda; on the CPU the default is the host's
+    /// available memory less 5% and 256 MiB (as `generate` uses).
+    #[arg(long, alias = "budget")]
+    pub vram_budget: Option<String>,
+    /// Plan for a GPU (`cuda`) or for the CPU backend (host memory, its storage sizes).
+    #[arg(long, value_enum, default_value_t = PlanDevice::Cuda)]
+    pub device: PlanDevice,
+    /// With `--device cpu`: the CPU backend's precision (bf16 is generate's default).
+    #[arg(long, value_enum, default_value_t = CpuPrecision::Bf16)]
+    pub cpu_precision: CpuPrecision,
     #[arg(long, default_value_t = 1024)]
     pub width: usize,
     #[arg(long, default_value_t = 1024)]
@@ -34,6 +43,13 @@ pub struct PlanArgs {
     pub batch: usize,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlanDevice {
+    #[value(alias = "gpu")]
+    Cuda,
+    Cpu,
 }
 
 pub fn run(args: &PlanArgs) -> Result<()> {
@@ -76,9 +92,23 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         cfg: args.cfg.unwrap_or(!spec.distilled),
         batch: args.batch,
         kv_cache: (args.kv_cache || spec.kv) && !args.references.is_empty(),
-        budget: planner::parse_bytes(&args.vram_budget)?,
+        budget: match (&args.vram_budget, args.device) {
+            (Some(b), _) => planner::parse_bytes(b)?,
+            (None, PlanDevice::Cpu) => crate::host_memory::available()
+                .map(|a| ((a as f64 * 0.95) as usize).saturating_sub(256 << 20))
+                .ok_or_else(|| {
+                    Error::InvalidArgument("cannot read the host's available memory; give --budget".into())
+                })?,
+            (None, PlanDevice::Cuda) => {
+                return Err(Error::InvalidArgument("--vram-budget is required for a GPU plan (e.g. 16GiB)".into()))
+            }
+        },
     };
-    let plan = planner::plan(&input)?;
+    let target = match args.device {
+        PlanDevice::Cuda => Target::Gpu,
+        PlanDevice::Cpu => Target::Cpu(args.cpu_precision),
+    };
+    let plan = planner::plan_for(&input, target)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan).unwrap());
     } else {

@@ -1,6 +1,7 @@
 //! `flux2 serve`: load the pipeline once per device and answer the OpenAI Images API (see
 //! `crate::serve` and docs/serve.md).
 
+use crate::backend::cpu::CpuPrecision;
 use crate::device::{self, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::model::transformer::{AttentionMode, Compute};
@@ -21,6 +22,10 @@ pub struct ServeArgs {
     /// `cuda` runs one worker per visible GPU (CUDA_VISIBLE_DEVICES chooses them).
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// CPU backend only: bf16 keeps the weights as stored (bf16/f16/fp8, in the memory map) and
+    /// runs bf16 GEMMs; f32 widens every weight (the exact reference).
+    #[arg(long, value_enum, default_value_t = CpuPrecision::Bf16)]
+    pub cpu_precision: CpuPrecision,
     #[arg(long, value_enum, default_value_t = TransformerPrecision::Bf16)]
     pub precision: TransformerPrecision,
     #[arg(long, value_enum, default_value_t = AttentionMode::Exact)]
@@ -59,15 +64,13 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let max_body = crate::planner::parse_bytes(&args.max_body)?;
     let info = args.model.resolve()?;
     crate::cli::generate::check_loras(&args.loras)?;
-    let backends = device::select_all(args.device)?;
+    let backends = device::select_all(args.device, args.cpu_precision)?;
     let mut workers = Vec::new();
     let mut multiple = 16;
     for (i, be) in backends.into_iter().enumerate() {
         tracing::info!("device {i}: {}", be.name());
-        let budget = match &args.vram_budget {
-            Some(b) => Some(crate::planner::parse_bytes(b)?),
-            None => device::free_memory(&be).map(|free| ((free as f64 * 0.95) as usize).saturating_sub(256 << 20)),
-        };
+        let planned = device::plan_budget(&be, args.vram_budget.as_deref(), args.cpu_precision)?;
+        let (budget, target) = (planned.map(|p| p.0), planned.map_or(crate::planner::Target::Gpu, |p| p.1));
         #[cfg(feature = "cuda")]
         if let (Some(c), Some(b)) = (device::as_cuda(&be), budget) {
             c.set_budget(Some(b));
@@ -85,6 +88,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         multiple = pipeline.pixel_multiple();
         let plan = PlanSettings {
             budget,
+            target,
             transformer_precision: args.precision,
             encoder_precision: args.text_encoder_precision,
         };

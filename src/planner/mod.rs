@@ -1,13 +1,16 @@
-//! The GPU memory planner: from the component sizes in their precisions, the image size and the
-//! VRAM budget, decide what is resident when (spec: text encoder only while encoding, the
-//! transformer evicted before VAE decode, tiled decode, block-wise transformer streaming as the
-//! last resort) and predict the peak. Pure arithmetic: `flux2 plan` runs without a GPU.
+//! The memory planner: from the component sizes in their precisions, the image size and the
+//! budget (VRAM on a GPU, the host's available memory on the CPU), decide what is resident when
+//! (spec: text encoder only while encoding, the transformer evicted before VAE decode, tiled
+//! decode, block-wise transformer streaming as the last resort) and predict the peak. Sizes are
+//! what the target really stores (`Target`). Pure arithmetic: `flux2 plan` runs without a GPU.
 
 pub mod estimate;
 
 use serde::Serialize;
 
 pub use estimate::{EncoderPrecision, TransformerPrecision};
+
+use crate::backend::cpu::CpuPrecision;
 
 use crate::error::{Error, Result};
 use crate::model::qwen3::{Qwen3Config, KLEIN_OUT_LAYERS};
@@ -40,6 +43,27 @@ pub struct PlanInput {
     pub budget: usize,
 }
 
+/// Where the plan runs, which decides the bytes each component really takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// bf16 weights (fp8 / int8 / int4 as the precisions say) and bf16 activations.
+    #[default]
+    Gpu,
+    /// The CPU backend: f32 activations; weights widened to f32 (`F32`), or kept as stored
+    /// (`Bf16`: bf16 in the memory map) except the quantized formats, which it widens to f32.
+    Cpu(CpuPrecision),
+}
+
+impl Target {
+    pub fn describe(self) -> String {
+        match self {
+            Target::Gpu => "GPU (bf16)".into(),
+            Target::Cpu(p) => format!("CPU ({} precision, host memory)", p.name()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TransformerResidency {
@@ -66,6 +90,7 @@ pub struct Phase {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
+    pub target: Target,
     pub budget: usize,
     pub peak: usize,
     pub evict_encoder_after_encode: bool,
@@ -96,7 +121,37 @@ struct Sizes {
     vae_encode_act: usize,
 }
 
-fn sizes(inp: &PlanInput) -> Sizes {
+/// The GPU sizes scaled to what `target` stores.
+fn sizes(inp: &PlanInput, target: Target) -> Sizes {
+    let mut s = gpu_sizes(inp);
+    let Target::Cpu(precision) = target else { return s };
+    // Activations, the context and the KV cache are f32 on the CPU.
+    s.enc_act *= 2;
+    s.dit_act *= 2;
+    s.vae_encode_act *= 2;
+    s.w.context *= 2;
+    s.w.kv_cache *= 2;
+    let tc = &inp.transformer;
+    let layers = *KLEIN_OUT_LAYERS.iter().max().unwrap();
+    let (block, rest) = estimate::transformer_block_bytes(tc, TransformerPrecision::Bf16);
+    let all_blocks = estimate::transformer_bytes(tc, TransformerPrecision::Bf16) - rest;
+    let encoder = estimate::encoder_bytes(&inp.text_encoder, layers, EncoderPrecision::Bf16);
+    let vae = estimate::vae_bytes(&inp.vae, inp.references.is_empty());
+    // 2-byte (bf16) element sizes doubled where the CPU widens to f32: everything in f32
+    // precision; in bf16 precision only the quantized formats (the CPU dequantizes them at load).
+    let widen_blocks = precision == CpuPrecision::F32 || inp.transformer_precision != TransformerPrecision::Bf16;
+    let widen_encoder = precision == CpuPrecision::F32 || inp.encoder_precision != EncoderPrecision::Bf16;
+    let widen_rest = precision == CpuPrecision::F32;
+    let widen = |bytes: usize, yes: bool| if yes { 2 * bytes } else { bytes };
+    s.w.transformer_block = widen(block, widen_blocks);
+    s.w.transformer_non_block = widen(rest, widen_rest);
+    s.w.transformer = widen(rest, widen_rest) + widen(all_blocks, widen_blocks);
+    s.w.text_encoder = widen(encoder, widen_encoder);
+    s.w.vae = widen(vae, widen_rest);
+    s
+}
+
+fn gpu_sizes(inp: &PlanInput) -> Sizes {
     let layers = *KLEIN_OUT_LAYERS.iter().max().unwrap();
     let tc = &inp.transformer;
     let m = inp.vae.pixel_multiple();
@@ -147,10 +202,15 @@ fn decode_tile(vae: &VaeConfig, width: usize, height: usize, room: usize) -> Opt
     None
 }
 
-/// The fastest arrangement that fits the budget, or an error naming the smallest budget that
-/// would work with these precisions.
+/// The fastest arrangement that fits the budget on a GPU, or an error naming the smallest budget
+/// that would work with these precisions.
 pub fn plan(inp: &PlanInput) -> Result<Plan> {
-    let s = sizes(inp);
+    plan_for(inp, Target::Gpu)
+}
+
+/// `plan` with the sizes `target` stores.
+pub fn plan_for(inp: &PlanInput, target: Target) -> Result<Plan> {
+    let s = sizes(inp, target);
     let w = s.w;
     let decode_act = estimate::vae_decode_activation_bytes(&inp.vae, inp.width, inp.height);
     let budget = inp.budget;
@@ -177,7 +237,7 @@ pub fn plan(inp: &PlanInput) -> Result<Plan> {
         phase("denoise", with_kv(all.clone()), s.dit_act),
         phase("decode", all.clone(), decode_act),
     ];
-    if let Some(p) = finish(inp, &s, phases, false, TransformerResidency::Resident, false, None) {
+    if let Some(p) = finish(inp, target, &s, phases, false, TransformerResidency::Resident, false, None) {
         return Ok(p);
     }
 
@@ -253,21 +313,28 @@ pub fn plan(inp: &PlanInput) -> Result<Plan> {
         ),
         phase("decode", decode_resident, decode_act),
     ];
-    if let Some(p) = finish(inp, &s, phases.clone(), true, residency, !keep_dit, tile) {
+    if let Some(p) = finish(inp, target, &s, phases.clone(), true, residency, !keep_dit, tile) {
         return Ok(p);
     }
     let needed = phases.iter().map(|p| p.peak).max().unwrap_or(0);
     Err(Error::OutOfMemory(format!(
-        "a {}x{} image with the {:?} transformer and {:?} text encoder does not fit in {}: the smallest budget that \
-         works is {} (peak phase: {}){}",
+        "a {}x{} image with the {:?} transformer and {:?} text encoder does not fit in {} on the {}: the smallest \
+         budget that works is {} (peak phase: {}){}",
         inp.width,
         inp.height,
         inp.transformer_precision,
         inp.encoder_precision,
         gib(budget),
+        target.describe(),
         gib(needed.div_ceil(64 << 20) * (64 << 20)),
         phases.iter().max_by_key(|p| p.peak).map_or("", |p| p.name),
-        if inp.encoder_precision != EncoderPrecision::Int4 || inp.transformer_precision != TransformerPrecision::Fp8 {
+        if target == Target::Cpu(CpuPrecision::F32) {
+            "; --cpu-precision bf16 keeps the weights in bf16"
+        } else if matches!(target, Target::Cpu(_)) {
+            ""
+        } else if inp.encoder_precision != EncoderPrecision::Int4
+            || inp.transformer_precision != TransformerPrecision::Fp8
+        {
             "; lower precisions (--precision fp8, --text-encoder-precision int4) need less"
         } else {
             ""
@@ -275,8 +342,10 @@ pub fn plan(inp: &PlanInput) -> Result<Plan> {
     )))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn finish(
     inp: &PlanInput,
+    target: Target,
     s: &Sizes,
     mut phases: Vec<Phase>,
     evict_encoder: bool,
@@ -289,6 +358,7 @@ fn finish(
     }
     let peak = phases.iter().map(|p| p.peak).max().unwrap_or(0);
     (peak <= inp.budget).then(|| Plan {
+        target,
         budget: inp.budget,
         peak,
         evict_encoder_after_encode: evict_encoder,
@@ -328,7 +398,8 @@ pub fn parse_bytes(s: &str) -> Result<usize> {
 
 impl Plan {
     pub fn describe(&self) -> String {
-        let mut s = format!("budget {}, predicted peak {}\n", gib(self.budget), gib(self.peak));
+        let mut s =
+            format!("{}: budget {}, predicted peak {}\n", self.target.describe(), gib(self.budget), gib(self.peak));
         s.push_str(&format!(
             "text encoder: {}\ntransformer: {}\nVAE decode: {}\n",
             if self.evict_encoder_after_encode { "evicted after encoding" } else { "kept resident" },

@@ -75,6 +75,8 @@ pub struct Shared {
 #[derive(Debug, Clone)]
 pub struct PlanSettings {
     pub budget: Option<usize>,
+    /// Whose sizes the plan counts (the CPU stores f32 activations).
+    pub target: crate::planner::Target,
     pub transformer_precision: TransformerPrecision,
     pub encoder_precision: EncoderPrecision,
 }
@@ -230,7 +232,7 @@ impl Worker {
             batch: 1,
             kv_cache: false,
         };
-        let plan = crate::planner::plan(&input)?;
+        let plan = crate::planner::plan_for(&input, self.plan.target)?;
         self.pipeline.set_residency(Residency::from_plan(&plan));
         Ok(())
     }

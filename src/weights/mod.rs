@@ -8,6 +8,7 @@ pub mod encoding;
 pub mod ggml;
 pub mod gguf;
 pub mod gguf_names;
+pub mod mapping;
 pub mod safetensors;
 
 use std::collections::HashMap;
@@ -157,8 +158,8 @@ impl RawTensor<'_> {
         if let Encoding::Dense(d) = self.encoding {
             return be.load_weight(self.bytes, d, &self.shape);
         }
-        let host = Tensor::from_f32(self.to_f32()?, &self.shape)?;
-        be.upload(&host, be.activation_dtype())
+        let dtype = be.decoded_weight_dtype();
+        be.load_weight(&crate::dtype::encode_from_f32(&self.to_f32()?, dtype), dtype, &self.shape)
     }
 }
 

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use serde::de::{Deserializer, Error as _, MapAccess, Visitor};
@@ -70,7 +71,8 @@ pub fn dtype_bits(dtype: &str) -> Option<usize> {
 #[derive(Debug)]
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    /// Shared so that CPU weights can keep pointing into it (`super::mapping`).
+    mmap: Arc<Mmap>,
     tensors: HashMap<String, TensorInfo>,
     metadata: BTreeMap<String, String>,
 }
@@ -83,6 +85,8 @@ impl SafetensorsFile {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let (tensors, metadata) =
             parse_header(&mmap).map_err(|reason| Error::CorruptFile { path: path.to_path_buf(), reason })?;
+        let mmap = Arc::new(mmap);
+        super::mapping::register(&mmap);
         Ok(SafetensorsFile { path: path.to_path_buf(), mmap, tensors, metadata })
     }
 

@@ -117,7 +117,8 @@ pub fn fails_cleanly(args: &[&str], needles: &[&str]) {
 pub fn generate_args<'a>(model: &'a str, out: &'a Path, flags: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["generate", "--model", model];
     args.extend_from_slice(flags);
-    args.extend(["--out", out.to_str().unwrap(), "--device", "cpu"]);
+    // The fixtures' references are float32 diffusers runs: the exact f32 CPU path reproduces them.
+    args.extend(["--out", out.to_str().unwrap(), "--device", "cpu", "--cpu-precision", "f32"]);
     args
 }
 

@@ -1,14 +1,18 @@
-//! The CPU reference backend: f32 compute, f32 storage, rayon for parallel loops and the `gemm`
-//! crate for matrix products. Simple and exact rather than fast; every GPU kernel is checked
-//! against it.
+//! The CPU backend: f32 compute, rayon for parallel loops. With `CpuPrecision::F32` (what
+//! `CpuBackend::new` gives) every weight is widened to f32 and products go through the `gemm`
+//! crate: the exact reference every GPU kernel and the bf16 path are checked against. With
+//! `CpuPrecision::Bf16` weights stay in their stored dtype in the memory map and the linears run
+//! the mixed-precision GEMM (`mixed_gemm`) on the best instruction set (`Isa`).
 
 mod attention;
 mod conv;
 mod elementwise;
 mod gemm;
 mod layout;
+pub mod mixed_gemm;
 mod norm;
 mod position;
+pub mod precision;
 pub mod quantized;
 
 use std::borrow::Cow;
@@ -21,16 +25,35 @@ use crate::error::{Error, Result};
 use crate::tensor::{CpuStorage, DeviceKind, Tensor};
 
 pub use gemm::sgemm;
+pub use precision::{CpuPrecision, Isa};
 
 /// Clones share one health word (see `Backend::record_nonfinite`).
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
     nonfinite: Arc<AtomicU32>,
+    precision: CpuPrecision,
+    isa: Isa,
 }
 
 impl CpuBackend {
+    /// The f32 reference.
     pub fn new() -> CpuBackend {
-        CpuBackend { nonfinite: Arc::new(AtomicU32::new(NO_CHECK)) }
+        CpuBackend::with_precision(CpuPrecision::F32, Isa::best())
+    }
+
+    /// `isa` chooses the mixed GEMM's path for bf16 precision (see `Isa::from_env`); an
+    /// unavailable one falls back to the best available.
+    pub fn with_precision(precision: CpuPrecision, isa: Isa) -> CpuBackend {
+        let isa = if isa.available() { isa } else { Isa::best() };
+        CpuBackend { nonfinite: Arc::new(AtomicU32::new(NO_CHECK)), precision, isa }
+    }
+
+    pub fn precision(&self) -> CpuPrecision {
+        self.precision
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
     }
 }
 
@@ -66,7 +89,12 @@ impl Backend for CpuBackend {
     }
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        match self.precision {
+            CpuPrecision::F32 => format!("cpu ({} threads, f32)", rayon::current_num_threads()),
+            CpuPrecision::Bf16 => {
+                format!("cpu ({} threads, bf16 weights, {} GEMM)", rayon::current_num_threads(), self.isa.name())
+            }
+        }
     }
 
     fn activation_dtype(&self) -> DType {
@@ -90,6 +118,23 @@ impl Backend for CpuBackend {
                 format!("{} bytes of {dtype} cannot have shape {shape:?}", bytes.len()),
             ));
         }
+        if self.precision == CpuPrecision::Bf16 && matches!(dtype, DType::BF16 | DType::F16 | DType::F8E4M3) {
+            // Keep the weight as stored: in the memory map when it comes from one, else as a copy
+            // of its bytes; the kernels convert it while packing.
+            let storage = match crate::weights::mapping::find(bytes) {
+                Some(mapped) => CpuStorage::Mapped(mapped, dtype),
+                None => match dtype {
+                    DType::BF16 => CpuStorage::BF16(
+                        bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]])).collect(),
+                    ),
+                    DType::F16 => {
+                        CpuStorage::F16(bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])).collect())
+                    }
+                    _ => CpuStorage::F8E4M3(bytes.to_vec()),
+                },
+            };
+            return Tensor::from_storage(crate::tensor::Storage::Cpu(storage), shape);
+        }
         output(decode_to_f32(bytes, dtype), shape)
     }
 
@@ -105,12 +150,28 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        if self.precision == CpuPrecision::Bf16 && mixed_gemm::Weights::of(w).is_some() {
+            return mixed_gemm::linear(self.isa, x, w, bias);
+        }
         gemm::linear(x, w, bias)
+    }
+
+    fn decoded_weight_dtype(&self) -> DType {
+        // bf16 precision keeps weights in bf16, decoded ones too (half the memory of f32).
+        match self.precision {
+            CpuPrecision::F32 => DType::F32,
+            CpuPrecision::Bf16 => DType::BF16,
+        }
     }
 
     fn load_quantized(&self, q: &crate::quant::Quantized) -> Result<QuantTensor> {
         q.validate()?;
-        let data = output(crate::quant::dequantize(q), &[q.rows, q.cols])?;
+        let dtype = self.decoded_weight_dtype();
+        let values = crate::quant::dequantize(q);
+        let data = match dtype {
+            DType::F32 => output(values, &[q.rows, q.cols])?,
+            _ => self.load_weight(&crate::dtype::encode_from_f32(&values, dtype), dtype, &[q.rows, q.cols])?,
+        };
         Ok(QuantTensor { format: q.format, rows: q.rows, cols: q.cols, data, scales: None })
     }
 

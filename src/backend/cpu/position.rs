@@ -62,6 +62,14 @@ pub fn timestep_embedding(t: &[f32], dim: usize, max_period: f32) -> Result<Tens
 pub fn embedding(ids: &[u32], table: &Tensor) -> Result<Tensor> {
     check::embedding(ids, table)?;
     let c = table.dim(1);
+    if !matches!(table.cpu_storage(), Some(crate::tensor::CpuStorage::F32(_))) {
+        // A table kept in its stored dtype (a 150k-token vocabulary): widen only the rows used.
+        let mut out = Vec::with_capacity(ids.len() * c);
+        for &i in ids {
+            out.extend(table.narrow(0, i as usize, 1)?.to_vec_f32()?);
+        }
+        return output(out, &[ids.len(), c]);
+    }
     let tv = dense("embedding", table)?;
     let mut out = Vec::with_capacity(ids.len() * c);
     for &i in ids {

@@ -340,7 +340,7 @@ impl TransformerWeights {
     ) -> Result<Tensor> {
         let first = self.pieces_of(names, shape)?.remove(0);
         let stored = self.stored(&first, &shape[1..])?;
-        let dtype = if stored.is_dense() { stored.dtype()? } else { be.activation_dtype() };
+        let dtype = if stored.is_dense() { stored.dtype()? } else { be.decoded_weight_dtype() };
         let mut values = self.host_concat(names, shape)?;
         adapters.round_merged(&mut values, dtype, names);
         let full = [&[shape[0] * names.len()][..], &shape[1..]].concat();
@@ -392,8 +392,9 @@ impl TransformerWeights {
         if t.is_dense() {
             return be.load_weight(t.row_bytes(p.rows.clone())?, t.dtype()?, &shape);
         }
-        // A quantized checkpoint tensor: decoded on the host into the compute dtype.
-        let host = Tensor::from_f32(t.rows_f32(p.rows.clone())?, &shape)?;
-        be.upload(&host, be.activation_dtype())
+        // A quantized checkpoint tensor: decoded on the host into the dtype the backend keeps
+        // weights in.
+        let dtype = be.decoded_weight_dtype();
+        be.load_weight(&crate::dtype::encode_from_f32(&t.rows_f32(p.rows.clone())?, dtype), dtype, &shape)
     }
 }

@@ -1,0 +1,150 @@
+//! `y = x · Wᵀ` with f32 activations and weights in their stored dtype (bf16, f16, fp8 e4m3),
+//! converted inside the GEMM's packing, one panel of columns at a time: no whole-tensor f32 copy.
+//! Three versions, chosen at run time (`Isa`): v1 portable (f32 panels + the `gemm` crate),
+//! v2 AVX2/FMA, v3 AVX-512 BF16. The f32 reference is `super::gemm::linear` on widened weights.
+
+mod v1_portable;
+#[cfg(target_arch = "x86_64")]
+mod v2_avx2;
+#[cfg(target_arch = "x86_64")]
+mod v3_avx512bf16;
+
+use rayon::prelude::*;
+
+use super::precision::Isa;
+use super::{dense, output};
+use crate::backend::check;
+use crate::dtype::{f8e4m3_to_f32, DType};
+use crate::error::{Error, Result};
+use crate::tensor::{CpuStorage, Tensor};
+
+/// A row-major `[n × k]` weight matrix in its stored encoding.
+#[derive(Clone, Copy)]
+pub(crate) struct Weights<'a> {
+    pub bytes: &'a [u8],
+    pub dtype: DType,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl Weights<'_> {
+    /// Row `row`, columns `k0..k0 + out.len()`, widened to f32 (exact).
+    pub fn row_f32(&self, row: usize, k0: usize, out: &mut [f32]) {
+        let size = self.dtype.size_in_bytes();
+        let start = (row * self.k + k0) * size;
+        let src = &self.bytes[start..start + out.len() * size];
+        match self.dtype {
+            DType::BF16 => src.chunks_exact(2).zip(out).for_each(|(b, o)| {
+                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }),
+            DType::F16 => src.chunks_exact(2).zip(out).for_each(|(b, o)| {
+                *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            }),
+            DType::F8E4M3 => src.iter().zip(out).for_each(|(&b, o)| *o = f8e4m3_to_f32(b)),
+            DType::F32 => src.chunks_exact(4).zip(out).for_each(|(b, o)| {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }),
+            DType::U8 => unreachable!("checked by Weights::of"),
+        }
+    }
+
+    /// The weight of a linear layer as row blocks (one, or one per mapped piece of a fused
+    /// projection), if it is a dense non-f32 CPU tensor.
+    pub fn of(w: &Tensor) -> Option<Vec<Weights<'_>>> {
+        let storage = w.cpu_storage()?;
+        let (dtype, size) = (storage.dtype(), storage.dtype().size_in_bytes());
+        if !w.is_contiguous() || w.rank() != 2 || dtype == DType::U8 || dtype == DType::F32 {
+            return None;
+        }
+        let k = w.dim(1);
+        if let CpuStorage::MappedRows(pieces, _) = storage {
+            // A whole fused weight: every piece is a block of complete rows.
+            if w.offset() != 0 || w.numel() != storage.len() || k == 0 {
+                return None;
+            }
+            let rows = |len: usize| len.is_multiple_of(k * size).then_some(len / (k * size));
+            return pieces.iter().map(|p| Some(Weights { bytes: p.bytes(), dtype, n: rows(p.len())?, k })).collect();
+        }
+        let bytes = storage.raw_bytes()?;
+        let bytes = &bytes[w.offset() * size..(w.offset() + w.numel()) * size];
+        Some(vec![Weights { bytes, dtype, n: w.dim(0), k }])
+    }
+}
+
+/// The output shared by the column-block tasks (each writes its own columns): the first
+/// column's pointer and the row stride.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr {
+    pub ptr: *mut f32,
+    pub ld: usize,
+}
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Column blocks of `n`, multiples of `nr`, enough of them to keep every thread busy.
+fn column_blocks(n: usize, nr: usize, max: usize) -> Vec<(usize, usize)> {
+    let tasks = 4 * rayon::current_num_threads();
+    let nc = (n.div_ceil(tasks).div_ceil(nr) * nr).clamp(nr, max.max(nr));
+    (0..n).step_by(nc).map(|j| (j, (j + nc).min(n))).collect()
+}
+
+/// `y[:, col0..col0 + n] = x[m×k] · wᵀ` on the chosen path, `y` row-major with `ldy` columns.
+/// `isa` must be available (`Isa::available`).
+pub(crate) fn matmul(isa: Isa, m: usize, x: &[f32], w: &Weights, y: &mut [f32], col0: usize, ldy: usize) {
+    let (n, k) = (w.n, w.k);
+    assert!(x.len() == m * k && y.len() == m * ldy && col0 + n <= ldy);
+    assert!(w.bytes.len() == n * k * w.dtype.size_in_bytes());
+    assert!(isa.available(), "{} is not available on this CPU", isa.name());
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: col0 + n <= ldy, so every write stays inside y.
+    let out = OutPtr { ptr: unsafe { y.as_mut_ptr().add(col0) }, ld: ldy };
+    match isa {
+        Isa::Portable => {
+            column_blocks(n, 16, 256).into_par_iter().for_each(|(j0, j1)| v1_portable::block(m, x, w, j0, j1, out))
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => column_blocks(n, v2_avx2::NR, 128)
+            .into_par_iter()
+            // SAFETY: available() checked AVX2 and FMA; blocks write disjoint columns.
+            .for_each(|(j0, j1)| unsafe { v2_avx2::block(m, x, w, j0, j1, out) }),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bf16 if w.dtype == DType::BF16 => {
+            let xb = v3_avx512bf16::pack_activations(m, k, x);
+            column_blocks(n, v3_avx512bf16::NR, 128)
+                .into_par_iter()
+                // SAFETY: available() checked AVX-512 F/BW/BF16; blocks write disjoint columns.
+                .for_each(|(j0, j1)| unsafe { v3_avx512bf16::block(m, &xb, w, j0, j1, out) })
+        }
+        // f16 and fp8 weights are not bf16: widen them to f32 (exact) on the AVX2 path.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bf16 => matmul(Isa::Avx2Fma, m, x, w, y, col0, ldy),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("only the portable path is available off x86-64"),
+    }
+}
+
+/// `linear` for a weight kept in its stored dtype, on `isa`.
+pub fn linear(isa: Isa, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (m, _k, n) = check::linear(x, w, bias)?;
+    let pieces = Weights::of(w)
+        .ok_or_else(|| Error::shape("linear", "the mixed-precision GEMM needs a dense bf16, f16 or fp8 CPU weight"))?;
+    if !isa.available() {
+        return Err(Error::Unsupported(format!("the {} GEMM path needs a CPU feature this one lacks", isa.name())));
+    }
+    let xv = dense("linear", x)?;
+    let mut y = vec![0f32; m * n];
+    let mut col0 = 0;
+    for piece in &pieces {
+        matmul(isa, m, &xv, piece, &mut y, col0, n);
+        col0 += piece.n;
+    }
+    if let Some(b) = bias {
+        let bv = dense("linear", b)?;
+        y.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(bv.iter()).for_each(|(y, b)| *y += b));
+    }
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    output(y, &shape)
+}

@@ -1,0 +1,159 @@
+//! The CPU backend's bf16 precision: the mixed-precision GEMM on every instruction-set path this
+//! machine has (forced in turn) against the f32 reference, on ragged shapes, for bf16, f16 and
+//! fp8 weights; and weights loaded from a file staying in its memory map.
+
+use std::collections::BTreeMap;
+
+use flux2::backend::cpu::mixed_gemm;
+use flux2::backend::cpu::{CpuBackend, CpuPrecision, Isa};
+use flux2::dtype::encode_from_f32;
+use flux2::rng::{normal, stream_key};
+use flux2::tensor::{CpuStorage, Tensor};
+use flux2::weights::safetensors::{write_safetensors, TensorEntry};
+use flux2::weights::WeightStore;
+use flux2::{Backend, DType};
+
+fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let key = stream_key(seed, "mixed_gemm");
+    (0..n).map(|i| normal(key, i as u64) * scale).collect()
+}
+
+/// Shapes that leave remainders in every blocking dimension (MR 6/12, NR 16/32, 32-wide
+/// activation packing, odd k), plus one of klein's own widths.
+const SHAPES: &[(usize, usize, usize)] =
+    &[(1, 1, 1), (1, 7, 5), (5, 33, 17), (13, 31, 33), (12, 64, 32), (25, 130, 70), (40, 257, 100), (7, 3072, 96)];
+
+/// Checks `y` against the f64 product of the reference operands, element by element, against a
+/// bound proportional to Σ|x·w| (the scale of each output's rounding error).
+#[allow(clippy::too_many_arguments)]
+fn check(label: &str, y: &[f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize, rel: f64) {
+    for i in 0..m {
+        for j in 0..n {
+            let (mut exact, mut mag) = (0f64, 0f64);
+            for kk in 0..k {
+                let p = x[i * k + kk] as f64 * w[j * k + kk] as f64;
+                exact += p;
+                mag += p.abs();
+            }
+            let err = (y[i * n + j] as f64 - exact).abs();
+            assert!(
+                err <= rel * mag + 1e-30,
+                "{label}: y[{i},{j}] = {} vs {exact} (err {err:.3e}, bound {:.3e})",
+                y[i * n + j],
+                rel * mag
+            );
+        }
+    }
+}
+
+fn weight_tensor(w: &[f32], dtype: DType, n: usize, k: usize) -> (Tensor, Vec<f32>) {
+    let bytes = encode_from_f32(w, dtype);
+    let be = CpuBackend::with_precision(CpuPrecision::Bf16, Isa::Portable);
+    let t = be.load_weight(&bytes, dtype, &[n, k]).unwrap();
+    let widened = t.to_vec_f32().unwrap();
+    (t, widened)
+}
+
+#[test]
+fn every_available_path_matches_the_reference_on_ragged_shapes() {
+    let paths: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
+    eprintln!("paths on this CPU: {:?}", paths);
+    for (s, &(m, k, n)) in SHAPES.iter().enumerate() {
+        let x = random(2 * s as u64, m * k, 1.0);
+        let w = random(2 * s as u64 + 1, n * k, 0.05);
+        let bias = random(99, n, 1.0);
+        for dtype in [DType::BF16, DType::F16, DType::F8E4M3] {
+            let (wt, wf) = weight_tensor(&w, dtype, n, k);
+            let xt = Tensor::from_f32(x.clone(), &[m, k]).unwrap();
+            for &isa in &paths {
+                let y = mixed_gemm::linear(isa, &xt, &wt, None).unwrap().to_vec_f32().unwrap();
+                // Only v3 on bf16 weights rounds the activations (to bf16: 2^-9 relative per
+                // product); the other paths compute in f32 on exactly widened weights.
+                let rel = if isa == Isa::Avx512Bf16 && dtype == DType::BF16 { 2f64.powi(-8) } else { 1e-5 };
+                check(&format!("{} {dtype} {m}x{k}x{n}", isa.name()), &y, &x, &wf, m, k, n, rel);
+            }
+            // Through the backend, with a bias and a batch dimension.
+            let be = CpuBackend::with_precision(CpuPrecision::Bf16, Isa::best());
+            let x3 = Tensor::from_f32(x.clone(), &[1, m, k]).unwrap();
+            let b = Tensor::from_f32(bias.clone(), &[n]).unwrap();
+            let y = be.linear(&x3, &wt, Some(&b)).unwrap();
+            assert_eq!(y.shape(), &[1, m, n]);
+            let reference = CpuBackend::new()
+                .linear(&x3, &Tensor::from_f32(wf.clone(), &[n, k]).unwrap(), Some(&b))
+                .unwrap()
+                .to_vec_f32()
+                .unwrap();
+            let y = y.to_vec_f32().unwrap();
+            let worst = y.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let scale = reference.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            assert!(worst <= 0.02 * scale.max(1.0), "backend {dtype} {m}x{k}x{n}: max error {worst} (scale {scale})");
+        }
+    }
+}
+
+#[test]
+fn f32_precision_widens_and_bf16_precision_keeps_the_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let w = random(5, 48 * 40, 0.1);
+    write_safetensors(&path, vec![TensorEntry::from_f32("w", &w, &[48, 40], DType::BF16)], &BTreeMap::new()).unwrap();
+    let store = WeightStore::open(&path).unwrap();
+
+    let bf16 = CpuBackend::with_precision(CpuPrecision::Bf16, Isa::best());
+    let kept = store.load(&bf16, "w", &[48, 40]).unwrap();
+    assert!(matches!(kept.cpu_storage(), Some(CpuStorage::Mapped(_, DType::BF16))));
+    assert_eq!(kept.cpu_storage().unwrap().heap_bytes(), 0);
+
+    let f32 = CpuBackend::new();
+    let widened = store.load(&f32, "w", &[48, 40]).unwrap();
+    assert!(matches!(widened.cpu_storage(), Some(CpuStorage::F32(_))));
+    assert_eq!(kept.to_vec_f32().unwrap(), widened.to_vec_f32().unwrap());
+
+    // The mapped weight outlives the store (the tensor holds the map).
+    drop(store);
+    let xv = random(6, 3 * 40, 1.0);
+    let x = Tensor::from_f32(xv.clone(), &[3, 40]).unwrap();
+    let y = bf16.linear(&x, &kept, None).unwrap().to_vec_f32().unwrap();
+    check("mapped", &y, &xv, &widened.to_vec_f32().unwrap(), 3, 40, 48, 2f64.powi(-8));
+    // A fused projection of mapped pieces lists them instead of copying, and computes the same.
+    let fused = bf16.concat(&[&kept, &kept.narrow(0, 8, 16).unwrap()], 0).unwrap();
+    assert!(matches!(fused.cpu_storage(), Some(CpuStorage::MappedRows(..))));
+    assert_eq!(fused.cpu_storage().unwrap().heap_bytes(), 0);
+    let yf = bf16.linear(&x, &fused, None).unwrap().to_vec_f32().unwrap();
+    for r in 0..3 {
+        assert_eq!(&yf[r * 64..r * 64 + 48], &y[r * 48..r * 48 + 48]);
+        assert_eq!(&yf[r * 64 + 48..r * 64 + 64], &y[r * 48 + 8..r * 48 + 24]);
+    }
+    assert_eq!(
+        fused.narrow(0, 48, 16).unwrap().to_vec_f32().unwrap(),
+        kept.narrow(0, 8, 16).unwrap().to_vec_f32().unwrap()
+    );
+    // Bad input is an error, not a panic.
+    let wrong = Tensor::from_f32(vec![0.0; 3 * 41], &[3, 41]).unwrap();
+    assert!(bf16.linear(&wrong, &kept, None).is_err());
+}
+
+/// Fused projections (q, k, v loaded separately, concatenated by rows) keep the stored dtype in
+/// bf16 precision, and the fused linear equals the parts' linears side by side.
+#[test]
+fn row_concatenation_keeps_the_stored_dtype() {
+    let be = CpuBackend::with_precision(CpuPrecision::Bf16, Isa::best());
+    let parts: Vec<Tensor> = [(5usize, 1u64), (3, 2)]
+        .iter()
+        .map(|&(rows, seed)| {
+            be.load_weight(&encode_from_f32(&random(seed, rows * 24, 0.2), DType::BF16), DType::BF16, &[rows, 24])
+                .unwrap()
+        })
+        .collect();
+    let fused = be.concat(&[&parts[0], &parts[1]], 0).unwrap();
+    assert_eq!(fused.dtype(), DType::BF16);
+    assert_eq!(fused.shape(), &[8, 24]);
+    let x = Tensor::from_f32(random(9, 2 * 24, 1.0), &[2, 24]).unwrap();
+    let y = be.linear(&x, &fused, None).unwrap().to_vec_f32().unwrap();
+    let (a, b) = (be.linear(&x, &parts[0], None).unwrap(), be.linear(&x, &parts[1], None).unwrap());
+    let (a, b) = (a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+    for r in 0..2 {
+        assert_eq!(&y[r * 8..r * 8 + 5], &a[r * 5..r * 5 + 5]);
+        assert_eq!(&y[r * 8 + 5..r * 8 + 8], &b[r * 3..r * 3 + 3]);
+    }
+}
