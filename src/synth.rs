@@ -311,6 +311,9 @@ pub struct PipelineSpec {
     pub distilled: bool,
     /// The KV variant (`Flux2KleinKVPipeline`).
     pub kv: bool,
+    /// Block linears the transformer checkpoint stores as GGUF blocks, with their bytes (a GPU
+    /// keeps them so); empty for other checkpoints.
+    pub stored_blocks: crate::planner::estimate::StoredBytes,
 }
 
 impl PipelineSpec {
@@ -321,6 +324,7 @@ impl PipelineSpec {
             vae: Default::default(),
             distilled: true,
             kv: false,
+            stored_blocks: Default::default(),
         }
     }
 
@@ -331,6 +335,7 @@ impl PipelineSpec {
             vae: Default::default(),
             distilled: true,
             kv: false,
+            stored_blocks: Default::default(),
         }
     }
 
@@ -343,10 +348,22 @@ impl PipelineSpec {
     /// config read off their shapes (as loading them does).
     pub fn from_info(info: &crate::pipeline::PipelineInfo) -> Result<Self> {
         let json = |dir: &Path| Some(dir.join("config.json")).filter(|p| dir.is_dir() && p.is_file());
+        let (store, layout, transformer) = crate::model::transformer::open(&info.transformer)?;
         let transformer = match json(&info.transformer) {
             Some(p) => TransformerConfig::from_json_file(&p)?,
-            None => crate::model::transformer::open(&info.transformer)?.2,
+            None => transformer,
         };
+        let weights = crate::model::transformer::layout::TransformerWeights::new(
+            std::sync::Arc::new(store),
+            layout,
+            &transformer,
+        );
+        let mut stored_blocks = crate::planner::estimate::StoredBytes::new();
+        for t in crate::model::transformer::layout::diffusers_tensors(&transformer) {
+            if let Some(bytes) = weights.stored_block_size(&t.name, &t.shape)? {
+                stored_blocks.insert(t.name, bytes);
+            }
+        }
         let text_encoder = match json(&info.text_encoder) {
             Some(p) => crate::model::qwen3::Qwen3Config::from_json_file(&p)?,
             None => crate::model::qwen3::open(&info.text_encoder)?.1,
@@ -355,7 +372,7 @@ impl PipelineSpec {
             Some(p) => crate::model::vae::VaeConfig::from_json_file(&p)?,
             None => crate::model::vae::open(&info.vae)?.2,
         };
-        Ok(PipelineSpec { transformer, text_encoder, vae, distilled: info.is_distilled, kv: info.kv })
+        Ok(PipelineSpec { transformer, text_encoder, vae, distilled: info.is_distilled, kv: info.kv, stored_blocks })
     }
 }
 

@@ -260,3 +260,44 @@ fn fp8_checkpoints_keep_their_codes_for_fp8_compute() {
     let w = TransformerWeights::new(Arc::new(store), layout, &cfg);
     assert!(w.stored_fp8(&["transformer_blocks.0.attn.to_q.weight"], &[cfg.hidden(), cfg.hidden()]).unwrap().is_none());
 }
+
+#[test]
+fn the_memory_plan_counts_gguf_blocks_at_their_stored_size() {
+    use flux2::pipeline::{ComponentFiles, PipelineInfo};
+    use flux2::planner::estimate::{transformer_bytes, StoredBytes};
+    use flux2::planner::TransformerPrecision;
+    let file = weights_file(&case("gguf_q4_k"));
+    let files = ComponentFiles { transformer: Some(file.clone()), ..Default::default() };
+    let info = PipelineInfo::assemble(Some(&fixtures().join("pipeline")), &files).unwrap();
+    let spec = flux2::synth::PipelineSpec::from_info(&info).unwrap();
+    // Every block linear of this file is Q4_K: 144 bytes per 256 weights.
+    assert!(!spec.stored_blocks.is_empty());
+    for (name, bytes) in &spec.stored_blocks {
+        let t = flux2::model::transformer::layout::diffusers_tensors(&spec.transformer)
+            .into_iter()
+            .find(|t| &t.name == name)
+            .unwrap();
+        assert_eq!(*bytes, t.numel() / 256 * 144, "{name}");
+    }
+    let bf16 = transformer_bytes(&spec.transformer, TransformerPrecision::Bf16, &StoredBytes::new());
+    let stored = transformer_bytes(&spec.transformer, TransformerPrecision::Bf16, &spec.stored_blocks);
+    // Exactly the bf16 sizes less what each stored block linear saves.
+    // (Only block linears count: the GPU decodes the others to bf16.)
+    let saved: usize = spec
+        .stored_blocks
+        .iter()
+        .filter(|(name, _)| name.starts_with("transformer_blocks.") || name.starts_with("single_transformer_blocks."))
+        .map(|(name, bytes)| {
+            let t = flux2::model::transformer::layout::diffusers_tensors(&spec.transformer)
+                .into_iter()
+                .find(|t| &t.name == name)
+                .unwrap();
+            t.numel() * 2 - bytes
+        })
+        .sum();
+    assert_eq!(stored, bf16 - saved);
+    assert!(saved > bf16 / 3, "{saved} of {bf16}");
+    // A bf16 checkpoint has nothing stored quantized.
+    let plain = flux2::synth::PipelineSpec::from_pipeline(&fixtures().join("pipeline")).unwrap();
+    assert!(plain.stored_blocks.is_empty());
+}

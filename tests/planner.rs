@@ -21,6 +21,7 @@ fn input(spec: PipelineSpec, tp: TransformerPrecision, ep: EncoderPrecision, sid
         batch: 1,
         kv_cache: false,
         budget,
+        stored_blocks: Default::default(),
     }
 }
 

@@ -388,6 +388,7 @@ fn memory_plan(
         height: h,
         references: refs,
         budget,
+        stored_blocks: spec.stored_blocks,
     };
     let plan = crate::planner::plan_for(&input, target)?;
     tracing::info!("memory plan:\n{}", plan.describe());

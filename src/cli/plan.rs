@@ -92,6 +92,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         cfg: args.cfg.unwrap_or(!spec.distilled),
         batch: args.batch,
         kv_cache: (args.kv_cache || spec.kv) && !args.references.is_empty(),
+        stored_blocks: spec.stored_blocks.clone(),
         budget: match (&args.vram_budget, args.device) {
             (Some(b), _) => planner::parse_bytes(b)?,
             (None, PlanDevice::Cpu) => crate::host_memory::available()

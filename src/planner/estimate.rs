@@ -48,26 +48,37 @@ fn block_of(name: &str) -> Option<&str> {
     Some(&name[..second_dot])
 }
 
-/// Device bytes of one transformer tensor: block linears in the chosen precision, the rest bf16.
-fn transformer_tensor_bytes(name: &str, shape: &[usize], p: TransformerPrecision) -> usize {
-    match (p, shape.len() == 2 && block_of(name).is_some()) {
+/// Device bytes of block linears a checkpoint keeps as stored (GGUF blocks the weight-only GEMM
+/// reads), by diffusers name; tensors not listed take what the precision says.
+pub type StoredBytes = std::collections::BTreeMap<String, usize>;
+
+/// Device bytes of one transformer tensor: block linears in the chosen precision (or as stored,
+/// for bf16 compute on a GGUF checkpoint), the rest bf16.
+fn transformer_tensor_bytes(name: &str, shape: &[usize], p: TransformerPrecision, stored: &StoredBytes) -> usize {
+    let block_linear = shape.len() == 2 && block_of(name).is_some();
+    match (p, block_linear) {
         (TransformerPrecision::Fp8, true) => linear_bytes(shape[0], shape[1], EncoderPrecision::Fp8),
+        (TransformerPrecision::Bf16, true) if stored.contains_key(name) => stored[name],
         _ => shape.iter().product::<usize>() * 2,
     }
 }
 
 /// Device bytes of the transformer weights.
-pub fn transformer_bytes(cfg: &TransformerConfig, p: TransformerPrecision) -> usize {
-    diffusers_tensors(cfg).iter().map(|t| transformer_tensor_bytes(&t.name, &t.shape, p)).sum()
+pub fn transformer_bytes(cfg: &TransformerConfig, p: TransformerPrecision, stored: &StoredBytes) -> usize {
+    diffusers_tensors(cfg).iter().map(|t| transformer_tensor_bytes(&t.name, &t.shape, p, stored)).sum()
 }
 
 /// Device bytes of the largest transformer block (the unit block streaming uploads), and of
 /// everything outside the blocks.
-pub fn transformer_block_bytes(cfg: &TransformerConfig, p: TransformerPrecision) -> (usize, usize) {
+pub fn transformer_block_bytes(
+    cfg: &TransformerConfig,
+    p: TransformerPrecision,
+    stored: &StoredBytes,
+) -> (usize, usize) {
     let mut blocks = std::collections::BTreeMap::<String, usize>::new();
     let mut rest = 0;
     for t in diffusers_tensors(cfg) {
-        let bytes = transformer_tensor_bytes(&t.name, &t.shape, p);
+        let bytes = transformer_tensor_bytes(&t.name, &t.shape, p, stored);
         match block_of(&t.name) {
             Some(block) => *blocks.entry(block.to_string()).or_default() += bytes,
             None => rest += bytes,

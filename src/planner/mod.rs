@@ -41,6 +41,8 @@ pub struct PlanInput {
     /// The reference tokens' K/V are kept for every block (KV variant, `--kv-cache`).
     pub kv_cache: bool,
     pub budget: usize,
+    /// Block linears the checkpoint keeps quantized on a GPU (GGUF), with their real sizes.
+    pub stored_blocks: estimate::StoredBytes,
 }
 
 /// Where the plan runs, which decides the bytes each component really takes.
@@ -133,8 +135,10 @@ fn sizes(inp: &PlanInput, target: Target) -> Sizes {
     s.w.kv_cache *= 2;
     let tc = &inp.transformer;
     let layers = *KLEIN_OUT_LAYERS.iter().max().unwrap();
-    let (block, rest) = estimate::transformer_block_bytes(tc, TransformerPrecision::Bf16);
-    let all_blocks = estimate::transformer_bytes(tc, TransformerPrecision::Bf16) - rest;
+    // The CPU decodes GGUF blocks at load, so stored sizes do not apply.
+    let none = estimate::StoredBytes::new();
+    let (block, rest) = estimate::transformer_block_bytes(tc, TransformerPrecision::Bf16, &none);
+    let all_blocks = estimate::transformer_bytes(tc, TransformerPrecision::Bf16, &none) - rest;
     let encoder = estimate::encoder_bytes(&inp.text_encoder, layers, EncoderPrecision::Bf16);
     let vae = estimate::vae_bytes(&inp.vae, inp.references.is_empty());
     // 2-byte (bf16) element sizes doubled where the CPU widens to f32: everything in f32
@@ -159,14 +163,14 @@ fn gpu_sizes(inp: &PlanInput) -> Sizes {
     let tokens_ref: usize = inp.references.iter().map(|(w, h)| (w / m) * (h / m)).sum();
     let text = 512;
     let rows = inp.batch.max(1) * if inp.cfg { 2 } else { 1 };
-    let (block, rest) = estimate::transformer_block_bytes(tc, inp.transformer_precision);
+    let (block, rest) = estimate::transformer_block_bytes(tc, inp.transformer_precision, &inp.stored_blocks);
     let context = rows * text * tc.joint_attention_dim * 2 + rows * (tokens_img + tokens_ref) * tc.in_channels * 2 * 3;
     let vae_encode_act =
         inp.references.iter().map(|&(w, h)| estimate::vae_decode_activation_bytes(&inp.vae, w, h)).max().unwrap_or(0);
     Sizes {
         w: Weights {
             text_encoder: estimate::encoder_bytes(&inp.text_encoder, layers, inp.encoder_precision),
-            transformer: estimate::transformer_bytes(tc, inp.transformer_precision),
+            transformer: estimate::transformer_bytes(tc, inp.transformer_precision, &inp.stored_blocks),
             transformer_block: block,
             transformer_non_block: rest,
             vae: estimate::vae_bytes(&inp.vae, inp.references.is_empty()),

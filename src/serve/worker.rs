@@ -229,6 +229,7 @@ impl Worker {
             height,
             references: refs,
             budget,
+            stored_blocks: spec.stored_blocks,
             batch: 1,
             kv_cache: false,
         };

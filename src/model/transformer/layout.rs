@@ -329,6 +329,23 @@ impl TransformerWeights {
         crate::model::linear::ggml_blocks(pieces.iter().map(|p| Ok((self.stored(p, &shape[1..])?, p.rows.clone()))))
     }
 
+    /// Bytes of diffusers tensor `name` if every piece of it is stored as GGML blocks (what the
+    /// device holds for it, see `stored_blocks`), without reading the data; None otherwise.
+    pub fn stored_block_size(&self, name: &str, shape: &[usize]) -> Result<Option<usize>> {
+        if shape.len() != 2 {
+            return Ok(None);
+        }
+        let mut bytes = 0;
+        for p in self.pieces_of(&[name], shape)? {
+            let t = self.stored(&p, &shape[1..])?;
+            match (&t.encoding, t.encoding.row_bytes(shape[1])) {
+                (Encoding::Ggml(ty), Some(rb)) if ty.is_quantized() => bytes += p.rows.len() * rb,
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(bytes))
+    }
+
     /// A weight with LoRAs merged: in f32 on the host, then stored as the checkpoint stores it
     /// (a quantized checkpoint tensor in the backend's activation dtype, as `load_rows` does).
     fn load_merged(
