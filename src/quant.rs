@@ -54,7 +54,7 @@ impl QuantFormat {
                 let g = (2..=group.min(cols)).rev().find(|g| g % 2 == 0 && cols % g == 0).unwrap_or(2);
                 Ok(QuantFormat::Int4 { group: g })
             }
-            QuantFormat::Ggml(t) if !t.is_quantized() || cols % t.block().0 != 0 => Err(Error::shape(
+            QuantFormat::Ggml(t) if !t.is_quantized() || !cols.is_multiple_of(t.block().0) => Err(Error::shape(
                 "ggml",
                 format!("{cols} input columns are not whole {} blocks of {}", t.name(), t.block().0),
             )),

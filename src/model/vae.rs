@@ -148,44 +148,31 @@ impl VaeConfig {
 
     /// Infer the config of BFL's `ae.safetensors` from its shapes (groups: BFL's fixed 32).
     pub fn infer_from_bfl(store: &WeightStore) -> Result<Self> {
-        let conv = |k: &str| store.dims::<4>(k);
-        let conv_in = conv("encoder.conv_in.weight")?;
-        let levels = (0..).take_while(|i| store.contains(&format!("encoder.down.{i}.block.0.conv1.weight"))).count();
-        let channels = (0..levels)
-            .map(|i| Ok(conv(&format!("encoder.down.{i}.block.0.conv1.weight"))?[0]))
-            .collect::<Result<Vec<_>>>()?;
-        let layers = (0..).take_while(|j| store.contains(&format!("encoder.down.0.block.{j}.conv1.weight"))).count();
-        let cfg = VaeConfig {
-            in_channels: conv_in[1],
-            out_channels: conv("decoder.conv_out.weight")?[0],
-            down_block_types: vec!["DownEncoderBlock2D".into(); levels],
-            up_block_types: vec!["UpDecoderBlock2D".into(); levels],
-            block_out_channels: channels,
-            layers_per_block: layers,
-            latent_channels: conv("decoder.conv_in.weight")?[1],
-            use_quant_conv: store.contains("encoder.quant_conv.weight"),
-            use_post_quant_conv: store.contains("decoder.post_quant_conv.weight"),
-            mid_block_add_attention: store.contains("encoder.mid.attn_1.q.weight"),
-            ..VaeConfig::default()
-        };
-        cfg.validate().map_err(|r| Error::config(store.origin(), r))?;
-        Ok(cfg)
+        VaeConfig::infer(store, VaeLayout::Bfl, 32)
     }
-}
 
-impl VaeConfig {
     /// Infer the config of a diffusers-named VAE file without config.json (a repackaged
     /// `flux2-vae.safetensors`) from its shapes; the norms' group count, which no weight shows,
     /// is given; the rest are the FLUX.2 VAE's defaults.
     pub fn infer_from_diffusers(store: &WeightStore, norm_num_groups: usize) -> Result<Self> {
-        let conv = |k: &str| store.dims::<4>(k);
-        let levels =
-            (0..).take_while(|i| store.contains(&format!("encoder.down_blocks.{i}.resnets.0.conv1.weight"))).count();
+        VaeConfig::infer(store, VaeLayout::Diffusers, norm_num_groups)
+    }
+
+    /// The config read off a VAE file's shapes in either layout (keys named the diffusers way,
+    /// mapped to BFL's by `bfl_key`).
+    fn infer(store: &WeightStore, layout: VaeLayout, norm_num_groups: usize) -> Result<Self> {
+        // Encoder keys and the convolutions used here do not depend on the level count.
+        let key = |name: &str| match layout {
+            VaeLayout::Diffusers => name.to_string(),
+            VaeLayout::Bfl => bfl_key(name, 0),
+        };
+        let has = |name: &str| store.contains(&key(name));
+        let conv = |name: &str| store.dims::<4>(&key(name));
+        let levels = (0..).take_while(|i| has(&format!("encoder.down_blocks.{i}.resnets.0.conv1.weight"))).count();
         let channels = (0..levels)
             .map(|i| Ok(conv(&format!("encoder.down_blocks.{i}.resnets.0.conv1.weight"))?[0]))
             .collect::<Result<Vec<_>>>()?;
-        let layers =
-            (0..).take_while(|j| store.contains(&format!("encoder.down_blocks.0.resnets.{j}.conv1.weight"))).count();
+        let layers = (0..).take_while(|j| has(&format!("encoder.down_blocks.0.resnets.{j}.conv1.weight"))).count();
         let cfg = VaeConfig {
             in_channels: conv("encoder.conv_in.weight")?[1],
             out_channels: conv("decoder.conv_out.weight")?[0],
@@ -194,9 +181,9 @@ impl VaeConfig {
             block_out_channels: channels,
             layers_per_block: layers,
             latent_channels: conv("decoder.conv_in.weight")?[1],
-            use_quant_conv: store.contains("quant_conv.weight"),
-            use_post_quant_conv: store.contains("post_quant_conv.weight"),
-            mid_block_add_attention: store.contains("encoder.mid_block.attentions.0.to_q.weight"),
+            use_quant_conv: has("quant_conv.weight"),
+            use_post_quant_conv: has("post_quant_conv.weight"),
+            mid_block_add_attention: has("encoder.mid_block.attentions.0.to_q.weight"),
             norm_num_groups,
             ..VaeConfig::default()
         };

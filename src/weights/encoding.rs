@@ -39,10 +39,10 @@ impl Encoding<'_> {
             Encoding::Dense(d) => Some(cols * d.size_in_bytes()),
             Encoding::Ggml(t) => {
                 let (block, _) = t.block();
-                (cols % block == 0).then(|| t.bytes_for(cols)).flatten()
+                cols.is_multiple_of(block).then(|| t.bytes_for(cols)).flatten()
             }
             Encoding::ScaledFp8 { .. } | Encoding::Int8 { .. } => Some(cols),
-            Encoding::Nvfp4 { .. } => (cols % 2 == 0).then_some(cols / 2),
+            Encoding::Nvfp4 { .. } => cols.is_multiple_of(2).then_some(cols / 2),
             Encoding::Unsupported(_) => None,
         }
     }
@@ -135,7 +135,7 @@ fn nvfp4_rows(
     rows: usize,
     cols: usize,
 ) -> Result<Vec<f32>, String> {
-    if cols % NVFP4_BLOCK != 0 {
+    if !cols.is_multiple_of(NVFP4_BLOCK) {
         return Err(format!("{cols} columns are not a multiple of the NVFP4 block of {NVFP4_BLOCK}"));
     }
     let blocks = cols / NVFP4_BLOCK;
@@ -158,10 +158,10 @@ fn nvfp4_rows(
 /// normalised regular Hadamard matrix (Kronecker powers of a symmetric 4×4 one, so H = Hᵀ and
 /// H·H = I); multiplying each group by H again restores W.
 fn unrotate_convrot(values: &mut [f32], cols: usize, group: usize) -> Result<(), String> {
-    if group < 4 || !group.is_power_of_two() || group.trailing_zeros() % 2 != 0 {
+    if group < 4 || !group.is_power_of_two() || !group.trailing_zeros().is_multiple_of(2) {
         return Err(format!("ConvRot group {group} is not a power of 4"));
     }
-    if cols % group != 0 {
+    if !cols.is_multiple_of(group) {
         return Err(format!("{cols} columns are not a multiple of the ConvRot group {group}"));
     }
     let h = hadamard(group);
