@@ -55,6 +55,10 @@ if ! ls .verify/wheels/diffusers-0.42.1-*.whl >/dev/null 2>&1; then
     echo "warning: diffusers wheel not fetched: peer_compare.py fails on a machine without diffusers" >&2
 fi
 
+# Compressed for the trip (the embedded cubins compress about 5:1); gpu_check.sh unpacks them.
+for f in .verify/bin/flux2 .verify/bin/gpu-tests; do
+  xz -T0 -6 -f "$f"
+done
 ls -la .verify/bin .verify/wheels 2>/dev/null || true
 # What travels to the device machine: tracked files + the two carried folders (limit 64 MiB).
 tracked=$(git ls-files -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)

@@ -226,6 +226,17 @@ trap 'on_signal HUP' HUP
 
 # ---------------------------------------------------------------------------------------------
 say "gpu_check: bin=$BIN out=$OUT work=$WORK device=$CHECK_DEVICE"
+# build_for_gpu.sh carries the binaries xz-compressed (the device tool carries 64 MiB in all):
+# unpack them into the work folder with Python's lzma (no xz needed on the device machine).
+for name in flux2 gpu-tests; do
+  if [ ! -x "$BIN/$name" ] && [ -f "$BIN/$name.xz" ]; then
+    mkdir -p "$WORK/bin"
+    python3 -c 'import lzma, shutil, sys
+with lzma.open(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)' "$BIN/$name.xz" "$WORK/bin/$name" && chmod +x "$WORK/bin/$name"
+    case $name in flux2) FLUX2=$WORK/bin/flux2 ;; gpu-tests) GPU_TESTS=$WORK/bin/gpu-tests ;; esac
+  fi
+done
 missing=""
 for f in "$FLUX2" "$GPU_TESTS"; do [ -x "$f" ] || missing="$missing $f"; done
 if [ -n "$missing" ]; then
