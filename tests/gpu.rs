@@ -7,7 +7,6 @@ mod common;
 use std::sync::Arc;
 
 use common::{cosine_and_rel_l2, fixtures, load};
-use flux2::image_io::RgbImage;
 use flux2::model::transformer::Flux2Transformer;
 use flux2::pipeline::Pipeline;
 use flux2::Backend;
@@ -68,23 +67,7 @@ fn pipeline_images_within_2_of_255(be: Arc<dyn Backend>) {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
     for case in common::pipeline_cases() {
-        let root = if case.base {
-            if !base.exists() {
-                common::base_pipeline(&base);
-            }
-            base.clone()
-        } else {
-            fixtures().join("pipeline")
-        };
-        let pipe = Pipeline::load(be.clone(), &root).unwrap();
-        let prepared = pipe.prepare_references(&case.references).unwrap();
-        // The expected images come from float32 diffusers: its float32 timesteps too.
-        let request = flux2::pipeline::Request {
-            timestep_mode: Some(flux2::sampler::TimestepMode::DiffusersF32),
-            ..case.request.clone()
-        };
-        let out = pipe.generate(&request, None, prepared.as_ref()).unwrap();
-        let mad = common::mean_pixel_error(&out.image, &RgbImage::load(&case.dir.join("expected.png")).unwrap());
+        let mad = common::pipeline_case_error(&be, &case, &base);
         let dir = &case.dir;
         println!("pipeline {}: mean absolute pixel error {mad:.3}/255", dir.display());
         assert!(mad <= 2.0, "{}: {mad}", dir.display());

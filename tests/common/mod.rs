@@ -153,6 +153,28 @@ pub struct PipelineCase {
     pub references: Vec<flux2::image_io::RgbImage>,
 }
 
+/// One pipeline case on `be` as the reference ran it (float32 timesteps, as the expected images
+/// come from float32 diffusers): the mean absolute pixel error against its expected image.
+/// `base` is a scratch folder where the base (CFG) pipeline is made when a case needs it.
+pub fn pipeline_case_error(be: &std::sync::Arc<dyn flux2::Backend>, case: &PipelineCase, base: &Path) -> f64 {
+    let root = if case.base {
+        if !base.exists() {
+            base_pipeline(base);
+        }
+        base.to_path_buf()
+    } else {
+        fixtures().join("pipeline")
+    };
+    let pipe = flux2::pipeline::Pipeline::load(be.clone(), &root).unwrap();
+    let prepared = pipe.prepare_references(&case.references).unwrap();
+    let request = flux2::pipeline::Request {
+        timestep_mode: Some(flux2::sampler::TimestepMode::DiffusersF32),
+        ..case.request.clone()
+    };
+    let out = pipe.generate(&request, None, prepared.as_ref()).unwrap();
+    mean_pixel_error(&out.image, &flux2::image_io::RgbImage::load(&case.dir.join("expected.png")).unwrap())
+}
+
 pub fn pipeline_cases() -> Vec<PipelineCase> {
     let mut dirs: Vec<PathBuf> =
         std::fs::read_dir(fixtures().join("cases")).unwrap().map(|e| e.unwrap().path()).collect();
