@@ -19,9 +19,18 @@ fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 }
 
 /// Shapes that leave remainders in every blocking dimension (MR 6/12, NR 16/32, 32-wide
-/// activation packing, odd k), plus one of klein's own widths.
-const SHAPES: &[(usize, usize, usize)] =
-    &[(1, 1, 1), (1, 7, 5), (5, 33, 17), (13, 31, 33), (12, 64, 32), (25, 130, 70), (40, 257, 100), (7, 3072, 96)];
+/// activation packing, 16×16 AMX tiles, odd k), plus one of klein's own widths.
+const SHAPES: &[(usize, usize, usize)] = &[
+    (1, 1, 1),
+    (1, 7, 5),
+    (5, 33, 17),
+    (13, 31, 33),
+    (12, 64, 32),
+    (25, 130, 70),
+    (40, 257, 100),
+    (70, 96, 80),
+    (7, 3072, 96),
+];
 
 /// Checks `y` against the f64 product of the reference operands, element by element, against a
 /// bound proportional to Σ|x·w| (the scale of each output's rounding error).
@@ -67,9 +76,11 @@ fn every_available_path_matches_the_reference_on_ragged_shapes() {
             let xt = Tensor::from_f32(x.clone(), &[m, k]).unwrap();
             for &isa in &paths {
                 let y = mixed_gemm::linear(isa, &xt, &wt, None).unwrap().to_vec_f32().unwrap();
-                // Only v3 on bf16 weights rounds the activations (to bf16: 2^-9 relative per
-                // product); the other paths compute in f32 on exactly widened weights.
-                let rel = if isa == Isa::Avx512Bf16 && dtype == DType::BF16 { 2f64.powi(-8) } else { 1e-5 };
+                // v3 on bf16 weights and v4 on bf16/fp8 weights round the activations (to bf16:
+                // 2^-9 relative per product); the other paths compute in f32 on exactly widened weights.
+                let rounds =
+                    (isa == Isa::Avx512Bf16 && dtype == DType::BF16) || (isa == Isa::Amx && dtype != DType::F16);
+                let rel = if rounds { 2f64.powi(-8) } else { 1e-5 };
                 check(&format!("{} {dtype} {m}x{k}x{n}", isa.name()), &y, &x, &wf, m, k, n, rel);
             }
             // Through the backend, with a bias and a batch dimension.
@@ -155,5 +166,75 @@ fn row_concatenation_keeps_the_stored_dtype() {
     for r in 0..2 {
         assert_eq!(&y[r * 8..r * 8 + 5], &a[r * 5..r * 5 + 5]);
         assert_eq!(&y[r * 8 + 5..r * 8 + 8], &b[r * 3..r * 3 + 3]);
+    }
+}
+
+/// The bf16-precision convolution (weights as stored, unfolded pixel rows on the mixed GEMM) on
+/// every available path against the f32 convolution on the widened weight: ragged channel counts,
+/// stride 2 with one-sided padding (the VAE's downsampler), 1×1, a batch of two, and bias.
+#[test]
+fn mixed_convolution_matches_the_reference_on_every_path() {
+    use flux2::backend::Padding2d;
+    let cases = [
+        (2, 3, 7, 9, 5, 3, 1, Padding2d::same(1)),
+        (1, 33, 12, 10, 40, 3, 2, Padding2d { top: 0, bottom: 1, left: 0, right: 1 }),
+        (1, 20, 6, 5, 17, 1, 1, Padding2d::same(0)),
+    ];
+    for (c, &(b, cin, h, wd, cout, ks, stride, pad)) in cases.iter().enumerate() {
+        let x = Tensor::from_f32(random(40 + c as u64, b * cin * h * wd, 1.0), &[b, cin, h, wd]).unwrap();
+        let wv = random(50 + c as u64, cout * cin * ks * ks, 0.1);
+        let bias = Tensor::from_f32(random(60 + c as u64, cout, 1.0), &[cout]).unwrap();
+        for dtype in [DType::BF16, DType::F16, DType::F8E4M3] {
+            let bytes = encode_from_f32(&wv, dtype);
+            let reference_w = Tensor::from_f32(
+                CpuBackend::new().load_weight(&bytes, dtype, &[cout, cin, ks, ks]).unwrap().to_vec_f32().unwrap(),
+                &[cout, cin, ks, ks],
+            )
+            .unwrap();
+            let reference =
+                CpuBackend::new().conv2d(&x, &reference_w, Some(&bias), stride, pad).unwrap().to_vec_f32().unwrap();
+            let scale = reference.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+                let be = CpuBackend::with_precision(CpuPrecision::Bf16, isa);
+                let w = be.load_weight(&bytes, dtype, &[cout, cin, ks, ks]).unwrap();
+                assert_eq!(w.dtype(), dtype, "bf16 precision keeps the stored weight");
+                let y = be.conv2d(&x, &w, Some(&bias), stride, pad).unwrap();
+                assert_eq!(y.shape(), CpuBackend::new().conv2d(&x, &reference_w, None, stride, pad).unwrap().shape());
+                let worst =
+                    y.to_vec_f32().unwrap().iter().zip(&reference).map(|(a, r)| (a - r).abs()).fold(0f32, f32::max);
+                assert!(
+                    worst <= 2f32.powi(-7) * scale,
+                    "{} {dtype} case {c}: max error {worst} (output scale {scale})",
+                    isa.name()
+                );
+            }
+        }
+    }
+}
+
+/// bf16-precision attention (bf16 operands on the v3/v4 GEMMs, f32 softmax) against the f32
+/// reference: several query blocks, grouped KV heads, an odd head size, causal with padding.
+#[test]
+fn mixed_attention_matches_the_reference() {
+    use flux2::backend::AttnMask;
+    let cases = [
+        (1, 700, 4, 700, 2, 64, AttnMask::None),
+        (2, 530, 3, 530, 3, 24, AttnMask::Causal { valid_len: Some(vec![530, 311]) }),
+        (1, 9, 2, 40, 1, 128, AttnMask::None),
+    ];
+    for (c, (b, nq, h, nk, hkv, d, mask)) in cases.into_iter().enumerate() {
+        let t = |seed: u64, n: usize, heads: usize| {
+            Tensor::from_f32(random(seed, b * n * heads * d, 1.0), &[b, n, heads, d]).unwrap()
+        };
+        let (q, k, v) = (t(70 + c as u64, nq, h), t(80 + c as u64, nk, hkv), t(90 + c as u64, nk, hkv));
+        let scale = 1.0 / (d as f32).sqrt();
+        let reference = CpuBackend::new().attention(&q, &k, &v, &mask, scale).unwrap().to_vec_f32().unwrap();
+        for isa in [Isa::Avx512Bf16, Isa::Amx].into_iter().filter(|i| i.available()) {
+            let y = CpuBackend::with_precision(CpuPrecision::Bf16, isa).attention(&q, &k, &v, &mask, scale).unwrap();
+            assert_eq!(y.shape(), &[b, nq, h, d]);
+            let worst = y.to_vec_f32().unwrap().iter().zip(&reference).map(|(a, r)| (a - r).abs()).fold(0f32, f32::max);
+            let top = reference.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            assert!(worst <= 0.02 * top, "{} case {c}: max error {worst} (max output {top})", isa.name());
+        }
     }
 }

@@ -11,6 +11,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cpu::CpuPrecision;
 use crate::backend::{AttnMask, Backend};
 use crate::device::{self, DeviceChoice};
+use crate::dtype::{encode_from_f32, DType};
 use crate::error::{Error, Result};
 use crate::model::rope::PositionIds;
 use crate::model::tokenizer::MAX_TOKENS;
@@ -18,7 +19,7 @@ use crate::model::transformer::config::TransformerConfig;
 use crate::model::transformer::{scale_in_dtype, AttentionMode, Compute, Flux2Transformer};
 use crate::planner::TransformerPrecision;
 use crate::quant::{quantize, QuantFormat};
-use crate::tensor::Tensor;
+use crate::tensor::{DeviceKind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Suite {
@@ -145,11 +146,18 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
     for rows in [512, 4096, 4608] {
         for (k, n) in shapes {
             let x = random(be, "x", &[rows, k], 1.0)?;
-            let w = random(be, "w", &[n, k], 1.0 / (k as f32).sqrt())?;
-            let q = be.load_quantized(&quantize(&w.to_vec_f32()?, n, k, QuantFormat::Fp8)?)?;
+            // The weight as a model loads it: bf16 (on the CPU in bf16 precision: kept as bf16).
+            let wv: Vec<f32> = crate::rng::normal_vec(5, "w", n * k).iter().map(|v| v / (k as f32).sqrt()).collect();
+            let w = be.load_weight(&encode_from_f32(&wv, DType::BF16), DType::BF16, &[n, k])?;
             let flops = 2.0 * rows as f64 * k as f64 * n as f64;
             let t_bf16 = time(be, args.reps, || be.linear(&x, &w, None).map(|_| ()))?;
-            let t_fp8 = time(be, args.reps, || be.linear_fp8(&x, &q, None).map(|_| ()))?;
+            // The CPU's fp8 linear is an exact emulation (a reference, not a fast path).
+            let t_fp8 = if be.kind() == DeviceKind::Cpu {
+                f64::NAN
+            } else {
+                let q = be.load_quantized(&quantize(&wv, n, k, QuantFormat::Fp8)?)?;
+                time(be, args.reps, || be.linear_fp8(&x, &q, None).map(|_| ()))?
+            };
             let (r16, r8) = (flops / t_bf16 / 1e12, flops / t_fp8 / 1e12);
             println!(
                 "{rows:>6} {k:>6} {n:>6}  {:>10.3} {r16:>9.1} {:>10.3} {r8:>9.1} {:>7.2}{}",

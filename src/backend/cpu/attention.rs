@@ -1,16 +1,23 @@
-//! Reference attention: S = scale·Q·Kᵀ, masked, softmax in f32 with the row max subtracted,
-//! O = P·V. Queries are processed in blocks so the score matrix stays small; blocks of
-//! different (batch, head) pairs run in parallel.
+//! Attention: S = scale·Q·Kᵀ, masked, softmax in f32 with the row max subtracted, O = P·V.
+//! Queries are processed in blocks so the score matrix stays small; blocks of different (batch,
+//! head) pairs run in parallel. The reference computes both products in f32 (`gemm` crate); in
+//! bf16 precision (`attention_mixed`) they run on the mixed GEMM with Q, K, P and V rounded to bf16,
+//! as PyTorch's bf16 attention sees them, K and Vᵀ converted (and on v4 packed) once per head.
 
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, Mat};
+use super::mixed_gemm::{self, Prepared, Weights};
+use super::precision::Isa;
 use super::{dense, output};
 use crate::backend::{check, AttnMask};
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
 const QUERY_BLOCK: usize = 128;
+/// Query rows per block on the mixed path (its score rows stay in L2).
+const MIXED_QUERY_BLOCK: usize = 256;
 
 /// Pointer that may cross threads; each task writes a disjoint set of output rows.
 #[derive(Clone, Copy)]
@@ -84,6 +91,71 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32
     output(out, &[b, nq, h, d])
 }
 
+/// `attention` on the mixed GEMM's path `isa` (bf16 operands, f32 accumulation and softmax).
+pub fn attention_mixed(isa: Isa, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
+    let [b, nq, h, nk, hkv, d] = check::attention(q, k, v, mask)?;
+    let (qv, kv, vv) = (dense("attention", q)?, dense("attention", k)?, dense("attention", v)?);
+    let bf16 = |x: f32| half::bf16::from_f32(x).to_bits().to_le_bytes();
+    // Per (batch, kv head): K as `nk × d` and Vᵀ as `d × nk`, bf16.
+    let heads: Vec<(Vec<u8>, Vec<u8>)> = (0..b * hkv)
+        .into_par_iter()
+        .map(|bh| {
+            let (bi, hk) = (bh / hkv, bh % hkv);
+            let (mut kb, mut vt) = (vec![0u8; 2 * nk * d], vec![0u8; 2 * nk * d]);
+            for t in 0..nk {
+                let at = (bi * nk + t) * hkv * d + hk * d;
+                for c in 0..d {
+                    kb[2 * (t * d + c)..2 * (t * d + c) + 2].copy_from_slice(&bf16(kv[at + c]));
+                    vt[2 * (c * nk + t)..2 * (c * nk + t) + 2].copy_from_slice(&bf16(vv[at + c]));
+                }
+            }
+            (kb, vt)
+        })
+        .collect();
+    // Packed once per head for all its query blocks (v4).
+    let prepared: Vec<(Prepared, Prepared)> = heads
+        .iter()
+        .map(|(kb, vt)| {
+            (
+                Prepared::new(isa, Weights { bytes: kb, dtype: DType::BF16, n: nk, k: d }),
+                Prepared::new(isa, Weights { bytes: vt, dtype: DType::BF16, n: d, k: nk }),
+            )
+        })
+        .collect();
+    let mut out = vec![0f32; b * nq * h * d];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let group = h / hkv;
+    let blocks = nq.div_ceil(MIXED_QUERY_BLOCK);
+    let (causal, valid_len) = match mask {
+        AttnMask::None => (false, None),
+        AttnMask::Causal { valid_len } => (true, valid_len.as_ref()),
+    };
+    (0..b * h * blocks).into_par_iter().for_each(|task| {
+        let (bh, blk) = (task / blocks, task % blocks);
+        let (bi, hi) = (bh / h, bh % h);
+        let (keys, values) = &prepared[bi * hkv + hi / group];
+        let i0 = blk * MIXED_QUERY_BLOCK;
+        let rows = MIXED_QUERY_BLOCK.min(nq - i0);
+        let keys_valid = valid_len.map_or(nk, |l| l[bi]);
+        let q_base = ((bi * nq + i0) * h + hi) * d;
+        let qb: Vec<f32> = (0..rows).flat_map(|r| &qv[q_base + r * h * d..q_base + r * h * d + d]).copied().collect();
+        let mut s = vec![0f32; rows * nk];
+        mixed_gemm::matmul_prepared(isa, rows, &qb, keys, &mut s, 0, nk);
+        for (r, row) in s.chunks_exact_mut(nk).enumerate() {
+            let visible = if causal { (i0 + r + 1).min(keys_valid) } else { nk };
+            // SAFETY: v3 and v4 (the only callers' paths) imply AVX-512 F.
+            unsafe { softmax_prefix_avx512(row, visible, scale) };
+        }
+        let mut o = vec![0f32; rows * d];
+        mixed_gemm::matmul_prepared(isa, rows, &s, values, &mut o, 0, d);
+        for (r, row) in o.chunks_exact(d).enumerate() {
+            // SAFETY: each task writes its own query rows of its own head.
+            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out_ptr.get().add(q_base + r * h * d), d) };
+        }
+    });
+    output(out, &[b, nq, h, d])
+}
+
 /// In-place softmax of `scale·row[..visible]`; entries from `visible` on get probability 0.
 /// A row with no visible key becomes all zeros (its output is zero).
 fn softmax_prefix(row: &mut [f32], visible: usize, scale: f32) {
@@ -100,4 +172,50 @@ fn softmax_prefix(row: &mut [f32], visible: usize, scale: f32) {
     }
     let inv = (1.0 / sum) as f32;
     live.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// `softmax_prefix` with a polynomial exp (relative error below 1e-7) in 16 lanes, for the bf16
+/// path, where the f32 exp's call per element would cost more than the products.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_prefix_avx512(row: &mut [f32], visible: usize, scale: f32) {
+    let (live, masked) = row.split_at_mut(visible);
+    masked.fill(0.0);
+    if live.is_empty() {
+        return;
+    }
+    let max = live.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+    let mut sums = [0f32; 16];
+    let mut chunks = live.chunks_exact_mut(16);
+    for chunk in &mut chunks {
+        for (x, s) in chunk.iter_mut().zip(sums.iter_mut()) {
+            *x = exp_nonpositive(*x * scale - max);
+            *s += *x;
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp_nonpositive(*x * scale - max);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    live.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// eˣ for x ≤ 0 (a softmax's shifted scores), branch-free so loops over it vectorise: x·log₂e
+/// split into a nearest integer n (by the 1.5·2²³ rounding trick) and f ∈ [-½, ½], 2ᶠ by its
+/// degree-6 Taylor polynomial, 2ⁿ built in the exponent bits. Below -87 the result is 0-ish (e⁻⁸⁷).
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
+    let t = x.max(-87.0) * std::f32::consts::LOG2_E;
+    let shifted = t + ROUND;
+    let n = shifted - ROUND;
+    let f = (t - n) * std::f32::consts::LN_2;
+    let p = 1.0 + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
+    let exponent = (shifted.to_bits() as i32 - ROUND.to_bits() as i32 + 127) as u32;
+    p * f32::from_bits(exponent << 23)
 }

@@ -1,11 +1,14 @@
-//! 2-D convolution as im2col + GEMM, tiled over output rows to bound the column buffer.
+//! 2-D convolution as im2col + GEMM, tiled over output rows to bound the column buffer: in f32
+//! (the reference), or with the weight as stored on the mixed-precision GEMM (bf16 precision).
 
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, Mat};
+use super::mixed_gemm::{self, Prepared, Weights};
+use super::precision::Isa;
 use super::{dense, output};
 use crate::backend::{check, Padding2d};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// Column-buffer budget per tile, in f32 elements (64 MiB).
@@ -86,6 +89,97 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
             let v = bv[i % cout];
             plane.iter_mut().for_each(|p| *p += v);
         });
+    }
+    output(out, &[b, cout, ho, wo])
+}
+
+/// Pixels of a column tile per mixed-GEMM call: the f32 rows (pixels × Cin·kh·kw) and the GEMM's
+/// output stay near 64 MiB together.
+const MIXED_TILE_BUDGET: usize = 4 << 20;
+/// Output channels per task when the GEMM's pixel-major result is written back.
+const CHANNEL_BLOCK: usize = 32;
+
+/// `conv2d` with the weight kept in its stored dtype (bf16, f16, fp8) on the mixed GEMM's path
+/// `isa`: each tile of output pixels is unfolded into rows of Cin·kh·kw values (pixel-major, the
+/// weight's own order), multiplied by the `Cout × Cin·kh·kw` weight as a linear, and the
+/// pixel-major result is written back channel by channel.
+pub fn conv2d_mixed(
+    isa: Isa,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: Padding2d,
+) -> Result<Tensor> {
+    let (ho, wo) = check::conv2d(x, w, bias, stride, pad)?;
+    let (b, cin, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let (cout, kh, kw) = (w.dim(0), w.dim(2), w.dim(3));
+    let kdim = cin * kh * kw;
+    let flat = w.reshape(&[cout, kdim])?;
+    let pieces = Weights::of(&flat).ok_or_else(|| {
+        Error::shape("conv2d", "the mixed-precision convolution needs a dense bf16, f16 or fp8 CPU weight")
+    })?;
+    let [weights] = pieces.as_slice() else {
+        return Err(Error::shape("conv2d", "a convolution weight must be one block"));
+    };
+    // Packed once for every pixel tile.
+    let prepared = Prepared::new(isa, *weights);
+    let xv = dense("conv2d", x)?;
+    let bv = bias.map(|t| dense("conv2d", t)).transpose()?;
+    let pixels = ho * wo;
+    let tile = (MIXED_TILE_BUDGET / (kdim + cout)).clamp(1, pixels.max(1));
+    let mut out = vec![0f32; b * cout * pixels];
+    let mut rows = vec![0f32; tile * kdim];
+    let mut y = vec![0f32; tile * cout];
+    for bi in 0..b {
+        let xb = &xv[bi * cin * h * wd..(bi + 1) * cin * h * wd];
+        let ob = &mut out[bi * cout * pixels..(bi + 1) * cout * pixels];
+        for p0 in (0..pixels).step_by(tile) {
+            let n = tile.min(pixels - p0);
+            rows[..n * kdim].par_chunks_mut(kdim).enumerate().for_each(|(i, row)| {
+                let (oy, ox) = ((p0 + i) / wo, (p0 + i) % wo);
+                let ix0 = (ox * stride) as isize - pad.left as isize;
+                let inside = ix0 >= 0 && ix0 as usize + kw <= wd;
+                for ci in 0..cin {
+                    let plane = &xb[ci * h * wd..(ci + 1) * h * wd];
+                    for ky in 0..kh {
+                        let iy = (oy * stride + ky) as isize - pad.top as isize;
+                        let dst = &mut row[(ci * kh + ky) * kw..(ci * kh + ky + 1) * kw];
+                        if iy < 0 || iy as usize >= h {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let line = &plane[iy as usize * wd..(iy as usize + 1) * wd];
+                        if inside {
+                            let src = &line[ix0 as usize..ix0 as usize + kw];
+                            // The VAE's 3-wide kernels: three moves, not a memmove call.
+                            if let ([d0, d1, d2], [s0, s1, s2]) = (&mut *dst, src) {
+                                (*d0, *d1, *d2) = (*s0, *s1, *s2);
+                            } else {
+                                dst.copy_from_slice(src);
+                            }
+                            continue;
+                        }
+                        for (kx, d) in dst.iter_mut().enumerate() {
+                            let ix = ix0 + kx as isize;
+                            *d = if ix >= 0 && (ix as usize) < wd { line[ix as usize] } else { 0.0 };
+                        }
+                    }
+                }
+            });
+            mixed_gemm::matmul_prepared(isa, n, &rows[..n * kdim], &prepared, &mut y[..n * cout], 0, cout);
+            // Pixel-major to channel planes, a block of channels per task: each pixel's values for
+            // the block are one contiguous read.
+            ob.par_chunks_mut(CHANNEL_BLOCK * pixels).enumerate().for_each(|(blk, planes)| {
+                let co0 = blk * CHANNEL_BLOCK;
+                let cb = planes.len() / pixels;
+                for (i, src) in y[..n * cout].chunks_exact(cout).enumerate() {
+                    for (c, v) in src[co0..co0 + cb].iter().enumerate() {
+                        planes[c * pixels + p0 + i] = v + bv.as_ref().map_or(0.0, |b| b[co0 + c]);
+                    }
+                }
+            });
+        }
     }
     output(out, &[b, cout, ho, wo])
 }

@@ -176,7 +176,8 @@ impl Backend for CpuBackend {
     }
 
     fn linear_quantized(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        gemm::linear(x, &w.data, bias)
+        // Decoded to bf16 in bf16 precision: the mixed GEMM, not a widened copy per call.
+        self.linear(x, &w.data, bias)
     }
 
     fn linear_fp8(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -189,6 +190,10 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
+        // Only where bf16 products are faster than the f32 GEMM (v3, v4).
+        if self.precision == CpuPrecision::Bf16 && matches!(self.isa, Isa::Avx512Bf16 | Isa::Amx) {
+            return attention::attention_mixed(self.isa, q, k, v, mask, scale);
+        }
         attention::attention(q, k, v, mask, scale)
     }
 
@@ -200,6 +205,12 @@ impl Backend for CpuBackend {
         stride: usize,
         padding: Padding2d,
     ) -> Result<Tensor> {
+        let mixed = self.precision == CpuPrecision::Bf16
+            && w.is_contiguous()
+            && matches!(w.cpu_storage(), Some(s) if s.dtype() != DType::F32 && s.dtype() != DType::U8);
+        if mixed {
+            return conv::conv2d_mixed(self.isa, x, w, bias, stride, padding);
+        }
         conv::conv2d(x, w, bias, stride, padding)
     }
 

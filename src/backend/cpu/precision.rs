@@ -34,16 +34,19 @@ pub enum Isa {
     Avx2Fma,
     /// v3: AVX-512 BF16 micro-kernel (`vdpbf16ps`), activations rounded to bf16 in the packing.
     Avx512Bf16,
+    /// v4: AMX tiles (`tdpbf16ps`), activations rounded to bf16 in the packing.
+    Amx,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2Fma, Isa::Avx512Bf16];
+    pub const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2Fma, Isa::Avx512Bf16, Isa::Amx];
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Portable => "portable",
             Isa::Avx2Fma => "avx2",
             Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Amx => "amx",
         }
     }
 
@@ -59,6 +62,9 @@ impl Isa {
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512bf16")
             }
+            // v4 packs its activations with the v3 code.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => Isa::Avx512Bf16.available() && super::mixed_gemm::amx_available(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -66,12 +72,12 @@ impl Isa {
 
     /// The fastest available path.
     pub fn best() -> Isa {
-        [Isa::Avx512Bf16, Isa::Avx2Fma].into_iter().find(|i| i.available()).unwrap_or(Isa::Portable)
+        [Isa::Amx, Isa::Avx512Bf16, Isa::Avx2Fma].into_iter().find(|i| i.available()).unwrap_or(Isa::Portable)
     }
 
     pub fn parse(s: &str) -> Result<Isa> {
         let isa = Isa::ALL.into_iter().find(|i| i.name() == s.to_ascii_lowercase()).ok_or_else(|| {
-            Error::InvalidArgument(format!("FLUX2_CPU_ISA={s:?}: expected one of portable, avx2, avx512bf16"))
+            Error::InvalidArgument(format!("FLUX2_CPU_ISA={s:?}: expected one of portable, avx2, avx512bf16, amx"))
         })?;
         if !isa.available() {
             return Err(Error::InvalidArgument(format!("FLUX2_CPU_ISA={s}: this CPU does not have {s}")));

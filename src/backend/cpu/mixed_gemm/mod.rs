@@ -1,13 +1,21 @@
 //! `y = x · Wᵀ` with f32 activations and weights in their stored dtype (bf16, f16, fp8 e4m3),
 //! converted inside the GEMM's packing, one panel of columns at a time: no whole-tensor f32 copy.
 //! Three versions, chosen at run time (`Isa`): v1 portable (f32 panels + the `gemm` crate),
-//! v2 AVX2/FMA, v3 AVX-512 BF16. The f32 reference is `super::gemm::linear` on widened weights.
+//! v2 AVX2/FMA, v3 AVX-512 BF16, v4 AMX tiles. The f32 reference is `super::gemm::linear` on widened weights.
 
 mod v1_portable;
 #[cfg(target_arch = "x86_64")]
 mod v2_avx2;
 #[cfg(target_arch = "x86_64")]
 mod v3_avx512bf16;
+#[cfg(target_arch = "x86_64")]
+mod v4_amx;
+
+/// Whether the CPU and OS allow the AMX path (v4).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn amx_available() -> bool {
+    v4_amx::available()
+}
 
 use rayon::prelude::*;
 
@@ -117,11 +125,69 @@ pub(crate) fn matmul(isa: Isa, m: usize, x: &[f32], w: &Weights, y: &mut [f32], 
                 // SAFETY: available() checked AVX-512 F/BW/BF16; blocks write disjoint columns.
                 .for_each(|(j0, j1)| unsafe { v3_avx512bf16::block(m, &xb, w, j0, j1, out) })
         }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Amx if matches!(w.dtype, DType::BF16 | DType::F8E4M3) => {
+            let xb = v4_amx::pack_activations(m, k, x);
+            amx_column_blocks(n, k)
+                .into_par_iter()
+                // SAFETY: available() checked AMX and AVX-512 BF16; blocks write disjoint columns.
+                .for_each(|(j0, j1)| unsafe { v4_amx::block(m, &xb, w, j0, j1, out) })
+        }
+        // f16 weights are not exact in bf16: widen them to f32 on the AVX2 path.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Amx => matmul(Isa::Avx2Fma, m, x, w, y, col0, ldy),
         // f16 and fp8 weights are not bf16: widen them to f32 (exact) on the AVX2 path.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Bf16 => matmul(Isa::Avx2Fma, m, x, w, y, col0, ldy),
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("only the portable path is available off x86-64"),
+    }
+}
+
+/// Column blocks for v4: a task's panels stay in L2 beside 32 rows of activations (about 1 MiB
+/// of panels).
+#[cfg(target_arch = "x86_64")]
+fn amx_column_blocks(n: usize, k: usize) -> Vec<(usize, usize)> {
+    let max = ((1 << 20) / (4 * k.div_ceil(2).max(1))) / v4_amx::NR * v4_amx::NR;
+    column_blocks(n, v4_amx::NR, max.clamp(v4_amx::NR, 256))
+}
+
+/// A weight prepared for many products (`matmul_prepared`): on v4 its panels packed once;
+/// elsewhere the stored weight (those paths pack per call).
+pub(crate) enum Prepared<'a> {
+    #[cfg(target_arch = "x86_64")]
+    Amx(v4_amx::Panels),
+    Stored(Weights<'a>),
+}
+
+impl<'a> Prepared<'a> {
+    pub fn new(isa: Isa, w: Weights<'a>) -> Prepared<'a> {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Amx && isa.available() && matches!(w.dtype, DType::BF16 | DType::F8E4M3) {
+            // SAFETY: available() checked AMX.
+            return Prepared::Amx(unsafe { v4_amx::pack_weights(&w) });
+        }
+        Prepared::Stored(w)
+    }
+}
+
+/// `matmul` with a prepared weight.
+pub(crate) fn matmul_prepared(isa: Isa, m: usize, x: &[f32], w: &Prepared, y: &mut [f32], col0: usize, ldy: usize) {
+    match w {
+        Prepared::Stored(w) => matmul(isa, m, x, w, y, col0, ldy),
+        #[cfg(target_arch = "x86_64")]
+        Prepared::Amx(p) => {
+            assert!(x.len() == m * p.k && y.len() == m * ldy && col0 + p.n <= ldy);
+            if m == 0 || p.n == 0 {
+                return;
+            }
+            let out = OutPtr { ptr: unsafe { y.as_mut_ptr().add(col0) }, ld: ldy };
+            let xb = v4_amx::pack_activations(m, p.k, x);
+            amx_column_blocks(p.n, p.k)
+                .into_par_iter()
+                // SAFETY: Prepared::Amx exists only where AMX is available; disjoint columns.
+                .for_each(|(j0, j1)| unsafe { v4_amx::block_packed(m, &xb, p, j0, j1, out) })
+        }
     }
 }
 

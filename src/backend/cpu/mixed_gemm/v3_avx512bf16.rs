@@ -24,8 +24,12 @@ pub(super) fn pack_activations(m: usize, k: usize, x: &[f32]) -> Vec<u32> {
     xb
 }
 
+/// One row of `x` as bf16 pairs (`dst` may be longer: the rest is left as it is).
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/BF16.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_row(src: &[f32], dst: &mut [u32]) {
+pub(super) unsafe fn pack_row(src: &[f32], dst: &mut [u32]) {
     let whole = src.len() / 32;
     for c in 0..whole {
         let lo = _mm512_loadu_ps(src.as_ptr().add(32 * c));

@@ -1,0 +1,262 @@
+//! v4: AMX tiles (`tdpbf16ps`: a 16×32 bf16 tile times a 32×16 one into 16×16 f32 accumulators,
+//! one instruction). Four accumulator tiles cover 32 tokens × 32 columns; per 32-wide step of k
+//! the kernel loads two activation tiles and two weight tiles. Activations are rounded to bf16
+//! once per GEMM (as in v3) into rows padded to whole tiles; each task repacks its columns'
+//! weights into the tiles' pair-interleaved ("VNNI") layout, bf16 bits unchanged (fp8 widened to
+//! bf16, exact). Rust's AMX intrinsics are unstable, so the five instructions used are inline
+//! assembly; Linux hands out the tile state only on request (`arch_prctl`), see `available`.
+
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::{OutPtr, Weights};
+use crate::dtype::DType;
+
+/// Columns per weight panel (two 16-column tiles).
+pub(super) const NR: usize = 32;
+/// Tokens per step of the outer loop (two 16-row tiles).
+const MR: usize = 32;
+/// k pairs per tile row (64 bytes).
+const PAIRS: usize = 16;
+
+/// Whether the CPU has AMX-TILE and AMX-BF16 and the OS lets this process use the tiles.
+pub(crate) fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let leaf7 = __cpuid_count(7, 0);
+        let (tile, bf16) = (leaf7.edx >> 24 & 1 == 1, leaf7.edx >> 22 & 1 == 1);
+        tile && bf16 && os_grants_tiles()
+    })
+}
+
+/// Linux enables the 8 KiB tile state per process, on request (ARCH_REQ_XCOMP_PERM for
+/// XFEATURE_XTILEDATA); a kernel without AMX support refuses and the path stays off.
+#[cfg(target_os = "linux")]
+fn os_grants_tiles() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain syscall with integer arguments.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+/// Elsewhere (Windows) the OS enables the tile state for everyone when it supports it: XCR0
+/// bits 17 (XTILECFG) and 18 (XTILEDATA).
+#[cfg(not(target_os = "linux"))]
+fn os_grants_tiles() -> bool {
+    let osxsave = __cpuid(1).ecx >> 27 & 1 == 1;
+    // SAFETY: xgetbv is valid when OSXSAVE is set.
+    osxsave && unsafe { xcr0() } >> 17 & 3 == 3
+}
+
+#[cfg(not(target_os = "linux"))]
+#[target_feature(enable = "xsave")]
+unsafe fn xcr0() -> u64 {
+    _xgetbv(0)
+}
+
+/// Activations as bf16 pairs, tile by tile: for each block of 16 rows (m rounded up to MR) and
+/// each step of 16 pairs (⌈k/2⌉ rounded up), one contiguous 16 × 16 u32 tile; zero-padded.
+pub(super) struct Activations {
+    data: Vec<u32>,
+    steps: usize,
+}
+
+const TILE: usize = 16 * PAIRS;
+
+pub(super) fn pack_activations(m: usize, k: usize, x: &[f32]) -> Activations {
+    let steps = k.div_ceil(2).div_ceil(PAIRS);
+    let blocks = m.div_ceil(MR) * (MR / 16);
+    let mut data = vec![0u32; blocks * steps * TILE];
+    data.par_chunks_mut(steps * TILE).enumerate().for_each(|(b, dst)| {
+        let mut row = vec![0u32; steps * PAIRS];
+        for r in 0..16.min(m.saturating_sub(16 * b)) {
+            // SAFETY: this path is only chosen when available() saw AMX (so AVX-512 BF16 too).
+            unsafe { super::v3_avx512bf16::pack_row(&x[(16 * b + r) * k..(16 * b + r + 1) * k], &mut row) };
+            for (s, chunk) in row.chunks_exact(PAIRS).enumerate() {
+                dst[s * TILE + r * PAIRS..s * TILE + (r + 1) * PAIRS].copy_from_slice(chunk);
+            }
+        }
+    });
+    Activations { data, steps }
+}
+
+/// The tile shapes: tiles 0–3 accumulators, 4–5 activations, 6–7 weights; all 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn all_full() -> TileConfig {
+        let mut c = [0u8; 64];
+        c[0] = 1; // palette 1
+        for t in 0..8 {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            c[48 + t] = 16;
+        }
+        TileConfig(c)
+    }
+}
+
+/// Steps of k per pass over a task's panels: the 32 rows of activations they cover (2 KiB per
+/// step) stay in L1 while the weight panels stream from L2.
+const K_STEPS: usize = 16;
+
+/// A whole weight's panels, packed once, for a weight that meets many activations (a
+/// convolution's pixel tiles, attention's query blocks).
+pub(crate) struct Panels {
+    data: Vec<u32>,
+    steps: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// # Safety
+/// `available()` must be true.
+pub(super) unsafe fn pack_weights(w: &Weights) -> Panels {
+    let steps = w.k.div_ceil(2).div_ceil(PAIRS);
+    let panel_len = steps * 2 * TILE;
+    let mut data = vec![0u32; w.n.div_ceil(NR) * panel_len];
+    data.par_chunks_mut(panel_len.max(1)).enumerate().for_each(|(p, panel)| {
+        // SAFETY: the caller saw AMX, hence AVX-512.
+        unsafe { pack_panel(w, p * NR, (w.n - p * NR).min(NR), panel) }
+    });
+    Panels { data, steps, n: w.n, k: w.k }
+}
+
+/// Columns `j0..j1` of `y = x · wᵀ` (w bf16 or fp8), packing their panels first.
+///
+/// # Safety
+/// `available()` must be true; `xb` from `pack_activations(m, w.k, ..)`; `out` must have m rows
+/// of `out.ld` ≥ `w.n` values, with no other writer of these columns.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(super) unsafe fn block(m: usize, xb: &Activations, w: &Weights, j0: usize, j1: usize, out: OutPtr) {
+    let panels = (j1 - j0).div_ceil(NR);
+    let panel_len = xb.steps * 2 * TILE;
+    let mut packed = vec![0u32; panels * panel_len];
+    for p in 0..panels {
+        pack_panel(w, j0 + p * NR, (j1 - j0 - p * NR).min(NR), &mut packed[p * panel_len..(p + 1) * panel_len]);
+    }
+    compute(m, xb, &packed, j0, j1, out)
+}
+
+/// `block` on panels packed beforehand; `j0` a multiple of NR.
+///
+/// # Safety
+/// As `block`, with `xb` from `pack_activations(m, w.k, ..)`.
+pub(super) unsafe fn block_packed(m: usize, xb: &Activations, w: &Panels, j0: usize, j1: usize, out: OutPtr) {
+    let panel_len = w.steps * 2 * TILE;
+    compute(m, xb, &w.data[j0 / NR * panel_len..j1.div_ceil(NR) * panel_len], j0, j1, out)
+}
+
+/// The tile loop over the panels of columns `j0..j1`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn compute(m: usize, xb: &Activations, packed: &[u32], j0: usize, j1: usize, out: OutPtr) {
+    let steps = xb.steps;
+    let panels = (j1 - j0).div_ceil(NR);
+    let panel_len = steps * 2 * TILE;
+    debug_assert_eq!(packed.len(), panels * panel_len);
+    // The accumulators of 32 rows × the task's columns, four 16 × 16 tiles per panel.
+    let mut acc = vec![0f32; panels * 4 * TILE];
+    let cfg = TileConfig::all_full();
+    asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    for i0 in (0..m).step_by(MR) {
+        let a = xb.data.as_ptr().add(i0 / 16 * steps * TILE);
+        for s0 in (0..steps).step_by(K_STEPS) {
+            for p in 0..panels {
+                let c = acc.as_mut_ptr().add(p * 4 * TILE);
+                if s0 == 0 {
+                    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                } else {
+                    asm!(
+                        "tileloadd tmm0, [{c} + {st}*1]",
+                        "tileloadd tmm1, [{c} + {st}*1 + 1024]",
+                        "tileloadd tmm2, [{c} + {st}*1 + 2048]",
+                        "tileloadd tmm3, [{c} + {st}*1 + 3072]",
+                        c = in(reg) c, st = in(reg) 64usize, options(nostack, readonly),
+                    );
+                }
+                let b = packed.as_ptr().add(p * panel_len);
+                for s in s0..(s0 + K_STEPS).min(steps) {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {st}*1]",
+                        "tileloadd tmm6, [{b0} + {st}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tileloadd tmm7, [{b0} + {st}*1 + 1024]",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tileloadd tmm5, [{a1} + {st}*1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a.add(s * TILE),
+                        a1 = in(reg) a.add((steps + s) * TILE),
+                        b0 = in(reg) b.add(s * 2 * TILE),
+                        st = in(reg) 64usize,
+                        options(nostack, readonly),
+                    );
+                }
+                asm!(
+                    "tilestored [{c} + {st}*1], tmm0",
+                    "tilestored [{c} + {st}*1 + 1024], tmm1",
+                    "tilestored [{c} + {st}*1 + 2048], tmm2",
+                    "tilestored [{c} + {st}*1 + 3072], tmm3",
+                    c = in(reg) c, st = in(reg) 64usize, options(nostack),
+                );
+            }
+        }
+        // Tile (p, t) holds rows i0 + 16·(t / 2).., columns j0 + 32p + 16·(t % 2)..
+        for (p, tiles) in acc.chunks_exact(4 * TILE).enumerate() {
+            for (t, tile) in tiles.chunks_exact(TILE).enumerate() {
+                let (r0, c0) = (i0 + 16 * (t / 2), j0 + p * NR + 16 * (t % 2));
+                if r0 >= m || c0 >= j1 {
+                    continue;
+                }
+                let cols = (j1 - c0).min(16);
+                for (r, row) in tile.chunks_exact(16).take(m - r0).enumerate() {
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), out.ptr.add((r0 + r) * out.ld + c0), cols);
+                }
+            }
+        }
+    }
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+/// Weight rows `n0..n0 + cols` as a panel of tiles: for each step of 16 pairs, the tile of
+/// columns 0–15 then that of 16–31, each 16 pairs × 16 columns; entry (p, c) holds elements 2p
+/// and 2p+1 of row n0 + c as bf16 (low half the even one). Columns and pairs past the ends stay zero.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_panel(w: &Weights, n0: usize, cols: usize, panel: &mut [u32]) {
+    let k = w.k;
+    if w.dtype == DType::BF16 && cols == NR && k.is_multiple_of(2) {
+        // Sixteen rows at a time: gather one pair from each row per panel row.
+        let row_bytes = (k * 2) as i32;
+        let index = _mm512_mullo_epi32(
+            _mm512_set1_epi32(row_bytes),
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        );
+        for half in 0..2 {
+            let base = w.bytes.as_ptr().add((n0 + 16 * half) * k * 2);
+            for p in 0..k / 2 {
+                let v = _mm512_i32gather_epi32::<1>(index, base.add(4 * p) as *const _);
+                _mm512_storeu_si512(panel.as_mut_ptr().add(slot(p, 16 * half)) as *mut _, v);
+            }
+        }
+        return;
+    }
+    let mut row = vec![0f32; k];
+    for c in 0..cols {
+        w.row_f32(n0 + c, 0, &mut row);
+        for (p, pair) in row.chunks(2).enumerate() {
+            // bf16 and fp8 e4m3 values are exact in bf16; f16 never comes here (see matmul).
+            let lo = half::bf16::from_f32(pair[0]).to_bits() as u32;
+            let hi = pair.get(1).map_or(0, |v| half::bf16::from_f32(*v).to_bits() as u32);
+            panel[slot(p, c)] = lo | hi << 16;
+        }
+    }
+}
+
+/// Where pair `p` of panel column `c` lives in the tile-by-tile panel.
+#[inline]
+fn slot(p: usize, c: usize) -> usize {
+    ((p / PAIRS) * 2 + c / 16) * TILE + (p % PAIRS) * 16 + c % 16
+}
