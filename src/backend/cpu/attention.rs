@@ -32,27 +32,12 @@ impl SendPtr {
 }
 
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
-    let [b, nq, h, nk, hkv, d] = check::attention(q, k, v, mask)?;
+    let dims @ [_, _, h, nk, hkv, d] = check::attention(q, k, v, mask)?;
     let (qv, kv, vv) = (dense("attention", q)?, dense("attention", k)?, dense("attention", v)?);
-    let mut out = vec![0f32; b * nq * h * d];
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    let group = h / hkv;
-    let blocks = nq.div_ceil(QUERY_BLOCK);
-    let (causal, valid_len) = match mask {
-        AttnMask::None => (false, None),
-        AttnMask::Causal { valid_len } => (true, valid_len.as_ref()),
-    };
-
-    (0..b * h * blocks).into_par_iter().for_each(|task| {
-        let (bh, blk) = (task / blocks, task % blocks);
-        let (bi, hi) = (bh / h, bh % h);
-        let hk = hi / group;
-        let i0 = blk * QUERY_BLOCK;
-        let rows = QUERY_BLOCK.min(nq - i0);
-        let keys_valid = valid_len.map_or(nk, |l| l[bi]);
+    over_query_blocks(dims, QUERY_BLOCK, |blk, out| {
+        let QueryBlock { bi, hi, i0, rows, q_base } = blk;
         let mut s = vec![0f32; rows * nk];
-        let q_base = ((bi * nq + i0) * h + hi) * d;
-        let kv_base = (bi * nk * hkv + hk) * d;
+        let kv_base = (bi * nk * hkv + hi / (h / hkv)) * d;
         unsafe {
             // S[rows × nk] = Q[rows × d] · Kᵀ[d × nk]
             sgemm(
@@ -69,8 +54,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32
             );
         }
         for (r, row) in s.chunks_exact_mut(nk).enumerate() {
-            let visible = if causal { (i0 + r + 1).min(keys_valid) } else { nk };
-            softmax_prefix(row, visible, scale);
+            softmax_prefix(row, visible_keys(mask, bi, i0 + r, nk), scale);
         }
         unsafe {
             // O[rows × d] = P[rows × nk] · V[nk × d]
@@ -78,7 +62,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32
                 rows,
                 d,
                 nk,
-                out_ptr.get().add(q_base),
+                out.get().add(q_base),
                 (h * d) as isize,
                 1,
                 Mat { ptr: s.as_ptr(), rs: nk as isize, cs: 1 },
@@ -87,13 +71,50 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32
                 1,
             );
         }
+    })
+}
+
+/// One task: `rows` queries from query `i0` of head `hi` in batch `bi`; `q_base` is the index of
+/// its first query's first element in Q and in the output.
+#[derive(Clone, Copy)]
+struct QueryBlock {
+    bi: usize,
+    hi: usize,
+    i0: usize,
+    rows: usize,
+    q_base: usize,
+}
+
+/// Runs `f` on every block of `block` queries of every (batch, head), in parallel, and returns the
+/// `[b, nq, h, d]` output it wrote (each block its own rows, through the pointer it is given).
+fn over_query_blocks(
+    [b, nq, h, _, _, d]: [usize; 6],
+    block: usize,
+    f: impl Fn(QueryBlock, SendPtr) + Sync + Send,
+) -> Result<Tensor> {
+    let mut out = vec![0f32; b * nq * h * d];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let blocks = nq.div_ceil(block);
+    (0..b * h * blocks).into_par_iter().for_each(|task| {
+        let (bh, blk) = (task / blocks, task % blocks);
+        let (bi, hi) = (bh / h, bh % h);
+        let i0 = blk * block;
+        f(QueryBlock { bi, hi, i0, rows: block.min(nq - i0), q_base: ((bi * nq + i0) * h + hi) * d }, out_ptr)
     });
     output(out, &[b, nq, h, d])
 }
 
+/// How many keys (a prefix) query `i` of batch `bi` sees under `mask`.
+fn visible_keys(mask: &AttnMask, bi: usize, i: usize, nk: usize) -> usize {
+    match mask {
+        AttnMask::None => nk,
+        AttnMask::Causal { valid_len } => (i + 1).min(valid_len.as_ref().map_or(nk, |l| l[bi])),
+    }
+}
+
 /// `attention` on the mixed GEMM's path `isa` (bf16 operands, f32 accumulation and softmax).
 pub fn attention_mixed(isa: Isa, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
-    let [b, nq, h, nk, hkv, d] = check::attention(q, k, v, mask)?;
+    let dims @ [b, _, h, nk, hkv, d] = check::attention(q, k, v, mask)?;
     let (qv, kv, vv) = (dense("attention", q)?, dense("attention", k)?, dense("attention", v)?);
     let bf16 = |x: f32| half::bf16::from_f32(x).to_bits().to_le_bytes();
     // Per (batch, kv head): K as `nk × d` and Vᵀ as `d × nk`, bf16.
@@ -122,38 +143,22 @@ pub fn attention_mixed(isa: Isa, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Attn
             )
         })
         .collect();
-    let mut out = vec![0f32; b * nq * h * d];
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    let group = h / hkv;
-    let blocks = nq.div_ceil(MIXED_QUERY_BLOCK);
-    let (causal, valid_len) = match mask {
-        AttnMask::None => (false, None),
-        AttnMask::Causal { valid_len } => (true, valid_len.as_ref()),
-    };
-    (0..b * h * blocks).into_par_iter().for_each(|task| {
-        let (bh, blk) = (task / blocks, task % blocks);
-        let (bi, hi) = (bh / h, bh % h);
-        let (keys, values) = &prepared[bi * hkv + hi / group];
-        let i0 = blk * MIXED_QUERY_BLOCK;
-        let rows = MIXED_QUERY_BLOCK.min(nq - i0);
-        let keys_valid = valid_len.map_or(nk, |l| l[bi]);
-        let q_base = ((bi * nq + i0) * h + hi) * d;
+    over_query_blocks(dims, MIXED_QUERY_BLOCK, |blk, out| {
+        let QueryBlock { bi, hi, i0, rows, q_base } = blk;
+        let (keys, values) = &prepared[bi * hkv + hi / (h / hkv)];
         let qb: Vec<f32> = (0..rows).flat_map(|r| &qv[q_base + r * h * d..q_base + r * h * d + d]).copied().collect();
         let mut s = vec![0f32; rows * nk];
         mixed_gemm::matmul_prepared(isa, rows, &qb, keys, &mut s, 0, nk);
         for (r, row) in s.chunks_exact_mut(nk).enumerate() {
-            let visible = if causal { (i0 + r + 1).min(keys_valid) } else { nk };
-            // SAFETY: v3 and v4 (the only callers' paths) imply AVX-512 F.
-            unsafe { softmax_prefix_avx512(row, visible, scale) };
+            softmax_prefix_fast(row, visible_keys(mask, bi, i0 + r, nk), scale);
         }
         let mut o = vec![0f32; rows * d];
         mixed_gemm::matmul_prepared(isa, rows, &s, values, &mut o, 0, d);
         for (r, row) in o.chunks_exact(d).enumerate() {
             // SAFETY: each task writes its own query rows of its own head.
-            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out_ptr.get().add(q_base + r * h * d), d) };
+            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.get().add(q_base + r * h * d), d) };
         }
-    });
-    output(out, &[b, nq, h, d])
+    })
 }
 
 /// In-place softmax of `scale·row[..visible]`; entries from `visible` on get probability 0.
@@ -172,6 +177,17 @@ fn softmax_prefix(row: &mut [f32], visible: usize, scale: f32) {
     }
     let inv = (1.0 / sum) as f32;
     live.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// `softmax_prefix` for the mixed path: 16 lanes with a polynomial exp on x86-64 (whose mixed
+/// attention runs only on the AVX-512 paths), the reference elsewhere.
+fn softmax_prefix_fast(row: &mut [f32], visible: usize, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 F was just detected.
+        return unsafe { softmax_prefix_avx512(row, visible, scale) };
+    }
+    softmax_prefix(row, visible, scale)
 }
 
 /// `softmax_prefix` with a polynomial exp (relative error below 1e-7) in 16 lanes, for the bf16
@@ -208,6 +224,7 @@ unsafe fn softmax_prefix_avx512(row: &mut [f32], visible: usize, scale: f32) {
 /// eˣ for x ≤ 0 (a softmax's shifted scores), branch-free so loops over it vectorise: x·log₂e
 /// split into a nearest integer n (by the 1.5·2²³ rounding trick) and f ∈ [-½, ½], 2ᶠ by its
 /// degree-6 Taylor polynomial, 2ⁿ built in the exponent bits. Below -87 the result is 0-ish (e⁻⁸⁷).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn exp_nonpositive(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
