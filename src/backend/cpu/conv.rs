@@ -93,8 +93,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
     output(out, &[b, cout, ho, wo])
 }
 
-/// Pixels of a column tile per mixed-GEMM call: the f32 rows (pixels × Cin·kh·kw) and the GEMM's
-/// output stay near 64 MiB together.
+/// Pixels per mixed-GEMM call: the unfolded rows (bf16 tiles on v4, f32 rows on v1–v3) and the
+/// GEMM's output stay near 16 MiB together.
 const MIXED_TILE_BUDGET: usize = 4 << 20;
 /// Output channels per task when the GEMM's pixel-major result is written back.
 const CHANNEL_BLOCK: usize = 32;
@@ -129,14 +129,14 @@ pub fn conv2d_mixed(
     let pixels = ho * wo;
     let tile = (MIXED_TILE_BUDGET / (kdim + cout)).clamp(1, pixels.max(1));
     let mut out = vec![0f32; b * cout * pixels];
-    let mut rows = vec![0f32; tile * kdim];
     let mut y = vec![0f32; tile * cout];
     for bi in 0..b {
         let xb = &xv[bi * cin * h * wd..(bi + 1) * cin * h * wd];
         let ob = &mut out[bi * cout * pixels..(bi + 1) * cout * pixels];
         for p0 in (0..pixels).step_by(tile) {
             let n = tile.min(pixels - p0);
-            rows[..n * kdim].par_chunks_mut(kdim).enumerate().for_each(|(i, row)| {
+            // Row i: the Cin·kh·kw inputs under output pixel p0 + i (zeros in the padding).
+            let unfold = |i: usize, row: &mut [f32]| {
                 let (oy, ox) = ((p0 + i) / wo, (p0 + i) % wo);
                 let ix0 = (ox * stride) as isize - pad.left as isize;
                 let inside = ix0 >= 0 && ix0 as usize + kw <= wd;
@@ -166,8 +166,8 @@ pub fn conv2d_mixed(
                         }
                     }
                 }
-            });
-            mixed_gemm::matmul_prepared(isa, n, &rows[..n * kdim], &prepared, &mut y[..n * cout], 0, cout);
+            };
+            mixed_gemm::matmul_rows(isa, n, kdim, unfold, &prepared, &mut y[..n * cout], 0, cout);
             // Pixel-major to channel planes, a block of channels per task: each pixel's values for
             // the block are one contiguous read.
             ob.par_chunks_mut(CHANNEL_BLOCK * pixels).enumerate().for_each(|(blk, planes)| {

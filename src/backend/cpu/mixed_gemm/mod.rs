@@ -177,16 +177,43 @@ pub(crate) fn matmul_prepared(isa: Isa, m: usize, x: &[f32], w: &Prepared, y: &m
         Prepared::Stored(w) => matmul(isa, m, x, w, y, col0, ldy),
         #[cfg(target_arch = "x86_64")]
         Prepared::Amx(p) => {
-            assert!(x.len() == m * p.k && y.len() == m * ldy && col0 + p.n <= ldy);
+            assert!(x.len() == m * p.k);
+            matmul_rows(isa, m, p.k, |i, row| row.copy_from_slice(&x[i * p.k..(i + 1) * p.k]), w, y, col0, ldy)
+        }
+    }
+}
+
+/// `matmul_prepared` of rows made on the fly by `fill(i, row)` (k values each): an implicit GEMM.
+/// v4 packs each row into its tiles straight from a small buffer; the other paths build x first.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_rows(
+    isa: Isa,
+    m: usize,
+    k: usize,
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+    w: &Prepared,
+    y: &mut [f32],
+    col0: usize,
+    ldy: usize,
+) {
+    match w {
+        #[cfg(target_arch = "x86_64")]
+        Prepared::Amx(p) => {
+            assert!(k == p.k && y.len() == m * ldy && col0 + p.n <= ldy);
             if m == 0 || p.n == 0 {
                 return;
             }
             let out = OutPtr { ptr: unsafe { y.as_mut_ptr().add(col0) }, ld: ldy };
-            let xb = v4_amx::pack_activations(m, p.k, x);
+            let xb = v4_amx::pack_rows(m, k, fill);
             amx_column_blocks(p.n, p.k)
                 .into_par_iter()
                 // SAFETY: Prepared::Amx exists only where AMX is available; disjoint columns.
                 .for_each(|(j0, j1)| unsafe { v4_amx::block_packed(m, &xb, p, j0, j1, out) })
+        }
+        _ => {
+            let mut x = vec![0f32; m * k];
+            x.par_chunks_mut(k.max(1)).enumerate().for_each(|(i, row)| fill(i, row));
+            matmul_prepared(isa, m, &x, w, y, col0, ldy)
         }
     }
 }

@@ -67,15 +67,23 @@ pub(super) struct Activations {
 const TILE: usize = 16 * PAIRS;
 
 pub(super) fn pack_activations(m: usize, k: usize, x: &[f32]) -> Activations {
+    // The copy into the row buffer is O(m·k), as the rounding itself; the GEMM is O(m·k·n).
+    pack_rows(m, k, |i, row| row.copy_from_slice(&x[i * k..(i + 1) * k]))
+}
+
+/// `pack_activations` of rows made on the fly (an implicit GEMM's unfolded rows): `fill(i, buf)`
+/// writes row i (k values) into a buffer that is reused, so it stays in L1.
+pub(super) fn pack_rows(m: usize, k: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Activations {
     let steps = k.div_ceil(2).div_ceil(PAIRS);
     let blocks = m.div_ceil(MR) * (MR / 16);
     let mut data = vec![0u32; blocks * steps * TILE];
-    data.par_chunks_mut(steps * TILE).enumerate().for_each(|(b, dst)| {
-        let mut row = vec![0u32; steps * PAIRS];
+    data.par_chunks_mut((steps * TILE).max(1)).enumerate().for_each(|(b, dst)| {
+        let (mut buf, mut pairs) = (vec![0f32; k], vec![0u32; steps * PAIRS]);
         for r in 0..16.min(m.saturating_sub(16 * b)) {
+            fill(16 * b + r, &mut buf);
             // SAFETY: this path is only chosen when available() saw AMX (so AVX-512 BF16 too).
-            unsafe { super::v3_avx512bf16::pack_row(&x[(16 * b + r) * k..(16 * b + r + 1) * k], &mut row) };
-            for (s, chunk) in row.chunks_exact(PAIRS).enumerate() {
+            unsafe { super::v3_avx512bf16::pack_row(&buf, &mut pairs) };
+            for (s, chunk) in pairs.chunks_exact(PAIRS).enumerate() {
                 dst[s * TILE + r * PAIRS..s * TILE + (r + 1) * PAIRS].copy_from_slice(chunk);
             }
         }
