@@ -35,9 +35,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32
     let dims @ [_, _, h, nk, hkv, d] = check::attention(q, k, v, mask)?;
     let (qv, kv, vv) = (dense("attention", q)?, dense("attention", k)?, dense("attention", v)?);
     over_query_blocks(dims, QUERY_BLOCK, |blk, out| {
-        let QueryBlock { bi, hi, i0, rows, q_base } = blk;
+        let QueryBlock { bi, hk, i0, rows, q_base } = blk;
         let mut s = vec![0f32; rows * nk];
-        let kv_base = (bi * nk * hkv + hi / (h / hkv)) * d;
+        let kv_base = (bi * nk * hkv + hk) * d;
         unsafe {
             // S[rows × nk] = Q[rows × d] · Kᵀ[d × nk]
             sgemm(
@@ -74,12 +74,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32
     })
 }
 
-/// One task: `rows` queries from query `i0` of head `hi` in batch `bi`; `q_base` is the index of
-/// its first query's first element in Q and in the output.
+/// One task: `rows` queries from query `i0` of head `hi` (reading kv head `hk`) in batch `bi`;
+/// `q_base` is the index of its first query's first element in Q and in the output.
 #[derive(Clone, Copy)]
 struct QueryBlock {
     bi: usize,
-    hi: usize,
+    hk: usize,
     i0: usize,
     rows: usize,
     q_base: usize,
@@ -88,7 +88,7 @@ struct QueryBlock {
 /// Runs `f` on every block of `block` queries of every (batch, head), in parallel, and returns the
 /// `[b, nq, h, d]` output it wrote (each block its own rows, through the pointer it is given).
 fn over_query_blocks(
-    [b, nq, h, _, _, d]: [usize; 6],
+    [b, nq, h, _, hkv, d]: [usize; 6],
     block: usize,
     f: impl Fn(QueryBlock, SendPtr) + Sync + Send,
 ) -> Result<Tensor> {
@@ -99,7 +99,8 @@ fn over_query_blocks(
         let (bh, blk) = (task / blocks, task % blocks);
         let (bi, hi) = (bh / h, bh % h);
         let i0 = blk * block;
-        f(QueryBlock { bi, hi, i0, rows: block.min(nq - i0), q_base: ((bi * nq + i0) * h + hi) * d }, out_ptr)
+        let (hk, rows, q_base) = (hi / (h / hkv), block.min(nq - i0), ((bi * nq + i0) * h + hi) * d);
+        f(QueryBlock { bi, hk, i0, rows, q_base }, out_ptr)
     });
     output(out, &[b, nq, h, d])
 }
@@ -144,8 +145,8 @@ pub fn attention_mixed(isa: Isa, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Attn
         })
         .collect();
     over_query_blocks(dims, MIXED_QUERY_BLOCK, |blk, out| {
-        let QueryBlock { bi, hi, i0, rows, q_base } = blk;
-        let (keys, values) = &prepared[bi * hkv + hi / (h / hkv)];
+        let QueryBlock { bi, hk, i0, rows, q_base } = blk;
+        let (keys, values) = &prepared[bi * hkv + hk];
         let qb: Vec<f32> = (0..rows).flat_map(|r| &qv[q_base + r * h * d..q_base + r * h * d + d]).copied().collect();
         let mut s = vec![0f32; rows * nk];
         mixed_gemm::matmul_prepared(isa, rows, &qb, keys, &mut s, 0, nk);

@@ -8,7 +8,7 @@ use super::mixed_gemm::{self, Prepared, Weights};
 use super::precision::Isa;
 use super::{dense, output};
 use crate::backend::{check, Padding2d};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 /// Column-buffer budget per tile, in f32 elements (64 MiB).
@@ -102,7 +102,8 @@ const CHANNEL_BLOCK: usize = 32;
 /// `conv2d` with the weight kept in its stored dtype (bf16, f16, fp8) on the mixed GEMM's path
 /// `isa`: each tile of output pixels is unfolded into rows of Cin·kh·kw values (pixel-major, the
 /// weight's own order), multiplied by the `Cout × Cin·kh·kw` weight as a linear, and the
-/// pixel-major result is written back channel by channel.
+/// pixel-major result is written back channel by channel. `None` when the weight is not one the
+/// mixed GEMM takes as it is (`Weights::of`: f32, or not one dense block): the f32 `conv2d` then.
 pub fn conv2d_mixed(
     isa: Isa,
     x: &Tensor,
@@ -110,17 +111,18 @@ pub fn conv2d_mixed(
     bias: Option<&Tensor>,
     stride: usize,
     pad: Padding2d,
-) -> Result<Tensor> {
+) -> Result<Option<Tensor>> {
     let (ho, wo) = check::conv2d(x, w, bias, stride, pad)?;
     let (b, cin, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let (cout, kh, kw) = (w.dim(0), w.dim(2), w.dim(3));
     let kdim = cin * kh * kw;
+    if !w.is_contiguous() {
+        return Ok(None);
+    }
     let flat = w.reshape(&[cout, kdim])?;
-    let pieces = Weights::of(&flat).ok_or_else(|| {
-        Error::shape("conv2d", "the mixed-precision convolution needs a dense bf16, f16 or fp8 CPU weight")
-    })?;
-    let [weights] = pieces.as_slice() else {
-        return Err(Error::shape("conv2d", "a convolution weight must be one block"));
+    let pieces = Weights::of(&flat);
+    let Some([weights]) = pieces.as_deref() else {
+        return Ok(None);
     };
     // Packed once for every pixel tile.
     let prepared = Prepared::new(isa, *weights);
@@ -173,13 +175,14 @@ pub fn conv2d_mixed(
             ob.par_chunks_mut(CHANNEL_BLOCK * pixels).enumerate().for_each(|(blk, planes)| {
                 let co0 = blk * CHANNEL_BLOCK;
                 let cb = planes.len() / pixels;
+                let add: Vec<f32> = (co0..co0 + cb).map(|co| bv.as_ref().map_or(0.0, |b| b[co])).collect();
                 for (i, src) in y[..n * cout].chunks_exact(cout).enumerate() {
-                    for (c, v) in src[co0..co0 + cb].iter().enumerate() {
-                        planes[c * pixels + p0 + i] = v + bv.as_ref().map_or(0.0, |b| b[co0 + c]);
+                    for (c, (v, a)) in src[co0..co0 + cb].iter().zip(&add).enumerate() {
+                        planes[c * pixels + p0 + i] = v + a;
                     }
                 }
             });
         }
     }
-    output(out, &[b, cout, ho, wo])
+    output(out, &[b, cout, ho, wo]).map(Some)
 }

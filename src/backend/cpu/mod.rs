@@ -205,11 +205,10 @@ impl Backend for CpuBackend {
         stride: usize,
         padding: Padding2d,
     ) -> Result<Tensor> {
-        let mixed = self.precision == CpuPrecision::Bf16
-            && w.is_contiguous()
-            && matches!(w.cpu_storage(), Some(s) if s.dtype() != DType::F32 && s.dtype() != DType::U8);
-        if mixed {
-            return conv::conv2d_mixed(self.isa, x, w, bias, stride, padding);
+        if self.precision == CpuPrecision::Bf16 {
+            if let Some(y) = conv::conv2d_mixed(self.isa, x, w, bias, stride, padding)? {
+                return Ok(y);
+            }
         }
         conv::conv2d(x, w, bias, stride, padding)
     }
