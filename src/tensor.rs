@@ -377,6 +377,16 @@ impl Tensor {
 
     /// Storage offsets of every element in row-major order of the view.
     pub fn for_each_offset(&self, mut f: impl FnMut(usize)) {
+        let (inner, inner_stride) = match self.rank() {
+            0 => (1, 1),
+            r => (self.shape[r - 1], self.strides[r - 1]),
+        };
+        self.for_each_row(|base| (0..inner).for_each(|j| f(base + j * inner_stride)));
+    }
+
+    /// The storage offset of each row (all indices but the last, in order); a rank-0 tensor is
+    /// one row.
+    fn for_each_row(&self, mut f: impl FnMut(usize)) {
         let rank = self.rank();
         if self.numel() == 0 {
             return;
@@ -385,15 +395,10 @@ impl Tensor {
             f(self.offset);
             return;
         }
-        let inner = self.shape[rank - 1];
-        let inner_stride = self.strides[rank - 1];
         let outer: usize = self.shape[..rank - 1].iter().product();
         let mut index = vec![0usize; rank - 1];
         for _ in 0..outer {
-            let base = self.offset + index.iter().zip(&self.strides[..rank - 1]).map(|(i, s)| i * s).sum::<usize>();
-            for j in 0..inner {
-                f(base + j * inner_stride);
-            }
+            f(self.offset + index.iter().zip(&self.strides[..rank - 1]).map(|(i, s)| i * s).sum::<usize>());
             for d in (0..rank - 1).rev() {
                 index[d] += 1;
                 if index[d] < self.shape[d] {
@@ -417,7 +422,14 @@ impl Tensor {
                     return Ok(crate::dtype::decode_to_f32(&bytes[range], s.dtype()));
                 }
                 let mut out = Vec::with_capacity(self.numel());
-                self.for_each_offset(|o| out.push(s.get_f32(o)));
+                let inner = self.shape.last().copied().unwrap_or(1);
+                match s {
+                    // Views with whole rows in the storage (narrowed last axes): one copy per row.
+                    CpuStorage::F32(v) if self.strides.last().is_none_or(|&st| st == 1) => {
+                        self.for_each_row(|base| out.extend_from_slice(&v[base..base + inner]))
+                    }
+                    _ => self.for_each_offset(|o| out.push(s.get_f32(o))),
+                }
                 Ok(out)
             }
             #[cfg(feature = "cuda")]

@@ -169,8 +169,8 @@ fn row_concatenation_keeps_the_stored_dtype() {
     }
 }
 
-/// The bf16-precision convolution (weights as stored, unfolded pixel rows on the mixed GEMM) on
-/// every available path against the f32 convolution on the widened weight: ragged channel counts,
+/// The bf16-precision convolution (weights as stored; unfolded pixel rows on the mixed GEMM, or
+/// on v4 at stride 1 the tiles read from the padded image) on every available path against the f32 convolution on the widened weight: ragged channel counts,
 /// stride 2 with one-sided padding (the VAE's downsampler), 1×1, a batch of two, and bias.
 #[test]
 fn mixed_convolution_matches_the_reference_on_every_path() {
@@ -179,6 +179,8 @@ fn mixed_convolution_matches_the_reference_on_every_path() {
         (2, 3, 7, 9, 5, 3, 1, Padding2d::same(1)),
         (1, 33, 12, 10, 40, 3, 2, Padding2d { top: 0, bottom: 1, left: 0, right: 1 }),
         (1, 20, 6, 5, 17, 1, 1, Padding2d::same(0)),
+        // Two channel blocks and a ragged one, rows longer than one 32-pixel step, uneven padding.
+        (2, 70, 5, 37, 45, 3, 1, Padding2d { top: 1, bottom: 0, left: 2, right: 1 }),
     ];
     for (c, &(b, cin, h, wd, cout, ks, stride, pad)) in cases.iter().enumerate() {
         let x = Tensor::from_f32(random(40 + c as u64, b * cin * h * wd, 1.0), &[b, cin, h, wd]).unwrap();

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::gemm::{sgemm, Mat};
 use super::mixed_gemm::{self, Prepared, Weights};
 use super::precision::Isa;
-use super::{dense, output};
+use super::{dense, fast_math, output};
 use crate::backend::{check, AttnMask};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -180,60 +180,30 @@ fn softmax_prefix(row: &mut [f32], visible: usize, scale: f32) {
     live.iter_mut().for_each(|x| *x *= inv);
 }
 
-/// `softmax_prefix` for the mixed path: 16 lanes with a polynomial exp on x86-64 (whose mixed
-/// attention runs only on the AVX-512 paths), the reference elsewhere.
+/// `softmax_prefix` with a polynomial exp (relative error below 2e-7·(1 + |x|)) for the bf16 path, where
+/// the f32 exp's call per element would cost more than the products; 16 lanes where AVX-512 is.
 fn softmax_prefix_fast(row: &mut [f32], visible: usize, scale: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512 F was just detected.
-        return unsafe { softmax_prefix_avx512(row, visible, scale) };
-    }
-    softmax_prefix(row, visible, scale)
-}
-
-/// `softmax_prefix` with a polynomial exp (relative error below 1e-7) in 16 lanes, for the bf16
-/// path, where the f32 exp's call per element would cost more than the products.
-///
-/// # Safety
-/// The CPU must have AVX-512 F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_prefix_avx512(row: &mut [f32], visible: usize, scale: f32) {
     let (live, masked) = row.split_at_mut(visible);
     masked.fill(0.0);
     if live.is_empty() {
         return;
     }
-    let max = live.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
-    let mut sums = [0f32; 16];
-    let mut chunks = live.chunks_exact_mut(16);
-    for chunk in &mut chunks {
-        for (x, s) in chunk.iter_mut().zip(sums.iter_mut()) {
-            *x = exp_nonpositive(*x * scale - max);
-            *s += *x;
+    fast_math::vectorised(|| {
+        let max = live.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+        let mut sums = [0f32; 16];
+        let mut chunks = live.chunks_exact_mut(16);
+        for chunk in &mut chunks {
+            for (x, s) in chunk.iter_mut().zip(sums.iter_mut()) {
+                *x = fast_math::exp_nonpositive(*x * scale - max);
+                *s += *x;
+            }
         }
-    }
-    let mut sum: f32 = sums.iter().sum();
-    for x in chunks.into_remainder() {
-        *x = exp_nonpositive(*x * scale - max);
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    live.iter_mut().for_each(|x| *x *= inv);
-}
-
-/// eˣ for x ≤ 0 (a softmax's shifted scores), branch-free so loops over it vectorise: x·log₂e
-/// split into a nearest integer n (by the 1.5·2²³ rounding trick) and f ∈ [-½, ½], 2ᶠ by its
-/// degree-6 Taylor polynomial, 2ⁿ built in the exponent bits. Below -87 the result is 0-ish (e⁻⁸⁷).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
-    let t = x.max(-87.0) * std::f32::consts::LOG2_E;
-    let shifted = t + ROUND;
-    let n = shifted - ROUND;
-    let f = (t - n) * std::f32::consts::LN_2;
-    let p = 1.0 + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
-    let exponent = (shifted.to_bits() as i32 - ROUND.to_bits() as i32 + 127) as u32;
-    p * f32::from_bits(exponent << 23)
+        let mut sum: f32 = sums.iter().sum();
+        for x in chunks.into_remainder() {
+            *x = fast_math::exp_nonpositive(*x * scale - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        live.iter_mut().for_each(|x| *x *= inv);
+    })
 }

@@ -124,11 +124,21 @@ pub fn conv2d_mixed(
     let Some([weights]) = pieces.as_deref() else {
         return Ok(None);
     };
-    // Packed once for every pixel tile.
-    let prepared = Prepared::new(isa, *weights);
     let xv = dense("conv2d", x)?;
     let bv = bias.map(|t| dense("conv2d", t)).transpose()?;
     let pixels = ho * wo;
+    #[cfg(target_arch = "x86_64")]
+    if stride == 1 {
+        if let Some(direct) = mixed_gemm::direct_conv(isa, weights, cin, kh, kw) {
+            let mut out = vec![0f32; b * cout * pixels];
+            for (xb, ob) in xv.chunks_exact(cin * h * wd).zip(out.chunks_exact_mut(cout * pixels)) {
+                direct.apply(xb, h, wd, pad, bv.as_deref(), ob);
+            }
+            return output(out, &[b, cout, ho, wo]).map(Some);
+        }
+    }
+    // Packed once for every pixel tile.
+    let prepared = Prepared::new(isa, *weights);
     let tile = (MIXED_TILE_BUDGET / (kdim + cout)).clamp(1, pixels.max(1));
     let mut out = vec![0f32; b * cout * pixels];
     let mut y = vec![0f32; tile * cout];

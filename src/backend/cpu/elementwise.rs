@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::{dense, output};
+use super::{dense, fast_math, output};
 use crate::backend::check;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -12,19 +12,33 @@ pub fn silu_f32(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-pub fn silu(x: &Tensor) -> Result<Tensor> {
+/// Elements per task of the element-wise ops.
+const CHUNK: usize = 1 << 14;
+
+/// SiLU; `fast` (the bf16 precision path): the polynomial one, 16 lanes wide.
+pub fn silu(x: &Tensor, fast: bool) -> Result<Tensor> {
     let xv = dense("silu", x)?;
-    output(xv.par_iter().map(|&v| silu_f32(v)).collect(), x.shape())
+    let mut y = vec![0f32; xv.len()];
+    y.par_chunks_mut(CHUNK).zip(xv.par_chunks(CHUNK)).for_each(|(y, x)| match fast {
+        true => fast_math::vectorised(|| y.iter_mut().zip(x).for_each(|(y, &v)| *y = fast_math::silu(v))),
+        false => y.iter_mut().zip(x).for_each(|(y, &v)| *y = silu_f32(v)),
+    });
+    output(y, x.shape())
 }
 
-pub fn swiglu(x: &Tensor) -> Result<Tensor> {
+/// SiLU(gate) · value over the two halves of the last axis; `fast` as in `silu`.
+pub fn swiglu(x: &Tensor, fast: bool) -> Result<Tensor> {
     let m = check::swiglu(x)?;
     let two_m = 2 * m;
     let xv = dense("swiglu", x)?;
     let mut y = vec![0f32; xv.len() / 2];
     y.par_chunks_mut(m.max(1)).zip(xv.par_chunks(two_m.max(1))).for_each(|(y, x)| {
         let (gate, value) = x.split_at(m);
-        y.iter_mut().zip(gate.iter().zip(value)).for_each(|(y, (&g, &v))| *y = silu_f32(g) * v);
+        let pairs = y.iter_mut().zip(gate.iter().zip(value));
+        match fast {
+            true => fast_math::vectorised(|| pairs.for_each(|(y, (&g, &v))| *y = fast_math::silu(g) * v)),
+            false => pairs.for_each(|(y, (&g, &v))| *y = silu_f32(g) * v),
+        }
     });
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = m;

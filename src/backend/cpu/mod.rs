@@ -7,6 +7,7 @@
 mod attention;
 mod conv;
 mod elementwise;
+mod fast_math;
 mod gemm;
 mod layout;
 pub mod mixed_gemm;
@@ -234,15 +235,15 @@ impl Backend for CpuBackend {
         eps: f32,
         silu: bool,
     ) -> Result<Tensor> {
-        norm::group_norm(x, groups, weight, bias, eps, silu)
+        norm::group_norm(x, groups, weight, bias, eps, silu, self.precision == CpuPrecision::Bf16)
     }
 
     fn silu(&self, x: &Tensor) -> Result<Tensor> {
-        elementwise::silu(x)
+        elementwise::silu(x, self.precision == CpuPrecision::Bf16)
     }
 
     fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
-        elementwise::swiglu(x)
+        elementwise::swiglu(x, self.precision == CpuPrecision::Bf16)
     }
 
     fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {

@@ -10,6 +10,8 @@ mod v2_avx2;
 mod v3_avx512bf16;
 #[cfg(target_arch = "x86_64")]
 mod v4_amx;
+#[cfg(target_arch = "x86_64")]
+mod v4_amx_conv;
 
 /// Whether the CPU and OS allow the AMX path (v4).
 #[cfg(target_arch = "x86_64")]
@@ -128,7 +130,7 @@ pub(crate) fn matmul(isa: Isa, m: usize, x: &[f32], w: &Weights, y: &mut [f32], 
         #[cfg(target_arch = "x86_64")]
         Isa::Amx if matches!(w.dtype, DType::BF16 | DType::F8E4M3) => {
             let xb = v4_amx::pack_activations(m, k, x);
-            amx_column_blocks(n, k)
+            amx_column_blocks(n)
                 .into_par_iter()
                 // SAFETY: available() checked AMX and AVX-512 BF16; blocks write disjoint columns.
                 .for_each(|(j0, j1)| unsafe { v4_amx::block(m, &xb, w, j0, j1, out) })
@@ -144,12 +146,23 @@ pub(crate) fn matmul(isa: Isa, m: usize, x: &[f32], w: &Weights, y: &mut [f32], 
     }
 }
 
-/// Column blocks for v4: a task's panels stay in L2 beside 32 rows of activations (about 1 MiB
-/// of panels).
 #[cfg(target_arch = "x86_64")]
-fn amx_column_blocks(n: usize, k: usize) -> Vec<(usize, usize)> {
-    let max = ((1 << 20) / (4 * k.div_ceil(2).max(1))) / v4_amx::NR * v4_amx::NR;
-    column_blocks(n, v4_amx::NR, max.clamp(v4_amx::NR, 256))
+pub(crate) use v4_amx_conv::DirectConv;
+
+/// A stride-1 convolution's weight (`[cout × cin·kh·kw]`) packed for v4's direct convolution,
+/// which reads the image itself instead of unfolded rows; `None` off that path.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn direct_conv(isa: Isa, w: &Weights, cin: usize, kh: usize, kw: usize) -> Option<DirectConv> {
+    let fits = isa == Isa::Amx && isa.available() && matches!(w.dtype, DType::BF16 | DType::F8E4M3);
+    // SAFETY: available() checked AMX.
+    fits.then(|| unsafe { DirectConv::new(w, cin, kh, kw) })
+}
+
+/// Column blocks for v4: up to 8 panels a task, so each block of activations loaded serves
+/// several panels (k is chunked inside the task to keep its panels' slice in L2).
+#[cfg(target_arch = "x86_64")]
+fn amx_column_blocks(n: usize) -> Vec<(usize, usize)> {
+    column_blocks(n, v4_amx::NR, 8 * v4_amx::NR)
 }
 
 /// A weight prepared for many products (`matmul_prepared`): on v4 its panels packed once;
@@ -205,7 +218,7 @@ pub(crate) fn matmul_rows(
             }
             let out = OutPtr { ptr: unsafe { y.as_mut_ptr().add(col0) }, ld: ldy };
             let xb = v4_amx::pack_rows(m, k, fill);
-            amx_column_blocks(p.n, p.k)
+            amx_column_blocks(p.n)
                 .into_par_iter()
                 // SAFETY: Prepared::Amx exists only where AMX is available; disjoint columns.
                 .for_each(|(j0, j1)| unsafe { v4_amx::block_packed(m, &xb, p, j0, j1, out) })

@@ -64,7 +64,7 @@ pub(super) struct Activations {
     steps: usize,
 }
 
-const TILE: usize = 16 * PAIRS;
+pub(super) const TILE: usize = 16 * PAIRS;
 
 pub(super) fn pack_activations(m: usize, k: usize, x: &[f32]) -> Activations {
     // The copy into the row buffer is O(m·k), as the rounding itself; the GEMM is O(m·k·n).
@@ -93,10 +93,10 @@ pub(super) fn pack_rows(m: usize, k: usize, fill: impl Fn(usize, &mut [f32]) + S
 
 /// The tile shapes: tiles 0–3 accumulators, 4–5 activations, 6–7 weights; all 16 rows × 64 bytes.
 #[repr(C, align(64))]
-struct TileConfig([u8; 64]);
+pub(super) struct TileConfig(pub [u8; 64]);
 
 impl TileConfig {
-    fn all_full() -> TileConfig {
+    pub(super) fn all_full() -> TileConfig {
         let mut c = [0u8; 64];
         c[0] = 1; // palette 1
         for t in 0..8 {
@@ -110,6 +110,9 @@ impl TileConfig {
 /// Steps of k per pass over a task's panels: the 32 rows of activations they cover (2 KiB per
 /// step) stay in L1 while the weight panels stream from L2.
 const K_STEPS: usize = 16;
+/// The slice of a task's weight panels that one pass over the rows reuses (L2 is 2 MiB per core
+/// on Sapphire Rapids; half of it leaves room for the activations and accumulators).
+const PANEL_CHUNK_BYTES: usize = 1 << 20;
 
 /// A whole weight's panels, packed once, for a weight that meets many activations (a
 /// convolution's pixel tiles, attention's query blocks).
@@ -158,75 +161,101 @@ pub(super) unsafe fn block_packed(m: usize, xb: &Activations, w: &Panels, j0: us
     compute(m, xb, &w.data[j0 / NR * panel_len..j1.div_ceil(NR) * panel_len], j0, j1, out)
 }
 
-/// The tile loop over the panels of columns `j0..j1`.
+/// The tile loop over the panels of columns `j0..j1`. k is cut into chunks whose slice of the
+/// task's panels (≤ `PANEL_CHUNK_BYTES`) stays in L2 while every block of 32 rows passes over it;
+/// with more than one chunk, each row block's accumulators wait in `acc` for the next chunk.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn compute(m: usize, xb: &Activations, packed: &[u32], j0: usize, j1: usize, out: OutPtr) {
     let steps = xb.steps;
     let panels = (j1 - j0).div_ceil(NR);
     let panel_len = steps * 2 * TILE;
     debug_assert_eq!(packed.len(), panels * panel_len);
-    // The accumulators of 32 rows × the task's columns, four 16 × 16 tiles per panel.
-    let mut acc = vec![0f32; panels * 4 * TILE];
+    let chunk_steps = (PANEL_CHUNK_BYTES / (panels * 2 * TILE * 4)).max(1).div_ceil(K_STEPS) * K_STEPS;
+    let chunks = steps.div_ceil(chunk_steps);
+    let row_blocks = m.div_ceil(MR);
+    // Accumulators of 32 rows × the task's columns (four 16 × 16 tiles per panel), one set per
+    // row block when k comes in several chunks.
+    let set_len = panels * 4 * TILE;
+    let mut acc = vec![0f32; if chunks > 1 { row_blocks } else { 1 } * set_len];
     let cfg = TileConfig::all_full();
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
-    for i0 in (0..m).step_by(MR) {
-        let a = xb.data.as_ptr().add(i0 / 16 * steps * TILE);
-        for s0 in (0..steps).step_by(K_STEPS) {
-            for p in 0..panels {
-                let c = acc.as_mut_ptr().add(p * 4 * TILE);
-                if s0 == 0 {
-                    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-                } else {
+    for chunk in 0..chunks {
+        let (k0, k1) = (chunk * chunk_steps, ((chunk + 1) * chunk_steps).min(steps));
+        for block in 0..row_blocks {
+            let i0 = block * MR;
+            let set = &mut acc[if chunks > 1 { block * set_len } else { 0 }..][..set_len];
+            let a = xb.data.as_ptr().add(i0 / 16 * steps * TILE);
+            for s0 in (k0..k1).step_by(K_STEPS) {
+                for p in 0..panels {
+                    let c = set.as_mut_ptr().add(p * 4 * TILE);
+                    if s0 == 0 {
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            "tilezero tmm3",
+                            options(nostack, nomem)
+                        );
+                    } else {
+                        asm!(
+                            "tileloadd tmm0, [{c} + {st}*1]",
+                            "tileloadd tmm1, [{c} + {st}*1 + 1024]",
+                            "tileloadd tmm2, [{c} + {st}*1 + 2048]",
+                            "tileloadd tmm3, [{c} + {st}*1 + 3072]",
+                            c = in(reg) c, st = in(reg) 64usize, options(nostack, readonly),
+                        );
+                    }
+                    let b = packed.as_ptr().add(p * panel_len);
+                    for s in s0..(s0 + K_STEPS).min(k1) {
+                        asm!(
+                            "tileloadd tmm4, [{a0} + {st}*1]",
+                            "tileloadd tmm6, [{b0} + {st}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tileloadd tmm7, [{b0} + {st}*1 + 1024]",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tileloadd tmm5, [{a1} + {st}*1]",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            a0 = in(reg) a.add(s * TILE),
+                            a1 = in(reg) a.add((steps + s) * TILE),
+                            b0 = in(reg) b.add(s * 2 * TILE),
+                            st = in(reg) 64usize,
+                            options(nostack, readonly),
+                        );
+                    }
                     asm!(
-                        "tileloadd tmm0, [{c} + {st}*1]",
-                        "tileloadd tmm1, [{c} + {st}*1 + 1024]",
-                        "tileloadd tmm2, [{c} + {st}*1 + 2048]",
-                        "tileloadd tmm3, [{c} + {st}*1 + 3072]",
-                        c = in(reg) c, st = in(reg) 64usize, options(nostack, readonly),
+                        "tilestored [{c} + {st}*1], tmm0",
+                        "tilestored [{c} + {st}*1 + 1024], tmm1",
+                        "tilestored [{c} + {st}*1 + 2048], tmm2",
+                        "tilestored [{c} + {st}*1 + 3072], tmm3",
+                        c = in(reg) c, st = in(reg) 64usize, options(nostack),
                     );
                 }
-                let b = packed.as_ptr().add(p * panel_len);
-                for s in s0..(s0 + K_STEPS).min(steps) {
-                    asm!(
-                        "tileloadd tmm4, [{a0} + {st}*1]",
-                        "tileloadd tmm6, [{b0} + {st}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tileloadd tmm7, [{b0} + {st}*1 + 1024]",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tileloadd tmm5, [{a1} + {st}*1]",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        a0 = in(reg) a.add(s * TILE),
-                        a1 = in(reg) a.add((steps + s) * TILE),
-                        b0 = in(reg) b.add(s * 2 * TILE),
-                        st = in(reg) 64usize,
-                        options(nostack, readonly),
-                    );
-                }
-                asm!(
-                    "tilestored [{c} + {st}*1], tmm0",
-                    "tilestored [{c} + {st}*1 + 1024], tmm1",
-                    "tilestored [{c} + {st}*1 + 2048], tmm2",
-                    "tilestored [{c} + {st}*1 + 3072], tmm3",
-                    c = in(reg) c, st = in(reg) 64usize, options(nostack),
-                );
             }
-        }
-        // Tile (p, t) holds rows i0 + 16·(t / 2).., columns j0 + 32p + 16·(t % 2)..
-        for (p, tiles) in acc.chunks_exact(4 * TILE).enumerate() {
-            for (t, tile) in tiles.chunks_exact(TILE).enumerate() {
-                let (r0, c0) = (i0 + 16 * (t / 2), j0 + p * NR + 16 * (t % 2));
-                if r0 >= m || c0 >= j1 {
-                    continue;
-                }
-                let cols = (j1 - c0).min(16);
-                for (r, row) in tile.chunks_exact(16).take(m - r0).enumerate() {
-                    std::ptr::copy_nonoverlapping(row.as_ptr(), out.ptr.add((r0 + r) * out.ld + c0), cols);
-                }
+            if chunk + 1 == chunks {
+                write_rows(set, m, i0, j0, j1, out);
             }
         }
     }
     asm!("tilerelease", options(nostack, nomem));
+}
+
+/// The finished accumulators of rows `i0..i0 + 32` into `out`: tile (p, t) holds rows
+/// i0 + 16·(t / 2).., columns j0 + 32p + 16·(t % 2)..
+#[inline]
+unsafe fn write_rows(set: &[f32], m: usize, i0: usize, j0: usize, j1: usize, out: OutPtr) {
+    for (p, tiles) in set.chunks_exact(4 * TILE).enumerate() {
+        for (t, tile) in tiles.chunks_exact(TILE).enumerate() {
+            let (r0, c0) = (i0 + 16 * (t / 2), j0 + p * NR + 16 * (t % 2));
+            if r0 >= m || c0 >= j1 {
+                continue;
+            }
+            let cols = (j1 - c0).min(16);
+            for (r, row) in tile.chunks_exact(16).take(m - r0).enumerate() {
+                std::ptr::copy_nonoverlapping(row.as_ptr(), out.ptr.add((r0 + r) * out.ld + c0), cols);
+            }
+        }
+    }
 }
 
 /// Weight rows `n0..n0 + cols` as a panel of tiles: for each step of 16 pairs, the tile of
