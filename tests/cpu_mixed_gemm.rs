@@ -30,6 +30,8 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (40, 257, 100),
     (70, 96, 80),
     (7, 3072, 96),
+    // v4: k in several L2 chunks, whole 32 × 32 blocks stored straight into y beside edge ones.
+    (70, 4100, 300),
 ];
 
 /// Checks `y` against the f64 product of the reference operands, element by element, against a

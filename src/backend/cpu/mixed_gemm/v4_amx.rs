@@ -176,7 +176,13 @@ unsafe fn compute(m: usize, xb: &Activations, packed: &[u32], j0: usize, j1: usi
     // Accumulators of 32 rows × the task's columns (four 16 × 16 tiles per panel), one set per
     // row block when k comes in several chunks.
     let set_len = panels * 4 * TILE;
-    let mut acc = vec![0f32; if chunks > 1 { row_blocks } else { 1 } * set_len];
+    // Every accumulator is stored before it is read (tilezero starts each), so a per-thread
+    // buffer is reused as it is: no zeroing, no fresh pages per call.
+    let mut acc = ACCUMULATORS.take();
+    let need = if chunks > 1 { row_blocks } else { 1 } * set_len;
+    if acc.len() < need {
+        acc.resize(need, 0.0);
+    }
     let cfg = TileConfig::all_full();
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
     for chunk in 0..chunks {
@@ -223,6 +229,19 @@ unsafe fn compute(m: usize, xb: &Activations, packed: &[u32], j0: usize, j1: usi
                             options(nostack, readonly),
                         );
                     }
+                    let c0 = j0 + p * NR;
+                    if s0 + K_STEPS >= steps && i0 + MR <= m && c0 + NR <= j1 {
+                        // Finished and whole: straight into the output rows.
+                        let (y, ld) = (out.ptr.add(i0 * out.ld + c0), out.ld * 4);
+                        asm!(
+                            "tilestored [{y} + {ld}*1], tmm0",
+                            "tilestored [{y} + {ld}*1 + 64], tmm1",
+                            "tilestored [{y16} + {ld}*1], tmm2",
+                            "tilestored [{y16} + {ld}*1 + 64], tmm3",
+                            y = in(reg) y, y16 = in(reg) y.add(16 * out.ld), ld = in(reg) ld, options(nostack),
+                        );
+                        continue;
+                    }
                     asm!(
                         "tilestored [{c} + {st}*1], tmm0",
                         "tilestored [{c} + {st}*1 + 1024], tmm1",
@@ -230,30 +249,33 @@ unsafe fn compute(m: usize, xb: &Activations, packed: &[u32], j0: usize, j1: usi
                         "tilestored [{c} + {st}*1 + 3072], tmm3",
                         c = in(reg) c, st = in(reg) 64usize, options(nostack),
                     );
+                    if s0 + K_STEPS >= steps {
+                        write_tiles(&set[p * 4 * TILE..(p + 1) * 4 * TILE], m, i0, c0, j1, out);
+                    }
                 }
-            }
-            if chunk + 1 == chunks {
-                write_rows(set, m, i0, j0, j1, out);
             }
         }
     }
     asm!("tilerelease", options(nostack, nomem));
+    ACCUMULATORS.set(acc);
 }
 
-/// The finished accumulators of rows `i0..i0 + 32` into `out`: tile (p, t) holds rows
-/// i0 + 16·(t / 2).., columns j0 + 32p + 16·(t % 2)..
-#[inline]
-unsafe fn write_rows(set: &[f32], m: usize, i0: usize, j0: usize, j1: usize, out: OutPtr) {
-    for (p, tiles) in set.chunks_exact(4 * TILE).enumerate() {
-        for (t, tile) in tiles.chunks_exact(TILE).enumerate() {
-            let (r0, c0) = (i0 + 16 * (t / 2), j0 + p * NR + 16 * (t % 2));
-            if r0 >= m || c0 >= j1 {
-                continue;
-            }
-            let cols = (j1 - c0).min(16);
-            for (r, row) in tile.chunks_exact(16).take(m - r0).enumerate() {
-                std::ptr::copy_nonoverlapping(row.as_ptr(), out.ptr.add((r0 + r) * out.ld + c0), cols);
-            }
+thread_local! {
+    /// `compute`'s accumulator buffer, kept per worker thread.
+    static ACCUMULATORS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A panel's finished accumulators at the edge of the output (rows past `m` or columns past
+/// `j1` dropped): tile t holds rows i0 + 16·(t / 2).., columns c0 + 16·(t % 2)..
+unsafe fn write_tiles(tiles: &[f32], m: usize, i0: usize, c0: usize, j1: usize, out: OutPtr) {
+    for (t, tile) in tiles.chunks_exact(TILE).enumerate() {
+        let (r0, c0) = (i0 + 16 * (t / 2), c0 + 16 * (t % 2));
+        if r0 >= m || c0 >= j1 {
+            continue;
+        }
+        let cols = (j1 - c0).min(16);
+        for (r, row) in tile.chunks_exact(16).take(m - r0).enumerate() {
+            std::ptr::copy_nonoverlapping(row.as_ptr(), out.ptr.add((r0 + r) * out.ld + c0), cols);
         }
     }
 }
