@@ -7,13 +7,38 @@
 #[inline(always)]
 pub(super) fn exp_nonpositive(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
-    let t = x.max(-87.0) * std::f32::consts::LOG2_E;
+                                     // Not f32::max: a NaN must stay NaN (the health checks look for it).
+    let t = if x < -87.0 { -87.0 } else { x } * std::f32::consts::LOG2_E;
     let shifted = t + ROUND;
     let n = shifted - ROUND;
     let f = (t - n) * std::f32::consts::LN_2;
     let p = 1.0 + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
     let exponent = (shifted.to_bits() as i32 - ROUND.to_bits() as i32 + 127) as u32;
     p * f32::from_bits(exponent << 23)
+}
+
+/// `exp_nonpositive` in 16 lanes.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn exp_nonpositive_x16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    const ROUND: f32 = 12_582_912.0;
+    // maxps returns its second operand when either is NaN: NaN stays NaN.
+    let t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-87.0), x), _mm512_set1_ps(std::f32::consts::LOG2_E));
+    let shifted = _mm512_add_ps(t, _mm512_set1_ps(ROUND));
+    let n = _mm512_sub_ps(shifted, _mm512_set1_ps(ROUND));
+    let f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(std::f32::consts::LN_2));
+    let mut p = _mm512_set1_ps(1.0 / 720.0);
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+    }
+    let bias = _mm512_set1_epi32(127 - ROUND.to_bits() as i32);
+    let exponent = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_castps_si512(shifted), bias));
+    _mm512_mul_ps(p, _mm512_castsi512_ps(exponent))
 }
 
 /// v·σ(v), with σ from e^-|v| so the exponential never overflows.
@@ -63,6 +88,21 @@ mod tests {
                 let exp_ref = (v as f64).exp();
                 let rel = (exp_nonpositive(v) as f64 - exp_ref).abs() / exp_ref;
                 assert!(rel <= 2e-7 * (1.0 + v.abs() as f64), "exp({v}) relative error {rel}");
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            for i in -2_000..=0 {
+                let v = i as f32 * 0.05 + 0.01 * (i % 7) as f32;
+                let mut lanes = [0f32; 16];
+                // SAFETY: AVX-512 F was just detected.
+                unsafe {
+                    use std::arch::x86_64::*;
+                    _mm512_storeu_ps(lanes.as_mut_ptr(), exp_nonpositive_x16(_mm512_set1_ps(v)));
+                }
+                // The same polynomial, with fused multiply-adds: within an ulp or two.
+                let scalar = exp_nonpositive(v);
+                assert!((lanes[0] - scalar).abs() <= 4.0 * f32::EPSILON * scalar, "16-lane exp({v})");
             }
         }
         assert_eq!(silu(0.0), 0.0);

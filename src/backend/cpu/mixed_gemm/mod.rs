@@ -11,6 +11,8 @@ mod v3_avx512bf16;
 #[cfg(target_arch = "x86_64")]
 mod v4_amx;
 #[cfg(target_arch = "x86_64")]
+mod v4_amx_attention;
+#[cfg(target_arch = "x86_64")]
 mod v4_amx_conv;
 
 /// Whether the CPU and OS allow the AMX path (v4).
@@ -156,6 +158,45 @@ pub(crate) fn direct_conv(isa: Isa, w: &Weights, cin: usize, kh: usize, kw: usiz
     let fits = isa == Isa::Amx && isa.available() && matches!(w.dtype, DType::BF16 | DType::F8E4M3);
     // SAFETY: available() checked AMX.
     fits.then(|| unsafe { DirectConv::new(w, cin, kh, kw) })
+}
+
+/// Unmasked attention fused on v4 tiles for `[b, nq, h, d]` queries `q` against each (batch, kv
+/// head)'s prepared K (`n` = keys, `k` = d) and Vᵀ (`n` = d, `k` = keys): the `[b, nq, h, d]`
+/// output, or `None` where it does not apply (not v4, or d not a multiple of 32).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn attention_fused(
+    [b, nq, h, nk, hkv, d]: [usize; 6],
+    q: &[f32],
+    heads: &[(Prepared, Prepared)],
+    scale: f32,
+) -> Option<Vec<f32>> {
+    let panels: Vec<(&v4_amx::Panels, &v4_amx::Panels)> = heads
+        .iter()
+        .map(|pair| match pair {
+            (Prepared::Amx(k), Prepared::Amx(v)) => Some((k, v)),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    if !d.is_multiple_of(32) || nk == 0 || panels.len() != b * hkv {
+        return None;
+    }
+    let mut out = vec![0f32; b * nq * h * d];
+    let dst = OutPtr { ptr: out.as_mut_ptr(), ld: h * d };
+    let blocks = nq.div_ceil(v4_amx_attention::QB);
+    (0..b * h * blocks).into_par_iter().for_each(|task| {
+        let dst = dst; // the whole Send wrapper, not its pointer field
+        let (bh, blk) = (task / blocks, task % blocks);
+        let (bi, hi) = (bh / h, bh % h);
+        let i0 = blk * v4_amx_attention::QB;
+        let base = ((bi * nq + i0) * h + hi) * d;
+        let (keys, values) = panels[bi * hkv + hi / (h / hkv)];
+        let rows = v4_amx_attention::QB.min(nq - i0);
+        let out = OutPtr { ptr: unsafe { dst.ptr.add(base) }, ld: dst.ld };
+        // SAFETY: Prepared::Amx exists only where AMX is available; each task writes its own
+        // rows of its own head.
+        unsafe { v4_amx_attention::attend(&q[base..], h * d, rows, keys, values, nk, scale, out) }
+    });
+    Some(out)
 }
 
 /// Column blocks for v4: up to 8 panels a task, so each block of activations loaded serves

@@ -117,8 +117,8 @@ const PANEL_CHUNK_BYTES: usize = 1 << 20;
 /// A whole weight's panels, packed once, for a weight that meets many activations (a
 /// convolution's pixel tiles, attention's query blocks).
 pub(crate) struct Panels {
-    data: Vec<u32>,
-    steps: usize,
+    pub(super) data: Vec<u32>,
+    pub(super) steps: usize,
     pub n: usize,
     pub k: usize,
 }
