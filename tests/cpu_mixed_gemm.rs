@@ -225,6 +225,10 @@ fn mixed_attention_matches_the_reference() {
         (1, 700, 4, 700, 2, 64, AttnMask::None),
         (2, 530, 3, 530, 3, 24, AttnMask::Causal { valid_len: Some(vec![530, 311]) }),
         (1, 9, 2, 40, 1, 128, AttnMask::None),
+        // The fused v4 kernel under masks: causal with padding (rows past 157 of the second
+        // sample see 157 keys), and plain causal.
+        (2, 300, 2, 300, 1, 64, AttnMask::Causal { valid_len: Some(vec![300, 157]) }),
+        (1, 170, 2, 170, 2, 32, AttnMask::Causal { valid_len: None }),
     ];
     for (c, (b, nq, h, nk, hkv, d, mask)) in cases.into_iter().enumerate() {
         let t = |seed: u64, n: usize, heads: usize| {

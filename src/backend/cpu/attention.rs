@@ -145,10 +145,8 @@ pub fn attention_mixed(isa: Isa, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Attn
         })
         .collect();
     #[cfg(target_arch = "x86_64")]
-    if matches!(mask, AttnMask::None) {
-        if let Some(out) = mixed_gemm::attention_fused(dims, &qv, &prepared, scale) {
-            return output(out, q.shape());
-        }
+    if let Some(out) = mixed_gemm::attention_fused(dims, &qv, &prepared, |bi, i| visible_keys(mask, bi, i, nk), scale) {
+        return output(out, q.shape());
     }
     over_query_blocks(dims, MIXED_QUERY_BLOCK, |blk, out| {
         let QueryBlock { bi, hk, i0, rows, q_base } = blk;

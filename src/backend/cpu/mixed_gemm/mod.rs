@@ -160,14 +160,16 @@ pub(crate) fn direct_conv(isa: Isa, w: &Weights, cin: usize, kh: usize, kw: usiz
     fits.then(|| unsafe { DirectConv::new(w, cin, kh, kw) })
 }
 
-/// Unmasked attention fused on v4 tiles for `[b, nq, h, d]` queries `q` against each (batch, kv
-/// head)'s prepared K (`n` = keys, `k` = d) and Vᵀ (`n` = d, `k` = keys): the `[b, nq, h, d]`
-/// output, or `None` where it does not apply (not v4, or d not a multiple of 32).
+/// Attention fused on v4 tiles for `[b, nq, h, d]` queries `q` against each (batch, kv head)'s
+/// prepared K (`n` = keys, `k` = d) and Vᵀ (`n` = d, `k` = keys), query i of batch bi seeing the
+/// first `visible(bi, i)` keys: the `[b, nq, h, d]` output, or `None` where it does not apply
+/// (not v4, or d not a multiple of 32).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn attention_fused(
     [b, nq, h, nk, hkv, d]: [usize; 6],
     q: &[f32],
     heads: &[(Prepared, Prepared)],
+    visible: impl Fn(usize, usize) -> usize + Sync,
     scale: f32,
 ) -> Option<Vec<f32>> {
     let panels: Vec<(&v4_amx::Panels, &v4_amx::Panels)> = heads
@@ -191,10 +193,12 @@ pub(crate) fn attention_fused(
         let base = ((bi * nq + i0) * h + hi) * d;
         let (keys, values) = panels[bi * hkv + hi / (h / hkv)];
         let rows = v4_amx_attention::QB.min(nq - i0);
+        let seen: [usize; v4_amx_attention::QB] =
+            std::array::from_fn(|r| if r < rows { visible(bi, i0 + r).min(nk) } else { 0 });
         let out = OutPtr { ptr: unsafe { dst.ptr.add(base) }, ld: dst.ld };
         // SAFETY: Prepared::Amx exists only where AMX is available; each task writes its own
         // rows of its own head.
-        unsafe { v4_amx_attention::attend(&q[base..], h * d, rows, keys, values, nk, scale, out) }
+        unsafe { v4_amx_attention::attend(&q[base..], h * d, rows, keys, values, nk, &seen, scale, out) }
     });
     Some(out)
 }

@@ -1,6 +1,7 @@
-//! v4 attention: unmasked attention fused on AMX tiles, flash style. For 32 queries at a time,
+//! v4 attention fused on AMX tiles, flash style. For 32 queries at a time,
 //! keys go by in blocks of 128: S = Q·Kᵀ for the block (tiles, into a 16 KiB scratch), the online
-//! softmax in f32 (running row max and sum, the output rescaled when the max grows), P rounded to
+//! softmax in f32 (running row max and sum, the output rescaled when the max grows; keys past a
+//! row's causal or padding limit get probability 0, and key blocks no row sees are skipped), P rounded to
 //! bf16 straight into the layout of the tiles' first operand, and O += P·V on tiles, O held as
 //! f32 rows. No score matrix, no per-block allocation. K and Vᵀ are the v4 weight panels of the
 //! head, packed once (`Panels`: K as n = keys × k = d, Vᵀ as n = d × k = keys).
@@ -18,7 +19,8 @@ const KB: usize = 128;
 
 /// Queries `i0..i0 + rows` (rows ≤ 32) of one head: `q` row r at `q[r * q_stride..][..d]`, the
 /// output rows likewise through `out` (row stride `out.ld`). `keys` and `values` are the head's
-/// packed K and Vᵀ for `nk` keys; `d` is a multiple of 32.
+/// packed K and Vᵀ for `nk` keys; `d` is a multiple of 32. Row r sees the first `visible[r]`
+/// keys (a causal or padding mask; ≤ nk); a row that sees none gets zeros, as in the reference.
 ///
 /// # Safety
 /// `v4_amx::available()` must be true; `out` must have `rows` rows of `d` values no other task
@@ -32,6 +34,7 @@ pub(super) unsafe fn attend(
     keys: &Panels,
     values: &Panels,
     nk: usize,
+    visible: &[usize; QB],
     scale: f32,
     out: OutPtr,
 ) {
@@ -57,8 +60,9 @@ pub(super) unsafe fn attend(
     let scale_v = _mm512_set1_ps(scale);
     let cfg = TileConfig::all_full();
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
-    for k0 in (0..nk).step_by(KB) {
-        let live = KB.min(nk - k0);
+    let k_end = visible[..rows].iter().copied().max().unwrap_or(0).min(nk);
+    for k0 in (0..k_end).step_by(KB) {
+        let live = KB.min(k_end - k0);
         let panels = live.div_ceil(NR);
         // S[32 × live] = Q · Kᵀ, one 32-key panel at a time.
         for kp in 0..panels {
@@ -90,8 +94,8 @@ pub(super) unsafe fn attend(
                 c = in(reg) c, c16 = in(reg) c.add(16 * KB), ld = in(reg) KB * 4, options(nostack),
             );
         }
-        // Online softmax per query row; P into the tiles (keys past `live`: probability 0).
-        let lanes = |c: usize| -> __mmask16 {
+        // Online softmax per query row; P into the tiles (keys it does not see: probability 0).
+        let lanes = |live: usize, c: usize| -> __mmask16 {
             let n = live.saturating_sub(16 * c).min(16);
             if n == 16 {
                 0xffff
@@ -101,17 +105,25 @@ pub(super) unsafe fn attend(
         };
         for r in 0..QB {
             let srow = scores.0.as_mut_ptr().add(r * KB);
+            let live = visible[r].saturating_sub(k0).min(KB);
+            if live == 0 {
+                for t in 0..panels {
+                    let at = ((r / 16) * (KB / 32) + t) * TILE + (r % 16) * 16;
+                    _mm512_storeu_si512(p_tiles.as_mut_ptr().add(at) as *mut _, _mm512_setzero_si512());
+                }
+                continue;
+            }
             let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
             for c in 0..KB / 16 {
                 let v = _mm512_mul_ps(_mm512_load_ps(srow.add(16 * c)), scale_v);
-                m = _mm512_mask_max_ps(m, lanes(c), v, m);
+                m = _mm512_mask_max_ps(m, lanes(live, c), v, m);
             }
             let new_max = max[r].max(_mm512_reduce_max_ps(m));
             let alpha = exp_nonpositive(max[r] - new_max);
             let (shift, mut acc) = (_mm512_set1_ps(new_max), _mm512_setzero_ps());
             for c in 0..KB / 16 {
                 let v = _mm512_fmsub_ps(_mm512_load_ps(srow.add(16 * c)), scale_v, shift);
-                let p = _mm512_maskz_mov_ps(lanes(c), exp_nonpositive_x16(v));
+                let p = _mm512_maskz_mov_ps(lanes(live, c), exp_nonpositive_x16(v));
                 _mm512_store_ps(srow.add(16 * c), p);
                 acc = _mm512_add_ps(acc, p);
             }
@@ -166,7 +178,8 @@ pub(super) unsafe fn attend(
     }
     asm!("tilerelease", options(nostack, nomem));
     for r in 0..rows {
-        let inv = 1.0 / sum[r];
+        // No visible key: o and sum are 0, the output row too (a NaN sum stays NaN through o).
+        let inv = if sum[r] > 0.0 { 1.0 / sum[r] } else { 0.0 };
         let dst = std::slice::from_raw_parts_mut(out.ptr.add(r * out.ld), d);
         dst.iter_mut().zip(&o[r * d..(r + 1) * d]).for_each(|(y, &v)| *y = v * inv);
     }
