@@ -1,18 +1,23 @@
-//! Branch-free f32 approximations for the bf16 precision path (relative error below
-//! 2e-7·(1 + |x|), the growth from rounding x·log₂e; far below bf16's 2⁻⁸), written so the loops over them vectorise; the f32 reference keeps libm.
+//! Branch-free f32 approximations for the bf16 precision path, written so the loops over them
+//! vectorise (relative error below 2e-7·(1 + |x|), the growth from rounding x·log₂e; far below
+//! bf16's 2⁻⁸); the f32 reference keeps libm.
+
+/// 1.5 · 2²³: adding it rounds to the nearest integer and leaves that integer in the low bits.
+const ROUND: f32 = 12_582_912.0;
+/// 2ᶠ = e^(f·ln 2) by Taylor's degree-6 polynomial in f·ln 2, highest coefficient first (Horner).
+const TAYLOR: [f32; 7] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
 
 /// eˣ for x ≤ 0 (a softmax's shifted scores, a sigmoid's e^-|v|): x·log₂e split into a nearest
-/// integer n (by the 1.5·2²³ rounding trick) and f ∈ [-½, ½], 2ᶠ by its degree-6 Taylor
-/// polynomial, 2ⁿ built in the exponent bits. Below -87 the result is e⁻⁸⁷, not 0.
+/// integer n (by the `ROUND` trick) and f ∈ [-½, ½], 2ᶠ by `TAYLOR`, 2ⁿ built in the exponent
+/// bits. Below -87 the result is e⁻⁸⁷, not 0.
 #[inline(always)]
 pub(super) fn exp_nonpositive(x: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
-                                     // Not f32::max: a NaN must stay NaN (the health checks look for it).
+    // Not f32::max: a NaN must stay NaN (the health checks look for it).
     let t = if x < -87.0 { -87.0 } else { x } * std::f32::consts::LOG2_E;
     let shifted = t + ROUND;
     let n = shifted - ROUND;
     let f = (t - n) * std::f32::consts::LN_2;
-    let p = 1.0 + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
+    let p = TAYLOR[1..].iter().fold(TAYLOR[0], |p, &c| p * f + c);
     let exponent = (shifted.to_bits() as i32 - ROUND.to_bits() as i32 + 127) as u32;
     p * f32::from_bits(exponent << 23)
 }
@@ -26,14 +31,13 @@ pub(super) fn exp_nonpositive(x: f32) -> f32 {
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn exp_nonpositive_x16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    const ROUND: f32 = 12_582_912.0;
     // maxps returns its second operand when either is NaN: NaN stays NaN.
     let t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-87.0), x), _mm512_set1_ps(std::f32::consts::LOG2_E));
     let shifted = _mm512_add_ps(t, _mm512_set1_ps(ROUND));
     let n = _mm512_sub_ps(shifted, _mm512_set1_ps(ROUND));
     let f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(std::f32::consts::LN_2));
-    let mut p = _mm512_set1_ps(1.0 / 720.0);
-    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+    let mut p = _mm512_set1_ps(TAYLOR[0]);
+    for &c in &TAYLOR[1..] {
         p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
     }
     let bias = _mm512_set1_epi32(127 - ROUND.to_bits() as i32);

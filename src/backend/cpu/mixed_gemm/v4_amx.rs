@@ -93,10 +93,10 @@ pub(super) fn pack_rows(m: usize, k: usize, fill: impl Fn(usize, &mut [f32]) + S
 
 /// The tile shapes: tiles 0–3 accumulators, 4–5 activations, 6–7 weights; all 16 rows × 64 bytes.
 #[repr(C, align(64))]
-pub(super) struct TileConfig(pub [u8; 64]);
+struct TileConfig([u8; 64]);
 
 impl TileConfig {
-    pub(super) fn all_full() -> TileConfig {
+    fn all_full() -> TileConfig {
         let mut c = [0u8; 64];
         c[0] = 1; // palette 1
         for t in 0..8 {
@@ -105,6 +105,76 @@ impl TileConfig {
         }
         TileConfig(c)
     }
+}
+
+/// Loads the all-full tile configuration; pair with `release_tiles`.
+#[inline(always)]
+pub(super) unsafe fn configure_tiles() {
+    let cfg = TileConfig::all_full();
+    asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+}
+
+#[inline(always)]
+pub(super) unsafe fn release_tiles() {
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+/// The four accumulator tiles of a 2 × 2 block in memory: tile (i, j) (tmm0..tmm3 in row-major
+/// order) at `base + i·down + j·right` elements.
+#[inline(always)]
+pub(super) fn quad(base: *mut f32, right: usize, down: usize) -> [*mut f32; 4] {
+    // wrapping_add: only addresses here; the callers' bounds make them valid where used.
+    [base, base.wrapping_add(right), base.wrapping_add(down), base.wrapping_add(down + right)]
+}
+
+#[inline(always)]
+pub(super) unsafe fn zero_accumulators() {
+    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+}
+
+/// tmm0..tmm3 from `quad`'s tiles, rows `stride` bytes apart.
+#[inline(always)]
+pub(super) unsafe fn load_accumulators(t: [*mut f32; 4], stride: usize) {
+    asm!(
+        "tileloadd tmm0, [{t0} + {st}*1]",
+        "tileloadd tmm1, [{t1} + {st}*1]",
+        "tileloadd tmm2, [{t2} + {st}*1]",
+        "tileloadd tmm3, [{t3} + {st}*1]",
+        t0 = in(reg) t[0], t1 = in(reg) t[1], t2 = in(reg) t[2], t3 = in(reg) t[3], st = in(reg) stride,
+        options(nostack, readonly),
+    );
+}
+
+/// tmm0..tmm3 into `quad`'s tiles, rows `stride` bytes apart.
+#[inline(always)]
+pub(super) unsafe fn store_accumulators(t: [*mut f32; 4], stride: usize) {
+    asm!(
+        "tilestored [{t0} + {st}*1], tmm0",
+        "tilestored [{t1} + {st}*1], tmm1",
+        "tilestored [{t2} + {st}*1], tmm2",
+        "tilestored [{t3} + {st}*1], tmm3",
+        t0 = in(reg) t[0], t1 = in(reg) t[1], t2 = in(reg) t[2], t3 = in(reg) t[3], st = in(reg) stride,
+        options(nostack),
+    );
+}
+
+/// One k step of a 2 × 2 block: tmm(2i + j) += A tile i · B tile j, A rows `a_stride` bytes
+/// apart, B rows `b_stride`. Each operand tile is loaded once, for two products.
+#[inline(always)]
+pub(super) unsafe fn dot_2x2(a: [*const u32; 2], a_stride: usize, b: [*const u32; 2], b_stride: usize) {
+    asm!(
+        "tileloadd tmm4, [{a0} + {sa}*1]",
+        "tileloadd tmm6, [{b0} + {sb}*1]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tileloadd tmm7, [{b1} + {sb}*1]",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tileloadd tmm5, [{a1} + {sa}*1]",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        a0 = in(reg) a[0], a1 = in(reg) a[1], b0 = in(reg) b[0], b1 = in(reg) b[1],
+        sa = in(reg) a_stride, sb = in(reg) b_stride,
+        options(nostack, readonly),
+    );
 }
 
 /// Steps of k per pass over a task's panels: the 32 rows of activations they cover (2 KiB per
@@ -183,8 +253,7 @@ unsafe fn compute(m: usize, xb: &Activations, packed: &[u32], j0: usize, j1: usi
     if acc.len() < need {
         acc.resize(need, 0.0);
     }
-    let cfg = TileConfig::all_full();
-    asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    configure_tiles();
     for chunk in 0..chunks {
         let (k0, k1) = (chunk * chunk_steps, ((chunk + 1) * chunk_steps).min(steps));
         for block in 0..row_blocks {
@@ -193,62 +262,24 @@ unsafe fn compute(m: usize, xb: &Activations, packed: &[u32], j0: usize, j1: usi
             let a = xb.data.as_ptr().add(i0 / 16 * steps * TILE);
             for s0 in (k0..k1).step_by(K_STEPS) {
                 for p in 0..panels {
-                    let c = set.as_mut_ptr().add(p * 4 * TILE);
+                    let tiles = quad(set.as_mut_ptr().add(p * 4 * TILE), TILE, 2 * TILE);
                     if s0 == 0 {
-                        asm!(
-                            "tilezero tmm0",
-                            "tilezero tmm1",
-                            "tilezero tmm2",
-                            "tilezero tmm3",
-                            options(nostack, nomem)
-                        );
+                        zero_accumulators();
                     } else {
-                        asm!(
-                            "tileloadd tmm0, [{c} + {st}*1]",
-                            "tileloadd tmm1, [{c} + {st}*1 + 1024]",
-                            "tileloadd tmm2, [{c} + {st}*1 + 2048]",
-                            "tileloadd tmm3, [{c} + {st}*1 + 3072]",
-                            c = in(reg) c, st = in(reg) 64usize, options(nostack, readonly),
-                        );
+                        load_accumulators(tiles, 64);
                     }
                     let b = packed.as_ptr().add(p * panel_len);
                     for s in s0..(s0 + K_STEPS).min(k1) {
-                        asm!(
-                            "tileloadd tmm4, [{a0} + {st}*1]",
-                            "tileloadd tmm6, [{b0} + {st}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tileloadd tmm7, [{b0} + {st}*1 + 1024]",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tileloadd tmm5, [{a1} + {st}*1]",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            a0 = in(reg) a.add(s * TILE),
-                            a1 = in(reg) a.add((steps + s) * TILE),
-                            b0 = in(reg) b.add(s * 2 * TILE),
-                            st = in(reg) 64usize,
-                            options(nostack, readonly),
-                        );
+                        let b0 = b.add(s * 2 * TILE);
+                        dot_2x2([a.add(s * TILE), a.add((steps + s) * TILE)], 64, [b0, b0.add(TILE)], 64);
                     }
                     let c0 = j0 + p * NR;
                     if s0 + K_STEPS >= steps && i0 + MR <= m && c0 + NR <= j1 {
                         // Finished and whole: straight into the output rows.
-                        let (y, ld) = (out.ptr.add(i0 * out.ld + c0), out.ld * 4);
-                        asm!(
-                            "tilestored [{y} + {ld}*1], tmm0",
-                            "tilestored [{y} + {ld}*1 + 64], tmm1",
-                            "tilestored [{y16} + {ld}*1], tmm2",
-                            "tilestored [{y16} + {ld}*1 + 64], tmm3",
-                            y = in(reg) y, y16 = in(reg) y.add(16 * out.ld), ld = in(reg) ld, options(nostack),
-                        );
+                        store_accumulators(quad(out.ptr.add(i0 * out.ld + c0), 16, 16 * out.ld), out.ld * 4);
                         continue;
                     }
-                    asm!(
-                        "tilestored [{c} + {st}*1], tmm0",
-                        "tilestored [{c} + {st}*1 + 1024], tmm1",
-                        "tilestored [{c} + {st}*1 + 2048], tmm2",
-                        "tilestored [{c} + {st}*1 + 3072], tmm3",
-                        c = in(reg) c, st = in(reg) 64usize, options(nostack),
-                    );
+                    store_accumulators(tiles, 64);
                     if s0 + K_STEPS >= steps {
                         write_tiles(&set[p * 4 * TILE..(p + 1) * 4 * TILE], m, i0, c0, j1, out);
                     }
@@ -256,7 +287,7 @@ unsafe fn compute(m: usize, xb: &Activations, packed: &[u32], j0: usize, j1: usi
             }
         }
     }
-    asm!("tilerelease", options(nostack, nomem));
+    release_tiles();
     ACCUMULATORS.set(acc);
 }
 

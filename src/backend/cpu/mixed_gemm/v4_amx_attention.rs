@@ -6,11 +6,13 @@
 //! f32 rows. No score matrix, no per-block allocation. K and Vᵀ are the v4 weight panels of the
 //! head, packed once (`Panels`: K as n = keys × k = d, Vᵀ as n = d × k = keys).
 
-use std::arch::asm;
 use std::arch::x86_64::*;
 
 use super::super::fast_math::{exp_nonpositive, exp_nonpositive_x16};
-use super::v4_amx::{Panels, TileConfig, NR, TILE};
+use super::v4_amx::{
+    configure_tiles, dot_2x2, load_accumulators, quad, release_tiles, store_accumulators, zero_accumulators, Panels,
+    NR, TILE,
+};
 use super::OutPtr;
 
 /// Queries per task (two 16-row tiles) and keys per softmax block (four 32-key panels).
@@ -58,8 +60,7 @@ pub(super) unsafe fn attend(
     let (k_panel_len, v_panel_len) = (keys.steps * 2 * TILE, values.steps * 2 * TILE);
 
     let scale_v = _mm512_set1_ps(scale);
-    let cfg = TileConfig::all_full();
-    asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    configure_tiles();
     let k_end = visible[..rows].iter().copied().max().unwrap_or(0).min(nk);
     for k0 in (0..k_end).step_by(KB) {
         let live = KB.min(k_end - k0);
@@ -67,32 +68,12 @@ pub(super) unsafe fn attend(
         // S[32 × live] = Q · Kᵀ, one 32-key panel at a time.
         for kp in 0..panels {
             let b = keys.data.as_ptr().add((k0 / NR + kp) * k_panel_len);
-            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+            zero_accumulators();
             for s in 0..dsteps {
-                asm!(
-                    "tileloadd tmm4, [{a0} + {st}*1]",
-                    "tileloadd tmm6, [{b0} + {st}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm7, [{b0} + {st}*1 + 1024]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tileloadd tmm5, [{a1} + {st}*1]",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) qt.as_ptr().add(s * TILE),
-                    a1 = in(reg) qt.as_ptr().add((dsteps + s) * TILE),
-                    b0 = in(reg) b.add(s * 2 * TILE),
-                    st = in(reg) 64usize,
-                    options(nostack, readonly),
-                );
+                let b0 = b.add(s * 2 * TILE);
+                dot_2x2([qt.as_ptr().add(s * TILE), qt.as_ptr().add((dsteps + s) * TILE)], 64, [b0, b0.add(TILE)], 64);
             }
-            let c = scores.0.as_mut_ptr().add(kp * NR);
-            asm!(
-                "tilestored [{c} + {ld}*1], tmm0",
-                "tilestored [{c} + {ld}*1 + 64], tmm1",
-                "tilestored [{c16} + {ld}*1], tmm2",
-                "tilestored [{c16} + {ld}*1 + 64], tmm3",
-                c = in(reg) c, c16 = in(reg) c.add(16 * KB), ld = in(reg) KB * 4, options(nostack),
-            );
+            store_accumulators(quad(scores.0.as_mut_ptr().add(kp * NR), 16, 16 * KB), KB * 4);
         }
         // Online softmax per query row; P into the tiles (keys it does not see: probability 0).
         let lanes = |live: usize, c: usize| -> __mmask16 {
@@ -140,43 +121,17 @@ pub(super) unsafe fn attend(
         // O[32 × d] += P · V, one 32-dim panel of Vᵀ at a time.
         for j in 0..d / NR {
             let b = values.data.as_ptr().add(j * v_panel_len);
-            let c = o.as_mut_ptr().add(j * NR);
-            let ld = d * 4;
-            asm!(
-                "tileloadd tmm0, [{c} + {ld}*1]",
-                "tileloadd tmm1, [{c} + {ld}*1 + 64]",
-                "tileloadd tmm2, [{c16} + {ld}*1]",
-                "tileloadd tmm3, [{c16} + {ld}*1 + 64]",
-                c = in(reg) c, c16 = in(reg) c.add(16 * d), ld = in(reg) ld, options(nostack, readonly),
-            );
+            let tiles = quad(o.as_mut_ptr().add(j * NR), 16, 16 * d);
+            load_accumulators(tiles, d * 4);
             for t in 0..panels {
-                let s = k0 / 32 + t;
-                asm!(
-                    "tileloadd tmm4, [{a0} + {st}*1]",
-                    "tileloadd tmm6, [{b0} + {st}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm7, [{b0} + {st}*1 + 1024]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tileloadd tmm5, [{a1} + {st}*1]",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) p_tiles.as_ptr().add(t * TILE),
-                    a1 = in(reg) p_tiles.as_ptr().add((KB / 32 + t) * TILE),
-                    b0 = in(reg) b.add(s * 2 * TILE),
-                    st = in(reg) 64usize,
-                    options(nostack, readonly),
-                );
+                let b0 = b.add((k0 / 32 + t) * 2 * TILE);
+                let a = [p_tiles.as_ptr().add(t * TILE), p_tiles.as_ptr().add((KB / 32 + t) * TILE)];
+                dot_2x2(a, 64, [b0, b0.add(TILE)], 64);
             }
-            asm!(
-                "tilestored [{c} + {ld}*1], tmm0",
-                "tilestored [{c} + {ld}*1 + 64], tmm1",
-                "tilestored [{c16} + {ld}*1], tmm2",
-                "tilestored [{c16} + {ld}*1 + 64], tmm3",
-                c = in(reg) c, c16 = in(reg) c.add(16 * d), ld = in(reg) ld, options(nostack),
-            );
+            store_accumulators(tiles, d * 4);
         }
     }
-    asm!("tilerelease", options(nostack, nomem));
+    release_tiles();
     for r in 0..rows {
         // No visible key: o and sum are 0, the output row too (a NaN sum stays NaN through o).
         let inv = if sum[r] > 0.0 { 1.0 / sum[r] } else { 0.0 };

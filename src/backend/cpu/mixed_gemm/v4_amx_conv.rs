@@ -7,12 +7,11 @@
 //! in (tap, channel) order, is the first operand, so each accumulator tile is 16 output channels
 //! × 16 consecutive pixels of one row: its rows are stored straight into the channel planes.
 
-use std::arch::asm;
 use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::v4_amx::{TileConfig, TILE};
+use super::v4_amx::{configure_tiles, dot_2x2, quad, release_tiles, store_accumulators, zero_accumulators, TILE};
 use super::{OutPtr, Weights};
 use crate::backend::Padding2d;
 
@@ -115,51 +114,27 @@ impl DirectConv {
         let line_bytes = image.wpa * 4;
         let block_len = image.hp * 16 * image.wpa;
         let mut acc = Tiles([0f32; 4 * TILE]);
-        let cfg = TileConfig::all_full();
-        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        configure_tiles();
         for p in panels {
             let wp = self.data.as_ptr().add(p * panel_len);
             for oy in rows.clone() {
                 for ox in (0..wo).step_by(PX) {
-                    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                    zero_accumulators();
                     for t in 0..taps {
                         let (ky, kx) = (t / self.kw, t % self.kw);
                         let line0 = image.data.as_ptr().add((oy + ky) * 16 * image.wpa + ox + kx);
                         for cb in 0..blocks {
                             let b = line0.add(cb * block_len);
                             let a = wp.add((t * blocks + cb) * 2 * TILE);
-                            asm!(
-                                "tileloadd tmm4, [{a0} + {st}*1]",
-                                "tileloadd tmm6, [{b0} + {ls}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tileloadd tmm7, [{b1} + {ls}*1]",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tileloadd tmm5, [{a1} + {st}*1]",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                a0 = in(reg) a,
-                                a1 = in(reg) a.add(TILE),
-                                b0 = in(reg) b,
-                                b1 = in(reg) b.add(16),
-                                st = in(reg) 64usize,
-                                ls = in(reg) line_bytes,
-                                options(nostack, readonly),
-                            );
+                            dot_2x2([a, a.add(TILE)], 64, [b, b.add(16)], line_bytes);
                         }
                     }
-                    let c = acc.0.as_mut_ptr();
-                    asm!(
-                        "tilestored [{c} + {st}*1], tmm0",
-                        "tilestored [{c} + {st}*1 + 1024], tmm1",
-                        "tilestored [{c} + {st}*1 + 2048], tmm2",
-                        "tilestored [{c} + {st}*1 + 3072], tmm3",
-                        c = in(reg) c, st = in(reg) 64usize, options(nostack),
-                    );
+                    store_accumulators(quad(acc.0.as_mut_ptr(), TILE, 2 * TILE), 64);
                     self.store(&acc, p, oy, ox, wo, bias, out);
                 }
             }
         }
-        asm!("tilerelease", options(nostack, nomem));
+        release_tiles();
     }
 
     /// Tile (i, j) holds output channels 32p + 16i.., pixels ox + 16j.. of row oy.
