@@ -133,11 +133,14 @@ pub fn encoder_activation_bytes(cfg: &Qwen3Config, tokens: usize, batch: usize, 
     batch * tokens * (6 * h + 2 * qkv + 3 * cfg.intermediate_size + out_layers * h) * 2
 }
 
-/// im2col buffer of the GPU convolution (see backend/cuda/gemm.rs).
-pub const CONV_COLUMN_BYTES: usize = 256 << 20;
+/// Scratch of the GPU convolution (backend/cuda/conv.rs): the weights of the widest 3x3 conv
+/// repacked for the implicit GEMM (no column buffer).
+fn conv_scratch_bytes(channels: usize) -> usize {
+    channels * 9 * channels.next_multiple_of(32) * 2
+}
 
 /// Peak activation bytes of decoding a `width × height` image: at the largest resolution, a
-/// ResNet holds its input, the normalised input, the conv output and the column buffer.
+/// ResNet holds its input, the normalised input and the conv output, plus the conv scratch.
 pub fn vae_decode_activation_bytes(cfg: &VaeConfig, width: usize, height: usize) -> usize {
     let levels = cfg.block_out_channels.len();
     let rev: Vec<usize> = cfg.decoder_channels().iter().rev().copied().collect();
@@ -156,5 +159,5 @@ pub fn vae_decode_activation_bytes(cfg: &VaeConfig, width: usize, height: usize)
     }
     // Mid-block attention over every latent pixel: q, k, v, output of the top width.
     let latent = (width / f) * (height / f);
-    peak.max(latent * rev[0] * 6 * 2) + CONV_COLUMN_BYTES
+    peak.max(latent * rev[0] * 6 * 2) + conv_scratch_bytes(rev[0])
 }

@@ -1,16 +1,16 @@
-//! Launchers for the matrix kernels (kernels/gemm.cu): `linear` and conv2d as im2col + GEMM.
+//! Launchers for the matrix kernels (kernels/gemm.cu): `linear`, and the GEMM under conv2d v1.
 
 use cudarc::driver::LaunchConfig;
 
-use super::{grid_1d, launch, CudaBackend};
-use crate::backend::{check, Padding2d, QuantTensor};
+use super::{launch, CudaBackend};
+use crate::backend::{check, QuantTensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// Bias handling of the GEMM epilogue.
 #[derive(Clone, Copy)]
-enum Bias {
+pub(super) enum Bias {
     None,
     PerColumn(u64),
     PerRow(u64),
@@ -29,7 +29,7 @@ impl Bias {
 /// C[m, n] (leading dimension ldc) = Σ_k A[m, k] · W[n, k] + bias, all bf16, f32 accumulation.
 /// The tensor-core kernel needs K % 8 == 0 and 16-byte aligned operands; otherwise the tiled one.
 #[allow(clippy::too_many_arguments)]
-fn gemm(be: &CudaBackend, a: u64, w: u64, bias: Bias, c: u64, m: usize, n: usize, k: usize, ldc: usize) -> Result<()> {
+pub(super) fn gemm(be: &CudaBackend, a: u64, w: u64, bias: Bias, c: u64, m: usize, n: usize, k: usize, ldc: usize) -> Result<()> {
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -112,59 +112,5 @@ pub(super) fn linear_quantized(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bi
         k as i32,
         n as i64
     )?;
-    Ok(out)
-}
-
-/// Column buffer budget (elements) per im2col chunk: 128 Mi bf16 = 256 MiB.
-const COL_BUDGET: usize = 128 << 20;
-
-/// out[Cout, pixels] = W[Cout, K] · col[pixels, K]ᵀ, one chunk of output pixels at a time.
-pub(super) fn conv2d(
-    be: &CudaBackend,
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    stride: usize,
-    pad: Padding2d,
-) -> Result<Tensor> {
-    let (ho, wo) = check::conv2d(x, w, bias, stride, pad)?;
-    let (b, cin, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-    let (cout, kh, kw) = (w.dim(0), w.dim(2), w.dim(3));
-    let pixels = ho * wo;
-    let kdim = cin * kh * kw;
-    let (_x, xp) = be.bf16_arg(x, "conv2d")?;
-    let (_w, wptr) = be.bf16_arg(w, "conv2d")?;
-    let bias = bias.map(|b| be.bf16_arg(b, "conv2d")).transpose()?;
-    let bias = bias.as_ref().map_or(Bias::None, |(_, p)| Bias::PerRow(*p));
-    let out = be.output(DType::BF16, &[b, cout, ho, wo])?;
-    let chunk = (COL_BUDGET / kdim.max(1)).clamp(1, pixels.max(1));
-    let col = be.output(DType::BF16, &[chunk, kdim])?;
-    let colp = be.ptr(&col)?;
-    for bi in 0..b {
-        let xb = xp + (bi * cin * h * wd * 2) as u64;
-        let ob = be.ptr(&out)? + (bi * cout * pixels * 2) as u64;
-        for p0 in (0..pixels).step_by(chunk) {
-            let np = chunk.min(pixels - p0);
-            launch!(
-                be.dev,
-                "im2col_bf16",
-                grid_1d(np * kdim),
-                xb,
-                colp,
-                cin as i32,
-                h as i32,
-                wd as i32,
-                kh as i32,
-                kw as i32,
-                stride as i32,
-                pad.top as i32,
-                pad.left as i32,
-                wo as i32,
-                p0 as i64,
-                np as i64
-            )?;
-            gemm(be, wptr, colp, bias, ob + (p0 * 2) as u64, cout, np, kdim, pixels)?;
-        }
-    }
     Ok(out)
 }

@@ -4,6 +4,7 @@
 //! from the driver's stream-ordered pool and the backend tracks live and peak bytes.
 
 mod attention;
+mod conv;
 mod gemm;
 mod health;
 pub mod images;
@@ -66,6 +67,7 @@ const KERNELS: &[(&str, &[&str])] = &[
     ),
     ("health", &["nonfinite_check_b16", "nonfinite_check_b32"]),
     ("gemm", &["gemm_tiled_bf16", "gemm_mma_bf16", "gemm_wq_tiled_bf16", "im2col_bf16"]),
+    ("conv", &["conv_pack_weight_bf16", conv::MMA_KERNEL]),
     ("attention", &["attention_rowwise_bf16", "flash_attention_d64_bf16", "flash_attention_d128_bf16"]),
     (
         "attention_v3",
@@ -268,10 +270,12 @@ impl CudaBackend {
                 functions.insert(*name, f);
             }
         }
-        // The flash v2 and wide kernels use more than the default 48 KB of shared memory.
+        // The flash v2, wide and implicit-GEMM convolution kernels use more than the default 48 KB
+        // of shared memory.
         let big = [
             ("flash_attention_d64_bf16", attention::flash_smem_bytes(64)),
             ("flash_attention_d128_bf16", attention::flash_smem_bytes(128)),
+            (conv::MMA_KERNEL, conv::MMA_MAX_SMEM),
         ]
         .into_iter()
         .chain(attention::WIDE_KERNELS.iter().map(|&(d, name)| (name, attention::wide_config(d).2)));
@@ -569,7 +573,7 @@ impl Backend for CudaBackend {
         stride: usize,
         padding: Padding2d,
     ) -> Result<Tensor> {
-        gemm::conv2d(self, x, w, bias, stride, padding)
+        conv::conv2d(self, x, w, bias, stride, padding)
     }
 
     fn layer_norm(&self, x: &Tensor, eps: f32) -> Result<Tensor> {
