@@ -21,6 +21,58 @@ struct MmaTileSmem {
     unsigned char w[2][TILE_N * TILE_LDS];
 };
 
+__device__ __forceinline__ void mma_tile_zero(float acc[4][4][4]) {
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
+}
+
+// One stage: acc += the stage's 64 bytes of K, A rows and W rows of TILE_LDS bytes in shared memory.
+template <MmaOp Mma>
+__device__ __forceinline__ void mma_tile_stage(const unsigned char* As, const unsigned char* Ws, float acc[4][4][4]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int warp_m = warp >> 2, warp_n = warp & 3;
+#pragma unroll
+    for (int ks = 0; ks < TILE_KB; ks += 32) {
+        unsigned a[4][4], b[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 4; mi++) {
+            int row = warp_m * 64 + mi * 16 + (lane & 15);
+            ldmatrix_x4(a[mi], &As[row * TILE_LDS + ks + (lane >> 4) * 16]);
+        }
+#pragma unroll
+        for (int nj = 0; nj < 2; nj++) {
+            int row = warp_n * 32 + nj * 16 + (lane & 7) + (lane >> 4) * 8;
+            unsigned r[4];
+            ldmatrix_x4(r, &Ws[row * TILE_LDS + ks + ((lane >> 3) & 1) * 16]);
+            b[2 * nj][0] = r[0];
+            b[2 * nj][1] = r[1];
+            b[2 * nj + 1][0] = r[2];
+            b[2 * nj + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < 4; mi++)
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++) Mma(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+    }
+}
+
+// Rows [m0, m0 + 128) of A into a stage by cp.async (zeros past M and past the row), not committed.
+__device__ __forceinline__ void mma_tile_load_rows(unsigned char* dst, const unsigned char* __restrict__ A, int M,
+                                                   i64 row_bytes, i64 m0, i64 k0) {
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int c = threadIdx.x + i * 256;
+        int row = c >> 2, col = (c & 3) * 16;
+        i64 gk = k0 + col, gm = m0 + row;
+        bool ok = gm < M && gk < row_bytes;
+        cp_async16(&dst[row * TILE_LDS + col], ok ? (const void*)(A + gm * row_bytes + gk) : (const void*)A, ok ? 16 : 0);
+    }
+}
+
 // acc[mi][ni][e]: the warp's 4x4 tiles of 16x8 f32 accumulators; element e of tile (mi, ni) is at
 // row warp_m*64 + mi*16 + lane/4 (+8 for e >= 2), column warp_n*32 + ni*8 + 2*(lane%4) + (e & 1).
 // A [M, K] and W [N, K] rows are `row_bytes` long (a multiple of 16) and 16-byte aligned.
@@ -28,30 +80,11 @@ template <MmaOp Mma>
 __device__ __forceinline__ void mma_tile_128x128(MmaTileSmem& smem, const unsigned char* __restrict__ A,
                                                  const unsigned char* __restrict__ W, int M, int N, i64 row_bytes,
                                                  i64 m0, i64 n0, float acc[4][4][4]) {
-    auto& As = smem.a;
-    auto& Ws = smem.w;
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int warp_m = warp >> 2, warp_n = warp & 3;
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
-
+    mma_tile_zero(acc);
     // Each stage: 128 rows x 64 bytes of A and of W in 16-byte chunks (512 each, 2 per thread).
     auto load = [&](int stage, i64 k0) {
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            int c = tid + i * 256;
-            int row = c >> 2, col = (c & 3) * 16;
-            i64 gk = k0 + col, gm = m0 + row, gn = n0 + row;
-            bool okA = gm < M && gk < row_bytes, okW = gn < N && gk < row_bytes;
-            cp_async16(&As[stage][row * TILE_LDS + col], okA ? (const void*)(A + gm * row_bytes + gk) : (const void*)A,
-                       okA ? 16 : 0);
-            cp_async16(&Ws[stage][row * TILE_LDS + col], okW ? (const void*)(W + gn * row_bytes + gk) : (const void*)W,
-                       okW ? 16 : 0);
-        }
+        mma_tile_load_rows(smem.a[stage], A, M, row_bytes, m0, k0);
+        mma_tile_load_rows(smem.w[stage], W, N, row_bytes, n0, k0);
         cp_async_commit();
     };
 
@@ -66,29 +99,7 @@ __device__ __forceinline__ void mma_tile_128x128(MmaTileSmem& smem, const unsign
             cp_async_wait<0>();
         }
         __syncthreads();
-#pragma unroll
-        for (int ks = 0; ks < TILE_KB; ks += 32) {
-            unsigned a[4][4], b[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 4; mi++) {
-                int row = warp_m * 64 + mi * 16 + (lane & 15);
-                ldmatrix_x4(a[mi], &As[cur][row * TILE_LDS + ks + (lane >> 4) * 16]);
-            }
-#pragma unroll
-            for (int nj = 0; nj < 2; nj++) {
-                int row = warp_n * 32 + nj * 16 + (lane & 7) + (lane >> 4) * 8;
-                unsigned r[4];
-                ldmatrix_x4(r, &Ws[cur][row * TILE_LDS + ks + ((lane >> 3) & 1) * 16]);
-                b[2 * nj][0] = r[0];
-                b[2 * nj][1] = r[1];
-                b[2 * nj + 1][0] = r[2];
-                b[2 * nj + 1][1] = r[3];
-            }
-#pragma unroll
-            for (int mi = 0; mi < 4; mi++)
-#pragma unroll
-                for (int ni = 0; ni < 4; ni++) Mma(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
-        }
+        mma_tile_stage<Mma>(smem.a[cur], smem.w[cur], acc);
         __syncthreads();
     }
 }

@@ -174,15 +174,20 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             }),
         ));
     }
-    // gemm_wq_tiled (int8, int4 in groups, fp8 codes); (rows, inner, outputs, bias)
+    // Weight-only int8, int4 in groups and fp8 codes; (rows, inner, outputs, bias). K % 16 == 0:
+    // gemm_wq_mma (v2: ragged 128-tiles, 10 k tiles, bias); K = 200 (int8 and fp8 only, int4
+    // needs whole groups): gemm_wq_tiled (v1).
     let quantized: &[(usize, usize, usize, bool)] = match suite {
-        Suite::Full => &[(9, 128, 40, false), (130, 2560, 1024, false)],
-        Suite::Small => &[(9, 128, 40, false), (130, 320, 72, true)],
+        Suite::Full => &[(9, 128, 40, false), (130, 2560, 1024, false), (33, 200, 24, true)],
+        Suite::Small => &[(9, 128, 40, false), (130, 320, 72, true), (33, 200, 24, true)],
     };
     for (fmt, name) in
         [(QuantFormat::Int8, "int8"), (QuantFormat::Int4 { group: 64 }, "int4 g64"), (QuantFormat::Fp8, "fp8")]
     {
         for &(m, k, n, bias) in quantized {
+            if k % fmt.group().max(1) != 0 {
+                continue;
+            }
             let mut inputs = vec![act(&[m, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
             if bias {
                 inputs.push(act(&[n]));
@@ -202,21 +207,24 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             );
         }
     }
-    // gemm_wq_tiled with GGUF's block types as files store them (ggml_blocks.cuh): random valid
-    // blocks, K of two 256-element super-blocks, ragged M and N.
-    let ggml_shapes: &[(usize, usize, usize)] = match suite {
-        Suite::Full => &[(9, 512, 40), (130, 2560, 96)],
-        Suite::Small => &[(9, 512, 40)],
+    // GGUF's block types as files store them (ggml_blocks.cuh): random valid blocks, K of two
+    // 256-element super-blocks, ragged M and N; gemm_wq_mma (v2), and gemm_wq_tiled (v1) for an
+    // input 2 bytes off the 16-byte alignment v2 needs (element offset, the third number).
+    let ggml_shapes: &[(usize, usize, usize, usize)] = match suite {
+        Suite::Full => &[(9, 512, 40, 0), (130, 2560, 96, 0), (9, 512, 40, 1)],
+        Suite::Small => &[(9, 512, 40, 0), (9, 512, 40, 1)],
     };
     for ty in crate::weights::ggml::GgmlType::QUANTIZED {
-        for &(m, k, n) in ggml_shapes {
+        for &(m, k, n, off) in ggml_shapes {
+            let at = if off == 0 { String::new() } else { format!(" at +{off} elements") };
             v.push(
                 case(
                     "linear_quantized",
-                    format!("{} {m}x{k} · {n}x{k}ᵀ", ty.name()),
-                    vec![act(&[m, k])],
+                    format!("{} {m}x{k} · {n}x{k}ᵀ{at}", ty.name()),
+                    vec![act(&[off + m * k])],
                     3.0,
                     Box::new(move |be, t| {
+                        let x = t[0].narrow(0, off, m * k)?.reshape(&[m, k])?;
                         let codes = crate::weights::ggml::synthetic_blocks(ty, n * k, (m * 131 + k) as u64);
                         let q = crate::quant::Quantized {
                             format: QuantFormat::Ggml(ty),
@@ -225,7 +233,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
                             codes,
                             scales: vec![],
                         };
-                        be.linear_quantized(&t[0], &be.load_quantized(&q)?, None)
+                        be.linear_quantized(&x, &be.load_quantized(&q)?, None)
                     }),
                 )
                 .untimed(),

@@ -78,8 +78,9 @@ pub(super) fn linear(be: &CudaBackend, x: &Tensor, w: &Tensor, bias: Option<&Ten
     Ok(out)
 }
 
-/// `x · dequant(w)ᵀ (+ bias)` with the weight-only quantized kernel (codes dequantized into shared
-/// memory tile by tile, f32 accumulation).
+/// `x · dequant(w)ᵀ (+ bias)` with the weight-only quantized kernels (codes dequantized into shared
+/// memory tile by tile, f32 accumulation): v2 on tensor cores where K % 16 == 0, the operands are
+/// 16-byte aligned and an int4 group is a multiple of 16; else v1 (CUDA cores, any shape).
 pub(super) fn linear_quantized(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (m, k, n) = check::linear_quantized("linear_quantized", x, w, bias)?;
     let (_x, xp) = be.bf16_arg(x, "linear_quantized")?;
@@ -93,11 +94,25 @@ pub(super) fn linear_quantized(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bi
     let b = bias.map(|b| be.bf16_arg(b, "linear_quantized")).transpose()?;
     let (bp, mode) = b.as_ref().map_or((0, 0), |(_, p)| (*p, 1));
     let out = linear_output(be, x, n)?;
-    let cfg = tiled_16x16("linear_quantized", m, n)?;
+    if m == 0 || n == 0 {
+        return Ok(out);
+    }
     let (fmt, group) = (w.format.id(), w.format.group() as i32);
+    let group_ok = !matches!(w.format, crate::quant::QuantFormat::Int4 { group } if group % 16 != 0);
+    let tensor_cores = k % 16 == 0 && xp % 16 == 0 && codes % 16 == 0 && group_ok && m.div_ceil(128) <= 65535;
+    let (kernel, cfg) = if tensor_cores {
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        ("gemm_wq_mma_bf16", cfg)
+    } else {
+        ("gemm_wq_tiled_bf16", tiled_16x16("linear_quantized", m, n)?)
+    };
     launch!(
         be.dev,
-        "gemm_wq_tiled_bf16",
+        kernel,
         cfg,
         xp,
         codes,

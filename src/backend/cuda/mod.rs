@@ -66,7 +66,7 @@ const KERNELS: &[(&str, &[&str])] = &[
         ],
     ),
     ("health", &["nonfinite_check_b16", "nonfinite_check_b32"]),
-    ("gemm", &["gemm_tiled_bf16", "gemm_mma_bf16", "gemm_wq_tiled_bf16", "im2col_bf16"]),
+    ("gemm", &["gemm_tiled_bf16", "gemm_mma_bf16", "gemm_wq_tiled_bf16", "gemm_wq_mma_bf16", "im2col_bf16"]),
     ("conv", &["conv_pack_weight_bf16", conv::MMA_KERNEL]),
     ("attention", &["attention_rowwise_bf16", "flash_attention_d64_bf16", "flash_attention_d128_bf16"]),
     (
