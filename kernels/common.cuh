@@ -119,3 +119,38 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<unsigned*>(&v);
 }
+
+// 8 bf16 at p (16-byte aligned) in one 16-byte load, widened to f32 exactly (bf16 is f32's top half).
+__device__ __forceinline__ void load_bf16x8(const bf16* p, float f[8]) {
+    uint4 v = *reinterpret_cast<const uint4*>(p);
+    const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        f[2 * j] = __uint_as_float(w[j] << 16);
+        f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    }
+}
+
+// f[0..8) rounded to bf16 (nearest even) into one 16-byte store at p (16-byte aligned).
+__device__ __forceinline__ void store_bf16x8(bf16* p, const float f[8]) {
+    uint4 v;
+    v.x = pack_bf16x2(f[0], f[1]);
+    v.y = pack_bf16x2(f[2], f[3]);
+    v.z = pack_bf16x2(f[4], f[5]);
+    v.w = pack_bf16x2(f[6], f[7]);
+    *reinterpret_cast<uint4*>(p) = v;
+}
+
+// q = i / d and r = i % d for 0 <= i, 0 < d: a 32-bit division while i fits in 32 bits (every
+// klein tensor), the 64-bit one (a long software routine) only past that.
+__device__ __forceinline__ i64 div_rem(i64 i, int d, int& r) {
+    if ((unsigned long long)i <= 0xffffffffull) {
+        unsigned q = (unsigned)i / (unsigned)d;
+        r = (int)((unsigned)i - q * (unsigned)d);
+        return q;
+    }
+    i64 q = i / d;
+    r = (int)(i - q * d);
+    return q;
+}
+

@@ -8,22 +8,65 @@ use crate::dtype::DType;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
+/// The v2 (x8) element-wise kernels apply: every pointer 16-byte aligned, every length and row
+/// stride (in elements) a multiple of 8.
+fn vec8(ptrs: &[u64], lens: &[i64]) -> bool {
+    ptrs.iter().all(|p| p % 16 == 0) && lens.iter().all(|n| n % 8 == 0)
+}
+
 pub(super) fn silu(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
     let (x, xp) = be.bf16_arg(x, "silu")?;
     let out = be.output(DType::BF16, x.shape())?;
-    let n = x.numel();
-    launch!(be.dev, "silu_bf16", grid_1d(n), xp, be.ptr(&out)?, n as i64)?;
+    let (n, op) = (x.numel(), be.ptr(&out)?);
+    if vec8(&[xp, op], &[n as i64]) {
+        launch!(be.dev, "silu_bf16x8", grid_1d(n / 8), xp, op, (n / 8) as i64)?;
+    } else {
+        launch!(be.dev, "silu_bf16", grid_1d(n), xp, op, n as i64)?;
+    }
     Ok(out)
 }
 
+/// Row stride (elements) of a view whose last dim is contiguous and whose rows are evenly spaced,
+/// e.g. a `narrow` of the last dim of a dense tensor; None otherwise.
+fn row_stride(x: &Tensor) -> Option<usize> {
+    let (shape, strides) = (x.shape(), x.strides());
+    let r = shape.len();
+    if r == 0 || (strides[r - 1] != 1 && shape[r - 1] > 1) {
+        return None;
+    }
+    let (mut ld, mut expected) = (shape[r - 1], None::<usize>);
+    for d in (0..r - 1).rev().filter(|&d| shape[d] > 1) {
+        match expected {
+            None => ld = strides[d],
+            Some(e) if e != strides[d] => return None,
+            Some(_) => {}
+        }
+        expected = Some(strides[d] * shape[d]);
+    }
+    Some(ld)
+}
+
+/// silu(x[.., :m]) · x[.., m:]: the v2 kernel reads a strided view (the DiT's slice of its fused
+/// projection) in place; otherwise the view is made dense first.
 pub(super) fn swiglu(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
-    let two_m = 2 * check::swiglu(x)?;
-    let (x, xp) = be.bf16_arg(x, "swiglu")?;
+    let m = check::swiglu(x)?;
     let mut shape = x.shape().to_vec();
-    *shape.last_mut().unwrap() = two_m / 2;
+    *shape.last_mut().unwrap() = m;
     let out = be.output(DType::BF16, &shape)?;
-    let rows = x.rows();
-    launch!(be.dev, "swiglu_bf16", grid_1d(rows * two_m / 2), xp, be.ptr(&out)?, rows as i64, (two_m / 2) as i32)?;
+    let (rows, op) = (x.rows(), be.ptr(&out)?);
+    if let (Some(ld), DType::BF16) = (row_stride(x), x.dtype()) {
+        let xp = be.ptr(x)?;
+        if vec8(&[xp, op], &[ld as i64, m as i64]) {
+            launch!(be.dev, "swiglu_bf16x8", grid_1d(rows * m / 8), xp, ld as i64, op, rows as i64, m as i32)?;
+            return Ok(out);
+        }
+    }
+    let (_x, xp) = be.bf16_arg(x, "swiglu")?;
+    if vec8(&[xp, op], &[m as i64]) {
+        launch!(be.dev, "swiglu_bf16x8", grid_1d(rows * m / 8), xp, (2 * m) as i64, op, rows as i64, m as i32)?;
+    } else {
+        launch!(be.dev, "swiglu_bf16", grid_1d(rows * m), xp, op, rows as i64, m as i32)?;
+    }
     Ok(out)
 }
 
@@ -32,8 +75,12 @@ pub(super) fn axpby(be: &CudaBackend, a: f32, x: &Tensor, b: f32, y: &Tensor) ->
     let (x, xp) = be.bf16_arg(x, "axpby")?;
     let (_y, yp) = be.bf16_arg(y, "axpby")?;
     let out = be.output(DType::BF16, x.shape())?;
-    let n = x.numel();
-    launch!(be.dev, "axpby_bf16", grid_1d(n), a, xp, b, yp, be.ptr(&out)?, n as i64)?;
+    let (n, op) = (x.numel(), be.ptr(&out)?);
+    if vec8(&[xp, yp, op], &[n as i64]) {
+        launch!(be.dev, "axpby_bf16x8", grid_1d(n / 8), a, xp, b, yp, op, (n / 8) as i64)?;
+    } else {
+        launch!(be.dev, "axpby_bf16", grid_1d(n), a, xp, b, yp, op, n as i64)?;
+    }
     Ok(out)
 }
 
@@ -44,20 +91,13 @@ pub(super) fn gated_add(be: &CudaBackend, x: &Tensor, gate: &Tensor, y: &Tensor)
     let (_y, yp) = be.bf16_arg(y, "gated_add")?;
     let (_g, gp, gs) = be.vec_arg(gate, "gated_add")?;
     let out = be.output(DType::BF16, x.shape())?;
-    let n = x.numel();
-    launch!(
-        be.dev,
-        "gated_add_bf16",
-        grid_1d(n),
-        xp,
-        gp,
-        gs,
-        yp,
-        be.ptr(&out)?,
-        x.dim(1) as i64,
-        x.dim(2) as i32,
-        n as i64
-    )?;
+    let (n, l, c, op) = (x.numel(), x.dim(1), x.dim(2), be.ptr(&out)?);
+    if vec8(&[xp, yp, gp, op], &[c as i64, gs]) && l <= i32::MAX as usize {
+        let n8 = (n / 8) as i64;
+        launch!(be.dev, "gated_add_bf16x8", grid_1d(n / 8), xp, gp, gs, yp, op, l as i32, c as i32, n8)?;
+    } else {
+        launch!(be.dev, "gated_add_bf16", grid_1d(n), xp, gp, gs, yp, op, l as i64, c as i32, n as i64)?;
+    }
     Ok(out)
 }
 
@@ -68,8 +108,13 @@ pub(super) fn modulate(be: &CudaBackend, x: &Tensor, shift: &Tensor, scale: &Ten
     let (_s, sp, ss) = be.vec_arg(shift, "modulate")?;
     let (_c, cp, cs) = be.vec_arg(scale, "modulate")?;
     let out = be.output(DType::BF16, x.shape())?;
-    let (n, l, c) = (x.numel(), x.dim(1) as i64, x.dim(2) as i32);
-    launch!(be.dev, "modulate_bf16", grid_1d(n), xp, sp, ss, cp, cs, be.ptr(&out)?, l, c, n as i64)?;
+    let (n, l, c, op) = (x.numel(), x.dim(1), x.dim(2), be.ptr(&out)?);
+    if vec8(&[xp, sp, cp, op], &[c as i64, ss, cs]) && l <= i32::MAX as usize {
+        let n8 = (n / 8) as i64;
+        launch!(be.dev, "modulate_bf16x8", grid_1d(n / 8), xp, sp, ss, cp, cs, op, l as i32, c as i32, n8)?;
+    } else {
+        launch!(be.dev, "modulate_bf16", grid_1d(n), xp, sp, ss, cp, cs, op, l as i64, c as i32, n as i64)?;
+    }
     Ok(out)
 }
 
