@@ -215,3 +215,23 @@ extern "C" __global__ void strided_copy_b16(unsigned short* dst, const unsigned 
 extern "C" __global__ void strided_copy_b32(unsigned* dst, const unsigned* src, Strided6 s, i64 n) {
     strided_copy(dst, src, s, n);
 }
+
+// v2: views whose innermost dim is contiguous on both sides and a multiple of 16 bytes long, as
+// 16-byte units (any element size): sizes and strides in units, one 16-byte load and store per
+// thread, 32-bit index division (div_rem; every size fits an int). The launcher merges dims that
+// are contiguous on both sides first, so a concat or a narrow is one or two dims here.
+extern "C" __global__ void strided_copy_x16(uint4* dst, const uint4* src, Strided6 s, i64 n) {
+    GRID_STRIDE(i, n) {
+        i64 rem = i, so = 0, dof = 0;
+#pragma unroll
+        for (int d = 5; d >= 0; d--) {
+            if (s.size[d] == 1) continue;
+            int k;
+            rem = div_rem(rem, (int)s.size[d], k);
+            so += k * s.src[d];
+            dof += k * s.dst[d];
+        }
+        dst[dof] = src[so];
+    }
+}
+

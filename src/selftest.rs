@@ -642,6 +642,22 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         0.0,
         Box::new(|be, t| be.contiguous(&t[0].reshape(&[1, 4, 4, 2, 3, 2])?.permute(&[0, 1, 3, 5, 2, 4])?)),
     ));
+    // A narrow of the last dim: rows merged into one dim, copied in 16-byte units (strided_copy_x16),
+    // as the DiT's q/k/v slices of its fused projection; and the same in f32.
+    v.push(case(
+        "contiguous",
+        "[2, 5, 48] narrowed to [2, 5, 24]",
+        vec![act(&[2, 5, 48])],
+        0.0,
+        Box::new(|be, t| be.contiguous(&t[0].narrow(2, 16, 24)?)),
+    ));
+    v.push(case(
+        "contiguous",
+        "f32 [3, 4, 20] narrowed to [3, 4, 8]",
+        vec![Input::Table(vec![3, 4, 20], 0.0, 1.0)],
+        0.0,
+        Box::new(|be, t| be.contiguous(&t[0].narrow(2, 4, 8)?)),
+    ));
     if small {
         // 4-byte elements (strided_copy_b32), which no other case copies.
         v.push(case(

@@ -58,6 +58,7 @@ const KERNELS: &[(&str, &[&str])] = &[
             "rope_bf16",
             "strided_copy_b16",
             "strided_copy_b32",
+            "strided_copy_x16",
         ],
     ),
     (
