@@ -1,9 +1,14 @@
 // Sage attention on tensor cores (v2 of attention_sage_rowwise_bf16 in quantized.cu, which stays as the
-// reference and the path of sm_80/86 images). Same numerics as the CPU emulation
-// (src/backend/cpu/quantized.rs): K smoothed by its token mean, Q and K int8 with one scale per 64-token
-// block, exact integer scores (mma.sync m16n8k32 s8 -> s32), online softmax in f32 over 64-key tiles with
-// natural exp, P scaled by 448 and rounded to e4m3, V smoothed by its token mean and e4m3 per channel,
-// P·V with mma.sync m16n8k32 e4m3 -> f32 (sm_89+).
+// reference). Same numerics as the CPU emulation (src/backend/cpu/quantized.rs): K smoothed by its token
+// mean, Q and K int8 with one scale per 64-token block, exact integer scores (mma.sync m16n8k32 s8 -> s32,
+// sm_80+), online softmax in f32 over 64-key tiles with natural exp, P scaled by 448 and rounded to e4m3,
+// V smoothed by its token mean and e4m3 per channel, P·V accumulated in f32:
+//   attention_sage_mma_d{64,128}: P·V on mma.sync m16n8k32 e4m3 (sm_89+).
+//   attention_sage_mma_bf16pv_d{64,128}: for sm_80/86 (no e4m3 tensor cores). Every e4m3 value is a bf16
+//     value, so P and V rounded to e4m3 and held as bf16 give the same products on mma.sync m16n8k16 bf16:
+//     each e4m3 m16n8k32 step becomes two bf16 steps over the same 32 key slots (thread t's slots 4t..4t+3
+//     of each half, read as its k = 2t, 2t+1, 2t+8, 2t+9; A and B agree, so the sum is the same). Vᵀ holds
+//     the e4m3-rounded values as bf16 (sage_quantize_vt_e4m3_as_bf16), read with 8-byte shared loads.
 //
 // Pre-passes (besides the K/V statistics and sage_block_absmax_bf16 of quantized.cu):
 //   sage_quantize_int8_bf16: Q or K to int8 codes in their own layout [B, N, H, D].
@@ -44,10 +49,11 @@ extern "C" __global__ void sage_quantize_int8_bf16(const bf16* x, const float* m
     }
 }
 
-// V [B, Nk, Hkv, D] to e4m3 codes vt [B * Hkv, D, nk_pad] (key order permuted per 32, zero codes past nk).
-extern "C" __global__ void sage_quantize_vt_e4m3_bf16(const bf16* v, const float* v_mean, const float* v_absmax,
-                                                      unsigned char* vt, int nk, int nk_pad, int kv_heads, int d,
-                                                      i64 total) {
+// V [B, Nk, Hkv, D] to e4m3 vt [B * Hkv, D, nk_pad] (key order permuted per 32, zeros past nk), as codes
+// (T = unsigned char) or as their bf16 values (T = bf16).
+template <typename T>
+__device__ __forceinline__ void sage_quantize_vt(const bf16* v, const float* v_mean, const float* v_absmax, T* vt,
+                                                 int nk, int nk_pad, int kv_heads, int d, i64 total) {
     GRID_STRIDE(i, total) {
         int slot = (int)(i % nk_pad);
         i64 rest = i / nk_pad;
@@ -64,24 +70,46 @@ extern "C" __global__ void sage_quantize_vt_e4m3_bf16(const bf16* v, const float
             __nv_fp8_e4m3 q(val);
             code = q.__x;
         }
-        vt[i] = code;
+        if constexpr (sizeof(T) == 1) {
+            vt[i] = code;
+        } else {
+            __nv_fp8_e4m3 q;
+            q.__x = code;
+            vt[i] = to_bf((float)q);
+        }
     }
 }
+
+extern "C" __global__ void sage_quantize_vt_e4m3_bf16(const bf16* v, const float* v_mean, const float* v_absmax,
+                                                      unsigned char* vt, int nk, int nk_pad, int kv_heads, int d,
+                                                      i64 total) {
+    sage_quantize_vt(v, v_mean, v_absmax, vt, nk, nk_pad, kv_heads, d, total);
+}
+
+extern "C" __global__ void sage_quantize_vt_e4m3_as_bf16(const bf16* v, const float* v_mean, const float* v_absmax,
+                                                         bf16* vt, int nk, int nk_pad, int kv_heads, int d,
+                                                         i64 total) {
+    sage_quantize_vt(v, v_mean, v_absmax, vt, nk, nk_pad, kv_heads, d, total);
+}
+
+// x rounded to e4m3 (saturating, as the codes), as a float: exact in bf16.
+__device__ __forceinline__ float e4m3_round(float x) { return (float)__nv_fp8_e4m3(x); }
 
 __device__ __forceinline__ unsigned pack_e4m3x4(float a, float b, float c, float d) {
     __nv_fp8_e4m3 qa(a), qb(b), qc(c), qd(d);
     return (unsigned)qa.__x | ((unsigned)qb.__x << 8) | ((unsigned)qc.__x << 16) | ((unsigned)qd.__x << 24);
 }
 
-template <int D>
+// E4M3_PV: P·V on e4m3 tensor cores (vt holds codes); else on bf16 ones (vt holds bf16 values).
+template <int D, bool E4M3_PV>
 __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, const signed char* __restrict__ kc,
                                          const unsigned char* __restrict__ vt, bf16* __restrict__ out, int nq, int nk,
                                          int nk_pad, int heads, int kv_heads, float scale, int causal,
                                          const int* __restrict__ valid_len, const float* __restrict__ q_absmax,
                                          const float* __restrict__ k_absmax, const float* __restrict__ v_mean,
                                          const float* __restrict__ v_absmax) {
-#if __CUDA_ARCH__ >= 890
-    constexpr int BQ = SAGE_TILE, BKV = SAGE_TILE, LDQ = D + 16, LDV = BKV + 16;
+    constexpr int VB = E4M3_PV ? 1 : 2;  // bytes per Vᵀ value
+    constexpr int BQ = SAGE_TILE, BKV = SAGE_TILE, LDQ = D + 16, LDV = BKV * VB + 16;
     constexpr int KBYTES = BKV * LDQ, STAGE = KBYTES + D * LDV;
     unsigned char* smem = dynamic_smem<unsigned char>();
     unsigned char* Qs = smem;
@@ -94,7 +122,7 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
     const i64 bhk = (i64)b * kv_heads + hk;
     const signed char* qb = qc + (i64)b * nq * q_stride + (i64)h * D;
     const signed char* kb = kc + (i64)b * nk * kv_stride + (i64)hk * D;
-    const unsigned char* vb = vt + bhk * D * nk_pad;
+    const unsigned char* vb = vt + bhk * D * nk_pad * VB;
     const int q_blocks = (nq + SAGE_TILE - 1) / SAGE_TILE, k_blocks = (nk + SAGE_TILE - 1) / SAGE_TILE;
     const float sq = q_absmax[((i64)b * heads + h) * q_blocks + blockIdx.x] / 127.f;
 
@@ -121,9 +149,9 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
             cp_async16(&Ks[row * LDQ + col], ok ? (const void*)(kb + (i64)(k0 + row) * kv_stride + col) : (const void*)kc,
                        ok ? 16 : 0);
         }
-        for (int c = tid; c < D * BKV / 16; c += 128) {  // Vᵀ rows: always inside nk_pad
-            int row = c / (BKV / 16), col = (c % (BKV / 16)) * 16;
-            cp_async16(&Vs[row * LDV + col], vb + (i64)row * nk_pad + k0 + col, 16);
+        for (int c = tid; c < D * BKV * VB / 16; c += 128) {  // Vᵀ rows: always inside nk_pad
+            int row = c / (BKV * VB / 16), col = (c % (BKV * VB / 16)) * 16;
+            cp_async16(&Vs[row * LDV + col], vb + ((i64)row * nk_pad + k0) * VB + col, 16);
         }
         cp_async_commit();
     };
@@ -207,16 +235,37 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
         // O += P Vᵀ: P's accumulators are the e4m3 A fragment in the permuted key order of Vᵀ.
 #pragma unroll
         for (int kk = 0; kk < 2; kk++) {
-            unsigned a[4] = {pack_e4m3x4(s[4 * kk][0], s[4 * kk][1], s[4 * kk + 1][0], s[4 * kk + 1][1]),
-                             pack_e4m3x4(s[4 * kk][2], s[4 * kk][3], s[4 * kk + 1][2], s[4 * kk + 1][3]),
-                             pack_e4m3x4(s[4 * kk + 2][0], s[4 * kk + 2][1], s[4 * kk + 3][0], s[4 * kk + 3][1]),
-                             pack_e4m3x4(s[4 * kk + 2][2], s[4 * kk + 2][3], s[4 * kk + 3][2], s[4 * kk + 3][3])};
+            if constexpr (E4M3_PV) {
+                unsigned a[4] = {pack_e4m3x4(s[4 * kk][0], s[4 * kk][1], s[4 * kk + 1][0], s[4 * kk + 1][1]),
+                                 pack_e4m3x4(s[4 * kk][2], s[4 * kk][3], s[4 * kk + 1][2], s[4 * kk + 1][3]),
+                                 pack_e4m3x4(s[4 * kk + 2][0], s[4 * kk + 2][1], s[4 * kk + 3][0], s[4 * kk + 3][1]),
+                                 pack_e4m3x4(s[4 * kk + 2][2], s[4 * kk + 2][3], s[4 * kk + 3][2], s[4 * kk + 3][3])};
 #pragma unroll
-            for (int nb = 0; nb < D / 16; nb++) {
-                unsigned r[4];
-                ldmatrix_x4(r, &Vs[(nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDV + kk * 32 + ((lane >> 3) & 1) * 16]);
-                mma_e4m3_16832(o[2 * nb], a, r[0], r[1]);
-                mma_e4m3_16832(o[2 * nb + 1], a, r[2], r[3]);
+                for (int nb = 0; nb < D / 16; nb++) {
+                    unsigned r[4];
+                    ldmatrix_x4(r,
+                                &Vs[(nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDV + kk * 32 + ((lane >> 3) & 1) * 16]);
+                    mma_e4m3_16832(o[2 * nb], a, r[0], r[1]);
+                    mma_e4m3_16832(o[2 * nb + 1], a, r[2], r[3]);
+                }
+            } else {
+                // The same 32 slots as two bf16 k16 steps: slots 4t..4t+3 of each half are this
+                // thread's k = 2t, 2t+1 (first pair) and 2t+8, 2t+9 (second pair).
+#pragma unroll
+                for (int hf = 0; hf < 2; hf++) {
+                    const float* p0 = s[4 * kk + 2 * hf];
+                    const float* p1 = s[4 * kk + 2 * hf + 1];
+                    const unsigned a[4] = {pack_bf16x2(e4m3_round(p0[0]), e4m3_round(p0[1])),
+                                           pack_bf16x2(e4m3_round(p0[2]), e4m3_round(p0[3])),
+                                           pack_bf16x2(e4m3_round(p1[0]), e4m3_round(p1[1])),
+                                           pack_bf16x2(e4m3_round(p1[2]), e4m3_round(p1[3]))};
+                    const unsigned char* vcol = &Vs[(lane >> 2) * LDV + (kk * 32 + hf * 16 + 4 * (lane & 3)) * 2];
+#pragma unroll
+                    for (int nb = 0; nb < D / 8; nb++) {
+                        uint2 bv = *reinterpret_cast<const uint2*>(vcol + nb * 8 * LDV);
+                        mma_bf16_16816(o[nb], a, bv.x, bv.y);
+                    }
+                }
             }
         }
     }
@@ -244,23 +293,36 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
             *reinterpret_cast<unsigned*>(ob + (i64)row * q_stride + c) = pack_bf16x2(r2[0], r2[1]);
         }
     }
+}
+
+#define SAGE_MMA_ARGS                                                                                           \
+    const signed char *qc, const signed char *kc, const unsigned char *vt, bf16 *out, int nq, int nk, int nk_pad,  \
+        int heads, int kv_heads, float scale, int causal, const int *valid_len, const float *q_absmax,            \
+        const float *k_absmax, const float *v_mean, const float *v_absmax
+#define SAGE_MMA_PASS \
+    qc, kc, vt, out, nq, nk, nk_pad, heads, kv_heads, scale, causal, valid_len, q_absmax, k_absmax, v_mean, v_absmax
+
+// e4m3 tensor cores need sm_89 or newer: older images hold a trap (the launcher picks the bf16 P·V kernels).
+extern "C" __global__ void __launch_bounds__(128) attention_sage_mma_d64(SAGE_MMA_ARGS) {
+#if __CUDA_ARCH__ >= 890
+    sage_mma<64, true>(SAGE_MMA_PASS);
 #else
-    __trap();  // e4m3 tensor cores need sm_89 or newer: the launcher keeps the row-wise kernel on older images
+    __trap();
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    attention_sage_mma_d64(const signed char* qc, const signed char* kc, const unsigned char* vt, bf16* out, int nq,
-                           int nk, int nk_pad, int heads, int kv_heads, float scale, int causal, const int* valid_len,
-                           const float* q_absmax, const float* k_absmax, const float* v_mean, const float* v_absmax) {
-    sage_mma<64>(qc, kc, vt, out, nq, nk, nk_pad, heads, kv_heads, scale, causal, valid_len, q_absmax, k_absmax, v_mean,
-                 v_absmax);
+extern "C" __global__ void __launch_bounds__(128) attention_sage_mma_d128(SAGE_MMA_ARGS) {
+#if __CUDA_ARCH__ >= 890
+    sage_mma<128, true>(SAGE_MMA_PASS);
+#else
+    __trap();
+#endif
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    attention_sage_mma_d128(const signed char* qc, const signed char* kc, const unsigned char* vt, bf16* out, int nq,
-                            int nk, int nk_pad, int heads, int kv_heads, float scale, int causal, const int* valid_len,
-                            const float* q_absmax, const float* k_absmax, const float* v_mean, const float* v_absmax) {
-    sage_mma<128>(qc, kc, vt, out, nq, nk, nk_pad, heads, kv_heads, scale, causal, valid_len, q_absmax, k_absmax,
-                  v_mean, v_absmax);
+extern "C" __global__ void __launch_bounds__(128) attention_sage_mma_bf16pv_d64(SAGE_MMA_ARGS) {
+    sage_mma<64, false>(SAGE_MMA_PASS);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_sage_mma_bf16pv_d128(SAGE_MMA_ARGS) {
+    sage_mma<128, false>(SAGE_MMA_PASS);
 }

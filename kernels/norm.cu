@@ -44,6 +44,40 @@ extern "C" __global__ void rms_norm_bf16(const bf16* x, const bf16* w, bf16* y, 
     }
 }
 
+// RMSNorm over the head dim then RoPE (the q/k path of attention), one warp per (token, head)
+// row: x [B, L, H, d] with tokens `ld` elements apart and heads d apart (a slice of a fused
+// projection read in place), w [d] or null, cos/sin [L, d/2] f32, out dense [B, L, H, d]. The
+// normed value is rounded to bf16 before the rotation, as rms_norm_bf16 then rope_bf16 do.
+extern "C" __global__ void rms_norm_rope_bf16(const bf16* x, i64 ld, const bf16* w, const float* cos_t,
+                                              const float* sin_t, bf16* out, i64 rows, int L, int H, int d, float eps,
+                                              int interleaved) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;  // a whole warp
+    const int lane = threadIdx.x & 31, half = d / 2;
+    int head, pos;
+    const i64 token = div_rem(row, H, head);
+    div_rem(token, L, pos);
+    const bf16* xr = x + token * ld + (i64)head * d;
+    float ss = 0.f;
+    for (int i = lane; i < d; i += 32) {
+        float v = to_f(xr[i]);
+        ss += v * v;
+    }
+    const float inv = rsqrtf(warp_sum(ss) / d + eps);
+    auto normed = [&](int i) {
+        float n = to_f(xr[i]) * inv;
+        return to_f(to_bf(w ? n * to_f(w[i]) : n));
+    };
+    bf16* orow = out + row * d;
+    for (int m = lane; m < half; m += 32) {
+        int i0 = interleaved ? 2 * m : m, i1 = interleaved ? 2 * m + 1 : m + half;
+        float a = normed(i0), b = normed(i1);
+        float c = cos_t[(i64)pos * half + m], s = sin_t[(i64)pos * half + m];
+        orow[i0] = to_bf(a * c - b * s);
+        orow[i1] = to_bf(b * c + a * s);
+    }
+}
+
 // Partial (sum, sum of squares) of `chunk` elements of group blockIdx.y into stats[2*group],
 // shifted by the group's first element so E[x^2] - E[x]^2 does not cancel catastrophically.
 extern "C" __global__ void group_norm_stats_bf16(const bf16* x, double* stats, i64 group_size, i64 chunk) {

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{AttnMask, Backend, Padding2d};
+use crate::backend::{AttnMask, Backend, Padding2d, RopePairs};
 use crate::dtype::{round_through, DType};
 use crate::error::Result;
 use crate::quant::{quantize, QuantFormat};
@@ -563,6 +563,40 @@ pub fn cases(suite: Suite) -> Vec<Case> {
                 } else {
                     be.rope_half(&t[0], &t[1], &t[2])
                 }
+            }),
+        ));
+    }
+    // rms_norm_rope (the fused q/k path; the reference is rms_norm then rope): dense; the k slice
+    // of a fused [B, L, 3·H·D] projection, read in place; a permuted view (made dense first); no
+    // weight; a head dim of 24 (fewer pairs than lanes). (label, stored shape, view, interleaved, weight)
+    let hd = if small { 64 } else { 128 };
+    let fused_rope: Vec<(&str, Vec<usize>, Vec<usize>, bool, bool)> = vec![
+        ("dense", vec![2, 9, 3, hd], vec![2, 9, 3, hd], true, true),
+        ("k slice", vec![2, 9, 9 * hd], vec![2, 9, 3, hd], true, true),
+        ("permuted", vec![2, 3, 9, 32], vec![2, 9, 3, 32], false, true),
+        ("no weight", vec![1, 7, 4, hd], vec![1, 7, 4, hd], false, false),
+        ("d 24", vec![2, 7, 3, 24], vec![2, 7, 3, 24], true, true),
+    ];
+    for (label, stored, view, interleaved, weight) in fused_rope {
+        let (n, d) = (view[1], view[3]);
+        let mut inputs =
+            vec![act(&stored), Input::Table(vec![n, d / 2], 0.0, 1.0), Input::Table(vec![n, d / 2], 0.0, 1.0)];
+        if weight {
+            inputs.push(act(&[d]));
+        }
+        let pairs = if interleaved { RopePairs::Interleaved } else { RopePairs::Halves };
+        v.push(case(
+            "rms_norm_rope",
+            format!("{label} {view:?} {pairs:?}"),
+            inputs,
+            2.0,
+            Box::new(move |be, t| {
+                let x = match label {
+                    "k slice" => t[0].narrow(2, 3 * d, 3 * d)?.reshape(&view)?,
+                    "permuted" => t[0].permute(&[0, 2, 1, 3])?,
+                    _ => t[0].clone(),
+                };
+                be.rms_norm_rope(&x, t.get(3), 1e-6, &t[1], &t[2], pairs)
             }),
         ));
     }

@@ -58,6 +58,15 @@ impl Padding2d {
     }
 }
 
+/// Which elements RoPE rotates together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopePairs {
+    /// `(x[2m], x[2m+1])`: the FLUX DiT.
+    Interleaved,
+    /// `(x[m], x[m + D/2])`: Qwen's rotate-half.
+    Halves,
+}
+
 pub trait Backend: Send + Sync + std::fmt::Debug {
     fn kind(&self) -> DeviceKind;
 
@@ -184,6 +193,26 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// RoPE on halves `(x[m], x[m + D/2])` (Qwen's rotate-half), same shapes as above.
     fn rope_half(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>;
+
+    /// The q/k path of attention in one op: `rms_norm` over the head dim (optional weight), then
+    /// RoPE on `pairs`, x `[B, N, H, D]` (a strided view such as a slice of a fused projection
+    /// is fine), cos/sin `[N, D/2]`. This composition is the reference; the CUDA backend fuses it.
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_rope(
+        &self,
+        x: &Tensor,
+        weight: Option<&Tensor>,
+        eps: f32,
+        cos: &Tensor,
+        sin: &Tensor,
+        pairs: RopePairs,
+    ) -> Result<Tensor> {
+        let n = self.rms_norm(x, weight, eps)?;
+        match pairs {
+            RopePairs::Interleaved => self.rope_interleaved(&n, cos, sin),
+            RopePairs::Halves => self.rope_half(&n, cos, sin),
+        }
+    }
 
     /// Sinusoidal embedding `[cos(t·f), sin(t·f)]`, `f_j = max_period^(-j / (dim/2))`,
     /// one row per timestep -> `[B, dim]` (diffusers `flip_sin_to_cos=True, shift=0`).

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::backend::{scope, AttnMask, Backend, Padding2d, QuantTensor};
+use crate::backend::{scope, AttnMask, Backend, Padding2d, QuantTensor, RopePairs};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::{DeviceKind, Tensor};
@@ -218,6 +218,21 @@ impl Backend for NanCheckBackend {
             self.inner.rope_interleaved(x, cos, sin),
             &[("x", x), ("cos", cos), ("sin", sin)],
         )
+    }
+
+    fn rms_norm_rope(
+        &self,
+        x: &Tensor,
+        weight: Option<&Tensor>,
+        eps: f32,
+        cos: &Tensor,
+        sin: &Tensor,
+        pairs: RopePairs,
+    ) -> Result<Tensor> {
+        let mut inputs = vec![("x", x), ("cos", cos), ("sin", sin)];
+        inputs.extend(weight.map(|w| ("weight", w)));
+        let out = self.inner.rms_norm_rope(x, weight, eps, cos, sin, pairs);
+        self.checked(&format!("rms_norm_rope(eps={eps}, {pairs:?})"), out, &inputs)
     }
 
     fn rope_half(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {

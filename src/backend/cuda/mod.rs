@@ -20,7 +20,7 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use half::bf16;
 
-use crate::backend::{AttnMask, Backend, Padding2d, QuantTensor};
+use crate::backend::{AttnMask, Backend, Padding2d, QuantTensor, RopePairs};
 use crate::dtype::{decode_to_f32, DType};
 use crate::error::{Error, Result};
 use crate::tensor::{DeviceKind, Storage, Tensor};
@@ -66,6 +66,7 @@ const KERNELS: &[(&str, &[&str])] = &[
         &[
             "layer_norm_bf16",
             "rms_norm_bf16",
+            "rms_norm_rope_bf16",
             "group_norm_stats_bf16",
             "group_norm_finalize_bf16",
             "group_norm_apply_bf16",
@@ -103,7 +104,15 @@ const KERNELS: &[(&str, &[&str])] = &[
     ),
     (
         "attention_sage_mma",
-        &["sage_quantize_int8_bf16", "sage_quantize_vt_e4m3_bf16", "attention_sage_mma_d64", "attention_sage_mma_d128"],
+        &[
+            "sage_quantize_int8_bf16",
+            "sage_quantize_vt_e4m3_bf16",
+            "sage_quantize_vt_e4m3_as_bf16",
+            "attention_sage_mma_d64",
+            "attention_sage_mma_d128",
+            "attention_sage_mma_bf16pv_d64",
+            "attention_sage_mma_bf16pv_d128",
+        ],
     ),
 ];
 
@@ -276,15 +285,16 @@ impl CudaBackend {
                 functions.insert(*name, f);
             }
         }
-        // The flash v2, wide and implicit-GEMM convolution kernels use more than the default 48 KB
-        // of shared memory.
+        // The flash v2, wide, Sage bf16-P·V (d = 128) and implicit-GEMM convolution kernels use
+        // more than the default 48 KB of shared memory.
         let big = [
             ("flash_attention_d64_bf16", attention::flash_smem_bytes(64)),
             ("flash_attention_d128_bf16", attention::flash_smem_bytes(128)),
             (conv::MMA_KERNEL, conv::MMA_MAX_SMEM),
         ]
         .into_iter()
-        .chain(attention::WIDE_KERNELS.iter().map(|&(d, name)| (name, attention::wide_config(d).2)));
+        .chain(attention::WIDE_KERNELS.iter().map(|&(d, name)| (name, attention::wide_config(d).2)))
+        .chain(quantized::sage_mma_big_smem());
         for (name, bytes) in big {
             functions[name]
                 .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
@@ -640,6 +650,18 @@ impl Backend for CudaBackend {
 
     fn rope_half(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         pointwise::rope(self, x, cos, sin, false)
+    }
+
+    fn rms_norm_rope(
+        &self,
+        x: &Tensor,
+        weight: Option<&Tensor>,
+        eps: f32,
+        cos: &Tensor,
+        sin: &Tensor,
+        pairs: RopePairs,
+    ) -> Result<Tensor> {
+        reduce::rms_norm_rope(self, x, weight, eps, cos, sin, pairs)
     }
 
     fn timestep_embedding(&self, t: &[f32], dim: usize, max_period: f32) -> Result<Tensor> {

@@ -1,6 +1,7 @@
 //! Launchers for the 8-bit compute kernels (kernels/quantized.cu; Sage attention v2 on tensor
-//! cores in kernels/attention_sage_mma.cu, on images with e4m3 mma for head dims 64 and 128, the
-//! row-wise kernel elsewhere and as the reference).
+//! cores in kernels/attention_sage_mma.cu for head dims 64 and 128: P·V on e4m3 mma where the
+//! image has it, on bf16 mma with the same products elsewhere; the row-wise kernel for other head
+//! dims and as the reference).
 
 use cudarc::driver::LaunchConfig;
 
@@ -52,10 +53,16 @@ pub(super) fn linear_fp8(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bias: Op
 /// Tokens per block of the Sage K/V statistics (`SAGE_STATS_TOKENS` in kernels/quantized.cu).
 const SAGE_STATS_TOKENS: usize = 256;
 
-/// Dynamic shared memory of attention_sage_mma: the int8 Q tile and two stages of int8 K and e4m3
-/// Vᵀ tiles of 64 tokens, rows padded by 16 bytes.
-pub(super) fn sage_mma_smem_bytes(d: usize) -> usize {
-    64 * (d + 16) + 2 * (64 * (d + 16) + d * 80)
+/// Dynamic shared memory of attention_sage_mma: the int8 Q tile and two stages of int8 K and Vᵀ
+/// tiles of 64 tokens (e4m3 codes, or bf16 values with `e4m3_pv` false), rows padded by 16 bytes.
+pub(super) fn sage_mma_smem_bytes(d: usize, e4m3_pv: bool) -> usize {
+    let v_row = if e4m3_pv { 64 } else { 128 } + 16;
+    64 * (d + 16) + 2 * (64 * (d + 16) + d * v_row)
+}
+
+/// The tensor-core Sage kernels whose shared memory exceeds the default 48 KB, with their need.
+pub(super) fn sage_mma_big_smem() -> [(&'static str, usize); 1] {
+    [("attention_sage_mma_bf16pv_d128", sage_mma_smem_bytes(128, false))]
 }
 
 pub(super) fn attention_sage(
@@ -108,12 +115,15 @@ pub(super) fn attention_sage(
     let (causal, _lens, lp) = super::attention::mask_args(be, mask)?;
     let out = be.output(DType::BF16, &[b, nq, h, d])?;
     let reference = be.dev.reference_attention.load(std::sync::atomic::Ordering::Relaxed);
-    if has_fp8_mma(be.dev.target) && (d == 64 || d == 128) && !reference && h <= 65535 && b <= 65535 && nq > 0 {
-        // v2 (kernels/attention_sage_mma.cu): int8 codes of Q and K, e4m3 codes of Vᵀ, tensor cores.
+    if (d == 64 || d == 128) && !reference && h <= 65535 && b <= 65535 && nq > 0 {
+        // v2 (kernels/attention_sage_mma.cu): int8 codes of Q and K, e4m3 Vᵀ (codes for e4m3 mma,
+        // bf16 values for bf16 mma), tensor cores.
+        let e4m3_pv = has_fp8_mma(be.dev.target);
         let nk_pad = nk.div_ceil(64) * 64;
         let qc = be.output(DType::U8, &[b * nq * h * d])?;
         let kc = be.output(DType::U8, &[b * nk * hkv * d])?;
-        let vt = be.output(DType::U8, &[b * hkv * d * nk_pad])?;
+        let vt_dtype = if e4m3_pv { DType::U8 } else { DType::BF16 };
+        let vt = be.output(vt_dtype, &[b * hkv * d * nk_pad])?;
         let (qcp, kcp, vtp) = (be.ptr(&qc)?, be.ptr(&kc)?, be.ptr(&vt)?);
         let quantize = |total: usize| super::grid_1d(total);
         let (tq, tk, tv) = (b * nq * h * d, b * nk * hkv * d, b * hkv * d * nk_pad);
@@ -122,7 +132,7 @@ pub(super) fn attention_sage(
         launch!(be.dev, "sage_quantize_int8_bf16", quantize(tk), kp, kmp, kap, kcp, nk32, hkv as i32, d32, tk as i64)?;
         launch!(
             be.dev,
-            "sage_quantize_vt_e4m3_bf16",
+            if e4m3_pv { "sage_quantize_vt_e4m3_bf16" } else { "sage_quantize_vt_e4m3_as_bf16" },
             quantize(tv),
             vp,
             vmp,
@@ -137,9 +147,14 @@ pub(super) fn attention_sage(
         let cfg = LaunchConfig {
             grid_dim: (nq.div_ceil(64) as u32, h as u32, b as u32),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: sage_mma_smem_bytes(d) as u32,
+            shared_mem_bytes: sage_mma_smem_bytes(d, e4m3_pv) as u32,
         };
-        let name = if d == 64 { "attention_sage_mma_d64" } else { "attention_sage_mma_d128" };
+        let name = match (e4m3_pv, d) {
+            (true, 64) => "attention_sage_mma_d64",
+            (true, _) => "attention_sage_mma_d128",
+            (false, 64) => "attention_sage_mma_bf16pv_d64",
+            (false, _) => "attention_sage_mma_bf16pv_d128",
+        };
         launch!(
             be.dev,
             name,

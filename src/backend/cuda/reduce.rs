@@ -3,7 +3,7 @@
 use cudarc::driver::LaunchConfig;
 
 use super::{grid_1d, launch, CudaBackend};
-use crate::backend::check;
+use crate::backend::{check, RopePairs};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -53,6 +53,68 @@ pub(super) fn rms_norm(be: &CudaBackend, x: &Tensor, weight: Option<&Tensor>, ep
     let out = be.output(DType::BF16, x.shape())?;
     launch!(be.dev, "rms_norm_bf16", per_row("rms_norm", x.rows(), c)?, xp, wp, be.ptr(&out)?, c as i32, eps)?;
     Ok(out)
+}
+
+/// `rms_norm` then RoPE in one kernel (`rms_norm_rope_bf16`), reading x in place when its heads
+/// are contiguous rows of d and its tokens evenly spaced (a q/k slice of a fused projection);
+/// other layouts are made dense first.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rms_norm_rope(
+    be: &CudaBackend,
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    eps: f32,
+    cos: &Tensor,
+    sin: &Tensor,
+    pairs: RopePairs,
+) -> Result<Tensor> {
+    check::rope("rms_norm_rope", x, cos, sin)?;
+    check::rms_weight(x, weight)?;
+    let (b, l, h, d) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let rows = b * l * h;
+    if [l, h, d, rows.div_ceil(8)].iter().any(|&n| n > i32::MAX as usize) {
+        return Err(Error::shape("rms_norm_rope", format!("{:?} exceeds the kernel's 32-bit grid", x.shape())));
+    }
+    let (x, ld) = match token_stride(x) {
+        Some(ld) if x.dtype() == DType::BF16 => (x.clone(), ld),
+        _ => (be.bf16_arg(x, "rms_norm_rope")?.0, h * d),
+    };
+    let xp = be.ptr(&x)?;
+    let w = weight.map(|w| be.bf16_arg(w, "rms_norm_rope")).transpose()?;
+    let wp = w.as_ref().map_or(0, |(_, p)| *p);
+    let (_c, cp) = be.f32_arg(cos, "rms_norm_rope")?;
+    let (_s, sp) = be.f32_arg(sin, "rms_norm_rope")?;
+    let out = be.output(DType::BF16, &[b, l, h, d])?;
+    let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let interleaved = (pairs == RopePairs::Interleaved) as i32;
+    launch!(
+        be.dev,
+        "rms_norm_rope_bf16",
+        cfg,
+        xp,
+        ld as i64,
+        wp,
+        cp,
+        sp,
+        be.ptr(&out)?,
+        rows as i64,
+        l as i32,
+        h as i32,
+        d as i32,
+        eps,
+        interleaved
+    )?;
+    Ok(out)
+}
+
+/// Token stride (elements) of `[B, L, H, d]` whose d is contiguous, heads d apart and tokens
+/// evenly spaced across B and L; None otherwise.
+fn token_stride(x: &Tensor) -> Option<usize> {
+    let (s, d) = (x.strides(), x.dim(3));
+    let (b, l, h) = (x.dim(0), x.dim(1), x.dim(2));
+    let inner = (s[3] == 1 || d == 1) && (s[2] == d || h == 1);
+    let ld = if l > 1 { s[1] } else if b > 1 { s[0] } else { h * d };
+    (inner && (b == 1 || l == 1 || s[0] == ld * l)).then_some(ld)
 }
 
 pub(super) fn group_norm(

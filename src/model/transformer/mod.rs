@@ -12,7 +12,7 @@ use self::config::TransformerConfig;
 use self::layout::{Layout, TransformerWeights};
 use super::linear::Linear;
 use super::rope::{flux_tables, PositionIds};
-use crate::backend::{scope, AttnMask, Backend};
+use crate::backend::{scope, AttnMask, Backend, RopePairs};
 use crate::dtype::{round_through, DType};
 use crate::error::{Error, Result};
 use crate::lora::runtime::LowRank;
@@ -756,12 +756,13 @@ impl Flux2Transformer {
         let a_txt = be.layer_norm_modulate(txt, csh1, csc1, eps)?;
         let [qi, ki, vi] = self.split_qkv(&blk.img_qkv.forward(be, &a_img)?)?;
         let [qt, kt, vt] = self.split_qkv(&blk.txt_qkv.forward(be, &a_txt)?)?;
-        let qi = be.rms_norm(&qi, Some(&blk.norm_q), eps)?;
-        let ki = be.rms_norm(&ki, Some(&blk.norm_k), eps)?;
-        let qt = be.rms_norm(&qt, Some(&blk.norm_added_q), eps)?;
-        let kt = be.rms_norm(&kt, Some(&blk.norm_added_k), eps)?;
-        let q = rope.apply(be, &be.concat(&[&qt, &qi], 1)?)?;
-        let k = rope.apply(be, &be.concat(&[&kt, &ki], 1)?)?;
+        // The tables cover [txt | img]: text rows first, image rows from `lt`.
+        let qt = rope.norm_apply(be, &qt, &blk.norm_added_q, eps, 0)?;
+        let qi = rope.norm_apply(be, &qi, &blk.norm_q, eps, lt)?;
+        let kt = rope.norm_apply(be, &kt, &blk.norm_added_k, eps, 0)?;
+        let ki = rope.norm_apply(be, &ki, &blk.norm_k, eps, lt)?;
+        let q = be.concat(&[&qt, &qi], 1)?;
+        let k = be.concat(&[&kt, &ki], 1)?;
         let v = be.concat(&[&vt, &vi], 1)?;
 
         let (o, ref_out, kept) = match reference {
@@ -771,8 +772,8 @@ impl Flux2Transformer {
                 let [rsh2, rsc2, rg2] = &mods.sets[1];
                 let a_ref = be.layer_norm_modulate(r, rsh1, rsc1, eps)?;
                 let [qr, kr, vr] = self.split_qkv(&blk.img_qkv.forward(be, &a_ref)?)?;
-                let qr = ref_rope.apply(be, &be.rms_norm(&qr, Some(&blk.norm_q), eps)?)?;
-                let kr = ref_rope.apply(be, &be.rms_norm(&kr, Some(&blk.norm_k), eps)?)?;
+                let qr = ref_rope.norm_apply(be, &qr, &blk.norm_q, eps, 0)?;
+                let kr = ref_rope.norm_apply(be, &kr, &blk.norm_k, eps, 0)?;
                 let vr = be.contiguous(&vr)?;
                 let o = self.attend(&q, &self.with_ref(&k, &kr, lt)?, &self.with_ref(&v, &vr, lt)?)?;
                 let o_ref = self.attend(&qr, &kr, &vr)?.reshape(&[b, lr, d])?;
@@ -817,8 +818,8 @@ impl Flux2Transformer {
         let a = be.layer_norm_modulate(h, shift, scale, eps)?;
         let y = blk.qkv_mlp.forward(be, &a)?;
         let [q, k, v] = self.split_qkv(&y)?;
-        let q = rope.apply(be, &be.rms_norm(&q, Some(&blk.norm_q), eps)?)?;
-        let k = rope.apply(be, &be.rms_norm(&k, Some(&blk.norm_k), eps)?)?;
+        let q = rope.norm_apply(be, &q, &blk.norm_q, eps, 0)?;
+        let k = rope.norm_apply(be, &k, &blk.norm_k, eps, 0)?;
         let (o, ref_out, kept) = match reference {
             RefStream::Tokens { x: r, mods, rope: ref_rope } => {
                 let lr = r.dim(1);
@@ -826,8 +827,8 @@ impl Flux2Transformer {
                 let a_ref = be.layer_norm_modulate(r, rshift, rscale, eps)?;
                 let y_ref = blk.qkv_mlp.forward(be, &a_ref)?;
                 let [qr, kr, vr] = self.split_qkv(&y_ref)?;
-                let qr = ref_rope.apply(be, &be.rms_norm(&qr, Some(&blk.norm_q), eps)?)?;
-                let kr = ref_rope.apply(be, &be.rms_norm(&kr, Some(&blk.norm_k), eps)?)?;
+                let qr = ref_rope.norm_apply(be, &qr, &blk.norm_q, eps, 0)?;
+                let kr = ref_rope.norm_apply(be, &kr, &blk.norm_k, eps, 0)?;
                 let vr = be.contiguous(&vr)?;
                 let o = self.attend(&q, &self.with_ref(&k, &kr, lt)?, &self.with_ref(&v, &vr, lt)?)?;
                 let o_ref = self.attend(&qr, &kr, &vr)?.reshape(&[b, lr, d])?;
@@ -977,8 +978,11 @@ struct Rope<'a> {
 }
 
 impl Rope<'_> {
-    fn apply(&self, be: &dyn Backend, x: &Tensor) -> Result<Tensor> {
-        be.rope_interleaved(x, self.cos, self.sin)
+    /// RMSNorm of q or k `[B, L, H, D]` with `weight`, then RoPE with the table rows of its L
+    /// tokens, which start at row `start` of the joint sequence's tables.
+    fn norm_apply(&self, be: &dyn Backend, x: &Tensor, weight: &Tensor, eps: f32, start: usize) -> Result<Tensor> {
+        let (cos, sin) = (self.cos.narrow(0, start, x.dim(1))?, self.sin.narrow(0, start, x.dim(1))?);
+        be.rms_norm_rope(x, Some(weight), eps, &cos, &sin, RopePairs::Interleaved)
     }
 }
 
