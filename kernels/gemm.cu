@@ -198,6 +198,28 @@ extern "C" __global__ void __launch_bounds__(256)
                    [&](i64 m, i64 n, float v) { C[m * ldc + n] = to_bf(v + bias_at(bias, bias_mode, m, n)); });
 }
 
+// The gated residual of the DiT fused into the GEMM's epilogue (the CPU reference is linear then
+// gated_add): C[m, n] = X[m, n] + gate[m / L, n] · y, y = (A · Wᵀ + bias)[m, n] rounded to bf16 as the
+// linear's output would be. A [M, K] are the B·L token rows, X and C dense [M, N], gate rows `gs`
+// apart. Saves gated_add's read of the GEMM output and its write-back. Same requirements as
+// gemm_mma_bf16.
+extern "C" __global__ void __launch_bounds__(256)
+    gemm_mma_gated_bf16(const bf16* __restrict__ A, const bf16* __restrict__ W, const bf16* __restrict__ bias,
+                        const bf16* __restrict__ X, const bf16* __restrict__ gate, i64 gs, int L,
+                        bf16* __restrict__ C, int M, int N, int K) {
+    __shared__ __align__(16) MmaTileSmem smem;
+    const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
+    float acc[4][4][4];
+    mma_tile_128x128<mma_bf16_16816>(smem, reinterpret_cast<const unsigned char*>(A),
+                                     reinterpret_cast<const unsigned char*>(W), M, N, (i64)K * 2, m0, n0, acc);
+    mma_tile_store(acc, m0, n0, M, N, [&](i64 m, i64 n, float v) {
+        int token;
+        const i64 b = div_rem(m, L, token);
+        float y = to_f(to_bf(v + (bias ? to_f(bias[n]) : 0.f)));
+        C[m * N + n] = to_bf(to_f(X[m * N + n]) + to_f(gate[b * gs + n]) * y);
+    });
+}
+
 // Columns for conv-as-GEMM: col[p][k] for output pixels p0..p0+np of one image, k = (ci, ky, kx).
 // x [Cin, H, W]; zero padding (top pad_t, left pad_l; bottom/right implied by the output size).
 extern "C" __global__ void im2col_bf16(const bf16* x, bf16* col, int cin, int h, int w, int kh, int kw, int stride,

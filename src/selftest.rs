@@ -447,6 +447,34 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             Box::new(|be, t| be.gated_add(&t[0], &t[1], &t[2])),
         ));
     }
+    // linear_gated_add (the residual in the GEMM's epilogue): ragged 128-tiles, the gate a strided
+    // chunk of a [B, 6N] modulation tensor as the DiT passes it, a bias; K = 13 takes the
+    // composition (gemm_tiled, then gated_add). (B, L, K, N, bias)
+    let gated: &[(usize, usize, usize, usize, bool)] = match suite {
+        Suite::Full => &[(1, 300, 3072, 3072, false), (2, 33, 64, 96, true), (2, 5, 13, 24, false)],
+        Suite::Small => &[(2, 70, 72, 136, false), (2, 33, 64, 96, true), (2, 5, 13, 24, false)],
+    };
+    for &(b, l, k, n, bias) in gated {
+        let mut inputs = vec![
+            act(&[b, l, n]),
+            act(&[b, 6 * n]),
+            act(&[b, l, k]),
+            Input::Act(vec![n, k], 1.0 / (k as f32).sqrt()),
+        ];
+        if bias {
+            inputs.push(act(&[n]));
+        }
+        v.push(case(
+            "linear_gated_add",
+            format!("[{b}, {l}, {k}] · [{n}, {k}]ᵀ{}", if bias { " +bias" } else { "" }),
+            inputs,
+            3.0,
+            Box::new(move |be, t| {
+                let gate = t[1].narrow(1, 2 * n, n)?;
+                be.linear_gated_add(&t[0], &gate, &t[2], &t[3], t.get(4))
+            }),
+        ));
+    }
     // Modulation vectors as strided chunks of one [B, 6C] tensor, as the DiT produces them.
     v.push(case(
         "layer_norm_modulate",

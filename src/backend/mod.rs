@@ -179,6 +179,19 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Gated residual `x + gate * y`, x/y `[B, L, C]`, gate `[B, C]`.
     fn gated_add(&self, x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor>;
 
+    /// The gated residual of a linear: `x + gate * linear(a, w, bias)`, a `[B, L, K]`, x `[B, L, N]`.
+    /// This composition is the reference; the CUDA backend fuses it into the GEMM's epilogue.
+    fn linear_gated_add(
+        &self,
+        x: &Tensor,
+        gate: &Tensor,
+        a: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.gated_add(x, gate, &self.linear(a, w, bias)?)
+    }
+
     /// Per-channel affine of NCHW `x`: `x * mul[c] + add[c]` (the latent BatchNorm and its inverse).
     fn channel_affine(&self, x: &Tensor, mul: &Tensor, add: &Tensor) -> Result<Tensor>;
 

@@ -200,6 +200,19 @@ impl Backend for NanCheckBackend {
         self.checked(&format!("axpby(a={a}, b={b})"), self.inner.axpby(a, x, b, y), &[("x", x), ("y", y)])
     }
 
+    fn linear_gated_add(
+        &self,
+        x: &Tensor,
+        gate: &Tensor,
+        a: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let mut inputs = vec![("x", x), ("gate", gate), ("a", a), ("w", w)];
+        inputs.extend(bias.map(|b| ("bias", b)));
+        self.checked("linear_gated_add", self.inner.linear_gated_add(x, gate, a, w, bias), &inputs)
+    }
+
     fn gated_add(&self, x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
         self.checked("gated_add", self.inner.gated_add(x, gate, y), &[("x", x), ("gate", gate), ("y", y)])
     }

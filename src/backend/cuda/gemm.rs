@@ -62,9 +62,7 @@ pub(super) fn tiled_16x16(op: &'static str, m: usize, n: usize) -> Result<Launch
 
 /// The `[.., N]` bf16 output of a linear with input `x` `[.., K]`.
 pub(super) fn linear_output(be: &CudaBackend, x: &Tensor, n: usize) -> Result<Tensor> {
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().unwrap() = n;
-    be.output(DType::BF16, &shape)
+    be.output(DType::BF16, &linear_output_shape(x, n))
 }
 
 pub(super) fn linear(be: &CudaBackend, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -76,6 +74,54 @@ pub(super) fn linear(be: &CudaBackend, x: &Tensor, w: &Tensor, bias: Option<&Ten
     let bias = b.as_ref().map_or(Bias::None, |(_, p)| Bias::PerColumn(*p));
     gemm(be, xp, wp, bias, be.ptr(&out)?, m, n, k, n)?;
     Ok(out)
+}
+
+/// `x + gate · linear(a, w, bias)` with the gated residual in the tensor-core GEMM's epilogue
+/// (`gemm_mma_gated_bf16`); the composition where that kernel does not apply (K % 8 != 0,
+/// unaligned operands).
+pub(super) fn linear_gated_add(
+    be: &CudaBackend,
+    x: &Tensor,
+    gate: &Tensor,
+    a: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (m, k, n) = check::linear(a, w, bias)?;
+    if x.shape() != linear_output_shape(a, n).as_slice() {
+        return Err(Error::shape("linear_gated_add", format!("residual {:?} for a linear of {:?} -> {n}", x.shape(), a.shape())));
+    }
+    check::per_sample("linear_gated_add", x, gate)?;
+    let (_a, ap) = be.bf16_arg(a, "linear_gated_add")?;
+    let (_w, wp) = be.bf16_arg(w, "linear_gated_add")?;
+    let (_x, xp) = be.bf16_arg(x, "linear_gated_add")?;
+    let (_g, gp, gs) = be.vec_arg(gate, "linear_gated_add")?;
+    let fused = k % 8 == 0 && ap % 16 == 0 && wp % 16 == 0 && m.div_ceil(128) <= 65535 && x.dim(1) <= i32::MAX as usize;
+    if !fused {
+        let y = linear(be, a, w, bias)?;
+        return super::pointwise::gated_add(be, x, gate, &y);
+    }
+    let b = bias.map(|b| be.bf16_arg(b, "linear_gated_add")).transpose()?;
+    let bp = b.as_ref().map_or(0, |(_, p)| *p);
+    let out = be.output(DType::BF16, x.shape())?;
+    if m == 0 || n == 0 {
+        return Ok(out);
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (l, op) = (x.dim(1) as i32, be.ptr(&out)?);
+    launch!(be.dev, "gemm_mma_gated_bf16", cfg, ap, wp, bp, xp, gp, gs, l, op, m as i32, n as i32, k as i32)?;
+    Ok(out)
+}
+
+/// The output shape of a linear of `x` `[.., K]` to `n` features.
+fn linear_output_shape(x: &Tensor, n: usize) -> Vec<usize> {
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    shape
 }
 
 /// `x · dequant(w)ᵀ (+ bias)` with the weight-only quantized kernels (codes dequantized into shared

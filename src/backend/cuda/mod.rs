@@ -73,7 +73,17 @@ const KERNELS: &[(&str, &[&str])] = &[
         ],
     ),
     ("health", &["nonfinite_check_b16", "nonfinite_check_b32"]),
-    ("gemm", &["gemm_tiled_bf16", "gemm_mma_bf16", "gemm_wq_tiled_bf16", "gemm_wq_mma_bf16", "im2col_bf16"]),
+    (
+        "gemm",
+        &[
+            "gemm_tiled_bf16",
+            "gemm_mma_bf16",
+            "gemm_mma_gated_bf16",
+            "gemm_wq_tiled_bf16",
+            "gemm_wq_mma_bf16",
+            "im2col_bf16",
+        ],
+    ),
     ("conv", &["conv_pack_weight_bf16", conv::MMA_KERNEL]),
     ("attention", &["attention_rowwise_bf16", "flash_attention_d64_bf16", "flash_attention_d128_bf16"]),
     (
@@ -551,6 +561,17 @@ impl Backend for CudaBackend {
 
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         gemm::linear(self, x, w, bias)
+    }
+
+    fn linear_gated_add(
+        &self,
+        x: &Tensor,
+        gate: &Tensor,
+        a: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        gemm::linear_gated_add(self, x, gate, a, w, bias)
     }
 
     fn load_quantized(&self, q: &crate::quant::Quantized) -> Result<QuantTensor> {

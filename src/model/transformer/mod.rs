@@ -143,6 +143,15 @@ impl Proj {
             None => Ok(y),
         }
     }
+
+    /// The gated residual `residual + gate · forward(x)`: one fused op for a dense weight without
+    /// run-time adapters, else the two steps.
+    fn forward_gated(&self, be: &dyn Backend, x: &Tensor, residual: &Tensor, gate: &Tensor) -> Result<Tensor> {
+        match (&self.w, &self.lora) {
+            (Linear::Dense(w), None) => be.linear_gated_add(residual, gate, x, w, None),
+            _ => be.gated_add(residual, gate, &self.forward(be, x)?),
+        }
+    }
 }
 
 /// The run-time adapters of the row-wise concatenation `names` (each `shape`).
@@ -777,9 +786,9 @@ impl Flux2Transformer {
                 let vr = be.contiguous(&vr)?;
                 let o = self.attend(&q, &self.with_ref(&k, &kr, lt)?, &self.with_ref(&v, &vr, lt)?)?;
                 let o_ref = self.attend(&qr, &kr, &vr)?.reshape(&[b, lr, d])?;
-                let r = be.gated_add(r, rg1, &blk.to_out.forward(be, &o_ref)?)?;
-                let ff = self.feed_forward(&be.layer_norm_modulate(&r, rsh2, rsc2, eps)?, &blk.ff_in, &blk.ff_out)?;
-                let r = be.gated_add(&r, rg2, &ff)?;
+                let r = blk.to_out.forward_gated(be, &o_ref, r, rg1)?;
+                let a = be.layer_norm_modulate(&r, rsh2, rsc2, eps)?;
+                let r = self.feed_forward_gated(&a, &blk.ff_in, &blk.ff_out, &r, rg2)?;
                 (o, Some(r), Some((kr, vr)))
             }
             RefStream::Cached((kr, vr)) => {
@@ -790,13 +799,13 @@ impl Flux2Transformer {
         let o = o.reshape(&[b, lt + li, d])?;
         let (o_txt, o_img) = (o.narrow(1, 0, lt)?, o.narrow(1, lt, li)?);
 
-        let img = be.gated_add(img, g1, &blk.to_out.forward(be, &o_img)?)?;
-        let ff = self.feed_forward(&be.layer_norm_modulate(&img, sh2, sc2, eps)?, &blk.ff_in, &blk.ff_out)?;
-        let img = be.gated_add(&img, g2, &ff)?;
+        let img = blk.to_out.forward_gated(be, &o_img, img, g1)?;
+        let a = be.layer_norm_modulate(&img, sh2, sc2, eps)?;
+        let img = self.feed_forward_gated(&a, &blk.ff_in, &blk.ff_out, &img, g2)?;
 
-        let txt = be.gated_add(txt, cg1, &blk.to_add_out.forward(be, &o_txt)?)?;
-        let ff = self.feed_forward(&be.layer_norm_modulate(&txt, csh2, csc2, eps)?, &blk.ff_ctx_in, &blk.ff_ctx_out)?;
-        let txt = be.gated_add(&txt, cg2, &ff)?;
+        let txt = blk.to_add_out.forward_gated(be, &o_txt, txt, cg1)?;
+        let a = be.layer_norm_modulate(&txt, csh2, csc2, eps)?;
+        let txt = self.feed_forward_gated(&a, &blk.ff_ctx_in, &blk.ff_ctx_out, &txt, cg2)?;
         Ok((img, txt, ref_out, kept))
     }
 
@@ -833,8 +842,8 @@ impl Flux2Transformer {
                 let o = self.attend(&q, &self.with_ref(&k, &kr, lt)?, &self.with_ref(&v, &vr, lt)?)?;
                 let o_ref = self.attend(&qr, &kr, &vr)?.reshape(&[b, lr, d])?;
                 let act = be.swiglu(&y_ref.narrow(2, 3 * d, 2 * m)?)?;
-                let out = blk.to_out.forward(be, &be.concat(&[&o_ref, &act], 2)?)?;
-                (o, Some(be.gated_add(r, rgate, &out)?), Some((kr, vr)))
+                let r = blk.to_out.forward_gated(be, &be.concat(&[&o_ref, &act], 2)?, r, rgate)?;
+                (o, Some(r), Some((kr, vr)))
             }
             RefStream::Cached((kr, vr)) => {
                 (self.attend(&q, &self.with_ref(&k, kr, lt)?, &self.with_ref(&v, vr, lt)?)?, None, None)
@@ -843,8 +852,8 @@ impl Flux2Transformer {
         };
         let o = o.reshape(&[b, n, d])?;
         let act = be.swiglu(&y.narrow(2, 3 * d, 2 * m)?)?;
-        let out = blk.to_out.forward(be, &be.concat(&[&o, &act], 2)?)?;
-        Ok((be.gated_add(h, gate, &out)?, ref_out, kept))
+        let h = blk.to_out.forward_gated(be, &be.concat(&[&o, &act], 2)?, h, gate)?;
+        Ok((h, ref_out, kept))
     }
 
     /// RoPE tables for the joint sequence (text first, then image), kept on the device while
@@ -937,9 +946,10 @@ impl Flux2Transformer {
         self.compute.attention = attention;
     }
 
-    fn feed_forward(&self, x: &Tensor, w_in: &Proj, w_out: &Proj) -> Result<Tensor> {
+    /// `residual + gate · FF(x)`, FF the SwiGLU feed-forward.
+    fn feed_forward_gated(&self, x: &Tensor, w_in: &Proj, w_out: &Proj, residual: &Tensor, gate: &Tensor) -> Result<Tensor> {
         let be = &*self.be;
-        w_out.forward(be, &be.swiglu(&w_in.forward(be, x)?)?)
+        w_out.forward_gated(be, &be.swiglu(&w_in.forward(be, x)?)?, residual, gate)
     }
 
     /// Views q, k, v `[B, L, H, hd]` of a fused `[B, L, 3D(+…)]` projection.
