@@ -455,12 +455,8 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         Suite::Small => &[(2, 70, 72, 136, false), (2, 33, 64, 96, true), (2, 5, 13, 24, false)],
     };
     for &(b, l, k, n, bias) in gated {
-        let mut inputs = vec![
-            act(&[b, l, n]),
-            act(&[b, 6 * n]),
-            act(&[b, l, k]),
-            Input::Act(vec![n, k], 1.0 / (k as f32).sqrt()),
-        ];
+        let mut inputs =
+            vec![act(&[b, l, n]), act(&[b, 6 * n]), act(&[b, l, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
         if bias {
             inputs.push(act(&[n]));
         }

@@ -183,3 +183,27 @@ fn plan_refuses_the_sizes_generate_refuses() {
     let (ok, _, err) = run_cli(&plan("1024"));
     assert!(ok, "{err}");
 }
+
+#[test]
+fn profile_attention_reports_accuracy_on_dit_like_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("attention.json");
+    let args = ["profile", "attention", "--device", "cpu", "--seq", "96", "--heads", "2", "--dim", "64", "--reps", "1"];
+    let mut with_json = args.to_vec();
+    with_json.extend(["--json", json.to_str().unwrap()]);
+    let (ok, out, err) = run_cli(&with_json);
+    assert!(ok, "{err}");
+    assert!(out.contains("Dit inputs"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["inputs"], "dit");
+    let rows = v["results"].as_array().unwrap();
+    let path = |name: &str| rows.iter().find(|r| r["path"] == name).unwrap_or_else(|| panic!("no {name} row: {v}"));
+    // The CPU's exact path is the f32 reference itself; Sage's 8-bit error stays within its gate.
+    assert!(path("exact")["cosine"].as_f64().unwrap() > 0.999_999);
+    let sage = path("sage")["cosine"].as_f64().unwrap();
+    assert!(sage > 0.99 && sage < 1.0, "sage cosine {sage}");
+    let (ok, out, err) = run_cli(&[&args[..], &["--inputs", "gaussian"]].concat());
+    assert!(ok && out.contains("Gaussian inputs"), "{out}{err}");
+    let (ok, _, err) = run_cli(&[&args[..], &["--inputs", "uniform"]].concat());
+    assert!(!ok && err.contains("uniform"), "{err}");
+}

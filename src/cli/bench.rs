@@ -177,7 +177,52 @@ fn bench_attention(be: &dyn Backend, args: &BenchArgs) -> Result<Vec<serde_json:
     let cfg = transformer_config(args.shapes);
     let m = pixels_per_token();
     let n = MAX_TOKENS + (args.width / m) * (args.height / m);
-    profile_attention(be, n, cfg.num_attention_heads, cfg.attention_head_dim, args.reps, false)
+    profile_attention(
+        be,
+        n,
+        cfg.num_attention_heads,
+        cfg.attention_head_dim,
+        args.reps,
+        false,
+        AttentionInputs::Gaussian,
+    )
+}
+
+/// What `flux2 profile attention` feeds the kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttentionInputs {
+    /// q and k as a DiT makes them: each head vector RMS-normalised, then scaled by a norm weight
+    /// with a few outlier channels (8×); k also carries a per-channel offset shared by all tokens
+    /// (what Sage's smoothing removes). v Gaussian.
+    Dit,
+    /// Independent N(0, 1) q, k, v.
+    Gaussian,
+}
+
+/// q, k or v `[1, seq, heads, dim]` drawn as `inputs` says.
+fn attention_input(be: &dyn Backend, name: &str, shape: [usize; 4], inputs: AttentionInputs) -> Result<Tensor> {
+    let [_, seq, heads, dim] = shape;
+    if inputs == AttentionInputs::Gaussian || name == "v" {
+        return random(be, name, &shape, 1.0);
+    }
+    let z = crate::rng::normal_vec(5, name, seq * heads * dim);
+    let per_channel = |what: &str| crate::rng::normal_vec(7, &format!("{name}.{what}"), heads * dim);
+    let (gain, offset) = (per_channel("gain"), per_channel("offset"));
+    // ~3% outlier channels at 8×, the rest 1 ± 0.2; k offsets N(0, 0.5²).
+    let weight: Vec<f32> =
+        gain.iter().enumerate().map(|(i, g)| if (i * 2654435761) % 97 < 3 { 8.0 } else { 1.0 + 0.2 * g }).collect();
+    let shift: Vec<f32> = offset.iter().map(|o| if name == "k" { 0.5 * o } else { 0.0 }).collect();
+    let mut x = vec![0.0f32; z.len()];
+    for (row, out) in x.chunks_mut(dim).enumerate() {
+        let h = row % heads;
+        let src = &z[row * dim..(row + 1) * dim];
+        let shifted: Vec<f32> = src.iter().zip(&shift[h * dim..(h + 1) * dim]).map(|(a, b)| a + b).collect();
+        let rms = (shifted.iter().map(|v| v * v).sum::<f32>() / dim as f32 + 1e-6).sqrt();
+        for ((o, v), w) in out.iter_mut().zip(&shifted).zip(&weight[h * dim..(h + 1) * dim]) {
+            *o = v / rms * w;
+        }
+    }
+    be.upload(&Tensor::from_f32(x, &shape)?, be.activation_dtype())
 }
 
 /// Time every attention path at (seq, heads, dim); with `accuracy`, compare each with f32 on the
@@ -189,10 +234,12 @@ pub fn profile_attention(
     dim: usize,
     reps: usize,
     accuracy: bool,
+    inputs: AttentionInputs,
 ) -> Result<Vec<serde_json::Value>> {
-    let q = random(be, "q", &[1, seq, heads, dim], 1.0)?;
-    let k = random(be, "k", &[1, seq, heads, dim], 1.0)?;
-    let v = random(be, "v", &[1, seq, heads, dim], 1.0)?;
+    let shape = [1, seq, heads, dim];
+    let q = attention_input(be, "q", shape, inputs)?;
+    let k = attention_input(be, "k", shape, inputs)?;
+    let v = attention_input(be, "v", shape, inputs)?;
     let scale = 1.0 / (dim as f32).sqrt();
     let ops = 4.0 * (seq as f64).powi(2) * dim as f64 * heads as f64;
     let reference = if accuracy {
@@ -202,7 +249,7 @@ pub fn profile_attention(
     } else {
         None
     };
-    println!("attention N={seq} H={heads} D={dim}");
+    println!("attention N={seq} H={heads} D={dim}, {inputs:?} inputs");
     println!("{:<10} {:>10} {:>10} {:>10} {:>10}", "path", "ms", "TOPS", "cosine", "rel L1");
     let mut rows = Vec::new();
     // "exact-ref" / "sage-ref": the CUDA backend's previous kernels (flash v2, row-wise for wide heads,
@@ -395,6 +442,9 @@ pub struct ProfileArgs {
     pub reps: usize,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// The q/k/v generator: dit (RMS-normed q/k with outlier channels, k offsets) or gaussian.
+    #[arg(long, value_enum, default_value_t = AttentionInputs::Dit)]
+    pub inputs: AttentionInputs,
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -405,9 +455,10 @@ pub fn run_profile(args: &ProfileArgs) -> Result<()> {
     }
     let be = device::select(args.device)?;
     println!("device: {}", be.name());
-    let rows = profile_attention(&*be, args.seq, args.heads, args.dim, args.reps, true)?;
+    let rows = profile_attention(&*be, args.seq, args.heads, args.dim, args.reps, true, args.inputs)?;
     if let Some(path) = &args.json {
-        let report = json!({"device": be.name(), "results": rows});
+        let inputs = format!("{:?}", args.inputs).to_lowercase();
+        let report = json!({"device": be.name(), "inputs": inputs, "results": rows});
         crate::output_file::write_bytes(path, serde_json::to_string_pretty(&report).unwrap().as_bytes())?;
     }
     Ok(())

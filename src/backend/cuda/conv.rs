@@ -50,7 +50,8 @@ pub(super) fn conv2d(
     if b * cout * ho * wo == 0 {
         return Ok(out);
     }
-    let geometry = Geometry { x: xp, w: wptr, bias: bias.as_ref().map(|(_, p)| *p), x_shape: x.shape(), w_shape: w.shape() };
+    let geometry =
+        Geometry { x: xp, w: wptr, bias: bias.as_ref().map(|(_, p)| *p), x_shape: x.shape(), w_shape: w.shape() };
     let smem = mma_smem_bytes(kh, kw, stride);
     let tiles = ho.div_ceil(TILE_ROWS) * wo.div_ceil(TILE_COLS);
     if smem <= MMA_MAX_SMEM && tiles <= i32::MAX as usize && b <= 65535 {
@@ -89,7 +90,17 @@ fn implicit_gemm(
     let packed = be.output(DType::BF16, &[cout, taps, cin_pad])?;
     let pp = be.ptr(&packed)?;
     let (cout32, cin32, taps32, cin_pad32) = (cout as i32, cin as i32, taps as i32, cin_pad as i32);
-    launch!(be.dev, "conv_pack_weight_bf16", grid_1d(cout * taps * cin_pad), g.w, pp, cout32, cin32, taps32, cin_pad32)?;
+    launch!(
+        be.dev,
+        "conv_pack_weight_bf16",
+        grid_1d(cout * taps * cin_pad),
+        g.w,
+        pp,
+        cout32,
+        cin32,
+        taps32,
+        cin_pad32
+    )?;
     let cfg = LaunchConfig {
         grid_dim: (tiles as u32, cout.div_ceil(TILE_CHANNELS) as u32, b as u32),
         block_dim: (256, 1, 1),

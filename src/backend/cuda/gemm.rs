@@ -29,7 +29,17 @@ impl Bias {
 /// C[m, n] (leading dimension ldc) = Σ_k A[m, k] · W[n, k] + bias, all bf16, f32 accumulation.
 /// The tensor-core kernel needs K % 8 == 0 and 16-byte aligned operands; otherwise the tiled one.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn gemm(be: &CudaBackend, a: u64, w: u64, bias: Bias, c: u64, m: usize, n: usize, k: usize, ldc: usize) -> Result<()> {
+pub(super) fn gemm(
+    be: &CudaBackend,
+    a: u64,
+    w: u64,
+    bias: Bias,
+    c: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    ldc: usize,
+) -> Result<()> {
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -89,7 +99,10 @@ pub(super) fn linear_gated_add(
 ) -> Result<Tensor> {
     let (m, k, n) = check::linear(a, w, bias)?;
     if x.shape() != linear_output_shape(a, n).as_slice() {
-        return Err(Error::shape("linear_gated_add", format!("residual {:?} for a linear of {:?} -> {n}", x.shape(), a.shape())));
+        return Err(Error::shape(
+            "linear_gated_add",
+            format!("residual {:?} for a linear of {:?} -> {n}", x.shape(), a.shape()),
+        ));
     }
     check::per_sample("linear_gated_add", x, gate)?;
     let (_a, ap) = be.bf16_arg(a, "linear_gated_add")?;

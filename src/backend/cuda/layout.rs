@@ -74,7 +74,10 @@ pub(super) fn copy_into(be: &CudaBackend, dst: &Tensor, src: &Tensor) -> Result<
     let elem = src.dtype().size_in_bytes();
     let dims = merged_dims(dst, src);
     if dims.len() > 6 {
-        return Err(Error::shape("copy", format!("views of {} non-mergeable dims exceed the GPU copy's 6", dims.len())));
+        return Err(Error::shape(
+            "copy",
+            format!("views of {} non-mergeable dims exceed the GPU copy's 6", dims.len()),
+        ));
     }
     let (dp, sp) = (be.ptr(dst)?, be.ptr(src)?);
     let pack = |dims: &[CopyDim]| {
@@ -147,4 +150,3 @@ mod tests {
         assert_eq!(in_units(&[(8, 1, 1)], 4, 0, 0), Some(vec![(2, 1, 1)]));
     }
 }
-

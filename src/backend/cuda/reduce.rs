@@ -113,7 +113,13 @@ fn token_stride(x: &Tensor) -> Option<usize> {
     let (s, d) = (x.strides(), x.dim(3));
     let (b, l, h) = (x.dim(0), x.dim(1), x.dim(2));
     let inner = (s[3] == 1 || d == 1) && (s[2] == d || h == 1);
-    let ld = if l > 1 { s[1] } else if b > 1 { s[0] } else { h * d };
+    let ld = if l > 1 {
+        s[1]
+    } else if b > 1 {
+        s[0]
+    } else {
+        h * d
+    };
     (inner && (b == 1 || l == 1 || s[0] == ld * l)).then_some(ld)
 }
 

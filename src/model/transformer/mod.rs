@@ -947,7 +947,14 @@ impl Flux2Transformer {
     }
 
     /// `residual + gate · FF(x)`, FF the SwiGLU feed-forward.
-    fn feed_forward_gated(&self, x: &Tensor, w_in: &Proj, w_out: &Proj, residual: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    fn feed_forward_gated(
+        &self,
+        x: &Tensor,
+        w_in: &Proj,
+        w_out: &Proj,
+        residual: &Tensor,
+        gate: &Tensor,
+    ) -> Result<Tensor> {
         let be = &*self.be;
         w_out.forward_gated(be, &be.swiglu(&w_in.forward(be, x)?)?, residual, gate)
     }
