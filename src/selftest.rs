@@ -392,7 +392,8 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             }),
         ));
     }
-    // group_norm_stats (chunks of 16384 per group), group_norm_finalize, group_norm_apply
+    // group_norm_stats (chunks of 16384 per group), group_norm_finalize, group_norm_apply (v1 for
+    // the 17x9 planes, the x8 version for the others)
     let group_norms: Vec<(Vec<usize>, usize)> = match suite {
         Suite::Full => vec![(vec![1, 64, 17, 9], 32), (vec![2, 32, 8, 8], 8), (vec![1, 128, 64, 64], 32)],
         // The last: groups of 18432 elements, two stats blocks each (partial sums added atomically).
@@ -650,13 +651,16 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         1.0,
         Box::new(|be, t| be.channel_affine(&t[0], &t[1], &t[2])),
     ));
-    v.push(case(
-        "upsample_nearest2x",
-        "[1, 5, 7, 9]",
-        vec![act(&[1, 5, 7, 9])],
-        0.0,
-        Box::new(|be, t| be.upsample_nearest2x(&t[0])),
-    ));
+    // Rows of 9 pixels: v1; of 12: upsample_nearest2x_bf16x8.
+    for shape in [[1, 5, 7, 9], [2, 3, 5, 12]] {
+        v.push(case(
+            "upsample_nearest2x",
+            format!("{shape:?}"),
+            vec![act(&shape)],
+            0.0,
+            Box::new(|be, t| be.upsample_nearest2x(&t[0])),
+        ));
+    }
     // Convolutions with a per-row bias (input, weight, stride, padding). The implicit GEMM (v2)
     // takes all but the 7x7 stride-4 kernel, whose input patch does not fit in shared memory: that
     // one runs im2col + gemm_tiled (v1, K = 196).
