@@ -187,6 +187,40 @@ extern "C" __global__ void attention_sage_rowwise_bf16(const bf16* q, const bf16
     }
 }
 
+// adaLN + the FP8 linear's activation quantization in one pass (the producer of v2's activations):
+// per row of x [rows, K], the layer_norm_bf16 + modulate value rounded to bf16 as that kernel stores
+// it, then scale = |value|max / 448 and the e4m3 codes of value / scale, as quantize_rows_e4m3_bf16
+// computes them from the stored activation. The bf16 activation itself is never written.
+extern "C" __global__ void layer_norm_modulate_e4m3_bf16(const bf16* x, const bf16* shift, const bf16* scale,
+                                                         i64 shift_s, i64 scale_s, i64 rows_per_sample, float eps,
+                                                         unsigned char* q, float* q_scale, int cols) {
+    __shared__ float scratch[32];
+    const i64 row = blockIdx.x, b = row / rows_per_sample;
+    const bf16* xr = x + row * cols;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) s += to_f(xr[i]);
+    const float mean = block_sum(s, scratch) / cols;
+    float v = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        float d = to_f(xr[i]) - mean;
+        v += d * d;
+    }
+    const float inv = rsqrtf(block_sum(v, scratch) / cols + eps);
+    auto value = [&](int i) {
+        float n = (to_f(xr[i]) - mean) * inv;
+        return to_f(to_bf(n * (1.f + to_f(scale[b * scale_s + i])) + to_f(shift[b * shift_s + i])));
+    };
+    float m = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, fabsf(value(i)));
+    m = block_max(m, scratch);
+    const float sc = m / 448.f, inv_s = sc > 0.f ? 1.f / sc : 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        __nv_fp8_e4m3 c(value(i) * inv_s);
+        q[row * cols + i] = c.__x;
+    }
+    if (threadIdx.x == 0) q_scale[row] = sc;
+}
+
 // Per row of x [rows, K]: scale = |x|max / 448 and the e4m3 codes of x / scale (v2's activations).
 extern "C" __global__ void quantize_rows_e4m3_bf16(const bf16* x, unsigned char* q, float* scale, int cols) {
     __shared__ float scratch[32];

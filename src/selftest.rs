@@ -265,6 +265,34 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             .untimed(),
         );
     }
+    // layer_norm_modulate_linear_fp8: on sm_89+ images with K % 16 == 0 one kernel normalises,
+    // modulates and quantizes (layer_norm_modulate_e4m3) before gemm_w8a8_mma_e4m3; else (K = 72,
+    // older images) layer_norm + linear_fp8. Shift and scale are strided chunks of [B, 6K].
+    // (B, L, K, N, bias)
+    let normed_fp8: &[(usize, usize, usize, usize, bool)] = match suite {
+        Suite::Full => &[(1, 300, 3072, 1024, false), (2, 9, 72, 24, true)],
+        Suite::Small => &[(2, 70, 320, 136, true), (2, 9, 72, 24, true)],
+    };
+    for &(b, l, k, n, bias) in normed_fp8 {
+        let mut inputs = vec![act(&[b, l, k]), act(&[b, 6 * k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
+        if bias {
+            inputs.push(act(&[n]));
+        }
+        v.push(
+            case(
+                "layer_norm_modulate_linear_fp8",
+                format!("[{b}, {l}, {k}] · {n}x{k}ᵀ{}", if bias { " +bias" } else { "" }),
+                inputs,
+                4.0,
+                Box::new(move |be, t| {
+                    let q = quantize(&t[2].to_vec_f32()?, n, k, QuantFormat::Fp8)?;
+                    let (shift, scale) = (t[1].narrow(1, 0, k)?, t[1].narrow(1, k, k)?);
+                    be.layer_norm_modulate_linear_fp8(&t[0], &shift, &scale, 1e-6, &be.load_quantized(&q)?, t.get(3))
+                }),
+            )
+            .untimed(),
+        );
+    }
     // sage_kv_sums, sage_kv_means_absmax, sage_block_absmax (Q and K), then on sm_89+ images for head dims 64/128
     // sage_quantize_int8 (Q, K), sage_quantize_vt_e4m3 and attention_sage_mma_d{64,128}, else (and
     // as the reference, "ref") attention_sage_rowwise; (batch, tokens, heads, kv heads, head dim,

@@ -120,6 +120,22 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// per token (|x|max -> 448); f32 accumulation (see `cpu::quantized`).
     fn linear_fp8(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor>;
 
+    /// `linear_fp8(layer_norm_modulate(x, shift, scale, eps), w, bias)`: adaLN feeding an FP8
+    /// linear. This composition is the reference; the CUDA backend quantizes the normalised
+    /// activation in the norm's kernel, without writing it in bf16.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_modulate_linear_fp8(
+        &self,
+        x: &Tensor,
+        shift: &Tensor,
+        scale: &Tensor,
+        eps: f32,
+        w: &QuantTensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.linear_fp8(&self.layer_norm_modulate(x, shift, scale, eps)?, w, bias)
+    }
+
     /// SageAttention-style attention: smoothed K, int8 Q/K with per-64-token block scales, fp8 P
     /// and per-channel fp8 V, f32 accumulation (see `cpu::quantized`).
     fn attention_sage(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor>;

@@ -126,6 +126,21 @@ impl Backend for NanCheckBackend {
         self.checked("linear_quantized", self.inner.linear_quantized(x, w, bias), &inputs)
     }
 
+    fn layer_norm_modulate_linear_fp8(
+        &self,
+        x: &Tensor,
+        shift: &Tensor,
+        scale: &Tensor,
+        eps: f32,
+        w: &QuantTensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let mut inputs = vec![("x", x), ("shift", shift), ("scale", scale)];
+        inputs.extend(bias.map(|b| ("bias", b)));
+        let out = self.inner.layer_norm_modulate_linear_fp8(x, shift, scale, eps, w, bias);
+        self.checked(&format!("layer_norm_modulate_linear_fp8(eps={eps})"), out, &inputs)
+    }
+
     fn linear_fp8(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let mut inputs = vec![("x", x)];
         inputs.extend(bias.map(|b| ("bias", b)));

@@ -107,6 +107,7 @@ const KERNELS: &[(&str, &[&str])] = &[
             "row_absmax_bf16",
             "gemm_w8a8_tiled_bf16",
             "quantize_rows_e4m3_bf16",
+            "layer_norm_modulate_e4m3_bf16",
             "gemm_w8a8_mma_e4m3",
             "sage_kv_sums_bf16",
             "sage_kv_means_absmax_bf16",
@@ -594,6 +595,18 @@ impl Backend for CudaBackend {
 
     fn linear_fp8(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
         quantized::linear_fp8(self, x, w, bias)
+    }
+
+    fn layer_norm_modulate_linear_fp8(
+        &self,
+        x: &Tensor,
+        shift: &Tensor,
+        scale: &Tensor,
+        eps: f32,
+        w: &QuantTensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        quantized::layer_norm_modulate_linear_fp8(self, x, shift, scale, eps, w, bias)
     }
 
     fn attention_sage(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {

@@ -27,19 +27,12 @@ pub(super) fn linear_fp8(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bias: Op
     let bp = b.as_ref().map_or(0, |(_, p)| *p);
     let out = super::gemm::linear_output(be, x, n)?;
     let rows = super::reduce::per_row("linear_fp8", m, k)?;
-    if has_fp8_mma(be.dev.target) && k % 16 == 0 && m.div_ceil(128) <= 65535 {
+    if fp8_mma_applies(be, m, k) {
         let codes = be.output(DType::U8, &[m * k])?;
         let a_scale = be.output(DType::F32, &[m])?;
         let (qp, asp) = (be.ptr(&codes)?, be.ptr(&a_scale)?);
         launch!(be.dev, "quantize_rows_e4m3_bf16", rows, xp, qp, asp, k as i32)?;
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (wp, sp, op) = (be.ptr(&w.data)?, be.ptr(scales)?, be.ptr(&out)?);
-        let (m32, n32, k32) = (m as i32, n as i32, k as i32);
-        launch!(be.dev, "gemm_w8a8_mma_e4m3", cfg, qp, asp, wp, sp, bp, op, m32, n32, k32, n as i64)?;
+        w8a8_mma(be, qp, asp, w, bp, &out, m, n, k)?;
         return Ok(out);
     }
     let absmax = be.output(DType::F32, &[m])?;
@@ -47,6 +40,71 @@ pub(super) fn linear_fp8(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bias: Op
     let cfg = super::gemm::tiled_16x16("linear_fp8", m, n)?;
     let (ap, wp, sp, op) = (be.ptr(&absmax)?, be.ptr(&w.data)?, be.ptr(scales)?, be.ptr(&out)?);
     launch!(be.dev, "gemm_w8a8_tiled_bf16", cfg, xp, ap, wp, sp, bp, op, m as i32, n as i32, k as i32, n as i64)?;
+    Ok(out)
+}
+
+/// v2 of the FP8 linear applies: e4m3 tensor cores in the image, K in 16-byte rows of codes.
+fn fp8_mma_applies(be: &CudaBackend, m: usize, k: usize) -> bool {
+    has_fp8_mma(be.dev.target) && k % 16 == 0 && m.div_ceil(128) <= 65535
+}
+
+/// `gemm_w8a8_mma_e4m3`: out [m, n] from per-token e4m3 codes `qp` with scales `asp`.
+#[allow(clippy::too_many_arguments)]
+fn w8a8_mma(
+    be: &CudaBackend,
+    qp: u64,
+    asp: u64,
+    w: &QuantTensor,
+    bp: u64,
+    out: &Tensor,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    let scales = w.scales.as_ref().ok_or_else(|| Error::Gpu("fp8 weight without scales".into()))?;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (wp, sp, op) = (be.ptr(&w.data)?, be.ptr(scales)?, be.ptr(out)?);
+    let (m32, n32, k32) = (m as i32, n as i32, k as i32);
+    launch!(be.dev, "gemm_w8a8_mma_e4m3", cfg, qp, asp, wp, sp, bp, op, m32, n32, k32, n as i64)
+}
+
+/// adaLN feeding an FP8 linear: with v2, `layer_norm_modulate_e4m3_bf16` writes the activation's
+/// e4m3 codes and scales straight from x (no bf16 activation), then the tensor-core GEMM; else the
+/// two ops.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn layer_norm_modulate_linear_fp8(
+    be: &CudaBackend,
+    x: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+    eps: f32,
+    w: &QuantTensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    check::per_sample("layer_norm_modulate", x, shift)?;
+    check::per_sample("layer_norm_modulate", x, scale)?;
+    let (m, k, n) = check::linear_fp8(x, w, bias)?;
+    if !fp8_mma_applies(be, m, k) {
+        let a = super::reduce::layer_norm(be, x, Some((shift, scale)), eps)?;
+        return linear_fp8(be, &a, w, bias);
+    }
+    let (_x, xp) = be.bf16_arg(x, "layer_norm_modulate_linear_fp8")?;
+    let (_s, sp, ss) = be.vec_arg(shift, "layer_norm_modulate_linear_fp8")?;
+    let (_c, cp, cs) = be.vec_arg(scale, "layer_norm_modulate_linear_fp8")?;
+    let b = bias.map(|b| be.bf16_arg(b, "layer_norm_modulate_linear_fp8")).transpose()?;
+    let bp = b.as_ref().map_or(0, |(_, p)| *p);
+    let out = super::gemm::linear_output(be, x, n)?;
+    let codes = be.output(DType::U8, &[m * k])?;
+    let a_scale = be.output(DType::F32, &[m])?;
+    let (qp, asp) = (be.ptr(&codes)?, be.ptr(&a_scale)?);
+    let rows = super::reduce::per_row("layer_norm_modulate_linear_fp8", m, k)?;
+    let per_sample = x.dim(1) as i64;
+    launch!(be.dev, "layer_norm_modulate_e4m3_bf16", rows, xp, sp, cp, ss, cs, per_sample, eps, qp, asp, k as i32)?;
+    w8a8_mma(be, qp, asp, w, bp, &out, m, n, k)?;
     Ok(out)
 }
 

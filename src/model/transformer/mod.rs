@@ -144,6 +144,15 @@ impl Proj {
         }
     }
 
+    /// `forward(layer_norm_modulate(x, shift, scale))`: one op for an FP8 weight without run-time
+    /// adapters (the activation quantized in the norm's kernel), else the two steps.
+    fn forward_normed(&self, be: &dyn Backend, x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f32) -> Result<Tensor> {
+        match (&self.w, &self.lora) {
+            (Linear::Fp8(w), None) => be.layer_norm_modulate_linear_fp8(x, shift, scale, eps, w, None),
+            _ => self.forward(be, &be.layer_norm_modulate(x, shift, scale, eps)?),
+        }
+    }
+
     /// The gated residual `residual + gate · forward(x)`: one fused op for a dense weight without
     /// run-time adapters, else the two steps.
     fn forward_gated(&self, be: &dyn Backend, x: &Tensor, residual: &Tensor, gate: &Tensor) -> Result<Tensor> {
@@ -761,10 +770,8 @@ impl Flux2Transformer {
         let [csh1, csc1, cg1] = &mt.sets[0];
         let [csh2, csc2, cg2] = &mt.sets[1];
 
-        let a_img = be.layer_norm_modulate(img, sh1, sc1, eps)?;
-        let a_txt = be.layer_norm_modulate(txt, csh1, csc1, eps)?;
-        let [qi, ki, vi] = self.split_qkv(&blk.img_qkv.forward(be, &a_img)?)?;
-        let [qt, kt, vt] = self.split_qkv(&blk.txt_qkv.forward(be, &a_txt)?)?;
+        let [qi, ki, vi] = self.split_qkv(&blk.img_qkv.forward_normed(be, img, sh1, sc1, eps)?)?;
+        let [qt, kt, vt] = self.split_qkv(&blk.txt_qkv.forward_normed(be, txt, csh1, csc1, eps)?)?;
         // The tables cover [txt | img]: text rows first, image rows from `lt`.
         let qt = rope.norm_apply(be, &qt, &blk.norm_added_q, eps, 0)?;
         let qi = rope.norm_apply(be, &qi, &blk.norm_q, eps, lt)?;
@@ -779,16 +786,14 @@ impl Flux2Transformer {
                 let lr = r.dim(1);
                 let [rsh1, rsc1, rg1] = &mods.sets[0];
                 let [rsh2, rsc2, rg2] = &mods.sets[1];
-                let a_ref = be.layer_norm_modulate(r, rsh1, rsc1, eps)?;
-                let [qr, kr, vr] = self.split_qkv(&blk.img_qkv.forward(be, &a_ref)?)?;
+                let [qr, kr, vr] = self.split_qkv(&blk.img_qkv.forward_normed(be, r, rsh1, rsc1, eps)?)?;
                 let qr = ref_rope.norm_apply(be, &qr, &blk.norm_q, eps, 0)?;
                 let kr = ref_rope.norm_apply(be, &kr, &blk.norm_k, eps, 0)?;
                 let vr = be.contiguous(&vr)?;
                 let o = self.attend(&q, &self.with_ref(&k, &kr, lt)?, &self.with_ref(&v, &vr, lt)?)?;
                 let o_ref = self.attend(&qr, &kr, &vr)?.reshape(&[b, lr, d])?;
                 let r = blk.to_out.forward_gated(be, &o_ref, r, rg1)?;
-                let a = be.layer_norm_modulate(&r, rsh2, rsc2, eps)?;
-                let r = self.feed_forward_gated(&a, &blk.ff_in, &blk.ff_out, &r, rg2)?;
+                let r = self.feed_forward_gated(&r, [rsh2, rsc2], &blk.ff_in, &blk.ff_out, rg2)?;
                 (o, Some(r), Some((kr, vr)))
             }
             RefStream::Cached((kr, vr)) => {
@@ -800,12 +805,10 @@ impl Flux2Transformer {
         let (o_txt, o_img) = (o.narrow(1, 0, lt)?, o.narrow(1, lt, li)?);
 
         let img = blk.to_out.forward_gated(be, &o_img, img, g1)?;
-        let a = be.layer_norm_modulate(&img, sh2, sc2, eps)?;
-        let img = self.feed_forward_gated(&a, &blk.ff_in, &blk.ff_out, &img, g2)?;
+        let img = self.feed_forward_gated(&img, [sh2, sc2], &blk.ff_in, &blk.ff_out, g2)?;
 
         let txt = blk.to_add_out.forward_gated(be, &o_txt, txt, cg1)?;
-        let a = be.layer_norm_modulate(&txt, csh2, csc2, eps)?;
-        let txt = self.feed_forward_gated(&a, &blk.ff_ctx_in, &blk.ff_ctx_out, &txt, cg2)?;
+        let txt = self.feed_forward_gated(&txt, [csh2, csc2], &blk.ff_ctx_in, &blk.ff_ctx_out, cg2)?;
         Ok((img, txt, ref_out, kept))
     }
 
@@ -824,8 +827,7 @@ impl Flux2Transformer {
         let eps = self.cfg.eps as f32;
         let (b, n, d, m) = (h.dim(0), h.dim(1), self.cfg.hidden(), self.cfg.mlp_hidden());
         let [shift, scale, gate] = &ms.sets[0];
-        let a = be.layer_norm_modulate(h, shift, scale, eps)?;
-        let y = blk.qkv_mlp.forward(be, &a)?;
+        let y = blk.qkv_mlp.forward_normed(be, h, shift, scale, eps)?;
         let [q, k, v] = self.split_qkv(&y)?;
         let q = rope.norm_apply(be, &q, &blk.norm_q, eps, 0)?;
         let k = rope.norm_apply(be, &k, &blk.norm_k, eps, 0)?;
@@ -833,8 +835,7 @@ impl Flux2Transformer {
             RefStream::Tokens { x: r, mods, rope: ref_rope } => {
                 let lr = r.dim(1);
                 let [rshift, rscale, rgate] = &mods.sets[0];
-                let a_ref = be.layer_norm_modulate(r, rshift, rscale, eps)?;
-                let y_ref = blk.qkv_mlp.forward(be, &a_ref)?;
+                let y_ref = blk.qkv_mlp.forward_normed(be, r, rshift, rscale, eps)?;
                 let [qr, kr, vr] = self.split_qkv(&y_ref)?;
                 let qr = ref_rope.norm_apply(be, &qr, &blk.norm_q, eps, 0)?;
                 let kr = ref_rope.norm_apply(be, &kr, &blk.norm_k, eps, 0)?;
@@ -946,17 +947,18 @@ impl Flux2Transformer {
         self.compute.attention = attention;
     }
 
-    /// `residual + gate · FF(x)`, FF the SwiGLU feed-forward.
+    /// `x + gate · FF(layer_norm_modulate(x, shift, scale))`, FF the SwiGLU feed-forward.
     fn feed_forward_gated(
         &self,
         x: &Tensor,
+        [shift, scale]: [&Tensor; 2],
         w_in: &Proj,
         w_out: &Proj,
-        residual: &Tensor,
         gate: &Tensor,
     ) -> Result<Tensor> {
         let be = &*self.be;
-        w_out.forward_gated(be, &be.swiglu(&w_in.forward(be, x)?)?, residual, gate)
+        let hidden = w_in.forward_normed(be, x, shift, scale, self.cfg.eps as f32)?;
+        w_out.forward_gated(be, &be.swiglu(&hidden)?, x, gate)
     }
 
     /// Views q, k, v `[B, L, H, hd]` of a fused `[B, L, 3D(+…)]` projection.
