@@ -134,40 +134,84 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// One block linear's weight in every form `bench gemm` times.
+struct GemmWeights {
+    k: usize,
+    n: usize,
+    bf16: Tensor,
+    /// FP8 W8A8, weight-only int8 and GGUF Q4_K (random valid blocks): GPU only (the CPU's are
+    /// exact emulations, references rather than fast paths).
+    quantized: Option<[crate::backend::QuantTensor; 3]>,
+}
+
 fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> Result<Vec<serde_json::Value>> {
     let cfg = transformer_config(args.shapes);
     let (d, m) = (cfg.hidden(), cfg.mlp_hidden());
     let shapes = [(d, 3 * d), (d, d), (d, 2 * m), (m, d), (d, 3 * d + 2 * m), (d + m, d)];
+    // Each weight once (quantizing on the host takes longer than timing it).
+    let weights = shapes
+        .iter()
+        .map(|&(k, n)| -> Result<GemmWeights> {
+            let wv: Vec<f32> = crate::rng::normal_vec(5, "w", n * k).iter().map(|v| v / (k as f32).sqrt()).collect();
+            // The weight as a model loads it: bf16 (on the CPU in bf16 precision: kept as bf16).
+            let bf16 = be.load_weight(&encode_from_f32(&wv, DType::BF16), DType::BF16, &[n, k])?;
+            let quantized = if be.kind() == DeviceKind::Cpu {
+                None
+            } else {
+                let q4k = crate::quant::Quantized {
+                    format: QuantFormat::Ggml(crate::weights::ggml::GgmlType::Q4K),
+                    rows: n,
+                    cols: k,
+                    codes: crate::weights::ggml::synthetic_blocks(crate::weights::ggml::GgmlType::Q4K, n * k, 5),
+                    scales: vec![],
+                };
+                Some([
+                    be.load_quantized(&quantize(&wv, n, k, QuantFormat::Fp8)?)?,
+                    be.load_quantized(&quantize(&wv, n, k, QuantFormat::Int8)?)?,
+                    be.load_quantized(&q4k)?,
+                ])
+            };
+            Ok(GemmWeights { k, n, bf16, quantized })
+        })
+        .collect::<Result<Vec<_>>>()?;
     println!(
-        "{:>6} {:>6} {:>6}  {:>10} {:>9} {:>10} {:>9} {:>7}",
-        "M", "K", "N", "bf16 ms", "TF/s", "fp8 ms", "TF/s", "fp8/bf16"
+        "{:>6} {:>6} {:>6}  {:>10} {:>9} {:>10} {:>9} {:>7} {:>10} {:>10}",
+        "M", "K", "N", "bf16 ms", "TF/s", "fp8 ms", "TF/s", "fp8/bf16", "int8w ms", "q4_k ms"
     );
     let mut out = Vec::new();
     for rows in [512, 4096, 4608] {
-        for (k, n) in shapes {
+        for w in &weights {
+            let (k, n) = (w.k, w.n);
             let x = random(be, "x", &[rows, k], 1.0)?;
-            // The weight as a model loads it: bf16 (on the CPU in bf16 precision: kept as bf16).
-            let wv: Vec<f32> = crate::rng::normal_vec(5, "w", n * k).iter().map(|v| v / (k as f32).sqrt()).collect();
-            let w = be.load_weight(&encode_from_f32(&wv, DType::BF16), DType::BF16, &[n, k])?;
             let flops = 2.0 * rows as f64 * k as f64 * n as f64;
-            let t_bf16 = time(be, args.reps, || be.linear(&x, &w, None).map(|_| ()))?;
-            // The CPU's fp8 linear is an exact emulation (a reference, not a fast path).
-            let t_fp8 = if be.kind() == DeviceKind::Cpu {
-                f64::NAN
-            } else {
-                let q = be.load_quantized(&quantize(&wv, n, k, QuantFormat::Fp8)?)?;
-                time(be, args.reps, || be.linear_fp8(&x, &q, None).map(|_| ()))?
+            let t_bf16 = time(be, args.reps, || be.linear(&x, &w.bf16, None).map(|_| ()))?;
+            let [t_fp8, t_int8, t_q4k] = match &w.quantized {
+                None => [f64::NAN; 3],
+                Some([fp8, int8, q4k]) => [
+                    time(be, args.reps, || be.linear_fp8(&x, fp8, None).map(|_| ()))?,
+                    time(be, args.reps, || be.linear_quantized(&x, int8, None).map(|_| ()))?,
+                    time(be, args.reps, || be.linear_quantized(&x, q4k, None).map(|_| ()))?,
+                ],
             };
-            let (r16, r8) = (flops / t_bf16 / 1e12, flops / t_fp8 / 1e12);
+            let tf = |t: f64| flops / t / 1e12;
+            let (r16, r8) = (tf(t_bf16), tf(t_fp8));
             println!(
-                "{rows:>6} {k:>6} {n:>6}  {:>10.3} {r16:>9.1} {:>10.3} {r8:>9.1} {:>7.2}{}",
+                "{rows:>6} {k:>6} {n:>6}  {:>10.3} {r16:>9.1} {:>10.3} {r8:>9.1} {:>7.2} {:>10.3} {:>10.3}{}",
                 t_bf16 * 1e3,
                 t_fp8 * 1e3,
                 t_bf16 / t_fp8,
+                t_int8 * 1e3,
+                t_q4k * 1e3,
                 peak.map(|(p16, p8)| format!("  ({:.0}% / {:.0}% of spec)", 100.0 * r16 / p16, 100.0 * r8 / p8))
                     .unwrap_or_default()
             );
-            out.push(json!({"m": rows, "k": k, "n": n, "bf16_ms": t_bf16 * 1e3, "bf16_tflops": r16, "fp8_ms": t_fp8 * 1e3, "fp8_tflops": r8}));
+            out.push(json!({
+                "m": rows, "k": k, "n": n,
+                "bf16_ms": t_bf16 * 1e3, "bf16_tflops": r16,
+                "fp8_ms": t_fp8 * 1e3, "fp8_tflops": r8,
+                "int8_weight_only_ms": t_int8 * 1e3, "int8_weight_only_tflops": tf(t_int8),
+                "gguf_q4_k_ms": t_q4k * 1e3, "gguf_q4_k_tflops": tf(t_q4k),
+            }));
         }
     }
     Ok(out)
