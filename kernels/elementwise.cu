@@ -79,6 +79,31 @@ extern "C" __global__ void swiglu_bf16x8(const bf16* x, i64 ld, bf16* y, i64 row
     }
 }
 
+// [prefix | swiglu(x)] per row without writing swiglu(x) on its own (the single block's input to
+// its output projection): out [rows, p + m]; prefix [rows, p] dense; x rows `ld` apart, m % 8 == 0
+// and p % 8 == 0. 8 columns per thread.
+extern "C" __global__ void swiglu_concat_bf16x8(const bf16* prefix, const bf16* x, i64 ld, bf16* out, i64 rows, int p,
+                                                int m) {
+    const int w8 = (p + m) / 8;
+    GRID_STRIDE(i, rows * w8) {
+        int c8;
+        const i64 r = div_rem(i, w8, c8);
+        const int c = 8 * c8;
+        bf16* dst = out + r * (p + m) + c;
+        if (c < p) {
+            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(prefix + r * p + c);
+        } else {
+            const bf16* row = x + r * ld + (c - p);
+            float a[8], b[8];
+            load_bf16x8(row, a);
+            load_bf16x8(row + m, b);
+#pragma unroll
+            for (int j = 0; j < 8; j++) a[j] = silu_f(a[j]) * b[j];
+            store_bf16x8(dst, a);
+        }
+    }
+}
+
 extern "C" __global__ void axpby_bf16x8(float a, const bf16* x, float b, const bf16* y, bf16* out, i64 n8) {
     GRID_STRIDE(i, n8) {
         float u[8], v[8];

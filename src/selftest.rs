@@ -569,6 +569,17 @@ pub fn cases(suite: Suite) -> Vec<Case> {
     for shape in swiglu {
         v.push(case("swiglu", format!("{shape:?}"), vec![act(&shape)], 1.0, Box::new(|be, t| be.swiglu(&t[0]))));
     }
+    // swiglu_concat ([attention out | swiglu(MLP slice)]): swiglu_concat_bf16x8 on the slice of a
+    // fused projection read in place, and the composition for a 12-wide prefix. (prefix width)
+    for p in [24usize, 12] {
+        v.push(case(
+            "swiglu_concat",
+            format!("[2, 9, {p}] + swiglu of [2, 9, 112] narrowed to 64"),
+            vec![act(&[2, 9, p]), act(&[2, 9, 112])],
+            1.0,
+            Box::new(|be, t| be.swiglu_concat(&t[0], &t[1].narrow(2, 48, 64)?)),
+        ));
+    }
     // Strided views: read in place by swiglu_bf16x8 (aligned rows, as the DiT's slice of its
     // fused projection), else made dense (strided_copy_b16) for v1.
     v.push(case(

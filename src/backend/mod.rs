@@ -192,6 +192,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// `a·x + b·y`, same shapes. Residual adds, the Euler step and CFG are all this op.
     fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor>;
 
+    /// `concat([prefix, swiglu(x)], last dim)`: the single block's attention output beside its MLP
+    /// activation, x a (possibly strided) `[.., 2M]` view. This composition is the reference; the
+    /// CUDA backend writes the activation straight into the concatenation.
+    fn swiglu_concat(&self, prefix: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let act = self.swiglu(x)?;
+        self.concat(&[prefix, &act], prefix.rank().saturating_sub(1))
+    }
+
     /// Gated residual `x + gate * y`, x/y `[B, L, C]`, gate `[B, C]`.
     fn gated_add(&self, x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor>;
 

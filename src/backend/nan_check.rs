@@ -215,6 +215,10 @@ impl Backend for NanCheckBackend {
         self.checked(&format!("axpby(a={a}, b={b})"), self.inner.axpby(a, x, b, y), &[("x", x), ("y", y)])
     }
 
+    fn swiglu_concat(&self, prefix: &Tensor, x: &Tensor) -> Result<Tensor> {
+        self.checked("swiglu_concat", self.inner.swiglu_concat(prefix, x), &[("prefix", prefix), ("x", x)])
+    }
+
     fn linear_gated_add(
         &self,
         x: &Tensor,

@@ -48,6 +48,7 @@ const KERNELS: &[(&str, &[&str])] = &[
             "modulate_bf16",
             "silu_bf16x8",
             "swiglu_bf16x8",
+            "swiglu_concat_bf16x8",
             "axpby_bf16x8",
             "gated_add_bf16x8",
             "modulate_bf16x8",
@@ -564,6 +565,10 @@ impl Backend for CudaBackend {
 
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         gemm::linear(self, x, w, bias)
+    }
+
+    fn swiglu_concat(&self, prefix: &Tensor, x: &Tensor) -> Result<Tensor> {
+        pointwise::swiglu_concat(self, prefix, x)
     }
 
     fn linear_gated_add(

@@ -5,7 +5,7 @@ use cudarc::driver::DeviceRepr;
 use super::{grid_1d, launch, CudaBackend};
 use crate::backend::check;
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// The v2 (x8) element-wise kernels apply: every pointer 16-byte aligned, every length and row
@@ -68,6 +68,33 @@ pub(super) fn swiglu(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
         launch!(be.dev, "swiglu_bf16", grid_1d(rows * m), xp, op, rows as i64, m as i32)?;
     }
     Ok(out)
+}
+
+/// `[prefix | swiglu(x)]`: one kernel writing both parts where x is an aligned row view and both
+/// widths are multiples of 8; else the composition.
+pub(super) fn swiglu_concat(be: &CudaBackend, prefix: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let m = check::swiglu(x)?;
+    let r = x.rank();
+    let same_rows = prefix.rank() == r && r >= 1 && prefix.shape()[..r - 1] == x.shape()[..r - 1];
+    if !same_rows {
+        return Err(Error::shape("swiglu_concat", format!("prefix {:?} beside {:?}", prefix.shape(), x.shape())));
+    }
+    let p = prefix.last_dim();
+    let (_pre, pp) = be.bf16_arg(prefix, "swiglu_concat")?;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = p + m;
+    if let (Some(ld), DType::BF16) = (row_stride(x), x.dtype()) {
+        let xp = be.ptr(x)?;
+        let out = be.output(DType::BF16, &shape)?;
+        let (rows, op) = (x.rows(), be.ptr(&out)?);
+        if vec8(&[pp, xp, op], &[ld as i64, m as i64, p as i64]) {
+            let (ld, rows64) = (ld as i64, rows as i64);
+            launch!(be.dev, "swiglu_concat_bf16x8", grid_1d(rows * (p + m) / 8), pp, xp, ld, op, rows64, p as i32, m as i32)?;
+            return Ok(out);
+        }
+    }
+    let act = swiglu(be, x)?;
+    super::layout::concat(be, &[prefix, &act], r - 1)
 }
 
 pub(super) fn axpby(be: &CudaBackend, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {

@@ -842,8 +842,8 @@ impl Flux2Transformer {
                 let vr = be.contiguous(&vr)?;
                 let o = self.attend(&q, &self.with_ref(&k, &kr, lt)?, &self.with_ref(&v, &vr, lt)?)?;
                 let o_ref = self.attend(&qr, &kr, &vr)?.reshape(&[b, lr, d])?;
-                let act = be.swiglu(&y_ref.narrow(2, 3 * d, 2 * m)?)?;
-                let r = blk.to_out.forward_gated(be, &be.concat(&[&o_ref, &act], 2)?, r, rgate)?;
+                let joined = be.swiglu_concat(&o_ref, &y_ref.narrow(2, 3 * d, 2 * m)?)?;
+                let r = blk.to_out.forward_gated(be, &joined, r, rgate)?;
                 (o, Some(r), Some((kr, vr)))
             }
             RefStream::Cached((kr, vr)) => {
@@ -852,8 +852,8 @@ impl Flux2Transformer {
             RefStream::None => (self.attend(&q, &k, &v)?, None, None),
         };
         let o = o.reshape(&[b, n, d])?;
-        let act = be.swiglu(&y.narrow(2, 3 * d, 2 * m)?)?;
-        let h = blk.to_out.forward_gated(be, &be.concat(&[&o, &act], 2)?, h, gate)?;
+        let joined = be.swiglu_concat(&o, &y.narrow(2, 3 * d, 2 * m)?)?;
+        let h = blk.to_out.forward_gated(be, &joined, h, gate)?;
         Ok((h, ref_out, kept))
     }
 
