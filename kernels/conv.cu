@@ -45,7 +45,7 @@ extern "C" __global__ void __launch_bounds__(256)
     unsigned char* patch = smem + 2 * TILE_M * TILE_LDS;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int warp_m = warp >> 2, warp_n = warp & 3;
+    const int warp_n = warp & 3;
     const int s = stride, taps = kh * kw;
     const int tiles_x = (wo + CONV_TILE_COLS - 1) / CONV_TILE_COLS;
     const int oy0 = (int)(blockIdx.x / tiles_x) * CONV_TILE_ROWS, ox0 = (int)(blockIdx.x % tiles_x) * CONV_TILE_COLS;
@@ -89,12 +89,7 @@ extern "C" __global__ void __launch_bounds__(256)
     };
 
     float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
+    mma_tile_zero(acc);
 
     const int chunks = cin_pad / CONV_CHUNK, steps = chunks * taps;
     load_weights(0, 0, 0);
@@ -120,29 +115,8 @@ extern "C" __global__ void __launch_bounds__(256)
             int py = (n / CONV_TILE_COLS) * s + ky, px = (n % CONV_TILE_COLS) * s + kx;
             brow[nj] = patch + (py * patch_width + (px % s) * phase_cols + px / s) * TILE_LDS + ((lane >> 3) & 1) * 16;
         }
-        const unsigned char* ws = smem + (i & 1) * TILE_M * TILE_LDS;
-#pragma unroll
-        for (int ks = 0; ks < TILE_KB; ks += 32) {
-            unsigned a[4][4], b[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 4; mi++) {
-                int row = warp_m * 64 + mi * 16 + (lane & 15);
-                ldmatrix_x4(a[mi], ws + row * TILE_LDS + ks + (lane >> 4) * 16);
-            }
-#pragma unroll
-            for (int nj = 0; nj < 2; nj++) {
-                unsigned r[4];
-                ldmatrix_x4(r, brow[nj] + ks);
-                b[2 * nj][0] = r[0];
-                b[2 * nj][1] = r[1];
-                b[2 * nj + 1][0] = r[2];
-                b[2 * nj + 1][1] = r[3];
-            }
-#pragma unroll
-            for (int mi = 0; mi < 4; mi++)
-#pragma unroll
-                for (int ni = 0; ni < 4; ni++) mma_bf16_16816(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
-        }
+        mma_tile_stage_rows<mma_bf16_16816>(smem + (i & 1) * TILE_M * TILE_LDS,
+                                            [&](int nj) { return brow[nj]; }, acc);
         __syncthreads();
         if (++tap == taps) {
             tap = 0;

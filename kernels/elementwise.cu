@@ -115,13 +115,19 @@ extern "C" __global__ void axpby_bf16x8(float a, const bf16* x, float b, const b
     }
 }
 
+// The sample b of 8-vector i of a [B, L, C] tensor (c8 = C / 8 vectors per token), and its
+// channel group ch8.
+__device__ __forceinline__ i64 sample_of(i64 i, int c8, int L, int& ch8) {
+    int token;
+    return div_rem(div_rem(i, c8, ch8), L, token);
+}
+
 // x, y [B, L, C]; gate [B, C] with row stride `vs`: out = x + gate * y
 extern "C" __global__ void gated_add_bf16x8(const bf16* x, const bf16* gate, i64 vs, const bf16* y, bf16* out, int L,
                                             int c, i64 n8) {
-    const int c8 = c / 8;
     GRID_STRIDE(i, n8) {
-        int ch8, token;
-        i64 b = div_rem(div_rem(i, c8, ch8), L, token);
+        int ch8;
+        const i64 b = sample_of(i, c / 8, L, ch8);
         float u[8], g[8], v[8];
         load_bf16x8(x + 8 * i, u);
         load_bf16x8(gate + b * vs + 8 * ch8, g);
@@ -135,10 +141,9 @@ extern "C" __global__ void gated_add_bf16x8(const bf16* x, const bf16* gate, i64
 // x [B, L, C]; shift/scale [B, C] with row strides shift_s/scale_s: out = x * (1 + scale) + shift
 extern "C" __global__ void modulate_bf16x8(const bf16* x, const bf16* shift, i64 shift_s, const bf16* scale,
                                            i64 scale_s, bf16* out, int L, int c, i64 n8) {
-    const int c8 = c / 8;
     GRID_STRIDE(i, n8) {
-        int ch8, token;
-        i64 b = div_rem(div_rem(i, c8, ch8), L, token);
+        int ch8;
+        const i64 b = sample_of(i, c / 8, L, ch8);
         float u[8], sh[8], sc[8];
         load_bf16x8(x + 8 * i, u);
         load_bf16x8(shift + b * shift_s + 8 * ch8, sh);

@@ -30,11 +30,13 @@ __device__ __forceinline__ void mma_tile_zero(float acc[4][4][4]) {
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
 }
 
-// One stage: acc += the stage's 64 bytes of K, A rows and W rows of TILE_LDS bytes in shared memory.
-template <MmaOp Mma>
-__device__ __forceinline__ void mma_tile_stage(const unsigned char* As, const unsigned char* Ws, float acc[4][4][4]) {
+// One stage: acc += the stage's 64 bytes of K. A rows are TILE_LDS bytes apart in shared memory;
+// `b_row(nj)` is this lane's B row address for its 16-pixel/column group nj (0, 1) of the warp's 32,
+// at k byte 0 of the stage, with the lane's 16-byte half already added (the ldmatrix_x4 address).
+template <MmaOp Mma, typename BRow>
+__device__ __forceinline__ void mma_tile_stage_rows(const unsigned char* As, BRow b_row, float acc[4][4][4]) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int warp_m = warp >> 2, warp_n = warp & 3;
+    const int warp_m = warp >> 2;
 #pragma unroll
     for (int ks = 0; ks < TILE_KB; ks += 32) {
         unsigned a[4][4], b[4][2];
@@ -45,9 +47,8 @@ __device__ __forceinline__ void mma_tile_stage(const unsigned char* As, const un
         }
 #pragma unroll
         for (int nj = 0; nj < 2; nj++) {
-            int row = warp_n * 32 + nj * 16 + (lane & 7) + (lane >> 4) * 8;
             unsigned r[4];
-            ldmatrix_x4(r, &Ws[row * TILE_LDS + ks + ((lane >> 3) & 1) * 16]);
+            ldmatrix_x4(r, b_row(nj) + ks);
             b[2 * nj][0] = r[0];
             b[2 * nj][1] = r[1];
             b[2 * nj + 1][0] = r[2];
@@ -58,6 +59,19 @@ __device__ __forceinline__ void mma_tile_stage(const unsigned char* As, const un
 #pragma unroll
             for (int ni = 0; ni < 4; ni++) Mma(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
     }
+}
+
+// One stage with W rows TILE_LDS bytes apart in shared memory, like A.
+template <MmaOp Mma>
+__device__ __forceinline__ void mma_tile_stage(const unsigned char* As, const unsigned char* Ws, float acc[4][4][4]) {
+    const int warp_n = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    mma_tile_stage_rows<Mma>(
+        As,
+        [&](int nj) {
+            int row = warp_n * 32 + nj * 16 + (lane & 7) + (lane >> 4) * 8;
+            return &Ws[row * TILE_LDS + ((lane >> 3) & 1) * 16];
+        },
+        acc);
 }
 
 // Rows [m0, m0 + 128) of A into a stage by cp.async (zeros past M and past the row), not committed.

@@ -634,7 +634,8 @@ pub fn cases(suite: Suite) -> Vec<Case> {
     // of a fused [B, L, 3·H·D] projection, read in place; a permuted view (made dense first); no
     // weight; a head dim of 24 (fewer pairs than lanes). (label, stored shape, view, interleaved, weight)
     let hd = if small { 64 } else { 128 };
-    let fused_rope: Vec<(&str, Vec<usize>, Vec<usize>, bool, bool)> = vec![
+    type FusedRopeCase = (&'static str, Vec<usize>, Vec<usize>, bool, bool);
+    let fused_rope: Vec<FusedRopeCase> = vec![
         ("dense", vec![2, 9, 3, hd], vec![2, 9, 3, hd], true, true),
         ("k slice", vec![2, 9, 9 * hd], vec![2, 9, 3, hd], true, true),
         ("permuted", vec![2, 3, 9, 32], vec![2, 9, 3, 32], false, true),

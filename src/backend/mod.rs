@@ -380,7 +380,7 @@ pub mod check {
     pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor) -> Result<()> {
         rank("group_norm", x, 4)?;
         let c = x.dim(1);
-        if groups == 0 || c % groups != 0 || weight.shape() != [c] || bias.shape() != [c] {
+        if groups == 0 || !c.is_multiple_of(groups) || weight.shape() != [c] || bias.shape() != [c] {
             return Err(Error::shape(
                 "group_norm",
                 format!("{groups} groups, weight {:?}, bias {:?} for x {:?}", weight.shape(), bias.shape(), x.shape()),
@@ -412,7 +412,7 @@ pub mod check {
 
     /// The output width of `swiglu` (half the even last dim).
     pub fn swiglu(x: &Tensor) -> Result<usize> {
-        if x.last_dim() % 2 != 0 {
+        if !x.last_dim().is_multiple_of(2) {
             return Err(Error::shape("swiglu", format!("last dim of {:?} must be even", x.shape())));
         }
         Ok(x.last_dim() / 2)

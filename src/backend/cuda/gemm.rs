@@ -45,7 +45,7 @@ pub(super) fn gemm(
     }
     let (bp, mode) = bias.args();
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
-    if k % 8 == 0 && a % 16 == 0 && w % 16 == 0 && m.div_ceil(128) <= 65535 {
+    if k.is_multiple_of(8) && a.is_multiple_of(16) && w.is_multiple_of(16) && m.div_ceil(128) <= 65535 {
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
             block_dim: (256, 1, 1),

@@ -44,7 +44,7 @@ fn merged_dims(dst: &Tensor, src: &Tensor) -> Vec<CopyDim> {
 fn in_units(dims: &[CopyDim], elem: i64, dp: u64, sp: u64) -> Option<Vec<CopyDim>> {
     let &(n, s, t) = dims.last()?;
     let per = 16 / elem;
-    if s != 1 || t != 1 || n % per != 0 || dp % 16 != 0 || sp % 16 != 0 {
+    if s != 1 || t != 1 || n % per != 0 || !dp.is_multiple_of(16) || !sp.is_multiple_of(16) {
         return None;
     }
     let inner = dims[..dims.len() - 1].iter().all(|&(_, s, t)| s % per == 0 && t % per == 0);

@@ -89,7 +89,18 @@ pub(super) fn swiglu_concat(be: &CudaBackend, prefix: &Tensor, x: &Tensor) -> Re
         let (rows, op) = (x.rows(), be.ptr(&out)?);
         if vec8(&[pp, xp, op], &[ld as i64, m as i64, p as i64]) {
             let (ld, rows64) = (ld as i64, rows as i64);
-            launch!(be.dev, "swiglu_concat_bf16x8", grid_1d(rows * (p + m) / 8), pp, xp, ld, op, rows64, p as i32, m as i32)?;
+            launch!(
+                be.dev,
+                "swiglu_concat_bf16x8",
+                grid_1d(rows * (p + m) / 8),
+                pp,
+                xp,
+                ld,
+                op,
+                rows64,
+                p as i32,
+                m as i32
+            )?;
             return Ok(out);
         }
     }

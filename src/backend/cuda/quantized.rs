@@ -45,7 +45,7 @@ pub(super) fn linear_fp8(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bias: Op
 
 /// v2 of the FP8 linear applies: e4m3 tensor cores in the image, K in 16-byte rows of codes.
 fn fp8_mma_applies(be: &CudaBackend, m: usize, k: usize) -> bool {
-    has_fp8_mma(be.dev.target) && k % 16 == 0 && m.div_ceil(128) <= 65535
+    has_fp8_mma(be.dev.target) && k.is_multiple_of(16) && m.div_ceil(128) <= 65535
 }
 
 /// `gemm_w8a8_mma_e4m3`: out [m, n] from per-token e4m3 codes `qp` with scales `asp`.
