@@ -293,38 +293,48 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             .untimed(),
         );
     }
-    // sage_kv_sums, sage_kv_means_absmax, sage_block_absmax (Q and K), then on sm_89+ images for head dims 64/128
-    // sage_quantize_int8 (Q, K), sage_quantize_vt_e4m3 and attention_sage_mma_d{64,128}, else (and
-    // as the reference, "ref") attention_sage_rowwise; (batch, tokens, heads, kv heads, head dim,
-    // causal with padding [N, N/2], reference kernels)
-    let sage: &[(usize, usize, usize, usize, usize, bool, bool)] = match suite {
+    // sage_kv_sums, sage_kv_means_absmax, sage_block_absmax (Q and K), then for head dims 64/128
+    // sage_quantize_int8 (Q, K) and on sm_89+ images sage_quantize_vt_e4m3 + attention_sage_mma_d{64,128},
+    // on older ones (and on every card for "bf16-pv") sage_quantize_vt_e4m3_as_bf16 +
+    // attention_sage_mma_bf16pv_d{64,128}; as the reference ("ref") attention_sage_rowwise. (batch,
+    // tokens, heads, kv heads, head dim, causal with padding [N, N/2], path)
+    use SagePath::{Bf16Pv, Default as Sage, Reference};
+    let sage: &[(usize, usize, usize, usize, usize, bool, SagePath)] = match suite {
         Suite::Full => &[
-            (1, 130, 2, 2, 128, false, false),
-            (2, 200, 4, 2, 64, true, false),
-            (1, 1024, 2, 2, 128, false, false),
-            (1, 4608, 4, 4, 128, false, false),
-            (2, 300, 4, 1, 128, true, false),
-            (2, 200, 4, 2, 64, true, true),
-            (1, 1024, 2, 2, 128, false, true),
+            (1, 130, 2, 2, 128, false, Sage),
+            (2, 200, 4, 2, 64, true, Sage),
+            (1, 1024, 2, 2, 128, false, Sage),
+            (1, 4608, 4, 4, 128, false, Sage),
+            (2, 300, 4, 1, 128, true, Sage),
+            (2, 200, 4, 2, 64, true, Bf16Pv),
+            (1, 1024, 2, 2, 128, false, Bf16Pv),
+            (2, 200, 4, 2, 64, true, Reference),
+            (1, 1024, 2, 2, 128, false, Reference),
         ],
         Suite::Small => &[
-            (1, 130, 2, 2, 128, false, false), // 3 blocks of 64 tokens, the last ragged
-            (2, 130, 4, 2, 64, true, false),   // causal, padding to 65 crossing a block edge, GQA
-            (1, 72, 2, 1, 128, false, false),  // GQA without a mask, 2 blocks
-            (2, 100, 2, 1, 128, true, false),  // d 128 causal + padding (100, 50), GQA
-            (1, 200, 1, 1, 64, false, false),  // d 64: 4 key tiles through both stages, ragged
-            (2, 300, 2, 1, 64, true, false),   // K/V statistics over 2 chunks of 256 tokens, 5 key tiles
-            (2, 130, 4, 2, 64, true, true),    // row-wise reference: causal + padding, GQA
-            (1, 72, 2, 1, 128, false, true),   // row-wise reference: GQA
+            (1, 130, 2, 2, 128, false, Sage),     // 3 blocks of 64 tokens, the last ragged
+            (2, 130, 4, 2, 64, true, Sage),       // causal, padding to 65 crossing a block edge, GQA
+            (1, 72, 2, 1, 128, false, Sage),      // GQA without a mask, 2 blocks
+            (2, 100, 2, 1, 128, true, Sage),      // d 128 causal + padding (100, 50), GQA
+            (1, 200, 1, 1, 64, false, Sage),      // d 64: 4 key tiles through both stages, ragged
+            (2, 300, 2, 1, 64, true, Sage),       // K/V statistics over 2 chunks of 256 tokens, 5 key tiles
+            (2, 130, 4, 2, 64, true, Bf16Pv),     // bf16 P·V: causal + padding, GQA
+            (1, 130, 2, 1, 128, false, Bf16Pv),   // bf16 P·V: d 128, ragged
+            (2, 130, 4, 2, 64, true, Reference),  // row-wise reference: causal + padding, GQA
+            (1, 72, 2, 1, 128, false, Reference), // row-wise reference: GQA
         ],
     };
-    for &(b, n, h, hkv, d, causal, reference) in sage {
+    for &(b, n, h, hkv, d, causal, path) in sage {
         let mask = if causal { AttnMask::Causal { valid_len: Some(vec![n, n / 2]) } } else { AttnMask::None };
         let scale = 1.0 / (d as f32).sqrt();
         let label = format!(
             "B{b} N{n} H{h}/{hkv} D{d}{}{}",
             if causal { " causal+pad" } else { "" },
-            if reference { " ref" } else { "" }
+            match path {
+                Sage => "",
+                Bf16Pv => " bf16-pv",
+                Reference => " ref",
+            }
         );
         v.push(case(
             "attention_sage",
@@ -333,10 +343,10 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             4.0,
             Box::new(move |be, t| {
                 let run = || be.attention_sage(&t[0], &t[1], &t[2], &mask, scale);
-                if reference {
-                    with_reference_attention(be, run)
-                } else {
-                    run()
+                match path {
+                    Sage => run(),
+                    Bf16Pv => with_sage_bf16_pv(be, run),
+                    Reference => with_reference_attention(be, run),
                 }
             }),
         ));
@@ -804,6 +814,30 @@ pub fn cases(suite: Suite) -> Vec<Case> {
 
 /// Runs `f` with the CUDA backend's attention on its reference kernels (flash v2, row-wise for
 /// the wide heads); on other backends just `f`.
+/// Which Sage kernels a selftest case runs.
+#[derive(Clone, Copy)]
+enum SagePath {
+    /// The backend's choice for the card.
+    Default,
+    /// P·V on bf16 tensor cores (the sm_80/86 kernels) whatever the card.
+    Bf16Pv,
+    /// The row-wise reference.
+    Reference,
+}
+
+/// Run `f` with Sage's P·V on bf16 tensor cores on the CUDA backend (the Ampere kernels, checked on
+/// every card); other backends run `f` as is.
+pub fn with_sage_bf16_pv(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(c) = be.as_any().downcast_ref::<crate::backend::cuda::CudaBackend>() {
+        c.set_sage_bf16_pv(true);
+        let r = f();
+        c.set_sage_bf16_pv(false);
+        return r;
+    }
+    f()
+}
+
 pub fn with_reference_attention(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(c) = be.as_any().downcast_ref::<crate::backend::cuda::CudaBackend>() {

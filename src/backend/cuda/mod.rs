@@ -157,6 +157,9 @@ pub struct CudaDevice {
     /// Attention runs the previous kernel versions (flash v2, row-wise for wide heads): the
     /// references the selftest and `flux2 profile attention` compare against.
     reference_attention: AtomicBool,
+    /// Sage attention's P·V on bf16 tensor cores even where e4m3 ones exist (the sm_80/86 kernels,
+    /// so the selftest checks them on every card).
+    sage_bf16_pv: AtomicBool,
     health: health::HealthWord,
 }
 
@@ -337,6 +340,7 @@ impl CudaBackend {
             budget: AtomicUsize::new(0),
             poison: AtomicBool::new(false),
             reference_attention: AtomicBool::new(false),
+            sage_bf16_pv: AtomicBool::new(false),
             health: health::HealthWord::default(),
         };
         Ok(CudaBackend { dev: Arc::new(dev) })
@@ -357,6 +361,12 @@ impl CudaBackend {
     /// false restores the default.
     pub fn set_reference_attention(&self, on: bool) {
         self.dev.reference_attention.store(on, Ordering::Relaxed);
+    }
+
+    /// Run Sage attention's P·V on bf16 tensor cores (the sm_80/86 kernels) on any card; false
+    /// restores the default.
+    pub fn set_sage_bf16_pv(&self, on: bool) {
+        self.dev.sage_bf16_pv.store(on, Ordering::Relaxed);
     }
 
     /// Fill every new output buffer with NaN first (selftest: catches unwritten elements).

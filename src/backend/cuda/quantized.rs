@@ -176,7 +176,7 @@ pub(super) fn attention_sage(
     if (d == 64 || d == 128) && !reference && h <= 65535 && b <= 65535 && nq > 0 {
         // v2 (kernels/attention_sage_mma.cu): int8 codes of Q and K, e4m3 Vᵀ (codes for e4m3 mma,
         // bf16 values for bf16 mma), tensor cores.
-        let e4m3_pv = has_fp8_mma(be.dev.target);
+        let e4m3_pv = has_fp8_mma(be.dev.target) && !be.dev.sage_bf16_pv.load(std::sync::atomic::Ordering::Relaxed);
         let nk_pad = nk.div_ceil(64) * 64;
         let qc = be.output(DType::U8, &[b * nq * h * d])?;
         let kc = be.output(DType::U8, &[b * nk * hkv * d])?;
