@@ -49,6 +49,20 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return block_reduce<warp_max>(v, scratch, NEG_INFINITY_F);
 }
 
+// LayerNorm statistics of one row of c bf16 values, one block per row (two passes in f32): the
+// mean, and 1/sqrt(variance + eps) returned. `scratch` holds 32 floats.
+__device__ __forceinline__ float block_mean_rstd(const bf16* xr, int c, float eps, float* scratch, float& mean) {
+    float s = 0.f;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) s += to_f(xr[i]);
+    mean = block_sum(s, scratch) / c;
+    float v = 0.f;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+        float d = to_f(xr[i]) - mean;
+        v += d * d;
+    }
+    return rsqrtf(block_sum(v, scratch) / c + eps);
+}
+
 // Dynamic shared memory (the launch's sharedMemBytes), 16-byte aligned.
 template <typename T>
 __device__ __forceinline__ T* dynamic_smem() {

@@ -63,19 +63,23 @@ extern "C" __global__ void silu_bf16x8(const bf16* x, bf16* y, i64 n8) {
     }
 }
 
+// silu(g[0..8)) * g[m..m+8) into y[0..8): 8 columns of a SwiGLU row whose gate half starts at g.
+__device__ __forceinline__ void swiglu_x8(const bf16* g, int m, bf16* y) {
+    float a[8], b[8];
+    load_bf16x8(g, a);
+    load_bf16x8(g + m, b);
+#pragma unroll
+    for (int j = 0; j < 8; j++) a[j] = silu_f(a[j]) * b[j];
+    store_bf16x8(y, a);
+}
+
 // x rows `ld` elements apart -> y [rows, m] = silu(x[:, :m]) * x[:, m:2m]
 extern "C" __global__ void swiglu_bf16x8(const bf16* x, i64 ld, bf16* y, i64 rows, int m) {
     const int m8 = m / 8;
     GRID_STRIDE(i, rows * m8) {
         int c8;
         i64 r = div_rem(i, m8, c8);
-        const bf16* row = x + r * ld + 8 * c8;
-        float a[8], b[8];
-        load_bf16x8(row, a);
-        load_bf16x8(row + m, b);
-#pragma unroll
-        for (int j = 0; j < 8; j++) a[j] = silu_f(a[j]) * b[j];
-        store_bf16x8(y + r * m + 8 * c8, a);
+        swiglu_x8(x + r * ld + 8 * c8, m, y + r * m + 8 * c8);
     }
 }
 
@@ -93,13 +97,7 @@ extern "C" __global__ void swiglu_concat_bf16x8(const bf16* prefix, const bf16* 
         if (c < p) {
             *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(prefix + r * p + c);
         } else {
-            const bf16* row = x + r * ld + (c - p);
-            float a[8], b[8];
-            load_bf16x8(row, a);
-            load_bf16x8(row + m, b);
-#pragma unroll
-            for (int j = 0; j < 8; j++) a[j] = silu_f(a[j]) * b[j];
-            store_bf16x8(dst, a);
+            swiglu_x8(x + r * ld + (c - p), m, dst);
         }
     }
 }

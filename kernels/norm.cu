@@ -10,15 +10,8 @@ extern "C" __global__ void layer_norm_bf16(const bf16* x, bf16* y, int c, float 
     __shared__ float scratch[32];
     i64 row = blockIdx.x;
     const bf16* xr = x + row * c;
-    float s = 0.f;
-    for (int i = threadIdx.x; i < c; i += blockDim.x) s += to_f(xr[i]);
-    float mean = block_sum(s, scratch) / c;
-    float v = 0.f;
-    for (int i = threadIdx.x; i < c; i += blockDim.x) {
-        float d = to_f(xr[i]) - mean;
-        v += d * d;
-    }
-    float inv = rsqrtf(block_sum(v, scratch) / c + eps);
+    float mean;
+    const float inv = block_mean_rstd(xr, c, eps, scratch, mean);
     i64 b = row / rows_per_sample;
     for (int i = threadIdx.x; i < c; i += blockDim.x) {
         float n = (to_f(xr[i]) - mean) * inv;

@@ -197,15 +197,8 @@ extern "C" __global__ void layer_norm_modulate_e4m3_bf16(const bf16* x, const bf
     __shared__ float scratch[32];
     const i64 row = blockIdx.x, b = row / rows_per_sample;
     const bf16* xr = x + row * cols;
-    float s = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) s += to_f(xr[i]);
-    const float mean = block_sum(s, scratch) / cols;
-    float v = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        float d = to_f(xr[i]) - mean;
-        v += d * d;
-    }
-    const float inv = rsqrtf(block_sum(v, scratch) / cols + eps);
+    float mean;
+    const float inv = block_mean_rstd(xr, cols, eps, scratch, mean);
     auto value = [&](int i) {
         float n = (to_f(xr[i]) - mean) * inv;
         return to_f(to_bf(n * (1.f + to_f(scale[b * scale_s + i])) + to_f(shift[b * shift_s + i])));

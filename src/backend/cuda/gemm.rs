@@ -45,16 +45,29 @@ pub(super) fn gemm(
     }
     let (bp, mode) = bias.args();
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
-    if k.is_multiple_of(8) && a.is_multiple_of(16) && w.is_multiple_of(16) && m.div_ceil(128) <= 65535 {
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(be.dev, "gemm_mma_bf16", cfg, a, w, bp, mode, c, m32, n32, k32, ldc as i64)
-    } else {
-        launch!(be.dev, "gemm_tiled_bf16", tiled_16x16("gemm", m, n)?, a, w, bp, mode, c, m32, n32, k32, ldc as i64)
+    match bf16_mma_grid(a, w, m, n, k) {
+        Some(cfg) => launch!(be.dev, "gemm_mma_bf16", cfg, a, w, bp, mode, c, m32, n32, k32, ldc as i64),
+        None => {
+            launch!(be.dev, "gemm_tiled_bf16", tiled_16x16("gemm", m, n)?, a, w, bp, mode, c, m32, n32, k32, ldc as i64)
+        }
     }
+}
+
+/// Grid of the 128x128-tile tensor-core GEMMs (kernels/mma_tile.cuh): one 256-thread block per
+/// output tile, rows on the y axis; None when the rows exceed one grid.
+pub(super) fn mma_tile_grid(m: usize, n: usize) -> Option<LaunchConfig> {
+    (m.div_ceil(128) <= 65535).then(|| LaunchConfig {
+        grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// The grid of a bf16 tensor-core GEMM (`gemm_mma_bf16` and its gated-epilogue twin) when its
+/// operands allow it: K % 8 == 0 and A, W 16-byte aligned.
+fn bf16_mma_grid(a: u64, w: u64, m: usize, n: usize, k: usize) -> Option<LaunchConfig> {
+    let operands = k.is_multiple_of(8) && a.is_multiple_of(16) && w.is_multiple_of(16);
+    operands.then(|| mma_tile_grid(m, n)).flatten()
 }
 
 /// Grid of the 16x16-tile CUDA-core GEMMs (bf16 fallback, weight-only quantized, W8A8): one block
@@ -109,22 +122,19 @@ pub(super) fn linear_gated_add(
     let (_w, wp) = be.bf16_arg(w, "linear_gated_add")?;
     let (_x, xp) = be.bf16_arg(x, "linear_gated_add")?;
     let (_g, gp, gs) = be.vec_arg(gate, "linear_gated_add")?;
-    let fused = k % 8 == 0 && ap % 16 == 0 && wp % 16 == 0 && m.div_ceil(128) <= 65535 && x.dim(1) <= i32::MAX as usize;
-    if !fused {
-        let y = linear(be, a, w, bias)?;
-        return super::pointwise::gated_add(be, x, gate, &y);
-    }
+    let cfg = match bf16_mma_grid(ap, wp, m, n, k) {
+        Some(cfg) if x.dim(1) <= i32::MAX as usize => cfg,
+        _ => {
+            let y = linear(be, a, w, bias)?;
+            return super::pointwise::gated_add(be, x, gate, &y);
+        }
+    };
     let b = bias.map(|b| be.bf16_arg(b, "linear_gated_add")).transpose()?;
     let bp = b.as_ref().map_or(0, |(_, p)| *p);
     let out = be.output(DType::BF16, x.shape())?;
     if m == 0 || n == 0 {
         return Ok(out);
     }
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let (l, op) = (x.dim(1) as i32, be.ptr(&out)?);
     launch!(be.dev, "gemm_mma_gated_bf16", cfg, ap, wp, bp, xp, gp, gs, l, op, m as i32, n as i32, k as i32)?;
     Ok(out)
@@ -158,16 +168,10 @@ pub(super) fn linear_quantized(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bi
     }
     let (fmt, group) = (w.format.id(), w.format.group() as i32);
     let group_ok = !matches!(w.format, crate::quant::QuantFormat::Int4 { group } if group % 16 != 0);
-    let tensor_cores = k % 16 == 0 && xp % 16 == 0 && codes % 16 == 0 && group_ok && m.div_ceil(128) <= 65535;
-    let (kernel, cfg) = if tensor_cores {
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        ("gemm_wq_mma_bf16", cfg)
-    } else {
-        ("gemm_wq_tiled_bf16", tiled_16x16("linear_quantized", m, n)?)
+    let operands = k.is_multiple_of(16) && xp.is_multiple_of(16) && codes.is_multiple_of(16) && group_ok;
+    let (kernel, cfg) = match operands.then(|| mma_tile_grid(m, n)).flatten() {
+        Some(cfg) => ("gemm_wq_mma_bf16", cfg),
+        None => ("gemm_wq_tiled_bf16", tiled_16x16("linear_quantized", m, n)?),
     };
     launch!(
         be.dev,

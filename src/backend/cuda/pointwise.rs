@@ -10,7 +10,7 @@ use crate::tensor::Tensor;
 
 /// The v2 (x8) element-wise kernels apply: every pointer 16-byte aligned, every length and row
 /// stride (in elements) a multiple of 8.
-fn vec8(ptrs: &[u64], lens: &[i64]) -> bool {
+pub(super) fn vec8(ptrs: &[u64], lens: &[i64]) -> bool {
     ptrs.iter().all(|p| p % 16 == 0) && lens.iter().all(|n| n % 8 == 0)
 }
 
@@ -46,6 +46,15 @@ fn row_stride(x: &Tensor) -> Option<usize> {
     Some(ld)
 }
 
+/// Pointer and row stride of a bf16 view whose rows the x8 kernels can read in place (see
+/// `row_stride`); None for other layouts and dtypes.
+fn bf16_rows(be: &CudaBackend, x: &Tensor) -> Result<Option<(u64, usize)>> {
+    match (row_stride(x), x.dtype()) {
+        (Some(ld), DType::BF16) => Ok(Some((be.ptr(x)?, ld))),
+        _ => Ok(None),
+    }
+}
+
 /// silu(x[.., :m]) · x[.., m:]: the v2 kernel reads a strided view (the DiT's slice of its fused
 /// projection) in place; otherwise the view is made dense first.
 pub(super) fn swiglu(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
@@ -54,8 +63,7 @@ pub(super) fn swiglu(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
     *shape.last_mut().unwrap() = m;
     let out = be.output(DType::BF16, &shape)?;
     let (rows, op) = (x.rows(), be.ptr(&out)?);
-    if let (Some(ld), DType::BF16) = (row_stride(x), x.dtype()) {
-        let xp = be.ptr(x)?;
+    if let Some((xp, ld)) = bf16_rows(be, x)? {
         if vec8(&[xp, op], &[ld as i64, m as i64]) {
             launch!(be.dev, "swiglu_bf16x8", grid_1d(rows * m / 8), xp, ld as i64, op, rows as i64, m as i32)?;
             return Ok(out);
@@ -83,8 +91,7 @@ pub(super) fn swiglu_concat(be: &CudaBackend, prefix: &Tensor, x: &Tensor) -> Re
     let (_pre, pp) = be.bf16_arg(prefix, "swiglu_concat")?;
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = p + m;
-    if let (Some(ld), DType::BF16) = (row_stride(x), x.dtype()) {
-        let xp = be.ptr(x)?;
+    if let Some((xp, ld)) = bf16_rows(be, x)? {
         let out = be.output(DType::BF16, &shape)?;
         let (rows, op) = (x.rows(), be.ptr(&out)?);
         if vec8(&[pp, xp, op], &[ld as i64, m as i64, p as i64]) {

@@ -43,9 +43,10 @@ pub(super) fn linear_fp8(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bias: Op
     Ok(out)
 }
 
-/// v2 of the FP8 linear applies: e4m3 tensor cores in the image, K in 16-byte rows of codes.
+/// v2 of the FP8 linear applies: e4m3 tensor cores in the image, K in 16-byte rows of codes, the
+/// rows within one grid of the tensor-core tile.
 fn fp8_mma_applies(be: &CudaBackend, m: usize, k: usize) -> bool {
-    has_fp8_mma(be.dev.target) && k.is_multiple_of(16) && m.div_ceil(128) <= 65535
+    has_fp8_mma(be.dev.target) && k.is_multiple_of(16) && super::gemm::mma_tile_grid(m, 1).is_some()
 }
 
 /// `gemm_w8a8_mma_e4m3`: out [m, n] from per-token e4m3 codes `qp` with scales `asp`.
@@ -62,11 +63,8 @@ fn w8a8_mma(
     k: usize,
 ) -> Result<()> {
     let scales = w.scales.as_ref().ok_or_else(|| Error::Gpu("fp8 weight without scales".into()))?;
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = super::gemm::mma_tile_grid(m, n)
+        .ok_or_else(|| Error::shape("linear_fp8", format!("{m} rows exceed one grid of the tensor-core tile")))?;
     let (wp, sp, op) = (be.ptr(&w.data)?, be.ptr(scales)?, be.ptr(out)?);
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
     launch!(be.dev, "gemm_w8a8_mma_e4m3", cfg, qp, asp, wp, sp, bp, op, m32, n32, k32, n as i64)

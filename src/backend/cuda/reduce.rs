@@ -158,7 +158,7 @@ pub(super) fn group_norm(
     let out = be.output(DType::BF16, x.shape())?;
     let (n, op) = (x.numel(), be.ptr(&out)?);
     // v2 (8 pixels of one channel per thread) for planes of a multiple of 8 pixels.
-    if hw % 8 == 0 && hw <= i32::MAX as usize && xp % 16 == 0 && op % 16 == 0 {
+    if super::pointwise::vec8(&[xp, op], &[hw as i64]) && hw <= i32::MAX as usize {
         let (c, g, hw, silu) = (c as i32, groups as i32, hw as i32, silu as i32);
         let n8 = (n / 8) as i64;
         launch!(be.dev, "group_norm_apply_bf16x8", grid_1d(n / 8), xp, mp, wp, bp, op, c, g, hw, silu, n8)?;
