@@ -104,6 +104,28 @@ fn every_available_path_matches_the_reference_on_ragged_shapes() {
     }
 }
 
+/// The paths reuse their packing buffers between calls (v4: activations, weight panels): a
+/// product whose operands are all NaN leaves those buffers full of NaN, and the smaller ragged
+/// products after it must not see any of it (padding rows, pairs and columns rewritten).
+#[test]
+fn reused_buffers_never_leak_into_a_later_product() {
+    let paths: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
+    let (m, k, n) = (70, 4100, 300);
+    let (poison_w, _) = weight_tensor(&vec![f32::NAN; n * k], DType::BF16, n, k);
+    let poison_x = Tensor::from_f32(vec![f32::NAN; m * k], &[m, k]).unwrap();
+    for &isa in &paths {
+        mixed_gemm::linear(isa, &poison_x, &poison_w, None).unwrap();
+        for (s, &(m, k, n)) in [(5, 33, 17), (13, 34, 64), (40, 258, 100)].iter().enumerate() {
+            let x = random(40 + s as u64, m * k, 1.0);
+            let w = random(50 + s as u64, n * k, 0.05);
+            let (wt, wf) = weight_tensor(&w, DType::BF16, n, k);
+            let y = mixed_gemm::linear(isa, &Tensor::from_f32(x.clone(), &[m, k]).unwrap(), &wt, None).unwrap();
+            let rel = if isa == Isa::Avx512Bf16 || isa == Isa::Amx { 2f64.powi(-8) } else { 1e-5 };
+            check(&format!("after NaN, {} {m}x{k}x{n}", isa.name()), &y.to_vec_f32().unwrap(), &x, &wf, m, k, n, rel);
+        }
+    }
+}
+
 #[test]
 fn f32_precision_widens_and_bf16_precision_keeps_the_map() {
     let dir = tempfile::tempdir().unwrap();

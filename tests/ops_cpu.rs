@@ -84,6 +84,32 @@ fn activations() {
     assert!(cpu().swiglu(&t(&[1., 2., 3.], &[1, 3])).is_err());
 }
 
+/// The single block's join: the attention output beside SwiGLU of the MLP half of the fused
+/// projection (a row-strided view), by hand; a permuted (not row-strided) x takes the
+/// composition and gives the same values; mismatched leading shapes are an error.
+#[test]
+fn swiglu_concat_reads_strided_rows() {
+    let silu = |v: f32| v / (1. + (-v).exp());
+    // Two rows of [q q | gate gate value value]: the view skips the first two columns.
+    let fused = t(&[9., 9., 1., -2., 0.5, 3., 8., 8., 2., 0., -1., 4.], &[1, 2, 6]);
+    let x = fused.narrow(2, 2, 4).unwrap();
+    let prefix = t(&[7., 6.], &[1, 2, 1]);
+    let want = [7., silu(1.) * 0.5, silu(-2.) * 3., 6., silu(2.) * -1., silu(0.) * 4.];
+    for be in [
+        CpuBackend::new(),
+        CpuBackend::with_precision(flux2::backend::cpu::CpuPrecision::Bf16, flux2::backend::cpu::Isa::best()),
+    ] {
+        let y = be.swiglu_concat(&prefix, &x).unwrap();
+        assert_eq!(y.shape(), &[1, 2, 3]);
+        assert_close(&y.to_vec_f32().unwrap(), &want, 1e-5);
+    }
+    // [1, 4, 2] permuted to [1, 2, 4]: rows are not contiguous.
+    let columns = t(&[1., 2., -2., 0., 0.5, -1., 3., 4.], &[1, 4, 2]).permute(&[0, 2, 1]).unwrap();
+    let y = cpu().swiglu_concat(&prefix, &columns).unwrap();
+    assert_close(&y.to_vec_f32().unwrap(), &want, 1e-5);
+    assert!(cpu().swiglu_concat(&t(&[1., 2., 3.], &[1, 3, 1]), &x).is_err());
+}
+
 #[test]
 fn residual_ops() {
     let x = t(&[1., 2., 3., 4.], &[2, 1, 2]);

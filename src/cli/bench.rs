@@ -50,6 +50,9 @@ pub struct BenchArgs {
     pub height: usize,
     #[arg(long, default_value_t = 10)]
     pub reps: usize,
+    /// gemm suite: the token counts (rows) to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [512, 4096, 4608])]
+    pub rows: Vec<usize>,
     /// Reference images (of the output size) for the pipeline suite's KV-cache measurement.
     #[arg(long, default_value_t = 1)]
     pub kv_refs: usize,
@@ -179,7 +182,7 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
         "M", "K", "N", "bf16 ms", "TF/s", "fp8 ms", "TF/s", "fp8/bf16", "int8w ms", "q4_k ms"
     );
     let mut out = Vec::new();
-    for rows in [512, 4096, 4608] {
+    for &rows in &args.rows {
         for w in &weights {
             let (k, n) = (w.k, w.n);
             let x = random(be, "x", &[rows, k], 1.0)?;
@@ -345,10 +348,16 @@ fn bench_dit(be: std::sync::Arc<dyn Backend>, args: &BenchArgs) -> Result<Vec<se
     println!("{:<14} {:>10} {:>10}", "mode", "ms/forward", "TFLOP/s");
     let mut rows = Vec::new();
     // One load per precision; the attention mode switches on the loaded model.
-    for (precision, attentions) in [
-        (TransformerPrecision::Bf16, &[AttentionMode::Exact][..]),
-        (TransformerPrecision::Fp8, &[AttentionMode::Exact, AttentionMode::Sage][..]),
-    ] {
+    // On the CPU the FP8 and Sage paths are exact emulations (references, not fast paths): only
+    // the bf16 forward is timed there.
+    let modes: &[(TransformerPrecision, &[AttentionMode])] = match be.kind() {
+        DeviceKind::Cpu => &[(TransformerPrecision::Bf16, &[AttentionMode::Exact])],
+        _ => &[
+            (TransformerPrecision::Bf16, &[AttentionMode::Exact]),
+            (TransformerPrecision::Fp8, &[AttentionMode::Exact, AttentionMode::Sage]),
+        ],
+    };
+    for &(precision, attentions) in modes {
         let compute = Compute { precision: Some(precision), attention: AttentionMode::Exact };
         let mut model = Flux2Transformer::load_with(be.clone(), model, None, compute)?;
         let cfg = model.config().clone();
@@ -484,6 +493,9 @@ pub struct ProfileArgs {
     pub dim: usize,
     #[arg(long, default_value_t = 10)]
     pub reps: usize,
+    /// gemm suite: the token counts (rows) to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [512, 4096, 4608])]
+    pub rows: Vec<usize>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     /// The q/k/v generator: dit (RMS-normed q/k with outlier channels, k offsets) or gaussian.

@@ -45,6 +45,74 @@ pub fn swiglu(x: &Tensor, fast: bool) -> Result<Tensor> {
     output(y, &shape)
 }
 
+/// `concat([prefix, swiglu(x)], last dim)` in one pass, reading x's rows where they are (the
+/// single block's MLP half of its fused projection is a row-strided view): no dense copy of x,
+/// no separate activation tensor. `None` where x is not rows of contiguous f32 values or the
+/// leading shapes differ (the composition then runs, and reports any shape error).
+pub fn swiglu_concat(prefix: &Tensor, x: &Tensor, fast: bool) -> Result<Option<Tensor>> {
+    let m = check::swiglu(x)?;
+    let rank = x.rank();
+    let Some((data, offset, ld)) = strided_rows(x) else { return Ok(None) };
+    if prefix.rank() != rank || prefix.shape()[..rank - 1] != x.shape()[..rank - 1] {
+        return Ok(None);
+    }
+    let p = prefix.dim(rank - 1);
+    let pv = dense("swiglu_concat", prefix)?;
+    let (rows, width) = (x.numel() / (2 * m).max(1), p + m);
+    let mut y: Vec<f32> = Vec::with_capacity(rows * width);
+    y.spare_capacity_mut().par_chunks_mut(width.max(1)).enumerate().for_each(|(r, out)| {
+        let (head, act) = out.split_at_mut(p);
+        head.iter_mut().zip(&pv[r * p..(r + 1) * p]).for_each(|(o, &v)| {
+            o.write(v);
+        });
+        let (gate, value) = data[offset + r * ld..offset + r * ld + 2 * m].split_at(m);
+        let pairs = act.iter_mut().zip(gate.iter().zip(value));
+        match fast {
+            true => fast_math::vectorised(|| {
+                pairs.for_each(|(o, (&g, &v))| {
+                    o.write(fast_math::silu(g) * v);
+                })
+            }),
+            false => pairs.for_each(|(o, (&g, &v))| {
+                o.write(silu_f32(g) * v);
+            }),
+        }
+    });
+    // SAFETY: every row's `width` values were written above.
+    unsafe { y.set_len(rows * width) };
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = width;
+    output(y, &shape).map(Some)
+}
+
+/// An f32 tensor as rows of its last axis, each contiguous, the rows `ld` values apart: its
+/// storage, the first row's offset and `ld`; `None` for any other layout.
+fn strided_rows(x: &Tensor) -> Option<(&[f32], usize, usize)> {
+    let Some(crate::tensor::CpuStorage::F32(data)) = x.cpu_storage() else { return None };
+    let (shape, strides) = (x.shape(), x.strides());
+    let rank = shape.len();
+    if rank == 0 || (shape[rank - 1] > 1 && strides[rank - 1] != 1) {
+        return None;
+    }
+    // The leading axes must merge into one of stride ld (axes of size 1 have any stride).
+    let mut ld = None;
+    let mut expect = 0;
+    for d in (0..rank - 1).rev() {
+        if shape[d] == 1 {
+            continue;
+        }
+        match ld {
+            None => {
+                ld = Some(strides[d]);
+                expect = strides[d] * shape[d];
+            }
+            Some(_) if strides[d] == expect => expect *= shape[d],
+            Some(_) => return None,
+        }
+    }
+    Some((&data[..], x.offset(), ld.unwrap_or(shape[rank - 1])))
+}
+
 /// Row-wise op over x `[B, L, C]` with per-sample vectors `[B, C]`: `f(row, out, x, vectors)`
 /// is called for every row, with the vectors of that row's sample.
 fn per_sample_rows(

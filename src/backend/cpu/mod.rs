@@ -246,6 +246,13 @@ impl Backend for CpuBackend {
         elementwise::swiglu(x, self.precision == CpuPrecision::Bf16)
     }
 
+    fn swiglu_concat(&self, prefix: &Tensor, x: &Tensor) -> Result<Tensor> {
+        match elementwise::swiglu_concat(prefix, x, self.precision == CpuPrecision::Bf16)? {
+            Some(joined) => Ok(joined),
+            None => self.concat(&[prefix, &self.swiglu(x)?], prefix.rank().saturating_sub(1)),
+        }
+    }
+
     fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
         check::same_shape("axpby", x, y)?;
         let (xv, yv) = (dense("axpby", x)?, dense("axpby", y)?);

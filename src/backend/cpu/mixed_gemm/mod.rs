@@ -103,15 +103,29 @@ fn column_blocks(n: usize, nr: usize, max: usize) -> Vec<(usize, usize)> {
 /// `y[:, col0..col0 + n] = x[m×k] · wᵀ` on the chosen path, `y` row-major with `ldy` columns.
 /// `isa` must be available (`Isa::available`).
 pub(crate) fn matmul(isa: Isa, m: usize, x: &[f32], w: &Weights, y: &mut [f32], col0: usize, ldy: usize) {
+    assert!(y.len() == m * ldy && col0 + w.n <= ldy);
+    // SAFETY: col0 + n <= ldy, so every write stays inside y.
+    unsafe { matmul_to(isa, m, x, w, OutPtr { ptr: y.as_mut_ptr().add(col0), ld: ldy }) }
+}
+
+/// Whether `matmul` on `isa` writes every element of its output (rather than adding to it or
+/// leaving some), so the output needs no zeroing first: v4 stores whole accumulator tiles.
+fn writes_every_output(isa: Isa, w: &Weights) -> bool {
+    cfg!(target_arch = "x86_64") && isa == Isa::Amx && matches!(w.dtype, DType::BF16 | DType::F8E4M3) && w.k > 0
+}
+
+/// `matmul` into `out`: m rows of `out.ld` values from `out.ptr`, columns 0..w.n written.
+///
+/// # Safety
+/// `out` must point to m rows of `out.ld` ≥ `w.n` writable values, with no other writer.
+unsafe fn matmul_to(isa: Isa, m: usize, x: &[f32], w: &Weights, out: OutPtr) {
     let (n, k) = (w.n, w.k);
-    assert!(x.len() == m * k && y.len() == m * ldy && col0 + n <= ldy);
+    assert!(x.len() == m * k && n <= out.ld);
     assert!(w.bytes.len() == n * k * w.dtype.size_in_bytes());
     assert!(isa.available(), "{} is not available on this CPU", isa.name());
     if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: col0 + n <= ldy, so every write stays inside y.
-    let out = OutPtr { ptr: unsafe { y.as_mut_ptr().add(col0) }, ld: ldy };
     match isa {
         Isa::Portable => {
             column_blocks(n, 16, 256).into_par_iter().for_each(|(j0, j1)| v1_portable::block(m, x, w, j0, j1, out))
@@ -139,10 +153,10 @@ pub(crate) fn matmul(isa: Isa, m: usize, x: &[f32], w: &Weights, y: &mut [f32], 
         }
         // f16 weights are not exact in bf16: widen them to f32 on the AVX2 path.
         #[cfg(target_arch = "x86_64")]
-        Isa::Amx => matmul(Isa::Avx2Fma, m, x, w, y, col0, ldy),
+        Isa::Amx => matmul_to(Isa::Avx2Fma, m, x, w, out),
         // f16 and fp8 weights are not bf16: widen them to f32 (exact) on the AVX2 path.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Bf16 => matmul(Isa::Avx2Fma, m, x, w, y, col0, ldy),
+        Isa::Avx512Bf16 => matmul_to(Isa::Avx2Fma, m, x, w, out),
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("only the portable path is available off x86-64"),
     }
@@ -285,12 +299,22 @@ pub fn linear(isa: Isa, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result
         return Err(Error::Unsupported(format!("the {} GEMM path needs a CPU feature this one lacks", isa.name())));
     }
     let xv = dense("linear", x)?;
-    let mut y = vec![0f32; m * n];
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    if !pieces.iter().all(|w| writes_every_output(isa, w)) {
+        y.resize(m * n, 0.0);
+    }
+    // Written through a raw pointer: when y is still uninitialised, every element is written
+    // before set_len makes it visible (the pieces cover all n columns).
+    let base = y.as_mut_ptr();
     let mut col0 = 0;
     for piece in &pieces {
-        matmul(isa, m, &xv, piece, &mut y, col0, n);
+        // SAFETY: col0 + piece.n <= n; the allocation holds m·n values.
+        unsafe { matmul_to(isa, m, &xv, piece, OutPtr { ptr: base.add(col0), ld: n }) };
         col0 += piece.n;
     }
+    assert_eq!(col0, n, "the weight's pieces cover its rows");
+    // SAFETY: all m·n values were written (or zeroed) above.
+    unsafe { y.set_len(m * n) };
     if let Some(b) = bias {
         let bv = dense("linear", b)?;
         y.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(bv.iter()).for_each(|(y, b)| *y += b));

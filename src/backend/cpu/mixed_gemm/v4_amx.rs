@@ -59,9 +59,23 @@ unsafe fn xcr0() -> u64 {
 
 /// Activations as bf16 pairs, tile by tile: for each block of 16 rows (m rounded up to MR) and
 /// each step of 16 pairs (⌈k/2⌉ rounded up), one contiguous 16 × 16 u32 tile; zero-padded.
+/// The buffer goes back to `ACTIVATION_BUFFER` when dropped, so the next GEMM reuses its pages
+/// instead of faulting in (and zeroing) megabytes of fresh memory.
 pub(super) struct Activations {
     data: Vec<u32>,
     steps: usize,
+}
+
+/// One spare activation buffer, the largest seen; GEMMs that overlap allocate their own.
+static ACTIVATION_BUFFER: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+impl Drop for Activations {
+    fn drop(&mut self) {
+        let mut spare = ACTIVATION_BUFFER.lock().unwrap_or_else(|e| e.into_inner());
+        if self.data.capacity() > spare.capacity() {
+            *spare = std::mem::take(&mut self.data);
+        }
+    }
 }
 
 pub(super) const TILE: usize = 16 * PAIRS;
@@ -76,16 +90,24 @@ pub(super) fn pack_activations(m: usize, k: usize, x: &[f32]) -> Activations {
 pub(super) fn pack_rows(m: usize, k: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Activations {
     let steps = k.div_ceil(2).div_ceil(PAIRS);
     let blocks = m.div_ceil(MR) * (MR / 16);
-    let mut data = vec![0u32; blocks * steps * TILE];
+    let mut data = std::mem::take(&mut *ACTIVATION_BUFFER.lock().unwrap_or_else(|e| e.into_inner()));
+    // Every element in use is written below (rows past m as zeros), so a reused buffer's old
+    // contents never show through; only growth is zero-filled.
+    data.truncate(blocks * steps * TILE);
+    data.resize(blocks * steps * TILE, 0);
     data.par_chunks_mut((steps * TILE).max(1)).enumerate().for_each(|(b, dst)| {
         let (mut buf, mut pairs) = (vec![0f32; k], vec![0u32; steps * PAIRS]);
-        for r in 0..16.min(m.saturating_sub(16 * b)) {
+        let rows = 16.min(m.saturating_sub(16 * b));
+        for r in 0..rows {
             fill(16 * b + r, &mut buf);
             // SAFETY: this path is only chosen when available() saw AMX (so AVX-512 BF16 too).
             unsafe { super::v3_avx512bf16::pack_row(&buf, &mut pairs) };
             for (s, chunk) in pairs.chunks_exact(PAIRS).enumerate() {
                 dst[s * TILE + r * PAIRS..s * TILE + (r + 1) * PAIRS].copy_from_slice(chunk);
             }
+        }
+        for s in 0..steps {
+            dst[s * TILE + rows * PAIRS..(s + 1) * TILE].fill(0);
         }
     });
     Activations { data, steps }
@@ -215,11 +237,14 @@ pub(super) unsafe fn pack_weights(w: &Weights) -> Panels {
 pub(super) unsafe fn block(m: usize, xb: &Activations, w: &Weights, j0: usize, j1: usize, out: OutPtr) {
     let panels = (j1 - j0).div_ceil(NR);
     let panel_len = xb.steps * 2 * TILE;
-    let mut packed = vec![0u32; panels * panel_len];
+    // A per-thread buffer, reused as it is: pack_panel writes every element.
+    let mut packed = PANELS.take();
+    packed.resize(panels * panel_len, 0);
     for p in 0..panels {
         pack_panel(w, j0 + p * NR, (j1 - j0 - p * NR).min(NR), &mut packed[p * panel_len..(p + 1) * panel_len]);
     }
-    compute(m, xb, &packed, j0, j1, out)
+    compute(m, xb, &packed[..panels * panel_len], j0, j1, out);
+    PANELS.set(packed);
 }
 
 /// `block` on panels packed beforehand; `j0` a multiple of NR.
@@ -294,6 +319,8 @@ unsafe fn compute(m: usize, xb: &Activations, packed: &[u32], j0: usize, j1: usi
 thread_local! {
     /// `compute`'s accumulator buffer, kept per worker thread.
     static ACCUMULATORS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// `block`'s packed weight panels, kept per worker thread.
+    static PANELS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// A panel's finished accumulators at the edge of the output (rows past `m` or columns past
@@ -313,11 +340,18 @@ unsafe fn write_tiles(tiles: &[f32], m: usize, i0: usize, c0: usize, j1: usize, 
 
 /// Weight rows `n0..n0 + cols` as a panel of tiles: for each step of 16 pairs, the tile of
 /// columns 0–15 then that of 16–31, each 16 pairs × 16 columns; entry (p, c) holds elements 2p
-/// and 2p+1 of row n0 + c as bf16 (low half the even one). Columns and pairs past the ends stay zero.
+/// and 2p+1 of row n0 + c as bf16 (low half the even one). Columns and pairs past the ends are
+/// written as zeros: every element of `panel` is written, so the buffer may hold anything before.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pack_panel(w: &Weights, n0: usize, cols: usize, panel: &mut [u32]) {
     let k = w.k;
     if w.dtype == DType::BF16 && cols == NR && k.is_multiple_of(2) {
+        // The pairs past k/2 in the last step.
+        for p in k / 2..panel.len() / (2 * TILE) * PAIRS {
+            for c in 0..NR {
+                panel[slot(p, c)] = 0;
+            }
+        }
         // Sixteen rows at a time: gather one pair from each row per panel row.
         let row_bytes = (k * 2) as i32;
         let index = _mm512_mullo_epi32(
@@ -333,6 +367,7 @@ unsafe fn pack_panel(w: &Weights, n0: usize, cols: usize, panel: &mut [u32]) {
         }
         return;
     }
+    panel.fill(0);
     let mut row = vec![0f32; k];
     for c in 0..cols {
         w.row_f32(n0 + c, 0, &mut row);
