@@ -214,6 +214,33 @@ extern "C" __global__ void layer_norm_modulate_e4m3_bf16(const bf16* x, const bf
     if (threadIdx.x == 0) q_scale[row] = sc;
 }
 
+// SwiGLU (beside a prefix, p may be 0) + the FP8 linear's activation quantization in one pass (the
+// producer of v2's activations for the feed-forward's output projection): per row, the values of
+// [prefix | silu(gate) · value] rounded to bf16 as swiglu_concat_bf16x8 / swiglu_bf16x8 store them,
+// then scale = |row|max / 448 and the e4m3 codes, as quantize_rows_e4m3_bf16 computes them from the
+// stored activation. prefix [rows, p] dense; x rows `ld` apart, gate then value (m each). The bf16
+// activation itself is never written.
+extern "C" __global__ void swiglu_concat_e4m3_bf16(const bf16* prefix, int p, const bf16* x, i64 ld, int m,
+                                                   unsigned char* q, float* q_scale) {
+    __shared__ float scratch[32];
+    const i64 row = blockIdx.x;
+    const int cols = p + m;
+    const bf16* xr = x + row * ld;
+    auto value = [&](int i) {
+        if (i < p) return to_f(prefix[row * p + i]);
+        return to_f(to_bf(silu_f(to_f(xr[i - p])) * to_f(xr[i - p + m])));
+    };
+    float mx = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) mx = fmaxf(mx, fabsf(value(i)));
+    mx = block_max(mx, scratch);
+    const float sc = mx / 448.f, inv_s = sc > 0.f ? 1.f / sc : 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        __nv_fp8_e4m3 c(value(i) * inv_s);
+        q[row * cols + i] = c.__x;
+    }
+    if (threadIdx.x == 0) q_scale[row] = sc;
+}
+
 // Per row of x [rows, K]: scale = |x|max / 448 and the e4m3 codes of x / scale (v2's activations).
 extern "C" __global__ void quantize_rows_e4m3_bf16(const bf16* x, unsigned char* q, float* scale, int cols) {
     __shared__ float scratch[32];

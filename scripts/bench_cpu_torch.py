@@ -5,8 +5,10 @@
   table OUT_DIR SIDE...               the side-by-side table from both programs' JSON reports
 """
 
+import glob
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -79,28 +81,50 @@ def run(model, side, noise_path, out_path, prompt):
 
 
 def table(out_dir, sides):
+    """Each stage's median over the rounds (range in brackets when there are several), the ratio
+    of the medians, and in how many rounds flux2 was at or below torch."""
     gib = 1 << 30
-    print("| side | stage | flux2 bf16 | torch bf16 | flux2 / torch |")
-    print("|---|---|---|---|---|")
+    print("| side | stage | flux2 bf16 | torch bf16 | flux2 / torch (medians) | rounds flux2 ≤ torch |")
+    print("|---|---|---|---|---|---|")
+
+    def cell(values, unit):
+        med = statistics.median(values)
+        if len(values) == 1:
+            return f"{med:.1f} {unit}"
+        return f"{med:.1f} {unit} ({min(values):.1f}–{max(values):.1f})"
+
     for side in sides:
-        f = json.load(open(f"{out_dir}/flux2-{side}.json"))
-        t = json.load(open(f"{out_dir}/torch-{side}.json"))
-        fw = float(open(f"{out_dir}/flux2-{side}.wall").read().split()[-1])
-        tw = float(open(f"{out_dir}/torch-{side}.wall").read().split()[-1])
-        fs = f["runs"][0]["seconds"]
-        loads = sum(c["seconds"] for c in f["component_loads"])
-        rows = [
-            ("load", loads, t["load_seconds"]),
-            ("text encode", fs["encode"], t["seconds"].get("encode", 0.0)),
-            ("DiT forward", fs["denoise"], t["seconds"].get("denoise", 0.0)),
-            ("VAE decode", fs["decode"], t["seconds"].get("decode", 0.0)),
-            ("whole process (wall)", fw, tw),
-        ]
-        for name, a, b in rows:
-            print(f"| {side}² | {name} | {a:.1f} s | {b:.1f} s | {a / b if b else float('nan'):.2f}× |")
-        fm, tm = f["host_memory"], t
-        print(f"| {side}² | peak anonymous | {fm['peak_anonymous_bytes'] / gib:.2f} GiB | {tm['peak_anonymous_bytes'] / gib:.2f} GiB | |")
-        print(f"| {side}² | peak resident | {fm['peak_resident_bytes'] / gib:.2f} GiB | {tm['peak_resident_bytes'] / gib:.2f} GiB | |")
+        rounds = sorted(
+            int(p.rsplit("-r", 1)[1].split(".")[0]) for p in glob.glob(f"{out_dir}/flux2-{side}-r*.json")
+        )
+        stages = {name: ([], []) for name in ("load", "text encode", "DiT forward", "VAE decode", "whole process (wall)")}
+        anon, resident = ([], []), ([], [])
+        for r in rounds:
+            f = json.load(open(f"{out_dir}/flux2-{side}-r{r}.json"))
+            t = json.load(open(f"{out_dir}/torch-{side}-r{r}.json"))
+            fw = float(open(f"{out_dir}/flux2-{side}-r{r}.wall").read().split()[-1])
+            tw = float(open(f"{out_dir}/torch-{side}-r{r}.wall").read().split()[-1])
+            fs = f["runs"][0]["seconds"]
+            pairs = {
+                "load": (sum(c["seconds"] for c in f["component_loads"]), t["load_seconds"]),
+                "text encode": (fs["encode"], t["seconds"].get("encode", 0.0)),
+                "DiT forward": (fs["denoise"], t["seconds"].get("denoise", 0.0)),
+                "VAE decode": (fs["decode"], t["seconds"].get("decode", 0.0)),
+                "whole process (wall)": (fw, tw),
+            }
+            for name, (a, b) in pairs.items():
+                stages[name][0].append(a)
+                stages[name][1].append(b)
+            anon[0].append(f["host_memory"]["peak_anonymous_bytes"] / gib)
+            anon[1].append(t["peak_anonymous_bytes"] / gib)
+            resident[0].append(f["host_memory"]["peak_resident_bytes"] / gib)
+            resident[1].append(t["peak_resident_bytes"] / gib)
+        for name, (a, b) in stages.items():
+            ratio = statistics.median(a) / statistics.median(b) if statistics.median(b) else float("nan")
+            wins = sum(x <= y for x, y in zip(a, b))
+            print(f"| {side}² | {name} | {cell(a, 's')} | {cell(b, 's')} | {ratio:.2f}× | {wins}/{len(a)} |")
+        print(f"| {side}² | peak anonymous | {max(anon[0]):.2f} GiB | {max(anon[1]):.2f} GiB | | |")
+        print(f"| {side}² | peak resident | {max(resident[0]):.2f} GiB | {max(resident[1]):.2f} GiB | | |")
 
 
 if __name__ == "__main__":

@@ -293,6 +293,38 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             .untimed(),
         );
     }
+    // swiglu_linear_fp8: on sm_89+ images with K % 16 == 0 swiglu_concat_e4m3 quantizes
+    // [prefix | swiglu(slice of a fused projection)] before gemm_w8a8_mma_e4m3 (with a prefix as
+    // the single block's output projection, without as the double block's feed-forward); else
+    // (K = 12, older images) swiglu_concat / swiglu + linear_fp8. (B, L, prefix width, M, N, bias)
+    let swiglu_fp8: &[(usize, usize, usize, usize, usize, bool)] = match suite {
+        Suite::Full => &[(1, 300, 256, 512, 320, false), (2, 9, 0, 64, 24, true), (2, 5, 4, 8, 16, false)],
+        Suite::Small => &[(2, 70, 48, 80, 136, true), (2, 9, 0, 64, 24, true), (2, 5, 4, 8, 16, false)],
+    };
+    for &(b, l, p, m, n, bias) in swiglu_fp8 {
+        let k = p + m;
+        // The fused projection: 16 leading columns, then gate and value.
+        let mut inputs =
+            vec![act(&[b, l, p.max(1)]), act(&[b, l, 16 + 2 * m]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
+        if bias {
+            inputs.push(act(&[n]));
+        }
+        v.push(
+            case(
+                "swiglu_linear_fp8",
+                format!("[{b}, {l}, {p}] + swiglu of [{b}, {l}, {m}·2] · {n}x{k}ᵀ{}", if bias { " +bias" } else { "" }),
+                inputs,
+                4.0,
+                Box::new(move |be, t| {
+                    let q = quantize(&t[2].to_vec_f32()?, n, k, QuantFormat::Fp8)?;
+                    let x = t[1].narrow(2, 16, 2 * m)?;
+                    let prefix = (p > 0).then_some(&t[0]);
+                    be.swiglu_linear_fp8(prefix, &x, &be.load_quantized(&q)?, t.get(3))
+                }),
+            )
+            .untimed(),
+        );
+    }
     // sage_kv_sums, sage_kv_means_absmax, sage_block_absmax (Q and K), then for head dims 64/128
     // sage_quantize_int8 (Q, K) and on sm_89+ images sage_quantize_vt_e4m3 + attention_sage_mma_d{64,128},
     // on older ones (and on every card for "bf16-pv") sage_quantize_vt_e4m3_as_bf16 +

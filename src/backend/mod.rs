@@ -136,6 +136,24 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         self.linear_fp8(&self.layer_norm_modulate(x, shift, scale, eps)?, w, bias)
     }
 
+    /// `linear_fp8(swiglu_concat(prefix, x), w, bias)`, or `linear_fp8(swiglu(x), w, bias)` without
+    /// a prefix: the feed-forward's activation feeding an FP8 linear. This composition is the
+    /// reference; the CUDA backend quantizes the activation where SwiGLU makes it, without writing
+    /// it in bf16.
+    fn swiglu_linear_fp8(
+        &self,
+        prefix: Option<&Tensor>,
+        x: &Tensor,
+        w: &QuantTensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let act = match prefix {
+            Some(p) => self.swiglu_concat(p, x)?,
+            None => self.swiglu(x)?,
+        };
+        self.linear_fp8(&act, w, bias)
+    }
+
     /// SageAttention-style attention: smoothed K, int8 Q/K with per-64-token block scales, fp8 P
     /// and per-channel fp8 V, f32 accumulation (see `cpu::quantized`).
     fn attention_sage(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor>;

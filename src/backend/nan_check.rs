@@ -126,6 +126,20 @@ impl Backend for NanCheckBackend {
         self.checked("linear_quantized", self.inner.linear_quantized(x, w, bias), &inputs)
     }
 
+    fn swiglu_linear_fp8(
+        &self,
+        prefix: Option<&Tensor>,
+        x: &Tensor,
+        w: &QuantTensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let mut inputs = vec![("x", x)];
+        inputs.extend(prefix.map(|p| ("prefix", p)));
+        inputs.extend(bias.map(|b| ("bias", b)));
+        let out = self.inner.swiglu_linear_fp8(prefix, x, w, bias);
+        self.checked("swiglu_linear_fp8", out, &inputs)
+    }
+
     fn layer_norm_modulate_linear_fp8(
         &self,
         x: &Tensor,

@@ -109,6 +109,7 @@ const KERNELS: &[(&str, &[&str])] = &[
             "gemm_w8a8_tiled_bf16",
             "quantize_rows_e4m3_bf16",
             "layer_norm_modulate_e4m3_bf16",
+            "swiglu_concat_e4m3_bf16",
             "gemm_w8a8_mma_e4m3",
             "sage_kv_sums_bf16",
             "sage_kv_means_absmax_bf16",
@@ -622,6 +623,16 @@ impl Backend for CudaBackend {
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
         quantized::layer_norm_modulate_linear_fp8(self, x, shift, scale, eps, w, bias)
+    }
+
+    fn swiglu_linear_fp8(
+        &self,
+        prefix: Option<&Tensor>,
+        x: &Tensor,
+        w: &QuantTensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        quantized::swiglu_linear_fp8(self, prefix, x, w, bias)
     }
 
     fn attention_sage(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {

@@ -48,7 +48,7 @@ fn row_stride(x: &Tensor) -> Option<usize> {
 
 /// Pointer and row stride of a bf16 view whose rows the x8 kernels can read in place (see
 /// `row_stride`); None for other layouts and dtypes.
-fn bf16_rows(be: &CudaBackend, x: &Tensor) -> Result<Option<(u64, usize)>> {
+pub(super) fn bf16_rows(be: &CudaBackend, x: &Tensor) -> Result<Option<(u64, usize)>> {
     match (row_stride(x), x.dtype()) {
         (Some(ld), DType::BF16) => Ok(Some((be.ptr(x)?, ld))),
         _ => Ok(None),

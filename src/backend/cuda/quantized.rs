@@ -106,6 +106,62 @@ pub(super) fn layer_norm_modulate_linear_fp8(
     Ok(out)
 }
 
+/// The feed-forward's activation feeding an FP8 linear, `[prefix | swiglu(x)]` (or `swiglu(x)`):
+/// with v2, `swiglu_concat_e4m3_bf16` writes its e4m3 codes and scales straight from the fused
+/// projection's rows (no bf16 activation), then the tensor-core GEMM; else the composition.
+pub(super) fn swiglu_linear_fp8(
+    be: &CudaBackend,
+    prefix: Option<&Tensor>,
+    x: &Tensor,
+    w: &QuantTensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let m = check::swiglu(x)?;
+    let r = x.rank();
+    let p = match prefix {
+        Some(pre) if pre.rank() == r && pre.shape()[..r - 1] == x.shape()[..r - 1] => pre.last_dim(),
+        Some(pre) => {
+            return Err(Error::shape("swiglu_linear_fp8", format!("prefix {:?} beside {:?}", pre.shape(), x.shape())))
+        }
+        None => 0,
+    };
+    let (rows, k, n) = (x.rows(), p + m, w.rows);
+    let rows_fit = super::pointwise::bf16_rows(be, x)?.filter(|_| fp8_mma_applies(be, rows, k));
+    let Some((xp, ld)) = rows_fit else {
+        let act = match prefix {
+            Some(pre) => super::pointwise::swiglu_concat(be, pre, x)?,
+            None => super::pointwise::swiglu(be, x)?,
+        };
+        return linear_fp8(be, &act, w, bias);
+    };
+    if w.format != crate::quant::QuantFormat::Fp8 || w.cols != k {
+        let what = format!("{k} activation columns against a {:?} weight [{n}, {}]", w.format, w.cols);
+        return Err(Error::shape("swiglu_linear_fp8", what));
+    }
+    if bias.is_some_and(|b| b.rank() != 1 || b.dim(0) != n) {
+        return Err(Error::shape("swiglu_linear_fp8", format!("bias for {n} outputs")));
+    }
+    let (_pre, pp) = match prefix {
+        Some(pre) => {
+            let (t, ptr) = be.bf16_arg(pre, "swiglu_linear_fp8")?;
+            (Some(t), ptr)
+        }
+        None => (None, 0),
+    };
+    let b = bias.map(|b| be.bf16_arg(b, "swiglu_linear_fp8")).transpose()?;
+    let bp = b.as_ref().map_or(0, |(_, p)| *p);
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    let out = be.output(DType::BF16, &shape)?;
+    let codes = be.output(DType::U8, &[rows * k])?;
+    let a_scale = be.output(DType::F32, &[rows])?;
+    let (qp, asp) = (be.ptr(&codes)?, be.ptr(&a_scale)?);
+    let grid = super::reduce::per_row("swiglu_linear_fp8", rows, k)?;
+    launch!(be.dev, "swiglu_concat_e4m3_bf16", grid, pp, p as i32, xp, ld as i64, m as i32, qp, asp)?;
+    w8a8_mma(be, qp, asp, w, bp, &out, rows, n, k)?;
+    Ok(out)
+}
+
 /// Tokens per block of the Sage K/V statistics (`SAGE_STATS_TOKENS` in kernels/quantized.cu).
 const SAGE_STATS_TOKENS: usize = 256;
 

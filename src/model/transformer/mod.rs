@@ -144,6 +144,27 @@ impl Proj {
         }
     }
 
+    /// `forward_gated` of `[prefix | swiglu(x)]` (just `swiglu(x)` without a prefix): for an FP8
+    /// weight without run-time adapters the activation is quantized where SwiGLU makes it
+    /// (`swiglu_linear_fp8`), else it is made in bf16 first.
+    fn forward_swiglu_gated(
+        &self,
+        be: &dyn Backend,
+        prefix: Option<&Tensor>,
+        x: &Tensor,
+        residual: &Tensor,
+        gate: &Tensor,
+    ) -> Result<Tensor> {
+        if let (Linear::Fp8(w), None) = (&self.w, &self.lora) {
+            return be.gated_add(residual, gate, &be.swiglu_linear_fp8(prefix, x, w, None)?);
+        }
+        let act = match prefix {
+            Some(p) => be.swiglu_concat(p, x)?,
+            None => be.swiglu(x)?,
+        };
+        self.forward_gated(be, &act, residual, gate)
+    }
+
     /// `forward(layer_norm_modulate(x, shift, scale))`: one op for an FP8 weight without run-time
     /// adapters (the activation quantized in the norm's kernel), else the two steps.
     fn forward_normed(&self, be: &dyn Backend, x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f32) -> Result<Tensor> {
@@ -842,8 +863,7 @@ impl Flux2Transformer {
                 let vr = be.contiguous(&vr)?;
                 let o = self.attend(&q, &self.with_ref(&k, &kr, lt)?, &self.with_ref(&v, &vr, lt)?)?;
                 let o_ref = self.attend(&qr, &kr, &vr)?.reshape(&[b, lr, d])?;
-                let joined = be.swiglu_concat(&o_ref, &y_ref.narrow(2, 3 * d, 2 * m)?)?;
-                let r = blk.to_out.forward_gated(be, &joined, r, rgate)?;
+                let r = blk.to_out.forward_swiglu_gated(be, Some(&o_ref), &y_ref.narrow(2, 3 * d, 2 * m)?, r, rgate)?;
                 (o, Some(r), Some((kr, vr)))
             }
             RefStream::Cached((kr, vr)) => {
@@ -852,8 +872,7 @@ impl Flux2Transformer {
             RefStream::None => (self.attend(&q, &k, &v)?, None, None),
         };
         let o = o.reshape(&[b, n, d])?;
-        let joined = be.swiglu_concat(&o, &y.narrow(2, 3 * d, 2 * m)?)?;
-        let h = blk.to_out.forward_gated(be, &joined, h, gate)?;
+        let h = blk.to_out.forward_swiglu_gated(be, Some(&o), &y.narrow(2, 3 * d, 2 * m)?, h, gate)?;
         Ok((h, ref_out, kept))
     }
 
@@ -958,7 +977,7 @@ impl Flux2Transformer {
     ) -> Result<Tensor> {
         let be = &*self.be;
         let hidden = w_in.forward_normed(be, x, shift, scale, self.cfg.eps as f32)?;
-        w_out.forward_gated(be, &be.swiglu(&hidden)?, x, gate)
+        w_out.forward_swiglu_gated(be, None, &hidden, x, gate)
     }
 
     /// Views q, k, v `[B, L, H, hd]` of a fused `[B, L, 3D(+…)]` projection.
