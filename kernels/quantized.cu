@@ -187,6 +187,23 @@ extern "C" __global__ void attention_sage_rowwise_bf16(const bf16* q, const bf16
     }
 }
 
+// One row of v2's activations from its values value(0..cols) (computed twice, never stored): scale =
+// |value|max / 448 into *q_scale and the e4m3 codes of value / scale into q. The whole block works
+// on the row; `scratch` is the block reduction's 32 floats of shared memory.
+template <class Value>
+__device__ __forceinline__ void quantize_row_e4m3(Value value, int cols, unsigned char* q, float* q_scale,
+                                                  float* scratch) {
+    float m = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, fabsf(value(i)));
+    m = block_max(m, scratch);
+    const float sc = m / 448.f, inv = sc > 0.f ? 1.f / sc : 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        __nv_fp8_e4m3 c(value(i) * inv);
+        q[i] = c.__x;
+    }
+    if (threadIdx.x == 0) *q_scale = sc;
+}
+
 // adaLN + the FP8 linear's activation quantization in one pass (the producer of v2's activations):
 // per row of x [rows, K], the layer_norm_bf16 + modulate value rounded to bf16 as that kernel stores
 // it, then scale = |value|max / 448 and the e4m3 codes of value / scale, as quantize_rows_e4m3_bf16
@@ -203,15 +220,7 @@ extern "C" __global__ void layer_norm_modulate_e4m3_bf16(const bf16* x, const bf
         float n = (to_f(xr[i]) - mean) * inv;
         return to_f(to_bf(n * (1.f + to_f(scale[b * scale_s + i])) + to_f(shift[b * shift_s + i])));
     };
-    float m = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, fabsf(value(i)));
-    m = block_max(m, scratch);
-    const float sc = m / 448.f, inv_s = sc > 0.f ? 1.f / sc : 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        __nv_fp8_e4m3 c(value(i) * inv_s);
-        q[row * cols + i] = c.__x;
-    }
-    if (threadIdx.x == 0) q_scale[row] = sc;
+    quantize_row_e4m3(value, cols, q + row * cols, q_scale + row, scratch);
 }
 
 // SwiGLU (beside a prefix, p may be 0) + the FP8 linear's activation quantization in one pass (the
@@ -230,31 +239,15 @@ extern "C" __global__ void swiglu_concat_e4m3_bf16(const bf16* prefix, int p, co
         if (i < p) return to_f(prefix[row * p + i]);
         return to_f(to_bf(silu_f(to_f(xr[i - p])) * to_f(xr[i - p + m])));
     };
-    float mx = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) mx = fmaxf(mx, fabsf(value(i)));
-    mx = block_max(mx, scratch);
-    const float sc = mx / 448.f, inv_s = sc > 0.f ? 1.f / sc : 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        __nv_fp8_e4m3 c(value(i) * inv_s);
-        q[row * cols + i] = c.__x;
-    }
-    if (threadIdx.x == 0) q_scale[row] = sc;
+    quantize_row_e4m3(value, cols, q + row * cols, q_scale + row, scratch);
 }
 
 // Per row of x [rows, K]: scale = |x|max / 448 and the e4m3 codes of x / scale (v2's activations).
 extern "C" __global__ void quantize_rows_e4m3_bf16(const bf16* x, unsigned char* q, float* scale, int cols) {
     __shared__ float scratch[32];
-    i64 r = blockIdx.x;
+    const i64 r = blockIdx.x;
     const bf16* xr = x + r * cols;
-    float m = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, fabsf(to_f(xr[i])));
-    m = block_max(m, scratch);
-    float s = m / 448.f, inv = s > 0.f ? 1.f / s : 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        __nv_fp8_e4m3 v(to_f(xr[i]) * inv);
-        q[r * cols + i] = v.__x;
-    }
-    if (threadIdx.x == 0) scale[r] = s;
+    quantize_row_e4m3([&](int i) { return to_f(xr[i]); }, cols, q + r * cols, scale + r, scratch);
 }
 
 // C = (Aq · Wqᵀ) · a_scale[m] · w_scale[n] + bias[n]: Aq [M, K] and Wq [N, K] e4m3 codes, on the
