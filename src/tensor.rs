@@ -259,6 +259,27 @@ impl Tensor {
         self.numel() / self.last_dim().max(1)
     }
 
+    /// Row stride (elements) of a view whose last dim is contiguous and whose rows are evenly
+    /// spaced, e.g. a `narrow` of the last dim of a dense tensor (axes of size 1 have any stride);
+    /// None otherwise. Kernels that take such rows read the view in place.
+    pub fn row_stride(&self) -> Option<usize> {
+        let (shape, strides) = (&self.shape, &self.strides);
+        let r = shape.len();
+        if r == 0 || (strides[r - 1] != 1 && shape[r - 1] > 1) {
+            return None;
+        }
+        let (mut ld, mut expected) = (shape[r - 1], None::<usize>);
+        for d in (0..r - 1).rev().filter(|&d| shape[d] > 1) {
+            match expected {
+                None => ld = strides[d],
+                Some(e) if e != strides[d] => return None,
+                Some(_) => {}
+            }
+            expected = Some(strides[d] * shape[d]);
+        }
+        Some(ld)
+    }
+
     /// Same data, new shape, without copying (torch's `view` rule): works for contiguous tensors
     /// and for strided views whose reshaped dimensions stay dense (e.g. splitting the last dim of
     /// a column slice into heads). Otherwise make the tensor contiguous first.

@@ -147,11 +147,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         w: &QuantTensor,
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let act = match prefix {
-            Some(p) => self.swiglu_concat(p, x)?,
-            None => self.swiglu(x)?,
-        };
-        self.linear_fp8(&act, w, bias)
+        self.linear_fp8(&swiglu_beside(self, prefix, x)?, w, bias)
     }
 
     /// SageAttention-style attention: smoothed K, int8 Q/K with per-64-token block scales, fp8 P
@@ -285,6 +281,15 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// The smallest check id recorded since the last call (None: every checked tensor was
     /// finite), and clear the word. Waits for queued work.
     fn take_nonfinite(&self) -> Result<Option<u32>>;
+}
+
+/// `[prefix | swiglu(x)]` (`swiglu_concat`), or `swiglu(x)` without a prefix: the activation a
+/// feed-forward's output projection reads (`swiglu_linear_fp8`'s composition and fallbacks).
+pub fn swiglu_beside<B: Backend + ?Sized>(be: &B, prefix: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
+    match prefix {
+        Some(p) => be.swiglu_concat(p, x),
+        None => be.swiglu(x),
+    }
 }
 
 /// Shape checks shared by every backend, so each reports bad shapes the same way.

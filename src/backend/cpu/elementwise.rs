@@ -85,32 +85,11 @@ pub fn swiglu_concat(prefix: &Tensor, x: &Tensor, fast: bool) -> Result<Option<T
     output(y, &shape).map(Some)
 }
 
-/// An f32 tensor as rows of its last axis, each contiguous, the rows `ld` values apart: its
-/// storage, the first row's offset and `ld`; `None` for any other layout.
+/// An f32 tensor as rows of its last axis (`Tensor::row_stride`): its storage, the first row's
+/// offset and the row stride; `None` for any other layout or dtype.
 fn strided_rows(x: &Tensor) -> Option<(&[f32], usize, usize)> {
     let Some(crate::tensor::CpuStorage::F32(data)) = x.cpu_storage() else { return None };
-    let (shape, strides) = (x.shape(), x.strides());
-    let rank = shape.len();
-    if rank == 0 || (shape[rank - 1] > 1 && strides[rank - 1] != 1) {
-        return None;
-    }
-    // The leading axes must merge into one of stride ld (axes of size 1 have any stride).
-    let mut ld = None;
-    let mut expect = 0;
-    for d in (0..rank - 1).rev() {
-        if shape[d] == 1 {
-            continue;
-        }
-        match ld {
-            None => {
-                ld = Some(strides[d]);
-                expect = strides[d] * shape[d];
-            }
-            Some(_) if strides[d] == expect => expect *= shape[d],
-            Some(_) => return None,
-        }
-    }
-    Some((&data[..], x.offset(), ld.unwrap_or(shape[rank - 1])))
+    Some((&data[..], x.offset(), x.row_stride()?))
 }
 
 /// Row-wise op over x `[B, L, C]` with per-sample vectors `[B, C]`: `f(row, out, x, vectors)`

@@ -26,30 +26,10 @@ pub(super) fn silu(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
-/// Row stride (elements) of a view whose last dim is contiguous and whose rows are evenly spaced,
-/// e.g. a `narrow` of the last dim of a dense tensor; None otherwise.
-fn row_stride(x: &Tensor) -> Option<usize> {
-    let (shape, strides) = (x.shape(), x.strides());
-    let r = shape.len();
-    if r == 0 || (strides[r - 1] != 1 && shape[r - 1] > 1) {
-        return None;
-    }
-    let (mut ld, mut expected) = (shape[r - 1], None::<usize>);
-    for d in (0..r - 1).rev().filter(|&d| shape[d] > 1) {
-        match expected {
-            None => ld = strides[d],
-            Some(e) if e != strides[d] => return None,
-            Some(_) => {}
-        }
-        expected = Some(strides[d] * shape[d]);
-    }
-    Some(ld)
-}
-
 /// Pointer and row stride of a bf16 view whose rows the x8 kernels can read in place (see
-/// `row_stride`); None for other layouts and dtypes.
+/// `Tensor::row_stride`); None for other layouts and dtypes.
 pub(super) fn bf16_rows(be: &CudaBackend, x: &Tensor) -> Result<Option<(u64, usize)>> {
-    match (row_stride(x), x.dtype()) {
+    match (x.row_stride(), x.dtype()) {
         (Some(ld), DType::BF16) => Ok(Some((be.ptr(x)?, ld))),
         _ => Ok(None),
     }

@@ -6,7 +6,7 @@
 use cudarc::driver::LaunchConfig;
 
 use super::{launch, CudaBackend};
-use crate::backend::{check, AttnMask, QuantTensor};
+use crate::backend::{check, swiglu_beside, AttnMask, QuantTensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -128,11 +128,7 @@ pub(super) fn swiglu_linear_fp8(
     let (rows, k, n) = (x.rows(), p + m, w.rows);
     let rows_fit = super::pointwise::bf16_rows(be, x)?.filter(|_| fp8_mma_applies(be, rows, k));
     let Some((xp, ld)) = rows_fit else {
-        let act = match prefix {
-            Some(pre) => super::pointwise::swiglu_concat(be, pre, x)?,
-            None => super::pointwise::swiglu(be, x)?,
-        };
-        return linear_fp8(be, &act, w, bias);
+        return linear_fp8(be, &swiglu_beside(be, prefix, x)?, w, bias);
     };
     if w.format != crate::quant::QuantFormat::Fp8 || w.cols != k {
         let what = format!("{k} activation columns against a {:?} weight [{n}, {}]", w.format, w.cols);

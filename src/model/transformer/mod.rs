@@ -12,7 +12,7 @@ use self::config::TransformerConfig;
 use self::layout::{Layout, TransformerWeights};
 use super::linear::Linear;
 use super::rope::{flux_tables, PositionIds};
-use crate::backend::{scope, AttnMask, Backend, RopePairs};
+use crate::backend::{scope, swiglu_beside, AttnMask, Backend, RopePairs};
 use crate::dtype::{round_through, DType};
 use crate::error::{Error, Result};
 use crate::lora::runtime::LowRank;
@@ -158,11 +158,7 @@ impl Proj {
         if let (Linear::Fp8(w), None) = (&self.w, &self.lora) {
             return be.gated_add(residual, gate, &be.swiglu_linear_fp8(prefix, x, w, None)?);
         }
-        let act = match prefix {
-            Some(p) => be.swiglu_concat(p, x)?,
-            None => be.swiglu(x)?,
-        };
-        self.forward_gated(be, &act, residual, gate)
+        self.forward_gated(be, &swiglu_beside(be, prefix, x)?, residual, gate)
     }
 
     /// `forward(layer_norm_modulate(x, shift, scale))`: one op for an FP8 weight without run-time

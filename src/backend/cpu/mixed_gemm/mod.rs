@@ -108,10 +108,15 @@ pub(crate) fn matmul(isa: Isa, m: usize, x: &[f32], w: &Weights, y: &mut [f32], 
     unsafe { matmul_to(isa, m, x, w, OutPtr { ptr: y.as_mut_ptr().add(col0), ld: ldy }) }
 }
 
+/// Weight dtypes v4 takes as they are (fp8 e4m3 widens to bf16 exactly; f16 does not).
+fn amx_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F8E4M3)
+}
+
 /// Whether `matmul` on `isa` writes every element of its output (rather than adding to it or
 /// leaving some), so the output needs no zeroing first: v4 stores whole accumulator tiles.
 fn writes_every_output(isa: Isa, w: &Weights) -> bool {
-    cfg!(target_arch = "x86_64") && isa == Isa::Amx && matches!(w.dtype, DType::BF16 | DType::F8E4M3) && w.k > 0
+    cfg!(target_arch = "x86_64") && isa == Isa::Amx && amx_dtype(w.dtype) && w.k > 0
 }
 
 /// `matmul` into `out`: m rows of `out.ld` values from `out.ptr`, columns 0..w.n written.
@@ -144,7 +149,7 @@ unsafe fn matmul_to(isa: Isa, m: usize, x: &[f32], w: &Weights, out: OutPtr) {
                 .for_each(|(j0, j1)| unsafe { v3_avx512bf16::block(m, &xb, w, j0, j1, out) })
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Amx if matches!(w.dtype, DType::BF16 | DType::F8E4M3) => {
+        Isa::Amx if amx_dtype(w.dtype) => {
             let xb = v4_amx::pack_activations(m, k, x);
             amx_column_blocks(n)
                 .into_par_iter()
@@ -169,7 +174,7 @@ pub(crate) use v4_amx_conv::DirectConv;
 /// which reads the image itself instead of unfolded rows; `None` off that path.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn direct_conv(isa: Isa, w: &Weights, cin: usize, kh: usize, kw: usize) -> Option<DirectConv> {
-    let fits = isa == Isa::Amx && isa.available() && matches!(w.dtype, DType::BF16 | DType::F8E4M3);
+    let fits = isa == Isa::Amx && isa.available() && amx_dtype(w.dtype);
     // SAFETY: available() checked AMX.
     fits.then(|| unsafe { DirectConv::new(w, cin, kh, kw) })
 }
@@ -236,7 +241,7 @@ pub(crate) enum Prepared<'a> {
 impl<'a> Prepared<'a> {
     pub fn new(isa: Isa, w: Weights<'a>) -> Prepared<'a> {
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Amx && isa.available() && matches!(w.dtype, DType::BF16 | DType::F8E4M3) {
+        if isa == Isa::Amx && isa.available() && amx_dtype(w.dtype) {
             // SAFETY: available() checked AMX.
             return Prepared::Amx(unsafe { v4_amx::pack_weights(&w) });
         }
@@ -299,6 +304,8 @@ pub fn linear(isa: Isa, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result
     if !isa.available() {
         return Err(Error::Unsupported(format!("the {} GEMM path needs a CPU feature this one lacks", isa.name())));
     }
+    // The pieces are the weight's rows in order; checked before any write below relies on it.
+    assert_eq!(pieces.iter().map(|p| p.n).sum::<usize>(), n, "the weight's pieces cover its rows");
     let xv = dense("linear", x)?;
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
     if !pieces.iter().all(|w| writes_every_output(isa, w)) {
@@ -313,7 +320,6 @@ pub fn linear(isa: Isa, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result
         unsafe { matmul_to(isa, m, &xv, piece, OutPtr { ptr: base.add(col0), ld: n }) };
         col0 += piece.n;
     }
-    assert_eq!(col0, n, "the weight's pieces cover its rows");
     // SAFETY: all m·n values were written (or zeroed) above.
     unsafe { y.set_len(m * n) };
     if let Some(b) = bias {

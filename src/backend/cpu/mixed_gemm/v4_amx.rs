@@ -93,7 +93,6 @@ pub(super) fn pack_rows(m: usize, k: usize, fill: impl Fn(usize, &mut [f32]) + S
     let mut data = std::mem::take(&mut *ACTIVATION_BUFFER.lock().unwrap_or_else(|e| e.into_inner()));
     // Every element in use is written below (rows past m as zeros), so a reused buffer's old
     // contents never show through; only growth is zero-filled.
-    data.truncate(blocks * steps * TILE);
     data.resize(blocks * steps * TILE, 0);
     data.par_chunks_mut((steps * TILE).max(1)).enumerate().for_each(|(b, dst)| {
         let (mut buf, mut pairs) = (vec![0f32; k], vec![0u32; steps * PAIRS]);
@@ -244,7 +243,7 @@ pub(super) unsafe fn block(m: usize, xb: &Activations, w: &Weights, j0: usize, j
     for p in 0..panels {
         pack_panel(w, j0 + p * NR, (j1 - j0 - p * NR).min(NR), &mut packed[p * panel_len..(p + 1) * panel_len]);
     }
-    compute(m, xb, &packed[..panels * panel_len], j0, j1, out);
+    compute(m, xb, &packed, j0, j1, out);
     PANELS.set(packed);
 }
 
