@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::{dense, fast_math, output};
+use super::{dense, fast_math, output, par_filled};
 use crate::backend::check;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -18,10 +18,12 @@ const CHUNK: usize = 1 << 14;
 /// SiLU; `fast` (the bf16 precision path): the polynomial one, 16 lanes wide.
 pub fn silu(x: &Tensor, fast: bool) -> Result<Tensor> {
     let xv = dense("silu", x)?;
-    let mut y = vec![0f32; xv.len()];
-    y.par_chunks_mut(CHUNK).zip(xv.par_chunks(CHUNK)).for_each(|(y, x)| match fast {
-        true => fast_math::vectorised(|| y.iter_mut().zip(x).for_each(|(y, &v)| *y = fast_math::silu(v))),
-        false => y.iter_mut().zip(x).for_each(|(y, &v)| *y = silu_f32(v)),
+    let y = par_filled(xv.len(), CHUNK, |i, y| {
+        let x = &xv[i * CHUNK..][..y.len()];
+        match fast {
+            true => fast_math::vectorised(|| y.iter_mut().zip(x).for_each(|(y, &v)| *y = fast_math::silu(v))),
+            false => y.iter_mut().zip(x).for_each(|(y, &v)| *y = silu_f32(v)),
+        }
     });
     output(y, x.shape())
 }
@@ -31,8 +33,8 @@ pub fn swiglu(x: &Tensor, fast: bool) -> Result<Tensor> {
     let m = check::swiglu(x)?;
     let two_m = 2 * m;
     let xv = dense("swiglu", x)?;
-    let mut y = vec![0f32; xv.len() / 2];
-    y.par_chunks_mut(m.max(1)).zip(xv.par_chunks(two_m.max(1))).for_each(|(y, x)| {
+    let y = par_filled(xv.len() / 2, m, |i, y| {
+        let x = &xv[i * two_m..][..two_m];
         let (gate, value) = x.split_at(m);
         let pairs = y.iter_mut().zip(gate.iter().zip(value));
         match fast {
@@ -106,8 +108,8 @@ fn per_sample_rows(
     let (l, c) = (x.dim(1), x.dim(2));
     let xv = dense(op, x)?;
     let vv: Vec<_> = vecs.iter().map(|v| dense(op, v)).collect::<Result<_>>()?;
-    let mut y = vec![0f32; xv.len()];
-    y.par_chunks_mut(c.max(1)).zip(xv.par_chunks(c.max(1))).enumerate().for_each(|(r, (y, x))| {
+    let y = par_filled(xv.len(), c, |r, y| {
+        let x = &xv[r * c..][..c];
         let b = r / l.max(1);
         let rows: Vec<&[f32]> = vv.iter().map(|v| &v[b * c..(b + 1) * c]).collect();
         f(r, y, x, &rows);
@@ -140,8 +142,8 @@ pub fn channel_affine(x: &Tensor, mul: &Tensor, add: &Tensor) -> Result<Tensor> 
     let c = x.dim(1);
     let hw = x.dim(2) * x.dim(3);
     let (xv, mv, av) = (dense("channel_affine", x)?, dense("channel_affine", mul)?, dense("channel_affine", add)?);
-    let mut y = vec![0f32; xv.len()];
-    y.par_chunks_mut(hw.max(1)).zip(xv.par_chunks(hw.max(1))).enumerate().for_each(|(i, (y, x))| {
+    let y = par_filled(xv.len(), hw, |i, y| {
+        let x = &xv[i * hw..][..hw];
         let ch = i % c;
         y.iter_mut().zip(x).for_each(|(y, &x)| *y = x * mv[ch] + av[ch]);
     });
@@ -152,8 +154,8 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     check::rank("upsample_nearest2x", x, 4)?;
     let (b, c, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let xv = dense("upsample_nearest2x", x)?;
-    let mut y = vec![0f32; b * c * 4 * h * w];
-    y.par_chunks_mut((4 * h * w).max(1)).zip(xv.par_chunks((h * w).max(1))).for_each(|(y, x)| {
+    let y = par_filled(b * c * 4 * h * w, 4 * h * w, |i, y| {
+        let x = &xv[i * h * w..][..h * w];
         for oy in 0..2 * h {
             for ox in 0..2 * w {
                 y[oy * 2 * w + ox] = x[(oy / 2) * w + ox / 2];

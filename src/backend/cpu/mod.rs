@@ -46,6 +46,9 @@ impl CpuBackend {
     /// unavailable one falls back to the best available.
     pub fn with_precision(precision: CpuPrecision, isa: Isa) -> CpuBackend {
         let isa = if isa.available() { isa } else { Isa::best() };
+        if precision == CpuPrecision::Bf16 {
+            crate::host_memory::keep_freed_buffers();
+        }
         CpuBackend { nonfinite: Arc::new(AtomicU32::new(NO_CHECK)), precision, isa }
     }
 
@@ -74,6 +77,23 @@ pub(crate) fn dense<'a>(op: &'static str, x: &'a Tensor) -> Result<Cow<'a, [f32]
         Some(_) => Ok(Cow::Owned(x.to_vec_f32()?)),
         None => Err(Error::shape(op, "the CPU backend was given a tensor that lives on another device")),
     }
+}
+
+/// A new buffer of `len` values made in parallel chunks of `chunk`: `fill(i, c)` writes chunk i.
+/// Each task zeroes its own chunk just before `fill` (in cache, on its own core), where
+/// `vec![0.0; len]` zeroes the whole buffer on the calling thread first (or, for fresh pages,
+/// has the kernel fault them in on one core at a time).
+pub(crate) fn par_filled(len: usize, chunk: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    y.spare_capacity_mut()[..len].par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, c)| {
+        c.fill(std::mem::MaybeUninit::new(0.0));
+        // SAFETY: every element of c was just initialised; MaybeUninit<f32> has f32's layout.
+        fill(i, unsafe { &mut *(c as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) });
+    });
+    // SAFETY: the chunks cover all len values, each initialised above.
+    unsafe { y.set_len(len) };
+    y
 }
 
 pub(crate) fn output(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {

@@ -1,8 +1,6 @@
 //! Normalisations with f64 statistics (the reference should be more accurate than any kernel).
 
-use rayon::prelude::*;
-
-use super::{dense, fast_math, output};
+use super::{dense, fast_math, output, par_filled};
 use crate::backend::check;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -32,8 +30,8 @@ fn lane_sum(row: &[f32], f: impl Fn(f32) -> f64) -> f64 {
 pub fn layer_norm(x: &Tensor, eps: f32) -> Result<Tensor> {
     let c = x.last_dim();
     let xv = dense("layer_norm", x)?;
-    let mut y = vec![0f32; xv.len()];
-    y.par_chunks_mut(c.max(1)).zip(xv.par_chunks(c.max(1))).for_each(|(y, x)| {
+    let y = par_filled(xv.len(), c, |i, y| {
+        let x = &xv[i * c..][..c];
         let (mean, var) = mean_var(x);
         let inv = 1.0 / (var + eps as f64).sqrt();
         y.iter_mut().zip(x).for_each(|(y, &x)| *y = ((x as f64 - mean) * inv) as f32);
@@ -46,8 +44,8 @@ pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f32) -> Result<Tensor>
     let c = x.last_dim();
     let xv = dense("rms_norm", x)?;
     let wv = weight.map(|w| dense("rms_norm", w)).transpose()?;
-    let mut y = vec![0f32; xv.len()];
-    y.par_chunks_mut(c.max(1)).zip(xv.par_chunks(c.max(1))).for_each(|(y, x)| {
+    let y = par_filled(xv.len(), c, |i, y| {
+        let x = &xv[i * c..][..c];
         let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / c as f64;
         let inv = 1.0 / (ms + eps as f64).sqrt();
         match &wv {
@@ -75,8 +73,8 @@ pub fn group_norm(
     let xv = dense("group_norm", x)?;
     let (wv, bv) = (dense("group_norm", weight)?, dense("group_norm", bias)?);
     let per_group = c / groups * hw;
-    let mut y = vec![0f32; xv.len()];
-    y.par_chunks_mut(per_group.max(1)).zip(xv.par_chunks(per_group.max(1))).enumerate().for_each(|(gi, (y, x))| {
+    let y = par_filled(xv.len(), per_group, |gi, y| {
+        let x = &xv[gi * per_group..][..per_group];
         let (mean, var) = fast_math::vectorised(|| mean_var(x));
         let inv = 1.0 / (var + eps as f64).sqrt();
         let first_channel = (gi % groups) * (c / groups);

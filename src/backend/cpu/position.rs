@@ -1,8 +1,6 @@
 //! Rotary position embedding, timestep embedding and token embedding lookup.
 
-use rayon::prelude::*;
-
-use super::{dense, output};
+use super::{dense, output, par_filled};
 use crate::backend::check;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -25,8 +23,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: RopeLayout) -> Resul
     let half = d / 2;
     let xv = dense(op, x)?;
     let (cv, sv) = (dense(op, cos)?, dense(op, sin)?);
-    let mut y = vec![0f32; xv.len()];
-    y.par_chunks_mut(d.max(1)).zip(xv.par_chunks(d.max(1))).enumerate().for_each(|(row, (y, x))| {
+    let y = par_filled(xv.len(), d, |row, y| {
+        let x = &xv[row * d..][..d];
         let token = (row / h) % n;
         let (c, s) = (&cv[token * half..(token + 1) * half], &sv[token * half..(token + 1) * half]);
         for m in 0..half {

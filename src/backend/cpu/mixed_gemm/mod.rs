@@ -151,10 +151,14 @@ unsafe fn matmul_to(isa: Isa, m: usize, x: &[f32], w: &Weights, out: OutPtr) {
         #[cfg(target_arch = "x86_64")]
         Isa::Amx if amx_dtype(w.dtype) => {
             let xb = v4_amx::pack_activations(m, k, x);
-            amx_column_blocks(n)
-                .into_par_iter()
+            let blocks = amx_column_blocks(n);
+            // Each task is told the one after it, which the same worker usually takes next
+            // (rayon splits the range in halves), so it can prefetch that task's weights.
+            (0..blocks.len()).into_par_iter().for_each(|t| {
+                let (j0, j1) = blocks[t];
                 // SAFETY: available() checked AMX and AVX-512 BF16; blocks write disjoint columns.
-                .for_each(|(j0, j1)| unsafe { v4_amx::block(m, &xb, w, j0, j1, out) })
+                unsafe { v4_amx::block(m, &xb, w, j0, j1, blocks.get(t + 1).copied(), out) }
+            })
         }
         // f16 weights are not exact in bf16: widen them to f32 on the AVX2 path.
         #[cfg(target_arch = "x86_64")]
@@ -201,7 +205,8 @@ pub(crate) fn attention_fused(
     if !d.is_multiple_of(32) || nk == 0 || panels.len() != b * hkv {
         return None;
     }
-    let mut out = vec![0f32; b * nq * h * d];
+    // Zeroed in parallel: each task writes only its rows of its head.
+    let mut out = super::par_filled(b * nq * h * d, 1 << 14, |_, _| {});
     let dst = OutPtr { ptr: out.as_mut_ptr(), ld: h * d };
     let blocks = nq.div_ceil(v4_amx_attention::QB);
     (0..b * h * blocks).into_par_iter().for_each(|task| {

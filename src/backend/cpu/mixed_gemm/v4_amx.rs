@@ -2,8 +2,8 @@
 //! one instruction). Four accumulator tiles cover 32 tokens × 32 columns; per 32-wide step of k
 //! the kernel loads two activation tiles and two weight tiles. Activations are rounded to bf16
 //! once per GEMM (as in v3) into rows padded to whole tiles; each task repacks its columns'
-//! weights into the tiles' pair-interleaved ("VNNI") layout, bf16 bits unchanged (fp8 widened to
-//! bf16, exact). Rust's AMX intrinsics are unstable, so the five instructions used are inline
+//! weights, one k-chunk at a time, into the tiles' pair-interleaved ("VNNI") layout, bf16 bits
+//! unchanged (fp8 widened to bf16, exact), while the next chunk's bytes are prefetched. Rust's AMX intrinsics are unstable, so the five instructions used are inline
 //! assembly; Linux hands out the tile state only on request (`arch_prctl`), see `available`.
 
 use std::arch::asm;
@@ -223,28 +223,28 @@ pub(super) unsafe fn pack_weights(w: &Weights) -> Panels {
     let mut data = vec![0u32; w.n.div_ceil(NR) * panel_len];
     data.par_chunks_mut(panel_len.max(1)).enumerate().for_each(|(p, panel)| {
         // SAFETY: the caller saw AMX, hence AVX-512.
-        unsafe { pack_panel(w, p * NR, (w.n - p * NR).min(NR), panel) }
+        unsafe { pack_panel(w, p * NR, (w.n - p * NR).min(NR), 0..steps, panel) }
     });
     Panels { data, steps, n: w.n, k: w.k }
 }
 
-/// Columns `j0..j1` of `y = x · wᵀ` (w bf16 or fp8), packing their panels first.
+/// Columns `j0..j1` of `y = x · wᵀ` (w bf16 or fp8), packing their panels a k-chunk at a time
+/// while the stored bytes of the chunk after it (or of the task `next`'s first) are prefetched.
 ///
 /// # Safety
 /// `available()` must be true; `xb` from `pack_activations(m, w.k, ..)`; `out` must have m rows
 /// of `out.ld` ≥ `w.n` values, with no other writer of these columns.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub(super) unsafe fn block(m: usize, xb: &Activations, w: &Weights, j0: usize, j1: usize, out: OutPtr) {
-    let panels = (j1 - j0).div_ceil(NR);
-    let panel_len = xb.steps * 2 * TILE;
-    // A per-thread buffer, reused as it is: pack_panel writes every element.
-    let mut packed = PANELS.take();
-    packed.resize(panels * panel_len, 0);
-    for p in 0..panels {
-        pack_panel(w, j0 + p * NR, (j1 - j0 - p * NR).min(NR), &mut packed[p * panel_len..(p + 1) * panel_len]);
-    }
-    compute(m, xb, &packed, j0, j1, out);
-    PANELS.set(packed);
+pub(super) unsafe fn block(
+    m: usize,
+    xb: &Activations,
+    w: &Weights,
+    j0: usize,
+    j1: usize,
+    next: Option<(usize, usize)>,
+    out: OutPtr,
+) {
+    compute(m, xb, PanelSource::Stored { w, next }, j0, j1, out);
 }
 
 /// `block` on panels packed beforehand; `j0` a multiple of NR.
@@ -253,18 +253,25 @@ pub(super) unsafe fn block(m: usize, xb: &Activations, w: &Weights, j0: usize, j
 /// As `block`, with `xb` from `pack_activations(m, w.k, ..)`.
 pub(super) unsafe fn block_packed(m: usize, xb: &Activations, w: &Panels, j0: usize, j1: usize, out: OutPtr) {
     let panel_len = w.steps * 2 * TILE;
-    compute(m, xb, &w.data[j0 / NR * panel_len..j1.div_ceil(NR) * panel_len], j0, j1, out)
+    compute(m, xb, PanelSource::Packed(&w.data[j0 / NR * panel_len..j1.div_ceil(NR) * panel_len]), j0, j1, out)
+}
+
+/// Where `compute` finds a task's weight panels.
+enum PanelSource<'a> {
+    /// Packed beforehand over the whole of k, one panel after another.
+    Packed(&'a [u32]),
+    /// Packed by `compute` itself, chunk by chunk, into a per-thread buffer that stays in L2;
+    /// `next` is the column range the thread most likely computes after this one.
+    Stored { w: &'a Weights<'a>, next: Option<(usize, usize)> },
 }
 
 /// The tile loop over the panels of columns `j0..j1`. k is cut into chunks whose slice of the
 /// task's panels (≤ `PANEL_CHUNK_BYTES`) stays in L2 while every block of 32 rows passes over it;
 /// with more than one chunk, each row block's accumulators wait in `acc` for the next chunk.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn compute(m: usize, xb: &Activations, packed: &[u32], j0: usize, j1: usize, out: OutPtr) {
+unsafe fn compute(m: usize, xb: &Activations, src: PanelSource, j0: usize, j1: usize, out: OutPtr) {
     let steps = xb.steps;
     let panels = (j1 - j0).div_ceil(NR);
-    let panel_len = steps * 2 * TILE;
-    debug_assert_eq!(packed.len(), panels * panel_len);
     let chunk_steps = (PANEL_CHUNK_BYTES / (panels * 2 * TILE * 4)).max(1).div_ceil(K_STEPS) * K_STEPS;
     let chunks = steps.div_ceil(chunk_steps);
     let row_blocks = m.div_ceil(MR);
@@ -278,9 +285,34 @@ unsafe fn compute(m: usize, xb: &Activations, packed: &[u32], j0: usize, j1: usi
     if acc.len() < need {
         acc.resize(need, 0.0);
     }
+    // A per-thread buffer for the chunk's panels, reused as it is: pack_panel writes every element.
+    let mut chunk_panels = PANELS.take();
     configure_tiles();
     for chunk in 0..chunks {
         let (k0, k1) = (chunk * chunk_steps, ((chunk + 1) * chunk_steps).min(steps));
+        // Panel p's step s at `base + p·stride + (s - first)·2·TILE`.
+        let (base, stride, first, mut prefetch) = match &src {
+            PanelSource::Packed(data) => (data.as_ptr(), steps * 2 * TILE, 0, Prefetch::none()),
+            PanelSource::Stored { w, next } => {
+                let stride = (k1 - k0) * 2 * TILE;
+                chunk_panels.resize(panels * stride, 0);
+                for p in 0..panels {
+                    let cols = (j1 - j0 - p * NR).min(NR);
+                    pack_panel(w, j0 + p * NR, cols, k0..k1, &mut chunk_panels[p * stride..(p + 1) * stride]);
+                }
+                // The stored bytes packed next: this task's next chunk, or the next task's first.
+                let ahead = if chunk + 1 < chunks {
+                    Some((j0, j1, k1, (k1 + chunk_steps).min(steps)))
+                } else {
+                    next.map(|(n0, n1)| (n0, n1, 0, chunk_steps.min(steps)))
+                };
+                // Spread over every k-step of the chunk's tile loop (bursts stall the tile loads).
+                let issues = row_blocks * (k1 - k0) * panels;
+                let prefetch =
+                    ahead.map_or(Prefetch::none(), |(n0, n1, s0, s1)| Prefetch::new(w, n0..n1, s0..s1, issues));
+                (chunk_panels.as_ptr(), stride, k0, prefetch)
+            }
+        };
         for block in 0..row_blocks {
             let i0 = block * MR;
             let set = &mut acc[if chunks > 1 { block * set_len } else { 0 }..][..set_len];
@@ -293,9 +325,10 @@ unsafe fn compute(m: usize, xb: &Activations, packed: &[u32], j0: usize, j1: usi
                     } else {
                         load_accumulators(tiles, 64);
                     }
-                    let b = packed.as_ptr().add(p * panel_len);
+                    let b = base.add(p * stride);
                     for s in s0..(s0 + K_STEPS).min(k1) {
-                        let b0 = b.add(s * 2 * TILE);
+                        let b0 = b.add((s - first) * 2 * TILE);
+                        prefetch.issue();
                         dot_2x2([a.add(s * TILE), a.add((steps + s) * TILE)], 64, [b0, b0.add(TILE)], 64);
                     }
                     let c0 = j0 + p * NR;
@@ -314,6 +347,54 @@ unsafe fn compute(m: usize, xb: &Activations, packed: &[u32], j0: usize, j1: usi
     }
     release_tiles();
     ACCUMULATORS.set(acc);
+    PANELS.set(chunk_panels);
+}
+
+/// Software prefetch into L2 of a block of a stored weight (rows × a range of k-steps), spread
+/// evenly over the tile loop's iterations: the weights' first read is from DRAM, and the tile
+/// loop leaves the core's load ports mostly idle while the AMX unit works.
+struct Prefetch {
+    rows: *const u8,
+    row_bytes: usize,
+    line_count: usize,
+    lines_per_row: usize,
+    next: usize,
+    per_issue: usize,
+}
+
+impl Prefetch {
+    fn none() -> Prefetch {
+        Prefetch { rows: std::ptr::null(), row_bytes: 0, line_count: 0, lines_per_row: 1, next: 0, per_issue: 0 }
+    }
+
+    /// Rows `n` of `w`, the bytes of k-steps `steps`, over `issues` calls of `issue`.
+    fn new(w: &Weights, n: std::ops::Range<usize>, steps: std::ops::Range<usize>, issues: usize) -> Prefetch {
+        let size = w.dtype.size_in_bytes();
+        let (k0, k1) = ((steps.start * 2 * PAIRS).min(w.k), (steps.end * 2 * PAIRS).min(w.k));
+        let row_bytes = w.k * size;
+        if n.is_empty() || k1 <= k0 {
+            return Prefetch::none();
+        }
+        // The first line of each row's range, rounded down to its cache line, and every line to its end.
+        let lines_per_row = (k1 * size).div_ceil(64) - (k0 * size) / 64;
+        let line_count = n.len() * lines_per_row;
+        let rows = w.bytes[n.start * row_bytes + (k0 * size) / 64 * 64..].as_ptr();
+        Prefetch { rows, row_bytes, line_count, lines_per_row, next: 0, per_issue: line_count.div_ceil(issues.max(1)) }
+    }
+
+    #[inline(always)]
+    fn issue(&mut self) {
+        let end = (self.next + self.per_issue).min(self.line_count);
+        while self.next < end {
+            let (row, line) = (self.next / self.lines_per_row, self.next % self.lines_per_row);
+            // wrapping_add: a prefetch of any address is harmless; these stay inside the weight
+            // except for the cache line a row's range was rounded up into.
+            let ptr = self.rows.wrapping_add(row * self.row_bytes + line * 64) as *const i8;
+            // SAFETY: prefetch never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(ptr) };
+            self.next += 1;
+        }
+    }
 }
 
 thread_local! {
@@ -338,18 +419,22 @@ unsafe fn write_tiles(tiles: &[f32], m: usize, i0: usize, c0: usize, j1: usize, 
     }
 }
 
-/// Weight rows `n0..n0 + cols` as a panel of tiles: for each step of 16 pairs, the tile of
-/// columns 0–15 then that of 16–31, each 16 pairs × 16 columns; entry (p, c) holds elements 2p
-/// and 2p+1 of row n0 + c as bf16 (low half the even one). Columns and pairs past the ends are
-/// written as zeros: every element of `panel` is written, so the buffer may hold anything before.
+/// Weight rows `n0..n0 + cols`, k-steps `steps`, as a panel of tiles: for each step of 16
+/// pairs, the tile of columns 0–15 then that of 16–31, each 16 pairs × 16 columns; entry (p, c)
+/// holds elements 2p and 2p+1 of row n0 + c as bf16 (low half the even one). Columns and pairs
+/// past the ends are written as zeros: every element of `panel` is written, so the buffer may
+/// hold anything before.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_panel(w: &Weights, n0: usize, cols: usize, panel: &mut [u32]) {
+unsafe fn pack_panel(w: &Weights, n0: usize, cols: usize, steps: std::ops::Range<usize>, panel: &mut [u32]) {
     let k = w.k;
+    debug_assert_eq!(panel.len(), steps.len() * 2 * TILE);
+    // The pairs of this range, as indices into the weight's rows.
+    let (p0, p1) = (steps.start * PAIRS, steps.end * PAIRS);
     if w.dtype == DType::BF16 && cols == NR && k.is_multiple_of(2) {
         // The pairs past k/2 in the last step.
-        for p in k / 2..panel.len() / (2 * TILE) * PAIRS {
+        for p in (k / 2).max(p0)..p1 {
             for c in 0..NR {
-                panel[slot(p, c)] = 0;
+                panel[slot(p - p0, c)] = 0;
             }
         }
         // Sixteen rows at a time: gather one pair from each row per panel row.
@@ -358,19 +443,31 @@ unsafe fn pack_panel(w: &Weights, n0: usize, cols: usize, panel: &mut [u32]) {
             _mm512_set1_epi32(row_bytes),
             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
         );
+        // Whole steps: 16 rows × 64 bytes loaded and transposed in registers.
+        let whole = (k / 2 / PAIRS).clamp(steps.start, steps.end);
         for half in 0..2 {
             let base = w.bytes.as_ptr().add((n0 + 16 * half) * k * 2);
-            for p in 0..k / 2 {
+            for st in steps.start..whole {
+                let mut r: [__m512i; 16] =
+                    std::array::from_fn(|c| _mm512_loadu_si512(base.add(c * k * 2 + st * 64) as *const _));
+                transpose_16x16(&mut r);
+                let tile = panel.as_mut_ptr().add(slot((st - steps.start) * PAIRS, 16 * half));
+                for (i, row) in r.iter().enumerate() {
+                    _mm512_storeu_si512(tile.add(16 * i) as *mut _, *row);
+                }
+            }
+            for p in (whole * PAIRS).max(p0)..p1.min(k / 2) {
                 let v = _mm512_i32gather_epi32::<1>(index, base.add(4 * p) as *const _);
-                _mm512_storeu_si512(panel.as_mut_ptr().add(slot(p, 16 * half)) as *mut _, v);
+                _mm512_storeu_si512(panel.as_mut_ptr().add(slot(p - p0, 16 * half)) as *mut _, v);
             }
         }
         return;
     }
     panel.fill(0);
-    let mut row = vec![0f32; k];
+    let (k0, k1) = ((2 * p0).min(k), (2 * p1).min(k));
+    let mut row = vec![0f32; k1 - k0];
     for c in 0..cols {
-        w.row_f32(n0 + c, 0, &mut row);
+        w.row_f32(n0 + c, k0, &mut row);
         for (p, pair) in row.chunks(2).enumerate() {
             // bf16 and fp8 e4m3 values are exact in bf16; f16 never comes here (see matmul).
             let lo = half::bf16::from_f32(pair[0]).to_bits() as u32;
@@ -378,6 +475,36 @@ unsafe fn pack_panel(w: &Weights, n0: usize, cols: usize, panel: &mut [u32]) {
             panel[slot(p, c)] = lo | hi << 16;
         }
     }
+}
+
+/// A 16 × 16 matrix of 32-bit values (one row per register) transposed in place: interleaves of
+/// 32-bit then 64-bit elements within 128-bit lanes, then two rounds of lane shuffles.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_16x16(r: &mut [__m512i; 16]) {
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4i + j], lane L: column 4L + j of rows 4i..4i + 4.
+    for i in 0..4 {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for j in 0..4 {
+        let v0 = _mm512_shuffle_i32x4::<0x44>(r[j], r[4 + j]);
+        let v1 = _mm512_shuffle_i32x4::<0xEE>(r[j], r[4 + j]);
+        let w0 = _mm512_shuffle_i32x4::<0x44>(r[8 + j], r[12 + j]);
+        let w1 = _mm512_shuffle_i32x4::<0xEE>(r[8 + j], r[12 + j]);
+        t[j] = _mm512_shuffle_i32x4::<0x88>(v0, w0);
+        t[4 + j] = _mm512_shuffle_i32x4::<0xDD>(v0, w0);
+        t[8 + j] = _mm512_shuffle_i32x4::<0x88>(v1, w1);
+        t[12 + j] = _mm512_shuffle_i32x4::<0xDD>(v1, w1);
+    }
+    *r = t;
 }
 
 /// Where pair `p` of panel column `c` lives in the tile-by-tile panel.
