@@ -134,15 +134,19 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
-// 8 bf16 at p (16-byte aligned) in one 16-byte load, widened to f32 exactly (bf16 is f32's top half).
-__device__ __forceinline__ void load_bf16x8(const bf16* p, float f[8]) {
-    uint4 v = *reinterpret_cast<const uint4*>(p);
+// 8 bf16 packed in 16 bytes, widened to f32 exactly (bf16 is f32's top half).
+__device__ __forceinline__ void unpack_bf16x8(uint4 v, float f[8]) {
     const unsigned w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int j = 0; j < 4; j++) {
         f[2 * j] = __uint_as_float(w[j] << 16);
         f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
     }
+}
+
+// 8 bf16 at p (16-byte aligned) in one 16-byte load, widened to f32 exactly.
+__device__ __forceinline__ void load_bf16x8(const bf16* p, float f[8]) {
+    unpack_bf16x8(*reinterpret_cast<const uint4*>(p), f);
 }
 
 // f[0..8) rounded to bf16 (nearest even) into one 16-byte store at p (16-byte aligned).

@@ -182,8 +182,9 @@ extern "C" __global__ void __launch_bounds__(256)
         if (more) store_w(cur ^ 1, f);
         __syncthreads();
     }
-    mma_tile_store(acc, m0, n0, M, N,
-                   [&](i64 m, i64 n, float v) { C[m * ldc + n] = to_bf(v + bias_at(bias, bias_mode, m, n)); });
+    mma_tile_store8(
+        smem, acc, m0, n0, M, N, [&](i64 m, i64 n, float v) { return v + bias_at(bias, bias_mode, m, n); },
+        [&](i64 m, i64 n, uint4 y, int count) { store_bf16_upto8(C + m * ldc + n, y, count); });
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -194,8 +195,9 @@ extern "C" __global__ void __launch_bounds__(256)
     float acc[4][4][4];
     mma_tile_128x128<mma_bf16_16816>(smem, reinterpret_cast<const unsigned char*>(A),
                                      reinterpret_cast<const unsigned char*>(W), M, N, (i64)K * 2, m0, n0, acc);
-    mma_tile_store(acc, m0, n0, M, N,
-                   [&](i64 m, i64 n, float v) { C[m * ldc + n] = to_bf(v + bias_at(bias, bias_mode, m, n)); });
+    mma_tile_store8(
+        smem, acc, m0, n0, M, N, [&](i64 m, i64 n, float v) { return v + bias_at(bias, bias_mode, m, n); },
+        [&](i64 m, i64 n, uint4 y, int count) { store_bf16_upto8(C + m * ldc + n, y, count); });
 }
 
 // The gated residual of the DiT fused into the GEMM's epilogue (the CPU reference is linear then
@@ -212,12 +214,31 @@ extern "C" __global__ void __launch_bounds__(256)
     float acc[4][4][4];
     mma_tile_128x128<mma_bf16_16816>(smem, reinterpret_cast<const unsigned char*>(A),
                                      reinterpret_cast<const unsigned char*>(W), M, N, (i64)K * 2, m0, n0, acc);
-    mma_tile_store(acc, m0, n0, M, N, [&](i64 m, i64 n, float v) {
-        int token;
-        const i64 b = div_rem(m, L, token);
-        float y = to_f(to_bf(v + (bias ? to_f(bias[n]) : 0.f)));
-        C[m * N + n] = to_bf(to_f(X[m * N + n]) + to_f(gate[b * gs + n]) * y);
-    });
+    // y, the linear's output, is staged as bf16 (rounded as the linear's own output would be).
+    mma_tile_store8(
+        smem, acc, m0, n0, M, N, [&](i64, i64 n, float v) { return v + (bias ? to_f(bias[n]) : 0.f); },
+        [&](i64 m, i64 n, uint4 y, int count) {
+            int token;
+            const i64 b = div_rem(m, L, token);
+            const bf16 *x = X + m * N + n, *g = gate + b * gs + n;
+            float yv[8];
+            unpack_bf16x8(y, yv);
+            const bool vec = count == 8 && ((reinterpret_cast<unsigned long long>(x) |
+                                             reinterpret_cast<unsigned long long>(g) |
+                                             reinterpret_cast<unsigned long long>(C + m * N + n)) & 15) == 0;
+            if (vec) {
+                float xf[8], gf[8], out[8];
+                load_bf16x8(x, xf);
+                load_bf16x8(g, gf);
+#pragma unroll
+                for (int j = 0; j < 8; j++) out[j] = xf[j] + gf[j] * yv[j];
+                store_bf16x8(C + m * N + n, out);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    if (j < count) C[m * N + n + j] = to_bf(to_f(x[j]) + to_f(g[j]) * yv[j]);
+            }
+        });
 }
 
 // Columns for conv-as-GEMM: col[p][k] for output pixels p0..p0+np of one image, k = (ci, ky, kx).

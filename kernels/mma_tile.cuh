@@ -118,18 +118,74 @@ __device__ __forceinline__ void mma_tile_128x128(MmaTileSmem& smem, const unsign
     }
 }
 
-// The epilogue walk: store(m, n, value) for each of this thread's accumulators inside [M, N).
-template <typename Store>
-__device__ __forceinline__ void mma_tile_store(const float acc[4][4][4], i64 m0, i64 n0, int M, int N, Store store) {
+// This thread's accumulators in pairs of adjacent columns: visit(r, c, lo, hi), (r, c) the
+// tile-relative row and first column of the pair (the layout above).
+template <typename Visit>
+__device__ __forceinline__ void mma_tile_pairs(const float acc[4][4][4], Visit visit) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
     for (int mi = 0; mi < 4; mi++)
 #pragma unroll
         for (int ni = 0; ni < 4; ni++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                i64 m = m0 + (warp >> 2) * 64 + mi * 16 + (lane >> 2) + (e >= 2 ? 8 : 0);
-                i64 n = n0 + (warp & 3) * 32 + ni * 8 + (lane & 3) * 2 + (e & 1);
-                if (m < M && n < N) store(m, n, acc[mi][ni][e]);
-            }
+            for (int half = 0; half < 2; half++)
+                visit((warp >> 2) * 64 + mi * 16 + (lane >> 2) + half * 8, (warp & 3) * 32 + ni * 8 + (lane & 3) * 2,
+                      acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
+}
+
+// The epilogue walk: store(m, n, value) for each of this thread's accumulators inside [M, N).
+template <typename Store>
+__device__ __forceinline__ void mma_tile_store(const float acc[4][4][4], i64 m0, i64 n0, int M, int N, Store store) {
+    mma_tile_pairs(acc, [&](int r, int c, float lo, float hi) {
+        const i64 m = m0 + r, n = n0 + c;
+        if (m >= M) return;
+        if (n < N) store(m, n, lo);
+        if (n + 1 < N) store(m, n + 1, hi);
+    });
+}
+
+// The staged epilogue: 16-byte stores instead of one bf16 per store. Each accumulator inside
+// [M, N), mapped by `value(m, n, v)` to what the output holds before rounding (bias added, scales
+// applied), is rounded to bf16 into the pipeline's shared buffers (idle after the main loop's
+// closing barrier); then each thread hands 8 consecutive columns of a row at a time to
+// `store8(m, n, y, count)`, y the 8 staged values, count < 8 only at the right edge.
+#define STAGE_LD (TILE_N + 8)  // bf16 per staged row: 272 bytes, 16-byte aligned, 4 banks apart
+static_assert(TILE_M * STAGE_LD * 2 <= sizeof(MmaTileSmem), "the staged tile fits the pipeline buffers");
+
+template <typename Value, typename Store8>
+__device__ __forceinline__ void mma_tile_store8(MmaTileSmem& smem, const float acc[4][4][4], i64 m0, i64 n0, int M,
+                                                int N, Value value, Store8 store8) {
+    bf16* stage = reinterpret_cast<bf16*>(&smem);
+    mma_tile_pairs(acc, [&](int r, int c, float lo, float hi) {
+        const i64 m = m0 + r, n = n0 + c;
+        // Outside [M, N) nothing is read (bias, scales) and nothing staged is stored.
+        const bool row = m < M;
+        lo = row && n < N ? value(m, n, lo) : 0.f;
+        hi = row && n + 1 < N ? value(m, n + 1, hi) : 0.f;
+        *reinterpret_cast<unsigned*>(&stage[r * STAGE_LD + c]) = pack_bf16x2(lo, hi);
+    });
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < TILE_M * TILE_N / 8 / 256; i++) {
+        const int chunk = threadIdx.x + i * 256;
+        const int r = chunk >> 4, c = (chunk & 15) * 8;
+        const i64 m = m0 + r, n = n0 + c;
+        if (m < M && n < N) {
+            const uint4 y = *reinterpret_cast<const uint4*>(&stage[r * STAGE_LD + c]);
+            store8(m, n, y, (int)(N - n < 8 ? N - n : 8));
+        }
+    }
+}
+
+// The first `count` of 8 bf16 `y` to dst: one 16-byte store when all 8 go and dst is aligned.
+__device__ __forceinline__ void store_bf16_upto8(bf16* dst, uint4 y, int count) {
+    if (count == 8 && (reinterpret_cast<unsigned long long>(dst) & 15) == 0) {
+        *reinterpret_cast<uint4*>(dst) = y;
+        return;
+    }
+    float v[8];
+    unpack_bf16x8(y, v);
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+        if (j < count) dst[j] = to_bf(v[j]);  // exact: v[j] is a bf16 value
 }

@@ -261,9 +261,10 @@ extern "C" __global__ void __launch_bounds__(256)
     const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
     float acc[4][4][4];
     mma_tile_128x128<mma_e4m3_16832>(smem, A, W, M, N, K, m0, n0, acc);
-    mma_tile_store(acc, m0, n0, M, N, [&](i64 m, i64 n, float v) {
-        C[m * ldc + n] = to_bf(v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f));
-    });
+    mma_tile_store8(
+        smem, acc, m0, n0, M, N,
+        [&](i64 m, i64 n, float v) { return v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f); },
+        [&](i64 m, i64 n, uint4 y, int count) { store_bf16_upto8(C + m * ldc + n, y, count); });
 #else
     __trap();  // e4m3 tensor cores need sm_89 or newer: the launcher picks v1 for these images
 #endif

@@ -138,6 +138,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (7, 13, 5, false, 0),
             (37, 64, 96, true, 0),
             (130, 72, 200, false, 0),
+            (45, 64, 90, true, 0),
             (256, 3072, 9216, false, 0),
             (256, 3072, 27648, false, 0),
             (128, 9216, 3072, false, 0),
@@ -151,6 +152,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (37, 64, 96, true, 0),    // gemm_mma: one ragged block, column bias
             (130, 72, 200, false, 0), // gemm_mma: 2x2 ragged blocks, K tail of 8 (3 K tiles)
             (140, 264, 72, true, 0),  // gemm_mma: 9 K tiles through the 2-stage pipeline, bias
+            (45, 64, 90, true, 0),    // gemm_mma: N % 8 = 2, the epilogue's last store of a row partial
         ],
     };
     for &(m, k, n, bias, off) in linears {
@@ -178,8 +180,8 @@ pub fn cases(suite: Suite) -> Vec<Case> {
     // gemm_wq_mma (v2: ragged 128-tiles, 10 k tiles, bias); K = 200 (int8 and fp8 only, int4
     // needs whole groups): gemm_wq_tiled (v1).
     let quantized: &[(usize, usize, usize, bool)] = match suite {
-        Suite::Full => &[(9, 128, 40, false), (130, 2560, 1024, false), (33, 200, 24, true)],
-        Suite::Small => &[(9, 128, 40, false), (130, 320, 72, true), (33, 200, 24, true)],
+        Suite::Full => &[(9, 128, 40, false), (130, 2560, 1024, false), (33, 200, 24, true), (20, 128, 70, true)],
+        Suite::Small => &[(9, 128, 40, false), (130, 320, 70, true), (33, 200, 24, true)],
     };
     for (fmt, name) in
         [(QuantFormat::Int8, "int8"), (QuantFormat::Int4 { group: 64 }, "int4 g64"), (QuantFormat::Fp8, "fp8")]
@@ -520,10 +522,13 @@ pub fn cases(suite: Suite) -> Vec<Case> {
     }
     // linear_gated_add (the residual in the GEMM's epilogue): ragged 128-tiles, the gate a strided
     // chunk of a [B, 6N] modulation tensor as the DiT passes it, a bias; K = 13 takes the
-    // composition (gemm_tiled, then gated_add). (B, L, K, N, bias)
+    // composition (gemm_tiled, then gated_add); N = 100 leaves rows of X not 16-byte aligned and a
+    // partial last store per row. (B, L, K, N, bias)
     let gated: &[(usize, usize, usize, usize, bool)] = match suite {
-        Suite::Full => &[(1, 300, 3072, 3072, false), (2, 33, 64, 96, true), (2, 5, 13, 24, false)],
-        Suite::Small => &[(2, 70, 72, 136, false), (2, 33, 64, 96, true), (2, 5, 13, 24, false)],
+        Suite::Full => {
+            &[(1, 300, 3072, 3072, false), (2, 33, 64, 96, true), (2, 5, 13, 24, false), (2, 9, 64, 100, true)]
+        }
+        Suite::Small => &[(2, 70, 72, 136, false), (2, 33, 64, 96, true), (2, 5, 13, 24, false), (2, 9, 64, 100, true)],
     };
     for &(b, l, k, n, bias) in gated {
         let mut inputs =
