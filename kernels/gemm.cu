@@ -221,22 +221,23 @@ extern "C" __global__ void __launch_bounds__(256)
             int token;
             const i64 b = div_rem(m, L, token);
             const bf16 *x = X + m * N + n, *g = gate + b * gs + n;
+            bf16* out = C + m * N + n;
             float yv[8];
             unpack_bf16x8(y, yv);
             const bool vec = count == 8 && ((reinterpret_cast<unsigned long long>(x) |
                                              reinterpret_cast<unsigned long long>(g) |
-                                             reinterpret_cast<unsigned long long>(C + m * N + n)) & 15) == 0;
+                                             reinterpret_cast<unsigned long long>(out)) & 15) == 0;
             if (vec) {
-                float xf[8], gf[8], out[8];
+                float xf[8], gf[8], r[8];
                 load_bf16x8(x, xf);
                 load_bf16x8(g, gf);
 #pragma unroll
-                for (int j = 0; j < 8; j++) out[j] = xf[j] + gf[j] * yv[j];
-                store_bf16x8(C + m * N + n, out);
+                for (int j = 0; j < 8; j++) r[j] = xf[j] + gf[j] * yv[j];
+                store_bf16x8(out, r);
             } else {
 #pragma unroll
                 for (int j = 0; j < 8; j++)
-                    if (j < count) C[m * N + n + j] = to_bf(to_f(x[j]) + to_f(g[j]) * yv[j]);
+                    if (j < count) out[j] = to_bf(to_f(x[j]) + to_f(g[j]) * yv[j]);
             }
         });
 }

@@ -31,8 +31,8 @@ pub fn keep_freed_buffers() {
     {
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| {
-            // SAFETY: mallopt only changes allocator parameters; it is called before any
-            // thread of ours allocates concurrently with it being a problem (glibc locks).
+            // SAFETY: mallopt only changes allocator parameters, under glibc's own lock, so
+            // allocations on other threads at the same time are safe.
             unsafe {
                 libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
                 libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);

@@ -1,7 +1,5 @@
 //! Element-wise and broadcast ops.
 
-use rayon::prelude::*;
-
 use super::{dense, fast_math, output, par_filled};
 use crate::backend::check;
 use crate::error::Result;
@@ -61,27 +59,16 @@ pub fn swiglu_concat(prefix: &Tensor, x: &Tensor, fast: bool) -> Result<Option<T
     let p = prefix.dim(rank - 1);
     let pv = dense("swiglu_concat", prefix)?;
     let (rows, width) = (x.numel() / (2 * m).max(1), p + m);
-    let mut y: Vec<f32> = Vec::with_capacity(rows * width);
-    y.spare_capacity_mut().par_chunks_mut(width.max(1)).enumerate().for_each(|(r, out)| {
+    let y = par_filled(rows * width, width, |r, out| {
         let (head, act) = out.split_at_mut(p);
-        head.iter_mut().zip(&pv[r * p..(r + 1) * p]).for_each(|(o, &v)| {
-            o.write(v);
-        });
+        head.copy_from_slice(&pv[r * p..(r + 1) * p]);
         let (gate, value) = data[offset + r * ld..offset + r * ld + 2 * m].split_at(m);
         let pairs = act.iter_mut().zip(gate.iter().zip(value));
         match fast {
-            true => fast_math::vectorised(|| {
-                pairs.for_each(|(o, (&g, &v))| {
-                    o.write(fast_math::silu(g) * v);
-                })
-            }),
-            false => pairs.for_each(|(o, (&g, &v))| {
-                o.write(silu_f32(g) * v);
-            }),
+            true => fast_math::vectorised(|| pairs.for_each(|(o, (&g, &v))| *o = fast_math::silu(g) * v)),
+            false => pairs.for_each(|(o, (&g, &v))| *o = silu_f32(g) * v),
         }
     });
-    // SAFETY: every row's `width` values were written above.
-    unsafe { y.set_len(rows * width) };
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = width;
     output(y, &shape).map(Some)

@@ -3,8 +3,9 @@
 //! the kernel loads two activation tiles and two weight tiles. Activations are rounded to bf16
 //! once per GEMM (as in v3) into rows padded to whole tiles; each task repacks its columns'
 //! weights, one k-chunk at a time, into the tiles' pair-interleaved ("VNNI") layout, bf16 bits
-//! unchanged (fp8 widened to bf16, exact), while the next chunk's bytes are prefetched. Rust's AMX intrinsics are unstable, so the five instructions used are inline
-//! assembly; Linux hands out the tile state only on request (`arch_prctl`), see `available`.
+//! unchanged (fp8 widened to bf16, exact), while the next chunk's bytes are prefetched. Rust's
+//! AMX intrinsics are unstable, so the five instructions used are inline assembly; Linux hands
+//! out the tile state only on request (`arch_prctl`), see `available`.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
