@@ -18,6 +18,9 @@ pub enum CpuStorage {
     BF16(Vec<bf16>),
     F16(Vec<f16>),
     F8E4M3(Vec<u8>),
+    /// Raw bytes: the codes of a weight-only quantized weight (`QuantTensor::data`), read by the
+    /// mixed GEMM through `Weights::of_quantized`.
+    U8(Vec<u8>),
     /// Elements of `dtype` left in a checkpoint's memory map (the CPU backend's bf16 precision
     /// keeps weights there; kernels convert them while packing).
     Mapped(crate::weights::mapping::MappedBytes, DType),
@@ -33,6 +36,7 @@ impl CpuStorage {
             CpuStorage::BF16(_) => DType::BF16,
             CpuStorage::F16(_) => DType::F16,
             CpuStorage::F8E4M3(_) => DType::F8E4M3,
+            CpuStorage::U8(_) => DType::U8,
             CpuStorage::Mapped(_, dtype) | CpuStorage::MappedRows(_, dtype) => *dtype,
         }
     }
@@ -42,7 +46,7 @@ impl CpuStorage {
             CpuStorage::F32(v) => v.len(),
             CpuStorage::BF16(v) => v.len(),
             CpuStorage::F16(v) => v.len(),
-            CpuStorage::F8E4M3(v) => v.len(),
+            CpuStorage::F8E4M3(v) | CpuStorage::U8(v) => v.len(),
             CpuStorage::Mapped(m, dtype) => m.len() / dtype.size_in_bytes(),
             CpuStorage::MappedRows(pieces, dtype) => {
                 pieces.iter().map(|p| p.len()).sum::<usize>() / dtype.size_in_bytes()
@@ -62,6 +66,7 @@ impl CpuStorage {
             CpuStorage::BF16(v) => v[i].to_f32(),
             CpuStorage::F16(v) => v[i].to_f32(),
             CpuStorage::F8E4M3(v) => f8e4m3_to_f32(v[i]),
+            CpuStorage::U8(v) => v[i] as f32,
             CpuStorage::Mapped(m, dtype) => {
                 let size = dtype.size_in_bytes();
                 crate::dtype::decode_to_f32(&m.bytes()[i * size..(i + 1) * size], *dtype)[0]
@@ -86,7 +91,7 @@ impl CpuStorage {
             CpuStorage::F32(_) => None,
             CpuStorage::BF16(v) => Some(bytemuck::cast_slice(v)),
             CpuStorage::F16(v) => Some(bytemuck::cast_slice(v)),
-            CpuStorage::F8E4M3(v) => Some(v),
+            CpuStorage::F8E4M3(v) | CpuStorage::U8(v) => Some(v),
             CpuStorage::Mapped(m, _) => Some(m.bytes()),
             // Not one slice: readers go element by element (`get_f32`) or piece by piece.
             CpuStorage::MappedRows(..) => None,

@@ -268,3 +268,62 @@ fn mixed_attention_matches_the_reference() {
         }
     }
 }
+
+/// Weight-only quantized weights in bf16 precision keep their codes (no dequantized copy) and
+/// are dequantized in the GEMM's packing: every format on every available path against the f32
+/// product with the dequantized weight (`quant::dequantize`), on ragged shapes: int8, int4 and
+/// scaled fp8 made by `quantize` (int4 groups adapted to narrow widths, so some groups are shorter
+/// than a packing step), and GGUF blocks (the vector-loaded Q8_0/Q4_0 and the row-decoded
+/// K-quants), as `linear_quantized` and, for fp8, `linear_fp8` (activations rounded per token).
+#[test]
+fn quantized_weights_are_dequantized_in_the_packing_on_every_path() {
+    use flux2::quant::{dequantize, quantize, QuantFormat, Quantized};
+    use flux2::weights::ggml::{synthetic_blocks, GgmlType};
+    let paths: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
+    let shapes = [(1, 2, 1), (5, 34, 17), (13, 96, 33), (25, 130, 70), (7, 512, 96), (70, 4096, 300), (33, 4100, 65)];
+    for (s, &(m, k, n)) in shapes.iter().enumerate() {
+        let x = random(200 + s as u64, m * k, 1.0);
+        let w = random(300 + s as u64, n * k, 0.05);
+        let mut weights: Vec<Quantized> = [QuantFormat::Int8, QuantFormat::Int4 { group: 64 }, QuantFormat::Fp8]
+            .into_iter()
+            .map(|f| quantize(&w, n, k, f).unwrap())
+            .collect();
+        for t in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4K, GgmlType::Q6K] {
+            if k.is_multiple_of(t.block().0) {
+                let codes = synthetic_blocks(t, n * k, 400 + s as u64);
+                weights.push(Quantized { format: QuantFormat::Ggml(t), rows: n, cols: k, codes, scales: vec![] });
+            }
+        }
+        let xt = Tensor::from_f32(x.clone(), &[m, k]).unwrap();
+        for q in &weights {
+            let wf = dequantize(q);
+            for &isa in &paths {
+                let be = CpuBackend::with_precision(CpuPrecision::Bf16, isa);
+                let qt = be.load_quantized(q).unwrap();
+                assert!(
+                    matches!(qt.data.cpu_storage(), Some(CpuStorage::U8(c)) if c.len() == q.codes.len()),
+                    "bf16 precision keeps the codes"
+                );
+                let y = be.linear_quantized(&xt, &qt, None).unwrap().to_vec_f32().unwrap();
+                // v4 rounds the dequantized weight and the activations to bf16 (2^-9 each).
+                let rel = if isa == Isa::Amx { 2f64.powi(-8) } else { 1e-5 };
+                let label = format!("{} {:?} {m}x{k}x{n}", isa.name(), q.format);
+                check(&label, &y, &x, &wf, m, k, n, rel);
+                if q.format == QuantFormat::Fp8 {
+                    let y = be.linear_fp8(&xt, &qt, None).unwrap().to_vec_f32().unwrap();
+                    let reference = CpuBackend::new();
+                    let r = reference.linear_fp8(&xt, &reference.load_quantized(q).unwrap(), None).unwrap();
+                    let r = r.to_vec_f32().unwrap();
+                    let scale = r.iter().map(|v| v.abs()).fold(0f32, f32::max);
+                    let worst = y.iter().zip(&r).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                    assert!(worst <= 0.02 * scale.max(1e-3), "{label} linear_fp8: max error {worst} (scale {scale})");
+                }
+            }
+        }
+    }
+    // A wrong input width is an error, not a panic.
+    let be = CpuBackend::with_precision(CpuPrecision::Bf16, Isa::best());
+    let q = quantize(&random(7, 8 * 64, 0.1), 8, 64, QuantFormat::Int8).unwrap();
+    let qt = be.load_quantized(&q).unwrap();
+    assert!(be.linear_quantized(&Tensor::from_f32(vec![0.0; 63], &[1, 63]).unwrap(), &qt, None).is_err());
+}

@@ -219,7 +219,7 @@ fn the_kv_cache_is_planned() {
 }
 
 /// The CPU plan counts what the CPU backend stores: f32 activations always, weights as stored
-/// (bf16) in bf16 precision and widened to f32 in f32 precision.
+/// (bf16, fp8, quantized codes) in bf16 precision and widened to f32 in f32 precision.
 #[test]
 fn cpu_plans_use_the_cpu_backends_sizes() {
     use flux2::backend::cpu::CpuPrecision;
@@ -249,7 +249,20 @@ fn cpu_plans_use_the_cpu_backends_sizes() {
     assert!(matches!(widened.transformer, TransformerResidency::StreamBlocks { .. }), "{}", widened.describe());
     let err = planner::plan_for(&PlanInput { budget: 8 * GIB, ..inp.clone() }, f32).unwrap_err().to_string();
     assert!(err.contains("smallest budget") && err.contains("--cpu-precision bf16"), "{err}");
-    // The quantized encoder formats are widened on the CPU: they cost more there, not less.
-    let int8 = PlanInput { encoder_precision: EncoderPrecision::Int8, ..inp };
-    assert!(planner::plan_for(&int8, bf16).unwrap().weights.text_encoder > cpu16.weights.text_encoder);
+    // bf16 precision keeps quantized codes as the GPU does (the GEMM dequantizes in its
+    // packing): int4/int8 encoders and an fp8 transformer cost what they cost on the GPU, less
+    // than bf16; f32 precision dequantizes them at load.
+    for encoder_precision in [EncoderPrecision::Int8, EncoderPrecision::Int4, EncoderPrecision::Fp8] {
+        let q = PlanInput { encoder_precision, ..inp.clone() };
+        let (on_gpu, on_cpu) = (planner::plan(&q).unwrap(), planner::plan_for(&q, bf16).unwrap());
+        assert_eq!(on_cpu.weights.text_encoder, on_gpu.weights.text_encoder, "{encoder_precision:?}");
+        assert!(on_cpu.weights.text_encoder < cpu16.weights.text_encoder, "{encoder_precision:?}");
+        assert_eq!(planner::plan_for(&q, f32).unwrap().weights.text_encoder, cpu32.weights.text_encoder);
+    }
+    let fp8 = PlanInput { transformer_precision: TransformerPrecision::Fp8, ..inp.clone() };
+    assert_eq!(
+        planner::plan_for(&fp8, bf16).unwrap().weights.transformer,
+        planner::plan(&fp8).unwrap().weights.transformer
+    );
+    assert!(planner::plan_for(&fp8, bf16).unwrap().weights.transformer < cpu16.weights.transformer);
 }

@@ -133,25 +133,22 @@ fn sizes(inp: &PlanInput, target: Target) -> Sizes {
     s.vae_encode_act *= 2;
     s.w.context *= 2;
     s.w.kv_cache *= 2;
+    // bf16 precision keeps every weight as the GPU does (bf16, fp8 and quantized codes, GGUF
+    // blocks; the GEMM dequantizes in its packing): the GPU's sizes.
+    if precision == CpuPrecision::Bf16 {
+        return s;
+    }
+    // f32 precision widens every weight to f32 at load, quantized ones dequantized: twice the
+    // bf16 sizes, whatever the precision flags say.
     let tc = &inp.transformer;
     let layers = *KLEIN_OUT_LAYERS.iter().max().unwrap();
-    // The CPU decodes GGUF blocks at load, so stored sizes do not apply.
     let none = estimate::StoredBytes::new();
     let (block, rest) = estimate::transformer_block_bytes(tc, TransformerPrecision::Bf16, &none);
-    let all_blocks = estimate::transformer_bytes(tc, TransformerPrecision::Bf16, &none) - rest;
-    let encoder = estimate::encoder_bytes(&inp.text_encoder, layers, EncoderPrecision::Bf16);
-    let vae = estimate::vae_bytes(&inp.vae, inp.references.is_empty());
-    // 2-byte (bf16) element sizes doubled where the CPU widens to f32: everything in f32
-    // precision; in bf16 precision only the quantized formats (the CPU dequantizes them at load).
-    let widen_blocks = precision == CpuPrecision::F32 || inp.transformer_precision != TransformerPrecision::Bf16;
-    let widen_encoder = precision == CpuPrecision::F32 || inp.encoder_precision != EncoderPrecision::Bf16;
-    let widen_rest = precision == CpuPrecision::F32;
-    let widen = |bytes: usize, yes: bool| if yes { 2 * bytes } else { bytes };
-    s.w.transformer_block = widen(block, widen_blocks);
-    s.w.transformer_non_block = widen(rest, widen_rest);
-    s.w.transformer = widen(rest, widen_rest) + widen(all_blocks, widen_blocks);
-    s.w.text_encoder = widen(encoder, widen_encoder);
-    s.w.vae = widen(vae, widen_rest);
+    s.w.transformer_block = 2 * block;
+    s.w.transformer_non_block = 2 * rest;
+    s.w.transformer = 2 * estimate::transformer_bytes(tc, TransformerPrecision::Bf16, &none);
+    s.w.text_encoder = 2 * estimate::encoder_bytes(&inp.text_encoder, layers, EncoderPrecision::Bf16);
+    s.w.vae = 2 * estimate::vae_bytes(&inp.vae, inp.references.is_empty());
     s
 }
 

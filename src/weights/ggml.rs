@@ -211,7 +211,7 @@ fn nibble32(qs: &[u8], e: usize) -> u8 {
 }
 
 /// Q4_K/Q5_K's eight 6-bit (scale, min) pairs from their 12 packed bytes.
-fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
     for j in 0..4 {
         sc[j] = s[j] & 0x3F;
@@ -222,7 +222,8 @@ fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (sc, mn)
 }
 
-fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
+/// One block of `ty` (`ty.block().1` bytes) into `y` (`ty.block().0` values).
+pub fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
     match ty {
         GgmlType::Q4_0 => {
             let d = f16_at(b, 0);

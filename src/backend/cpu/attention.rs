@@ -139,8 +139,8 @@ pub fn attention_mixed(isa: Isa, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Attn
         .iter()
         .map(|(kb, vt)| {
             (
-                Prepared::new(isa, Weights { bytes: kb, dtype: DType::BF16, n: nk, k: d }),
-                Prepared::new(isa, Weights { bytes: vt, dtype: DType::BF16, n: d, k: nk }),
+                Prepared::new(isa, Weights::plain(kb, DType::BF16, nk, d)),
+                Prepared::new(isa, Weights::plain(vt, DType::BF16, d, nk)),
             )
         })
         .collect();

@@ -187,22 +187,34 @@ impl Backend for CpuBackend {
 
     fn load_quantized(&self, q: &crate::quant::Quantized) -> Result<QuantTensor> {
         q.validate()?;
-        let dtype = self.decoded_weight_dtype();
-        let values = crate::quant::dequantize(q);
-        let data = match dtype {
-            DType::F32 => output(values, &[q.rows, q.cols])?,
-            _ => self.load_weight(&crate::dtype::encode_from_f32(&values, dtype), dtype, &[q.rows, q.cols])?,
-        };
+        if self.precision == CpuPrecision::Bf16 {
+            // Codes and scales kept as they are: the mixed GEMM dequantizes them in its packing.
+            let data =
+                Tensor::from_storage(crate::tensor::Storage::Cpu(CpuStorage::U8(q.codes.clone())), &[q.codes.len()])?;
+            let scales = (!q.scales.is_empty()).then(|| output(q.scales.clone(), &[q.scales.len()])).transpose()?;
+            return Ok(QuantTensor { format: q.format, rows: q.rows, cols: q.cols, data, scales });
+        }
+        // The f32 reference: the dequantized values.
+        let data = output(crate::quant::dequantize(q), &[q.rows, q.cols])?;
         Ok(QuantTensor { format: q.format, rows: q.rows, cols: q.cols, data, scales: None })
     }
 
     fn linear_quantized(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        // Decoded to bf16 in bf16 precision: the mixed GEMM, not a widened copy per call.
-        self.linear(x, &w.data, bias)
+        check::linear_quantized("linear_quantized", x, w, bias)?;
+        if mixed_gemm::Weights::of_quantized(w).is_some() {
+            return mixed_gemm::linear_quantized(self.isa, x, w, bias);
+        }
+        gemm::linear(x, &w.data, bias)
     }
 
     fn linear_fp8(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
         check::linear_fp8(x, w, bias)?;
+        if mixed_gemm::Weights::of_quantized(w).is_some() {
+            // Activations rounded per token to fp8 as the GPU's W8A8 GEMM sees them; the weight's
+            // codes dequantized in the packing.
+            let xq = quantized::quantize_rows_fp8(&dense("linear_fp8", x)?, x.last_dim());
+            return mixed_gemm::linear_quantized(self.isa, &Tensor::from_f32(xq, x.shape())?, w, bias);
+        }
         quantized::linear_fp8(x, &w.data, bias)
     }
 

@@ -14,6 +14,9 @@ mod v4_amx;
 mod v4_amx_attention;
 #[cfg(target_arch = "x86_64")]
 mod v4_amx_conv;
+#[cfg(target_arch = "x86_64")]
+mod v4_amx_pack;
+mod weights;
 
 /// Whether the CPU and OS allow the AMX path (v4).
 #[cfg(target_arch = "x86_64")]
@@ -25,63 +28,11 @@ use rayon::prelude::*;
 
 use super::precision::Isa;
 use super::{dense, output};
-use crate::backend::check;
-use crate::dtype::{f8e4m3_to_f32, DType};
+use crate::backend::{check, QuantTensor};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::tensor::{CpuStorage, Tensor};
-
-/// A row-major `[n × k]` weight matrix in its stored encoding.
-#[derive(Clone, Copy)]
-pub(crate) struct Weights<'a> {
-    pub bytes: &'a [u8],
-    pub dtype: DType,
-    pub n: usize,
-    pub k: usize,
-}
-
-impl Weights<'_> {
-    /// Row `row`, columns `k0..k0 + out.len()`, widened to f32 (exact).
-    pub fn row_f32(&self, row: usize, k0: usize, out: &mut [f32]) {
-        let size = self.dtype.size_in_bytes();
-        let start = (row * self.k + k0) * size;
-        let src = &self.bytes[start..start + out.len() * size];
-        match self.dtype {
-            DType::BF16 => src.chunks_exact(2).zip(out).for_each(|(b, o)| {
-                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
-            }),
-            DType::F16 => src.chunks_exact(2).zip(out).for_each(|(b, o)| {
-                *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
-            }),
-            DType::F8E4M3 => src.iter().zip(out).for_each(|(&b, o)| *o = f8e4m3_to_f32(b)),
-            DType::F32 => src.chunks_exact(4).zip(out).for_each(|(b, o)| {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }),
-            DType::U8 => unreachable!("checked by Weights::of"),
-        }
-    }
-
-    /// The weight of a linear layer as row blocks (one, or one per mapped piece of a fused
-    /// projection), if it is a dense non-f32 CPU tensor.
-    pub fn of(w: &Tensor) -> Option<Vec<Weights<'_>>> {
-        let storage = w.cpu_storage()?;
-        let (dtype, size) = (storage.dtype(), storage.dtype().size_in_bytes());
-        if !w.is_contiguous() || w.rank() != 2 || dtype == DType::U8 || dtype == DType::F32 {
-            return None;
-        }
-        let k = w.dim(1);
-        if let CpuStorage::MappedRows(pieces, _) = storage {
-            // A whole fused weight: every piece is a block of complete rows.
-            if w.offset() != 0 || w.numel() != storage.len() || k == 0 {
-                return None;
-            }
-            let rows = |len: usize| len.is_multiple_of(k * size).then_some(len / (k * size));
-            return pieces.iter().map(|p| Some(Weights { bytes: p.bytes(), dtype, n: rows(p.len())?, k })).collect();
-        }
-        let bytes = storage.raw_bytes()?;
-        let bytes = &bytes[w.offset() * size..(w.offset() + w.numel()) * size];
-        Some(vec![Weights { bytes, dtype, n: w.dim(0), k }])
-    }
-}
+use crate::tensor::Tensor;
+pub(crate) use weights::{Code, Weights};
 
 /// The output shared by the column-block tasks (each writes its own columns): the first
 /// column's pointer and the row stride.
@@ -108,15 +59,16 @@ pub(crate) fn matmul(isa: Isa, m: usize, x: &[f32], w: &Weights, y: &mut [f32], 
     unsafe { matmul_to(isa, m, x, w, OutPtr { ptr: y.as_mut_ptr().add(col0), ld: ldy }) }
 }
 
-/// Weight dtypes v4 takes as they are (fp8 e4m3 widens to bf16 exactly; f16 does not).
-fn amx_dtype(dtype: DType) -> bool {
-    matches!(dtype, DType::BF16 | DType::F8E4M3)
+/// Weights v4 takes: bf16 and fp8 e4m3 (exact in bf16), and quantized codes (dequantized to
+/// bf16 in the packing, as the GPU's weight-only GEMM does). f16 is not exact in bf16.
+fn amx_takes(w: &Weights) -> bool {
+    matches!(w.code, Code::Plain(DType::BF16 | DType::F8E4M3) | Code::Quant(..))
 }
 
 /// Whether `matmul` on `isa` writes every element of its output (rather than adding to it or
 /// leaving some), so the output needs no zeroing first: v4 stores whole accumulator tiles.
 fn writes_every_output(isa: Isa, w: &Weights) -> bool {
-    cfg!(target_arch = "x86_64") && isa == Isa::Amx && amx_dtype(w.dtype) && w.k > 0
+    cfg!(target_arch = "x86_64") && isa == Isa::Amx && amx_takes(w) && w.k > 0
 }
 
 /// `matmul` into `out`: m rows of `out.ld` values from `out.ptr`, columns 0..w.n written.
@@ -126,7 +78,7 @@ fn writes_every_output(isa: Isa, w: &Weights) -> bool {
 unsafe fn matmul_to(isa: Isa, m: usize, x: &[f32], w: &Weights, out: OutPtr) {
     let (n, k) = (w.n, w.k);
     assert!(x.len() == m * k && n <= out.ld);
-    assert!(w.bytes.len() == n * k * w.dtype.size_in_bytes());
+    assert!(w.bytes.len() == n * w.row_bytes());
     assert!(isa.available(), "{} is not available on this CPU", isa.name());
     if m == 0 || n == 0 {
         return;
@@ -141,7 +93,7 @@ unsafe fn matmul_to(isa: Isa, m: usize, x: &[f32], w: &Weights, out: OutPtr) {
             // SAFETY: available() checked AVX2 and FMA; blocks write disjoint columns.
             .for_each(|(j0, j1)| unsafe { v2_avx2::block(m, x, w, j0, j1, out) }),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Bf16 if w.dtype == DType::BF16 => {
+        Isa::Avx512Bf16 if w.is(DType::BF16) => {
             let xb = v3_avx512bf16::pack_activations(m, k, x);
             column_blocks(n, v3_avx512bf16::NR, 128)
                 .into_par_iter()
@@ -149,7 +101,7 @@ unsafe fn matmul_to(isa: Isa, m: usize, x: &[f32], w: &Weights, out: OutPtr) {
                 .for_each(|(j0, j1)| unsafe { v3_avx512bf16::block(m, &xb, w, j0, j1, out) })
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Amx if amx_dtype(w.dtype) => {
+        Isa::Amx if amx_takes(w) => {
             let xb = v4_amx::pack_activations(m, k, x);
             let blocks = amx_column_blocks(n);
             // Each task is told the one after it, which the same worker usually takes next
@@ -163,7 +115,7 @@ unsafe fn matmul_to(isa: Isa, m: usize, x: &[f32], w: &Weights, out: OutPtr) {
         // f16 weights are not exact in bf16: widen them to f32 on the AVX2 path.
         #[cfg(target_arch = "x86_64")]
         Isa::Amx => matmul_to(Isa::Avx2Fma, m, x, w, out),
-        // f16 and fp8 weights are not bf16: widen them to f32 (exact) on the AVX2 path.
+        // f16, fp8 and quantized weights are not bf16: widen them to f32 (exact) on the AVX2 path.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Bf16 => matmul_to(Isa::Avx2Fma, m, x, w, out),
         #[cfg(not(target_arch = "x86_64"))]
@@ -178,7 +130,7 @@ pub(crate) use v4_amx_conv::DirectConv;
 /// which reads the image itself instead of unfolded rows; `None` off that path.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn direct_conv(isa: Isa, w: &Weights, cin: usize, kh: usize, kw: usize) -> Option<DirectConv> {
-    let fits = isa == Isa::Amx && isa.available() && amx_dtype(w.dtype);
+    let fits = isa == Isa::Amx && isa.available() && amx_takes(w);
     // SAFETY: available() checked AMX.
     fits.then(|| unsafe { DirectConv::new(w, cin, kh, kw) })
 }
@@ -246,7 +198,7 @@ pub(crate) enum Prepared<'a> {
 impl<'a> Prepared<'a> {
     pub fn new(isa: Isa, w: Weights<'a>) -> Prepared<'a> {
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Amx && isa.available() && amx_dtype(w.dtype) {
+        if isa == Isa::Amx && isa.available() && amx_takes(&w) {
             // SAFETY: available() checked AMX.
             return Prepared::Amx(unsafe { v4_amx::pack_weights(&w) });
         }
@@ -303,15 +255,32 @@ pub(crate) fn matmul_rows(
 
 /// `linear` for a weight kept in its stored dtype, on `isa`.
 pub fn linear(isa: Isa, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let (m, _k, n) = check::linear(x, w, bias)?;
+    check::linear(x, w, bias)?;
     let pieces = Weights::of(w)
         .ok_or_else(|| Error::shape("linear", "the mixed-precision GEMM needs a dense bf16, f16 or fp8 CPU weight"))?;
+    assert_eq!(pieces.iter().map(|p| p.n).sum::<usize>(), w.dim(0), "the weight's pieces cover its rows");
+    linear_pieces(isa, x, &pieces, bias)
+}
+
+/// `linear_quantized` for codes the CPU keeps (`Weights::of_quantized`), on `isa`: `x` already
+/// checked against the weight.
+pub fn linear_quantized(isa: Isa, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let weights = Weights::of_quantized(w)
+        .ok_or_else(|| Error::shape("linear_quantized", "the CPU keeps no codes for this quantized weight"))?;
+    linear_pieces(isa, x, &[weights], bias)
+}
+
+/// `y = x · Wᵀ (+ bias)` for a weight given as row blocks (`pieces`, in order), x `[.., k]`.
+fn linear_pieces(isa: Isa, x: &Tensor, pieces: &[Weights], bias: Option<&Tensor>) -> Result<Tensor> {
     if !isa.available() {
         return Err(Error::Unsupported(format!("the {} GEMM path needs a CPU feature this one lacks", isa.name())));
     }
-    // The pieces are the weight's rows in order; checked before any write below relies on it.
-    assert_eq!(pieces.iter().map(|p| p.n).sum::<usize>(), n, "the weight's pieces cover its rows");
+    let n = pieces.iter().map(|p| p.n).sum::<usize>();
+    let k = x.last_dim();
+    // Checked before any write below relies on it (the callers check x against the whole weight).
+    assert!(pieces.iter().all(|p| p.k == k), "the weight's pieces have the input's width");
     let xv = dense("linear", x)?;
+    let m = xv.len() / k.max(1);
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
     if !pieces.iter().all(|w| writes_every_output(isa, w)) {
         y.resize(m * n, 0.0);
@@ -320,7 +289,7 @@ pub fn linear(isa: Isa, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result
     // before set_len makes it visible (the pieces cover all n columns).
     let base = y.as_mut_ptr();
     let mut col0 = 0;
-    for piece in &pieces {
+    for piece in pieces {
         // SAFETY: col0 + piece.n <= n; the allocation holds m·n values.
         unsafe { matmul_to(isa, m, &xv, piece, OutPtr { ptr: base.add(col0), ld: n }) };
         col0 += piece.n;

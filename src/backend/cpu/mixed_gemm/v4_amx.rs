@@ -13,15 +13,15 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::v4_amx_pack::pack_panel;
 use super::{OutPtr, Weights};
-use crate::dtype::DType;
 
 /// Columns per weight panel (two 16-column tiles).
 pub(super) const NR: usize = 32;
 /// Tokens per step of the outer loop (two 16-row tiles).
 const MR: usize = 32;
 /// k pairs per tile row (64 bytes).
-const PAIRS: usize = 16;
+pub(super) const PAIRS: usize = 16;
 
 /// Whether the CPU has AMX-TILE and AMX-BF16 and the OS lets this process use the tiles.
 pub(crate) fn available() -> bool {
@@ -370,16 +370,16 @@ impl Prefetch {
 
     /// Rows `n` of `w`, the bytes of k-steps `steps`, over `issues` calls of `issue`.
     fn new(w: &Weights, n: std::ops::Range<usize>, steps: std::ops::Range<usize>, issues: usize) -> Prefetch {
-        let size = w.dtype.size_in_bytes();
         let (k0, k1) = ((steps.start * 2 * PAIRS).min(w.k), (steps.end * 2 * PAIRS).min(w.k));
-        let row_bytes = w.k * size;
+        let row_bytes = w.row_bytes();
         if n.is_empty() || k1 <= k0 {
             return Prefetch::none();
         }
         // The first line of each row's range, rounded down to its cache line, and every line to its end.
-        let lines_per_row = (k1 * size).div_ceil(64) - (k0 * size) / 64;
+        let range = w.col_bytes(k0, k1);
+        let lines_per_row = range.end.div_ceil(64) - range.start / 64;
         let line_count = n.len() * lines_per_row;
-        let rows = w.bytes[n.start * row_bytes + (k0 * size) / 64 * 64..].as_ptr();
+        let rows = w.bytes[n.start * row_bytes + range.start / 64 * 64..].as_ptr();
         Prefetch { rows, row_bytes, line_count, lines_per_row, next: 0, per_issue: line_count.div_ceil(issues.max(1)) }
     }
 
@@ -418,98 +418,4 @@ unsafe fn write_tiles(tiles: &[f32], m: usize, i0: usize, c0: usize, j1: usize, 
             std::ptr::copy_nonoverlapping(row.as_ptr(), out.ptr.add((r0 + r) * out.ld + c0), cols);
         }
     }
-}
-
-/// Weight rows `n0..n0 + cols`, k-steps `steps`, as a panel of tiles: for each step of 16
-/// pairs, the tile of columns 0–15 then that of 16–31, each 16 pairs × 16 columns; entry (p, c)
-/// holds elements 2p and 2p+1 of row n0 + c as bf16 (low half the even one). Columns and pairs
-/// past the ends are written as zeros: every element of `panel` is written, so the buffer may
-/// hold anything before.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_panel(w: &Weights, n0: usize, cols: usize, steps: std::ops::Range<usize>, panel: &mut [u32]) {
-    let k = w.k;
-    debug_assert_eq!(panel.len(), steps.len() * 2 * TILE);
-    // The pairs of this range, as indices into the weight's rows.
-    let (p0, p1) = (steps.start * PAIRS, steps.end * PAIRS);
-    if w.dtype == DType::BF16 && cols == NR && k.is_multiple_of(2) {
-        // The pairs past k/2 in the last step.
-        for p in (k / 2).max(p0)..p1 {
-            for c in 0..NR {
-                panel[slot(p - p0, c)] = 0;
-            }
-        }
-        // Sixteen rows at a time: gather one pair from each row per panel row.
-        let row_bytes = (k * 2) as i32;
-        let index = _mm512_mullo_epi32(
-            _mm512_set1_epi32(row_bytes),
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        );
-        // Whole steps: 16 rows × 64 bytes loaded and transposed in registers.
-        let whole = (k / 2 / PAIRS).clamp(steps.start, steps.end);
-        for half in 0..2 {
-            let base = w.bytes.as_ptr().add((n0 + 16 * half) * k * 2);
-            for st in steps.start..whole {
-                let mut r: [__m512i; 16] =
-                    std::array::from_fn(|c| _mm512_loadu_si512(base.add(c * k * 2 + st * 64) as *const _));
-                transpose_16x16(&mut r);
-                let tile = panel.as_mut_ptr().add(slot((st - steps.start) * PAIRS, 16 * half));
-                for (i, row) in r.iter().enumerate() {
-                    _mm512_storeu_si512(tile.add(16 * i) as *mut _, *row);
-                }
-            }
-            for p in (whole * PAIRS).max(p0)..p1.min(k / 2) {
-                let v = _mm512_i32gather_epi32::<1>(index, base.add(4 * p) as *const _);
-                _mm512_storeu_si512(panel.as_mut_ptr().add(slot(p - p0, 16 * half)) as *mut _, v);
-            }
-        }
-        return;
-    }
-    panel.fill(0);
-    let (k0, k1) = ((2 * p0).min(k), (2 * p1).min(k));
-    let mut row = vec![0f32; k1 - k0];
-    for c in 0..cols {
-        w.row_f32(n0 + c, k0, &mut row);
-        for (p, pair) in row.chunks(2).enumerate() {
-            // bf16 and fp8 e4m3 values are exact in bf16; f16 never comes here (see matmul).
-            let lo = half::bf16::from_f32(pair[0]).to_bits() as u32;
-            let hi = pair.get(1).map_or(0, |v| half::bf16::from_f32(*v).to_bits() as u32);
-            panel[slot(p, c)] = lo | hi << 16;
-        }
-    }
-}
-
-/// A 16 × 16 matrix of 32-bit values (one row per register) transposed in place: interleaves of
-/// 32-bit then 64-bit elements within 128-bit lanes, then two rounds of lane shuffles.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose_16x16(r: &mut [__m512i; 16]) {
-    let mut t = [_mm512_setzero_si512(); 16];
-    for i in 0..8 {
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    // u[4i + j], lane L: column 4L + j of rows 4i..4i + 4.
-    for i in 0..4 {
-        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-    }
-    for j in 0..4 {
-        let v0 = _mm512_shuffle_i32x4::<0x44>(r[j], r[4 + j]);
-        let v1 = _mm512_shuffle_i32x4::<0xEE>(r[j], r[4 + j]);
-        let w0 = _mm512_shuffle_i32x4::<0x44>(r[8 + j], r[12 + j]);
-        let w1 = _mm512_shuffle_i32x4::<0xEE>(r[8 + j], r[12 + j]);
-        t[j] = _mm512_shuffle_i32x4::<0x88>(v0, w0);
-        t[4 + j] = _mm512_shuffle_i32x4::<0xDD>(v0, w0);
-        t[8 + j] = _mm512_shuffle_i32x4::<0x88>(v1, w1);
-        t[12 + j] = _mm512_shuffle_i32x4::<0xDD>(v1, w1);
-    }
-    *r = t;
-}
-
-/// Where pair `p` of panel column `c` lives in the tile-by-tile panel.
-#[inline]
-fn slot(p: usize, c: usize) -> usize {
-    ((p / PAIRS) * 2 + c / 16) * TILE + (p % PAIRS) * 16 + c % 16
 }
