@@ -3,7 +3,7 @@
 use crate::backend::{Backend, QuantTensor};
 use crate::error::Result;
 use crate::planner::EncoderPrecision;
-use crate::quant::{quantize, QuantFormat, Quantized};
+use crate::quant::{quantize_rows, QuantFormat, Quantized};
 use crate::tensor::Tensor;
 use crate::weights::{Encoding, RawTensor, WeightStore};
 
@@ -45,6 +45,25 @@ pub fn ggml_blocks<'a>(
     Ok(ty.map(|t| Quantized { format: QuantFormat::Ggml(t), rows, cols, codes, scales: Vec::new() }))
 }
 
+/// `quantize` of the row concatenation of stored pieces (rows `range` of each tensor, `cols`
+/// values a row): rows decoded from the file and quantized in parallel, never the whole weight
+/// in f32.
+pub fn quantize_pieces(
+    pieces: &[(RawTensor<'_>, std::ops::Range<usize>)],
+    cols: usize,
+    format: QuantFormat,
+) -> Result<Quantized> {
+    let starts: Vec<usize> = pieces.iter().scan(0, |at, (_, r)| Some(std::mem::replace(at, *at + r.len()))).collect();
+    let rows = pieces.iter().map(|(_, r)| r.len()).sum();
+    quantize_rows(rows, cols, format, |r, out| {
+        let i = starts.partition_point(|&s| s <= r) - 1;
+        let (t, range) = &pieces[i];
+        let at = range.start + r - starts[i];
+        out.copy_from_slice(&t.rows_f32(at..at + 1)?);
+        Ok(())
+    })
+}
+
 impl Linear {
     /// Row-wise concatenation of stored weights `names` (each `[rows_i, cols]`): dense weights go
     /// straight from the file to the device; quantized ones are quantized on the host at load.
@@ -72,13 +91,12 @@ impl Linear {
                 Ok(Linear::Dense(be.concat(&parts.iter().collect::<Vec<_>>(), 0)?))
             }
             Some(fmt) => {
-                let mut values = Vec::new();
-                let mut rows = 0;
-                for (n, r) in names {
-                    values.extend(store.get_shaped(n, &[*r, cols])?.to_f32()?);
-                    rows += r;
-                }
-                Ok(Linear::Quant(be.load_quantized(&quantize(&values, rows, cols, fmt)?)?))
+                let pieces = names
+                    .iter()
+                    .map(|(n, r)| Ok((store.get_shaped(n, &[*r, cols])?, 0..*r)))
+                    .collect::<Result<Vec<_>>>()?;
+                let q = quantize_pieces(&pieces, cols, fmt)?;
+                Ok(Linear::Quant(be.load_quantized(&q)?))
             }
         }
     }

@@ -318,6 +318,21 @@ impl TransformerWeights {
         Ok(out)
     }
 
+    /// `quantize` of the same concatenation, rows decoded and quantized in parallel straight from
+    /// the file (with a LoRA merged in, from `host_concat`'s values).
+    pub fn quantize_concat(&self, names: &[&str], shape: &[usize], format: QuantFormat) -> Result<Quantized> {
+        let cols = shape[1..].iter().product();
+        if self.adapters_for(names).is_some() {
+            return crate::quant::quantize(&self.host_concat(names, shape)?, shape[0] * names.len(), cols, format);
+        }
+        let pieces = self
+            .pieces_of(names, shape)?
+            .into_iter()
+            .map(|p| Ok((self.stored(&p, &shape[1..])?, p.rows)))
+            .collect::<Result<Vec<_>>>()?;
+        crate::model::linear::quantize_pieces(&pieces, cols, format)
+    }
+
     /// The GGML blocks of a concatenation whose pieces are all stored in one GGML block type (a
     /// GGUF transformer), for the weight-only GEMM; None when any piece is stored otherwise or a
     /// LoRA is merged into it.

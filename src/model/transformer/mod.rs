@@ -253,12 +253,13 @@ fn block_weight(
         if let Some(q) = w.stored_fp8(names, shape)? {
             return Ok(q);
         }
+        let Some(adapters) = w.adapters_for(names) else {
+            return w.quantize_concat(names, shape, QuantFormat::Fp8);
+        };
         let values = w.host_concat(names, shape)?;
         let q = quantize(&values, shape[0] * names.len(), shape[1], QuantFormat::Fp8)?;
         // A merged LoRA is requantised with the weight: say what that cost.
-        if let Some(adapters) = w.adapters_for(names) {
-            adapters.record_merge(&values, &crate::quant::dequantize(&q), || format!("{} as fp8", names.join(" + ")));
-        }
+        adapters.record_merge(&values, &crate::quant::dequantize(&q), || format!("{} as fp8", names.join(" + ")));
         Ok::<_, Error>(q)
     };
     match mode {
