@@ -10,8 +10,10 @@
 //     of each half, read as its k = 2t, 2t+1, 2t+8, 2t+9; A and B agree, so the sum is the same). Vᵀ holds
 //     the e4m3-rounded values as bf16 (sage_quantize_vt_e4m3_as_bf16), read with 8-byte shared loads.
 //
-// Pre-passes (besides the K/V statistics and sage_block_absmax_bf16 of quantized.cu):
-//   sage_quantize_int8_bf16: Q or K to int8 codes in their own layout [B, N, H, D].
+// Pre-passes (besides the K/V statistics of quantized.cu):
+//   sage_quantize_int8_block_bf16 (v2): Q or K to int8 codes in their own layout [B, N, H, D] with the
+//     64-token block scales, one pass; v1 (sage_block_absmax_bf16, then sage_quantize_int8_bf16) stays as
+//     its reference, run by the selftest's "v1-quant" cases.
 //   sage_quantize_vt_e4m3_bf16: V to e4m3 codes transposed per (batch, kv head) to [D, Nk rounded up to 64],
 //     keys permuted inside each group of 32 so that the P accumulators of the Q·Kᵀ mma are already the
 //     A fragment of the e4m3 mma (slot 16h + 4c + 2t + u holds key 16h + 8t + 2c + u: thread c of a quad
@@ -46,6 +48,49 @@ extern "C" __global__ void sage_quantize_int8_bf16(const bf16* x, const float* m
         float inv = s > 0.f ? 1.f / s : 0.f;
         float val = to_f(x[i]) - (mean ? mean[bh * d + c] : 0.f);
         out[i] = (signed char)(int)sage_int8_round(val * inv);
+    }
+}
+
+// v2 of sage_block_absmax_bf16 + sage_quantize_int8_bf16 (quantized.cu, above), the tensor-core path's Q and K
+// pre-pass: one CTA per (64-token block, batch * head) finds the block's |x - mean|max, writes it, and writes the
+// block's codes, so the block is read from DRAM once (its second read hits L1/L2: 16 KB at d = 128) and with one
+// launch instead of two; 8 channels per 16-byte load, 8 codes per 8-byte store. Same arithmetic as v1, so the
+// same bits. d a multiple of 8. Grid (blocks, batch * heads), 256 threads.
+extern "C" __global__ void sage_quantize_int8_block_bf16(const bf16* x, const float* mean, float* block_absmax,
+                                                         signed char* out, int n, int heads, int d) {
+    __shared__ float scratch[32];
+    const int blk = blockIdx.x, bh = blockIdx.y;
+    const int b = bh / heads, h = bh % heads;
+    const int rows = min(SAGE_TILE, n - blk * SAGE_TILE), groups = d / 8;
+    const float* mean_bh = mean ? mean + (i64)bh * d : nullptr;
+    // Element offset of group i of the block (row i / groups, channels 8 * (i % groups) ..).
+    auto offset = [&](int i, int& c) {
+        c = (i % groups) * 8;
+        return (((i64)b * n + blk * SAGE_TILE + i / groups) * heads + h) * d + c;
+    };
+    float m = 0.f;
+    for (int i = threadIdx.x; i < rows * groups; i += blockDim.x) {
+        int c;
+        float v[8];
+        load_bf16x8(x + offset(i, c), v);
+#pragma unroll
+        for (int e = 0; e < 8; e++) m = fmaxf(m, fabsf(v[e] - (mean_bh ? mean_bh[c + e] : 0.f)));
+    }
+    m = block_max(m, scratch);
+    if (threadIdx.x == 0) block_absmax[(i64)bh * gridDim.x + blk] = m;
+    const float s = m / 127.f, inv = s > 0.f ? 1.f / s : 0.f;
+    for (int i = threadIdx.x; i < rows * groups; i += blockDim.x) {
+        int c;
+        const i64 at = offset(i, c);
+        float v[8];
+        load_bf16x8(x + at, v);
+        unsigned packed[2] = {0u, 0u};
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            int code = (int)sage_int8_round((v[e] - (mean_bh ? mean_bh[c + e] : 0.f)) * inv);
+            packed[e / 4] |= (unsigned)(code & 0xff) << (8 * (e % 4));
+        }
+        *reinterpret_cast<uint2*>(out + at) = make_uint2(packed[0], packed[1]);
     }
 }
 

@@ -327,12 +327,12 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             .untimed(),
         );
     }
-    // sage_kv_sums, sage_kv_means_absmax, sage_block_absmax (Q and K), then for head dims 64/128
-    // sage_quantize_int8 (Q, K) and on sm_89+ images sage_quantize_vt_e4m3 + attention_sage_mma_d{64,128},
+    // sage_kv_sums, sage_kv_means_absmax, then for head dims 64/128 sage_quantize_int8_block (Q, K;
+    // "v1-quant": sage_block_absmax + sage_quantize_int8) and on sm_89+ images sage_quantize_vt_e4m3 + attention_sage_mma_d{64,128},
     // on older ones (and on every card for "bf16-pv") sage_quantize_vt_e4m3_as_bf16 +
-    // attention_sage_mma_bf16pv_d{64,128}; as the reference ("ref") attention_sage_rowwise. (batch,
+    // attention_sage_mma_bf16pv_d{64,128}; as the reference ("ref") sage_block_absmax + attention_sage_rowwise. (batch,
     // tokens, heads, kv heads, head dim, causal with padding [N, N/2], path)
-    use SagePath::{Bf16Pv, Default as Sage, Reference};
+    use SagePath::{Bf16Pv, Default as Sage, QuantizeV1, Reference};
     let sage: &[(usize, usize, usize, usize, usize, bool, SagePath)] = match suite {
         Suite::Full => &[
             (1, 130, 2, 2, 128, false, Sage),
@@ -344,6 +344,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (1, 1024, 2, 2, 128, false, Bf16Pv),
             (2, 200, 4, 2, 64, true, Reference),
             (1, 1024, 2, 2, 128, false, Reference),
+            (2, 200, 4, 2, 64, true, QuantizeV1),
         ],
         Suite::Small => &[
             (1, 130, 2, 2, 128, false, Sage),     // 3 blocks of 64 tokens, the last ragged
@@ -356,6 +357,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (1, 130, 2, 1, 128, false, Bf16Pv),   // bf16 P·V: d 128, ragged
             (2, 130, 4, 2, 64, true, Reference),  // row-wise reference: causal + padding, GQA
             (1, 72, 2, 1, 128, false, Reference), // row-wise reference: GQA
+            (2, 130, 4, 2, 64, true, QuantizeV1), // first Q/K pre-pass: causal + padding, GQA
         ],
     };
     for &(b, n, h, hkv, d, causal, path) in sage {
@@ -368,6 +370,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
                 Sage => "",
                 Bf16Pv => " bf16-pv",
                 Reference => " ref",
+                QuantizeV1 => " v1-quant",
             }
         );
         v.push(case(
@@ -381,6 +384,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
                     Sage => run(),
                     Bf16Pv => with_sage_bf16_pv(be, run),
                     Reference => with_reference_attention(be, run),
+                    QuantizeV1 => with_sage_quantize_v1(be, run),
                 }
             }),
         ));
@@ -860,29 +864,49 @@ enum SagePath {
     Bf16Pv,
     /// The row-wise reference.
     Reference,
+    /// The tensor-core kernels after the first version of the Q/K pre-pass (its reference).
+    QuantizeV1,
 }
 
-/// Run `f` with Sage's P·V on bf16 tensor cores on the CUDA backend (the Ampere kernels, checked on
-/// every card); other backends run `f` as is.
-pub fn with_sage_bf16_pv(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
+/// Run `f` with one of the CUDA backend's kernel-choice switches on (`set`), then off again;
+/// other backends run `f` as is.
+#[cfg(feature = "cuda")]
+fn with_cuda_switch(
+    be: &dyn Backend,
+    set: fn(&crate::backend::cuda::CudaBackend, bool),
+    f: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
     if let Some(c) = be.as_any().downcast_ref::<crate::backend::cuda::CudaBackend>() {
-        c.set_sage_bf16_pv(true);
+        set(c, true);
         let r = f();
-        c.set_sage_bf16_pv(false);
+        set(c, false);
         return r;
     }
     f()
 }
 
+/// Run `f` with Sage's P·V on bf16 tensor cores on the CUDA backend (the Ampere kernels, checked on
+/// every card).
+pub fn with_sage_bf16_pv(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    return with_cuda_switch(be, crate::backend::cuda::CudaBackend::set_sage_bf16_pv, f);
+    #[cfg(not(feature = "cuda"))]
+    f()
+}
+
+/// Run `f` with Sage's Q/K pre-pass in its first version (block |x|max, then codes: two launches).
+pub fn with_sage_quantize_v1(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    return with_cuda_switch(be, crate::backend::cuda::CudaBackend::set_sage_quantize_v1, f);
+    #[cfg(not(feature = "cuda"))]
+    f()
+}
+
+/// Run `f` on the previous attention kernels (the references of the current ones).
 pub fn with_reference_attention(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let Some(c) = be.as_any().downcast_ref::<crate::backend::cuda::CudaBackend>() {
-        c.set_reference_attention(true);
-        let r = f();
-        c.set_reference_attention(false);
-        return r;
-    }
+    return with_cuda_switch(be, crate::backend::cuda::CudaBackend::set_reference_attention, f);
+    #[cfg(not(feature = "cuda"))]
     f()
 }
 

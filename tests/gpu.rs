@@ -220,6 +220,37 @@ fn loras_in_bf16(be: Arc<dyn Backend>) {
     assert!(cos >= 0.999 && rel <= 0.05, "LoKr: cosine {cos}, rel_l2 {rel}");
 }
 
+fn sage_quantize_v2_gives_v1s_bits(be: Arc<dyn Backend>) {
+    // The one-pass Q/K pre-pass (v2) and its two-launch reference (v1) compute the same scales and
+    // codes, so the attention after them is bit-identical; also for inputs that are views at an odd
+    // offset (16-byte loads impossible: v1 runs).
+    use flux2::backend::AttnMask;
+    let cuda = flux2::device::as_cuda(&be).unwrap();
+    let act = be.activation_dtype();
+    let (b, n, h, hkv) = (2, 130, 4, 2);
+    for d in [64, 128] {
+        let draw = |name: &str, heads: usize, extra: usize| {
+            let v = flux2::rng::normal_vec(17, name, b * n * heads * d + extra);
+            be.upload(&common::t(&v, &[b * n * heads * d + extra]), act).unwrap()
+        };
+        let mask = AttnMask::Causal { valid_len: Some(vec![n, 77]) };
+        let (q, k, v) = (draw("q", h, 1), draw("k", hkv, 1), draw("v", hkv, 1));
+        for offset in [0, 1] {
+            let view = |t: &flux2::Tensor, heads: usize| {
+                t.narrow(0, offset, b * n * heads * d).unwrap().reshape(&[b, n, heads, d]).unwrap()
+            };
+            let (q, k, v) = (view(&q, h), view(&k, hkv), view(&v, hkv));
+            let run = || be.attention_sage(&q, &k, &v, &mask, 0.125).unwrap().to_vec_f32().unwrap();
+            let v2 = run();
+            cuda.set_sage_quantize_v1(true);
+            let v1 = run();
+            cuda.set_sage_quantize_v1(false);
+            assert!(v2.iter().all(|x| x.is_finite()), "d {d} offset {offset}");
+            assert_eq!(v1, v2, "d {d} offset {offset}: v2 differs from v1");
+        }
+    }
+}
+
 fn gpu_expected() -> bool {
     std::env::var("FLUX2_EXPECT_GPU").is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
 }
@@ -250,7 +281,7 @@ fn main() {
     };
     let gpu = gpu.ok();
     type Check = fn(Arc<dyn Backend>);
-    let checks: [(&str, Check, bool); 10] = [
+    let checks: [(&str, Check, bool); 11] = [
         ("every_op_matches_the_cpu_reference", every_op_matches_the_cpu_reference, true),
         ("transformer_fixtures_in_bf16", transformer_fixtures_in_bf16, true),
         ("checkpoint_formats_in_bf16", checkpoint_formats_in_bf16, true),
@@ -259,6 +290,7 @@ fn main() {
         ("components_in_bf16", components_in_bf16, true),
         ("workflows_within_2_of_255", workflows_within_2_of_255, true),
         ("quantized_linears_reject_bad_shapes", quantized_linears_reject_bad_shapes, false),
+        ("sage_quantize_v2_gives_v1s_bits", sage_quantize_v2_gives_v1s_bits, true),
         ("an_overflow_stops_the_pipeline_with_the_step", an_overflow_stops_the_pipeline_with_the_step, true),
         ("no_gpu_gives_a_clear_error_or_a_working_device", no_gpu_gives_a_clear_error_or_a_working_device, false),
     ];

@@ -121,6 +121,7 @@ const KERNELS: &[(&str, &[&str])] = &[
         "attention_sage_mma",
         &[
             "sage_quantize_int8_bf16",
+            "sage_quantize_int8_block_bf16",
             "sage_quantize_vt_e4m3_bf16",
             "sage_quantize_vt_e4m3_as_bf16",
             "attention_sage_mma_d64",
@@ -161,6 +162,8 @@ pub struct CudaDevice {
     /// Sage attention's P·V on bf16 tensor cores even where e4m3 ones exist (the sm_80/86 kernels,
     /// so the selftest checks them on every card).
     sage_bf16_pv: AtomicBool,
+    /// Sage's Q/K pre-pass in its first version (two launches; the one-pass v2's reference).
+    sage_quantize_v1: AtomicBool,
     health: health::HealthWord,
 }
 
@@ -342,6 +345,7 @@ impl CudaBackend {
             poison: AtomicBool::new(false),
             reference_attention: AtomicBool::new(false),
             sage_bf16_pv: AtomicBool::new(false),
+            sage_quantize_v1: AtomicBool::new(false),
             health: health::HealthWord::default(),
         };
         Ok(CudaBackend { dev: Arc::new(dev) })
@@ -368,6 +372,12 @@ impl CudaBackend {
     /// restores the default.
     pub fn set_sage_bf16_pv(&self, on: bool) {
         self.dev.sage_bf16_pv.store(on, Ordering::Relaxed);
+    }
+
+    /// Run Sage's Q/K pre-pass in its first version (block |x|max, then codes); false restores
+    /// the default (v2, one pass).
+    pub fn set_sage_quantize_v1(&self, on: bool) {
+        self.dev.sage_quantize_v1.store(on, Ordering::Relaxed);
     }
 
     /// Fill every new output buffer with NaN first (selftest: catches unwritten elements).

@@ -218,8 +218,12 @@ pub(super) fn attention_sage(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    launch!(be.dev, "sage_block_absmax_bf16", blocks(qb, b * h), qp, 0u64, qap, nq as i32, h as i32, d as i32)?;
-    launch!(be.dev, "sage_block_absmax_bf16", blocks(kb, b * hkv), kp, kmp, kap, nk as i32, hkv as i32, d as i32)?;
+    // v1 of the Q/K pre-pass, stage 1: each 64-token block's |x - mean|max (the row-wise kernel's
+    // scales; stage 2 writes the tensor-core kernel's codes).
+    let block_absmax = || -> Result<()> {
+        launch!(be.dev, "sage_block_absmax_bf16", blocks(qb, b * h), qp, 0u64, qap, nq as i32, h as i32, d as i32)?;
+        launch!(be.dev, "sage_block_absmax_bf16", blocks(kb, b * hkv), kp, kmp, kap, nk as i32, hkv as i32, d as i32)
+    };
     let (causal, _lens, lp) = super::attention::mask_args(be, mask)?;
     let out = be.output(DType::BF16, &[b, nq, h, d])?;
     let reference = be.dev.reference_attention.load(std::sync::atomic::Ordering::Relaxed);
@@ -236,8 +240,41 @@ pub(super) fn attention_sage(
         let quantize = |total: usize| super::grid_1d(total);
         let (tq, tk, tv) = (b * nq * h * d, b * nk * hkv * d, b * hkv * d * nk_pad);
         let (d32, nq32, nk32) = (d as i32, nq as i32, nk as i32);
-        launch!(be.dev, "sage_quantize_int8_bf16", quantize(tq), qp, 0u64, qap, qcp, nq32, h as i32, d32, tq as i64)?;
-        launch!(be.dev, "sage_quantize_int8_bf16", quantize(tk), kp, kmp, kap, kcp, nk32, hkv as i32, d32, tk as i64)?;
+        // v2 reads each block with 16-byte loads: q and k must start 16-byte aligned (views may not).
+        let v1 = be.dev.sage_quantize_v1.load(std::sync::atomic::Ordering::Relaxed) || (qp | kp) % 16 != 0;
+        if v1 {
+            block_absmax()?;
+            launch!(
+                be.dev,
+                "sage_quantize_int8_bf16",
+                quantize(tq),
+                qp,
+                0u64,
+                qap,
+                qcp,
+                nq32,
+                h as i32,
+                d32,
+                tq as i64
+            )?;
+            launch!(
+                be.dev,
+                "sage_quantize_int8_bf16",
+                quantize(tk),
+                kp,
+                kmp,
+                kap,
+                kcp,
+                nk32,
+                hkv as i32,
+                d32,
+                tk as i64
+            )?;
+        } else {
+            let (h32, hkv32) = (h as i32, hkv as i32);
+            launch!(be.dev, "sage_quantize_int8_block_bf16", blocks(qb, b * h), qp, 0u64, qap, qcp, nq32, h32, d32)?;
+            launch!(be.dev, "sage_quantize_int8_block_bf16", blocks(kb, b * hkv), kp, kmp, kap, kcp, nk32, hkv32, d32)?;
+        }
         launch!(
             be.dev,
             if e4m3_pv { "sage_quantize_vt_e4m3_bf16" } else { "sage_quantize_vt_e4m3_as_bf16" },
@@ -286,6 +323,7 @@ pub(super) fn attention_sage(
         )?;
         return Ok(out);
     }
+    block_absmax()?;
     let rows = b * nq * h;
     let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     launch!(
