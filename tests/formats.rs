@@ -301,3 +301,23 @@ fn the_memory_plan_counts_gguf_blocks_at_their_stored_size() {
     let plain = flux2::synth::PipelineSpec::from_pipeline(&fixtures().join("pipeline")).unwrap();
     assert!(plain.stored_blocks.is_empty());
 }
+
+/// The CPU in bf16 precision at the GPU's gates on every checkpoint format, on each GEMM path this
+/// CPU has: scaled-FP8 layers kept as weight-only FP8 codes (`keeps_fp8_codes`), GGUF blocks kept
+/// and dequantized in the packing, the rest decoded to bf16 at load.
+#[test]
+fn checkpoint_formats_in_cpu_bf16_precision() {
+    use flux2::backend::cpu::{CpuPrecision, Isa};
+    for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+        let be = CpuBackend::with_precision(CpuPrecision::Bf16, isa);
+        assert!(be.keeps_fp8_codes());
+        eprintln!("{}:", isa.name());
+        common::checkpoint_formats_in_bf16(Arc::new(be));
+    }
+    // The scaled layers of the fp8 fixture are what the weight-only path takes.
+    let (store, layout, cfg) = flux2::model::transformer::open(&weights_file(&case("fp8"))).unwrap();
+    let w = flux2::model::transformer::layout::TransformerWeights::new(Arc::new(store), layout, &cfg);
+    let d = cfg.hidden();
+    assert!(w.stored_scaled_fp8(&["transformer_blocks.0.attn.to_q.weight"], &[d, d]).unwrap().is_some());
+    assert!(!CpuBackend::new().keeps_fp8_codes(), "the f32 reference decodes at load");
+}

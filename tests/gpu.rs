@@ -36,31 +36,7 @@ fn transformer_fixtures_in_bf16(be: Arc<dyn Backend>) {
 /// Every checkpoint format users run (GGUF blocks, ComfyUI fp8/nvfp4/int8 files), decoded on the
 /// host into the device's bf16, and the fp8 file's own codes on the FP8 GEMM.
 fn checkpoint_formats_in_bf16(be: Arc<dyn Backend>) {
-    use flux2::model::transformer::Compute;
-    use flux2::planner::TransformerPrecision;
-    let formats = fixtures().join("formats");
-    for (case, file, key) in [
-        ("gguf_q8_0", "transformer.gguf", "sample_exact"),
-        ("gguf_q4_k", "transformer.gguf", "sample_exact"),
-        ("fp8", "flux-2-klein-tiny-fp8.safetensors", "sample"),
-        ("nvfp4", "flux-2-klein-tiny-nvfp4.safetensors", "sample"),
-        ("int8", "flux-2-klein-tiny-int8.safetensors", "sample"),
-    ] {
-        let dir = formats.join(case);
-        let want = load(&dir.join("expected.safetensors"), key).to_vec_f32().unwrap();
-        let mut computes = vec![("bf16", Compute::default(), 0.999)];
-        if case == "fp8" {
-            let fp8 = Compute { precision: Some(TransformerPrecision::Fp8), ..Compute::default() };
-            computes.push(("fp8", fp8, 0.99));
-        }
-        for (label, compute, min_cos) in computes {
-            let model = Flux2Transformer::load_with(be.clone(), &dir.join(file), None, compute).unwrap();
-            let out = common::forward_case(&model, &dir, "ids_int64.safetensors");
-            let (cos, rel) = cosine_and_rel_l2(&out, &want);
-            println!("format {case} ({label} compute): cosine {cos:.6}, rel_l2 {rel:.2e}");
-            assert!(cos >= min_cos && rel <= 0.1, "{case} {label}: cosine {cos}, rel_l2 {rel}");
-        }
-    }
+    common::checkpoint_formats_in_bf16(be);
 }
 
 fn pipeline_images_within_2_of_255(be: Arc<dyn Backend>) {

@@ -85,6 +85,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         self.activation_dtype()
     }
 
+    /// Whether a checkpoint's scaled-FP8 linears are kept as their codes and scales (a weight-only
+    /// FP8 `QuantTensor`, dequantized inside the GEMM) instead of decoded to
+    /// `decoded_weight_dtype` at load: half the memory, the same values. The CPU in bf16 precision
+    /// does; the GPU decodes them until its weight-only FP8 GEMM is measured against its bf16 one.
+    fn keeps_fp8_codes(&self) -> bool {
+        false
+    }
+
     // ---- memory and layout -------------------------------------------------------------------
 
     /// Bring a host tensor onto this backend, stored as `dtype` (the CPU keeps f32 storage but

@@ -88,6 +88,10 @@ impl Backend for NanCheckBackend {
         self.inner.decoded_weight_dtype()
     }
 
+    fn keeps_fp8_codes(&self) -> bool {
+        self.inner.keeps_fp8_codes()
+    }
+
     fn upload(&self, host: &Tensor, dtype: DType) -> Result<Tensor> {
         self.checked("upload", self.inner.upload(host, dtype), &[])
     }

@@ -45,6 +45,35 @@ pub fn ggml_blocks<'a>(
     Ok(ty.map(|t| Quantized { format: QuantFormat::Ggml(t), rows, cols, codes, scales: Vec::new() }))
 }
 
+/// The e4m3 codes and per-row scales of a row concatenation of stored pieces that are all e4m3,
+/// with a scale (official -fp8 releases, ComfyUI float8 layers) or plain, and whether any piece
+/// had a scale; None when a piece is stored otherwise. The engine's FP8 format is exactly that.
+pub fn fp8_codes<'a>(
+    pieces: impl IntoIterator<Item = Result<(RawTensor<'a>, std::ops::Range<usize>)>>,
+) -> Result<Option<(Quantized, bool)>> {
+    let (mut codes, mut scales, mut scaled, mut cols) = (Vec::new(), Vec::new(), false, None);
+    for piece in pieces {
+        let (t, rows) = piece?;
+        let c: usize = t.shape[1..].iter().product();
+        let per_row = match &t.encoding {
+            Encoding::ScaledFp8 { scales, e5m2: false } => {
+                scaled = true;
+                scales.clone()
+            }
+            Encoding::Dense(crate::dtype::DType::F8E4M3) => vec![1.0],
+            _ => return Ok(None),
+        };
+        if cols.is_some_and(|cols| cols != c) {
+            return Ok(None);
+        }
+        cols = Some(c);
+        codes.extend_from_slice(&t.bytes[rows.start * c..rows.end * c]);
+        scales.extend(rows.map(|r| if per_row.len() == 1 { per_row[0] } else { per_row[r] }));
+    }
+    let Some(cols) = cols else { return Ok(None) };
+    Ok(Some((Quantized { format: QuantFormat::Fp8, rows: scales.len(), cols, codes, scales }, scaled)))
+}
+
 /// `quantize` of the row concatenation of stored pieces (rows `range` of each tensor, `cols`
 /// values a row): rows decoded from the file and quantized in parallel, never the whole weight
 /// in f32.
@@ -79,6 +108,13 @@ impl Linear {
             let pieces = names.iter().map(|(n, r)| store.get_shaped(n, &[*r, cols]).map(|t| (t, 0..*r)));
             if let Some(q) = ggml_blocks(pieces)? {
                 return Ok(Linear::Quant(be.load_quantized(&q)?));
+            }
+            // Scaled FP8 checkpoint layers kept as weight-only FP8 where the backend keeps such codes.
+            if be.keeps_fp8_codes() {
+                let pieces = names.iter().map(|(n, r)| store.get_shaped(n, &[*r, cols]).map(|t| (t, 0..*r)));
+                if let Some((q, true)) = fp8_codes(pieces)? {
+                    return Ok(Linear::Quant(be.load_quantized(&q)?));
+                }
             }
         }
         match format {

@@ -214,3 +214,37 @@ pub fn mean_pixel_error(a: &flux2::image_io::RgbImage, b: &flux2::image_io::RgbI
     assert_eq!((a.width, a.height), (b.width, b.height));
     a.data.iter().zip(&b.data).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.data.len() as f64
 }
+
+/// Every checkpoint format fixture (GGUF Q8_0/Q4_K, ComfyUI fp8/nvfp4/int8) through the transformer on
+/// `be` in bf16, against the f32 references at the GPU's bf16 gates; the fp8 one also with FP8
+/// compute.
+#[allow(dead_code)]
+pub fn checkpoint_formats_in_bf16(be: std::sync::Arc<dyn flux2::Backend>) {
+    use flux2::model::transformer::Compute;
+    use flux2::planner::TransformerPrecision;
+    let formats = fixtures().join("formats");
+    for (case, file, key) in [
+        ("gguf_q8_0", "transformer.gguf", "sample_exact"),
+        ("gguf_q4_k", "transformer.gguf", "sample_exact"),
+        ("fp8", "flux-2-klein-tiny-fp8.safetensors", "sample"),
+        ("nvfp4", "flux-2-klein-tiny-nvfp4.safetensors", "sample"),
+        ("int8", "flux-2-klein-tiny-int8.safetensors", "sample"),
+    ] {
+        let dir = formats.join(case);
+        let want = load(&dir.join("expected.safetensors"), key).to_vec_f32().unwrap();
+        let mut computes = vec![("bf16", Compute::default(), 0.999)];
+        if case == "fp8" {
+            let fp8 = Compute { precision: Some(TransformerPrecision::Fp8), ..Compute::default() };
+            computes.push(("fp8", fp8, 0.99));
+        }
+        for (label, compute, min_cos) in computes {
+            let model =
+                flux2::model::transformer::Flux2Transformer::load_with(be.clone(), &dir.join(file), None, compute)
+                    .unwrap();
+            let out = forward_case(&model, &dir, "ids_int64.safetensors");
+            let (cos, rel) = cosine_and_rel_l2(&out, &want);
+            println!("format {case} ({label} compute): cosine {cos:.6}, rel_l2 {rel:.2e}");
+            assert!(cos >= min_cos && rel <= 0.1, "{case} {label}: cosine {cos}, rel_l2 {rel}");
+        }
+    }
+}

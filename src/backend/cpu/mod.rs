@@ -185,6 +185,10 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn keeps_fp8_codes(&self) -> bool {
+        self.precision == CpuPrecision::Bf16
+    }
+
     fn load_quantized(&self, q: &crate::quant::Quantized) -> Result<QuantTensor> {
         q.validate()?;
         if self.precision == CpuPrecision::Bf16 {

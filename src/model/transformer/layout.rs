@@ -6,7 +6,6 @@ use std::ops::Range;
 
 use super::config::TransformerConfig;
 use crate::backend::Backend;
-use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::quant::{QuantFormat, Quantized};
 use crate::tensor::Tensor;
@@ -384,22 +383,22 @@ impl TransformerWeights {
     /// engine's FP8 format is exactly that, so they are used as stored instead of requantized.
     /// None when any piece is stored otherwise.
     pub fn stored_fp8(&self, names: &[&str], shape: &[usize]) -> Result<Option<Quantized>> {
+        Ok(self.fp8_codes(names, shape)?.map(|(q, _)| q))
+    }
+
+    /// `stored_fp8`, only when at least one piece carries a scale: the weights that would
+    /// otherwise be decoded at load (plain e4m3 ones are kept in the memory map as they are).
+    pub fn stored_scaled_fp8(&self, names: &[&str], shape: &[usize]) -> Result<Option<Quantized>> {
+        Ok(self.fp8_codes(names, shape)?.and_then(|(q, scaled)| scaled.then_some(q)))
+    }
+
+    /// `stored_fp8`'s codes and scales, and whether any piece had a scale.
+    fn fp8_codes(&self, names: &[&str], shape: &[usize]) -> Result<Option<(Quantized, bool)>> {
         if self.adapters_for(names).is_some() {
             return Ok(None);
         }
-        let cols: usize = shape[1..].iter().product();
-        let (mut codes, mut scales) = (Vec::new(), Vec::new());
-        for p in self.pieces_of(names, shape)? {
-            let t = self.stored(&p, &shape[1..])?;
-            let per_row = match &t.encoding {
-                Encoding::ScaledFp8 { scales, e5m2: false } => scales.clone(),
-                Encoding::Dense(DType::F8E4M3) => vec![1.0],
-                _ => return Ok(None),
-            };
-            codes.extend_from_slice(&t.bytes[p.rows.start * cols..p.rows.end * cols]);
-            scales.extend(p.rows.clone().map(|r| if per_row.len() == 1 { per_row[0] } else { per_row[r] }));
-        }
-        Ok(Some(Quantized { format: QuantFormat::Fp8, rows: scales.len(), cols, codes, scales }))
+        let pieces = self.pieces_of(names, shape)?;
+        crate::model::linear::fp8_codes(pieces.iter().map(|p| Ok((self.stored(p, &shape[1..])?, p.rows.clone()))))
     }
 
     /// The stored tensor a piece comes from, shape-checked.

@@ -264,10 +264,19 @@ fn block_weight(
     };
     match mode {
         // GGUF blocks stay quantized on the device: the weight-only GEMM decodes them.
-        BlockLinears::Dense => match w.stored_blocks(names, shape)? {
-            Some(q) => Ok(Linear::Quant(b.load_quantized(&q)?)),
-            None => Ok(Linear::Dense(w.load_concat(b, names, shape)?)),
-        },
+        BlockLinears::Dense => {
+            if let Some(q) = w.stored_blocks(names, shape)? {
+                return Ok(Linear::Quant(b.load_quantized(&q)?));
+            }
+            // Scaled FP8 layers as weight-only FP8 where the backend keeps such codes (the values
+            // the weight-only GEMM computes with are those a decode at load would give).
+            if b.keeps_fp8_codes() {
+                if let Some(q) = w.stored_scaled_fp8(names, shape)? {
+                    return Ok(Linear::Quant(b.load_quantized(&q)?));
+                }
+            }
+            Ok(Linear::Dense(w.load_concat(b, names, shape)?))
+        }
         BlockLinears::Fp8 => Ok(Linear::Fp8(b.load_quantized(&quantize_fp8()?)?)),
         BlockLinears::Fp8Kept(kept) => {
             let key = names.join("+");
