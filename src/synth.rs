@@ -314,6 +314,9 @@ pub struct PipelineSpec {
     /// Block linears the transformer checkpoint stores as GGUF blocks, with their bytes (a GPU
     /// keeps them so); empty for other checkpoints.
     pub stored_blocks: crate::planner::estimate::StoredBytes,
+    /// Block linears stored as scaled e4m3 (codes and row scales), with their bytes (a backend that
+    /// keeps FP8 codes, `Backend::keeps_fp8_codes`, holds them so); empty for other checkpoints.
+    pub stored_fp8: crate::planner::estimate::StoredBytes,
 }
 
 impl PipelineSpec {
@@ -325,6 +328,7 @@ impl PipelineSpec {
             distilled: true,
             kv: false,
             stored_blocks: Default::default(),
+            stored_fp8: Default::default(),
         }
     }
 
@@ -336,6 +340,7 @@ impl PipelineSpec {
             distilled: true,
             kv: false,
             stored_blocks: Default::default(),
+            stored_fp8: Default::default(),
         }
     }
 
@@ -361,7 +366,7 @@ impl PipelineSpec {
         let mut stored_blocks = crate::planner::estimate::StoredBytes::new();
         for t in crate::model::transformer::layout::diffusers_tensors(&transformer) {
             if let Some(bytes) = weights.stored_block_size(&t.name, &t.shape)? {
-                stored_blocks.insert(t.name, bytes);
+                stored_blocks.insert(t.name.clone(), bytes);
             }
         }
         let text_encoder = match json(&info.text_encoder) {
@@ -372,7 +377,21 @@ impl PipelineSpec {
             Some(p) => crate::model::vae::VaeConfig::from_json_file(&p)?,
             None => crate::model::vae::open(&info.vae)?.2,
         };
-        Ok(PipelineSpec { transformer, text_encoder, vae, distilled: info.is_distilled, kv: info.kv, stored_blocks })
+        let mut stored_fp8 = crate::planner::estimate::StoredBytes::new();
+        for t in crate::model::transformer::layout::diffusers_tensors(&transformer) {
+            if let Some(bytes) = weights.stored_scaled_fp8_size(&t.name, &t.shape)? {
+                stored_fp8.insert(t.name, bytes);
+            }
+        }
+        Ok(PipelineSpec {
+            transformer,
+            text_encoder,
+            vae,
+            distilled: info.is_distilled,
+            kv: info.kv,
+            stored_blocks,
+            stored_fp8,
+        })
     }
 }
 

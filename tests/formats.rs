@@ -299,7 +299,45 @@ fn the_memory_plan_counts_gguf_blocks_at_their_stored_size() {
     assert!(saved > bf16 / 3, "{saved} of {bf16}");
     // A bf16 checkpoint has nothing stored quantized.
     let plain = flux2::synth::PipelineSpec::from_pipeline(&fixtures().join("pipeline")).unwrap();
-    assert!(plain.stored_blocks.is_empty());
+    assert!(plain.stored_blocks.is_empty() && plain.stored_fp8.is_empty());
+
+    // A scaled-FP8 checkpoint: its block linears at 1 byte a weight plus a row scale, which the CPU's
+    // bf16 plan counts (it keeps the codes) and the GPU's does not (it decodes them to bf16).
+    let file = weights_file(&case("fp8"));
+    let files = ComponentFiles { transformer: Some(file), ..Default::default() };
+    let info = PipelineInfo::assemble(Some(&fixtures().join("pipeline")), &files).unwrap();
+    let spec = flux2::synth::PipelineSpec::from_info(&info).unwrap();
+    assert!(spec.stored_blocks.is_empty() && !spec.stored_fp8.is_empty());
+    for (name, bytes) in &spec.stored_fp8 {
+        let t = flux2::model::transformer::layout::diffusers_tensors(&spec.transformer)
+            .into_iter()
+            .find(|t| &t.name == name)
+            .unwrap();
+        assert_eq!(*bytes, t.numel() + t.shape[0] * 4, "{name}");
+    }
+    let input = flux2::planner::PlanInput {
+        transformer: spec.transformer.clone(),
+        text_encoder: spec.text_encoder.clone(),
+        vae: spec.vae.clone(),
+        transformer_precision: TransformerPrecision::Bf16,
+        encoder_precision: flux2::planner::EncoderPrecision::Bf16,
+        width: 64,
+        height: 64,
+        references: vec![],
+        cfg: false,
+        batch: 1,
+        kv_cache: false,
+        budget: 1 << 40,
+        stored_blocks: spec.stored_blocks.clone(),
+        stored_fp8: spec.stored_fp8.clone(),
+    };
+    use flux2::backend::cpu::CpuPrecision;
+    use flux2::planner::Target;
+    let gpu = flux2::planner::plan(&input).unwrap().weights.transformer;
+    let cpu = flux2::planner::plan_for(&input, Target::Cpu(CpuPrecision::Bf16)).unwrap().weights.transformer;
+    let decoded = transformer_bytes(&spec.transformer, TransformerPrecision::Bf16, &StoredBytes::new());
+    assert_eq!(gpu, decoded, "the GPU decodes scaled FP8 to bf16");
+    assert!(cpu < gpu, "{cpu} vs {gpu}");
 }
 
 /// The CPU in bf16 precision at the GPU's gates on every checkpoint format, on each GEMM path this

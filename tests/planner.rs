@@ -22,6 +22,7 @@ fn input(spec: PipelineSpec, tp: TransformerPrecision, ep: EncoderPrecision, sid
         kv_cache: false,
         budget,
         stored_blocks: Default::default(),
+        stored_fp8: Default::default(),
     }
 }
 

@@ -389,6 +389,7 @@ fn memory_plan(
         references: refs,
         budget,
         stored_blocks: spec.stored_blocks,
+        stored_fp8: spec.stored_fp8,
     };
     let plan = crate::planner::plan_for(&input, target)?;
     tracing::info!("memory plan:\n{}", plan.describe());

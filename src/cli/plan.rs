@@ -93,6 +93,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         batch: args.batch,
         kv_cache: (args.kv_cache || spec.kv) && !args.references.is_empty(),
         stored_blocks: spec.stored_blocks.clone(),
+        stored_fp8: spec.stored_fp8.clone(),
         budget: match (&args.vram_budget, args.device) {
             (Some(b), _) => planner::parse_bytes(b)?,
             (None, PlanDevice::Cpu) => crate::host_memory::available()

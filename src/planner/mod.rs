@@ -43,6 +43,9 @@ pub struct PlanInput {
     pub budget: usize,
     /// Block linears the checkpoint keeps quantized on a GPU (GGUF), with their real sizes.
     pub stored_blocks: estimate::StoredBytes,
+    /// Block linears stored as scaled FP8, with their real sizes: what the CPU in bf16 precision
+    /// keeps of them (a GPU decodes them to bf16).
+    pub stored_fp8: estimate::StoredBytes,
 }
 
 /// Where the plan runs, which decides the bytes each component really takes.
@@ -136,6 +139,15 @@ fn sizes(inp: &PlanInput, target: Target) -> Sizes {
     // bf16 precision keeps every weight as the GPU does (bf16, fp8 and quantized codes, GGUF
     // blocks; the GEMM dequantizes in its packing): the GPU's sizes.
     if precision == CpuPrecision::Bf16 {
+        // ... and the scaled-FP8 layers as their codes (`Backend::keeps_fp8_codes`).
+        if !inp.stored_fp8.is_empty() {
+            let mut kept = inp.stored_blocks.clone();
+            kept.extend(inp.stored_fp8.iter().map(|(k, v)| (k.clone(), *v)));
+            let tc = &inp.transformer;
+            (s.w.transformer_block, s.w.transformer_non_block) =
+                estimate::transformer_block_bytes(tc, inp.transformer_precision, &kept);
+            s.w.transformer = estimate::transformer_bytes(tc, inp.transformer_precision, &kept);
+        }
         return s;
     }
     // f32 precision widens every weight to f32 at load, quantized ones dequantized: twice the

@@ -230,6 +230,7 @@ impl Worker {
             references: refs,
             budget,
             stored_blocks: spec.stored_blocks,
+            stored_fp8: spec.stored_fp8,
             batch: 1,
             kv_cache: false,
         };

@@ -360,6 +360,24 @@ impl TransformerWeights {
         Ok(Some(bytes))
     }
 
+    /// Bytes of diffusers tensor `name` as a backend that keeps FP8 codes holds it (codes and f32
+    /// row scales, see `stored_scaled_fp8`) if its pieces are e4m3 and at least one has a scale,
+    /// without reading the data; None otherwise.
+    pub fn stored_scaled_fp8_size(&self, name: &str, shape: &[usize]) -> Result<Option<usize>> {
+        if shape.len() != 2 || self.adapters_for(&[name]).is_some() {
+            return Ok(None);
+        }
+        let mut scaled = false;
+        for p in self.pieces_of(&[name], shape)? {
+            match self.stored(&p, &shape[1..])?.encoding {
+                Encoding::ScaledFp8 { e5m2: false, .. } => scaled = true,
+                Encoding::Dense(crate::dtype::DType::F8E4M3) => {}
+                _ => return Ok(None),
+            }
+        }
+        Ok(scaled.then_some(shape[0] * shape[1] + shape[0] * 4))
+    }
+
     /// A weight with LoRAs merged: in f32 on the host, then stored as the checkpoint stores it
     /// (a quantized checkpoint tensor in the backend's activation dtype, as `load_rows` does).
     fn load_merged(
