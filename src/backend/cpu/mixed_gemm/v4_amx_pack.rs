@@ -130,14 +130,8 @@ unsafe fn load_step(loader: Loader, w: &Weights, row: usize, st: usize) -> __m51
             let even = _mm512_srai_epi32::<28>(_mm512_slli_epi32::<28>(bytes));
             let odd = _mm512_srai_epi32::<28>(_mm512_slli_epi32::<24>(bytes));
             let s = _mm512_set1_ps(scale(row * (w.k / group) + st * STEP / group));
-            let even = _mm512_cvtepu16_epi32(std::mem::transmute(_mm512_cvtneps_pbh(_mm512_mul_ps(
-                _mm512_cvtepi32_ps(even),
-                s,
-            ))));
-            let odd = _mm512_cvtepu16_epi32(std::mem::transmute(_mm512_cvtneps_pbh(_mm512_mul_ps(
-                _mm512_cvtepi32_ps(odd),
-                s,
-            ))));
+            let even = bf16_lanes(_mm512_mul_ps(_mm512_cvtepi32_ps(even), s));
+            let odd = bf16_lanes(_mm512_mul_ps(_mm512_cvtepi32_ps(odd), s));
             _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd))
         }
         Loader::Q8_0 => {
@@ -209,6 +203,13 @@ unsafe fn u8_x16(p: *const u8) -> __m512i {
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn bf16_pairs(lo: __m512, hi: __m512) -> __m512i {
     std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo))
+}
+
+/// 16 f32 rounded to bf16 (nearest even), each in the low half of a 32-bit lane.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn bf16_lanes(x: __m512) -> __m512i {
+    _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x)))
 }
 
 /// 16 signed bytes as f32.
