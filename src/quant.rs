@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::dtype::{f32_to_f8e4m3, f8e4m3_to_f32, F8E4M3_MAX};
+use crate::dtype::{f32_to_f8e4m3, f8e4m3_to_f32, round_even, F8E4M3_MAX};
 use crate::error::{Error, Result};
 use crate::weights::ggml::{self, GgmlType};
 
@@ -91,15 +91,6 @@ pub struct Quantized {
 
 fn absmax(v: &[f32]) -> f32 {
     v.iter().fold(0f32, |m, x| m.max(x.abs()))
-}
-
-/// `x.round_ties_even()` for |x| < 2^22 (adding and subtracting 1.5·2^23 rounds to an integer in
-/// the default rounding mode), in a form the compiler vectorises: `round_ties_even` is a libm call
-/// on baseline x86-64, which made quantizing an encoder at load take minutes. NaN stays NaN.
-#[inline(always)]
-fn round_even(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    (x + MAGIC) - MAGIC
 }
 
 /// The int4 code of `x / s`, before masking to a nibble (|x / s| stays far below 2^22: s is at

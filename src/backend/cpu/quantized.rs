@@ -16,15 +16,16 @@ use rayon::prelude::*;
 
 use super::{dense, output};
 use crate::backend::{check, AttnMask};
-use crate::dtype::{f32_to_f8e4m3, f8e4m3_to_f32, F8E4M3_MAX};
+use crate::dtype::F8E4M3_MAX;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
 pub const SAGE_BLOCK: usize = 64;
 
-#[inline]
+/// x rounded to the nearest e4m3 value (saturating), as the GPU's fp8 conversions do.
+#[inline(always)]
 pub fn fp8_round(x: f32) -> f32 {
-    f8e4m3_to_f32(f32_to_f8e4m3(x))
+    crate::dtype::f8e4m3_round(x)
 }
 
 /// Per-token fp8 rounding of activations: row r becomes `fp8(x / s_r) · s_r`, s_r = |x_r|max / 448.
