@@ -363,10 +363,13 @@ impl PipelineSpec {
             layout,
             &transformer,
         );
-        let mut stored_blocks = crate::planner::estimate::StoredBytes::new();
+        use crate::planner::estimate::StoredBytes;
+        let (mut stored_blocks, mut stored_fp8) = (StoredBytes::new(), StoredBytes::new());
         for t in crate::model::transformer::layout::diffusers_tensors(&transformer) {
             if let Some(bytes) = weights.stored_block_size(&t.name, &t.shape)? {
-                stored_blocks.insert(t.name.clone(), bytes);
+                stored_blocks.insert(t.name, bytes);
+            } else if let Some(bytes) = weights.stored_scaled_fp8_size(&t.name, &t.shape)? {
+                stored_fp8.insert(t.name, bytes);
             }
         }
         let text_encoder = match json(&info.text_encoder) {
@@ -377,12 +380,6 @@ impl PipelineSpec {
             Some(p) => crate::model::vae::VaeConfig::from_json_file(&p)?,
             None => crate::model::vae::open(&info.vae)?.2,
         };
-        let mut stored_fp8 = crate::planner::estimate::StoredBytes::new();
-        for t in crate::model::transformer::layout::diffusers_tensors(&transformer) {
-            if let Some(bytes) = weights.stored_scaled_fp8_size(&t.name, &t.shape)? {
-                stored_fp8.insert(t.name, bytes);
-            }
-        }
         Ok(PipelineSpec {
             transformer,
             text_encoder,

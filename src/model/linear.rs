@@ -55,14 +55,9 @@ pub fn fp8_codes<'a>(
     for piece in pieces {
         let (t, rows) = piece?;
         let c: usize = t.shape[1..].iter().product();
-        let per_row = match &t.encoding {
-            Encoding::ScaledFp8 { scales, e5m2: false } => {
-                scaled = true;
-                scales.clone()
-            }
-            Encoding::Dense(crate::dtype::DType::F8E4M3) => vec![1.0],
-            _ => return Ok(None),
-        };
+        let Some(stored_scales) = e4m3_scales(&t.encoding) else { return Ok(None) };
+        scaled |= stored_scales.is_some();
+        let per_row = stored_scales.unwrap_or(&[1.0]);
         if cols.is_some_and(|cols| cols != c) {
             return Ok(None);
         }
@@ -72,6 +67,16 @@ pub fn fp8_codes<'a>(
     }
     let Some(cols) = cols else { return Ok(None) };
     Ok(Some((Quantized { format: QuantFormat::Fp8, rows: scales.len(), cols, codes, scales }, scaled)))
+}
+
+/// The scales of an e4m3 tensor (one, or one per row; None for plain e4m3), or None when it is
+/// stored otherwise: what `fp8_codes` takes as the engine's FP8 format.
+pub fn e4m3_scales<'e>(encoding: &'e Encoding<'_>) -> Option<Option<&'e [f32]>> {
+    match encoding {
+        Encoding::ScaledFp8 { scales, e5m2: false } => Some(Some(scales)),
+        Encoding::Dense(crate::dtype::DType::F8E4M3) => Some(None),
+        _ => None,
+    }
 }
 
 /// `quantize` of the row concatenation of stored pieces (rows `range` of each tensor, `cols`

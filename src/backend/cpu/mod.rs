@@ -205,21 +205,23 @@ impl Backend for CpuBackend {
 
     fn linear_quantized(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
         check::linear_quantized("linear_quantized", x, w, bias)?;
-        if mixed_gemm::Weights::of_quantized(w).is_some() {
-            return mixed_gemm::linear_quantized(self.isa, x, w, bias);
+        match mixed_gemm::Weights::of_quantized(w) {
+            Some(codes) => mixed_gemm::linear_quantized(self.isa, x, codes, bias),
+            None => gemm::linear(x, &w.data, bias),
         }
-        gemm::linear(x, &w.data, bias)
     }
 
     fn linear_fp8(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
         check::linear_fp8(x, w, bias)?;
-        if mixed_gemm::Weights::of_quantized(w).is_some() {
-            // Activations rounded per token to fp8 as the GPU's W8A8 GEMM sees them; the weight's
-            // codes dequantized in the packing.
-            let xq = quantized::quantize_rows_fp8(&dense("linear_fp8", x)?, x.last_dim());
-            return mixed_gemm::linear_quantized(self.isa, &Tensor::from_f32(xq, x.shape())?, w, bias);
+        match mixed_gemm::Weights::of_quantized(w) {
+            Some(codes) => {
+                // Activations rounded per token to fp8 as the GPU's W8A8 GEMM sees them; the
+                // weight's codes dequantized in the packing.
+                let xq = quantized::quantize_rows_fp8(&dense("linear_fp8", x)?, x.last_dim());
+                mixed_gemm::linear_quantized(self.isa, &Tensor::from_f32(xq, x.shape())?, codes, bias)
+            }
+            None => quantized::linear_fp8(x, &w.data, bias),
         }
-        quantized::linear_fp8(x, &w.data, bias)
     }
 
     fn attention_sage(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {

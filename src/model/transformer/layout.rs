@@ -317,19 +317,26 @@ impl TransformerWeights {
         Ok(out)
     }
 
-    /// `quantize` of the same concatenation, rows decoded and quantized in parallel straight from
-    /// the file (with a LoRA merged in, from `host_concat`'s values).
-    pub fn quantize_concat(&self, names: &[&str], shape: &[usize], format: QuantFormat) -> Result<Quantized> {
-        let cols = shape[1..].iter().product();
-        if self.adapters_for(names).is_some() {
-            return crate::quant::quantize(&self.host_concat(names, shape)?, shape[0] * names.len(), cols, format);
+    /// The same concatenation in the engine's FP8 format: the stored codes of an FP8 checkpoint
+    /// (`stored_fp8`), else quantized, rows decoded and quantized in parallel straight from the
+    /// file; with a LoRA merged in, from `host_concat`'s values, recording what requantizing cost.
+    pub fn fp8_concat(&self, names: &[&str], shape: &[usize]) -> Result<Quantized> {
+        if let Some(q) = self.stored_fp8(names, shape)? {
+            return Ok(q);
         }
-        let pieces = self
-            .pieces_of(names, shape)?
-            .into_iter()
-            .map(|p| Ok((self.stored(&p, &shape[1..])?, p.rows)))
-            .collect::<Result<Vec<_>>>()?;
-        crate::model::linear::quantize_pieces(&pieces, cols, format)
+        let cols = shape[1..].iter().product();
+        let Some(adapters) = self.adapters_for(names) else {
+            let pieces = self
+                .pieces_of(names, shape)?
+                .into_iter()
+                .map(|p| Ok((self.stored(&p, &shape[1..])?, p.rows)))
+                .collect::<Result<Vec<_>>>()?;
+            return crate::model::linear::quantize_pieces(&pieces, cols, QuantFormat::Fp8);
+        };
+        let values = self.host_concat(names, shape)?;
+        let q = crate::quant::quantize(&values, shape[0] * names.len(), cols, QuantFormat::Fp8)?;
+        adapters.record_merge(&values, &crate::quant::dequantize(&q), || format!("{} as fp8", names.join(" + ")));
+        Ok(q)
     }
 
     /// The GGML blocks of a concatenation whose pieces are all stored in one GGML block type (a
@@ -369,10 +376,9 @@ impl TransformerWeights {
         }
         let mut scaled = false;
         for p in self.pieces_of(&[name], shape)? {
-            match self.stored(&p, &shape[1..])?.encoding {
-                Encoding::ScaledFp8 { e5m2: false, .. } => scaled = true,
-                Encoding::Dense(crate::dtype::DType::F8E4M3) => {}
-                _ => return Ok(None),
+            match crate::model::linear::e4m3_scales(&self.stored(&p, &shape[1..])?.encoding) {
+                Some(scales) => scaled |= scales.is_some(),
+                None => return Ok(None),
             }
         }
         Ok(scaled.then_some(shape[0] * shape[1] + shape[0] * 4))

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::lora::runtime::LowRank;
 use crate::lora::{AdapterSet, LoraMode, LoraOptions};
 use crate::planner::TransformerPrecision;
-use crate::quant::{quantize, QuantFormat, Quantized};
+use crate::quant::Quantized;
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
 
@@ -249,19 +249,7 @@ fn block_weight(
 ) -> Result<Linear> {
     // FP8 checkpoints keep their codes (unless a LoRA is merged into them); anything else is
     // quantized from its f32 values.
-    let quantize_fp8 = || {
-        if let Some(q) = w.stored_fp8(names, shape)? {
-            return Ok(q);
-        }
-        let Some(adapters) = w.adapters_for(names) else {
-            return w.quantize_concat(names, shape, QuantFormat::Fp8);
-        };
-        let values = w.host_concat(names, shape)?;
-        let q = quantize(&values, shape[0] * names.len(), shape[1], QuantFormat::Fp8)?;
-        // A merged LoRA is requantised with the weight: say what that cost.
-        adapters.record_merge(&values, &crate::quant::dequantize(&q), || format!("{} as fp8", names.join(" + ")));
-        Ok::<_, Error>(q)
-    };
+    let quantize_fp8 = || w.fp8_concat(names, shape);
     match mode {
         // GGUF blocks stay quantized on the device: the weight-only GEMM decodes them.
         BlockLinears::Dense => {

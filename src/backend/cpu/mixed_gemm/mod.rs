@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 use super::precision::Isa;
 use super::{dense, output};
-use crate::backend::{check, QuantTensor};
+use crate::backend::check;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -264,10 +264,8 @@ pub fn linear(isa: Isa, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result
 
 /// `linear_quantized` for codes the CPU keeps (`Weights::of_quantized`), on `isa`: `x` already
 /// checked against the weight.
-pub fn linear_quantized(isa: Isa, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let weights = Weights::of_quantized(w)
-        .ok_or_else(|| Error::shape("linear_quantized", "the CPU keeps no codes for this quantized weight"))?;
-    linear_pieces(isa, x, &[weights], bias)
+pub(crate) fn linear_quantized(isa: Isa, x: &Tensor, w: Weights, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_pieces(isa, x, &[w], bias)
 }
 
 /// `y = x · Wᵀ (+ bias)` for a weight given as row blocks (`pieces`, in order), x `[.., k]`.
