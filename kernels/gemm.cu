@@ -3,6 +3,7 @@
 //   v1 gemm_tiled_bf16: smem-tiled FMA, any shape and alignment (the correctness baseline).
 //   v2 gemm_mma_bf16:   tensor cores (mma.sync m16n8k16 + ldmatrix), the 128x128 tile of
 //                       mma_tile.cuh (32 bf16 of K per stage); needs K % 8 == 0 and 16-byte aligned rows.
+//   v3 gemm_wgmma_bf16 (gemm_wgmma.cu): wgmma + TMA on sm_90a.
 // Weight-only quantized W: v1 gemm_wq_tiled_bf16 (CUDA cores, any shape), v2 gemm_wq_mma_bf16.
 // bias_mode: 0 none, 1 per column (bias[n], Linear), 2 per row (bias[m], conv as W · colᵀ).
 #include <cuda_fp8.h>
@@ -10,10 +11,6 @@
 #include "common.cuh"
 #include "ggml_blocks.cuh"
 #include "mma_tile.cuh"
-
-__device__ __forceinline__ float bias_at(const bf16* bias, int mode, i64 m, i64 n) {
-    return mode == 1 ? to_f(bias[n]) : mode == 2 ? to_f(bias[m]) : 0.f;
-}
 
 #define T1 16
 extern "C" __global__ void gemm_tiled_bf16(const bf16* A, const bf16* W, const bf16* bias, int bias_mode, bf16* C, int M,
@@ -217,29 +214,7 @@ extern "C" __global__ void __launch_bounds__(256)
     // y, the linear's output, is staged as bf16 (rounded as the linear's own output would be).
     mma_tile_store8(
         smem, acc, m0, n0, M, N, [&](i64, i64 n, float v) { return v + (bias ? to_f(bias[n]) : 0.f); },
-        [&](i64 m, i64 n, uint4 y, int count) {
-            int token;
-            const i64 b = div_rem(m, L, token);
-            const bf16 *x = X + m * N + n, *g = gate + b * gs + n;
-            bf16* out = C + m * N + n;
-            float yv[8];
-            unpack_bf16x8(y, yv);
-            const bool vec = count == 8 && ((reinterpret_cast<unsigned long long>(x) |
-                                             reinterpret_cast<unsigned long long>(g) |
-                                             reinterpret_cast<unsigned long long>(out)) & 15) == 0;
-            if (vec) {
-                float xf[8], gf[8], r[8];
-                load_bf16x8(x, xf);
-                load_bf16x8(g, gf);
-#pragma unroll
-                for (int j = 0; j < 8; j++) r[j] = xf[j] + gf[j] * yv[j];
-                store_bf16x8(out, r);
-            } else {
-#pragma unroll
-                for (int j = 0; j < 8; j++)
-                    if (j < count) out[j] = to_bf(to_f(x[j]) + to_f(g[j]) * yv[j]);
-            }
-        });
+        [&](i64 m, i64 n, uint4 y, int count) { gated_store8(X, gate, gs, L, C, N, m, n, y, count); });
 }
 
 // Columns for conv-as-GEMM: col[p][k] for output pixels p0..p0+np of one image, k = (ci, ky, kx).

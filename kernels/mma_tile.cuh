@@ -152,6 +152,24 @@ __device__ __forceinline__ void mma_tile_store(const float acc[4][4][4], i64 m0,
 #define STAGE_LD (TILE_N + 8)  // bf16 per staged row: 272 bytes, 16-byte aligned, 4 banks apart
 static_assert(TILE_M * STAGE_LD * 2 <= sizeof(MmaTileSmem), "the staged tile fits the pipeline buffers");
 
+// The second half of the staged epilogue, shared with the wgmma GEMMs: the block's `Threads`
+// threads hand the staged 128x128 bf16 tile (rows STAGE_LD apart) to store8 8 columns at a time.
+template <int Threads, typename Store8>
+__device__ __forceinline__ void staged_tile_store8(const bf16* stage, i64 m0, i64 n0, int M, int N, Store8 store8) {
+    constexpr int chunks = TILE_M * TILE_N / 8;
+#pragma unroll
+    for (int i = 0; i < (chunks + Threads - 1) / Threads; i++) {
+        const int chunk = threadIdx.x + i * Threads;
+        if (chunks % Threads != 0 && chunk >= chunks) break;
+        const int r = chunk >> 4, c = (chunk & 15) * 8;
+        const i64 m = m0 + r, n = n0 + c;
+        if (m < M && n < N) {
+            const uint4 y = *reinterpret_cast<const uint4*>(&stage[r * STAGE_LD + c]);
+            store8(m, n, y, (int)(N - n < 8 ? N - n : 8));
+        }
+    }
+}
+
 template <typename Value, typename Store8>
 __device__ __forceinline__ void mma_tile_store8(MmaTileSmem& smem, const float acc[4][4][4], i64 m0, i64 n0, int M,
                                                 int N, Value value, Store8 store8) {
@@ -165,16 +183,13 @@ __device__ __forceinline__ void mma_tile_store8(MmaTileSmem& smem, const float a
         *reinterpret_cast<unsigned*>(&stage[r * STAGE_LD + c]) = pack_bf16x2(lo, hi);
     });
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < TILE_M * TILE_N / 8 / 256; i++) {
-        const int chunk = threadIdx.x + i * 256;
-        const int r = chunk >> 4, c = (chunk & 15) * 8;
-        const i64 m = m0 + r, n = n0 + c;
-        if (m < M && n < N) {
-            const uint4 y = *reinterpret_cast<const uint4*>(&stage[r * STAGE_LD + c]);
-            store8(m, n, y, (int)(N - n < 8 ? N - n : 8));
-        }
-    }
+    staged_tile_store8<256>(stage, m0, n0, M, N, store8);
+}
+
+// The GEMM epilogue's bias: mode 0 none, 1 per column (bias[n], Linear), 2 per row (bias[m], conv as
+// W · colᵀ).
+__device__ __forceinline__ float bias_at(const bf16* bias, int mode, i64 m, i64 n) {
+    return mode == 1 ? to_f(bias[n]) : mode == 2 ? to_f(bias[m]) : 0.f;
 }
 
 // The first `count` of 8 bf16 `y` to dst: one 16-byte store when all 8 go and dst is aligned.
@@ -188,4 +203,31 @@ __device__ __forceinline__ void store_bf16_upto8(bf16* dst, uint4 y, int count) 
 #pragma unroll
     for (int j = 0; j < 8; j++)
         if (j < count) dst[j] = to_bf(v[j]);  // exact: v[j] is a bf16 value
+}
+
+// The DiT's gated residual as a GEMM epilogue (gemm_mma_gated_bf16, gemm_wgmma_gated_bf16): for the
+// staged bf16 linear outputs y (8 columns from (m, n), `count` valid), C = X + gate[m / L] · y with
+// X and C dense [M, N] and gate rows `gs` apart; 16-byte loads and stores where all 8 go aligned.
+__device__ __forceinline__ void gated_store8(const bf16* __restrict__ X, const bf16* __restrict__ gate, i64 gs, int L,
+                                             bf16* __restrict__ C, int N, i64 m, i64 n, uint4 y, int count) {
+    int token;
+    const i64 b = div_rem(m, L, token);
+    const bf16 *x = X + m * N + n, *g = gate + b * gs + n;
+    bf16* out = C + m * N + n;
+    float yv[8];
+    unpack_bf16x8(y, yv);
+    const bool vec = count == 8 && ((reinterpret_cast<unsigned long long>(x) | reinterpret_cast<unsigned long long>(g) |
+                                     reinterpret_cast<unsigned long long>(out)) & 15) == 0;
+    if (vec) {
+        float xf[8], gf[8], r[8];
+        load_bf16x8(x, xf);
+        load_bf16x8(g, gf);
+#pragma unroll
+        for (int j = 0; j < 8; j++) r[j] = xf[j] + gf[j] * yv[j];
+        store_bf16x8(out, r);
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            if (j < count) out[j] = to_bf(to_f(x[j]) + to_f(g[j]) * yv[j]);
+    }
 }

@@ -146,16 +146,21 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (300, 2560, 4096, true, 0),
         ],
         Suite::Small => &[
-            (7, 13, 5, false, 0),     // gemm_tiled: K % 8 != 0, one ragged tile
-            (40, 50, 33, true, 0),    // gemm_tiled: 3x3 ragged tiles, K tail, column bias
-            (24, 64, 40, false, 1),   // gemm_tiled: K % 8 == 0 but the input is misaligned
-            (37, 64, 96, true, 0),    // gemm_mma: one ragged block, column bias
-            (130, 72, 200, false, 0), // gemm_mma: 2x2 ragged blocks, K tail of 8 (3 K tiles)
-            (140, 264, 72, true, 0),  // gemm_mma: 9 K tiles through the 2-stage pipeline, bias
-            (45, 64, 90, true, 0),    // gemm_mma: N % 8 = 2, the epilogue's last store of a row partial
+            (7, 13, 5, false, 0),      // gemm_tiled: K % 8 != 0, one ragged tile
+            (40, 50, 33, true, 0),     // gemm_tiled: 3x3 ragged tiles, K tail, column bias
+            (24, 64, 40, false, 1),    // gemm_tiled: K % 8 == 0 but the input is misaligned
+            (37, 64, 96, true, 0),     // gemm_mma: one ragged block, column bias
+            (130, 72, 200, false, 0),  // gemm_mma: 2x2 ragged blocks, K tail of 8 (3 K tiles)
+            (140, 264, 72, true, 0),   // gemm_mma: 9 K tiles through the 2-stage pipeline, bias
+            (45, 64, 90, true, 0),     // gemm_mma: N % 8 = 2, the epilogue's last store of a row partial
+            (130, 1000, 136, true, 0), // gemm_wgmma (sm_90a): 16 K slices round the 5-stage ring 3 times
         ],
     };
-    for &(m, k, n, bias, off) in linears {
+    // On sm_90a images the cases above with K % 8 == 0 run v3 (gemm_wgmma); these run v2 there too
+    // (elsewhere they repeat the default path).
+    let v2_linears: &[(usize, usize, usize, bool, usize)] = &[(130, 72, 200, false, 0), (140, 264, 72, true, 0)];
+    let linears = linears.iter().map(|&c| (c, false)).chain(v2_linears.iter().map(|&c| (c, true)));
+    for ((m, k, n, bias, off), v2) in linears {
         let x = if off == 0 { act(&[m, k]) } else { act(&[off + m * k]) };
         let mut inputs = vec![x, Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
         if bias {
@@ -164,14 +169,21 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         let at = if off == 0 { String::new() } else { format!(" at +{off} elements") };
         v.push(case(
             "linear",
-            format!("{m}x{k} · {n}x{k}ᵀ{at}"),
+            format!("{m}x{k} · {n}x{k}ᵀ{at}{}", if v2 { " v2" } else { "" }),
             inputs,
             3.0,
             Box::new(move |be, t| {
-                if off == 0 {
-                    be.linear(&t[0], &t[1], t.get(2))
+                let run = || {
+                    if off == 0 {
+                        be.linear(&t[0], &t[1], t.get(2))
+                    } else {
+                        be.linear(&t[0].narrow(0, off, m * k)?.reshape(&[m, k])?, &t[1], t.get(2))
+                    }
+                };
+                if v2 {
+                    with_gemm_v2(be, run)
                 } else {
-                    be.linear(&t[0].narrow(0, off, m * k)?.reshape(&[m, k])?, &t[1], t.get(2))
+                    run()
                 }
             }),
         ));
@@ -243,12 +255,20 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         }
     }
     // K % 16 == 0 on sm_89+ images: quantize_rows_e4m3 + gemm_w8a8_mma_e4m3 (v2, ragged 128-tiles,
-    // several 64-byte k tiles); otherwise (K = 72, or older images) row_absmax + gemm_w8a8_tiled (v1).
-    let fp8: &[(usize, usize, usize, bool)] = match suite {
-        Suite::Full => &[(9, 128, 40, false), (5, 72, 24, true), (256, 3072, 1024, false)],
-        Suite::Small => &[(9, 128, 40, false), (5, 72, 24, true), (70, 320, 136, true), (130, 208, 150, false)],
+    // several 64-byte k tiles), on sm_90a gemm_wgmma_e4m3 (v3) unless v2 is asked for; otherwise
+    // (K = 72, or older images) row_absmax + gemm_w8a8_tiled (v1).
+    let fp8: &[(usize, usize, usize, bool, bool)] = match suite {
+        Suite::Full => &[(9, 128, 40, false, false), (5, 72, 24, true, false), (256, 3072, 1024, false, false)],
+        Suite::Small => &[
+            (9, 128, 40, false, false),
+            (5, 72, 24, true, false),
+            (70, 320, 136, true, false),
+            (130, 208, 150, false, false),
+            (130, 208, 150, false, true),
+            (70, 1056, 136, true, false), // v3: 9 K slices of 128 codes, the ring wraps
+        ],
     };
-    for &(m, k, n, bias) in fp8 {
+    for &(m, k, n, bias, v2) in fp8 {
         let mut inputs = vec![act(&[m, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
         if bias {
             inputs.push(act(&[n]));
@@ -256,12 +276,17 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         v.push(
             case(
                 "linear_fp8",
-                format!("{m}x{k} · {n}x{k}ᵀ{}", if bias { " +bias" } else { "" }),
+                format!("{m}x{k} · {n}x{k}ᵀ{}{}", if bias { " +bias" } else { "" }, if v2 { " v2" } else { "" }),
                 inputs,
                 4.0,
                 Box::new(move |be, t| {
                     let q = quantize(&t[1].to_vec_f32()?, n, k, QuantFormat::Fp8)?;
-                    be.linear_fp8(&t[0], &be.load_quantized(&q)?, t.get(2))
+                    let run = || be.linear_fp8(&t[0], &be.load_quantized(&q)?, t.get(2));
+                    if v2 {
+                        with_gemm_v2(be, run)
+                    } else {
+                        run()
+                    }
                 }),
             )
             .untimed(),
@@ -534,7 +559,9 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         }
         Suite::Small => &[(2, 70, 72, 136, false), (2, 33, 64, 96, true), (2, 5, 13, 24, false), (2, 9, 64, 100, true)],
     };
-    for &(b, l, k, n, bias) in gated {
+    // (On sm_90a the K % 8 == 0 cases run v3, gemm_wgmma_gated; the "v2" case gemm_mma_gated there.)
+    let gated = gated.iter().map(|&c| (c, false)).chain([((2, 70, 72, 136, false), true)]);
+    for ((b, l, k, n, bias), v2) in gated {
         let mut inputs =
             vec![act(&[b, l, n]), act(&[b, 6 * n]), act(&[b, l, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
         if bias {
@@ -542,12 +569,17 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         }
         v.push(case(
             "linear_gated_add",
-            format!("[{b}, {l}, {k}] · [{n}, {k}]ᵀ{}", if bias { " +bias" } else { "" }),
+            format!("[{b}, {l}, {k}] · [{n}, {k}]ᵀ{}{}", if bias { " +bias" } else { "" }, if v2 { " v2" } else { "" }),
             inputs,
             3.0,
             Box::new(move |be, t| {
                 let gate = t[1].narrow(1, 2 * n, n)?;
-                be.linear_gated_add(&t[0], &gate, &t[2], &t[3], t.get(4))
+                let run = || be.linear_gated_add(&t[0], &gate, &t[2], &t[3], t.get(4));
+                if v2 {
+                    with_gemm_v2(be, run)
+                } else {
+                    run()
+                }
             }),
         ));
     }
@@ -898,6 +930,14 @@ pub fn with_sage_bf16_pv(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor>) -
 pub fn with_sage_quantize_v1(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     return with_cuda_switch(be, crate::backend::cuda::CudaBackend::set_sage_quantize_v1, f);
+    #[cfg(not(feature = "cuda"))]
+    f()
+}
+
+/// Run `f` with the GEMMs on their v2 kernels (mma.sync) where v3 (wgmma, sm_90a) would run.
+pub fn with_gemm_v2(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    return with_cuda_switch(be, crate::backend::cuda::CudaBackend::set_gemm_v2, f);
     #[cfg(not(feature = "cuda"))]
     f()
 }

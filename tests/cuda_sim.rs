@@ -158,7 +158,10 @@ fn reading_before_cp_async_wait() {
     let src = s.stream.clone_htod(&[bf16::ONE; 8]).unwrap();
     let mut out = s.stream.alloc_zeros::<bf16>(1).unwrap();
     launch!(s, "cp_async_read_early", cfg(1, 1, 0), &src, &mut out, &1i32).unwrap();
-    expect_err(launch!(s, "cp_async_read_early", cfg(1, 1, 0), &src, &mut out, &0i32), &["cp.async is still writing"]);
+    expect_err(
+        launch!(s, "cp_async_read_early", cfg(1, 1, 0), &src, &mut out, &0i32),
+        &["an asynchronous copy is still writing"],
+    );
 }
 
 fn shared_memory_limits_and_the_opt_in_attribute() {
@@ -232,6 +235,92 @@ fn mma_fragments_follow_the_ptx_layout() {
             assert!(err > 0.1, "a permuted A fragment went unnoticed (max difference {err})");
         }
     }
+}
+
+/// The host's CUtensorMap (kernels/hopper.cuh's TensorMap).
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct TensorMap([u64; 16]);
+unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
+
+/// A row-major bf16 `[rows, cols]` at `ptr`, boxes of 64 x `box_rows`, 128-byte swizzle.
+fn bf16_tensor_map(ptr: u64, rows: u64, cols: u64, box_rows: u32) -> Result<TensorMap, sys::CUresult> {
+    let mut map = TensorMap([0; 16]);
+    let (dims, strides, boxes, estrides) = ([cols, rows], [cols * 2], [64u32, box_rows], [1u32, 1]);
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            (&mut map as *mut TensorMap).cast(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            estrides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_NONE,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r == sys::CUresult::CUDA_SUCCESS {
+        Ok(map)
+    } else {
+        Err(r)
+    }
+}
+
+/// TMA + mbarrier + wgmma (sm_90a): a swizzled tile product equals the plain one, with the
+/// tensor's edges read as zeros; each seeded misuse is reported (or, for accumulators read before
+/// the wait, gives the stale value).
+fn tma_and_wgmma_follow_the_ptx_definitions() {
+    let cc = CudaContext::new(0).unwrap().compute_capability().unwrap();
+    if cc != (9, 0) {
+        return; // wgmma and TMA are sm_90a instructions: only the H100 profile loads that image
+    }
+    // A: 50 rows x K = 56 (the box of 64 x 64 runs past both), Bt: 128 rows x 56.
+    let (rows_a, k) = (50usize, 56usize);
+    let mut seed = 11u32;
+    let mut rnd = move || {
+        seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+        bf16::from_f32((seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0)
+    };
+    let a: Vec<bf16> = (0..rows_a * k).map(|_| rnd()).collect();
+    let bt: Vec<bf16> = (0..128 * k).map(|_| rnd()).collect();
+    let want: Vec<f64> = (0..64 * 128)
+        .map(|i| if i / 128 < rows_a { bf16_dot(&a[(i / 128) * k..][..k], &bt[(i % 128) * k..][..k]) } else { 0.0 })
+        .collect();
+    let smem = 1024 + 192 * 128 + 8;
+    let run = |defect: i32| -> Result<Vec<f32>, String> {
+        let s = open("sm_90a").unwrap();
+        s.f("tma_wgmma_tile")
+            .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .unwrap();
+        let (da, db) = (s.stream.clone_htod(&a).unwrap(), s.stream.clone_htod(&bt).unwrap());
+        let mut d = s.stream.alloc_zeros::<f32>(64 * 128).unwrap();
+        let pa = {
+            let (p, _g) = cudarc::driver::DevicePtr::device_ptr(&da, &s.stream);
+            p
+        };
+        let pb = {
+            let (p, _g) = cudarc::driver::DevicePtr::device_ptr(&db, &s.stream);
+            p
+        };
+        let ta = bf16_tensor_map(pa, rows_a as u64, k as u64, 64).unwrap();
+        let tb = bf16_tensor_map(pb, 128, k as u64, 128).unwrap();
+        launch!(s, "tma_wgmma_tile", cfg(1, 128, smem), &ta, &tb, &mut d, &defect)?;
+        Ok(s.stream.clone_dtoh(&d).unwrap())
+    };
+    let got = run(0).unwrap();
+    let err = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
+    assert!(err < 1e-4, "TMA + wgmma differ from the plain product by {err}");
+    expect_err(run(1).map(|_| ()), &["tma_wgmma_tile", "wgmma reads its A operand", "TMA copy is still writing"]);
+    expect_err(run(2).map(|_| ()), &["16384 bytes more than its expect_tx"]);
+    expect_err(run(3).map(|_| ()), &["waits on the mbarrier", "parity 1", "deadlock"]);
+    let stale = run(4).unwrap();
+    assert_eq!(stale[0], 0.0, "accumulators read before wgmma.wait_group must be stale");
+    // The driver's checks on tensor maps: a stride that is not a multiple of 16 bytes.
+    assert!(bf16_tensor_map(1 << 20, 8, 60, 8).is_err(), "a 120-byte row stride must be refused");
 }
 
 fn e4m3(v: u8) -> f64 {
@@ -377,7 +466,8 @@ fn every_kernel_was_launched() {
     let arch = std::env::var("FLUX2_SIM_ARCH").unwrap_or_else(|_| "sm_90a".into());
     let launched: std::collections::HashSet<&str> =
         report.lines().filter_map(|l| l.split_once(' ')).filter(|(t, _)| *t == arch).map(|(_, n)| n).collect();
-    let missing: Vec<&str> = flux2::backend::cuda::kernel_names().filter(|k| !launched.contains(k)).collect();
+    let missing: Vec<&str> =
+        flux2::backend::cuda::kernels_launched_on(&arch).filter(|k| !launched.contains(k)).collect();
     assert!(missing.is_empty(), "never launched on {arch}: {missing:?} (add a selftest case that reaches them)");
 }
 
@@ -407,6 +497,7 @@ fn main() {
         ("launch_limits", launch_limits),
         ("mma_fragments_follow_the_ptx_layout", mma_fragments_follow_the_ptx_layout),
         ("e4m3_mma_needs_sm89", e4m3_mma_needs_sm89),
+        ("tma_and_wgmma_follow_the_ptx_definitions", tma_and_wgmma_follow_the_ptx_definitions),
         ("warp_shuffles", warp_shuffles),
         ("global_atomics_are_deterministic", global_atomics_are_deterministic),
         ("conversions_round_as_the_hardware", conversions_round_as_the_hardware),

@@ -99,6 +99,21 @@ void cp_async_mark_inflight(uint8_t* p, size_t size, int delta) {
     for (size_t i = 0; i < size; i++) tl_inflight[off + i] = (uint8_t)(tl_inflight[off + i] + delta);
 }
 
+bool shared_inflight(const uint8_t* p, size_t size) {
+    BlockState& b = *worker()->block;
+    long off = shared_offset(b, p, size);
+    if (off < 0) return false;
+    for (size_t i = 0; i < size; i++)
+        if (tl_inflight[off + i]) return true;
+    return false;
+}
+
+void shared_async_written(uint8_t* p, size_t size) {
+    BlockState& b = *worker()->block;
+    long off = shared_offset(b, p, size);
+    for (size_t i = 0; i < size; i++) tl_shadow[off + i] = Cell{b.epoch, 0, 0, 0, 0};
+}
+
 void shared_access(uint8_t* p, size_t size, bool write, Thread* t, const char* what) {
     BlockState& b = *t->block;
     long off = shared_offset(b, p, size);
@@ -108,7 +123,8 @@ void shared_access(uint8_t* p, size_t size, bool write, Thread* t, const char* w
     for (size_t i = 0; i < size; i++) {
         if (tl_inflight[off + i])
             fail(ERR_LAUNCH_FAILED, std::string(what) + (write ? " writes " : " reads ") + describe_shared(b, off + (long)i) +
-                                        ", which a cp.async is still writing (cp.async.wait_group first, then a barrier)");
+                                        ", which an asynchronous copy is still writing (cp.async: cp.async.wait_group first, then a "
+                                        "barrier; TMA: wait on its mbarrier first)");
         Cell& c = tl_shadow[off + i];
         if (c.epoch != b.epoch) c = Cell{b.epoch, 0, 0, 0, 0};
         if (c.writer && c.writer != me && !ordered(b, t, c.writer - 1u, c.wsync))

@@ -13,6 +13,7 @@
 #include <set>
 #include <unistd.h>
 
+#include "../include/sim_tensor_map.h"
 #include "runtime.h"
 
 using namespace sim;
@@ -454,6 +455,61 @@ CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
     return OK;
 }
 CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) { return cuEventElapsedTime(ms, a, b); }
+
+// ---- TMA tensor maps: the driver's checks, then the emulator's encoding (sim_tensor_map.h) ----
+CUresult cuTensorMapEncodeTiled(void* map, int dtype, unsigned rank, void* address, const uint64_t* dims,
+                                const uint64_t* strides, const unsigned* box, const unsigned* element_strides,
+                                int interleave, int swizzle, int l2_promotion, int oob_fill) {
+    static const int sizes[] = {1, 2, 4, 4, 8, 8, 2, 4, 8, 2, 4, 4, 4};
+    const char* f = "cuTensorMapEncodeTiled";
+    if (!map || (uintptr_t)map % 64) return fail_with(ERR_INVALID_VALUE, "%s: the map must be 64-byte aligned", f);
+    if (dtype < 0 || dtype > 12) return fail_with(ERR_INVALID_VALUE, "%s: data type %d is not emulated", f, dtype);
+    if (rank < 1 || rank > 5) return fail_with(ERR_INVALID_VALUE, "%s: rank %u outside 1..5", f, rank);
+    if (interleave != 0) return fail_with(ERR_NOT_SUPPORTED, "%s: interleaved layouts are not emulated", f);
+    if (swizzle < 0 || swizzle > 3) return fail_with(ERR_INVALID_VALUE, "%s: swizzle %d is not a CUtensorMapSwizzle", f, swizzle);
+    if (oob_fill < 0 || oob_fill > 1 || l2_promotion < 0 || l2_promotion > 3)
+        return fail_with(ERR_INVALID_VALUE, "%s: invalid out-of-bounds fill or L2 promotion", f);
+    if ((uintptr_t)address % 16) return fail_with(ERR_INVALID_VALUE, "%s: the global address must be 16-byte aligned", f);
+    const unsigned es = (unsigned)sizes[dtype];
+    sim_tensor_map m{};
+    m.magic = SIM_TENSOR_MAP_MAGIC;
+    m.rank = (uint8_t)rank;
+    m.elem_size = (uint8_t)es;
+    m.swizzle = (uint8_t)swizzle;
+    m.oob_nan = (uint8_t)oob_fill;
+    m.address = (uint64_t)(uintptr_t)address;
+    uint64_t extent = es;
+    for (unsigned i = 0; i < rank; i++) {
+        if (dims[i] == 0 || dims[i] > (1ull << 32))
+            return fail_with(ERR_INVALID_VALUE, "%s: globalDim[%u] = %llu outside 1..2^32", f, i, (unsigned long long)dims[i]);
+        if (box[i] == 0 || box[i] > 256) return fail_with(ERR_INVALID_VALUE, "%s: boxDim[%u] = %u outside 1..256", f, i, box[i]);
+        if (element_strides[i] < 1 || element_strides[i] > 8)
+            return fail_with(ERR_INVALID_VALUE, "%s: elementStrides[%u] = %u outside 1..8", f, i, element_strides[i]);
+        if (element_strides[i] != 1) return fail_with(ERR_NOT_SUPPORTED, "%s: element strides other than 1 are not emulated", f);
+        m.dims[i] = dims[i];
+        m.box[i] = (uint16_t)box[i];
+        m.element_strides[i] = (uint8_t)element_strides[i];
+        if (i + 1 < rank) {
+            uint64_t st = strides[i];
+            if (st % 16 || st >= (1ull << 40))
+                return fail_with(ERR_INVALID_VALUE, "%s: globalStrides[%u] = %llu is not a multiple of 16 below 2^40", f, i,
+                                 (unsigned long long)st);
+            if (st < extent * dims[i])
+                return fail_with(ERR_INVALID_VALUE, "%s: globalStrides[%u] = %llu is smaller than the dimension below it", f, i,
+                                 (unsigned long long)st);
+            m.strides[i] = st;
+            extent = st;
+        }
+    }
+    const unsigned inner = box[0] * es;
+    if (inner % 16) return fail_with(ERR_INVALID_VALUE, "%s: the box's inner dimension (%u bytes) is not a multiple of 16", f, inner);
+    const unsigned span = swizzle == 3 ? 128 : swizzle == 2 ? 64 : swizzle == 1 ? 32 : 0;
+    if (span && inner > span)
+        return fail_with(ERR_INVALID_VALUE, "%s: the box's inner dimension (%u bytes) exceeds the %u-byte swizzle", f, inner, span);
+    memset(map, 0, 128);
+    memcpy(map, &m, sizeof m);
+    return OK;
+}
 
 // ---- modules and functions ----
 CUresult cuModuleLoadData(CUmodule* out, const void* image) {

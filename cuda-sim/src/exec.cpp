@@ -152,6 +152,9 @@ void fiber_main(void* arg) {
     LaunchState* L = t->block->launch;
     L->cfg.fn->host->thunk(L->cfg.params);
     cp_async_complete_all(*t);  // copies still in flight land when the thread ends
+    if (!t->wgmma_open.empty() || !t->wgmma_groups.empty())
+        fail(ERR_LAUNCH_FAILED, "the thread ends with wgmma operations not retired (wgmma.commit_group and "
+                                "wgmma.wait_group 0 before the accumulators are used or the kernel returns)");
     t->state = ThreadState::Exited;
     t->block->warps[t->warp].exited |= 1u << t->lane;
     yield();
@@ -176,6 +179,8 @@ bool release_or_report(BlockState& b, std::vector<Thread>& th) {
         L->record(ERR_LAUNCH_FAILED, "cuda-sim: kernel " + L->cfg.fn->name + " block " + dim3_str(b.bid) + ": " + what);
         return false;
     };
+    std::string waits = mbarrier_waits(b);
+    if (!waits.empty()) return report(waits);
     for (size_t wi = 0; wi < b.warps.size(); wi++) {
         Warp& wp = b.warps[wi];
         if (!wp.arrived) continue;
@@ -234,8 +239,11 @@ void run_block(LaunchState& L, uint64_t linear) {
     b.warps.assign((b.nthreads + 31) / 32, Warp{});
     b.static_base = (uint8_t*)tls_block(c.fn->host);
     b.static_size = b.static_base ? c.fn->host->tls_size : 0;
-    if (tl_dyn_smem.size() < c.smem_bytes + DYN_GUARD + 128) tl_dyn_smem.resize(c.smem_bytes + DYN_GUARD + 128);
-    b.dyn_base = (uint8_t*)(((uintptr_t)tl_dyn_smem.data() + 127) & ~(uintptr_t)127);
+    // 256 KB-aligned, like a shared window that starts at 0: wgmma descriptors carry the low 18
+    // bits of a shared address, and swizzles act on address bits 4-9.
+    constexpr uintptr_t WINDOW = 1u << 18;
+    if (tl_dyn_smem.size() < c.smem_bytes + DYN_GUARD + WINDOW) tl_dyn_smem.resize(c.smem_bytes + DYN_GUARD + WINDOW);
+    b.dyn_base = (uint8_t*)(((uintptr_t)tl_dyn_smem.data() + WINDOW - 1) & ~(WINDOW - 1));
     b.dyn_size = c.smem_bytes;
     // Shared memory starts as NaN bytes: a read of a value never written shows up in the output.
     if (b.static_size) memset(b.static_base, 0xff, b.static_size);
@@ -258,6 +266,10 @@ void run_block(LaunchState& L, uint64_t linear) {
         t.barrier_line = 0;
         t.open_group.clear();
         t.groups.clear();
+        t.wait_bar = nullptr;
+        t.wgmma_issued = 0;
+        t.wgmma_open.clear();
+        t.wgmma_groups.clear();
         t.stack_lo = stack_area + i * STACK_BYTES;
         t.stack_hi = t.stack_lo + STACK_BYTES;
         fiber_init(t.fiber, t.stack_lo, STACK_BYTES, fiber_main, &t);
@@ -281,7 +293,18 @@ void run_block(LaunchState& L, uint64_t linear) {
         }
         bool all_exited = true;
         for (Thread& t : th) all_exited &= t.state == ThreadState::Exited;
-        if (all_exited) break;
+        if (all_exited) {
+            std::string left = block_end_async_leftovers(b);
+            if (!left.empty())
+                L.record(ERR_LAUNCH_FAILED, "cuda-sim: kernel " + L.cfg.fn->name + " block " + dim3_str(b.bid) + ": " + left);
+            break;
+        }
+        std::string error;
+        if (wake_mbarrier_waiters(b, &error)) continue;
+        if (!error.empty()) {
+            L.record(ERR_LAUNCH_FAILED, "cuda-sim: kernel " + L.cfg.fn->name + " block " + dim3_str(b.bid) + ": " + error);
+            break;
+        }
         if (!release_or_report(b, th)) break;
     }
     w->block = nullptr;
@@ -451,6 +474,19 @@ void sim_syncthreads(int line) {
 }
 
 void* sim_dynamic_smem() { return worker()->block->dyn_base; }
+}
+
+namespace sim {
+void block_on_mbarrier(const void* bar, unsigned parity) {
+    Thread* t = worker()->current;
+    t->state = ThreadState::MbarrierWait;
+    t->wait_bar = bar;
+    t->wait_parity = parity;
+    yield();  // the scheduler makes it runnable once the phase has completed
+}
+}  // namespace sim
+
+extern "C" {
 
 unsigned sim_activemask() {
     // Fibers of a warp are never split by divergence here: the active lanes are those that have

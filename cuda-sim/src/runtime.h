@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -117,7 +118,7 @@ void set_error_detail(Result code, const std::string& msg);
 const char* error_detail(Result code);
 
 // ---- per-worker execution state, shared by exec.cpp, access.cpp and ptx.cpp ----
-enum class ThreadState : uint8_t { Runnable, Barrier, Warp, Exited };
+enum class ThreadState : uint8_t { Runnable, Barrier, Warp, MbarrierWait, Exited };
 
 struct CpAsyncOp {
     uint8_t* dst;
@@ -128,6 +129,40 @@ struct CpAsyncOp {
 enum class Collective : uint8_t { None, Shfl, Vote, SyncWarp, LdMatrix, Mma };
 
 struct BlockState;
+
+// A thread's share of one warpgroup wgmma: the op, its accumulators, whether D starts from them.
+struct WgmmaPart {
+    uint64_t op;
+    float* d;
+    bool scale_d;
+};
+
+// One mbarrier (hopper.cpp): arrivals still expected in the current phase, the transaction bytes
+// still expected, the phase count, and the TMA copies attached to it that have not landed.
+struct TmaCopy {
+    uint8_t* dst;
+    std::vector<uint8_t> bytes;
+};
+struct Mbarrier {
+    unsigned count = 0, pending = 0;
+    int64_t tx = 0;
+    unsigned phase = 0;
+    std::vector<TmaCopy> copies;
+};
+
+// One wgmma of a warpgroup (issued by its 128 threads in turn): operands, and the product A·B
+// once computed (at the first retirement, when it reads shared memory).
+struct WgmmaOp {
+    int type, n;
+    uint64_t desc_a, desc_b;
+    bool computed = false;
+    std::vector<double> product;  // [64][n]
+    unsigned retired = 0;         // threads that have retired their share
+};
+struct WarpGroup {
+    std::deque<WgmmaOp> ops;
+    uint64_t base = 0;  // index of ops.front()
+};
 
 struct Thread {
     BlockState* block;
@@ -146,6 +181,13 @@ struct Thread {
     const void* in_ptr;
     unsigned in_regs[4], out_regs[4];
     float in_f[4], out_f[4];
+    // mbarrier wait (hopper.cpp): the barrier and the parity of the phase awaited.
+    const void* wait_bar;
+    unsigned wait_parity;
+    // wgmma: warpgroup-op indices issued by this thread, not yet committed / committed groups.
+    uint64_t wgmma_issued;
+    std::vector<WgmmaPart> wgmma_open;
+    std::deque<std::vector<WgmmaPart>> wgmma_groups;
 };
 
 struct Warp {
@@ -173,6 +215,8 @@ struct BlockState {
     size_t dyn_size;
     uint32_t epoch;     // barrier interval (race detection)
     bool atomic_turn;   // all earlier blocks have finished: this block's global atomics may run
+    std::map<uintptr_t, Mbarrier> mbarriers;  // by shared address
+    std::vector<WarpGroup> warpgroups;
 };
 
 // Per OS worker thread (thread_local in exec.cpp).
@@ -198,6 +242,17 @@ uint64_t mem_generation();
 // Whether `addr` lies in a loaded kernel module's image (its read-only constants).
 bool in_module_image(uintptr_t addr);
 
+// Hopper state (hopper.cpp). The scheduler wakes threads whose mbarrier phase has completed
+// (landing the TMA copies of barriers that have all their arrivals); true if any woke, `error`
+// set on a defect found while landing. On a
+// deadlock, a description of what each waiting thread waits for; at the block's end, a
+// description of TMA copies never waited for (empty when none).
+bool wake_mbarrier_waiters(BlockState& b, std::string* error);
+std::string mbarrier_waits(const BlockState& b);
+std::string block_end_async_leftovers(const BlockState& b);
+// Blocks the calling thread until the scheduler wakes it (exec.cpp).
+void block_on_mbarrier(const void* bar, unsigned parity);
+
 // Shared-memory access bookkeeping (access.cpp).
 void shared_access(uint8_t* p, size_t size, bool write, Thread* t, const char* what);
 bool in_shared(const uint8_t* p, size_t size);
@@ -205,6 +260,11 @@ void check_global(const void* p, size_t size, bool write, const char* what);
 void check_alignment(const void* p, size_t align, const char* what);
 void shadow_begin_block(BlockState& b);
 void cp_async_mark_inflight(uint8_t* p, size_t size, int delta);
+// Whether any byte of [p, p + size) is being written by an asynchronous copy.
+bool shared_inflight(const uint8_t* p, size_t size);
+// An asynchronous-proxy write (a TMA copy landing): ordered by its mbarrier, not by __syncthreads,
+// so the bytes start a fresh history for the race check.
+void shared_async_written(uint8_t* p, size_t size);
 
 // Warp collectives (exec.cpp): the calling lane deposits its operands in its Thread, arrives;
 // the last lane to arrive runs `complete` for the warp; returns once results are in place.

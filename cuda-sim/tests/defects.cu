@@ -131,3 +131,47 @@ extern "C" __global__ void convert_f32(const float* in, unsigned short* bf, unsi
         e4m3[i] = v.__x;
     }
 }
+
+#include "hopper.cuh"
+
+// One warpgroup: D[64x128] = A[64xK] · Bt[128xK]ᵀ for K <= 64 bf16, both tiles brought by TMA
+// (64-element boxes, 128-byte swizzle: rows past the tensors read as zero) onto one mbarrier,
+// then four wgmma m64n128k16 from swizzled descriptors. Seeded defects: 1 issues the wgmmas
+// without waiting on the barrier; 2 announces fewer bytes than the copies bring; 3 waits for a
+// phase that never comes; 4 reads the accumulators before wgmma.wait_group.
+extern "C" __global__ void tma_wgmma_tile(const __grid_constant__ TensorMap ta, const __grid_constant__ TensorMap tb,
+                                          float* D, int defect) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    unsigned char* smem = dynamic_smem<unsigned char>();
+    smem += (1024 - (__cvta_generic_to_shared(smem) & 1023)) & 1023;
+    unsigned char* a = smem;             // 64 rows x 128 bytes
+    unsigned char* b = smem + 64 * 128;  // 128 rows x 128 bytes
+    unsigned long long* bar = reinterpret_cast<unsigned long long*>(smem + 192 * 128);
+    if (threadIdx.x == 0) {
+        mbarrier_init(bar, 1);
+        mbarrier_init_fence();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        mbarrier_arrive_expect_tx(bar, defect == 2 ? 64 * 128 : 192 * 128);
+        tma_load_2d(a, &ta, 0, 0, bar);
+        tma_load_2d(b, &tb, 0, 0, bar);
+    }
+    if (defect != 1) mbarrier_wait(bar, 0);
+    if (defect == 3) mbarrier_wait(bar, 1);
+    float acc[64];
+    for (int i = 0; i < 64; i++) acc[i] = 0.f;
+    wgmma_fence();
+    for (int kk = 0; kk < 4; kk++)
+        wgmma_bf16_m64n128k16(acc, wgmma_desc_sw128(a + kk * 32), wgmma_desc_sw128(b + kk * 32), 1);
+    wgmma_commit();
+    float early = acc[0];
+    wgmma_wait<0>();
+    if (defect == 4) acc[0] = early;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 4; j++)
+            D[(16 * w + (lane >> 2) + (j >= 2 ? 8 : 0)) * 128 + 8 * i + 2 * (lane & 3) + (j & 1)] = acc[4 * i + j];
+    if (defect == 1) mbarrier_wait(bar, 0);  // the copies must not outlive the block
+#endif
+}

@@ -83,6 +83,74 @@ pub fn time(be: &dyn Backend, reps: usize, mut f: impl FnMut() -> Result<()>) ->
     Ok(times[times.len() / 2])
 }
 
+/// `time` with the GEMMs on their v2 kernels (mma.sync), the references of v3 (wgmma + TMA), on
+/// a CUDA device whose kernels have v3 (sm_90a images); None elsewhere.
+fn time_gemm_v2(be: &dyn Backend, reps: usize, f: impl FnMut() -> Result<()>) -> Result<Option<f64>> {
+    #[cfg(feature = "cuda")]
+    if let Some(c) = be.as_any().downcast_ref::<crate::backend::cuda::CudaBackend>() {
+        if c.has_gemm_v3() {
+            c.set_gemm_v2(true);
+            let t = time(be, reps, f);
+            c.set_gemm_v2(false);
+            return t.map(Some);
+        }
+    }
+    let _ = (be, reps, f);
+    Ok(None)
+}
+
+/// cuBLASLt, the baseline of `bench gemm` on CUDA devices (never constructed without the feature).
+#[cfg(feature = "cuda")]
+type Baseline = crate::backend::cuda::cublaslt::CublasLt;
+#[cfg(not(feature = "cuda"))]
+type Baseline = std::convert::Infallible;
+
+/// cuBLASLt where the backend is CUDA and the library loads; otherwise None, with a note saying why.
+fn load_baseline(be: &dyn Backend) -> Option<Baseline> {
+    #[cfg(feature = "cuda")]
+    if let Some(c) = be.as_any().downcast_ref::<crate::backend::cuda::CudaBackend>() {
+        return match Baseline::load(c) {
+            Ok(lt) => {
+                println!("baseline: cuBLASLt ({}), FP8 with per-tensor scales", lt.library);
+                Some(lt)
+            }
+            Err(e) => {
+                println!("cuBLASLt columns skipped: {e}");
+                None
+            }
+        };
+    }
+    let _ = be;
+    None
+}
+
+/// cuBLASLt's bf16 and FP8 times for x [m, k] (host values `x_host`) against the bf16 weight and
+/// the FP8 weight's codes; None where there is no baseline or it failed (with a note).
+#[allow(clippy::too_many_arguments)]
+fn time_baseline(
+    be: &dyn Backend,
+    reps: usize,
+    lt: Option<&Baseline>,
+    x: &Tensor,
+    x_host: &[f32],
+    w: &Tensor,
+    fp8: Option<&crate::backend::QuantTensor>,
+    (m, n, k): (usize, usize, usize),
+) -> (Option<f64>, Option<f64>) {
+    #[cfg(feature = "cuda")]
+    if let Some(lt) = lt {
+        let bf16 = time(be, reps, || lt.bf16(x, w).map(|_| ()));
+        let fp8 = fp8.map(|q| -> Result<f64> {
+            let codes = be.load_quantized(&quantize(x_host, m, k, QuantFormat::Fp8)?)?;
+            time(be, reps, || lt.e4m3(&codes.data, &q.data, (m, n, k)).map(|_| ()))
+        });
+        let keep = |r: Result<f64>| r.map_err(|e| println!("cuBLASLt {m}x{k} · {n}x{k}ᵀ: {e}")).ok();
+        return (keep(bf16), fp8.and_then(keep));
+    }
+    let _ = (be, reps, lt, x, x_host, w, fp8, (m, n, k));
+    (None, None)
+}
+
 /// Datasheet dense peaks (TFLOP/s: bf16, fp8) of cards we know, to express rates as a fraction.
 fn spec_peak(name: &str) -> Option<(f64, f64)> {
     let n = name.to_ascii_lowercase();
@@ -178,9 +246,25 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
             Ok(GemmWeights { k, n, bf16, quantized })
         })
         .collect::<Result<Vec<_>>>()?;
+    // Where the GEMMs have a v3 (wgmma, sm_90a), v2 (mma.sync) is timed beside it in the same run;
+    // on CUDA devices cuBLASLt too, where the library loads.
+    let lt = load_baseline(be);
     println!(
-        "{:>6} {:>6} {:>6}  {:>10} {:>9} {:>10} {:>9} {:>7} {:>10} {:>10}",
-        "M", "K", "N", "bf16 ms", "TF/s", "fp8 ms", "TF/s", "fp8/bf16", "int8w ms", "q4_k ms"
+        "{:>6} {:>6} {:>6}  {:>10} {:>9} {:>10} {:>9} {:>7} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10}",
+        "M",
+        "K",
+        "N",
+        "bf16 ms",
+        "TF/s",
+        "fp8 ms",
+        "TF/s",
+        "fp8/bf16",
+        "int8w ms",
+        "q4_k ms",
+        "bf16 v2 ms",
+        "fp8 v2 ms",
+        "lt bf16 ms",
+        "lt fp8 ms"
     );
     let mut out = Vec::new();
     for &rows in &args.rows {
@@ -197,15 +281,29 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
                     time(be, args.reps, || be.linear_quantized(&x, q4k, None).map(|_| ()))?,
                 ],
             };
+            let v2_bf16 = time_gemm_v2(be, args.reps, || be.linear(&x, &w.bf16, None).map(|_| ()))?;
+            let v2_fp8 = match &w.quantized {
+                Some([fp8, ..]) => time_gemm_v2(be, args.reps, || be.linear_fp8(&x, fp8, None).map(|_| ()))?,
+                None => None,
+            };
+            let x_host = crate::rng::normal_vec(5, "x", rows * k);
+            let fp8_w = w.quantized.as_ref().map(|[fp8, ..]| fp8);
+            let (lt_bf16, lt_fp8) =
+                time_baseline(be, args.reps, lt.as_ref(), &x, &x_host, &w.bf16, fp8_w, (rows, n, k));
+            let ms = |t: Option<f64>| t.map_or("-".to_string(), |t| format!("{:.3}", t * 1e3));
             let tf = |t: f64| flops / t / 1e12;
             let (r16, r8) = (tf(t_bf16), tf(t_fp8));
             println!(
-                "{rows:>6} {k:>6} {n:>6}  {:>10.3} {r16:>9.1} {:>10.3} {r8:>9.1} {:>7.2} {:>10.3} {:>10.3}{}",
+                "{rows:>6} {k:>6} {n:>6}  {:>10.3} {r16:>9.1} {:>10.3} {r8:>9.1} {:>7.2} {:>10.3} {:>10.3} {:>11} {:>10} {:>10} {:>10}{}",
                 t_bf16 * 1e3,
                 t_fp8 * 1e3,
                 t_bf16 / t_fp8,
                 t_int8 * 1e3,
                 t_q4k * 1e3,
+                ms(v2_bf16),
+                ms(v2_fp8),
+                ms(lt_bf16),
+                ms(lt_fp8),
                 peak.map(|(p16, p8)| format!("  ({:.0}% / {:.0}% of spec)", 100.0 * r16 / p16, 100.0 * r8 / p8))
                     .unwrap_or_default()
             );
@@ -215,6 +313,8 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
                 "fp8_ms": t_fp8 * 1e3, "fp8_tflops": r8,
                 "int8_weight_only_ms": t_int8 * 1e3, "int8_weight_only_tflops": tf(t_int8),
                 "gguf_q4_k_ms": t_q4k * 1e3, "gguf_q4_k_tflops": tf(t_q4k),
+                "bf16_v2_ms": v2_bf16.map(|t| t * 1e3), "fp8_v2_ms": v2_fp8.map(|t| t * 1e3),
+                "cublaslt_bf16_ms": lt_bf16.map(|t| t * 1e3), "cublaslt_fp8_ms": lt_fp8.map(|t| t * 1e3),
             }));
         }
     }

@@ -17,7 +17,7 @@ pub(super) enum Bias {
 }
 
 impl Bias {
-    fn args(self) -> (u64, i32) {
+    pub(super) fn args(self) -> (u64, i32) {
         match self {
             Bias::None => (0, 0),
             Bias::PerColumn(p) => (p, 1),
@@ -27,7 +27,8 @@ impl Bias {
 }
 
 /// C[m, n] (leading dimension ldc) = Σ_k A[m, k] · W[n, k] + bias, all bf16, f32 accumulation.
-/// The tensor-core kernel needs K % 8 == 0 and 16-byte aligned operands; otherwise the tiled one.
+/// v3 (wgmma) on sm_90a images; the tensor-core kernels need K % 8 == 0 and 16-byte aligned
+/// operands; otherwise the tiled one.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gemm(
     be: &CudaBackend,
@@ -42,6 +43,9 @@ pub(super) fn gemm(
 ) -> Result<()> {
     if m == 0 || n == 0 {
         return Ok(());
+    }
+    if super::gemm_wgmma::applies(be, a, w, k * 2, m) {
+        return super::gemm_wgmma::bf16(be, a, w, bias, c, m, n, k, ldc);
     }
     let (bp, mode) = bias.args();
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
@@ -100,7 +104,7 @@ pub(super) fn linear(be: &CudaBackend, x: &Tensor, w: &Tensor, bias: Option<&Ten
 }
 
 /// `x + gate · linear(a, w, bias)` with the gated residual in the tensor-core GEMM's epilogue
-/// (`gemm_mma_gated_bf16`); the composition where that kernel does not apply (K % 8 != 0,
+/// (`gemm_mma_gated_bf16`, or its v3 `gemm_wgmma_gated_bf16` on sm_90a); the composition where that kernel does not apply (K % 8 != 0,
 /// unaligned operands).
 pub(super) fn linear_gated_add(
     be: &CudaBackend,
@@ -136,6 +140,10 @@ pub(super) fn linear_gated_add(
         return Ok(out);
     }
     let (l, op) = (x.dim(1) as i32, be.ptr(&out)?);
+    if super::gemm_wgmma::applies(be, ap, wp, k * 2, m) {
+        super::gemm_wgmma::gated_bf16(be, ap, wp, bp, xp, (gp, gs), l, op, (m, n, k))?;
+        return Ok(out);
+    }
     launch!(be.dev, "gemm_mma_gated_bf16", cfg, ap, wp, bp, xp, gp, gs, l, op, m as i32, n as i32, k as i32)?;
     Ok(out)
 }

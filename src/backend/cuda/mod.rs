@@ -5,13 +5,16 @@
 
 mod attention;
 mod conv;
+pub mod cublaslt;
 mod gemm;
+mod gemm_wgmma;
 mod health;
 pub mod images;
 mod layout;
 mod pointwise;
 mod quantized;
 mod reduce;
+mod tensor_map;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -87,6 +90,7 @@ const KERNELS: &[(&str, &[&str])] = &[
             "im2col_bf16",
         ],
     ),
+    ("gemm_wgmma", &gemm_wgmma::KERNELS),
     ("conv", &["conv_pack_weight_bf16", conv::MMA_KERNEL]),
     ("attention", &["attention_rowwise_bf16", "flash_attention_d64_bf16", "flash_attention_d128_bf16"]),
     (
@@ -132,9 +136,15 @@ const KERNELS: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// Every kernel the backend loads, by name (the emulator's coverage check uses this list).
+/// Every kernel the backend loads, by name.
 pub fn kernel_names() -> impl Iterator<Item = &'static str> {
     KERNELS.iter().flat_map(|(_, names)| names.iter().copied())
+}
+
+/// The kernels the backend launches with images for `target` (the emulator's coverage check):
+/// all but the wgmma ones outside sm_90a, whose images trap in their place.
+pub fn kernels_launched_on(target: &str) -> impl Iterator<Item = &'static str> + '_ {
+    kernel_names().filter(move |k| target == gemm_wgmma::V3_TARGET || !gemm_wgmma::KERNELS.contains(k))
 }
 
 /// Device names reported by the emulated driver (cuda-sim/) start with this.
@@ -164,6 +174,8 @@ pub struct CudaDevice {
     sage_bf16_pv: AtomicBool,
     /// Sage's Q/K pre-pass in its first version (two launches; the one-pass v2's reference).
     sage_quantize_v1: AtomicBool,
+    /// The GEMMs on their v2 kernels (mma.sync) even where v3 (wgmma + TMA, sm_90a) applies.
+    gemm_v2: AtomicBool,
     health: health::HealthWord,
 }
 
@@ -315,7 +327,8 @@ impl CudaBackend {
         ]
         .into_iter()
         .chain(attention::WIDE_KERNELS.iter().map(|&(d, name)| (name, attention::wide_config(d).2)))
-        .chain(quantized::sage_mma_big_smem());
+        .chain(quantized::sage_mma_big_smem())
+        .chain(gemm_wgmma::big_smem(target));
         for (name, bytes) in big {
             functions[name]
                 .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
@@ -346,6 +359,7 @@ impl CudaBackend {
             reference_attention: AtomicBool::new(false),
             sage_bf16_pv: AtomicBool::new(false),
             sage_quantize_v1: AtomicBool::new(false),
+            gemm_v2: AtomicBool::new(false),
             health: health::HealthWord::default(),
         };
         Ok(CudaBackend { dev: Arc::new(dev) })
@@ -378,6 +392,17 @@ impl CudaBackend {
     /// the default (v2, one pass).
     pub fn set_sage_quantize_v1(&self, on: bool) {
         self.dev.sage_quantize_v1.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the GEMMs run v3 (wgmma + TMA) on this device: its kernels are the sm_90a images.
+    pub fn has_gemm_v3(&self) -> bool {
+        self.dev.target == gemm_wgmma::V3_TARGET
+    }
+
+    /// Run the GEMMs (bf16 and FP8 linears) on their v2 kernels (mma.sync) where v3 (wgmma + TMA
+    /// on sm_90a) would apply: the references of v3; false restores the default.
+    pub fn set_gemm_v2(&self, on: bool) {
+        self.dev.gemm_v2.store(on, Ordering::Relaxed);
     }
 
     /// Fill every new output buffer with NaN first (selftest: catches unwritten elements).

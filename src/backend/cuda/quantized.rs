@@ -49,7 +49,8 @@ fn fp8_mma_applies(be: &CudaBackend, m: usize, k: usize) -> bool {
     has_fp8_mma(be.dev.target) && k.is_multiple_of(16) && super::gemm::mma_tile_grid(m, 1).is_some()
 }
 
-/// `gemm_w8a8_mma_e4m3`: out [m, n] from per-token e4m3 codes `qp` with scales `asp`.
+/// `gemm_w8a8_mma_e4m3` (or its v3, `gemm_wgmma_e4m3`, on sm_90a): out [m, n] from per-token e4m3
+/// codes `qp` with scales `asp`.
 #[allow(clippy::too_many_arguments)]
 fn w8a8_mma(
     be: &CudaBackend,
@@ -63,6 +64,10 @@ fn w8a8_mma(
     k: usize,
 ) -> Result<()> {
     let scales = w.scales.as_ref().ok_or_else(|| Error::Gpu("fp8 weight without scales".into()))?;
+    if super::gemm_wgmma::applies(be, qp, be.ptr(&w.data)?, k, m) {
+        let (wp, sp, op) = (be.ptr(&w.data)?, be.ptr(scales)?, be.ptr(out)?);
+        return super::gemm_wgmma::e4m3(be, qp, asp, wp, sp, bp, op, m, n, k);
+    }
     let cfg = super::gemm::mma_tile_grid(m, n)
         .ok_or_else(|| Error::shape("linear_fp8", format!("{m} rows exceed one grid of the tensor-core tile")))?;
     let (wp, sp, op) = (be.ptr(&w.data)?, be.ptr(scales)?, be.ptr(out)?);

@@ -1,0 +1,391 @@
+// Hopper's asynchronous instructions (sm_90a), from the PTX ISA: mbarrier (arrive, expect_tx,
+// phase waits), TMA tile loads (cp.async.bulk.tensor with mbarrier::complete_tx) and warpgroup
+// MMA (wgmma.mma_async with shared-memory descriptors, commit and wait groups).
+//
+// Timing model: everything asynchronous completes as late as the kernel allows, so a kernel that
+// reads too early sees it. A TMA copy lands only when a thread waits on its mbarrier and the
+// barrier has all its arrivals; until then its bytes are in flight and any read of them (a load,
+// a wgmma) is a reported fault. A wgmma reads shared memory when the first thread of its
+// warpgroup retires it (wgmma.wait_group), and writes each thread's accumulators when that thread
+// retires it, so accumulators read before the wait are stale and a stage refilled before the
+// wait is caught in flight.
+#include <cinttypes>
+#include <cmath>
+#include <cstring>
+
+#include "../include/sim_tensor_map.h"
+#include "runtime.h"
+
+namespace sim {
+namespace {
+
+Thread* current(const char* what) {
+    Thread* t = worker()->current;
+    if (!t) sim_trap(what);
+    return t;
+}
+
+std::string hex(uintptr_t a) {
+    char b[32];
+    snprintf(b, sizeof b, "0x%" PRIxPTR, a);
+    return b;
+}
+
+// Hopper instructions need an sm_90a image (wgmma) or sm_90+ (mbarrier tx counts, TMA).
+void require_hopper(bool arch_specific, const char* instruction) {
+    const Function& f = *worker()->block->fn;
+    bool ok = f.image_arch >= 90 && (!arch_specific || (f.image_arch == 90 && f.image_arch_specific));
+    if (!ok)
+        fail(ERR_ILLEGAL_INSTRUCTION, std::string(instruction) + (arch_specific ? " needs an sm_90a image" : " needs sm_90 or newer") +
+                                          "; this kernel's image is for sm_" + std::to_string(f.image_arch) +
+                                          (f.image_arch_specific ? "a" : ""));
+}
+
+std::string shared_name(const BlockState& b, const void* p) {
+    uintptr_t a = (uintptr_t)p;
+    if (a - (uintptr_t)b.dyn_base < b.dyn_size) return "dynamic shared offset " + std::to_string(a - (uintptr_t)b.dyn_base);
+    if (a - (uintptr_t)b.static_base < b.static_size) return "static shared offset " + std::to_string(a - (uintptr_t)b.static_base);
+    return hex(a);
+}
+
+Mbarrier& barrier_at(BlockState& b, const void* bar, const char* what) {
+    auto it = b.mbarriers.find((uintptr_t)bar);
+    if (it == b.mbarriers.end())
+        fail(ERR_LAUNCH_FAILED, std::string(what) + " on " + shared_name(b, bar) + ", which no mbarrier.init initialised");
+    return it->second;
+}
+
+// Lands the copies of a barrier whose arrivals are all in (their bytes counted off its
+// transaction count), then completes the phase when nothing is outstanding. Returns an error
+// description instead of failing: the scheduler calls it outside any thread.
+std::string settle(BlockState& b, const void* bar, Mbarrier& m) {
+    if (m.pending != 0) return "";
+    for (TmaCopy& c : m.copies) {
+        cp_async_mark_inflight(c.dst, c.bytes.size(), -1);
+        memcpy(c.dst, c.bytes.data(), c.bytes.size());
+        shared_async_written(c.dst, c.bytes.size());
+        m.tx -= (int64_t)c.bytes.size();
+    }
+    m.copies.clear();
+    if (m.tx < 0)
+        return "the TMA copies on the mbarrier at " + shared_name(b, bar) + " brought " + std::to_string(-m.tx) +
+               " bytes more than its expect_tx announced (the phase would complete before they land)";
+    if (m.tx == 0) {
+        m.phase++;
+        m.pending = m.count;
+    }
+    return "";
+}
+
+bool phase_done(const Mbarrier& m, unsigned parity) { return (m.phase & 1u) != (parity & 1u); }
+
+// ---- wgmma operands: shared-memory matrix descriptors ----
+// bits 0-13 start address >> 4, 16-29 leading-dimension byte offset >> 4, 32-45 stride-dimension
+// byte offset >> 4, 49-51 base offset, 62-63 swizzle (0 none, 1 128B, 2 64B, 3 32B). The address
+// is the shared window's: here the dynamic shared memory of the block, which the runtime places
+// at a 256 KB-aligned host address so the window's low 18 bits are the host's.
+struct Descriptor {
+    uintptr_t start;
+    uint32_t lbo, sbo, base_offset, swizzle;
+};
+
+Descriptor decode(const BlockState& b, uint64_t d) {
+    Descriptor r;
+    r.start = (uintptr_t)b.dyn_base + (uintptr_t)((d & 0x3fff) << 4);
+    r.lbo = (uint32_t)(((d >> 16) & 0x3fff) << 4);
+    r.sbo = (uint32_t)(((d >> 32) & 0x3fff) << 4);
+    r.base_offset = (uint32_t)((d >> 49) & 7);
+    r.swizzle = (uint32_t)(d >> 62);
+    return r;
+}
+
+// Address of byte `kb` (0..31) of row `row` of a K-major operand (A: M rows, B: N rows, K
+// contiguous): with a swizzle of S bytes, rows of 8 are S-byte lines `sbo` apart in groups of
+// 8 rows, and the 16-byte chunks of a line are XORed with address bits 7.. (Swizzle<log2(S/16),4,3>);
+// without, 8x16-byte core matrices, `sbo` apart along rows and `lbo` apart along K.
+uintptr_t operand_byte(const Descriptor& d, int row, int kb) {
+    if (d.swizzle == 0) return d.start + (uintptr_t)(row / 8) * d.sbo + (uintptr_t)(kb / 16) * d.lbo + (row % 8) * 16 + kb % 16;
+    const uint32_t line = d.swizzle == 1 ? 128 : d.swizzle == 2 ? 64 : 32;
+    const uintptr_t mask = line / 16 - 1;
+    uintptr_t a = d.start + (uintptr_t)(row / 8) * d.sbo + (uintptr_t)(row % 8) * line + kb;
+    return a ^ (((a >> 7) & mask) << 4);
+}
+
+// e4m3 code -> value, by table (decoded once).
+struct E4m3Table {
+    double v[256];
+    E4m3Table() {
+        for (int c = 0; c < 256; c++) {
+            int exp = (c >> 3) & 15, m = c & 7;
+            double s = (c & 0x80) ? -1 : 1;
+            v[c] = exp == 15 && m == 7 ? NAN : exp == 0 ? s * std::ldexp((double)m, -9) : s * std::ldexp(1 + m / 8.0, exp - 7);
+        }
+    }
+};
+const E4m3Table g_e4m3;
+
+// The 16-byte chunk `chunk` (0, 1) of K of row `row` of an operand, checked: inside the block's
+// dynamic shared memory, not being written by a copy. Swizzles move whole 16-byte chunks.
+const uint8_t* operand_chunk(BlockState& b, const Descriptor& d, int row, int chunk, const char* which) {
+    uint8_t* p = (uint8_t*)operand_byte(d, row, chunk * 16);
+    if ((uintptr_t)p - (uintptr_t)b.dyn_base + 16 > b.dyn_size)
+        fail(ERR_ILLEGAL_ADDRESS, std::string("wgmma ") + which + " operand row " + std::to_string(row) +
+                                      " lies outside the block's dynamic shared memory (descriptor start offset " +
+                                      std::to_string(d.start - (uintptr_t)b.dyn_base) + ")");
+    if (shared_inflight(p, 16))
+        fail(ERR_LAUNCH_FAILED, std::string("wgmma reads its ") + which + " operand at " + shared_name(b, p) +
+                                    ", which a TMA copy is still writing (wait on the stage's mbarrier before the "
+                                    "wgmma, and retire the wgmma before the stage is refilled)");
+    return p;
+}
+
+Descriptor checked_descriptor(const BlockState& b, uint64_t desc, const char* which) {
+    Descriptor d = decode(b, desc);
+    if (d.base_offset != 0) fail(ERR_LAUNCH_FAILED, std::string("wgmma ") + which + " descriptor: a base offset is not emulated");
+    return d;
+}
+
+// Checks `rows` rows of 32 bytes of K of one operand without reading them (at issue).
+void check_operand(BlockState& b, uint64_t desc, int rows, const char* which) {
+    Descriptor d = checked_descriptor(b, desc, which);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < 2; c++) operand_chunk(b, d, r, c, which);
+}
+
+// Reads `rows` rows of 32 bytes of K of one operand as doubles, row-major [rows][k].
+void read_operand(BlockState& b, uint64_t desc, int rows, int type, const char* which, std::vector<double>& out) {
+    Descriptor d = checked_descriptor(b, desc, which);
+    const int k = type == SIM_WGMMA_BF16 ? 16 : 32, per_chunk = k / 2;
+    out.resize((size_t)rows * k);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < 2; c++) {
+            const uint8_t* p = operand_chunk(b, d, r, c, which);
+            double* o = &out[(size_t)r * k + c * per_chunk];
+            if (type == SIM_WGMMA_BF16) {
+                for (int e = 0; e < 8; e++) {
+                    uint32_t u = (uint32_t)(p[2 * e] | (p[2 * e + 1] << 8)) << 16;
+                    float f;
+                    memcpy(&f, &u, 4);
+                    o[e] = f;
+                }
+            } else {
+                for (int e = 0; e < 16; e++) o[e] = g_e4m3.v[p[e]];
+            }
+        }
+}
+
+void compute(BlockState& b, WgmmaOp& op) {
+    thread_local std::vector<double> A, B;
+    read_operand(b, op.desc_a, 64, op.type, "A", A);
+    read_operand(b, op.desc_b, op.n, op.type, "B", B);
+    const int k = op.type == SIM_WGMMA_BF16 ? 16 : 32;
+    op.product.assign((size_t)64 * op.n, 0.0);
+    for (int i = 0; i < 64; i++) {
+        const double* a = &A[(size_t)i * k];
+        for (int j = 0; j < op.n; j++) {
+            const double* bb = &B[(size_t)j * k];
+            double acc = 0;
+            for (int e = 0; e < k; e++) acc += a[e] * bb[e];
+            op.product[(size_t)i * op.n + j] = acc;
+        }
+    }
+    op.computed = true;
+}
+
+WarpGroup& warpgroup_of(Thread& t) {
+    BlockState& b = *t.block;
+    unsigned g = t.warp / 4;
+    if (b.warpgroups.size() <= g) b.warpgroups.resize(g + 1);
+    return b.warpgroups[g];
+}
+
+// The thread's share of a retired op: accumulator element 4i + j of thread (warp w, lane l) of
+// the warpgroup is D[16w + l/4 + 8(j >= 2)][8i + 2(l%4) + (j & 1)].
+void retire(Thread& t, const WgmmaPart& part) {
+    BlockState& b = *t.block;
+    WarpGroup& g = warpgroup_of(t);
+    WgmmaOp& op = g.ops[part.op - g.base];
+    if (!op.computed) compute(b, op);
+    const unsigned w = t.warp % 4, l = t.lane;
+    for (int i = 0; i < op.n / 8; i++)
+        for (int j = 0; j < 4; j++) {
+            unsigned row = 16 * w + l / 4 + (j >= 2 ? 8 : 0), col = 8 * i + 2 * (l % 4) + (j & 1);
+            double c = part.scale_d ? (double)part.d[4 * i + j] : 0.0;
+            part.d[4 * i + j] = (float)(op.product[(size_t)row * op.n + col] + c);
+        }
+    op.retired++;
+    while (!g.ops.empty() && g.ops.front().retired == 128) {
+        g.ops.pop_front();
+        g.base++;
+    }
+}
+
+}  // namespace
+
+bool wake_mbarrier_waiters(BlockState& b, std::string* error) {
+    bool woke = false;
+    for (Thread& t : *b.threads) {
+        if (t.state != ThreadState::MbarrierWait) continue;
+        auto it = b.mbarriers.find((uintptr_t)t.wait_bar);
+        std::string err = settle(b, t.wait_bar, it->second);
+        if (!err.empty()) {
+            *error = err;
+            return false;
+        }
+        if (phase_done(it->second, t.wait_parity)) {
+            t.state = ThreadState::Runnable;
+            woke = true;
+        }
+    }
+    return woke;
+}
+
+std::string mbarrier_waits(const BlockState& b) {
+    for (const Thread& t : *b.threads) {
+        if (t.state != ThreadState::MbarrierWait) continue;
+        const Mbarrier& m = b.mbarriers.at((uintptr_t)t.wait_bar);
+        char buf[96];
+        snprintf(buf, sizeof buf, "(%u,%u,%u)", t.tid.x, t.tid.y, t.tid.z);
+        return std::string("thread ") + buf + " waits on the mbarrier at " + shared_name(b, t.wait_bar) + " for the phase of parity " +
+               std::to_string(t.wait_parity) + ", which cannot complete: " + std::to_string(m.pending) + " of " +
+               std::to_string(m.count) + " arrivals missing, " + std::to_string(m.tx) +
+               " transaction bytes expected and not brought by any copy (deadlock)";
+    }
+    return "";
+}
+
+std::string block_end_async_leftovers(const BlockState& b) {
+    for (const auto& [addr, m] : b.mbarriers)
+        if (!m.copies.empty())
+            return std::to_string(m.copies.size()) + " TMA copies on the mbarrier at " + shared_name(b, (const void*)addr) +
+                   " were never waited for (the block ended with them in flight)";
+    return "";
+}
+
+}  // namespace sim
+
+using namespace sim;
+
+extern "C" {
+void sim_mbarrier_init(void* bar, unsigned count) {
+    Thread* t = current("mbarrier.init outside a kernel");
+    require_hopper(false, "mbarrier with transaction counts");
+    check_alignment(bar, 8, "mbarrier");
+    if (!in_shared((uint8_t*)bar, 8)) fail(ERR_ILLEGAL_ADDRESS, "mbarrier.init: the barrier is not in shared memory");
+    if (count < 1 || count > (1u << 20) - 1) fail(ERR_LAUNCH_FAILED, "mbarrier.init: count " + std::to_string(count) + " outside 1..2^20-1");
+    shared_access((uint8_t*)bar, 8, true, t, "mbarrier.init");
+    Mbarrier& m = t->block->mbarriers[(uintptr_t)bar];
+    if (!m.copies.empty()) fail(ERR_LAUNCH_FAILED, "mbarrier.init of a barrier with TMA copies in flight");
+    m = Mbarrier{};
+    m.count = m.pending = count;
+}
+
+void sim_mbarrier_arrive(void* bar, unsigned tx_bytes) {
+    Thread* t = current("mbarrier.arrive outside a kernel");
+    BlockState& b = *t->block;
+    Mbarrier& m = barrier_at(b, bar, tx_bytes ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive");
+    if (m.pending == 0)
+        fail(ERR_LAUNCH_FAILED, "mbarrier.arrive on " + shared_name(b, bar) + ": all " + std::to_string(m.count) +
+                                    " arrivals of the current phase are in already (more arrivals than its count)");
+    m.tx += tx_bytes;
+    m.pending--;
+    if (m.pending == 0 && m.copies.empty() && m.tx == 0) {
+        m.phase++;
+        m.pending = m.count;
+    }
+}
+
+void sim_mbarrier_wait(void* bar, unsigned parity) {
+    Thread* t = current("mbarrier.try_wait outside a kernel");
+    BlockState& b = *t->block;
+    Mbarrier& m = barrier_at(b, bar, "mbarrier.try_wait");
+    std::string err = settle(b, bar, m);
+    if (!err.empty()) fail(ERR_LAUNCH_FAILED, err);
+    if (phase_done(m, parity)) return;
+    block_on_mbarrier(bar, parity);
+}
+
+void sim_tma_load_2d(void* dst, const void* tensor_map, int c0, int c1, void* bar) {
+    Thread* t = current("cp.async.bulk.tensor outside a kernel");
+    require_hopper(false, "cp.async.bulk.tensor");
+    BlockState& b = *t->block;
+    sim_tensor_map map;
+    memcpy(&map, tensor_map, sizeof map);
+    if (map.magic != SIM_TENSOR_MAP_MAGIC)
+        fail(ERR_LAUNCH_FAILED, "cp.async.bulk.tensor: the tensor map operand is not one cuTensorMapEncodeTiled made");
+    if (map.rank != 2) fail(ERR_LAUNCH_FAILED, "cp.async.bulk.tensor.2d with a tensor map of rank " + std::to_string(map.rank));
+    Mbarrier& m = barrier_at(b, bar, "cp.async.bulk.tensor's mbarrier::complete_tx");
+    const size_t es = map.elem_size, row_bytes = (size_t)map.box[0] * es, bytes = row_bytes * map.box[1];
+    const size_t align = map.swizzle ? 1024 : 128;
+    check_alignment(dst, align, map.swizzle ? "TMA destination (swizzled: 1024 bytes)" : "TMA destination");
+    if (!in_shared((uint8_t*)dst, bytes))
+        fail(ERR_ILLEGAL_ADDRESS, "cp.async.bulk.tensor: the " + std::to_string(bytes) + "-byte box at " + shared_name(b, dst) +
+                                      " does not fit in this block's shared memory");
+    if (shared_inflight((uint8_t*)dst, bytes))
+        fail(ERR_LAUNCH_FAILED, "cp.async.bulk.tensor into " + shared_name(b, dst) + ", which another asynchronous copy is still writing");
+    // Gather the box now (elements outside the tensor read as zero, or NaN with the NaN fill),
+    // placed as the swizzle puts it; it lands when the barrier is waited on.
+    TmaCopy copy;
+    copy.dst = (uint8_t*)dst;
+    copy.bytes.assign(bytes, 0);
+    const uint32_t span = map.swizzle == 3 ? 128 : map.swizzle == 2 ? 64 : map.swizzle == 1 ? 32 : 0;
+    for (uint32_t r = 0; r < map.box[1]; r++) {
+        const int64_t y = (int64_t)c1 + r;
+        for (uint32_t i = 0; i < map.box[0]; i++) {
+            const int64_t x = (int64_t)c0 + i;
+            uintptr_t logical = (uintptr_t)dst + r * row_bytes + i * es;
+            uintptr_t a = span ? logical ^ (((logical >> 7) & (span / 16 - 1)) << 4) : logical;
+            uint8_t* out = copy.bytes.data() + (a - (uintptr_t)dst);
+            if (x < 0 || y < 0 || (uint64_t)x >= map.dims[0] || (uint64_t)y >= map.dims[1]) {
+                if (map.oob_nan) memset(out, 0xff, es);
+                continue;
+            }
+            const uint8_t* src = (const uint8_t*)(uintptr_t)(map.address + (uint64_t)y * map.strides[0] + (uint64_t)x * es);
+            check_global(src, es, false, "TMA source");
+            memcpy(out, src, es);
+        }
+    }
+    cp_async_mark_inflight((uint8_t*)dst, bytes, 1);
+    m.copies.push_back(std::move(copy));
+}
+
+void sim_wgmma(int type, int n, float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) {
+    Thread* t = current("wgmma outside a kernel");
+    require_hopper(true, "wgmma.mma_async");
+    BlockState& b = *t->block;
+    if (n < 8 || n > 256 || n % 8) fail(ERR_LAUNCH_FAILED, "wgmma with N = " + std::to_string(n));
+    if (b.nthreads < (t->warp / 4 + 1) * 128)
+        fail(ERR_LAUNCH_FAILED, "wgmma needs its whole warpgroup of 128 threads; the block's last warpgroup is partial");
+    WarpGroup& g = warpgroup_of(*t);
+    const uint64_t index = t->wgmma_issued++;
+    if (index < g.base) sim_trap("wgmma op bookkeeping");
+    if (index - g.base == g.ops.size()) {
+        // The warpgroup's first thread to reach this wgmma: its operands must be settled now.
+        WgmmaOp op;
+        op.type = type, op.n = n, op.desc_a = desc_a, op.desc_b = desc_b;
+        check_operand(b, desc_a, 64, "A");
+        check_operand(b, desc_b, n, "B");
+        g.ops.push_back(std::move(op));
+    } else {
+        const WgmmaOp& op = g.ops[index - g.base];
+        if (op.type != type || op.n != n || op.desc_a != desc_a || op.desc_b != desc_b)
+            fail(ERR_LAUNCH_FAILED, "the threads of a warpgroup issued different wgmma operations (shape or descriptors differ: "
+                                    "wgmma is warpgroup-wide and .aligned)");
+    }
+    t->wgmma_open.push_back(WgmmaPart{index, d, scale_d != 0});
+}
+
+void sim_wgmma_commit() {
+    Thread* t = current("wgmma.commit_group outside a kernel");
+    t->wgmma_groups.push_back(std::move(t->wgmma_open));
+    t->wgmma_open.clear();
+}
+
+void sim_wgmma_wait(int pending) {
+    Thread* t = current("wgmma.wait_group outside a kernel");
+    while ((int)t->wgmma_groups.size() > pending) {
+        for (const WgmmaPart& part : t->wgmma_groups.front()) retire(*t, part);
+        t->wgmma_groups.pop_front();
+    }
+}
+}

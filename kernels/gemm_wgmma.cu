@@ -1,0 +1,180 @@
+// v3 of the tensor-core GEMMs, for Hopper (sm_90a): C = A · Wᵀ (+ bias) with A [M, K] and
+// W [N, K] row-major (K-major operands, both loaded by TMA), f32 accumulation, bf16 out.
+//   gemm_wgmma_bf16:  bf16 A and W (v2: gemm_mma_bf16 in gemm.cu, mma.sync).
+//   gemm_wgmma_gated_bf16: the same with the DiT's gated residual in the epilogue (v2:
+//                     gemm_mma_gated_bf16).
+//   gemm_wgmma_e4m3:  the FP8 W8A8 linear, e4m3 codes with per-token (A) and per-channel (W)
+//                     scales applied in the epilogue (v2: gemm_w8a8_mma_e4m3 in quantized.cu).
+// One 128x128 output tile per block of three warpgroups, warp-specialised: warpgroup 0's first
+// thread is the producer, issuing TMA loads of 128-byte K slices of A and W (128 rows each,
+// 128-byte swizzle) into a ring of WG_STAGES stages; warpgroups 1 and 2 consume, each computing 64
+// rows with four wgmma m64n128 per stage (32 bytes of K each). Each stage has a "full" mbarrier
+// (the producer's expect_tx, completed by the copies' bytes) and an "empty" one (one arrival per
+// consumer warpgroup once its wgmmas on the stage have retired); a consumer keeps one wgmma group
+// in flight while the next stage's copies land. Ragged M, N and K are the TMA's zero fill plus a
+// masked epilogue, which stages the tile as bf16 in shared memory for 16-byte stores (mma_tile.cuh).
+// Needs the row bytes of A and W to be a multiple of 16 (the tensor maps' strides). Images for
+// other architectures trap: the launcher picks v3 only for sm_90a images.
+#include <cuda_fp8.h>
+
+#include "common.cuh"
+#include "hopper.cuh"
+#include "mma_tile.cuh"
+
+#define WG_STAGES 5
+#define WG_KB 128                             // bytes of K per stage: one swizzled 128-byte row
+#define WG_STAGE_BYTES (TILE_M * WG_KB)       // one operand's stage: 16 KB
+#define WG_THREADS 384
+// Dynamic shared memory: 1 KB of slack to align the stages to the swizzle atom, the A and W
+// stages, then the full and empty barriers (gemm_wgmma_smem_bytes in the launcher).
+#define WG_SMEM_BYTES (1024 + 2 * WG_STAGES * WG_STAGE_BYTES + 2 * WG_STAGES * 8)
+static_assert(TILE_M == 128 && TILE_N == 128, "the wgmma tile is 128x128");
+static_assert(TILE_M * STAGE_LD * 2 <= 2 * WG_STAGES * WG_STAGE_BYTES, "the staged epilogue fits the stages");
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The main loop: acc (this consumer thread's 64 accumulators of its warpgroup's 64x128 half) for
+// the tile at (m0, n0); `smem` is the 1024-aligned stage area. Every thread of the block calls it.
+template <bool Fp8>
+__device__ __forceinline__ void wgmma_tile(unsigned char* smem, const TensorMap* ta, const TensorMap* tw, int k_bytes,
+                                           int m0, int n0, float acc[64]) {
+    unsigned char* a_stages = smem;
+    unsigned char* w_stages = smem + WG_STAGES * WG_STAGE_BYTES;
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + 2 * WG_STAGES * WG_STAGE_BYTES);
+    unsigned long long* empty = full + WG_STAGES;
+    const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127;
+    const int ktiles = (k_bytes + WG_KB - 1) / WG_KB;
+    const int elems_per_stage = Fp8 ? WG_KB : WG_KB / 2;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < WG_STAGES; s++) {
+            mbarrier_init(&full[s], 1);
+            mbarrier_init(&empty[s], 2);
+        }
+        mbarrier_init_fence();
+    }
+    __syncthreads();
+    if (wg == 0) {
+        if (tid == 0) {
+            for (int kt = 0; kt < ktiles; kt++) {
+                const int s = kt % WG_STAGES;
+                const unsigned round = kt / WG_STAGES;
+                mbarrier_wait(&empty[s], (round & 1) ^ 1);  // the first round finds every stage empty
+                mbarrier_arrive_expect_tx(&full[s], 2 * WG_STAGE_BYTES);
+                tma_load_2d(a_stages + s * WG_STAGE_BYTES, ta, kt * elems_per_stage, m0, &full[s]);
+                tma_load_2d(w_stages + s * WG_STAGE_BYTES, tw, kt * elems_per_stage, n0, &full[s]);
+            }
+        }
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 64; i++) acc[i] = 0.f;
+    const int a_half = (wg - 1) * 64 * WG_KB;  // this warpgroup's 64 rows: 8 swizzle atoms in
+    for (int kt = 0; kt < ktiles; kt++) {
+        const int s = kt % WG_STAGES;
+        mbarrier_wait(&full[s], (kt / WG_STAGES) & 1);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < WG_KB / 32; kk++) {
+            const unsigned long long da = wgmma_desc_sw128(a_stages + s * WG_STAGE_BYTES + a_half + kk * 32);
+            const unsigned long long db = wgmma_desc_sw128(w_stages + s * WG_STAGE_BYTES + kk * 32);
+            if (Fp8)
+                wgmma_e4m3_m64n128k32(acc, da, db, 1);
+            else
+                wgmma_bf16_m64n128k16(acc, da, db, 1);
+        }
+        wgmma_commit();
+        // The previous stage's wgmmas have retired: hand it back to the producer.
+        wgmma_wait<1>();
+        if (kt > 0 && tid == 0) mbarrier_arrive(&empty[(kt - 1) % WG_STAGES]);
+    }
+    wgmma_wait<0>();
+}
+
+// The epilogue: each consumer thread's accumulators, mapped by value(m, n, v), staged as bf16 in
+// the (now idle) stage area, then 16-byte stores by all 384 threads. Accumulator 4i + j of
+// thread (warp w, lane l) of consumer warpgroup g is row 64(g-1) + 16w + l/4 + 8(j >= 2),
+// column 8i + 2(l % 4) + (j & 1).
+template <typename Value, typename Store8>
+__device__ __forceinline__ void wgmma_tile_store8(unsigned char* smem, const float acc[64], i64 m0, i64 n0, int M, int N,
+                                                  Value value, Store8 store8) {
+    bf16* stage = reinterpret_cast<bf16*>(smem);
+    __syncthreads();  // every consumer's wgmmas have retired: the stages are idle
+    const int wg = threadIdx.x >> 7;
+    if (wg > 0) {
+        const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+#pragma unroll
+        for (int i = 0; i < 16; i++)
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int r = (wg - 1) * 64 + w * 16 + (lane >> 2) + half * 8, c = i * 8 + (lane & 3) * 2;
+                const i64 m = m0 + r, n = n0 + c;
+                const bool row = m < M;
+                const float lo = row && n < N ? value(m, n, acc[4 * i + 2 * half]) : 0.f;
+                const float hi = row && n + 1 < N ? value(m, n + 1, acc[4 * i + 2 * half + 1]) : 0.f;
+                *reinterpret_cast<unsigned*>(&stage[r * STAGE_LD + c]) = pack_bf16x2(lo, hi);
+            }
+    }
+    __syncthreads();
+    staged_tile_store8<WG_THREADS>(stage, m0, n0, M, N, store8);
+}
+
+__device__ __forceinline__ unsigned char* wgmma_smem() {
+    unsigned char* smem = dynamic_smem<unsigned char>();
+    return smem + ((1024 - (__cvta_generic_to_shared(smem) & 1023)) & 1023);
+}
+#endif
+
+// A: tensor map of [M, K] bf16, W: of [N, K] bf16, both with 64x128 boxes (K x rows).
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+    gemm_wgmma_bf16(const __grid_constant__ TensorMap ta, const __grid_constant__ TensorMap tw,
+                    const bf16* __restrict__ bias, int bias_mode, bf16* __restrict__ C, int M, int N, int K, i64 ldc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    unsigned char* smem = wgmma_smem();
+    const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
+    float acc[64];
+    wgmma_tile<false>(smem, &ta, &tw, K * 2, (int)m0, (int)n0, acc);
+    wgmma_tile_store8(
+        smem, acc, m0, n0, M, N, [&](i64 m, i64 n, float v) { return v + bias_at(bias, bias_mode, m, n); },
+        [&](i64 m, i64 n, uint4 y, int count) { store_bf16_upto8(C + m * ldc + n, y, count); });
+#else
+    __trap();  // wgmma needs an sm_90a image: the launcher picks v2 elsewhere
+#endif
+}
+
+// The gated residual in the epilogue (gemm_mma_gated_bf16's contract): C = X + gate[m / L] · y,
+// y = A · Wᵀ + bias rounded to bf16 as the linear's output would be.
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+    gemm_wgmma_gated_bf16(const __grid_constant__ TensorMap ta, const __grid_constant__ TensorMap tw,
+                          const bf16* __restrict__ bias, const bf16* __restrict__ X, const bf16* __restrict__ gate, i64 gs,
+                          int L, bf16* __restrict__ C, int M, int N, int K) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    unsigned char* smem = wgmma_smem();
+    const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
+    float acc[64];
+    wgmma_tile<false>(smem, &ta, &tw, K * 2, (int)m0, (int)n0, acc);
+    wgmma_tile_store8(
+        smem, acc, m0, n0, M, N, [&](i64, i64 n, float v) { return v + (bias ? to_f(bias[n]) : 0.f); },
+        [&](i64 m, i64 n, uint4 y, int count) { gated_store8(X, gate, gs, L, C, N, m, n, y, count); });
+#else
+    __trap();  // wgmma needs an sm_90a image: the launcher picks v2 elsewhere
+#endif
+}
+
+// A: tensor map of the [M, K] e4m3 activation codes, W: of the [N, K] e4m3 weights, 128x128
+// boxes; out = acc · a_scale[m] · w_scale[n] + bias[n] (gemm_w8a8_mma_e4m3's numerics).
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+    gemm_wgmma_e4m3(const __grid_constant__ TensorMap ta, const float* __restrict__ a_scale,
+                    const __grid_constant__ TensorMap tw, const float* __restrict__ w_scale,
+                    const bf16* __restrict__ bias, bf16* __restrict__ C, int M, int N, int K, i64 ldc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    unsigned char* smem = wgmma_smem();
+    const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
+    float acc[64];
+    wgmma_tile<true>(smem, &ta, &tw, K, (int)m0, (int)n0, acc);
+    wgmma_tile_store8(
+        smem, acc, m0, n0, M, N,
+        [&](i64 m, i64 n, float v) { return v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f); },
+        [&](i64 m, i64 n, uint4 y, int count) { store_bf16_upto8(C + m * ldc + n, y, count); });
+#else
+    __trap();  // wgmma needs an sm_90a image: the launcher picks v2 elsewhere
+#endif
+}
