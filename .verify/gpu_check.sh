@@ -367,6 +367,16 @@ if [ "$SMALL" = 1 ]; then
 elif [ -n "$NO_GPU" ]; then
   for s in bench-gemm profile-attention synth-klein-4b generate-klein-4b-1024 peer-compare; do skip "$s" "$NO_GPU"; done
 else
+  # cuBLASLt for bench gemm's baseline columns when the library path does not have it: the CUDA
+  # toolkit's or PyTorch's wheel's (FLUX2_CUBLASLT names the file; without one the columns say why).
+  if [ -z "${FLUX2_CUBLASLT:-}" ]; then
+    dirs="/usr/local/cuda/lib64 $("$PY" -c 'import nvidia.cublas as c; print(c.__path__[0] + "/lib")' 2>/dev/null || true)"
+    dirs="$dirs $("$PY" -c 'import torch, os; print(os.path.dirname(torch.__file__) + "/lib")' 2>/dev/null || true)"
+    for d in $dirs; do
+      lib=$(ls "$d"/libcublasLt.so* 2>/dev/null | sort -V | tail -n 1 || true)
+      if [ -n "$lib" ]; then export FLUX2_CUBLASLT="$lib"; break; fi
+    done
+  fi
   # Benchmark tables at klein-4B shapes (cheap, so before the synth).
   step bench-gemm 180 "$FLUX2" bench gemm --shapes klein4b --reps 5 --device "$CHECK_DEVICE" \
     --json "$REPORT/bench_gemm.json"

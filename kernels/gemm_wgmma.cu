@@ -117,9 +117,17 @@ __device__ __forceinline__ void wgmma_tile_store8(unsigned char* smem, const flo
     staged_tile_store8<WG_THREADS>(stage, m0, n0, M, N, store8);
 }
 
-__device__ __forceinline__ unsigned char* wgmma_smem() {
+// The block's tile (blockIdx.y: rows, .x: columns): main loop, then the epilogue through `value` and
+// `store8` (as mma_tile_store8's).
+template <bool Fp8, typename Value, typename Store8>
+__device__ __forceinline__ void wgmma_gemm(const TensorMap* ta, const TensorMap* tw, int k_bytes, int M, int N, Value value,
+                                           Store8 store8) {
     unsigned char* smem = dynamic_smem<unsigned char>();
-    return smem + ((1024 - (__cvta_generic_to_shared(smem) & 1023)) & 1023);
+    smem += (1024 - (__cvta_generic_to_shared(smem) & 1023)) & 1023;  // the swizzle atom's alignment
+    const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
+    float acc[64];
+    wgmma_tile<Fp8>(smem, ta, tw, k_bytes, (int)m0, (int)n0, acc);
+    wgmma_tile_store8(smem, acc, m0, n0, M, N, value, store8);
 }
 #endif
 
@@ -128,12 +136,8 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     gemm_wgmma_bf16(const __grid_constant__ TensorMap ta, const __grid_constant__ TensorMap tw,
                     const bf16* __restrict__ bias, int bias_mode, bf16* __restrict__ C, int M, int N, int K, i64 ldc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    unsigned char* smem = wgmma_smem();
-    const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
-    float acc[64];
-    wgmma_tile<false>(smem, &ta, &tw, K * 2, (int)m0, (int)n0, acc);
-    wgmma_tile_store8(
-        smem, acc, m0, n0, M, N, [&](i64 m, i64 n, float v) { return v + bias_at(bias, bias_mode, m, n); },
+    wgmma_gemm<false>(
+        &ta, &tw, K * 2, M, N, [&](i64 m, i64 n, float v) { return v + bias_at(bias, bias_mode, m, n); },
         [&](i64 m, i64 n, uint4 y, int count) { store_bf16_upto8(C + m * ldc + n, y, count); });
 #else
     __trap();  // wgmma needs an sm_90a image: the launcher picks v2 elsewhere
@@ -147,12 +151,8 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
                           const bf16* __restrict__ bias, const bf16* __restrict__ X, const bf16* __restrict__ gate, i64 gs,
                           int L, bf16* __restrict__ C, int M, int N, int K) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    unsigned char* smem = wgmma_smem();
-    const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
-    float acc[64];
-    wgmma_tile<false>(smem, &ta, &tw, K * 2, (int)m0, (int)n0, acc);
-    wgmma_tile_store8(
-        smem, acc, m0, n0, M, N, [&](i64, i64 n, float v) { return v + (bias ? to_f(bias[n]) : 0.f); },
+    wgmma_gemm<false>(
+        &ta, &tw, K * 2, M, N, [&](i64, i64 n, float v) { return v + (bias ? to_f(bias[n]) : 0.f); },
         [&](i64 m, i64 n, uint4 y, int count) { gated_store8(X, gate, gs, L, C, N, m, n, y, count); });
 #else
     __trap();  // wgmma needs an sm_90a image: the launcher picks v2 elsewhere
@@ -166,13 +166,8 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
                     const __grid_constant__ TensorMap tw, const float* __restrict__ w_scale,
                     const bf16* __restrict__ bias, bf16* __restrict__ C, int M, int N, int K, i64 ldc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    unsigned char* smem = wgmma_smem();
-    const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
-    float acc[64];
-    wgmma_tile<true>(smem, &ta, &tw, K, (int)m0, (int)n0, acc);
-    wgmma_tile_store8(
-        smem, acc, m0, n0, M, N,
-        [&](i64 m, i64 n, float v) { return v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f); },
+    wgmma_gemm<true>(
+        &ta, &tw, K, M, N, [&](i64 m, i64 n, float v) { return v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f); },
         [&](i64 m, i64 n, uint4 y, int count) { store_bf16_upto8(C + m * ldc + n, y, count); });
 #else
     __trap();  // wgmma needs an sm_90a image: the launcher picks v2 elsewhere

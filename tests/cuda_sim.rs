@@ -237,43 +237,11 @@ fn mma_fragments_follow_the_ptx_layout() {
     }
 }
 
-/// The host's CUtensorMap (kernels/hopper.cuh's TensorMap).
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-struct TensorMap([u64; 16]);
-unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
-
-/// A row-major bf16 `[rows, cols]` at `ptr`, boxes of 64 x `box_rows`, 128-byte swizzle.
-fn bf16_tensor_map(ptr: u64, rows: u64, cols: u64, box_rows: u32) -> Result<TensorMap, sys::CUresult> {
-    let mut map = TensorMap([0; 16]);
-    let (dims, strides, boxes, estrides) = ([cols, rows], [cols * 2], [64u32, box_rows], [1u32, 1]);
-    let r = unsafe {
-        sys::cuTensorMapEncodeTiled(
-            (&mut map as *mut TensorMap).cast(),
-            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-            2,
-            ptr as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            estrides.as_ptr(),
-            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_NONE,
-            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    if r == sys::CUresult::CUDA_SUCCESS {
-        Ok(map)
-    } else {
-        Err(r)
-    }
-}
-
 /// TMA + mbarrier + wgmma (sm_90a): a swizzled tile product equals the plain one, with the
 /// tensor's edges read as zeros; each seeded misuse is reported (or, for accumulators read before
 /// the wait, gives the stale value).
 fn tma_and_wgmma_follow_the_ptx_definitions() {
+    use flux2::backend::cuda::tensor_map::{row_major_128b, TileElem};
     let cc = CudaContext::new(0).unwrap().compute_capability().unwrap();
     if cc != (9, 0) {
         return; // wgmma and TMA are sm_90a instructions: only the H100 profile loads that image
@@ -306,8 +274,8 @@ fn tma_and_wgmma_follow_the_ptx_definitions() {
             let (p, _g) = cudarc::driver::DevicePtr::device_ptr(&db, &s.stream);
             p
         };
-        let ta = bf16_tensor_map(pa, rows_a as u64, k as u64, 64).unwrap();
-        let tb = bf16_tensor_map(pb, 128, k as u64, 128).unwrap();
+        let ta = row_major_128b(pa, TileElem::Bf16, rows_a, k, 64).unwrap();
+        let tb = row_major_128b(pb, TileElem::Bf16, 128, k, 128).unwrap();
         launch!(s, "tma_wgmma_tile", cfg(1, 128, smem), &ta, &tb, &mut d, &defect)?;
         Ok(s.stream.clone_dtoh(&d).unwrap())
     };
@@ -320,7 +288,7 @@ fn tma_and_wgmma_follow_the_ptx_definitions() {
     let stale = run(4).unwrap();
     assert_eq!(stale[0], 0.0, "accumulators read before wgmma.wait_group must be stale");
     // The driver's checks on tensor maps: a stride that is not a multiple of 16 bytes.
-    assert!(bf16_tensor_map(1 << 20, 8, 60, 8).is_err(), "a 120-byte row stride must be refused");
+    assert!(row_major_128b(1 << 20, TileElem::Bf16, 8, 60, 8).is_err(), "a 120-byte row stride must be refused");
 }
 
 fn e4m3(v: u8) -> f64 {

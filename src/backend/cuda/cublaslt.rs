@@ -144,22 +144,22 @@ impl CublasLt {
                 }
             })
             .ok_or_else(|| Error::Gpu(format!("cuBLASLt not found ({})", errors.join("; "))))?;
-        // SAFETY: the symbols have these C signatures in every cuBLASLt since 11.
+        // SAFETY: the symbols have the C signatures of `Api`'s fields in every cuBLASLt since 11.
         let api = unsafe {
-            let sym = |name: &str| -> Result<*const c_void> {
-                lib.get::<*const c_void>(name.as_bytes())
-                    .map(|s| *s)
-                    .map_err(|e| Error::Gpu(format!("cuBLASLt {library}: {name}: {e}")))
-            };
+            macro_rules! sym {
+                ($name:literal) => {
+                    *lib.get($name.as_bytes()).map_err(|e| Error::Gpu(format!("cuBLASLt {library}: {}: {e}", $name)))?
+                };
+            }
             Api {
-                create: std::mem::transmute(sym("cublasLtCreate")?),
-                desc_create: std::mem::transmute(sym("cublasLtMatmulDescCreate")?),
-                desc_set: std::mem::transmute(sym("cublasLtMatmulDescSetAttribute")?),
-                layout_create: std::mem::transmute(sym("cublasLtMatrixLayoutCreate")?),
-                pref_create: std::mem::transmute(sym("cublasLtMatmulPreferenceCreate")?),
-                pref_set: std::mem::transmute(sym("cublasLtMatmulPreferenceSetAttribute")?),
-                heuristic: std::mem::transmute(sym("cublasLtMatmulAlgoGetHeuristic")?),
-                matmul: std::mem::transmute(sym("cublasLtMatmul")?),
+                create: sym!("cublasLtCreate"),
+                desc_create: sym!("cublasLtMatmulDescCreate"),
+                desc_set: sym!("cublasLtMatmulDescSetAttribute"),
+                layout_create: sym!("cublasLtMatrixLayoutCreate"),
+                pref_create: sym!("cublasLtMatmulPreferenceCreate"),
+                pref_set: sym!("cublasLtMatmulPreferenceSetAttribute"),
+                heuristic: sym!("cublasLtMatmulAlgoGetHeuristic"),
+                matmul: sym!("cublasLtMatmul"),
             }
         };
         let mut handle: Handle = std::ptr::null_mut();
@@ -230,11 +230,10 @@ impl CublasLt {
 
     fn run(&self, kind: Kind, a: &Tensor, w: &Tensor, out: &Tensor, (m, n, k): (usize, usize, usize)) -> Result<()> {
         let mut plans = self.plans.lock().unwrap();
-        if !plans.contains_key(&(kind, m, n, k)) {
-            let p = self.plan(kind, m, n, k)?;
-            plans.insert((kind, m, n, k), p);
-        }
-        let p = &plans[&(kind, m, n, k)];
+        let p = match plans.entry((kind, m, n, k)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(kind, m, n, k)?),
+        };
         let (alpha, beta) = (1f32, 0f32);
         let (ap, wp, op) = (self.be.ptr(a)?, self.be.ptr(w)?, self.be.ptr(out)?);
         let ws = self.be.ptr(&self.workspace)?;

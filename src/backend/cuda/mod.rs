@@ -14,7 +14,7 @@ mod layout;
 mod pointwise;
 mod quantized;
 mod reduce;
-mod tensor_map;
+pub mod tensor_map;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

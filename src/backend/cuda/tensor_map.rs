@@ -10,14 +10,14 @@ use crate::error::{Error, Result};
 /// The driver's 128 opaque bytes, 64-byte aligned as `CUtensorMap` is.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
-pub(super) struct TensorMap([u64; 16]);
+pub struct TensorMap([u64; 16]);
 
 // SAFETY: plain bytes, passed to the kernel by value as the driver encoded them.
 unsafe impl DeviceRepr for TensorMap {}
 
 /// Element types the GEMM tiles load.
 #[derive(Clone, Copy)]
-pub(super) enum TileElem {
+pub enum TileElem {
     Bf16,
     E4m3,
 }
@@ -26,7 +26,7 @@ pub(super) enum TileElem {
 /// (64 bf16 or 128 e4m3) by `box_rows` rows, with the 128-byte swizzle the wgmma descriptors
 /// expect; elements past the matrix read as zero. Needs `ptr` 16-byte aligned and rows a multiple
 /// of 16 bytes.
-pub(super) fn row_major_128b(ptr: u64, elem: TileElem, rows: usize, cols: usize, box_rows: u32) -> Result<TensorMap> {
+pub fn row_major_128b(ptr: u64, elem: TileElem, rows: usize, cols: usize, box_rows: u32) -> Result<TensorMap> {
     let (dtype, size) = match elem {
         TileElem::Bf16 => (sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2u64),
         TileElem::E4m3 => (sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8, 1u64),
