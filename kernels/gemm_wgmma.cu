@@ -5,16 +5,18 @@
 //                     gemm_mma_gated_bf16).
 //   gemm_wgmma_e4m3:  the FP8 W8A8 linear, e4m3 codes with per-token (A) and per-channel (W)
 //                     scales applied in the epilogue (v2: gemm_w8a8_mma_e4m3 in quantized.cu).
-// One 128x128 output tile per block of three warpgroups, warp-specialised: warpgroup 0's first
-// thread is the producer, issuing TMA loads of 128-byte K slices of A and W (128 rows each,
-// 128-byte swizzle) into a ring of WG_STAGES stages; warpgroups 1 and 2 consume, each computing 64
-// rows with four wgmma m64n128 per stage (32 bytes of K each). Each stage has a "full" mbarrier
-// (the producer's expect_tx, completed by the copies' bytes) and an "empty" one (one arrival per
-// consumer warpgroup once its wgmmas on the stage have retired); a consumer keeps one wgmma group
-// in flight while the next stage's copies land. Ragged M, N and K are the TMA's zero fill plus a
-// masked epilogue, which stages the tile as bf16 in shared memory for 16-byte stores (mma_tile.cuh).
-// Needs the row bytes of A and W to be a multiple of 16 (the tensor maps' strides). Images for
-// other architectures trap: the launcher picks v3 only for sm_90a images.
+// Persistent and warp-specialised: each block (three warpgroups, one per SM) walks the 128x128
+// output tiles t = blockIdx.x, + gridDim.x, ... Warpgroup 0's first thread is the producer, issuing
+// TMA loads of 128-byte K slices of A and W (128 rows each, 128-byte swizzle) into a ring of
+// WG_STAGES stages, straight on into the next tile's slices; warpgroups 1 and 2 consume, each
+// computing 64 rows with four wgmma m64n128 per stage (32 bytes of K each). Each stage has a "full"
+// mbarrier (the producer's expect_tx, completed by the copies' bytes) and an "empty" one (one
+// arrival per consumer warpgroup once its wgmmas on the stage have retired); a consumer keeps one
+// wgmma group in flight while the next stage's copies land. The epilogue is per warp: its 16 rows x
+// 128 columns staged as bf16 in the warp's own shared buffer, then 16-byte stores, while the
+// producer is already filling the ring for the next tile. Ragged M, N and K are the TMA's zero fill
+// plus a masked epilogue. Needs the row bytes of A and W to be a multiple of 16 (the tensor maps'
+// strides). Images for other architectures trap: the launcher picks v3 only for sm_90a images.
 #include <cuda_fp8.h>
 
 #include "common.cuh"
@@ -22,112 +24,136 @@
 #include "mma_tile.cuh"
 
 #define WG_STAGES 5
-#define WG_KB 128                             // bytes of K per stage: one swizzled 128-byte row
-#define WG_STAGE_BYTES (TILE_M * WG_KB)       // one operand's stage: 16 KB
+#define WG_KB 128                        // bytes of K per stage: one swizzled 128-byte row
+#define WG_STAGE_BYTES (TILE_M * WG_KB)  // one operand's stage: 16 KB
 #define WG_THREADS 384
+#define WG_WARP_STAGE (16 * STAGE_LD * 2)  // a consumer warp's staged 16 x 128 bf16 rows
 // Dynamic shared memory: 1 KB of slack to align the stages to the swizzle atom, the A and W
-// stages, then the full and empty barriers (gemm_wgmma_smem_bytes in the launcher).
-#define WG_SMEM_BYTES (1024 + 2 * WG_STAGES * WG_STAGE_BYTES + 2 * WG_STAGES * 8)
+// stages, the 8 consumer warps' epilogue buffers, then the full and empty barriers (SMEM_BYTES in
+// the launcher, src/backend/cuda/gemm_wgmma.rs).
+#define WG_SMEM_BYTES (1024 + 2 * WG_STAGES * WG_STAGE_BYTES + 8 * WG_WARP_STAGE + 2 * WG_STAGES * 8)
 static_assert(TILE_M == 128 && TILE_N == 128, "the wgmma tile is 128x128");
-static_assert(TILE_M * STAGE_LD * 2 <= 2 * WG_STAGES * WG_STAGE_BYTES, "the staged epilogue fits the stages");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// The main loop: acc (this consumer thread's 64 accumulators of its warpgroup's 64x128 half) for
-// the tile at (m0, n0); `smem` is the 1024-aligned stage area. Every thread of the block calls it.
+struct WgmmaRing {
+    unsigned char* a;  // WG_STAGES x 16 KB, each 1024-aligned
+    unsigned char* w;
+    bf16* staged;  // 8 x WG_WARP_STAGE
+    unsigned long long* full;
+    unsigned long long* empty;
+};
+
+__device__ __forceinline__ WgmmaRing wgmma_ring() {
+    unsigned char* smem = dynamic_smem<unsigned char>();
+    smem += (1024 - (__cvta_generic_to_shared(smem) & 1023)) & 1023;  // the swizzle atom's alignment
+    WgmmaRing r;
+    r.a = smem;
+    r.w = smem + WG_STAGES * WG_STAGE_BYTES;
+    r.staged = reinterpret_cast<bf16*>(smem + 2 * WG_STAGES * WG_STAGE_BYTES);
+    r.full = reinterpret_cast<unsigned long long*>(smem + 2 * WG_STAGES * WG_STAGE_BYTES + 8 * WG_WARP_STAGE);
+    r.empty = r.full + WG_STAGES;
+    return r;
+}
+
+// One consumer thread's tile: acc, its 64 accumulators of its warpgroup's 64x128 half, from the
+// ring's slices it ... it + ktiles - 1 (`it` counts slices over all of the block's tiles, so stage
+// and phase carry on from tile to tile).
 template <bool Fp8>
-__device__ __forceinline__ void wgmma_tile(unsigned char* smem, const TensorMap* ta, const TensorMap* tw, int k_bytes,
-                                           int m0, int n0, float acc[64]) {
-    unsigned char* a_stages = smem;
-    unsigned char* w_stages = smem + WG_STAGES * WG_STAGE_BYTES;
-    unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + 2 * WG_STAGES * WG_STAGE_BYTES);
-    unsigned long long* empty = full + WG_STAGES;
-    const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127;
-    const int ktiles = (k_bytes + WG_KB - 1) / WG_KB;
-    const int elems_per_stage = Fp8 ? WG_KB : WG_KB / 2;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < WG_STAGES; s++) {
-            mbarrier_init(&full[s], 1);
-            mbarrier_init(&empty[s], 2);
-        }
-        mbarrier_init_fence();
-    }
-    __syncthreads();
-    if (wg == 0) {
-        if (tid == 0) {
-            for (int kt = 0; kt < ktiles; kt++) {
-                const int s = kt % WG_STAGES;
-                const unsigned round = kt / WG_STAGES;
-                mbarrier_wait(&empty[s], (round & 1) ^ 1);  // the first round finds every stage empty
-                mbarrier_arrive_expect_tx(&full[s], 2 * WG_STAGE_BYTES);
-                tma_load_2d(a_stages + s * WG_STAGE_BYTES, ta, kt * elems_per_stage, m0, &full[s]);
-                tma_load_2d(w_stages + s * WG_STAGE_BYTES, tw, kt * elems_per_stage, n0, &full[s]);
-            }
-        }
-        return;
-    }
+__device__ __forceinline__ void wgmma_consume(const WgmmaRing& r, int wg, int ktiles, unsigned it, float acc[64]) {
 #pragma unroll
     for (int i = 0; i < 64; i++) acc[i] = 0.f;
     const int a_half = (wg - 1) * 64 * WG_KB;  // this warpgroup's 64 rows: 8 swizzle atoms in
-    for (int kt = 0; kt < ktiles; kt++) {
-        const int s = kt % WG_STAGES;
-        mbarrier_wait(&full[s], (kt / WG_STAGES) & 1);
+    const bool leader = (threadIdx.x & 127) == 0;
+    for (int kt = 0; kt < ktiles; kt++, it++) {
+        const int s = it % WG_STAGES;
+        mbarrier_wait(&r.full[s], (it / WG_STAGES) & 1);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < WG_KB / 32; kk++) {
-            const unsigned long long da = wgmma_desc_sw128(a_stages + s * WG_STAGE_BYTES + a_half + kk * 32);
-            const unsigned long long db = wgmma_desc_sw128(w_stages + s * WG_STAGE_BYTES + kk * 32);
+            const unsigned long long da = wgmma_desc_sw128(r.a + s * WG_STAGE_BYTES + a_half + kk * 32);
+            const unsigned long long db = wgmma_desc_sw128(r.w + s * WG_STAGE_BYTES + kk * 32);
             if (Fp8)
                 wgmma_e4m3_m64n128k32(acc, da, db, 1);
             else
                 wgmma_bf16_m64n128k16(acc, da, db, 1);
         }
         wgmma_commit();
-        // The previous stage's wgmmas have retired: hand it back to the producer.
+        // The previous slice's wgmmas have retired: hand its stage back to the producer.
         wgmma_wait<1>();
-        if (kt > 0 && tid == 0) mbarrier_arrive(&empty[(kt - 1) % WG_STAGES]);
+        if (kt > 0 && leader) mbarrier_arrive(&r.empty[(it - 1) % WG_STAGES]);
     }
     wgmma_wait<0>();
+    if (leader) mbarrier_arrive(&r.empty[(it - 1) % WG_STAGES]);
 }
 
-// The epilogue: each consumer thread's accumulators, mapped by value(m, n, v), staged as bf16 in
-// the (now idle) stage area, then 16-byte stores by all 384 threads. Accumulator 4i + j of
-// thread (warp w, lane l) of consumer warpgroup g is row 64(g-1) + 16w + l/4 + 8(j >= 2),
-// column 8i + 2(l % 4) + (j & 1).
+// The warp's epilogue: its 16 rows of the tile (accumulator 4i + j of lane l is row l/4 + 8(j >= 2)
+// of them, column 8i + 2(l % 4) + (j & 1)) mapped by value(m, n, v), rounded to bf16 into the
+// warp's buffer, then handed to store8(m, n, y, count) 8 columns at a time (as mma_tile_store8).
 template <typename Value, typename Store8>
-__device__ __forceinline__ void wgmma_tile_store8(unsigned char* smem, const float acc[64], i64 m0, i64 n0, int M, int N,
+__device__ __forceinline__ void wgmma_warp_store8(bf16* stage, const float acc[64], i64 m0, i64 n0, int M, int N,
                                                   Value value, Store8 store8) {
-    bf16* stage = reinterpret_cast<bf16*>(smem);
-    __syncthreads();  // every consumer's wgmmas have retired: the stages are idle
-    const int wg = threadIdx.x >> 7;
-    if (wg > 0) {
-        const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int lane = threadIdx.x & 31;
 #pragma unroll
-        for (int i = 0; i < 16; i++)
+    for (int i = 0; i < 16; i++)
 #pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int r = (wg - 1) * 64 + w * 16 + (lane >> 2) + half * 8, c = i * 8 + (lane & 3) * 2;
-                const i64 m = m0 + r, n = n0 + c;
-                const bool row = m < M;
-                const float lo = row && n < N ? value(m, n, acc[4 * i + 2 * half]) : 0.f;
-                const float hi = row && n + 1 < N ? value(m, n + 1, acc[4 * i + 2 * half + 1]) : 0.f;
-                *reinterpret_cast<unsigned*>(&stage[r * STAGE_LD + c]) = pack_bf16x2(lo, hi);
-            }
+        for (int half = 0; half < 2; half++) {
+            const int r = (lane >> 2) + half * 8, c = i * 8 + (lane & 3) * 2;
+            const i64 m = m0 + r, n = n0 + c;
+            const bool row = m < M;
+            const float lo = row && n < N ? value(m, n, acc[4 * i + 2 * half]) : 0.f;
+            const float hi = row && n + 1 < N ? value(m, n + 1, acc[4 * i + 2 * half + 1]) : 0.f;
+            *reinterpret_cast<unsigned*>(&stage[r * STAGE_LD + c]) = pack_bf16x2(lo, hi);
+        }
+    __syncwarp(FULL_MASK);
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const int chunk = lane + 32 * i, r = chunk >> 4, c = (chunk & 15) * 8;
+        const i64 m = m0 + r, n = n0 + c;
+        if (m < M && n < N) store8(m, n, *reinterpret_cast<const uint4*>(&stage[r * STAGE_LD + c]), (int)(N - n < 8 ? N - n : 8));
     }
-    __syncthreads();
-    staged_tile_store8<WG_THREADS>(stage, m0, n0, M, N, store8);
+    __syncwarp(FULL_MASK);  // the buffer is rewritten for the next tile
 }
 
-// The block's tile (blockIdx.y: rows, .x: columns): main loop, then the epilogue through `value` and
-// `store8` (as mma_tile_store8's).
+// The whole GEMM for this block: tiles numbered row-major over (M / 128, N / 128).
 template <bool Fp8, typename Value, typename Store8>
 __device__ __forceinline__ void wgmma_gemm(const TensorMap* ta, const TensorMap* tw, int k_bytes, int M, int N, Value value,
                                            Store8 store8) {
-    unsigned char* smem = dynamic_smem<unsigned char>();
-    smem += (1024 - (__cvta_generic_to_shared(smem) & 1023)) & 1023;  // the swizzle atom's alignment
-    const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
-    float acc[64];
-    wgmma_tile<Fp8>(smem, ta, tw, k_bytes, (int)m0, (int)n0, acc);
-    wgmma_tile_store8(smem, acc, m0, n0, M, N, value, store8);
+    const WgmmaRing r = wgmma_ring();
+    const int wg = threadIdx.x >> 7;
+    const int ktiles = (k_bytes + WG_KB - 1) / WG_KB, tiles_n = (N + TILE_N - 1) / TILE_N;
+    const int tiles = ((M + TILE_M - 1) / TILE_M) * tiles_n;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < WG_STAGES; s++) {
+            mbarrier_init(&r.full[s], 1);
+            mbarrier_init(&r.empty[s], 2);
+        }
+        mbarrier_init_fence();
+    }
+    __syncthreads();
+    unsigned it = 0;  // K slices through the ring so far
+    if (wg == 0) {
+        if (threadIdx.x != 0) return;
+        const int elems_per_slice = Fp8 ? WG_KB : WG_KB / 2;
+        for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+            const int m0 = (t / tiles_n) * TILE_M, n0 = (t % tiles_n) * TILE_N;
+            for (int kt = 0; kt < ktiles; kt++, it++) {
+                const int s = it % WG_STAGES;
+                mbarrier_wait(&r.empty[s], ((it / WG_STAGES) & 1) ^ 1);  // the first round finds every stage empty
+                mbarrier_arrive_expect_tx(&r.full[s], 2 * WG_STAGE_BYTES);
+                tma_load_2d(r.a + s * WG_STAGE_BYTES, ta, kt * elems_per_slice, m0, &r.full[s]);
+                tma_load_2d(r.w + s * WG_STAGE_BYTES, tw, kt * elems_per_slice, n0, &r.full[s]);
+            }
+        }
+        return;
+    }
+    const int warp = (threadIdx.x >> 5) - 4;  // consumer warp 0..7: rows 16 · warp of the tile
+    bf16* stage = reinterpret_cast<bf16*>(reinterpret_cast<unsigned char*>(r.staged) + warp * WG_WARP_STAGE);
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x, it += ktiles) {
+        float acc[64];
+        wgmma_consume<Fp8>(r, wg, ktiles, it, acc);
+        const i64 m0 = (i64)(t / tiles_n) * TILE_M + warp * 16, n0 = (i64)(t % tiles_n) * TILE_N;
+        wgmma_warp_store8(stage, acc, m0, n0, M, N, value, store8);
+    }
 }
 #endif
 

@@ -152,24 +152,6 @@ __device__ __forceinline__ void mma_tile_store(const float acc[4][4][4], i64 m0,
 #define STAGE_LD (TILE_N + 8)  // bf16 per staged row: 272 bytes, 16-byte aligned, 4 banks apart
 static_assert(TILE_M * STAGE_LD * 2 <= sizeof(MmaTileSmem), "the staged tile fits the pipeline buffers");
 
-// The second half of the staged epilogue, shared with the wgmma GEMMs: the block's `Threads`
-// threads hand the staged 128x128 bf16 tile (rows STAGE_LD apart) to store8 8 columns at a time.
-template <int Threads, typename Store8>
-__device__ __forceinline__ void staged_tile_store8(const bf16* stage, i64 m0, i64 n0, int M, int N, Store8 store8) {
-    constexpr int chunks = TILE_M * TILE_N / 8;
-#pragma unroll
-    for (int i = 0; i < (chunks + Threads - 1) / Threads; i++) {
-        const int chunk = threadIdx.x + i * Threads;
-        if (chunks % Threads != 0 && chunk >= chunks) break;
-        const int r = chunk >> 4, c = (chunk & 15) * 8;
-        const i64 m = m0 + r, n = n0 + c;
-        if (m < M && n < N) {
-            const uint4 y = *reinterpret_cast<const uint4*>(&stage[r * STAGE_LD + c]);
-            store8(m, n, y, (int)(N - n < 8 ? N - n : 8));
-        }
-    }
-}
-
 template <typename Value, typename Store8>
 __device__ __forceinline__ void mma_tile_store8(MmaTileSmem& smem, const float acc[4][4][4], i64 m0, i64 n0, int M,
                                                 int N, Value value, Store8 store8) {
@@ -183,7 +165,16 @@ __device__ __forceinline__ void mma_tile_store8(MmaTileSmem& smem, const float a
         *reinterpret_cast<unsigned*>(&stage[r * STAGE_LD + c]) = pack_bf16x2(lo, hi);
     });
     __syncthreads();
-    staged_tile_store8<256>(stage, m0, n0, M, N, store8);
+#pragma unroll
+    for (int i = 0; i < TILE_M * TILE_N / 8 / 256; i++) {
+        const int chunk = threadIdx.x + i * 256;
+        const int r = chunk >> 4, c = (chunk & 15) * 8;
+        const i64 m = m0 + r, n = n0 + c;
+        if (m < M && n < N) {
+            const uint4 y = *reinterpret_cast<const uint4*>(&stage[r * STAGE_LD + c]);
+            store8(m, n, y, (int)(N - n < 8 ? N - n : 8));
+        }
+    }
 }
 
 // The GEMM epilogue's bias: mode 0 none, 1 per column (bias[n], Linear), 2 per row (bias[m], conv as

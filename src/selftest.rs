@@ -146,14 +146,15 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (300, 2560, 4096, true, 0),
         ],
         Suite::Small => &[
-            (7, 13, 5, false, 0),      // gemm_tiled: K % 8 != 0, one ragged tile
-            (40, 50, 33, true, 0),     // gemm_tiled: 3x3 ragged tiles, K tail, column bias
-            (24, 64, 40, false, 1),    // gemm_tiled: K % 8 == 0 but the input is misaligned
-            (37, 64, 96, true, 0),     // gemm_mma: one ragged block, column bias
-            (130, 72, 200, false, 0),  // gemm_mma: 2x2 ragged blocks, K tail of 8 (3 K tiles)
-            (140, 264, 72, true, 0),   // gemm_mma: 9 K tiles through the 2-stage pipeline, bias
-            (45, 64, 90, true, 0),     // gemm_mma: N % 8 = 2, the epilogue's last store of a row partial
-            (130, 1000, 136, true, 0), // gemm_wgmma (sm_90a): 16 K slices round the 5-stage ring 3 times
+            (7, 13, 5, false, 0),       // gemm_tiled: K % 8 != 0, one ragged tile
+            (40, 50, 33, true, 0),      // gemm_tiled: 3x3 ragged tiles, K tail, column bias
+            (24, 64, 40, false, 1),     // gemm_tiled: K % 8 == 0 but the input is misaligned
+            (37, 64, 96, true, 0),      // gemm_mma: one ragged block, column bias
+            (130, 72, 200, false, 0),   // gemm_mma: 2x2 ragged blocks, K tail of 8 (3 K tiles)
+            (140, 264, 72, true, 0),    // gemm_mma: 9 K tiles through the 2-stage pipeline, bias
+            (45, 64, 90, true, 0),      // gemm_mma: N % 8 = 2, the epilogue's last store of a row partial
+            (130, 1000, 136, true, 0),  // gemm_wgmma (sm_90a): 16 K slices round the 5-stage ring 3 times
+            (260, 192, 5760, false, 0), // gemm_wgmma: 135 tiles on an H100's 132 SMs, so some blocks walk two
         ],
     };
     // On sm_90a images the cases above with K % 8 == 0 run v3 (gemm_wgmma); these run v2 there too

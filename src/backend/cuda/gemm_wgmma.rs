@@ -20,8 +20,9 @@ pub(super) const V3_TARGET: &str = "sm_90a";
 pub(super) const KERNELS: [&str; 3] = [BF16_KERNEL, GATED_KERNEL, E4M3_KERNEL];
 
 /// The kernels' dynamic shared memory (WG_SMEM_BYTES): 1 KB of alignment slack, 5 stages of a
-/// 128x128-byte A and W slice, and the stages' two mbarriers.
-const SMEM_BYTES: usize = 1024 + 2 * 5 * 128 * 128 + 2 * 5 * 8;
+/// 128x128-byte A and W slice, 8 consumer warps' 16 x 136 bf16 epilogue buffers, and the stages'
+/// two mbarriers.
+const SMEM_BYTES: usize = 1024 + 2 * 5 * 128 * 128 + 8 * 16 * 136 * 2 + 2 * 5 * 8;
 
 /// The kernels needing the opt-in shared-memory attribute, for images that have them running.
 pub(super) fn big_smem(target: &str) -> Vec<(&'static str, usize)> {
@@ -33,7 +34,7 @@ pub(super) fn big_smem(target: &str) -> Vec<(&'static str, usize)> {
 }
 
 /// v3 applies: an sm_90a image, v2 not requested, A and W 16-byte aligned with rows of a multiple
-/// of 16 bytes (the tensor maps' requirements), the rows within one grid.
+/// of 16 bytes (the tensor maps' requirements), tile indices within 32 bits.
 pub(super) fn applies(be: &CudaBackend, a: u64, w: u64, row_bytes: usize, m: usize) -> bool {
     be.has_gemm_v3()
         && !be.dev.gemm_v2.load(Ordering::Relaxed)
@@ -43,9 +44,11 @@ pub(super) fn applies(be: &CudaBackend, a: u64, w: u64, row_bytes: usize, m: usi
         && m.div_ceil(128) <= 65535
 }
 
-fn grid(m: usize, n: usize) -> LaunchConfig {
+/// Persistent blocks: one per SM (at most one per 128x128 output tile), each walking the tiles.
+fn grid(be: &CudaBackend, m: usize, n: usize) -> LaunchConfig {
+    let tiles = m.div_ceil(128) * n.div_ceil(128);
     LaunchConfig {
-        grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
+        grid_dim: (tiles.min(be.dev.sms.max(1)) as u32, 1, 1),
         block_dim: (384, 1, 1),
         shared_mem_bytes: SMEM_BYTES as u32,
     }
@@ -68,7 +71,7 @@ pub(super) fn bf16(
     let tw = row_major_128b(w, TileElem::Bf16, n, k, 128)?;
     let (bp, mode) = bias.args();
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
-    launch!(be.dev, BF16_KERNEL, grid(m, n), ta, tw, bp, mode, c, m32, n32, k32, ldc as i64)
+    launch!(be.dev, BF16_KERNEL, grid(be, m, n), ta, tw, bp, mode, c, m32, n32, k32, ldc as i64)
 }
 
 /// out [m, n] = x + gate[m / l] · (A [m, k] · W [n, k]ᵀ + bias), bf16 (gemm_mma_gated_bf16's
@@ -88,7 +91,7 @@ pub(super) fn gated_bf16(
     let ta = row_major_128b(a, TileElem::Bf16, m, k, 128)?;
     let tw = row_major_128b(w, TileElem::Bf16, n, k, 128)?;
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
-    launch!(be.dev, GATED_KERNEL, grid(m, n), ta, tw, bias, x, gate.0, gate.1, l, out, m32, n32, k32)
+    launch!(be.dev, GATED_KERNEL, grid(be, m, n), ta, tw, bias, x, gate.0, gate.1, l, out, m32, n32, k32)
 }
 
 /// out [m, n] = codes [m, k] · W codes [n, k]ᵀ · a_scale[m] · w_scale[n] + bias (e4m3 codes,
@@ -109,5 +112,5 @@ pub(super) fn e4m3(
     let ta = row_major_128b(codes, TileElem::E4m3, m, k, 128)?;
     let tw = row_major_128b(w, TileElem::E4m3, n, k, 128)?;
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
-    launch!(be.dev, E4M3_KERNEL, grid(m, n), ta, a_scale, tw, w_scale, bias, out, m32, n32, k32, n as i64)
+    launch!(be.dev, E4M3_KERNEL, grid(be, m, n), ta, a_scale, tw, w_scale, bias, out, m32, n32, k32, n as i64)
 }

@@ -176,6 +176,8 @@ pub struct CudaDevice {
     sage_quantize_v1: AtomicBool,
     /// The GEMMs on their v2 kernels (mma.sync) even where v3 (wgmma + TMA, sm_90a) applies.
     gemm_v2: AtomicBool,
+    /// Streaming multiprocessors: the persistent kernels' grid.
+    sms: usize,
     health: health::HealthWord,
 }
 
@@ -342,6 +344,8 @@ impl CudaBackend {
                 .map_err(gpu_err)?;
         }
         keep_pool_memory(&ctx);
+        let sms =
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(gpu_err)? as usize;
         let name = ctx.name().map_err(gpu_err)?;
         let dev = CudaDevice {
             emulated: name.starts_with(EMULATOR_NAME_PREFIX),
@@ -360,6 +364,7 @@ impl CudaBackend {
             sage_bf16_pv: AtomicBool::new(false),
             sage_quantize_v1: AtomicBool::new(false),
             gemm_v2: AtomicBool::new(false),
+            sms,
             health: health::HealthWord::default(),
         };
         Ok(CudaBackend { dev: Arc::new(dev) })
