@@ -83,7 +83,7 @@ __device__ __forceinline__ void wgmma_consume(const WgmmaRing& r, int wg, int kt
         if (kt > 0 && leader) mbarrier_arrive(&r.empty[(it - 1) % WG_STAGES]);
     }
     wgmma_wait<0>();
-    if (leader) mbarrier_arrive(&r.empty[(it - 1) % WG_STAGES]);
+    if (ktiles > 0 && leader) mbarrier_arrive(&r.empty[(it - 1) % WG_STAGES]);
 }
 
 // The warp's epilogue: its 16 rows of the tile (accumulator 4i + j of lane l is row l/4 + 8(j >= 2)

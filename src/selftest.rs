@@ -153,8 +153,8 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (130, 72, 200, false, 0),   // gemm_mma: 2x2 ragged blocks, K tail of 8 (3 K tiles)
             (140, 264, 72, true, 0),    // gemm_mma: 9 K tiles through the 2-stage pipeline, bias
             (45, 64, 90, true, 0),      // gemm_mma: N % 8 = 2, the epilogue's last store of a row partial
-            (130, 1000, 136, true, 0),  // gemm_wgmma (sm_90a): 16 K slices round the 5-stage ring 3 times
-            (260, 192, 5760, false, 0), // gemm_wgmma: 135 tiles on an H100's 132 SMs, so some blocks walk two
+            (130, 960, 136, true, 0),   // gemm_wgmma (sm_90a): 15 K slices round the 5-stage ring 3 times
+            (1170, 72, 1792, false, 0), // gemm_wgmma: 140 tiles on an H100's 132 SMs, so some blocks walk two
         ],
     };
     // On sm_90a images the cases above with K % 8 == 0 run v3 (gemm_wgmma); these run v2 there too
@@ -266,7 +266,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (70, 320, 136, true, false),
             (130, 208, 150, false, false),
             (130, 208, 150, false, true),
-            (70, 1056, 136, true, false), // v3: 9 K slices of 128 codes, the ring wraps
+            (70, 960, 136, true, false), // v3: 8 K slices of 128 codes (the last half), the ring wraps
         ],
     };
     for &(m, k, n, bias, v2) in fp8 {

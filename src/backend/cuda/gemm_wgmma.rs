@@ -33,13 +33,14 @@ pub(super) fn big_smem(target: &str) -> Vec<(&'static str, usize)> {
     }
 }
 
-/// v3 applies: an sm_90a image, v2 not requested, A and W 16-byte aligned with rows of a multiple
-/// of 16 bytes (the tensor maps' requirements), tile indices within 32 bits.
+/// v3 applies: an sm_90a image, v2 not requested, A and W 16-byte aligned with non-empty rows of a
+/// multiple of 16 bytes (the tensor maps' requirements), tile indices within 32 bits.
 pub(super) fn applies(be: &CudaBackend, a: u64, w: u64, row_bytes: usize, m: usize) -> bool {
     be.has_gemm_v3()
         && !be.dev.gemm_v2.load(Ordering::Relaxed)
         && a.is_multiple_of(16)
         && w.is_multiple_of(16)
+        && row_bytes > 0
         && row_bytes.is_multiple_of(16)
         && m.div_ceil(128) <= 65535
 }
@@ -109,6 +110,9 @@ pub(super) fn e4m3(
     n: usize,
     k: usize,
 ) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
     let ta = row_major_128b(codes, TileElem::E4m3, m, k, 128)?;
     let tw = row_major_128b(w, TileElem::E4m3, n, k, 128)?;
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
