@@ -34,7 +34,8 @@ pub(super) fn big_smem(target: &str) -> Vec<(&'static str, usize)> {
 }
 
 /// v3 applies: an sm_90a image, v2 not requested, A and W 16-byte aligned with non-empty rows of a
-/// multiple of 16 bytes (the tensor maps' requirements), tile indices within 32 bits.
+/// multiple of 16 bytes (the tensor maps' requirements), at most 65535 row tiles (so the kernel's
+/// 32-bit tile indices hold for any width up to 4M columns).
 pub(super) fn applies(be: &CudaBackend, a: u64, w: u64, row_bytes: usize, m: usize) -> bool {
     be.has_gemm_v3()
         && !be.dev.gemm_v2.load(Ordering::Relaxed)
