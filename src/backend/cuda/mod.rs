@@ -147,6 +147,18 @@ pub fn kernels_launched_on(target: &str) -> impl Iterator<Item = &'static str> +
     kernel_names().filter(move |k| target == gemm_wgmma::V3_TARGET || !gemm_wgmma::KERNELS.contains(k))
 }
 
+/// `FLUX2_CUDA_GEMM=v2` runs the GEMMs on their mma.sync kernels where the wgmma ones (v3, sm_90a)
+/// would run: an escape hatch while v3 has not been checked on a GPU, and for A/B timing. Unset or
+/// `v3`: the default.
+fn gemm_v2_from_env() -> Result<bool> {
+    match std::env::var("FLUX2_CUDA_GEMM") {
+        Err(_) => Ok(false),
+        Ok(v) if v == "v3" => Ok(false),
+        Ok(v) if v == "v2" => Ok(true),
+        Ok(v) => Err(Error::InvalidArgument(format!("FLUX2_CUDA_GEMM={v:?}: expected v2 or v3"))),
+    }
+}
+
 /// Device names reported by the emulated driver (cuda-sim/) start with this.
 pub const EMULATOR_NAME_PREFIX: &str = "flux2 cuda-sim";
 
@@ -174,8 +186,10 @@ pub struct CudaDevice {
     sage_bf16_pv: AtomicBool,
     /// Sage's Q/K pre-pass in its first version (two launches; the one-pass v2's reference).
     sage_quantize_v1: AtomicBool,
-    /// The GEMMs on their v2 kernels (mma.sync) even where v3 (wgmma + TMA, sm_90a) applies.
+    /// The GEMMs on their v2 kernels (mma.sync) even where v3 (wgmma + TMA, sm_90a) applies; and
+    /// whether `FLUX2_CUDA_GEMM=v2` made that the default.
     gemm_v2: AtomicBool,
+    gemm_v2_default: bool,
     /// Streaming multiprocessors: the persistent kernels' grid.
     sms: usize,
     health: health::HealthWord,
@@ -344,6 +358,7 @@ impl CudaBackend {
                 .map_err(gpu_err)?;
         }
         keep_pool_memory(&ctx);
+        let gemm_v2_default = gemm_v2_from_env()?;
         let sms =
             ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(gpu_err)? as usize;
         let name = ctx.name().map_err(gpu_err)?;
@@ -363,7 +378,8 @@ impl CudaBackend {
             reference_attention: AtomicBool::new(false),
             sage_bf16_pv: AtomicBool::new(false),
             sage_quantize_v1: AtomicBool::new(false),
-            gemm_v2: AtomicBool::new(false),
+            gemm_v2: AtomicBool::new(gemm_v2_default),
+            gemm_v2_default,
             sms,
             health: health::HealthWord::default(),
         };
@@ -405,9 +421,10 @@ impl CudaBackend {
     }
 
     /// Run the GEMMs (bf16 and FP8 linears) on their v2 kernels (mma.sync) where v3 (wgmma + TMA
-    /// on sm_90a) would apply: the references of v3; false restores the default.
+    /// on sm_90a) would apply: the references of v3; false restores the default (v3, unless
+    /// `FLUX2_CUDA_GEMM=v2`).
     pub fn set_gemm_v2(&self, on: bool) {
-        self.dev.gemm_v2.store(on, Ordering::Relaxed);
+        self.dev.gemm_v2.store(on || self.dev.gemm_v2_default, Ordering::Relaxed);
     }
 
     /// Fill every new output buffer with NaN first (selftest: catches unwritten elements).
