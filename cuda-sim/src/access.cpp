@@ -32,12 +32,6 @@ thread_local Allocation tl_recent[RECENT];
 thread_local uint64_t tl_recent_gen = 0;
 thread_local unsigned tl_recent_next = 0;
 
-std::string hex(uintptr_t a) {
-    char b[32];
-    snprintf(b, sizeof b, "0x%" PRIxPTR, a);
-    return b;
-}
-
 std::string thread_name(const BlockState& b, unsigned linear) {
     const Thread& t = (*b.threads)[linear];
     char buf[48];
@@ -80,6 +74,12 @@ inline bool ordered(const BlockState& b, const Thread* t, unsigned other, uint32
 }
 
 }  // namespace
+
+std::string hex(uintptr_t a) {
+    char b[32];
+    snprintf(b, sizeof b, "0x%" PRIxPTR, a);
+    return b;
+}
 
 void shadow_begin_block(BlockState& b) {
     size_t n = b.static_size + b.dyn_size;

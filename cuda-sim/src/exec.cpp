@@ -102,6 +102,15 @@ std::string dim3_str(sim_dim3 d) {
 
 Worker* worker() { return &tl_worker; }
 
+Thread* current_thread(const char* instruction) {
+    Thread* t = tl_worker.current;
+    if (!t) {
+        fprintf(stderr, "cuda-sim: %s called outside a kernel\n", instruction);
+        abort();
+    }
+    return t;
+}
+
 std::string where() {
     Worker* w = worker();
     if (!w->block) return "outside any kernel";

@@ -9,7 +9,6 @@
 // warpgroup retires it (wgmma.wait_group), and writes each thread's accumulators when that thread
 // retires it, so accumulators read before the wait are stale and a stage refilled before the
 // wait is caught in flight.
-#include <cinttypes>
 #include <cmath>
 #include <cstring>
 
@@ -18,18 +17,6 @@
 
 namespace sim {
 namespace {
-
-Thread* current(const char* what) {
-    Thread* t = worker()->current;
-    if (!t) sim_trap(what);
-    return t;
-}
-
-std::string hex(uintptr_t a) {
-    char b[32];
-    snprintf(b, sizeof b, "0x%" PRIxPTR, a);
-    return b;
-}
 
 // Hopper instructions need an sm_90a image (wgmma) or sm_90+ (mbarrier tx counts, TMA).
 void require_hopper(bool arch_specific, const char* instruction) {
@@ -111,19 +98,6 @@ uintptr_t operand_byte(const Descriptor& d, int row, int kb) {
     return a ^ (((a >> 7) & mask) << 4);
 }
 
-// e4m3 code -> value, by table (decoded once).
-struct E4m3Table {
-    double v[256];
-    E4m3Table() {
-        for (int c = 0; c < 256; c++) {
-            int exp = (c >> 3) & 15, m = c & 7;
-            double s = (c & 0x80) ? -1 : 1;
-            v[c] = exp == 15 && m == 7 ? NAN : exp == 0 ? s * std::ldexp((double)m, -9) : s * std::ldexp(1 + m / 8.0, exp - 7);
-        }
-    }
-};
-const E4m3Table g_e4m3;
-
 // The 16-byte chunk `chunk` (0, 1) of K of row `row` of an operand, checked: inside the block's
 // dynamic shared memory, not being written by a copy. Swizzles move whole 16-byte chunks.
 const uint8_t* operand_chunk(BlockState& b, const Descriptor& d, int row, int chunk, const char* which) {
@@ -169,7 +143,7 @@ void read_operand(BlockState& b, uint64_t desc, int rows, int type, const char* 
                     o[e] = f;
                 }
             } else {
-                for (int e = 0; e < 16; e++) o[e] = g_e4m3.v[p[e]];
+                for (int e = 0; e < 16; e++) o[e] = e4m3_value(p[e]);
             }
         }
 }
@@ -222,6 +196,21 @@ void retire(Thread& t, const WgmmaPart& part) {
 
 }  // namespace
 
+double e4m3_value(uint8_t code) {
+    // By table, decoded once: a wgmma reads tens of thousands of codes.
+    static const struct Table {
+        double v[256];
+        Table() {
+            for (int c = 0; c < 256; c++) {
+                int exp = (c >> 3) & 15, m = c & 7;
+                double s = (c & 0x80) ? -1 : 1;
+                v[c] = exp == 15 && m == 7 ? NAN : exp == 0 ? s * std::ldexp((double)m, -9) : s * std::ldexp(1 + m / 8.0, exp - 7);
+            }
+        }
+    } table;
+    return table.v[code];
+}
+
 bool wake_mbarrier_waiters(BlockState& b, std::string* error) {
     bool woke = false;
     for (Thread& t : *b.threads) {
@@ -268,7 +257,7 @@ using namespace sim;
 
 extern "C" {
 void sim_mbarrier_init(void* bar, unsigned count) {
-    Thread* t = current("mbarrier.init outside a kernel");
+    Thread* t = current_thread("mbarrier.init");
     require_hopper(false, "mbarrier with transaction counts");
     check_alignment(bar, 8, "mbarrier");
     if (!in_shared((uint8_t*)bar, 8)) fail(ERR_ILLEGAL_ADDRESS, "mbarrier.init: the barrier is not in shared memory");
@@ -281,7 +270,7 @@ void sim_mbarrier_init(void* bar, unsigned count) {
 }
 
 void sim_mbarrier_arrive(void* bar, unsigned tx_bytes) {
-    Thread* t = current("mbarrier.arrive outside a kernel");
+    Thread* t = current_thread("mbarrier.arrive");
     BlockState& b = *t->block;
     Mbarrier& m = barrier_at(b, bar, tx_bytes ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive");
     if (m.pending == 0)
@@ -296,7 +285,7 @@ void sim_mbarrier_arrive(void* bar, unsigned tx_bytes) {
 }
 
 void sim_mbarrier_wait(void* bar, unsigned parity) {
-    Thread* t = current("mbarrier.try_wait outside a kernel");
+    Thread* t = current_thread("mbarrier.try_wait");
     BlockState& b = *t->block;
     Mbarrier& m = barrier_at(b, bar, "mbarrier.try_wait");
     std::string err = settle(b, bar, m);
@@ -306,7 +295,7 @@ void sim_mbarrier_wait(void* bar, unsigned parity) {
 }
 
 void sim_tma_load_2d(void* dst, const void* tensor_map, int c0, int c1, void* bar) {
-    Thread* t = current("cp.async.bulk.tensor outside a kernel");
+    Thread* t = current_thread("cp.async.bulk.tensor");
     require_hopper(false, "cp.async.bulk.tensor");
     BlockState& b = *t->block;
     sim_tensor_map map;
@@ -350,7 +339,7 @@ void sim_tma_load_2d(void* dst, const void* tensor_map, int c0, int c1, void* ba
 }
 
 void sim_wgmma(int type, int n, float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) {
-    Thread* t = current("wgmma outside a kernel");
+    Thread* t = current_thread("wgmma");
     require_hopper(true, "wgmma.mma_async");
     BlockState& b = *t->block;
     if (n < 8 || n > 256 || n % 8) fail(ERR_LAUNCH_FAILED, "wgmma with N = " + std::to_string(n));
@@ -376,13 +365,13 @@ void sim_wgmma(int type, int n, float* d, uint64_t desc_a, uint64_t desc_b, int 
 }
 
 void sim_wgmma_commit() {
-    Thread* t = current("wgmma.commit_group outside a kernel");
+    Thread* t = current_thread("wgmma.commit_group");
     t->wgmma_groups.push_back(std::move(t->wgmma_open));
     t->wgmma_open.clear();
 }
 
 void sim_wgmma_wait(int pending) {
-    Thread* t = current("wgmma.wait_group outside a kernel");
+    Thread* t = current_thread("wgmma.wait_group");
     while ((int)t->wgmma_groups.size() > pending) {
         for (const WgmmaPart& part : t->wgmma_groups.front()) retire(*t, part);
         t->wgmma_groups.pop_front();

@@ -10,15 +10,6 @@
 namespace sim {
 namespace {
 
-Thread* current(const char* what) {
-    Thread* t = worker()->current;
-    if (!t) {
-        fprintf(stderr, "cuda-sim: %s called outside a kernel\n", what);
-        abort();
-    }
-    return t;
-}
-
 // ---- cp.async (cp.async.cg/ca.shared.global [dst], [src], cp-size, src-size) ----
 void land(Thread& t, const CpAsyncOp& op) {
     cp_async_mark_inflight(op.dst, op.size, -1);
@@ -171,11 +162,7 @@ void complete_mma_8bit(BlockState& b, Warp& w, unsigned, unsigned) {
     double A[16][32], B[32][8];
     auto value = [](unsigned reg, int byte) {
         uint8_t v = (uint8_t)(reg >> (8 * byte));
-        if (g_mma8_type == SIM_MMA_S8) return (double)(int8_t)v;
-        int exp = (v >> 3) & 15, m = v & 7;
-        double s = (v & 0x80) ? -1 : 1;
-        if (exp == 15 && m == 7) return (double)NAN;
-        return exp == 0 ? s * std::ldexp((double)m, -9) : s * std::ldexp(1 + m / 8.0, exp - 7);
+        return g_mma8_type == SIM_MMA_S8 ? (double)(int8_t)v : e4m3_value(v);
     };
     for (unsigned lane = 0; lane < 32; lane++) {
         Thread& t = lane_thread(b, w, lane);
@@ -254,7 +241,7 @@ using namespace sim;
 
 extern "C" {
 void sim_cp_async(void* dst, const void* src, int cp_size, int src_bytes) {
-    Thread* t = current("cp.async");
+    Thread* t = current_thread("cp.async");
     if (cp_size != 4 && cp_size != 8 && cp_size != 16) sim_trap("cp.async size must be 4, 8 or 16");
     if (src_bytes < 0 || src_bytes > cp_size)
         fail(ERR_LAUNCH_FAILED, "cp.async src-size " + std::to_string(src_bytes) + " is outside 0.." + std::to_string(cp_size));
@@ -270,13 +257,13 @@ void sim_cp_async(void* dst, const void* src, int cp_size, int src_bytes) {
 }
 
 void sim_cp_async_commit() {
-    Thread* t = current("cp.async.commit_group");
+    Thread* t = current_thread("cp.async.commit_group");
     t->groups.push_back(std::move(t->open_group));
     t->open_group.clear();
 }
 
 void sim_cp_async_wait(int pending) {
-    Thread* t = current("cp.async.wait_group");
+    Thread* t = current_thread("cp.async.wait_group");
     while ((int)t->groups.size() > pending) {
         for (const CpAsyncOp& op : t->groups.front()) land(*t, op);
         t->groups.pop_front();
@@ -284,7 +271,7 @@ void sim_cp_async_wait(int pending) {
 }
 
 void sim_ldmatrix(unsigned* regs, const void* row, int matrices, int trans) {
-    Thread* t = current("ldmatrix");
+    Thread* t = current_thread("ldmatrix");
     require_full_warp(t, "ldmatrix");
     t->in_ptr = row;
     t->in_arg = matrices;
@@ -294,7 +281,7 @@ void sim_ldmatrix(unsigned* regs, const void* row, int matrices, int trans) {
 }
 
 void sim_mma_bf16_m16n8k16(float* d, const unsigned* a, unsigned b0, unsigned b1) {
-    Thread* t = current("mma.sync");
+    Thread* t = current_thread("mma.sync");
     require_full_warp(t, "mma.sync");
     for (int i = 0; i < 4; i++) t->in_regs[i] = a[i], t->in_f[i] = d[i];
     t->in_value = (uint64_t)b0 | ((uint64_t)b1 << 32);
@@ -303,7 +290,7 @@ void sim_mma_bf16_m16n8k16(float* d, const unsigned* a, unsigned b0, unsigned b1
 }
 
 void sim_mma_8bit_m16n8k32(void* d, const unsigned* a, unsigned b0, unsigned b1, int type) {
-    Thread* t = current("mma.sync m16n8k32");
+    Thread* t = current_thread("mma.sync m16n8k32");
     require_arch(type == SIM_MMA_E4M3 ? 89 : 80, type == SIM_MMA_E4M3 ? "mma.sync .e4m3" : "mma.sync .s8");
     require_full_warp(t, "mma.sync");
     for (int i = 0; i < 4; i++) t->in_regs[i] = a[i];
@@ -315,7 +302,7 @@ void sim_mma_8bit_m16n8k32(void* d, const unsigned* a, unsigned b0, unsigned b1,
 }
 
 uint64_t sim_shfl(int mode, unsigned mask, uint64_t value, int lane_or_delta, int width, int line) {
-    Thread* t = current("__shfl_sync");
+    Thread* t = current_thread("__shfl_sync");
     if (width < 1 || width > 32 || (width & (width - 1)))
         fail(ERR_LAUNCH_FAILED, "shuffle width " + std::to_string(width) + " is not a power of two up to 32");
     t->in_value = value;
@@ -327,7 +314,7 @@ uint64_t sim_shfl(int mode, unsigned mask, uint64_t value, int lane_or_delta, in
 }
 
 unsigned sim_vote(int mode, unsigned mask, int predicate, int line) {
-    Thread* t = current("vote");
+    Thread* t = current_thread("vote");
     t->in_arg = predicate;
     t->block->warps[t->warp].mode = mode;
     warp_collective(Collective::Vote, mask, line, complete_vote);
@@ -335,12 +322,12 @@ unsigned sim_vote(int mode, unsigned mask, int predicate, int line) {
 }
 
 void sim_syncwarp(unsigned mask, int line) {
-    current("__syncwarp");
+    current_thread("__syncwarp");
     warp_collective(Collective::SyncWarp, mask, line, complete_nothing);
 }
 
 uint64_t sim_atomic(int op, int type, void* p, uint64_t value, uint64_t compare) {
-    Thread* t = current("atomic");
+    Thread* t = current_thread("atomic");
     static const size_t sizes[] = {4, 4, 8, 8, 4, 8};
     size_t size = sizes[type];
     check_alignment(p, size, "atomic");

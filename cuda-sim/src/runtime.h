@@ -228,6 +228,14 @@ struct Worker {
 };
 Worker* worker();
 
+// The CUDA thread running `instruction` (an emulated PTX instruction); outside a kernel, a report
+// and abort (exec.cpp).
+Thread* current_thread(const char* instruction);
+// "0x…" for reports (access.cpp).
+std::string hex(uintptr_t address);
+// The value of an e4m3 code (NaN for the two NaN codes), exactly (hopper.cpp).
+double e4m3_value(uint8_t code);
+
 // Stops the running kernel with a defect report (never returns when called on a fiber).
 [[noreturn]] void fail(Result code, const std::string& what);
 // "kernel K block (x,y,z) thread (x,y,z)" for reports.

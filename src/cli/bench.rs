@@ -124,15 +124,15 @@ fn load_baseline(be: &dyn Backend) -> Option<Baseline> {
     None
 }
 
-/// cuBLASLt's bf16 and FP8 times for x [m, k] (host values `x_host`) against the bf16 weight and
-/// the FP8 weight's codes; None where there is no baseline or it failed (with a note).
+/// cuBLASLt's bf16 and FP8 times for x [m, k] against the bf16 weight and the FP8 weight's codes
+/// (x's codes quantized from its device values); None where there is no baseline or it failed
+/// (with a note).
 #[allow(clippy::too_many_arguments)]
 fn time_baseline(
     be: &dyn Backend,
     reps: usize,
     lt: Option<&Baseline>,
     x: &Tensor,
-    x_host: &[f32],
     w: &Tensor,
     fp8: Option<&crate::backend::QuantTensor>,
     (m, n, k): (usize, usize, usize),
@@ -141,13 +141,13 @@ fn time_baseline(
     if let Some(lt) = lt {
         let bf16 = time(be, reps, || lt.bf16(x, w).map(|_| ()));
         let fp8 = fp8.map(|q| -> Result<f64> {
-            let codes = be.load_quantized(&quantize(x_host, m, k, QuantFormat::Fp8)?)?;
+            let codes = be.load_quantized(&quantize(&x.to_vec_f32()?, m, k, QuantFormat::Fp8)?)?;
             time(be, reps, || lt.e4m3(&codes.data, &q.data, (m, n, k)).map(|_| ()))
         });
         let keep = |r: Result<f64>| r.map_err(|e| println!("cuBLASLt {m}x{k} · {n}x{k}ᵀ: {e}")).ok();
         return (keep(bf16), fp8.and_then(keep));
     }
-    let _ = (be, reps, lt, x, x_host, w, fp8, (m, n, k));
+    let _ = (be, reps, lt, x, w, fp8, (m, n, k));
     (None, None)
 }
 
@@ -286,10 +286,8 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
                 Some([fp8, ..]) => time_gemm_v2(be, args.reps, || be.linear_fp8(&x, fp8, None).map(|_| ()))?,
                 None => None,
             };
-            let x_host = crate::rng::normal_vec(5, "x", rows * k);
             let fp8_w = w.quantized.as_ref().map(|[fp8, ..]| fp8);
-            let (lt_bf16, lt_fp8) =
-                time_baseline(be, args.reps, lt.as_ref(), &x, &x_host, &w.bf16, fp8_w, (rows, n, k));
+            let (lt_bf16, lt_fp8) = time_baseline(be, args.reps, lt.as_ref(), &x, &w.bf16, fp8_w, (rows, n, k));
             let ms = |t: Option<f64>| t.map_or("-".to_string(), |t| format!("{:.3}", t * 1e3));
             let tf = |t: f64| flops / t / 1e12;
             let (r16, r8) = (tf(t_bf16), tf(t_fp8));

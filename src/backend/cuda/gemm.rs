@@ -104,8 +104,8 @@ pub(super) fn linear(be: &CudaBackend, x: &Tensor, w: &Tensor, bias: Option<&Ten
 }
 
 /// `x + gate · linear(a, w, bias)` with the gated residual in the tensor-core GEMM's epilogue
-/// (`gemm_mma_gated_bf16`, or its v3 `gemm_wgmma_gated_bf16` on sm_90a); the composition where that kernel does not apply (K % 8 != 0,
-/// unaligned operands).
+/// (`gemm_mma_gated_bf16`, or its v3 `gemm_wgmma_gated_bf16` on sm_90a); the composition where
+/// those kernels do not apply (K % 8 != 0, unaligned operands).
 pub(super) fn linear_gated_add(
     be: &CudaBackend,
     x: &Tensor,

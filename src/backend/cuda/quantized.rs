@@ -64,13 +64,12 @@ fn w8a8_mma(
     k: usize,
 ) -> Result<()> {
     let scales = w.scales.as_ref().ok_or_else(|| Error::Gpu("fp8 weight without scales".into()))?;
-    if super::gemm_wgmma::applies(be, qp, be.ptr(&w.data)?, k, m) {
-        let (wp, sp, op) = (be.ptr(&w.data)?, be.ptr(scales)?, be.ptr(out)?);
+    let (wp, sp, op) = (be.ptr(&w.data)?, be.ptr(scales)?, be.ptr(out)?);
+    if super::gemm_wgmma::applies(be, qp, wp, k, m) {
         return super::gemm_wgmma::e4m3(be, qp, asp, wp, sp, bp, op, m, n, k);
     }
     let cfg = super::gemm::mma_tile_grid(m, n)
         .ok_or_else(|| Error::shape("linear_fp8", format!("{m} rows exceed one grid of the tensor-core tile")))?;
-    let (wp, sp, op) = (be.ptr(&w.data)?, be.ptr(scales)?, be.ptr(out)?);
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
     launch!(be.dev, "gemm_w8a8_mma_e4m3", cfg, qp, asp, wp, sp, bp, op, m32, n32, k32, n as i64)
 }
