@@ -287,6 +287,11 @@ fn tma_and_wgmma_follow_the_ptx_definitions() {
     expect_err(run(3).map(|_| ()), &["waits on the mbarrier", "parity 1", "deadlock"]);
     let stale = run(4).unwrap();
     assert_eq!(stale[0], 0.0, "accumulators read before wgmma.wait_group must be stale");
+    // A from registers (the _rs form flash attention v4 uses for P): the same product.
+    let rs = run(5).unwrap();
+    let err = rs.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
+    assert!(err < 1e-4, "wgmma with A in registers differs from the plain product by {err}");
+    expect_err(run(6).map(|_| ()), &["wgmma with A in registers", "lane 5", "exited"]);
     // The driver's checks on tensor maps: a stride that is not a multiple of 16 bytes.
     assert!(row_major_128b(1 << 20, TileElem::Bf16, 8, 60, 8).is_err(), "a 120-byte row stride must be refused");
 }

@@ -177,6 +177,7 @@ const char* collective_name(Collective k) {
         case Collective::SyncWarp: return "__syncwarp";
         case Collective::LdMatrix: return "ldmatrix";
         case Collective::Mma: return "mma.sync";
+        case Collective::Wgmma: return "wgmma with A in registers";
         default: return "nothing";
     }
 }

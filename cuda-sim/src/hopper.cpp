@@ -148,22 +148,50 @@ void read_operand(BlockState& b, uint64_t desc, int rows, int type, const char* 
         }
 }
 
-void compute(BlockState& b, WgmmaOp& op) {
-    thread_local std::vector<double> A, B;
-    read_operand(b, op.desc_a, 64, op.type, "A", A);
-    read_operand(b, op.desc_b, op.n, op.type, "B", B);
+// A's rows of warp w (16 x 16 bf16) from its 32 lanes' register fragments: register r of lane l
+// holds row l/4 + 8(r & 1), columns 2(l % 4) + 8(r >= 2) (low half) and the next (high half).
+void a_rows_from_fragments(const WgmmaOp& op, unsigned w, std::vector<double>& out) {
+    out.assign(16 * 16, 0.0);
+    for (unsigned l = 0; l < 32; l++)
+        for (unsigned r = 0; r < 4; r++) {
+            const uint32_t v = op.a_frag[(w * 32 + l) * 4 + r];
+            const unsigned row = l / 4 + 8 * (r & 1), col = 2 * (l % 4) + 8 * (r >> 1);
+            for (unsigned h = 0; h < 2; h++) {
+                uint32_t u = ((v >> (16 * h)) & 0xffffu) << 16;
+                float f;
+                memcpy(&f, &u, 4);
+                out[row * 16 + col + h] = f;
+            }
+        }
+}
+
+// The product rows of warp w (all 64 rows when A is in shared memory, read now with B); B is read
+// once, at the warpgroup's first retirement of the op.
+void compute_rows(BlockState& b, WgmmaOp& op, unsigned w) {
+    thread_local std::vector<double> A;
     const int k = op.type == SIM_WGMMA_BF16 ? 16 : 32;
-    op.product.assign((size_t)64 * op.n, 0.0);
-    for (int i = 0; i < 64; i++) {
+    if (!op.b_read) {
+        read_operand(b, op.desc_b, op.n, op.type, "B", op.b);
+        op.product.assign((size_t)64 * op.n, 0.0);
+        op.b_read = true;
+    }
+    int r0 = 0, rows = 64;
+    if (op.a_in_regs) {
+        a_rows_from_fragments(op, w, A);
+        r0 = 16 * (int)w, rows = 16;
+    } else {
+        read_operand(b, op.desc_a, 64, op.type, "A", A);
+    }
+    for (int i = 0; i < rows; i++) {
         const double* a = &A[(size_t)i * k];
         for (int j = 0; j < op.n; j++) {
-            const double* bb = &B[(size_t)j * k];
+            const double* bb = &op.b[(size_t)j * k];
             double acc = 0;
             for (int e = 0; e < k; e++) acc += a[e] * bb[e];
-            op.product[(size_t)i * op.n + j] = acc;
+            op.product[(size_t)(r0 + i) * op.n + j] = acc;
         }
     }
-    op.computed = true;
+    op.warps_done |= op.a_in_regs ? 1u << w : 0xfu;
 }
 
 WarpGroup& warpgroup_of(Thread& t) {
@@ -179,8 +207,8 @@ void retire(Thread& t, const WgmmaPart& part) {
     BlockState& b = *t.block;
     WarpGroup& g = warpgroup_of(t);
     WgmmaOp& op = g.ops[part.op - g.base];
-    if (!op.computed) compute(b, op);
     const unsigned w = t.warp % 4, l = t.lane;
+    if (!((op.warps_done >> w) & 1)) compute_rows(b, op, w);
     for (int i = 0; i < op.n / 8; i++)
         for (int j = 0; j < 4; j++) {
             unsigned row = 16 * w + l / 4 + (j >= 2 ? 8 : 0), col = 8 * i + 2 * (l % 4) + (j & 1);
@@ -338,8 +366,12 @@ void sim_tma_load_2d(void* dst, const void* tensor_map, int c0, int c1, void* ba
     m.copies.push_back(std::move(copy));
 }
 
-void sim_wgmma(int type, int n, float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) {
-    Thread* t = current_thread("wgmma");
+}  // extern "C"
+
+namespace {
+// Issues this thread's share of a warpgroup wgmma (the op is created by the warpgroup's first
+// thread to reach it, which checks the shared-memory operands are settled) and returns it.
+WgmmaOp& issue_wgmma(Thread* t, int type, int n, float* d, uint64_t desc_a, uint64_t desc_b, bool a_in_regs, int scale_d) {
     require_hopper(true, "wgmma.mma_async");
     BlockState& b = *t->block;
     if (n < 8 || n > 256 || n % 8) fail(ERR_LAUNCH_FAILED, "wgmma with N = " + std::to_string(n));
@@ -349,19 +381,37 @@ void sim_wgmma(int type, int n, float* d, uint64_t desc_a, uint64_t desc_b, int 
     const uint64_t index = t->wgmma_issued++;
     if (index < g.base) sim_trap("wgmma op bookkeeping");
     if (index - g.base == g.ops.size()) {
-        // The warpgroup's first thread to reach this wgmma: its operands must be settled now.
         WgmmaOp op;
-        op.type = type, op.n = n, op.desc_a = desc_a, op.desc_b = desc_b;
-        check_operand(b, desc_a, 64, "A");
+        op.type = type, op.n = n, op.desc_a = desc_a, op.desc_b = desc_b, op.a_in_regs = a_in_regs;
+        if (a_in_regs) op.a_frag.assign(128 * 4, 0);
+        if (!a_in_regs) check_operand(b, desc_a, 64, "A");
         check_operand(b, desc_b, n, "B");
         g.ops.push_back(std::move(op));
     } else {
         const WgmmaOp& op = g.ops[index - g.base];
-        if (op.type != type || op.n != n || op.desc_a != desc_a || op.desc_b != desc_b)
-            fail(ERR_LAUNCH_FAILED, "the threads of a warpgroup issued different wgmma operations (shape or descriptors differ: "
-                                    "wgmma is warpgroup-wide and .aligned)");
+        if (op.type != type || op.n != n || op.desc_a != desc_a || op.desc_b != desc_b || op.a_in_regs != a_in_regs)
+            fail(ERR_LAUNCH_FAILED, "the threads of a warpgroup issued different wgmma operations (shape, operand sources or "
+                                    "descriptors differ: wgmma is warpgroup-wide and .aligned)");
     }
     t->wgmma_open.push_back(WgmmaPart{index, d, scale_d != 0});
+    return g.ops[index - g.base];
+}
+
+void complete_fragment_gather(BlockState&, Warp&, unsigned, unsigned) {}
+}  // namespace
+
+extern "C" {
+void sim_wgmma(int type, int n, float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) {
+    issue_wgmma(current_thread("wgmma"), type, n, d, desc_a, desc_b, false, scale_d);
+}
+
+void sim_wgmma_rs(int type, int n, float* d, const unsigned* a, uint64_t desc_b, int scale_d) {
+    Thread* t = current_thread("wgmma");
+    if (type != SIM_WGMMA_BF16) fail(ERR_LAUNCH_FAILED, "wgmma with A in registers is emulated for bf16 operands only");
+    WgmmaOp& op = issue_wgmma(t, type, n, d, 0, desc_b, true, scale_d);
+    for (int r = 0; r < 4; r++) op.a_frag[((t->warp % 4) * 32 + t->lane) * 4 + r] = a[r];
+    // The warp's fragments are all in before any of its lanes can retire the op (wgmma is .sync.aligned).
+    warp_collective(Collective::Wgmma, 0xffffffffu, 0, complete_fragment_gather);
 }
 
 void sim_wgmma_commit() {

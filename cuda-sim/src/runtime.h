@@ -126,7 +126,7 @@ struct CpAsyncOp {
     int size, src_bytes;
 };
 
-enum class Collective : uint8_t { None, Shfl, Vote, SyncWarp, LdMatrix, Mma };
+enum class Collective : uint8_t { None, Shfl, Vote, SyncWarp, LdMatrix, Mma, Wgmma };
 
 struct BlockState;
 
@@ -151,13 +151,19 @@ struct Mbarrier {
 };
 
 // One wgmma of a warpgroup (issued by its 128 threads in turn): operands, and the product A·B
-// once computed (at the first retirement, when it reads shared memory).
+// once computed (at the first retirement, when it reads shared memory). With A in registers
+// (a_in_regs), each thread leaves its fragment at issue and the rows of a warp are computed when
+// that warp first retires the op, from B as read at the warpgroup's first retirement.
 struct WgmmaOp {
     int type, n;
     uint64_t desc_a, desc_b;
-    bool computed = false;
-    std::vector<double> product;  // [64][n]
-    unsigned retired = 0;         // threads that have retired their share
+    bool a_in_regs = false;
+    std::vector<uint32_t> a_frag;  // [128 threads][4], a_in_regs only
+    bool b_read = false;
+    std::vector<double> b;         // [n][k]
+    unsigned warps_done = 0;       // bit w: rows 16w..16w+15 of the product computed
+    std::vector<double> product;   // [64][n]
+    unsigned retired = 0;          // threads that have retired their share
 };
 struct WarpGroup {
     std::deque<WgmmaOp> ops;

@@ -138,7 +138,8 @@ extern "C" __global__ void convert_f32(const float* in, unsigned short* bf, unsi
 // (64-element boxes, 128-byte swizzle: rows past the tensors read as zero) onto one mbarrier,
 // then four wgmma m64n128k16 from swizzled descriptors. Seeded defects: 1 issues the wgmmas
 // without waiting on the barrier; 2 announces fewer bytes than the copies bring; 3 waits for a
-// phase that never comes; 4 reads the accumulators before wgmma.wait_group.
+// phase that never comes; 4 reads the accumulators before wgmma.wait_group. 5 takes A from
+// registers (wgmma ..._rs, correct); 6 does so with one lane gone.
 extern "C" __global__ void tma_wgmma_tile(const __grid_constant__ TensorMap ta, const __grid_constant__ TensorMap tb,
                                           float* D, int defect) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -161,9 +162,27 @@ extern "C" __global__ void tma_wgmma_tile(const __grid_constant__ TensorMap ta, 
     if (defect == 3) mbarrier_wait(bar, 1);
     float acc[64];
     for (int i = 0; i < 64; i++) acc[i] = 0.f;
+    if (defect == 6 && threadIdx.x == 5) return;  // a lane missing from the register-A wgmma
     wgmma_fence();
-    for (int kk = 0; kk < 4; kk++)
-        wgmma_bf16_m64n128k16(acc, wgmma_desc_sw128(a + kk * 32), wgmma_desc_sw128(b + kk * 32), 1);
+    for (int kk = 0; kk < 4; kk++) {
+        if (defect < 5) {
+            wgmma_bf16_m64n128k16(acc, wgmma_desc_sw128(a + kk * 32), wgmma_desc_sw128(b + kk * 32), 1);
+            continue;
+        }
+        // A from registers: this lane's fragment of its warp's 16 rows, read back from the swizzled
+        // tile (16-byte chunk c of row r sits at chunk c ^ (r % 8)).
+        auto at = [&](int r, int col) -> unsigned {
+            const int byte = col * 2;
+            return *reinterpret_cast<const unsigned short*>(a + r * 128 + ((((byte >> 4) ^ (r & 7)) << 4) | (byte & 15)));
+        };
+        const int r = 16 * ((threadIdx.x >> 5) & 3) + ((threadIdx.x & 31) >> 2), c = kk * 16 + 2 * (threadIdx.x & 3);
+        unsigned frag[4];
+        for (int q = 0; q < 4; q++) {
+            const int rr = r + 8 * (q & 1), cc = c + 8 * (q >> 1);
+            frag[q] = at(rr, cc) | (at(rr, cc + 1) << 16);
+        }
+        wgmma_bf16_m64n128k16_rs(acc, frag, wgmma_desc_sw128(b + kk * 32), 1);
+    }
     wgmma_commit();
     float early = acc[0];
     wgmma_wait<0>();
