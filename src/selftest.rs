@@ -416,55 +416,62 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         ));
     }
     // (batch, queries, keys, heads, kv heads, head dim, mask: 0 none, 1 causal, 2 causal + padding,
-    // reference kernels). Head dims 64 and 128 run flash_attention_v3_d{64,128}[_masked] (128-query
-    // blocks; 64-key tiles at d 64, 32-key tiles at d 128), unmasked 256/384/512
+    // kernels). Head dims 64 and 128 run flash_attention_v3_d{64,128}[_masked] (128-query
+    // blocks; 64-key tiles at d 64, 32-key tiles at d 128), or unmasked on sm_90a images
+    // flash_attention_v4_d{64,128} (wgmma: 128-query blocks of two warpgroups, 128-key tiles at
+    // d 64, 64-key tiles at d 128, after transpose_v; "v3" keeps v3 there), unmasked 256/384/512
     // flash_attention_wide_d* (32 or 64-query blocks, 32-key tiles), every other one
     // attention_rowwise. "reference" runs the previous versions on the CUDA backend (flash v2 for
     // 64/128, attention_rowwise for the wide heads), which stay as fallbacks.
-    let attn: &[(usize, usize, usize, usize, usize, usize, u8, bool)] = match suite {
+    use AttnKernels::*;
+    let attn: &[(usize, usize, usize, usize, usize, usize, u8, AttnKernels)] = match suite {
         Suite::Full => &[
-            (1, 77, 77, 3, 3, 64, 0, false),
-            (2, 130, 130, 4, 2, 128, 1, false),
-            (1, 200, 200, 2, 2, 128, 0, false),
-            (2, 40, 40, 2, 1, 24, 1, false),
-            (1, 64, 64, 1, 1, 512, 0, false),
-            (1, 33, 95, 3, 3, 16, 0, false),
-            (1, 4608, 4608, 2, 2, 128, 0, false),
-            (2, 512, 512, 4, 1, 128, 2, false),
-            (1, 4096, 4096, 1, 1, 64, 0, false),
-            (2, 300, 300, 4, 2, 64, 2, false),
-            (1, 4096, 4096, 1, 1, 512, 0, false), // the VAE mid-block at 512²
-            (1, 1000, 1500, 1, 1, 512, 0, false),
-            (2, 300, 300, 2, 1, 256, 0, false),
-            (1, 200, 333, 2, 2, 384, 0, false),
-            (1, 40, 40, 1, 1, 512, 1, false),
-            (2, 512, 512, 4, 1, 128, 2, true),
-            (1, 1000, 1000, 2, 2, 64, 0, true),
-            (1, 1024, 1024, 1, 1, 512, 0, true),
+            (1, 77, 77, 3, 3, 64, 0, Cur),
+            (2, 130, 130, 4, 2, 128, 1, Cur),
+            (1, 200, 200, 2, 2, 128, 0, Cur),
+            (2, 40, 40, 2, 1, 24, 1, Cur),
+            (1, 64, 64, 1, 1, 512, 0, Cur),
+            (1, 33, 95, 3, 3, 16, 0, Cur),
+            (1, 4608, 4608, 2, 2, 128, 0, Cur),
+            (2, 512, 512, 4, 1, 128, 2, Cur),
+            (1, 4096, 4096, 1, 1, 64, 0, Cur),
+            (2, 300, 300, 4, 2, 64, 2, Cur),
+            (1, 4096, 4096, 1, 1, 512, 0, Cur), // the VAE mid-block at 512²
+            (1, 1000, 1500, 1, 1, 512, 0, Cur),
+            (2, 300, 300, 2, 1, 256, 0, Cur),
+            (1, 200, 333, 2, 2, 384, 0, Cur),
+            (1, 40, 40, 1, 1, 512, 1, Cur),
+            (2, 512, 512, 4, 1, 128, 2, Ref),
+            (1, 1000, 1000, 2, 2, 64, 0, Ref),
+            (1, 1024, 1024, 1, 1, 512, 0, Ref),
         ],
         Suite::Small => &[
-            (1, 77, 77, 3, 3, 64, 0, false),    // v3 d64: ragged query block, ragged second key tile
-            (2, 130, 130, 2, 1, 128, 1, false), // v3 d128 masked: causal, GQA, 5 key tiles
-            (1, 70, 130, 2, 2, 128, 0, false),  // v3 d128: Nq != Nk, ragged last key tile
-            (2, 40, 40, 2, 1, 24, 1, false),    // rowwise: causal, GQA
-            (1, 64, 64, 1, 1, 512, 0, false),   // wide d512: whole query blocks and key tiles
-            (1, 33, 95, 3, 3, 16, 0, false),    // rowwise: Nq != Nk
-            (1, 128, 128, 2, 2, 128, 0, false), // v3 d128: one whole query block, whole key tiles
-            (2, 130, 130, 4, 1, 64, 2, false),  // v3 d64 masked: causal + padding (68, 46), GQA 4:1
-            (1, 130, 130, 1, 1, 64, 0, false),  // v3 d64: 2 query blocks, 3 key tiles
-            (2, 40, 40, 2, 1, 24, 2, false),    // rowwise: causal + padding (23, 16)
-            (2, 150, 150, 2, 1, 128, 2, false), // v3 d128 masked: causal + padding (78, 53)
-            (1, 70, 100, 1, 1, 512, 0, false),  // wide d512: ragged query block, 4 key tiles, ragged last
-            (1, 20, 9, 1, 1, 512, 0, false),    // wide d512: one key tile, mostly zero-filled
-            (1, 45, 77, 2, 1, 256, 0, false),   // wide d256: 64-query block, GQA, 3 key tiles
-            (1, 33, 70, 2, 2, 384, 0, false),   // wide d384: 6 warps, 2 query blocks, 3 key tiles
-            (1, 40, 40, 1, 1, 512, 1, false),   // rowwise: D 512 with a mask (the wide kernel has none)
-            (2, 130, 130, 4, 1, 64, 2, true),   // flash v2 d64: causal + padding, GQA
-            (1, 70, 130, 2, 2, 128, 0, true),   // flash v2 d128: Nq != Nk, ragged last key tile
-            (1, 64, 64, 1, 1, 512, 0, true),    // rowwise: D 512 (16 values per lane)
+            (1, 77, 77, 3, 3, 64, 0, Cur),    // v3 d64: ragged query block, ragged second key tile
+            (2, 130, 130, 2, 1, 128, 1, Cur), // v3 d128 masked: causal, GQA, 5 key tiles
+            (1, 70, 130, 2, 2, 128, 0, Cur),  // v3 d128: Nq != Nk, ragged last key tile
+            (2, 40, 40, 2, 1, 24, 1, Cur),    // rowwise: causal, GQA
+            (1, 64, 64, 1, 1, 512, 0, Cur),   // wide d512: whole query blocks and key tiles
+            (1, 33, 95, 3, 3, 16, 0, Cur),    // rowwise: Nq != Nk
+            (1, 128, 128, 2, 2, 128, 0, Cur), // v3 d128: one whole query block, whole key tiles
+            (2, 130, 130, 4, 1, 64, 2, Cur),  // v3 d64 masked: causal + padding (68, 46), GQA 4:1
+            (1, 130, 130, 1, 1, 64, 0, Cur),  // v3 d64: 2 query blocks, 3 key tiles
+            (2, 40, 40, 2, 1, 24, 2, Cur),    // rowwise: causal + padding (23, 16)
+            (2, 150, 150, 2, 1, 128, 2, Cur), // v3 d128 masked: causal + padding (78, 53)
+            (1, 70, 100, 1, 1, 512, 0, Cur),  // wide d512: ragged query block, 4 key tiles, ragged last
+            (1, 20, 9, 1, 1, 512, 0, Cur),    // wide d512: one key tile, mostly zero-filled
+            (1, 45, 77, 2, 1, 256, 0, Cur),   // wide d256: 64-query block, GQA, 3 key tiles
+            (1, 33, 70, 2, 2, 384, 0, Cur),   // wide d384: 6 warps, 2 query blocks, 3 key tiles
+            (1, 40, 40, 1, 1, 512, 1, Cur),   // rowwise: D 512 with a mask (the wide kernel has none)
+            (2, 130, 130, 4, 1, 64, 2, Ref),  // flash v2 d64: causal + padding, GQA
+            (1, 70, 130, 2, 2, 128, 0, Ref),  // flash v2 d128: Nq != Nk, ragged last key tile
+            (1, 64, 64, 1, 1, 512, 0, Ref),   // rowwise: D 512 (16 values per lane)
+            (2, 100, 150, 4, 2, 128, 0, Cur), // v4 d128: GQA, batch 2 (the first sequence's last tile reads the next's keys)
+            (2, 90, 200, 2, 1, 64, 0, Cur),   // v4 d64: GQA, batch 2, ragged second 128-key tile
+            (1, 77, 77, 3, 3, 64, 0, V3),     // v3 d64 where v4 would run
+            (1, 70, 130, 2, 2, 128, 0, V3),   // v3 d128 where v4 would run
         ],
     };
-    for &(b, nq, nk, h, hkv, d, mask, reference) in attn {
+    for &(b, nq, nk, h, hkv, d, mask, kernels) in attn {
         let mask = match mask {
             0 => AttnMask::None,
             1 => AttnMask::Causal { valid_len: None },
@@ -476,7 +483,11 @@ pub fn cases(suite: Suite) -> Vec<Case> {
                 AttnMask::None => "full".into(),
                 AttnMask::Causal { valid_len } => format!("causal{}", if valid_len.is_some() { "+pad" } else { "" }),
             },
-            if reference { " ref" } else { "" }
+            match kernels {
+                Cur => "",
+                Ref => " ref",
+                V3 => " v3",
+            }
         );
         let scale = 1.0 / (d as f32).sqrt();
         v.push(case(
@@ -486,10 +497,10 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             3.0,
             Box::new(move |be, t| {
                 let run = || be.attention(&t[0], &t[1], &t[2], &mask, scale);
-                if reference {
-                    with_reference_attention(be, run)
-                } else {
-                    run()
+                match kernels {
+                    Cur => run(),
+                    Ref => with_reference_attention(be, run),
+                    V3 => with_flash_v3(be, run),
                 }
             }),
         ));
@@ -886,8 +897,17 @@ pub fn cases(suite: Suite) -> Vec<Case> {
     v
 }
 
-/// Runs `f` with the CUDA backend's attention on its reference kernels (flash v2, row-wise for
-/// the wide heads); on other backends just `f`.
+/// Which attention kernels a selftest case runs.
+#[derive(Clone, Copy)]
+enum AttnKernels {
+    /// The backend's choice for the card.
+    Cur,
+    /// The previous versions (flash v2, row-wise for the wide heads).
+    Ref,
+    /// Flash v3 where v4 (wgmma, sm_90a) would run.
+    V3,
+}
+
 /// Which Sage kernels a selftest case runs.
 #[derive(Clone, Copy)]
 enum SagePath {
@@ -939,6 +959,14 @@ pub fn with_sage_quantize_v1(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor
 pub fn with_gemm_v2(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     return with_cuda_switch(be, crate::backend::cuda::CudaBackend::set_gemm_v2, f);
+    #[cfg(not(feature = "cuda"))]
+    f()
+}
+
+/// Run `f` with attention on flash v3 (mma.sync) where v4 (wgmma, sm_90a) would run.
+pub fn with_flash_v3(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    return with_cuda_switch(be, crate::backend::cuda::CudaBackend::set_flash_v3, f);
     #[cfg(not(feature = "cuda"))]
     f()
 }

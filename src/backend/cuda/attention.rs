@@ -1,4 +1,5 @@
-//! Launchers for the attention kernels. Head dims 64 and 128: flash attention v3
+//! Launchers for the attention kernels. Head dims 64 and 128: flash attention v4 without a mask on
+//! sm_90a images (wgmma + TMA, attention_wgmma.rs), otherwise flash attention v3
 //! (kernels/attention_v3.cu; 128-query blocks, double-buffered K/V, an unmasked and a masked
 //! instantiation). Head dims 256, 384 and 512 without a mask: the wide tensor-core kernel
 //! (kernels/attention_wide.cu, the VAE's one 512-wide head). Everything else: the row-wise kernel
@@ -10,7 +11,7 @@ use cudarc::driver::LaunchConfig;
 
 use std::sync::atomic::Ordering;
 
-use super::{launch, CudaBackend};
+use super::{attention_wgmma, launch, CudaBackend};
 use crate::backend::{check, AttnMask};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -121,6 +122,12 @@ pub(super) fn attention(
         return Err(Error::shape("attention", format!("{h} heads x {b} batch exceed one grid")));
     }
     let scale_log2 = scale * std::f32::consts::LOG2_E;
+    if matches!(path, Path::FlashV3(_)) {
+        if let Some(name) = attention_wgmma::kernel(be, masked, [b, nq, h, nk, hkv, d]) {
+            attention_wgmma::flash_v4(be, name, (qp, kp, vp, op), [b, nq, h, nk, hkv, d], scale_log2)?;
+            return Ok(out);
+        }
+    }
     let (nq32, nk32, h32, hkv32) = (nq as i32, nk as i32, h as i32, hkv as i32);
     match path {
         Path::FlashV3(name) | Path::FlashV2(name) => {

@@ -4,6 +4,7 @@
 //! from the driver's stream-ordered pool and the backend tracks live and peak bytes.
 
 mod attention;
+mod attention_wgmma;
 mod conv;
 pub mod cublaslt;
 mod gemm;
@@ -106,6 +107,7 @@ const KERNELS: &[(&str, &[&str])] = &[
         "attention_wide",
         &["flash_attention_wide_d256_bf16", "flash_attention_wide_d384_bf16", "flash_attention_wide_d512_bf16"],
     ),
+    ("attention_wgmma", &attention_wgmma::KERNELS),
     (
         "quantized",
         &[
@@ -142,9 +144,10 @@ pub fn kernel_names() -> impl Iterator<Item = &'static str> {
 }
 
 /// The kernels the backend launches with images for `target` (the emulator's coverage check):
-/// all but the wgmma ones outside sm_90a, whose images trap in their place.
+/// all but the wgmma ones (and v4's V transpose) outside sm_90a, whose images trap in their place.
 pub fn kernels_launched_on(target: &str) -> impl Iterator<Item = &'static str> + '_ {
-    kernel_names().filter(move |k| target == gemm_wgmma::V3_TARGET || !gemm_wgmma::KERNELS.contains(k))
+    let hopper_only = |k: &str| gemm_wgmma::KERNELS.contains(&k) || attention_wgmma::KERNELS.contains(&k);
+    kernel_names().filter(move |k| target == gemm_wgmma::V3_TARGET || !hopper_only(k))
 }
 
 /// `FLUX2_CUDA_GEMM=v2` runs the GEMMs on their mma.sync kernels where the wgmma ones (v3, sm_90a)
@@ -156,6 +159,17 @@ fn gemm_v2_from_env() -> Result<bool> {
         Ok(v) if v == "v3" => Ok(false),
         Ok(v) if v == "v2" => Ok(true),
         Ok(v) => Err(Error::InvalidArgument(format!("FLUX2_CUDA_GEMM={v:?}: expected v2 or v3"))),
+    }
+}
+
+/// `FLUX2_CUDA_ATTENTION=v3` runs unmasked attention on flash v3 (mma.sync) where v4 (wgmma + TMA,
+/// sm_90a) would run, as `FLUX2_CUDA_GEMM=v2` does for the GEMMs. Unset or `v4`: the default.
+fn flash_v3_from_env() -> Result<bool> {
+    match std::env::var("FLUX2_CUDA_ATTENTION") {
+        Err(_) => Ok(false),
+        Ok(v) if v == "v4" => Ok(false),
+        Ok(v) if v == "v3" => Ok(true),
+        Ok(v) => Err(Error::InvalidArgument(format!("FLUX2_CUDA_ATTENTION={v:?}: expected v3 or v4"))),
     }
 }
 
@@ -190,6 +204,10 @@ pub struct CudaDevice {
     /// whether `FLUX2_CUDA_GEMM=v2` made that the default.
     gemm_v2: AtomicBool,
     gemm_v2_default: bool,
+    /// Attention on flash v3 even where v4 (wgmma + TMA, sm_90a) applies; and whether
+    /// `FLUX2_CUDA_ATTENTION=v3` made that the default.
+    flash_v3: AtomicBool,
+    flash_v3_default: bool,
     /// Streaming multiprocessors: the persistent kernels' grid.
     sms: usize,
     health: health::HealthWord,
@@ -344,7 +362,8 @@ impl CudaBackend {
         .into_iter()
         .chain(attention::WIDE_KERNELS.iter().map(|&(d, name)| (name, attention::wide_config(d).2)))
         .chain(quantized::sage_mma_big_smem())
-        .chain(gemm_wgmma::big_smem(target));
+        .chain(gemm_wgmma::big_smem(target))
+        .chain(attention_wgmma::big_smem(target));
         for (name, bytes) in big {
             functions[name]
                 .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
@@ -359,6 +378,7 @@ impl CudaBackend {
         }
         keep_pool_memory(&ctx);
         let gemm_v2_default = gemm_v2_from_env()?;
+        let flash_v3_default = flash_v3_from_env()?;
         let sms =
             ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(gpu_err)? as usize;
         let name = ctx.name().map_err(gpu_err)?;
@@ -380,6 +400,8 @@ impl CudaBackend {
             sage_quantize_v1: AtomicBool::new(false),
             gemm_v2: AtomicBool::new(gemm_v2_default),
             gemm_v2_default,
+            flash_v3: AtomicBool::new(flash_v3_default),
+            flash_v3_default,
             sms,
             health: health::HealthWord::default(),
         };
@@ -425,6 +447,13 @@ impl CudaBackend {
     /// `FLUX2_CUDA_GEMM=v2`).
     pub fn set_gemm_v2(&self, on: bool) {
         self.dev.gemm_v2.store(on || self.dev.gemm_v2_default, Ordering::Relaxed);
+    }
+
+    /// Run unmasked attention with head dims 64/128 on flash v3 (mma.sync) where v4 (wgmma + TMA
+    /// on sm_90a) would apply: v4's reference; false restores the default (v4, unless
+    /// `FLUX2_CUDA_ATTENTION=v3`).
+    pub fn set_flash_v3(&self, on: bool) {
+        self.dev.flash_v3.store(on || self.dev.flash_v3_default, Ordering::Relaxed);
     }
 
     /// Fill every new output buffer with NaN first (selftest: catches unwritten elements).

@@ -1,0 +1,102 @@
+//! Launcher of flash attention v4 on Hopper (kernels/attention_wgmma.cu): wgmma fed by TMA, for
+//! unmasked heads of 64 and 128 on sm_90a images. Flash v3 (mma.sync) stays the reference and runs
+//! everywhere else; `CudaBackend::set_flash_v3` (or `FLUX2_CUDA_ATTENTION=v3`) keeps it on sm_90a.
+
+use std::sync::atomic::Ordering;
+
+use cudarc::driver::LaunchConfig;
+
+use super::gemm_wgmma::V3_TARGET;
+use super::tensor_map::{row_major_128b, TileElem};
+use super::{launch, CudaBackend};
+use crate::dtype::DType;
+use crate::error::Result;
+
+pub(super) const D64_KERNEL: &str = "flash_attention_v4_d64_bf16";
+pub(super) const D128_KERNEL: &str = "flash_attention_v4_d128_bf16";
+const TRANSPOSE_KERNEL: &str = "transpose_v_bf16";
+/// Every kernel of the module (launched on sm_90a images only).
+pub(super) const KERNELS: [&str; 3] = [D64_KERNEL, D128_KERNEL, TRANSPOSE_KERNEL];
+
+/// Keys per K/Vᵀ tile (`FaCfg::BKV`).
+fn tile_keys(d: usize) -> usize {
+    if d == 64 {
+        128
+    } else {
+        64
+    }
+}
+
+/// The kernels' dynamic shared memory (`FaCfg::SMEM`): 1 KB of alignment slack, Q (128 rows), three
+/// stages of a K tile and a Vᵀ tile (4·d·keys bytes), and seven mbarriers.
+pub(super) fn smem_bytes(d: usize) -> usize {
+    1024 + 128 * d * 2 + 3 * 4 * d * tile_keys(d) + 7 * 8
+}
+
+/// The kernels needing the opt-in shared-memory attribute, for images that have them running.
+pub(super) fn big_smem(target: &str) -> Vec<(&'static str, usize)> {
+    if target == V3_TARGET {
+        vec![(D64_KERNEL, smem_bytes(64)), (D128_KERNEL, smem_bytes(128))]
+    } else {
+        Vec::new()
+    }
+}
+
+/// The v4 kernel for an attention call `[b, nq, h, nk, hkv, d]`, if v4 applies: an sm_90a image,
+/// v3 not requested, no mask, head dim 64 or 128, tensor-map coordinates within 32 bits and the
+/// transpose's grid within 65535 (batch x kv heads). The caller has checked the 16-byte alignment
+/// the tensor maps need.
+pub(super) fn kernel(be: &CudaBackend, masked: bool, [b, nq, _, nk, hkv, d]: [usize; 6]) -> Option<&'static str> {
+    let on = be.dev.target == V3_TARGET && !be.dev.flash_v3.load(Ordering::Relaxed) && !masked;
+    let i32_ok = |x: usize| x < (1 << 31);
+    let fits = i32_ok((b + 1) * nq) && i32_ok((b + 1) * nk) && b * hkv <= 65535 && i32_ok((b * hkv + 1) * d);
+    match d {
+        64 if on && fits => Some(D64_KERNEL),
+        128 if on && fits => Some(D128_KERNEL),
+        _ => None,
+    }
+}
+
+/// out [b, nq, h, d] = softmax(q kᵀ · scale) v for dense q [b, nq, h, d], k and v [b, nk, hkv, d]:
+/// Vᵀ first (zero-padded to a multiple of 32 keys), then the v4 kernel `name`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn flash_v4(
+    be: &CudaBackend,
+    name: &'static str,
+    (q, k, v, out): (u64, u64, u64, u64),
+    [b, nq, h, nk, hkv, d]: [usize; 6],
+    scale_log2: f32,
+) -> Result<()> {
+    let nk_pad = nk.div_ceil(32).max(1) * 32;
+    let vt = be.output(DType::BF16, &[b * hkv * d * nk_pad])?;
+    let vtp = be.ptr(&vt)?;
+    let transpose = LaunchConfig {
+        grid_dim: ((nk_pad / 32) as u32, (d / 32) as u32, (b * hkv) as u32),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(be.dev, TRANSPOSE_KERNEL, transpose, v, vtp, nk as i32, nk_pad as i32, hkv as i32, d as i32)?;
+    let tq = row_major_128b(q, TileElem::Bf16, b * nq, h * d, 128)?;
+    let tk = row_major_128b(k, TileElem::Bf16, b * nk, hkv * d, tile_keys(d) as u32)?;
+    let tv = row_major_128b(vtp, TileElem::Bf16, b * hkv * d, nk_pad, d as u32)?;
+    let cfg = LaunchConfig {
+        grid_dim: (nq.div_ceil(128) as u32, h as u32, b as u32),
+        block_dim: (384, 1, 1),
+        shared_mem_bytes: smem_bytes(d) as u32,
+    };
+    launch!(be.dev, name, cfg, tq, tk, tv, out, nq as i32, nk as i32, h as i32, hkv as i32, scale_log2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_memory_matches_the_kernels_budget() {
+        // kernels/attention_wgmma.cu's header: 130 KB at d = 128, 114 KB at d = 64; under the
+        // 227 KB an H100 block may opt into.
+        assert_eq!(smem_bytes(128), 1024 + 32768 + 3 * 32768 + 56);
+        assert_eq!(smem_bytes(64), 1024 + 16384 + 3 * 32768 + 56);
+        assert!(smem_bytes(128) <= 227 * 1024);
+    }
+}
