@@ -9,8 +9,9 @@
 // rows: per tile, S = Q·Kᵀ on wgmma (both operands in shared memory, K-major), the online softmax on
 // the accumulators in registers (softmax_tile.cuh: a wgmma accumulator is, per warp, the m16n8 tile
 // layout v3 uses), then O += P·V on wgmma with P straight from registers (the accumulator tile packed
-// as bf16 A fragments, no trip through shared memory) and Vᵀ as the K-major B operand; the stage goes
-// back to the producer when both warpgroups' wgmmas on it have retired.
+// as bf16 A fragments, no trip through shared memory) and Vᵀ as the K-major B operand. P·V of tile t
+// stays in flight while S of tile t+1 is issued; the stage goes back to the producer when both
+// warpgroups' wgmmas on it have retired.
 //
 // Why Vᵀ: a K-major B operand is the layout the GEMMs and the emulator's wgmma already use; V itself
 // would be an MN-major B (the transposed-B form). The transpose is one pass over V (~28 MB at klein-4B
@@ -108,6 +109,8 @@ __device__ __forceinline__ void flash_v4(const TensorMap* tq, const TensorMap* t
     const unsigned char* q_half = qs + half * 64 * 128;  // this warpgroup's 64 rows: 8 swizzle atoms in
     mbarrier_wait(qbar, 0);
 
+    // P's A fragments: those of tile t-1 are read by its P·V wgmmas until they retire during tile t.
+    unsigned pf[BKV / 16][4];
     for (int t = 0; t < ntiles; t++) {
         const int s = t % FA_STAGES;
         const unsigned char* st = stages + s * C::STAGE;
@@ -122,7 +125,15 @@ __device__ __forceinline__ void flash_v4(const TensorMap* tq, const TensorMap* t
             wgmma_s<BKV>(&sc[0][0], da, db, kk > 0);
         }
         wgmma_commit();
+        if (t > 0) {
+            // Tile t-1's P·V (issued before this S) has retired: O is settled, its stage goes back.
+            wgmma_wait<1>();
+            wgmma_fence_operand<D / 2>(&o[0][0]);
+            wgmma_fence_operand<BKV / 4>(&pf[0][0]);
+            if (leader) mbarrier_arrive(&empty[(t - 1) % FA_STAGES]);
+        }
         wgmma_wait<0>();
+        wgmma_fence_operand<BKV / 2>(&sc[0][0]);
 
         const int k0 = t * BKV;
         if (k0 + BKV > nk) {  // the ragged last tile
@@ -149,8 +160,7 @@ __device__ __forceinline__ void flash_v4(const TensorMap* tq, const TensorMap* t
             o[i][3] *= alpha[1];
         }
 
-        // O += P·V: P's A fragments stay untouched until the wgmmas reading them retire.
-        unsigned pf[BKV / 16][4];
+        // O += P·V, left in flight while the next tile's S is issued.
 #pragma unroll
         for (int kk = 0; kk < BKV / 16; kk++) p_fragment<NT>(sc, kk, pf[kk]);
         wgmma_fence();
@@ -160,9 +170,10 @@ __device__ __forceinline__ void flash_v4(const TensorMap* tq, const TensorMap* t
             wgmma_pv<D>(&o[0][0], pf[kk], db);
         }
         wgmma_commit();
-        wgmma_wait<0>();
-        if (leader) mbarrier_arrive(&empty[s]);
     }
+    wgmma_wait<0>();
+    wgmma_fence_operand<D / 2>(&o[0][0]);
+    wgmma_fence_operand<BKV / 4>(&pf[0][0]);
 
     const float inv[2] = {row_inverse(l_r[0]), row_inverse(l_r[1])};
     const i64 q_stride = (i64)heads * D;

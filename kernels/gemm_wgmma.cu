@@ -83,6 +83,7 @@ __device__ __forceinline__ void wgmma_consume(const WgmmaRing& r, int wg, int kt
         if (kt > 0 && leader) mbarrier_arrive(&r.empty[(it - 1) % WG_STAGES]);
     }
     wgmma_wait<0>();
+    wgmma_fence_operand<64>(acc);
     if (ktiles > 0 && leader) mbarrier_arrive(&r.empty[(it - 1) % WG_STAGES]);
 }
 

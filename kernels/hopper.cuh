@@ -26,7 +26,25 @@ __device__ __forceinline__ unsigned long long wgmma_desc_sw128(const void* p) {
 
 #ifdef FLUX2_CUDA_SIM
 #include "sim_hopper.h"
+template <int N>
+__forceinline__ void wgmma_fence_operand(float*) {}
+template <int N>
+__forceinline__ void wgmma_fence_operand(unsigned*) {}
 #else
+// Pins N registers (accumulators or A fragments) at this point of the program: the compiler sees
+// them read and rewritten here, so it neither reads accumulators of an unretired wgmma earlier nor
+// reuses the registers of an A fragment a wgmma may still be reading. Place it after the
+// wgmma.wait_group that retires them.
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operand(float* r) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operand(unsigned* r) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+r"(r[i])::"memory");
+}
 __device__ __forceinline__ void mbarrier_init(unsigned long long* bar, unsigned count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
 }

@@ -409,7 +409,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
                 match path {
                     Sage => run(),
                     Bf16Pv => with_sage_bf16_pv(be, run),
-                    Reference => with_reference_attention(be, run),
+                    Reference => with_attention_kernels(be, AttnKernels::Ref, run),
                     QuantizeV1 => with_sage_quantize_v1(be, run),
                 }
             }),
@@ -497,11 +497,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             3.0,
             Box::new(move |be, t| {
                 let run = || be.attention(&t[0], &t[1], &t[2], &mask, scale);
-                match kernels {
-                    Cur => run(),
-                    Ref => with_reference_attention(be, run),
-                    V3 => with_flash_v3(be, run),
-                }
+                with_attention_kernels(be, kernels, run)
             }),
         ));
     }
@@ -897,9 +893,9 @@ pub fn cases(suite: Suite) -> Vec<Case> {
     v
 }
 
-/// Which attention kernels a selftest case runs.
-#[derive(Clone, Copy)]
-enum AttnKernels {
+/// Which attention kernels a selftest case (or a `profile attention` row) runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum AttnKernels {
     /// The backend's choice for the card.
     Cur,
     /// The previous versions (flash v2, row-wise for the wide heads).
@@ -963,20 +959,40 @@ pub fn with_gemm_v2(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor>) -> Res
     f()
 }
 
-/// Run `f` with attention on flash v3 (mma.sync) where v4 (wgmma, sm_90a) would run.
-pub fn with_flash_v3(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+/// Run `f` with the attention kernels `kernels` (`Cur`: the backend's choice; `Ref`: the previous
+/// versions, the references of the current ones; `V3`: flash v3 where v4 would run).
+pub fn with_attention_kernels(
+    be: &dyn Backend,
+    kernels: AttnKernels,
+    f: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    return with_cuda_switch(be, crate::backend::cuda::CudaBackend::set_flash_v3, f);
+    {
+        use crate::backend::cuda::CudaBackend;
+        match kernels {
+            AttnKernels::Cur => f(),
+            AttnKernels::Ref => with_cuda_switch(be, CudaBackend::set_reference_attention, f),
+            AttnKernels::V3 => with_cuda_switch(be, CudaBackend::set_flash_v3, f),
+        }
+    }
     #[cfg(not(feature = "cuda"))]
-    f()
+    {
+        let _ = (be, kernels);
+        f()
+    }
 }
 
-/// Run `f` on the previous attention kernels (the references of the current ones).
-pub fn with_reference_attention(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+/// Whether attention has a v4 (wgmma) path on this backend: the CUDA backend with sm_90a images.
+pub fn has_flash_v4(be: &dyn Backend) -> bool {
     #[cfg(feature = "cuda")]
-    return with_cuda_switch(be, crate::backend::cuda::CudaBackend::set_reference_attention, f);
+    {
+        be.as_any().downcast_ref::<crate::backend::cuda::CudaBackend>().is_some_and(|c| c.has_gemm_v3())
+    }
     #[cfg(not(feature = "cuda"))]
-    f()
+    {
+        let _ = be;
+        false
+    }
 }
 
 /// Host inputs of a case: random, already rounded to what the device stores.

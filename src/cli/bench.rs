@@ -399,25 +399,30 @@ pub fn profile_attention(
     println!("{:<10} {:>10} {:>10} {:>10} {:>10}", "path", "ms", "TOPS", "cosine", "rel L1");
     let mut rows = Vec::new();
     // "exact-ref" / "sage-ref": the CUDA backend's previous kernels (flash v2, row-wise for wide heads,
-    // row-wise Sage), the baselines of the current ones.
+    // row-wise Sage), the baselines of the current ones; "exact-v3": flash v3 where "exact" runs v4
+    // (wgmma, sm_90a images).
+    use crate::selftest::{with_attention_kernels, AttnKernels};
     let cuda = crate::selftest::is_cuda(be);
-    let paths: &[(&str, AttentionMode, bool)] = &[
-        ("exact", AttentionMode::Exact, false),
-        ("exact-ref", AttentionMode::Exact, true),
-        ("sage", AttentionMode::Sage, false),
-        ("sage-ref", AttentionMode::Sage, true),
+    let v4 = crate::selftest::has_flash_v4(be) && (dim == 64 || dim == 128);
+    let paths: &[(&str, AttentionMode, AttnKernels)] = &[
+        ("exact", AttentionMode::Exact, AttnKernels::Cur),
+        ("exact-v3", AttentionMode::Exact, AttnKernels::V3),
+        ("exact-ref", AttentionMode::Exact, AttnKernels::Ref),
+        ("sage", AttentionMode::Sage, AttnKernels::Cur),
+        ("sage-ref", AttentionMode::Sage, AttnKernels::Ref),
     ];
-    for &(label, mode, on_reference) in paths.iter().filter(|p| cuda || !p.2) {
+    let shown = |k: AttnKernels| match k {
+        AttnKernels::Cur => true,
+        AttnKernels::Ref => cuda,
+        AttnKernels::V3 => v4,
+    };
+    for &(label, mode, kernels) in paths.iter().filter(|p| shown(p.2)) {
         let call = || {
             let run = || match mode {
                 AttentionMode::Exact => be.attention(&q, &k, &v, &AttnMask::None, scale),
                 AttentionMode::Sage => be.attention_sage(&q, &k, &v, &AttnMask::None, scale),
             };
-            if on_reference {
-                crate::selftest::with_reference_attention(be, run)
-            } else {
-                run()
-            }
+            with_attention_kernels(be, kernels, run)
         };
         let t = time(be, reps, || call().map(|_| ()))?;
         let (cos, l1) = match &reference {
