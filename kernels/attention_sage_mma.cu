@@ -14,6 +14,8 @@
 //   sage_quantize_int8_block_bf16 (v2): Q or K to int8 codes in their own layout [B, N, H, D] with the
 //     64-token block scales, one pass; v1 (sage_block_absmax_bf16, then sage_quantize_int8_bf16) stays as
 //     its reference, run by the selftest's "v1-quant" cases.
+//   sage_norm_rope_int8_bf16 (v3): the same codes and scales straight from the raw q/k projection, fused into the
+//     QK RMSNorm + RoPE (attention_sage_normed); its reference is rms_norm_rope_bf16 followed by v2.
 //   sage_quantize_vt_e4m3_bf16: V to e4m3 codes transposed per (batch, kv head) to [D, Nk rounded up to 64],
 //     keys permuted inside each group of 32 so that the P accumulators of the Q·Kᵀ mma are already the
 //     A fragment of the e4m3 mma (slot 16h + 4c + 2t + u holds key 16h + 8t + 2c + u: thread c of a quad
@@ -90,6 +92,79 @@ extern "C" __global__ void sage_quantize_int8_block_bf16(const bf16* x, const fl
             int code = (int)sage_int8_round((v[e] - (mean_bh ? mean_bh[c + e] : 0.f)) * inv);
             packed[e / 4] |= (unsigned)(code & 0xff) << (8 * (e % 4));
         }
+        *reinterpret_cast<uint2*>(out + at) = make_uint2(packed[0], packed[1]);
+    }
+}
+
+// v3 of the Q/K pre-pass: the quantisation fused into the QK RMSNorm + RoPE that produces q and k. One CTA per
+// (64-token block, batch * head) norms and rotates the block's rows of the raw projection, as rms_norm_rope_bf16 does
+// (same arithmetic: the normed value rounded to bf16 before the rotation, the rotated one rounded to bf16), keeps them
+// in shared memory, then either adds each channel's f64 sum into sums[bh][0][c] (sums != null: K's smoothing mean,
+// needed before K's codes exist) or writes the block's |x - mean|max and its codes as sage_quantize_int8_block_bf16
+// does (Q with mean null, K with its mean). The tokens are the concatenation of up to two parts (the double block's
+// text and image streams), part p [B, L_p, H, d] with tokens ld_p apart (batches ld_p * L_p apart) and its own norm
+// weight; token t of the joint sequence takes table row t. So q and k are read from the projection once (K twice:
+// sums, then codes) and never written in bf16. Grid (blocks, batch * heads), 256 threads; d 64 or 128.
+#define SAGE_NORM_MAX_D 128
+extern "C" __global__ void __launch_bounds__(256)
+    sage_norm_rope_int8_bf16(const bf16* x0, i64 ld0, const bf16* w0, int len0, const bf16* x1, i64 ld1, const bf16* w1,
+                             const float* cos_t, const float* sin_t, int n, int heads, int d, float eps, int interleaved,
+                             const float* mean, double* sums, float* block_absmax, signed char* out) {
+    __shared__ bf16 tile[SAGE_TILE * SAGE_NORM_MAX_D];
+    __shared__ float scratch[32];
+    const int blk = blockIdx.x, bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int rows = min(SAGE_TILE, n - blk * SAGE_TILE), half = d / 2, lane = threadIdx.x & 31;
+    const float* mean_bh = mean ? mean + (i64)bh * d : nullptr;
+    float m = 0.f;
+    for (int j = threadIdx.x >> 5; j < rows; j += blockDim.x >> 5) {
+        const int t = blk * SAGE_TILE + j, second = t >= len0;
+        const int tl = second ? t - len0 : t, len = second ? n - len0 : len0;
+        const i64 ld = second ? ld1 : ld0;
+        const bf16* w = second ? w1 : w0;
+        const bf16* xr = (second ? x1 : x0) + ((i64)b * len + tl) * ld + (i64)h * d;
+        float ss = 0.f;
+        for (int i = lane; i < d; i += 32) {
+            float v = to_f(xr[i]);
+            ss += v * v;
+        }
+        const float inv = rsqrtf(warp_sum(ss) / d + eps);
+        auto normed = [&](int i) {
+            float v = to_f(xr[i]) * inv;
+            return to_f(to_bf(w ? v * to_f(w[i]) : v));
+        };
+        for (int p = lane; p < half; p += 32) {
+            const int i0 = interleaved ? 2 * p : p, i1 = interleaved ? 2 * p + 1 : p + half;
+            const float a = normed(i0), c0 = normed(i1);
+            const float c = cos_t[(i64)t * half + p], sn = sin_t[(i64)t * half + p];
+            const bf16 r0 = to_bf(a * c - c0 * sn), r1 = to_bf(c0 * c + a * sn);
+            tile[j * d + i0] = r0;
+            tile[j * d + i1] = r1;
+            m = fmaxf(m, fabsf(to_f(r0) - (mean_bh ? mean_bh[i0] : 0.f)));
+            m = fmaxf(m, fabsf(to_f(r1) - (mean_bh ? mean_bh[i1] : 0.f)));
+        }
+    }
+    __syncthreads();
+    if (sums) {
+        for (int c = threadIdx.x; c < d; c += blockDim.x) {
+            double s = 0.0;
+            for (int j = 0; j < rows; j++) s += to_f(tile[j * d + c]);
+            atomicAdd(&sums[(i64)bh * 2 * d + c], s);
+        }
+        return;
+    }
+    m = block_max(m, scratch);
+    if (threadIdx.x == 0) block_absmax[(i64)bh * gridDim.x + blk] = m;
+    const float sc = m / 127.f, inv = sc > 0.f ? 1.f / sc : 0.f;
+    const int groups = d / 8;
+    for (int i = threadIdx.x; i < rows * groups; i += blockDim.x) {
+        const int j = i / groups, c = (i % groups) * 8;
+        unsigned packed[2] = {0u, 0u};
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            int code = (int)sage_int8_round((to_f(tile[j * d + c + e]) - (mean_bh ? mean_bh[c + e] : 0.f)) * inv);
+            packed[e / 4] |= (unsigned)(code & 0xff) << (8 * (e % 4));
+        }
+        const i64 at = (((i64)b * n + blk * SAGE_TILE + j) * heads + h) * d + c;
         *reinterpret_cast<uint2*>(out + at) = make_uint2(packed[0], packed[1]);
     }
 }

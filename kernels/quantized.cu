@@ -64,8 +64,8 @@ extern "C" __global__ void gemm_w8a8_tiled_bf16(const bf16* A, const float* a_ab
 // K/V statistics for Sage smoothing as a parallel reduction over token chunks (was one block per
 // (batch, kv head) scanning the sequence serially). Grid (token chunks of SAGE_STATS_TOKENS, batch * kv_heads),
 // one thread per channel (strided). Pass 1: f64 sums of K and V per channel into sums [bh][2][d] (zeroed
-// by the launcher; bf16 values summed in f64 are exact, so the order of the atomics does not matter in
-// practice). Pass 2: the means (as the serial kernel: f64 sum / n, rounded to f32), written by chunk 0, and
+// by the launcher; with k null only V's, K's coming from sage_norm_rope_int8_bf16; bf16 values summed in f64
+// are exact, so the order of the atomics does not matter in practice). Pass 2: the means (as the serial kernel: f64 sum / n, rounded to f32), written by chunk 0, and
 // |v - v_mean|max per channel as atomicMax on the bits of a non-negative float (ordered as unsigned) into
 // v_absmax (zeroed).
 #define SAGE_STATS_TOKENS 256
@@ -77,10 +77,10 @@ extern "C" __global__ void sage_kv_sums_bf16(const bf16* k, const bf16* v, doubl
         double sk = 0.0, sv = 0.0;
         for (int j = j0; j < j1; j++) {
             i64 at = (((i64)b * nk + j) * kv_heads + h) * d + c;
-            sk += to_f(k[at]);
+            if (k) sk += to_f(k[at]);
             sv += to_f(v[at]);
         }
-        atomicAdd(&sums[(i64)bh * 2 * d + c], sk);
+        if (k) atomicAdd(&sums[(i64)bh * 2 * d + c], sk);
         atomicAdd(&sums[((i64)bh * 2 + 1) * d + c], sv);
     }
 }

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{AttnMask, Backend, Padding2d, RopePairs};
+use crate::backend::{AttnMask, Backend, Padding2d, QkPart, QkRope, RopePairs};
 use crate::dtype::{round_through, DType};
 use crate::error::Result;
 use crate::quant::{quantize, QuantFormat};
@@ -412,6 +412,48 @@ pub fn cases(suite: Suite) -> Vec<Case> {
                     Reference => with_attention_kernels(be, AttnKernels::Ref, run),
                     QuantizeV1 => with_sage_quantize_v1(be, run),
                 }
+            }),
+        ));
+    }
+    // attention_sage_normed: q and k raw slices of fused projections, normed and rotated per part
+    // (sage_norm_rope_int8 for K's sums, then Q's and K's codes; the reference: rms_norm_rope per
+    // part, concat, attention_sage). One part (a single block: q, k, v of one [B, N, (H + 2Hkv)·D]
+    // projection) or two (a double block: text and image projections, each with its own weights;
+    // the first 64-token block straddles them). The device stores q and k in bf16 before their
+    // int8 codes, the f32 CPU reference does not: codes near a rounding edge differ, so the error
+    // here is the 8-bit path's own noise (~2.7e-2) and the tolerance 10 units; tests/gpu.rs checks
+    // the fused kernels bit for bit against the composition on the device.
+    // (batch, part lengths, heads, kv heads, head dim)
+    let sage_normed: &[(usize, &[usize], usize, usize, usize)] = match suite {
+        Suite::Full => &[(1, &[4608], 4, 4, 128), (2, &[512, 1024], 2, 2, 128), (2, &[100, 200], 4, 2, 64)],
+        Suite::Small => &[(1, &[120], 4, 2, 128), (2, &[40, 90], 2, 2, 64), (1, &[70, 60], 2, 2, 128)],
+    };
+    for &(b, lens, h, hkv, d) in sage_normed {
+        let n: usize = lens.iter().sum();
+        let width = (h + 2 * hkv) * d;
+        let mut inputs: Vec<Input> = lens.iter().map(|&l| act(&[b, l, width])).collect();
+        inputs.push(Input::Table(vec![n, d / 2], 0.0, 1.0));
+        inputs.push(Input::Table(vec![n, d / 2], 0.0, 1.0));
+        inputs.extend((0..2 * lens.len()).map(|_| act(&[d]))); // q and k norm weights per part
+        let parts = lens.len();
+        v.push(case(
+            "attention_sage_normed",
+            format!("B{b} L{lens:?} H{h}/{hkv} D{d}"),
+            inputs,
+            10.0,
+            Box::new(move |be, t| {
+                let slice = |x: &Tensor, at: usize, heads: usize| -> Result<Tensor> {
+                    x.narrow(2, at * d, heads * d)?.reshape(&[b, x.dim(1), heads, d])
+                };
+                let q: Vec<Tensor> = (0..parts).map(|i| slice(&t[i], 0, h)).collect::<Result<_>>()?;
+                let k: Vec<Tensor> = (0..parts).map(|i| slice(&t[i], h, hkv)).collect::<Result<_>>()?;
+                let v: Vec<Tensor> = (0..parts).map(|i| slice(&t[i], h + hkv, hkv)).collect::<Result<_>>()?;
+                let v = if parts == 1 { v[0].clone() } else { be.concat(&v.iter().collect::<Vec<_>>(), 1)? };
+                let w = &t[parts + 2..];
+                let qp: Vec<QkPart> = (0..parts).map(|i| QkPart { x: &q[i], weight: &w[2 * i] }).collect();
+                let kp: Vec<QkPart> = (0..parts).map(|i| QkPart { x: &k[i], weight: &w[2 * i + 1] }).collect();
+                let rope = QkRope { eps: 1e-6, cos: &t[parts], sin: &t[parts + 1], pairs: RopePairs::Interleaved };
+                be.attention_sage_normed(&qp, &kp, &rope, &v, 1.0 / (d as f32).sqrt())
             }),
         ));
     }

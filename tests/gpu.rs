@@ -227,6 +227,45 @@ fn sage_quantize_v2_gives_v1s_bits(be: Arc<dyn Backend>) {
     }
 }
 
+fn sage_normed_gives_the_compositions_bits(be: Arc<dyn Backend>) {
+    // attention_sage_normed's fused pre-pass (sage_norm_rope_int8: q and k normed, rotated and
+    // quantized without a bf16 copy) against its composition (rms_norm_rope per part, concat,
+    // attention_sage) on the same device: the same bf16 values, sums, scales and codes, so the
+    // same output bits. One part (a single block's projection, GQA) and two (a double block's text
+    // and image streams with their own weights, a scale block straddling them), d 64 and 128.
+    use flux2::backend::{attention_sage_normed_composed, QkPart, QkRope, RopePairs};
+    let act = be.activation_dtype();
+    let draw = |name: &str, shape: &[usize], dtype| {
+        let v = flux2::rng::normal_vec(23, name, shape.iter().product());
+        be.upload(&common::t(&v, shape), dtype).unwrap()
+    };
+    for (b, lens, h, hkv, d) in
+        [(2usize, vec![150usize], 4usize, 2usize, 128usize), (2, vec![40, 90], 2, 2, 64), (1, vec![70, 60], 2, 2, 128)]
+    {
+        let n: usize = lens.iter().sum();
+        let width = (h + 2 * hkv) * d;
+        let proj: Vec<_> =
+            lens.iter().enumerate().map(|(i, &l)| draw(&format!("proj{i}"), &[b, l, width], act)).collect();
+        let slice = |x: &flux2::Tensor, at: usize, heads: usize| {
+            x.narrow(2, at * d, heads * d).unwrap().reshape(&[b, x.dim(1), heads, d]).unwrap()
+        };
+        let q: Vec<_> = proj.iter().map(|p| slice(p, 0, h)).collect();
+        let k: Vec<_> = proj.iter().map(|p| slice(p, h, hkv)).collect();
+        let vs: Vec<_> = proj.iter().map(|p| slice(p, h + hkv, hkv)).collect();
+        let v = be.concat(&vs.iter().collect::<Vec<_>>(), 1).unwrap();
+        let w: Vec<_> = (0..2 * lens.len()).map(|i| draw(&format!("w{i}"), &[d], act)).collect();
+        let (cos, sin) = (draw("cos", &[n, d / 2], flux2::DType::F32), draw("sin", &[n, d / 2], flux2::DType::F32));
+        let qp: Vec<_> = q.iter().enumerate().map(|(i, x)| QkPart { x, weight: &w[2 * i] }).collect();
+        let kp: Vec<_> = k.iter().enumerate().map(|(i, x)| QkPart { x, weight: &w[2 * i + 1] }).collect();
+        let rope = QkRope { eps: 1e-6, cos: &cos, sin: &sin, pairs: RopePairs::Interleaved };
+        let scale = 1.0 / (d as f32).sqrt();
+        let fused = be.attention_sage_normed(&qp, &kp, &rope, &v, scale).unwrap().to_vec_f32().unwrap();
+        let composed = attention_sage_normed_composed(&*be, &qp, &kp, &rope, &v, scale).unwrap().to_vec_f32().unwrap();
+        assert!(fused.iter().all(|x| x.is_finite()), "{lens:?} d {d}");
+        assert_eq!(fused, composed, "{lens:?} d {d}: the fused pre-pass differs from the composition");
+    }
+}
+
 fn gpu_expected() -> bool {
     std::env::var("FLUX2_EXPECT_GPU").is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
 }
@@ -257,7 +296,7 @@ fn main() {
     };
     let gpu = gpu.ok();
     type Check = fn(Arc<dyn Backend>);
-    let checks: [(&str, Check, bool); 11] = [
+    let checks: [(&str, Check, bool); 12] = [
         ("every_op_matches_the_cpu_reference", every_op_matches_the_cpu_reference, true),
         ("transformer_fixtures_in_bf16", transformer_fixtures_in_bf16, true),
         ("checkpoint_formats_in_bf16", checkpoint_formats_in_bf16, true),
@@ -267,6 +306,7 @@ fn main() {
         ("workflows_within_2_of_255", workflows_within_2_of_255, true),
         ("quantized_linears_reject_bad_shapes", quantized_linears_reject_bad_shapes, false),
         ("sage_quantize_v2_gives_v1s_bits", sage_quantize_v2_gives_v1s_bits, true),
+        ("sage_normed_gives_the_compositions_bits", sage_normed_gives_the_compositions_bits, true),
         ("an_overflow_stops_the_pipeline_with_the_step", an_overflow_stops_the_pipeline_with_the_step, true),
         ("no_gpu_gives_a_clear_error_or_a_working_device", no_gpu_gives_a_clear_error_or_a_working_device, false),
     ];

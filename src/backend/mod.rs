@@ -18,7 +18,7 @@ pub mod nan_check;
 pub mod scope;
 
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::{DeviceKind, Tensor};
 
 /// Which keys a query may attend to.
@@ -162,6 +162,22 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// and per-channel fp8 V, f32 accumulation (see `cpu::quantized`).
     fn attention_sage(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor>;
 
+    /// `attention_sage` (no mask) of q and k that still need their QK norm: each is the
+    /// concatenation over tokens of its `parts`, every part `rms_norm_rope`d with its own weight
+    /// and the table rows of its tokens (`rope`'s rows 0.. cover the joint sequence). This
+    /// composition is the reference; the CUDA backend quantizes q and k in the kernels that norm
+    /// and rotate them, without writing them in bf16.
+    fn attention_sage_normed(
+        &self,
+        q: &[QkPart],
+        k: &[QkPart],
+        rope: &QkRope,
+        v: &Tensor,
+        scale: f32,
+    ) -> Result<Tensor> {
+        attention_sage_normed_composed(self, q, k, rope, v, scale)
+    }
+
     /// Scaled dot-product attention with softmax in f32 (layouts in the module docs).
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor>;
 
@@ -289,6 +305,53 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// The smallest check id recorded since the last call (None: every checked tensor was
     /// finite), and clear the word. Waits for queued work.
     fn take_nonfinite(&self) -> Result<Option<u32>>;
+}
+
+/// One piece of q or k for `attention_sage_normed`: the raw projection `x` `[B, L, H, D]` (a
+/// strided view is fine) and its RMSNorm weight `[D]`.
+#[derive(Clone, Copy)]
+pub struct QkPart<'a> {
+    pub x: &'a Tensor,
+    pub weight: &'a Tensor,
+}
+
+/// The QK norm's epsilon and the RoPE tables `[N, D/2]` of the joint sequence.
+#[derive(Clone, Copy)]
+pub struct QkRope<'a> {
+    pub eps: f32,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub pairs: RopePairs,
+}
+
+/// The parts `rms_norm_rope`d (part i with the table rows of its tokens) and concatenated.
+pub fn norm_rope_parts<B: Backend + ?Sized>(be: &B, parts: &[QkPart], rope: &QkRope) -> Result<Tensor> {
+    let mut start = 0;
+    let mut out = Vec::with_capacity(parts.len());
+    for p in parts {
+        let l = p.x.shape().get(1).copied().unwrap_or(0);
+        let (cos, sin) = (rope.cos.narrow(0, start, l)?, rope.sin.narrow(0, start, l)?);
+        out.push(be.rms_norm_rope(p.x, Some(p.weight), rope.eps, &cos, &sin, rope.pairs)?);
+        start += l;
+    }
+    match out.len() {
+        0 => Err(Error::shape("attention_sage_normed", "q and k need at least one part each")),
+        1 => Ok(out.pop().expect("one part")),
+        _ => be.concat(&out.iter().collect::<Vec<_>>(), 1),
+    }
+}
+
+/// `attention_sage_normed`'s composition: the reference, and the fallbacks of fused versions.
+pub fn attention_sage_normed_composed<B: Backend + ?Sized>(
+    be: &B,
+    q: &[QkPart],
+    k: &[QkPart],
+    rope: &QkRope,
+    v: &Tensor,
+    scale: f32,
+) -> Result<Tensor> {
+    let (q, k) = (norm_rope_parts(be, q, rope)?, norm_rope_parts(be, k, rope)?);
+    be.attention_sage(&q, &k, v, &AttnMask::None, scale)
 }
 
 /// `[prefix | swiglu(x)]` (`swiglu_concat`), or `swiglu(x)` without a prefix: the activation a

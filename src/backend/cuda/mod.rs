@@ -15,6 +15,7 @@ mod layout;
 mod pointwise;
 mod quantized;
 mod reduce;
+mod sage;
 pub mod tensor_map;
 
 use std::collections::HashMap;
@@ -128,6 +129,7 @@ const KERNELS: &[(&str, &[&str])] = &[
         &[
             "sage_quantize_int8_bf16",
             "sage_quantize_int8_block_bf16",
+            "sage_norm_rope_int8_bf16",
             "sage_quantize_vt_e4m3_bf16",
             "sage_quantize_vt_e4m3_as_bf16",
             "attention_sage_mma_d64",
@@ -361,7 +363,7 @@ impl CudaBackend {
         ]
         .into_iter()
         .chain(attention::WIDE_KERNELS.iter().map(|&(d, name)| (name, attention::wide_config(d).2)))
-        .chain(quantized::sage_mma_big_smem())
+        .chain(sage::sage_mma_big_smem())
         .chain(gemm_wgmma::big_smem(target))
         .chain(attention_wgmma::big_smem(target));
         for (name, bytes) in big {
@@ -722,7 +724,18 @@ impl Backend for CudaBackend {
     }
 
     fn attention_sage(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
-        quantized::attention_sage(self, q, k, v, mask, scale)
+        sage::attention_sage(self, q, k, v, mask, scale)
+    }
+
+    fn attention_sage_normed(
+        &self,
+        q: &[crate::backend::QkPart],
+        k: &[crate::backend::QkPart],
+        rope: &crate::backend::QkRope,
+        v: &Tensor,
+        scale: f32,
+    ) -> Result<Tensor> {
+        sage::attention_sage_normed(self, q, k, rope, v, scale)
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {

@@ -109,7 +109,7 @@ pub(super) fn rms_norm_rope(
 
 /// Token stride (elements) of `[B, L, H, d]` whose d is contiguous, heads d apart and tokens
 /// evenly spaced across B and L; None otherwise.
-fn token_stride(x: &Tensor) -> Option<usize> {
+pub(super) fn token_stride(x: &Tensor) -> Option<usize> {
     let (s, d) = (x.strides(), x.dim(3));
     let (b, l, h) = (x.dim(0), x.dim(1), x.dim(2));
     let inner = (s[3] == 1 || d == 1) && (s[2] == d || h == 1);

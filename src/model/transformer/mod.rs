@@ -12,7 +12,7 @@ use self::config::TransformerConfig;
 use self::layout::{Layout, TransformerWeights};
 use super::linear::Linear;
 use super::rope::{flux_tables, PositionIds};
-use crate::backend::{scope, swiglu_beside, AttnMask, Backend, RopePairs};
+use crate::backend::{scope, swiglu_beside, AttnMask, Backend, QkPart, QkRope, RopePairs};
 use crate::dtype::{round_through, DType};
 use crate::error::{Error, Result};
 use crate::lora::runtime::LowRank;
@@ -779,14 +779,19 @@ impl Flux2Transformer {
     ) -> Result<(Tensor, Tensor, Option<Tensor>, Option<(Tensor, Tensor)>)> {
         let be = &*self.be;
         let eps = self.cfg.eps as f32;
-        let (b, lt, li, d) = (img.dim(0), txt.dim(1), img.dim(1), self.cfg.hidden());
-        let [sh1, sc1, g1] = &mi.sets[0];
-        let [sh2, sc2, g2] = &mi.sets[1];
-        let [csh1, csc1, cg1] = &mt.sets[0];
-        let [csh2, csc2, cg2] = &mt.sets[1];
+        let (b, lt, d) = (img.dim(0), txt.dim(1), self.cfg.hidden());
+        let [sh1, sc1, _] = &mi.sets[0];
+        let [csh1, csc1, _] = &mt.sets[0];
 
         let [qi, ki, vi] = self.split_qkv(&blk.img_qkv.forward_normed(be, img, sh1, sc1, eps)?)?;
         let [qt, kt, vt] = self.split_qkv(&blk.txt_qkv.forward_normed(be, txt, csh1, csc1, eps)?)?;
+        let v = be.concat(&[&vt, &vi], 1)?;
+        if self.sage_normed(&reference) {
+            let q = [QkPart { x: &qt, weight: &blk.norm_added_q }, QkPart { x: &qi, weight: &blk.norm_q }];
+            let k = [QkPart { x: &kt, weight: &blk.norm_added_k }, QkPart { x: &ki, weight: &blk.norm_k }];
+            let o = self.attend_sage_normed(&q, &k, rope, &v)?;
+            return self.double_block_out(blk, img, txt, mi, mt, o, None, None);
+        }
         // The tables cover [txt | img]: text rows first, image rows from `lt`.
         let qt = rope.norm_apply(be, &qt, &blk.norm_added_q, eps, 0)?;
         let qi = rope.norm_apply(be, &qi, &blk.norm_q, eps, lt)?;
@@ -794,7 +799,6 @@ impl Flux2Transformer {
         let ki = rope.norm_apply(be, &ki, &blk.norm_k, eps, lt)?;
         let q = be.concat(&[&qt, &qi], 1)?;
         let k = be.concat(&[&kt, &ki], 1)?;
-        let v = be.concat(&[&vt, &vi], 1)?;
 
         let (o, ref_out, kept) = match reference {
             RefStream::Tokens { x: r, mods, rope: ref_rope } => {
@@ -816,6 +820,29 @@ impl Flux2Transformer {
             }
             RefStream::None => (self.attend(&q, &k, &v)?, None, None),
         };
+        self.double_block_out(blk, img, txt, mi, mt, o, ref_out, kept)
+    }
+
+    /// The rest of a double block from its attention output `o` `[B, Lt + Li, H, hd]`: output
+    /// projections with the gated residuals, then the gated feed-forwards of both streams.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn double_block_out(
+        &self,
+        blk: &DoubleBlock,
+        img: &Tensor,
+        txt: &Tensor,
+        mi: &Modulation,
+        mt: &Modulation,
+        o: Tensor,
+        ref_out: Option<Tensor>,
+        kept: Option<(Tensor, Tensor)>,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>, Option<(Tensor, Tensor)>)> {
+        let be = &*self.be;
+        let (b, lt, li, d) = (img.dim(0), txt.dim(1), img.dim(1), self.cfg.hidden());
+        let [_, _, g1] = &mi.sets[0];
+        let [sh2, sc2, g2] = &mi.sets[1];
+        let [_, _, cg1] = &mt.sets[0];
+        let [csh2, csc2, cg2] = &mt.sets[1];
         let o = o.reshape(&[b, lt + li, d])?;
         let (o_txt, o_img) = (o.narrow(1, 0, lt)?, o.narrow(1, lt, li)?);
 
@@ -844,6 +871,12 @@ impl Flux2Transformer {
         let [shift, scale, gate] = &ms.sets[0];
         let y = blk.qkv_mlp.forward_normed(be, h, shift, scale, eps)?;
         let [q, k, v] = self.split_qkv(&y)?;
+        let mlp = y.narrow(2, 3 * d, 2 * m)?;
+        if self.sage_normed(&reference) {
+            let (q, k) = ([QkPart { x: &q, weight: &blk.norm_q }], [QkPart { x: &k, weight: &blk.norm_k }]);
+            let o = self.attend_sage_normed(&q, &k, rope, &v)?.reshape(&[b, n, d])?;
+            return Ok((blk.to_out.forward_swiglu_gated(be, Some(&o), &mlp, h, gate)?, None, None));
+        }
         let q = rope.norm_apply(be, &q, &blk.norm_q, eps, 0)?;
         let k = rope.norm_apply(be, &k, &blk.norm_k, eps, 0)?;
         let (o, ref_out, kept) = match reference {
@@ -866,7 +899,7 @@ impl Flux2Transformer {
             RefStream::None => (self.attend(&q, &k, &v)?, None, None),
         };
         let o = o.reshape(&[b, n, d])?;
-        let h = blk.to_out.forward_swiglu_gated(be, Some(&o), &y.narrow(2, 3 * d, 2 * m)?, h, gate)?;
+        let h = blk.to_out.forward_swiglu_gated(be, Some(&o), &mlp, h, gate)?;
         Ok((h, ref_out, kept))
     }
 
@@ -982,7 +1015,20 @@ impl Flux2Transformer {
         Ok([part(0)?, part(1)?, part(2)?])
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Whether a block's Sage attention takes its q and k before the QK norm (the backend then
+    /// quantizes them in the norm's kernel): the Sage path without reference tokens.
+    fn sage_normed(&self, reference: &RefStream) -> bool {
+        matches!(self.compute.attention, AttentionMode::Sage) && matches!(reference, RefStream::None)
+    }
+
+    /// Sage attention of raw q and k parts (each normed with its weight; the tables cover the
+    /// joint sequence from row 0) and v.
+    fn attend_sage_normed(&self, q: &[QkPart], k: &[QkPart], rope: &Rope, v: &Tensor) -> Result<Tensor> {
+        let scale = 1.0 / (self.cfg.attention_head_dim as f32).sqrt();
+        let qk = QkRope { eps: self.cfg.eps as f32, cos: rope.cos, sin: rope.sin, pairs: RopePairs::Interleaved };
+        self.be.attention_sage_normed(q, k, &qk, v, scale)
+    }
+
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let scale = 1.0 / (self.cfg.attention_head_dim as f32).sqrt();
         match self.compute.attention {
