@@ -169,11 +169,11 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
-// V [B, Nk, Hkv, D] to e4m3 vt [B * Hkv, D, nk_pad] (key order permuted per 32, zeros past nk), as codes
-// (T = unsigned char) or as their bf16 values (T = bf16).
+// V [B, Nk, Hkv, D] (tokens `ld` elements apart) to e4m3 vt [B * Hkv, D, nk_pad] (key order permuted per 32,
+// zeros past nk), as codes (T = unsigned char) or as their bf16 values (T = bf16).
 template <typename T>
 __device__ __forceinline__ void sage_quantize_vt(const bf16* v, const float* v_mean, const float* v_absmax, T* vt,
-                                                 int nk, int nk_pad, int kv_heads, int d, i64 total) {
+                                                 int nk, int nk_pad, int kv_heads, int d, i64 ld, i64 total) {
     GRID_STRIDE(i, total) {
         int slot = (int)(i % nk_pad);
         i64 rest = i / nk_pad;
@@ -186,7 +186,7 @@ __device__ __forceinline__ void sage_quantize_vt(const bf16* v, const float* v_m
         if (key < nk) {
             float sc = v_absmax[bh * d + c] / 448.f;
             float inv = sc > 0.f ? 1.f / sc : 0.f;
-            float val = (to_f(v[(((i64)b * nk + key) * kv_heads + h) * d + c]) - v_mean[bh * d + c]) * inv;
+            float val = (to_f(v[((i64)b * nk + key) * ld + (i64)h * d + c]) - v_mean[bh * d + c]) * inv;
             __nv_fp8_e4m3 q(val);
             code = q.__x;
         }
@@ -202,14 +202,14 @@ __device__ __forceinline__ void sage_quantize_vt(const bf16* v, const float* v_m
 
 extern "C" __global__ void sage_quantize_vt_e4m3_bf16(const bf16* v, const float* v_mean, const float* v_absmax,
                                                       unsigned char* vt, int nk, int nk_pad, int kv_heads, int d,
-                                                      i64 total) {
-    sage_quantize_vt(v, v_mean, v_absmax, vt, nk, nk_pad, kv_heads, d, total);
+                                                      i64 ld, i64 total) {
+    sage_quantize_vt(v, v_mean, v_absmax, vt, nk, nk_pad, kv_heads, d, ld, total);
 }
 
 extern "C" __global__ void sage_quantize_vt_e4m3_as_bf16(const bf16* v, const float* v_mean, const float* v_absmax,
                                                          bf16* vt, int nk, int nk_pad, int kv_heads, int d,
-                                                         i64 total) {
-    sage_quantize_vt(v, v_mean, v_absmax, vt, nk, nk_pad, kv_heads, d, total);
+                                                         i64 ld, i64 total) {
+    sage_quantize_vt(v, v_mean, v_absmax, vt, nk, nk_pad, kv_heads, d, ld, total);
 }
 
 // x rounded to e4m3 (saturating, as the codes), as a float: exact in bf16.

@@ -63,20 +63,22 @@ extern "C" __global__ void gemm_w8a8_tiled_bf16(const bf16* A, const float* a_ab
 // Per (batch, kv head, channel): means of K and V over tokens, and |V - mean|max.
 // K/V statistics for Sage smoothing as a parallel reduction over token chunks (was one block per
 // (batch, kv head) scanning the sequence serially). Grid (token chunks of SAGE_STATS_TOKENS, batch * kv_heads),
-// one thread per channel (strided). Pass 1: f64 sums of K and V per channel into sums [bh][2][d] (zeroed
+// one thread per channel (strided); K and V [B, Nk, Hkv, D] with tokens `ld` elements apart (a slice of a
+// fused projection read in place). Pass 1: f64 sums of K and V per channel into sums [bh][2][d] (zeroed
 // by the launcher; with k null only V's, K's coming from sage_norm_rope_int8_bf16; bf16 values summed in f64
 // are exact, so the order of the atomics does not matter in practice). Pass 2: the means (as the serial kernel: f64 sum / n, rounded to f32), written by chunk 0, and
 // |v - v_mean|max per channel as atomicMax on the bits of a non-negative float (ordered as unsigned) into
 // v_absmax (zeroed).
 #define SAGE_STATS_TOKENS 256
 
-extern "C" __global__ void sage_kv_sums_bf16(const bf16* k, const bf16* v, double* sums, int nk, int kv_heads, int d) {
+extern "C" __global__ void sage_kv_sums_bf16(const bf16* k, const bf16* v, double* sums, int nk, int kv_heads, int d,
+                                              i64 ld) {
     const int bh = blockIdx.y, b = bh / kv_heads, h = bh % kv_heads;
     const int j0 = blockIdx.x * SAGE_STATS_TOKENS, j1 = min(nk, j0 + SAGE_STATS_TOKENS);
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         double sk = 0.0, sv = 0.0;
         for (int j = j0; j < j1; j++) {
-            i64 at = (((i64)b * nk + j) * kv_heads + h) * d + c;
+            i64 at = ((i64)b * nk + j) * ld + (i64)h * d + c;
             if (k) sk += to_f(k[at]);
             sv += to_f(v[at]);
         }
@@ -86,7 +88,7 @@ extern "C" __global__ void sage_kv_sums_bf16(const bf16* k, const bf16* v, doubl
 }
 
 extern "C" __global__ void sage_kv_means_absmax_bf16(const bf16* v, const double* sums, float* k_mean, float* v_mean,
-                                                     float* v_absmax, int nk, int kv_heads, int d) {
+                                                     float* v_absmax, int nk, int kv_heads, int d, i64 ld) {
     const int bh = blockIdx.y, b = bh / kv_heads, h = bh % kv_heads;
     const int j0 = blockIdx.x * SAGE_STATS_TOKENS, j1 = min(nk, j0 + SAGE_STATS_TOKENS);
     const double n = nk > 0 ? (double)nk : 1.0;
@@ -97,7 +99,7 @@ extern "C" __global__ void sage_kv_means_absmax_bf16(const bf16* v, const double
             v_mean[(i64)bh * d + c] = vm;
         }
         float mx = 0.f;
-        for (int j = j0; j < j1; j++) mx = fmaxf(mx, fabsf(to_f(v[(((i64)b * nk + j) * kv_heads + h) * d + c]) - vm));
+        for (int j = j0; j < j1; j++) mx = fmaxf(mx, fabsf(to_f(v[((i64)b * nk + j) * ld + (i64)h * d + c]) - vm));
         atomicMax(reinterpret_cast<unsigned*>(&v_absmax[(i64)bh * d + c]), __float_as_uint(mx));
     }
 }

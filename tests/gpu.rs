@@ -252,7 +252,8 @@ fn sage_normed_gives_the_compositions_bits(be: Arc<dyn Backend>) {
         let q: Vec<_> = proj.iter().map(|p| slice(p, 0, h)).collect();
         let k: Vec<_> = proj.iter().map(|p| slice(p, h, hkv)).collect();
         let vs: Vec<_> = proj.iter().map(|p| slice(p, h + hkv, hkv)).collect();
-        let v = be.concat(&vs.iter().collect::<Vec<_>>(), 1).unwrap();
+        // One part: v read in place from the projection; two: concatenated as the double block does.
+        let v = if vs.len() == 1 { vs[0].clone() } else { be.concat(&vs.iter().collect::<Vec<_>>(), 1).unwrap() };
         let w: Vec<_> = (0..2 * lens.len()).map(|i| draw(&format!("w{i}"), &[d], act)).collect();
         let (cos, sin) = (draw("cos", &[n, d / 2], flux2::DType::F32), draw("sin", &[n, d / 2], flux2::DType::F32));
         let qp: Vec<_> = q.iter().enumerate().map(|(i, x)| QkPart { x, weight: &w[2 * i] }).collect();

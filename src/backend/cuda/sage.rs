@@ -66,8 +66,9 @@ impl KvStats {
         Ok(KvStats { sums, v_absmax, k_mean, v_mean })
     }
 
-    /// V's sums, and K's when `k` is not 0 (else they are in already), then the means and V's maxima.
-    fn finish(&self, be: &CudaBackend, k: u64, v: u64, [b, _, _, nk, hkv, d]: Dims) -> Result<()> {
+    /// V's sums, and K's when `k` is not 0 (else they are in already), then the means and V's
+    /// maxima; k and v `[b, nk, hkv, d]` with tokens `ld` elements apart.
+    fn finish(&self, be: &CudaBackend, k: u64, (v, ld): (u64, i64), [b, _, _, nk, hkv, d]: Dims) -> Result<()> {
         let cfg = LaunchConfig {
             grid_dim: (nk.div_ceil(SAGE_STATS_TOKENS).max(1) as u32, (b * hkv) as u32, 1),
             block_dim: (128, 1, 1),
@@ -76,8 +77,8 @@ impl KvStats {
         let (nk32, hkv32, d32) = (nk as i32, hkv as i32, d as i32);
         let (sp, vap) = (self.sums.base_ptr(), self.v_absmax.base_ptr());
         let (kmp, vmp) = (be.ptr(&self.k_mean)?, be.ptr(&self.v_mean)?);
-        launch!(be.dev, "sage_kv_sums_bf16", cfg, k, v, sp, nk32, hkv32, d32)?;
-        launch!(be.dev, "sage_kv_means_absmax_bf16", cfg, v, sp, kmp, vmp, vap, nk32, hkv32, d32)
+        launch!(be.dev, "sage_kv_sums_bf16", cfg, k, v, sp, nk32, hkv32, d32, ld)?;
+        launch!(be.dev, "sage_kv_means_absmax_bf16", cfg, v, sp, kmp, vmp, vap, nk32, hkv32, d32, ld)
     }
 }
 
@@ -118,7 +119,8 @@ pub(super) fn attention_sage(
     let (_k, kp) = be.bf16_arg(k, "attention_sage")?;
     let (_v, vp) = be.bf16_arg(v, "attention_sage")?;
     let stats = KvStats::new(be, dims)?;
-    stats.finish(be, kp, vp, dims)?;
+    let dense = (hkv * d) as i64;
+    stats.finish(be, kp, (vp, dense), dims)?;
     let (qc, kc) = (Codes::new(be, b, nq, h, d)?, Codes::new(be, b, nk, hkv, d)?);
     let (qap, kap, kmp) = (be.ptr(&qc.absmax)?, be.ptr(&kc.absmax)?, be.ptr(&stats.k_mean)?);
     let (nq32, nk32, h32, hkv32, d32) = (nq as i32, nk as i32, h as i32, hkv as i32, d as i32);
@@ -176,18 +178,18 @@ pub(super) fn attention_sage(
         launch!(be.dev, "sage_quantize_int8_block_bf16", per_block(nq, b * h), qp, 0u64, qap, qcp, nq32, h32, d32)?;
         launch!(be.dev, "sage_quantize_int8_block_bf16", per_block(nk, b * hkv), kp, kmp, kap, kcp, nk32, hkv32, d32)?;
     }
-    sage_mma(be, &qc, &kc, &stats, vp, dims, mask, scale)
+    sage_mma(be, &qc, &kc, &stats, (vp, dense), dims, mask, scale)
 }
 
-/// The tensor-core kernel (v2) from Q's and K's codes: V to transposed e4m3 (codes for e4m3 mma,
-/// their bf16 values for bf16 mma), then the attention.
+/// The tensor-core kernel (v2) from Q's and K's codes: V (tokens `v_ld` elements apart) to
+/// transposed e4m3 (codes for e4m3 mma, their bf16 values for bf16 mma), then the attention.
 #[allow(clippy::too_many_arguments)]
 fn sage_mma(
     be: &CudaBackend,
     qc: &Codes,
     kc: &Codes,
     stats: &KvStats,
-    vp: u64,
+    (vp, v_ld): (u64, i64),
     [b, nq, h, nk, hkv, d]: Dims,
     mask: &AttnMask,
     scale: f32,
@@ -213,6 +215,7 @@ fn sage_mma(
         nk_pad as i32,
         hkv as i32,
         d32,
+        v_ld,
         tv as i64
     )?;
     let cfg = LaunchConfig {
@@ -360,12 +363,17 @@ pub(super) fn attention_sage_normed(
     };
     let (_c, cp) = be.f32_arg(rope.cos, "attention_sage_normed")?;
     let (_s, sp) = be.f32_arg(rope.sin, "attention_sage_normed")?;
-    let (_v, vp) = be.bf16_arg(v, "attention_sage_normed")?;
+    // V read in place when it is a slice of a projection (the single block's), else made dense.
+    let (v, v_ld) = match super::reduce::token_stride(v).filter(|_| v.dtype() == DType::BF16) {
+        Some(ld) => (v.clone(), ld as i64),
+        None => (be.bf16_arg(v, "attention_sage_normed")?.0, (hkv * d) as i64),
+    };
+    let vp = be.ptr(&v)?;
     let stats = KvStats::new(be, dims)?;
     norm_rope_int8(be, &kp, rope, (cp, sp), (b, hkv, d), 0, stats.sums.base_ptr(), None)?;
-    stats.finish(be, 0, vp, dims)?;
+    stats.finish(be, 0, (vp, v_ld), dims)?;
     let (qc, kc) = (Codes::new(be, b, nq, h, d)?, Codes::new(be, b, nk, hkv, d)?);
     norm_rope_int8(be, &qp, rope, (cp, sp), (b, h, d), 0, 0, Some(&qc))?;
     norm_rope_int8(be, &kp, rope, (cp, sp), (b, hkv, d), be.ptr(&stats.k_mean)?, 0, Some(&kc))?;
-    sage_mma(be, &qc, &kc, &stats, vp, dims, &AttnMask::None, scale)
+    sage_mma(be, &qc, &kc, &stats, (vp, v_ld), dims, &AttnMask::None, scale)
 }
