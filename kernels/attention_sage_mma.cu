@@ -28,6 +28,7 @@
 // ptxas (NVRTC 12.9, scripts/ptxas_report.py), registers at d = 128 / d = 64, no stack or spills anywhere:
 // sm_89 167/128, sm_90a 180/154, sm_120 168/128; the quantize passes 28–38. (sm_80/86 images hold a trap.)
 #include <cuda_fp8.h>
+#include "qk_norm.cuh"
 #include "softmax_tile.cuh"
 
 #define SAGE_TILE 64
@@ -122,19 +123,11 @@ extern "C" __global__ void __launch_bounds__(256)
         const i64 ld = second ? ld1 : ld0;
         const bf16* w = second ? w1 : w0;
         const bf16* xr = (second ? x1 : x0) + ((i64)b * len + tl) * ld + (i64)h * d;
-        float ss = 0.f;
-        for (int i = lane; i < d; i += 32) {
-            float v = to_f(xr[i]);
-            ss += v * v;
-        }
-        const float inv = rsqrtf(warp_sum(ss) / d + eps);
-        auto normed = [&](int i) {
-            float v = to_f(xr[i]) * inv;
-            return to_f(to_bf(w ? v * to_f(w[i]) : v));
-        };
+        const float inv = qk_rms_inverse(xr, d, eps);
         for (int p = lane; p < half; p += 32) {
-            const int i0 = interleaved ? 2 * p : p, i1 = interleaved ? 2 * p + 1 : p + half;
-            const float a = normed(i0), c0 = normed(i1);
+            int i0, i1;
+            rope_pair(p, half, interleaved, i0, i1);
+            const float a = qk_normed(xr, w, inv, i0), c0 = qk_normed(xr, w, inv, i1);
             const float c = cos_t[(i64)t * half + p], sn = sin_t[(i64)t * half + p];
             const bf16 r0 = to_bf(a * c - c0 * sn), r1 = to_bf(c0 * c + a * sn);
             tile[j * d + i0] = r0;
@@ -336,13 +329,7 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
             m_r[r] = mx[r];
             l_r[r] *= alpha[r];
         }
-#pragma unroll
-        for (int i = 0; i < D / 8; i++) {
-            o[i][0] *= alpha[0];
-            o[i][1] *= alpha[0];
-            o[i][2] *= alpha[1];
-            o[i][3] *= alpha[1];
-        }
+        rescale_rows<D / 8>(o, alpha);
 #pragma unroll
         for (int j = 0; j < 8; j++)
 #pragma unroll

@@ -128,32 +128,13 @@ __device__ __forceinline__ void flash_v3(const bf16* __restrict__ q, const bf16*
         // Per-score test only where some key of the tile is hidden from some row of this warp.
         bool partial = k0 + BKV > kv_lim;
         if (MASKED && causal) partial = partial || k0 + BKV - 1 > q0 + warp * 16;
-        if (partial) {
-#pragma unroll
-            for (int j = 0; j < NTILE; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int key = k0 + j * 8 + (lane & 3) * 2 + (e & 1);
-                    bool ok = key < kv_lim;
-                    if (MASKED && causal) ok = ok && key <= row0 + (e >> 1) * 8;
-                    s[j][e] = ok ? s[j][e] * scale_log2 : ATTN_NEG_INF;
-                }
-        } else {
-#pragma unroll
-            for (int j = 0; j < NTILE; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) s[j][e] *= scale_log2;
-        }
+        scale_scores<NTILE>(s, scale_log2, partial, k0, [&](int key, int e) {
+            return key < kv_lim && !(MASKED && causal && key > row0 + (e >> 1) * 8);
+        });
 
         float alpha[2];
         online_softmax_tile<NTILE>(s, m_r, l_r, alpha);
-#pragma unroll
-        for (int i = 0; i < D / 8; i++) {
-            o[i][0] *= alpha[0];
-            o[i][1] *= alpha[0];
-            o[i][2] *= alpha[1];
-            o[i][3] *= alpha[1];
-        }
+        rescale_rows<D / 8>(o, alpha);
 
         // O += P V.
 #pragma unroll
@@ -172,16 +153,7 @@ __device__ __forceinline__ void flash_v3(const bf16* __restrict__ q, const bf16*
 
     const float inv[2] = {row_inverse(l_r[0]), row_inverse(l_r[1])};
     bf16* ob = out + (i64)b * nq * q_stride + (i64)h * D + (lane & 3) * 2;
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        const int row = row0 + half * 8;
-        if (row < nq) {
-#pragma unroll
-            for (int i = 0; i < D / 8; i++)
-                *reinterpret_cast<unsigned*>(ob + (i64)row * q_stride + i * 8) =
-                    pack_bf16x2(o[i][2 * half] * inv[half], o[i][2 * half + 1] * inv[half]);
-        }
-    }
+    store_rows_bf16<D / 8>(o, inv, ob, row0, nq, q_stride);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)

@@ -135,30 +135,12 @@ __device__ __forceinline__ void flash_v4(const TensorMap* tq, const TensorMap* t
         wgmma_wait<0>();
         wgmma_fence_operand<BKV / 2>(&sc[0][0]);
 
+        // Only the ragged last tile hides keys (past nk, or the next sequence's rows of K).
         const int k0 = t * BKV;
-        if (k0 + BKV > nk) {  // the ragged last tile
-#pragma unroll
-            for (int j = 0; j < NT; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int key = k0 + j * 8 + (lane & 3) * 2 + (e & 1);
-                    sc[j][e] = key < nk ? sc[j][e] * scale_log2 : ATTN_NEG_INF;
-                }
-        } else {
-#pragma unroll
-            for (int j = 0; j < NT; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) sc[j][e] *= scale_log2;
-        }
+        scale_scores<NT>(sc, scale_log2, k0 + BKV > nk, k0, [&](int key, int) { return key < nk; });
         float alpha[2];
         online_softmax_tile<NT>(sc, m_r, l_r, alpha);
-#pragma unroll
-        for (int i = 0; i < D / 8; i++) {
-            o[i][0] *= alpha[0];
-            o[i][1] *= alpha[0];
-            o[i][2] *= alpha[1];
-            o[i][3] *= alpha[1];
-        }
+        rescale_rows<D / 8>(o, alpha);
 
         // O += P·V, left in flight while the next tile's S is issued.
 #pragma unroll
@@ -177,17 +159,8 @@ __device__ __forceinline__ void flash_v4(const TensorMap* tq, const TensorMap* t
 
     const float inv[2] = {row_inverse(l_r[0]), row_inverse(l_r[1])};
     const i64 q_stride = (i64)heads * D;
-    const int row0 = q0 + half * 64 + warp * 16 + (lane >> 2);
     bf16* ob = out + (i64)b * nq * q_stride + (i64)h * D + (lane & 3) * 2;
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int row = row0 + r * 8;
-        if (row < nq) {
-#pragma unroll
-            for (int i = 0; i < D / 8; i++)
-                *reinterpret_cast<unsigned*>(ob + (i64)row * q_stride + i * 8) = pack_bf16x2(o[i][2 * r] * inv[r], o[i][2 * r + 1] * inv[r]);
-        }
-    }
+    store_rows_bf16<D / 8>(o, inv, ob, q0 + half * 64 + warp * 16 + (lane >> 2), nq, q_stride);
 }
 #endif
 

@@ -2,6 +2,7 @@
 // row for the row norms (two-pass mean/variance in f32); GroupNorm in two kernels: per-chunk
 // partial sums into f64 statistics, then an element-wise apply.
 #include "common.cuh"
+#include "qk_norm.cuh"
 
 // LayerNorm over the last dim (no affine). With shift/scale ([B, C], row strides shift_s and
 // scale_s), applies x * (1 + scale[b]) + shift[b], b = row / rows_per_sample.
@@ -51,20 +52,12 @@ extern "C" __global__ void rms_norm_rope_bf16(const bf16* x, i64 ld, const bf16*
     const i64 token = div_rem(row, H, head);
     div_rem(token, L, pos);
     const bf16* xr = x + token * ld + (i64)head * d;
-    float ss = 0.f;
-    for (int i = lane; i < d; i += 32) {
-        float v = to_f(xr[i]);
-        ss += v * v;
-    }
-    const float inv = rsqrtf(warp_sum(ss) / d + eps);
-    auto normed = [&](int i) {
-        float n = to_f(xr[i]) * inv;
-        return to_f(to_bf(w ? n * to_f(w[i]) : n));
-    };
+    const float inv = qk_rms_inverse(xr, d, eps);
     bf16* orow = out + row * d;
     for (int m = lane; m < half; m += 32) {
-        int i0 = interleaved ? 2 * m : m, i1 = interleaved ? 2 * m + 1 : m + half;
-        float a = normed(i0), b = normed(i1);
+        int i0, i1;
+        rope_pair(m, half, interleaved, i0, i1);
+        float a = qk_normed(xr, w, inv, i0), b = qk_normed(xr, w, inv, i1);
         float c = cos_t[(i64)pos * half + m], s = sin_t[(i64)pos * half + m];
         orow[i0] = to_bf(a * c - b * s);
         orow[i1] = to_bf(b * c + a * s);

@@ -50,6 +50,55 @@ __device__ __forceinline__ void p_fragment(const float (&s)[NT][4], int kk, unsi
     a[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 }
 
+// Scales the scores to the log2 domain; in a `partial` tile (some key hidden from some row) the keys for which
+// visible(key, e) is false become ATTN_NEG_INF. Score s[j][e] is key k0 + 8j + 2(lane % 4) + (e & 1).
+template <int NT, typename Visible>
+__device__ __forceinline__ void scale_scores(float (&s)[NT][4], float scale_log2, bool partial, int k0, Visible visible) {
+    const int lane = threadIdx.x & 31;
+    if (partial) {
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = k0 + j * 8 + (lane & 3) * 2 + (e & 1);
+                s[j][e] = visible(key, e) ? s[j][e] * scale_log2 : ATTN_NEG_INF;
+            }
+    } else {
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[j][e] *= scale_log2;
+    }
+}
+
+// Rescales the rows of an accumulator tile in the same layout (o[i][0..1]: row lane/4, o[i][2..3]: row lane/4 + 8).
+template <int N>
+__device__ __forceinline__ void rescale_rows(float (&o)[N][4], const float alpha[2]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        o[i][0] *= alpha[0];
+        o[i][1] *= alpha[0];
+        o[i][2] *= alpha[1];
+        o[i][3] *= alpha[1];
+    }
+}
+
+// Writes this thread's two rows (row0 and row0 + 8, those below nq) of the normalised output tile o / l as bf16
+// pairs: ob points at column 2(lane % 4) of row 0, rows `stride` elements apart.
+template <int N>
+__device__ __forceinline__ void store_rows_bf16(const float (&o)[N][4], const float inv[2], bf16* ob, int row0, int nq,
+                                                i64 stride) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = row0 + r * 8;
+        if (row < nq) {
+#pragma unroll
+            for (int i = 0; i < N; i++)
+                *reinterpret_cast<unsigned*>(ob + (i64)row * stride + i * 8) = pack_bf16x2(o[i][2 * r] * inv[r], o[i][2 * r + 1] * inv[r]);
+        }
+    }
+}
+
 // 1 / (row sum over the quad), 0 for a row that saw no key.
 __device__ __forceinline__ float row_inverse(float l) {
     l += __shfl_xor_sync(FULL_MASK, l, 1);
