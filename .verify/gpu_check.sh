@@ -6,7 +6,8 @@
 #   3. the GPU test binary on the fixtures (FLUX2_EXPECT_GPU=1: a device that does not initialise
 #      FAILS its checks; its op sweep is step 2's, so it is skipped here)
 #   4. the CLI on the fixtures: forward commands and generate --noise vs the diffusers outputs
-#   5. full mode: `bench gemm` and `profile attention` at klein-4B shapes, a klein-4B-shaped random
+#   5. full mode: `bench gemm` and `profile attention` at klein-4B shapes (attention beside torch SDPA,
+#      .verify/attention_compare.py, also at the VAE's 512-wide head), a klein-4B-shaped random
 #      pipeline (`flux2 synth`) generating 1024x1024 (per-stage timings) and .verify/peer_compare.py
 #      small mode: `selftest --small`, a tiny synthetic pipeline generating SMALL_SIZE (256) pixels
 #      square in 2 steps, and `profile attention` at a tiny size
@@ -380,8 +381,11 @@ else
   # Benchmark tables at klein-4B shapes (cheap, so before the synth).
   step bench-gemm 180 "$FLUX2" bench gemm --shapes klein4b --reps 5 --device "$CHECK_DEVICE" \
     --json "$REPORT/bench_gemm.json"
-  step profile-attention 120 "$FLUX2" profile attention --seq 4608 --heads 24 --dim 128 --reps 5 \
-    --device "$CHECK_DEVICE" --json "$REPORT/profile_attention.json"
+  # Every attention path at klein-4B's DiT shape and the VAE's 512-wide head at 1024², each next to
+  # PyTorch SDPA timed in the same run (flux2 profile attention's rows; the DiT shape's also as
+  # profile_attention.json).
+  step profile-attention 240 "$PY" "$ROOT/.verify/attention_compare.py" --flux2 "$FLUX2" --out "$REPORT" \
+    --shapes 4608x24x128,16384x1x512 --reps 5 --device "$CHECK_DEVICE" --first-json "$REPORT/profile_attention.json"
   # A klein-4B-shaped random pipeline (about 16 GB, written once per $WORK) generating 1024x1024.
   K=$WORK/klein-4b
   if [ "${SKIP_SYNTH:-0}" = 1 ]; then

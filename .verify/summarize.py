@@ -8,7 +8,7 @@ Reads whatever is there and tolerates anything missing or malformed (each part t
 read says why under "errors"): results.tsv (one row per step: name, status, rc, seconds, limit,
 note), run.txt, nvidia-smi.csv, doctor.log, selftest.json, gpu-tests.log, the fixture steps' logs
 (`flux2 compare` lines), the generate reports (klein4b-1024.json, small-*.json), bench_gemm.json,
-profile_attention.json and peer_compare.json.
+profile_attention.json, attention_compare.json and peer_compare.json.
 
 Exit status: 0 every step passed, 1 a step failed / timed out / was interrupted (or none ran),
 2 nothing failed but steps were skipped for lack of time.
@@ -306,6 +306,13 @@ def table(s):
         lines.append("attention: " + "; ".join(
             f"{r.get('path')} {fmt(num(r.get('ms')), '.3f')} ms, {fmt(num(r.get('tops')), '.1f')} TOPS, cosine {fmt(num(r.get('cosine')), '.6f')}"
             for r in a))
+    ac = s.get("attention_compare")
+    if ac:
+        lines.append("attention vs torch SDPA: " + "; ".join(
+            f"N={r['n']} H={r['heads']} d={r['d']}: SDPA ({r.get('sdpa_backend')}) {fmt(num(r.get('sdpa_ms')), '.3f')} ms, "
+            f"{fmt(num(r.get('sdpa_tflops')), '.1f')} TFLOP/s; flux2 " + ", ".join(
+                f"{x.get('path')} {fmt(num(x.get('ms')), '.3f')} ms" for x in (r.get("flux2") or []))
+            for r in ac))
     p = s.get("peer_compare")
     if p:
         lines.append("peer (diffusers bf16 SDPA vs flux2): " + ", ".join(
@@ -367,6 +374,9 @@ def main():
     pa = load_json(report, "profile_attention.json", errors)
     if pa:
         summary["profile_attention"] = pa.get("results")
+    ac = load_json(report, "attention_compare.json", errors)
+    if ac:
+        summary["attention_compare"] = ac.get("shapes")
     pc = load_json(report, "peer_compare.json", errors)
     if pc:
         summary["peer_compare"] = pc

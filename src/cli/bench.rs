@@ -416,7 +416,11 @@ pub fn profile_attention(
         AttnKernels::Ref => cuda,
         AttnKernels::V3 => v4,
     };
-    for &(label, mode, kernels) in paths.iter().filter(|p| shown(p.2)) {
+    // Sage takes head dims up to 256 (the VAE's 512-wide head has only the exact paths).
+    let sage_ok = dim <= 256;
+    for &(label, mode, kernels) in
+        paths.iter().filter(|p| shown(p.2) && (sage_ok || !matches!(p.1, AttentionMode::Sage)))
+    {
         let call = || {
             let run = || match mode {
                 AttentionMode::Exact => be.attention(&q, &k, &v, &AttnMask::None, scale),
