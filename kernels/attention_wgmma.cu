@@ -145,6 +145,8 @@ __device__ __forceinline__ void flash_v4(const TensorMap* tq, const TensorMap* t
         // O += P·V, left in flight while the next tile's S is issued.
 #pragma unroll
         for (int kk = 0; kk < BKV / 16; kk++) p_fragment<NT>(sc, kk, pf[kk]);
+        wgmma_fence_operand<D / 2>(&o[0][0]);
+        wgmma_fence_operand<BKV / 4>(&pf[0][0]);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BKV / 16; kk++) {

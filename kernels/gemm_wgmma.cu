@@ -62,6 +62,7 @@ template <bool Fp8>
 __device__ __forceinline__ void wgmma_consume(const WgmmaRing& r, int wg, int ktiles, unsigned it, float acc[64]) {
 #pragma unroll
     for (int i = 0; i < 64; i++) acc[i] = 0.f;
+    wgmma_fence_operand<64>(acc);
     const int a_half = (wg - 1) * 64 * WG_KB;  // this warpgroup's 64 rows: 8 swizzle atoms in
     const bool leader = (threadIdx.x & 127) == 0;
     for (int kt = 0; kt < ktiles; kt++, it++) {

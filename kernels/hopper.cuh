@@ -34,7 +34,7 @@ __forceinline__ void wgmma_fence_operand(unsigned*) {}
 // Pins N registers (accumulators or A fragments) at this point of the program: the compiler sees
 // them read and rewritten here, so it neither reads accumulators of an unretired wgmma earlier nor
 // reuses the registers of an A fragment a wgmma may still be reading. Place it after the
-// wgmma.wait_group that retires them.
+// wgmma.wait_group that retires them, and before the wgmma that reads values just computed.
 template <int N>
 __device__ __forceinline__ void wgmma_fence_operand(float* r) {
 #pragma unroll
