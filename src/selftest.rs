@@ -509,6 +509,8 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (1, 64, 64, 1, 1, 512, 0, Ref),   // rowwise: D 512 (16 values per lane)
             (2, 100, 150, 4, 2, 128, 0, Cur), // v4 d128: GQA, batch 2 (the first sequence's last tile reads the next's keys)
             (2, 90, 200, 2, 1, 64, 0, Cur),   // v4 d64: GQA, batch 2, ragged second 128-key tile
+            (1, 64, 450, 2, 2, 128, 0, Cur),  // v4 d128: 8 key tiles, the 3-stage ring wraps twice
+            (1, 40, 900, 2, 1, 64, 0, Cur),   // v4 d64: 8 key tiles of 128, GQA
             (1, 77, 77, 3, 3, 64, 0, V3),     // v3 d64 where v4 would run
             (1, 70, 130, 2, 2, 128, 0, V3),   // v3 d128 where v4 would run
         ],

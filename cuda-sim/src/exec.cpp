@@ -190,6 +190,7 @@ bool release_or_report(BlockState& b, std::vector<Thread>& th) {
         return false;
     };
     std::string waits = mbarrier_waits(b);
+    if (waits.empty()) waits = wgmma_waits(b);
     if (!waits.empty()) return report(waits);
     for (size_t wi = 0; wi < b.warps.size(); wi++) {
         Warp& wp = b.warps[wi];
@@ -487,6 +488,21 @@ void* sim_dynamic_smem() { return worker()->block->dyn_base; }
 }
 
 namespace sim {
+void block_on_wgmma(uint64_t op) {
+    Thread* t = worker()->current;
+    t->state = ThreadState::WgmmaWait;
+    t->wait_op = op;
+    yield();  // issue_wgmma makes it runnable once the 128th thread has issued the op
+}
+
+void run_first(Thread* next) {
+    Worker* w = worker();
+    Thread* cur = w->current;
+    cur->state = ThreadState::Runnable;
+    w->current = next;
+    fiber_switch(cur->fiber, next->fiber);  // when `next` blocks, the sweep goes on from it in thread order
+}
+
 void block_on_mbarrier(const void* bar, unsigned parity) {
     Thread* t = worker()->current;
     t->state = ThreadState::MbarrierWait;

@@ -271,6 +271,19 @@ std::string mbarrier_waits(const BlockState& b) {
     return "";
 }
 
+std::string wgmma_waits(const BlockState& b) {
+    for (const Thread& t : *b.threads) {
+        if (t.state != ThreadState::WgmmaWait) continue;
+        const WarpGroup& g = b.warpgroups[t.warp / 4];
+        char buf[96];
+        snprintf(buf, sizeof buf, "(%u,%u,%u)", t.tid.x, t.tid.y, t.tid.z);
+        return std::string("thread ") + buf + " waits in wgmma.wait_group for a wgmma that " +
+               std::to_string(g.ops[t.wait_op - g.base].issued) + " of its warpgroup's 128 threads have issued, which the others " +
+               "never reach (deadlock: every thread of a warpgroup issues each wgmma)";
+    }
+    return "";
+}
+
 std::string block_end_async_leftovers(const BlockState& b) {
     for (const auto& [addr, m] : b.mbarriers)
         if (!m.copies.empty())
@@ -309,6 +322,15 @@ void sim_mbarrier_arrive(void* bar, unsigned tx_bytes) {
     if (m.pending == 0 && m.copies.empty() && m.tx == 0) {
         m.phase++;
         m.pending = m.count;
+        // The threads waiting for this phase run at once (the most revealing order: a stage handed
+        // back before all its readers have retired is refilled while they still read it).
+        Thread* first = nullptr;
+        for (Thread& w : *b.threads)
+            if (w.state == ThreadState::MbarrierWait && w.wait_bar == bar && phase_done(m, w.wait_parity)) {
+                w.state = ThreadState::Runnable;
+                if (!first) first = &w;
+            }
+        if (first) run_first(first);
     }
 }
 
@@ -394,7 +416,12 @@ WgmmaOp& issue_wgmma(Thread* t, int type, int n, float* d, uint64_t desc_a, uint
                                     "descriptors differ: wgmma is warpgroup-wide and .aligned)");
     }
     t->wgmma_open.push_back(WgmmaPart{index, d, scale_d != 0});
-    return g.ops[index - g.base];
+    WgmmaOp& op = g.ops[index - g.base];
+    // A wgmma completes only once its whole warpgroup has issued it: wake the threads that wait for it.
+    if (++op.issued == 128)
+        for (Thread& w : *b.threads)
+            if (w.state == ThreadState::WgmmaWait && w.warp / 4 == t->warp / 4 && w.wait_op == index) w.state = ThreadState::Runnable;
+    return op;
 }
 
 void complete_fragment_gather(BlockState&, Warp&, unsigned, unsigned) {}
@@ -423,7 +450,11 @@ void sim_wgmma_commit() {
 void sim_wgmma_wait(int pending) {
     Thread* t = current_thread("wgmma.wait_group");
     while ((int)t->wgmma_groups.size() > pending) {
-        for (const WgmmaPart& part : t->wgmma_groups.front()) retire(*t, part);
+        for (const WgmmaPart& part : t->wgmma_groups.front()) {
+            WarpGroup& g = warpgroup_of(*t);
+            if (g.ops[part.op - g.base].issued < 128) block_on_wgmma(part.op);
+            retire(*t, part);
+        }
         t->wgmma_groups.pop_front();
     }
 }

@@ -118,7 +118,7 @@ void set_error_detail(Result code, const std::string& msg);
 const char* error_detail(Result code);
 
 // ---- per-worker execution state, shared by exec.cpp, access.cpp and ptx.cpp ----
-enum class ThreadState : uint8_t { Runnable, Barrier, Warp, MbarrierWait, Exited };
+enum class ThreadState : uint8_t { Runnable, Barrier, Warp, MbarrierWait, WgmmaWait, Exited };
 
 struct CpAsyncOp {
     uint8_t* dst;
@@ -159,6 +159,7 @@ struct WgmmaOp {
     uint64_t desc_a, desc_b;
     bool a_in_regs = false;
     std::vector<uint32_t> a_frag;  // [128 threads][4], a_in_regs only
+    unsigned issued = 0;           // threads of the warpgroup that have issued it
     bool b_read = false;
     std::vector<double> b;         // [n][k]
     unsigned warps_done = 0;       // bit w: rows 16w..16w+15 of the product computed
@@ -190,8 +191,9 @@ struct Thread {
     // mbarrier wait (hopper.cpp): the barrier and the parity of the phase awaited.
     const void* wait_bar;
     unsigned wait_parity;
-    // wgmma: warpgroup-op indices issued by this thread, not yet committed / committed groups.
-    uint64_t wgmma_issued;
+    // wgmma: warpgroup-op indices issued by this thread, not yet committed / committed groups; the
+    // op a wait_group is blocked on until every thread of the warpgroup has issued it.
+    uint64_t wgmma_issued, wait_op;
     std::vector<WgmmaPart> wgmma_open;
     std::deque<std::vector<WgmmaPart>> wgmma_groups;
 };
@@ -263,9 +265,15 @@ bool in_module_image(uintptr_t addr);
 // description of TMA copies never waited for (empty when none).
 bool wake_mbarrier_waiters(BlockState& b, std::string* error);
 std::string mbarrier_waits(const BlockState& b);
+std::string wgmma_waits(const BlockState& b);
 std::string block_end_async_leftovers(const BlockState& b);
 // Blocks the calling thread until the scheduler wakes it (exec.cpp).
 void block_on_mbarrier(const void* bar, unsigned parity);
+// Blocks the calling thread in wgmma.wait_group until its warpgroup has issued op `op` (exec.cpp).
+void block_on_wgmma(uint64_t op);
+// Switches to runnable thread `next` at once; the calling thread stays runnable and resumes in its
+// turn of the sweep that goes on from `next` (exec.cpp).
+void run_first(Thread* next);
 
 // Shared-memory access bookkeeping (access.cpp).
 void shared_access(uint8_t* p, size_t size, bool write, Thread* t, const char* what);

@@ -139,7 +139,8 @@ extern "C" __global__ void convert_f32(const float* in, unsigned short* bf, unsi
 // then four wgmma m64n128k16 from swizzled descriptors. Seeded defects: 1 issues the wgmmas
 // without waiting on the barrier; 2 announces fewer bytes than the copies bring; 3 waits for a
 // phase that never comes; 4 reads the accumulators before wgmma.wait_group. 5 takes A from
-// registers (wgmma ..._rs, correct); 6 does so with one lane gone.
+// registers (wgmma ..._rs, correct); 6 does so with one lane gone; 7 leaves one thread out of the
+// shared-memory wgmma, which then never completes for the others.
 extern "C" __global__ void tma_wgmma_tile(const __grid_constant__ TensorMap ta, const __grid_constant__ TensorMap tb,
                                           float* D, int defect) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -162,10 +163,10 @@ extern "C" __global__ void tma_wgmma_tile(const __grid_constant__ TensorMap ta, 
     if (defect == 3) mbarrier_wait(bar, 1);
     float acc[64];
     for (int i = 0; i < 64; i++) acc[i] = 0.f;
-    if (defect == 6 && threadIdx.x == 5) return;  // a lane missing from the register-A wgmma
+    if ((defect == 6 || defect == 7) && threadIdx.x == 5) return;  // a thread missing from the wgmma
     wgmma_fence();
     for (int kk = 0; kk < 4; kk++) {
-        if (defect < 5) {
+        if (defect < 5 || defect == 7) {
             wgmma_bf16_m64n128k16(acc, wgmma_desc_sw128(a + kk * 32), wgmma_desc_sw128(b + kk * 32), 1);
             continue;
         }
