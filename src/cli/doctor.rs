@@ -50,6 +50,7 @@ fn cuda_report() {
                     free as f64 / 1073741824.0,
                     total as f64 / 1073741824.0
                 );
+                println!("  kernels: {}", be.kernel_summary());
             }
             Err(e) => println!("gpu: not usable: {e}"),
         }

@@ -458,6 +458,28 @@ impl CudaBackend {
         self.dev.flash_v3.store(on || self.dev.flash_v3_default, Ordering::Relaxed);
     }
 
+    /// The kernel versions the linears and attention run here (what `flux2 doctor` reports).
+    pub fn kernel_summary(&self) -> String {
+        let hopper = self.has_gemm_v3();
+        let (gemm_v2, flash_v3) = (self.dev.gemm_v2.load(Ordering::Relaxed), self.dev.flash_v3.load(Ordering::Relaxed));
+        let gemm = match (hopper, gemm_v2) {
+            (true, false) => "v3 (wgmma + TMA)",
+            (true, true) => "v2 (mma.sync; FLUX2_CUDA_GEMM=v2)",
+            _ => "v2 (mma.sync)",
+        };
+        let fp8 = match (hopper && !gemm_v2, quantized::has_fp8_mma(self.dev.target)) {
+            (true, _) => "v3 (wgmma e4m3)",
+            (false, true) => "v2 (mma.sync e4m3)",
+            (false, false) => "v1 (CUDA cores: no e4m3 tensor cores in this image)",
+        };
+        let attention = match (hopper, flash_v3) {
+            (true, false) => "flash v4 (wgmma + TMA) unmasked, v3 masked",
+            (true, true) => "flash v3 (FLUX2_CUDA_ATTENTION=v3)",
+            _ => "flash v3 (mma.sync)",
+        };
+        format!("GEMM {gemm}, FP8 linears {fp8}, attention {attention}")
+    }
+
     /// Fill every new output buffer with NaN first (selftest: catches unwritten elements).
     pub fn set_poison(&self, on: bool) {
         self.dev.poison.store(on, Ordering::Relaxed);
