@@ -14,7 +14,9 @@
 // arrival per consumer warpgroup once its wgmmas on the stage have retired); a consumer keeps one
 // wgmma group in flight while the next stage's copies land. The epilogue is per warp: its 16 rows x
 // 128 columns staged as bf16 in the warp's own shared buffer, then 16-byte stores, while the
-// producer is already filling the ring for the next tile. Ragged M, N and K are the TMA's zero fill
+// producer is already filling the ring for the next tile. Where whole tiles would leave SMs idle
+// (fewer tiles than a few waves' worth, e.g. M = 512) the launcher asks for stream-K: each block
+// takes an equal range of the tiles' K slices instead (see StreamK). Ragged M, N and K are the TMA's zero fill
 // plus a masked epilogue. Needs the row bytes of A and W to be a multiple of 16 (the tensor maps'
 // strides). Images for other architectures trap: the launcher picks v3 only for sm_90a images.
 #include <cuda_fp8.h>
@@ -33,6 +35,19 @@
 // the launcher, src/backend/cuda/gemm_wgmma.rs).
 #define WG_SMEM_BYTES (1024 + 2 * WG_STAGES * WG_STAGE_BYTES + 8 * WG_WARP_STAGE + 2 * WG_STAGES * 8)
 static_assert(TILE_M == 128 && TILE_N == 128, "the wgmma tile is 128x128");
+
+// Stream-K (the launcher's choice where whole tiles would leave SMs idle, e.g. M = 512): the
+// tiles' K slices, numbered tile-major, are cut into gridDim.x equal ranges, one per block, so a
+// tile may be computed in pieces by consecutive blocks. Each consumer warp of a piece writes its
+// f32 partial to its block's slot (first or last tile of the block's range) and adds the piece's
+// slice count to the tile's per-warp counter; the warp whose addition completes the count sums
+// every piece, in block order (so the bits do not depend on which block finished last), runs the
+// epilogue, and zeroes the counter for the next launch. Nobody waits for another block.
+struct StreamK {
+    float* partials;    // gridDim.x x 2 slots x 8 warps x 16 x 128 f32
+    unsigned* counts;   // tiles x 8 warps, zero between launches
+    i64 units;          // tiles x ktiles (units of work)
+};
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 struct WgmmaRing {
@@ -116,10 +131,82 @@ __device__ __forceinline__ void wgmma_warp_store8(bf16* stage, const float acc[6
     __syncwarp(FULL_MASK);  // the buffer is rewritten for the next tile
 }
 
-// The whole GEMM for this block: tiles numbered row-major over (M / 128, N / 128).
+// First K slice (tile-major) of block b's range.
+__device__ __forceinline__ i64 stream_k_start(const StreamK& sk, int b) { return sk.units * b / gridDim.x; }
+
+// The block's work as (tile, first slice, end slice) pieces, in order: whole tiles
+// blockIdx.x, + gridDim.x, ... without stream-K; its range of slices with it.
+template <typename Piece>
+__device__ __forceinline__ void for_each_piece(const StreamK* sk, int tiles, int ktiles, Piece piece) {
+    if (!sk) {
+        for (int t = blockIdx.x; t < tiles; t += gridDim.x) piece(t, 0, ktiles);
+        return;
+    }
+    const i64 end = stream_k_start(*sk, blockIdx.x + 1);
+    for (i64 u = stream_k_start(*sk, blockIdx.x); u < end;) {
+        const int t = (int)(u / ktiles), k0 = (int)(u % ktiles);
+        const int k1 = (int)min((i64)ktiles, k0 + (end - u));
+        piece(t, k0, k1);
+        u += k1 - k0;
+    }
+}
+
+// Block b's slot for its piece of tile t: 0 for the first tile of its range, 1 for the last.
+__device__ __forceinline__ float4* stream_k_slot(const StreamK& sk, int b, int t, int ktiles, int warp) {
+    const int which = stream_k_start(sk, b) / ktiles == t ? 0 : 1;
+    return reinterpret_cast<float4*>(sk.partials) + ((i64)(b * 2 + which) * 8 + warp) * (16 * 128 / 4);
+}
+
+// A consumer warp's piece [k0, k1) of tile t: true when acc now holds the whole tile (this warp
+// completed it), false when other pieces are still to come.
+__device__ __forceinline__ bool stream_k_fixup(const StreamK& sk, float acc[64], int t, int k0, int k1, int ktiles,
+                                               int warp) {
+    const int lane = threadIdx.x & 31;
+    float4* mine = stream_k_slot(sk, blockIdx.x, t, ktiles, warp);
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+        __stcg(&mine[j * 32 + lane], make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]));
+    __threadfence();
+    __syncwarp(FULL_MASK);
+    unsigned* count = &sk.counts[(i64)t * 8 + warp];
+    unsigned done = 0;
+    if (lane == 0) done = atomicAdd(count, (unsigned)(k1 - k0)) + (unsigned)(k1 - k0);
+    done = __shfl_sync(FULL_MASK, done, 0);
+    if (done < (unsigned)ktiles) return false;
+    __threadfence();
+    if (lane == 0) *count = 0;
+    // The tile's pieces come from consecutive blocks: from the one holding its first slice to the
+    // one holding its last; a block with an empty range holds none.
+    const i64 first = (i64)t * ktiles, last = first + ktiles;
+    int b = (int)(first * gridDim.x / sk.units);
+    while (b > 0 && stream_k_start(sk, b) > first) b--;
+    while (stream_k_start(sk, b + 1) <= first) b++;
+    for (bool head = true; b < (int)gridDim.x && stream_k_start(sk, b) < last; b++) {
+        if (stream_k_start(sk, b + 1) <= stream_k_start(sk, b)) continue;
+        const float4* piece = stream_k_slot(sk, b, t, ktiles, warp);
+        if (head) {
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                const float4 v = __ldcg(&piece[j * 32 + lane]);
+                acc[4 * j] = v.x, acc[4 * j + 1] = v.y, acc[4 * j + 2] = v.z, acc[4 * j + 3] = v.w;
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                const float4 v = __ldcg(&piece[j * 32 + lane]);
+                acc[4 * j] += v.x, acc[4 * j + 1] += v.y, acc[4 * j + 2] += v.z, acc[4 * j + 3] += v.w;
+            }
+        }
+        head = false;
+    }
+    return true;
+}
+
+// The whole GEMM for this block: tiles numbered row-major over (M / 128, N / 128), walked whole
+// (sk null) or as stream-K pieces.
 template <bool Fp8, typename Value, typename Store8>
-__device__ __forceinline__ void wgmma_gemm(const TensorMap* ta, const TensorMap* tw, int k_bytes, int M, int N, Value value,
-                                           Store8 store8) {
+__device__ __forceinline__ void wgmma_gemm(const TensorMap* ta, const TensorMap* tw, int k_bytes, int M, int N,
+                                           const StreamK* sk, Value value, Store8 store8) {
     const WgmmaRing r = wgmma_ring();
     const int wg = threadIdx.x >> 7;
     const int ktiles = (k_bytes + WG_KB - 1) / WG_KB, tiles_n = (N + TILE_N - 1) / TILE_N;
@@ -136,36 +223,39 @@ __device__ __forceinline__ void wgmma_gemm(const TensorMap* ta, const TensorMap*
     if (wg == 0) {
         if (threadIdx.x != 0) return;
         const int elems_per_slice = Fp8 ? WG_KB : WG_KB / 2;
-        for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        for_each_piece(sk, tiles, ktiles, [&](int t, int k0, int k1) {
             const int m0 = (t / tiles_n) * TILE_M, n0 = (t % tiles_n) * TILE_N;
-            for (int kt = 0; kt < ktiles; kt++, it++) {
+            for (int kt = k0; kt < k1; kt++, it++) {
                 const int s = it % WG_STAGES;
                 mbarrier_wait(&r.empty[s], ((it / WG_STAGES) & 1) ^ 1);  // the first round finds every stage empty
                 mbarrier_arrive_expect_tx(&r.full[s], 2 * WG_STAGE_BYTES);
                 tma_load_2d(r.a + s * WG_STAGE_BYTES, ta, kt * elems_per_slice, m0, &r.full[s]);
                 tma_load_2d(r.w + s * WG_STAGE_BYTES, tw, kt * elems_per_slice, n0, &r.full[s]);
             }
-        }
+        });
         return;
     }
     const int warp = (threadIdx.x >> 5) - 4;  // consumer warp 0..7: rows 16 · warp of the tile
     bf16* stage = reinterpret_cast<bf16*>(reinterpret_cast<unsigned char*>(r.staged) + warp * WG_WARP_STAGE);
-    for (int t = blockIdx.x; t < tiles; t += gridDim.x, it += ktiles) {
+    for_each_piece(sk, tiles, ktiles, [&](int t, int k0, int k1) {
         float acc[64];
-        wgmma_consume<Fp8>(r, wg, ktiles, it, acc);
+        wgmma_consume<Fp8>(r, wg, k1 - k0, it, acc);
+        it += k1 - k0;
+        if (k1 - k0 < ktiles && !stream_k_fixup(*sk, acc, t, k0, k1, ktiles, warp)) return;
         const i64 m0 = (i64)(t / tiles_n) * TILE_M + warp * 16, n0 = (i64)(t % tiles_n) * TILE_N;
         wgmma_warp_store8(stage, acc, m0, n0, M, N, value, store8);
-    }
+    });
 }
 #endif
 
 // A: tensor map of [M, K] bf16, W: of [N, K] bf16, both with 64x128 boxes (K x rows).
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     gemm_wgmma_bf16(const __grid_constant__ TensorMap ta, const __grid_constant__ TensorMap tw,
-                    const bf16* __restrict__ bias, int bias_mode, bf16* __restrict__ C, int M, int N, int K, i64 ldc) {
+                    const bf16* __restrict__ bias, int bias_mode, bf16* __restrict__ C, int M, int N, int K, i64 ldc,
+                    const __grid_constant__ StreamK sk) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     wgmma_gemm<false>(
-        &ta, &tw, K * 2, M, N, [&](i64 m, i64 n, float v) { return v + bias_at(bias, bias_mode, m, n); },
+        &ta, &tw, K * 2, M, N, sk.counts ? &sk : nullptr, [&](i64 m, i64 n, float v) { return v + bias_at(bias, bias_mode, m, n); },
         [&](i64 m, i64 n, uint4 y, int count) { store_bf16_upto8(C + m * ldc + n, y, count); });
 #else
     __trap();  // wgmma needs an sm_90a image: the launcher picks v2 elsewhere
@@ -177,10 +267,10 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     gemm_wgmma_gated_bf16(const __grid_constant__ TensorMap ta, const __grid_constant__ TensorMap tw,
                           const bf16* __restrict__ bias, const bf16* __restrict__ X, const bf16* __restrict__ gate, i64 gs,
-                          int L, bf16* __restrict__ C, int M, int N, int K) {
+                          int L, bf16* __restrict__ C, int M, int N, int K, const __grid_constant__ StreamK sk) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     wgmma_gemm<false>(
-        &ta, &tw, K * 2, M, N, [&](i64, i64 n, float v) { return v + (bias ? to_f(bias[n]) : 0.f); },
+        &ta, &tw, K * 2, M, N, sk.counts ? &sk : nullptr, [&](i64, i64 n, float v) { return v + (bias ? to_f(bias[n]) : 0.f); },
         [&](i64 m, i64 n, uint4 y, int count) { gated_store8(X, gate, gs, L, C, N, m, n, y, count); });
 #else
     __trap();  // wgmma needs an sm_90a image: the launcher picks v2 elsewhere
@@ -192,10 +282,11 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     gemm_wgmma_e4m3(const __grid_constant__ TensorMap ta, const float* __restrict__ a_scale,
                     const __grid_constant__ TensorMap tw, const float* __restrict__ w_scale,
-                    const bf16* __restrict__ bias, bf16* __restrict__ C, int M, int N, int K, i64 ldc) {
+                    const bf16* __restrict__ bias, bf16* __restrict__ C, int M, int N, int K, i64 ldc,
+                    const __grid_constant__ StreamK sk) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     wgmma_gemm<true>(
-        &ta, &tw, K, M, N, [&](i64 m, i64 n, float v) { return v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f); },
+        &ta, &tw, K, M, N, sk.counts ? &sk : nullptr, [&](i64 m, i64 n, float v) { return v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f); },
         [&](i64 m, i64 n, uint4 y, int count) { store_bf16_upto8(C + m * ldc + n, y, count); });
 #else
     __trap();  // wgmma needs an sm_90a image: the launcher picks v2 elsewhere

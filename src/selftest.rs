@@ -153,15 +153,19 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (130, 72, 200, false, 0),   // gemm_mma: 2x2 ragged blocks, K tail of 8 (3 K tiles)
             (140, 264, 72, true, 0),    // gemm_mma: 9 K tiles through the 2-stage pipeline, bias
             (45, 64, 90, true, 0),      // gemm_mma: N % 8 = 2, the epilogue's last store of a row partial
-            (130, 960, 136, true, 0),   // gemm_wgmma (sm_90a): 15 K slices round the 5-stage ring 3 times
+            (130, 960, 136, true, 0),   // gemm_wgmma (sm_90a): stream-K, 4 tiles of 15 K slices over 15 blocks
             (1170, 72, 1792, false, 0), // gemm_wgmma: 140 tiles on an H100's 132 SMs, so some blocks walk two
         ],
     };
-    // On sm_90a images the cases above with K % 8 == 0 run v3 (gemm_wgmma); these run v2 there too
-    // (elsewhere they repeat the default path).
-    let v2_linears: &[(usize, usize, usize, bool, usize)] = &[(130, 72, 200, false, 0), (140, 264, 72, true, 0)];
-    let linears = linears.iter().map(|&c| (c, false)).chain(v2_linears.iter().map(|&c| (c, true)));
-    for ((m, k, n, bias, off), v2) in linears {
+    // On sm_90a images the cases above with K % 8 == 0 run v3 (gemm_wgmma); these run v2 there
+    // too, and v3 on whole tiles where it would split K (elsewhere they repeat the default path).
+    let other_linears = [
+        ((130, 72, 200, false, 0), GemmKernels::V2),
+        ((140, 264, 72, true, 0), GemmKernels::V2),
+        ((130, 960, 136, true, 0), GemmKernels::WholeTiles), // 15 K slices round the 5-stage ring 3 times
+    ];
+    let linears = linears.iter().map(|&c| (c, GemmKernels::Cur)).chain(other_linears);
+    for ((m, k, n, bias, off), gemm) in linears {
         let x = if off == 0 { act(&[m, k]) } else { act(&[off + m * k]) };
         let mut inputs = vec![x, Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
         if bias {
@@ -170,7 +174,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         let at = if off == 0 { String::new() } else { format!(" at +{off} elements") };
         v.push(case(
             "linear",
-            format!("{m}x{k} · {n}x{k}ᵀ{at}{}", if v2 { " v2" } else { "" }),
+            format!("{m}x{k} · {n}x{k}ᵀ{at}{}", gemm.suffix()),
             inputs,
             3.0,
             Box::new(move |be, t| {
@@ -181,11 +185,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
                         be.linear(&t[0].narrow(0, off, m * k)?.reshape(&[m, k])?, &t[1], t.get(2))
                     }
                 };
-                if v2 {
-                    with_gemm_v2(be, run)
-                } else {
-                    run()
-                }
+                with_gemm_kernels(be, gemm, run)
             }),
         ));
     }
@@ -258,18 +258,23 @@ pub fn cases(suite: Suite) -> Vec<Case> {
     // K % 16 == 0 on sm_89+ images: quantize_rows_e4m3 + gemm_w8a8_mma_e4m3 (v2, ragged 128-tiles,
     // several 64-byte k tiles), on sm_90a gemm_wgmma_e4m3 (v3) unless v2 is asked for; otherwise
     // (K = 72, or older images) row_absmax + gemm_w8a8_tiled (v1).
-    let fp8: &[(usize, usize, usize, bool, bool)] = match suite {
-        Suite::Full => &[(9, 128, 40, false, false), (5, 72, 24, true, false), (256, 3072, 1024, false, false)],
+    let fp8: &[(usize, usize, usize, bool, GemmKernels)] = match suite {
+        Suite::Full => &[
+            (9, 128, 40, false, GemmKernels::Cur),
+            (5, 72, 24, true, GemmKernels::Cur),
+            (256, 3072, 1024, false, GemmKernels::Cur),
+        ],
         Suite::Small => &[
-            (9, 128, 40, false, false),
-            (5, 72, 24, true, false),
-            (70, 320, 136, true, false),
-            (130, 208, 150, false, false),
-            (130, 208, 150, false, true),
-            (70, 960, 136, true, false), // v3: 8 K slices of 128 codes (the last half), the ring wraps
+            (9, 128, 40, false, GemmKernels::Cur),
+            (5, 72, 24, true, GemmKernels::Cur),
+            (70, 320, 136, true, GemmKernels::Cur),
+            (130, 208, 150, false, GemmKernels::Cur),
+            (130, 208, 150, false, GemmKernels::V2),
+            (70, 960, 136, true, GemmKernels::Cur), // v3: stream-K, 2 tiles of 8 K slices (the last half) over 4 blocks
+            (70, 960, 136, true, GemmKernels::WholeTiles), // v3: the ring wraps
         ],
     };
-    for &(m, k, n, bias, v2) in fp8 {
+    for &(m, k, n, bias, gemm) in fp8 {
         let mut inputs = vec![act(&[m, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
         if bias {
             inputs.push(act(&[n]));
@@ -277,17 +282,13 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         v.push(
             case(
                 "linear_fp8",
-                format!("{m}x{k} · {n}x{k}ᵀ{}{}", if bias { " +bias" } else { "" }, if v2 { " v2" } else { "" }),
+                format!("{m}x{k} · {n}x{k}ᵀ{}{}", if bias { " +bias" } else { "" }, gemm.suffix()),
                 inputs,
                 4.0,
                 Box::new(move |be, t| {
                     let q = quantize(&t[1].to_vec_f32()?, n, k, QuantFormat::Fp8)?;
                     let run = || be.linear_fp8(&t[0], &be.load_quantized(&q)?, t.get(2));
-                    if v2 {
-                        with_gemm_v2(be, run)
-                    } else {
-                        run()
-                    }
+                    with_gemm_kernels(be, gemm, run)
                 }),
             )
             .untimed(),
@@ -609,11 +610,18 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         Suite::Full => {
             &[(1, 300, 3072, 3072, false), (2, 33, 64, 96, true), (2, 5, 13, 24, false), (2, 9, 64, 100, true)]
         }
-        Suite::Small => &[(2, 70, 72, 136, false), (2, 33, 64, 96, true), (2, 5, 13, 24, false), (2, 9, 64, 100, true)],
+        Suite::Small => &[
+            (2, 70, 72, 136, false),
+            (2, 70, 512, 136, true),
+            (2, 33, 64, 96, true),
+            (2, 5, 13, 24, false),
+            (2, 9, 64, 100, true),
+        ],
     };
-    // (On sm_90a the K % 8 == 0 cases run v3, gemm_wgmma_gated; the "v2" case gemm_mma_gated there.)
-    let gated = gated.iter().map(|&c| (c, false)).chain([((2, 70, 72, 136, false), true)]);
-    for ((b, l, k, n, bias), v2) in gated {
+    // (On sm_90a the K % 8 == 0 cases run v3, gemm_wgmma_gated, K = 512 split over 8 blocks by
+    // stream-K; the "v2" case gemm_mma_gated there.)
+    let gated = gated.iter().map(|&c| (c, GemmKernels::Cur)).chain([((2, 70, 72, 136, false), GemmKernels::V2)]);
+    for ((b, l, k, n, bias), gemm) in gated {
         let mut inputs =
             vec![act(&[b, l, n]), act(&[b, 6 * n]), act(&[b, l, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
         if bias {
@@ -621,17 +629,13 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         }
         v.push(case(
             "linear_gated_add",
-            format!("[{b}, {l}, {k}] · [{n}, {k}]ᵀ{}{}", if bias { " +bias" } else { "" }, if v2 { " v2" } else { "" }),
+            format!("[{b}, {l}, {k}] · [{n}, {k}]ᵀ{}{}", if bias { " +bias" } else { "" }, gemm.suffix()),
             inputs,
             3.0,
             Box::new(move |be, t| {
                 let gate = t[1].narrow(1, 2 * n, n)?;
                 let run = || be.linear_gated_add(&t[0], &gate, &t[2], &t[3], t.get(4));
-                if v2 {
-                    with_gemm_v2(be, run)
-                } else {
-                    run()
-                }
+                with_gemm_kernels(be, gemm, run)
             }),
         ));
     }
@@ -995,12 +999,43 @@ pub fn with_sage_quantize_v1(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor
     f()
 }
 
-/// Run `f` with the GEMMs on their v2 kernels (mma.sync) where v3 (wgmma, sm_90a) would run.
-pub fn with_gemm_v2(be: &dyn Backend, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+/// Which GEMM kernels a case runs on (the CUDA backend's switches; other backends ignore them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmKernels {
+    /// The backend's choice.
+    Cur,
+    /// v2 (mma.sync) where v3 (wgmma, sm_90a) would run.
+    V2,
+    /// v3 walking whole tiles where it would split K slices over blocks (stream-K's reference).
+    WholeTiles,
+}
+
+impl GemmKernels {
+    fn suffix(self) -> &'static str {
+        match self {
+            GemmKernels::Cur => "",
+            GemmKernels::V2 => " v2",
+            GemmKernels::WholeTiles => " v3-tiles",
+        }
+    }
+}
+
+/// Run `f` with the GEMMs on `kernels`.
+pub fn with_gemm_kernels(be: &dyn Backend, kernels: GemmKernels, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    return with_cuda_switch(be, crate::backend::cuda::CudaBackend::set_gemm_v2, f);
+    {
+        use crate::backend::cuda::CudaBackend;
+        match kernels {
+            GemmKernels::Cur => f(),
+            GemmKernels::V2 => with_cuda_switch(be, CudaBackend::set_gemm_v2, f),
+            GemmKernels::WholeTiles => with_cuda_switch(be, CudaBackend::set_gemm_whole_tiles, f),
+        }
+    }
     #[cfg(not(feature = "cuda"))]
-    f()
+    {
+        let _ = (be, kernels);
+        f()
+    }
 }
 
 /// Run `f` with the attention kernels `kernels` (`Cur`: the backend's choice; `Ref`: the previous

@@ -267,6 +267,67 @@ fn sage_normed_gives_the_compositions_bits(be: Arc<dyn Backend>) {
     }
 }
 
+fn stream_k_matches_whole_tiles(be: Arc<dyn Backend>) {
+    // The v3 GEMMs (sm_90a) with the persistent grid planned for 7 SMs, so shapes a few MB in size
+    // split their K slices over blocks the way klein's M = 512 linears do on 132 SMs: each block's
+    // range is the tail of one tile, a whole tile and the head of a third. Checked for the bf16,
+    // gated-residual and FP8 kernels: stream-K against whole tiles on 7 SMs (several per block)
+    // and against the CPU, and stream-K's bits the same on every run (pieces summed in block order).
+    let cuda = flux2::device::as_cuda(&be).unwrap();
+    if !cuda.has_gemm_v3() {
+        println!("no v3 GEMMs on this device (not an sm_90a image): nothing to split");
+        return;
+    }
+    let gemm_env = std::env::var("FLUX2_CUDA_GEMM").unwrap_or_default();
+    if !matches!(gemm_env.as_str(), "" | "v3") {
+        println!("FLUX2_CUDA_GEMM={gemm_env}: stream-K is off");
+        return;
+    }
+    let cpu: Arc<dyn Backend> = Arc::new(flux2::backend::cpu::CpuBackend::new());
+    let (m, n, k) = (300, 640, 512);
+    let draw = |name: &str, shape: &[usize], scale: f32| {
+        let v: Vec<f32> = flux2::rng::normal_vec(31, name, shape.iter().product()).iter().map(|x| x * scale).collect();
+        common::t(&v, shape)
+    };
+    let (x, w, bias) = (draw("x", &[m, k], 1.0), draw("w", &[n, k], 1.0 / (k as f32).sqrt()), draw("b", &[n], 1.0));
+    let (res, gate) = (draw("res", &[2, m / 2, n], 1.0), draw("gate", &[2, n], 1.0));
+    let wq = flux2::quant::quantize(&w.to_vec_f32().unwrap(), n, k, flux2::quant::QuantFormat::Fp8).unwrap();
+    type Op = fn(&dyn Backend, &[flux2::Tensor], &flux2::quant::Quantized) -> flux2::Tensor;
+    let ops: [(&str, usize, Op); 3] = [
+        ("linear", k * 2, |be, t, _| be.linear(&t[0], &t[1], Some(&t[2])).unwrap()),
+        ("linear_gated_add", k * 2, |be, t, _| {
+            let x = t[0].reshape(&[2, t[0].dim(0) / 2, t[0].dim(1)]).unwrap();
+            be.linear_gated_add(&t[3], &t[4], &x, &t[1], Some(&t[2])).unwrap()
+        }),
+        ("linear_fp8", k, |be, t, q| be.linear_fp8(&t[0], &be.load_quantized(q).unwrap(), Some(&t[2])).unwrap()),
+    ];
+    let act = be.activation_dtype();
+    let inputs =
+        |b: &Arc<dyn Backend>, dtype| [&x, &w, &bias, &res, &gate].map(|t| b.upload(t, dtype).unwrap()).to_vec();
+    let (dev_in, cpu_in) = (inputs(&be, act), inputs(&cpu, flux2::DType::F32));
+    cuda.limit_persistent_sms(Some(7));
+    for (name, k_bytes, op) in ops {
+        let blocks = cuda.gemm_stream_k_blocks(m, n, k_bytes);
+        assert_eq!(blocks, Some(7), "{name}: 15 tiles of 8 slices on 7 SMs should split");
+        let run = || op(&*be, &dev_in, &wq).to_vec_f32().unwrap();
+        let (split, again) = (run(), run());
+        cuda.set_gemm_whole_tiles(true);
+        let whole = run();
+        cuda.set_gemm_whole_tiles(false);
+        let reference = op(&*cpu, &cpu_in, &wq).to_vec_f32().unwrap();
+        assert!(split.iter().all(|v| v.is_finite()), "{name}: non-finite output");
+        assert_eq!(split, again, "{name}: stream-K's bits differ between runs");
+        for (what, out) in [("stream-K", &split), ("whole tiles", &whole)] {
+            let (cos, rel) = cosine_and_rel_l2(out, &reference);
+            println!("{name} {what} on 7 SMs: cosine {cos:.6}, rel_l2 {rel:.2e} against the CPU");
+            assert!(cos >= 0.9999 && rel <= 0.01, "{name} {what}: cosine {cos}, rel_l2 {rel}");
+        }
+        let worst = split.iter().zip(&whole).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);
+        assert!(worst <= 1.0 / 64.0, "{name}: stream-K and whole tiles differ by {worst} (relative)");
+    }
+    cuda.limit_persistent_sms(None);
+}
+
 fn gpu_expected() -> bool {
     std::env::var("FLUX2_EXPECT_GPU").is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
 }
@@ -297,7 +358,7 @@ fn main() {
     };
     let gpu = gpu.ok();
     type Check = fn(Arc<dyn Backend>);
-    let checks: [(&str, Check, bool); 12] = [
+    let checks: [(&str, Check, bool); 13] = [
         ("every_op_matches_the_cpu_reference", every_op_matches_the_cpu_reference, true),
         ("transformer_fixtures_in_bf16", transformer_fixtures_in_bf16, true),
         ("checkpoint_formats_in_bf16", checkpoint_formats_in_bf16, true),
@@ -308,6 +369,7 @@ fn main() {
         ("quantized_linears_reject_bad_shapes", quantized_linears_reject_bad_shapes, false),
         ("sage_quantize_v2_gives_v1s_bits", sage_quantize_v2_gives_v1s_bits, true),
         ("sage_normed_gives_the_compositions_bits", sage_normed_gives_the_compositions_bits, true),
+        ("stream_k_matches_whole_tiles", stream_k_matches_whole_tiles, true),
         ("an_overflow_stops_the_pipeline_with_the_step", an_overflow_stops_the_pipeline_with_the_step, true),
         ("no_gpu_gives_a_clear_error_or_a_working_device", no_gpu_gives_a_clear_error_or_a_working_device, false),
     ];

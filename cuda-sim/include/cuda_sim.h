@@ -56,6 +56,7 @@ inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
 struct alignas(16) float4 {
     float x, y, z, w;
 };
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 struct alignas(8) float2 {
     float x, y;
 };
@@ -74,6 +75,11 @@ inline uint3 u3(sim_dim3 d) { return uint3{d.x, d.y, d.z}; }
 
 #define __syncthreads() sim_syncthreads(__LINE__)
 #define __syncwarp(...) sim_syncwarp_at(__LINE__, ##__VA_ARGS__)
+// Global memory here is the host's, without caches or reordering, and a block's global atomics
+// run only once every earlier block has finished: a fence has nothing left to order.
+inline void __threadfence() {}
+template <typename T> inline T __ldcg(const T* p) { return *p; }
+template <typename T> inline void __stcg(T* p, T v) { *p = v; }
 inline void sim_syncwarp_at(int line, unsigned mask = 0xffffffffu) { sim_syncwarp(mask, line); }
 #define __trap() sim_trap("__trap()")
 

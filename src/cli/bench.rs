@@ -19,6 +19,7 @@ use crate::model::transformer::config::TransformerConfig;
 use crate::model::transformer::{scale_in_dtype, AttentionMode, Compute, Flux2Transformer};
 use crate::planner::TransformerPrecision;
 use crate::quant::{quantize, QuantFormat};
+use crate::selftest::GemmKernels;
 use crate::tensor::{DeviceKind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -83,19 +84,31 @@ pub fn time(be: &dyn Backend, reps: usize, mut f: impl FnMut() -> Result<()>) ->
     Ok(times[times.len() / 2])
 }
 
-/// `time` with the GEMMs on their v2 kernels (mma.sync), the references of v3 (wgmma + TMA), on
-/// a CUDA device whose kernels have v3 (sm_90a images); None elsewhere.
-fn time_gemm_v2(be: &dyn Backend, reps: usize, f: impl FnMut() -> Result<()>) -> Result<Option<f64>> {
+/// `time` with the GEMMs on `kernels` where that changes what runs for this device and shape
+/// (`v2`: a CUDA device with v3 images; whole tiles: a v3 GEMM that would split its K slices by
+/// stream-K; `(m, n, k_bytes)` is the shape); None elsewhere.
+fn time_gemm_kernels(
+    be: &dyn Backend,
+    reps: usize,
+    kernels: GemmKernels,
+    (m, n, k_bytes): (usize, usize, usize),
+    f: impl FnMut() -> Result<()>,
+) -> Result<Option<f64>> {
     #[cfg(feature = "cuda")]
     if let Some(c) = be.as_any().downcast_ref::<crate::backend::cuda::CudaBackend>() {
-        if c.has_gemm_v3() {
-            c.set_gemm_v2(true);
-            let t = time(be, reps, f);
-            c.set_gemm_v2(false);
-            return t.map(Some);
-        }
+        let set: fn(&crate::backend::cuda::CudaBackend, bool) = match kernels {
+            GemmKernels::V2 if c.has_gemm_v3() => crate::backend::cuda::CudaBackend::set_gemm_v2,
+            GemmKernels::WholeTiles if c.gemm_stream_k_blocks(m, n, k_bytes).is_some() => {
+                crate::backend::cuda::CudaBackend::set_gemm_whole_tiles
+            }
+            _ => return Ok(None),
+        };
+        set(c, true);
+        let t = time(be, reps, f);
+        set(c, false);
+        return t.map(Some);
     }
-    let _ = (be, reps, f);
+    let _ = (be, reps, kernels, m, n, k_bytes, f);
     Ok(None)
 }
 
@@ -250,7 +263,7 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
     // on CUDA devices cuBLASLt too, where the library loads.
     let lt = load_baseline(be);
     println!(
-        "{:>6} {:>6} {:>6}  {:>10} {:>9} {:>10} {:>9} {:>7} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10}",
+        "{:>6} {:>6} {:>6}  {:>10} {:>9} {:>10} {:>9} {:>7} {:>10} {:>10} {:>11} {:>10} {:>13} {:>12} {:>10} {:>10}",
         "M",
         "K",
         "N",
@@ -263,6 +276,8 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
         "q4_k ms",
         "bf16 v2 ms",
         "fp8 v2 ms",
+        "bf16 tiles ms",
+        "fp8 tiles ms",
         "lt bf16 ms",
         "lt fp8 ms"
     );
@@ -281,18 +296,26 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
                     time(be, args.reps, || be.linear_quantized(&x, q4k, None).map(|_| ()))?,
                 ],
             };
-            let v2_bf16 = time_gemm_v2(be, args.reps, || be.linear(&x, &w.bf16, None).map(|_| ()))?;
-            let v2_fp8 = match &w.quantized {
-                Some([fp8, ..]) => time_gemm_v2(be, args.reps, || be.linear_fp8(&x, fp8, None).map(|_| ()))?,
-                None => None,
+            // v2 beside v3; and where v3 splits K by stream-K, v3 on whole tiles.
+            let (bf16_shape, fp8_shape) = ((rows, n, 2 * k), (rows, n, k));
+            let bf16_with = |kernels| {
+                time_gemm_kernels(be, args.reps, kernels, bf16_shape, || be.linear(&x, &w.bf16, None).map(|_| ()))
             };
+            let (v2_bf16, tiles_bf16) = (bf16_with(GemmKernels::V2)?, bf16_with(GemmKernels::WholeTiles)?);
+            let fp8_with = |kernels| match &w.quantized {
+                Some([fp8, ..]) => {
+                    time_gemm_kernels(be, args.reps, kernels, fp8_shape, || be.linear_fp8(&x, fp8, None).map(|_| ()))
+                }
+                None => Ok(None),
+            };
+            let (v2_fp8, tiles_fp8) = (fp8_with(GemmKernels::V2)?, fp8_with(GemmKernels::WholeTiles)?);
             let fp8_w = w.quantized.as_ref().map(|[fp8, ..]| fp8);
             let (lt_bf16, lt_fp8) = time_baseline(be, args.reps, lt.as_ref(), &x, &w.bf16, fp8_w, (rows, n, k));
             let ms = |t: Option<f64>| t.map_or("-".to_string(), |t| format!("{:.3}", t * 1e3));
             let tf = |t: f64| flops / t / 1e12;
             let (r16, r8) = (tf(t_bf16), tf(t_fp8));
             println!(
-                "{rows:>6} {k:>6} {n:>6}  {:>10.3} {r16:>9.1} {:>10.3} {r8:>9.1} {:>7.2} {:>10.3} {:>10.3} {:>11} {:>10} {:>10} {:>10}{}",
+                "{rows:>6} {k:>6} {n:>6}  {:>10.3} {r16:>9.1} {:>10.3} {r8:>9.1} {:>7.2} {:>10.3} {:>10.3} {:>11} {:>10} {:>13} {:>12} {:>10} {:>10}{}",
                 t_bf16 * 1e3,
                 t_fp8 * 1e3,
                 t_bf16 / t_fp8,
@@ -300,6 +323,8 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
                 t_q4k * 1e3,
                 ms(v2_bf16),
                 ms(v2_fp8),
+                ms(tiles_bf16),
+                ms(tiles_fp8),
                 ms(lt_bf16),
                 ms(lt_fp8),
                 peak.map(|(p16, p8)| format!("  ({:.0}% / {:.0}% of spec)", 100.0 * r16 / p16, 100.0 * r8 / p8))
@@ -312,6 +337,7 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
                 "int8_weight_only_ms": t_int8 * 1e3, "int8_weight_only_tflops": tf(t_int8),
                 "gguf_q4_k_ms": t_q4k * 1e3, "gguf_q4_k_tflops": tf(t_q4k),
                 "bf16_v2_ms": v2_bf16.map(|t| t * 1e3), "fp8_v2_ms": v2_fp8.map(|t| t * 1e3),
+                "bf16_whole_tiles_ms": tiles_bf16.map(|t| t * 1e3), "fp8_whole_tiles_ms": tiles_fp8.map(|t| t * 1e3),
                 "cublaslt_bf16_ms": lt_bf16.map(|t| t * 1e3), "cublaslt_fp8_ms": lt_fp8.map(|t| t * 1e3),
             }));
         }

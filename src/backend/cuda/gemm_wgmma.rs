@@ -1,14 +1,16 @@
 //! Launchers for the v3 GEMMs on Hopper (kernels/gemm_wgmma.cu): warp-specialised wgmma fed by
 //! TMA, for sm_90a images only. `gemm` (bf16) and the FP8 W8A8 linear pick them where they apply,
 //! unless `CudaBackend::set_gemm_v2` asks for the v2 kernels (mma.sync), their references.
+//! Where whole 128x128 tiles would leave SMs idle (the M = 512 text-stream and text-encoder
+//! shapes) the blocks split the tiles' K slices evenly instead (stream-K, `stream_k_blocks`).
 
 use std::sync::atomic::Ordering;
 
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 
 use super::gemm::Bias;
 use super::tensor_map::{row_major_128b, TileElem};
-use super::{launch, CudaBackend};
+use super::{gpu_err, launch, CudaBackend};
 use crate::error::Result;
 
 pub(super) const BF16_KERNEL: &str = "gemm_wgmma_bf16";
@@ -46,14 +48,93 @@ pub(super) fn applies(be: &CudaBackend, a: u64, w: u64, row_bytes: usize, m: usi
         && m.div_ceil(128) <= 65535
 }
 
-/// Persistent blocks: one per SM (at most one per 128x128 output tile), each walking the tiles.
-fn grid(be: &CudaBackend, m: usize, n: usize) -> LaunchConfig {
-    let tiles = m.div_ceil(128) * n.div_ceil(128);
-    LaunchConfig {
-        grid_dim: (tiles.min(be.dev.sms.max(1)) as u32, 1, 1),
-        block_dim: (384, 1, 1),
-        shared_mem_bytes: SMEM_BYTES as u32,
+/// Bytes of K per slice (WG_KB): the unit of work stream-K splits.
+const SLICE_BYTES: usize = 128;
+/// Stream-K gives each block at least this many slices, so its two partial tiles' fix-up stays
+/// small next to its share of the products.
+const MIN_SLICES_PER_BLOCK: usize = 4;
+/// A partial tile per consumer warp: 16 x 128 f32.
+const WARP_PARTIAL_BYTES: usize = 16 * 128 * 4;
+
+/// The kernels' `StreamK` argument (kernels/gemm_wgmma.cu); null pointers: whole tiles.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct StreamK {
+    partials: u64,
+    counts: u64,
+    units: i64,
+}
+unsafe impl DeviceRepr for StreamK {}
+
+/// Where stream-K pieces meet: each block's two partial-tile slots, and a counter per tile and
+/// consumer warp (zero between launches: the warp completing a tile resets it). Grown on demand,
+/// kept for the device's life.
+#[derive(Default)]
+pub(super) struct StreamKBuffers {
+    partials: Option<CudaSlice<u8>>,
+    counts: Option<CudaSlice<u32>>,
+}
+
+/// The number of blocks for stream-K on `sms` SMs, or None where whole tiles do as well: when the
+/// last wave of tiles fills at least 80% of the SMs' time, or splitting would not shorten the
+/// longest block's share by 15%.
+pub(super) fn stream_k_blocks(sms: usize, tiles: usize, ktiles: usize) -> Option<usize> {
+    let sms = sms.max(1);
+    let waves = tiles.div_ceil(sms);
+    if tiles == 0 || tiles * 5 >= waves * sms * 4 {
+        return None;
     }
+    let units = tiles * ktiles;
+    let blocks = sms.min(units / MIN_SLICES_PER_BLOCK);
+    let share = units.div_ceil(blocks.max(1));
+    (blocks >= 2 && share * 100 <= waves * ktiles * 85).then_some(blocks)
+}
+
+/// Stream-K's block count for a GEMM of `m` x `n` with `k_bytes` bytes of K per row on this
+/// device, or None where the blocks walk whole tiles.
+pub(super) fn split(be: &CudaBackend, m: usize, n: usize, k_bytes: usize) -> Option<usize> {
+    if be.dev.gemm_tiles.load(Ordering::Relaxed) {
+        return None;
+    }
+    stream_k_blocks(be.persistent_sms(), m.div_ceil(128) * n.div_ceil(128), k_bytes.div_ceil(SLICE_BYTES))
+}
+
+/// The launch shape and stream-K argument of one GEMM of `m` x `n` with `k_bytes` bytes of K per
+/// row: persistent blocks, one per SM (at most one per tile) walking whole tiles, or stream-K.
+fn plan(be: &CudaBackend, m: usize, n: usize, k_bytes: usize) -> Result<(LaunchConfig, StreamK)> {
+    let tiles = m.div_ceil(128) * n.div_ceil(128);
+    let (blocks, sk) = match split(be, m, n, k_bytes) {
+        None => (tiles.min(be.persistent_sms()), StreamK::default()),
+        Some(blocks) => {
+            let (partials, counts) = stream_k_buffers(be, blocks, tiles)?;
+            (blocks, StreamK { partials, counts, units: (tiles * k_bytes.div_ceil(SLICE_BYTES)) as i64 })
+        }
+    };
+    let cfg =
+        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (384, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };
+    Ok((cfg, sk))
+}
+
+/// Device addresses of stream-K's partial slots for `blocks` blocks and counters for `tiles`.
+fn stream_k_buffers(be: &CudaBackend, blocks: usize, tiles: usize) -> Result<(u64, u64)> {
+    use cudarc::driver::DevicePtr;
+    let dev = &be.dev;
+    let mut bufs = dev.stream_k.lock().unwrap_or_else(|e| e.into_inner());
+    let partial_bytes = blocks * 2 * 8 * WARP_PARTIAL_BYTES;
+    if bufs.partials.as_ref().is_none_or(|p| p.len() < partial_bytes) {
+        let old = bufs.partials.take().map_or(0, |p| p.len());
+        bufs.partials = Some(unsafe { dev.stream.alloc::<u8>(partial_bytes) }.map_err(gpu_err)?);
+        dev.account(old, partial_bytes);
+    }
+    if bufs.counts.as_ref().is_none_or(|c| c.len() < tiles * 8) {
+        let old = bufs.counts.take().map_or(0, |c| c.len() * 4);
+        bufs.counts = Some(dev.stream.alloc_zeros::<u32>(tiles * 8).map_err(gpu_err)?);
+        dev.account(old, tiles * 8 * 4);
+    }
+    let (Some(p), Some(c)) = (&bufs.partials, &bufs.counts) else { unreachable!("both buffers were just made") };
+    let (pp, _) = p.device_ptr(&dev.stream);
+    let (cp, _) = c.device_ptr(&dev.stream);
+    Ok((pp, cp))
 }
 
 /// C[m, n] (leading dimension ldc) = A [m, k] · W [n, k]ᵀ + bias, bf16 (gemm_mma_bf16's contract).
@@ -73,7 +154,8 @@ pub(super) fn bf16(
     let tw = row_major_128b(w, TileElem::Bf16, n, k, 128)?;
     let (bp, mode) = bias.args();
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
-    launch!(be.dev, BF16_KERNEL, grid(be, m, n), ta, tw, bp, mode, c, m32, n32, k32, ldc as i64)
+    let (cfg, sk) = plan(be, m, n, k * 2)?;
+    launch!(be.dev, BF16_KERNEL, cfg, ta, tw, bp, mode, c, m32, n32, k32, ldc as i64, sk)
 }
 
 /// out [m, n] = x + gate[m / l] · (A [m, k] · W [n, k]ᵀ + bias), bf16 (gemm_mma_gated_bf16's
@@ -93,7 +175,8 @@ pub(super) fn gated_bf16(
     let ta = row_major_128b(a, TileElem::Bf16, m, k, 128)?;
     let tw = row_major_128b(w, TileElem::Bf16, n, k, 128)?;
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
-    launch!(be.dev, GATED_KERNEL, grid(be, m, n), ta, tw, bias, x, gate.0, gate.1, l, out, m32, n32, k32)
+    let (cfg, sk) = plan(be, m, n, k * 2)?;
+    launch!(be.dev, GATED_KERNEL, cfg, ta, tw, bias, x, gate.0, gate.1, l, out, m32, n32, k32, sk)
 }
 
 /// out [m, n] = codes [m, k] · W codes [n, k]ᵀ · a_scale[m] · w_scale[n] + bias (e4m3 codes,
@@ -117,5 +200,25 @@ pub(super) fn e4m3(
     let ta = row_major_128b(codes, TileElem::E4m3, m, k, 128)?;
     let tw = row_major_128b(w, TileElem::E4m3, n, k, 128)?;
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
-    launch!(be.dev, E4M3_KERNEL, grid(be, m, n), ta, a_scale, tw, w_scale, bias, out, m32, n32, k32, n as i64)
+    let (cfg, sk) = plan(be, m, n, k)?;
+    launch!(be.dev, E4M3_KERNEL, cfg, ta, a_scale, tw, w_scale, bias, out, m32, n32, k32, n as i64, sk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stream_k_blocks;
+
+    #[test]
+    fn stream_k_where_whole_tiles_leave_sms_idle() {
+        // klein's M = 512 text stream on 132 SMs: 96 tiles (N 3072) and 288 (N 9216) fill 73%.
+        assert_eq!(stream_k_blocks(132, 96, 48), Some(132));
+        assert_eq!(stream_k_blocks(132, 288, 24), Some(132));
+        // M = 4608 image stream: 7 waves of 864 tiles fill 94%; whole SM multiples need nothing.
+        assert_eq!(stream_k_blocks(132, 864, 48), None);
+        assert_eq!(stream_k_blocks(132, 264, 48), None);
+        // Too little K to split: each block would get fewer than 4 slices.
+        assert_eq!(stream_k_blocks(132, 1, 2), None);
+        // 6 tiles of 12 slices: 18 blocks of 4 slices, a third of a tile's time.
+        assert_eq!(stream_k_blocks(132, 6, 12), Some(18));
+    }
 }

@@ -153,14 +153,16 @@ pub fn kernels_launched_on(target: &str) -> impl Iterator<Item = &'static str> +
 }
 
 /// `FLUX2_CUDA_GEMM=v2` runs the GEMMs on their mma.sync kernels where the wgmma ones (v3, sm_90a)
-/// would run: an escape hatch while v3 has not been checked on a GPU, and for A/B timing. Unset or
-/// `v3`: the default.
-fn gemm_v2_from_env() -> Result<bool> {
+/// would run: an escape hatch while v3 has not been checked on a GPU, and for A/B timing;
+/// `v3-tiles` keeps v3 but always walks whole tiles (no stream-K), the same for stream-K. Unset or
+/// `v3`: the default. Returns (v2, whole tiles only).
+fn gemm_choice_from_env() -> Result<(bool, bool)> {
     match std::env::var("FLUX2_CUDA_GEMM") {
-        Err(_) => Ok(false),
-        Ok(v) if v == "v3" => Ok(false),
-        Ok(v) if v == "v2" => Ok(true),
-        Ok(v) => Err(Error::InvalidArgument(format!("FLUX2_CUDA_GEMM={v:?}: expected v2 or v3"))),
+        Err(_) => Ok((false, false)),
+        Ok(v) if v == "v3" => Ok((false, false)),
+        Ok(v) if v == "v3-tiles" => Ok((false, true)),
+        Ok(v) if v == "v2" => Ok((true, false)),
+        Ok(v) => Err(Error::InvalidArgument(format!("FLUX2_CUDA_GEMM={v:?}: expected v2, v3 or v3-tiles"))),
     }
 }
 
@@ -206,12 +208,20 @@ pub struct CudaDevice {
     /// whether `FLUX2_CUDA_GEMM=v2` made that the default.
     gemm_v2: AtomicBool,
     gemm_v2_default: bool,
+    /// The v3 GEMMs walk whole tiles even where stream-K would split them; and whether
+    /// `FLUX2_CUDA_GEMM=v3-tiles` made that the default.
+    gemm_tiles: AtomicBool,
+    gemm_tiles_default: bool,
+    /// Stream-K's partial tiles and counters (grown on demand).
+    stream_k: std::sync::Mutex<gemm_wgmma::StreamKBuffers>,
     /// Attention on flash v3 even where v4 (wgmma + TMA, sm_90a) applies; and whether
     /// `FLUX2_CUDA_ATTENTION=v3` made that the default.
     flash_v3: AtomicBool,
     flash_v3_default: bool,
-    /// Streaming multiprocessors: the persistent kernels' grid.
+    /// Streaming multiprocessors: the persistent kernels' grid; and a smaller count they may be
+    /// told to plan for instead (0: none), so small shapes in tests walk several tiles per block.
     sms: usize,
+    sms_limit: AtomicUsize,
     health: health::HealthWord,
 }
 
@@ -280,6 +290,13 @@ fn host_view(host: &Tensor, view: &Tensor) -> Result<Tensor> {
 impl CudaDevice {
     fn function(&self, name: &str) -> Result<&CudaFunction> {
         self.functions.get(name).ok_or_else(|| Error::Gpu(format!("kernel {name} is not loaded")))
+    }
+
+    /// Count a device-held workspace that grew from `old` to `new` bytes in the memory in use.
+    fn account(&self, old: usize, new: usize) {
+        self.live.fetch_sub(old, Ordering::Relaxed);
+        let live = self.live.fetch_add(new, Ordering::Relaxed) + new;
+        self.peak.fetch_max(live, Ordering::Relaxed);
     }
 }
 
@@ -379,7 +396,7 @@ impl CudaBackend {
                 .map_err(gpu_err)?;
         }
         keep_pool_memory(&ctx);
-        let gemm_v2_default = gemm_v2_from_env()?;
+        let (gemm_v2_default, gemm_tiles_default) = gemm_choice_from_env()?;
         let flash_v3_default = flash_v3_from_env()?;
         let sms =
             ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(gpu_err)? as usize;
@@ -402,9 +419,13 @@ impl CudaBackend {
             sage_quantize_v1: AtomicBool::new(false),
             gemm_v2: AtomicBool::new(gemm_v2_default),
             gemm_v2_default,
+            gemm_tiles: AtomicBool::new(gemm_tiles_default),
+            gemm_tiles_default,
+            stream_k: Default::default(),
             flash_v3: AtomicBool::new(flash_v3_default),
             flash_v3_default,
             sms,
+            sms_limit: AtomicUsize::new(0),
             health: health::HealthWord::default(),
         };
         Ok(CudaBackend { dev: Arc::new(dev) })
@@ -451,6 +472,34 @@ impl CudaBackend {
         self.dev.gemm_v2.store(on || self.dev.gemm_v2_default, Ordering::Relaxed);
     }
 
+    /// Plan the persistent kernels (the v3 GEMMs' tile walk and stream-K split) for at most `sms`
+    /// SMs (None: the device's own count): lets tests of small shapes put several tiles, or a whole
+    /// tile between two pieces, on one block.
+    pub fn limit_persistent_sms(&self, sms: Option<usize>) {
+        self.dev.sms_limit.store(sms.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// The blocks a v3 GEMM of `m` x `n` with `k_bytes` bytes of K per row splits its K slices
+    /// over (stream-K), or None where it walks whole tiles (or v3 does not run here).
+    pub fn gemm_stream_k_blocks(&self, m: usize, n: usize, k_bytes: usize) -> Option<usize> {
+        let v3 = self.has_gemm_v3() && !self.dev.gemm_v2.load(Ordering::Relaxed);
+        v3.then(|| gemm_wgmma::split(self, m, n, k_bytes)).flatten()
+    }
+
+    /// The SMs the persistent kernels plan for.
+    fn persistent_sms(&self) -> usize {
+        match self.dev.sms_limit.load(Ordering::Relaxed) {
+            0 => self.dev.sms.max(1),
+            n => n.min(self.dev.sms.max(1)),
+        }
+    }
+
+    /// Let the v3 GEMMs walk whole tiles only, never stream-K (stream-K's reference); false
+    /// restores the default (stream-K where it pays, unless `FLUX2_CUDA_GEMM=v3-tiles`).
+    pub fn set_gemm_whole_tiles(&self, on: bool) {
+        self.dev.gemm_tiles.store(on || self.dev.gemm_tiles_default, Ordering::Relaxed);
+    }
+
     /// Run unmasked attention with head dims 64/128 on flash v3 (mma.sync) where v4 (wgmma + TMA
     /// on sm_90a) would apply: v4's reference; false restores the default (v4, unless
     /// `FLUX2_CUDA_ATTENTION=v3`).
@@ -462,8 +511,10 @@ impl CudaBackend {
     pub fn kernel_summary(&self) -> String {
         let hopper = self.has_gemm_v3();
         let (gemm_v2, flash_v3) = (self.dev.gemm_v2.load(Ordering::Relaxed), self.dev.flash_v3.load(Ordering::Relaxed));
+        let whole_tiles = self.dev.gemm_tiles.load(Ordering::Relaxed);
         let gemm = match (hopper, gemm_v2) {
-            (true, false) => "v3 (wgmma + TMA)",
+            (true, false) if whole_tiles => "v3 (wgmma + TMA; whole tiles, FLUX2_CUDA_GEMM=v3-tiles)",
+            (true, false) => "v3 (wgmma + TMA; stream-K where tiles leave SMs idle)",
             (true, true) => "v2 (mma.sync; FLUX2_CUDA_GEMM=v2)",
             _ => "v2 (mma.sync)",
         };
