@@ -5,6 +5,7 @@
 //                     gemm_mma_gated_bf16).
 //   gemm_wgmma_e4m3:  the FP8 W8A8 linear, e4m3 codes with per-token (A) and per-channel (W)
 //                     scales applied in the epilogue (v2: gemm_w8a8_mma_e4m3 in quantized.cu).
+//   gemm_wgmma_gated_e4m3: the same with the gated residual (v2: gemm_w8a8_mma_gated_e4m3).
 // Persistent and warp-specialised: each block (three warpgroups, one per SM) walks the 128x128
 // output tiles t = blockIdx.x, + gridDim.x, ... Warpgroup 0's first thread is the producer, issuing
 // TMA loads of 128-byte K slices of A and W (128 rows each, 128-byte swizzle) into a ring of
@@ -288,6 +289,22 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     wgmma_gemm<true>(
         &ta, &tw, K, M, N, sk.counts ? &sk : nullptr, [&](i64 m, i64 n, float v) { return v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f); },
         [&](i64 m, i64 n, uint4 y, int count) { store_bf16_upto8(C + m * ldc + n, y, count); });
+#else
+    __trap();  // wgmma needs an sm_90a image: the launcher picks v2 elsewhere
+#endif
+}
+
+// gemm_wgmma_e4m3 with the gated residual in the epilogue (gemm_w8a8_mma_gated_e4m3's contract).
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+    gemm_wgmma_gated_e4m3(const __grid_constant__ TensorMap ta, const float* __restrict__ a_scale,
+                          const __grid_constant__ TensorMap tw, const float* __restrict__ w_scale,
+                          const bf16* __restrict__ bias, const bf16* __restrict__ X, const bf16* __restrict__ gate,
+                          i64 gs, int L, bf16* __restrict__ C, int M, int N, int K, const __grid_constant__ StreamK sk) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    wgmma_gemm<true>(
+        &ta, &tw, K, M, N, sk.counts ? &sk : nullptr,
+        [&](i64 m, i64 n, float v) { return v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f); },
+        [&](i64 m, i64 n, uint4 y, int count) { gated_store8(X, gate, gs, L, C, N, m, n, y, count); });
 #else
     __trap();  // wgmma needs an sm_90a image: the launcher picks v2 elsewhere
 #endif

@@ -271,3 +271,25 @@ extern "C" __global__ void __launch_bounds__(256)
     __trap();  // e4m3 tensor cores need sm_89 or newer: the launcher picks v1 for these images
 #endif
 }
+
+// gemm_w8a8_mma_e4m3 with the DiT's gated residual in the epilogue (gemm_mma_gated_bf16's
+// contract): C = X + gate[m / L] · y, y the FP8 linear's output rounded to bf16 as it would be
+// stored. X and C dense [M, N], gate rows `gs` apart.
+extern "C" __global__ void __launch_bounds__(256)
+    gemm_w8a8_mma_gated_e4m3(const unsigned char* __restrict__ A, const float* __restrict__ a_scale,
+                             const unsigned char* __restrict__ W, const float* __restrict__ w_scale,
+                             const bf16* __restrict__ bias, const bf16* __restrict__ X, const bf16* __restrict__ gate,
+                             i64 gs, int L, bf16* __restrict__ C, int M, int N, int K) {
+#if __CUDA_ARCH__ >= 890
+    __shared__ __align__(16) MmaTileSmem smem;
+    const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
+    float acc[4][4][4];
+    mma_tile_128x128<mma_e4m3_16832>(smem, A, W, M, N, K, m0, n0, acc);
+    mma_tile_store8(
+        smem, acc, m0, n0, M, N,
+        [&](i64 m, i64 n, float v) { return v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f); },
+        [&](i64 m, i64 n, uint4 y, int count) { gated_store8(X, gate, gs, L, C, N, m, n, y, count); });
+#else
+    __trap();  // e4m3 tensor cores need sm_89 or newer: the launcher picks the composition there
+#endif
+}

@@ -354,6 +354,70 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             .untimed(),
         );
     }
+    // The gated residual of an FP8 linear, x + gate · linear_fp8(a, w, bias), the gate a strided
+    // chunk of a [B, 6N] modulation tensor: on sm_89+ images with K % 16 == 0 quantize_rows_e4m3 +
+    // gemm_w8a8_mma_gated_e4m3 (sm_90a: gemm_wgmma_gated_e4m3, K = 960 split by stream-K; "v2"
+    // the mma.sync kernel there); K = 72 (and older images) linear_fp8 + gated_add. N = 100 leaves
+    // the rows of x unaligned for 16-byte access. (B, L, K, N, bias, kernels)
+    let gated_fp8: &[(usize, usize, usize, usize, bool, GemmKernels)] = match suite {
+        Suite::Full => &[(1, 300, 3072, 3072, false, GemmKernels::Cur), (2, 9, 72, 100, true, GemmKernels::Cur)],
+        Suite::Small => &[
+            (2, 70, 128, 136, true, GemmKernels::Cur),
+            (2, 70, 960, 136, false, GemmKernels::Cur),
+            (2, 70, 128, 136, true, GemmKernels::V2),
+            (2, 9, 64, 100, false, GemmKernels::Cur),
+            (2, 9, 72, 100, true, GemmKernels::Cur),
+        ],
+    };
+    for &(b, l, k, n, bias, gemm) in gated_fp8 {
+        let mut inputs =
+            vec![act(&[b, l, n]), act(&[b, 6 * n]), act(&[b, l, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
+        if bias {
+            inputs.push(act(&[n]));
+        }
+        v.push(
+            case(
+                "linear_fp8_gated_add",
+                format!("[{b}, {l}, {k}] · [{n}, {k}]ᵀ{}{}", if bias { " +bias" } else { "" }, gemm.suffix()),
+                inputs,
+                4.0,
+                Box::new(move |be, t| {
+                    let q = be.load_quantized(&quantize(&t[3].to_vec_f32()?, n, k, QuantFormat::Fp8)?)?;
+                    let gate = t[1].narrow(1, 2 * n, n)?;
+                    with_gemm_kernels(be, gemm, || be.linear_fp8_gated_add(&t[0], &gate, &t[2], &q, t.get(4)))
+                }),
+            )
+            .untimed(),
+        );
+    }
+    // swiglu_linear_fp8 with the gated residual: the single block's output projection (a prefix)
+    // and the feed-forward's (none); K = 12 takes the composition. (B, L, prefix width, M, N)
+    let swiglu_gated_fp8: &[(usize, usize, usize, usize, usize)] =
+        &[(2, 70, 48, 80, 136), (2, 9, 0, 64, 24), (2, 5, 4, 8, 16)];
+    for &(b, l, p, m, n) in swiglu_gated_fp8 {
+        let k = p + m;
+        let inputs = vec![
+            act(&[b, l, n]),
+            act(&[b, 6 * n]),
+            act(&[b, l, p.max(1)]),
+            act(&[b, l, 16 + 2 * m]),
+            Input::Act(vec![n, k], 1.0 / (k as f32).sqrt()),
+        ];
+        v.push(
+            case(
+                "swiglu_linear_fp8_gated_add",
+                format!("[{b}, {l}, {p}] + swiglu of [{b}, {l}, {m}·2] · {n}x{k}ᵀ"),
+                inputs,
+                4.0,
+                Box::new(move |be, t| {
+                    let q = be.load_quantized(&quantize(&t[4].to_vec_f32()?, n, k, QuantFormat::Fp8)?)?;
+                    let (gate, x) = (t[1].narrow(1, 5 * n, n)?, t[3].narrow(2, 16, 2 * m)?);
+                    be.swiglu_linear_fp8_gated_add(&t[0], &gate, (p > 0).then_some(&t[2]), &x, &q)
+                }),
+            )
+            .untimed(),
+        );
+    }
     // sage_kv_sums, sage_kv_means_absmax, then for head dims 64/128 sage_quantize_int8_block (Q, K;
     // "v1-quant": sage_block_absmax + sage_quantize_int8) and on sm_89+ images sage_quantize_vt_e4m3 + attention_sage_mma_d{64,128},
     // on older ones (and on every card for "bf16-pv") sage_quantize_vt_e4m3_as_bf16 +

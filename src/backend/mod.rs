@@ -158,6 +158,35 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         self.linear_fp8(&swiglu_beside(self, prefix, x)?, w, bias)
     }
 
+    /// `x + gate · linear_fp8(a, w, bias)`: the DiT's gated residual of an FP8 linear, a `[B, L, K]`,
+    /// x `[B, L, N]`, gate `[B, N]`. This composition is the reference; the CUDA backend fuses the
+    /// residual into the FP8 GEMM's epilogue, as `linear_gated_add` does for bf16.
+    fn linear_fp8_gated_add(
+        &self,
+        x: &Tensor,
+        gate: &Tensor,
+        a: &Tensor,
+        w: &QuantTensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.gated_add(x, gate, &self.linear_fp8(a, w, bias)?)
+    }
+
+    /// `x + gate · swiglu_linear_fp8(prefix, a, w, None)`: a feed-forward's (or single block's)
+    /// output projection in FP8 with its gated residual. This composition is the reference; the
+    /// CUDA backend quantizes the activation where SwiGLU makes it and adds the residual in the
+    /// GEMM's epilogue.
+    fn swiglu_linear_fp8_gated_add(
+        &self,
+        x: &Tensor,
+        gate: &Tensor,
+        prefix: Option<&Tensor>,
+        a: &Tensor,
+        w: &QuantTensor,
+    ) -> Result<Tensor> {
+        self.gated_add(x, gate, &self.swiglu_linear_fp8(prefix, a, w, None)?)
+    }
+
     /// SageAttention-style attention: smoothed K, int8 Q/K with per-64-token block scales, fp8 P
     /// and per-channel fp8 V, f32 accumulation (see `cpu::quantized`).
     fn attention_sage(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor>;

@@ -165,6 +165,33 @@ impl Backend for NanCheckBackend {
         self.checked("linear_fp8", self.inner.linear_fp8(x, w, bias), &inputs)
     }
 
+    fn linear_fp8_gated_add(
+        &self,
+        x: &Tensor,
+        gate: &Tensor,
+        a: &Tensor,
+        w: &QuantTensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let mut inputs = vec![("x", x), ("gate", gate), ("a", a)];
+        inputs.extend(bias.map(|b| ("bias", b)));
+        self.checked("linear_fp8_gated_add", self.inner.linear_fp8_gated_add(x, gate, a, w, bias), &inputs)
+    }
+
+    fn swiglu_linear_fp8_gated_add(
+        &self,
+        x: &Tensor,
+        gate: &Tensor,
+        prefix: Option<&Tensor>,
+        a: &Tensor,
+        w: &QuantTensor,
+    ) -> Result<Tensor> {
+        let mut inputs = vec![("x", x), ("gate", gate), ("a", a)];
+        inputs.extend(prefix.map(|p| ("prefix", p)));
+        let out = self.inner.swiglu_linear_fp8_gated_add(x, gate, prefix, a, w);
+        self.checked("swiglu_linear_fp8_gated_add", out, &inputs)
+    }
+
     fn attention_sage(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
         let out = self.inner.attention_sage(q, k, v, mask, scale);
         self.checked(&format!("attention_sage(scale={scale})"), out, &[("q", q), ("k", k), ("v", v)])

@@ -149,7 +149,7 @@ pub(super) fn linear_gated_add(
 }
 
 /// The output shape of a linear of `x` `[.., K]` to `n` features.
-fn linear_output_shape(x: &Tensor, n: usize) -> Vec<usize> {
+pub(super) fn linear_output_shape(x: &Tensor, n: usize) -> Vec<usize> {
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = n;
     shape

@@ -16,10 +16,11 @@ use crate::error::Result;
 pub(super) const BF16_KERNEL: &str = "gemm_wgmma_bf16";
 pub(super) const GATED_KERNEL: &str = "gemm_wgmma_gated_bf16";
 pub(super) const E4M3_KERNEL: &str = "gemm_wgmma_e4m3";
+pub(super) const GATED_E4M3_KERNEL: &str = "gemm_wgmma_gated_e4m3";
 /// The one image target with wgmma.
 pub(super) const V3_TARGET: &str = "sm_90a";
 /// Every v3 kernel (launched on sm_90a images only).
-pub(super) const KERNELS: [&str; 3] = [BF16_KERNEL, GATED_KERNEL, E4M3_KERNEL];
+pub(super) const KERNELS: [&str; 4] = [BF16_KERNEL, GATED_KERNEL, E4M3_KERNEL, GATED_E4M3_KERNEL];
 
 /// The kernels' dynamic shared memory (WG_SMEM_BYTES): 1 KB of alignment slack, 5 stages of a
 /// 128x128-byte A and W slice, 8 consumer warps' 16 x 136 bf16 epilogue buffers, and the stages'
@@ -180,7 +181,7 @@ pub(super) fn gated_bf16(
 }
 
 /// out [m, n] = codes [m, k] · W codes [n, k]ᵀ · a_scale[m] · w_scale[n] + bias (e4m3 codes,
-/// gemm_w8a8_mma_e4m3's contract).
+/// gemm_w8a8_mma_e4m3's contract); with `gated`, out = x + gate[m / l] · that (the gated kernel).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn e4m3(
     be: &CudaBackend,
@@ -190,9 +191,8 @@ pub(super) fn e4m3(
     w_scale: u64,
     bias: u64,
     out: u64,
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
+    gated: Option<GatedArgs>,
 ) -> Result<()> {
     if m == 0 || n == 0 {
         return Ok(());
@@ -201,7 +201,39 @@ pub(super) fn e4m3(
     let tw = row_major_128b(w, TileElem::E4m3, n, k, 128)?;
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
     let (cfg, sk) = plan(be, m, n, k)?;
-    launch!(be.dev, E4M3_KERNEL, cfg, ta, a_scale, tw, w_scale, bias, out, m32, n32, k32, n as i64, sk)
+    match gated {
+        None => launch!(be.dev, E4M3_KERNEL, cfg, ta, a_scale, tw, w_scale, bias, out, m32, n32, k32, n as i64, sk),
+        Some(GatedArgs { x, gate: (gp, gs), l }) => {
+            launch!(
+                be.dev,
+                GATED_E4M3_KERNEL,
+                cfg,
+                ta,
+                a_scale,
+                tw,
+                w_scale,
+                bias,
+                x,
+                gp,
+                gs,
+                l,
+                out,
+                m32,
+                n32,
+                k32,
+                sk
+            )
+        }
+    }
+}
+
+/// A gated-residual epilogue's operands: x (dense, the output's shape), the gate rows (address,
+/// stride) and the tokens per sample.
+#[derive(Clone, Copy)]
+pub(super) struct GatedArgs {
+    pub x: u64,
+    pub gate: (u64, i64),
+    pub l: i32,
 }
 
 #[cfg(test)]

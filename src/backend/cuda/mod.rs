@@ -118,6 +118,7 @@ const KERNELS: &[(&str, &[&str])] = &[
             "layer_norm_modulate_e4m3_bf16",
             "swiglu_concat_e4m3_bf16",
             "gemm_w8a8_mma_e4m3",
+            "gemm_w8a8_mma_gated_e4m3",
             "sage_kv_sums_bf16",
             "sage_kv_means_absmax_bf16",
             "sage_block_absmax_bf16",
@@ -771,7 +772,29 @@ impl Backend for CudaBackend {
     }
 
     fn linear_fp8(&self, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        quantized::linear_fp8(self, x, w, bias)
+        quantized::linear_fp8(self, x, w, bias, None)
+    }
+
+    fn linear_fp8_gated_add(
+        &self,
+        x: &Tensor,
+        gate: &Tensor,
+        a: &Tensor,
+        w: &QuantTensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        quantized::linear_fp8(self, a, w, bias, Some(quantized::Residual { x, gate }))
+    }
+
+    fn swiglu_linear_fp8_gated_add(
+        &self,
+        x: &Tensor,
+        gate: &Tensor,
+        prefix: Option<&Tensor>,
+        a: &Tensor,
+        w: &QuantTensor,
+    ) -> Result<Tensor> {
+        quantized::swiglu_linear_fp8(self, prefix, a, w, None, Some(quantized::Residual { x, gate }))
     }
 
     fn layer_norm_modulate_linear_fp8(
@@ -793,7 +816,7 @@ impl Backend for CudaBackend {
         w: &QuantTensor,
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
-        quantized::swiglu_linear_fp8(self, prefix, x, w, bias)
+        quantized::swiglu_linear_fp8(self, prefix, x, w, bias, None)
     }
 
     fn attention_sage(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {

@@ -1,6 +1,7 @@
 //! Launchers for the FP8 W8A8 linears (kernels/quantized.cu; v3 on Hopper in gemm_wgmma.rs). Sage
 //! attention's are in sage.rs.
 
+use super::gemm_wgmma::GatedArgs;
 use super::{launch, CudaBackend};
 use crate::backend::{check, swiglu_beside, QuantTensor};
 use crate::dtype::DType;
@@ -13,30 +14,74 @@ pub(super) fn has_fp8_mma(target: &str) -> bool {
     matches!(target, "sm_89" | "sm_90a" | "sm_120")
 }
 
+/// The gated residual an FP8 linear's epilogue adds: out = x + gate · y (`linear_gated_add`'s
+/// contract), x `[B, L, N]` like the output, gate `[B, N]`.
+#[derive(Clone, Copy)]
+pub(super) struct Residual<'a> {
+    pub x: &'a Tensor,
+    pub gate: &'a Tensor,
+}
+
+impl Residual<'_> {
+    /// Checks x against the linear's output shape; the epilogue's operands, with the dense copies
+    /// they may point into (kept alive by the caller until the launch).
+    fn args(&self, be: &CudaBackend, op: &'static str, out_shape: &[usize]) -> Result<(GatedArgs, [Tensor; 2])> {
+        if self.x.shape() != out_shape {
+            return Err(Error::shape(op, format!("residual {:?} for an output {out_shape:?}", self.x.shape())));
+        }
+        check::per_sample(op, self.x, self.gate)?;
+        if self.x.dim(1) > i32::MAX as usize {
+            return Err(Error::shape(op, format!("{} tokens per sample", self.x.dim(1))));
+        }
+        let (x, xp) = be.bf16_arg(self.x, op)?;
+        let (g, gp, gs) = be.vec_arg(self.gate, op)?;
+        Ok((GatedArgs { x: xp, gate: (gp, gs), l: self.x.dim(1) as i32 }, [x, g]))
+    }
+
+    /// The composition where no fused kernel applies: `gated_add(x, gate, y)`.
+    fn add(&self, be: &CudaBackend, y: &Tensor) -> Result<Tensor> {
+        super::pointwise::gated_add(be, self.x, self.gate, y)
+    }
+}
+
 /// FP8 W8A8 linear: v2 (per-token e4m3 codes, tensor cores) where the image has e4m3 mma and rows
 /// split into 16-byte chunks; else v1 (CUDA cores, any shape). Same numerics up to f32 rounding.
-pub(super) fn linear_fp8(be: &CudaBackend, x: &Tensor, w: &QuantTensor, bias: Option<&Tensor>) -> Result<Tensor> {
+/// With `residual`, `x + gate · linear` with the residual in v2's (and v3's) epilogue.
+pub(super) fn linear_fp8(
+    be: &CudaBackend,
+    x: &Tensor,
+    w: &QuantTensor,
+    bias: Option<&Tensor>,
+    residual: Option<Residual>,
+) -> Result<Tensor> {
     let (m, k, n) = check::linear_fp8(x, w, bias)?;
-    let (_x, xp) = be.bf16_arg(x, "linear_fp8")?;
+    let op = if residual.is_some() { "linear_fp8_gated_add" } else { "linear_fp8" };
+    let (_x, xp) = be.bf16_arg(x, op)?;
     let scales = w.scales.as_ref().ok_or_else(|| Error::Gpu("fp8 weight without scales".into()))?;
-    let b = bias.map(|b| be.bf16_arg(b, "linear_fp8")).transpose()?;
+    let b = bias.map(|b| be.bf16_arg(b, op)).transpose()?;
     let bp = b.as_ref().map_or(0, |(_, p)| *p);
-    let out = super::gemm::linear_output(be, x, n)?;
-    let rows = super::reduce::per_row("linear_fp8", m, k)?;
+    let rows = super::reduce::per_row(op, m, k)?;
     if fp8_mma_applies(be, m, k) {
+        let out_shape = super::gemm::linear_output_shape(x, n);
+        let gated = residual.map(|r| r.args(be, op, &out_shape)).transpose()?;
+        let out = be.output(DType::BF16, &out_shape)?;
         let codes = be.output(DType::U8, &[m * k])?;
         let a_scale = be.output(DType::F32, &[m])?;
         let (qp, asp) = (be.ptr(&codes)?, be.ptr(&a_scale)?);
         launch!(be.dev, "quantize_rows_e4m3_bf16", rows, xp, qp, asp, k as i32)?;
-        w8a8_mma(be, qp, asp, w, bp, &out, m, n, k)?;
+        w8a8_mma(be, qp, asp, w, bp, &out, (m, n, k), gated.as_ref().map(|g| g.0))?;
         return Ok(out);
     }
+    let out = super::gemm::linear_output(be, x, n)?;
     let absmax = be.output(DType::F32, &[m])?;
     launch!(be.dev, "row_absmax_bf16", rows, xp, be.ptr(&absmax)?, k as i32)?;
-    let cfg = super::gemm::tiled_16x16("linear_fp8", m, n)?;
+    let cfg = super::gemm::tiled_16x16(op, m, n)?;
     let (ap, wp, sp, op) = (be.ptr(&absmax)?, be.ptr(&w.data)?, be.ptr(scales)?, be.ptr(&out)?);
     launch!(be.dev, "gemm_w8a8_tiled_bf16", cfg, xp, ap, wp, sp, bp, op, m as i32, n as i32, k as i32, n as i64)?;
-    Ok(out)
+    match residual {
+        Some(r) => r.add(be, &out),
+        None => Ok(out),
+    }
 }
 
 /// v2 of the FP8 linear applies: e4m3 tensor cores in the image, K in 16-byte rows of codes, the
@@ -46,7 +91,7 @@ fn fp8_mma_applies(be: &CudaBackend, m: usize, k: usize) -> bool {
 }
 
 /// `gemm_w8a8_mma_e4m3` (or its v3, `gemm_wgmma_e4m3`, on sm_90a): out [m, n] from per-token e4m3
-/// codes `qp` with scales `asp`.
+/// codes `qp` with scales `asp`; with `gated`, their gated-residual twins.
 #[allow(clippy::too_many_arguments)]
 fn w8a8_mma(
     be: &CudaBackend,
@@ -55,19 +100,23 @@ fn w8a8_mma(
     w: &QuantTensor,
     bp: u64,
     out: &Tensor,
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
+    gated: Option<GatedArgs>,
 ) -> Result<()> {
     let scales = w.scales.as_ref().ok_or_else(|| Error::Gpu("fp8 weight without scales".into()))?;
     let (wp, sp, op) = (be.ptr(&w.data)?, be.ptr(scales)?, be.ptr(out)?);
     if super::gemm_wgmma::applies(be, qp, wp, k, m) {
-        return super::gemm_wgmma::e4m3(be, qp, asp, wp, sp, bp, op, m, n, k);
+        return super::gemm_wgmma::e4m3(be, qp, asp, wp, sp, bp, op, (m, n, k), gated);
     }
     let cfg = super::gemm::mma_tile_grid(m, n)
         .ok_or_else(|| Error::shape("linear_fp8", format!("{m} rows exceed one grid of the tensor-core tile")))?;
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
-    launch!(be.dev, "gemm_w8a8_mma_e4m3", cfg, qp, asp, wp, sp, bp, op, m32, n32, k32, n as i64)
+    match gated {
+        None => launch!(be.dev, "gemm_w8a8_mma_e4m3", cfg, qp, asp, wp, sp, bp, op, m32, n32, k32, n as i64),
+        Some(GatedArgs { x, gate: (gp, gs), l }) => {
+            launch!(be.dev, "gemm_w8a8_mma_gated_e4m3", cfg, qp, asp, wp, sp, bp, x, gp, gs, l, op, m32, n32, k32)
+        }
+    }
 }
 
 /// adaLN feeding an FP8 linear: with v2, `layer_norm_modulate_e4m3_bf16` writes the activation's
@@ -88,7 +137,7 @@ pub(super) fn layer_norm_modulate_linear_fp8(
     let (m, k, n) = check::linear_fp8(x, w, bias)?;
     if !fp8_mma_applies(be, m, k) {
         let a = super::reduce::layer_norm(be, x, Some((shift, scale)), eps)?;
-        return linear_fp8(be, &a, w, bias);
+        return linear_fp8(be, &a, w, bias, None);
     }
     let (_x, xp) = be.bf16_arg(x, "layer_norm_modulate_linear_fp8")?;
     let (_s, sp, ss) = be.vec_arg(shift, "layer_norm_modulate_linear_fp8")?;
@@ -102,19 +151,21 @@ pub(super) fn layer_norm_modulate_linear_fp8(
     let rows = super::reduce::per_row("layer_norm_modulate_linear_fp8", m, k)?;
     let per_sample = x.dim(1) as i64;
     launch!(be.dev, "layer_norm_modulate_e4m3_bf16", rows, xp, sp, cp, ss, cs, per_sample, eps, qp, asp, k as i32)?;
-    w8a8_mma(be, qp, asp, w, bp, &out, m, n, k)?;
+    w8a8_mma(be, qp, asp, w, bp, &out, (m, n, k), None)?;
     Ok(out)
 }
 
 /// The feed-forward's activation feeding an FP8 linear, `[prefix | swiglu(x)]` (or `swiglu(x)`):
 /// with v2, `swiglu_concat_e4m3_bf16` writes its e4m3 codes and scales straight from the fused
-/// projection's rows (no bf16 activation), then the tensor-core GEMM; else the composition.
+/// projection's rows (no bf16 activation), then the tensor-core GEMM (with `residual`, the gated
+/// residual in its epilogue); else the composition.
 pub(super) fn swiglu_linear_fp8(
     be: &CudaBackend,
     prefix: Option<&Tensor>,
     x: &Tensor,
     w: &QuantTensor,
     bias: Option<&Tensor>,
+    residual: Option<Residual>,
 ) -> Result<Tensor> {
     let m = check::swiglu(x)?;
     let r = x.rank();
@@ -128,7 +179,7 @@ pub(super) fn swiglu_linear_fp8(
     let (rows, k, n) = (x.rows(), p + m, w.rows);
     let rows_fit = super::pointwise::bf16_rows(be, x)?.filter(|_| fp8_mma_applies(be, rows, k));
     let Some((xp, ld)) = rows_fit else {
-        return linear_fp8(be, &swiglu_beside(be, prefix, x)?, w, bias);
+        return linear_fp8(be, &swiglu_beside(be, prefix, x)?, w, bias, residual);
     };
     if w.format != crate::quant::QuantFormat::Fp8 || w.cols != k {
         let what = format!("{k} activation columns against a {:?} weight [{n}, {}]", w.format, w.cols);
@@ -146,14 +197,14 @@ pub(super) fn swiglu_linear_fp8(
     };
     let b = bias.map(|b| be.bf16_arg(b, "swiglu_linear_fp8")).transpose()?;
     let bp = b.as_ref().map_or(0, |(_, p)| *p);
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().unwrap() = n;
+    let shape = super::gemm::linear_output_shape(x, n);
+    let gated = residual.map(|r| r.args(be, "swiglu_linear_fp8_gated_add", &shape)).transpose()?;
     let out = be.output(DType::BF16, &shape)?;
     let codes = be.output(DType::U8, &[rows * k])?;
     let a_scale = be.output(DType::F32, &[rows])?;
     let (qp, asp) = (be.ptr(&codes)?, be.ptr(&a_scale)?);
     let grid = super::reduce::per_row("swiglu_linear_fp8", rows, k)?;
     launch!(be.dev, "swiglu_concat_e4m3_bf16", grid, pp, p as i32, xp, ld as i64, m as i32, qp, asp)?;
-    w8a8_mma(be, qp, asp, w, bp, &out, rows, n, k)?;
+    w8a8_mma(be, qp, asp, w, bp, &out, (rows, n, k), gated.as_ref().map(|g| g.0))?;
     Ok(out)
 }

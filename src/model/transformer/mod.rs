@@ -145,8 +145,9 @@ impl Proj {
     }
 
     /// `forward_gated` of `[prefix | swiglu(x)]` (just `swiglu(x)` without a prefix): for an FP8
-    /// weight without run-time adapters the activation is quantized where SwiGLU makes it
-    /// (`swiglu_linear_fp8`), else it is made in bf16 first.
+    /// weight without run-time adapters the activation is quantized where SwiGLU makes it and the
+    /// residual added in the GEMM's epilogue (`swiglu_linear_fp8_gated_add`), else it is made in
+    /// bf16 first.
     fn forward_swiglu_gated(
         &self,
         be: &dyn Backend,
@@ -156,7 +157,7 @@ impl Proj {
         gate: &Tensor,
     ) -> Result<Tensor> {
         if let (Linear::Fp8(w), None) = (&self.w, &self.lora) {
-            return be.gated_add(residual, gate, &be.swiglu_linear_fp8(prefix, x, w, None)?);
+            return be.swiglu_linear_fp8_gated_add(residual, gate, prefix, x, w);
         }
         self.forward_gated(be, &swiglu_beside(be, prefix, x)?, residual, gate)
     }
@@ -170,11 +171,12 @@ impl Proj {
         }
     }
 
-    /// The gated residual `residual + gate · forward(x)`: one fused op for a dense weight without
-    /// run-time adapters, else the two steps.
+    /// The gated residual `residual + gate · forward(x)`: one fused op for a dense or FP8 weight
+    /// without run-time adapters, else the two steps.
     fn forward_gated(&self, be: &dyn Backend, x: &Tensor, residual: &Tensor, gate: &Tensor) -> Result<Tensor> {
         match (&self.w, &self.lora) {
             (Linear::Dense(w), None) => be.linear_gated_add(residual, gate, x, w, None),
+            (Linear::Fp8(w), None) => be.linear_fp8_gated_add(residual, gate, x, w, None),
             _ => be.gated_add(residual, gate, &self.forward(be, x)?),
         }
     }
