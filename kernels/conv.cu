@@ -3,6 +3,9 @@
 //   v1 im2col_bf16 + gemm_*_bf16 (gemm.cu): materialised columns; the reference, and the path for
 //      kernels whose input patch does not fit in shared memory.
 //   v2 conv2d_mma_bf16: an implicit GEMM on tensor cores (mma.sync m16n8k16), no columns written.
+//   conv2d_narrow_c{4,8}_bf16: for at most 4 / 8 output channels (the VAE decoder's conv_out,
+//      128 -> 3 at full resolution), where v2's 128-channel tile would be 97% padding: CUDA cores,
+//      one output pixel per thread with all its channels in registers (see below).
 //
 // v2 as a GEMM: M = Cout (the weights are the A operand), N = output pixels, K walked as (chunk of
 // 32 input channels, tap ky·kw + kx, channel in the chunk). A block computes 128 output channels of
@@ -129,4 +132,72 @@ extern "C" __global__ void __launch_bounds__(256)
         int oy = oy0 + (int)n / CONV_TILE_COLS, ox = ox0 + (int)n % CONV_TILE_COLS;
         if (oy < ho && ox < wo) ob[(m * ho + oy) * wo + ox] = to_bf(v + (bias ? to_f(bias[m]) : 0.f));
     });
+}
+
+// Few output channels: one thread per output pixel keeps all NC (>= cout) channel sums; the input
+// channels go in chunks of CONV_CHUNK whose weights are staged in shared memory as f32
+// [channel][tap][NC] (zero past cout), so each tap is one input load and NC FMAs on a broadcast
+// weight read. Adjacent threads read adjacent pixels (coalesced; the kh x kw window's reuse comes
+// from L1). Needs kh · kw ≤ 25 (the launcher's check: 25.6 KB of weights at NC = 8).
+template <int NC>
+__device__ __forceinline__ void conv2d_narrow(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                              const bf16* __restrict__ bias, bf16* __restrict__ out, int cin, int h,
+                                              int wd, int cout, int kh, int kw, int s, int pad_t, int pad_l, int ho,
+                                              int wo) {
+    float* wsm = dynamic_smem<float>();
+    const int taps = kh * kw;
+    const i64 pixels = (i64)ho * wo;
+    const i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool live = p < pixels;
+    const int oy = live ? (int)(p / wo) : 0, ox = live ? (int)(p % wo) : 0;
+    const int iy0 = oy * s - pad_t, ix0 = ox * s - pad_l;
+    const bf16* xb = x + (i64)blockIdx.y * cin * h * wd;
+    float acc[NC];
+#pragma unroll
+    for (int co = 0; co < NC; co++) acc[co] = 0.f;
+    for (int c0 = 0; c0 < cin; c0 += CONV_CHUNK) {
+        const int cn = min(CONV_CHUNK, cin - c0);
+        __syncthreads();  // the previous chunk's weights have been read
+        for (int i = threadIdx.x; i < cn * taps * NC; i += blockDim.x) {
+            const int co = i % NC, t = (i / NC) % taps, c = i / (NC * taps);
+            wsm[i] = co < cout ? to_f(w[((i64)co * cin + c0 + c) * taps + t]) : 0.f;
+        }
+        __syncthreads();
+        if (!live) continue;
+        for (int c = 0; c < cn; c++) {
+            const bf16* xc = xb + (i64)(c0 + c) * h * wd;
+            for (int ky = 0; ky < kh; ky++) {
+                const int iy = iy0 + ky;
+                if (iy < 0 || iy >= h) continue;
+                for (int kx = 0; kx < kw; kx++) {
+                    const int ix = ix0 + kx;
+                    if (ix < 0 || ix >= wd) continue;
+                    const float v = to_f(xc[(i64)iy * wd + ix]);
+                    const float* wt = wsm + (c * taps + ky * kw + kx) * NC;
+#pragma unroll
+                    for (int co = 0; co < NC; co++) acc[co] = fmaf(v, wt[co], acc[co]);
+                }
+            }
+        }
+    }
+    if (!live) return;
+    bf16* ob = out + (i64)blockIdx.y * cout * pixels + p;
+#pragma unroll
+    for (int co = 0; co < NC; co++)
+        if (co < cout) ob[co * pixels] = to_bf(acc[co] + (bias ? to_f(bias[co]) : 0.f));
+}
+
+// Grid (pixel blocks of 256, batch); dynamic shared memory CONV_CHUNK · kh · kw · NC floats.
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_narrow_c4_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias,
+                          bf16* __restrict__ out, int cin, int h, int wd, int cout, int kh, int kw, int s, int pad_t,
+                          int pad_l, int ho, int wo) {
+    conv2d_narrow<4>(x, w, bias, out, cin, h, wd, cout, kh, kw, s, pad_t, pad_l, ho, wo);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_narrow_c8_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias,
+                          bf16* __restrict__ out, int cin, int h, int wd, int cout, int kh, int kw, int s, int pad_t,
+                          int pad_l, int ho, int wo) {
+    conv2d_narrow<8>(x, w, bias, out, cin, h, wd, cout, kh, kw, s, pad_t, pad_l, ho, wo);
 }

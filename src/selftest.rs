@@ -904,33 +904,48 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             Box::new(|be, t| be.upsample_nearest2x(&t[0])),
         ));
     }
-    // Convolutions with a per-row bias (input, weight, stride, padding). The implicit GEMM (v2)
-    // takes all but the 7x7 stride-4 kernel, whose input patch does not fit in shared memory: that
-    // one runs im2col + gemm_tiled (v1, K = 196).
+    // Convolutions with a per-row bias (input, weight, stride, padding, v2 asked for). The implicit
+    // GEMM (v2) takes those with more than 8 output channels but the 7x7 stride-4 kernel, whose
+    // input patch does not fit in shared memory: that one runs im2col + gemm_tiled (v1, K = 196).
+    // At most 4 / 8 output channels and ≤ 25 taps: conv2d_narrow_c4 / c8 (CUDA cores), unless v2 is
+    // asked for ("v2").
     let last_conv = match suite {
         Suite::Full => (vec![1, 128, 64, 64], vec![128, 128, 3, 3]),
         // Two channel chunks (the second ragged), 2 x 2 pixel tiles, 2 channel blocks (the second
         // ragged).
         Suite::Small => (vec![1, 48, 12, 20], vec![136, 48, 3, 3]),
     };
-    let convs: [(Vec<usize>, Vec<usize>, usize, Padding2d); 6] = [
-        (vec![1, 3, 17, 13], vec![8, 3, 3, 3], 1, Padding2d::same(1)),
-        (vec![2, 16, 16, 16], vec![32, 16, 3, 3], 1, Padding2d::same(1)),
-        (vec![1, 16, 15, 15], vec![16, 16, 3, 3], 2, Padding2d { top: 0, bottom: 1, left: 0, right: 1 }),
-        (vec![1, 64, 9, 11], vec![32, 64, 1, 1], 1, Padding2d::same(0)),
-        (vec![1, 4, 23, 29], vec![8, 4, 7, 7], 4, Padding2d::same(3)),
-        (last_conv.0, last_conv.1, 1, Padding2d::same(1)),
+    let asymmetric = Padding2d { top: 0, bottom: 1, left: 0, right: 1 };
+    let convs: [(Vec<usize>, Vec<usize>, usize, Padding2d, bool); 10] = [
+        (vec![1, 3, 17, 13], vec![8, 3, 3, 3], 1, Padding2d::same(1), false), // narrow c8
+        (vec![1, 3, 17, 13], vec![8, 3, 3, 3], 1, Padding2d::same(1), true),
+        (vec![2, 16, 16, 16], vec![32, 16, 3, 3], 1, Padding2d::same(1), false),
+        (vec![1, 16, 15, 15], vec![16, 16, 3, 3], 2, asymmetric, false),
+        (vec![1, 16, 15, 15], vec![6, 16, 3, 3], 2, asymmetric, false), // narrow c8, stride 2
+        (vec![1, 64, 9, 11], vec![32, 64, 1, 1], 1, Padding2d::same(0), false),
+        (vec![1, 64, 9, 11], vec![4, 64, 1, 1], 1, Padding2d::same(0), false), // narrow c4, 1x1
+        (vec![1, 4, 23, 29], vec![8, 4, 7, 7], 4, Padding2d::same(3), false),
+        // The VAE decoder's conv_out shape in small: 3 channels, two input chunks (the second ragged).
+        (vec![2, 40, 13, 21], vec![3, 40, 3, 3], 1, Padding2d::same(1), false),
+        (last_conv.0, last_conv.1, 1, Padding2d::same(1), false),
     ];
-    for (x, w, stride, pad) in convs {
+    for (x, w, stride, pad, v2) in convs {
         let fan_in = (w[1] * w[2] * w[3]) as f32;
-        let label = format!("{x:?} * {w:?} s{stride}");
+        let label = format!("{x:?} * {w:?} s{stride}{}", if v2 { " v2" } else { "" });
         let cout = w[0];
         v.push(case(
             "conv2d",
             label,
             vec![act(&x), Input::Act(w.clone(), 1.0 / fan_in.sqrt()), act(&[cout])],
             3.0,
-            Box::new(move |be, t| be.conv2d(&t[0], &t[1], Some(&t[2]), stride, pad)),
+            Box::new(move |be, t| {
+                let run = || be.conv2d(&t[0], &t[1], Some(&t[2]), stride, pad);
+                #[cfg(feature = "cuda")]
+                if v2 {
+                    return with_cuda_switch(be, crate::backend::cuda::CudaBackend::set_conv_v2, run);
+                }
+                run()
+            }),
         ));
     }
     v.push(case(

@@ -1,6 +1,8 @@
 //! Launchers for 2-D convolution: v2, an implicit GEMM on tensor cores (kernels/conv.cu), for every
 //! kernel whose input patch fits in shared memory (all of klein's VAE); v1, im2col + the GEMM
-//! (kernels/gemm.cu), kept as the reference and for the rest.
+//! (kernels/gemm.cu), kept as the reference and for the rest. Layers with at most 8 output
+//! channels (the VAE decoder's conv_out) take the narrow CUDA-core kernels instead, where v2's
+//! 128-channel tile would be nearly all padding.
 
 use cudarc::driver::LaunchConfig;
 
@@ -19,6 +21,11 @@ const TILE_ROWS: usize = 8;
 const TILE_COLS: usize = 16;
 const CHANNEL_CHUNK: usize = 32;
 const POSITION_BYTES: usize = 80;
+
+/// The narrow kernels: at most 4 or 8 output channels per thread, kh · kw ≤ 25 taps (their f32
+/// weight chunk, 32 channels x taps x 8, stays within the default 48 KB of shared memory).
+pub(super) const NARROW_KERNELS: [&str; 2] = ["conv2d_narrow_c4_bf16", "conv2d_narrow_c8_bf16"];
+const NARROW_MAX_TAPS: usize = 25;
 
 /// The most dynamic shared memory v2 asks for: under the 99 KB opt-in limit of sm_86/89/120 (and
 /// sm_80/90's larger ones). A 3x3 kernel needs 35 KB at stride 1 and 67 KB at stride 2.
@@ -54,7 +61,10 @@ pub(super) fn conv2d(
         Geometry { x: xp, w: wptr, bias: bias.as_ref().map(|(_, p)| *p), x_shape: x.shape(), w_shape: w.shape() };
     let smem = mma_smem_bytes(kh, kw, stride);
     let tiles = ho.div_ceil(TILE_ROWS) * wo.div_ceil(TILE_COLS);
-    if smem <= MMA_MAX_SMEM && tiles <= i32::MAX as usize && b <= 65535 {
+    let narrow = cout <= 8 && kh * kw <= NARROW_MAX_TAPS && (ho * wo).div_ceil(256) <= i32::MAX as usize;
+    if narrow && b <= 65535 && !be.dev.conv_v2.load(std::sync::atomic::Ordering::Relaxed) {
+        narrow_direct(be, &geometry, &out, stride, pad)?;
+    } else if smem <= MMA_MAX_SMEM && tiles <= i32::MAX as usize && b <= 65535 {
         implicit_gemm(be, &geometry, &out, stride, pad, smem, tiles)?;
     } else {
         im2col_gemm(be, &geometry, &out, stride, pad)?;
@@ -126,6 +136,42 @@ fn implicit_gemm(
         ho as i32,
         wo as i32,
         cin_pad32
+    )
+}
+
+/// Few output channels: one thread per output pixel with all its channels (conv2d_narrow_c4 for
+/// up to 4, c8 for up to 8).
+fn narrow_direct(be: &CudaBackend, g: &Geometry, out: &Tensor, stride: usize, pad: Padding2d) -> Result<()> {
+    let (b, cin, h, wd) = (g.x_shape[0], g.x_shape[1], g.x_shape[2], g.x_shape[3]);
+    let (cout, kh, kw) = (g.w_shape[0], g.w_shape[2], g.w_shape[3]);
+    let (ho, wo) = (out.dim(2), out.dim(3));
+    let (kernel, nc) = if cout <= 4 { (NARROW_KERNELS[0], 4) } else { (NARROW_KERNELS[1], 8) };
+    let cfg = LaunchConfig {
+        grid_dim: ((ho * wo).div_ceil(256) as u32, b as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: (CHANNEL_CHUNK * kh * kw * nc * 4) as u32,
+    };
+    let (cin, h, wd, cout, kh, kw) = (cin as i32, h as i32, wd as i32, cout as i32, kh as i32, kw as i32);
+    let (s, pt, pl, ho, wo) = (stride as i32, pad.top as i32, pad.left as i32, ho as i32, wo as i32);
+    launch!(
+        be.dev,
+        kernel,
+        cfg,
+        g.x,
+        g.w,
+        g.bias.unwrap_or(0),
+        be.ptr(out)?,
+        cin,
+        h,
+        wd,
+        cout,
+        kh,
+        kw,
+        s,
+        pt,
+        pl,
+        ho,
+        wo
     )
 }
 

@@ -93,7 +93,7 @@ const KERNELS: &[(&str, &[&str])] = &[
         ],
     ),
     ("gemm_wgmma", &gemm_wgmma::KERNELS),
-    ("conv", &["conv_pack_weight_bf16", conv::MMA_KERNEL]),
+    ("conv", &["conv_pack_weight_bf16", conv::MMA_KERNEL, conv::NARROW_KERNELS[0], conv::NARROW_KERNELS[1]]),
     ("attention", &["attention_rowwise_bf16", "flash_attention_d64_bf16", "flash_attention_d128_bf16"]),
     (
         "attention_v3",
@@ -200,6 +200,9 @@ pub struct CudaDevice {
     /// Attention runs the previous kernel versions (flash v2, row-wise for wide heads): the
     /// references the selftest and `flux2 profile attention` compare against.
     reference_attention: AtomicBool,
+    /// Convolutions with few output channels on v2 (the implicit GEMM) instead of the narrow
+    /// kernels: v2 stays checked on such layers.
+    conv_v2: AtomicBool,
     /// Sage attention's P·V on bf16 tensor cores even where e4m3 ones exist (the sm_80/86 kernels,
     /// so the selftest checks them on every card).
     sage_bf16_pv: AtomicBool,
@@ -416,6 +419,7 @@ impl CudaBackend {
             budget: AtomicUsize::new(0),
             poison: AtomicBool::new(false),
             reference_attention: AtomicBool::new(false),
+            conv_v2: AtomicBool::new(false),
             sage_bf16_pv: AtomicBool::new(false),
             sage_quantize_v1: AtomicBool::new(false),
             gemm_v2: AtomicBool::new(gemm_v2_default),
@@ -447,6 +451,12 @@ impl CudaBackend {
     /// false restores the default.
     pub fn set_reference_attention(&self, on: bool) {
         self.dev.reference_attention.store(on, Ordering::Relaxed);
+    }
+
+    /// Run convolutions with at most 8 output channels on v2 (the implicit GEMM) instead of the
+    /// narrow CUDA-core kernels; false restores the default.
+    pub fn set_conv_v2(&self, on: bool) {
+        self.dev.conv_v2.store(on, Ordering::Relaxed);
     }
 
     /// Run Sage attention's P·V on bf16 tensor cores (the sm_80/86 kernels) on any card; false
