@@ -916,7 +916,8 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         Suite::Small => (vec![1, 48, 12, 20], vec![136, 48, 3, 3]),
     };
     let asymmetric = Padding2d { top: 0, bottom: 1, left: 0, right: 1 };
-    let convs: [(Vec<usize>, Vec<usize>, usize, Padding2d, bool); 10] = [
+    type ConvCase = (Vec<usize>, Vec<usize>, usize, Padding2d, bool);
+    let convs: [ConvCase; 10] = [
         (vec![1, 3, 17, 13], vec![8, 3, 3, 3], 1, Padding2d::same(1), false), // narrow c8
         (vec![1, 3, 17, 13], vec![8, 3, 3, 3], 1, Padding2d::same(1), true),
         (vec![2, 16, 16, 16], vec![32, 16, 3, 3], 1, Padding2d::same(1), false),
