@@ -252,21 +252,32 @@ extern "C" __global__ void quantize_rows_e4m3_bf16(const bf16* x, unsigned char*
     quantize_row_e4m3([&](int i) { return to_f(xr[i]); }, cols, q + r * cols, scale + r, scratch);
 }
 
-// C = (Aq · Wqᵀ) · a_scale[m] · w_scale[n] + bias[n]: Aq [M, K] and Wq [N, K] e4m3 codes, on the
-// tile of mma_tile.cuh (64 e4m3 of K per stage).
+#if __CUDA_ARCH__ >= 890
+// One 128x128 tile of (Aq · Wqᵀ) · a_scale[m] · w_scale[n] + bias[n] (Aq [M, K] and Wq [N, K] e4m3
+// codes, 64 of K per stage on the tile of mma_tile.cuh), its bf16 rows handed to store8.
+template <typename Store8>
+__device__ __forceinline__ void w8a8_mma_tile(MmaTileSmem& smem, const unsigned char* __restrict__ A,
+                                              const float* __restrict__ a_scale, const unsigned char* __restrict__ W,
+                                              const float* __restrict__ w_scale, const bf16* __restrict__ bias, int M,
+                                              int N, int K, Store8 store8) {
+    const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
+    float acc[4][4][4];
+    mma_tile_128x128<mma_e4m3_16832>(smem, A, W, M, N, K, m0, n0, acc);
+    mma_tile_store8(
+        smem, acc, m0, n0, M, N,
+        [&](i64 m, i64 n, float v) { return v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f); }, store8);
+}
+#endif
+
+// C = (Aq · Wqᵀ) · a_scale[m] · w_scale[n] + bias[n], C rows `ldc` apart.
 extern "C" __global__ void __launch_bounds__(256)
     gemm_w8a8_mma_e4m3(const unsigned char* __restrict__ A, const float* __restrict__ a_scale,
                        const unsigned char* __restrict__ W, const float* __restrict__ w_scale,
                        const bf16* __restrict__ bias, bf16* __restrict__ C, int M, int N, int K, i64 ldc) {
 #if __CUDA_ARCH__ >= 890
     __shared__ __align__(16) MmaTileSmem smem;
-    const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
-    float acc[4][4][4];
-    mma_tile_128x128<mma_e4m3_16832>(smem, A, W, M, N, K, m0, n0, acc);
-    mma_tile_store8(
-        smem, acc, m0, n0, M, N,
-        [&](i64 m, i64 n, float v) { return v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f); },
-        [&](i64 m, i64 n, uint4 y, int count) { store_bf16_upto8(C + m * ldc + n, y, count); });
+    w8a8_mma_tile(smem, A, a_scale, W, w_scale, bias, M, N, K,
+                  [&](i64 m, i64 n, uint4 y, int count) { store_bf16_upto8(C + m * ldc + n, y, count); });
 #else
     __trap();  // e4m3 tensor cores need sm_89 or newer: the launcher picks v1 for these images
 #endif
@@ -282,13 +293,8 @@ extern "C" __global__ void __launch_bounds__(256)
                              i64 gs, int L, bf16* __restrict__ C, int M, int N, int K) {
 #if __CUDA_ARCH__ >= 890
     __shared__ __align__(16) MmaTileSmem smem;
-    const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
-    float acc[4][4][4];
-    mma_tile_128x128<mma_e4m3_16832>(smem, A, W, M, N, K, m0, n0, acc);
-    mma_tile_store8(
-        smem, acc, m0, n0, M, N,
-        [&](i64 m, i64 n, float v) { return v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f); },
-        [&](i64 m, i64 n, uint4 y, int count) { gated_store8(X, gate, gs, L, C, N, m, n, y, count); });
+    w8a8_mma_tile(smem, A, a_scale, W, w_scale, bias, M, N, K,
+                  [&](i64 m, i64 n, uint4 y, int count) { gated_store8(X, gate, gs, L, C, N, m, n, y, count); });
 #else
     __trap();  // e4m3 tensor cores need sm_89 or newer: the launcher picks the composition there
 #endif
