@@ -6,7 +6,7 @@
 #   3. the GPU test binary on the fixtures (FLUX2_EXPECT_GPU=1: a device that does not initialise
 #      FAILS its checks; its op sweep is step 2's, so it is skipped here)
 #   4. the CLI on the fixtures: forward commands and generate --noise vs the diffusers outputs
-#   5. full mode: `bench gemm` and `profile attention` at klein-4B shapes (attention beside torch SDPA,
+#   5. full mode: `bench gemm`, `bench conv` (the VAE decoder at 1024²) and `profile attention` at klein-4B shapes (attention beside torch SDPA,
 #      .verify/attention_compare.py, also at the VAE's 512-wide head), a klein-4B-shaped random
 #      pipeline (`flux2 synth`) generating 1024x1024 (per-stage timings) and .verify/peer_compare.py
 #      small mode: `selftest --small`, a tiny synthetic pipeline generating SMALL_SIZE (256) pixels
@@ -364,9 +364,10 @@ if [ "$SMALL" = 1 ]; then
     skip "generate-small-$SMALL_SIZE" "needs synth-small"
   fi
   skip bench-gemm "small mode: bench gemm takes only klein shapes (--shapes klein4b|klein9b)"
+  skip bench-conv "small mode: bench conv times the VAE decoder at 1024x1024"
   for s in synth-klein-4b generate-klein-4b-1024 peer-compare; do skip "$s" "small mode"; done
 elif [ -n "$NO_GPU" ]; then
-  for s in bench-gemm profile-attention synth-klein-4b generate-klein-4b-1024 peer-compare; do skip "$s" "$NO_GPU"; done
+  for s in bench-gemm bench-conv profile-attention synth-klein-4b generate-klein-4b-1024 peer-compare; do skip "$s" "$NO_GPU"; done
 else
   # cuBLASLt for bench gemm's baseline columns when the library path does not have it: the CUDA
   # toolkit's or PyTorch's wheel's (FLUX2_CUBLASLT names the file; without one the columns say why).
@@ -381,6 +382,8 @@ else
   # Benchmark tables at klein-4B shapes (cheap, so before the synth).
   step bench-gemm 180 "$FLUX2" bench gemm --shapes klein4b --reps 5 --device "$CHECK_DEVICE" \
     --json "$REPORT/bench_gemm.json"
+  # The VAE decoder's convolutions at 1024x1024 (the narrow conv_out also on v2).
+  step bench-conv 120 "$FLUX2" bench conv --reps 5 --device "$CHECK_DEVICE" --json "$REPORT/bench_conv.json"
   # Every attention path at klein-4B's DiT shape and the VAE's 512-wide head at 1024², each next to
   # PyTorch SDPA timed in the same run (flux2 profile attention's rows; the DiT shape's also as
   # profile_attention.json).

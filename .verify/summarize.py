@@ -301,6 +301,9 @@ def table(s):
         lines.append("")
         lines.append(f"bench gemm: best bf16 {fmt(b['best_bf16_tflops'], '.1f')} TFLOP/s, best fp8 {fmt(b['best_fp8_tflops'], '.1f')} TFLOP/s "
                      f"over {b['shapes']} shapes")
+    c = s.get("bench_conv")
+    if c:
+        lines.append(f"bench conv: the VAE decoder's convolutions (gpu_check: at 1024x1024) take {fmt(c['decoder_conv_ms'], '.2f')} ms")
     a = s.get("profile_attention")
     if a:
         lines.append("attention: " + "; ".join(
@@ -369,6 +372,14 @@ def main():
             "shapes": len(rows),
             "best_bf16_tflops": max((num(r.get("bf16_tflops")) or 0 for r in rows), default=None),
             "best_fp8_tflops": max((num(r.get("fp8_tflops")) or 0 for r in rows), default=None),
+            "results": rows,
+        }
+    bc = load_json(report, "bench_conv.json", errors)
+    if bc:
+        rows = bc.get("results", [])
+        summary["bench_conv"] = {
+            "device": bc.get("device"),
+            "decoder_conv_ms": sum((num(r.get("ms")) or 0) * (r.get("runs") or 0) for r in rows),
             "results": rows,
         }
     pa = load_json(report, "profile_attention.json", errors)

@@ -28,6 +28,8 @@ pub enum Suite {
     Attention,
     Dit,
     Pipeline,
+    /// The VAE decoder's convolutions at --width x --height, one row per distinct shape.
+    Conv,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -210,6 +212,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Suite::Attention => bench_attention(&*be, args)?,
         Suite::Dit => bench_dit(be.clone(), args)?,
         Suite::Pipeline => bench_pipeline(be.clone(), args)?,
+        Suite::Conv => bench_conv(&*be, args)?,
     };
     if let Some(path) = &args.json {
         let report = json!({"device": name, "suite": format!("{:?}", args.suite), "results": rows});
@@ -343,6 +346,102 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
         }
     }
     Ok(out)
+}
+
+/// One convolution shape of the VAE decoder: (Cin, Cout, kernel side, height, width) and how many
+/// times a decode runs it.
+type ConvShape = ((usize, usize, usize, usize, usize), usize);
+
+/// The decoder's convolutions (diffusers' `Decoder` of `AutoencoderKLFlux2`) for an image of
+/// `width` x `height`: post_quant_conv, conv_in, the mid block's resnets, each up block's resnets
+/// (a 1x1 shortcut where the channels change) and upsampler, conv_out; equal shapes merged.
+fn vae_decoder_convs(cfg: &crate::model::vae::VaeConfig, width: usize, height: usize) -> Vec<ConvShape> {
+    let channels: Vec<usize> = cfg.decoder_channels().iter().rev().copied().collect();
+    let levels = channels.len();
+    let down = 1 << (levels - 1);
+    let (mut h, mut w) = (height / down, width / down);
+    let mut convs: Vec<ConvShape> = Vec::new();
+    let mut add = |shape: (usize, usize, usize, usize, usize)| match convs.iter_mut().find(|(s, _)| *s == shape) {
+        Some((_, n)) => *n += 1,
+        None => convs.push((shape, 1)),
+    };
+    let (latent, top) = (cfg.latent_channels, channels[0]);
+    if cfg.use_post_quant_conv {
+        add((latent, latent, 1, h, w));
+    }
+    add((latent, top, 3, h, w));
+    for _ in 0..4 {
+        add((top, top, 3, h, w)); // the mid block: two resnets of two convs
+    }
+    let mut prev = top;
+    for (i, &out) in channels.iter().enumerate() {
+        for r in 0..=cfg.layers_per_block {
+            let cin = if r == 0 { prev } else { out };
+            add((cin, out, 3, h, w));
+            add((out, out, 3, h, w));
+            if cin != out {
+                add((cin, out, 1, h, w));
+            }
+        }
+        prev = out;
+        if i + 1 < levels {
+            (h, w) = (2 * h, 2 * w);
+            add((out, out, 3, h, w));
+        }
+    }
+    add((prev, cfg.out_channels, 3, h, w));
+    convs
+}
+
+/// `time` with convolutions of few output channels on v2 (the implicit GEMM) where the narrow
+/// kernels would run; None on other backends or shapes.
+fn time_conv_v2(be: &dyn Backend, reps: usize, cout: usize, f: impl FnMut() -> Result<()>) -> Result<Option<f64>> {
+    #[cfg(feature = "cuda")]
+    if let Some(c) = be.as_any().downcast_ref::<crate::backend::cuda::CudaBackend>() {
+        if cout <= 8 {
+            c.set_conv_v2(true);
+            let t = time(be, reps, f);
+            c.set_conv_v2(false);
+            return t.map(Some);
+        }
+    }
+    let _ = (be, reps, cout, f);
+    Ok(None)
+}
+
+fn bench_conv(be: &dyn Backend, args: &BenchArgs) -> Result<Vec<serde_json::Value>> {
+    let cfg = crate::model::vae::VaeConfig::default();
+    let convs = vae_decoder_convs(&cfg, args.width, args.height);
+    println!(
+        "{:>5} {:>5} {:>2} {:>11} {:>6} {:>10} {:>9} {:>10} {:>12}",
+        "Cin", "Cout", "k", "size", "runs", "ms", "TF/s", "v2 ms", "ms × runs"
+    );
+    let (mut rows, mut total) = (Vec::new(), 0.0);
+    for ((cin, cout, k, h, w), runs) in convs {
+        let x = random(be, "x", &[1, cin, h, w], 1.0)?;
+        let wt = random(be, "w", &[cout, cin, k, k], 1.0 / ((cin * k * k) as f32).sqrt())?;
+        let bias = random(be, "b", &[cout], 0.1)?;
+        let pad = crate::backend::Padding2d::same(k / 2);
+        let run = || be.conv2d(&x, &wt, Some(&bias), 1, pad).map(|_| ());
+        let t = time(be, args.reps, run)?;
+        let v2 = time_conv_v2(be, args.reps, cout, run)?;
+        let flops = 2.0 * (cin * cout * k * k * h * w) as f64;
+        total += t * runs as f64;
+        let v2_ms = v2.map_or("-".to_string(), |t| format!("{:.3}", t * 1e3));
+        println!(
+            "{cin:>5} {cout:>5} {k:>2} {:>11} {runs:>6} {:>10.3} {:>9.1} {v2_ms:>10} {:>12.3}",
+            format!("{h}x{w}"),
+            t * 1e3,
+            flops / t / 1e12,
+            t * runs as f64 * 1e3
+        );
+        rows.push(json!({
+            "cin": cin, "cout": cout, "kernel": k, "height": h, "width": w, "runs": runs,
+            "ms": t * 1e3, "tflops": flops / t / 1e12, "v2_ms": v2.map(|t| t * 1e3),
+        }));
+    }
+    println!("decoder convolutions at {}x{}: {:.2} ms", args.width, args.height, total * 1e3);
+    Ok(rows)
 }
 
 fn bench_attention(be: &dyn Backend, args: &BenchArgs) -> Result<Vec<serde_json::Value>> {
