@@ -399,6 +399,58 @@ fn global_atomics_are_deterministic() {
     assert!((sums[0] as f64 - exact).abs() < 1e-2, "{} vs {exact}", sums[0]);
 }
 
+/// Stream capture (CUDA graphs): launches, memsets, device copies and stream-ordered allocations
+/// are recorded, not run, and the graph replays them in order with the arguments they had, reading
+/// whatever the captured addresses hold at launch; a synchronising call inside a capture is refused
+/// and invalidates it; a graph relaunched while memory it allocated is still live is refused unless
+/// instantiated with AUTO_FREE_ON_LAUNCH.
+fn stream_capture_records_and_replays() {
+    use sys::CUgraphInstantiate_flags as Flags;
+    let s = open("compute_80").unwrap();
+    // One stream: cudarc's cross-stream events are not needed (as in cudarc's own graph tests).
+    unsafe { s.ctx.disable_event_tracking() };
+    let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL;
+    let n = 1000;
+    let first: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let mut din = s.stream.clone_htod(&first).unwrap();
+    let f = s.f("atomic_sum");
+
+    s.stream.begin_capture(mode).unwrap();
+    let mut out = s.stream.alloc_zeros::<f32>(1).unwrap(); // an allocation node and a memset node
+    let n32 = n as i32;
+    let mut b = s.stream.launch_builder(&f);
+    b.arg(&din).arg(&mut out).arg(&n32);
+    unsafe { b.launch(cfg(4, 256, 0)) }.unwrap();
+    let mut copy = s.stream.alloc_zeros::<f32>(1).unwrap();
+    s.stream.memcpy_dtod(&out, &mut copy).unwrap();
+    let graph = s.stream.end_capture(Flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).unwrap().unwrap();
+    let sum = |v: &[f32]| v.iter().sum::<f32>();
+    for input in [first.clone(), (0..n).map(|i| (i % 3) as f32 * 0.5).collect::<Vec<f32>>()] {
+        s.stream.memcpy_htod(&input, &mut din).unwrap(); // new contents at the captured address
+        graph.launch().unwrap();
+        let got = s.stream.clone_dtoh(&copy).unwrap()[0];
+        assert_eq!(got, sum(&input), "the replay summed what the input holds now (its memset zeroed the sum)");
+    }
+    drop((out, copy, graph));
+
+    // A synchronising call inside a capture is refused and ends the capture invalid.
+    s.stream.begin_capture(mode).unwrap();
+    let e = s.stream.synchronize().expect_err("a synchronisation inside a capture must fail").to_string();
+    assert!(e.contains("STREAM_CAPTURE_UNSUPPORTED"), "{e}");
+    let e = s.stream.end_capture(Flags(0)).err().expect("an invalidated capture gives no graph").to_string();
+    assert!(e.contains("STREAM_CAPTURE_INVALIDATED"), "{e}");
+
+    // Without AUTO_FREE_ON_LAUNCH the graph's memory must be freed before it runs again.
+    s.stream.begin_capture(mode).unwrap();
+    let kept = s.stream.alloc_zeros::<f32>(4).unwrap();
+    let graph = s.stream.end_capture(Flags(0)).unwrap().unwrap();
+    graph.launch().unwrap();
+    let e = graph.launch().expect_err("a relaunch with its allocation live").to_string();
+    assert!(e.contains("was not freed"), "{e}");
+    drop(kept); // frees the first launch's allocation: the graph may run again
+    graph.launch().unwrap();
+}
+
 /// FLUX2_SIM_MEMORY sets the emulated card's memory: the backend sees it, and a run that cannot
 /// fit fails with a sentence about memory, not a panic.
 fn device_memory_follows_flux2_sim_memory() {
@@ -474,6 +526,7 @@ fn main() {
         ("tma_and_wgmma_follow_the_ptx_definitions", tma_and_wgmma_follow_the_ptx_definitions),
         ("warp_shuffles", warp_shuffles),
         ("global_atomics_are_deterministic", global_atomics_are_deterministic),
+        ("stream_capture_records_and_replays", stream_capture_records_and_replays),
         ("conversions_round_as_the_hardware", conversions_round_as_the_hardware),
         ("device_memory_follows_flux2_sim_memory", device_memory_follows_flux2_sim_memory),
         ("every_kernel_was_launched", every_kernel_was_launched),

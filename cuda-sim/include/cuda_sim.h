@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <array>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -211,8 +212,17 @@ template <auto F>
 __attribute__((no_sanitize_thread)) void launch(void** params) {
     call(F, params, std::make_index_sequence<arity(F)>{});
 }
+// Each parameter's bytes, for launches a stream capture records (one extra 0 so that a kernel
+// without parameters still has an array).
+template <typename... A>
+constexpr std::array<unsigned short, sizeof...(A) + 1> param_sizes(void (*)(A...)) {
+    return {(unsigned short)sizeof(std::remove_cv_t<std::remove_reference_t<A>>)..., 0};
+}
+template <auto F>
+inline constexpr auto param_sizes_of = param_sizes(F);
 }  // namespace sim_registry
-#define SIM_KERNEL(name) {#name, &sim_registry::launch<&name>}
+#define SIM_KERNEL(name) \
+    {#name, &sim_registry::launch<&name>, sim_registry::param_sizes_of<&name>.data(), (int)sim_registry::arity(&name)}
 #define SIM_MODULE(module, target, ...)                                                    \
     static const sim_kernel_entry sim_kernels_[] = {__VA_ARGS__};                          \
     static const sim_module_table sim_table_ = {module, target,                            \

@@ -75,6 +75,8 @@ typedef void (*sim_kernel_thunk)(void** params);
 struct sim_kernel_entry {
     const char* name;
     sim_kernel_thunk thunk;  // unpacks cuLaunchKernel's parameter pointers and calls the kernel
+    const unsigned short* param_sizes;  // bytes of each parameter (a captured launch copies them)
+    int param_count;
 };
 struct sim_module_table {
     const char* module;  // e.g. "gemm"

@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
+#include <memory>
+#include <vector>
 #include <set>
 #include <unistd.h>
 
@@ -25,6 +27,8 @@ typedef void* CUcontext;
 typedef void* CUmodule;
 typedef void* CUfunction;
 typedef void* CUstream;
+typedef void* CUgraph;
+typedef void* CUgraphExec;
 typedef void* CUevent;
 typedef void* CUmemoryPool;
 
@@ -53,6 +57,69 @@ CUresult fail_with(Result code, const char* fmt, ...) {
     if (!g_initialised) return ERR_NOT_INITIALIZED
 #define CHECK_STICKY() \
     if (g_ctx.sticky != OK) return g_ctx.sticky
+
+// ---- CUDA graphs by stream capture ----
+// Between cuStreamBeginCapture and cuStreamEndCapture, kernel launches, memsets, device copies and
+// stream-ordered allocations and frees are recorded as graph nodes instead of run; cuGraphLaunch
+// runs the nodes in order. Allocation nodes get their memory at capture (so the addresses the
+// recorded launches use stay valid) and hold it while the graph lives: a launch finding a block
+// of its own still live from the previous launch fails (as on a GPU, unless the graph was
+// instantiated with AUTO_FREE_ON_LAUNCH). Synchronising calls during capture fail with
+// STREAM_CAPTURE_UNSUPPORTED and invalidate it, as in the default (global) capture mode.
+struct GraphNode {
+    enum Kind { Kernel, Memset, CopyDtoD, Alloc, Free } kind;
+    Function* fn = nullptr;
+    sim_dim3 grid{}, block{};
+    unsigned smem = 0;
+    std::vector<std::vector<unsigned char>> params;  // each kernel argument's bytes
+    uintptr_t dst = 0, src = 0;
+    size_t n = 0;         // bytes (copies, allocations) or elements (memsets)
+    unsigned value = 0;   // memset pattern
+    int elem = 1;         // memset element bytes
+};
+struct GraphBlocks {  // the memory of a graph's allocation nodes, freed with the last holder
+    std::vector<uintptr_t> ptrs;
+    std::vector<char> live;
+    ~GraphBlocks() {
+        for (uintptr_t p : ptrs) mem_free(p);
+    }
+};
+struct Graph {
+    std::vector<GraphNode> nodes;
+    std::shared_ptr<GraphBlocks> blocks = std::make_shared<GraphBlocks>();
+};
+struct GraphExec {
+    std::vector<GraphNode> nodes;
+    std::shared_ptr<GraphBlocks> blocks;
+    bool auto_free = false;
+};
+struct Capture {
+    Graph* graph = nullptr;  // non-null while capturing
+    bool invalidated = false;
+} g_capture;
+std::vector<GraphExec*> g_graph_execs;  // instantiated graphs (their memory is found by address)
+
+// A call that would synchronise (or run outside the stream) during capture: invalidates it.
+CUresult refuse_in_capture(const char* what) {
+    g_capture.invalidated = true;
+    return fail_with(ERR_STREAM_CAPTURE_UNSUPPORTED, "%s while a stream is being captured (CUDA graphs)", what);
+}
+#define NOT_WHILE_CAPTURING(what) \
+    if (g_capture.graph) return refuse_in_capture(what)
+
+CUresult capture_memset(CUdeviceptr d, unsigned v, size_t n, int elem) {
+    GraphNode node{GraphNode::Memset};
+    node.dst = (uintptr_t)d, node.value = v, node.n = n, node.elem = elem;
+    g_capture.graph->nodes.push_back(std::move(node));
+    return OK;
+}
+
+// The index of a block owned by the capturing graph, or -1.
+int graph_block(const GraphBlocks& b, uintptr_t p) {
+    for (size_t i = 0; i < b.ptrs.size(); i++)
+        if (b.ptrs[i] == p) return (int)i;
+    return -1;
+}
 
 std::string target_for(const ImageInfo& img) {
     // The host build compiled with the same __CUDA_ARCH__ as the image: PTX for compute_80 and
@@ -139,6 +206,10 @@ const ErrorInfo ERRORS[] = {
     {ERR_MISALIGNED_ADDRESS, "CUDA_ERROR_MISALIGNED_ADDRESS", "misaligned address"},
     {ERR_LAUNCH_FAILED, "CUDA_ERROR_LAUNCH_FAILED", "unspecified launch failure"},
     {ERR_NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported"},
+    {ERR_ILLEGAL_STATE, "CUDA_ERROR_ILLEGAL_STATE", "the operation cannot be performed in the present state"},
+    {ERR_STREAM_CAPTURE_UNSUPPORTED, "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED", "operation not permitted when stream is capturing"},
+    {ERR_STREAM_CAPTURE_INVALIDATED, "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED",
+     "operation failed due to a previous error during capture"},
 };
 const ErrorInfo& error_info(CUresult e) {
     static const ErrorInfo unknown{ERR_UNKNOWN, "CUDA_ERROR_UNKNOWN", "unknown error"};
@@ -288,6 +359,7 @@ CUresult cuCtxGetDevice(CUdevice* d) {
 }
 CUresult cuCtxSynchronize() {
     CHECK_STICKY();
+    NOT_WHILE_CAPTURING("cuCtxSynchronize");
     return OK;
 }
 CUresult cuCtxGetLimit(size_t* v, int) {
@@ -312,7 +384,7 @@ CUresult cuCtxGetApiVersion(CUcontext, unsigned* v) {
 }
 
 // ---- memory ----
-CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+CUresult alloc_device(CUdeviceptr* p, size_t bytes) {
     REQUIRE_INIT();
     CHECK_STICKY();
     uintptr_t a = 0;
@@ -323,14 +395,49 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     *p = a;
     return OK;
 }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) { return cuMemAlloc_v2(p, bytes); }
-CUresult cuMemAllocFromPoolAsync(CUdeviceptr* p, size_t bytes, CUmemoryPool, CUstream) { return cuMemAlloc_v2(p, bytes); }
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    NOT_WHILE_CAPTURING("cuMemAlloc (synchronous)");
+    return alloc_device(p, bytes);
+}
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) {
+    if (!g_capture.graph) return alloc_device(p, bytes);
+    if (CUresult r = alloc_device(p, bytes); r != OK) return r;
+    GraphBlocks& b = *g_capture.graph->blocks;
+    b.ptrs.push_back((uintptr_t)*p);
+    b.live.push_back(1);
+    GraphNode node{GraphNode::Alloc};
+    node.dst = (uintptr_t)*p;
+    node.n = bytes;
+    g_capture.graph->nodes.push_back(std::move(node));
+    return OK;
+}
+CUresult cuMemAllocFromPoolAsync(CUdeviceptr* p, size_t bytes, CUmemoryPool, CUstream s) { return cuMemAllocAsync(p, bytes, s); }
 CUresult cuMemFree_v2(CUdeviceptr p) {
     if (!p) return OK;
+    NOT_WHILE_CAPTURING("cuMemFree (synchronous)");
     if (mem_free((uintptr_t)p) != OK) return fail_with(ERR_INVALID_VALUE, "cuMemFree of 0x%llx, which is not a live allocation", p);
     return OK;
 }
-CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return cuMemFree_v2(p); }
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) {
+    if (!p) return OK;
+    if (g_capture.graph) {
+        GraphNode node{GraphNode::Free};
+        node.dst = (uintptr_t)p;
+        int i = graph_block(*g_capture.graph->blocks, (uintptr_t)p);
+        if (i >= 0) g_capture.graph->blocks->live[i] = 0;
+        g_capture.graph->nodes.push_back(std::move(node));
+        return OK;
+    }
+    // Memory a graph allocated: freed until its next launch; the block stays with the graph.
+    for (GraphExec* e : g_graph_execs) {
+        int i = graph_block(*e->blocks, (uintptr_t)p);
+        if (i < 0) continue;
+        if (!e->blocks->live[i]) return fail_with(ERR_INVALID_VALUE, "cuMemFreeAsync of 0x%llx, graph memory already freed", p);
+        e->blocks->live[i] = 0;
+        return OK;
+    }
+    return cuMemFree_v2(p);
+}
 CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     size_t used = mem_used(), all = device_memory();
     *free_bytes = all > used ? all - used : 0;
@@ -350,48 +457,77 @@ CUresult cuMemHostRegister_v2(void*, size_t, unsigned) { return OK; }
 CUresult cuMemHostUnregister(void*) { return OK; }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     CHECK_STICKY();
+    NOT_WHILE_CAPTURING("a host-to-device copy");
     if (Result r = mem_check_range((uintptr_t)dst, n, "host-to-device copy destination"); r != OK) return r;
     if (n) memcpy((void*)(uintptr_t)dst, src, n);
     return OK;
 }
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     CHECK_STICKY();
+    NOT_WHILE_CAPTURING("a device-to-host copy");
     if (Result r = mem_check_range((uintptr_t)src, n, "device-to-host copy source"); r != OK) return r;
     if (n) memcpy(dst, (void*)(uintptr_t)src, n);
     return OK;
 }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     CHECK_STICKY();
+    NOT_WHILE_CAPTURING("a synchronous device-to-device copy");
     if (Result r = mem_check_range((uintptr_t)dst, n, "device-to-device copy destination"); r != OK) return r;
     if (Result r = mem_check_range((uintptr_t)src, n, "device-to-device copy source"); r != OK) return r;
     if (n) memmove((void*)(uintptr_t)dst, (void*)(uintptr_t)src, n);
     return OK;
 }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, CUstream) { return cuMemcpyHtoD_v2(d, s, n); }
-CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) { return cuMemcpyDtoH_v2(d, s, n); }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream) { return cuMemcpyDtoD_v2(d, s, n); }
-CUresult cuMemcpyAsync(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream) { return cuMemcpyDtoD_v2(d, s, n); }
+// Host copies are not captured: the emulator does not track page-locked memory, and the engine
+// never copies from the host inside a captured step.
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, CUstream) {
+    NOT_WHILE_CAPTURING("a host-to-device copy (host memory in a graph is not emulated)");
+    return cuMemcpyHtoD_v2(d, s, n);
+}
+CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) {
+    NOT_WHILE_CAPTURING("a device-to-host copy (host memory in a graph is not emulated)");
+    return cuMemcpyDtoH_v2(d, s, n);
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream) {
+    if (!g_capture.graph) return cuMemcpyDtoD_v2(d, s, n);
+    GraphNode node{GraphNode::CopyDtoD};
+    node.dst = (uintptr_t)d, node.src = (uintptr_t)s, node.n = n;
+    g_capture.graph->nodes.push_back(std::move(node));
+    return OK;
+}
+CUresult cuMemcpyAsync(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream st) { return cuMemcpyDtoDAsync_v2(d, s, n, st); }
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
     CHECK_STICKY();
+    NOT_WHILE_CAPTURING("a synchronous memset");
     if (Result r = mem_check_range((uintptr_t)d, n, "memset"); r != OK) return r;
     memset((void*)(uintptr_t)d, v, n);
     return OK;
 }
-CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream) { return cuMemsetD8_v2(d, v, n); }
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream) {
+    if (!g_capture.graph) return cuMemsetD8_v2(d, v, n);
+    return capture_memset(d, v, n, 1);
+}
 CUresult cuMemsetD16_v2(CUdeviceptr d, unsigned short v, size_t n) {
     CHECK_STICKY();
+    NOT_WHILE_CAPTURING("a synchronous memset");
     if (Result r = mem_check_range((uintptr_t)d, n * 2, "memset"); r != OK) return r;
     for (size_t i = 0; i < n; i++) memcpy((char*)(uintptr_t)d + 2 * i, &v, 2);
     return OK;
 }
-CUresult cuMemsetD16Async(CUdeviceptr d, unsigned short v, size_t n, CUstream) { return cuMemsetD16_v2(d, v, n); }
+CUresult cuMemsetD16Async(CUdeviceptr d, unsigned short v, size_t n, CUstream) {
+    if (!g_capture.graph) return cuMemsetD16_v2(d, v, n);
+    return capture_memset(d, v, n, 2);
+}
 CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned v, size_t n) {
     CHECK_STICKY();
+    NOT_WHILE_CAPTURING("a synchronous memset");
     if (Result r = mem_check_range((uintptr_t)d, n * 4, "memset"); r != OK) return r;
     for (size_t i = 0; i < n; i++) memcpy((char*)(uintptr_t)d + 4 * i, &v, 4);
     return OK;
 }
-CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, CUstream) { return cuMemsetD32_v2(d, v, n); }
+CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, CUstream) {
+    if (!g_capture.graph) return cuMemsetD32_v2(d, v, n);
+    return capture_memset(d, v, n, 4);
+}
 CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice) {
     *pool = &g_dummy_handles[0];
     return OK;
@@ -414,21 +550,17 @@ CUresult cuStreamCreateWithPriority(CUstream* s, unsigned f, int) { return cuStr
 CUresult cuStreamDestroy_v2(CUstream) { return OK; }
 CUresult cuStreamSynchronize(CUstream) {
     CHECK_STICKY();
+    NOT_WHILE_CAPTURING("cuStreamSynchronize");
     return OK;
 }
 CUresult cuStreamQuery(CUstream) {
     CHECK_STICKY();
+    NOT_WHILE_CAPTURING("cuStreamQuery");
     return OK;
 }
 CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return OK; }
-CUresult cuStreamIsCapturing(CUstream, int* status) {
-    *status = 0;
-    return OK;
-}
-CUresult cuStreamBeginCapture_v2(CUstream, int) {
-    return fail_with(ERR_NOT_SUPPORTED, "stream capture (CUDA graphs) is not emulated yet");
-}
 CUresult cuLaunchHostFunc(CUstream, void (*fn)(void*), void* data) {
+    if (g_capture.graph) return fail_with(ERR_NOT_SUPPORTED, "host functions in a captured graph are not emulated");
     fn(data);
     return OK;
 }
@@ -443,6 +575,7 @@ CUresult cuEventRecord(CUevent e, CUstream) {
 CUresult cuEventRecordWithFlags(CUevent e, CUstream s, unsigned) { return cuEventRecord(e, s); }
 CUresult cuEventSynchronize(CUevent) {
     CHECK_STICKY();
+    NOT_WHILE_CAPTURING("cuEventSynchronize");
     return OK;
 }
 CUresult cuEventQuery(CUevent) { return OK; }
@@ -616,6 +749,17 @@ CUresult cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* b, CUfunction
     return cuOccupancyMaxActiveBlocksPerMultiprocessor(b, f, bs, dyn);
 }
 
+// Runs one launch whose configuration has been checked (a direct one, or a graph's kernel node).
+static CUresult run_launch(Function* f, sim_dim3 grid, sim_dim3 block, unsigned smem, void** params) {
+    note_coverage(*f);
+    f->launches++;
+    std::lock_guard lock(g_api_mu);
+    double start = now_ms();
+    Result r = launch(LaunchConfig{f, grid, block, smem, params});
+    f->emulated_ns += (uint64_t)((now_ms() - start) * 1e6);
+    if (r != OK) g_ctx.sticky = r;
+    return r;
+}
 CUresult cuLaunchKernel(CUfunction fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                         unsigned smem, CUstream, void** params, void** extra) {
     REQUIRE_INIT();
@@ -649,14 +793,111 @@ CUresult cuLaunchKernel(CUfunction fn, unsigned gx, unsigned gy, unsigned gz, un
     if (f->image.static_smem + smem > (unsigned)profile().smem_per_block_optin)
         return fail_with(ERR_INVALID_VALUE, "%s: %u bytes of shared memory exceed the %s limit of %d per block", k,
                          f->image.static_smem + smem, profile().arch, profile().smem_per_block_optin);
-    note_coverage(*f);
-    f->launches++;
-    std::lock_guard lock(g_api_mu);
-    double start = now_ms();
-    Result r = launch(LaunchConfig{f, {gx, gy, gz}, {bx, by, bz}, smem, params});
-    f->emulated_ns += (uint64_t)((now_ms() - start) * 1e6);
-    if (r != OK) g_ctx.sticky = r;
-    return r;
+    if (g_capture.graph) {  // recorded with a copy of its arguments, run by cuGraphLaunch
+        GraphNode node{GraphNode::Kernel};
+        node.fn = f, node.grid = {gx, gy, gz}, node.block = {bx, by, bz}, node.smem = smem;
+        for (int i = 0; i < f->host->param_count; i++) {
+            const unsigned char* p = (const unsigned char*)params[i];
+            node.params.emplace_back(p, p + f->host->param_sizes[i]);
+        }
+        g_capture.graph->nodes.push_back(std::move(node));
+        return OK;
+    }
+    return run_launch(f, {gx, gy, gz}, {bx, by, bz}, smem, params);
+}
+
+// ---- CUDA graphs (see GraphNode) ----
+CUresult cuStreamBeginCapture_v2(CUstream, int) {
+    REQUIRE_INIT();
+    CHECK_STICKY();
+    if (g_capture.graph) return fail_with(ERR_ILLEGAL_STATE, "cuStreamBeginCapture: a capture is already under way");
+    g_capture.graph = new Graph;
+    g_capture.invalidated = false;
+    return OK;
+}
+CUresult cuStreamEndCapture(CUstream, CUgraph* out) {
+    *out = nullptr;
+    if (!g_capture.graph) return fail_with(ERR_ILLEGAL_STATE, "cuStreamEndCapture without cuStreamBeginCapture");
+    Graph* g = g_capture.graph;
+    g_capture.graph = nullptr;
+    if (g_capture.invalidated) {
+        g_capture.invalidated = false;
+        delete g;
+        return fail_with(ERR_STREAM_CAPTURE_INVALIDATED,
+                         "cuStreamEndCapture: an operation not permitted during capture invalidated it (the earlier error says which)");
+    }
+    *out = (CUgraph)g;
+    return OK;
+}
+CUresult cuStreamIsCapturing(CUstream, int* status) {
+    *status = g_capture.graph ? (g_capture.invalidated ? 2 : 1) : 0;  // NONE, ACTIVE, INVALIDATED
+    return OK;
+}
+CUresult cuGraphInstantiateWithFlags(CUgraphExec* out, CUgraph graph, unsigned long long flags) {
+    if (!graph) return ERR_INVALID_VALUE;
+    const Graph& g = *(const Graph*)graph;
+    // Until it is launched, none of the graph's allocations exists.
+    std::fill(g.blocks->live.begin(), g.blocks->live.end(), 0);
+    GraphExec* e = new GraphExec{g.nodes, g.blocks, (flags & 1) != 0};  // 1: AUTO_FREE_ON_LAUNCH
+    g_graph_execs.push_back(e);
+    *out = (CUgraphExec)e;
+    return OK;
+}
+CUresult cuGraphUpload(CUgraphExec, CUstream) { return OK; }
+CUresult cuGraphLaunch(CUgraphExec exec, CUstream) {
+    REQUIRE_INIT();
+    CHECK_STICKY();
+    if (g_capture.graph) return fail_with(ERR_NOT_SUPPORTED, "cuGraphLaunch inside a capture (a child graph) is not emulated");
+    GraphExec& e = *(GraphExec*)exec;
+    GraphBlocks& b = *e.blocks;
+    for (const GraphNode& n : e.nodes) {
+        if (n.kind != GraphNode::Alloc) continue;
+        int i = graph_block(b, n.dst);
+        if (b.live[i] && !e.auto_free)
+            return fail_with(ERR_INVALID_VALUE,
+                             "cuGraphLaunch: 0x%llx, allocated by the graph's previous launch, was not freed (free it first, or "
+                             "instantiate with CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)",
+                             (unsigned long long)n.dst);
+    }
+    for (const GraphNode& n : e.nodes) {
+        CUresult r = OK;
+        switch (n.kind) {
+            case GraphNode::Kernel: {
+                std::vector<void*> params;
+                for (const auto& p : n.params) params.push_back((void*)p.data());
+                r = run_launch(n.fn, n.grid, n.block, n.smem, params.data());
+                break;
+            }
+            case GraphNode::Memset:
+                r = n.elem == 1   ? cuMemsetD8_v2(n.dst, (unsigned char)n.value, n.n)
+                    : n.elem == 2 ? cuMemsetD16_v2(n.dst, (unsigned short)n.value, n.n)
+                                  : cuMemsetD32_v2(n.dst, n.value, n.n);
+                break;
+            case GraphNode::CopyDtoD: r = cuMemcpyDtoD_v2(n.dst, n.src, n.n); break;
+            case GraphNode::Alloc: b.live[graph_block(b, n.dst)] = 1; break;
+            case GraphNode::Free: {
+                int i = graph_block(b, n.dst);
+                if (i >= 0)
+                    b.live[i] = 0;
+                else
+                    r = cuMemFree_v2(n.dst);  // memory from outside the graph: gone after the first launch
+                break;
+            }
+        }
+        if (r != OK) return r;
+    }
+    return OK;
+}
+CUresult cuGraphExecDestroy(CUgraphExec exec) {
+    auto it = std::find(g_graph_execs.begin(), g_graph_execs.end(), (GraphExec*)exec);
+    if (it == g_graph_execs.end()) return ERR_INVALID_VALUE;
+    g_graph_execs.erase(it);
+    delete (GraphExec*)exec;
+    return OK;
+}
+CUresult cuGraphDestroy(CUgraph graph) {
+    delete (Graph*)graph;
+    return OK;
 }
 
 }  // extern "C"

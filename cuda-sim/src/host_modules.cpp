@@ -85,7 +85,7 @@ void load_target(const std::string& target, Target& t) {
         const sim_module_table* table = table_fn();
         for (int i = 0; i < table->count; i++) {
             const sim_kernel_entry& k = table->kernels[i];
-            t.kernels[k.name] = HostKernel{k.name, k.thunk, h, modid, q.tls_size};
+            t.kernels[k.name] = HostKernel{k.name, k.thunk, k.param_sizes, k.param_count, h, modid, q.tls_size};
         }
     }
 }

@@ -28,6 +28,7 @@ enum Result : int {
     ERR_INVALID_CONTEXT = 201,
     ERR_NO_BINARY_FOR_GPU = 209,
     ERR_INVALID_HANDLE = 400,
+    ERR_ILLEGAL_STATE = 401,
     ERR_NOT_FOUND = 500,
     ERR_NOT_READY = 600,
     ERR_ILLEGAL_ADDRESS = 700,
@@ -36,6 +37,8 @@ enum Result : int {
     ERR_MISALIGNED_ADDRESS = 716,
     ERR_LAUNCH_FAILED = 719,
     ERR_NOT_SUPPORTED = 801,
+    ERR_STREAM_CAPTURE_UNSUPPORTED = 900,
+    ERR_STREAM_CAPTURE_INVALIDATED = 901,
     ERR_UNKNOWN = 999,
 };
 
@@ -78,6 +81,8 @@ Result mem_check_range(uintptr_t addr, size_t size, const char* what);
 struct HostKernel {
     const char* name;
     sim_kernel_thunk thunk;
+    const unsigned short* param_sizes;  // bytes per parameter, param_count of them
+    int param_count;
     void* handle;        // the module .so (dlopen handle)
     size_t tls_modid;    // its TLS module id: static __shared__ lives in its TLS block
     size_t tls_size;
