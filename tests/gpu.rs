@@ -328,6 +328,36 @@ fn stream_k_matches_whole_tiles(be: Arc<dyn Backend>) {
     cuda.limit_persistent_sms(None);
 }
 
+fn fused_fp8_gated_residuals_give_the_compositions_bits(be: Arc<dyn Backend>) {
+    // linear_fp8_gated_add and swiglu_linear_fp8_gated_add add the residual in the FP8 GEMM's
+    // epilogue (gemm_w8a8_mma_gated_e4m3; on sm_90a gemm_wgmma_gated_e4m3, stream-K included) with y
+    // rounded to bf16 first, so they give the bits of their compositions on the same device
+    // (gated_add after linear_fp8 / swiglu_linear_fp8, which plan the same GEMM split).
+    let act = be.activation_dtype();
+    let draw = |name: &str, shape: &[usize], scale: f32| {
+        let v: Vec<f32> = flux2::rng::normal_vec(41, name, shape.iter().product()).iter().map(|x| x * scale).collect();
+        be.upload(&common::t(&v, shape), act).unwrap()
+    };
+    let bits = |t: flux2::Tensor| t.to_vec_f32().unwrap();
+    // (B, L, K, N): one whole tile; stream-K on a 132-SM card (K = 1024, 4 tiles); N = 100 (rows
+    // of x not 16-byte aligned).
+    for (b, l, k, n) in [(1usize, 128usize, 128usize, 128usize), (2, 70, 1024, 136), (2, 9, 64, 100)] {
+        let (x, gate, a) = (draw("x", &[b, l, n], 1.0), draw("gate", &[b, n], 1.0), draw("a", &[b, l, k], 1.0));
+        let w = flux2::rng::normal_vec(43, "w", n * k).iter().map(|v| v / (k as f32).sqrt()).collect::<Vec<_>>();
+        let q = be.load_quantized(&flux2::quant::quantize(&w, n, k, flux2::quant::QuantFormat::Fp8).unwrap()).unwrap();
+        let bias = draw("bias", &[n], 0.1);
+        let fused = bits(be.linear_fp8_gated_add(&x, &gate, &a, &q, Some(&bias)).unwrap());
+        let composed = bits(be.gated_add(&x, &gate, &be.linear_fp8(&a, &q, Some(&bias)).unwrap()).unwrap());
+        assert!(fused.iter().all(|v| v.is_finite()), "[{b}, {l}, {k}] -> {n}");
+        assert_eq!(fused, composed, "[{b}, {l}, {k}] -> {n}: the fused residual differs from gated_add");
+        // The feed-forward's output projection: swiglu of a [B, L, 2K] projection.
+        let h = draw("h", &[b, l, 2 * k], 1.0);
+        let fused = bits(be.swiglu_linear_fp8_gated_add(&x, &gate, None, &h, &q).unwrap());
+        let composed = bits(be.gated_add(&x, &gate, &be.swiglu_linear_fp8(None, &h, &q, None).unwrap()).unwrap());
+        assert_eq!(fused, composed, "swiglu [{b}, {l}, {k}·2] -> {n}: the fused residual differs from gated_add");
+    }
+}
+
 fn gpu_expected() -> bool {
     std::env::var("FLUX2_EXPECT_GPU").is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
 }
@@ -358,7 +388,7 @@ fn main() {
     };
     let gpu = gpu.ok();
     type Check = fn(Arc<dyn Backend>);
-    let checks: [(&str, Check, bool); 13] = [
+    let checks: [(&str, Check, bool); 14] = [
         ("every_op_matches_the_cpu_reference", every_op_matches_the_cpu_reference, true),
         ("transformer_fixtures_in_bf16", transformer_fixtures_in_bf16, true),
         ("checkpoint_formats_in_bf16", checkpoint_formats_in_bf16, true),
@@ -370,6 +400,11 @@ fn main() {
         ("sage_quantize_v2_gives_v1s_bits", sage_quantize_v2_gives_v1s_bits, true),
         ("sage_normed_gives_the_compositions_bits", sage_normed_gives_the_compositions_bits, true),
         ("stream_k_matches_whole_tiles", stream_k_matches_whole_tiles, true),
+        (
+            "fused_fp8_gated_residuals_give_the_compositions_bits",
+            fused_fp8_gated_residuals_give_the_compositions_bits,
+            true,
+        ),
         ("an_overflow_stops_the_pipeline_with_the_step", an_overflow_stops_the_pipeline_with_the_step, true),
         ("no_gpu_gives_a_clear_error_or_a_working_device", no_gpu_gives_a_clear_error_or_a_working_device, false),
     ];
