@@ -410,16 +410,15 @@ fn stream_capture_records_and_replays() {
     // One stream: cudarc's cross-stream events are not needed (as in cudarc's own graph tests).
     unsafe { s.ctx.disable_event_tracking() };
     let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL;
-    let n = 1000;
+    let n: i32 = 1000;
     let first: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
     let mut din = s.stream.clone_htod(&first).unwrap();
     let f = s.f("atomic_sum");
 
     s.stream.begin_capture(mode).unwrap();
     let mut out = s.stream.alloc_zeros::<f32>(1).unwrap(); // an allocation node and a memset node
-    let n32 = n as i32;
     let mut b = s.stream.launch_builder(&f);
-    b.arg(&din).arg(&mut out).arg(&n32);
+    b.arg(&din).arg(&mut out).arg(&n);
     unsafe { b.launch(cfg(4, 256, 0)) }.unwrap();
     let mut copy = s.stream.alloc_zeros::<f32>(1).unwrap();
     s.stream.memcpy_dtod(&out, &mut copy).unwrap();
