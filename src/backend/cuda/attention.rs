@@ -156,8 +156,7 @@ pub(super) fn attention(
                 return Err(Error::shape("attention", format!("head dim {d} is above the GPU limit of 1024")));
             }
             let rows = b * nq * h;
-            let cfg =
-                LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let cfg = super::warp_per_row(rows);
             launch!(
                 be.dev,
                 "attention_rowwise_bf16",

@@ -2,11 +2,55 @@
 
 use cudarc::driver::LaunchConfig;
 
+use super::gemm_wgmma::GatedArgs;
 use super::{launch, CudaBackend};
 use crate::backend::{check, QuantTensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+
+/// The DiT's gated residual a GEMM's epilogue adds, out = x + gate · y (`linear_gated_add`'s
+/// contract): x `[B, L, N]` shaped like the linear's output, gate `[B, N]`. The bf16 and FP8 gated
+/// linears share it.
+#[derive(Clone, Copy)]
+pub(super) struct Residual<'a> {
+    pub x: &'a Tensor,
+    pub gate: &'a Tensor,
+}
+
+/// A residual's operands as the gated kernels take them, with the dense copies their addresses
+/// point into (kept alive until the launch).
+pub(super) struct GatedOperands {
+    pub args: GatedArgs,
+    _keep: [Tensor; 2],
+}
+
+impl Residual<'_> {
+    /// x against the linear's output shape `out`, the gate against x.
+    pub(super) fn check(&self, op: &'static str, out: &[usize]) -> Result<()> {
+        if self.x.shape() != out {
+            return Err(Error::shape(op, format!("residual {:?} for a linear output of {out:?}", self.x.shape())));
+        }
+        check::per_sample(op, self.x, self.gate)
+    }
+
+    /// Whether the gated kernels can take it (their tokens per sample are a 32-bit count).
+    pub(super) fn fits_kernels(&self) -> bool {
+        self.x.dim(1) <= i32::MAX as usize
+    }
+
+    /// The gated kernels' operands (after `check`).
+    pub(super) fn operands(&self, be: &CudaBackend, op: &'static str) -> Result<GatedOperands> {
+        let (x, xp) = be.bf16_arg(self.x, op)?;
+        let (g, gp, gs) = be.vec_arg(self.gate, op)?;
+        Ok(GatedOperands { args: GatedArgs { x: xp, gate: (gp, gs), l: self.x.dim(1) as i32 }, _keep: [x, g] })
+    }
+
+    /// The composition where no gated kernel applies: `gated_add(x, gate, y)`.
+    pub(super) fn add(&self, be: &CudaBackend, y: &Tensor) -> Result<Tensor> {
+        super::pointwise::gated_add(be, self.x, self.gate, y)
+    }
+}
 
 /// Bias handling of the GEMM epilogue.
 #[derive(Clone, Copy)]
@@ -115,35 +159,27 @@ pub(super) fn linear_gated_add(
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (m, k, n) = check::linear(a, w, bias)?;
-    if x.shape() != linear_output_shape(a, n).as_slice() {
-        return Err(Error::shape(
-            "linear_gated_add",
-            format!("residual {:?} for a linear of {:?} -> {n}", x.shape(), a.shape()),
-        ));
-    }
-    check::per_sample("linear_gated_add", x, gate)?;
+    let residual = Residual { x, gate };
+    residual.check("linear_gated_add", &linear_output_shape(a, n))?;
     let (_a, ap) = be.bf16_arg(a, "linear_gated_add")?;
     let (_w, wp) = be.bf16_arg(w, "linear_gated_add")?;
-    let (_x, xp) = be.bf16_arg(x, "linear_gated_add")?;
-    let (_g, gp, gs) = be.vec_arg(gate, "linear_gated_add")?;
     let cfg = match bf16_mma_grid(ap, wp, m, n, k) {
-        Some(cfg) if x.dim(1) <= i32::MAX as usize => cfg,
-        _ => {
-            let y = linear(be, a, w, bias)?;
-            return super::pointwise::gated_add(be, x, gate, &y);
-        }
+        Some(cfg) if residual.fits_kernels() => cfg,
+        _ => return residual.add(be, &linear(be, a, w, bias)?),
     };
+    let gated = residual.operands(be, "linear_gated_add")?;
     let b = bias.map(|b| be.bf16_arg(b, "linear_gated_add")).transpose()?;
     let bp = b.as_ref().map_or(0, |(_, p)| *p);
     let out = be.output(DType::BF16, x.shape())?;
     if m == 0 || n == 0 {
         return Ok(out);
     }
-    let (l, op) = (x.dim(1) as i32, be.ptr(&out)?);
+    let op = be.ptr(&out)?;
     if super::gemm_wgmma::applies(be, ap, wp, k * 2, m) {
-        super::gemm_wgmma::gated_bf16(be, ap, wp, bp, xp, (gp, gs), l, op, (m, n, k))?;
+        super::gemm_wgmma::gated_bf16(be, ap, wp, bp, gated.args, op, (m, n, k))?;
         return Ok(out);
     }
+    let GatedArgs { x: xp, gate: (gp, gs), l } = gated.args;
     launch!(be.dev, "gemm_mma_gated_bf16", cfg, ap, wp, bp, xp, gp, gs, l, op, m as i32, n as i32, k as i32)?;
     Ok(out)
 }

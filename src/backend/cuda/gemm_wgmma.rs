@@ -161,15 +161,12 @@ pub(super) fn bf16(
 
 /// out [m, n] = x + gate[m / l] · (A [m, k] · W [n, k]ᵀ + bias), bf16 (gemm_mma_gated_bf16's
 /// contract: x and out dense [m, n], gate rows `gs` apart).
-#[allow(clippy::too_many_arguments)]
 pub(super) fn gated_bf16(
     be: &CudaBackend,
     a: u64,
     w: u64,
     bias: u64,
-    x: u64,
-    gate: (u64, i64),
-    l: i32,
+    GatedArgs { x, gate: (gp, gs), l }: GatedArgs,
     out: u64,
     (m, n, k): (usize, usize, usize),
 ) -> Result<()> {
@@ -177,7 +174,7 @@ pub(super) fn gated_bf16(
     let tw = row_major_128b(w, TileElem::Bf16, n, k, 128)?;
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
     let (cfg, sk) = plan(be, m, n, k * 2)?;
-    launch!(be.dev, GATED_KERNEL, cfg, ta, tw, bias, x, gate.0, gate.1, l, out, m32, n32, k32, sk)
+    launch!(be.dev, GATED_KERNEL, cfg, ta, tw, bias, x, gp, gs, l, out, m32, n32, k32, sk)
 }
 
 /// out [m, n] = codes [m, k] · W codes [n, k]ᵀ · a_scale[m] · w_scale[n] + bias (e4m3 codes,

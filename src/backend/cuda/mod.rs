@@ -331,6 +331,11 @@ macro_rules! launch {
 }
 pub(crate) use launch;
 
+/// One warp per row: 8 rows per block of 256 threads (the row-wise norm and attention kernels).
+pub(crate) fn warp_per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// A 1-D grid-stride launch for `n` elements.
 pub(crate) fn grid_1d(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 65535 * 16);
@@ -793,7 +798,7 @@ impl Backend for CudaBackend {
         w: &QuantTensor,
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
-        quantized::linear_fp8(self, a, w, bias, Some(quantized::Residual { x, gate }))
+        quantized::linear_fp8(self, a, w, bias, Some(gemm::Residual { x, gate }))
     }
 
     fn swiglu_linear_fp8_gated_add(
@@ -804,7 +809,7 @@ impl Backend for CudaBackend {
         a: &Tensor,
         w: &QuantTensor,
     ) -> Result<Tensor> {
-        quantized::swiglu_linear_fp8(self, prefix, a, w, None, Some(quantized::Residual { x, gate }))
+        quantized::swiglu_linear_fp8(self, prefix, a, w, None, Some(gemm::Residual { x, gate }))
     }
 
     fn layer_norm_modulate_linear_fp8(

@@ -1,6 +1,7 @@
 //! Launchers for the FP8 W8A8 linears (kernels/quantized.cu; v3 on Hopper in gemm_wgmma.rs). Sage
 //! attention's are in sage.rs.
 
+use super::gemm::{linear_output_shape, Residual};
 use super::gemm_wgmma::GatedArgs;
 use super::{launch, CudaBackend};
 use crate::backend::{check, swiglu_beside, QuantTensor};
@@ -14,36 +15,6 @@ pub(super) fn has_fp8_mma(target: &str) -> bool {
     matches!(target, "sm_89" | "sm_90a" | "sm_120")
 }
 
-/// The gated residual an FP8 linear's epilogue adds: out = x + gate · y (`linear_gated_add`'s
-/// contract), x `[B, L, N]` like the output, gate `[B, N]`.
-#[derive(Clone, Copy)]
-pub(super) struct Residual<'a> {
-    pub x: &'a Tensor,
-    pub gate: &'a Tensor,
-}
-
-impl Residual<'_> {
-    /// Checks x against the linear's output shape; the epilogue's operands, with the dense copies
-    /// they may point into (kept alive by the caller until the launch).
-    fn args(&self, be: &CudaBackend, op: &'static str, out_shape: &[usize]) -> Result<(GatedArgs, [Tensor; 2])> {
-        if self.x.shape() != out_shape {
-            return Err(Error::shape(op, format!("residual {:?} for an output {out_shape:?}", self.x.shape())));
-        }
-        check::per_sample(op, self.x, self.gate)?;
-        if self.x.dim(1) > i32::MAX as usize {
-            return Err(Error::shape(op, format!("{} tokens per sample", self.x.dim(1))));
-        }
-        let (x, xp) = be.bf16_arg(self.x, op)?;
-        let (g, gp, gs) = be.vec_arg(self.gate, op)?;
-        Ok((GatedArgs { x: xp, gate: (gp, gs), l: self.x.dim(1) as i32 }, [x, g]))
-    }
-
-    /// The composition where no fused kernel applies: `gated_add(x, gate, y)`.
-    fn add(&self, be: &CudaBackend, y: &Tensor) -> Result<Tensor> {
-        super::pointwise::gated_add(be, self.x, self.gate, y)
-    }
-}
-
 /// FP8 W8A8 linear: v2 (per-token e4m3 codes, tensor cores) where the image has e4m3 mma and rows
 /// split into 16-byte chunks; else v1 (CUDA cores, any shape). Same numerics up to f32 rounding.
 /// With `residual`, `x + gate · linear` with the residual in v2's (and v3's) epilogue.
@@ -55,33 +26,34 @@ pub(super) fn linear_fp8(
     residual: Option<Residual>,
 ) -> Result<Tensor> {
     let (m, k, n) = check::linear_fp8(x, w, bias)?;
-    let op = if residual.is_some() { "linear_fp8_gated_add" } else { "linear_fp8" };
-    let (_x, xp) = be.bf16_arg(x, op)?;
+    if let Some(r) = residual {
+        r.check("linear_fp8_gated_add", &linear_output_shape(x, n))?;
+        if !(fp8_mma_applies(be, m, k) && r.fits_kernels()) {
+            return r.add(be, &linear_fp8(be, x, w, bias, None)?);
+        }
+    }
+    let name = if residual.is_some() { "linear_fp8_gated_add" } else { "linear_fp8" };
+    let (_x, xp) = be.bf16_arg(x, name)?;
     let scales = w.scales.as_ref().ok_or_else(|| Error::Gpu("fp8 weight without scales".into()))?;
-    let b = bias.map(|b| be.bf16_arg(b, op)).transpose()?;
+    let b = bias.map(|b| be.bf16_arg(b, name)).transpose()?;
     let bp = b.as_ref().map_or(0, |(_, p)| *p);
-    let rows = super::reduce::per_row(op, m, k)?;
+    let rows = super::reduce::per_row(name, m, k)?;
+    let out = super::gemm::linear_output(be, x, n)?;
     if fp8_mma_applies(be, m, k) {
-        let out_shape = super::gemm::linear_output_shape(x, n);
-        let gated = residual.map(|r| r.args(be, op, &out_shape)).transpose()?;
-        let out = be.output(DType::BF16, &out_shape)?;
+        let gated = residual.map(|r| r.operands(be, name)).transpose()?;
         let codes = be.output(DType::U8, &[m * k])?;
         let a_scale = be.output(DType::F32, &[m])?;
         let (qp, asp) = (be.ptr(&codes)?, be.ptr(&a_scale)?);
         launch!(be.dev, "quantize_rows_e4m3_bf16", rows, xp, qp, asp, k as i32)?;
-        w8a8_mma(be, qp, asp, w, bp, &out, (m, n, k), gated.as_ref().map(|g| g.0))?;
+        w8a8_mma(be, qp, asp, w, bp, &out, (m, n, k), gated.as_ref().map(|g| g.args))?;
         return Ok(out);
     }
-    let out = super::gemm::linear_output(be, x, n)?;
     let absmax = be.output(DType::F32, &[m])?;
     launch!(be.dev, "row_absmax_bf16", rows, xp, be.ptr(&absmax)?, k as i32)?;
-    let cfg = super::gemm::tiled_16x16(op, m, n)?;
+    let cfg = super::gemm::tiled_16x16(name, m, n)?;
     let (ap, wp, sp, op) = (be.ptr(&absmax)?, be.ptr(&w.data)?, be.ptr(scales)?, be.ptr(&out)?);
     launch!(be.dev, "gemm_w8a8_tiled_bf16", cfg, xp, ap, wp, sp, bp, op, m as i32, n as i32, k as i32, n as i64)?;
-    match residual {
-        Some(r) => r.add(be, &out),
-        None => Ok(out),
-    }
+    Ok(out)
 }
 
 /// v2 of the FP8 linear applies: e4m3 tensor cores in the image, K in 16-byte rows of codes, the
@@ -177,7 +149,8 @@ pub(super) fn swiglu_linear_fp8(
         None => 0,
     };
     let (rows, k, n) = (x.rows(), p + m, w.rows);
-    let rows_fit = super::pointwise::bf16_rows(be, x)?.filter(|_| fp8_mma_applies(be, rows, k));
+    let fused = fp8_mma_applies(be, rows, k) && residual.is_none_or(|r| r.fits_kernels());
+    let rows_fit = super::pointwise::bf16_rows(be, x)?.filter(|_| fused);
     let Some((xp, ld)) = rows_fit else {
         return linear_fp8(be, &swiglu_beside(be, prefix, x)?, w, bias, residual);
     };
@@ -197,14 +170,15 @@ pub(super) fn swiglu_linear_fp8(
     };
     let b = bias.map(|b| be.bf16_arg(b, "swiglu_linear_fp8")).transpose()?;
     let bp = b.as_ref().map_or(0, |(_, p)| *p);
-    let shape = super::gemm::linear_output_shape(x, n);
-    let gated = residual.map(|r| r.args(be, "swiglu_linear_fp8_gated_add", &shape)).transpose()?;
+    let shape = linear_output_shape(x, n);
+    let name = "swiglu_linear_fp8_gated_add";
+    let gated = residual.map(|r| r.check(name, &shape).and_then(|_| r.operands(be, name))).transpose()?;
     let out = be.output(DType::BF16, &shape)?;
     let codes = be.output(DType::U8, &[rows * k])?;
     let a_scale = be.output(DType::F32, &[rows])?;
     let (qp, asp) = (be.ptr(&codes)?, be.ptr(&a_scale)?);
     let grid = super::reduce::per_row("swiglu_linear_fp8", rows, k)?;
     launch!(be.dev, "swiglu_concat_e4m3_bf16", grid, pp, p as i32, xp, ld as i64, m as i32, qp, asp)?;
-    w8a8_mma(be, qp, asp, w, bp, &out, (rows, n, k), gated.as_ref().map(|g| g.0))?;
+    w8a8_mma(be, qp, asp, w, bp, &out, (rows, n, k), gated.as_ref().map(|g| g.args))?;
     Ok(out)
 }

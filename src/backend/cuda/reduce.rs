@@ -75,17 +75,14 @@ pub(super) fn rms_norm_rope(
     if [l, h, d, rows.div_ceil(8)].iter().any(|&n| n > i32::MAX as usize) {
         return Err(Error::shape("rms_norm_rope", format!("{:?} exceeds the kernel's 32-bit grid", x.shape())));
     }
-    let (x, ld) = match token_stride(x) {
-        Some(ld) if x.dtype() == DType::BF16 => (x.clone(), ld),
-        _ => (be.bf16_arg(x, "rms_norm_rope")?.0, h * d),
-    };
+    let (x, ld) = token_rows(be, x, "rms_norm_rope")?;
     let xp = be.ptr(&x)?;
     let w = weight.map(|w| be.bf16_arg(w, "rms_norm_rope")).transpose()?;
     let wp = w.as_ref().map_or(0, |(_, p)| *p);
     let (_c, cp) = be.f32_arg(cos, "rms_norm_rope")?;
     let (_s, sp) = be.f32_arg(sin, "rms_norm_rope")?;
     let out = be.output(DType::BF16, &[b, l, h, d])?;
-    let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = super::warp_per_row(rows);
     let interleaved = (pairs == RopePairs::Interleaved) as i32;
     launch!(
         be.dev,
@@ -121,6 +118,15 @@ pub(super) fn token_stride(x: &Tensor) -> Option<usize> {
         h * d
     };
     (inner && (b == 1 || l == 1 || s[0] == ld * l)).then_some(ld)
+}
+
+/// `x` `[B, L, H, d]` as bf16 token rows `ld` elements apart: in place where `token_stride` allows
+/// (a slice of a fused projection), else a dense bf16 copy (ld = H·d).
+pub(super) fn token_rows(be: &CudaBackend, x: &Tensor, op: &'static str) -> Result<(Tensor, usize)> {
+    match token_stride(x) {
+        Some(ld) if x.dtype() == DType::BF16 => Ok((x.clone(), ld)),
+        _ => Ok((be.bf16_arg(x, op)?.0, x.dim(2) * x.dim(3))),
+    }
 }
 
 pub(super) fn group_norm(

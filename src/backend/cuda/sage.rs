@@ -138,8 +138,7 @@ pub(super) fn attention_sage(
         let (causal, _lens, lp) = super::attention::mask_args(be, mask)?;
         let vmp = be.ptr(&stats.v_mean)?;
         let rows = b * nq * h;
-        let cfg =
-            LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = super::warp_per_row(rows);
         let op = be.ptr(&out)?;
         let vap = stats.v_absmax.base_ptr();
         launch!(
@@ -364,11 +363,8 @@ pub(super) fn attention_sage_normed(
     let (_c, cp) = be.f32_arg(rope.cos, "attention_sage_normed")?;
     let (_s, sp) = be.f32_arg(rope.sin, "attention_sage_normed")?;
     // V read in place when it is a slice of a projection (the single block's), else made dense.
-    let (v, v_ld) = match super::reduce::token_stride(v).filter(|_| v.dtype() == DType::BF16) {
-        Some(ld) => (v.clone(), ld as i64),
-        None => (be.bf16_arg(v, "attention_sage_normed")?.0, (hkv * d) as i64),
-    };
-    let vp = be.ptr(&v)?;
+    let (v, v_ld) = super::reduce::token_rows(be, v, "attention_sage_normed")?;
+    let (vp, v_ld) = (be.ptr(&v)?, v_ld as i64);
     let stats = KvStats::new(be, dims)?;
     norm_rope_int8(be, &kp, rope, (cp, sp), (b, hkv, d), 0, stats.sums.base_ptr(), None)?;
     stats.finish(be, 0, (vp, v_ld), dims)?;
