@@ -1048,11 +1048,11 @@ enum SagePath {
 /// Run `f` with one of the CUDA backend's kernel-choice switches on (`set`), then off again;
 /// other backends run `f` as is.
 #[cfg(feature = "cuda")]
-fn with_cuda_switch(
+pub(crate) fn with_cuda_switch<T>(
     be: &dyn Backend,
     set: fn(&crate::backend::cuda::CudaBackend, bool),
-    f: impl FnOnce() -> Result<Tensor>,
-) -> Result<Tensor> {
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
     if let Some(c) = be.as_any().downcast_ref::<crate::backend::cuda::CudaBackend>() {
         set(c, true);
         let r = f();

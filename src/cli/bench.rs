@@ -105,10 +105,7 @@ fn time_gemm_kernels(
             }
             _ => return Ok(None),
         };
-        set(c, true);
-        let t = time(be, reps, f);
-        set(c, false);
-        return t.map(Some);
+        return crate::selftest::with_cuda_switch(be, set, || time(be, reps, f)).map(Some);
     }
     let _ = (be, reps, kernels, m, n, k_bytes, f);
     Ok(None)
@@ -397,13 +394,9 @@ fn vae_decoder_convs(cfg: &crate::model::vae::VaeConfig, width: usize, height: u
 /// kernels would run; None on other backends or shapes.
 fn time_conv_v2(be: &dyn Backend, reps: usize, cout: usize, f: impl FnMut() -> Result<()>) -> Result<Option<f64>> {
     #[cfg(feature = "cuda")]
-    if let Some(c) = be.as_any().downcast_ref::<crate::backend::cuda::CudaBackend>() {
-        if cout <= 8 {
-            c.set_conv_v2(true);
-            let t = time(be, reps, f);
-            c.set_conv_v2(false);
-            return t.map(Some);
-        }
+    if cout <= 8 && be.as_any().downcast_ref::<crate::backend::cuda::CudaBackend>().is_some() {
+        let set = crate::backend::cuda::CudaBackend::set_conv_v2;
+        return crate::selftest::with_cuda_switch(be, set, || time(be, reps, f)).map(Some);
     }
     let _ = (be, reps, cout, f);
     Ok(None)
