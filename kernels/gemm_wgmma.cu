@@ -182,8 +182,12 @@ __device__ __forceinline__ bool stream_k_fixup(const StreamK& sk, float acc[64],
     int b = (int)(first * gridDim.x / sk.units);
     while (b > 0 && stream_k_start(sk, b) > first) b--;
     while (stream_k_start(sk, b + 1) <= first) b++;
-    for (bool head = true; b < (int)gridDim.x && stream_k_start(sk, b) < last; b++) {
-        if (stream_k_start(sk, b + 1) <= stream_k_start(sk, b)) continue;
+    i64 start = stream_k_start(sk, b);
+    for (bool head = true; b < (int)gridDim.x && start < last; b++) {
+        const i64 next = stream_k_start(sk, b + 1);
+        const bool empty = next <= start;
+        start = next;
+        if (empty) continue;
         const float4* piece = stream_k_slot(sk, b, t, ktiles, warp);
         if (head) {
 #pragma unroll
