@@ -199,19 +199,16 @@ extern "C" __global__ void embedding_bf16(const unsigned* ids, const bf16* table
     }
 }
 
-// Up to 16 timesteps by value: no host-to-device copy (and no sync) per denoising step.
-struct Times16 {
-    float t[16];
-};
-
 // out [B, dim] = [cos(t f_j), sin(t f_j)], f_j = exp(neg_log_period * j / half), f32 like diffusers.
-extern "C" __global__ void timestep_embedding_bf16(Times16 t, bf16* out, int batch, int dim, float neg_log_period) {
+// The timesteps are read from device memory, so a recorded denoising step (a CUDA graph) takes
+// each step's values from its input buffer.
+extern "C" __global__ void timestep_embedding_bf16(const float* t, bf16* out, int batch, int dim, float neg_log_period) {
     int half = dim / 2;
     GRID_STRIDE(i, (i64)batch * dim) {
         int b = (int)(i / dim), j = (int)(i % dim);
         int k = j < half ? j : j - half;
         float f = expf(neg_log_period * (float)k / (float)half);
-        float a = t.t[b] * f;
+        float a = t[b] * f;
         // An odd dim ends in a zero column (diffusers pads it).
         out[i] = to_bf(j >= 2 * half ? 0.f : j < half ? cosf(a) : sinf(a));
     }

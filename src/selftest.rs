@@ -874,7 +874,10 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             format!("t=[1000, 968, 3.5] dim {dim}"),
             vec![],
             1.0,
-            Box::new(move |be, _| be.timestep_embedding(&[1000.0, 968.0, 3.5], dim, 10000.0)),
+            Box::new(move |be, _| {
+                let t = be.upload(&Tensor::from_f32(vec![1000.0, 968.0, 3.5], &[3])?, DType::F32)?;
+                be.timestep_embedding(&t, dim, 10000.0)
+            }),
         ));
     }
     v.push(case(

@@ -172,7 +172,8 @@ fn rope_layouts() {
 
 #[test]
 fn timestep_embedding_is_cos_first() {
-    let e = cpu().timestep_embedding(&[0.0, 1.0], 4, 10000.0).unwrap();
+    let times = |v: &[f32]| t(v, &[v.len()]);
+    let e = cpu().timestep_embedding(&times(&[0.0, 1.0]), 4, 10000.0).unwrap();
     assert_eq!(e.shape(), &[2, 4]);
     // freqs: 10000^(-0/2) = 1, 10000^(-1/2) = 0.01
     assert_close(
@@ -181,9 +182,11 @@ fn timestep_embedding_is_cos_first() {
         1e-6,
     );
     // An odd dim ends in a zero column, as diffusers pads it.
-    let odd = cpu().timestep_embedding(&[1.0], 5, 10000.0).unwrap().to_vec_f32().unwrap();
+    let odd = cpu().timestep_embedding(&times(&[1.0]), 5, 10000.0).unwrap().to_vec_f32().unwrap();
     assert_close(&odd, &[1f32.cos(), 0.01f32.cos(), 1f32.sin(), 0.01f32.sin(), 0.0], 1e-6);
-    assert!(cpu().timestep_embedding(&[1.0], 1, 10000.0).is_err());
+    // Timesteps are an f32 vector: a matrix of them is a shape error.
+    assert!(cpu().timestep_embedding(&t(&[1., 2.], &[1, 2]), 4, 10000.0).is_err());
+    assert!(cpu().timestep_embedding(&times(&[1.0]), 1, 10000.0).is_err());
 }
 
 #[test]

@@ -316,9 +316,9 @@ impl Backend for NanCheckBackend {
         self.checked("rope_half", self.inner.rope_half(x, cos, sin), &[("x", x), ("cos", cos), ("sin", sin)])
     }
 
-    fn timestep_embedding(&self, t: &[f32], dim: usize, max_period: f32) -> Result<Tensor> {
-        let op = format!("timestep_embedding(t={t:?}, max_period={max_period})");
-        self.checked(&op, self.inner.timestep_embedding(t, dim, max_period), &[])
+    fn timestep_embedding(&self, t: &Tensor, dim: usize, max_period: f32) -> Result<Tensor> {
+        let op = format!("timestep_embedding(max_period={max_period})");
+        self.checked(&op, self.inner.timestep_embedding(t, dim, max_period), &[("t", t)])
     }
 
     fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor> {

@@ -317,8 +317,9 @@ impl Backend for CpuBackend {
         position::rope(x, cos, sin, position::RopeLayout::Half)
     }
 
-    fn timestep_embedding(&self, t: &[f32], dim: usize, max_period: f32) -> Result<Tensor> {
-        position::timestep_embedding(t, dim, max_period)
+    fn timestep_embedding(&self, t: &Tensor, dim: usize, max_period: f32) -> Result<Tensor> {
+        check::timestep_embedding(t, dim)?;
+        position::timestep_embedding(&t.to_vec_f32()?, dim, max_period)
     }
 
     fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor> {

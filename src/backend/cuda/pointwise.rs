@@ -1,7 +1,5 @@
 //! Launchers for the element-wise, broadcast and position kernels (kernels/elementwise.cu).
 
-use cudarc::driver::DeviceRepr;
-
 use super::{grid_1d, launch, CudaBackend};
 use crate::backend::check;
 use crate::dtype::DType;
@@ -207,35 +205,14 @@ pub(super) fn rope(be: &CudaBackend, x: &Tensor, cos: &Tensor, sin: &Tensor, int
     Ok(out)
 }
 
-/// Matches `struct Times16` in kernels/elementwise.cu.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Times16 {
-    t: [f32; 16],
-}
-
-unsafe impl DeviceRepr for Times16 {}
-
-pub(super) fn timestep_embedding(be: &CudaBackend, t: &[f32], dim: usize, max_period: f32) -> Result<Tensor> {
-    check::timestep_embedding(dim)?;
-    let out = be.output(DType::BF16, &[t.len(), dim])?;
+pub(super) fn timestep_embedding(be: &CudaBackend, t: &Tensor, dim: usize, max_period: f32) -> Result<Tensor> {
+    check::timestep_embedding(t, dim)?;
+    let (_t, tp) = be.f32_arg(t, "timestep_embedding")?;
+    let batch = t.dim(0);
+    let out = be.output(DType::BF16, &[batch, dim])?;
     let neg_log = -(max_period as f64).ln() as f32;
-    for (i, chunk) in t.chunks(16).enumerate() {
-        let mut times = Times16 { t: [0.0; 16] };
-        times.t[..chunk.len()].copy_from_slice(chunk);
-        let rows = out.narrow(0, i * 16, chunk.len())?;
-        let p = be.ptr(&rows)?;
-        launch!(
-            be.dev,
-            "timestep_embedding_bf16",
-            grid_1d(chunk.len() * dim),
-            times,
-            p,
-            chunk.len() as i32,
-            dim as i32,
-            neg_log
-        )?;
-    }
+    let rows = i32::try_from(batch).map_err(|_| Error::shape("timestep_embedding", format!("{batch} timesteps")))?;
+    launch!(be.dev, "timestep_embedding_bf16", grid_1d(batch * dim), tp, be.ptr(&out)?, rows, dim as i32, neg_log)?;
     Ok(out)
 }
 
