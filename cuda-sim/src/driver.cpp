@@ -77,11 +77,19 @@ struct GraphNode {
     unsigned value = 0;   // memset pattern
     int elem = 1;         // memset element bytes
 };
-struct GraphBlocks {  // the memory of a graph's allocation nodes, freed with the last holder
+// The memory of a graph's allocation nodes, freed with the last holder; a block that a launch
+// left allocated (never freed in the graph nor after it) stays until cuMemFreeAsync frees it.
+// Accessible only while `live` (held by a launch): any other access is reported.
+struct GraphBlocks {
     std::vector<uintptr_t> ptrs;
     std::vector<char> live;
+    void set_live(size_t i, bool on) {
+        live[i] = on;
+        mem_set_graph_idle(ptrs[i], !on);
+    }
     ~GraphBlocks() {
-        for (uintptr_t p : ptrs) mem_free(p);
+        for (size_t i = 0; i < ptrs.size(); i++)
+            if (!live[i]) mem_free(ptrs[i]);
     }
 };
 struct Graph {
@@ -404,7 +412,8 @@ CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) {
     if (CUresult r = alloc_device(p, bytes); r != OK) return r;
     GraphBlocks& b = *g_capture.graph->blocks;
     b.ptrs.push_back((uintptr_t)*p);
-    b.live.push_back(1);
+    b.live.push_back(1);  // allocated in the capture's order of events; no eager work can reach it
+    mem_set_graph_idle((uintptr_t)*p, true);
     GraphNode node{GraphNode::Alloc};
     node.dst = (uintptr_t)*p;
     node.n = bytes;
@@ -433,7 +442,7 @@ CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) {
         int i = graph_block(*e->blocks, (uintptr_t)p);
         if (i < 0) continue;
         if (!e->blocks->live[i]) return fail_with(ERR_INVALID_VALUE, "cuMemFreeAsync of 0x%llx, graph memory already freed", p);
-        e->blocks->live[i] = 0;
+        e->blocks->set_live(i, false);
         return OK;
     }
     return cuMemFree_v2(p);
@@ -540,6 +549,7 @@ CUresult cuMemPoolGetAttribute(CUmemoryPool, int, void* v) {
     return OK;
 }
 CUresult cuMemPoolTrimTo(CUmemoryPool, size_t) { return OK; }
+CUresult cuDeviceGraphMemTrim(CUdevice) { return OK; }  // graph memory is freed with its graph
 
 // ---- streams and events (every operation has completed when its call returns) ----
 CUresult cuStreamCreate(CUstream* s, unsigned) {
@@ -837,7 +847,7 @@ CUresult cuGraphInstantiateWithFlags(CUgraphExec* out, CUgraph graph, unsigned l
     if (!graph) return ERR_INVALID_VALUE;
     const Graph& g = *(const Graph*)graph;
     // Until it is launched, none of the graph's allocations exists.
-    std::fill(g.blocks->live.begin(), g.blocks->live.end(), 0);
+    for (size_t i = 0; i < g.blocks->ptrs.size(); i++) g.blocks->set_live(i, false);
     GraphExec* e = new GraphExec{g.nodes, g.blocks, (flags & 1) != 0};  // 1: AUTO_FREE_ON_LAUNCH
     g_graph_execs.push_back(e);
     *out = (CUgraphExec)e;
@@ -874,11 +884,11 @@ CUresult cuGraphLaunch(CUgraphExec exec, CUstream) {
                                   : cuMemsetD32_v2(n.dst, n.value, n.n);
                 break;
             case GraphNode::CopyDtoD: r = cuMemcpyDtoD_v2(n.dst, n.src, n.n); break;
-            case GraphNode::Alloc: b.live[graph_block(b, n.dst)] = 1; break;
+            case GraphNode::Alloc: b.set_live(graph_block(b, n.dst), true); break;
             case GraphNode::Free: {
                 int i = graph_block(b, n.dst);
                 if (i >= 0)
-                    b.live[i] = 0;
+                    b.set_live(i, false);
                 else
                     r = cuMemFree_v2(n.dst);  // memory from outside the graph: gone after the first launch
                 break;

@@ -63,6 +63,15 @@ Result mem_free(uintptr_t ptr) {
     return OK;
 }
 
+void mem_set_graph_idle(uintptr_t base, bool idle) {
+    Heap& h = heap();
+    std::unique_lock lock(h.mu);
+    auto it = h.live.find(base);
+    if (it == h.live.end() || it->second.graph_idle == idle) return;
+    it->second.graph_idle = idle;
+    g_generation.fetch_add(1, std::memory_order_release);  // forget the lookups cached as valid
+}
+
 size_t mem_used() {
     Heap& h = heap();
     std::shared_lock lock(h.mu);
@@ -85,6 +94,17 @@ bool mem_find(uintptr_t addr, size_t size, Allocation* out, std::string* why) {
     std::shared_lock lock(h.mu);
     Allocation a;
     if (find_in(h.live, addr, &a)) {
+        if (a.graph_idle && addr - a.base < a.size) {
+            if (why) {
+                char buf[260];
+                snprintf(buf, sizeof buf,
+                         "inside the %zu-byte allocation at 0x%" PRIxPTR
+                         ", graph memory (a captured cuMemAllocAsync) that no launch of its graph holds now",
+                         a.size, a.base);
+                *why = buf;
+            }
+            return false;
+        }
         if (addr - a.base + size <= a.size) {
             *out = a;
             return true;

@@ -67,9 +67,14 @@ struct Allocation {
     uintptr_t base;
     size_t size;
     uint64_t id;
+    // Graph memory (a captured cuMemAllocAsync) that no launch of its graph holds now: it
+    // exists only between the launch's allocation and free nodes.
+    bool graph_idle = false;
 };
 Result mem_alloc(size_t bytes, uintptr_t* out);
 Result mem_free(uintptr_t ptr);
+// Mark the allocation at `base` as graph memory held (false) or not held (true) by a launch.
+void mem_set_graph_idle(uintptr_t base, bool idle);
 size_t mem_used();
 // The live allocation containing [addr, addr + size), or false with a description of what is
 // there instead (a gap, a freed block, past the end of one) in `why`.
