@@ -14,7 +14,7 @@ use crate::model::qwen3::{Qwen3TextEncoder, KLEIN_OUT_LAYERS};
 use crate::model::rope::PositionIds;
 use crate::model::tokenizer::{PromptTokenizer, MAX_TOKENS, PROMPT_PREFIX, PROMPT_SUFFIX};
 use crate::model::transformer::config::TransformerConfig;
-use crate::model::transformer::{Compute, Flux2Transformer};
+use crate::model::transformer::{Compute, Flux2Transformer, Steps};
 use crate::model::vae::{pack, unpack, Vae, VaeParts};
 use crate::planner::EncoderPrecision;
 use crate::progress::Stage;
@@ -953,6 +953,8 @@ impl Pipeline {
             None => None,
         };
         let mut previews: Vec<Vec<(usize, RgbImage)>> = vec![Vec::new(); n];
+        // The plain step is recorded at the second step and replayed (CUDA graphs).
+        let mut plain_steps = Steps::new(&transformer, &context, &all_ids, &txt_ids, !use_kv);
         for i in 0..run_steps {
             let step_start = std::time::Instant::now();
             let s = t_start + i;
@@ -988,7 +990,7 @@ impl Pipeline {
                 if rows == 2 * n {
                     input = be.concat(&[&input, &input], 0)?;
                 }
-                let v = transformer.forward(&input, &context, &t, &all_ids, &txt_ids, None)?;
+                let v = plain_steps.forward(&input, &t, None)?;
                 v.narrow(1, 0, h * w)?
             };
             let v = if rows == 2 * n {
@@ -1033,6 +1035,7 @@ impl Pipeline {
             }
         }
         drop(kv_cache);
+        drop(plain_steps);
         timings.steps = step_times;
         // One read for the whole loop: the earliest step that went non-finite.
         health::verify(be, run_steps)?;

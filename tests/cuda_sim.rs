@@ -443,7 +443,11 @@ fn stream_capture_records_and_replays() {
     s.stream.begin_capture(mode).unwrap();
     let kept = s.stream.alloc_zeros::<f32>(4).unwrap();
     let graph = s.stream.end_capture(Flags(0)).unwrap().unwrap();
+    // Graph memory exists only once a launch holds it: reading it before is reported.
+    let e = s.stream.clone_dtoh(&kept).expect_err("graph memory read before any launch").to_string();
+    assert!(e.contains("no launch of its graph holds"), "{e}");
     graph.launch().unwrap();
+    assert_eq!(s.stream.clone_dtoh(&kept).unwrap(), vec![0.0; 4], "held by the launch, zeroed by its memset");
     let e = graph.launch().expect_err("a relaunch with its allocation live").to_string();
     assert!(e.contains("was not freed"), "{e}");
     drop(kept); // frees the first launch's allocation: the graph may run again

@@ -358,6 +358,98 @@ fn fused_fp8_gated_residuals_give_the_compositions_bits(be: Arc<dyn Backend>) {
     }
 }
 
+/// A recorded denoising step (a CUDA graph) replayed on new latents, timesteps and guidance gives
+/// the eager forward's bits, and each replay's output stays its own (later replays do not
+/// overwrite it).
+fn step_graphs_replay_the_eager_bits(be: Arc<dyn Backend>) {
+    use flux2::model::transformer::Steps;
+    let bits = |t: &flux2::Tensor| t.to_vec_f32().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for case in ["t2i_nonsquare", "guidance_outchannels"] {
+        let dir = fixtures().join("transformer").join(case);
+        let model = Flux2Transformer::load(be.clone(), &dir).unwrap();
+        let inputs = dir.join("inputs.safetensors");
+        let act = be.activation_dtype();
+        let hidden = load(&inputs, "hidden_states");
+        let context = be.upload(&load(&inputs, "encoder_hidden_states"), act).unwrap();
+        let (img_ids, txt_ids) = (common::position_ids(&inputs, "img_ids"), common::position_ids(&inputs, "txt_ids"));
+        let batch = hidden.dim(0);
+        // Three steps: their own latents, timesteps (one per sample) and guidance.
+        let latents = |k: usize| {
+            let v: Vec<f32> = hidden.to_vec_f32().unwrap().iter().map(|x| x * (1.0 - 0.3 * k as f32) + 0.01).collect();
+            be.upload(&flux2::Tensor::from_f32(v, hidden.shape()).unwrap(), act).unwrap()
+        };
+        let times = |k: usize| (0..batch).map(|b| 1000.0 - 300.0 * k as f32 - b as f32).collect::<Vec<f32>>();
+        let guided = model.config().guidance_embeds;
+        let guidance = |k: usize| guided.then(|| vec![3500.0 + 500.0 * k as f32; batch]);
+        let eager: Vec<_> = (0..3)
+            .map(|k| {
+                model.forward(&latents(k), &context, &times(k), &img_ids, &txt_ids, guidance(k).as_deref()).unwrap()
+            })
+            .collect();
+        let mut steps = Steps::new(&model, &context, &img_ids, &txt_ids, true);
+        let replayed: Vec<_> =
+            (0..3).map(|k| steps.forward(&latents(k), &times(k), guidance(k).as_deref()).unwrap()).collect();
+        assert!(steps.replaying(), "{case}: the step was not recorded");
+        for (k, (r, e)) in replayed.iter().zip(&eager).enumerate() {
+            assert!(bits(r) == bits(e), "{case}: step {k} differs from the eager forward");
+        }
+        println!("{case}: steps 2 and 3 replayed with the eager forward's bits");
+    }
+}
+
+/// A recording that leaves memory allocated after it, or uploads inside it, fails with an error
+/// (the memory stays usable), and the device goes on working.
+fn graph_captures_refuse_escapes_and_uploads(be: Arc<dyn Backend>) {
+    let act = be.activation_dtype();
+    let x =
+        be.upload(&flux2::Tensor::from_f32((0..64).map(|i| i as f32 / 8.0).collect(), &[64]).unwrap(), act).unwrap();
+    let want = be.silu(&be.silu(&x).unwrap()).unwrap().to_vec_f32().unwrap();
+    let mut kept = None;
+    let escaped = be.capture(&[&x], (&[64], act), &mut |bufs| {
+        let y = be.silu(&bufs[0])?;
+        kept = Some(be.silu(&y)?);
+        Ok(y)
+    });
+    match escaped {
+        Err(e) => assert!(e.to_string().contains("outlive"), "{e}"),
+        Ok(_) => panic!("a recording that keeps a tensor was accepted"),
+    }
+    assert_eq!(kept.take().unwrap().to_vec_f32().unwrap(), want, "the escaped tensor after the single launch");
+    let host = flux2::Tensor::from_f32(vec![1.0; 64], &[64]).unwrap();
+    let uploading = be.capture(&[&x], (&[64], act), &mut |bufs| be.axpby(1.0, &bufs[0], 1.0, &be.upload(&host, act)?));
+    assert!(uploading.is_err(), "a recording with an upload inside was accepted");
+    assert_eq!(be.silu(&be.silu(&x).unwrap()).unwrap().to_vec_f32().unwrap(), want);
+    // And a clean recording replays with new inputs.
+    let graph = be.capture(&[&x], (&[64], act), &mut |bufs| be.silu(&bufs[0])).unwrap().expect("CUDA records");
+    let x2 = be.axpby(2.0, &x, 0.0, &x).unwrap();
+    let got = graph.replay(&[&x2]).unwrap().to_vec_f32().unwrap();
+    assert_eq!(got, be.silu(&x2).unwrap().to_vec_f32().unwrap());
+    assert!(
+        graph.replay(&[&be.upload(&host.reshape(&[8, 8]).unwrap(), act).unwrap()]).is_err(),
+        "a replay on another shape"
+    );
+}
+
+/// The pipeline's image is the same bits with its steps replayed from a graph and run eagerly.
+fn pipeline_images_same_with_and_without_graphs(be: Arc<dyn Backend>) {
+    let cuda = flux2::device::as_cuda(&be).unwrap();
+    let pipe = Pipeline::load(be.clone(), &fixtures().join("pipeline")).unwrap();
+    let request = flux2::pipeline::Request {
+        prompt: "a red fox in snow".into(),
+        width: Some(64),
+        height: Some(48),
+        steps: Some(4),
+        ..Default::default()
+    };
+    let replayed = pipe.generate(&request, None, None).unwrap();
+    cuda.set_graphs(false);
+    let eager = pipe.generate(&request, None, None);
+    cuda.set_graphs(true);
+    let eager = eager.unwrap();
+    assert_eq!(replayed.latents.to_vec_f32().unwrap(), eager.latents.to_vec_f32().unwrap(), "final latents");
+    assert!(replayed.image.data == eager.image.data, "images differ");
+}
+
 fn gpu_expected() -> bool {
     std::env::var("FLUX2_EXPECT_GPU").is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
 }
@@ -388,7 +480,7 @@ fn main() {
     };
     let gpu = gpu.ok();
     type Check = fn(Arc<dyn Backend>);
-    let checks: [(&str, Check, bool); 14] = [
+    let checks: [(&str, Check, bool); 17] = [
         ("every_op_matches_the_cpu_reference", every_op_matches_the_cpu_reference, true),
         ("transformer_fixtures_in_bf16", transformer_fixtures_in_bf16, true),
         ("checkpoint_formats_in_bf16", checkpoint_formats_in_bf16, true),
@@ -405,6 +497,9 @@ fn main() {
             fused_fp8_gated_residuals_give_the_compositions_bits,
             true,
         ),
+        ("step_graphs_replay_the_eager_bits", step_graphs_replay_the_eager_bits, true),
+        ("graph_captures_refuse_escapes_and_uploads", graph_captures_refuse_escapes_and_uploads, true),
+        ("pipeline_images_same_with_and_without_graphs", pipeline_images_same_with_and_without_graphs, true),
         ("an_overflow_stops_the_pipeline_with_the_step", an_overflow_stops_the_pipeline_with_the_step, true),
         ("no_gpu_gives_a_clear_error_or_a_working_device", no_gpu_gives_a_clear_error_or_a_working_device, false),
     ];

@@ -67,6 +67,13 @@ pub enum RopePairs {
     Halves,
 }
 
+/// Work recorded by [`Backend::capture`].
+pub trait Captured {
+    /// Write `inputs` (the recorded shapes and dtypes) into the recording's input buffers, queue
+    /// the recorded work, and return its output as a tensor of its own.
+    fn replay(&self, inputs: &[&Tensor]) -> Result<Tensor>;
+}
+
 pub trait Backend: Send + Sync + std::fmt::Debug {
     fn kind(&self) -> DeviceKind;
 
@@ -111,6 +118,20 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Wait for all queued work (a no-op on the CPU).
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// Record `work` once for replays with new input values (CUDA graphs). `work` runs once, on
+    /// copies of `inputs` that the recording owns, and returns a tensor of `output`'s shape and
+    /// dtype; it must not allocate memory that outlives it (run it once eagerly first, so
+    /// workspaces and cached tables exist). None: this backend does not record; run `work`'s
+    /// computation directly instead.
+    fn capture(
+        &self,
+        _inputs: &[&Tensor],
+        _output: (&[usize], DType),
+        _work: &mut dyn FnMut(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<Option<Box<dyn Captured>>> {
+        Ok(None)
     }
 
     // ---- dense algebra -------------------------------------------------------------------------
@@ -319,8 +340,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     }
 
     /// Sinusoidal embedding `[cos(t·f), sin(t·f)]`, `f_j = max_period^(-j / (dim/2))`,
-    /// one row per timestep -> `[B, dim]` (diffusers `flip_sin_to_cos=True, shift=0`).
-    fn timestep_embedding(&self, t: &[f32], dim: usize, max_period: f32) -> Result<Tensor>;
+    /// one row per timestep of `t` (f32 `[B]` on this backend: a recorded step reads new values
+    /// from it) -> `[B, dim]` (diffusers `flip_sin_to_cos=True, shift=0`).
+    fn timestep_embedding(&self, t: &Tensor, dim: usize, max_period: f32) -> Result<Tensor>;
 
     /// Rows of `table [V, C]` picked by `ids` -> `[ids.len(), C]`.
     fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor>;
@@ -394,6 +416,7 @@ pub fn swiglu_beside<B: Backend + ?Sized>(be: &B, prefix: Option<&Tensor>, x: &T
 
 /// Shape checks shared by every backend, so each reports bad shapes the same way.
 pub mod check {
+    use crate::dtype::DType;
     use crate::error::{Error, Result};
     use crate::tensor::Tensor;
 
@@ -423,8 +446,14 @@ pub mod check {
         Ok(())
     }
 
-    /// `timestep_embedding` needs at least one (cos, sin) pair.
-    pub fn timestep_embedding(dim: usize) -> Result<()> {
+    /// `timestep_embedding` needs f32 timesteps `[B]` and at least one (cos, sin) pair.
+    pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<()> {
+        if t.rank() != 1 || t.dtype() != DType::F32 {
+            return Err(Error::shape(
+                "timestep_embedding",
+                format!("timesteps must be f32 [B], got {:?} {}", t.shape(), t.dtype()),
+            ));
+        }
         if dim < 2 {
             return Err(Error::shape("timestep_embedding", format!("dim {dim} is too small")));
         }

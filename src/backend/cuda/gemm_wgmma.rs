@@ -5,13 +5,14 @@
 //! shapes) the blocks split the tiles' K slices evenly instead (stream-K, `stream_k_blocks`).
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 
 use super::gemm::Bias;
 use super::tensor_map::{row_major_128b, TileElem};
 use super::{gpu_err, launch, CudaBackend};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 pub(super) const BF16_KERNEL: &str = "gemm_wgmma_bf16";
 pub(super) const GATED_KERNEL: &str = "gemm_wgmma_gated_bf16";
@@ -69,11 +70,12 @@ unsafe impl DeviceRepr for StreamK {}
 
 /// Where stream-K pieces meet: each block's two partial-tile slots, and a counter per tile and
 /// consumer warp (zero between launches: the warp completing a tile resets it). Grown on demand,
-/// kept for the device's life.
-#[derive(Default)]
+/// kept for the device's life; shared with the CUDA graphs that recorded kernels using them, so a
+/// buffer replaced by a larger one stays alive until those graphs go.
+#[derive(Default, Clone)]
 pub(super) struct StreamKBuffers {
-    partials: Option<CudaSlice<u8>>,
-    counts: Option<CudaSlice<u32>>,
+    partials: Option<Arc<CudaSlice<u8>>>,
+    counts: Option<Arc<CudaSlice<u32>>>,
 }
 
 /// The number of blocks for stream-K on `sms` SMs, or None where whole tiles do as well: when the
@@ -122,14 +124,20 @@ fn stream_k_buffers(be: &CudaBackend, blocks: usize, tiles: usize) -> Result<(u6
     let dev = &be.dev;
     let mut bufs = dev.stream_k.lock().unwrap_or_else(|e| e.into_inner());
     let partial_bytes = blocks * 2 * 8 * WARP_PARTIAL_BYTES;
-    if bufs.partials.as_ref().is_none_or(|p| p.len() < partial_bytes) {
+    let grow_partials = bufs.partials.as_ref().is_none_or(|p| p.len() < partial_bytes);
+    let grow_counts = bufs.counts.as_ref().is_none_or(|c| c.len() < tiles * 8);
+    if (grow_partials || grow_counts) && dev.capturing.load(Ordering::Relaxed) {
+        // Memory allocated now would be the graph's, yet outlive it.
+        return Err(Error::Gpu("stream-K's workspace would grow inside a CUDA graph capture".into()));
+    }
+    if grow_partials {
         let old = bufs.partials.take().map_or(0, |p| p.len());
-        bufs.partials = Some(unsafe { dev.stream.alloc::<u8>(partial_bytes) }.map_err(gpu_err)?);
+        bufs.partials = Some(Arc::new(unsafe { dev.stream.alloc::<u8>(partial_bytes) }.map_err(gpu_err)?));
         dev.account(old, partial_bytes);
     }
-    if bufs.counts.as_ref().is_none_or(|c| c.len() < tiles * 8) {
+    if grow_counts {
         let old = bufs.counts.take().map_or(0, |c| c.len() * 4);
-        bufs.counts = Some(dev.stream.alloc_zeros::<u32>(tiles * 8).map_err(gpu_err)?);
+        bufs.counts = Some(Arc::new(dev.stream.alloc_zeros::<u32>(tiles * 8).map_err(gpu_err)?));
         dev.account(old, tiles * 8 * 4);
     }
     let (Some(p), Some(c)) = (&bufs.partials, &bufs.counts) else { unreachable!("both buffers were just made") };

@@ -9,6 +9,7 @@ mod conv;
 pub mod cublaslt;
 mod gemm;
 mod gemm_wgmma;
+mod graph;
 mod health;
 pub mod images;
 mod layout;
@@ -227,6 +228,13 @@ pub struct CudaDevice {
     sms: usize,
     sms_limit: AtomicUsize,
     health: health::HealthWord,
+    /// Denoising steps may be recorded as CUDA graphs (`FLUX2_CUDA_GRAPHS`, `set_graphs`).
+    graphs: AtomicBool,
+    /// A stream capture is under way: allocations are the graph's, and workspaces may not grow.
+    capturing: AtomicBool,
+    /// Bytes allocated during the last capture and not freed yet: nonzero after it ends means
+    /// memory escaped the recording.
+    captured_live: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -245,6 +253,8 @@ pub struct CudaStorage {
     dtype: DType,
     len: usize,
     dev: Arc<CudaDevice>,
+    /// Allocated while a graph was being recorded (graph memory).
+    captured: bool,
 }
 
 impl std::fmt::Debug for CudaStorage {
@@ -255,7 +265,11 @@ impl std::fmt::Debug for CudaStorage {
 
 impl Drop for CudaStorage {
     fn drop(&mut self) {
-        self.dev.live.fetch_sub(self.len * self.dtype.size_in_bytes(), Ordering::Relaxed);
+        let bytes = self.len * self.dtype.size_in_bytes();
+        self.dev.live.fetch_sub(bytes, Ordering::Relaxed);
+        if self.captured {
+            self.dev.captured_live.fetch_sub(bytes as i64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -437,6 +451,9 @@ impl CudaBackend {
             sms,
             sms_limit: AtomicUsize::new(0),
             health: health::HealthWord::default(),
+            graphs: AtomicBool::new(graph::graphs_from_env()?),
+            capturing: AtomicBool::new(false),
+            captured_live: Default::default(),
         };
         Ok(CudaBackend { dev: Arc::new(dev) })
     }
@@ -456,6 +473,17 @@ impl CudaBackend {
     /// false restores the default.
     pub fn set_reference_attention(&self, on: bool) {
         self.dev.reference_attention.store(on, Ordering::Relaxed);
+    }
+
+    /// Record denoising steps as CUDA graphs (the default unless `FLUX2_CUDA_GRAPHS=off`), or
+    /// run every step eagerly.
+    pub fn set_graphs(&self, on: bool) {
+        self.dev.graphs.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether denoising steps are recorded as CUDA graphs.
+    pub fn graphs(&self) -> bool {
+        self.dev.graphs.load(Ordering::Relaxed)
     }
 
     /// Run convolutions with at most 8 output channels on v2 (the implicit GEMM) instead of the
@@ -544,7 +572,8 @@ impl CudaBackend {
             (true, true) => "flash v3 (FLUX2_CUDA_ATTENTION=v3)",
             _ => "flash v3 (mma.sync)",
         };
-        format!("GEMM {gemm}, FP8 linears {fp8}, attention {attention}")
+        let steps = if self.graphs() { "recorded as CUDA graphs" } else { "eager (FLUX2_CUDA_GRAPHS=off)" };
+        format!("GEMM {gemm}, FP8 linears {fp8}, attention {attention}, denoising steps {steps}")
     }
 
     /// Fill every new output buffer with NaN first (selftest: catches unwritten elements).
@@ -590,7 +619,11 @@ impl CudaBackend {
         let buf = unsafe { self.dev.stream.alloc::<u8>(bytes.max(1)) }.map_err(gpu_err)?;
         let live = self.dev.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.dev.peak.fetch_max(live, Ordering::Relaxed);
-        let s = CudaStorage { buf, dtype, len, dev: self.dev.clone() };
+        let captured = self.dev.capturing.load(Ordering::Relaxed);
+        if captured {
+            self.dev.captured_live.fetch_add(bytes as i64, Ordering::Relaxed);
+        }
+        let s = CudaStorage { buf, dtype, len, dev: self.dev.clone(), captured };
         if self.dev.poison.load(Ordering::Relaxed) && len > 0 {
             let p = s.base_ptr();
             match dtype.size_in_bytes() {
@@ -749,6 +782,15 @@ impl Backend for CudaBackend {
 
     fn synchronize(&self) -> Result<()> {
         self.dev.stream.synchronize().map_err(gpu_err)
+    }
+
+    fn capture(
+        &self,
+        inputs: &[&Tensor],
+        output: (&[usize], DType),
+        work: &mut dyn FnMut(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<Option<Box<dyn crate::backend::Captured>>> {
+        graph::capture(self, inputs, output, work)
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -936,7 +978,7 @@ impl Backend for CudaBackend {
         reduce::rms_norm_rope(self, x, weight, eps, cos, sin, pairs)
     }
 
-    fn timestep_embedding(&self, t: &[f32], dim: usize, max_period: f32) -> Result<Tensor> {
+    fn timestep_embedding(&self, t: &Tensor, dim: usize, max_period: f32) -> Result<Tensor> {
         pointwise::timestep_embedding(self, t, dim, max_period)
     }
 

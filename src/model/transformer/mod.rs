@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod layout;
+mod step_graph;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use crate::planner::TransformerPrecision;
 use crate::quant::Quantized;
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
+
+pub use self::step_graph::{StepGraph, Steps};
 
 /// Where a transformer lives: a diffusers pipeline folder, its `transformer/` folder, or one
 /// BFL-layout `.safetensors` file. Returns the weight store and, for diffusers, the config path.
@@ -587,7 +590,18 @@ impl Flux2Transformer {
         txt_ids: &PositionIds,
         guidance: Option<&[f32]>,
     ) -> Result<Tensor> {
-        Ok(self.forward_kv(hidden_states, context, timestep, img_ids, txt_ids, guidance, KvStep::Plain)?.0)
+        let times = self.device_times(timestep)?;
+        let guidance = match guidance {
+            Some(g) => Some(self.device_times(g)?),
+            None => None,
+        };
+        let step = KvStep::Plain;
+        Ok(self.forward_kv(hidden_states, context, &times, img_ids, txt_ids, guidance.as_ref(), step)?.0)
+    }
+
+    /// Timesteps (or guidance values) as the f32 vector the time embedding reads on the device.
+    fn device_times(&self, values: &[f32]) -> Result<Tensor> {
+        self.be.upload(&Tensor::from_f32(values.to_vec(), &[values.len()])?, DType::F32)
     }
 
     /// The KV variant's first step (diffusers' `kv_cache_mode="extract"`): `refs [B, Lr, Cin]`
@@ -620,7 +634,7 @@ impl Flux2Transformer {
         let (out, cache) = self.forward_kv(
             hidden_states,
             context,
-            timestep,
+            &self.device_times(timestep)?,
             img_ids,
             txt_ids,
             None,
@@ -643,26 +657,29 @@ impl Flux2Transformer {
         if cache.double.len() != self.double.len() || cache.single.len() != self.single.len() {
             return Err(Error::shape("transformer", "the KV cache was made by another model"));
         }
-        Ok(self.forward_kv(hidden_states, context, timestep, img_ids, txt_ids, None, KvStep::Cached(cache))?.0)
+        let times = self.device_times(timestep)?;
+        Ok(self.forward_kv(hidden_states, context, &times, img_ids, txt_ids, None, KvStep::Cached(cache))?.0)
     }
 
-    /// The forward of every scheme: plain, or the KV variant's extract and cached steps.
+    /// The forward of every scheme: plain, or the KV variant's extract and cached steps. The
+    /// timesteps and guidance are f32 `[B]` on the device (see `device_times`).
     #[allow(clippy::too_many_arguments)]
     fn forward_kv(
         &self,
         hidden_states: &Tensor,
         context: &Tensor,
-        timestep: &[f32],
+        timestep: &Tensor,
         img_ids: &PositionIds,
         txt_ids: &PositionIds,
-        guidance: Option<&[f32]>,
+        guidance: Option<&Tensor>,
         step: KvStep,
     ) -> Result<(Tensor, Option<RefKvCache>)> {
         let be = &*self.be;
         let cfg = &self.cfg;
         let d = cfg.hidden();
         let _scope = scope::enter(|| "transformer".into());
-        self.check_inputs(hidden_states, context, timestep, img_ids, txt_ids, guidance)?;
+        let counts = (timestep.numel(), guidance.map(Tensor::numel));
+        self.check_inputs(hidden_states, context, counts, img_ids, txt_ids)?;
         let (lt, li) = (context.dim(1), hidden_states.dim(1));
 
         let temb = self.time_embedding(timestep, guidance)?;
@@ -679,7 +696,8 @@ impl Flux2Transformer {
         // The reference stream (extract only): its own modulation and RoPE tables.
         let mut refs = None;
         if let KvStep::Extract { refs: r, ref_ids, ref_time } = &step {
-            let ref_temb = be.silu(&self.time_embedding(&vec![*ref_time; r.dim(0)], None)?)?;
+            let ref_times = self.device_times(&vec![*ref_time; r.dim(0)])?;
+            let ref_temb = be.silu(&self.time_embedding(&ref_times, None)?)?;
             let ref_mod_img = Modulation::split(&self.mod_img.forward(be, &ref_temb)?, 2)?;
             let ref_mod_single = Modulation::split(&self.mod_single.forward(be, &ref_temb)?, 1)?;
             let (cos, sin) = flux_tables(ref_ids, &cfg.axes_dims_rope, cfg.rope_theta)?;
@@ -925,14 +943,14 @@ impl Flux2Transformer {
         Ok((cos, sin))
     }
 
+    /// `counts`: how many timesteps and guidance values came with the inputs.
     fn check_inputs(
         &self,
         x: &Tensor,
         ctx: &Tensor,
-        timestep: &[f32],
+        (timesteps, guidance): (usize, Option<usize>),
         img_ids: &PositionIds,
         txt_ids: &PositionIds,
-        guidance: Option<&[f32]>,
     ) -> Result<()> {
         let cfg = &self.cfg;
         let bad = |what: String| Err(Error::shape("transformer", what));
@@ -947,8 +965,8 @@ impl Flux2Transformer {
                 ctx.shape()
             ));
         }
-        if timestep.len() != x.dim(0) {
-            return bad(format!("timestep must have one value per sample ({}), got {}", x.dim(0), timestep.len()));
+        if timesteps != x.dim(0) {
+            return bad(format!("timestep must have one value per sample ({}), got {timesteps}", x.dim(0)));
         }
         if img_ids.len() != x.dim(1) || txt_ids.len() != ctx.dim(1) {
             return bad(format!(
@@ -960,8 +978,8 @@ impl Flux2Transformer {
             ));
         }
         if let Some(g) = guidance {
-            if g.len() != x.dim(0) {
-                return bad(format!("guidance must have one value per sample ({}), got {}", x.dim(0), g.len()));
+            if g != x.dim(0) {
+                return bad(format!("guidance must have one value per sample ({}), got {g}", x.dim(0)));
             }
         }
         Ok(())
@@ -969,9 +987,9 @@ impl Flux2Transformer {
 
     /// The cos-first sinusoid of the timestep and `linear_2(silu(linear_1(.)))`; guidance adds
     /// its own embedding.
-    fn time_embedding(&self, timestep: &[f32], guidance: Option<&[f32]>) -> Result<Tensor> {
+    fn time_embedding(&self, timestep: &Tensor, guidance: Option<&Tensor>) -> Result<Tensor> {
         let be = &*self.be;
-        let embed = |t: &[f32], l1: &Proj, l2: &Proj| -> Result<Tensor> {
+        let embed = |t: &Tensor, l1: &Proj, l2: &Proj| -> Result<Tensor> {
             let proj = be.timestep_embedding(t, self.cfg.timestep_guidance_channels, 10000.0)?;
             l2.forward(be, &be.silu(&l1.forward(be, &proj)?)?)
         };

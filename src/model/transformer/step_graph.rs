@@ -1,0 +1,171 @@
+//! The plain denoising step recorded once and replayed (CUDA graphs). What changes from step to
+//! step (the latent tokens, the timestep, the guidance) is an input of the recording, written into
+//! its buffers before each replay; the text context, the RoPE tables and the weights are read where
+//! they lie, so the recording borrows the model and the context and keeps the tables it read.
+
+use super::{Flux2Transformer, KvStep};
+use crate::backend::Captured;
+use crate::error::{Error, Result};
+use crate::model::rope::PositionIds;
+use crate::tensor::Tensor;
+
+/// A recorded plain forward for one shape of latent tokens, context and ids.
+pub struct StepGraph<'a> {
+    model: &'a Flux2Transformer,
+    recording: Box<dyn Captured>,
+    hidden_shape: Vec<usize>,
+    guidance: bool,
+    /// The RoPE tables the recording reads: alive while it may replay, whatever the model's
+    /// table cache holds by then.
+    _rope: (Tensor, Tensor),
+    _context: &'a Tensor,
+}
+
+impl Flux2Transformer {
+    /// Record [`Flux2Transformer::forward`] for latent tokens shaped like `hidden_states` with this
+    /// `context` and these ids (and a guidance value per sample when `guidance`). None where the
+    /// backend does not record or blocks are streamed (their per-step upload cannot be recorded).
+    /// Run the same forward once eagerly first: it sizes the workspaces a recording must find.
+    pub fn capture_step<'a>(
+        &'a self,
+        hidden_states: &Tensor,
+        context: &'a Tensor,
+        img_ids: &PositionIds,
+        txt_ids: &PositionIds,
+        guidance: bool,
+    ) -> Result<Option<StepGraph<'a>>> {
+        if self.double.iter().any(Option::is_none) || self.single.iter().any(Option::is_none) {
+            return Ok(None);
+        }
+        let batch = hidden_states.dim(0);
+        let zeros = vec![0.0; batch];
+        let guidance_values = guidance.then_some(zeros.as_slice());
+        self.check_inputs(hidden_states, context, (batch, guidance.then_some(batch)), img_ids, txt_ids)?;
+        // Uploaded (or found) now: an upload inside the recording would end it.
+        let rope = self.rope_tables(txt_ids, img_ids)?;
+        let times = self.device_times(&zeros)?;
+        let guidance_times = match guidance_values {
+            Some(g) => Some(self.device_times(g)?),
+            None => None,
+        };
+        let mut inputs = vec![hidden_states, &times];
+        inputs.extend(guidance_times.as_ref());
+        let out_shape = [batch, hidden_states.dim(1), self.cfg.out_features()];
+        let be = &*self.be;
+        let mut work = |bufs: &[Tensor]| {
+            let (out, _) =
+                self.forward_kv(&bufs[0], context, &bufs[1], img_ids, txt_ids, bufs.get(2), KvStep::Plain)?;
+            Ok(out)
+        };
+        let Some(recording) = be.capture(&inputs, (&out_shape, be.activation_dtype()), &mut work)? else {
+            return Ok(None);
+        };
+        Ok(Some(StepGraph {
+            model: self,
+            recording,
+            hidden_shape: hidden_states.shape().to_vec(),
+            guidance,
+            _rope: rope,
+            _context: context,
+        }))
+    }
+}
+
+impl StepGraph<'_> {
+    /// The recorded forward on new latent tokens (the recorded shape), timesteps and guidance.
+    pub fn forward(&self, hidden_states: &Tensor, timestep: &[f32], guidance: Option<&[f32]>) -> Result<Tensor> {
+        let batch = self.hidden_shape[0];
+        if hidden_states.shape() != self.hidden_shape.as_slice() || timestep.len() != batch {
+            return Err(Error::shape(
+                "transformer step graph",
+                format!(
+                    "hidden_states {:?} and {} timesteps for a step recorded on {:?}",
+                    hidden_states.shape(),
+                    timestep.len(),
+                    self.hidden_shape
+                ),
+            ));
+        }
+        let times = self.model.device_times(timestep)?;
+        let guidance_times = match (guidance, self.guidance) {
+            (Some(g), true) if g.len() == batch => Some(self.model.device_times(g)?),
+            (None, false) => None,
+            _ => {
+                return Err(Error::shape(
+                    "transformer step graph",
+                    format!(
+                        "guidance {guidance:?} for a step recorded {} guidance",
+                        if self.guidance { "with" } else { "without" }
+                    ),
+                ))
+            }
+        };
+        let mut inputs = vec![hidden_states, &times];
+        inputs.extend(guidance_times.as_ref());
+        self.recording.replay(&inputs)
+    }
+}
+
+/// The plain forward of one generation's denoising steps, replayed from a recording where the
+/// backend records: the first step runs eagerly (it sizes the backend's workspaces and uploads the
+/// RoPE tables, which a recording must find ready), the second is recorded, the later ones replay
+/// it. A recording that fails is reported once and the steps go on eagerly.
+pub struct Steps<'a> {
+    model: &'a Flux2Transformer,
+    context: &'a Tensor,
+    img_ids: &'a PositionIds,
+    txt_ids: &'a PositionIds,
+    state: StepsState<'a>,
+}
+
+enum StepsState<'a> {
+    First,
+    Record,
+    Replay(StepGraph<'a>),
+    Eager,
+}
+
+impl<'a> Steps<'a> {
+    /// `record`: false runs every step eagerly.
+    pub fn new(
+        model: &'a Flux2Transformer,
+        context: &'a Tensor,
+        img_ids: &'a PositionIds,
+        txt_ids: &'a PositionIds,
+        record: bool,
+    ) -> Steps<'a> {
+        let state = if record { StepsState::First } else { StepsState::Eager };
+        Steps { model, context, img_ids, txt_ids, state }
+    }
+
+    /// Whether the steps run from a recording now.
+    pub fn replaying(&self) -> bool {
+        matches!(self.state, StepsState::Replay(_))
+    }
+
+    pub fn forward(&mut self, hidden_states: &Tensor, timestep: &[f32], guidance: Option<&[f32]>) -> Result<Tensor> {
+        let (model, context, img_ids, txt_ids) = (self.model, self.context, self.img_ids, self.txt_ids);
+        if let StepsState::Record = self.state {
+            self.state = match model.capture_step(hidden_states, context, img_ids, txt_ids, guidance.is_some()) {
+                Ok(Some(graph)) => {
+                    tracing::debug!("denoising step recorded as a graph");
+                    StepsState::Replay(graph)
+                }
+                Ok(None) => StepsState::Eager,
+                Err(e) => {
+                    tracing::warn!("recording the denoising step failed ({e}); the steps run without a graph");
+                    StepsState::Eager
+                }
+            };
+        }
+        match &self.state {
+            StepsState::Replay(graph) => graph.forward(hidden_states, timestep, guidance),
+            StepsState::First | StepsState::Record | StepsState::Eager => {
+                if let StepsState::First = self.state {
+                    self.state = StepsState::Record;
+                }
+                model.forward(hidden_states, context, timestep, img_ids, txt_ids, guidance)
+            }
+        }
+    }
+}
