@@ -8,7 +8,8 @@
 #   4. the CLI on the fixtures: forward commands and generate --noise vs the diffusers outputs
 #   5. full mode: `bench gemm`, `bench conv` (the VAE decoder at 1024²) and `profile attention` at klein-4B shapes (attention beside torch SDPA,
 #      .verify/attention_compare.py, also at the VAE's 512-wide head), a klein-4B-shaped random
-#      pipeline (`flux2 synth`) generating 1024x1024 (per-stage timings) and .verify/peer_compare.py
+#      pipeline (`flux2 synth`) generating 1024x1024 (per-stage timings), `bench dit` on it (each path eager and
+#      replayed from a CUDA graph) and .verify/peer_compare.py
 #      small mode: `selftest --small`, a tiny synthetic pipeline generating SMALL_SIZE (256) pixels
 #      square in 2 steps, and `profile attention` at a tiny size
 #
@@ -365,9 +366,11 @@ if [ "$SMALL" = 1 ]; then
   fi
   skip bench-gemm "small mode: bench gemm takes only klein shapes (--shapes klein4b|klein9b)"
   skip bench-conv "small mode: bench conv times the VAE decoder at 1024x1024"
-  for s in synth-klein-4b generate-klein-4b-1024 peer-compare; do skip "$s" "small mode"; done
+  for s in synth-klein-4b generate-klein-4b-1024 bench-dit peer-compare; do skip "$s" "small mode"; done
 elif [ -n "$NO_GPU" ]; then
-  for s in bench-gemm bench-conv profile-attention synth-klein-4b generate-klein-4b-1024 peer-compare; do skip "$s" "$NO_GPU"; done
+  for s in bench-gemm bench-conv profile-attention synth-klein-4b generate-klein-4b-1024 bench-dit peer-compare; do
+    skip "$s" "$NO_GPU"
+  done
 else
   # cuBLASLt for bench gemm's baseline columns when the library path does not have it: the CUDA
   # toolkit's or PyTorch's wheel's (FLUX2_CUBLASLT names the file; without one the columns say why).
@@ -392,7 +395,7 @@ else
   # A klein-4B-shaped random pipeline (about 16 GB, written once per $WORK) generating 1024x1024.
   K=$WORK/klein-4b
   if [ "${SKIP_SYNTH:-0}" = 1 ]; then
-    for s in synth-klein-4b generate-klein-4b-1024 peer-compare; do skip "$s" "SKIP_SYNTH=1"; done
+    for s in synth-klein-4b generate-klein-4b-1024 bench-dit peer-compare; do skip "$s" "SKIP_SYNTH=1"; done
   else
     if [ -f "$K/model_index.json" ]; then # synth writes model_index.json last
       skip synth-klein-4b "reused $K"
@@ -405,10 +408,14 @@ else
       step generate-klein-4b-1024 240 "$FLUX2" generate --model "$K" --prompt "a photo of a red fox in the snow" \
         --width 1024 --height 1024 --seed 1 --count 2 --out "$WORK/klein4b.png" --device "$CHECK_DEVICE" \
         --json "$REPORT/klein4b-1024.json"
+      # One forward at 1024² per path, eager and replayed from a CUDA graph, in the same run.
+      step bench-dit 240 "$FLUX2" bench dit --model "$K" --width 1024 --height 1024 --reps 3 \
+        --device "$CHECK_DEVICE" --json "$REPORT/bench_dit.json"
       step peer-compare 300 "$PY" "$ROOT/.verify/peer_compare.py" --model "$K" --flux2 "$FLUX2" \
         --out "$REPORT" --work "$WORK/peer" --wheels "$ROOT/.verify/wheels" --reps 5
     else
       skip generate-klein-4b-1024 "needs synth-klein-4b"
+      skip bench-dit "needs synth-klein-4b"
       skip peer-compare "needs synth-klein-4b"
     fi
   fi

@@ -304,6 +304,11 @@ def table(s):
     c = s.get("bench_conv")
     if c:
         lines.append(f"bench conv: the VAE decoder's convolutions (gpu_check: at 1024x1024) take {fmt(c['decoder_conv_ms'], '.2f')} ms")
+    d = s.get("bench_dit")
+    if d:
+        lines.append("bench dit (klein-4B, 1024²): " + "; ".join(
+            f"{r.get('mode')} {fmt(num(r.get('ms')), '.2f')} ms eager, {fmt(num(r.get('graph_ms')), '.2f')} ms graph"
+            for r in d["results"]))
     a = s.get("profile_attention")
     if a:
         lines.append("attention: " + "; ".join(
@@ -382,6 +387,9 @@ def main():
             "decoder_conv_ms": sum((num(r.get("ms")) or 0) * (r.get("runs") or 0) for r in rows),
             "results": rows,
         }
+    bd = load_json(report, "bench_dit.json", errors)
+    if bd:
+        summary["bench_dit"] = {"device": bd.get("device"), "results": bd.get("results", [])}
     pa = load_json(report, "profile_attention.json", errors)
     if pa:
         summary["profile_attention"] = pa.get("results")
