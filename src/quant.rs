@@ -13,6 +13,28 @@ use crate::dtype::{f32_to_f8e4m3, f8e4m3_to_f32, round_even, F8E4M3_MAX};
 use crate::error::{Error, Result};
 use crate::weights::ggml::{self, GgmlType};
 
+/// Storage of the transformer's block linears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+pub enum TransformerPrecision {
+    Bf16,
+    /// FP8 e4m3 block linears with per-output-channel f32 scales; embedders, modulation and the
+    /// final layer stay bf16 (as the official FP8 releases do).
+    Fp8,
+}
+
+/// Storage of the text encoder's linears (embeddings stay bf16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+pub enum EncoderPrecision {
+    Bf16,
+    Fp8,
+    /// int8 per output channel, f32 scales.
+    Int8,
+    /// 4-bit groups of 64 along the input dim, f32 scales.
+    Int4,
+}
+
+pub const INT4_GROUP: usize = 64;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantFormat {
     Int8,

@@ -2,7 +2,7 @@
 
 use crate::backend::{Backend, QuantTensor};
 use crate::error::Result;
-use crate::planner::EncoderPrecision;
+use crate::quant::EncoderPrecision;
 use crate::quant::{quantize_rows, QuantFormat, Quantized};
 use crate::tensor::Tensor;
 use crate::weights::{Encoding, RawTensor, WeightStore};
@@ -21,7 +21,7 @@ pub fn format_for(p: EncoderPrecision) -> Option<QuantFormat> {
         EncoderPrecision::Bf16 => None,
         EncoderPrecision::Fp8 => Some(QuantFormat::Fp8),
         EncoderPrecision::Int8 => Some(QuantFormat::Int8),
-        EncoderPrecision::Int4 => Some(QuantFormat::Int4 { group: crate::planner::estimate::INT4_GROUP }),
+        EncoderPrecision::Int4 => Some(QuantFormat::Int4 { group: crate::quant::INT4_GROUP }),
     }
 }
 

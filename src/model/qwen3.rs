@@ -14,7 +14,7 @@ use crate::backend::{AttnMask, Backend, RopePairs};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::positive_finite;
-use crate::planner::EncoderPrecision;
+use crate::quant::EncoderPrecision;
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
 

@@ -5,27 +5,8 @@ use crate::model::transformer::config::TransformerConfig;
 use crate::model::transformer::layout::diffusers_tensors;
 use crate::model::vae::{self, VaeConfig};
 
-/// Storage of the transformer's block linears.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
-pub enum TransformerPrecision {
-    Bf16,
-    /// FP8 e4m3 block linears with per-output-channel f32 scales; embedders, modulation and the
-    /// final layer stay bf16 (as the official FP8 releases do).
-    Fp8,
-}
-
-/// Storage of the text encoder's linears (embeddings stay bf16).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
-pub enum EncoderPrecision {
-    Bf16,
-    Fp8,
-    /// int8 per output channel, f32 scales.
-    Int8,
-    /// 4-bit groups of 64 along the input dim, f32 scales.
-    Int4,
-}
-
-pub const INT4_GROUP: usize = 64;
+// The precision enums live with the formats (low in the crate): model code reads them too.
+pub use crate::quant::{EncoderPrecision, TransformerPrecision, INT4_GROUP};
 
 /// Bytes of a `[rows, cols]` linear weight in a quantized format (codes + f32 scales), as
 /// `quant::quantize` stores it.

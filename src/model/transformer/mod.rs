@@ -18,8 +18,7 @@ use crate::dtype::{round_through, DType};
 use crate::error::{Error, Result};
 use crate::lora::runtime::LowRank;
 use crate::lora::{AdapterSet, LoraMode, LoraOptions};
-use crate::planner::TransformerPrecision;
-use crate::quant::Quantized;
+use crate::quant::{Quantized, TransformerPrecision};
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
 
