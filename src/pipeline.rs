@@ -344,6 +344,8 @@ pub struct Timings {
     /// Synchronise the device after every step (set through `Pipeline::set_step_sync` by
     /// benchmarks), so `steps` are device times.
     pub steps_synchronized: bool,
+    /// Steps that ran from a recorded CUDA graph (0 where steps are not recorded).
+    pub replayed_steps: usize,
 }
 
 pub struct Output {
@@ -942,7 +944,9 @@ impl Pipeline {
         // (prepended, modulated at t = 0, attending only to themselves) and keeps their K/V; the
         // later steps run the image tokens alone against the kept K/V.
         let use_kv = (self.info.kv || req.kv_cache) && condition.is_some();
-        let mut kv_cache = None;
+        // Set once, at the first step; the cached steps (recorded at their second) borrow it.
+        let kv_cache = std::cell::OnceCell::new();
+        let mut cached_steps: Option<Steps> = None;
         let mut step_times = Vec::with_capacity(steps - t_start);
 
         let mode = req.timestep_mode.unwrap_or(TimestepMode::Diffusers);
@@ -954,7 +958,7 @@ impl Pipeline {
         };
         let mut previews: Vec<Vec<(usize, RgbImage)>> = vec![Vec::new(); n];
         // The plain step is recorded at the second step and replayed (CUDA graphs).
-        let mut plain_steps = Steps::new(&transformer, &context, &all_ids, &txt_ids, !use_kv);
+        let mut plain_steps = Steps::new(&transformer, &context, &all_ids, &txt_ids, None, !use_kv);
         for i in 0..run_steps {
             let step_start = std::time::Instant::now();
             let s = t_start + i;
@@ -963,7 +967,7 @@ impl Pipeline {
             let v = if use_kv {
                 let cfg_rows = |x: &Tensor| if rows == 2 * n { be.concat(&[x, x], 0) } else { Ok(x.clone()) };
                 let input = cfg_rows(&latents)?;
-                match &kv_cache {
+                match kv_cache.get() {
                     None => {
                         let (cond, cond_ids) = (condition.as_ref().unwrap(), condition_ids.as_ref().unwrap());
                         let (v, cache) = transformer.forward_kv_extract(
@@ -977,10 +981,17 @@ impl Pipeline {
                             0.0,
                         )?;
                         tracing::debug!("reference K/V cache: {} tokens, {} bytes", cache.tokens, cache.bytes());
-                        kv_cache = Some(cache);
+                        let _ = kv_cache.set(cache);
                         v
                     }
-                    Some(cache) => transformer.forward_kv_cached(&input, &context, &t, &img_ids, &txt_ids, cache)?,
+                    Some(cache) => {
+                        let steps = cached_steps.get_or_insert_with(|| {
+                            Steps::new(&transformer, &context, &img_ids, &txt_ids, Some(cache), true)
+                        });
+                        let v = steps.forward(&input, &t, None)?;
+                        timings.replayed_steps += usize::from(steps.replaying());
+                        v
+                    }
                 }
             } else {
                 let mut input = match &condition {
@@ -991,6 +1002,7 @@ impl Pipeline {
                     input = be.concat(&[&input, &input], 0)?;
                 }
                 let v = plain_steps.forward(&input, &t, None)?;
+                timings.replayed_steps += usize::from(plain_steps.replaying());
                 v.narrow(1, 0, h * w)?
             };
             let v = if rows == 2 * n {
@@ -1034,8 +1046,8 @@ impl Pipeline {
                 }
             }
         }
+        drop((plain_steps, cached_steps));
         drop(kv_cache);
-        drop(plain_steps);
         timings.steps = step_times;
         // One read for the whole loop: the earliest step that went non-finite.
         health::verify(be, run_steps)?;

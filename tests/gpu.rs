@@ -386,7 +386,7 @@ fn step_graphs_replay_the_eager_bits(be: Arc<dyn Backend>) {
                 model.forward(&latents(k), &context, &times(k), &img_ids, &txt_ids, guidance(k).as_deref()).unwrap()
             })
             .collect();
-        let mut steps = Steps::new(&model, &context, &img_ids, &txt_ids, true);
+        let mut steps = Steps::new(&model, &context, &img_ids, &txt_ids, None, true);
         let replayed: Vec<_> =
             (0..3).map(|k| steps.forward(&latents(k), &times(k), guidance(k).as_deref()).unwrap()).collect();
         assert!(steps.replaying(), "{case}: the step was not recorded");
@@ -430,24 +430,37 @@ fn graph_captures_refuse_escapes_and_uploads(be: Arc<dyn Backend>) {
     );
 }
 
-/// The pipeline's image is the same bits with its steps replayed from a graph and run eagerly.
+/// The pipeline's image is the same bits with its steps replayed from a graph and run eagerly:
+/// text-to-image (plain steps) and the KV scheme (its cached steps recorded).
 fn pipeline_images_same_with_and_without_graphs(be: Arc<dyn Backend>) {
     let cuda = flux2::device::as_cuda(&be).unwrap();
     let pipe = Pipeline::load(be.clone(), &fixtures().join("pipeline")).unwrap();
-    let request = flux2::pipeline::Request {
+    let t2i = flux2::pipeline::Request {
         prompt: "a red fox in snow".into(),
         width: Some(64),
         height: Some(48),
         steps: Some(4),
         ..Default::default()
     };
-    let replayed = pipe.generate(&request, None, None).unwrap();
-    cuda.set_graphs(false);
-    let eager = pipe.generate(&request, None, None);
-    cuda.set_graphs(true);
-    let eager = eager.unwrap();
-    assert_eq!(replayed.latents.to_vec_f32().unwrap(), eager.latents.to_vec_f32().unwrap(), "final latents");
-    assert!(replayed.image.data == eager.image.data, "images differ");
+    let kv = common::workflows::cases("kv").into_iter().next().expect("a KV workflow case");
+    let kv_request = flux2::pipeline::Request { kv_cache: true, steps: Some(4), ..kv.request() };
+    let references = pipe.prepare_references(&kv.references()).unwrap();
+    // 4 steps: text-to-image replays steps 2-4 (recorded at 2), the KV scheme steps 3-4 (its
+    // first cached step, 2, runs eagerly).
+    let cases = [("text-to-image", &t2i, None, 3), ("KV scheme", &kv_request, references.as_ref(), 2)];
+    for (name, request, refs, replays) in cases {
+        let replayed = pipe.generate(request, None, refs).unwrap();
+        assert_eq!(replayed.timings.replayed_steps, replays, "{name}: steps replayed from the graph");
+        cuda.set_graphs(false);
+        let eager = pipe.generate(request, None, refs);
+        cuda.set_graphs(true);
+        let eager = eager.unwrap();
+        assert_eq!(eager.timings.replayed_steps, 0, "{name}: with graphs off");
+        let (a, b) = (replayed.latents.to_vec_f32().unwrap(), eager.latents.to_vec_f32().unwrap());
+        assert!(a == b, "{name}: final latents differ");
+        assert!(replayed.image.data == eager.image.data, "{name}: images differ");
+        println!("{name}: the same bits with and without graphs");
+    }
 }
 
 fn gpu_expected() -> bool {

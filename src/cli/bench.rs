@@ -602,7 +602,7 @@ fn bench_dit(be: std::sync::Arc<dyn Backend>, args: &BenchArgs) -> Result<Vec<se
             model.set_attention(attention);
             let secs = time(&*be, args.reps, || model.forward(&x, &ctx, &t, &img, &txt, None).map(|_| ()))?;
             // Timed after `time`'s two warm-up calls: the eager first step and the recording.
-            let mut steps = Steps::new(&model, &ctx, &img, &txt, true);
+            let mut steps = Steps::new(&model, &ctx, &img, &txt, None, true);
             let replayed = time(&*be, args.reps, || steps.forward(&x, &t, None).map(|_| ()))?;
             let graph = steps.replaying().then_some(replayed * 1e3);
             let label = format!("{precision:?}/{attention:?}").to_lowercase();

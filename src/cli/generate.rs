@@ -341,6 +341,7 @@ fn generate_all(
                 "steps": t.steps.iter().map(|d| d.as_secs_f64()).collect::<Vec<_>>(),
                 "decode": t.decode.as_secs_f64(),
             },
+            "replayed_steps": t.replayed_steps,
             "telemetry": out.telemetry.iter().map(|(stage, s)| serde_json::json!({"stage": stage, "reading": s})).collect::<Vec<_>>(),
         }));
         }

@@ -598,6 +598,13 @@ impl Flux2Transformer {
         Ok(self.forward_kv(hidden_states, context, &times, img_ids, txt_ids, guidance.as_ref(), step)?.0)
     }
 
+    fn check_cache(&self, cache: &RefKvCache) -> Result<()> {
+        if cache.double.len() != self.double.len() || cache.single.len() != self.single.len() {
+            return Err(Error::shape("transformer", "the KV cache was made by another model"));
+        }
+        Ok(())
+    }
+
     /// Timesteps (or guidance values) as the f32 vector the time embedding reads on the device.
     fn device_times(&self, values: &[f32]) -> Result<Tensor> {
         self.be.upload(&Tensor::from_f32(values.to_vec(), &[values.len()])?, DType::F32)
@@ -653,9 +660,7 @@ impl Flux2Transformer {
         txt_ids: &PositionIds,
         cache: &RefKvCache,
     ) -> Result<Tensor> {
-        if cache.double.len() != self.double.len() || cache.single.len() != self.single.len() {
-            return Err(Error::shape("transformer", "the KV cache was made by another model"));
-        }
+        self.check_cache(cache)?;
         let times = self.device_times(timestep)?;
         Ok(self.forward_kv(hidden_states, context, &times, img_ids, txt_ids, None, KvStep::Cached(cache))?.0)
     }
