@@ -119,9 +119,10 @@ impl StepGraph<'_> {
 }
 
 /// The forward of one generation's denoising steps (plain, or the KV scheme's cached steps),
-/// replayed from a recording where the backend records: the first step runs eagerly (it sizes the backend's workspaces and uploads the
-/// RoPE tables, which a recording must find ready), the second is recorded, the later ones replay
-/// it. A recording that fails is reported once and the steps go on eagerly.
+/// replayed from a recording where the backend records: the first step runs eagerly (it sizes the
+/// backend's workspaces and uploads the RoPE tables, which a recording must find ready), the
+/// second is recorded, the later ones replay it. A recording that fails is reported once and the
+/// steps go on eagerly.
 pub struct Steps<'a> {
     model: &'a Flux2Transformer,
     context: &'a Tensor,
