@@ -410,44 +410,48 @@ fn stream_capture_records_and_replays() {
     // One stream: cudarc's cross-stream events are not needed (as in cudarc's own graph tests).
     unsafe { s.ctx.disable_event_tracking() };
     let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL;
+    // The legacy default stream cannot be captured (as on a GPU): capture needs a stream of its own.
+    let e = s.stream.begin_capture(mode).expect_err("a capture of the legacy default stream").to_string();
+    assert!(e.contains("STREAM_CAPTURE_UNSUPPORTED"), "{e}");
+    let stream = s.ctx.new_stream().unwrap();
     let n: i32 = 1000;
     let first: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
-    let mut din = s.stream.clone_htod(&first).unwrap();
+    let mut din = stream.clone_htod(&first).unwrap();
     let f = s.f("atomic_sum");
 
-    s.stream.begin_capture(mode).unwrap();
-    let mut out = s.stream.alloc_zeros::<f32>(1).unwrap(); // an allocation node and a memset node
-    let mut b = s.stream.launch_builder(&f);
+    stream.begin_capture(mode).unwrap();
+    let mut out = stream.alloc_zeros::<f32>(1).unwrap(); // an allocation node and a memset node
+    let mut b = stream.launch_builder(&f);
     b.arg(&din).arg(&mut out).arg(&n);
     unsafe { b.launch(cfg(4, 256, 0)) }.unwrap();
-    let mut copy = s.stream.alloc_zeros::<f32>(1).unwrap();
-    s.stream.memcpy_dtod(&out, &mut copy).unwrap();
-    let graph = s.stream.end_capture(Flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).unwrap().unwrap();
+    let mut copy = stream.alloc_zeros::<f32>(1).unwrap();
+    stream.memcpy_dtod(&out, &mut copy).unwrap();
+    let graph = stream.end_capture(Flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).unwrap().unwrap();
     let sum = |v: &[f32]| v.iter().sum::<f32>();
     for input in [first.clone(), (0..n).map(|i| (i % 3) as f32 * 0.5).collect::<Vec<f32>>()] {
-        s.stream.memcpy_htod(&input, &mut din).unwrap(); // new contents at the captured address
+        stream.memcpy_htod(&input, &mut din).unwrap(); // new contents at the captured address
         graph.launch().unwrap();
-        let got = s.stream.clone_dtoh(&copy).unwrap()[0];
+        let got = stream.clone_dtoh(&copy).unwrap()[0];
         assert_eq!(got, sum(&input), "the replay summed what the input holds now (its memset zeroed the sum)");
     }
     drop((out, copy, graph));
 
     // A synchronising call inside a capture is refused and ends the capture invalid.
-    s.stream.begin_capture(mode).unwrap();
-    let e = s.stream.synchronize().expect_err("a synchronisation inside a capture must fail").to_string();
+    stream.begin_capture(mode).unwrap();
+    let e = stream.synchronize().expect_err("a synchronisation inside a capture must fail").to_string();
     assert!(e.contains("STREAM_CAPTURE_UNSUPPORTED"), "{e}");
-    let e = s.stream.end_capture(Flags(0)).err().expect("an invalidated capture gives no graph").to_string();
+    let e = stream.end_capture(Flags(0)).err().expect("an invalidated capture gives no graph").to_string();
     assert!(e.contains("STREAM_CAPTURE_INVALIDATED"), "{e}");
 
     // Without AUTO_FREE_ON_LAUNCH the graph's memory must be freed before it runs again.
-    s.stream.begin_capture(mode).unwrap();
-    let kept = s.stream.alloc_zeros::<f32>(4).unwrap();
-    let graph = s.stream.end_capture(Flags(0)).unwrap().unwrap();
+    stream.begin_capture(mode).unwrap();
+    let kept = stream.alloc_zeros::<f32>(4).unwrap();
+    let graph = stream.end_capture(Flags(0)).unwrap().unwrap();
     // Graph memory exists only once a launch holds it: reading it before is reported.
-    let e = s.stream.clone_dtoh(&kept).expect_err("graph memory read before any launch").to_string();
+    let e = stream.clone_dtoh(&kept).expect_err("graph memory read before any launch").to_string();
     assert!(e.contains("no launch of its graph holds"), "{e}");
     graph.launch().unwrap();
-    assert_eq!(s.stream.clone_dtoh(&kept).unwrap(), vec![0.0; 4], "held by the launch, zeroed by its memset");
+    assert_eq!(stream.clone_dtoh(&kept).unwrap(), vec![0.0; 4], "held by the launch, zeroed by its memset");
     let e = graph.launch().expect_err("a relaunch with its allocation live").to_string();
     assert!(e.contains("was not freed"), "{e}");
     drop(kept); // frees the first launch's allocation: the graph may run again

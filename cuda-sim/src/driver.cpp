@@ -817,9 +817,13 @@ CUresult cuLaunchKernel(CUfunction fn, unsigned gx, unsigned gy, unsigned gz, un
 }
 
 // ---- CUDA graphs (see GraphNode) ----
-CUresult cuStreamBeginCapture_v2(CUstream, int) {
+CUresult cuStreamBeginCapture_v2(CUstream s, int) {
     REQUIRE_INIT();
     CHECK_STICKY();
+    // As on a GPU: the legacy default stream (0, or CU_STREAM_LEGACY) synchronises with every
+    // blocking stream and cannot be captured.
+    if (s == nullptr || s == (CUstream)0x1)
+        return fail_with(ERR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamBeginCapture on the legacy default stream (capture needs a stream of its own)");
     if (g_capture.graph) return fail_with(ERR_ILLEGAL_STATE, "cuStreamBeginCapture: a capture is already under way");
     g_capture.graph = new Graph;
     g_capture.invalidated = false;

@@ -428,7 +428,8 @@ impl CudaBackend {
             emulated: name.starts_with(EMULATOR_NAME_PREFIX),
             name,
             total_memory: ctx.total_mem().map_err(gpu_err)?,
-            stream: ctx.default_stream(),
+            // A stream of our own, not the legacy default stream, which CUDA graphs cannot capture.
+            stream: ctx.new_stream().map_err(gpu_err)?,
             ctx,
             functions,
             compute_capability: cc,
