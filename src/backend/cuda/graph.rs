@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 
 use cudarc::driver::{result, sys, CudaGraph};
 
-use super::{gemm_wgmma, gpu_err, CudaBackend};
+use super::{default_pool, gemm_wgmma, gpu_err, CudaBackend};
 use crate::backend::Captured;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -106,8 +106,11 @@ pub(super) fn capture(
     }
     graph.upload().map_err(gpu_err)?;
     dev.stream.synchronize().map_err(gpu_err)?;
-    // The eager steps' memory kept in the default pool: released for the graph's own.
-    release_pool_cache(be);
+    // The eager steps' memory kept in the default pool (`keep_pool_memory`): released for the
+    // graph's own.
+    if let Some(pool) = default_pool(&dev.ctx) {
+        unsafe { sys::cuMemPoolTrimTo(pool, 0) };
+    }
     let workspaces = dev.stream_k.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(Some(Box::new(Recording {
         graph: Some(graph),
@@ -116,20 +119,6 @@ pub(super) fn capture(
         output: out,
         _workspaces: workspaces,
     })))
-}
-
-/// Return the default pool's unused memory to the driver (kept there between eager ops, see
-/// `keep_pool_memory`).
-fn release_pool_cache(be: &CudaBackend) {
-    if !be.dev.ctx.has_async_alloc() {
-        return;
-    }
-    unsafe {
-        let mut pool = std::mem::MaybeUninit::uninit();
-        if sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), be.dev.ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS {
-            sys::cuMemPoolTrimTo(pool.assume_init(), 0);
-        }
-    }
 }
 
 impl Captured for Recording {

@@ -712,20 +712,27 @@ impl CudaBackend {
 
 /// Keep freed memory in the driver's pool instead of returning it at every synchronisation.
 fn keep_pool_memory(ctx: &Arc<CudaContext>) {
-    if !ctx.has_async_alloc() {
-        return;
-    }
-    unsafe {
-        let mut pool = std::mem::MaybeUninit::uninit();
-        if sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS {
-            let mut threshold: u64 = u64::MAX;
+    if let Some(pool) = default_pool(ctx) {
+        let mut threshold: u64 = u64::MAX;
+        unsafe {
             sys::cuMemPoolSetAttribute(
-                pool.assume_init(),
+                pool,
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
                 &mut threshold as *mut u64 as *mut _,
             );
         }
     }
+}
+
+/// The device's default memory pool (stream-ordered allocations draw from it), where the driver
+/// has one.
+fn default_pool(ctx: &Arc<CudaContext>) -> Option<sys::CUmemoryPool> {
+    if !ctx.has_async_alloc() {
+        return None;
+    }
+    let mut pool = std::mem::MaybeUninit::uninit();
+    let found = unsafe { sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) };
+    (found == sys::CUresult::CUDA_SUCCESS).then(|| unsafe { pool.assume_init() })
 }
 
 fn to_bf16_bytes(values: &[f32]) -> Vec<u8> {

@@ -590,12 +590,8 @@ impl Flux2Transformer {
         guidance: Option<&[f32]>,
     ) -> Result<Tensor> {
         let times = self.device_times(timestep)?;
-        let guidance = match guidance {
-            Some(g) => Some(self.device_times(g)?),
-            None => None,
-        };
-        let step = KvStep::Plain;
-        Ok(self.forward_kv(hidden_states, context, &times, img_ids, txt_ids, guidance.as_ref(), step)?.0)
+        let guidance = guidance.map(|g| self.device_times(g)).transpose()?;
+        Ok(self.forward_kv(hidden_states, context, &times, img_ids, txt_ids, guidance.as_ref(), KvStep::Plain)?.0)
     }
 
     fn check_cache(&self, cache: &RefKvCache) -> Result<()> {

@@ -10,12 +10,10 @@ use crate::error::{Error, Result};
 use crate::model::rope::PositionIds;
 use crate::tensor::Tensor;
 
-/// A recorded plain forward for one shape of latent tokens, context and ids.
+/// A recorded forward (plain, or the KV scheme's cached one) for one shape of latent tokens, context and ids.
 pub struct StepGraph<'a> {
     model: &'a Flux2Transformer,
     recording: Box<dyn Captured>,
-    hidden_shape: Vec<usize>,
-    guidance: bool,
     /// The RoPE tables the recording reads: alive while it may replay, whatever the model's
     /// table cache holds by then.
     _rope: (Tensor, Tensor),
@@ -50,15 +48,11 @@ impl Flux2Transformer {
         }
         let batch = hidden_states.dim(0);
         let zeros = vec![0.0; batch];
-        let guidance_values = guidance.then_some(zeros.as_slice());
         self.check_inputs(hidden_states, context, (batch, guidance.then_some(batch)), img_ids, txt_ids)?;
         // Uploaded (or found) now: an upload inside the recording would end it.
         let rope = self.rope_tables(txt_ids, img_ids)?;
         let times = self.device_times(&zeros)?;
-        let guidance_times = match guidance_values {
-            Some(g) => Some(self.device_times(g)?),
-            None => None,
-        };
+        let guidance_times = guidance.then(|| self.device_times(&zeros)).transpose()?;
         let mut inputs = vec![hidden_states, &times];
         inputs.extend(guidance_times.as_ref());
         let out_shape = [batch, hidden_states.dim(1), self.cfg.out_features()];
@@ -71,47 +65,16 @@ impl Flux2Transformer {
         let Some(recording) = be.capture(&inputs, (&out_shape, be.activation_dtype()), &mut work)? else {
             return Ok(None);
         };
-        Ok(Some(StepGraph {
-            model: self,
-            recording,
-            hidden_shape: hidden_states.shape().to_vec(),
-            guidance,
-            _rope: rope,
-            _context: context,
-            _cache: cache,
-        }))
+        Ok(Some(StepGraph { model: self, recording, _rope: rope, _context: context, _cache: cache }))
     }
 }
 
 impl StepGraph<'_> {
-    /// The recorded forward on new latent tokens (the recorded shape), timesteps and guidance.
+    /// The recorded forward on new latent tokens, timesteps and guidance; shapes (and guidance or
+    /// none) other than the recorded ones are the replay's shape errors.
     pub fn forward(&self, hidden_states: &Tensor, timestep: &[f32], guidance: Option<&[f32]>) -> Result<Tensor> {
-        let batch = self.hidden_shape[0];
-        if hidden_states.shape() != self.hidden_shape.as_slice() || timestep.len() != batch {
-            return Err(Error::shape(
-                "transformer step graph",
-                format!(
-                    "hidden_states {:?} and {} timesteps for a step recorded on {:?}",
-                    hidden_states.shape(),
-                    timestep.len(),
-                    self.hidden_shape
-                ),
-            ));
-        }
         let times = self.model.device_times(timestep)?;
-        let guidance_times = match (guidance, self.guidance) {
-            (Some(g), true) if g.len() == batch => Some(self.model.device_times(g)?),
-            (None, false) => None,
-            _ => {
-                return Err(Error::shape(
-                    "transformer step graph",
-                    format!(
-                        "guidance {guidance:?} for a step recorded {} guidance",
-                        if self.guidance { "with" } else { "without" }
-                    ),
-                ))
-            }
-        };
+        let guidance_times = guidance.map(|g| self.model.device_times(g)).transpose()?;
         let mut inputs = vec![hidden_states, &times];
         inputs.extend(guidance_times.as_ref());
         self.recording.replay(&inputs)
