@@ -29,6 +29,7 @@
 // sm_89 167/128, sm_90a 180/154, sm_120 168/128; the quantize passes 28–38. (sm_80/86 images hold a trap.)
 #include <cuda_fp8.h>
 #include "qk_norm.cuh"
+#include "sage_tile.cuh"
 #include "softmax_tile.cuh"
 
 #define SAGE_TILE 64
@@ -208,11 +209,6 @@ extern "C" __global__ void sage_quantize_vt_e4m3_as_bf16(const bf16* v, const fl
 // x rounded to e4m3 (saturating, as the codes), as a float: exact in bf16.
 __device__ __forceinline__ float e4m3_round(float x) { return (float)__nv_fp8_e4m3(x); }
 
-__device__ __forceinline__ unsigned pack_e4m3x4(float a, float b, float c, float d) {
-    __nv_fp8_e4m3 qa(a), qb(b), qc(c), qd(d);
-    return (unsigned)qa.__x | ((unsigned)qb.__x << 8) | ((unsigned)qc.__x << 16) | ((unsigned)qd.__x << 24);
-}
-
 // E4M3_PV: P·V on e4m3 tensor cores (vt holds codes); else on bf16 ones (vt holds bf16 values).
 template <int D, bool E4M3_PV>
 __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, const signed char* __restrict__ kc,
@@ -309,44 +305,18 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
             }
 
         // Scores as the emulation computes them; hidden keys -inf. Online softmax in natural exp.
-        float s[8][4], mx[2] = {m_r[0], m_r[1]};
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int key = k0 + j * 8 + (lane & 3) * 2 + (e & 1);
-                int row = row0 + (e >> 1) * 8;
-                bool ok = key < nk && (!causal || (key <= row && key < valid));
-                s[j][e] = ok ? (float)si[j][e] * (sq * sk) * scale : NEG_INFINITY_F;
-                mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
-            }
-        float alpha[2];
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
-            alpha[r] = m_r[r] == NEG_INFINITY_F ? 0.f : expf(m_r[r] - mx[r]);
-            m_r[r] = mx[r];
-            l_r[r] *= alpha[r];
-        }
+        float s[8][4], alpha[2];
+        sage_softmax_tile<8>(si, s, sq * sk, scale, k0, m_r, l_r, alpha, [&](int key, int e) {
+            return key < nk && (!causal || (key <= row0 + (e >> 1) * 8 && key < valid));
+        });
         rescale_rows<D / 8>(o, alpha);
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float p = s[j][e] == NEG_INFINITY_F ? 0.f : expf(s[j][e] - mx[e >> 1]);
-                l_r[e >> 1] += p;
-                s[j][e] = p * 448.f;
-            }
 
         // O += P Vᵀ: P's accumulators are the e4m3 A fragment in the permuted key order of Vᵀ.
 #pragma unroll
         for (int kk = 0; kk < 2; kk++) {
             if constexpr (E4M3_PV) {
-                unsigned a[4] = {pack_e4m3x4(s[4 * kk][0], s[4 * kk][1], s[4 * kk + 1][0], s[4 * kk + 1][1]),
-                                 pack_e4m3x4(s[4 * kk][2], s[4 * kk][3], s[4 * kk + 1][2], s[4 * kk + 1][3]),
-                                 pack_e4m3x4(s[4 * kk + 2][0], s[4 * kk + 2][1], s[4 * kk + 3][0], s[4 * kk + 3][1]),
-                                 pack_e4m3x4(s[4 * kk + 2][2], s[4 * kk + 2][3], s[4 * kk + 3][2], s[4 * kk + 3][3])};
+                unsigned a[4];
+                sage_p_fragment_e4m3<8>(s, kk, a);
 #pragma unroll
                 for (int nb = 0; nb < D / 16; nb++) {
                     unsigned r[4];
@@ -377,29 +347,8 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
         }
     }
 
-    float l[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        l[r] = l_r[r] + __shfl_xor_sync(FULL_MASK, l_r[r], 1);
-        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
-    }
-    bf16* ob = out + (i64)b * nq * q_stride + (i64)h * D;
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        const int row = row0 + half * 8;
-        if (row >= nq) continue;
-#pragma unroll
-        for (int i = 0; i < D / 8; i++) {
-            const int c = i * 8 + (lane & 3) * 2;
-            float r2[2];
-#pragma unroll
-            for (int u = 0; u < 2; u++) {
-                float vs = v_absmax[bhk * D + c + u] / 448.f;
-                r2[u] = l[half] > 0.f ? o[i][2 * half + u] * vs / 448.f / l[half] + v_mean[bhk * D + c + u] : 0.f;
-            }
-            *reinterpret_cast<unsigned*>(ob + (i64)row * q_stride + c) = pack_bf16x2(r2[0], r2[1]);
-        }
-    }
+    sage_store_rows<D / 8>(o, l_r, v_mean + bhk * D, v_absmax + bhk * D, out + (i64)b * nq * q_stride + (i64)h * D, row0,
+                           nq, q_stride);
 }
 
 #define SAGE_MMA_ARGS                                                                                           \

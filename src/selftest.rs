@@ -419,17 +419,19 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         );
     }
     // sage_kv_sums, sage_kv_means_absmax, then for head dims 64/128 sage_quantize_int8_block (Q, K;
-    // "v1-quant": sage_block_absmax + sage_quantize_int8) and on sm_89+ images sage_quantize_vt_e4m3 + attention_sage_mma_d{64,128},
+    // "v1-quant": sage_block_absmax + sage_quantize_int8) and on sm_89+ images sage_quantize_vt_e4m3 + attention_sage_mma_d{64,128}
+    // (on sm_90a unmasked d 128: attention_sage_wgmma_d128; "v2" keeps attention_sage_mma_d128 there),
     // on older ones (and on every card for "bf16-pv") sage_quantize_vt_e4m3_as_bf16 +
     // attention_sage_mma_bf16pv_d{64,128}; as the reference ("ref") sage_block_absmax + attention_sage_rowwise. (batch,
     // tokens, heads, kv heads, head dim, causal with padding [N, N/2], path)
-    use SagePath::{Bf16Pv, Default as Sage, QuantizeV1, Reference};
+    use SagePath::{Bf16Pv, Default as Sage, MmaSync as SageV2, QuantizeV1, Reference};
     let sage: &[(usize, usize, usize, usize, usize, bool, SagePath)] = match suite {
         Suite::Full => &[
             (1, 130, 2, 2, 128, false, Sage),
             (2, 200, 4, 2, 64, true, Sage),
             (1, 1024, 2, 2, 128, false, Sage),
             (1, 4608, 4, 4, 128, false, Sage),
+            (1, 4608, 4, 4, 128, false, SageV2),
             (2, 300, 4, 1, 128, true, Sage),
             (2, 200, 4, 2, 64, true, Bf16Pv),
             (1, 1024, 2, 2, 128, false, Bf16Pv),
@@ -441,6 +443,8 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (1, 130, 2, 2, 128, false, Sage),     // 3 blocks of 64 tokens, the last ragged
             (2, 130, 4, 2, 64, true, Sage),       // causal, padding to 65 crossing a block edge, GQA
             (1, 72, 2, 1, 128, false, Sage),      // GQA without a mask, 2 blocks
+            (2, 330, 4, 2, 128, false, Sage),     // 6 key tiles through the 4 stages, ragged; 3 query blocks
+            (2, 330, 4, 2, 128, false, SageV2),   // the same on v2 where v3 (wgmma) would run
             (2, 100, 2, 1, 128, true, Sage),      // d 128 causal + padding (100, 50), GQA
             (1, 200, 1, 1, 64, false, Sage),      // d 64: 4 key tiles through both stages, ragged
             (2, 300, 2, 1, 64, true, Sage),       // K/V statistics over 2 chunks of 256 tokens, 5 key tiles
@@ -462,6 +466,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
                 Bf16Pv => " bf16-pv",
                 Reference => " ref",
                 QuantizeV1 => " v1-quant",
+                SageV2 => " v2",
             }
         );
         v.push(case(
@@ -476,6 +481,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
                     Bf16Pv => with_sage_bf16_pv(be, run),
                     Reference => with_attention_kernels(be, AttnKernels::Ref, run),
                     QuantizeV1 => with_sage_quantize_v1(be, run),
+                    SageV2 => with_attention_kernels(be, AttnKernels::MmaSync, run),
                 }
             }),
         ));
@@ -553,31 +559,31 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (1, 1024, 1024, 1, 1, 512, 0, Ref),
         ],
         Suite::Small => &[
-            (1, 77, 77, 3, 3, 64, 0, Cur),    // v3 d64: ragged query block, ragged second key tile
-            (2, 130, 130, 2, 1, 128, 1, Cur), // v3 d128 masked: causal, GQA, 5 key tiles
-            (1, 70, 130, 2, 2, 128, 0, Cur),  // v3 d128: Nq != Nk, ragged last key tile
-            (2, 40, 40, 2, 1, 24, 1, Cur),    // rowwise: causal, GQA
-            (1, 64, 64, 1, 1, 512, 0, Cur),   // wide d512: whole query blocks and key tiles
-            (1, 33, 95, 3, 3, 16, 0, Cur),    // rowwise: Nq != Nk
-            (1, 128, 128, 2, 2, 128, 0, Cur), // v3 d128: one whole query block, whole key tiles
-            (2, 130, 130, 4, 1, 64, 2, Cur),  // v3 d64 masked: causal + padding (68, 46), GQA 4:1
-            (1, 130, 130, 1, 1, 64, 0, Cur),  // v3 d64: 2 query blocks, 3 key tiles
-            (2, 40, 40, 2, 1, 24, 2, Cur),    // rowwise: causal + padding (23, 16)
-            (2, 150, 150, 2, 1, 128, 2, Cur), // v3 d128 masked: causal + padding (78, 53)
-            (1, 70, 100, 1, 1, 512, 0, Cur),  // wide d512: ragged query block, 4 key tiles, ragged last
-            (1, 20, 9, 1, 1, 512, 0, Cur),    // wide d512: one key tile, mostly zero-filled
-            (1, 45, 77, 2, 1, 256, 0, Cur),   // wide d256: 64-query block, GQA, 3 key tiles
-            (1, 33, 70, 2, 2, 384, 0, Cur),   // wide d384: 6 warps, 2 query blocks, 3 key tiles
-            (1, 40, 40, 1, 1, 512, 1, Cur),   // rowwise: D 512 with a mask (the wide kernel has none)
-            (2, 130, 130, 4, 1, 64, 2, Ref),  // flash v2 d64: causal + padding, GQA
-            (1, 70, 130, 2, 2, 128, 0, Ref),  // flash v2 d128: Nq != Nk, ragged last key tile
-            (1, 64, 64, 1, 1, 512, 0, Ref),   // rowwise: D 512 (16 values per lane)
+            (1, 77, 77, 3, 3, 64, 0, Cur),       // v3 d64: ragged query block, ragged second key tile
+            (2, 130, 130, 2, 1, 128, 1, Cur),    // v3 d128 masked: causal, GQA, 5 key tiles
+            (1, 70, 130, 2, 2, 128, 0, Cur),     // v3 d128: Nq != Nk, ragged last key tile
+            (2, 40, 40, 2, 1, 24, 1, Cur),       // rowwise: causal, GQA
+            (1, 64, 64, 1, 1, 512, 0, Cur),      // wide d512: whole query blocks and key tiles
+            (1, 33, 95, 3, 3, 16, 0, Cur),       // rowwise: Nq != Nk
+            (1, 128, 128, 2, 2, 128, 0, Cur),    // v3 d128: one whole query block, whole key tiles
+            (2, 130, 130, 4, 1, 64, 2, Cur),     // v3 d64 masked: causal + padding (68, 46), GQA 4:1
+            (1, 130, 130, 1, 1, 64, 0, Cur),     // v3 d64: 2 query blocks, 3 key tiles
+            (2, 40, 40, 2, 1, 24, 2, Cur),       // rowwise: causal + padding (23, 16)
+            (2, 150, 150, 2, 1, 128, 2, Cur),    // v3 d128 masked: causal + padding (78, 53)
+            (1, 70, 100, 1, 1, 512, 0, Cur),     // wide d512: ragged query block, 4 key tiles, ragged last
+            (1, 20, 9, 1, 1, 512, 0, Cur),       // wide d512: one key tile, mostly zero-filled
+            (1, 45, 77, 2, 1, 256, 0, Cur),      // wide d256: 64-query block, GQA, 3 key tiles
+            (1, 33, 70, 2, 2, 384, 0, Cur),      // wide d384: 6 warps, 2 query blocks, 3 key tiles
+            (1, 40, 40, 1, 1, 512, 1, Cur),      // rowwise: D 512 with a mask (the wide kernel has none)
+            (2, 130, 130, 4, 1, 64, 2, Ref),     // flash v2 d64: causal + padding, GQA
+            (1, 70, 130, 2, 2, 128, 0, Ref),     // flash v2 d128: Nq != Nk, ragged last key tile
+            (1, 64, 64, 1, 1, 512, 0, Ref),      // rowwise: D 512 (16 values per lane)
             (2, 100, 150, 4, 2, 128, 0, Cur), // v4 d128: GQA, batch 2 (the first sequence's last tile reads the next's keys)
             (2, 90, 200, 2, 1, 64, 0, Cur),   // v4 d64: GQA, batch 2, ragged second 128-key tile
             (1, 64, 450, 2, 2, 128, 0, Cur),  // v4 d128: 8 key tiles, the 3-stage ring wraps twice
             (1, 40, 900, 2, 1, 64, 0, Cur),   // v4 d64: 8 key tiles of 128, GQA
-            (1, 77, 77, 3, 3, 64, 0, V3),     // v3 d64 where v4 would run
-            (1, 70, 130, 2, 2, 128, 0, V3),   // v3 d128 where v4 would run
+            (1, 77, 77, 3, 3, 64, 0, MmaSync), // v3 d64 where v4 would run
+            (1, 70, 130, 2, 2, 128, 0, MmaSync), // v3 d128 where v4 would run
         ],
     };
     for &(b, nq, nk, h, hkv, d, mask, kernels) in attn {
@@ -595,7 +601,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             match kernels {
                 Cur => "",
                 Ref => " ref",
-                V3 => " v3",
+                MmaSync => " v3",
             }
         );
         let scale = 1.0 / (d as f32).sqrt();
@@ -1031,8 +1037,9 @@ pub enum AttnKernels {
     Cur,
     /// The previous versions (flash v2, row-wise for the wide heads).
     Ref,
-    /// Flash v3 where v4 (wgmma, sm_90a) would run.
-    V3,
+    /// The mma.sync kernels (flash v3, Sage v2) where the wgmma ones (flash v4, Sage v3; sm_90a)
+    /// would run.
+    MmaSync,
 }
 
 /// Which Sage kernels a selftest case runs.
@@ -1046,6 +1053,8 @@ enum SagePath {
     Reference,
     /// The tensor-core kernels after the first version of the Q/K pre-pass (its reference).
     QuantizeV1,
+    /// v2 (mma.sync) where v3 (wgmma, sm_90a) would run.
+    MmaSync,
 }
 
 /// Run `f` with one of the CUDA backend's kernel-choice switches on (`set`), then off again;
@@ -1122,7 +1131,8 @@ pub fn with_gemm_kernels(be: &dyn Backend, kernels: GemmKernels, f: impl FnOnce(
 }
 
 /// Run `f` with the attention kernels `kernels` (`Cur`: the backend's choice; `Ref`: the previous
-/// versions, the references of the current ones; `V3`: flash v3 where v4 would run).
+/// versions, the references of the current ones; `MmaSync`: flash v3 and Sage v2 where the wgmma
+/// kernels would run).
 pub fn with_attention_kernels(
     be: &dyn Backend,
     kernels: AttnKernels,
@@ -1134,7 +1144,7 @@ pub fn with_attention_kernels(
         match kernels {
             AttnKernels::Cur => f(),
             AttnKernels::Ref => with_cuda_switch(be, CudaBackend::set_reference_attention, f),
-            AttnKernels::V3 => with_cuda_switch(be, CudaBackend::set_flash_v3, f),
+            AttnKernels::MmaSync => with_cuda_switch(be, CudaBackend::set_mma_sync_attention, f),
         }
     }
     #[cfg(not(feature = "cuda"))]

@@ -267,6 +267,45 @@ fn sage_normed_gives_the_compositions_bits(be: Arc<dyn Backend>) {
     }
 }
 
+fn sage_v3_matches_v2(be: Arc<dyn Backend>) {
+    // Sage v3 (wgmma, sm_90a) against v2 (mma.sync) on the same device: both take the same codes
+    // and scales, compute exact integer scores and round P to e4m3 against the same running maxima
+    // (64-key tiles in both), so they differ only in the f32 summation order of P·V: at most one
+    // bf16 rounding apart. A wrong fragment, swizzle or stage would move outputs by far more.
+    // Ragged lengths (one key tile partly past the keys, query blocks partly past the queries),
+    // GQA, two batches, more key tiles than stages; and through attention_sage_normed.
+    use flux2::backend::AttnMask;
+    let cuda = flux2::device::as_cuda(&be).unwrap();
+    if !cuda.has_gemm_v3() {
+        println!("no Sage v3 on this device (not an sm_90a image)");
+        return;
+    }
+    let act = be.activation_dtype();
+    let d = 128;
+    for (b, n, h, hkv) in [(2usize, 330usize, 4usize, 2usize), (1, 64, 2, 2), (1, 200, 3, 1)] {
+        let draw = |name: &str, heads: usize| {
+            let v = flux2::rng::normal_vec(41, name, b * n * heads * d);
+            be.upload(&common::t(&v, &[b, n, heads, d]), act).unwrap()
+        };
+        let (q, k, v) = (draw("q", h), draw("k", hkv), draw("v", hkv));
+        let run = || be.attention_sage(&q, &k, &v, &AttnMask::None, 0.088).unwrap().to_vec_f32().unwrap();
+        let v3 = run();
+        cuda.set_sage_v2(true);
+        let v2 = run();
+        cuda.set_sage_v2(false);
+        assert!(v3.iter().all(|x| x.is_finite()), "B{b} N{n}: non-finite output");
+        let (mut worst, mut differ) = (0f32, 0usize);
+        for (a, r) in v3.iter().zip(&v2) {
+            // One bf16 rounding: 2^-8 of the magnitude (plus a floor for values near zero).
+            let err = (a - r).abs() / (a.abs().max(r.abs()) * (1.0 / 256.0) + 1e-6);
+            worst = worst.max(err);
+            differ += (a != r) as usize;
+        }
+        println!("B{b} N{n} H{h}/{hkv}: {differ} of {} outputs differ, worst {worst:.2} bf16 roundings", v3.len());
+        assert!(worst <= 1.0, "B{b} N{n} H{h}/{hkv}: v3 and v2 differ by {worst} bf16 roundings");
+    }
+}
+
 fn stream_k_matches_whole_tiles(be: Arc<dyn Backend>) {
     // The v3 GEMMs (sm_90a) with the persistent grid planned for 7 SMs, so shapes a few MB in size
     // split their K slices over blocks the way klein's M = 512 linears do on 132 SMs: each block's
@@ -493,7 +532,7 @@ fn main() {
     };
     let gpu = gpu.ok();
     type Check = fn(Arc<dyn Backend>);
-    let checks: [(&str, Check, bool); 17] = [
+    let checks: [(&str, Check, bool); 18] = [
         ("every_op_matches_the_cpu_reference", every_op_matches_the_cpu_reference, true),
         ("transformer_fixtures_in_bf16", transformer_fixtures_in_bf16, true),
         ("checkpoint_formats_in_bf16", checkpoint_formats_in_bf16, true),
@@ -504,6 +543,7 @@ fn main() {
         ("quantized_linears_reject_bad_shapes", quantized_linears_reject_bad_shapes, false),
         ("sage_quantize_v2_gives_v1s_bits", sage_quantize_v2_gives_v1s_bits, true),
         ("sage_normed_gives_the_compositions_bits", sage_normed_gives_the_compositions_bits, true),
+        ("sage_v3_matches_v2", sage_v3_matches_v2, true),
         ("stream_k_matches_whole_tiles", stream_k_matches_whole_tiles, true),
         (
             "fused_fp8_gated_residuals_give_the_compositions_bits",

@@ -53,16 +53,16 @@ void sim_mma_8bit_m16n8k32(void* d, const unsigned* a, unsigned b0, unsigned b1,
 // memory; arrive with `tx_bytes` > 0 is arrive.expect_tx; wait blocks until the phase of parity
 // `parity` has completed (the try_wait.parity loop). TMA: a 2-D tile of the tensor map into shared
 // memory, its bytes counted on `bar`. wgmma: `type` SIM_WGMMA_*, n columns, d the thread's n/2
-// accumulators; descriptors as the PTX ISA encodes them. sim_wgmma_rs takes A from registers
-// (bf16 only): `a` the thread's 4 registers of its warp's 16 rows x 16 columns, laid out as
-// mma.sync m16n8k16's A fragment.
-enum sim_wgmma_type { SIM_WGMMA_BF16 = 0, SIM_WGMMA_E4M3 = 1 };
+// accumulators (float, or int32 for s8); descriptors as the PTX ISA encodes them. sim_wgmma_rs
+// takes A from registers (bf16 or e4m3): `a` the thread's 4 registers of its warp's 16 rows of K,
+// laid out as mma.sync m16n8k16's A fragment (bf16) or m16n8k32's (e4m3).
+enum sim_wgmma_type { SIM_WGMMA_BF16 = 0, SIM_WGMMA_E4M3 = 1, SIM_WGMMA_S8 = 2 };
 void sim_mbarrier_init(void* bar, unsigned count);
 void sim_mbarrier_arrive(void* bar, unsigned tx_bytes);
 void sim_mbarrier_wait(void* bar, unsigned parity);
 void sim_tma_load_2d(void* dst_shared, const void* tensor_map, int c0, int c1, void* bar);
-void sim_wgmma(int type, int n, float* d, uint64_t desc_a, uint64_t desc_b, int scale_d);
-void sim_wgmma_rs(int type, int n, float* d, const unsigned* a, uint64_t desc_b, int scale_d);
+void sim_wgmma(int type, int n, void* d, uint64_t desc_a, uint64_t desc_b, int scale_d);
+void sim_wgmma_rs(int type, int n, void* d, const unsigned* a, uint64_t desc_b, int scale_d);
 void sim_wgmma_commit();
 void sim_wgmma_wait(int pending_groups);
 

@@ -34,3 +34,9 @@ __forceinline__ void wgmma_bf16_m64n64k16_rs(float d[32], const unsigned a[4], u
 __forceinline__ void wgmma_bf16_m64n128k16_rs(float d[64], const unsigned a[4], unsigned long long desc_b, int scale_d) {
     sim_wgmma_rs(SIM_WGMMA_BF16, 128, d, a, desc_b, scale_d);
 }
+__forceinline__ void wgmma_s8_m64n64k32(int d[32], unsigned long long desc_a, unsigned long long desc_b, int scale_d) {
+    sim_wgmma(SIM_WGMMA_S8, 64, d, desc_a, desc_b, scale_d);
+}
+__forceinline__ void wgmma_e4m3_m64n128k32_rs(float d[64], const unsigned a[4], unsigned long long desc_b, int scale_d) {
+    sim_wgmma_rs(SIM_WGMMA_E4M3, 128, d, a, desc_b, scale_d);
+}

@@ -142,25 +142,36 @@ void read_operand(BlockState& b, uint64_t desc, int rows, int type, const char* 
                     memcpy(&f, &u, 4);
                     o[e] = f;
                 }
+            } else if (type == SIM_WGMMA_S8) {
+                for (int e = 0; e < 16; e++) o[e] = (int8_t)p[e];
             } else {
                 for (int e = 0; e < 16; e++) o[e] = e4m3_value(p[e]);
             }
         }
 }
 
-// A's rows of warp w (16 x 16 bf16) from its 32 lanes' register fragments: register r of lane l
+// A's rows of warp w from its 32 lanes' register fragments. bf16 (16 x 16): register r of lane l
 // holds row l/4 + 8(r & 1), columns 2(l % 4) + 8(r >= 2) (low half) and the next (high half).
+// e4m3 (16 x 32): register r holds row l/4 + 8(r & 1), columns 4(l % 4) + 16(r >= 2) + byte.
 void a_rows_from_fragments(const WgmmaOp& op, unsigned w, std::vector<double>& out) {
-    out.assign(16 * 16, 0.0);
+    const bool bf16 = op.type == SIM_WGMMA_BF16;
+    const unsigned k = bf16 ? 16 : 32;
+    out.assign(16 * k, 0.0);
     for (unsigned l = 0; l < 32; l++)
         for (unsigned r = 0; r < 4; r++) {
             const uint32_t v = op.a_frag[(w * 32 + l) * 4 + r];
-            const unsigned row = l / 4 + 8 * (r & 1), col = 2 * (l % 4) + 8 * (r >> 1);
+            const unsigned row = l / 4 + 8 * (r & 1);
+            if (!bf16) {
+                const unsigned col = 4 * (l % 4) + 16 * (r >> 1);
+                for (unsigned e = 0; e < 4; e++) out[row * k + col + e] = e4m3_value((uint8_t)(v >> (8 * e)));
+                continue;
+            }
+            const unsigned col = 2 * (l % 4) + 8 * (r >> 1);
             for (unsigned h = 0; h < 2; h++) {
                 uint32_t u = ((v >> (16 * h)) & 0xffffu) << 16;
                 float f;
                 memcpy(&f, &u, 4);
-                out[row * 16 + col + h] = f;
+                out[row * k + col + h] = f;
             }
         }
 }
@@ -212,8 +223,14 @@ void retire(Thread& t, const WgmmaPart& part) {
     for (int i = 0; i < op.n / 8; i++)
         for (int j = 0; j < 4; j++) {
             unsigned row = 16 * w + l / 4 + (j >= 2 ? 8 : 0), col = 8 * i + 2 * (l % 4) + (j & 1);
-            double c = part.scale_d ? (double)part.d[4 * i + j] : 0.0;
-            part.d[4 * i + j] = (float)(op.product[(size_t)row * op.n + col] + c);
+            const double p = op.product[(size_t)row * op.n + col];
+            if (op.type == SIM_WGMMA_S8) {  // exact: |sum| <= 127^2 * 32 per op, s32 wraps as the hardware's
+                int32_t* d = (int32_t*)part.d + 4 * i + j;
+                *d = (int32_t)((uint32_t)(part.scale_d ? *d : 0) + (uint32_t)(int32_t)p);
+            } else {
+                float* d = (float*)part.d + 4 * i + j;
+                *d = (float)(p + (part.scale_d ? (double)*d : 0.0));
+            }
         }
     op.retired++;
     while (!g.ops.empty() && g.ops.front().retired == 128) {
@@ -393,7 +410,7 @@ void sim_tma_load_2d(void* dst, const void* tensor_map, int c0, int c1, void* ba
 namespace {
 // Issues this thread's share of a warpgroup wgmma (the op is created by the warpgroup's first
 // thread to reach it, which checks the shared-memory operands are settled) and returns it.
-WgmmaOp& issue_wgmma(Thread* t, int type, int n, float* d, uint64_t desc_a, uint64_t desc_b, bool a_in_regs, int scale_d) {
+WgmmaOp& issue_wgmma(Thread* t, int type, int n, void* d, uint64_t desc_a, uint64_t desc_b, bool a_in_regs, int scale_d) {
     require_hopper(true, "wgmma.mma_async");
     BlockState& b = *t->block;
     if (n < 8 || n > 256 || n % 8) fail(ERR_LAUNCH_FAILED, "wgmma with N = " + std::to_string(n));
@@ -428,13 +445,13 @@ void complete_fragment_gather(BlockState&, Warp&, unsigned, unsigned) {}
 }  // namespace
 
 extern "C" {
-void sim_wgmma(int type, int n, float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) {
+void sim_wgmma(int type, int n, void* d, uint64_t desc_a, uint64_t desc_b, int scale_d) {
     issue_wgmma(current_thread("wgmma"), type, n, d, desc_a, desc_b, false, scale_d);
 }
 
-void sim_wgmma_rs(int type, int n, float* d, const unsigned* a, uint64_t desc_b, int scale_d) {
+void sim_wgmma_rs(int type, int n, void* d, const unsigned* a, uint64_t desc_b, int scale_d) {
     Thread* t = current_thread("wgmma");
-    if (type != SIM_WGMMA_BF16) fail(ERR_LAUNCH_FAILED, "wgmma with A in registers is emulated for bf16 operands only");
+    if (type == SIM_WGMMA_S8) fail(ERR_LAUNCH_FAILED, "wgmma with A in registers is emulated for bf16 and e4m3 operands only");
     WgmmaOp& op = issue_wgmma(t, type, n, d, 0, desc_b, true, scale_d);
     for (int r = 0; r < 4; r++) op.a_frag[((t->warp % 4) * 32 + t->lane) * 4 + r] = a[r];
     // The warp's fragments are all in before any of its lanes can retire the op (wgmma is .sync.aligned).

@@ -140,10 +140,11 @@ enum class Collective : uint8_t { None, Shfl, Vote, SyncWarp, LdMatrix, Mma, Wgm
 
 struct BlockState;
 
-// A thread's share of one warpgroup wgmma: the op, its accumulators, whether D starts from them.
+// A thread's share of one warpgroup wgmma: the op, its accumulators (float, int32 for s8),
+// whether D starts from them.
 struct WgmmaPart {
     uint64_t op;
-    float* d;
+    void* d;
     bool scale_d;
 };
 

@@ -517,27 +517,29 @@ pub fn profile_attention(
     println!("{:<10} {:>10} {:>10} {:>10} {:>10}", "path", "ms", "TOPS", "cosine", "rel L1");
     let mut rows = Vec::new();
     // "exact-ref" / "sage-ref": the CUDA backend's previous kernels (flash v2, row-wise for wide heads,
-    // row-wise Sage), the baselines of the current ones; "exact-v3": flash v3 where "exact" runs v4
-    // (wgmma, sm_90a images).
+    // row-wise Sage), the baselines of the current ones; "exact-v3" / "sage-v2": flash v3 and Sage v2
+    // (mma.sync) where "exact" and "sage" run flash v4 and Sage v3 (wgmma, sm_90a images).
     use crate::selftest::{with_attention_kernels, AttnKernels};
     let cuda = crate::selftest::is_cuda(be);
-    let v4 = crate::selftest::has_flash_v4(be) && (dim == 64 || dim == 128);
+    let hopper = crate::selftest::has_flash_v4(be);
     let paths: &[(&str, AttentionMode, AttnKernels)] = &[
         ("exact", AttentionMode::Exact, AttnKernels::Cur),
-        ("exact-v3", AttentionMode::Exact, AttnKernels::V3),
+        ("exact-v3", AttentionMode::Exact, AttnKernels::MmaSync),
         ("exact-ref", AttentionMode::Exact, AttnKernels::Ref),
         ("sage", AttentionMode::Sage, AttnKernels::Cur),
+        ("sage-v2", AttentionMode::Sage, AttnKernels::MmaSync),
         ("sage-ref", AttentionMode::Sage, AttnKernels::Ref),
     ];
-    let shown = |k: AttnKernels| match k {
-        AttnKernels::Cur => true,
-        AttnKernels::Ref => cuda,
-        AttnKernels::V3 => v4,
+    let shown = |mode: AttentionMode, k: AttnKernels| match (k, mode) {
+        (AttnKernels::Cur, _) => true,
+        (AttnKernels::Ref, _) => cuda,
+        (AttnKernels::MmaSync, AttentionMode::Exact) => hopper && (dim == 64 || dim == 128),
+        (AttnKernels::MmaSync, AttentionMode::Sage) => hopper && dim == 128,
     };
     // Sage takes head dims up to 256 (the VAE's 512-wide head has only the exact paths).
     let sage_ok = dim <= 256;
     for &(label, mode, kernels) in
-        paths.iter().filter(|p| shown(p.2) && (sage_ok || !matches!(p.1, AttentionMode::Sage)))
+        paths.iter().filter(|p| shown(p.1, p.2) && (sage_ok || !matches!(p.1, AttentionMode::Sage)))
     {
         let call = || {
             let run = || match mode {

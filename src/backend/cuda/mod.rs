@@ -17,6 +17,7 @@ mod pointwise;
 mod quantized;
 mod reduce;
 mod sage;
+mod sage_wgmma;
 pub mod tensor_map;
 
 use std::collections::HashMap;
@@ -140,6 +141,7 @@ const KERNELS: &[(&str, &[&str])] = &[
             "attention_sage_mma_bf16pv_d128",
         ],
     ),
+    ("attention_sage_wgmma", &sage_wgmma::KERNELS),
 ];
 
 /// Every kernel the backend loads, by name.
@@ -150,7 +152,9 @@ pub fn kernel_names() -> impl Iterator<Item = &'static str> {
 /// The kernels the backend launches with images for `target` (the emulator's coverage check):
 /// all but the wgmma ones (and v4's V transpose) outside sm_90a, whose images trap in their place.
 pub fn kernels_launched_on(target: &str) -> impl Iterator<Item = &'static str> + '_ {
-    let hopper_only = |k: &str| gemm_wgmma::KERNELS.contains(&k) || attention_wgmma::KERNELS.contains(&k);
+    let hopper_only = |k: &str| {
+        gemm_wgmma::KERNELS.contains(&k) || attention_wgmma::KERNELS.contains(&k) || sage_wgmma::KERNELS.contains(&k)
+    };
     kernel_names().filter(move |k| target == gemm_wgmma::V3_TARGET || !hopper_only(k))
 }
 
@@ -176,6 +180,17 @@ fn flash_v3_from_env() -> Result<bool> {
         Ok(v) if v == "v4" => Ok(false),
         Ok(v) if v == "v3" => Ok(true),
         Ok(v) => Err(Error::InvalidArgument(format!("FLUX2_CUDA_ATTENTION={v:?}: expected v3 or v4"))),
+    }
+}
+
+/// `FLUX2_CUDA_SAGE=v2` runs unmasked Sage attention on v2 (mma.sync) where v3 (wgmma + TMA, sm_90a)
+/// would run. Unset or `v3`: the default.
+fn sage_v2_from_env() -> Result<bool> {
+    match std::env::var("FLUX2_CUDA_SAGE") {
+        Err(_) => Ok(false),
+        Ok(v) if v == "v3" => Ok(false),
+        Ok(v) if v == "v2" => Ok(true),
+        Ok(v) => Err(Error::InvalidArgument(format!("FLUX2_CUDA_SAGE={v:?}: expected v2 or v3"))),
     }
 }
 
@@ -223,6 +238,10 @@ pub struct CudaDevice {
     /// `FLUX2_CUDA_ATTENTION=v3` made that the default.
     flash_v3: AtomicBool,
     flash_v3_default: bool,
+    /// Sage attention on v2 even where v3 (wgmma + TMA, sm_90a) applies; and whether
+    /// `FLUX2_CUDA_SAGE=v2` made that the default.
+    sage_v2: AtomicBool,
+    sage_v2_default: bool,
     /// Streaming multiprocessors: the persistent kernels' grid; and a smaller count they may be
     /// told to plan for instead (0: none), so small shapes in tests walk several tiles per block.
     sms: usize,
@@ -405,7 +424,8 @@ impl CudaBackend {
         .chain(attention::WIDE_KERNELS.iter().map(|&(d, name)| (name, attention::wide_config(d).2)))
         .chain(sage::sage_mma_big_smem())
         .chain(gemm_wgmma::big_smem(target))
-        .chain(attention_wgmma::big_smem(target));
+        .chain(attention_wgmma::big_smem(target))
+        .chain(sage_wgmma::big_smem(target));
         for (name, bytes) in big {
             functions[name]
                 .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
@@ -421,6 +441,7 @@ impl CudaBackend {
         keep_pool_memory(&ctx);
         let (gemm_v2_default, gemm_tiles_default) = gemm_choice_from_env()?;
         let flash_v3_default = flash_v3_from_env()?;
+        let sage_v2_default = sage_v2_from_env()?;
         let sms =
             ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(gpu_err)? as usize;
         let name = ctx.name().map_err(gpu_err)?;
@@ -449,6 +470,8 @@ impl CudaBackend {
             stream_k: Default::default(),
             flash_v3: AtomicBool::new(flash_v3_default),
             flash_v3_default,
+            sage_v2: AtomicBool::new(sage_v2_default),
+            sage_v2_default,
             sms,
             sms_limit: AtomicUsize::new(0),
             health: health::HealthWord::default(),
@@ -552,6 +575,20 @@ impl CudaBackend {
         self.dev.flash_v3.store(on || self.dev.flash_v3_default, Ordering::Relaxed);
     }
 
+    /// Run unmasked Sage attention with head dim 128 on v2 (mma.sync) where v3 (wgmma + TMA on
+    /// sm_90a) would apply: v3's reference; false restores the default (v3, unless
+    /// `FLUX2_CUDA_SAGE=v2`).
+    pub fn set_sage_v2(&self, on: bool) {
+        self.dev.sage_v2.store(on || self.dev.sage_v2_default, Ordering::Relaxed);
+    }
+
+    /// Both switches above: attention on its mma.sync kernels (flash v3, Sage v2) where the wgmma
+    /// ones would run.
+    pub fn set_mma_sync_attention(&self, on: bool) {
+        self.set_flash_v3(on);
+        self.set_sage_v2(on);
+    }
+
     /// The kernel versions the linears and attention run here (what `flux2 doctor` reports).
     pub fn kernel_summary(&self) -> String {
         let hopper = self.has_gemm_v3();
@@ -573,8 +610,14 @@ impl CudaBackend {
             (true, true) => "flash v3 (FLUX2_CUDA_ATTENTION=v3)",
             _ => "flash v3 (mma.sync)",
         };
+        let sage = match (hopper, self.dev.sage_v2.load(Ordering::Relaxed), quantized::has_fp8_mma(self.dev.target)) {
+            (true, false, _) => "v3 (wgmma + TMA) unmasked d 128, v2 otherwise",
+            (true, true, _) => "v2 (mma.sync; FLUX2_CUDA_SAGE=v2)",
+            (false, _, true) => "v2 (mma.sync, e4m3 P·V)",
+            (false, _, false) => "v2 (mma.sync, bf16 P·V: no e4m3 tensor cores in this image)",
+        };
         let steps = if self.graphs() { "recorded as CUDA graphs" } else { "eager (FLUX2_CUDA_GRAPHS=off)" };
-        format!("GEMM {gemm}, FP8 linears {fp8}, attention {attention}, denoising steps {steps}")
+        format!("GEMM {gemm}, FP8 linears {fp8}, attention {attention}, Sage attention {sage}, denoising steps {steps}")
     }
 
     /// Fill every new output buffer with NaN first (selftest: catches unwritten elements).

@@ -4,11 +4,13 @@
 //! other head dims, and the reference, the row-wise kernel (kernels/quantized.cu). The pre-passes:
 //! K/V statistics (means, V's per-channel |v − mean|max), Q and K to int8 codes with per-64-token
 //! block scales, V to transposed e4m3. `attention_sage_normed` makes Q's and K's codes in the
-//! kernel that applies their QK RMSNorm + RoPE (v3 of the pre-pass).
+//! kernel that applies their QK RMSNorm + RoPE (v3 of the pre-pass). On sm_90a images unmasked
+//! heads of 128 run the attention's v3 on wgmma (sage_wgmma.rs) from the same pre-pass outputs.
 
 use cudarc::driver::LaunchConfig;
 
 use super::quantized::has_fp8_mma;
+use super::sage_wgmma::{self, SageArgs};
 use super::{launch, CudaBackend, CudaStorage};
 use crate::backend::{attention_sage_normed_composed, check, AttnMask, QkPart, QkRope, RopePairs};
 use crate::dtype::DType;
@@ -217,6 +219,21 @@ fn sage_mma(
         v_ld,
         tv as i64
     )?;
+    let dims = [b, nq, h, nk, hkv, d];
+    if sage_wgmma::applies(be, !matches!(mask, AttnMask::None), e4m3_pv, dims) {
+        let args = SageArgs {
+            q: be.ptr(&qc.codes)?,
+            k: be.ptr(&kc.codes)?,
+            vt: vtp,
+            out: be.ptr(&out)?,
+            q_absmax: be.ptr(&qc.absmax)?,
+            k_absmax: be.ptr(&kc.absmax)?,
+            v_mean: vmp,
+            v_absmax: vap,
+        };
+        sage_wgmma::sage_v3(be, &args, dims, nk_pad, scale)?;
+        return Ok(out);
+    }
     let cfg = LaunchConfig {
         grid_dim: (nq.div_ceil(64) as u32, h as u32, b as u32),
         block_dim: (128, 1, 1),
