@@ -154,15 +154,18 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (140, 264, 72, true, 0),    // gemm_mma: 9 K tiles through the 2-stage pipeline, bias
             (45, 64, 90, true, 0),      // gemm_mma: N % 8 = 2, the epilogue's last store of a row partial
             (130, 960, 136, true, 0),   // gemm_wgmma (sm_90a): stream-K, 4 tiles of 15 K slices over 15 blocks
-            (1170, 72, 1792, false, 0), // gemm_wgmma: 140 tiles on an H100's 132 SMs, so some blocks walk two
+            (1170, 72, 1792, false, 0), // gemm_wgmma: 70 wide tiles on an H100's 132 SMs (1 wave, not 2 narrow)
         ],
     };
     // On sm_90a images the cases above with K % 8 == 0 run v3 (gemm_wgmma); these run v2 there
-    // too, and v3 on whole tiles where it would split K (elsewhere they repeat the default path).
+    // too, v3 on whole tiles where it would split K, and v3 on 128x256 tiles (gemm_wgmma_bf16_wide;
+    // elsewhere they repeat the default path).
     let other_linears = [
         ((130, 72, 200, false, 0), GemmKernels::V2),
         ((140, 264, 72, true, 0), GemmKernels::V2),
         ((130, 960, 136, true, 0), GemmKernels::WholeTiles), // 15 K slices round the 5-stage ring 3 times
+        ((130, 960, 300, true, 0), GemmKernels::Wide),       // 2x2 wide tiles, ragged; 15 slices round 3 stages
+        ((1170, 72, 1792, false, 0), GemmKernels::Narrow),   // 140 narrow tiles on 132 SMs: some blocks walk two
     ];
     let linears = linears.iter().map(|&c| (c, GemmKernels::Cur)).chain(other_linears);
     for ((m, k, n, bias, off), gemm) in linears {
@@ -272,6 +275,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (130, 208, 150, false, GemmKernels::V2),
             (70, 960, 136, true, GemmKernels::Cur), // v3: stream-K, 2 tiles of 8 K slices (the last half) over 4 blocks
             (70, 960, 136, true, GemmKernels::WholeTiles), // v3: the ring wraps
+            (70, 960, 300, true, GemmKernels::Wide), // v3 wide: 2 tiles of 256 columns, the last ragged
         ],
     };
     for &(m, k, n, bias, gemm) in fp8 {
@@ -360,11 +364,16 @@ pub fn cases(suite: Suite) -> Vec<Case> {
     // the mma.sync kernel there); K = 72 (and older images) linear_fp8 + gated_add. N = 100 leaves
     // the rows of x unaligned for 16-byte access. (B, L, K, N, bias, kernels)
     let gated_fp8: &[(usize, usize, usize, usize, bool, GemmKernels)] = match suite {
-        Suite::Full => &[(1, 300, 3072, 3072, false, GemmKernels::Cur), (2, 9, 72, 100, true, GemmKernels::Cur)],
+        Suite::Full => &[
+            (1, 300, 3072, 3072, false, GemmKernels::Cur),
+            (1, 300, 3072, 3072, false, GemmKernels::Wide),
+            (2, 9, 72, 100, true, GemmKernels::Cur),
+        ],
         Suite::Small => &[
             (2, 70, 128, 136, true, GemmKernels::Cur),
             (2, 70, 896, 136, false, GemmKernels::Cur),
             (2, 70, 128, 136, true, GemmKernels::V2),
+            (2, 70, 256, 300, true, GemmKernels::Wide),
             (2, 9, 64, 100, false, GemmKernels::Cur),
             (2, 9, 72, 100, true, GemmKernels::Cur),
         ],
@@ -689,8 +698,11 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         ],
     };
     // (On sm_90a the K % 8 == 0 cases run v3, gemm_wgmma_gated, K = 512 split over 8 blocks by
-    // stream-K; the "v2" case gemm_mma_gated there.)
-    let gated = gated.iter().map(|&c| (c, GemmKernels::Cur)).chain([((2, 70, 72, 136, false), GemmKernels::V2)]);
+    // stream-K; the "v2" case gemm_mma_gated there, the "v3-wide" one gemm_wgmma_gated_bf16_wide.)
+    let gated = gated
+        .iter()
+        .map(|&c| (c, GemmKernels::Cur))
+        .chain([((2, 70, 72, 136, false), GemmKernels::V2), ((2, 70, 512, 300, true), GemmKernels::Wide)]);
     for ((b, l, k, n, bias), gemm) in gated {
         let mut inputs =
             vec![act(&[b, l, n]), act(&[b, 6 * n]), act(&[b, l, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
@@ -1100,6 +1112,10 @@ pub enum GemmKernels {
     V2,
     /// v3 walking whole tiles where it would split K slices over blocks (stream-K's reference).
     WholeTiles,
+    /// v3 on 128x256 tiles whatever the shape (the wide kernels' check on small shapes).
+    Wide,
+    /// v3 on 128x128 tiles only, where 128x256 ones would run (their reference).
+    Narrow,
 }
 
 impl GemmKernels {
@@ -1108,6 +1124,8 @@ impl GemmKernels {
             GemmKernels::Cur => "",
             GemmKernels::V2 => " v2",
             GemmKernels::WholeTiles => " v3-tiles",
+            GemmKernels::Wide => " v3-wide",
+            GemmKernels::Narrow => " v3-narrow",
         }
     }
 }
@@ -1121,6 +1139,8 @@ pub fn with_gemm_kernels(be: &dyn Backend, kernels: GemmKernels, f: impl FnOnce(
             GemmKernels::Cur => f(),
             GemmKernels::V2 => with_cuda_switch(be, CudaBackend::set_gemm_v2, f),
             GemmKernels::WholeTiles => with_cuda_switch(be, CudaBackend::set_gemm_whole_tiles, f),
+            GemmKernels::Wide => with_cuda_switch(be, CudaBackend::set_gemm_wide_tiles, f),
+            GemmKernels::Narrow => with_cuda_switch(be, CudaBackend::set_gemm_narrow_tiles, f),
         }
     }
     #[cfg(not(feature = "cuda"))]

@@ -293,6 +293,10 @@ fn tma_and_wgmma_follow_the_ptx_definitions() {
     assert!(err < 1e-4, "wgmma with A in registers differs from the plain product by {err}");
     expect_err(run(6).map(|_| ()), &["wgmma with A in registers", "lane 5", "exited"]);
     expect_err(run(7).map(|_| ()), &["waits in wgmma.wait_group", "127 of its warpgroup", "deadlock"]);
+    // setmaxnreg (the wide GEMMs' register hand-over): a warpgroup-wide count is fine, mixed
+    // counts are reported.
+    assert_eq!(run(8).unwrap(), got, "setmaxnreg.inc changes no result");
+    expect_err(run(9).map(|_| ()), &["asked setmaxnreg for different counts", "232", "240"]);
     // The driver's checks on tensor maps: a stride that is not a multiple of 16 bytes.
     assert!(row_major_128b(1 << 20, TileElem::Bf16, 8, 60, 8).is_err(), "a 120-byte row stride must be refused");
 }

@@ -367,6 +367,64 @@ fn stream_k_matches_whole_tiles(be: Arc<dyn Backend>) {
     cuda.limit_persistent_sms(None);
 }
 
+fn wide_tiles_match_narrow_ones(be: Arc<dyn Backend>) {
+    // The wide v3 GEMMs (128x256 tiles, sm_90a) against the narrow ones on whole tiles, for the
+    // bf16, gated-residual and FP8 kernels: the same K slices summed in the same order into each
+    // output, so at most one bf16 rounding apart (on the emulator the same bits), and both near
+    // the CPU. 300 x 640 outputs: 3 row tiles by 3 wide ones, the last 128 columns wide.
+    let cuda = flux2::device::as_cuda(&be).unwrap();
+    if !cuda.has_gemm_v3() {
+        println!("no v3 GEMMs on this device (not an sm_90a image): no wide tiles");
+        return;
+    }
+    let cpu: Arc<dyn Backend> = Arc::new(flux2::backend::cpu::CpuBackend::new());
+    let (m, n, k) = (300, 640, 512);
+    let draw = |name: &str, shape: &[usize], scale: f32| {
+        let v: Vec<f32> = flux2::rng::normal_vec(37, name, shape.iter().product()).iter().map(|x| x * scale).collect();
+        common::t(&v, shape)
+    };
+    let (x, w, bias) = (draw("x", &[m, k], 1.0), draw("w", &[n, k], 1.0 / (k as f32).sqrt()), draw("b", &[n], 1.0));
+    let (res, gate) = (draw("res", &[2, m / 2, n], 1.0), draw("gate", &[2, n], 1.0));
+    let wq = flux2::quant::quantize(&w.to_vec_f32().unwrap(), n, k, flux2::quant::QuantFormat::Fp8).unwrap();
+    type Op = fn(&dyn Backend, &[flux2::Tensor], &flux2::quant::Quantized) -> flux2::Tensor;
+    let ops: [(&str, Op); 3] = [
+        ("linear", |be, t, _| be.linear(&t[0], &t[1], Some(&t[2])).unwrap()),
+        ("linear_gated_add", |be, t, _| {
+            let x = t[0].reshape(&[2, t[0].dim(0) / 2, t[0].dim(1)]).unwrap();
+            be.linear_gated_add(&t[3], &t[4], &x, &t[1], Some(&t[2])).unwrap()
+        }),
+        ("linear_fp8", |be, t, q| be.linear_fp8(&t[0], &be.load_quantized(q).unwrap(), Some(&t[2])).unwrap()),
+    ];
+    let act = be.activation_dtype();
+    let inputs =
+        |b: &Arc<dyn Backend>, dtype| [&x, &w, &bias, &res, &gate].map(|t| b.upload(t, dtype).unwrap()).to_vec();
+    let (dev_in, cpu_in) = (inputs(&be, act), inputs(&cpu, flux2::DType::F32));
+    for (name, op) in ops {
+        let run = || op(&*be, &dev_in, &wq).to_vec_f32().unwrap();
+        cuda.set_gemm_wide_tiles(true);
+        let wide = run();
+        cuda.set_gemm_wide_tiles(false);
+        cuda.set_gemm_whole_tiles(true);
+        cuda.set_gemm_narrow_tiles(true);
+        let narrow = run();
+        cuda.set_gemm_narrow_tiles(false);
+        cuda.set_gemm_whole_tiles(false);
+        let reference = op(&*cpu, &cpu_in, &wq).to_vec_f32().unwrap();
+        assert!(wide.iter().all(|v| v.is_finite()), "{name}: non-finite output");
+        let (cos, rel) = cosine_and_rel_l2(&wide, &reference);
+        println!("{name} wide: cosine {cos:.6}, rel_l2 {rel:.2e} against the CPU");
+        assert!(cos >= 0.9999 && rel <= 0.01, "{name} wide: cosine {cos}, rel_l2 {rel}");
+        let worst = wide
+            .iter()
+            .zip(&narrow)
+            .map(|(a, b)| (a - b).abs() / (a.abs().max(b.abs()) / 256.0 + 1e-6))
+            .fold(0f32, f32::max);
+        let differ = wide.iter().zip(&narrow).filter(|(a, b)| a != b).count();
+        println!("{name}: {differ} of {} outputs differ between wide and narrow tiles", wide.len());
+        assert!(worst <= 1.0, "{name}: wide and narrow tiles differ by {worst} bf16 roundings");
+    }
+}
+
 fn fused_fp8_gated_residuals_give_the_compositions_bits(be: Arc<dyn Backend>) {
     // linear_fp8_gated_add and swiglu_linear_fp8_gated_add add the residual in the FP8 GEMM's
     // epilogue (gemm_w8a8_mma_gated_e4m3; on sm_90a gemm_wgmma_gated_e4m3, stream-K included) with y
@@ -532,7 +590,7 @@ fn main() {
     };
     let gpu = gpu.ok();
     type Check = fn(Arc<dyn Backend>);
-    let checks: [(&str, Check, bool); 18] = [
+    let checks: [(&str, Check, bool); 19] = [
         ("every_op_matches_the_cpu_reference", every_op_matches_the_cpu_reference, true),
         ("transformer_fixtures_in_bf16", transformer_fixtures_in_bf16, true),
         ("checkpoint_formats_in_bf16", checkpoint_formats_in_bf16, true),
@@ -545,6 +603,7 @@ fn main() {
         ("sage_normed_gives_the_compositions_bits", sage_normed_gives_the_compositions_bits, true),
         ("sage_v3_matches_v2", sage_v3_matches_v2, true),
         ("stream_k_matches_whole_tiles", stream_k_matches_whole_tiles, true),
+        ("wide_tiles_match_narrow_ones", wide_tiles_match_narrow_ones, true),
         (
             "fused_fp8_gated_residuals_give_the_compositions_bits",
             fused_fp8_gated_residuals_give_the_compositions_bits,

@@ -40,3 +40,17 @@ __forceinline__ void wgmma_s8_m64n64k32(int d[32], unsigned long long desc_a, un
 __forceinline__ void wgmma_e4m3_m64n128k32_rs(float d[64], const unsigned a[4], unsigned long long desc_b, int scale_d) {
     sim_wgmma_rs(SIM_WGMMA_E4M3, 128, d, a, desc_b, scale_d);
 }
+template <unsigned N>
+__forceinline__ void setmaxnreg_inc() {
+    sim_setmaxnreg(N, 1);
+}
+template <unsigned N>
+__forceinline__ void setmaxnreg_dec() {
+    sim_setmaxnreg(N, 0);
+}
+__forceinline__ void wgmma_bf16_m64n256k16(float d[128], unsigned long long desc_a, unsigned long long desc_b, int scale_d) {
+    sim_wgmma(SIM_WGMMA_BF16, 256, d, desc_a, desc_b, scale_d);
+}
+__forceinline__ void wgmma_e4m3_m64n256k32(float d[128], unsigned long long desc_a, unsigned long long desc_b, int scale_d) {
+    sim_wgmma(SIM_WGMMA_E4M3, 256, d, desc_a, desc_b, scale_d);
+}

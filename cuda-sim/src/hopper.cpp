@@ -327,6 +327,35 @@ void sim_mbarrier_init(void* bar, unsigned count) {
     m.count = m.pending = count;
 }
 
+void sim_setmaxnreg(unsigned count, int inc) {
+    Thread* t = current_thread("setmaxnreg");
+    require_hopper(true, "setmaxnreg");
+    const char* op = inc ? "setmaxnreg.inc" : "setmaxnreg.dec";
+    if (count < 24 || count > 256 || count % 8)
+        fail(ERR_LAUNCH_FAILED, std::string(op) + " " + std::to_string(count) + ": the count must be a multiple of 8 in 24..256");
+    BlockState& b = *t->block;
+    if (b.nthreads < (t->warp / 4 + 1) * 128)
+        fail(ERR_LAUNCH_FAILED, std::string(op) + " needs its whole warpgroup of 128 threads; the block's last warpgroup is partial");
+    WarpGroup& g = warpgroup_of(*t);
+    if (g.asked == 0) g.asking = count;
+    if (g.asking != count)
+        fail(ERR_LAUNCH_FAILED, std::string("the threads of a warpgroup asked setmaxnreg for different counts (") +
+                                    std::to_string(g.asking) + " and " + std::to_string(count) + "; it is .sync.aligned)");
+    if (++g.asked < 128) return;
+    g.asked = 0;
+    if (g.regs && (inc ? count < g.regs : count > g.regs))
+        fail(ERR_LAUNCH_FAILED, std::string(op) + " " + std::to_string(count) + " from " + std::to_string(g.regs) +
+                                    " registers per thread goes the wrong way");
+    g.regs = count;
+    // The warpgroups that have set their count hold them out of the SM's 64K registers (one block per SM:
+    // the kernels that use it are launched so); more would leave setmaxnreg.inc waiting forever.
+    unsigned total = 0;
+    for (const WarpGroup& w : b.warpgroups) total += w.regs * 128;
+    if (total > 65536)
+        fail(ERR_LAUNCH_FAILED, "setmaxnreg: the block's warpgroups ask for " + std::to_string(total) +
+                                    " registers, more than the SM's 65536 (the increase would never be granted)");
+}
+
 void sim_mbarrier_arrive(void* bar, unsigned tx_bytes) {
     Thread* t = current_thread("mbarrier.arrive");
     BlockState& b = *t->block;

@@ -180,6 +180,9 @@ struct WgmmaOp {
 struct WarpGroup {
     std::deque<WgmmaOp> ops;
     uint64_t base = 0;  // index of ops.front()
+    // setmaxnreg: the registers per thread the warpgroup holds (0: the launch's allocation), the
+    // count its threads are asking for, and how many have asked.
+    unsigned regs = 0, asking = 0, asked = 0;
 };
 
 struct Thread {

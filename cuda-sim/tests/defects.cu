@@ -140,7 +140,9 @@ extern "C" __global__ void convert_f32(const float* in, unsigned short* bf, unsi
 // without waiting on the barrier; 2 announces fewer bytes than the copies bring; 3 waits for a
 // phase that never comes; 4 reads the accumulators before wgmma.wait_group. 5 takes A from
 // registers (wgmma ..._rs, correct); 6 does so with one lane gone; 7 leaves one thread out of the
-// shared-memory wgmma, which then never completes for the others.
+// shared-memory wgmma, which then never completes for the others. 8 hands the warpgroup 232 registers
+// per thread first (setmaxnreg.inc, correct); 9 asks for different counts in different warps (a count
+// that is not a multiple of 8 in 24..256 never compiles: ptxas refuses the constant).
 extern "C" __global__ void tma_wgmma_tile(const __grid_constant__ TensorMap ta, const __grid_constant__ TensorMap tb,
                                           float* D, int defect) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -154,6 +156,8 @@ extern "C" __global__ void tma_wgmma_tile(const __grid_constant__ TensorMap ta, 
         mbarrier_init_fence();
     }
     __syncthreads();
+    if (defect == 8 || (defect == 9 && threadIdx.x < 32)) setmaxnreg_inc<232>();
+    if (defect == 9 && threadIdx.x >= 32) setmaxnreg_inc<240>();
     if (threadIdx.x == 0) {
         mbarrier_arrive_expect_tx(bar, defect == 2 ? 64 * 128 : 192 * 128);
         tma_load_2d(a, &ta, 0, 0, bar);

@@ -88,7 +88,8 @@ pub fn time(be: &dyn Backend, reps: usize, mut f: impl FnMut() -> Result<()>) ->
 
 /// `time` with the GEMMs on `kernels` where that changes what runs for this device and shape
 /// (`v2`: a CUDA device with v3 images; whole tiles: a v3 GEMM that would split its K slices by
-/// stream-K; `(m, n, k_bytes)` is the shape); None elsewhere.
+/// stream-K; narrow: a v3 GEMM that would run 128x256 tiles; `(m, n, k_bytes)` is the shape); None
+/// elsewhere.
 fn time_gemm_kernels(
     be: &dyn Backend,
     reps: usize,
@@ -102,6 +103,9 @@ fn time_gemm_kernels(
             GemmKernels::V2 if c.has_gemm_v3() => crate::backend::cuda::CudaBackend::set_gemm_v2,
             GemmKernels::WholeTiles if c.gemm_stream_k_blocks(m, n, k_bytes).is_some() => {
                 crate::backend::cuda::CudaBackend::set_gemm_whole_tiles
+            }
+            GemmKernels::Narrow if c.gemm_wide_tiles(m, n, k_bytes) => {
+                crate::backend::cuda::CudaBackend::set_gemm_narrow_tiles
             }
             _ => return Ok(None),
         };
@@ -263,7 +267,7 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
     // on CUDA devices cuBLASLt too, where the library loads.
     let lt = load_baseline(be);
     println!(
-        "{:>6} {:>6} {:>6}  {:>10} {:>9} {:>10} {:>9} {:>7} {:>10} {:>10} {:>11} {:>10} {:>13} {:>12} {:>10} {:>10}",
+        "{:>6} {:>6} {:>6}  {:>10} {:>9} {:>10} {:>9} {:>7} {:>10} {:>10} {:>11} {:>10} {:>13} {:>12} {:>14} {:>13} {:>10} {:>10}",
         "M",
         "K",
         "N",
@@ -278,6 +282,8 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
         "fp8 v2 ms",
         "bf16 tiles ms",
         "fp8 tiles ms",
+        "bf16 narrow ms",
+        "fp8 narrow ms",
         "lt bf16 ms",
         "lt fp8 ms"
     );
@@ -302,6 +308,7 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
                 time_gemm_kernels(be, args.reps, kernels, bf16_shape, || be.linear(&x, &w.bf16, None).map(|_| ()))
             };
             let (v2_bf16, tiles_bf16) = (bf16_with(GemmKernels::V2)?, bf16_with(GemmKernels::WholeTiles)?);
+            let narrow_bf16 = bf16_with(GemmKernels::Narrow)?;
             let fp8_with = |kernels| match &w.quantized {
                 Some([fp8, ..]) => {
                     time_gemm_kernels(be, args.reps, kernels, fp8_shape, || be.linear_fp8(&x, fp8, None).map(|_| ()))
@@ -309,13 +316,14 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
                 None => Ok(None),
             };
             let (v2_fp8, tiles_fp8) = (fp8_with(GemmKernels::V2)?, fp8_with(GemmKernels::WholeTiles)?);
+            let narrow_fp8 = fp8_with(GemmKernels::Narrow)?;
             let fp8_w = w.quantized.as_ref().map(|[fp8, ..]| fp8);
             let (lt_bf16, lt_fp8) = time_baseline(be, args.reps, lt.as_ref(), &x, &w.bf16, fp8_w, (rows, n, k));
             let ms = |t: Option<f64>| t.map_or("-".to_string(), |t| format!("{:.3}", t * 1e3));
             let tf = |t: f64| flops / t / 1e12;
             let (r16, r8) = (tf(t_bf16), tf(t_fp8));
             println!(
-                "{rows:>6} {k:>6} {n:>6}  {:>10.3} {r16:>9.1} {:>10.3} {r8:>9.1} {:>7.2} {:>10.3} {:>10.3} {:>11} {:>10} {:>13} {:>12} {:>10} {:>10}{}",
+                "{rows:>6} {k:>6} {n:>6}  {:>10.3} {r16:>9.1} {:>10.3} {r8:>9.1} {:>7.2} {:>10.3} {:>10.3} {:>11} {:>10} {:>13} {:>12} {:>14} {:>13} {:>10} {:>10}{}",
                 t_bf16 * 1e3,
                 t_fp8 * 1e3,
                 t_bf16 / t_fp8,
@@ -325,6 +333,8 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
                 ms(v2_fp8),
                 ms(tiles_bf16),
                 ms(tiles_fp8),
+                ms(narrow_bf16),
+                ms(narrow_fp8),
                 ms(lt_bf16),
                 ms(lt_fp8),
                 peak.map(|(p16, p8)| format!("  ({:.0}% / {:.0}% of spec)", 100.0 * r16 / p16, 100.0 * r8 / p8))
@@ -338,6 +348,7 @@ fn bench_gemm(be: &dyn Backend, args: &BenchArgs, peak: Option<(f64, f64)>) -> R
                 "gguf_q4_k_ms": t_q4k * 1e3, "gguf_q4_k_tflops": tf(t_q4k),
                 "bf16_v2_ms": v2_bf16.map(|t| t * 1e3), "fp8_v2_ms": v2_fp8.map(|t| t * 1e3),
                 "bf16_whole_tiles_ms": tiles_bf16.map(|t| t * 1e3), "fp8_whole_tiles_ms": tiles_fp8.map(|t| t * 1e3),
+                "bf16_narrow_tiles_ms": narrow_bf16.map(|t| t * 1e3), "fp8_narrow_tiles_ms": narrow_fp8.map(|t| t * 1e3),
                 "cublaslt_bf16_ms": lt_bf16.map(|t| t * 1e3), "cublaslt_fp8_ms": lt_fp8.map(|t| t * 1e3),
             }));
         }

@@ -2,7 +2,9 @@
 //! TMA, for sm_90a images only. `gemm` (bf16) and the FP8 W8A8 linear pick them where they apply,
 //! unless `CudaBackend::set_gemm_v2` asks for the v2 kernels (mma.sync), their references.
 //! Where whole 128x128 tiles would leave SMs idle (the M = 512 text-stream and text-encoder
-//! shapes) the blocks split the tiles' K slices evenly instead (stream-K, `stream_k_blocks`).
+//! shapes) the blocks split the tiles' K slices evenly instead (stream-K, `stream_k_blocks`);
+//! where 128x256 tiles take fewer SM-waves' time than 128x128 ones (`wide_pays`) the `_wide`
+//! kernels run instead.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,23 +20,53 @@ pub(super) const BF16_KERNEL: &str = "gemm_wgmma_bf16";
 pub(super) const GATED_KERNEL: &str = "gemm_wgmma_gated_bf16";
 pub(super) const E4M3_KERNEL: &str = "gemm_wgmma_e4m3";
 pub(super) const GATED_E4M3_KERNEL: &str = "gemm_wgmma_gated_e4m3";
+/// The same with 128x256 tiles.
+const WIDE_KERNELS: [&str; 4] =
+    ["gemm_wgmma_bf16_wide", "gemm_wgmma_gated_bf16_wide", "gemm_wgmma_e4m3_wide", "gemm_wgmma_gated_e4m3_wide"];
 /// The one image target with wgmma.
 pub(super) const V3_TARGET: &str = "sm_90a";
 /// Every v3 kernel (launched on sm_90a images only).
-pub(super) const KERNELS: [&str; 4] = [BF16_KERNEL, GATED_KERNEL, E4M3_KERNEL, GATED_E4M3_KERNEL];
+pub(super) const KERNELS: [&str; 8] = [
+    BF16_KERNEL,
+    GATED_KERNEL,
+    E4M3_KERNEL,
+    GATED_E4M3_KERNEL,
+    WIDE_KERNELS[0],
+    WIDE_KERNELS[1],
+    WIDE_KERNELS[2],
+    WIDE_KERNELS[3],
+];
 
-/// The kernels' dynamic shared memory (WG_SMEM_BYTES): 1 KB of alignment slack, 5 stages of a
-/// 128x128-byte A and W slice, 8 consumer warps' 16 x 136 bf16 epilogue buffers, and the stages'
-/// two mbarriers.
-const SMEM_BYTES: usize = 1024 + 2 * 5 * 128 * 128 + 8 * 16 * 136 * 2 + 2 * 5 * 8;
+/// The kernels' dynamic shared memory (`WgCfg::SMEM`) for tiles `width` wide: 1 KB of alignment
+/// slack, the stages (5 narrow, 3 wide) of a 128-row A and a `width`-row W slice of 128 bytes, 8
+/// consumer warps' 16 x 136 bf16 epilogue buffers, and the stages' two mbarriers.
+fn smem_bytes(width: usize) -> usize {
+    let stages = if width == 128 { 5 } else { 3 };
+    1024 + stages * (128 + width) * 128 + 8 * 16 * 136 * 2 + 2 * stages * 8
+}
 
 /// The kernels needing the opt-in shared-memory attribute, for images that have them running.
 pub(super) fn big_smem(target: &str) -> Vec<(&'static str, usize)> {
     if target == V3_TARGET {
-        KERNELS.iter().map(|&k| (k, SMEM_BYTES)).collect()
+        KERNELS.iter().map(|&k| (k, smem_bytes(if WIDE_KERNELS.contains(&k) { 256 } else { 128 }))).collect()
     } else {
         Vec::new()
     }
+}
+
+/// A wide tile's assumed speed per product over a narrow one, in percent: the wide kernels stage
+/// twice the products per byte of W. To be measured (docs/perf-log.md); until then, the reason
+/// `wide_pays` wants a clear gain in waves.
+const WIDE_GAIN_PCT: usize = 115;
+
+/// Whether 128x256 tiles beat 128x128 ones for an `m` x `n` output on `sms` SMs: a wide tile
+/// takes 2 / gain of a narrow one's time, and each kernel takes as many of its tiles' times as
+/// it has waves of tiles (the persistent blocks' tail waves included).
+pub(super) fn wide_pays(sms: usize, m: usize, n: usize) -> bool {
+    let (sms, rows) = (sms.max(1), m.div_ceil(128));
+    let narrow_waves = (rows * n.div_ceil(128)).div_ceil(sms);
+    let wide_waves = (rows * n.div_ceil(256)).div_ceil(sms);
+    n > 128 && wide_waves * 200 < narrow_waves * WIDE_GAIN_PCT
 }
 
 /// v3 applies: an sm_90a image, v2 not requested, A and W 16-byte aligned with non-empty rows of a
@@ -102,20 +134,56 @@ pub(super) fn split(be: &CudaBackend, m: usize, n: usize, k_bytes: usize) -> Opt
     stream_k_blocks(be.persistent_sms(), m.div_ceil(128) * n.div_ceil(128), k_bytes.div_ceil(SLICE_BYTES))
 }
 
-/// The launch shape and stream-K argument of one GEMM of `m` x `n` with `k_bytes` bytes of K per
-/// row: persistent blocks, one per SM (at most one per tile) walking whole tiles, or stream-K.
-fn plan(be: &CudaBackend, m: usize, n: usize, k_bytes: usize) -> Result<(LaunchConfig, StreamK)> {
-    let tiles = m.div_ceil(128) * n.div_ceil(128);
-    let (blocks, sk) = match split(be, m, n, k_bytes) {
-        None => (tiles.min(be.persistent_sms()), StreamK::default()),
+/// One GEMM's launch: the shape, stream-K's argument, and the tile width (128 or 256).
+struct Plan {
+    cfg: LaunchConfig,
+    sk: StreamK,
+    width: usize,
+}
+
+impl Plan {
+    /// The kernel `narrow` names, or its wide twin.
+    fn kernel(&self, narrow: &'static str) -> &'static str {
+        match KERNELS[..4].iter().position(|&k| k == narrow) {
+            Some(i) if self.width == 256 => WIDE_KERNELS[i],
+            _ => narrow,
+        }
+    }
+
+    /// The tensor map of W `[n, k]` for this plan's tiles.
+    fn w_map(&self, w: u64, elem: TileElem, n: usize, k: usize) -> Result<super::tensor_map::TensorMap> {
+        row_major_128b(w, elem, n, k, self.width as u32)
+    }
+}
+
+/// The tiling of one GEMM of `m` x `n` with `k_bytes` bytes of K per row on this device: stream-K's
+/// block count (narrow tiles), or None for whole tiles; and whether they are wide.
+pub(super) fn tiling(be: &CudaBackend, m: usize, n: usize, k_bytes: usize) -> (Option<usize>, bool) {
+    if be.dev.gemm_wide.load(Ordering::Relaxed) {
+        return (None, true);
+    }
+    let split = split(be, m, n, k_bytes);
+    let narrow = be.dev.gemm_narrow.load(Ordering::Relaxed);
+    (split, split.is_none() && !narrow && wide_pays(be.persistent_sms(), m, n))
+}
+
+/// The launch of one GEMM of `m` x `n` with `k_bytes` bytes of K per row: persistent blocks, one
+/// per SM (at most one per tile) walking whole tiles, narrow or wide, or stream-K on narrow ones.
+fn plan(be: &CudaBackend, m: usize, n: usize, k_bytes: usize) -> Result<Plan> {
+    let sms = be.persistent_sms();
+    let (split, wide) = tiling(be, m, n, k_bytes);
+    let width = if wide { 256 } else { 128 };
+    let tiles = m.div_ceil(128) * n.div_ceil(width);
+    let (blocks, sk) = match split {
+        None => (tiles.min(sms), StreamK::default()),
         Some(blocks) => {
             let (partials, counts) = stream_k_buffers(be, blocks, tiles)?;
             (blocks, StreamK { partials, counts, units: (tiles * k_bytes.div_ceil(SLICE_BYTES)) as i64 })
         }
     };
-    let cfg =
-        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (384, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };
-    Ok((cfg, sk))
+    let shared_mem_bytes = smem_bytes(width) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (384, 1, 1), shared_mem_bytes };
+    Ok(Plan { cfg, sk, width })
 }
 
 /// Device addresses of stream-K's partial slots for `blocks` blocks and counters for `tiles`.
@@ -159,12 +227,12 @@ pub(super) fn bf16(
     k: usize,
     ldc: usize,
 ) -> Result<()> {
+    let p = plan(be, m, n, k * 2)?;
     let ta = row_major_128b(a, TileElem::Bf16, m, k, 128)?;
-    let tw = row_major_128b(w, TileElem::Bf16, n, k, 128)?;
+    let tw = p.w_map(w, TileElem::Bf16, n, k)?;
     let (bp, mode) = bias.args();
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
-    let (cfg, sk) = plan(be, m, n, k * 2)?;
-    launch!(be.dev, BF16_KERNEL, cfg, ta, tw, bp, mode, c, m32, n32, k32, ldc as i64, sk)
+    launch!(be.dev, p.kernel(BF16_KERNEL), p.cfg, ta, tw, bp, mode, c, m32, n32, k32, ldc as i64, p.sk)
 }
 
 /// out [m, n] = x + gate[m / l] · (A [m, k] · W [n, k]ᵀ + bias), bf16 (gemm_mma_gated_bf16's
@@ -178,11 +246,11 @@ pub(super) fn gated_bf16(
     out: u64,
     (m, n, k): (usize, usize, usize),
 ) -> Result<()> {
+    let p = plan(be, m, n, k * 2)?;
     let ta = row_major_128b(a, TileElem::Bf16, m, k, 128)?;
-    let tw = row_major_128b(w, TileElem::Bf16, n, k, 128)?;
+    let tw = p.w_map(w, TileElem::Bf16, n, k)?;
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
-    let (cfg, sk) = plan(be, m, n, k * 2)?;
-    launch!(be.dev, GATED_KERNEL, cfg, ta, tw, bias, x, gp, gs, l, out, m32, n32, k32, sk)
+    launch!(be.dev, p.kernel(GATED_KERNEL), p.cfg, ta, tw, bias, x, gp, gs, l, out, m32, n32, k32, p.sk)
 }
 
 /// out [m, n] = codes [m, k] · W codes [n, k]ᵀ · a_scale[m] · w_scale[n] + bias (e4m3 codes,
@@ -202,16 +270,32 @@ pub(super) fn e4m3(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    let p = plan(be, m, n, k)?;
     let ta = row_major_128b(codes, TileElem::E4m3, m, k, 128)?;
-    let tw = row_major_128b(w, TileElem::E4m3, n, k, 128)?;
+    let tw = p.w_map(w, TileElem::E4m3, n, k)?;
     let (m32, n32, k32) = (m as i32, n as i32, k as i32);
-    let (cfg, sk) = plan(be, m, n, k)?;
+    let (cfg, sk) = (p.cfg, p.sk);
     match gated {
-        None => launch!(be.dev, E4M3_KERNEL, cfg, ta, a_scale, tw, w_scale, bias, out, m32, n32, k32, n as i64, sk),
+        None => launch!(
+            be.dev,
+            p.kernel(E4M3_KERNEL),
+            cfg,
+            ta,
+            a_scale,
+            tw,
+            w_scale,
+            bias,
+            out,
+            m32,
+            n32,
+            k32,
+            n as i64,
+            sk
+        ),
         Some(GatedArgs { x, gate: (gp, gs), l }) => {
             launch!(
                 be.dev,
-                GATED_E4M3_KERNEL,
+                p.kernel(GATED_E4M3_KERNEL),
                 cfg,
                 ta,
                 a_scale,
@@ -243,7 +327,27 @@ pub(super) struct GatedArgs {
 
 #[cfg(test)]
 mod tests {
-    use super::stream_k_blocks;
+    use super::{smem_bytes, stream_k_blocks, wide_pays};
+
+    #[test]
+    fn wide_tiles_where_they_take_fewer_waves() {
+        // klein-4B's image stream on 132 SMs (M 4608; N 3072, 9216, 27648) and its double block's (M 4096):
+        // 7 narrow waves against 4 wide ones (4 x 2 / 1.15 < 7), 20 against 10, 59 against 30, 6 against 3.
+        for (m, n) in [(4608, 3072), (4608, 9216), (4608, 27648), (4096, 3072)] {
+            assert!(wide_pays(132, m, n), "{m} x {n}");
+        }
+        // 2 narrow waves against 1 wide one (1.74 narrow tiles' time).
+        assert!(wide_pays(132, 128 * 132, 256));
+        // Tiles for half the SMs either way; a single 128-column tile; 3 narrow waves against 2 wide
+        // ones half of whose second column of tiles is padding (3.5 narrow tiles' time).
+        assert!(!wide_pays(132, 512, 1024));
+        assert!(!wide_pays(132, 4608, 128));
+        assert!(!wide_pays(132, 128 * 132, 384));
+        // Shared memory: narrow 5 stages of 32 KB, wide 3 of 48 KB; both under the 227 KB a block may opt into.
+        assert_eq!(smem_bytes(128), 1024 + 5 * 32768 + 34816 + 80);
+        assert_eq!(smem_bytes(256), 1024 + 3 * 49152 + 34816 + 48);
+        assert!(smem_bytes(128).max(smem_bytes(256)) <= 227 * 1024);
+    }
 
     #[test]
     fn stream_k_where_whole_tiles_leave_sms_idle() {

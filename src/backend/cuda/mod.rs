@@ -160,16 +160,26 @@ pub fn kernels_launched_on(target: &str) -> impl Iterator<Item = &'static str> +
 
 /// `FLUX2_CUDA_GEMM=v2` runs the GEMMs on their mma.sync kernels where the wgmma ones (v3, sm_90a)
 /// would run: an escape hatch while v3 has not been checked on a GPU, and for A/B timing;
-/// `v3-tiles` keeps v3 but always walks whole tiles (no stream-K), the same for stream-K. Unset or
-/// `v3`: the default. Returns (v2, whole tiles only).
-fn gemm_choice_from_env() -> Result<(bool, bool)> {
+/// `v3-tiles` keeps v3 but always walks whole tiles (no stream-K), the same for stream-K;
+/// `v3-narrow` keeps v3 on 128x128 tiles (no 128x256 ones), the same for the wide kernels. Unset or
+/// `v3`: the default.
+fn gemm_choice_from_env() -> Result<GemmChoice> {
+    let v3 = GemmChoice { v2: false, whole_tiles: false, narrow: false };
     match std::env::var("FLUX2_CUDA_GEMM") {
-        Err(_) => Ok((false, false)),
-        Ok(v) if v == "v3" => Ok((false, false)),
-        Ok(v) if v == "v3-tiles" => Ok((false, true)),
-        Ok(v) if v == "v2" => Ok((true, false)),
-        Ok(v) => Err(Error::InvalidArgument(format!("FLUX2_CUDA_GEMM={v:?}: expected v2, v3 or v3-tiles"))),
+        Err(_) => Ok(v3),
+        Ok(v) if v == "v3" => Ok(v3),
+        Ok(v) if v == "v3-tiles" => Ok(GemmChoice { whole_tiles: true, ..v3 }),
+        Ok(v) if v == "v3-narrow" => Ok(GemmChoice { narrow: true, ..v3 }),
+        Ok(v) if v == "v2" => Ok(GemmChoice { v2: true, ..v3 }),
+        Ok(v) => Err(Error::InvalidArgument(format!("FLUX2_CUDA_GEMM={v:?}: expected v2, v3, v3-tiles or v3-narrow"))),
     }
+}
+
+/// `FLUX2_CUDA_GEMM`'s defaults: v2 kernels; v3 without stream-K; v3 without wide tiles.
+struct GemmChoice {
+    v2: bool,
+    whole_tiles: bool,
+    narrow: bool,
 }
 
 /// `FLUX2_CUDA_ATTENTION=v3` runs unmasked attention on flash v3 (mma.sync) where v4 (wgmma + TMA,
@@ -232,6 +242,12 @@ pub struct CudaDevice {
     /// `FLUX2_CUDA_GEMM=v3-tiles` made that the default.
     gemm_tiles: AtomicBool,
     gemm_tiles_default: bool,
+    /// The v3 GEMMs on 128x256 tiles whatever the shape (tests of the wide kernels on small
+    /// shapes); on 128x128 ones only (the wide kernels' reference); and whether
+    /// `FLUX2_CUDA_GEMM=v3-narrow` made that the default.
+    gemm_wide: AtomicBool,
+    gemm_narrow: AtomicBool,
+    gemm_narrow_default: bool,
     /// Stream-K's partial tiles and counters (grown on demand).
     stream_k: std::sync::Mutex<gemm_wgmma::StreamKBuffers>,
     /// Attention on flash v3 even where v4 (wgmma + TMA, sm_90a) applies; and whether
@@ -439,7 +455,8 @@ impl CudaBackend {
                 .map_err(gpu_err)?;
         }
         keep_pool_memory(&ctx);
-        let (gemm_v2_default, gemm_tiles_default) = gemm_choice_from_env()?;
+        let gemm_choice = gemm_choice_from_env()?;
+        let (gemm_v2_default, gemm_tiles_default) = (gemm_choice.v2, gemm_choice.whole_tiles);
         let flash_v3_default = flash_v3_from_env()?;
         let sage_v2_default = sage_v2_from_env()?;
         let sms =
@@ -467,6 +484,9 @@ impl CudaBackend {
             gemm_v2_default,
             gemm_tiles: AtomicBool::new(gemm_tiles_default),
             gemm_tiles_default,
+            gemm_wide: AtomicBool::new(false),
+            gemm_narrow: AtomicBool::new(gemm_choice.narrow),
+            gemm_narrow_default: gemm_choice.narrow,
             stream_k: Default::default(),
             flash_v3: AtomicBool::new(flash_v3_default),
             flash_v3_default,
@@ -568,6 +588,25 @@ impl CudaBackend {
         self.dev.gemm_tiles.store(on || self.dev.gemm_tiles_default, Ordering::Relaxed);
     }
 
+    /// Run every v3 GEMM on 128x256 tiles (the wide kernels, whole tiles, no stream-K), whatever its
+    /// shape: lets tests check them on small shapes; false restores the default (wide tiles where
+    /// they take fewer waves, unless `FLUX2_CUDA_GEMM=v3-narrow`).
+    pub fn set_gemm_wide_tiles(&self, on: bool) {
+        self.dev.gemm_wide.store(on, Ordering::Relaxed);
+    }
+
+    /// Run the v3 GEMMs on 128x128 tiles only (the wide kernels' reference); false restores the
+    /// default (wide tiles where they take fewer waves, unless `FLUX2_CUDA_GEMM=v3-narrow`).
+    pub fn set_gemm_narrow_tiles(&self, on: bool) {
+        self.dev.gemm_narrow.store(on || self.dev.gemm_narrow_default, Ordering::Relaxed);
+    }
+
+    /// Whether a v3 GEMM of `m` x `n` with `k_bytes` bytes of K per row runs on 128x256 tiles here.
+    pub fn gemm_wide_tiles(&self, m: usize, n: usize, k_bytes: usize) -> bool {
+        let v3 = self.has_gemm_v3() && !self.dev.gemm_v2.load(Ordering::Relaxed);
+        v3 && gemm_wgmma::tiling(self, m, n, k_bytes).1
+    }
+
     /// Run unmasked attention with head dims 64/128 on flash v3 (mma.sync) where v4 (wgmma + TMA
     /// on sm_90a) would apply: v4's reference; false restores the default (v4, unless
     /// `FLUX2_CUDA_ATTENTION=v3`).
@@ -594,9 +633,15 @@ impl CudaBackend {
         let hopper = self.has_gemm_v3();
         let (gemm_v2, flash_v3) = (self.dev.gemm_v2.load(Ordering::Relaxed), self.dev.flash_v3.load(Ordering::Relaxed));
         let whole_tiles = self.dev.gemm_tiles.load(Ordering::Relaxed);
+        let narrow = self.dev.gemm_narrow_default;
         let gemm = match (hopper, gemm_v2) {
             (true, false) if whole_tiles => "v3 (wgmma + TMA; whole tiles, FLUX2_CUDA_GEMM=v3-tiles)",
-            (true, false) => "v3 (wgmma + TMA; stream-K where tiles leave SMs idle)",
+            (true, false) if narrow => {
+                "v3 (wgmma + TMA; 128x128 tiles, FLUX2_CUDA_GEMM=v3-narrow; stream-K where tiles leave SMs idle)"
+            }
+            (true, false) => {
+                "v3 (wgmma + TMA; 128x256 tiles where they take fewer waves, stream-K where tiles leave SMs idle)"
+            }
             (true, true) => "v2 (mma.sync; FLUX2_CUDA_GEMM=v2)",
             _ => "v2 (mma.sync)",
         };
