@@ -2,7 +2,7 @@
 """Attention against PyTorch's SDPA on the GPU machine, in one run: for each shape, torch's
 scaled_dot_product_attention (bf16; the flash backend where it takes the head dim, else the default
 choice) timed with CUDA events, then `flux2 profile attention` on the same shape (every path it has:
-exact, exact-v3 on sm_90a, exact-ref, sage, sage-ref, with TOPS and the error against f32).
+exact, exact-v3 on sm_90a, exact-ref, sage, sage-v2 on sm_90a, sage-ref, with TOPS and the error against f32).
 
     python3 .verify/attention_compare.py --flux2 .verify/bin/flux2 --out REPORT [--shapes 4608x24x128,16384x1x512]
         [--first-json REPORT/profile_attention.json]

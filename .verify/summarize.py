@@ -221,6 +221,13 @@ def load_json(report, name, errors):
         return None
 
 
+def median_ratio(rows, num_key, den_key):
+    """The median of num/den over the rows that have both, or None."""
+    r = sorted(num(x.get(num_key)) / num(x.get(den_key)) for x in rows
+               if num(x.get(num_key)) and num(x.get(den_key)))
+    return r[len(r) // 2] if r else None
+
+
 def fmt(x, spec=".3g", none="-"):
     return none if x is None else format(x, spec)
 
@@ -300,7 +307,8 @@ def table(s):
     if b:
         lines.append("")
         lines.append(f"bench gemm: best bf16 {fmt(b['best_bf16_tflops'], '.1f')} TFLOP/s, best fp8 {fmt(b['best_fp8_tflops'], '.1f')} TFLOP/s "
-                     f"over {b['shapes']} shapes")
+                     f"over {b['shapes']} shapes; 128x256 tiles' gain over 128x128 (median, where they run) "
+                     f"bf16 {fmt(b.get('wide_gain_bf16'), '.2f')}x, fp8 {fmt(b.get('wide_gain_fp8'), '.2f')}x")
     c = s.get("bench_conv")
     if c:
         lines.append(f"bench conv: the VAE decoder's convolutions (gpu_check: at 1024x1024) take {fmt(c['decoder_conv_ms'], '.2f')} ms")
@@ -377,6 +385,9 @@ def main():
             "shapes": len(rows),
             "best_bf16_tflops": max((num(r.get("bf16_tflops")) or 0 for r in rows), default=None),
             "best_fp8_tflops": max((num(r.get("fp8_tflops")) or 0 for r in rows), default=None),
+            # 128x128 tiles' time over the default's where the default ran 128x256 ones (> 1: wide wins).
+            "wide_gain_bf16": median_ratio(rows, "bf16_narrow_tiles_ms", "bf16_ms"),
+            "wide_gain_fp8": median_ratio(rows, "fp8_narrow_tiles_ms", "fp8_ms"),
             "results": rows,
         }
     bc = load_json(report, "bench_conv.json", errors)
