@@ -1,7 +1,7 @@
 // Sage attention on tensor cores (v2 of attention_sage_rowwise_bf16 in quantized.cu, which stays as the
 // reference). Same numerics as the CPU emulation (src/backend/cpu/quantized.rs): K smoothed by its token
 // mean, Q and K int8 with one scale per 64-token block, exact integer scores (mma.sync m16n8k32 s8 -> s32,
-// sm_80+), online softmax in f32 over 64-key tiles with natural exp, P scaled by 448 and rounded to e4m3,
+// sm_80+), online softmax in f32 over 64-key tiles (exp2 in the log2 domain), P scaled by 448 and rounded to e4m3,
 // V smoothed by its token mean and e4m3 per channel, P·V accumulated in f32:
 //   attention_sage_mma_d{64,128}: P·V on mma.sync m16n8k32 e4m3 (sm_89+).
 //   attention_sage_mma_bf16pv_d{64,128}: for sm_80/86 (no e4m3 tensor cores). Every e4m3 value is a bf16
@@ -304,7 +304,7 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
                 mma_s8_16832(si[2 * nb + 1], qf[kk], r[2], r[3]);
             }
 
-        // Scores as the emulation computes them; hidden keys -inf. Online softmax in natural exp.
+        // Scores as the emulation computes them; hidden keys -inf. Online softmax (sage_tile.cuh).
         float s[8][4], alpha[2];
         sage_softmax_tile<8>(si, s, sq * sk, scale, k0, m_r, l_r, alpha, [&](int key, int e) {
             return key < nk && (!causal || (key <= row0 + (e >> 1) * 8 && key < valid));

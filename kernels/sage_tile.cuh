@@ -1,10 +1,11 @@
 // The per-tile arithmetic of the tensor-core Sage kernels (attention_sage_mma.cu on mma.sync,
 // attention_sage_wgmma.cu on wgmma), written once so both keep the CPU emulation's numerics
 // (src/backend/cpu/quantized.rs): exact integer scores times the Q and K block scales, online
-// softmax in f32 with natural exp, P scaled by 448 and rounded to e4m3, P·V accumulated in f32, the
-// output unscaled by V's per-channel scale and V's mean added back. Tiles are in the m16n8
-// accumulator layout (softmax_tile.cuh): s[j][e] is row lane/4 (+8 for e >= 2), key
-// j*8 + 2*(lane%4) + (e & 1); a wgmma accumulator is that layout per warp.
+// softmax in f32 (exp2 of the scores in the log2 domain: the natural exp up to rounding), P scaled
+// by 448 and rounded to e4m3, P·V accumulated in f32, the output unscaled by V's per-channel scale
+// and V's mean added back. Tiles are in the m16n8 accumulator layout (softmax_tile.cuh): s[j][e] is
+// row lane/4 (+8 for e >= 2), key j*8 + 2*(lane%4) + (e & 1); a wgmma accumulator is that layout
+// per warp.
 #pragma once
 #include <cuda_fp8.h>
 #include "common.cuh"
@@ -16,25 +17,29 @@ __device__ __forceinline__ float sage_score_float(int x) { return __int_as_float
 
 // One tile's integer scores si to P (in s, times 448), updating the running max m_r and this
 // thread's partial row sums l_r; alpha returns the factor the output rows must be rescaled by.
-// factor = Q block scale x K block scale; keys with visible(key, e) false are hidden.
+// factor = Q block scale x K block scale; keys with visible(key, e) false are hidden. The softmax
+// runs in the log2 domain (scores times log2 e, then exp2: one MUFU op and no range reduction, where
+// expf costs a handful of FP32 instructions more per score, the pipe that bounds these kernels);
+// the CPU emulation's exp(s - m) is the same value up to f32 rounding. m_r is kept in that domain.
 template <int NT, typename Visible>
 __device__ __forceinline__ void sage_softmax_tile(const int (&si)[NT][4], float (&s)[NT][4], float factor, float scale,
                                                   int k0, float m_r[2], float l_r[2], float alpha[2], Visible visible) {
     const int lane = threadIdx.x & 31;
+    const float to_log2 = factor * scale * 1.4426950408889634f;
     float mx[2] = {m_r[0], m_r[1]};
 #pragma unroll
     for (int j = 0; j < NT; j++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const int key = k0 + j * 8 + (lane & 3) * 2 + (e & 1);
-            s[j][e] = visible(key, e) ? sage_score_float(si[j][e]) * factor * scale : NEG_INFINITY_F;
+            s[j][e] = visible(key, e) ? sage_score_float(si[j][e]) * to_log2 : NEG_INFINITY_F;
             mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
         }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
-        alpha[r] = m_r[r] == NEG_INFINITY_F ? 0.f : expf(m_r[r] - mx[r]);
+        alpha[r] = m_r[r] == NEG_INFINITY_F ? 0.f : exp2f(m_r[r] - mx[r]);
         m_r[r] = mx[r];
         l_r[r] *= alpha[r];
     }
@@ -42,7 +47,7 @@ __device__ __forceinline__ void sage_softmax_tile(const int (&si)[NT][4], float 
     for (int j = 0; j < NT; j++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            const float p = s[j][e] == NEG_INFINITY_F ? 0.f : expf(s[j][e] - mx[e >> 1]);
+            const float p = s[j][e] == NEG_INFINITY_F ? 0.f : exp2f(s[j][e] - mx[e >> 1]);
             l_r[e >> 1] += p;
             s[j][e] = p * 448.f;
         }
