@@ -301,6 +301,51 @@ fn tma_and_wgmma_follow_the_ptx_definitions() {
     assert!(row_major_128b(1 << 20, TileElem::Bf16, 8, 60, 8).is_err(), "a 120-byte row stride must be refused");
 }
 
+fn wgmma_8bit_follows_the_ptx_definitions() {
+    // s8 wgmma (exact s32 sums) and e4m3 wgmma with A from registers (Sage v3's Q·Kᵀ and P·V)
+    // against plain products of the same codes.
+    use flux2::backend::cuda::tensor_map::{row_major_128b, TileElem};
+    let cc = CudaContext::new(0).unwrap().compute_capability().unwrap();
+    if cc != (9, 0) {
+        return; // wgmma is an sm_90a instruction: only the H100 profile loads that image
+    }
+    let codes = |n: usize, k: u32| -> Vec<u8> {
+        (0..n as u32).map(|i| ((i * k + 5) % 0x77) as u8 | if i % 3 == 1 { 0x80 } else { 0 }).collect()
+    };
+    let (a, bt) = (codes(64 * 128, 29), codes(128 * 128, 41));
+    let smem = 1024 + 192 * 128 + 8;
+    let s = open("sm_90a").unwrap();
+    s.f("wgmma_8bit_tile")
+        .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .unwrap();
+    let (da, db) = (s.stream.clone_htod(&a).unwrap(), s.stream.clone_htod(&bt).unwrap());
+    let mut ds = s.stream.alloc_zeros::<i32>(64 * 64).unwrap();
+    let mut df = s.stream.alloc_zeros::<f32>(64 * 128).unwrap();
+    let ptr = |x: &cudarc::driver::CudaSlice<u8>| {
+        let (p, _g) = cudarc::driver::DevicePtr::device_ptr(x, &s.stream);
+        p
+    };
+    let ta = row_major_128b(ptr(&da), TileElem::E4m3, 64, 128, 64).unwrap();
+    let tb = row_major_128b(ptr(&db), TileElem::E4m3, 128, 128, 128).unwrap();
+    for mode in [0i32, 1] {
+        launch!(s, "wgmma_8bit_tile", cfg(1, 128, smem), &ta, &tb, &mut ds, &mut df, &mode).unwrap();
+    }
+    let (got_s, got_f) = (s.stream.clone_dtoh(&ds).unwrap(), s.stream.clone_dtoh(&df).unwrap());
+    for i in 0..64 {
+        for j in 0..64 {
+            let want: i32 = (0..128).map(|c| a[i * 128 + c] as i8 as i32 * bt[j * 128 + c] as i8 as i32).sum();
+            assert_eq!(got_s[i * 64 + j], want, "s8 wgmma at ({i}, {j})");
+        }
+        for j in 0..128 {
+            let products = (0..128).map(|c| e4m3(a[i * 128 + c]) * e4m3(bt[j * 128 + c]));
+            let (want, size): (f64, f64) = products.fold((0.0, 0.0), |(s, m), p| (s + p, m + p.abs()));
+            // Four f32 accumulations of k-steps whose terms cancel: f32 rounding of the terms' size.
+            let got = got_f[i * 128 + j] as f64;
+            assert!((got - want).abs() <= 1e-6 * size, "e4m3 register-A wgmma at ({i}, {j}): {got} vs {want}");
+        }
+    }
+}
+
 fn e4m3(v: u8) -> f64 {
     let (e, m) = ((v >> 3) & 15, v & 7) as (u8, u8);
     let s = if v & 0x80 != 0 { -1.0 } else { 1.0 };
@@ -535,6 +580,7 @@ fn main() {
         ("mma_fragments_follow_the_ptx_layout", mma_fragments_follow_the_ptx_layout),
         ("e4m3_mma_needs_sm89", e4m3_mma_needs_sm89),
         ("tma_and_wgmma_follow_the_ptx_definitions", tma_and_wgmma_follow_the_ptx_definitions),
+        ("wgmma_8bit_follows_the_ptx_definitions", wgmma_8bit_follows_the_ptx_definitions),
         ("warp_shuffles", warp_shuffles),
         ("global_atomics_are_deterministic", global_atomics_are_deterministic),
         ("stream_capture_records_and_replays", stream_capture_records_and_replays),

@@ -199,3 +199,60 @@ extern "C" __global__ void tma_wgmma_tile(const __grid_constant__ TensorMap ta, 
     if (defect == 1) mbarrier_wait(bar, 0);  // the copies must not outlive the block
 #endif
 }
+
+// One warpgroup, 8-bit wgmma: A [64 x 128 bytes] and Bt [128 x 128 bytes] by TMA (128-byte swizzle).
+// mode 0: D [64 x 64] s32 = A · Bt[0..64)ᵀ as int8, four wgmma m64n64k32 s8 from shared memory;
+// mode 1: D [64 x 128] f32 = A · Btᵀ as e4m3, four wgmma m64n128k32 with A from registers (each
+// lane's m16n8k32 fragment read back from the swizzled tile: four consecutive K bytes a register).
+extern "C" __global__ void wgmma_8bit_tile(const __grid_constant__ TensorMap ta, const __grid_constant__ TensorMap tb,
+                                           int* Ds, float* Df, int mode) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    unsigned char* smem = dynamic_smem<unsigned char>();
+    smem += (1024 - (__cvta_generic_to_shared(smem) & 1023)) & 1023;
+    unsigned char* a = smem;             // 64 rows x 128 bytes
+    unsigned char* b = smem + 64 * 128;  // 128 rows x 128 bytes
+    unsigned long long* bar = reinterpret_cast<unsigned long long*>(smem + 192 * 128);
+    if (threadIdx.x == 0) {
+        mbarrier_init(bar, 1);
+        mbarrier_init_fence();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        mbarrier_arrive_expect_tx(bar, 192 * 128);
+        tma_load_2d(a, &ta, 0, 0, bar);
+        tma_load_2d(b, &tb, 0, 0, bar);
+    }
+    mbarrier_wait(bar, 0);
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (mode == 0) {
+        int acc[32];
+        for (int i = 0; i < 32; i++) acc[i] = 0;
+        wgmma_fence();
+        for (int kk = 0; kk < 4; kk++) wgmma_s8_m64n64k32(acc, wgmma_desc_sw128(a + kk * 32), wgmma_desc_sw128(b + kk * 32), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        for (int i = 0; i < 8; i++)
+            for (int j = 0; j < 4; j++)
+                Ds[(16 * w + (lane >> 2) + (j >= 2 ? 8 : 0)) * 64 + 8 * i + 2 * (lane & 3) + (j & 1)] = acc[4 * i + j];
+        return;
+    }
+    auto at = [&](int r, int byte) -> unsigned { return a[r * 128 + ((((byte >> 4) ^ (r & 7)) << 4) | (byte & 15))]; };
+    float acc[64];
+    for (int i = 0; i < 64; i++) acc[i] = 0.f;
+    unsigned frag[4][4];
+    wgmma_fence();
+    for (int kk = 0; kk < 4; kk++) {
+        const int r = 16 * w + (lane >> 2), c = kk * 32 + 4 * (lane & 3);
+        for (int q = 0; q < 4; q++) {
+            const int rr = r + 8 * (q & 1), cc = c + 16 * (q >> 1);
+            frag[kk][q] = at(rr, cc) | (at(rr, cc + 1) << 8) | (at(rr, cc + 2) << 16) | (at(rr, cc + 3) << 24);
+        }
+        wgmma_e4m3_m64n128k32_rs(acc, frag[kk], wgmma_desc_sw128(b + kk * 32), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 4; j++)
+            Df[(16 * w + (lane >> 2) + (j >= 2 ? 8 : 0)) * 128 + 8 * i + 2 * (lane & 3) + (j & 1)] = acc[4 * i + j];
+#endif
+}
