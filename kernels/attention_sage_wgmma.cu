@@ -52,15 +52,7 @@ __device__ __forceinline__ void sage_wgmma(const TensorMap* tq, const TensorMap*
     const int h = blockIdx.y, b = blockIdx.z, hk = h / (heads / kv_heads), q0 = blockIdx.x * SW_BQ;
     const int wg = threadIdx.x >> 7, ntiles = (nk + SW_BKV - 1) / SW_BKV;
     const i64 bhk = (i64)b * kv_heads + hk;
-    if (threadIdx.x == 0) {
-        mbarrier_init(qbar, 1);
-        for (int s = 0; s < SW_STAGES; s++) {
-            mbarrier_init(&full[s], 1);
-            mbarrier_init(&empty[s], 2);
-        }
-        mbarrier_init_fence();
-    }
-    __syncthreads();
+    ring_barriers_init(qbar, full, empty, SW_STAGES);
 
     if (wg == 0) {
         if (threadIdx.x != 0) return;

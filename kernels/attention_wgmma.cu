@@ -74,15 +74,7 @@ __device__ __forceinline__ void flash_v4(const TensorMap* tq, const TensorMap* t
 
     const int h = blockIdx.y, b = blockIdx.z, hk = h / (heads / kv_heads), q0 = blockIdx.x * C::BQ;
     const int wg = threadIdx.x >> 7, ntiles = (nk + BKV - 1) / BKV;
-    if (threadIdx.x == 0) {
-        mbarrier_init(qbar, 1);
-        for (int s = 0; s < FA_STAGES; s++) {
-            mbarrier_init(&full[s], 1);
-            mbarrier_init(&empty[s], 2);
-        }
-        mbarrier_init_fence();
-    }
-    __syncthreads();
+    ring_barriers_init(qbar, full, empty, FA_STAGES);
 
     if (wg == 0) {
         if (threadIdx.x != 0) return;

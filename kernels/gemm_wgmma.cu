@@ -245,14 +245,7 @@ __device__ __forceinline__ void wgmma_gemm(const TensorMap* ta, const TensorMap*
     const int wg = threadIdx.x >> 7;
     const int ktiles = (k_bytes + WG_KB - 1) / WG_KB, tiles_n = (N + BN - 1) / BN;
     const int tiles = ((M + TILE_M - 1) / TILE_M) * tiles_n;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < C::STAGES; s++) {
-            mbarrier_init(&r.full[s], 1);
-            mbarrier_init(&r.empty[s], 2);
-        }
-        mbarrier_init_fence();
-    }
-    __syncthreads();
+    ring_barriers_init(nullptr, r.full, r.empty, C::STAGES);
     unsigned it = 0;  // K slices through the ring so far
     if (wg == 0) {
         if constexpr (BN == 256) setmaxnreg_dec<WG_PRODUCER_REGS>();

@@ -205,3 +205,20 @@ __device__ __forceinline__ void setmaxnreg_dec() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 #endif  // FLUX2_CUDA_SIM
+
+// The barriers of a producer/consumer ring of `stages` stages: full[s] completes on the producer's
+// expect_tx and its copies' bytes, empty[s] on one arrival per consumer warpgroup (two); `once`
+// (if not null) is a single-use barrier of one arrival, e.g. for an operand loaded once. Thread 0
+// initialises them, then the block synchronises.
+__device__ __forceinline__ void ring_barriers_init(unsigned long long* once, unsigned long long* full,
+                                                   unsigned long long* empty, int stages) {
+    if (threadIdx.x == 0) {
+        if (once) mbarrier_init(once, 1);
+        for (int s = 0; s < stages; s++) {
+            mbarrier_init(&full[s], 1);
+            mbarrier_init(&empty[s], 2);
+        }
+        mbarrier_init_fence();
+    }
+    __syncthreads();
+}

@@ -212,11 +212,7 @@ extern "C" __global__ void wgmma_8bit_tile(const __grid_constant__ TensorMap ta,
     unsigned char* a = smem;             // 64 rows x 128 bytes
     unsigned char* b = smem + 64 * 128;  // 128 rows x 128 bytes
     unsigned long long* bar = reinterpret_cast<unsigned long long*>(smem + 192 * 128);
-    if (threadIdx.x == 0) {
-        mbarrier_init(bar, 1);
-        mbarrier_init_fence();
-    }
-    __syncthreads();
+    ring_barriers_init(bar, nullptr, nullptr, 0);
     if (threadIdx.x == 0) {
         mbarrier_arrive_expect_tx(bar, 192 * 128);
         tma_load_2d(a, &ta, 0, 0, bar);
