@@ -21,12 +21,18 @@
 //     A fragment of the e4m3 mma (slot 16h + 4c + 2t + u holds key 16h + 8t + 2c + u: thread c of a quad
 //     holds keys 2c, 2c+1 of each 8-key tile; the A fragment wants 4 consecutive k slots per thread).
 //
-// Main kernel: 64 queries (one Q scale block) x 4 warps of 16 rows, 64-key tiles (one K scale block each),
-// K and Vᵀ tiles double-buffered with cp.async (the next tile's copy issued before the math on this one).
-// Shared memory: Q 64 x (D+16) B + 2 stages x (K 64 x (D+16) B + Vᵀ D x 80 B): 48,128 B at d = 128,
-// 25,600 B at d = 64 (rows padded by 16 bytes: conflict-free ldmatrix, as the GEMM tile).
+// Main kernel: 128 queries (two Q scale blocks) x 8 warps of 16 rows, 64-key tiles (one K scale block
+// each), K and Vᵀ tiles double-buffered with cp.async (the next tile's copy issued before the math on this
+// one): each K/Vᵀ tile staged once serves 128 queries (64 before session 14). Shared memory (rows padded
+// by 16 bytes: conflict-free ldmatrix, as the GEMM tile): Q 128 x (D+16) B + 2 stages x (K 64 x (D+16) B +
+// Vᵀ D x 80 B): 57,344 B at d = 128, 30,720 B at d = 64; bf16 P·V (Vᵀ D x 144 B): 73,728 B / 38,912 B
+// (sage_mma_smem_bytes in sage.rs), one block of 8 warps per SM on sm_86 where the 64-query block of
+// 64,512 B gave 4.
 // ptxas (NVRTC 12.9, scripts/ptxas_report.py), registers at d = 128 / d = 64, no stack or spills anywhere:
-// sm_89 167/128, sm_90a 180/154, sm_120 168/128; the quantize passes 28–38. (sm_80/86 images hold a trap.)
+// e4m3 P·V sm_89 170/124, sm_90a 195/203, sm_120 185/160 (8 warps a block, one block per SM: as many warps
+// as the two 4-warp blocks of 64 queries before on sm_89); bf16 P·V 166–185/117–159. The cp.async loops
+// stay rolled and d = 64 is bounded to one block per SM: otherwise ptxas spilled (sm_90a d 128: 120 bytes,
+// sm_120 d 64: 12). The quantize passes 28–38. (sm_80/86 images hold a trap in the e4m3 kernels.)
 #include <cuda_fp8.h>
 #include "qk_norm.cuh"
 #include "sage_tile.cuh"
@@ -218,7 +224,8 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
                                          const float* __restrict__ k_absmax, const float* __restrict__ v_mean,
                                          const float* __restrict__ v_absmax) {
     constexpr int VB = E4M3_PV ? 1 : 2;  // bytes per Vᵀ value
-    constexpr int BQ = SAGE_TILE, BKV = SAGE_TILE, LDQ = D + 16, LDV = BKV * VB + 16;
+    constexpr int BQ = 2 * SAGE_TILE, THREADS = 2 * BQ;  // 4 warps per Q scale block of 64
+    constexpr int BKV = SAGE_TILE, LDQ = D + 16, LDV = BKV * VB + 16;
     constexpr int KBYTES = BKV * LDQ, STAGE = KBYTES + D * LDV;
     unsigned char* smem = dynamic_smem<unsigned char>();
     unsigned char* Qs = smem;
@@ -233,7 +240,9 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
     const signed char* kb = kc + (i64)b * nk * kv_stride + (i64)hk * D;
     const unsigned char* vb = vt + bhk * D * nk_pad * VB;
     const int q_blocks = (nq + SAGE_TILE - 1) / SAGE_TILE, k_blocks = (nk + SAGE_TILE - 1) / SAGE_TILE;
-    const float sq = q_absmax[((i64)b * heads + h) * q_blocks + blockIdx.x] / 127.f;
+    // This warp's Q scale block (none past nq: its rows are not stored).
+    const int q_blk = q0 / SAGE_TILE + warp / 4;
+    const float sq = q_blk < q_blocks ? q_absmax[((i64)b * heads + h) * q_blocks + q_blk] / 127.f : 0.f;
 
     int kend = nk;
     if (causal) {
@@ -241,7 +250,8 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
         kend = min(kend, q0 + BQ);
     }
 
-    for (int c = tid; c < BQ * D / 16; c += 128) {
+#pragma unroll 1
+    for (int c = tid; c < BQ * D / 16; c += THREADS) {
         int row = c / (D / 16), col = (c % (D / 16)) * 16;
         bool ok = q0 + row < nq;
         cp_async16(&Qs[row * LDQ + col], ok ? (const void*)(qb + (i64)(q0 + row) * q_stride + col) : (const void*)qc,
@@ -252,13 +262,15 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
         unsigned char* Ks = stages + (t & 1) * STAGE;
         unsigned char* Vs = Ks + KBYTES;
         const int k0 = t * BKV;
-        for (int c = tid; c < BKV * D / 16; c += 128) {
+#pragma unroll 1
+        for (int c = tid; c < BKV * D / 16; c += THREADS) {
             int row = c / (D / 16), col = (c % (D / 16)) * 16;
             bool ok = k0 + row < nk;
             cp_async16(&Ks[row * LDQ + col], ok ? (const void*)(kb + (i64)(k0 + row) * kv_stride + col) : (const void*)kc,
                        ok ? 16 : 0);
         }
-        for (int c = tid; c < D * BKV * VB / 16; c += 128) {  // Vᵀ rows: always inside nk_pad
+#pragma unroll 1
+        for (int c = tid; c < D * BKV * VB / 16; c += THREADS) {  // Vᵀ rows: always inside nk_pad
             int row = c / (BKV * VB / 16), col = (c % (BKV * VB / 16)) * 16;
             cp_async16(&Vs[row * LDV + col], vb + ((i64)row * nk_pad + k0) * VB + col, 16);
         }
@@ -359,7 +371,7 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
     qc, kc, vt, out, nq, nk, nk_pad, heads, kv_heads, scale, causal, valid_len, q_absmax, k_absmax, v_mean, v_absmax
 
 // e4m3 tensor cores need sm_89 or newer: older images hold a trap (the launcher picks the bf16 P·V kernels).
-extern "C" __global__ void __launch_bounds__(128) attention_sage_mma_d64(SAGE_MMA_ARGS) {
+extern "C" __global__ void __launch_bounds__(256, 1) attention_sage_mma_d64(SAGE_MMA_ARGS) {
 #if __CUDA_ARCH__ >= 890
     sage_mma<64, true>(SAGE_MMA_PASS);
 #else
@@ -367,7 +379,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_sage_mma_d64(SAGE_MM
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_sage_mma_d128(SAGE_MMA_ARGS) {
+extern "C" __global__ void __launch_bounds__(256) attention_sage_mma_d128(SAGE_MMA_ARGS) {
 #if __CUDA_ARCH__ >= 890
     sage_mma<128, true>(SAGE_MMA_PASS);
 #else
@@ -375,10 +387,10 @@ extern "C" __global__ void __launch_bounds__(128) attention_sage_mma_d128(SAGE_M
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_sage_mma_bf16pv_d64(SAGE_MMA_ARGS) {
+extern "C" __global__ void __launch_bounds__(256, 1) attention_sage_mma_bf16pv_d64(SAGE_MMA_ARGS) {
     sage_mma<64, false>(SAGE_MMA_PASS);
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_sage_mma_bf16pv_d128(SAGE_MMA_ARGS) {
+extern "C" __global__ void __launch_bounds__(256) attention_sage_mma_bf16pv_d128(SAGE_MMA_ARGS) {
     sage_mma<128, false>(SAGE_MMA_PASS);
 }

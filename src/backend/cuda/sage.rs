@@ -23,16 +23,22 @@ const SAGE_STATS_TOKENS: usize = 256;
 /// Tokens per Q/K scale block (`SAGE_TILE`).
 const SAGE_TILE: usize = 64;
 
+/// Queries per block of attention_sage_mma: two Q scale blocks, 4 warps of 16 rows each.
+const SAGE_MMA_BLOCK_Q: usize = 128;
+
 /// Dynamic shared memory of attention_sage_mma: the int8 Q tile and two stages of int8 K and Vᵀ
 /// tiles of 64 tokens (e4m3 codes, or bf16 values with `e4m3_pv` false), rows padded by 16 bytes.
 pub(super) fn sage_mma_smem_bytes(d: usize, e4m3_pv: bool) -> usize {
     let v_row = if e4m3_pv { 64 } else { 128 } + 16;
-    64 * (d + 16) + 2 * (64 * (d + 16) + d * v_row)
+    SAGE_MMA_BLOCK_Q * (d + 16) + 2 * (64 * (d + 16) + d * v_row)
 }
 
 /// The tensor-core Sage kernels whose shared memory exceeds the default 48 KB, with their need.
-pub(super) fn sage_mma_big_smem() -> [(&'static str, usize); 1] {
-    [("attention_sage_mma_bf16pv_d128", sage_mma_smem_bytes(128, false))]
+pub(super) fn sage_mma_big_smem() -> [(&'static str, usize); 2] {
+    [
+        ("attention_sage_mma_d128", sage_mma_smem_bytes(128, true)),
+        ("attention_sage_mma_bf16pv_d128", sage_mma_smem_bytes(128, false)),
+    ]
 }
 
 /// `[b, nq, h, nk, hkv, d]` of an attention call.
@@ -235,8 +241,8 @@ fn sage_mma(
         return Ok(out);
     }
     let cfg = LaunchConfig {
-        grid_dim: (nq.div_ceil(64) as u32, h as u32, b as u32),
-        block_dim: (128, 1, 1),
+        grid_dim: (nq.div_ceil(SAGE_MMA_BLOCK_Q) as u32, h as u32, b as u32),
+        block_dim: (2 * SAGE_MMA_BLOCK_Q as u32, 1, 1),
         shared_mem_bytes: sage_mma_smem_bytes(d, e4m3_pv) as u32,
     };
     let name = match (e4m3_pv, d) {
