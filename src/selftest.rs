@@ -164,7 +164,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         ((130, 72, 200, false, 0), GemmKernels::V2),
         ((140, 264, 72, true, 0), GemmKernels::V2),
         ((130, 960, 136, true, 0), GemmKernels::WholeTiles), // 15 K slices round the 5-stage ring 3 times
-        ((130, 960, 300, true, 0), GemmKernels::Wide),       // 2x2 wide tiles, ragged; 15 slices round 3 stages
+        ((130, 384, 300, true, 0), GemmKernels::Wide),       // 2x2 wide tiles, ragged; 6 slices round 3 stages
         ((1170, 72, 1792, false, 0), GemmKernels::Narrow),   // 140 narrow tiles on 132 SMs: some blocks walk two
     ];
     let linears = linears.iter().map(|&c| (c, GemmKernels::Cur)).chain(other_linears);
@@ -275,7 +275,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (130, 208, 150, false, GemmKernels::V2),
             (70, 960, 136, true, GemmKernels::Cur), // v3: stream-K, 2 tiles of 8 K slices (the last half) over 4 blocks
             (70, 960, 136, true, GemmKernels::WholeTiles), // v3: the ring wraps
-            (70, 960, 300, true, GemmKernels::Wide), // v3 wide: 2 tiles of 256 columns, the last ragged
+            (70, 384, 300, true, GemmKernels::Wide), // v3 wide: 2 tiles of 256 columns, the last ragged
         ],
     };
     for &(m, k, n, bias, gemm) in fp8 {
@@ -452,8 +452,8 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             (1, 130, 2, 2, 128, false, Sage),     // 3 blocks of 64 tokens, the last ragged
             (2, 130, 4, 2, 64, true, Sage),       // causal, padding to 65 crossing a block edge, GQA
             (1, 72, 2, 1, 128, false, Sage),      // GQA without a mask, 2 blocks
-            (2, 330, 4, 2, 128, false, Sage),     // 6 key tiles through the 4 stages, ragged; 3 query blocks
-            (2, 330, 4, 2, 128, false, SageV2),   // the same on v2 where v3 (wgmma) would run
+            (2, 300, 1, 1, 128, false, Sage),     // 5 key tiles through the 4 stages, ragged; 3 query blocks
+            (2, 300, 1, 1, 128, false, SageV2),   // the same on v2 where v3 (wgmma) would run
             (2, 100, 2, 1, 128, true, Sage),      // d 128 causal + padding (100, 50), GQA
             (1, 200, 1, 1, 64, false, Sage),      // d 64: 4 key tiles through both stages, ragged
             (2, 300, 2, 1, 64, true, Sage),       // K/V statistics over 2 chunks of 256 tokens, 5 key tiles
@@ -702,7 +702,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
     let gated = gated
         .iter()
         .map(|&c| (c, GemmKernels::Cur))
-        .chain([((2, 70, 72, 136, false), GemmKernels::V2), ((2, 70, 512, 300, true), GemmKernels::Wide)]);
+        .chain([((2, 70, 72, 136, false), GemmKernels::V2), ((2, 70, 384, 300, true), GemmKernels::Wide)]);
     for ((b, l, k, n, bias), gemm) in gated {
         let mut inputs =
             vec![act(&[b, l, n]), act(&[b, 6 * n]), act(&[b, l, k]), Input::Act(vec![n, k], 1.0 / (k as f32).sqrt())];
