@@ -46,6 +46,7 @@ struct WgCfg {
     static constexpr int W_STAGE = BN * WG_KB;
     static constexpr int ACC = BN / 2;  // accumulators per consumer thread
     static constexpr int SMEM = 1024 + STAGES * (A_STAGE + W_STAGE) + 8 * WG_WARP_STAGE + 2 * STAGES * 8;
+    static_assert(SMEM <= 227 * 1024, "the most shared memory a block may opt into on sm_90");
 };
 // setmaxnreg of the wide kernels: 128 x 40 + 256 x 232 = 64,512 of the SM's 65,536 registers.
 #define WG_PRODUCER_REGS 40
@@ -278,6 +279,52 @@ __device__ __forceinline__ void wgmma_gemm(const TensorMap* ta, const TensorMap*
         for (int h = 0; h < BN / 128; h++) wgmma_warp_store8(stage, acc + 64 * h, m0, n0 + 128 * h, M, N, value, store8);
     });
 }
+
+// A: tensor map of [M, K] bf16, W: of [N, K] bf16, both with 64 x 128 boxes (K x rows; W: 64 x 256 wide).
+template <int BN>
+__device__ __forceinline__ void gemm_bf16_body(const TensorMap* ta, const TensorMap* tw, const bf16* __restrict__ bias,
+                                               int bias_mode, bf16* __restrict__ C, int M, int N, int K, i64 ldc,
+                                               const StreamK* sk) {
+    wgmma_gemm<false, BN>(
+        ta, tw, K * 2, M, N, sk->counts ? sk : nullptr, [&](i64 m, i64 n, float v) { return v + bias_at(bias, bias_mode, m, n); },
+        [&](i64 m, i64 n, uint4 y, int count) { store_bf16_upto8(C + m * ldc + n, y, count); });
+}
+
+// The gated residual in the epilogue (gemm_mma_gated_bf16's contract): C = X + gate[m / L] · y,
+// y = A · Wᵀ + bias rounded to bf16 as the linear's output would be.
+template <int BN>
+__device__ __forceinline__ void gemm_gated_bf16_body(const TensorMap* ta, const TensorMap* tw, const bf16* __restrict__ bias,
+                                                     const bf16* __restrict__ X, const bf16* __restrict__ gate, i64 gs,
+                                                     int L, bf16* __restrict__ C, int M, int N, int K, const StreamK* sk) {
+    wgmma_gemm<false, BN>(
+        ta, tw, K * 2, M, N, sk->counts ? sk : nullptr, [&](i64, i64 n, float v) { return v + (bias ? to_f(bias[n]) : 0.f); },
+        [&](i64 m, i64 n, uint4 y, int count) { gated_store8(X, gate, gs, L, C, N, m, n, y, count); });
+}
+
+// A: tensor map of the [M, K] e4m3 activation codes, W: of the [N, K] e4m3 weights, 128 x 128 boxes
+// (W: 128 x 256 wide); out = acc · a_scale[m] · w_scale[n] + bias[n] (gemm_w8a8_mma_e4m3's numerics).
+template <int BN>
+__device__ __forceinline__ void gemm_e4m3_body(const TensorMap* ta, const float* __restrict__ a_scale, const TensorMap* tw,
+                                               const float* __restrict__ w_scale, const bf16* __restrict__ bias,
+                                               bf16* __restrict__ C, int M, int N, int K, i64 ldc, const StreamK* sk) {
+    wgmma_gemm<true, BN>(
+        ta, tw, K, M, N, sk->counts ? sk : nullptr,
+        [&](i64 m, i64 n, float v) { return v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f); },
+        [&](i64 m, i64 n, uint4 y, int count) { store_bf16_upto8(C + m * ldc + n, y, count); });
+}
+
+// gemm_wgmma_e4m3 with the gated residual in the epilogue (gemm_w8a8_mma_gated_e4m3's contract).
+template <int BN>
+__device__ __forceinline__ void gemm_gated_e4m3_body(const TensorMap* ta, const float* __restrict__ a_scale,
+                                                     const TensorMap* tw, const float* __restrict__ w_scale,
+                                                     const bf16* __restrict__ bias, const bf16* __restrict__ X,
+                                                     const bf16* __restrict__ gate, i64 gs, int L, bf16* __restrict__ C,
+                                                     int M, int N, int K, const StreamK* sk) {
+    wgmma_gemm<true, BN>(
+        ta, tw, K, M, N, sk->counts ? sk : nullptr,
+        [&](i64 m, i64 n, float v) { return v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f); },
+        [&](i64 m, i64 n, uint4 y, int count) { gated_store8(X, gate, gs, L, C, N, m, n, y, count); });
+}
 #endif
 
 // Each kernel comes narrow (128 x 128 tiles, stream-K where asked) and wide (`_wide`: 128 x 256
@@ -290,17 +337,6 @@ __device__ __forceinline__ void wgmma_gemm(const TensorMap* ta, const TensorMap*
 #define WG_BODY(call) __trap()
 #endif
 
-// A: tensor map of [M, K] bf16, W: of [N, K] bf16, both with 64 x 128 boxes (K x rows; W: 64 x 256 wide).
-template <int BN>
-__device__ __forceinline__ void gemm_bf16_body(const TensorMap* ta, const TensorMap* tw, const bf16* __restrict__ bias,
-                                               int bias_mode, bf16* __restrict__ C, int M, int N, int K, i64 ldc,
-                                               const StreamK* sk) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    wgmma_gemm<false, BN>(
-        ta, tw, K * 2, M, N, sk->counts ? sk : nullptr, [&](i64 m, i64 n, float v) { return v + bias_at(bias, bias_mode, m, n); },
-        [&](i64 m, i64 n, uint4 y, int count) { store_bf16_upto8(C + m * ldc + n, y, count); });
-#endif
-}
 #define GEMM_BF16(BN) gemm_bf16_body<BN>(&ta, &tw, bias, bias_mode, C, M, N, K, ldc, &sk)
 #define GEMM_BF16_PARAMS const __grid_constant__ TensorMap ta, const __grid_constant__ TensorMap tw,  \
     const bf16* __restrict__ bias, int bias_mode, bf16* __restrict__ C, int M, int N, int K, i64 ldc, \
@@ -312,18 +348,6 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_bf16_wide
     WG_BODY(GEMM_BF16(256));
 }
 
-// The gated residual in the epilogue (gemm_mma_gated_bf16's contract): C = X + gate[m / L] · y,
-// y = A · Wᵀ + bias rounded to bf16 as the linear's output would be.
-template <int BN>
-__device__ __forceinline__ void gemm_gated_bf16_body(const TensorMap* ta, const TensorMap* tw, const bf16* __restrict__ bias,
-                                                     const bf16* __restrict__ X, const bf16* __restrict__ gate, i64 gs,
-                                                     int L, bf16* __restrict__ C, int M, int N, int K, const StreamK* sk) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    wgmma_gemm<false, BN>(
-        ta, tw, K * 2, M, N, sk->counts ? sk : nullptr, [&](i64, i64 n, float v) { return v + (bias ? to_f(bias[n]) : 0.f); },
-        [&](i64 m, i64 n, uint4 y, int count) { gated_store8(X, gate, gs, L, C, N, m, n, y, count); });
-#endif
-}
 #define GEMM_GATED_BF16(BN) gemm_gated_bf16_body<BN>(&ta, &tw, bias, X, gate, gs, L, C, M, N, K, &sk)
 #define GEMM_GATED_BF16_PARAMS const __grid_constant__ TensorMap ta, const __grid_constant__ TensorMap tw,   \
     const bf16* __restrict__ bias, const bf16* __restrict__ X, const bf16* __restrict__ gate, i64 gs, int L, \
@@ -335,19 +359,6 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_gated_bf1
     WG_BODY(GEMM_GATED_BF16(256));
 }
 
-// A: tensor map of the [M, K] e4m3 activation codes, W: of the [N, K] e4m3 weights, 128 x 128 boxes
-// (W: 128 x 256 wide); out = acc · a_scale[m] · w_scale[n] + bias[n] (gemm_w8a8_mma_e4m3's numerics).
-template <int BN>
-__device__ __forceinline__ void gemm_e4m3_body(const TensorMap* ta, const float* __restrict__ a_scale, const TensorMap* tw,
-                                               const float* __restrict__ w_scale, const bf16* __restrict__ bias,
-                                               bf16* __restrict__ C, int M, int N, int K, i64 ldc, const StreamK* sk) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    wgmma_gemm<true, BN>(
-        ta, tw, K, M, N, sk->counts ? sk : nullptr,
-        [&](i64 m, i64 n, float v) { return v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f); },
-        [&](i64 m, i64 n, uint4 y, int count) { store_bf16_upto8(C + m * ldc + n, y, count); });
-#endif
-}
 #define GEMM_E4M3(BN) gemm_e4m3_body<BN>(&ta, a_scale, &tw, w_scale, bias, C, M, N, K, ldc, &sk)
 #define GEMM_E4M3_PARAMS const __grid_constant__ TensorMap ta, const float* __restrict__ a_scale,           \
     const __grid_constant__ TensorMap tw, const float* __restrict__ w_scale, const bf16* __restrict__ bias, \
@@ -359,20 +370,6 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) gemm_wgmma_e4m3_wide
     WG_BODY(GEMM_E4M3(256));
 }
 
-// gemm_wgmma_e4m3 with the gated residual in the epilogue (gemm_w8a8_mma_gated_e4m3's contract).
-template <int BN>
-__device__ __forceinline__ void gemm_gated_e4m3_body(const TensorMap* ta, const float* __restrict__ a_scale,
-                                                     const TensorMap* tw, const float* __restrict__ w_scale,
-                                                     const bf16* __restrict__ bias, const bf16* __restrict__ X,
-                                                     const bf16* __restrict__ gate, i64 gs, int L, bf16* __restrict__ C,
-                                                     int M, int N, int K, const StreamK* sk) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    wgmma_gemm<true, BN>(
-        ta, tw, K, M, N, sk->counts ? sk : nullptr,
-        [&](i64 m, i64 n, float v) { return v * a_scale[m] * w_scale[n] + (bias ? to_f(bias[n]) : 0.f); },
-        [&](i64 m, i64 n, uint4 y, int count) { gated_store8(X, gate, gs, L, C, N, m, n, y, count); });
-#endif
-}
 #define GEMM_GATED_E4M3(BN) gemm_gated_e4m3_body<BN>(&ta, a_scale, &tw, w_scale, bias, X, gate, gs, L, C, M, N, K, &sk)
 #define GEMM_GATED_E4M3_PARAMS const __grid_constant__ TensorMap ta, const float* __restrict__ a_scale,           \
     const __grid_constant__ TensorMap tw, const float* __restrict__ w_scale, const bf16* __restrict__ bias,       \

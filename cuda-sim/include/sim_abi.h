@@ -64,9 +64,9 @@ void sim_tma_load_2d(void* dst_shared, const void* tensor_map, int c0, int c1, v
 void sim_wgmma(int type, int n, void* d, uint64_t desc_a, uint64_t desc_b, int scale_d);
 void sim_wgmma_rs(int type, int n, void* d, const unsigned* a, uint64_t desc_b, int scale_d);
 void sim_wgmma_commit();
+void sim_wgmma_wait(int pending_groups);
 // setmaxnreg.{inc,dec}.sync.aligned.u32 count (inc: inc != 0): the warpgroup's registers per thread.
 void sim_setmaxnreg(unsigned count, int inc);
-void sim_wgmma_wait(int pending_groups);
 
 // Kernel-side failure with a message (e.g. a trap or an unsupported built-in).
 [[noreturn]] void sim_trap(const char* what);

@@ -9,6 +9,7 @@
 // warpgroup retires it (wgmma.wait_group), and writes each thread's accumulators when that thread
 // retires it, so accumulators read before the wait are stale and a stage refilled before the
 // wait is caught in flight.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -150,30 +151,15 @@ void read_operand(BlockState& b, uint64_t desc, int rows, int type, const char* 
         }
 }
 
-// A's rows of warp w from its 32 lanes' register fragments. bf16 (16 x 16): register r of lane l
-// holds row l/4 + 8(r & 1), columns 2(l % 4) + 8(r >= 2) (low half) and the next (high half).
-// e4m3 (16 x 32): register r holds row l/4 + 8(r & 1), columns 4(l % 4) + 16(r >= 2) + byte.
+// A's rows of warp w (16 x k, row-major) from its 32 lanes' register fragments: per warp the
+// layouts of mma.sync m16n8k16 (bf16) and m16n8k32 (e4m3).
 void a_rows_from_fragments(const WgmmaOp& op, unsigned w, std::vector<double>& out) {
-    const bool bf16 = op.type == SIM_WGMMA_BF16;
-    const unsigned k = bf16 ? 16 : 32;
-    out.assign(16 * k, 0.0);
+    const int k = op.type == SIM_WGMMA_BF16 ? 16 : 32;
+    double A[16][32];
     for (unsigned l = 0; l < 32; l++)
-        for (unsigned r = 0; r < 4; r++) {
-            const uint32_t v = op.a_frag[(w * 32 + l) * 4 + r];
-            const unsigned row = l / 4 + 8 * (r & 1);
-            if (!bf16) {
-                const unsigned col = 4 * (l % 4) + 16 * (r >> 1);
-                for (unsigned e = 0; e < 4; e++) out[row * k + col + e] = e4m3_value((uint8_t)(v >> (8 * e)));
-                continue;
-            }
-            const unsigned col = 2 * (l % 4) + 8 * (r >> 1);
-            for (unsigned h = 0; h < 2; h++) {
-                uint32_t u = ((v >> (16 * h)) & 0xffffu) << 16;
-                float f;
-                memcpy(&f, &u, 4);
-                out[row * k + col + h] = f;
-            }
-        }
+        mma_a_fragment(&op.a_frag[(w * 32 + l) * 4], l, op.type == SIM_WGMMA_BF16 ? nullptr : e4m3_value, A);
+    out.resize(16 * k);
+    for (int r = 0; r < 16; r++) std::copy(A[r], A[r] + k, &out[(size_t)r * k]);
 }
 
 // The product rows of warp w (all 64 rows when A is in shared memory, read now with B); B is read
@@ -203,6 +189,12 @@ void compute_rows(BlockState& b, WgmmaOp& op, unsigned w) {
         }
     }
     op.warps_done |= op.a_in_regs ? 1u << w : 0xfu;
+}
+
+// Warpgroup-wide instructions (wgmma, setmaxnreg) need all 128 threads of the caller's warpgroup.
+void require_whole_warpgroup(const Thread& t, const std::string& what) {
+    if (t.block->nthreads < (t.warp / 4 + 1) * 128)
+        fail(ERR_LAUNCH_FAILED, what + " needs its whole warpgroup of 128 threads; the block's last warpgroup is partial");
 }
 
 WarpGroup& warpgroup_of(Thread& t) {
@@ -334,8 +326,7 @@ void sim_setmaxnreg(unsigned count, int inc) {
     if (count < 24 || count > 256 || count % 8)
         fail(ERR_LAUNCH_FAILED, std::string(op) + " " + std::to_string(count) + ": the count must be a multiple of 8 in 24..256");
     BlockState& b = *t->block;
-    if (b.nthreads < (t->warp / 4 + 1) * 128)
-        fail(ERR_LAUNCH_FAILED, std::string(op) + " needs its whole warpgroup of 128 threads; the block's last warpgroup is partial");
+    require_whole_warpgroup(*t, op);
     WarpGroup& g = warpgroup_of(*t);
     if (g.asked == 0) g.asking = count;
     if (g.asking != count)
@@ -443,8 +434,7 @@ WgmmaOp& issue_wgmma(Thread* t, int type, int n, void* d, uint64_t desc_a, uint6
     require_hopper(true, "wgmma.mma_async");
     BlockState& b = *t->block;
     if (n < 8 || n > 256 || n % 8) fail(ERR_LAUNCH_FAILED, "wgmma with N = " + std::to_string(n));
-    if (b.nthreads < (t->warp / 4 + 1) * 128)
-        fail(ERR_LAUNCH_FAILED, "wgmma needs its whole warpgroup of 128 threads; the block's last warpgroup is partial");
+    require_whole_warpgroup(*t, "wgmma");
     WarpGroup& g = warpgroup_of(*t);
     const uint64_t index = t->wgmma_issued++;
     if (index < g.base) sim_trap("wgmma op bookkeeping");

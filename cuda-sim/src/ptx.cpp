@@ -143,11 +143,7 @@ void complete_mma_bf16(BlockState& b, Warp& w, unsigned, unsigned) {
     for (unsigned lane = 0; lane < 32; lane++) {
         Thread& t = lane_thread(b, w, lane);
         unsigned g = lane / 4, c = lane % 4;
-        const unsigned* a = t.in_regs;
-        A[g][2 * c] = bf16_lo(a[0]), A[g][2 * c + 1] = bf16_hi(a[0]);
-        A[g + 8][2 * c] = bf16_lo(a[1]), A[g + 8][2 * c + 1] = bf16_hi(a[1]);
-        A[g][2 * c + 8] = bf16_lo(a[2]), A[g][2 * c + 9] = bf16_hi(a[2]);
-        A[g + 8][2 * c + 8] = bf16_lo(a[3]), A[g + 8][2 * c + 9] = bf16_hi(a[3]);
+        mma_a_fragment(t.in_regs, lane, nullptr, A);
         B[2 * c][g] = bf16_lo((unsigned)t.in_value), B[2 * c + 1][g] = bf16_hi((unsigned)t.in_value);
         B[2 * c + 8][g] = bf16_lo((unsigned)(t.in_value >> 32)), B[2 * c + 9][g] = bf16_hi((unsigned)(t.in_value >> 32));
     }
@@ -160,20 +156,14 @@ void complete_mma_bf16(BlockState& b, Warp& w, unsigned, unsigned) {
 thread_local int g_mma8_type;
 void complete_mma_8bit(BlockState& b, Warp& w, unsigned, unsigned) {
     double A[16][32], B[32][8];
-    auto value = [](unsigned reg, int byte) {
-        uint8_t v = (uint8_t)(reg >> (8 * byte));
-        return g_mma8_type == SIM_MMA_S8 ? (double)(int8_t)v : e4m3_value(v);
-    };
+    double (*code)(uint8_t) = g_mma8_type == SIM_MMA_S8 ? +[](uint8_t v) { return (double)(int8_t)v; } : e4m3_value;
     for (unsigned lane = 0; lane < 32; lane++) {
         Thread& t = lane_thread(b, w, lane);
         unsigned g = lane / 4, c = lane % 4;
+        mma_a_fragment(t.in_regs, lane, code, A);
         for (int i = 0; i < 4; i++) {
-            A[g][4 * c + i] = value(t.in_regs[0], i);
-            A[g + 8][4 * c + i] = value(t.in_regs[1], i);
-            A[g][4 * c + 16 + i] = value(t.in_regs[2], i);
-            A[g + 8][4 * c + 16 + i] = value(t.in_regs[3], i);
-            B[4 * c + i][g] = value((unsigned)t.in_value, i);
-            B[4 * c + 16 + i][g] = value((unsigned)(t.in_value >> 32), i);
+            B[4 * c + i][g] = code((uint8_t)(t.in_value >> (8 * i)));
+            B[4 * c + 16 + i][g] = code((uint8_t)(t.in_value >> (32 + 8 * i)));
         }
     }
     mma_accumulate(b, w, A, B, 32, g_mma8_type == SIM_MMA_S8);
@@ -233,6 +223,17 @@ void cp_async_complete_all(Thread& t) {
     }
     for (const CpAsyncOp& op : t.open_group) land(t, op);
     t.open_group.clear();
+}
+
+// Register r of lane l holds row l/4 + 8(r & 1) of A, from column E(l % 4) + 4E(r >> 1) on, E elements
+// per register low bytes first: E = 2 bf16 (m16n8k16) or 4 bytes (m16n8k32, decoded by `code`).
+void mma_a_fragment(const unsigned regs[4], unsigned lane, double (*code)(uint8_t), double (*A)[32]) {
+    const unsigned e = code ? 4 : 2, row = lane / 4;
+    for (unsigned r = 0; r < 4; r++) {
+        double* out = &A[row + 8 * (r & 1)][e * (lane % 4) + 4 * e * (r >> 1)];
+        for (unsigned i = 0; i < e; i++)
+            out[i] = code ? code((uint8_t)(regs[r] >> (8 * i))) : (i ? bf16_hi(regs[r]) : bf16_lo(regs[r]));
+    }
 }
 
 }  // namespace sim

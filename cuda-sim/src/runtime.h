@@ -257,6 +257,10 @@ Thread* current_thread(const char* instruction);
 std::string hex(uintptr_t address);
 // The value of an e4m3 code (NaN for the two NaN codes), exactly (hopper.cpp).
 double e4m3_value(uint8_t code);
+// One lane's four A registers of an mma into the warp's 16-row A tile (ptx.cpp): mma.sync
+// m16n8k16 bf16 (`code` null) or m16n8k32 8-bit (`code` decodes a byte), and per warp the
+// register-A fragments of wgmma, which share those layouts.
+void mma_a_fragment(const unsigned regs[4], unsigned lane, double (*code)(uint8_t), double (*A)[32]);
 
 // Stops the running kernel with a defect report (never returns when called on a fiber).
 [[noreturn]] void fail(Result code, const std::string& what);

@@ -42,23 +42,30 @@ pub(super) fn big_smem(target: &str) -> Vec<(&'static str, usize)> {
     }
 }
 
-/// The v4 kernel for an attention call `[b, nq, h, nk, hkv, d]`, if v4 applies: an sm_90a image,
-/// v3 not requested, no mask, head dim 64 or 128, at least one key, tensor-map coordinates within
-/// 32 bits and the transpose's grid within 65535 (batch x kv heads). The caller has checked the 16-byte alignment
-/// the tensor maps need.
-pub(super) fn kernel(be: &CudaBackend, masked: bool, [b, nq, _, nk, hkv, d]: [usize; 6]) -> Option<&'static str> {
-    let on = be.dev.target == V3_TARGET && !be.dev.flash_v3.load(Ordering::Relaxed) && !masked;
+/// Whether the Hopper attention kernels (flash v4, Sage v3) can take a call `[b, nq, h, nk, hkv, d]`:
+/// at least one batch, query and key (else nothing for a tensor map to describe; the older kernels
+/// write the zeros), tensor-map coordinates within 32 bits, and a grid of batch x kv heads (v4's V
+/// transpose) within 65535.
+pub(super) fn tma_shapes_fit([b, nq, h, nk, hkv, d]: [usize; 6]) -> bool {
     let i32_ok = |x: usize| x < (1 << 31);
-    // No keys (or no batch): nothing for a tensor map to describe; v3 writes the zeros.
-    let fits = b > 0
+    b > 0
+        && nq > 0
         && nk > 0
         && i32_ok((b + 1) * nq)
         && i32_ok((b + 1) * nk)
+        && i32_ok(h * d)
         && b * hkv <= 65535
-        && i32_ok((b * hkv + 1) * d);
-    match d {
-        64 if on && fits => Some(D64_KERNEL),
-        128 if on && fits => Some(D128_KERNEL),
+        && i32_ok((b * hkv + 1) * d)
+}
+
+/// The v4 kernel for an attention call `[b, nq, h, nk, hkv, d]`, if v4 applies: an sm_90a image,
+/// v3 not requested, no mask, head dim 64 or 128, and shapes the tensor maps hold (`tma_shapes_fit`).
+/// The caller has checked the 16-byte alignment the tensor maps need.
+pub(super) fn kernel(be: &CudaBackend, masked: bool, dims: [usize; 6]) -> Option<&'static str> {
+    let on = be.dev.target == V3_TARGET && !be.dev.flash_v3.load(Ordering::Relaxed) && !masked;
+    match dims[5] {
+        64 if on && tma_shapes_fit(dims) => Some(D64_KERNEL),
+        128 if on && tma_shapes_fit(dims) => Some(D128_KERNEL),
         _ => None,
     }
 }

@@ -66,7 +66,7 @@ pub(super) fn wide_pays(sms: usize, m: usize, n: usize) -> bool {
     let (sms, rows) = (sms.max(1), m.div_ceil(128));
     let narrow_waves = (rows * n.div_ceil(128)).div_ceil(sms);
     let wide_waves = (rows * n.div_ceil(256)).div_ceil(sms);
-    n > 128 && wide_waves * 200 < narrow_waves * WIDE_GAIN_PCT
+    wide_waves * 200 < narrow_waves * WIDE_GAIN_PCT
 }
 
 /// v3 applies: an sm_90a image, v2 not requested, A and W 16-byte aligned with non-empty rows of a

@@ -633,7 +633,7 @@ impl CudaBackend {
         let hopper = self.has_gemm_v3();
         let (gemm_v2, flash_v3) = (self.dev.gemm_v2.load(Ordering::Relaxed), self.dev.flash_v3.load(Ordering::Relaxed));
         let whole_tiles = self.dev.gemm_tiles.load(Ordering::Relaxed);
-        let narrow = self.dev.gemm_narrow_default;
+        let narrow = self.dev.gemm_narrow.load(Ordering::Relaxed);
         let gemm = match (hopper, gemm_v2) {
             (true, false) if whole_tiles => "v3 (wgmma + TMA; whole tiles, FLUX2_CUDA_GEMM=v3-tiles)",
             (true, false) if narrow => {

@@ -197,10 +197,11 @@ fn sage_mma(
     kc: &Codes,
     stats: &KvStats,
     (vp, v_ld): (u64, i64),
-    [b, nq, h, nk, hkv, d]: Dims,
+    dims: Dims,
     mask: &AttnMask,
     scale: f32,
 ) -> Result<Tensor> {
+    let [b, nq, h, nk, hkv, d] = dims;
     let out = be.output(DType::BF16, &[b, nq, h, d])?;
     let (causal, _lens, lp) = super::attention::mask_args(be, mask)?;
     let e4m3_pv = has_fp8_mma(be.dev.target) && !be.dev.sage_bf16_pv.load(std::sync::atomic::Ordering::Relaxed);
@@ -225,7 +226,6 @@ fn sage_mma(
         v_ld,
         tv as i64
     )?;
-    let dims = [b, nq, h, nk, hkv, d];
     if sage_wgmma::applies(be, !matches!(mask, AttnMask::None), e4m3_pv, dims) {
         let args = SageArgs {
             q: be.ptr(&qc.codes)?,

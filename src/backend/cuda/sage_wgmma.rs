@@ -38,19 +38,11 @@ pub(super) fn big_smem(target: &str) -> Vec<(&'static str, usize)> {
 }
 
 /// Whether v3 runs a Sage call `[b, nq, h, nk, hkv, d]`: an sm_90a image, v2 not requested, no
-/// mask, P·V on e4m3 (not forced to bf16), head dim 128, at least one key, and tensor-map
-/// coordinates within 32 bits.
-pub(super) fn applies(be: &CudaBackend, masked: bool, e4m3_pv: bool, [b, nq, h, nk, hkv, d]: [usize; 6]) -> bool {
+/// mask, P·V on e4m3 (not forced to bf16), head dim 128, and shapes the tensor maps hold (flash v4's
+/// `tma_shapes_fit`).
+pub(super) fn applies(be: &CudaBackend, masked: bool, e4m3_pv: bool, dims: [usize; 6]) -> bool {
     let on = be.dev.target == V3_TARGET && !be.dev.sage_v2.load(Ordering::Relaxed) && !masked && e4m3_pv;
-    let i32_ok = |x: usize| x < (1 << 31);
-    on && d == D
-        && b > 0
-        && nq > 0
-        && nk > 0
-        && i32_ok((b + 1) * nq)
-        && i32_ok((b + 1) * nk)
-        && i32_ok(h * D)
-        && i32_ok((b * hkv + 1) * D)
+    on && dims[5] == D && super::attention_wgmma::tma_shapes_fit(dims)
 }
 
 /// Device pointers of one call: Q's and K's int8 codes `[b, n, heads, 128]`, Vᵀ's e4m3 codes
