@@ -4,6 +4,9 @@
 // sm_80+), online softmax in f32 over 64-key tiles (exp2 in the log2 domain), P scaled by 448 and rounded to e4m3,
 // V smoothed by its token mean and e4m3 per channel, P·V accumulated in f32:
 //   attention_sage_mma_d{64,128}: P·V on mma.sync m16n8k32 e4m3 (sm_89+).
+//   attention_sage_mma_e4m3out_d{64,128}: the same, the output also as the e4m3 rows (codes and per-token
+//     scales) of the FP8 linears that read it (the double block's output projections, e4m3_rows.cuh):
+//     grid (heads, query tiles, B), the block completing a query tile's heads quantizes the tile.
 //   attention_sage_mma_bf16pv_d{64,128}: for sm_80/86 (no e4m3 tensor cores). Every e4m3 value is a bf16
 //     value, so P and V rounded to e4m3 and held as bf16 give the same products on mma.sync m16n8k16 bf16:
 //     each e4m3 m16n8k32 step becomes two bf16 steps over the same 32 key slots (thread t's slots 4t..4t+3
@@ -33,6 +36,7 @@
 // as the two 4-warp blocks of 64 queries before on sm_89); bf16 P·V 166–185/117–159. The cp.async loops
 // stay rolled and d = 64 is bounded to one block per SM: otherwise ptxas spilled (sm_90a d 128: 120 bytes,
 // sm_120 d 64: 12). The quantize passes 28–38. (sm_80/86 images hold a trap in the e4m3 kernels.)
+// e4m3out: sm_89 174/123, sm_90a 196/203, sm_120 223/175, no stack or spills, 16 B of static shared memory.
 #include <cuda_fp8.h>
 #include "qk_norm.cuh"
 #include "sage_tile.cuh"
@@ -216,13 +220,15 @@ extern "C" __global__ void sage_quantize_vt_e4m3_as_bf16(const bf16* v, const fl
 __device__ __forceinline__ float e4m3_round(float x) { return (float)__nv_fp8_e4m3(x); }
 
 // E4M3_PV: P·V on e4m3 tensor cores (vt holds codes); else on bf16 ones (vt holds bf16 values).
-template <int D, bool E4M3_PV>
+// QUANT: the output also as the FP8 linears' e4m3 rows into `e` (e4m3_rows.cuh), the grid heads
+// first ((heads, query tiles, B)); else (query tiles, heads, B).
+template <int D, bool E4M3_PV, bool QUANT>
 __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, const signed char* __restrict__ kc,
                                          const unsigned char* __restrict__ vt, bf16* __restrict__ out, int nq, int nk,
                                          int nk_pad, int heads, int kv_heads, float scale, int causal,
                                          const int* __restrict__ valid_len, const float* __restrict__ q_absmax,
                                          const float* __restrict__ k_absmax, const float* __restrict__ v_mean,
-                                         const float* __restrict__ v_absmax) {
+                                         const float* __restrict__ v_absmax, const E4m3Split& e) {
     constexpr int VB = E4M3_PV ? 1 : 2;  // bytes per Vᵀ value
     constexpr int BQ = 2 * SAGE_TILE, THREADS = 2 * BQ;  // 4 warps per Q scale block of 64
     constexpr int BKV = SAGE_TILE, LDQ = D + 16, LDV = BKV * VB + 16;
@@ -232,8 +238,8 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
     unsigned char* stages = smem + BQ * LDQ;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int h = blockIdx.y, b = blockIdx.z, hk = h / (heads / kv_heads);
-    const int q0 = blockIdx.x * BQ;
+    const int h = QUANT ? blockIdx.x : blockIdx.y, tile = QUANT ? blockIdx.y : blockIdx.x;
+    const int b = blockIdx.z, hk = h / (heads / kv_heads), q0 = tile * BQ;
     const i64 q_stride = (i64)heads * D, kv_stride = (i64)kv_heads * D;
     const i64 bhk = (i64)b * kv_heads + hk;
     const signed char* qb = qc + (i64)b * nq * q_stride + (i64)h * D;
@@ -359,8 +365,13 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
         }
     }
 
+    float row_max[2];
     sage_store_rows<D / 8>(o, l_r, v_mean + bhk * D, v_absmax + bhk * D, out + (i64)b * nq * q_stride + (i64)h * D, row0,
-                           nq, q_stride);
+                           nq, q_stride, row_max);
+    if constexpr (QUANT) {
+        sage_rows_max(e, b, nq, row0, row_max);
+        e4m3_rows_finish(e, out, b, tile, gridDim.y, q0, BQ, nq, heads, heads * D);
+    }
 }
 
 #define SAGE_MMA_ARGS                                                                                           \
@@ -373,7 +384,7 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
 // e4m3 tensor cores need sm_89 or newer: older images hold a trap (the launcher picks the bf16 P·V kernels).
 extern "C" __global__ void __launch_bounds__(256, 1) attention_sage_mma_d64(SAGE_MMA_ARGS) {
 #if __CUDA_ARCH__ >= 890
-    sage_mma<64, true>(SAGE_MMA_PASS);
+    sage_mma<64, true, false>(SAGE_MMA_PASS, E4m3Split{});
 #else
     __trap();
 #endif
@@ -381,16 +392,34 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_sage_mma_d64(SAGE
 
 extern "C" __global__ void __launch_bounds__(256) attention_sage_mma_d128(SAGE_MMA_ARGS) {
 #if __CUDA_ARCH__ >= 890
-    sage_mma<128, true>(SAGE_MMA_PASS);
+    sage_mma<128, true, false>(SAGE_MMA_PASS, E4m3Split{});
 #else
     __trap();
 #endif
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1) attention_sage_mma_bf16pv_d64(SAGE_MMA_ARGS) {
-    sage_mma<64, false>(SAGE_MMA_PASS);
+    sage_mma<64, false, false>(SAGE_MMA_PASS, E4m3Split{});
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_sage_mma_bf16pv_d128(SAGE_MMA_ARGS) {
-    sage_mma<128, false>(SAGE_MMA_PASS);
+    sage_mma<128, false, false>(SAGE_MMA_PASS, E4m3Split{});
+}
+
+// The same, the output also as the e4m3 rows of the FP8 linears that read it (e4m3_rows.cuh): grid
+// (heads, query tiles, B), e.scratch zeroed.
+extern "C" __global__ void __launch_bounds__(256, 1) attention_sage_mma_e4m3out_d64(SAGE_MMA_ARGS, E4m3Split e) {
+#if __CUDA_ARCH__ >= 890
+    sage_mma<64, true, true>(SAGE_MMA_PASS, e);
+#else
+    __trap();
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_sage_mma_e4m3out_d128(SAGE_MMA_ARGS, E4m3Split e) {
+#if __CUDA_ARCH__ >= 890
+    sage_mma<128, true, true>(SAGE_MMA_PASS, e);
+#else
+    __trap();
+#endif
 }

@@ -17,6 +17,10 @@
 // stays in flight while S of tile t+1 is issued; a stage goes back to the producer when both
 // warpgroups' wgmmas on it have retired.
 //
+// attention_sage_wgmma_e4m3out_d128 also writes the output as the e4m3 rows of the FP8 linears that read
+// it (e4m3_rows.cuh; grid heads first): the producer warpgroup stays to the end and helps the consumers
+// quantize a query tile when this block completes its heads. ptxas: 135 registers (152 without), no stack.
+//
 // Budget: S 32 s32 + P 8 + O 64 f32 registers per thread; Q 16 KB + 4 stages of 16 KB (+ 1 KB of
 // alignment slack): 81 KB of shared memory, one block (12 warps) per SM. Keys of a ragged last tile past
 // Nk (or the next sequence's rows of K) are hidden before the softmax, and their Vᵀ codes are zeros;
@@ -36,10 +40,15 @@
 #define SW_STAGE (SW_K_BYTES + SW_D * SW_BKV)  // + Vᵀ: 128 channels of 64 keys
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// QUANT: the output also as the FP8 linears' e4m3 rows into `e` (e4m3_rows.cuh), the grid heads
+// first ((heads, query tiles, B)), and every warpgroup (the producer's too) quantizes a completed
+// tile; else (query tiles, heads, B).
+template <bool QUANT>
 __device__ __forceinline__ void sage_wgmma(const TensorMap* tq, const TensorMap* tk, const TensorMap* tv,
                                            bf16* __restrict__ out, int nq, int nk, int heads, int kv_heads, float scale,
                                            const float* __restrict__ q_absmax, const float* __restrict__ k_absmax,
-                                           const float* __restrict__ v_mean, const float* __restrict__ v_absmax) {
+                                           const float* __restrict__ v_mean, const float* __restrict__ v_absmax,
+                                           const E4m3Split& e) {
     constexpr int NT = SW_BKV / 8;
     unsigned char* smem = dynamic_smem<unsigned char>();
     smem += (1024 - (__cvta_generic_to_shared(smem) & 1023)) & 1023;
@@ -49,23 +58,27 @@ __device__ __forceinline__ void sage_wgmma(const TensorMap* tq, const TensorMap*
     unsigned long long* full = qbar + 1;
     unsigned long long* empty = full + SW_STAGES;
 
-    const int h = blockIdx.y, b = blockIdx.z, hk = h / (heads / kv_heads), q0 = blockIdx.x * SW_BQ;
+    const int h = QUANT ? blockIdx.x : blockIdx.y, tile = QUANT ? blockIdx.y : blockIdx.x;
+    const int b = blockIdx.z, hk = h / (heads / kv_heads), q0 = tile * SW_BQ;
     const int wg = threadIdx.x >> 7, ntiles = (nk + SW_BKV - 1) / SW_BKV;
     const i64 bhk = (i64)b * kv_heads + hk;
     ring_barriers_init(qbar, full, empty, SW_STAGES);
 
+    const i64 q_stride = (i64)heads * SW_D;
     if (wg == 0) {
-        if (threadIdx.x != 0) return;
-        mbarrier_arrive_expect_tx(qbar, SW_Q_BYTES);
-        tma_load_2d(qs, tq, h * SW_D, b * nq + q0, qbar);
-        for (int t = 0; t < ntiles; t++) {
-            const int s = t % SW_STAGES;
-            unsigned char* st = stages + s * SW_STAGE;
-            mbarrier_wait(&empty[s], ((t / SW_STAGES) & 1) ^ 1);  // the first round finds every stage empty
-            mbarrier_arrive_expect_tx(&full[s], SW_STAGE);
-            tma_load_2d(st, tk, hk * SW_D, b * nk + t * SW_BKV, &full[s]);
-            tma_load_2d(st + SW_K_BYTES, tv, t * SW_BKV, (int)bhk * SW_D, &full[s]);
+        if (threadIdx.x == 0) {
+            mbarrier_arrive_expect_tx(qbar, SW_Q_BYTES);
+            tma_load_2d(qs, tq, h * SW_D, b * nq + q0, qbar);
+            for (int t = 0; t < ntiles; t++) {
+                const int s = t % SW_STAGES;
+                unsigned char* st = stages + s * SW_STAGE;
+                mbarrier_wait(&empty[s], ((t / SW_STAGES) & 1) ^ 1);  // the first round finds every stage empty
+                mbarrier_arrive_expect_tx(&full[s], SW_STAGE);
+                tma_load_2d(st, tk, hk * SW_D, b * nk + t * SW_BKV, &full[s]);
+                tma_load_2d(st + SW_K_BYTES, tv, t * SW_BKV, (int)bhk * SW_D, &full[s]);
+            }
         }
+        if constexpr (QUANT) e4m3_rows_finish(e, out, b, tile, gridDim.y, q0, SW_BQ, nq, heads, heads * SW_D);
         return;
     }
 
@@ -73,7 +86,7 @@ __device__ __forceinline__ void sage_wgmma(const TensorMap* tq, const TensorMap*
     const bool leader = (threadIdx.x & 127) == 0;
     const int q_blocks = (nq + SW_BKV - 1) / SW_BKV, k_blocks = (nk + SW_BKV - 1) / SW_BKV;
     // This warpgroup's 64 rows are one Q scale block (none past nq: its rows are not stored).
-    const int q_blk = blockIdx.x * 2 + half;
+    const int q_blk = tile * 2 + half;
     const float sq = q_blk < q_blocks ? q_absmax[((i64)b * heads + h) * q_blocks + q_blk] / 127.f : 0.f;
     float o[SW_D / 8][4];
 #pragma unroll
@@ -126,9 +139,14 @@ __device__ __forceinline__ void sage_wgmma(const TensorMap* tq, const TensorMap*
     wgmma_fence_operand<SW_D / 2>(&o[0][0]);
     wgmma_fence_operand<SW_BKV / 8>(&pf[0][0]);
 
-    const i64 q_stride = (i64)heads * SW_D;
+    const int row0 = q0 + half * 64 + warp * 16 + (lane >> 2);
+    float row_max[2];
     sage_store_rows<SW_D / 8>(o, l_r, v_mean + bhk * SW_D, v_absmax + bhk * SW_D, out + (i64)b * nq * q_stride + (i64)h * SW_D,
-                              q0 + half * 64 + warp * 16 + (lane >> 2), nq, q_stride);
+                              row0, nq, q_stride, row_max);
+    if constexpr (QUANT) {
+        sage_rows_max(e, b, nq, row0, row_max);
+        e4m3_rows_finish(e, out, b, tile, gridDim.y, q0, SW_BQ, nq, heads, heads * SW_D);
+    }
 }
 #endif
 
@@ -142,8 +160,23 @@ extern "C" __global__ void __launch_bounds__(SW_THREADS, 1)
                               float scale, const float* q_absmax, const float* k_absmax, const float* v_mean,
                               const float* v_absmax) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    sage_wgmma(&tq, &tk, &tv, out, nq, nk, heads, kv_heads, scale, q_absmax, k_absmax, v_mean, v_absmax);
+    sage_wgmma<false>(&tq, &tk, &tv, out, nq, nk, heads, kv_heads, scale, q_absmax, k_absmax, v_mean, v_absmax,
+                      E4m3Split{});
 #else
     __trap();  // wgmma needs an sm_90a image: the launcher picks v2 elsewhere
+#endif
+}
+
+// The same, the output also as the e4m3 rows of the FP8 linears that read it (e4m3_rows.cuh): grid
+// (heads, query tiles, B), e.scratch zeroed.
+extern "C" __global__ void __launch_bounds__(SW_THREADS, 1)
+    attention_sage_wgmma_e4m3out_d128(const __grid_constant__ TensorMap tq, const __grid_constant__ TensorMap tk,
+                                      const __grid_constant__ TensorMap tv, bf16* out, int nq, int nk, int heads,
+                                      int kv_heads, float scale, const float* q_absmax, const float* k_absmax,
+                                      const float* v_mean, const float* v_absmax, E4m3Split e) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    sage_wgmma<true>(&tq, &tk, &tv, out, nq, nk, heads, kv_heads, scale, q_absmax, k_absmax, v_mean, v_absmax, e);
+#else
+    __trap();
 #endif
 }

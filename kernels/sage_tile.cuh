@@ -7,8 +7,8 @@
 // row lane/4 (+8 for e >= 2), key j*8 + 2*(lane%4) + (e & 1); a wgmma accumulator is that layout
 // per warp.
 #pragma once
-#include <cuda_fp8.h>
 #include "common.cuh"
+#include "e4m3_rows.cuh"
 
 // (float)x, exact for |x| < 2^22 (the scores: |x| <= 127² · 128 < 2^21), without I2F, which issues at a
 // quarter of the FP32 rate or less: 1.5 · 2^23 + x holds x in its mantissa, and subtracting 1.5 · 2^23
@@ -53,11 +53,6 @@ __device__ __forceinline__ void sage_softmax_tile(const int (&si)[NT][4], float 
         }
 }
 
-__device__ __forceinline__ unsigned pack_e4m3x4(float a, float b, float c, float d) {
-    __nv_fp8_e4m3 qa(a), qb(b), qc(c), qd(d);
-    return (unsigned)qa.__x | ((unsigned)qb.__x << 8) | ((unsigned)qc.__x << 16) | ((unsigned)qd.__x << 24);
-}
-
 // The e4m3 A fragment (16 rows x 32 key slots, mma m16n8k32's layout) of keys 32*kk.. from P. The
 // accumulators hold keys 2c, 2c+1 of each 8-key tile in thread c of a quad, the fragment wants 4
 // consecutive slots: Vᵀ's keys are permuted to match (sage_quantize_vt_e4m3_bf16).
@@ -76,9 +71,11 @@ __device__ __forceinline__ void sage_p_fragment_e4m3(const float (&s)[NT][4], in
 // Writes this thread's two rows (row0, row0 + 8; those below nq) of the output: o scaled back by
 // V's channel scale (v_absmax / 448) and P's 448, divided by the row sum, plus V's channel mean.
 // ob points at row 0 of this head; v_mean and v_absmax at this (batch, kv head)'s channels.
+// row_max: the |max| of the bf16 values this thread stored in each row (0 for rows not stored).
 template <int N>
 __device__ __forceinline__ void sage_store_rows(const float (&o)[N][4], const float l_r[2], const float* v_mean,
-                                                const float* v_absmax, bf16* ob, int row0, int nq, i64 stride) {
+                                                const float* v_absmax, bf16* ob, int row0, int nq, i64 stride,
+                                                float row_max[2]) {
     const int lane = threadIdx.x & 31;
     float l[2];
 #pragma unroll
@@ -89,6 +86,7 @@ __device__ __forceinline__ void sage_store_rows(const float (&o)[N][4], const fl
 #pragma unroll
     for (int half = 0; half < 2; half++) {
         const int row = row0 + half * 8;
+        row_max[half] = 0.f;
         if (row >= nq) continue;
 #pragma unroll
         for (int i = 0; i < N; i++) {
@@ -99,7 +97,20 @@ __device__ __forceinline__ void sage_store_rows(const float (&o)[N][4], const fl
                 const float vs = v_absmax[c + u] / 448.f;
                 r2[u] = l[half] > 0.f ? o[i][2 * half + u] * vs / 448.f / l[half] + v_mean[c + u] : 0.f;
             }
-            *reinterpret_cast<unsigned*>(ob + (i64)row * stride + c) = pack_bf16x2(r2[0], r2[1]);
+            const unsigned packed = pack_bf16x2(r2[0], r2[1]);
+            *reinterpret_cast<unsigned*>(ob + (i64)row * stride + c) = packed;
+            row_max[half] = fmaxf(row_max[half], fmaxf(fabsf(__uint_as_float(packed << 16)),
+                                                       fabsf(__uint_as_float(packed & 0xffff0000u))));
         }
+    }
+}
+
+// The quad's maxima of its two rows (sage_store_rows' row_max) into the output's row maxima.
+__device__ __forceinline__ void sage_rows_max(const E4m3Split& e, int b, int nq, int row0, float row_max[2]) {
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        float m = fmaxf(row_max[half], __shfl_xor_sync(FULL_MASK, row_max[half], 1));
+        m = fmaxf(m, __shfl_xor_sync(FULL_MASK, m, 2));
+        if ((threadIdx.x & 3) == 0 && row0 + half * 8 < nq) e4m3_rows_max(e, b, nq, row0 + half * 8, m);
     }
 }

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{AttnMask, Backend, Padding2d, QkPart, QkRope, RopePairs};
+use crate::backend::{AttnMask, Backend, GatedFp8, Padding2d, QkPart, QkRope, RopePairs};
 use crate::dtype::{round_through, DType};
 use crate::error::Result;
 use crate::quant::{quantize, QuantFormat};
@@ -537,6 +537,81 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             }),
         ));
     }
+    // attention_sage_normed_linear_fp8_gated_add: the double block's Sage attention (text and image
+    // parts) feeding its two FP8 output projections with their gated residuals; the output is both
+    // projections' results, concatenated over tokens. On sm_89+ images the attention kernel writes
+    // the e4m3 rows (attention_sage_mma_e4m3out_d{64,128}; on sm_90a at d 128
+    // attention_sage_wgmma_e4m3out_d128, "v2" keeps the mma.sync one), then gemm_w8a8_mma_gated_e4m3
+    // (gemm_wgmma_gated_e4m3 on sm_90a) per part; elsewhere, and at head dims the tensor-core kernels
+    // do not take (d 16), the composition. Query tiles of 128 straddle the split and end ragged.
+    // Tolerance: attention_sage_normed's. (batch, text and image tokens, heads, head dim, N, kernels)
+    type SageFp8Out = (usize, [usize; 2], usize, usize, usize, AttnKernels);
+    let sage_fp8_out: &[SageFp8Out] = match suite {
+        Suite::Full => &[
+            (1, [512, 1024], 4, 128, 512, AttnKernels::Cur),
+            (1, [512, 1024], 4, 128, 512, AttnKernels::MmaSync),
+            (2, [100, 200], 4, 64, 256, AttnKernels::Cur),
+            (1, [30, 50], 2, 16, 32, AttnKernels::Cur),
+        ],
+        Suite::Small => &[
+            (1, [70, 60], 2, 128, 64, AttnKernels::Cur), // one ragged tile past the first, split inside tile 0
+            (2, [40, 150], 1, 128, 48, AttnKernels::MmaSync), // v2 d 128 where v3 would run; two samples, 2 tiles each
+            (2, [40, 90], 2, 64, 48, AttnKernels::Cur),  // d 64 (v2), two samples
+            (1, [30, 50], 2, 16, 32, AttnKernels::Cur),  // d 16: the composition
+        ],
+    };
+    for &(b, lens, h, d, n, kernels) in sage_fp8_out {
+        let (nq, cols) = (lens[0] + lens[1], h * d);
+        let mut inputs: Vec<Input> = lens.iter().map(|&l| act(&[b, l, 3 * cols])).collect();
+        inputs.push(Input::Table(vec![nq, d / 2], 0.0, 1.0));
+        inputs.push(Input::Table(vec![nq, d / 2], 0.0, 1.0));
+        inputs.extend((0..4).map(|_| act(&[d]))); // q and k norm weights per part
+        inputs.extend(lens.iter().map(|&l| act(&[b, l, n]))); // residuals
+        inputs.push(act(&[b, 6 * n])); // modulation (gates)
+        inputs.extend((0..2).map(|_| Input::Act(vec![n, cols], 1.0 / (cols as f32).sqrt())));
+        v.push(
+            case(
+                "attention_sage_normed_linear_fp8_gated_add",
+                format!(
+                    "B{b} L{lens:?} H{h} D{d} -> {n}{}",
+                    if matches!(kernels, AttnKernels::MmaSync) { " v2" } else { "" }
+                ),
+                inputs,
+                10.0,
+                Box::new(move |be, t| {
+                    let slice = |x: &Tensor, at: usize| -> Result<Tensor> {
+                        x.narrow(2, at * cols, cols)?.reshape(&[b, x.dim(1), h, d])
+                    };
+                    let q = [slice(&t[0], 0)?, slice(&t[1], 0)?];
+                    let k = [slice(&t[0], 1)?, slice(&t[1], 1)?];
+                    let v = be.concat(&[&slice(&t[0], 2)?, &slice(&t[1], 2)?], 1)?;
+                    let qp = [QkPart { x: &q[0], weight: &t[4] }, QkPart { x: &q[1], weight: &t[6] }];
+                    let kp = [QkPart { x: &k[0], weight: &t[5] }, QkPart { x: &k[1], weight: &t[7] }];
+                    let rope = QkRope { eps: 1e-6, cos: &t[2], sin: &t[3], pairs: RopePairs::Interleaved };
+                    let w = (0..2)
+                        .map(|i| be.load_quantized(&quantize(&t[11 + i].to_vec_f32()?, n, cols, QuantFormat::Fp8)?))
+                        .collect::<Result<Vec<_>>>()?;
+                    let gates = [t[10].narrow(1, 2 * n, n)?, t[10].narrow(1, 5 * n, n)?];
+                    let outs = [
+                        GatedFp8 { x: &t[8], gate: &gates[0], w: &w[0] },
+                        GatedFp8 { x: &t[9], gate: &gates[1], w: &w[1] },
+                    ];
+                    with_attention_kernels(be, kernels, || {
+                        let [first, second] = be.attention_sage_normed_linear_fp8_gated_add(
+                            &qp,
+                            &kp,
+                            &rope,
+                            &v,
+                            1.0 / (d as f32).sqrt(),
+                            outs,
+                        )?;
+                        be.concat(&[&first, &second], 1)
+                    })
+                }),
+            )
+            .untimed(),
+        );
+    }
     // (batch, queries, keys, heads, kv heads, head dim, mask: 0 none, 1 causal, 2 causal + padding,
     // kernels). Head dims 64 and 128 run flash_attention_v3_d{64,128}[_masked] (128-query
     // blocks; 64-key tiles at d 64, 32-key tiles at d 128), or unmasked on sm_90a images
@@ -1043,7 +1118,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
 }
 
 /// Which attention kernels a selftest case (or a `profile attention` row) runs.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnKernels {
     /// The backend's choice for the card.
     Cur,

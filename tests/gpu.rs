@@ -267,6 +267,74 @@ fn sage_normed_gives_the_compositions_bits(be: Arc<dyn Backend>) {
     }
 }
 
+fn sage_fp8_out_gives_the_compositions_bits(be: Arc<dyn Backend>) {
+    // attention_sage_normed_linear_fp8_gated_add's fused path (the attention kernel writes the e4m3
+    // rows of its output: each head's block max-reduces its rows' |max|, the block completing a query
+    // tile quantizes it) against its composition (attention_sage_normed, then linear_fp8_gated_add
+    // per part, which quantizes the stored bf16 output): the same codes and scales, so the same
+    // GEMMs and the same bits. Sage v3 (sm_90a) and v2 at d 128, v2 at d 64; two samples, splits
+    // inside and at the edge of a 128-query tile, ragged last tiles, more heads than one.
+    use flux2::backend::{attention_sage_normed_linear_fp8_composed, GatedFp8, QkPart, QkRope, RopePairs};
+    use flux2::selftest::{with_attention_kernels, AttnKernels};
+    let act = be.activation_dtype();
+    let draw = |name: &str, shape: &[usize], dtype| {
+        let v = flux2::rng::normal_vec(29, name, shape.iter().product());
+        be.upload(&common::t(&v, shape), dtype).unwrap()
+    };
+    let cases = [
+        (1usize, [70usize, 60usize], 2usize, 128usize, 64usize, AttnKernels::Cur),
+        (2, [128, 200], 3, 128, 96, AttnKernels::Cur),
+        (2, [128, 200], 3, 128, 96, AttnKernels::MmaSync),
+        (2, [40, 90], 2, 64, 48, AttnKernels::Cur),
+    ];
+    for (b, lens, h, d, n, kernels) in cases {
+        let (nq, cols) = (lens[0] + lens[1], h * d);
+        let proj: Vec<_> = (0..2).map(|i| draw(&format!("proj{i}"), &[b, lens[i], 3 * cols], act)).collect();
+        let slice =
+            |x: &flux2::Tensor, at: usize| x.narrow(2, at * cols, cols).unwrap().reshape(&[b, x.dim(1), h, d]).unwrap();
+        let q: Vec<_> = proj.iter().map(|p| slice(p, 0)).collect();
+        let k: Vec<_> = proj.iter().map(|p| slice(p, 1)).collect();
+        let v = be.concat(&[&slice(&proj[0], 2), &slice(&proj[1], 2)], 1).unwrap();
+        let w: Vec<_> = (0..4).map(|i| draw(&format!("w{i}"), &[d], act)).collect();
+        let (cos, sin) = (draw("cos", &[nq, d / 2], flux2::DType::F32), draw("sin", &[nq, d / 2], flux2::DType::F32));
+        let qp = [QkPart { x: &q[0], weight: &w[0] }, QkPart { x: &q[1], weight: &w[2] }];
+        let kp = [QkPart { x: &k[0], weight: &w[1] }, QkPart { x: &k[1], weight: &w[3] }];
+        let rope = QkRope { eps: 1e-6, cos: &cos, sin: &sin, pairs: RopePairs::Interleaved };
+        let residual: Vec<_> = (0..2).map(|i| draw(&format!("x{i}"), &[b, lens[i], n], act)).collect();
+        let gate: Vec<_> = (0..2).map(|i| draw(&format!("gate{i}"), &[b, n], act)).collect();
+        let weights: Vec<_> = (0..2)
+            .map(|i| {
+                let w: Vec<f32> = flux2::rng::normal_vec(31, &format!("proj_w{i}"), n * cols)
+                    .iter()
+                    .map(|v| v / (cols as f32).sqrt())
+                    .collect();
+                be.load_quantized(&flux2::quant::quantize(&w, n, cols, flux2::quant::QuantFormat::Fp8).unwrap())
+                    .unwrap()
+            })
+            .collect();
+        let outs = [
+            GatedFp8 { x: &residual[0], gate: &gate[0], w: &weights[0] },
+            GatedFp8 { x: &residual[1], gate: &gate[1], w: &weights[1] },
+        ];
+        let scale = 1.0 / (d as f32).sqrt();
+        let run = |fused: bool| {
+            let out = with_attention_kernels(&*be, kernels, || {
+                let [a, c] = if fused {
+                    be.attention_sage_normed_linear_fp8_gated_add(&qp, &kp, &rope, &v, scale, outs)?
+                } else {
+                    attention_sage_normed_linear_fp8_composed(&*be, &qp, &kp, &rope, &v, scale, outs)?
+                };
+                be.concat(&[&a, &c], 1)
+            });
+            out.unwrap().to_vec_f32().unwrap()
+        };
+        let (fused, composed) = (run(true), run(false));
+        let what = format!("B{b} L{lens:?} H{h} D{d} {kernels:?}");
+        assert!(fused.iter().all(|x| x.is_finite()), "{what}: non-finite output");
+        assert_eq!(fused, composed, "{what}: the attention kernel's e4m3 rows differ from the quantize pass");
+    }
+}
+
 fn sage_v3_matches_v2(be: Arc<dyn Backend>) {
     // Sage v3 (wgmma, sm_90a) against v2 (mma.sync) on the same device: both take the same codes
     // and scales, compute exact integer scores and round P to e4m3 against the same running maxima
@@ -590,7 +658,7 @@ fn main() {
     };
     let gpu = gpu.ok();
     type Check = fn(Arc<dyn Backend>);
-    let checks: [(&str, Check, bool); 19] = [
+    let checks: [(&str, Check, bool); 20] = [
         ("every_op_matches_the_cpu_reference", every_op_matches_the_cpu_reference, true),
         ("transformer_fixtures_in_bf16", transformer_fixtures_in_bf16, true),
         ("checkpoint_formats_in_bf16", checkpoint_formats_in_bf16, true),
@@ -601,6 +669,7 @@ fn main() {
         ("quantized_linears_reject_bad_shapes", quantized_linears_reject_bad_shapes, false),
         ("sage_quantize_v2_gives_v1s_bits", sage_quantize_v2_gives_v1s_bits, true),
         ("sage_normed_gives_the_compositions_bits", sage_normed_gives_the_compositions_bits, true),
+        ("sage_fp8_out_gives_the_compositions_bits", sage_fp8_out_gives_the_compositions_bits, true),
         ("sage_v3_matches_v2", sage_v3_matches_v2, true),
         ("stream_k_matches_whole_tiles", stream_k_matches_whole_tiles, true),
         ("wide_tiles_match_narrow_ones", wide_tiles_match_narrow_ones, true),

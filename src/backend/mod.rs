@@ -228,6 +228,23 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         attention_sage_normed_composed(self, q, k, rope, v, scale)
     }
 
+    /// The double block's attention and output projections in FP8: `attention_sage_normed(q, k,
+    /// rope, v, scale)` as `[B, N, H·D]`, the first `outs[0].x.dim(1)` tokens of each sample
+    /// through `outs[0]` (`linear_fp8_gated_add`, no bias), the rest through `outs[1]`. This
+    /// composition is the reference; the CUDA backend writes the attention output's e4m3 codes and
+    /// per-token scales in the attention kernel, without a quantize pass.
+    fn attention_sage_normed_linear_fp8_gated_add(
+        &self,
+        q: &[QkPart],
+        k: &[QkPart],
+        rope: &QkRope,
+        v: &Tensor,
+        scale: f32,
+        outs: [GatedFp8; 2],
+    ) -> Result<[Tensor; 2]> {
+        attention_sage_normed_linear_fp8_composed(self, q, k, rope, v, scale, outs)
+    }
+
     /// Scaled dot-product attention with softmax in f32 (layouts in the module docs).
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor>;
 
@@ -405,6 +422,39 @@ pub fn attention_sage_normed_composed<B: Backend + ?Sized>(
     be.attention_sage(&q, &k, v, &AttnMask::None, scale)
 }
 
+/// One FP8 output projection with its gated residual, `x + gate · linear_fp8(a, w)` (x `[B, L, N]`,
+/// gate `[B, N]`), whose activation `a` another op makes.
+#[derive(Clone, Copy)]
+pub struct GatedFp8<'a> {
+    pub x: &'a Tensor,
+    pub gate: &'a Tensor,
+    pub w: &'a QuantTensor,
+}
+
+/// `attention_sage_normed_linear_fp8_gated_add`'s composition: the reference, and the fallback of
+/// the fused version.
+pub fn attention_sage_normed_linear_fp8_composed<B: Backend + ?Sized>(
+    be: &B,
+    q: &[QkPart],
+    k: &[QkPart],
+    rope: &QkRope,
+    v: &Tensor,
+    scale: f32,
+    outs: [GatedFp8; 2],
+) -> Result<[Tensor; 2]> {
+    let o = be.attention_sage_normed(q, k, rope, v, scale)?;
+    check::rank("attention_sage_normed_linear_fp8_gated_add", &o, 4)?;
+    let (b, n) = (o.dim(0), o.dim(1));
+    let split = check::token_split(outs[0].x, outs[1].x, b, n)?;
+    let o = o.reshape(&[b, n, o.dim(2) * o.dim(3)])?;
+    let parts = [o.narrow(1, 0, split)?, o.narrow(1, split, n - split)?];
+    let [first, second] = outs;
+    Ok([
+        be.linear_fp8_gated_add(first.x, first.gate, &parts[0], first.w, None)?,
+        be.linear_fp8_gated_add(second.x, second.gate, &parts[1], second.w, None)?,
+    ])
+}
+
 /// `[prefix | swiglu(x)]` (`swiglu_concat`), or `swiglu(x)` without a prefix: the activation a
 /// feed-forward's output projection reads (`swiglu_linear_fp8`'s composition and fallbacks).
 pub fn swiglu_beside<B: Backend + ?Sized>(be: &B, prefix: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
@@ -435,6 +485,17 @@ pub mod check {
     }
 
     /// `v` must be `[B, C]` for x `[B, L, C]`.
+    /// The tokens of the first of two residuals `[B, L0, N0]`, `[B, L1, N1]` that split a sequence of
+    /// `n` tokens per sample (`L0 + L1 = n`, both parts non-empty).
+    pub fn token_split(first: &Tensor, second: &Tensor, b: usize, n: usize) -> Result<usize> {
+        let fits = |x: &Tensor| x.rank() == 3 && x.dim(0) == b && x.dim(1) > 0;
+        if !fits(first) || !fits(second) || first.dim(1) + second.dim(1) != n {
+            let what = format!("residuals {:?} and {:?} for {b} samples of {n} tokens", first.shape(), second.shape());
+            return Err(Error::shape("attention_sage_normed_linear_fp8_gated_add", what));
+        }
+        Ok(first.dim(1))
+    }
+
     pub fn per_sample(op: &'static str, x: &Tensor, v: &Tensor) -> Result<()> {
         rank(op, x, 3)?;
         if v.shape() != [x.dim(0), x.dim(2)] {

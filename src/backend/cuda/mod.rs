@@ -7,6 +7,7 @@ mod attention;
 mod attention_wgmma;
 mod conv;
 pub mod cublaslt;
+mod e4m3_rows;
 mod gemm;
 mod gemm_wgmma;
 mod graph;
@@ -139,6 +140,8 @@ const KERNELS: &[(&str, &[&str])] = &[
             "attention_sage_mma_d128",
             "attention_sage_mma_bf16pv_d64",
             "attention_sage_mma_bf16pv_d128",
+            "attention_sage_mma_e4m3out_d64",
+            "attention_sage_mma_e4m3out_d128",
         ],
     ),
     ("attention_sage_wgmma", &sage_wgmma::KERNELS),
@@ -985,6 +988,18 @@ impl Backend for CudaBackend {
         scale: f32,
     ) -> Result<Tensor> {
         sage::attention_sage_normed(self, q, k, rope, v, scale)
+    }
+
+    fn attention_sage_normed_linear_fp8_gated_add(
+        &self,
+        q: &[crate::backend::QkPart],
+        k: &[crate::backend::QkPart],
+        rope: &crate::backend::QkRope,
+        v: &Tensor,
+        scale: f32,
+        outs: [crate::backend::GatedFp8; 2],
+    ) -> Result<[Tensor; 2]> {
+        e4m3_rows::attention_sage_normed_linear_fp8(self, q, k, rope, v, scale, outs)
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {

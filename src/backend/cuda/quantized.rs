@@ -58,14 +58,14 @@ pub(super) fn linear_fp8(
 
 /// v2 of the FP8 linear applies: e4m3 tensor cores in the image, K in 16-byte rows of codes, the
 /// rows within one grid of the tensor-core tile.
-fn fp8_mma_applies(be: &CudaBackend, m: usize, k: usize) -> bool {
+pub(super) fn fp8_mma_applies(be: &CudaBackend, m: usize, k: usize) -> bool {
     has_fp8_mma(be.dev.target) && k.is_multiple_of(16) && super::gemm::mma_tile_grid(m, 1).is_some()
 }
 
 /// `gemm_w8a8_mma_e4m3` (or its v3, `gemm_wgmma_e4m3`, on sm_90a): out [m, n] from per-token e4m3
 /// codes `qp` with scales `asp`; with `gated`, their gated-residual twins.
 #[allow(clippy::too_many_arguments)]
-fn w8a8_mma(
+pub(super) fn w8a8_mma(
     be: &CudaBackend,
     qp: u64,
     asp: u64,

@@ -9,6 +9,7 @@
 
 use cudarc::driver::LaunchConfig;
 
+use super::e4m3_rows::E4m3Rows;
 use super::quantized::has_fp8_mma;
 use super::sage_wgmma::{self, SageArgs};
 use super::{launch, CudaBackend, CudaStorage};
@@ -34,9 +35,10 @@ pub(super) fn sage_mma_smem_bytes(d: usize, e4m3_pv: bool) -> usize {
 }
 
 /// The tensor-core Sage kernels whose shared memory exceeds the default 48 KB, with their need.
-pub(super) fn sage_mma_big_smem() -> [(&'static str, usize); 2] {
+pub(super) fn sage_mma_big_smem() -> [(&'static str, usize); 3] {
     [
         ("attention_sage_mma_d128", sage_mma_smem_bytes(128, true)),
+        ("attention_sage_mma_e4m3out_d128", sage_mma_smem_bytes(128, true)),
         ("attention_sage_mma_bf16pv_d128", sage_mma_smem_bytes(128, false)),
     ]
 }
@@ -185,11 +187,18 @@ pub(super) fn attention_sage(
         launch!(be.dev, "sage_quantize_int8_block_bf16", per_block(nq, b * h), qp, 0u64, qap, qcp, nq32, h32, d32)?;
         launch!(be.dev, "sage_quantize_int8_block_bf16", per_block(nk, b * hkv), kp, kmp, kap, kcp, nk32, hkv32, d32)?;
     }
-    sage_mma(be, &qc, &kc, &stats, (vp, dense), dims, mask, scale)
+    sage_mma(be, &qc, &kc, &stats, (vp, dense), dims, mask, scale, None)
 }
 
-/// The tensor-core kernel (v2) from Q's and K's codes: V (tokens `v_ld` elements apart) to
-/// transposed e4m3 (codes for e4m3 mma, their bf16 values for bf16 mma), then the attention.
+/// Whether P·V runs on e4m3 tensor cores (else on bf16 ones with the same products): images with
+/// e4m3 mma, unless `set_sage_bf16_pv` asks otherwise.
+pub(super) fn e4m3_pv(be: &CudaBackend) -> bool {
+    has_fp8_mma(be.dev.target) && !be.dev.sage_bf16_pv.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The tensor-core kernel (v2, or v3 where it applies) from Q's and K's codes: V (tokens `v_ld`
+/// elements apart) to transposed e4m3 (codes for e4m3 mma, their bf16 values for bf16 mma), then
+/// the attention; with `rows` (e4m3 P·V only), the kernels that also write the output's e4m3 rows.
 #[allow(clippy::too_many_arguments)]
 fn sage_mma(
     be: &CudaBackend,
@@ -200,11 +209,15 @@ fn sage_mma(
     dims: Dims,
     mask: &AttnMask,
     scale: f32,
+    rows: Option<&E4m3Rows>,
 ) -> Result<Tensor> {
     let [b, nq, h, nk, hkv, d] = dims;
     let out = be.output(DType::BF16, &[b, nq, h, d])?;
     let (causal, _lens, lp) = super::attention::mask_args(be, mask)?;
-    let e4m3_pv = has_fp8_mma(be.dev.target) && !be.dev.sage_bf16_pv.load(std::sync::atomic::Ordering::Relaxed);
+    let e4m3_pv = e4m3_pv(be);
+    if rows.is_some() && !e4m3_pv {
+        return Err(Error::Gpu("the e4m3 output rows need e4m3 P·V".into()));
+    }
     let nk_pad = nk.div_ceil(64) * 64;
     let vt = be.output(if e4m3_pv { DType::U8 } else { DType::BF16 }, &[b * hkv * d * nk_pad])?;
     let vtp = be.ptr(&vt)?;
@@ -237,19 +250,46 @@ fn sage_mma(
             v_mean: vmp,
             v_absmax: vap,
         };
-        sage_wgmma::sage_v3(be, &args, dims, nk_pad, scale)?;
+        sage_wgmma::sage_v3(be, &args, dims, nk_pad, scale, rows)?;
         return Ok(out);
     }
+    let tiles = nq.div_ceil(SAGE_MMA_BLOCK_Q) as u32;
     let cfg = LaunchConfig {
-        grid_dim: (nq.div_ceil(SAGE_MMA_BLOCK_Q) as u32, h as u32, b as u32),
+        grid_dim: if rows.is_some() { (h as u32, tiles, b as u32) } else { (tiles, h as u32, b as u32) },
         block_dim: (2 * SAGE_MMA_BLOCK_Q as u32, 1, 1),
         shared_mem_bytes: sage_mma_smem_bytes(d, e4m3_pv) as u32,
     };
-    let name = match (e4m3_pv, d) {
-        (true, 64) => "attention_sage_mma_d64",
-        (true, _) => "attention_sage_mma_d128",
-        (false, 64) => "attention_sage_mma_bf16pv_d64",
-        (false, _) => "attention_sage_mma_bf16pv_d128",
+    let name = match (e4m3_pv, d, rows.is_some()) {
+        (true, 64, false) => "attention_sage_mma_d64",
+        (true, _, false) => "attention_sage_mma_d128",
+        (true, 64, true) => "attention_sage_mma_e4m3out_d64",
+        (true, _, true) => "attention_sage_mma_e4m3out_d128",
+        (false, 64, _) => "attention_sage_mma_bf16pv_d64",
+        (false, _, _) => "attention_sage_mma_bf16pv_d128",
+    };
+    let Some(rows) = rows else {
+        launch!(
+            be.dev,
+            name,
+            cfg,
+            be.ptr(&qc.codes)?,
+            be.ptr(&kc.codes)?,
+            vtp,
+            be.ptr(&out)?,
+            nq32,
+            nk32,
+            nk_pad as i32,
+            h as i32,
+            hkv as i32,
+            scale,
+            causal,
+            lp,
+            be.ptr(&qc.absmax)?,
+            be.ptr(&kc.absmax)?,
+            vmp,
+            vap
+        )?;
+        return Ok(out);
     };
     launch!(
         be.dev,
@@ -270,7 +310,8 @@ fn sage_mma(
         be.ptr(&qc.absmax)?,
         be.ptr(&kc.absmax)?,
         vmp,
-        vap
+        vap,
+        rows.arg(be)?
     )?;
     Ok(out)
 }
@@ -362,11 +403,28 @@ pub(super) fn attention_sage_normed(
     v: &Tensor,
     scale: f32,
 ) -> Result<Tensor> {
-    let composed = || attention_sage_normed_composed(be, q, k, rope, v, scale);
-    let (Some(q0), Some(k0)) = (q.first(), k.first()) else { return composed() };
+    match sage_normed(be, q, k, rope, v, scale, None)? {
+        Some(out) => Ok(out),
+        None => attention_sage_normed_composed(be, q, k, rope, v, scale),
+    }
+}
+
+/// `attention_sage_normed`'s fused path, None where it does not apply (the caller composes).
+/// With `rows` (which need e4m3 P·V), the attention kernel also writes the output's e4m3 rows;
+/// `rows` must be made for this call's `[b, nq, h·d]` output.
+pub(super) fn sage_normed(
+    be: &CudaBackend,
+    q: &[QkPart],
+    k: &[QkPart],
+    rope: &QkRope,
+    v: &Tensor,
+    scale: f32,
+    rows: Option<&E4m3Rows>,
+) -> Result<Option<Tensor>> {
+    let (Some(q0), Some(k0)) = (q.first(), k.first()) else { return Ok(None) };
     let (qs, ks, vs) = (q0.x.shape(), k0.x.shape(), v.shape());
-    if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 {
-        return composed();
+    if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 || (rows.is_some() && !e4m3_pv(be)) {
+        return Ok(None);
     }
     let (b, h, hkv, d) = (qs[0], qs[2], ks[2], qs[3]);
     let nq: usize = q.iter().map(|p| p.x.shape().get(1).copied().unwrap_or(0)).sum();
@@ -378,10 +436,13 @@ pub(super) fn attention_sage_normed(
         && rope.cos.dim(1) == d / 2;
     let shapes_fit = vs == [b, nk, hkv, d] && hkv > 0 && h % hkv == 0 && nk > 0 && tables_fit;
     if !shapes_fit || !mma_applies(be, dims) || [nq, nk].iter().any(|&n| n > i32::MAX as usize) {
-        return composed();
+        return Ok(None);
+    }
+    if rows.is_some_and(|r| !r.fits(b, nq, h * d)) {
+        return Err(Error::Gpu(format!("e4m3 rows made for another output than [{b}, {nq}, {}]", h * d)));
     }
     let (Some(qp), Some(kp)) = (raw_parts(be, q, b, h, d)?, raw_parts(be, k, b, hkv, d)?) else {
-        return composed();
+        return Ok(None);
     };
     let (_c, cp) = be.f32_arg(rope.cos, "attention_sage_normed")?;
     let (_s, sp) = be.f32_arg(rope.sin, "attention_sage_normed")?;
@@ -394,5 +455,5 @@ pub(super) fn attention_sage_normed(
     let (qc, kc) = (Codes::new(be, b, nq, h, d)?, Codes::new(be, b, nk, hkv, d)?);
     norm_rope_int8(be, &qp, rope, (cp, sp), (b, h, d), 0, 0, Some(&qc))?;
     norm_rope_int8(be, &kp, rope, (cp, sp), (b, hkv, d), be.ptr(&stats.k_mean)?, 0, Some(&kc))?;
-    sage_mma(be, &qc, &kc, &stats, (vp, v_ld), dims, &AttnMask::None, scale)
+    sage_mma(be, &qc, &kc, &stats, (vp, v_ld), dims, &AttnMask::None, scale, rows).map(Some)
 }

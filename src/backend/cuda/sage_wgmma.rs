@@ -7,14 +7,17 @@ use std::sync::atomic::Ordering;
 
 use cudarc::driver::LaunchConfig;
 
+use super::e4m3_rows::E4m3Rows;
 use super::gemm_wgmma::V3_TARGET;
 use super::tensor_map::{row_major_128b, row_major_swizzled, Swizzle, TileElem};
 use super::{launch, CudaBackend};
 use crate::error::Result;
 
 pub(super) const KERNEL: &str = "attention_sage_wgmma_d128";
+/// The same, also writing the output's e4m3 rows (e4m3_rows.rs).
+const KERNEL_E4M3_OUT: &str = "attention_sage_wgmma_e4m3out_d128";
 /// Every kernel of the module (launched on sm_90a images only).
-pub(super) const KERNELS: [&str; 1] = [KERNEL];
+pub(super) const KERNELS: [&str; 2] = [KERNEL, KERNEL_E4M3_OUT];
 
 /// Head dim, queries per block, keys per tile and stages of the kernel (`SW_*`).
 const D: usize = 128;
@@ -31,7 +34,7 @@ pub(super) fn smem_bytes() -> usize {
 /// The kernels needing the opt-in shared-memory attribute, for images that have them running.
 pub(super) fn big_smem(target: &str) -> Vec<(&'static str, usize)> {
     if target == V3_TARGET {
-        vec![(KERNEL, smem_bytes())]
+        KERNELS.iter().map(|&k| (k, smem_bytes())).collect()
     } else {
         Vec::new()
     }
@@ -58,26 +61,33 @@ pub(super) struct SageArgs {
     pub v_absmax: u64,
 }
 
+/// The launch; with `rows`, the kernel that also writes the output's e4m3 rows (grid heads first).
 pub(super) fn sage_v3(
     be: &CudaBackend,
     a: &SageArgs,
     [b, nq, h, nk, hkv, _]: [usize; 6],
     nk_pad: usize,
     scale: f32,
+    rows: Option<&E4m3Rows>,
 ) -> Result<()> {
     let tq = row_major_128b(a.q, TileElem::E4m3, b * nq, h * D, BLOCK_Q as u32)?;
     let tk = row_major_128b(a.k, TileElem::E4m3, b * nk, hkv * D, TILE_KEYS as u32)?;
     let tv = row_major_swizzled(a.vt, TileElem::E4m3, b * hkv * D, nk_pad, D as u32, Swizzle::B64)?;
+    let tiles = nq.div_ceil(BLOCK_Q) as u32;
     let cfg = LaunchConfig {
-        grid_dim: (nq.div_ceil(BLOCK_Q) as u32, h as u32, b as u32),
+        grid_dim: if rows.is_some() { (h as u32, tiles, b as u32) } else { (tiles, h as u32, b as u32) },
         block_dim: (384, 1, 1),
         shared_mem_bytes: smem_bytes() as u32,
     };
     let (nq32, nk32, h32, hkv32) = (nq as i32, nk as i32, h as i32, hkv as i32);
-    launch!(
-        be.dev, KERNEL, cfg, tq, tk, tv, a.out, nq32, nk32, h32, hkv32, scale, a.q_absmax, a.k_absmax, a.v_mean,
-        a.v_absmax
-    )
+    let (qa, ka, vm, va) = (a.q_absmax, a.k_absmax, a.v_mean, a.v_absmax);
+    match rows {
+        None => launch!(be.dev, KERNEL, cfg, tq, tk, tv, a.out, nq32, nk32, h32, hkv32, scale, qa, ka, vm, va),
+        Some(r) => {
+            let e = r.arg(be)?;
+            launch!(be.dev, KERNEL_E4M3_OUT, cfg, tq, tk, tv, a.out, nq32, nk32, h32, hkv32, scale, qa, ka, vm, va, e)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use self::config::TransformerConfig;
 use self::layout::{Layout, TransformerWeights};
 use super::linear::Linear;
 use super::rope::{flux_tables, PositionIds};
-use crate::backend::{scope, swiglu_beside, AttnMask, Backend, QkPart, QkRope, RopePairs};
+use crate::backend::{scope, swiglu_beside, AttnMask, Backend, GatedFp8, QkPart, QkRope, RopePairs};
 use crate::dtype::{round_through, DType};
 use crate::error::{Error, Result};
 use crate::lora::runtime::LowRank;
@@ -170,6 +170,15 @@ impl Proj {
         match (&self.w, &self.lora) {
             (Linear::Fp8(w), None) => be.layer_norm_modulate_linear_fp8(x, shift, scale, eps, w, None),
             _ => self.forward(be, &be.layer_norm_modulate(x, shift, scale, eps)?),
+        }
+    }
+
+    /// The FP8 weight when this linear is one without run-time adapters: its activation may then
+    /// come quantized from the op that makes it.
+    fn fp8_plain(&self) -> Option<&crate::backend::QuantTensor> {
+        match (&self.w, &self.lora) {
+            (Linear::Fp8(w), None) => Some(w),
+            _ => None,
         }
     }
 
@@ -809,6 +818,17 @@ impl Flux2Transformer {
         if self.sage_normed(&reference) {
             let q = [QkPart { x: &qt, weight: &blk.norm_added_q }, QkPart { x: &qi, weight: &blk.norm_q }];
             let k = [QkPart { x: &kt, weight: &blk.norm_added_k }, QkPart { x: &ki, weight: &blk.norm_k }];
+            // FP8 output projections: the attention kernel writes their e4m3 activations.
+            if let (Some(w_txt), Some(w_img)) = (blk.to_add_out.fp8_plain(), blk.to_out.fp8_plain()) {
+                let [_, _, g1] = &mi.sets[0];
+                let [_, _, cg1] = &mt.sets[0];
+                let outs = [GatedFp8 { x: txt, gate: cg1, w: w_txt }, GatedFp8 { x: img, gate: g1, w: w_img }];
+                let qk = self.qk_rope(rope);
+                let [txt, img] =
+                    be.attention_sage_normed_linear_fp8_gated_add(&q, &k, &qk, &v, self.attn_scale(), outs)?;
+                let (img, txt) = self.double_block_ff(blk, &img, &txt, mi, mt)?;
+                return Ok((img, txt, None, None));
+            }
             let o = self.attend_sage_normed(&q, &k, rope, &v)?;
             return self.double_block_out(blk, img, txt, mi, mt, o, None, None);
         }
@@ -860,18 +880,29 @@ impl Flux2Transformer {
         let be = &*self.be;
         let (b, lt, li, d) = (img.dim(0), txt.dim(1), img.dim(1), self.cfg.hidden());
         let [_, _, g1] = &mi.sets[0];
-        let [sh2, sc2, g2] = &mi.sets[1];
         let [_, _, cg1] = &mt.sets[0];
-        let [csh2, csc2, cg2] = &mt.sets[1];
         let o = o.reshape(&[b, lt + li, d])?;
         let (o_txt, o_img) = (o.narrow(1, 0, lt)?, o.narrow(1, lt, li)?);
-
         let img = blk.to_out.forward_gated(be, &o_img, img, g1)?;
-        let img = self.feed_forward_gated(&img, [sh2, sc2], &blk.ff_in, &blk.ff_out, g2)?;
-
         let txt = blk.to_add_out.forward_gated(be, &o_txt, txt, cg1)?;
-        let txt = self.feed_forward_gated(&txt, [csh2, csc2], &blk.ff_ctx_in, &blk.ff_ctx_out, cg2)?;
+        let (img, txt) = self.double_block_ff(blk, &img, &txt, mi, mt)?;
         Ok((img, txt, ref_out, kept))
+    }
+
+    /// The gated feed-forwards that end a double block, of both streams after their attention.
+    fn double_block_ff(
+        &self,
+        blk: &DoubleBlock,
+        img: &Tensor,
+        txt: &Tensor,
+        mi: &Modulation,
+        mt: &Modulation,
+    ) -> Result<(Tensor, Tensor)> {
+        let [sh2, sc2, g2] = &mi.sets[1];
+        let [csh2, csc2, cg2] = &mt.sets[1];
+        let img = self.feed_forward_gated(img, [sh2, sc2], &blk.ff_in, &blk.ff_out, g2)?;
+        let txt = self.feed_forward_gated(txt, [csh2, csc2], &blk.ff_ctx_in, &blk.ff_ctx_out, cg2)?;
+        Ok((img, txt))
     }
 
     /// A single block under the KV scheme (see `double_block_kv`); `h` is `[txt | img]`.
@@ -1044,13 +1075,21 @@ impl Flux2Transformer {
     /// Sage attention of raw q and k parts (each normed with its weight; the tables cover the
     /// joint sequence from row 0) and v.
     fn attend_sage_normed(&self, q: &[QkPart], k: &[QkPart], rope: &Rope, v: &Tensor) -> Result<Tensor> {
-        let scale = 1.0 / (self.cfg.attention_head_dim as f32).sqrt();
-        let qk = QkRope { eps: self.cfg.eps as f32, cos: rope.cos, sin: rope.sin, pairs: RopePairs::Interleaved };
-        self.be.attention_sage_normed(q, k, &qk, v, scale)
+        self.be.attention_sage_normed(q, k, &self.qk_rope(rope), v, self.attn_scale())
+    }
+
+    /// Attention's softmax scale, 1/√head_dim.
+    fn attn_scale(&self) -> f32 {
+        1.0 / (self.cfg.attention_head_dim as f32).sqrt()
+    }
+
+    /// The QK norm's epsilon and the joint sequence's RoPE tables, as the normed attentions take them.
+    fn qk_rope<'a>(&self, rope: &Rope<'a>) -> QkRope<'a> {
+        QkRope { eps: self.cfg.eps as f32, cos: rope.cos, sin: rope.sin, pairs: RopePairs::Interleaved }
     }
 
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let scale = 1.0 / (self.cfg.attention_head_dim as f32).sqrt();
+        let scale = self.attn_scale();
         match self.compute.attention {
             AttentionMode::Exact => self.be.attention(q, k, v, &AttnMask::None, scale),
             AttentionMode::Sage => self.be.attention_sage(q, k, v, &AttnMask::None, scale),

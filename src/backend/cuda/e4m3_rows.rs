@@ -1,0 +1,120 @@
+//! The attention output as the FP8 linears' activations, written by the attention kernel itself
+//! (kernels/e4m3_rows.cuh): the double block's Sage attention feeding its two output projections
+//! (`attention_sage_normed_linear_fp8_gated_add`). The kernels `attention_sage_mma_e4m3out_d*` (v2)
+//! and `attention_sage_wgmma_e4m3out_d128` (v3) store the bf16 output as before, max-reduce each
+//! token's |max| across the heads' blocks, and the block completing a query tile's heads writes the
+//! tile's e4m3 codes and per-token scales, the values `quantize_rows_e4m3_bf16` makes from the
+//! stored output: the GEMMs get the same operands as in the composition, without its quantize
+//! passes over the output (one per projection).
+
+use cudarc::driver::DeviceRepr;
+
+use super::gemm::Residual;
+use super::quantized::{fp8_mma_applies, w8a8_mma};
+use super::{CudaBackend, CudaStorage};
+use crate::backend::{attention_sage_normed_linear_fp8_composed, check, GatedFp8, QkPart, QkRope};
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::quant::QuantFormat;
+use crate::tensor::Tensor;
+
+const OP: &str = "attention_sage_normed_linear_fp8_gated_add";
+
+/// The kernels' `E4m3Split` argument (kernels/e4m3_rows.cuh).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(super) struct E4m3Split {
+    codes: [u64; 2],
+    scales: [u64; 2],
+    scratch: u64,
+    split: i32,
+    pad: i32,
+}
+unsafe impl DeviceRepr for E4m3Split {}
+
+/// The e4m3 rows of an attention output `[b, nq, cols]` split per sample at token `split`: part 0
+/// holds the first `split` tokens of every sample (codes `[b·split, cols]`, scales `[b·split]`),
+/// part 1 the rest. The kernels' scratch (the tokens' maxima, then a count per query tile: at most
+/// one per token) is zeroed here, before the launch that uses it.
+pub(super) struct E4m3Rows {
+    codes: [Tensor; 2],
+    scales: [Tensor; 2],
+    scratch: CudaStorage,
+    shape: [usize; 3],
+    split: usize,
+}
+
+impl E4m3Rows {
+    pub(super) fn new(be: &CudaBackend, [b, nq, cols]: [usize; 3], split: usize) -> Result<E4m3Rows> {
+        let rows = [b * split, b * (nq - split)];
+        let mut scratch = be.alloc(DType::F32, 2 * b * nq)?; // 32-bit words
+        be.dev.stream.memset_zeros(&mut scratch.buf).map_err(super::gpu_err)?;
+        Ok(E4m3Rows {
+            codes: [be.output(DType::U8, &[rows[0] * cols])?, be.output(DType::U8, &[rows[1] * cols])?],
+            scales: [be.output(DType::F32, &[rows[0]])?, be.output(DType::F32, &[rows[1]])?],
+            scratch,
+            shape: [b, nq, cols],
+            split,
+        })
+    }
+
+    /// Whether these rows were made for an output `[b, nq, cols]`.
+    pub(super) fn fits(&self, b: usize, nq: usize, cols: usize) -> bool {
+        self.shape == [b, nq, cols]
+    }
+
+    pub(super) fn arg(&self, be: &CudaBackend) -> Result<E4m3Split> {
+        Ok(E4m3Split {
+            codes: [be.ptr(&self.codes[0])?, be.ptr(&self.codes[1])?],
+            scales: [be.ptr(&self.scales[0])?, be.ptr(&self.scales[1])?],
+            scratch: self.scratch.base_ptr(),
+            split: self.split as i32,
+            pad: 0,
+        })
+    }
+}
+
+/// `attention_sage_normed_linear_fp8_gated_add`: where Sage runs on the tensor-core kernels with
+/// e4m3 P·V and both projections on the tensor-core FP8 GEMM (v2, or v3 on sm_90a), the attention
+/// kernel writes the e4m3 rows and each GEMM reads its part, the gated residual in its epilogue;
+/// elsewhere (and for shapes the composition reports as wrong) the composition.
+pub(super) fn attention_sage_normed_linear_fp8(
+    be: &CudaBackend,
+    q: &[QkPart],
+    k: &[QkPart],
+    rope: &QkRope,
+    v: &Tensor,
+    scale: f32,
+    outs: [GatedFp8; 2],
+) -> Result<[Tensor; 2]> {
+    let composed = || attention_sage_normed_linear_fp8_composed(be, q, k, rope, v, scale, outs);
+    let Some(shape) = q.first().map(|p| p.x.shape()).filter(|s| s.len() == 4) else { return composed() };
+    let (b, cols) = (shape[0], shape[2] * shape[3]);
+    let nq: usize = q.iter().map(|p| p.x.shape().get(1).copied().unwrap_or(0)).sum();
+    let Ok(split) = check::token_split(outs[0].x, outs[1].x, b, nq) else { return composed() };
+    let lens = [split, nq - split];
+    let fused = outs.iter().zip(lens).all(|(o, l)| {
+        let r = Residual { x: o.x, gate: o.gate };
+        o.w.format == QuantFormat::Fp8
+            && o.w.cols == cols
+            && fp8_mma_applies(be, b * l, cols)
+            && r.fits_kernels()
+            && r.check(OP, &[b, l, o.w.rows]).is_ok()
+    });
+    if !fused {
+        return composed();
+    }
+    let rows = E4m3Rows::new(be, [b, nq, cols], split)?;
+    if super::sage::sage_normed(be, q, k, rope, v, scale, Some(&rows))?.is_none() {
+        return composed();
+    }
+    let project = |i: usize| -> Result<Tensor> {
+        let (o, l) = (&outs[i], lens[i]);
+        let gated = Residual { x: o.x, gate: o.gate }.operands(be, OP)?;
+        let out = be.output(DType::BF16, &[b, l, o.w.rows])?;
+        let (qp, sp) = (be.ptr(&rows.codes[i])?, be.ptr(&rows.scales[i])?);
+        w8a8_mma(be, qp, sp, o.w, 0, &out, (b * l, o.w.rows, cols), Some(gated.args))?;
+        Ok(out)
+    };
+    Ok([project(0)?, project(1)?])
+}
