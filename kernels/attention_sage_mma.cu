@@ -369,7 +369,7 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
     sage_store_rows<D / 8>(o, l_r, v_mean + bhk * D, v_absmax + bhk * D, out + (i64)b * nq * q_stride + (i64)h * D, row0,
                            nq, q_stride, row_max);
     if constexpr (QUANT) {
-        sage_rows_max(e, b, nq, row0, row_max);
+        quad_rows_max(e, b, nq, row0, row_max);
         e4m3_rows_finish(e, out, b, tile, gridDim.y, q0, BQ, nq, heads, heads * D);
     }
 }

@@ -144,7 +144,7 @@ __device__ __forceinline__ void sage_wgmma(const TensorMap* tq, const TensorMap*
     sage_store_rows<SW_D / 8>(o, l_r, v_mean + bhk * SW_D, v_absmax + bhk * SW_D, out + (i64)b * nq * q_stride + (i64)h * SW_D,
                               row0, nq, q_stride, row_max);
     if constexpr (QUANT) {
-        sage_rows_max(e, b, nq, row0, row_max);
+        quad_rows_max(e, b, nq, row0, row_max);
         e4m3_rows_finish(e, out, b, tile, gridDim.y, q0, SW_BQ, nq, heads, heads * SW_D);
     }
 }

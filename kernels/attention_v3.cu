@@ -18,12 +18,16 @@
 //   d = 128: 32-key tiles, 2 stages x (K + V) x 32 x 136 x 2 B = 34,816 B (64-key tiles would need
 //            69,632 B: one block per SM on those cards)
 //   __launch_bounds__(256, 2) caps registers at 128 per thread (O 64 + Q 32 + scores 16 at d = 128).
+// flash_attention_v3_e4m3out_d{64,128}_bf16 (unmasked) also write the output as the e4m3 rows of the FP8
+// linears that read it (the double block's output projections, e4m3_rows.cuh), grid heads first.
 // ptxas (NVRTC 12.9, scripts/ptxas_report.py), registers / stack / spill stores / spill loads in bytes:
 //   d 64:  128/0/0/0 on sm_80/86/89/90a; 128/24/24/32 on sm_120
 //   d 128: 128/32/48/36 on sm_80/86/89/90a; 128/48/68/56 on sm_120 (masked: 48/64/52)
+//   e4m3out: d 64 as d 64; d 128 128/32/52/36 on sm_89/90a, 128/24/36/36 on sm_120
 //   Without the 2-block cap d 128 takes 178 registers and no spills: the spills (a few values, to L1) were
 //   judged cheaper than halving the resident warps; __launch_bounds__(256, 1) is the alternative if a GPU
 //   run says otherwise (docs/perf-log.md).
+#include "e4m3_rows.cuh"
 #include "softmax_tile.cuh"
 
 template <int D>
@@ -37,18 +41,20 @@ struct V3Cfg {
     static_assert((BKV * D / 8) % THREADS == 0, "whole K/V copy rounds");
 };
 
-template <int D, bool MASKED>
+// QUANT: the output also as the FP8 linears' e4m3 rows into `e` (e4m3_rows.cuh), the grid heads first
+// ((heads, query tiles, B)); else (query tiles, heads, B).
+template <int D, bool MASKED, bool QUANT = false>
 __device__ __forceinline__ void flash_v3(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                          const bf16* __restrict__ v, bf16* __restrict__ out, int nq, int nk,
                                          int heads, int kv_heads, float scale_log2, int causal,
-                                         const int* __restrict__ valid_len) {
+                                         const int* __restrict__ valid_len, const E4m3Split& e = E4m3Split{}) {
     using C = V3Cfg<D>;
     constexpr int BQ = C::BQ, BKV = C::BKV, LD = C::LD, NT = C::THREADS, NTILE = BKV / 8;
     bf16* smem = dynamic_smem<bf16>();
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int h = blockIdx.y, b = blockIdx.z, hk = h / (heads / kv_heads);
-    const int q0 = blockIdx.x * BQ;
+    const int h = QUANT ? blockIdx.x : blockIdx.y, tile = QUANT ? blockIdx.y : blockIdx.x;
+    const int b = blockIdx.z, hk = h / (heads / kv_heads), q0 = tile * BQ;
     const i64 q_stride = (i64)heads * D, kv_stride = (i64)kv_heads * D;
     const bf16* qb = q + (i64)b * nq * q_stride + (i64)h * D;
     const bf16* kb = k + (i64)b * nk * kv_stride + (i64)hk * D;
@@ -153,7 +159,14 @@ __device__ __forceinline__ void flash_v3(const bf16* __restrict__ q, const bf16*
 
     const float inv[2] = {row_inverse(l_r[0]), row_inverse(l_r[1])};
     bf16* ob = out + (i64)b * nq * q_stride + (i64)h * D + (lane & 3) * 2;
-    store_rows_bf16<D / 8>(o, inv, ob, row0, nq, q_stride);
+    if constexpr (QUANT) {
+        float row_max[2];
+        store_rows_bf16<D / 8>(o, inv, ob, row0, nq, q_stride, row_max);
+        quad_rows_max(e, b, nq, row0, row_max);
+        e4m3_rows_finish(e, out, b, tile, gridDim.y, q0, BQ, nq, heads, heads * D);
+    } else {
+        store_rows_bf16<D / 8>(o, inv, ob, row0, nq, q_stride);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
@@ -178,4 +191,20 @@ extern "C" __global__ void __launch_bounds__(256, 2)
     flash_attention_v3_d128_masked_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, int nq, int nk,
                                         int heads, int kv_heads, float scale_log2, int causal, const int* valid_len) {
     flash_v3<128, true>(q, k, v, out, nq, nk, heads, kv_heads, scale_log2, causal, valid_len);
+}
+
+// The unmasked kernels, the output also as the e4m3 rows of the FP8 linears that read it (e4m3_rows.cuh):
+// grid (heads, query tiles, B), e.scratch zeroed.
+extern "C" __global__ void __launch_bounds__(256, 2)
+    flash_attention_v3_e4m3out_d64_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, int nq, int nk,
+                                        int heads, int kv_heads, float scale_log2, int causal, const int* valid_len,
+                                        E4m3Split e) {
+    flash_v3<64, false, true>(q, k, v, out, nq, nk, heads, kv_heads, scale_log2, causal, valid_len, e);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    flash_attention_v3_e4m3out_d128_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, int nq, int nk,
+                                         int heads, int kv_heads, float scale_log2, int causal, const int* valid_len,
+                                         E4m3Split e) {
+    flash_v3<128, false, true>(q, k, v, out, nq, nk, heads, kv_heads, scale_log2, causal, valid_len, e);
 }

@@ -21,7 +21,12 @@
 // (S 64 + O 32 + P 32); stages of 32 KB (K and Vᵀ), Q 16 or 32 KB: 130 KB / 114 KB of shared memory,
 // one block (12 warps) per SM. Keys of a ragged last tile past Nk (or the next sequence's rows of K)
 // are masked to -inf before the softmax; rows of Q past Nq are computed and not stored.
+//
+// flash_attention_v4_e4m3out_d{64,128}_bf16 also write the output as the e4m3 rows of the FP8 linears that
+// read it (e4m3_rows.cuh; grid heads first): the producer warpgroup stays to the end and helps quantize a
+// query tile when this block completes its heads. ptxas: the registers of the plain kernels, no stack.
 #include "common.cuh"
+#include "e4m3_rows.cuh"
 #include "hopper.cuh"
 #include "softmax_tile.cuh"
 
@@ -59,9 +64,13 @@ __device__ __forceinline__ void wgmma_pv(float* d, const unsigned a[4], unsigned
         wgmma_bf16_m64n128k16_rs(d, a, db, 1);
 }
 
-template <int D>
+// QUANT: the output also as the FP8 linears' e4m3 rows into `e` (e4m3_rows.cuh), the grid heads first
+// ((heads, query tiles, B)), and the producer warpgroup stays to help quantize a completed tile; else
+// (query tiles, heads, B).
+template <int D, bool QUANT = false>
 __device__ __forceinline__ void flash_v4(const TensorMap* tq, const TensorMap* tk, const TensorMap* tv, bf16* __restrict__ out,
-                                         int nq, int nk, int heads, int kv_heads, float scale_log2) {
+                                         int nq, int nk, int heads, int kv_heads, float scale_log2,
+                                         const E4m3Split& e = E4m3Split{}) {
     using C = FaCfg<D>;
     constexpr int BKV = C::BKV, NT = BKV / 8;
     unsigned char* smem = dynamic_smem<unsigned char>();
@@ -72,23 +81,27 @@ __device__ __forceinline__ void flash_v4(const TensorMap* tq, const TensorMap* t
     unsigned long long* full = qbar + 1;
     unsigned long long* empty = full + FA_STAGES;
 
-    const int h = blockIdx.y, b = blockIdx.z, hk = h / (heads / kv_heads), q0 = blockIdx.x * C::BQ;
+    const int h = QUANT ? blockIdx.x : blockIdx.y, tile = QUANT ? blockIdx.y : blockIdx.x;
+    const int b = blockIdx.z, hk = h / (heads / kv_heads), q0 = tile * C::BQ;
     const int wg = threadIdx.x >> 7, ntiles = (nk + BKV - 1) / BKV;
     ring_barriers_init(qbar, full, empty, FA_STAGES);
 
     if (wg == 0) {
-        if (threadIdx.x != 0) return;
-        mbarrier_arrive_expect_tx(qbar, C::Q_BYTES);
-        for (int x = 0; x < D / 64; x++) tma_load_2d(qs + x * C::Q_BOX, tq, h * D + x * 64, b * nq + q0, qbar);
-        for (int t = 0; t < ntiles; t++) {
-            const int s = t % FA_STAGES;
-            unsigned char* st = stages + s * C::STAGE;
-            mbarrier_wait(&empty[s], ((t / FA_STAGES) & 1) ^ 1);  // the first round finds every stage empty
-            mbarrier_arrive_expect_tx(&full[s], C::STAGE);
-            for (int x = 0; x < D / 64; x++) tma_load_2d(st + x * C::K_BOX, tk, hk * D + x * 64, b * nk + t * BKV, &full[s]);
-            for (int x = 0; x < BKV / 64; x++)
-                tma_load_2d(st + C::STAGE_K + x * C::V_BOX, tv, t * BKV + x * 64, (b * kv_heads + hk) * D, &full[s]);
+        if (threadIdx.x == 0) {
+            mbarrier_arrive_expect_tx(qbar, C::Q_BYTES);
+            for (int x = 0; x < D / 64; x++) tma_load_2d(qs + x * C::Q_BOX, tq, h * D + x * 64, b * nq + q0, qbar);
+            for (int t = 0; t < ntiles; t++) {
+                const int s = t % FA_STAGES;
+                unsigned char* st = stages + s * C::STAGE;
+                mbarrier_wait(&empty[s], ((t / FA_STAGES) & 1) ^ 1);  // the first round finds every stage empty
+                mbarrier_arrive_expect_tx(&full[s], C::STAGE);
+                for (int x = 0; x < D / 64; x++)
+                    tma_load_2d(st + x * C::K_BOX, tk, hk * D + x * 64, b * nk + t * BKV, &full[s]);
+                for (int x = 0; x < BKV / 64; x++)
+                    tma_load_2d(st + C::STAGE_K + x * C::V_BOX, tv, t * BKV + x * 64, (b * kv_heads + hk) * D, &full[s]);
+            }
         }
+        if constexpr (QUANT) e4m3_rows_finish(e, out, b, tile, gridDim.y, q0, C::BQ, nq, heads, heads * D);
         return;
     }
 
@@ -154,7 +167,15 @@ __device__ __forceinline__ void flash_v4(const TensorMap* tq, const TensorMap* t
     const float inv[2] = {row_inverse(l_r[0]), row_inverse(l_r[1])};
     const i64 q_stride = (i64)heads * D;
     bf16* ob = out + (i64)b * nq * q_stride + (i64)h * D + (lane & 3) * 2;
-    store_rows_bf16<D / 8>(o, inv, ob, q0 + half * 64 + warp * 16 + (lane >> 2), nq, q_stride);
+    const int row0 = q0 + half * 64 + warp * 16 + (lane >> 2);
+    if constexpr (QUANT) {
+        float row_max[2];
+        store_rows_bf16<D / 8>(o, inv, ob, row0, nq, q_stride, row_max);
+        quad_rows_max(e, b, nq, row0, row_max);
+        e4m3_rows_finish(e, out, b, tile, gridDim.y, q0, C::BQ, nq, heads, heads * D);
+    } else {
+        store_rows_bf16<D / 8>(o, inv, ob, row0, nq, q_stride);
+    }
 }
 #endif
 
@@ -179,6 +200,30 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
     flash_v4<128>(&tq, &tk, &tv, out, nq, nk, heads, kv_heads, scale_log2);
 #else
     __trap();  // wgmma needs an sm_90a image: the launcher picks v3 elsewhere
+#endif
+}
+
+// The same, the output also as the e4m3 rows of the FP8 linears that read it (e4m3_rows.cuh): grid
+// (heads, query tiles, B), e.scratch zeroed.
+extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
+    flash_attention_v4_e4m3out_d64_bf16(const __grid_constant__ TensorMap tq, const __grid_constant__ TensorMap tk,
+                                        const __grid_constant__ TensorMap tv, bf16* out, int nq, int nk, int heads,
+                                        int kv_heads, float scale_log2, E4m3Split e) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    flash_v4<64, true>(&tq, &tk, &tv, out, nq, nk, heads, kv_heads, scale_log2, e);
+#else
+    __trap();
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
+    flash_attention_v4_e4m3out_d128_bf16(const __grid_constant__ TensorMap tq, const __grid_constant__ TensorMap tk,
+                                         const __grid_constant__ TensorMap tv, bf16* out, int nq, int nk, int heads,
+                                         int kv_heads, float scale_log2, E4m3Split e) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    flash_v4<128, true>(&tq, &tk, &tv, out, nq, nk, heads, kv_heads, scale_log2, e);
+#else
+    __trap();
 #endif
 }
 

@@ -33,6 +33,17 @@ __device__ __forceinline__ void e4m3_rows_max(const E4m3Split& e, int b, int nq,
     atomicMax(e.scratch + (i64)b * nq + row, __float_as_uint(m));
 }
 
+// A quad's maxima of its two rows (row0, row0 + 8 of sample b: the m16n8 accumulator layout; each
+// lane's row_max from the store) into the rows' maxima.
+__device__ __forceinline__ void quad_rows_max(const E4m3Split& e, int b, int nq, int row0, const float row_max[2]) {
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        float m = fmaxf(row_max[half], __shfl_xor_sync(FULL_MASK, row_max[half], 1));
+        m = fmaxf(m, __shfl_xor_sync(FULL_MASK, m, 2));
+        if ((threadIdx.x & 3) == 0 && row0 + half * 8 < nq) e4m3_rows_max(e, b, nq, row0 + half * 8, m);
+    }
+}
+
 // Called by every thread of the block after it stored rows [q0, q0 + rows) of one head of sample b
 // (tile `tile` of `tiles`) and their maxima: the block completing the tile's `heads` quantizes its
 // rows, cols = heads · d values each (a multiple of 8; rows 16-byte aligned), from `out` [B, nq, cols].

@@ -104,13 +104,3 @@ __device__ __forceinline__ void sage_store_rows(const float (&o)[N][4], const fl
         }
     }
 }
-
-// The quad's maxima of its two rows (sage_store_rows' row_max) into the output's row maxima.
-__device__ __forceinline__ void sage_rows_max(const E4m3Split& e, int b, int nq, int row0, float row_max[2]) {
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        float m = fmaxf(row_max[half], __shfl_xor_sync(FULL_MASK, row_max[half], 1));
-        m = fmaxf(m, __shfl_xor_sync(FULL_MASK, m, 2));
-        if ((threadIdx.x & 3) == 0 && row0 + half * 8 < nq) e4m3_rows_max(e, b, nq, row0 + half * 8, m);
-    }
-}

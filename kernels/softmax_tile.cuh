@@ -84,7 +84,29 @@ __device__ __forceinline__ void rescale_rows(float (&o)[N][4], const float alpha
 }
 
 // Writes this thread's two rows (row0 and row0 + 8, those below nq) of the normalised output tile o / l as bf16
-// pairs: ob points at column 2(lane % 4) of row 0, rows `stride` elements apart.
+// pairs: ob points at column 2(lane % 4) of row 0, rows `stride` elements apart. row_max: the |max| of the bf16
+// values this thread stored in each row (0 for a row not stored), for e4m3_rows.cuh.
+template <int N>
+__device__ __forceinline__ void store_rows_bf16(const float (&o)[N][4], const float inv[2], bf16* ob, int row0, int nq,
+                                                i64 stride, float row_max[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = row0 + r * 8;
+        row_max[r] = 0.f;
+        if (row < nq) {
+#pragma unroll
+            for (int i = 0; i < N; i++) {
+                const unsigned packed = pack_bf16x2(o[i][2 * r] * inv[r], o[i][2 * r + 1] * inv[r]);
+                *reinterpret_cast<unsigned*>(ob + (i64)row * stride + i * 8) = packed;
+                row_max[r] = fmaxf(row_max[r], fmaxf(fabsf(__uint_as_float(packed << 16)),
+                                                     fabsf(__uint_as_float(packed & 0xffff0000u))));
+            }
+        }
+    }
+}
+
+// The same without the maxima (kept apart: deriving it from the above moved ptxas's register allocation,
+// and spills, in flash v3 at d 128).
 template <int N>
 __device__ __forceinline__ void store_rows_bf16(const float (&o)[N][4], const float inv[2], bf16* ob, int row0, int nq,
                                                 i64 stride) {

@@ -612,6 +612,59 @@ pub fn cases(suite: Suite) -> Vec<Case> {
             .untimed(),
         );
     }
+    // attention_linear_fp8_gated_add: the same with exact attention (`--attention exact`): on sm_89+
+    // images flash_attention_v3_e4m3out_d{64,128} (on sm_90a flash_attention_v4_e4m3out_d{64,128},
+    // "v2" keeps v3 there) writes the e4m3 rows; elsewhere, and at d 16, the composition.
+    // (batch, text and image tokens, heads, head dim, N, kernels)
+    let flash_fp8_out: &[SageFp8Out] = match suite {
+        Suite::Full => &[
+            (1, [512, 1024], 4, 128, 512, AttnKernels::Cur),
+            (1, [512, 1024], 4, 128, 512, AttnKernels::MmaSync),
+            (2, [100, 200], 4, 64, 256, AttnKernels::Cur),
+            (1, [30, 50], 2, 16, 32, AttnKernels::Cur),
+        ],
+        Suite::Small => &[
+            (1, [70, 60], 2, 128, 64, AttnKernels::Cur), // v4 d 128 on sm_90a, v3 elsewhere
+            (2, [40, 150], 1, 128, 48, AttnKernels::MmaSync), // v3 d 128 where v4 would run
+            (2, [40, 90], 2, 64, 48, AttnKernels::Cur),  // d 64, two samples
+            (2, [40, 90], 2, 64, 48, AttnKernels::MmaSync), // v3 d 64 where v4 would run
+            (1, [30, 50], 2, 16, 32, AttnKernels::Cur),  // d 16: the composition
+        ],
+    };
+    for &(b, lens, h, d, n, kernels) in flash_fp8_out {
+        let (nq, cols) = (lens[0] + lens[1], h * d);
+        let mut inputs: Vec<Input> = (0..3).map(|_| act(&[b, nq, h, d])).collect();
+        inputs.extend(lens.iter().map(|&l| act(&[b, l, n]))); // residuals
+        inputs.push(act(&[b, 6 * n])); // modulation (gates)
+        inputs.extend((0..2).map(|_| Input::Act(vec![n, cols], 1.0 / (cols as f32).sqrt())));
+        v.push(
+            case(
+                "attention_linear_fp8_gated_add",
+                format!(
+                    "B{b} L{lens:?} H{h} D{d} -> {n}{}",
+                    if matches!(kernels, AttnKernels::MmaSync) { " v3" } else { "" }
+                ),
+                inputs,
+                4.0,
+                Box::new(move |be, t| {
+                    let w = (0..2)
+                        .map(|i| be.load_quantized(&quantize(&t[6 + i].to_vec_f32()?, n, cols, QuantFormat::Fp8)?))
+                        .collect::<Result<Vec<_>>>()?;
+                    let gates = [t[5].narrow(1, 2 * n, n)?, t[5].narrow(1, 5 * n, n)?];
+                    let outs = [
+                        GatedFp8 { x: &t[3], gate: &gates[0], w: &w[0] },
+                        GatedFp8 { x: &t[4], gate: &gates[1], w: &w[1] },
+                    ];
+                    with_attention_kernels(be, kernels, || {
+                        let scale = 1.0 / (d as f32).sqrt();
+                        let [first, second] = be.attention_linear_fp8_gated_add(&t[0], &t[1], &t[2], scale, outs)?;
+                        be.concat(&[&first, &second], 1)
+                    })
+                }),
+            )
+            .untimed(),
+        );
+    }
     // (batch, queries, keys, heads, kv heads, head dim, mask: 0 none, 1 causal, 2 causal + padding,
     // kernels). Head dims 64 and 128 run flash_attention_v3_d{64,128}[_masked] (128-query
     // blocks; 64-key tiles at d 64, 32-key tiles at d 128), or unmasked on sm_90a images

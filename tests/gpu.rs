@@ -267,14 +267,17 @@ fn sage_normed_gives_the_compositions_bits(be: Arc<dyn Backend>) {
     }
 }
 
-fn sage_fp8_out_gives_the_compositions_bits(be: Arc<dyn Backend>) {
-    // attention_sage_normed_linear_fp8_gated_add's fused path (the attention kernel writes the e4m3
+fn attention_fp8_out_gives_the_compositions_bits(be: Arc<dyn Backend>) {
+    // attention_sage_normed_linear_fp8_gated_add's (and attention_linear_fp8_gated_add's) fused path (the attention kernel writes the e4m3
     // rows of its output: each head's block max-reduces its rows' |max|, the block completing a query
     // tile quantizes it) against its composition (attention_sage_normed, then linear_fp8_gated_add
     // per part, which quantizes the stored bf16 output): the same codes and scales, so the same
-    // GEMMs and the same bits. Sage v3 (sm_90a) and v2 at d 128, v2 at d 64; two samples, splits
-    // inside and at the edge of a 128-query tile, ragged last tiles, more heads than one.
-    use flux2::backend::{attention_sage_normed_linear_fp8_composed, GatedFp8, QkPart, QkRope, RopePairs};
+    // GEMMs and the same bits. Sage v3 (sm_90a) and v2 at d 128, v2 at d 64; flash v4 (sm_90a) and v3
+    // at d 64 and 128; two samples, splits inside and at the edge of a 128-query tile, ragged last
+    // tiles, more heads than one.
+    use flux2::backend::{
+        attention_linear_fp8_composed, attention_sage_normed_linear_fp8_composed, GatedFp8, QkPart, QkRope, RopePairs,
+    };
     use flux2::selftest::{with_attention_kernels, AttnKernels};
     let act = be.activation_dtype();
     let draw = |name: &str, shape: &[usize], dtype| {
@@ -286,6 +289,7 @@ fn sage_fp8_out_gives_the_compositions_bits(be: Arc<dyn Backend>) {
         (2, [128, 200], 3, 128, 96, AttnKernels::Cur),
         (2, [128, 200], 3, 128, 96, AttnKernels::MmaSync),
         (2, [40, 90], 2, 64, 48, AttnKernels::Cur),
+        (2, [40, 90], 2, 64, 48, AttnKernels::MmaSync),
     ];
     for (b, lens, h, d, n, kernels) in cases {
         let (nq, cols) = (lens[0] + lens[1], h * d);
@@ -332,6 +336,22 @@ fn sage_fp8_out_gives_the_compositions_bits(be: Arc<dyn Backend>) {
         let what = format!("B{b} L{lens:?} H{h} D{d} {kernels:?}");
         assert!(fused.iter().all(|x| x.is_finite()), "{what}: non-finite output");
         assert_eq!(fused, composed, "{what}: the attention kernel's e4m3 rows differ from the quantize pass");
+        // Exact attention (flash v3, v4 on sm_90a) of the raw q and k, the same way.
+        let (qe, ke) = (be.concat(&[&q[0], &q[1]], 1).unwrap(), be.concat(&[&k[0], &k[1]], 1).unwrap());
+        let run = |fused: bool| {
+            let out = with_attention_kernels(&*be, kernels, || {
+                let [a, c] = if fused {
+                    be.attention_linear_fp8_gated_add(&qe, &ke, &v, scale, outs)?
+                } else {
+                    attention_linear_fp8_composed(&*be, &qe, &ke, &v, scale, outs)?
+                };
+                be.concat(&[&a, &c], 1)
+            });
+            out.unwrap().to_vec_f32().unwrap()
+        };
+        let (fused, composed) = (run(true), run(false));
+        assert!(fused.iter().all(|x| x.is_finite()), "exact {what}: non-finite output");
+        assert_eq!(fused, composed, "exact {what}: flash attention's e4m3 rows differ from the quantize pass");
     }
 }
 
@@ -669,7 +689,7 @@ fn main() {
         ("quantized_linears_reject_bad_shapes", quantized_linears_reject_bad_shapes, false),
         ("sage_quantize_v2_gives_v1s_bits", sage_quantize_v2_gives_v1s_bits, true),
         ("sage_normed_gives_the_compositions_bits", sage_normed_gives_the_compositions_bits, true),
-        ("sage_fp8_out_gives_the_compositions_bits", sage_fp8_out_gives_the_compositions_bits, true),
+        ("attention_fp8_out_gives_the_compositions_bits", attention_fp8_out_gives_the_compositions_bits, true),
         ("sage_v3_matches_v2", sage_v3_matches_v2, true),
         ("stream_k_matches_whole_tiles", stream_k_matches_whole_tiles, true),
         ("wide_tiles_match_narrow_ones", wide_tiles_match_narrow_ones, true),

@@ -245,6 +245,21 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         attention_sage_normed_linear_fp8_composed(self, q, k, rope, v, scale, outs)
     }
 
+    /// `attention_sage_normed_linear_fp8_gated_add` with exact attention of normed q and k (no
+    /// mask): the double block's attention and FP8 output projections with `--attention exact`.
+    /// This composition is the reference; the CUDA backend writes the e4m3 rows in flash
+    /// attention's kernel.
+    fn attention_linear_fp8_gated_add(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f32,
+        outs: [GatedFp8; 2],
+    ) -> Result<[Tensor; 2]> {
+        attention_linear_fp8_composed(self, q, k, v, scale, outs)
+    }
+
     /// Scaled dot-product attention with softmax in f32 (layouts in the module docs).
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor>;
 
@@ -442,8 +457,26 @@ pub fn attention_sage_normed_linear_fp8_composed<B: Backend + ?Sized>(
     scale: f32,
     outs: [GatedFp8; 2],
 ) -> Result<[Tensor; 2]> {
-    let o = be.attention_sage_normed(q, k, rope, v, scale)?;
-    check::rank("attention_sage_normed_linear_fp8_gated_add", &o, 4)?;
+    fp8_projections_of(be, &be.attention_sage_normed(q, k, rope, v, scale)?, outs)
+}
+
+/// `attention_linear_fp8_gated_add`'s composition: the reference, and the fallback of the fused
+/// version.
+pub fn attention_linear_fp8_composed<B: Backend + ?Sized>(
+    be: &B,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    outs: [GatedFp8; 2],
+) -> Result<[Tensor; 2]> {
+    fp8_projections_of(be, &be.attention(q, k, v, &AttnMask::None, scale)?, outs)
+}
+
+/// An attention output `o` `[B, N, H, D]` as `[B, N, H·D]`, its first `outs[0].x.dim(1)` tokens of
+/// each sample through `outs[0]` (`linear_fp8_gated_add`), the rest through `outs[1]`.
+fn fp8_projections_of<B: Backend + ?Sized>(be: &B, o: &Tensor, outs: [GatedFp8; 2]) -> Result<[Tensor; 2]> {
+    check::rank("attention_linear_fp8_gated_add", o, 4)?;
     let (b, n) = (o.dim(0), o.dim(1));
     let split = check::token_split(outs[0].x, outs[1].x, b, n)?;
     let o = o.reshape(&[b, n, o.dim(2) * o.dim(3)])?;
@@ -491,7 +524,7 @@ pub mod check {
         let fits = |x: &Tensor| x.rank() == 3 && x.dim(0) == b && x.dim(1) > 0;
         if !fits(first) || !fits(second) || first.dim(1) + second.dim(1) != n {
             let what = format!("residuals {:?} and {:?} for {b} samples of {n} tokens", first.shape(), second.shape());
-            return Err(Error::shape("attention_sage_normed_linear_fp8_gated_add", what));
+            return Err(Error::shape("attention_linear_fp8_gated_add", what));
         }
         Ok(first.dim(1))
     }

@@ -11,6 +11,7 @@ use cudarc::driver::LaunchConfig;
 
 use std::sync::atomic::Ordering;
 
+use super::e4m3_rows::E4m3Rows;
 use super::{attention_wgmma, launch, CudaBackend};
 use crate::backend::{check, AttnMask};
 use crate::dtype::DType;
@@ -94,6 +95,53 @@ fn path(d: usize, masked: bool, aligned: bool, reference: bool) -> Path {
     }
 }
 
+/// The flash v3 kernels that also write the output's e4m3 rows (e4m3_rows.rs), by head dim.
+const V3_E4M3_OUT_KERNELS: [(usize, &str); 2] =
+    [(64, "flash_attention_v3_e4m3out_d64_bf16"), (128, "flash_attention_v3_e4m3out_d128_bf16")];
+
+/// Unmasked attention whose kernel also writes the output's e4m3 rows into `rows` (made for
+/// `[b, nq, h·d]`): flash v4 where it applies, else v3, at head dims 64 and 128 with 16-byte
+/// aligned operands; None where neither runs (the caller composes).
+pub(super) fn attention_rows(
+    be: &CudaBackend,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    rows: &E4m3Rows,
+) -> Result<Option<Tensor>> {
+    let dims = check::attention(q, k, v, &AttnMask::None)?;
+    let [b, nq, h, nk, hkv, d] = dims;
+    let Some(&(_, v3)) = V3_E4M3_OUT_KERNELS.iter().find(|(kd, _)| *kd == d) else { return Ok(None) };
+    if nq == 0 || h > 65535 || b > 65535 || be.dev.reference_attention.load(Ordering::Relaxed) {
+        return Ok(None);
+    }
+    if !rows.fits(b, nq, h * d) {
+        return Err(Error::Gpu(format!("e4m3 rows made for another output than [{b}, {nq}, {}]", h * d)));
+    }
+    let (_q, qp) = be.bf16_arg(q, "attention")?;
+    let (_k, kp) = be.bf16_arg(k, "attention")?;
+    let (_v, vp) = be.bf16_arg(v, "attention")?;
+    if (qp | kp | vp) % 16 != 0 {
+        return Ok(None);
+    }
+    let out = be.output(DType::BF16, &[b, nq, h, d])?;
+    let op = be.ptr(&out)?;
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    if let Some(name) = attention_wgmma::kernel(be, false, dims) {
+        attention_wgmma::flash_v4(be, name, (qp, kp, vp, op), dims, scale_log2, Some(rows))?;
+        return Ok(Some(out));
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (h as u32, nq.div_ceil(V3_BLOCK_Q) as u32, b as u32),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: v3_smem_bytes(d) as u32,
+    };
+    let (nq32, nk32, h32, hkv32) = (nq as i32, nk as i32, h as i32, hkv as i32);
+    launch!(be.dev, v3, cfg, qp, kp, vp, op, nq32, nk32, h32, hkv32, scale_log2, 0i32, 0u64, rows.arg(be)?)?;
+    Ok(Some(out))
+}
+
 pub(super) fn attention(
     be: &CudaBackend,
     q: &Tensor,
@@ -124,7 +172,7 @@ pub(super) fn attention(
     let scale_log2 = scale * std::f32::consts::LOG2_E;
     if matches!(path, Path::FlashV3(_)) {
         if let Some(name) = attention_wgmma::kernel(be, masked, [b, nq, h, nk, hkv, d]) {
-            attention_wgmma::flash_v4(be, name, (qp, kp, vp, op), [b, nq, h, nk, hkv, d], scale_log2)?;
+            attention_wgmma::flash_v4(be, name, (qp, kp, vp, op), [b, nq, h, nk, hkv, d], scale_log2, None)?;
             return Ok(out);
         }
     }

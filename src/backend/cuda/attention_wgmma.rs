@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use cudarc::driver::LaunchConfig;
 
+use super::e4m3_rows::E4m3Rows;
 use super::gemm_wgmma::V3_TARGET;
 use super::tensor_map::{row_major_128b, TileElem};
 use super::{launch, CudaBackend};
@@ -15,8 +16,12 @@ use crate::error::Result;
 pub(super) const D64_KERNEL: &str = "flash_attention_v4_d64_bf16";
 pub(super) const D128_KERNEL: &str = "flash_attention_v4_d128_bf16";
 const TRANSPOSE_KERNEL: &str = "transpose_v_bf16";
+/// The kernels that also write the output's e4m3 rows (e4m3_rows.rs), by head dim.
+pub(super) const E4M3_OUT_KERNELS: [(usize, &str); 2] =
+    [(64, "flash_attention_v4_e4m3out_d64_bf16"), (128, "flash_attention_v4_e4m3out_d128_bf16")];
 /// Every kernel of the module (launched on sm_90a images only).
-pub(super) const KERNELS: [&str; 3] = [D64_KERNEL, D128_KERNEL, TRANSPOSE_KERNEL];
+pub(super) const KERNELS: [&str; 5] =
+    [D64_KERNEL, D128_KERNEL, TRANSPOSE_KERNEL, E4M3_OUT_KERNELS[0].1, E4M3_OUT_KERNELS[1].1];
 
 /// Keys per K/Vᵀ tile (`FaCfg::BKV`).
 fn tile_keys(d: usize) -> usize {
@@ -36,7 +41,8 @@ pub(super) fn smem_bytes(d: usize) -> usize {
 /// The kernels needing the opt-in shared-memory attribute, for images that have them running.
 pub(super) fn big_smem(target: &str) -> Vec<(&'static str, usize)> {
     if target == V3_TARGET {
-        vec![(D64_KERNEL, smem_bytes(64)), (D128_KERNEL, smem_bytes(128))]
+        let plain = [(64, D64_KERNEL), (128, D128_KERNEL)];
+        plain.into_iter().chain(E4M3_OUT_KERNELS).map(|(d, k)| (k, smem_bytes(d))).collect()
     } else {
         Vec::new()
     }
@@ -71,7 +77,8 @@ pub(super) fn kernel(be: &CudaBackend, masked: bool, dims: [usize; 6]) -> Option
 }
 
 /// out [b, nq, h, d] = softmax(q kᵀ · scale) v for dense q [b, nq, h, d], k and v [b, nk, hkv, d]:
-/// Vᵀ first (zero-padded to a multiple of 32 keys), then the v4 kernel `name`.
+/// Vᵀ first (zero-padded to a multiple of 32 keys), then the v4 kernel `name`; with `rows`, its
+/// twin that also writes the output's e4m3 rows (grid heads first).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn flash_v4(
     be: &CudaBackend,
@@ -79,6 +86,7 @@ pub(super) fn flash_v4(
     (q, k, v, out): (u64, u64, u64, u64),
     [b, nq, h, nk, hkv, d]: [usize; 6],
     scale_log2: f32,
+    rows: Option<&E4m3Rows>,
 ) -> Result<()> {
     let nk_pad = nk.div_ceil(32).max(1) * 32;
     let vt = be.output(DType::BF16, &[b * hkv * d * nk_pad])?;
@@ -92,12 +100,23 @@ pub(super) fn flash_v4(
     let tq = row_major_128b(q, TileElem::Bf16, b * nq, h * d, 128)?;
     let tk = row_major_128b(k, TileElem::Bf16, b * nk, hkv * d, tile_keys(d) as u32)?;
     let tv = row_major_128b(vtp, TileElem::Bf16, b * hkv * d, nk_pad, d as u32)?;
+    let tiles = nq.div_ceil(128) as u32;
     let cfg = LaunchConfig {
-        grid_dim: (nq.div_ceil(128) as u32, h as u32, b as u32),
+        grid_dim: if rows.is_some() { (h as u32, tiles, b as u32) } else { (tiles, h as u32, b as u32) },
         block_dim: (384, 1, 1),
         shared_mem_bytes: smem_bytes(d) as u32,
     };
-    launch!(be.dev, name, cfg, tq, tk, tv, out, nq as i32, nk as i32, h as i32, hkv as i32, scale_log2)
+    let (nq32, nk32, h32, hkv32) = (nq as i32, nk as i32, h as i32, hkv as i32);
+    match rows {
+        None => launch!(be.dev, name, cfg, tq, tk, tv, out, nq32, nk32, h32, hkv32, scale_log2),
+        Some(r) => {
+            let Some(&(_, name)) = E4M3_OUT_KERNELS.iter().find(|(kd, _)| *kd == d) else {
+                return Err(crate::error::Error::Gpu(format!("no flash v4 kernel writes e4m3 rows at head dim {d}")));
+            };
+            let e = r.arg(be)?;
+            launch!(be.dev, name, cfg, tq, tk, tv, out, nq32, nk32, h32, hkv32, scale_log2, e)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,24 +1,27 @@
 //! The attention output as the FP8 linears' activations, written by the attention kernel itself
-//! (kernels/e4m3_rows.cuh): the double block's Sage attention feeding its two output projections
-//! (`attention_sage_normed_linear_fp8_gated_add`). The kernels `attention_sage_mma_e4m3out_d*` (v2)
-//! and `attention_sage_wgmma_e4m3out_d128` (v3) store the bf16 output as before, max-reduce each
-//! token's |max| across the heads' blocks, and the block completing a query tile's heads writes the
-//! tile's e4m3 codes and per-token scales, the values `quantize_rows_e4m3_bf16` makes from the
-//! stored output: the GEMMs get the same operands as in the composition, without its quantize
-//! passes over the output (one per projection).
+//! (kernels/e4m3_rows.cuh): the double block's attention feeding its two output projections
+//! (`attention_sage_normed_linear_fp8_gated_add`, `attention_linear_fp8_gated_add`). The kernels
+//! `attention_sage_mma_e4m3out_d*` / `attention_sage_wgmma_e4m3out_d128` (Sage v2 / v3) and
+//! `flash_attention_v3_e4m3out_d*` / `flash_attention_v4_e4m3out_d*` store the bf16 output as before,
+//! max-reduce each token's |max| across the heads' blocks, and the block completing a query tile's
+//! heads writes the tile's e4m3 codes and per-token scales, the values `quantize_rows_e4m3_bf16` makes
+//! from the stored output: the GEMMs get the same operands as in the composition, without its
+//! quantize passes over the output (one per projection).
 
 use cudarc::driver::DeviceRepr;
 
 use super::gemm::Residual;
 use super::quantized::{fp8_mma_applies, w8a8_mma};
 use super::{CudaBackend, CudaStorage};
-use crate::backend::{attention_sage_normed_linear_fp8_composed, check, GatedFp8, QkPart, QkRope};
+use crate::backend::{
+    attention_linear_fp8_composed, attention_sage_normed_linear_fp8_composed, check, GatedFp8, QkPart, QkRope,
+};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::quant::QuantFormat;
 use crate::tensor::Tensor;
 
-const OP: &str = "attention_sage_normed_linear_fp8_gated_add";
+const OP: &str = "attention_linear_fp8_gated_add";
 
 /// The kernels' `E4m3Split` argument (kernels/e4m3_rows.cuh).
 #[repr(C)]
@@ -74,10 +77,8 @@ impl E4m3Rows {
     }
 }
 
-/// `attention_sage_normed_linear_fp8_gated_add`: where Sage runs on the tensor-core kernels with
-/// e4m3 P·V and both projections on the tensor-core FP8 GEMM (v2, or v3 on sm_90a), the attention
-/// kernel writes the e4m3 rows and each GEMM reads its part, the gated residual in its epilogue;
-/// elsewhere (and for shapes the composition reports as wrong) the composition.
+/// `attention_sage_normed_linear_fp8_gated_add`: the Sage kernels write the rows where they run
+/// on tensor cores with e4m3 P·V (`sage::sage_normed`).
 pub(super) fn attention_sage_normed_linear_fp8(
     be: &CudaBackend,
     q: &[QkPart],
@@ -89,8 +90,43 @@ pub(super) fn attention_sage_normed_linear_fp8(
 ) -> Result<[Tensor; 2]> {
     let composed = || attention_sage_normed_linear_fp8_composed(be, q, k, rope, v, scale, outs);
     let Some(shape) = q.first().map(|p| p.x.shape()).filter(|s| s.len() == 4) else { return composed() };
-    let (b, cols) = (shape[0], shape[2] * shape[3]);
     let nq: usize = q.iter().map(|p| p.x.shape().get(1).copied().unwrap_or(0)).sum();
+    let dims = [shape[0], nq, shape[2] * shape[3]];
+    let attend = |rows: &E4m3Rows| super::sage::sage_normed(be, q, k, rope, v, scale, Some(rows));
+    attention_fp8_projections(be, dims, outs, attend, composed)
+}
+
+/// `attention_linear_fp8_gated_add`: flash attention's kernels (v3, v4 on sm_90a) write the rows at
+/// head dims 64 and 128 (`attention::attention_rows`).
+pub(super) fn attention_linear_fp8(
+    be: &CudaBackend,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    outs: [GatedFp8; 2],
+) -> Result<[Tensor; 2]> {
+    let composed = || attention_linear_fp8_composed(be, q, k, v, scale, outs);
+    if q.rank() != 4 {
+        return composed();
+    }
+    let dims = [q.dim(0), q.dim(1), q.dim(2) * q.dim(3)];
+    let attend = |rows: &E4m3Rows| super::attention::attention_rows(be, q, k, v, scale, rows);
+    attention_fp8_projections(be, dims, outs, attend, composed)
+}
+
+/// An attention whose output `[b, nq, cols]` feeds two FP8 projections split per sample at
+/// `outs[0]`'s tokens: where both run the tensor-core FP8 GEMM (v2, or v3 on sm_90a) and `attend`
+/// (the attention, writing the e4m3 rows) runs, each GEMM reads its part of the rows, the gated
+/// residual in its epilogue; elsewhere (and for shapes the composition reports as wrong)
+/// `composed`.
+fn attention_fp8_projections(
+    be: &CudaBackend,
+    [b, nq, cols]: [usize; 3],
+    outs: [GatedFp8; 2],
+    attend: impl FnOnce(&E4m3Rows) -> Result<Option<Tensor>>,
+    composed: impl FnOnce() -> Result<[Tensor; 2]>,
+) -> Result<[Tensor; 2]> {
     let Ok(split) = check::token_split(outs[0].x, outs[1].x, b, nq) else { return composed() };
     let lens = [split, nq - split];
     let fused = outs.iter().zip(lens).all(|(o, l)| {
@@ -105,7 +141,7 @@ pub(super) fn attention_sage_normed_linear_fp8(
         return composed();
     }
     let rows = E4m3Rows::new(be, [b, nq, cols], split)?;
-    if super::sage::sage_normed(be, q, k, rope, v, scale, Some(&rows))?.is_none() {
+    if attend(&rows)?.is_none() {
         return composed();
     }
     let project = |i: usize| -> Result<Tensor> {

@@ -105,6 +105,8 @@ const KERNELS: &[(&str, &[&str])] = &[
             "flash_attention_v3_d64_masked_bf16",
             "flash_attention_v3_d128_bf16",
             "flash_attention_v3_d128_masked_bf16",
+            "flash_attention_v3_e4m3out_d64_bf16",
+            "flash_attention_v3_e4m3out_d128_bf16",
         ],
     ),
     (
@@ -1000,6 +1002,17 @@ impl Backend for CudaBackend {
         outs: [crate::backend::GatedFp8; 2],
     ) -> Result<[Tensor; 2]> {
         e4m3_rows::attention_sage_normed_linear_fp8(self, q, k, rope, v, scale, outs)
+    }
+
+    fn attention_linear_fp8_gated_add(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f32,
+        outs: [crate::backend::GatedFp8; 2],
+    ) -> Result<[Tensor; 2]> {
+        e4m3_rows::attention_linear_fp8(self, q, k, v, scale, outs)
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {

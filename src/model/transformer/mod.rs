@@ -819,10 +819,7 @@ impl Flux2Transformer {
             let q = [QkPart { x: &qt, weight: &blk.norm_added_q }, QkPart { x: &qi, weight: &blk.norm_q }];
             let k = [QkPart { x: &kt, weight: &blk.norm_added_k }, QkPart { x: &ki, weight: &blk.norm_k }];
             // FP8 output projections: the attention kernel writes their e4m3 activations.
-            if let (Some(w_txt), Some(w_img)) = (blk.to_add_out.fp8_plain(), blk.to_out.fp8_plain()) {
-                let [_, _, g1] = &mi.sets[0];
-                let [_, _, cg1] = &mt.sets[0];
-                let outs = [GatedFp8 { x: txt, gate: cg1, w: w_txt }, GatedFp8 { x: img, gate: g1, w: w_img }];
+            if let Some(outs) = Self::fp8_outs(blk, img, txt, mi, mt) {
                 let qk = self.qk_rope(rope);
                 let [txt, img] =
                     be.attention_sage_normed_linear_fp8_gated_add(&q, &k, &qk, &v, self.attn_scale(), outs)?;
@@ -839,6 +836,13 @@ impl Flux2Transformer {
         let ki = rope.norm_apply(be, &ki, &blk.norm_k, eps, lt)?;
         let q = be.concat(&[&qt, &qi], 1)?;
         let k = be.concat(&[&kt, &ki], 1)?;
+        if let (RefStream::None, Some(outs)) = (&reference, Self::fp8_outs(blk, img, txt, mi, mt)) {
+            // Exact attention (Sage took the branch above) into FP8 output projections: flash
+            // attention's kernel writes their e4m3 activations.
+            let [txt, img] = be.attention_linear_fp8_gated_add(&q, &k, &v, self.attn_scale(), outs)?;
+            let (img, txt) = self.double_block_ff(blk, &img, &txt, mi, mt)?;
+            return Ok((img, txt, None, None));
+        }
 
         let (o, ref_out, kept) = match reference {
             RefStream::Tokens { x: r, mods, rope: ref_rope } => {
@@ -887,6 +891,22 @@ impl Flux2Transformer {
         let txt = blk.to_add_out.forward_gated(be, &o_txt, txt, cg1)?;
         let (img, txt) = self.double_block_ff(blk, &img, &txt, mi, mt)?;
         Ok((img, txt, ref_out, kept))
+    }
+
+    /// The double block's output projections with their gated residuals (text, then image) when
+    /// both are FP8 without run-time adapters: their activations may come quantized from the
+    /// attention.
+    fn fp8_outs<'a>(
+        blk: &'a DoubleBlock,
+        img: &'a Tensor,
+        txt: &'a Tensor,
+        mi: &'a Modulation,
+        mt: &'a Modulation,
+    ) -> Option<[GatedFp8<'a>; 2]> {
+        let (w_txt, w_img) = (blk.to_add_out.fp8_plain()?, blk.to_out.fp8_plain()?);
+        let [_, _, g1] = &mi.sets[0];
+        let [_, _, cg1] = &mt.sets[0];
+        Some([GatedFp8 { x: txt, gate: cg1, w: w_txt }, GatedFp8 { x: img, gate: g1, w: w_img }])
     }
 
     /// The gated feed-forwards that end a double block, of both streams after their attention.
