@@ -355,6 +355,57 @@ fn attention_fp8_out_gives_the_compositions_bits(be: Arc<dyn Backend>) {
     }
 }
 
+fn fp8_double_blocks_at_head_dim_128_stay_close_to_the_cpu(be: Arc<dyn Backend>) {
+    // The DiT with FP8 block linears at a head dim the tensor-core attention takes (128): its double
+    // blocks run the attention kernels that write the output projections' e4m3 rows (Sage and exact),
+    // wired through the model's text/image split and gates. A random-weight transformer of the
+    // fixture's shape but 2 heads of 128, on the device against the f32 CPU in the same mode, and bit
+    // for bit against the device's composition. (The model's wiring itself, shared by every backend,
+    // is checked against diffusers by tests/quantized_compute.rs.)
+    use flux2::model::transformer::config::TransformerConfig;
+    use flux2::model::transformer::layout::Layout;
+    use flux2::model::transformer::{AttentionMode, Compute};
+    use flux2::planner::TransformerPrecision;
+    let dir = fixtures().join("transformer/t2i_nonsquare");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("transformer/config.json")).unwrap()).unwrap();
+    json["attention_head_dim"] = 128.into();
+    json["axes_dims_rope"] = serde_json::json!([32, 32, 32, 32]);
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config.json");
+    std::fs::write(&config, json.to_string()).unwrap();
+    let cfg = TransformerConfig::from_json_file(&config).unwrap();
+    flux2::synth::write_transformer(&cfg, Layout::Diffusers, flux2::DType::BF16, 7, tmp.path(), "").unwrap();
+    let model_dir = tmp.path().join("transformer");
+    let inputs = dir.join("inputs.safetensors");
+    let (img_ids, txt_ids) = (common::position_ids(&inputs, "img_ids"), common::position_ids(&inputs, "txt_ids"));
+    let run = |be: Arc<dyn Backend>, attention| {
+        let compute = Compute { precision: Some(TransformerPrecision::Fp8), attention };
+        let model = Flux2Transformer::load_with(be.clone(), &model_dir, None, compute).unwrap();
+        let act = be.activation_dtype();
+        let hidden = be.upload(&load(&inputs, "hidden_states"), act).unwrap();
+        let context = be.upload(&load(&inputs, "encoder_hidden_states"), act).unwrap();
+        let times = vec![700.0; hidden.dim(0)];
+        model.forward(&hidden, &context, &times, &img_ids, &txt_ids, None).unwrap().to_vec_f32().unwrap()
+    };
+    // The NaN-checking wrapper (`--debug-nans`) forwards each op to the device but leaves the fused
+    // attention + projection ops (and the fused Sage pre-pass) to their compositions, which give the
+    // same bits on the device (tests above): the whole forward must too.
+    let composed: Arc<dyn Backend> = Arc::new(flux2::backend::nan_check::NanCheckBackend::new(be.clone()));
+    let cpu: Arc<dyn Backend> = Arc::new(flux2::backend::cpu::CpuBackend::new());
+    for attention in [AttentionMode::Exact, AttentionMode::Sage] {
+        let (got, want) = (run(be.clone(), attention), run(cpu.clone(), attention));
+        let (cos, rel) = cosine_and_rel_l2(&got, &want);
+        println!("fp8 / {attention:?}, head dim 128: cosine {cos:.6}, rel_l2 {rel:.4} against the CPU");
+        assert!(got.iter().all(|x| x.is_finite()), "{attention:?}: non-finite output");
+        assert!(cos >= 0.999, "{attention:?}: cosine {cos} against the CPU");
+        assert!(
+            got == run(composed.clone(), attention),
+            "{attention:?}: the fused forward differs from the composed one"
+        );
+    }
+}
+
 fn sage_v3_matches_v2(be: Arc<dyn Backend>) {
     // Sage v3 (wgmma, sm_90a) against v2 (mma.sync) on the same device: both take the same codes
     // and scales, compute exact integer scores and round P to e4m3 against the same running maxima
@@ -678,7 +729,7 @@ fn main() {
     };
     let gpu = gpu.ok();
     type Check = fn(Arc<dyn Backend>);
-    let checks: [(&str, Check, bool); 20] = [
+    let checks: [(&str, Check, bool); 21] = [
         ("every_op_matches_the_cpu_reference", every_op_matches_the_cpu_reference, true),
         ("transformer_fixtures_in_bf16", transformer_fixtures_in_bf16, true),
         ("checkpoint_formats_in_bf16", checkpoint_formats_in_bf16, true),
@@ -690,6 +741,11 @@ fn main() {
         ("sage_quantize_v2_gives_v1s_bits", sage_quantize_v2_gives_v1s_bits, true),
         ("sage_normed_gives_the_compositions_bits", sage_normed_gives_the_compositions_bits, true),
         ("attention_fp8_out_gives_the_compositions_bits", attention_fp8_out_gives_the_compositions_bits, true),
+        (
+            "fp8_double_blocks_at_head_dim_128_stay_close_to_the_cpu",
+            fp8_double_blocks_at_head_dim_128_stay_close_to_the_cpu,
+            true,
+        ),
         ("sage_v3_matches_v2", sage_v3_matches_v2, true),
         ("stream_k_matches_whole_tiles", stream_k_matches_whole_tiles, true),
         ("wide_tiles_match_narrow_ones", wide_tiles_match_narrow_ones, true),
