@@ -374,17 +374,18 @@ __device__ __forceinline__ void sage_mma(const signed char* __restrict__ qc, con
     }
 }
 
+// e: where the e4m3out kernels write the output's e4m3 rows (the others take it empty and ignore it).
 #define SAGE_MMA_ARGS                                                                                           \
     const signed char *qc, const signed char *kc, const unsigned char *vt, bf16 *out, int nq, int nk, int nk_pad,  \
         int heads, int kv_heads, float scale, int causal, const int *valid_len, const float *q_absmax,            \
-        const float *k_absmax, const float *v_mean, const float *v_absmax
+        const float *k_absmax, const float *v_mean, const float *v_absmax, E4m3Split e
 #define SAGE_MMA_PASS \
     qc, kc, vt, out, nq, nk, nk_pad, heads, kv_heads, scale, causal, valid_len, q_absmax, k_absmax, v_mean, v_absmax
 
 // e4m3 tensor cores need sm_89 or newer: older images hold a trap (the launcher picks the bf16 P·V kernels).
 extern "C" __global__ void __launch_bounds__(256, 1) attention_sage_mma_d64(SAGE_MMA_ARGS) {
 #if __CUDA_ARCH__ >= 890
-    sage_mma<64, true, false>(SAGE_MMA_PASS, E4m3Split{});
+    sage_mma<64, true, false>(SAGE_MMA_PASS, e);
 #else
     __trap();
 #endif
@@ -392,23 +393,23 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_sage_mma_d64(SAGE
 
 extern "C" __global__ void __launch_bounds__(256) attention_sage_mma_d128(SAGE_MMA_ARGS) {
 #if __CUDA_ARCH__ >= 890
-    sage_mma<128, true, false>(SAGE_MMA_PASS, E4m3Split{});
+    sage_mma<128, true, false>(SAGE_MMA_PASS, e);
 #else
     __trap();
 #endif
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1) attention_sage_mma_bf16pv_d64(SAGE_MMA_ARGS) {
-    sage_mma<64, false, false>(SAGE_MMA_PASS, E4m3Split{});
+    sage_mma<64, false, false>(SAGE_MMA_PASS, e);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_sage_mma_bf16pv_d128(SAGE_MMA_ARGS) {
-    sage_mma<128, false, false>(SAGE_MMA_PASS, E4m3Split{});
+    sage_mma<128, false, false>(SAGE_MMA_PASS, e);
 }
 
 // The same, the output also as the e4m3 rows of the FP8 linears that read it (e4m3_rows.cuh): grid
 // (heads, query tiles, B), e.scratch zeroed.
-extern "C" __global__ void __launch_bounds__(256, 1) attention_sage_mma_e4m3out_d64(SAGE_MMA_ARGS, E4m3Split e) {
+extern "C" __global__ void __launch_bounds__(256, 1) attention_sage_mma_e4m3out_d64(SAGE_MMA_ARGS) {
 #if __CUDA_ARCH__ >= 890
     sage_mma<64, true, true>(SAGE_MMA_PASS, e);
 #else
@@ -416,7 +417,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_sage_mma_e4m3out_
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(256) attention_sage_mma_e4m3out_d128(SAGE_MMA_ARGS, E4m3Split e) {
+extern "C" __global__ void __launch_bounds__(256) attention_sage_mma_e4m3out_d128(SAGE_MMA_ARGS) {
 #if __CUDA_ARCH__ >= 890
     sage_mma<128, true, true>(SAGE_MMA_PASS, e);
 #else

@@ -566,9 +566,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         inputs.push(Input::Table(vec![nq, d / 2], 0.0, 1.0));
         inputs.push(Input::Table(vec![nq, d / 2], 0.0, 1.0));
         inputs.extend((0..4).map(|_| act(&[d]))); // q and k norm weights per part
-        inputs.extend(lens.iter().map(|&l| act(&[b, l, n]))); // residuals
-        inputs.push(act(&[b, 6 * n])); // modulation (gates)
-        inputs.extend((0..2).map(|_| Input::Act(vec![n, cols], 1.0 / (cols as f32).sqrt())));
+        inputs.extend(fp8_projection_inputs(b, lens, n, cols));
         v.push(
             case(
                 "attention_sage_normed_linear_fp8_gated_add",
@@ -588,24 +586,13 @@ pub fn cases(suite: Suite) -> Vec<Case> {
                     let qp = [QkPart { x: &q[0], weight: &t[4] }, QkPart { x: &q[1], weight: &t[6] }];
                     let kp = [QkPart { x: &k[0], weight: &t[5] }, QkPart { x: &k[1], weight: &t[7] }];
                     let rope = QkRope { eps: 1e-6, cos: &t[2], sin: &t[3], pairs: RopePairs::Interleaved };
-                    let w = (0..2)
-                        .map(|i| be.load_quantized(&quantize(&t[11 + i].to_vec_f32()?, n, cols, QuantFormat::Fp8)?))
-                        .collect::<Result<Vec<_>>>()?;
-                    let gates = [t[10].narrow(1, 2 * n, n)?, t[10].narrow(1, 5 * n, n)?];
-                    let outs = [
-                        GatedFp8 { x: &t[8], gate: &gates[0], w: &w[0] },
-                        GatedFp8 { x: &t[9], gate: &gates[1], w: &w[1] },
-                    ];
-                    with_attention_kernels(be, kernels, || {
-                        let [first, second] = be.attention_sage_normed_linear_fp8_gated_add(
-                            &qp,
-                            &kp,
-                            &rope,
-                            &v,
-                            1.0 / (d as f32).sqrt(),
-                            outs,
-                        )?;
-                        be.concat(&[&first, &second], 1)
+                    with_fp8_projections(be, &t[8..], n, cols, |outs| {
+                        with_attention_kernels(be, kernels, || {
+                            let scale = 1.0 / (d as f32).sqrt();
+                            let [first, second] =
+                                be.attention_sage_normed_linear_fp8_gated_add(&qp, &kp, &rope, &v, scale, outs)?;
+                            be.concat(&[&first, &second], 1)
+                        })
                     })
                 }),
             )
@@ -634,9 +621,7 @@ pub fn cases(suite: Suite) -> Vec<Case> {
     for &(b, lens, h, d, n, kernels) in flash_fp8_out {
         let (nq, cols) = (lens[0] + lens[1], h * d);
         let mut inputs: Vec<Input> = (0..3).map(|_| act(&[b, nq, h, d])).collect();
-        inputs.extend(lens.iter().map(|&l| act(&[b, l, n]))); // residuals
-        inputs.push(act(&[b, 6 * n])); // modulation (gates)
-        inputs.extend((0..2).map(|_| Input::Act(vec![n, cols], 1.0 / (cols as f32).sqrt())));
+        inputs.extend(fp8_projection_inputs(b, lens, n, cols));
         v.push(
             case(
                 "attention_linear_fp8_gated_add",
@@ -647,18 +632,13 @@ pub fn cases(suite: Suite) -> Vec<Case> {
                 inputs,
                 4.0,
                 Box::new(move |be, t| {
-                    let w = (0..2)
-                        .map(|i| be.load_quantized(&quantize(&t[6 + i].to_vec_f32()?, n, cols, QuantFormat::Fp8)?))
-                        .collect::<Result<Vec<_>>>()?;
-                    let gates = [t[5].narrow(1, 2 * n, n)?, t[5].narrow(1, 5 * n, n)?];
-                    let outs = [
-                        GatedFp8 { x: &t[3], gate: &gates[0], w: &w[0] },
-                        GatedFp8 { x: &t[4], gate: &gates[1], w: &w[1] },
-                    ];
-                    with_attention_kernels(be, kernels, || {
-                        let scale = 1.0 / (d as f32).sqrt();
-                        let [first, second] = be.attention_linear_fp8_gated_add(&t[0], &t[1], &t[2], scale, outs)?;
-                        be.concat(&[&first, &second], 1)
+                    with_fp8_projections(be, &t[3..], n, cols, |outs| {
+                        with_attention_kernels(be, kernels, || {
+                            let scale = 1.0 / (d as f32).sqrt();
+                            let [first, second] =
+                                be.attention_linear_fp8_gated_add(&t[0], &t[1], &t[2], scale, outs)?;
+                            be.concat(&[&first, &second], 1)
+                        })
                     })
                 }),
             )
@@ -1168,6 +1148,31 @@ pub fn cases(suite: Suite) -> Vec<Case> {
         );
     }
     v
+}
+
+/// The inputs of a double block's two FP8 output projections for the attention + projection cases:
+/// each part's residual `[b, l, n]`, the modulation `[b, 6n]` (gates at 2n and 5n), the weights
+/// `[n, cols]`.
+fn fp8_projection_inputs(b: usize, lens: [usize; 2], n: usize, cols: usize) -> Vec<Input> {
+    let mut inputs: Vec<Input> = lens.iter().map(|&l| act(&[b, l, n])).collect();
+    inputs.push(act(&[b, 6 * n]));
+    inputs.extend((0..2).map(|_| Input::Act(vec![n, cols], 1.0 / (cols as f32).sqrt())));
+    inputs
+}
+
+/// `f` of the projections made from `fp8_projection_inputs`' tensors `t` (weights quantized to FP8).
+fn with_fp8_projections(
+    be: &dyn Backend,
+    t: &[Tensor],
+    n: usize,
+    cols: usize,
+    f: impl FnOnce([GatedFp8; 2]) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let w = (0..2)
+        .map(|i| be.load_quantized(&quantize(&t[3 + i].to_vec_f32()?, n, cols, QuantFormat::Fp8)?))
+        .collect::<Result<Vec<_>>>()?;
+    let gates = [t[2].narrow(1, 2 * n, n)?, t[2].narrow(1, 5 * n, n)?];
+    f([GatedFp8 { x: &t[0], gate: &gates[0], w: &w[0] }, GatedFp8 { x: &t[1], gate: &gates[1], w: &w[1] }])
 }
 
 /// Which attention kernels a selftest case (or a `profile attention` row) runs.

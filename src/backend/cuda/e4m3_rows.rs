@@ -23,9 +23,10 @@ use crate::tensor::Tensor;
 
 const OP: &str = "attention_linear_fp8_gated_add";
 
-/// The kernels' `E4m3Split` argument (kernels/e4m3_rows.cuh).
+/// The kernels' `E4m3Split` argument (kernels/e4m3_rows.cuh); the default (null) for kernels that
+/// take it without writing rows.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub(super) struct E4m3Split {
     codes: [u64; 2],
     scales: [u64; 2],

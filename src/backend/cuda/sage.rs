@@ -267,30 +267,6 @@ fn sage_mma(
         (false, 64, _) => "attention_sage_mma_bf16pv_d64",
         (false, _, _) => "attention_sage_mma_bf16pv_d128",
     };
-    let Some(rows) = rows else {
-        launch!(
-            be.dev,
-            name,
-            cfg,
-            be.ptr(&qc.codes)?,
-            be.ptr(&kc.codes)?,
-            vtp,
-            be.ptr(&out)?,
-            nq32,
-            nk32,
-            nk_pad as i32,
-            h as i32,
-            hkv as i32,
-            scale,
-            causal,
-            lp,
-            be.ptr(&qc.absmax)?,
-            be.ptr(&kc.absmax)?,
-            vmp,
-            vap
-        )?;
-        return Ok(out);
-    };
     launch!(
         be.dev,
         name,
@@ -311,7 +287,7 @@ fn sage_mma(
         be.ptr(&kc.absmax)?,
         vmp,
         vap,
-        rows.arg(be)?
+        rows.map(|r| r.arg(be)).transpose()?.unwrap_or_default()
     )?;
     Ok(out)
 }
