@@ -134,6 +134,11 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
+// The larger |value| of a packed bf16 pair (fmaxf: a NaN half is dropped).
+__device__ __forceinline__ float bf16x2_absmax(unsigned packed) {
+    return fmaxf(fabsf(__uint_as_float(packed << 16)), fabsf(__uint_as_float(packed & 0xffff0000u)));
+}
+
 // 8 bf16 packed in 16 bytes, widened to f32 exactly (bf16 is f32's top half).
 __device__ __forceinline__ void unpack_bf16x8(uint4 v, float f[8]) {
     const unsigned w[4] = {v.x, v.y, v.z, v.w};

@@ -99,8 +99,7 @@ __device__ __forceinline__ void sage_store_rows(const float (&o)[N][4], const fl
             }
             const unsigned packed = pack_bf16x2(r2[0], r2[1]);
             *reinterpret_cast<unsigned*>(ob + (i64)row * stride + c) = packed;
-            row_max[half] = fmaxf(row_max[half], fmaxf(fabsf(__uint_as_float(packed << 16)),
-                                                       fabsf(__uint_as_float(packed & 0xffff0000u))));
+            row_max[half] = fmaxf(row_max[half], bf16x2_absmax(packed));
         }
     }
 }

@@ -98,8 +98,7 @@ __device__ __forceinline__ void store_rows_bf16(const float (&o)[N][4], const fl
             for (int i = 0; i < N; i++) {
                 const unsigned packed = pack_bf16x2(o[i][2 * r] * inv[r], o[i][2 * r + 1] * inv[r]);
                 *reinterpret_cast<unsigned*>(ob + (i64)row * stride + i * 8) = packed;
-                row_max[r] = fmaxf(row_max[r], fmaxf(fabsf(__uint_as_float(packed << 16)),
-                                                     fabsf(__uint_as_float(packed & 0xffff0000u))));
+                row_max[r] = fmaxf(row_max[r], bf16x2_absmax(packed));
             }
         }
     }

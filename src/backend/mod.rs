@@ -517,7 +517,6 @@ pub mod check {
         Ok(())
     }
 
-    /// `v` must be `[B, C]` for x `[B, L, C]`.
     /// The tokens of the first of two residuals `[B, L0, N0]`, `[B, L1, N1]` that split a sequence of
     /// `n` tokens per sample (`L0 + L1 = n`, both parts non-empty).
     pub fn token_split(first: &Tensor, second: &Tensor, b: usize, n: usize) -> Result<usize> {
@@ -529,6 +528,7 @@ pub mod check {
         Ok(first.dim(1))
     }
 
+    /// `v` must be `[B, C]` for x `[B, L, C]`.
     pub fn per_sample(op: &'static str, x: &Tensor, v: &Tensor) -> Result<()> {
         rank(op, x, 3)?;
         if v.shape() != [x.dim(0), x.dim(2)] {

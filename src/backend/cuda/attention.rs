@@ -116,9 +116,7 @@ pub(super) fn attention_rows(
     if nq == 0 || h > 65535 || b > 65535 || be.dev.reference_attention.load(Ordering::Relaxed) {
         return Ok(None);
     }
-    if !rows.fits(b, nq, h * d) {
-        return Err(Error::Gpu(format!("e4m3 rows made for another output than [{b}, {nq}, {}]", h * d)));
-    }
+    rows.check(b, nq, h * d)?;
     let (_q, qp) = be.bf16_arg(q, "attention")?;
     let (_k, kp) = be.bf16_arg(k, "attention")?;
     let (_v, vp) = be.bf16_arg(v, "attention")?;
@@ -133,7 +131,7 @@ pub(super) fn attention_rows(
         return Ok(Some(out));
     }
     let cfg = LaunchConfig {
-        grid_dim: (h as u32, nq.div_ceil(V3_BLOCK_Q) as u32, b as u32),
+        grid_dim: E4m3Rows::grid(Some(rows), nq.div_ceil(V3_BLOCK_Q), h, b),
         block_dim: (256, 1, 1),
         shared_mem_bytes: v3_smem_bytes(d) as u32,
     };

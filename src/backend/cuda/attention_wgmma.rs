@@ -100,9 +100,8 @@ pub(super) fn flash_v4(
     let tq = row_major_128b(q, TileElem::Bf16, b * nq, h * d, 128)?;
     let tk = row_major_128b(k, TileElem::Bf16, b * nk, hkv * d, tile_keys(d) as u32)?;
     let tv = row_major_128b(vtp, TileElem::Bf16, b * hkv * d, nk_pad, d as u32)?;
-    let tiles = nq.div_ceil(128) as u32;
     let cfg = LaunchConfig {
-        grid_dim: if rows.is_some() { (h as u32, tiles, b as u32) } else { (tiles, h as u32, b as u32) },
+        grid_dim: E4m3Rows::grid(rows, nq.div_ceil(128), h, b),
         block_dim: (384, 1, 1),
         shared_mem_bytes: smem_bytes(d) as u32,
     };

@@ -17,7 +17,7 @@ use crate::backend::{
     attention_linear_fp8_composed, attention_sage_normed_linear_fp8_composed, check, GatedFp8, QkPart, QkRope,
 };
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::quant::QuantFormat;
 use crate::tensor::Tensor;
 
@@ -62,9 +62,27 @@ impl E4m3Rows {
         })
     }
 
-    /// Whether these rows were made for an output `[b, nq, cols]`.
-    pub(super) fn fits(&self, b: usize, nq: usize, cols: usize) -> bool {
-        self.shape == [b, nq, cols]
+    /// An error unless these rows were made for an output `[b, nq, cols]`.
+    pub(super) fn check(&self, b: usize, nq: usize, cols: usize) -> Result<()> {
+        if self.shape != [b, nq, cols] {
+            return Err(Error::Gpu(format!(
+                "e4m3 rows made for {:?}, not for an output [{b}, {nq}, {cols}]",
+                self.shape
+            )));
+        }
+        Ok(())
+    }
+
+    /// The grid of an attention kernel's query tiles, heads and samples: heads fastest for the
+    /// kernels writing rows (`rows` given: a tile completes while later tiles still compute), query
+    /// tiles fastest for the others.
+    pub(super) fn grid(rows: Option<&E4m3Rows>, tiles: usize, heads: usize, b: usize) -> (u32, u32, u32) {
+        let (tiles, heads, b) = (tiles as u32, heads as u32, b as u32);
+        if rows.is_some() {
+            (heads, tiles, b)
+        } else {
+            (tiles, heads, b)
+        }
     }
 
     pub(super) fn arg(&self, be: &CudaBackend) -> Result<E4m3Split> {
@@ -129,6 +147,10 @@ fn attention_fp8_projections(
     composed: impl FnOnce() -> Result<[Tensor; 2]>,
 ) -> Result<[Tensor; 2]> {
     let Ok(split) = check::token_split(outs[0].x, outs[1].x, b, nq) else { return composed() };
+    // Every e4m3out kernel's grid holds its 128-query tiles in y (E4m3Rows::grid).
+    if nq.div_ceil(128) > 65535 || b > 65535 {
+        return composed();
+    }
     let lens = [split, nq - split];
     let fused = outs.iter().zip(lens).all(|(o, l)| {
         let r = Residual { x: o.x, gate: o.gate };

@@ -253,9 +253,8 @@ fn sage_mma(
         sage_wgmma::sage_v3(be, &args, dims, nk_pad, scale, rows)?;
         return Ok(out);
     }
-    let tiles = nq.div_ceil(SAGE_MMA_BLOCK_Q) as u32;
     let cfg = LaunchConfig {
-        grid_dim: if rows.is_some() { (h as u32, tiles, b as u32) } else { (tiles, h as u32, b as u32) },
+        grid_dim: E4m3Rows::grid(rows, nq.div_ceil(SAGE_MMA_BLOCK_Q), h, b),
         block_dim: (2 * SAGE_MMA_BLOCK_Q as u32, 1, 1),
         shared_mem_bytes: sage_mma_smem_bytes(d, e4m3_pv) as u32,
     };
@@ -414,9 +413,7 @@ pub(super) fn sage_normed(
     if !shapes_fit || !mma_applies(be, dims) || [nq, nk].iter().any(|&n| n > i32::MAX as usize) {
         return Ok(None);
     }
-    if rows.is_some_and(|r| !r.fits(b, nq, h * d)) {
-        return Err(Error::Gpu(format!("e4m3 rows made for another output than [{b}, {nq}, {}]", h * d)));
-    }
+    rows.map(|r| r.check(b, nq, h * d)).transpose()?;
     let (Some(qp), Some(kp)) = (raw_parts(be, q, b, h, d)?, raw_parts(be, k, b, hkv, d)?) else {
         return Ok(None);
     };

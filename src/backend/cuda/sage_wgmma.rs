@@ -73,9 +73,8 @@ pub(super) fn sage_v3(
     let tq = row_major_128b(a.q, TileElem::E4m3, b * nq, h * D, BLOCK_Q as u32)?;
     let tk = row_major_128b(a.k, TileElem::E4m3, b * nk, hkv * D, TILE_KEYS as u32)?;
     let tv = row_major_swizzled(a.vt, TileElem::E4m3, b * hkv * D, nk_pad, D as u32, Swizzle::B64)?;
-    let tiles = nq.div_ceil(BLOCK_Q) as u32;
     let cfg = LaunchConfig {
-        grid_dim: if rows.is_some() { (h as u32, tiles, b as u32) } else { (tiles, h as u32, b as u32) },
+        grid_dim: E4m3Rows::grid(rows, nq.div_ceil(BLOCK_Q), h, b),
         block_dim: (384, 1, 1),
         shared_mem_bytes: smem_bytes() as u32,
     };
